@@ -1,0 +1,66 @@
+# Veil's build. Everything here works on a fresh machine with Go and a running Docker engine:
+# tools are pinned in go.mod (protoc plugins), tools/go.mod (buf) and tools/lint/go.mod
+# (golangci-lint), and fetched through the Go module proxy on first use.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+GO ?= go
+BUF := $(GO) tool -modfile=tools/go.mod buf
+GOLANGCI := $(GO) tool -modfile=tools/lint/go.mod golangci-lint
+PROTOVALIDATE_VERSION := v1.2.2
+FUZZTIME ?= 10s
+PKGS := ./...
+
+.PHONY: all build generate check-generate lint test unit integration bench fuzz demo clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -o bin/veil ./cmd/veil
+
+# validate.proto is copied out of the module cache (the schema module that matches the
+# protovalidate runtime) into a git-ignored folder: it is never committed.
+third_party/protovalidate/buf/validate/validate.proto:
+	@pv=$$($(GO) mod download -json github.com/bufbuild/protovalidate@$(PROTOVALIDATE_VERSION) | sed -n 's/.*"Dir": "\(.*\)",/\1/p'); \
+	mkdir -p third_party/protovalidate/buf/validate; \
+	install -m0644 "$$pv/proto/protovalidate/buf/validate/validate.proto" third_party/protovalidate/buf/validate/
+
+generate: third_party/protovalidate/buf/validate/validate.proto
+	$(BUF) generate
+
+check-generate: generate
+	@git add -N gen >/dev/null 2>&1 || true
+	@git diff --exit-code --stat -- gen || { echo "check-generate: gen/ is stale: run 'make generate' and commit" >&2; exit 1; }
+
+lint: third_party/protovalidate/buf/validate/validate.proto
+	$(GO) vet ./...
+	$(BUF) lint
+	$(GOLANGCI) run ./...
+
+unit:
+	$(GO) test -race -count=1 -timeout 20m $(PKGS)
+
+integration:
+	cd integration && $(GO) test -count=1 -timeout 20m -v ./...
+
+# test is what CI runs: unit tests with -race, then the container suite.
+test: unit integration
+
+bench:
+	cd bench && $(GO) run . all --out results/latest.json --report ../BENCHMARKS.md
+
+# fuzz runs every Fuzz target in the main module for FUZZTIME each.
+fuzz:
+	@for pkg in $$($(GO) list ./...); do \
+	  dir=$$($(GO) list -f '{{.Dir}}' $$pkg); \
+	  for f in $$(grep -ho '^func Fuzz[A-Za-z0-9_]*' $$dir/*_test.go 2>/dev/null | sed 's/^func //'); do \
+	    echo "fuzz: $$pkg $$f"; \
+	    $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg; \
+	  done; \
+	done
+
+demo:
+	$(GO) run ./cmd/veil demo
+
+clean:
+	rm -rf bin third_party
