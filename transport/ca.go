@@ -1,0 +1,330 @@
+package transport
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	neturl "net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/veilrpc/veil/internal/atomicfile"
+)
+
+// Files in a CA directory. Keys are written 0600, atomically.
+const (
+	caCertFile  = "root.crt"
+	caKeyFile   = "root.key"
+	caPQKeyFile = "root-mldsa65.key"
+	caPQPubFile = "root-mldsa65.pub"
+)
+
+// Files of an identity directory, in the cert-manager Secret layout.
+const (
+	CertFile   = "tls.crt" // leaf certificate followed by its chain, PEM
+	KeyFile    = "tls.key" // the leaf's private key, PKCS#8 PEM, mode 0600
+	BundleFile = "ca.crt"  // trusted roots, PEM
+)
+
+// DefaultLeafTTL is the lifetime of leaves issued without an explicit TTL.
+const DefaultLeafTTL = 24 * time.Hour
+
+// MaxLeafTTL is the longest leaf lifetime the CA issues.
+const MaxLeafTTL = 90 * 24 * time.Hour
+
+// CA is a SPIFFE certificate authority for one trust domain: an ECDSA P-256 root for
+// X.509, and an ML-DSA-65 key that certifies post-quantum identity credentials.
+type CA struct {
+	td     spiffeid.TrustDomain
+	cert   *x509.Certificate
+	key    *ecdsa.PrivateKey
+	pqKey  *mldsa65.PrivateKey
+	pqPub  *mldsa65.PublicKey
+	now    func() time.Time
+}
+
+// InitCA creates a new CA in dir (created 0700 if missing) for trustDomain. It refuses
+// to overwrite an existing CA.
+func InitCA(dir string, trustDomain string) (*CA, error) {
+	td, err := spiffeid.TrustDomainFromString(trustDomain)
+	if err != nil {
+		return nil, fmt.Errorf("transport: trust domain: %w", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, caKeyFile)); err == nil {
+		return nil, fmt.Errorf("transport: a CA already exists in %s", dir)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("transport: %w", err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("transport: root key: %w", err)
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          newSerial(),
+		Subject:               pkix.Name{Organization: []string{"Veil"}, CommonName: "Veil root CA " + td.Name()},
+		URIs:                  []*neturl.URL{td.ID().URL()},
+		NotBefore:             now.Add(-5 * time.Minute),
+		NotAfter:              now.Add(10 * 365 * 24 * time.Hour),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		SubjectKeyId:          keyID(&key.PublicKey),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, fmt.Errorf("transport: root certificate: %w", err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("transport: root certificate: %w", err)
+	}
+	pqPub, pqKey, err := mldsa65.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("transport: ML-DSA-65 key: %w", err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, fmt.Errorf("transport: %w", err)
+	}
+	writes := []struct {
+		name string
+		data []byte
+		perm os.FileMode
+	}{
+		{caKeyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600},
+		{caPQKeyFile, pem.EncodeToMemory(&pem.Block{Type: "ML-DSA-65 SEED", Bytes: pqKey.Seed()}), 0o600},
+		{caPQPubFile, pem.EncodeToMemory(&pem.Block{Type: "ML-DSA-65 PUBLIC KEY", Bytes: pqPub.Bytes()}), 0o644},
+		{caCertFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644},
+	}
+	for _, w := range writes {
+		if err := atomicfile.Write(filepath.Join(dir, w.name), w.data, w.perm); err != nil {
+			return nil, fmt.Errorf("transport: %w", err)
+		}
+	}
+	return newCA(td, cert, key, pqKey, pqPub), nil
+}
+
+// LoadCA reads a CA written by InitCA.
+func LoadCA(dir string) (*CA, error) {
+	certPEM, err := os.ReadFile(filepath.Join(dir, caCertFile))
+	if err != nil {
+		return nil, fmt.Errorf("transport: no CA in %s: %w", dir, err)
+	}
+	certs, err := parseCertificates(certPEM)
+	if err != nil || len(certs) != 1 {
+		return nil, fmt.Errorf("transport: %s: want one certificate", caCertFile)
+	}
+	cert := certs[0]
+	if len(cert.URIs) != 1 {
+		return nil, fmt.Errorf("transport: %s: root has no trust domain URI", caCertFile)
+	}
+	td, err := spiffeid.TrustDomainFromURI(cert.URIs[0])
+	if err != nil {
+		return nil, fmt.Errorf("transport: %s: %w", caCertFile, err)
+	}
+	keyPEM, err := os.ReadFile(filepath.Join(dir, caKeyFile))
+	if err != nil {
+		return nil, fmt.Errorf("transport: %w", err)
+	}
+	signer, err := parsePrivateKey(keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("transport: %s: %w", caKeyFile, err)
+	}
+	key, ok := signer.(*ecdsa.PrivateKey)
+	if !ok || !key.PublicKey.Equal(cert.PublicKey) {
+		return nil, fmt.Errorf("transport: %s does not match %s", caKeyFile, caCertFile)
+	}
+	seedPEM, err := os.ReadFile(filepath.Join(dir, caPQKeyFile))
+	if err != nil {
+		return nil, fmt.Errorf("transport: %w", err)
+	}
+	block, _ := pem.Decode(seedPEM)
+	if block == nil || block.Type != "ML-DSA-65 SEED" || len(block.Bytes) != mldsa65.SeedSize {
+		return nil, fmt.Errorf("transport: %s: not an ML-DSA-65 seed", caPQKeyFile)
+	}
+	var seed [mldsa65.SeedSize]byte
+	copy(seed[:], block.Bytes)
+	pqPub, pqKey := mldsa65.NewKeyFromSeed(&seed)
+	return newCA(td, cert, key, pqKey, pqPub), nil
+}
+
+func newCA(td spiffeid.TrustDomain, cert *x509.Certificate, key *ecdsa.PrivateKey, pqKey *mldsa65.PrivateKey, pqPub *mldsa65.PublicKey) *CA {
+	return &CA{td: td, cert: cert, key: key, pqKey: pqKey, pqPub: pqPub, now: time.Now}
+}
+
+// TrustDomain is the CA's trust domain.
+func (c *CA) TrustDomain() spiffeid.TrustDomain { return c.td }
+
+// Root is the CA's root certificate.
+func (c *CA) Root() *x509.Certificate { return c.cert }
+
+// PQSigner is the CA's ML-DSA-65 key as a crypto.Signer, used to certify post-quantum
+// identity credentials (see package pqkex). It never leaves the process.
+func (c *CA) PQSigner() crypto.Signer { return c.pqKey }
+
+// PQPublicKey is the CA's ML-DSA-65 public key, which peers use to verify credentials.
+func (c *CA) PQPublicKey() *mldsa65.PublicKey { return c.pqPub }
+
+// Issue signs a leaf certificate for id over pub, valid for ttl (DefaultLeafTTL if
+// zero, at most MaxLeafTTL). The leaf carries id as its only URI SAN, with the
+// serverAuth and clientAuth extended key usages. It returns the leaf and its chain.
+func (c *CA) Issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration) ([]*x509.Certificate, error) {
+	if !id.MemberOf(c.td) {
+		return nil, fmt.Errorf("transport: %s is not in trust domain %s", id, c.td)
+	}
+	switch {
+	case ttl == 0:
+		ttl = DefaultLeafTTL
+	case ttl < 0:
+		return nil, errors.New("transport: negative TTL")
+	case ttl > MaxLeafTTL:
+		return nil, fmt.Errorf("transport: TTL %s exceeds the maximum %s", ttl, MaxLeafTTL)
+	}
+	now := c.now()
+	notAfter := now.Add(ttl)
+	if notAfter.After(c.cert.NotAfter) {
+		notAfter = c.cert.NotAfter
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          newSerial(),
+		Subject:               pkix.Name{Organization: []string{"Veil"}},
+		URIs:                  []*neturl.URL{id.URL()},
+		NotBefore:             now.Add(-time.Minute),
+		NotAfter:              notAfter,
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageKeyAgreement,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		BasicConstraintsValid: true,
+		AuthorityKeyId:        c.cert.SubjectKeyId,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, pub, c.key)
+	if err != nil {
+		return nil, fmt.Errorf("transport: issue %s: %w", id, err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("transport: %w", err)
+	}
+	return []*x509.Certificate{leaf}, nil
+}
+
+// IssueFiles generates a P-256 key for id, issues its leaf, and writes tls.crt,
+// tls.key (0600) and ca.crt into dir (created 0700 if missing).
+func (c *CA) IssueFiles(id spiffeid.ID, dir string, ttl time.Duration) error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return fmt.Errorf("transport: %w", err)
+	}
+	chain, err := c.Issue(id, &key.PublicKey, ttl)
+	if err != nil {
+		return err
+	}
+	return WriteIdentity(dir, chain, key, []*x509.Certificate{c.cert})
+}
+
+// WriteIdentity writes an identity directory: chain to tls.crt, key to tls.key (0600),
+// roots to ca.crt. Each file is replaced atomically; the key is written first so that
+// a watcher never pairs a new certificate with an old key for long.
+func WriteIdentity(dir string, chain []*x509.Certificate, key crypto.Signer, roots []*x509.Certificate) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("transport: %w", err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return fmt.Errorf("transport: %w", err)
+	}
+	if err := atomicfile.Write(filepath.Join(dir, KeyFile), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		return fmt.Errorf("transport: %w", err)
+	}
+	if err := atomicfile.Write(filepath.Join(dir, CertFile), encodeCertificates(chain), 0o644); err != nil {
+		return fmt.Errorf("transport: %w", err)
+	}
+	if err := atomicfile.Write(filepath.Join(dir, BundleFile), encodeCertificates(roots), 0o644); err != nil {
+		return fmt.Errorf("transport: %w", err)
+	}
+	return nil
+}
+
+func encodeCertificates(certs []*x509.Certificate) []byte {
+	var out []byte
+	for _, c := range certs {
+		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	return out
+}
+
+func parseCertificates(b []byte) ([]*x509.Certificate, error) {
+	var certs []*x509.Certificate
+	for {
+		var block *pem.Block
+		block, b = pem.Decode(b)
+		if block == nil {
+			break
+		}
+		if block.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, err
+		}
+		certs = append(certs, c)
+	}
+	if len(certs) == 0 {
+		return nil, errors.New("no PEM certificate")
+	}
+	return certs, nil
+}
+
+func parsePrivateKey(b []byte) (crypto.Signer, error) {
+	block, _ := pem.Decode(b)
+	if block == nil {
+		return nil, errors.New("no PEM private key")
+	}
+	var key any
+	var err error
+	switch block.Type {
+	case "PRIVATE KEY":
+		key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
+	case "EC PRIVATE KEY":
+		key, err = x509.ParseECPrivateKey(block.Bytes)
+	default:
+		return nil, fmt.Errorf("unsupported PEM block %q", block.Type)
+	}
+	if err != nil {
+		return nil, err
+	}
+	s, ok := key.(crypto.Signer)
+	if !ok {
+		return nil, errors.New("private key cannot sign")
+	}
+	return s, nil
+}
+
+func newSerial() *big.Int {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		panic("transport: crypto/rand failed: " + err.Error()) // crypto/rand never fails on supported platforms
+	}
+	b[0] &= 0x7f
+	return new(big.Int).SetBytes(b)
+}
+
+func keyID(pub *ecdsa.PublicKey) []byte {
+	b, _ := x509.MarshalPKIXPublicKey(pub)
+	sum := sha256.Sum256(b)
+	return sum[:20]
+}

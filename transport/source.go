@@ -1,0 +1,125 @@
+package transport
+
+import (
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+)
+
+// Source supplies the workload's own X.509-SVID and the trust bundles it verifies peers
+// with. go-spiffe's workloadapi.X509Source satisfies it, as does FileSource.
+type Source interface {
+	x509svid.Source
+	x509bundle.Source
+}
+
+// StaticSource is a Source over fixed material.
+type StaticSource struct {
+	SVID    *x509svid.SVID
+	Bundles *x509bundle.Set
+}
+
+// GetX509SVID returns the fixed SVID.
+func (s StaticSource) GetX509SVID() (*x509svid.SVID, error) {
+	if s.SVID == nil {
+		return nil, errors.New("transport: no SVID")
+	}
+	return s.SVID, nil
+}
+
+// GetX509BundleForTrustDomain returns the bundle for td.
+func (s StaticSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	if s.Bundles == nil {
+		return nil, fmt.Errorf("transport: no bundle for trust domain %q", td)
+	}
+	return s.Bundles.GetX509BundleForTrustDomain(td)
+}
+
+// FileSource reads an identity directory in the cert-manager Secret layout: tls.crt
+// (leaf and chain), tls.key and ca.crt. The roots in ca.crt are trusted for the leaf's
+// own trust domain. Reload swaps in new files atomically; a pair that does not match
+// never replaces the current one.
+type FileSource struct {
+	dir string
+	cur atomic.Pointer[StaticSource]
+}
+
+// LoadFiles reads the identity in dir.
+func LoadFiles(dir string) (*FileSource, error) {
+	s := &FileSource{dir: dir}
+	if err := s.Reload(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Reload reads the directory again. On any error the current identity stays in use.
+func (s *FileSource) Reload() error {
+	m, err := readIdentity(s.dir)
+	if err != nil {
+		return err
+	}
+	s.cur.Store(m)
+	return nil
+}
+
+// GetX509SVID returns the current SVID.
+func (s *FileSource) GetX509SVID() (*x509svid.SVID, error) { return s.cur.Load().GetX509SVID() }
+
+// GetX509BundleForTrustDomain returns the current bundle for td.
+func (s *FileSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	return s.cur.Load().GetX509BundleForTrustDomain(td)
+}
+
+func readIdentity(dir string) (*StaticSource, error) {
+	certPEM, err := os.ReadFile(filepath.Join(dir, CertFile))
+	if err != nil {
+		return nil, fmt.Errorf("transport: %w", err)
+	}
+	keyPEM, err := os.ReadFile(filepath.Join(dir, KeyFile))
+	if err != nil {
+		return nil, fmt.Errorf("transport: %w", err)
+	}
+	bundlePEM, err := os.ReadFile(filepath.Join(dir, BundleFile))
+	if err != nil {
+		return nil, fmt.Errorf("transport: %w", err)
+	}
+	svid, err := x509svid.Parse(certPEM, keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("transport: %s: %w", dir, err)
+	}
+	roots, err := parseCertificates(bundlePEM)
+	if err != nil {
+		return nil, fmt.Errorf("transport: %s: %w", BundleFile, err)
+	}
+	for _, r := range roots {
+		if !r.IsCA {
+			return nil, fmt.Errorf("transport: %s: %q is not a CA certificate", BundleFile, r.Subject)
+		}
+	}
+	bundle := x509bundle.FromX509Authorities(svid.ID.TrustDomain(), roots)
+	if _, _, err := x509svid.Verify(svid.Certificates, bundle); err != nil {
+		return nil, fmt.Errorf("transport: %s does not chain to %s: %w", CertFile, BundleFile, err)
+	}
+	return &StaticSource{SVID: svid, Bundles: x509bundle.NewSet(bundle)}, nil
+}
+
+// rootsFor returns the roots trusted for td as a cert pool.
+func rootsFor(b x509bundle.Source, td spiffeid.TrustDomain) (*x509.CertPool, error) {
+	bundle, err := b.GetX509BundleForTrustDomain(td)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	for _, c := range bundle.X509Authorities() {
+		pool.AddCert(c)
+	}
+	return pool, nil
+}

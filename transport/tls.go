@@ -1,0 +1,298 @@
+package transport
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+)
+
+// PQMode says which TLS key exchanges a peer accepts.
+type PQMode int
+
+const (
+	// PQPermissive prefers post-quantum hybrid key exchange and accepts classic
+	// groups, reporting each classic handshake to the Observer. It is the default.
+	PQPermissive PQMode = iota
+	// PQStrict accepts only post-quantum hybrid groups: a ClientHello that offers
+	// only classic groups fails the handshake.
+	PQStrict
+)
+
+// String returns "permissive" or "strict".
+func (m PQMode) String() string {
+	if m == PQStrict {
+		return "strict"
+	}
+	return "permissive"
+}
+
+// ParsePQMode parses "strict" or "permissive".
+func ParsePQMode(s string) (PQMode, error) {
+	switch s {
+	case "strict":
+		return PQStrict, nil
+	case "permissive", "":
+		return PQPermissive, nil
+	}
+	return 0, fmt.Errorf("transport: unknown PQ mode %q (want strict or permissive)", s)
+}
+
+// Hybrid post-quantum groups, most preferred first.
+var pqGroups = []tls.CurveID{tls.X25519MLKEM768, tls.SecP256r1MLKEM768, tls.SecP384r1MLKEM1024}
+
+// Classic groups accepted in permissive mode after the hybrid ones.
+var classicGroups = []tls.CurveID{tls.X25519, tls.CurveP256, tls.CurveP384}
+
+// IsPQGroup reports whether g is a post-quantum hybrid key exchange.
+func IsPQGroup(g tls.CurveID) bool { return slices.Contains(pqGroups, g) }
+
+// Reasons a handshake is refused, as reported to Observer.HandshakeFailed and found in
+// the error's text.
+const (
+	ReasonNoClientCert     = "no_client_cert"
+	ReasonUnknownAuthority = "unknown_authority"
+	ReasonExpired          = "expired"
+	ReasonNoSPIFFEID       = "no_spiffe_id"
+	ReasonManySPIFFEIDs    = "multiple_spiffe_ids"
+	ReasonBadCertificate   = "bad_certificate"
+	ReasonTLSVersion       = "tls_version"
+	ReasonClassicOnly      = "classic_key_exchange"
+	ReasonUnauthorizedPeer = "unauthorized_peer"
+	ReasonNotTLS           = "not_tls"
+	ReasonOther            = "other"
+)
+
+// Observer is told about every handshake a config takes part in. Implementations must
+// be safe for concurrent use. Nil methods are never called on a nil Observer.
+type Observer interface {
+	HandshakeDone(group tls.CurveID, resumed bool)
+	HandshakeFailed(reason string)
+}
+
+// Authorizer decides whether a verified peer ID may connect.
+type Authorizer func(id spiffeid.ID) error
+
+// AuthorizeAny accepts every ID that chains to the bundle.
+func AuthorizeAny() Authorizer { return func(spiffeid.ID) error { return nil } }
+
+// AuthorizeID accepts exactly id.
+func AuthorizeID(id spiffeid.ID) Authorizer {
+	return func(got spiffeid.ID) error {
+		if got != id {
+			return fmt.Errorf("unexpected ID %q (want %q)", got, id)
+		}
+		return nil
+	}
+}
+
+// AuthorizeMatching accepts IDs matched by any of the patterns.
+func AuthorizeMatching(patterns ...Pattern) Authorizer {
+	return func(got spiffeid.ID) error {
+		for _, p := range patterns {
+			if p.Match(got) {
+				return nil
+			}
+		}
+		return fmt.Errorf("ID %q is not allowed", got)
+	}
+}
+
+// Option configures ServerConfig and ClientConfig.
+type Option func(*config)
+
+type config struct {
+	mode      PQMode
+	authorize Authorizer
+	observer  Observer
+	now       func() time.Time
+}
+
+// WithPQMode sets the key-exchange policy (default PQPermissive).
+func WithPQMode(m PQMode) Option { return func(c *config) { c.mode = m } }
+
+// WithAuthorizer decides which peer IDs may connect (default: any ID in a trusted
+// bundle on the server; the client must set one for the server's ID).
+func WithAuthorizer(a Authorizer) Option { return func(c *config) { c.authorize = a } }
+
+// WithObserver reports handshakes (for metrics).
+func WithObserver(o Observer) Option { return func(c *config) { c.observer = o } }
+
+// WithClock sets the time used to check certificate validity (tests).
+func WithClock(now func() time.Time) Option { return func(c *config) { c.now = now } }
+
+func newConfig(opts []Option) *config {
+	c := &config{authorize: AuthorizeAny(), now: time.Now}
+	for _, o := range opts {
+		o(c)
+	}
+	return c
+}
+
+func (c *config) curves() []tls.CurveID {
+	if c.mode == PQStrict {
+		return slices.Clone(pqGroups)
+	}
+	return append(slices.Clone(pqGroups), classicGroups...)
+}
+
+func (c *config) failed(reason string, err error) error {
+	if c.observer != nil {
+		c.observer.HandshakeFailed(reason)
+	}
+	return &HandshakeError{Reason: reason, Err: err}
+}
+
+// HandshakeError is a refused handshake with its reason.
+type HandshakeError struct {
+	Reason string
+	Err    error
+}
+
+func (e *HandshakeError) Error() string {
+	return "transport: handshake refused (" + e.Reason + "): " + e.Err.Error()
+}
+
+func (e *HandshakeError) Unwrap() error { return e.Err }
+
+// ServerConfig is a TLS 1.3-only server configuration that requires a client
+// certificate chaining to src's bundle with exactly one SPIFFE ID, authorized by the
+// configured Authorizer. The server certificate and bundle are read from src on each
+// handshake. The config supports HTTP/2 and HTTP/1.1 by ALPN.
+func ServerConfig(src Source, opts ...Option) *tls.Config {
+	c := newConfig(opts)
+	base := &tls.Config{
+		MinVersion:       tls.VersionTLS13,
+		CurvePreferences: c.curves(),
+		NextProtos:       []string{"h2", "http/1.1"},
+		// Client certificates are requested, not required, so that VerifyConnection sees
+		// the missing-certificate case, counts it and refuses it with a clear reason.
+		ClientAuth: tls.RequestClientCert,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			return certificateFrom(src)
+		},
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return c.failed(ReasonNoClientCert, errors.New("client presented no certificate"))
+			}
+			if err := c.verifyPeer(src, cs); err != nil {
+				return err
+			}
+			if c.observer != nil {
+				c.observer.HandshakeDone(cs.CurveID, cs.DidResume)
+			}
+			return nil
+		},
+	}
+	return &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			if !slices.Contains(hello.SupportedVersions, tls.VersionTLS13) {
+				return nil, c.failed(ReasonTLSVersion, errors.New("client does not offer TLS 1.3"))
+			}
+			if c.mode == PQStrict && !slices.ContainsFunc(hello.SupportedCurves, IsPQGroup) {
+				return nil, c.failed(ReasonClassicOnly, errors.New("client offers no post-quantum hybrid key exchange and the server is PQ strict"))
+			}
+			return base, nil
+		},
+	}
+}
+
+// ClientConfig is a TLS 1.3-only client configuration that presents src's SVID,
+// verifies the server's chain against src's bundle and authorizes the server's SPIFFE
+// ID with the configured Authorizer (which a client should always set). Sessions are
+// resumed with tickets; resumed sessions are verified again.
+func ClientConfig(src Source, opts ...Option) *tls.Config {
+	c := newConfig(opts)
+	return &tls.Config{
+		MinVersion:       tls.VersionTLS13,
+		CurvePreferences: c.curves(),
+		NextProtos:       []string{"h2"},
+		// Verification is done in VerifyConnection against the SPIFFE bundle (the server
+		// name is not a DNS name in SPIFFE); it also runs on resumed sessions.
+		InsecureSkipVerify: true,
+		ClientSessionCache: tls.NewLRUClientSessionCache(256),
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return certificateFrom(src)
+		},
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return c.failed(ReasonBadCertificate, errors.New("server presented no certificate"))
+			}
+			if err := c.verifyPeer(src, cs); err != nil {
+				return err
+			}
+			if c.mode == PQStrict && !IsPQGroup(cs.CurveID) {
+				return c.failed(ReasonClassicOnly, fmt.Errorf("negotiated %s, not a post-quantum hybrid group", cs.CurveID))
+			}
+			if c.observer != nil {
+				c.observer.HandshakeDone(cs.CurveID, cs.DidResume)
+			}
+			return nil
+		},
+	}
+}
+
+func (c *config) verifyPeer(src Source, cs tls.ConnectionState) error {
+	leaf := cs.PeerCertificates[0]
+	switch n := len(leaf.URIs); {
+	case n == 0:
+		return c.failed(ReasonNoSPIFFEID, errors.New("peer certificate has no SPIFFE ID"))
+	case n > 1:
+		return c.failed(ReasonManySPIFFEIDs, fmt.Errorf("peer certificate has %d URI SANs, want exactly one SPIFFE ID", n))
+	}
+	id, _, err := x509svid.Verify(cs.PeerCertificates, src, x509svid.WithTime(c.now()))
+	if err != nil {
+		return c.failed(verifyReason(err), err)
+	}
+	if err := c.authorize(id); err != nil {
+		return c.failed(ReasonUnauthorizedPeer, err)
+	}
+	return nil
+}
+
+func verifyReason(err error) string {
+	var inv x509.CertificateInvalidError
+	var unknown x509.UnknownAuthorityError
+	switch {
+	case errors.As(err, &inv) && inv.Reason == x509.Expired:
+		return ReasonExpired
+	case errors.As(err, &unknown):
+		return ReasonUnknownAuthority
+	case strings.Contains(err.Error(), "could not get X509 bundle"):
+		return ReasonUnknownAuthority
+	case strings.Contains(err.Error(), "no URI SAN"), strings.Contains(err.Error(), "scheme is missing or invalid"):
+		return ReasonNoSPIFFEID
+	}
+	return ReasonBadCertificate
+}
+
+func certificateFrom(src Source) (*tls.Certificate, error) {
+	svid, err := src.GetX509SVID()
+	if err != nil {
+		return nil, fmt.Errorf("transport: own certificate: %w", err)
+	}
+	cert := &tls.Certificate{PrivateKey: svid.PrivateKey, Leaf: svid.Certificates[0]}
+	for _, c := range svid.Certificates {
+		cert.Certificate = append(cert.Certificate, c.Raw)
+	}
+	return cert, nil
+}
+
+// PeerID returns the SPIFFE ID of a verified TLS peer.
+func PeerID(cs *tls.ConnectionState) (spiffeid.ID, error) {
+	if cs == nil || len(cs.PeerCertificates) == 0 {
+		return spiffeid.ID{}, errors.New("transport: no verified peer")
+	}
+	id, err := x509svid.IDFromCert(cs.PeerCertificates[0])
+	if err != nil {
+		return spiffeid.ID{}, fmt.Errorf("transport: %w", err)
+	}
+	return id, nil
+}
