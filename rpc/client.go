@@ -1,0 +1,71 @@
+package rpc
+
+import (
+	"net/http"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/veilrpc/veil/transport"
+)
+
+// ClientOption configures NewHTTPClient.
+type ClientOption func(*clientConfig)
+
+type clientConfig struct {
+	pqMode    transport.PQMode
+	registry  prometheus.Registerer
+	wrap      []func(http.RoundTripper) http.RoundTripper
+	idleConns int
+}
+
+// WithClientPQMode sets the client's key-exchange policy (default transport.PQPermissive,
+// which still prefers X25519MLKEM768).
+func WithClientPQMode(m transport.PQMode) ClientOption { return func(c *clientConfig) { c.pqMode = m } }
+
+// WithClientRegistry registers the client's handshake metrics in reg.
+func WithClientRegistry(reg prometheus.Registerer) ClientOption {
+	return func(c *clientConfig) { c.registry = reg }
+}
+
+// WithRoundTripper wraps the client's transport, innermost first: a layer such as
+// pqkex's sealing round tripper goes here.
+func WithRoundTripper(w func(http.RoundTripper) http.RoundTripper) ClientOption {
+	return func(c *clientConfig) { c.wrap = append(c.wrap, w) }
+}
+
+// NewHTTPClient returns an HTTP/2 client over mutual TLS 1.3 that presents src's
+// identity and accepts only servers whose SPIFFE ID server authorizes. It reuses
+// connections and resumes TLS sessions. Pass it to generated Connect clients together
+// with ClientOptions().
+func NewHTTPClient(src transport.Source, server transport.Authorizer, opts ...ClientOption) *http.Client {
+	cfg := clientConfig{idleConns: 64}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	m := newMetrics(cfg.registry, "client")
+	t := &http.Transport{
+		TLSClientConfig: transport.ClientConfig(src,
+			transport.WithPQMode(cfg.pqMode), transport.WithAuthorizer(server), transport.WithObserver(m)),
+		ForceAttemptHTTP2:   true,
+		MaxIdleConnsPerHost: cfg.idleConns,
+		IdleConnTimeout:     90 * time.Second,
+		TLSHandshakeTimeout: 10 * time.Second,
+	}
+	t.Protocols = new(http.Protocols)
+	t.Protocols.SetHTTP2(true)
+	var rt http.RoundTripper = t
+	for _, w := range cfg.wrap {
+		rt = w(rt)
+	}
+	return &http.Client{Transport: rt}
+}
+
+// ClientOptions are the Connect client options Veil uses: no gzip (see
+// WithCompression on the server for why).
+func ClientOptions() []connect.ClientOption {
+	return []connect.ClientOption{
+		connect.WithAcceptCompression("gzip", nil, nil),
+	}
+}

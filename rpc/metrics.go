@@ -1,0 +1,114 @@
+package rpc
+
+import (
+	"context"
+	"crypto/tls"
+	"strconv"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/veilrpc/veil/transport"
+)
+
+// Metrics holds a server's or client's Prometheus collectors. Labels never carry
+// secrets: procedures, codes, TLS groups and refusal reasons only.
+type Metrics struct {
+	calls      *prometheus.CounterVec
+	latency    *prometheus.HistogramVec
+	handshakes *prometheus.CounterVec
+	refused    *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer, side string) *Metrics {
+	constLabels := prometheus.Labels{"side": side}
+	m := &Metrics{
+		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "veil_rpc_calls_total", Help: "RPCs by procedure and Connect code.", ConstLabels: constLabels,
+		}, []string{"procedure", "code"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "veil_rpc_duration_seconds", Help: "RPC latency by procedure.", ConstLabels: constLabels,
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2.5, 14),
+		}, []string{"procedure"}),
+		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "veil_tls_handshakes_total", Help: "Completed TLS handshakes by negotiated group.", ConstLabels: constLabels,
+		}, []string{"group", "post_quantum", "resumed"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "veil_tls_handshake_failures_total", Help: "Refused TLS handshakes by reason.", ConstLabels: constLabels,
+		}, []string{"reason"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.calls, m.latency, m.handshakes, m.refused)
+	}
+	return m
+}
+
+// HandshakeDone implements transport.Observer.
+func (m *Metrics) HandshakeDone(g tls.CurveID, resumed bool) {
+	m.handshakes.WithLabelValues(g.String(), strconv.FormatBool(transport.IsPQGroup(g)), strconv.FormatBool(resumed)).Inc()
+}
+
+// HandshakeFailed implements transport.Observer.
+func (m *Metrics) HandshakeFailed(reason string) { m.refused.WithLabelValues(reason).Inc() }
+
+func (m *Metrics) observe(procedure string, start time.Time, err error) {
+	code := "ok"
+	if err != nil {
+		code = connect.CodeOf(err).String()
+	}
+	m.calls.WithLabelValues(procedure, code).Inc()
+	m.latency.WithLabelValues(procedure).Observe(time.Since(start).Seconds())
+}
+
+// interceptor counts every call by procedure and code.
+func (m *Metrics) interceptor() connect.Interceptor { return metricsInterceptor{m} }
+
+type metricsInterceptor struct{ m *Metrics }
+
+func (i metricsInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		start := time.Now()
+		res, err := next(ctx, req)
+		i.m.observe(req.Spec().Procedure, start, err)
+		return res, err
+	}
+}
+
+func (i metricsInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return next
+}
+
+func (i metricsInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
+		start := time.Now()
+		err := next(ctx, conn)
+		i.m.observe(conn.Spec().Procedure, start, err)
+		return err
+	}
+}
+
+// handshakeLog classifies the TLS handshake errors that net/http logs but that never
+// reach a TLS callback (a plaintext client, a peer that hung up), so that they are
+// counted too. Refusals decided by transport's callbacks are counted there already.
+type handshakeLog struct{ m *Metrics }
+
+func (h handshakeLog) Write(p []byte) (int, error) {
+	line := string(p)
+	if !strings.Contains(line, "TLS handshake error") || strings.Contains(line, "transport: handshake refused") {
+		return len(p), nil
+	}
+	switch {
+	case strings.Contains(line, "does not look like a TLS handshake"), strings.Contains(line, "HTTP request to an HTTPS server"):
+		h.m.HandshakeFailed(transport.ReasonNotTLS)
+	case strings.Contains(line, "remote error"):
+		h.m.HandshakeFailed("peer_alert")
+	case strings.Contains(line, "EOF"), strings.Contains(line, "connection reset"):
+		h.m.HandshakeFailed("peer_closed")
+	default:
+		h.m.HandshakeFailed(transport.ReasonOther)
+	}
+	return len(p), nil
+}
+
