@@ -111,4 +111,3 @@ func (h handshakeLog) Write(p []byte) (int, error) {
 	}
 	return len(p), nil
 }
-

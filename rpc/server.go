@@ -71,7 +71,9 @@ func WithCompression(procedure string) ServerOption {
 func WithMetricsAddr(addr string) ServerOption { return func(c *serverConfig) { c.metricsAddr = addr } }
 
 // WithRegistry collects metrics into reg (default: a new registry per server).
-func WithRegistry(reg *prometheus.Registry) ServerOption { return func(c *serverConfig) { c.registry = reg } }
+func WithRegistry(reg *prometheus.Registry) ServerOption {
+	return func(c *serverConfig) { c.registry = reg }
+}
 
 // WithOpenTelemetry traces and measures calls with otelconnect and the global providers.
 func WithOpenTelemetry() ServerOption { return func(c *serverConfig) { c.otel = true } }
@@ -128,8 +130,8 @@ func NewServer(src transport.Source, opts ...ServerOption) (*Server, error) {
 	interceptors := []connect.Interceptor{
 		s.metrics.interceptor(),
 		&authzInterceptor{policy: cfg.policy, public: map[string]bool{
-			"/grpc.health.v1.Health/Check":                                  true,
-			"/grpc.health.v1.Health/Watch":                                  true,
+			"/grpc.health.v1.Health/Check":                                   true,
+			"/grpc.health.v1.Health/Watch":                                   true,
 			"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      true,
 			"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": true,
 		}},

@@ -47,12 +47,12 @@ const MaxLeafTTL = 90 * 24 * time.Hour
 // CA is a SPIFFE certificate authority for one trust domain: an ECDSA P-256 root for
 // X.509, and an ML-DSA-65 key that certifies post-quantum identity credentials.
 type CA struct {
-	td     spiffeid.TrustDomain
-	cert   *x509.Certificate
-	key    *ecdsa.PrivateKey
-	pqKey  *mldsa65.PrivateKey
-	pqPub  *mldsa65.PublicKey
-	now    func() time.Time
+	td    spiffeid.TrustDomain
+	cert  *x509.Certificate
+	key   *ecdsa.PrivateKey
+	pqKey *mldsa65.PrivateKey
+	pqPub *mldsa65.PublicKey
+	now   func() time.Time
 }
 
 // InitCA creates a new CA in dir (created 0700 if missing) for trustDomain. It refuses
