@@ -1,0 +1,386 @@
+package he
+
+import (
+	"context"
+	"encoding/gob"
+	"encoding/json"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"strings"
+	"sync"
+	"testing"
+
+	"connectrpc.com/connect"
+	"github.com/tuneinsight/lattigo/v5/core/rlwe"
+	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
+	"google.golang.org/protobuf/proto"
+)
+
+// fixture is one client with keys for every test operation on ParamsN13, built once.
+type fixture struct {
+	client *Client
+	keys   *EvaluationKeys
+	eval   *Evaluator
+	mat    *Matrix
+	matM   [][]float64
+}
+
+const (
+	matRows, matCols = 6, 10
+	fixtureN         = 100 // length used by vector tests
+)
+
+var getFixture = sync.OnceValues(func() (*fixture, error) {
+	p := ParamsN13()
+	c, err := NewClient(p)
+	if err != nil {
+		return nil, err
+	}
+	m := NewManifest(p, NeedRelinearization(), NeedInnerSum(p.Slots()), NeedRotations(3), NeedMatVec(matRows, matCols))
+	keys, err := c.GenEvaluationKeys(m)
+	if err != nil {
+		return nil, err
+	}
+	ev, err := NewEvaluator(p, keys)
+	if err != nil {
+		return nil, err
+	}
+	r := rand.New(rand.NewPCG(1, 2))
+	mm := make([][]float64, matRows)
+	for i := range mm {
+		mm[i] = randValues(r, matCols)
+	}
+	mat, err := NewMatrix(p, mm)
+	if err != nil {
+		return nil, err
+	}
+	return &fixture{client: c, keys: keys, eval: ev, mat: mat, matM: mm}, nil
+})
+
+func mustFixture(t testing.TB) *fixture {
+	t.Helper()
+	f, err := getFixture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+func randValues(r *rand.Rand, n int) []float64 {
+	out := make([]float64, n)
+	for i := range out {
+		out[i] = 2*r.Float64() - 1
+	}
+	return out
+}
+
+func maxErr(t testing.TB, got, want []float64) float64 {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("got %d values, want %d", len(got), len(want))
+	}
+	m := 0.0
+	for i := range got {
+		m = max(m, math.Abs(got[i]-want[i]))
+	}
+	return m
+}
+
+func (f *fixture) enc(t testing.TB, v []float64) *Vector {
+	t.Helper()
+	x, err := f.client.Encrypt(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return x
+}
+
+func (f *fixture) dec(t testing.TB, v *Vector, opts ...DecryptOption) []float64 {
+	t.Helper()
+	x, err := f.client.Decrypt(v, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return x
+}
+
+func TestPresets(t *testing.T) {
+	seen := map[ParamID]bool{}
+	for _, p := range Presets() {
+		bound, ok := MaxLogQP(p.LogN())
+		if !ok || p.LogQP() > float64(bound) || p.Insecure() {
+			t.Errorf("%v: log2(QP) %.1f above the 128-bit bound %d", p, p.LogQP(), bound)
+		}
+		if len(p.ID()) != 32 || seen[p.ID()] {
+			t.Errorf("%v: bad or duplicate ID", p)
+		}
+		seen[p.ID()] = true
+		again, err := NewParameters(p.Literal())
+		if err != nil || again.ID() != p.ID() {
+			t.Errorf("%v: ID not stable: %v %v", p, again, err)
+		}
+		if p.MaxLevel() != len(p.Literal().LogQ)-1 || p.Slots() != p.N()/2 {
+			t.Errorf("%v: depth %d slots %d", p, p.MaxLevel(), p.Slots())
+		}
+	}
+	if ParamsN13().MaxLevel() != 2 || ParamsN14().MaxLevel() != 6 || ParamsN15().MaxLevel() != 14 {
+		t.Error("preset depths changed")
+	}
+}
+
+func TestParametersBound(t *testing.T) {
+	over := Literal{LogN: 14, LogQ: []int{55, 45, 45, 45, 45, 45, 45}, LogP: []int{61, 61}, LogDefaultScale: 45}
+	_, err := NewParameters(over)
+	if CodeOf(err) != connect.CodeInvalidArgument || !strings.Contains(err.Error(), "exceeds the 128-bit bound 438") {
+		t.Fatalf("over-bound parameters: %v", err)
+	}
+	over.InsecureForTests = true
+	p, err := NewParameters(over)
+	if err != nil || !p.Insecure() {
+		t.Fatalf("insecure-for-tests parameters: %v", err)
+	}
+	other, _ := NewParameters(Literal{LogN: 13, LogQ: []int{60, 40, 40}, LogP: []int{60}, LogDefaultScale: 39})
+	if other == nil || other.ID() == ParamsN13().ID() {
+		t.Fatal("a different scale must give a different parameter ID")
+	}
+	for _, bad := range []Literal{
+		{LogN: 9, LogQ: []int{40}, LogP: []int{40}, LogDefaultScale: 20},
+		{LogN: 13, LogP: []int{60}, LogDefaultScale: 40},
+		{LogN: 13, LogQ: []int{60, 70}, LogP: []int{60}, LogDefaultScale: 40},
+		{LogN: 13, LogQ: []int{40, 40}, LogP: []int{60}, LogDefaultScale: 40},
+	} {
+		if _, err := NewParameters(bad); CodeOf(err) != connect.CodeInvalidArgument {
+			t.Errorf("%+v: %v", bad, err)
+		}
+	}
+}
+
+func TestEncryptDecrypt(t *testing.T) {
+	f := mustFixture(t)
+	slots := f.client.Params().Slots()
+	r := rand.New(rand.NewPCG(3, 4))
+	for _, n := range []int{1, 7, slots, slots + 5, 2*slots + 1} {
+		want := randValues(r, n)
+		v := f.enc(t, want)
+		if v.Len() != n || v.Ciphertexts() != (n+slots-1)/slots || v.Level() != 2 {
+			t.Fatalf("n=%d: len %d, %d ciphertexts, level %d", n, v.Len(), v.Ciphertexts(), v.Level())
+		}
+		if e := maxErr(t, f.dec(t, v), want); e > 1e-7 {
+			t.Errorf("n=%d: fresh error %g", n, e)
+		}
+		if e := maxErr(t, f.dec(t, v, WithMaxAbs(1)), want); e > 1e-7 {
+			t.Errorf("n=%d: level-0 decrypt error %g", n, e)
+		}
+	}
+	if _, err := f.client.Encrypt(nil); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("empty vector: %v", err)
+	}
+	if _, err := f.client.Encrypt([]float64{1, math.NaN()}); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("NaN: %v", err)
+	}
+}
+
+func TestDecryptLevel(t *testing.T) {
+	p := ParamsN13()
+	s := rlweScale(p.DefaultScale())
+	if l := p.decryptLevel(1, &s); l != 0 {
+		t.Errorf("|x|<=1 decrypts at level %d, want 0", l)
+	}
+	if l := p.decryptLevel(p.LevelZeroMaxAbs()*4, &s); l != 1 {
+		t.Errorf("above LevelZeroMaxAbs decrypts at level %d, want 1", l)
+	}
+	f := mustFixture(t)
+	big := []float64{3e4, -2e4, 1e3}
+	v := f.enc(t, big)
+	if e := maxErr(t, f.dec(t, v, WithMaxAbs(4e4)), big); e > 1e-5 {
+		t.Errorf("large values with a declared bound: error %g", e)
+	}
+}
+
+func TestPublicKeyEncryption(t *testing.T) {
+	f := mustFixture(t)
+	wire, err := MarshalPublicKey(f.client.PublicKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pk, err := UnmarshalPublicKey(ParamsN13(), wire)
+	if err != nil {
+		t.Fatal(err)
+	}
+	owner, err := NewEncryptor(pk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(5, 6))
+	want := randValues(r, 50)
+	v, err := owner.Encrypt(want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := maxErr(t, f.dec(t, v), want); e > 1e-6 {
+		t.Errorf("public-key encryption error %g", e)
+	}
+	bad := proto.Clone(wire).(*hev1.PublicKey)
+	bad.A = bad.A[:len(bad.A)-8]
+	if _, err := UnmarshalPublicKey(ParamsN13(), bad); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("truncated public key: %v", err)
+	}
+}
+
+func TestNoiseFlooding(t *testing.T) {
+	f := mustFixture(t)
+	r := rand.New(rand.NewPCG(7, 8))
+	want := randValues(r, 2000)
+	v := f.enc(t, want)
+	plain := maxErr(t, f.dec(t, v), want)
+	const bits = 20.0
+	flooded := maxErr(t, f.dec(t, v, WithNoiseFlooding(bits)), want)
+	// per-slot standard deviation is about 2^bits * sqrt(N/2) / scale; 2000 slots stay within 6 sigma
+	sigma := math.Exp2(bits) * math.Sqrt(float64(ParamsN13().N())/2) / ParamsN13().DefaultScale()
+	if flooded < 100*plain || flooded > 6*sigma {
+		t.Errorf("flooded error %g (plain %g, sigma %g)", flooded, plain, sigma)
+	}
+	if _, err := f.client.Decrypt(v, WithNoiseFlooding(61)); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("flooding of 2^61: %v", err)
+	}
+}
+
+func TestSecretKeyNeverSerialized(t *testing.T) {
+	f := mustFixture(t)
+	sk := f.client.SecretKey()
+	if _, err := json.Marshal(sk); err == nil {
+		t.Error("json.Marshal accepted the secret key")
+	}
+	if err := gob.NewEncoder(&strings.Builder{}).Encode(sk); err == nil {
+		t.Error("gob accepted the secret key")
+	}
+	if _, err := sk.MarshalBinary(); err == nil {
+		t.Error("MarshalBinary accepted the secret key")
+	}
+	for _, verb := range []string{"%v", "%+v", "%#v", "%s", "%x", "%d"} {
+		if s := fmt.Sprintf(verb, sk); s != "he.SecretKey(REDACTED)" {
+			t.Errorf("%s printed %q", verb, s)
+		}
+	}
+	// The wire encoders take public types only: a vector, a public key, a manifest
+	// and evaluation keys. None of their encodings contains the secret's coefficients.
+	keysEnc, err := f.keys.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pkWire, _ := MarshalPublicKey(f.client.PublicKey())
+	vWire, _ := MarshalVector(f.enc(t, []float64{1}))
+	secret := appendPoly(nil, sk.sk.Value.Q, ParamsN13().p.Q())[:64]
+	for name, b := range map[string][]byte{"keys": keysEnc, "public key": mustMarshal(t, pkWire), "vector": mustMarshal(t, vWire)} {
+		if strings.Contains(string(b), string(secret)) {
+			t.Errorf("%s encoding contains secret-key coefficients", name)
+		}
+	}
+}
+
+func mustMarshal(t testing.TB, m proto.Message) []byte {
+	b, err := proto.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestVectorWire(t *testing.T) {
+	f := mustFixture(t)
+	p := ParamsN13()
+	r := rand.New(rand.NewPCG(9, 10))
+	want := randValues(r, p.Slots()+3)
+	v := f.enc(t, want)
+	wire, err := MarshalVector(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seeded := proto.Size(wire)
+	back, err := UnmarshalVector(p, wire)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := maxErr(t, f.dec(t, back), want); e > 1e-7 {
+		t.Errorf("seeded wire round trip error %g", e)
+	}
+	// A computed vector travels unseeded: about twice the size.
+	sum, err := f.eval.Add(context.Background(), back, back)
+	if err != nil {
+		t.Fatal(err)
+	}
+	full, _ := MarshalVector(sum)
+	if r := float64(proto.Size(full)) / float64(seeded); r < 1.95 || r > 2.05 {
+		t.Errorf("unseeded/seeded size ratio %.3f", r)
+	}
+	back2, err := UnmarshalVector(p, full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range want {
+		want[i] *= 2
+	}
+	if e := maxErr(t, f.dec(t, back2), want); e > 1e-7 {
+		t.Errorf("unseeded wire round trip error %g", e)
+	}
+}
+
+func TestVectorValidation(t *testing.T) {
+	f := mustFixture(t)
+	p := ParamsN13()
+	v := f.enc(t, []float64{0.5, -0.25})
+	good, _ := MarshalVector(v)
+	sum, _ := f.eval.Add(context.Background(), v, v)
+	unseeded, _ := MarshalVector(sum)
+	other, _ := NewParameters(Literal{LogN: 13, LogQ: []int{60, 40, 40}, LogP: []int{60}, LogDefaultScale: 39})
+	cases := []struct {
+		name   string
+		base   *hev1.EncryptedVector
+		mutate func(m *hev1.EncryptedVector)
+		code   connect.Code
+		text   string
+	}{
+		{"vector param ID", good, func(m *hev1.EncryptedVector) { m.ParamId = string(other.ID()) }, connect.CodeFailedPrecondition, string(other.ID())},
+		{"ciphertext param ID", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].ParamId = string(other.ID()) }, connect.CodeFailedPrecondition, string(p.ID())},
+		{"layout", good, func(m *hev1.EncryptedVector) { m.Layout = hev1.Layout_LAYOUT_UNSPECIFIED }, connect.CodeInvalidArgument, "layout"},
+		{"slots", good, func(m *hev1.EncryptedVector) { m.Slots = 8192 }, connect.CodeInvalidArgument, "slots"},
+		{"length zero", good, func(m *hev1.EncryptedVector) { m.Length = 0 }, connect.CodeInvalidArgument, "length"},
+		{"length too big", good, func(m *hev1.EncryptedVector) { m.Length = 1 << 27 }, connect.CodeInvalidArgument, "length"},
+		{"count", good, func(m *hev1.EncryptedVector) { m.Length = 5000 }, connect.CodeInvalidArgument, "needs 2 ciphertexts"},
+		{"level", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Level = 3 }, connect.CodeInvalidArgument, "level 3"},
+		{"scale NaN", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Scale = math.NaN() }, connect.CodeInvalidArgument, "scale"},
+		{"scale huge", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Scale = 0x1p200 }, connect.CodeInvalidArgument, "scale"},
+		{"scale below 1", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Scale = 0.5 }, connect.CodeInvalidArgument, "scale"},
+		{"c0 short", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].C0 = m.Ciphertexts[0].C0[1:] }, connect.CodeInvalidArgument, "c0"},
+		{"level/size mismatch", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Level = 1 }, connect.CodeInvalidArgument, "c0"},
+		{"seed short", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Seed = m.Ciphertexts[0].Seed[:16] }, connect.CodeInvalidArgument, "seed"},
+		{"seed and c1", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].C1 = m.Ciphertexts[0].C0 }, connect.CodeInvalidArgument, "both"},
+		{"neither", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Seed = nil }, connect.CodeInvalidArgument, "c1"},
+		{"c1 short", unseeded, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].C1 = m.Ciphertexts[0].C1[8:] }, connect.CodeInvalidArgument, "c1"},
+		{"c0 unreduced", good, func(m *hev1.EncryptedVector) { putWord(m.Ciphertexts[0].C0, 10, p.p.Q()[0]) }, connect.CodeInvalidArgument, "not reduced"},
+		{"c0 unreduced last prime", good, func(m *hev1.EncryptedVector) {
+			putWord(m.Ciphertexts[0].C0, 2*p.N()+5, p.p.Q()[2]+1)
+		}, connect.CodeInvalidArgument, "prime 2"},
+		{"c1 unreduced", unseeded, func(m *hev1.EncryptedVector) { putWord(m.Ciphertexts[0].C1, 0, ^uint64(0)) }, connect.CodeInvalidArgument, "not reduced"},
+	}
+	for _, tc := range cases {
+		m := proto.Clone(tc.base).(*hev1.EncryptedVector)
+		tc.mutate(m)
+		_, err := UnmarshalVector(p, m)
+		if CodeOf(err) != tc.code || !strings.Contains(err.Error(), tc.text) || !strings.HasPrefix(err.Error(), "he: ") {
+			t.Errorf("%s: got %v (%v), want %v containing %q", tc.name, err, CodeOf(err), tc.code, tc.text)
+		}
+	}
+	if _, err := UnmarshalVector(p, good); err != nil {
+		t.Fatalf("mutations leaked into the original: %v", err)
+	}
+}
+
+func putWord(b []byte, i int, w uint64) {
+	for k := range 8 {
+		b[8*i+k] = byte(w >> (8 * k))
+	}
+}
+
+func rlweScale(s float64) rlwe.Scale { return rlwe.NewScale(s) }
