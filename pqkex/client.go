@@ -1,0 +1,359 @@
+package pqkex
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/base64"
+	"errors"
+	"io"
+	"net/http"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"connectrpc.com/connect"
+)
+
+const sideClient = "client"
+
+// Client is the client half of pqkex: it establishes sessions with servers and seals calls.
+// One Client serves any number of servers (one session per authority) and is safe for
+// concurrent use.
+type Client struct {
+	cfg   *config
+	creds credCache
+	m     *metrics
+
+	mu       sync.Mutex
+	servers  map[string]*Credential    // verified server credentials by authority
+	sessions map[string]*clientSession // current session by authority
+	locks    map[string]*sync.Mutex    // one handshake at a time per authority
+}
+
+// clientSession is an established session as the client holds it.
+type clientSession struct {
+	suite   Scheme
+	aead    AEAD
+	secret  []byte
+	ticket  string // base64url, ready for the header
+	expiry  time.Time
+	created time.Time
+	server  *Credential
+	self    *Identity
+	calls   atomic.Int64
+	bytes   atomic.Int64
+}
+
+// NewClient returns a client. [WithIdentity] and [WithRoots] are required.
+func NewClient(opts ...Option) (*Client, error) {
+	cfg := newConfig()
+	for _, o := range opts {
+		o.apply(cfg)
+	}
+	if cfg.identity == nil || !cfg.rootsSet {
+		return nil, errors.New("pqkex: client needs WithIdentity and WithRoots")
+	}
+	if !cfg.aead.supported() {
+		return nil, errors.New("pqkex: unsupported AEAD")
+	}
+	cfg.rekey = cfg.rekey.withDefaults()
+	return &Client{
+		cfg: cfg, m: newMetrics(cfg.registerer),
+		servers: map[string]*Credential{}, sessions: map[string]*clientSession{}, locks: map[string]*sync.Mutex{},
+	}, nil
+}
+
+// RoundTripper wraps base (normally an HTTP/2 transport with mTLS): every request is sealed
+// under a pqkex session with its server, established on first use.
+func (c *Client) RoundTripper(base http.RoundTripper) http.RoundTripper {
+	if base == nil {
+		base = http.DefaultTransport
+	}
+	return &roundTripper{c: c, base: base}
+}
+
+type roundTripper struct {
+	c    *Client
+	base http.RoundTripper
+}
+
+func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := rt.roundTrip(req)
+	if err != nil {
+		if req.Body != nil {
+			_ = req.Body.Close()
+		}
+		var re *reasonError
+		if !errors.As(err, &re) {
+			return nil, err // the base transport's own failure, e.g. a TLS error
+		}
+		rt.c.m.reject(sideClient, err)
+		return nil, toConnect(err)
+	}
+	return resp, nil
+}
+
+func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
+	c := rt.c
+	if req.Method != http.MethodPost {
+		return nil, errMethod
+	}
+	if compressed(req.Header) {
+		return nil, errCompressed
+	}
+	sess, err := c.session(req.Context(), rt.base, req.URL)
+	if err != nil {
+		return nil, err
+	}
+	callID := uint64(sess.calls.Add(1) - 1)
+	h := sess.suite.Hash()
+	call := callSecret(h, sess.secret, callID, req.URL.Path)
+	c2s, err := newDirection(h, sess.aead, directionSecret(h, call, dirC2S))
+	if err != nil {
+		return nil, err
+	}
+	s2c, err := newDirection(h, sess.aead, directionSecret(h, call, dirS2C))
+	if err != nil {
+		return nil, err
+	}
+	serverPK, err := sess.suite.UnmarshalBinaryPublicKey(sess.server.publicKey)
+	if err != nil {
+		return nil, errCredential
+	}
+	out := req.Clone(req.Context())
+	for _, k := range append([]string{"Content-Length"}, acceptEncodingHeaders...) {
+		out.Header.Del(k)
+	}
+	out.Header.Set(headerTicket, sess.ticket)
+	out.Header.Set(headerCall, formatCallID(callID))
+	out.ContentLength = -1
+	out.GetBody = nil
+	count := func(n int) { sess.bytes.Add(int64(n)) }
+	out.Body = &sealReader{
+		s: &sealer{
+			dir:    c2s,
+			encap:  func() ([]byte, []byte, error) { return sess.suite.Encapsulate(serverPK) },
+			policy: c.cfg.rekey.Stream,
+			now:    c.cfg.now,
+		},
+		src:     nonNil(req.Body),
+		onBytes: count,
+	}
+	c.m.calls.WithLabelValues(sideClient, "true").Inc()
+	resp, err := rt.base.RoundTrip(out)
+	if err != nil {
+		return nil, err
+	}
+	if reason := resp.Header.Get(headerError); reason != "" {
+		_ = resp.Body.Close()
+		if r := errorFromReason(reason); r.Code() == connect.CodeFailedPrecondition || r.Code() == connect.CodeDeadlineExceeded {
+			c.dropSession(req.URL, sess)
+		}
+		return nil, newError(reasonOf(errorFromReason(reason)), "rejected by server: "+reason)
+	}
+	if resp.Header.Get(headerSealed) != "1" {
+		_ = resp.Body.Close()
+		return nil, errUnsealed
+	}
+	self := sess.self
+	body := &openReader{
+		o: &opener{dir: s2c, r: resp.Body, decap: func(ct []byte) ([]byte, error) {
+			return sess.suite.Decapsulate(self.priv, ct)
+		}},
+		body:    resp.Body,
+		onBytes: count,
+	}
+	trailers := http.Header{}
+	header := resp.Header
+	body.final = func(moved, t http.Header) {
+		for k, v := range moved {
+			header[k] = v
+		}
+		for k, v := range t {
+			trailers[k] = v
+		}
+	}
+	resp.Header.Del("Content-Length")
+	resp.ContentLength = -1
+	resp.Trailer = trailers
+	resp.Body = body
+	if resp.Header.Get(headerTrailersOnly) == "1" {
+		data, err := io.ReadAll(io.LimitReader(body, maxFramePlaintext))
+		_ = body.Close()
+		if err != nil {
+			return nil, err
+		}
+		resp.Body = io.NopCloser(bytes.NewReader(data))
+	}
+	return resp, nil
+}
+
+func nonNil(b io.ReadCloser) io.ReadCloser {
+	if b == nil || b == http.NoBody {
+		return nil
+	}
+	return b
+}
+
+func authority(u *url.URL) string { return u.Scheme + "://" + u.Host }
+
+func (c *Client) lockFor(key string) *sync.Mutex {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	l, ok := c.locks[key]
+	if !ok {
+		l = &sync.Mutex{}
+		c.locks[key] = l
+	}
+	return l
+}
+
+func (c *Client) usable(s *clientSession, now time.Time) bool {
+	p := c.cfg.rekey
+	return s != nil && now.Before(s.expiry) &&
+		(p.Calls == 0 || s.calls.Load() < p.Calls) &&
+		(p.Bytes == 0 || s.bytes.Load() < p.Bytes) &&
+		(p.Age == 0 || now.Sub(s.created) < p.Age)
+}
+
+func (c *Client) dropSession(u *url.URL, s *clientSession) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.sessions[authority(u)] == s {
+		delete(c.sessions, authority(u))
+	}
+}
+
+// session returns a usable session with the server at u, running a handshake if needed.
+func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL) (*clientSession, error) {
+	key := authority(u)
+	now := c.cfg.now()
+	c.mu.Lock()
+	s := c.sessions[key]
+	c.mu.Unlock()
+	if c.usable(s, now) {
+		return s, nil
+	}
+	l := c.lockFor(key)
+	l.Lock()
+	defer l.Unlock()
+	c.mu.Lock()
+	s = c.sessions[key]
+	c.mu.Unlock()
+	if c.usable(s, now) {
+		return s, nil
+	}
+	s, err := c.handshake(ctx, base, key)
+	if reasonOf(err) == reasonServerKey {
+		// The server rotated its credential: fetch it again, once.
+		c.mu.Lock()
+		delete(c.servers, key)
+		c.mu.Unlock()
+		s, err = c.handshake(ctx, base, key)
+	}
+	if err != nil {
+		c.m.handshakes.WithLabelValues(sideClient, "error").Inc()
+		return nil, err
+	}
+	c.m.handshakes.WithLabelValues(sideClient, "ok").Inc()
+	c.mu.Lock()
+	c.sessions[key] = s
+	c.mu.Unlock()
+	return s, nil
+}
+
+// serverCredential returns the verified credential of the server at key, fetching it once.
+func (c *Client) serverCredential(ctx context.Context, base http.RoundTripper, key string, self *Identity) (*Credential, error) {
+	now := c.cfg.now()
+	c.mu.Lock()
+	cred := c.servers[key]
+	c.mu.Unlock()
+	if cred != nil && now.Before(cred.notAfter) {
+		return cred, nil
+	}
+	raw, _, err := exchange(ctx, base, http.MethodGet, key+CredentialPath, nil)
+	if err != nil {
+		return nil, err
+	}
+	if cred, err = c.creds.verify(c.cfg.roots, raw, now); err != nil {
+		return nil, err
+	}
+	if cred.suite.ID() != self.cred.suite.ID() {
+		return nil, errUnsupported
+	}
+	if err := c.cfg.authorize(cred.spiffeID); err != nil {
+		return nil, errIdentity
+	}
+	c.mu.Lock()
+	c.servers[key] = cred
+	c.mu.Unlock()
+	return cred, nil
+}
+
+func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key string) (_ *clientSession, err error) {
+	defer recoverTo(&err)
+	self, err := c.cfg.identity.GetIdentity()
+	if err != nil || self == nil {
+		return nil, errInternal
+	}
+	server, err := c.serverCredential(ctx, base, key, self)
+	if err != nil {
+		return nil, err
+	}
+	hs, err := startClient(c.cfg.rand, self, server, c.cfg.aead, c.cfg.bind)
+	if err != nil {
+		return nil, err
+	}
+	raw, conn, err := exchange(ctx, base, http.MethodPost, key+HandshakePath, hs.raw)
+	if err != nil {
+		return nil, err
+	}
+	var cb []byte
+	if c.cfg.bind {
+		if cb, err = channelBinding(conn, server.spiffeID); err != nil {
+			return nil, err
+		}
+	}
+	res, err := hs.finish(raw, cb)
+	if err != nil {
+		return nil, err
+	}
+	now := c.cfg.now()
+	expiry := fromUnix(res.expiry)
+	return &clientSession{
+		suite: hs.hello.suite, aead: hs.hello.aead, secret: res.secrets.session,
+		ticket: base64.RawURLEncoding.EncodeToString(res.ticket),
+		expiry: expiry, created: now, server: server, self: self,
+	}, nil
+}
+
+// exchange makes one request to a pqkex endpoint and returns the response body and the TLS
+// state of the connection it came over.
+func exchange(ctx context.Context, base http.RoundTripper, method, url string, body []byte) ([]byte, *tls.ConnectionState, error) {
+	req, err := http.NewRequestWithContext(ctx, method, url, bytes.NewReader(body))
+	if err != nil {
+		return nil, nil, errMalformed
+	}
+	if body == nil {
+		req.Body = http.NoBody
+	}
+	req.Header.Set("Content-Type", "application/octet-stream")
+	resp, err := base.RoundTrip(req)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer resp.Body.Close()
+	if reason := resp.Header.Get(headerError); reason != "" {
+		return nil, nil, newError(reasonOf(errorFromReason(reason)), "rejected by server: "+reason)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, nil, errNoSession
+	}
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxHandshakeBody))
+	if err != nil {
+		return nil, nil, err
+	}
+	return raw, resp.TLS, nil
+}

@@ -1,0 +1,385 @@
+package pqkex
+
+import (
+	"crypto"
+	"encoding/binary"
+	"errors"
+	"io"
+	"math"
+	"net/http"
+	"sort"
+	"time"
+)
+
+// Frames (spec section 6.2): u8 flags ‖ u32 seq ‖ u32 len ‖ AEAD ciphertext.
+const (
+	flagFinal          = 0x01
+	flagRekey          = 0x02
+	frameHeaderSize    = 9
+	maxDataFrame       = 16 << 10
+	maxFramePlaintext  = 64 << 10
+	maxFrameCiphertext = maxFramePlaintext + aeadTagSize
+)
+
+// direction is the key state of one direction of one call.
+type direction struct {
+	hash   crypto.Hash
+	aead   AEAD
+	secret []byte
+	keys   *trafficKeys
+	seq    uint64 // next sequence number; uint64 so that exhaustion is detectable
+}
+
+func newDirection(h crypto.Hash, a AEAD, secret []byte) (*direction, error) {
+	k, err := newTrafficKeys(h, a, secret)
+	if err != nil {
+		return nil, err
+	}
+	return &direction{hash: h, aead: a, secret: secret, keys: k}, nil
+}
+
+func (d *direction) nonce(seq uint32) []byte {
+	n := d.keys.iv
+	for i := 0; i < 4; i++ {
+		n[aeadNonceSize-1-i] ^= byte(seq >> (8 * i))
+	}
+	return n[:]
+}
+
+func (d *direction) advance(ss, ct []byte) error {
+	secret := rekeySecret(d.hash, d.secret, ss, ct)
+	k, err := newTrafficKeys(d.hash, d.aead, secret)
+	if err != nil {
+		return err
+	}
+	d.secret, d.keys = secret, k
+	return nil
+}
+
+// StreamRekeyPolicy says when a sender advances a direction's keys with a fresh KEM
+// encapsulation to the receiver's static key. Zero fields mean "never" for that measure.
+type StreamRekeyPolicy struct {
+	Bytes int64
+	Age   time.Duration
+}
+
+// sealer produces the frames of one direction.
+type sealer struct {
+	dir        *direction
+	encap      func() (ct, ss []byte, err error) // nil: never rekey
+	policy     StreamRekeyPolicy
+	now        func() time.Time
+	sinceBytes int64
+	since      time.Time
+}
+
+func (s *sealer) appendFrame(dst []byte, flags byte, pt []byte) ([]byte, error) {
+	if s.dir.seq > math.MaxUint32 {
+		return dst, errSequenceWrapped
+	}
+	seq := uint32(s.dir.seq)
+	s.dir.seq++
+	start := len(dst)
+	dst = append(dst, flags)
+	dst = binary.BigEndian.AppendUint32(dst, seq)
+	dst = binary.BigEndian.AppendUint32(dst, uint32(len(pt)+aeadTagSize))
+	hdr := dst[start : start+frameHeaderSize : start+frameHeaderSize]
+	return s.dir.keys.aead.Seal(dst, s.dir.nonce(seq), pt, hdr), nil
+}
+
+func (s *sealer) rekeyDue() bool {
+	if s.encap == nil {
+		return false
+	}
+	if s.since.IsZero() {
+		s.since = s.now()
+	}
+	return (s.policy.Bytes > 0 && s.sinceBytes >= s.policy.Bytes) ||
+		(s.policy.Age > 0 && s.now().Sub(s.since) >= s.policy.Age)
+}
+
+// appendData seals p in frames of at most 16 KiB, rekeying first when the policy says so.
+func (s *sealer) appendData(dst, p []byte) ([]byte, error) {
+	var err error
+	for len(p) > 0 {
+		if s.rekeyDue() {
+			ct, ss, err := s.encap()
+			if err != nil {
+				return dst, errInternal
+			}
+			if dst, err = s.appendFrame(dst, flagRekey, ct); err != nil {
+				return dst, err
+			}
+			if err := s.dir.advance(ss, ct); err != nil {
+				return dst, err
+			}
+			s.sinceBytes, s.since = 0, s.now()
+		}
+		n := min(len(p), maxDataFrame)
+		if dst, err = s.appendFrame(dst, 0, p[:n]); err != nil {
+			return dst, err
+		}
+		s.sinceBytes += int64(n)
+		p = p[n:]
+	}
+	return dst, nil
+}
+
+// opener reads and authenticates the frames of one direction.
+type opener struct {
+	dir   *direction
+	r     io.Reader
+	decap func(ct []byte) ([]byte, error) // nil: rekey frames are refused
+	hdr   [frameHeaderSize]byte
+	buf   []byte
+}
+
+// next returns the next data or FINAL frame; REKEY frames are processed on the way.
+func (o *opener) next() (byte, []byte, error) {
+	for {
+		n, err := io.ReadFull(o.r, o.hdr[:])
+		if err != nil {
+			if n == 0 && errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return 0, nil, errTruncated
+			}
+			return 0, nil, err
+		}
+		flags := o.hdr[0]
+		seq := binary.BigEndian.Uint32(o.hdr[1:5])
+		size := binary.BigEndian.Uint32(o.hdr[5:9])
+		if size < aeadTagSize || size > maxFrameCiphertext {
+			return 0, nil, errFrameTooLarge
+		}
+		switch {
+		case uint64(seq) < o.dir.seq:
+			return 0, nil, errReplayed
+		case uint64(seq) > o.dir.seq:
+			return 0, nil, errReordered
+		}
+		if cap(o.buf) < int(size) {
+			o.buf = make([]byte, size)
+		}
+		ct := o.buf[:size]
+		if _, err := io.ReadFull(o.r, ct); err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return 0, nil, errTruncated
+			}
+			return 0, nil, err
+		}
+		pt, err := o.dir.keys.aead.Open(ct[:0], o.dir.nonce(seq), ct, o.hdr[:])
+		if err != nil {
+			return 0, nil, errTampered
+		}
+		o.dir.seq++
+		switch flags {
+		case 0, flagFinal:
+			return flags, pt, nil
+		case flagRekey:
+			if o.decap == nil {
+				return 0, nil, errMalformed
+			}
+			ss, err := o.decap(pt)
+			if err != nil {
+				return 0, nil, errMalformed
+			}
+			if err := o.dir.advance(ss, pt); err != nil {
+				return 0, nil, err
+			}
+		default:
+			return 0, nil, errMalformed
+		}
+	}
+}
+
+// Trailer block (plaintext of a FINAL frame): u16 count, then per entry u8 kind ‖ u16 name
+// ‖ u16 value. Kind 0 restores a response header, kind 1 a trailer.
+const (
+	kindHeader  = 0
+	kindTrailer = 1
+)
+
+func appendFields(b []byte, kind byte, h http.Header, n *int) []byte {
+	keys := make([]string, 0, len(h))
+	for k := range h {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		for _, v := range h[k] {
+			b = append(b, kind)
+			b = appendVec16(b, []byte(k))
+			b = appendVec16(b, []byte(v))
+			*n++
+		}
+	}
+	return b
+}
+
+func encodeTrailerBlock(headers, trailers http.Header) []byte {
+	n := 0
+	b := appendFields([]byte{0, 0}, kindHeader, headers, &n)
+	b = appendFields(b, kindTrailer, trailers, &n)
+	binary.BigEndian.PutUint16(b, uint16(n))
+	return b
+}
+
+func decodeTrailerBlock(b []byte) (headers, trailers http.Header, err error) {
+	p := parser{b: b}
+	n := int(p.u16())
+	headers, trailers = http.Header{}, http.Header{}
+	for i := 0; i < n && !p.bad; i++ {
+		kind := p.u8()
+		k, v := string(p.vec16()), string(p.vec16())
+		if k == "" || (kind != kindHeader && kind != kindTrailer) {
+			return nil, nil, errMalformed
+		}
+		if kind == kindHeader {
+			headers.Add(k, v)
+		} else {
+			trailers.Add(k, v)
+		}
+	}
+	if !p.ok() {
+		return nil, nil, errMalformed
+	}
+	return headers, trailers, nil
+}
+
+// openReader is the plaintext body of a sealed stream.
+type openReader struct {
+	o       *opener
+	body    io.Closer
+	pending []byte
+	err     error
+	final   func(headers, trailers http.Header) // called once with the FINAL frame's block
+	first   bool                                // the next frame must be the empty hello frame
+	onBytes func(int)
+}
+
+func (r *openReader) Read(p []byte) (int, error) {
+	for len(r.pending) == 0 {
+		if r.err != nil {
+			return 0, r.err
+		}
+		r.err = r.fill()
+	}
+	n := copy(p, r.pending)
+	r.pending = r.pending[n:]
+	return n, nil
+}
+
+// fill reads one frame. It returns io.EOF after a FINAL frame followed by the end of the body.
+func (r *openReader) fill() error {
+	flags, pt, err := r.o.next()
+	if err != nil {
+		return toConnect(err)
+	}
+	if r.onBytes != nil {
+		r.onBytes(len(pt))
+	}
+	if flags == flagFinal {
+		h, t, err := decodeTrailerBlock(pt)
+		if err != nil {
+			return toConnect(err)
+		}
+		var one [1]byte
+		if n, _ := io.ReadFull(r.o.r, one[:]); n != 0 {
+			return toConnect(errTrailingFrames)
+		}
+		if r.final != nil {
+			r.final(h, t)
+		}
+		return io.EOF
+	}
+	r.pending = append(r.pending[:0], pt...)
+	return nil
+}
+
+func (r *openReader) Close() error {
+	if r.body == nil {
+		return nil
+	}
+	return r.body.Close()
+}
+
+// openHello reads the empty hello frame that starts every request body (spec 6.2).
+func openHello(o *opener) error {
+	flags, pt, err := o.next()
+	if err != nil {
+		return err
+	}
+	if flags != 0 || len(pt) != 0 {
+		return errMalformed
+	}
+	return nil
+}
+
+// sealReader turns a plaintext request body into frames: the hello frame at once, one data
+// frame per read of the source, then the FINAL frame.
+type sealReader struct {
+	s       *sealer
+	src     io.ReadCloser
+	out     []byte
+	buf     []byte
+	started bool
+	done    bool
+	err     error
+	onBytes func(int)
+}
+
+func (r *sealReader) Read(p []byte) (int, error) {
+	for len(r.out) == 0 {
+		if r.err != nil {
+			return 0, r.err
+		}
+		r.err = r.fill()
+	}
+	n := copy(p, r.out)
+	r.out = r.out[n:]
+	return n, nil
+}
+
+func (r *sealReader) fill() error {
+	if !r.started {
+		r.started = true
+		var err error
+		r.out, err = r.s.appendFrame(r.out[:0], 0, nil)
+		return err
+	}
+	if r.done {
+		return io.EOF
+	}
+	if r.src == nil {
+		r.done = true
+		var err error
+		r.out, err = r.s.appendFrame(r.out[:0], flagFinal, encodeTrailerBlock(nil, nil))
+		return err
+	}
+	if r.buf == nil {
+		r.buf = make([]byte, maxDataFrame)
+	}
+	n, err := r.src.Read(r.buf)
+	if n > 0 {
+		if r.onBytes != nil {
+			r.onBytes(n)
+		}
+		var serr error
+		if r.out, serr = r.s.appendData(r.out[:0], r.buf[:n]); serr != nil {
+			return serr
+		}
+	}
+	if errors.Is(err, io.EOF) {
+		r.done = true
+		var serr error
+		r.out, serr = r.s.appendFrame(r.out, flagFinal, encodeTrailerBlock(nil, nil))
+		return serr
+	}
+	return err
+}
+
+func (r *sealReader) Close() error {
+	if r.src == nil {
+		return nil
+	}
+	return r.src.Close()
+}

@@ -1,0 +1,258 @@
+package pqkex
+
+import (
+	"crypto/hmac"
+	"encoding/binary"
+	"io"
+
+	"github.com/cloudflare/circl/kem"
+)
+
+const (
+	wireVersion      = 1
+	typeClientHello  = 1
+	typeServerHello  = 2
+	flagBinding      = 0x01
+	randomSize       = 32
+	sessionIDSize    = 16
+	credDigestSize   = 32
+	maxHandshakeBody = 64 << 10
+)
+
+// clientHello is the client's only flight (spec section 5.1).
+type clientHello struct {
+	suite        Scheme
+	aead         AEAD
+	flags        uint8
+	random       [randomSize]byte
+	serverDigest [credDigestSize]byte
+	ephemeralPK  []byte
+	ctS          []byte
+	credential   []byte
+}
+
+func (m *clientHello) marshal() []byte {
+	b := []byte{wireVersion, typeClientHello}
+	b = binary.BigEndian.AppendUint16(b, m.suite.ID())
+	b = binary.BigEndian.AppendUint16(b, m.aead.id())
+	b = append(b, m.flags)
+	b = append(b, m.random[:]...)
+	b = append(b, m.serverDigest[:]...)
+	b = appendVec16(b, m.ephemeralPK)
+	b = appendVec16(b, m.ctS)
+	return appendVec16(b, m.credential)
+}
+
+func parseClientHello(b []byte) (*clientHello, error) {
+	p := parser{b: b}
+	version, typ := p.u8(), p.u8()
+	suiteID, aeadID := p.u16(), p.u16()
+	flags := p.u8()
+	if p.bad || typ != typeClientHello {
+		return nil, errMalformed
+	}
+	m := &clientHello{suite: SchemeByID(suiteID), aead: AEAD(aeadID), flags: flags}
+	if version != wireVersion || m.suite == nil || !m.aead.supported() || aeadID == 0 {
+		return nil, errUnsupported
+	}
+	if flags&^flagBinding != 0 {
+		return nil, errMalformed
+	}
+	copy(m.random[:], p.take(randomSize))
+	copy(m.serverDigest[:], p.take(credDigestSize))
+	m.ephemeralPK = p.exact16(m.suite.PublicKeySize())
+	m.ctS = p.exact16(m.suite.CiphertextSize())
+	m.credential = p.vec16()
+	if !p.ok() || len(m.credential) == 0 {
+		return nil, errMalformed
+	}
+	return m, nil
+}
+
+// serverHello is the server's only flight.
+type serverHello struct {
+	random       [randomSize]byte
+	ctE, ctC     []byte
+	ticketExpiry uint64
+	ticket       []byte
+	confirm      []byte
+}
+
+// marshalKeys encodes the prefix that the session keys depend on (up to ct_c).
+func (m *serverHello) marshalKeys() []byte {
+	b := []byte{wireVersion, typeServerHello}
+	b = append(b, m.random[:]...)
+	b = appendVec16(b, m.ctE)
+	return appendVec16(b, m.ctC)
+}
+
+// marshalUnconfirmed encodes everything but the confirmation tag.
+func (m *serverHello) marshalUnconfirmed() []byte {
+	b := binary.BigEndian.AppendUint64(m.marshalKeys(), m.ticketExpiry)
+	return appendVec16(b, m.ticket)
+}
+
+func (m *serverHello) marshal() []byte { return append(m.marshalUnconfirmed(), m.confirm...) }
+
+func parseServerHello(b []byte, suite Scheme) (*serverHello, error) {
+	p := parser{b: b}
+	if p.u8() != wireVersion || p.u8() != typeServerHello {
+		return nil, errMalformed
+	}
+	m := &serverHello{}
+	copy(m.random[:], p.take(randomSize))
+	m.ctE = p.exact16(suite.CiphertextSize())
+	m.ctC = p.exact16(suite.CiphertextSize())
+	m.ticketExpiry = p.u64()
+	m.ticket = p.vec16()
+	m.confirm = p.take(suite.Hash().Size())
+	if !p.ok() || len(m.ticket) == 0 {
+		return nil, errMalformed
+	}
+	return m, nil
+}
+
+// transcriptKeys is th of spec section 5.2.
+func transcriptKeys(suite Scheme, ch []byte, sh *serverHello) []byte {
+	return digest(suite.Hash(), ch, sh.marshalKeys())
+}
+
+func confirmTag(suite Scheme, key, ch []byte, sh *serverHello) []byte {
+	h := suite.Hash()
+	return mac(h, key, digest(h, ch, sh.marshalUnconfirmed()))
+}
+
+// clientHandshake is the client between its flight and the server's.
+type clientHandshake struct {
+	self   *Identity
+	server *Credential
+	hello  *clientHello
+	raw    []byte
+	ephSK  kem.PrivateKey
+	ssS    []byte
+}
+
+// startClient builds the ClientHello. Randomness is drawn from rand in a fixed order
+// (random, ephemeral seed, encapsulation seed) so that known-answer tests can replay it.
+func startClient(rand io.Reader, self *Identity, server *Credential, aead AEAD, bind bool) (*clientHandshake, error) {
+	suite := self.cred.suite
+	if server.suite.ID() != suite.ID() {
+		return nil, errUnsupported
+	}
+	m := &clientHello{suite: suite, aead: AEAD(aead.id()), serverDigest: server.digest, credential: self.cred.raw}
+	if bind {
+		m.flags |= flagBinding
+	}
+	if err := readRandom(rand, m.random[:]); err != nil {
+		return nil, err
+	}
+	seed := make([]byte, suite.SeedSize())
+	if err := readRandom(rand, seed); err != nil {
+		return nil, err
+	}
+	ephPK, ephSK := suite.DeriveKeyPair(seed)
+	var err error
+	if m.ephemeralPK, err = ephPK.MarshalBinary(); err != nil {
+		return nil, errInternal
+	}
+	serverPK, err := suite.UnmarshalBinaryPublicKey(server.publicKey)
+	if err != nil {
+		return nil, errCredential
+	}
+	encSeed := make([]byte, suite.EncapsulationSeedSize())
+	if err := readRandom(rand, encSeed); err != nil {
+		return nil, err
+	}
+	ct, ss, err := suite.EncapsulateDeterministically(serverPK, encSeed)
+	if err != nil {
+		return nil, errInternal
+	}
+	m.ctS = ct
+	return &clientHandshake{self: self, server: server, hello: m, raw: m.marshal(), ephSK: ephSK, ssS: ss}, nil
+}
+
+// clientResult is what the client keeps from a completed handshake.
+type clientResult struct {
+	secrets handshakeSecrets
+	ticket  []byte
+	expiry  uint64
+}
+
+// finish processes the ServerHello; cb is the channel binding (nil without it).
+func (c *clientHandshake) finish(raw, cb []byte) (*clientResult, error) {
+	suite := c.hello.suite
+	sh, err := parseServerHello(raw, suite)
+	if err != nil {
+		return nil, err
+	}
+	ssE, err := suite.Decapsulate(c.ephSK, sh.ctE)
+	if err != nil {
+		return nil, errTampered
+	}
+	ssC, err := suite.Decapsulate(c.self.priv, sh.ctC)
+	if err != nil {
+		return nil, errTampered
+	}
+	ikm := concat(c.ssS, ssE, ssC)
+	sec := deriveHandshake(suite.Hash(), cb, ikm, transcriptKeys(suite, c.raw, sh))
+	if !hmac.Equal(confirmTag(suite, sec.confirm, c.raw, sh), sh.confirm) {
+		return nil, errServerConfirm
+	}
+	return &clientResult{secrets: sec, ticket: sh.ticket, expiry: sh.ticketExpiry}, nil
+}
+
+// ticketIssuer seals the session into a ticket for the server's reply.
+type ticketIssuer func(sec handshakeSecrets) (ticket []byte, expiry uint64, err error)
+
+// respond is the server's side of a handshake for a parsed and authorized ClientHello. Its
+// randomness is drawn from rand in a fixed order (random, encapsulation to the ephemeral key,
+// encapsulation to the client's static key); the issuer draws the ticket nonce after them.
+func respond(rand io.Reader, ch *clientHello, chRaw []byte, self *Identity, peer *Credential, cb []byte, issue ticketIssuer) ([]byte, handshakeSecrets, error) {
+	suite := ch.suite
+	ssS, err := suite.Decapsulate(self.priv, ch.ctS)
+	if err != nil {
+		return nil, handshakeSecrets{}, errMalformed
+	}
+	sh := &serverHello{}
+	if err := readRandom(rand, sh.random[:]); err != nil {
+		return nil, handshakeSecrets{}, err
+	}
+	ephPK, err := suite.UnmarshalBinaryPublicKey(ch.ephemeralPK)
+	if err != nil {
+		return nil, handshakeSecrets{}, errMalformed
+	}
+	clientPK, err := suite.UnmarshalBinaryPublicKey(peer.publicKey)
+	if err != nil {
+		return nil, handshakeSecrets{}, errCredential
+	}
+	seed := make([]byte, suite.EncapsulationSeedSize())
+	if err := readRandom(rand, seed); err != nil {
+		return nil, handshakeSecrets{}, err
+	}
+	ctE, ssE, err := suite.EncapsulateDeterministically(ephPK, seed)
+	if err != nil {
+		return nil, handshakeSecrets{}, errMalformed
+	}
+	if err := readRandom(rand, seed); err != nil {
+		return nil, handshakeSecrets{}, err
+	}
+	ctC, ssC, err := suite.EncapsulateDeterministically(clientPK, seed)
+	if err != nil {
+		return nil, handshakeSecrets{}, errInternal
+	}
+	sh.ctE, sh.ctC = ctE, ctC
+	sec := deriveHandshake(suite.Hash(), cb, concat(ssS, ssE, ssC), transcriptKeys(suite, chRaw, sh))
+	if sh.ticket, sh.ticketExpiry, err = issue(sec); err != nil {
+		return nil, handshakeSecrets{}, err
+	}
+	sh.confirm = confirmTag(suite, sec.confirm, chRaw, sh)
+	return sh.marshal(), sec, nil
+}
+
+func concat(parts ...[]byte) []byte {
+	var out []byte
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
+}

@@ -1,0 +1,56 @@
+package pqkex
+
+import (
+	"errors"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are pqkex's counters. Labels carry only sides, reasons and outcomes, never
+// identities or key material.
+type metrics struct {
+	rejections *prometheus.CounterVec // side, reason
+	handshakes *prometheus.CounterVec // side, result
+	calls      *prometheus.CounterVec // side, sealed
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		rejections: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "veil_pqkex_rejections_total",
+			Help: "Calls, frames and handshakes pqkex rejected, by side and reason (docs/pqkex.md section 9).",
+		}, []string{"side", "reason"}),
+		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "veil_pqkex_handshakes_total",
+			Help: "pqkex handshakes by side and result.",
+		}, []string{"side", "result"}),
+		calls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "veil_pqkex_calls_total",
+			Help: "Calls seen by pqkex, by side and whether they were sealed.",
+		}, []string{"side", "sealed"}),
+	}
+	if reg != nil {
+		m.rejections = register(reg, m.rejections)
+		m.handshakes = register(reg, m.handshakes)
+		m.calls = register(reg, m.calls)
+	}
+	return m
+}
+
+// register registers c, or returns the collector already registered under its name, so a
+// server and a client in one process can share a registry.
+func register(reg prometheus.Registerer, c *prometheus.CounterVec) *prometheus.CounterVec {
+	if err := reg.Register(c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if errors.As(err, &are) {
+			if existing, ok := are.ExistingCollector.(*prometheus.CounterVec); ok {
+				return existing
+			}
+		}
+	}
+	return c
+}
+
+func (m *metrics) reject(side string, err error) {
+	m.rejections.WithLabelValues(side, string(reasonOf(err))).Inc()
+}

@@ -1,0 +1,184 @@
+package pqkex
+
+import (
+	"io"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Mode says what a server does with calls that carry no pqkex session.
+type Mode int
+
+const (
+	// Strict refuses calls without a pqkex session with unauthenticated. It is the zero value.
+	Strict Mode = iota
+	// Permissive passes plaintext calls through (and counts them), for migrations.
+	Permissive
+)
+
+// RekeyPolicy says when keys are renewed with a fresh KEM. Zero fields take the defaults of
+// [DefaultRekeyPolicy]; a negative field means "never" for that measure.
+type RekeyPolicy struct {
+	// Calls, Bytes and Age bound a client session: past any of them the client runs a new
+	// handshake (fresh ephemeral KEM) before its next call.
+	Calls int64
+	Bytes int64
+	Age   time.Duration
+	// Stream bounds each direction of a call: past it the sender sends a REKEY frame.
+	Stream StreamRekeyPolicy
+}
+
+// DefaultRekeyPolicy returns the defaults: a new session every 2^20 calls, 64 GiB or hour,
+// and an in-stream rekey every GiB or 15 minutes.
+func DefaultRekeyPolicy() RekeyPolicy {
+	return RekeyPolicy{
+		Calls:  1 << 20,
+		Bytes:  64 << 30,
+		Age:    time.Hour,
+		Stream: StreamRekeyPolicy{Bytes: 1 << 30, Age: 15 * time.Minute},
+	}
+}
+
+func (p RekeyPolicy) withDefaults() RekeyPolicy {
+	d := DefaultRekeyPolicy()
+	pick := func(v, def int64) int64 {
+		switch {
+		case v == 0:
+			return def
+		case v < 0:
+			return 0
+		}
+		return v
+	}
+	p.Calls = pick(p.Calls, d.Calls)
+	p.Bytes = pick(p.Bytes, d.Bytes)
+	p.Age = time.Duration(pick(int64(p.Age), int64(d.Age)))
+	p.Stream.Bytes = pick(p.Stream.Bytes, d.Stream.Bytes)
+	p.Stream.Age = time.Duration(pick(int64(p.Stream.Age), int64(d.Stream.Age)))
+	return p
+}
+
+// config is shared by servers and clients.
+type config struct {
+	identity   IdentitySource
+	roots      Roots
+	rootsSet   bool
+	authorize  Authorizer
+	aead       AEAD
+	bind       bool
+	registerer prometheus.Registerer
+	now        func() time.Time
+	rand       io.Reader
+	rekey      RekeyPolicy
+
+	// server only
+	tickets        *TicketKeys
+	ticketLifetime time.Duration
+	mode           func(procedure string) Mode
+}
+
+// Option configures a [Server] or a [Client].
+type Option interface {
+	ServerOption
+	apply(*config)
+}
+
+// ServerOption configures a [Server]. Every [Option] is a ServerOption.
+type ServerOption interface {
+	applyServer(*config)
+}
+
+type option func(*config)
+
+func (o option) apply(c *config)       { o(c) }
+func (o option) applyServer(c *config) { o(c) }
+
+type serverOption func(*config)
+
+func (o serverOption) applyServer(c *config) { o(c) }
+
+// WithIdentity sets the local workload's credential and static key. Required.
+func WithIdentity(src IdentitySource) Option {
+	return option(func(c *config) { c.identity = src })
+}
+
+// WithRoots sets the CA keys that certify peer credentials. Required.
+func WithRoots(r Roots) Option {
+	return option(func(c *config) { c.roots, c.rootsSet = r, true })
+}
+
+// WithAuthorizer sets which peer SPIFFE IDs are accepted. The default, [AuthorizeAny], accepts
+// any identity the roots certify; clients normally want [AuthorizeID] of the server.
+func WithAuthorizer(a Authorizer) Option {
+	return option(func(c *config) { c.authorize = a })
+}
+
+// WithAEAD selects the AEAD a client proposes (servers accept every supported AEAD). The
+// default is AES-256-GCM.
+func WithAEAD(a AEAD) Option {
+	return option(func(c *config) { c.aead = a })
+}
+
+// WithChannelBinding binds the handshake to the TLS connection it runs on (spec 5.3). On a
+// client it requests binding; on a server it refuses handshakes without it. Use it only where
+// the peer terminates TLS itself: a terminating proxy then makes the handshake fail.
+func WithChannelBinding() Option {
+	return option(func(c *config) { c.bind = true })
+}
+
+// WithMetrics registers pqkex's counters with reg (veil_pqkex_rejections_total,
+// veil_pqkex_handshakes_total, veil_pqkex_calls_total). Without it the counters exist but are
+// not exported.
+func WithMetrics(reg prometheus.Registerer) Option {
+	return option(func(c *config) { c.registerer = reg })
+}
+
+// WithClock sets the clock, for tests. The default is time.Now.
+func WithClock(now func() time.Time) Option {
+	return option(func(c *config) { c.now = now })
+}
+
+// WithRandom sets the source of randomness, for known-answer tests. The default is
+// crypto/rand.
+func WithRandom(r io.Reader) Option {
+	return option(func(c *config) { c.rand = r })
+}
+
+// WithRekeyPolicy sets when sessions and streams get fresh KEM keys.
+func WithRekeyPolicy(p RekeyPolicy) Option {
+	return option(func(c *config) { c.rekey = p })
+}
+
+// WithTicketKeys sets the keys that seal session tickets; replicas that share them can
+// continue each other's sessions. The default is a random key private to this server.
+func WithTicketKeys(k *TicketKeys) ServerOption {
+	return serverOption(func(c *config) { c.tickets = k })
+}
+
+// WithTicketLifetime bounds how long a session ticket is accepted. The default is one hour;
+// a ticket never outlives either credential.
+func WithTicketLifetime(d time.Duration) ServerOption {
+	return serverOption(func(c *config) { c.ticketLifetime = d })
+}
+
+// WithMode sets the mode of every procedure. The default is [Strict].
+func WithMode(m Mode) ServerOption {
+	return serverOption(func(c *config) { c.mode = func(string) Mode { return m } })
+}
+
+// WithProcedureMode decides the mode per procedure (the request path, e.g.
+// "/acme.v1.FooService/Bar").
+func WithProcedureMode(f func(procedure string) Mode) ServerOption {
+	return serverOption(func(c *config) { c.mode = f })
+}
+
+func newConfig() *config {
+	return &config{
+		authorize:      AuthorizeAny(),
+		aead:           AES256GCM,
+		now:            time.Now,
+		ticketLifetime: time.Hour,
+		mode:           func(string) Mode { return Strict },
+	}
+}

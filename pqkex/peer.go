@@ -1,0 +1,29 @@
+package pqkex
+
+import "context"
+
+// Peer is the authenticated pqkex peer of a call, as handlers see it.
+type Peer struct {
+	// SPIFFEID is the peer's identity from its verified credential.
+	SPIFFEID string
+	// Suite is the suite name, e.g. "X25519MLKEM768-SHA256".
+	Suite string
+	// AEAD seals the call's frames.
+	AEAD AEAD
+	// ChannelBound reports whether the session was bound to a direct TLS connection with the
+	// peer (no terminating proxy in between when it was established).
+	ChannelBound bool
+}
+
+type peerKey struct{}
+
+// PeerFromContext returns the pqkex peer of a sealed call. ok is false for plaintext calls
+// (PERMISSIVE procedures) and outside pqkex.
+func PeerFromContext(ctx context.Context) (Peer, bool) {
+	p, ok := ctx.Value(peerKey{}).(Peer)
+	return p, ok
+}
+
+func withPeer(ctx context.Context, p Peer) context.Context {
+	return context.WithValue(ctx, peerKey{}, p)
+}

@@ -1,0 +1,79 @@
+package pqkex
+
+import "sync"
+
+// replayWindowBits is the number of recent call IDs each session remembers (spec 6.4).
+const replayWindowBits = 1024
+
+// replayWindow is an anti-replay sliding window (RFC 4303 style) over call IDs.
+type replayWindow struct {
+	top    uint64 // highest ID seen + 1; 0 when none seen
+	bits   [replayWindowBits / 64]uint64
+	expiry uint64
+}
+
+// accept records id and reports whether it is fresh.
+func (w *replayWindow) accept(id uint64) bool {
+	if id >= w.top {
+		shift := id + 1 - w.top
+		if shift >= replayWindowBits {
+			w.bits = [replayWindowBits / 64]uint64{}
+		} else {
+			for i := w.top; i <= id; i++ {
+				w.clear(i)
+			}
+		}
+		w.top = id + 1
+		w.set(id)
+		return true
+	}
+	if w.top-id > replayWindowBits {
+		return false // older than the window: treated as a replay
+	}
+	if w.isSet(id) {
+		return false
+	}
+	w.set(id)
+	return true
+}
+
+func (w *replayWindow) set(id uint64)   { w.bits[(id/64)%uint64(len(w.bits))] |= 1 << (id % 64) }
+func (w *replayWindow) clear(id uint64) { w.bits[(id/64)%uint64(len(w.bits))] &^= 1 << (id % 64) }
+func (w *replayWindow) isSet(id uint64) bool {
+	return w.bits[(id/64)%uint64(len(w.bits))]&(1<<(id%64)) != 0
+}
+
+// replayCache holds one window per session ID until the session's ticket expires.
+type replayCache struct {
+	mu      sync.Mutex
+	windows map[[sessionIDSize]byte]*replayWindow
+	inserts int
+}
+
+// pruneEvery bounds the cost of dropping expired windows to O(1) amortized per new session.
+const pruneEvery = 1024
+
+// accept reports whether call id of session sid is fresh at time now (Unix seconds).
+func (c *replayCache) accept(sid []byte, id, expiry, now uint64) bool {
+	var k [sessionIDSize]byte
+	copy(k[:], sid)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.windows == nil {
+		c.windows = make(map[[sessionIDSize]byte]*replayWindow)
+	}
+	w, ok := c.windows[k]
+	if !ok {
+		c.inserts++
+		if c.inserts%pruneEvery == 0 {
+			for key, v := range c.windows {
+				if v.expiry <= now {
+					delete(c.windows, key)
+				}
+			}
+		}
+		w = &replayWindow{expiry: expiry}
+		c.windows[k] = w
+	}
+	return w.accept(id)
+}

@@ -1,0 +1,467 @@
+package pqkex
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+)
+
+// Endpoint paths served by [Server.Handler] (spec sections 4.2 and 5).
+const (
+	CredentialPath = "/veil.pqkex.v1/credential"
+	HandshakePath  = "/veil.pqkex.v1/handshake"
+)
+
+const sideServer = "server"
+
+// Server is the server half of pqkex: HTTP middleware that answers handshakes and unseals
+// requests before connect-go handlers see them.
+type Server struct {
+	cfg    *config
+	creds  credCache
+	replay replayCache
+	m      *metrics
+}
+
+// NewServer returns a server. [WithIdentity] and [WithRoots] are required.
+func NewServer(opts ...ServerOption) (*Server, error) {
+	cfg := newConfig()
+	for _, o := range opts {
+		o.applyServer(cfg)
+	}
+	if cfg.identity == nil || !cfg.rootsSet {
+		return nil, errors.New("pqkex: server needs WithIdentity and WithRoots")
+	}
+	if cfg.tickets == nil {
+		k, err := GenerateTicketKey(0, cfg.rand)
+		if err != nil {
+			return nil, err
+		}
+		if cfg.tickets, err = NewTicketKeys(k); err != nil {
+			return nil, err
+		}
+	}
+	cfg.rekey = cfg.rekey.withDefaults()
+	return &Server{cfg: cfg, m: newMetrics(cfg.registerer)}, nil
+}
+
+// Handler wraps next: it serves [CredentialPath] and [HandshakePath], unseals sealed calls
+// and seals their responses, and refuses or passes plaintext calls according to the mode.
+func (s *Server) Handler(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case CredentialPath:
+			s.serveCredential(w, r)
+		case HandshakePath:
+			s.serveHandshake(w, r)
+		default:
+			s.serveCall(w, r, next)
+		}
+	})
+}
+
+func (s *Server) reject(w http.ResponseWriter, r *http.Request, err error) {
+	s.m.reject(sideServer, err)
+	writeError(w, r, err)
+}
+
+func (s *Server) serveCredential(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet {
+		s.reject(w, r, errMalformed)
+		return
+	}
+	id, err := s.cfg.identity.GetIdentity()
+	if err != nil || id == nil {
+		s.reject(w, r, errInternal)
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	_, _ = w.Write(id.cred.raw)
+}
+
+func (s *Server) serveHandshake(w http.ResponseWriter, r *http.Request) {
+	sh, err := s.handshake(r)
+	if err != nil {
+		s.m.handshakes.WithLabelValues(sideServer, "error").Inc()
+		s.reject(w, r, err)
+		return
+	}
+	s.m.handshakes.WithLabelValues(sideServer, "ok").Inc()
+	w.Header().Set("Content-Type", "application/octet-stream")
+	_, _ = w.Write(sh)
+}
+
+func (s *Server) handshake(r *http.Request) (out []byte, err error) {
+	defer recoverTo(&err)
+	if r.Method != http.MethodPost {
+		return nil, errMalformed
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxHandshakeBody+1))
+	if err != nil || len(body) > maxHandshakeBody {
+		return nil, errMalformed
+	}
+	ch, err := parseClientHello(body)
+	if err != nil {
+		return nil, err
+	}
+	self, err := s.cfg.identity.GetIdentity()
+	if err != nil || self == nil {
+		return nil, errInternal
+	}
+	if ch.serverDigest != self.cred.digest {
+		return nil, errServerKey
+	}
+	if ch.suite.ID() != self.cred.suite.ID() {
+		return nil, errUnsupported
+	}
+	now := s.cfg.now()
+	peer, err := s.creds.verify(s.cfg.roots, ch.credential, now)
+	if err != nil {
+		return nil, err
+	}
+	if peer.suite.ID() != ch.suite.ID() {
+		return nil, errCredential
+	}
+	if err := s.cfg.authorize(peer.spiffeID); err != nil {
+		return nil, errIdentity
+	}
+	bound := ch.flags&flagBinding != 0
+	if s.cfg.bind && !bound {
+		return nil, errChannelBinding
+	}
+	var cb []byte
+	if bound {
+		if cb, err = channelBinding(r.TLS, peer.spiffeID); err != nil {
+			return nil, err
+		}
+	}
+	issue := func(sec handshakeSecrets) ([]byte, uint64, error) {
+		expiry := now.Add(s.cfg.ticketLifetime)
+		for _, t := range []time.Time{peer.notAfter, self.cred.notAfter} {
+			if t.Before(expiry) {
+				expiry = t
+			}
+		}
+		st := &ticketState{
+			suite: ch.suite, aead: ch.aead, flags: ch.flags, sessionID: sec.sessionID,
+			secret: sec.session, issued: unixSeconds(now), expiry: unixSeconds(expiry),
+			serverDigest: self.cred.digest, clientID: peer.spiffeID, clientPK: peer.publicKey,
+		}
+		t, err := s.cfg.tickets.seal(s.cfg.rand, st.marshal())
+		return t, st.expiry, err
+	}
+	out, _, err = respond(s.cfg.rand, ch, body, self, peer, cb, issue)
+	return out, err
+}
+
+// channelBinding returns the TLS exporter of conn after checking that the TLS peer
+// certificate names spiffeID (spec 5.3).
+func channelBinding(conn *tls.ConnectionState, spiffeID string) ([]byte, error) {
+	if conn == nil || len(conn.PeerCertificates) == 0 || !hasURI(conn.PeerCertificates[0], spiffeID) {
+		return nil, errChannelBinding
+	}
+	cb, err := conn.ExportKeyingMaterial(exporterLabel, nil, 32)
+	if err != nil {
+		return nil, errChannelBinding
+	}
+	return cb, nil
+}
+
+func hasURI(cert *x509.Certificate, id string) bool {
+	for _, u := range cert.URIs {
+		if u.String() == id {
+			return true
+		}
+	}
+	return false
+}
+
+// recoverTo turns a panic in a library under untrusted input into an internal error.
+func recoverTo(err *error) {
+	if recover() != nil {
+		*err = errInternal
+	}
+}
+
+var contentEncodingHeaders = []string{"Content-Encoding", "Connect-Content-Encoding", "Grpc-Encoding"}
+var acceptEncodingHeaders = []string{"Accept-Encoding", "Connect-Accept-Encoding", "Grpc-Accept-Encoding"}
+
+func compressed(h http.Header) bool {
+	for _, k := range contentEncodingHeaders {
+		if v := h.Get(k); v != "" && !strings.EqualFold(v, "identity") {
+			return true
+		}
+	}
+	return false
+}
+
+func parseCallID(v string) (uint64, error) {
+	b, err := hex.DecodeString(v)
+	if err != nil || len(b) != 8 {
+		return 0, errMalformed
+	}
+	return binary.BigEndian.Uint64(b), nil
+}
+
+func formatCallID(id uint64) string {
+	return hex.EncodeToString(binary.BigEndian.AppendUint64(nil, id))
+}
+
+func (s *Server) serveCall(w http.ResponseWriter, r *http.Request, next http.Handler) {
+	procedure := r.URL.Path
+	ticketHeader := r.Header.Get(headerTicket)
+	if ticketHeader == "" && r.Header.Get(headerCall) == "" {
+		if s.cfg.mode(procedure) == Permissive {
+			s.m.calls.WithLabelValues(sideServer, "false").Inc()
+			next.ServeHTTP(w, r)
+			return
+		}
+		s.reject(w, r, errNoSession)
+		return
+	}
+	inner, sw, err := s.openCall(w, r, ticketHeader)
+	if err != nil {
+		s.reject(w, r, err)
+		return
+	}
+	s.m.calls.WithLabelValues(sideServer, "true").Inc()
+	next.ServeHTTP(sw, inner)
+	if err := sw.finish(); err != nil {
+		s.m.reject(sideServer, err)
+	}
+}
+
+// openCall authenticates a sealed call: ticket, call keys, hello frame, replay window.
+func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader string) (_ *http.Request, _ *sealWriter, err error) {
+	defer recoverTo(&err)
+	ticket, err := base64.RawURLEncoding.DecodeString(ticketHeader)
+	if err != nil {
+		return nil, nil, errMalformed
+	}
+	callID, err := parseCallID(r.Header.Get(headerCall))
+	if err != nil {
+		return nil, nil, err
+	}
+	now := s.cfg.now()
+	st, err := s.cfg.tickets.openTicket(ticket, now)
+	if err != nil {
+		return nil, nil, err
+	}
+	if r.Method != http.MethodPost || r.Body == nil {
+		return nil, nil, errMethod
+	}
+	if compressed(r.Header) {
+		return nil, nil, errCompressed
+	}
+	h := st.suite.Hash()
+	call := callSecret(h, st.secret, callID, r.URL.Path)
+	c2s, err := newDirection(h, st.aead, directionSecret(h, call, dirC2S))
+	if err != nil {
+		return nil, nil, err
+	}
+	s2c, err := newDirection(h, st.aead, directionSecret(h, call, dirS2C))
+	if err != nil {
+		return nil, nil, err
+	}
+	self, err := s.cfg.identity.GetIdentity()
+	if err != nil || self == nil {
+		return nil, nil, errInternal
+	}
+	op := &opener{dir: c2s, r: r.Body}
+	if self.cred.digest == st.serverDigest {
+		op.decap = func(ct []byte) ([]byte, error) { return st.suite.Decapsulate(self.priv, ct) }
+	}
+	if err := openHello(op); err != nil {
+		return nil, nil, err
+	}
+	if !s.replay.accept(st.sessionID, callID, st.expiry, unixSeconds(now)) {
+		return nil, nil, errReplayed
+	}
+	clientPK, err := st.suite.UnmarshalBinaryPublicKey(st.clientPK)
+	if err != nil {
+		return nil, nil, errMalformed
+	}
+	peer := Peer{SPIFFEID: st.clientID, Suite: st.suite.Name(), AEAD: st.aead, ChannelBound: st.flags&flagBinding != 0}
+	inner := r.WithContext(withPeer(r.Context(), peer))
+	inner.Header = r.Header.Clone()
+	for _, k := range append([]string{headerTicket, headerCall, "Content-Length"}, acceptEncodingHeaders...) {
+		inner.Header.Del(k)
+	}
+	inner.ContentLength = -1
+	inner.Body = &openReader{o: op, body: r.Body}
+	sw := &sealWriter{w: w, h: make(http.Header), s: &sealer{
+		dir:    s2c,
+		encap:  func() ([]byte, []byte, error) { return st.suite.Encapsulate(clientPK) },
+		policy: s.cfg.rekey.Stream,
+		now:    s.cfg.now,
+	}}
+	return inner, sw, nil
+}
+
+// gRPC status headers that a trailers-only response puts in the headers (gRPC-Web).
+var statusHeaders = []string{"Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin"}
+
+// sealWriter seals a handler's response body into frames and moves its trailers into the
+// FINAL frame (spec 6.2, 6.3).
+type sealWriter struct {
+	w        http.ResponseWriter
+	h        http.Header
+	s        *sealer
+	status   int
+	sent     bool // headers written to w
+	pending  []byte
+	out      []byte
+	declared []string
+	err      error
+}
+
+func (sw *sealWriter) Header() http.Header { return sw.h }
+
+func (sw *sealWriter) WriteHeader(code int) {
+	if sw.status == 0 && code >= 200 {
+		sw.status = code
+	}
+}
+
+func (sw *sealWriter) Write(p []byte) (int, error) {
+	if sw.err != nil {
+		return 0, sw.err
+	}
+	sw.WriteHeader(http.StatusOK)
+	sw.pending = append(sw.pending, p...)
+	if len(sw.pending) >= maxDataFrame {
+		if err := sw.emit(false); err != nil {
+			return 0, err
+		}
+	}
+	return len(p), nil
+}
+
+// Flush seals what the handler wrote so far and flushes it to the client.
+func (sw *sealWriter) Flush() {
+	if sw.err != nil {
+		return
+	}
+	sw.WriteHeader(http.StatusOK)
+	if err := sw.emit(false); err != nil {
+		return
+	}
+	if f, ok := sw.w.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+// Unwrap lets http.ResponseController reach the underlying writer (EnableFullDuplex etc.).
+func (sw *sealWriter) Unwrap() http.ResponseWriter { return sw.w }
+
+func (sw *sealWriter) sendHeaders(trailersOnly bool) {
+	if sw.sent {
+		return
+	}
+	sw.sent = true
+	dst := sw.w.Header()
+	for _, v := range sw.h.Values("Trailer") {
+		for _, k := range strings.Split(v, ",") {
+			if k = strings.TrimSpace(k); k != "" {
+				sw.declared = append(sw.declared, http.CanonicalHeaderKey(k))
+			}
+		}
+	}
+	for k, v := range sw.h {
+		if k == "Trailer" || k == "Content-Length" || strings.HasPrefix(k, http.TrailerPrefix) {
+			continue
+		}
+		if trailersOnly && isStatusHeader(k) && !sw.isDeclared(k) {
+			continue
+		}
+		if sw.isDeclared(k) {
+			continue
+		}
+		dst[k] = v
+	}
+	dst.Set(headerSealed, "1")
+	if trailersOnly {
+		dst.Set(headerTrailersOnly, "1")
+	}
+	if sw.status == 0 {
+		sw.status = http.StatusOK
+	}
+	sw.w.WriteHeader(sw.status)
+}
+
+func isStatusHeader(k string) bool {
+	for _, s := range statusHeaders {
+		if http.CanonicalHeaderKey(k) == s {
+			return true
+		}
+	}
+	return false
+}
+
+func (sw *sealWriter) isDeclared(k string) bool {
+	for _, d := range sw.declared {
+		if d == http.CanonicalHeaderKey(k) {
+			return true
+		}
+	}
+	return false
+}
+
+// emit seals the pending bytes (and, when final, the FINAL frame) and writes them.
+func (sw *sealWriter) emit(final bool) error {
+	trailersOnly := final && !sw.sent && len(sw.pending) == 0
+	if !sw.sent {
+		// Declared trailer names are only known once headers are final.
+		sw.sendHeaders(trailersOnly)
+	}
+	var err error
+	sw.out, err = sw.s.appendData(sw.out[:0], sw.pending)
+	sw.pending = sw.pending[:0]
+	if err == nil && final {
+		moved, trailers := sw.collect(trailersOnly)
+		sw.out, err = sw.s.appendFrame(sw.out, flagFinal, encodeTrailerBlock(moved, trailers))
+		if err == nil {
+			if v := trailers.Get("Grpc-Status"); v != "" {
+				defer sw.w.Header().Set(http.TrailerPrefix+"Grpc-Status", v)
+			}
+		}
+	}
+	if err == nil && len(sw.out) > 0 {
+		_, err = sw.w.Write(sw.out)
+	}
+	if err != nil {
+		sw.err = err
+	}
+	return err
+}
+
+// collect gathers the handler's trailers and, for a trailers-only response, its status headers.
+func (sw *sealWriter) collect(trailersOnly bool) (moved, trailers http.Header) {
+	moved, trailers = http.Header{}, http.Header{}
+	for k, v := range sw.h {
+		switch {
+		case strings.HasPrefix(k, http.TrailerPrefix):
+			trailers[http.CanonicalHeaderKey(strings.TrimPrefix(k, http.TrailerPrefix))] = v
+		case sw.isDeclared(k):
+			trailers[k] = v
+		case trailersOnly && isStatusHeader(k):
+			moved[k] = v
+		}
+	}
+	return moved, trailers
+}
+
+// finish ends the response after the handler returned.
+func (sw *sealWriter) finish() error {
+	if sw.err != nil {
+		return sw.err
+	}
+	return sw.emit(true)
+}

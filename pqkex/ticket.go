@@ -1,0 +1,198 @@
+package pqkex
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"encoding/binary"
+	"errors"
+	"io"
+	"sync"
+	"time"
+)
+
+// TicketKey is one ticket-sealing key. Secret must stay secret and be shared by every replica
+// that should accept the key's tickets.
+type TicketKey struct {
+	ID     uint32
+	Secret [32]byte
+}
+
+// GenerateTicketKey returns a random key with the given ID. rand may be nil for crypto/rand.
+func GenerateTicketKey(id uint32, rand io.Reader) (TicketKey, error) {
+	k := TicketKey{ID: id}
+	if err := readRandom(rand, k.Secret[:]); err != nil {
+		return TicketKey{}, err
+	}
+	return k, nil
+}
+
+// TicketKeys seals session tickets with the current key and opens tickets sealed with the
+// current or the previous key, so replicas sharing the same keys can continue each other's
+// sessions with no shared state. Rotate at intervals no shorter than the ticket lifetime:
+// a ticket stays valid until it expires or its key leaves the set (two rotations later).
+// A *TicketKeys is safe for concurrent use.
+type TicketKeys struct {
+	mu       sync.RWMutex
+	current  ticketCipher
+	previous *ticketCipher
+}
+
+type ticketCipher struct {
+	id   uint32
+	aead cipher.AEAD
+}
+
+func newTicketCipher(k TicketKey) ticketCipher {
+	b, err := aes.NewCipher(k.Secret[:])
+	if err != nil {
+		panic("pqkex: " + err.Error()) // unreachable: the key is 32 bytes
+	}
+	g, err := cipher.NewGCM(b)
+	if err != nil {
+		panic("pqkex: " + err.Error())
+	}
+	return ticketCipher{id: k.ID, aead: g}
+}
+
+// NewTicketKeys returns a key set whose current key is current and, if given, whose previous
+// key is previous[0].
+func NewTicketKeys(current TicketKey, previous ...TicketKey) (*TicketKeys, error) {
+	if len(previous) > 1 {
+		return nil, errors.New("pqkex: at most one previous ticket key")
+	}
+	t := &TicketKeys{current: newTicketCipher(current)}
+	if len(previous) == 1 {
+		if previous[0].ID == current.ID {
+			return nil, errors.New("pqkex: ticket key IDs must differ")
+		}
+		p := newTicketCipher(previous[0])
+		t.previous = &p
+	}
+	return t, nil
+}
+
+// Rotate makes next the current key; the current key becomes the previous one and the old
+// previous key is dropped, so its tickets are refused from now on.
+func (t *TicketKeys) Rotate(next TicketKey) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if next.ID == t.current.id {
+		return errors.New("pqkex: ticket key IDs must differ")
+	}
+	cur := t.current
+	t.previous = &cur
+	t.current = newTicketCipher(next)
+	return nil
+}
+
+// CurrentID returns the ID of the key that seals new tickets.
+func (t *TicketKeys) CurrentID() uint32 {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.current.id
+}
+
+const ticketAADLabel = labelPrefix + "ticket"
+
+func ticketAAD(id uint32) []byte {
+	return binary.BigEndian.AppendUint32([]byte(ticketAADLabel), id)
+}
+
+func (t *TicketKeys) seal(rand io.Reader, plaintext []byte) ([]byte, error) {
+	t.mu.RLock()
+	c := t.current
+	t.mu.RUnlock()
+	out := binary.BigEndian.AppendUint32(nil, c.id)
+	nonce := make([]byte, aeadNonceSize)
+	if err := readRandom(rand, nonce); err != nil {
+		return nil, err
+	}
+	out = append(out, nonce...)
+	return c.aead.Seal(out, nonce, plaintext, ticketAAD(c.id)), nil
+}
+
+func (t *TicketKeys) open(ticket []byte) ([]byte, error) {
+	if len(ticket) < 4+aeadNonceSize+aeadTagSize {
+		return nil, errMalformed
+	}
+	id := binary.BigEndian.Uint32(ticket)
+	t.mu.RLock()
+	var c *ticketCipher
+	if t.current.id == id {
+		c = &t.current
+	} else if t.previous != nil && t.previous.id == id {
+		c = t.previous
+	}
+	t.mu.RUnlock()
+	if c == nil {
+		return nil, errUnknownTicket
+	}
+	pt, err := c.aead.Open(nil, ticket[4:4+aeadNonceSize], ticket[4+aeadNonceSize:], ticketAAD(id))
+	if err != nil {
+		return nil, errUnknownTicket
+	}
+	return pt, nil
+}
+
+// ticketState is the plaintext of a ticket (spec section 7).
+type ticketState struct {
+	suite        Scheme
+	aead         AEAD
+	flags        uint8
+	sessionID    []byte
+	secret       []byte
+	issued       uint64
+	expiry       uint64
+	serverDigest [credDigestSize]byte
+	clientID     string
+	clientPK     []byte
+}
+
+func (s *ticketState) marshal() []byte {
+	b := []byte{wireVersion}
+	b = binary.BigEndian.AppendUint16(b, s.suite.ID())
+	b = binary.BigEndian.AppendUint16(b, s.aead.id())
+	b = append(b, s.flags)
+	b = append(b, s.sessionID...)
+	b = appendVec8(b, s.secret)
+	b = binary.BigEndian.AppendUint64(b, s.issued)
+	b = binary.BigEndian.AppendUint64(b, s.expiry)
+	b = append(b, s.serverDigest[:]...)
+	b = appendVec16(b, []byte(s.clientID))
+	return appendVec16(b, s.clientPK)
+}
+
+func parseTicketState(b []byte) (*ticketState, error) {
+	p := parser{b: b}
+	version := p.u8()
+	s := &ticketState{suite: SchemeByID(p.u16()), aead: AEAD(p.u16()), flags: p.u8()}
+	if p.bad || version != wireVersion || s.suite == nil || !s.aead.supported() || s.flags&^flagBinding != 0 {
+		return nil, errMalformed
+	}
+	s.sessionID = p.take(sessionIDSize)
+	s.secret = p.vec8()
+	s.issued, s.expiry = p.u64(), p.u64()
+	copy(s.serverDigest[:], p.take(credDigestSize))
+	s.clientID = string(p.vec16())
+	s.clientPK = p.exact16(s.suite.PublicKeySize())
+	if !p.ok() || len(s.secret) != s.suite.Hash().Size() || !validSPIFFEID(s.clientID) {
+		return nil, errMalformed
+	}
+	return s, nil
+}
+
+// openTicket decrypts and checks a ticket at time now.
+func (t *TicketKeys) openTicket(ticket []byte, now time.Time) (*ticketState, error) {
+	pt, err := t.open(ticket)
+	if err != nil {
+		return nil, err
+	}
+	s, err := parseTicketState(pt)
+	if err != nil {
+		return nil, err
+	}
+	if unixSeconds(now) >= s.expiry {
+		return nil, errTicketExpired
+	}
+	return s, nil
+}
