@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"net"
 	neturl "net/url"
 	"os"
 	"path/filepath"
@@ -179,10 +180,24 @@ func (c *CA) PQSigner() crypto.Signer { return c.pqKey }
 // PQPublicKey is the CA's ML-DSA-65 public key, which peers use to verify credentials.
 func (c *CA) PQPublicKey() *mldsa65.PublicKey { return c.pqPub }
 
+// LeafOption adds to an issued leaf.
+type LeafOption func(*x509.Certificate)
+
+// WithDNSNames adds DNS SANs, so that clients that check host names (curl, browsers)
+// accept the server. The SPIFFE ID stays the only URI SAN.
+func WithDNSNames(names ...string) LeafOption {
+	return func(c *x509.Certificate) { c.DNSNames = append(c.DNSNames, names...) }
+}
+
+// WithIPAddresses adds IP address SANs.
+func WithIPAddresses(ips ...net.IP) LeafOption {
+	return func(c *x509.Certificate) { c.IPAddresses = append(c.IPAddresses, ips...) }
+}
+
 // Issue signs a leaf certificate for id over pub, valid for ttl (DefaultLeafTTL if
 // zero, at most MaxLeafTTL). The leaf carries id as its only URI SAN, with the
 // serverAuth and clientAuth extended key usages. It returns the leaf and its chain.
-func (c *CA) Issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration) ([]*x509.Certificate, error) {
+func (c *CA) Issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration, opts ...LeafOption) ([]*x509.Certificate, error) {
 	if !id.MemberOf(c.td) {
 		return nil, fmt.Errorf("transport: %s is not in trust domain %s", id, c.td)
 	}
@@ -210,6 +225,9 @@ func (c *CA) Issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration) ([]*
 		BasicConstraintsValid: true,
 		AuthorityKeyId:        c.cert.SubjectKeyId,
 	}
+	for _, o := range opts {
+		o(tmpl)
+	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, pub, c.key)
 	if err != nil {
 		return nil, fmt.Errorf("transport: issue %s: %w", id, err)
@@ -223,12 +241,12 @@ func (c *CA) Issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration) ([]*
 
 // IssueFiles generates a P-256 key for id, issues its leaf, and writes tls.crt,
 // tls.key (0600) and ca.crt into dir (created 0700 if missing).
-func (c *CA) IssueFiles(id spiffeid.ID, dir string, ttl time.Duration) error {
+func (c *CA) IssueFiles(id spiffeid.ID, dir string, ttl time.Duration, opts ...LeafOption) error {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return fmt.Errorf("transport: %w", err)
 	}
-	chain, err := c.Issue(id, &key.PublicKey, ttl)
+	chain, err := c.Issue(id, &key.PublicKey, ttl, opts...)
 	if err != nil {
 		return err
 	}

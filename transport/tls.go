@@ -193,11 +193,14 @@ func ServerConfig(src Source, opts ...Option) *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
-			if !slices.Contains(hello.SupportedVersions, tls.VersionTLS13) {
-				return nil, c.failed(ReasonTLSVersion, errors.New("client does not offer TLS 1.3"))
-			}
-			if c.mode == PQStrict && !slices.ContainsFunc(hello.SupportedCurves, IsPQGroup) {
-				return nil, c.failed(ReasonClassicOnly, errors.New("client offers no post-quantum hybrid key exchange and the server is PQ strict"))
+			// Refusals are counted here and then left to crypto/tls, which fails the
+			// handshake with the standard alert (protocol_version, handshake_failure)
+			// that tells the client what went wrong.
+			switch {
+			case !slices.Contains(hello.SupportedVersions, tls.VersionTLS13):
+				_ = c.failed(ReasonTLSVersion, errors.New("client does not offer TLS 1.3"))
+			case c.mode == PQStrict && !slices.ContainsFunc(hello.SupportedCurves, IsPQGroup):
+				_ = c.failed(ReasonClassicOnly, errors.New("client offers no post-quantum hybrid key exchange and the server is PQ strict"))
 			}
 			return base, nil
 		},

@@ -1,0 +1,126 @@
+// Command veil runs Veil services and manages their identities.
+//
+//	veil demo                      run the whole system on loopback and report
+//	veil ca init|issue             create a CA and issue workload identities
+//	veil serve                     serve built-in services over strict mTLS
+//	veil version                   print the version
+//
+// Every command takes --help. Errors go to stderr; the exit code is 0 on success,
+// 1 on failure and 2 on a usage error. Commands with --json print one JSON object.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+// version is set at link time (-ldflags "-X main.version=...").
+var version = "dev"
+
+type command struct {
+	name    string
+	summary string
+	run     func(ctx context.Context, args []string, stdout, stderr io.Writer) error
+}
+
+func commands() []command {
+	return []command{
+		{"demo", "run a CA and services on loopback, call them end to end, and print a report", runDemo},
+		{"ca", "manage a certificate authority (init, issue)", runCA},
+		{"serve", "serve built-in services over strict mutual TLS", runServe},
+		{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
+			_, err := fmt.Fprintln(stdout, "veil", version)
+			return err
+		}},
+	}
+}
+
+// errUsage marks errors caused by the command line; they exit with status 2.
+var errUsage = errors.New("usage")
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(stderr)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	for _, c := range commands() {
+		if c.name == args[0] {
+			err := c.run(ctx, args[1:], stdout, stderr)
+			switch {
+			case err == nil:
+				return 0
+			case errors.Is(err, flag.ErrHelp):
+				return 0
+			case errors.Is(err, errUsage):
+				fmt.Fprintln(stderr, "veil:", err)
+				return 2
+			default:
+				fmt.Fprintln(stderr, "veil:", err)
+				return 1
+			}
+		}
+	}
+	fmt.Fprintf(stderr, "veil: unknown command %q\n\n", args[0])
+	usage(stderr)
+	return 2
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "Veil: post-quantum, end-to-end sealed, homomorphically encrypted RPC.")
+	fmt.Fprintln(w, "\nUsage: veil <command> [flags]\n\nCommands:")
+	for _, c := range commands() {
+		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintln(w, "\nRun 'veil <command> --help' for a command's flags.")
+}
+
+// newFlags returns a flag set that reports errors instead of exiting, printing its
+// usage to stderr.
+func newFlags(name, synopsis string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: veil %s\n\nFlags:\n", synopsis)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+// parse parses args, turning flag errors into usage errors.
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
+	}
+	return nil
+}
+
+// required reports a missing required flag as a usage error.
+func required(fs *flag.FlagSet, names ...string) error {
+	for _, n := range names {
+		if f := fs.Lookup(n); f != nil && f.Value.String() == "" {
+			return fmt.Errorf("%w: veil %s needs --%s", errUsage, fs.Name(), n)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,150 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func veil(t *testing.T, ctx context.Context, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code := run(ctx, args, &out, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+func TestDemoJSON(t *testing.T) {
+	code, out, errOut := veil(t, context.Background(), "demo", "--json")
+	if code != 0 {
+		t.Fatalf("demo exit %d: %s", code, errOut)
+	}
+	var rep demoReport
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("demo --json: %v\n%s", err, out)
+	}
+	if rep.TLSGroup != "X25519MLKEM768" || rep.TLSVersion != "TLS 1.3" {
+		t.Fatalf("tls %q %q", rep.TLSVersion, rep.TLSGroup)
+	}
+	if len(rep.Calls) != 8 {
+		t.Fatalf("%d calls, want 8 (3 protocols x kinds)", len(rep.Calls))
+	}
+	if len(rep.Refused) != 2 || !strings.HasPrefix(rep.Refused[1].Result, "permission_denied") {
+		t.Fatalf("refusals %+v", rep.Refused)
+	}
+}
+
+func TestUsageErrors(t *testing.T) {
+	ctx := context.Background()
+	for _, args := range [][]string{
+		{},
+		{"nope"},
+		{"ca"},
+		{"ca", "init"},
+		{"ca", "issue", "--dir", "x"},
+		{"serve"},
+		{"serve", "--identity", "x", "--pq", "maybe", "--service", "echo"},
+		{"demo", "--bogus"},
+	} {
+		if code, _, errOut := veil(t, ctx, args...); code != 2 || errOut == "" {
+			t.Errorf("veil %v: exit %d stderr %q, want 2 with a message", args, code, errOut)
+		}
+	}
+	if code, _, _ := veil(t, ctx, "serve", "--help"); code != 0 {
+		t.Errorf("--help exit %d", code)
+	}
+	if code, _, errOut := veil(t, ctx, "serve", "--identity", t.TempDir(), "--service", "echo"); code != 1 || !strings.Contains(errOut, "tls.crt") {
+		t.Errorf("missing identity: exit %d %q", code, errOut)
+	}
+}
+
+// TestServeWithPlainHTTPClient runs `veil serve` and calls it the way curl does: an
+// HTTP/1.1 Connect JSON POST with a client certificate, verifying the server's host name
+// against ca.crt. Without a client certificate the handshake fails.
+func TestServeWithPlainHTTPClient(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	mustRun := func(args ...string) {
+		if code, _, errOut := veil(t, ctx, args...); code != 0 {
+			t.Fatalf("veil %v: %s", args, errOut)
+		}
+	}
+	mustRun("ca", "init", "--dir", filepath.Join(dir, "ca"), "--trust-domain", "example.org")
+	mustRun("ca", "issue", "--dir", filepath.Join(dir, "ca"), "--id", "spiffe://example.org/echo", "--out", filepath.Join(dir, "echo"), "--dns", "localhost")
+	mustRun("ca", "issue", "--dir", filepath.Join(dir, "ca"), "--id", "spiffe://example.org/client", "--out", filepath.Join(dir, "client"))
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	sctx, stop := context.WithCancel(ctx)
+	done := make(chan int, 1)
+	var serveErr bytes.Buffer
+	go func() { done <- run(sctx, []string{"serve", "--identity", filepath.Join(dir, "echo"), "--listen", addr, "--service", "echo"}, io.Discard, &serveErr) }()
+	defer func() {
+		stop()
+		if code := <-done; code != 0 {
+			t.Errorf("serve exit %d: %s", code, serveErr.String())
+		}
+	}()
+	port := addr[strings.LastIndex(addr, ":")+1:]
+	url := "https://localhost:" + port + "/veil.echo.v1.EchoService/Echo"
+
+	roots := x509.NewCertPool()
+	caPEM, _ := os.ReadFile(filepath.Join(dir, "echo", "ca.crt"))
+	roots.AppendCertsFromPEM(caPEM)
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "client", "tls.crt"), filepath.Join(dir, "client", "tls.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	withCert := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, Certificates: []tls.Certificate{cert}}}}
+	withoutCert := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
+
+	var res *http.Response
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if res, err = withCert.Post(url, "application/json", strings.NewReader(`{"message":"hi"}`)); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != 200 || strings.TrimSpace(string(body)) != `{"message":"hi"}` {
+		t.Fatalf("status %d body %s", res.StatusCode, body)
+	}
+	if res.ProtoMajor != 1 {
+		t.Fatalf("proto %s, want HTTP/1.1 like curl's default", res.Proto)
+	}
+	if res, err := withoutCert.Post(url, "application/json", strings.NewReader(`{"message":"hi"}`)); err == nil {
+		res.Body.Close()
+		t.Fatalf("call without a client certificate answered %d", res.StatusCode)
+	}
+
+	// The same with the real curl, where the machine has it.
+	if curl, err := exec.LookPath("curl"); err == nil {
+		out, err := exec.Command(curl, "-sS", "--cert", filepath.Join(dir, "client", "tls.crt"), "--key", filepath.Join(dir, "client", "tls.key"),
+			"--cacert", filepath.Join(dir, "echo", "ca.crt"), "-H", "Content-Type: application/json", "-d", `{"message":"hi curl"}`, url).CombinedOutput()
+		if err != nil || strings.TrimSpace(string(out)) != `{"message":"hi curl"}` {
+			t.Fatalf("curl: %v: %s", err, out)
+		}
+		if out, err := exec.Command(curl, "-sS", "--cacert", filepath.Join(dir, "echo", "ca.crt"), "-H", "Content-Type: application/json", "-d", `{"message":"x"}`, url).CombinedOutput(); err == nil {
+			t.Fatalf("curl without a client certificate succeeded: %s", out)
+		}
+	} else {
+		t.Log("curl is not installed; the net/http client above made the same calls")
+	}
+}

@@ -1,0 +1,84 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/rpc"
+	"github.com/veilrpc/veil/services/echo"
+	"github.com/veilrpc/veil/transport"
+)
+
+type stringList []string
+
+func (s *stringList) String() string     { return strings.Join(*s, ",") }
+func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
+
+func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("serve", "serve --identity DIR --listen ADDR --service echo [--allow PATTERN ...] [--pq strict|permissive]", stderr)
+	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt)")
+	listen := fs.String("listen", "127.0.0.1:8443", "address to serve on")
+	var services, allow stringList
+	fs.Var(&services, "service", "built-in service to run (echo); repeatable")
+	fs.Var(&allow, "allow", "SPIFFE ID pattern allowed to call the services (exact ID, trust domain, or path with * segments); repeatable; default: the server's own trust domain")
+	pq := fs.String("pq", "permissive", "TLS key exchange: strict (post-quantum hybrid only) or permissive")
+	metrics := fs.String("metrics", "", "serve Prometheus metrics on this address (plain HTTP)")
+	grace := fs.Duration("grace", rpc.DefaultGracePeriod, "how long in-flight calls may finish on shutdown")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := required(fs, "identity"); err != nil {
+		return err
+	}
+	if len(services) == 0 {
+		return fmt.Errorf("%w: veil serve needs at least one --service", errUsage)
+	}
+	mode, err := transport.ParsePQMode(*pq)
+	if err != nil {
+		return fmt.Errorf("%w: --pq: %v", errUsage, err)
+	}
+	src, err := transport.LoadFiles(*identity)
+	if err != nil {
+		return err
+	}
+	svid, err := src.GetX509SVID()
+	if err != nil {
+		return err
+	}
+	logger := slog.New(slog.NewTextHandler(stderr, nil))
+	if len(allow) == 0 {
+		allow = stringList{"spiffe://" + svid.ID.TrustDomain().Name()}
+	}
+	policy := rpc.NewPolicy()
+	opts := []rpc.ServerOption{rpc.WithPQMode(mode), rpc.WithPolicy(policy), rpc.WithGracePeriod(*grace), rpc.WithLogger(logger)}
+	if *metrics != "" {
+		opts = append(opts, rpc.WithMetricsAddr(*metrics))
+	}
+	srv, err := rpc.NewServer(src, opts...)
+	if err != nil {
+		return err
+	}
+	for _, name := range services {
+		switch name {
+		case "echo":
+			rpc.Register[echov1connect.EchoServiceHandler](srv, echov1connect.NewEchoServiceHandler, echo.New())
+			if err := policy.Allow("/"+echov1connect.EchoServiceName+"/*", allow...); err != nil {
+				return fmt.Errorf("%w: --allow: %v", errUsage, err)
+			}
+		default:
+			return fmt.Errorf("%w: unknown service %q (available: echo)", errUsage, name)
+		}
+	}
+	logger.Info("veil serving", "addr", *listen, "id", svid.ID.String(), "services", services.String(),
+		"pq", mode.String(), "allow", allow.String(), "cert_expires", svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339))
+	if err := srv.ListenAndServe(ctx, *listen); err != nil {
+		return err
+	}
+	logger.Info("veil stopped")
+	return nil
+}
