@@ -92,7 +92,9 @@ func TestServeWithPlainHTTPClient(t *testing.T) {
 	sctx, stop := context.WithCancel(ctx)
 	done := make(chan int, 1)
 	var serveErr bytes.Buffer
-	go func() { done <- run(sctx, []string{"serve", "--identity", filepath.Join(dir, "echo"), "--listen", addr, "--service", "echo"}, io.Discard, &serveErr) }()
+	go func() {
+		done <- run(sctx, []string{"serve", "--identity", filepath.Join(dir, "echo"), "--listen", addr, "--service", "echo"}, io.Discard, &serveErr)
+	}()
 	defer func() {
 		stop()
 		if code := <-done; code != 0 {
