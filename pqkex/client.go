@@ -164,6 +164,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		}},
 		body:    resp.Body,
 		onBytes: count,
+		onErr:   func(err error) { c.m.reject(sideClient, err) },
 	}
 	trailers := http.Header{}
 	header := resp.Header

@@ -252,8 +252,8 @@ type openReader struct {
 	pending []byte
 	err     error
 	final   func(headers, trailers http.Header) // called once with the FINAL frame's block
-	first   bool                                // the next frame must be the empty hello frame
 	onBytes func(int)
+	onErr   func(error) // called once with the first failure (metrics)
 }
 
 func (r *openReader) Read(p []byte) (int, error) {
@@ -262,6 +262,9 @@ func (r *openReader) Read(p []byte) (int, error) {
 			return 0, r.err
 		}
 		r.err = r.fill()
+		if r.err != nil && r.err != io.EOF && r.onErr != nil {
+			r.onErr(r.err)
+		}
 	}
 	n := copy(p, r.pending)
 	r.pending = r.pending[n:]

@@ -295,7 +295,7 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader s
 		inner.Header.Del(k)
 	}
 	inner.ContentLength = -1
-	inner.Body = &openReader{o: op, body: r.Body}
+	inner.Body = &openReader{o: op, body: r.Body, onErr: func(err error) { s.m.reject(sideServer, err) }}
 	sw := &sealWriter{w: w, h: make(http.Header), s: &sealer{
 		dir:    s2c,
 		encap:  func() ([]byte, []byte, error) { return st.suite.Encapsulate(clientPK) },

@@ -1,0 +1,389 @@
+package pqkex_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"net/http"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/veilrpc/veil/pqkex"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+)
+
+func isSealedCall(r *http.Request) bool { return r.Header.Get("Veil-Pqkex-Call") != "" }
+
+func unaryCall(hc *http.Client, base string, opts ...connect.ClientOption) error {
+	c := connect.NewClient[str, str](hc, base+procUnary, opts...)
+	_, err := c.CallUnary(context.Background(), connect.NewRequest(wrapperspb.String("hello")))
+	return err
+}
+
+func clientStreamCall(hc *http.Client, base string, msgs ...string) error {
+	cs := connect.NewClient[str, str](hc, base+procClient).CallClientStream(context.Background())
+	for _, m := range msgs {
+		if cs.Send(wrapperspb.String(m)) != nil {
+			break
+		}
+	}
+	_, err := cs.CloseAndReceive()
+	return err
+}
+
+func wantCode(t *testing.T, err error, code connect.Code) {
+	t.Helper()
+	if got := connect.CodeOf(err); got != code || err == nil {
+		t.Fatalf("error = %v (code %v), want code %v", err, got, code)
+	}
+}
+
+// TestAttacks runs each active attack of the threat model against a sealed call and checks
+// the distinct code (spec section 9) and the rejection counter.
+func TestAttacks(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	reg := prometheus.NewRegistry()
+	ts := e.startServer(t, echoMux(), pqkex.WithMetrics(reg))
+	m := &mitm{base: e.transport(t, clientID)}
+	hc, _ := e.httpClient(t, m, pqkex.WithMetrics(reg))
+	if err := unaryCall(hc, ts.URL); err != nil {
+		t.Fatal(err)
+	}
+
+	onCall := func(f func([]byte) []byte) func(*http.Request, []byte) []byte {
+		return func(r *http.Request, b []byte) []byte {
+			if isSealedCall(r) {
+				return f(b)
+			}
+			return b
+		}
+	}
+	tests := []struct {
+		name   string
+		req    func(*http.Request, []byte) []byte
+		resp   func(*http.Response, []byte) []byte
+		stream bool
+		code   connect.Code
+		reason string
+	}{
+		{name: "flipped bit in hello frame", req: onCall(func(b []byte) []byte { return flip(b, 10) }), code: connect.CodeDataLoss, reason: "tampered"},
+		{name: "flipped bit in data frame", req: onCall(func(b []byte) []byte {
+			f := frames(b)
+			f[1] = flip(f[1], 12)
+			return join(f...)
+		}), code: connect.CodeDataLoss, reason: "tampered"},
+		{name: "flipped final flag", req: onCall(func(b []byte) []byte {
+			f := frames(b)
+			f[len(f)-1] = flip(f[len(f)-1], 0)
+			return join(f...)
+		}), code: connect.CodeDataLoss, reason: "tampered"},
+		{name: "truncated request", req: onCall(func(b []byte) []byte {
+			f := frames(b)
+			return join(f[:len(f)-1]...)
+		}), code: connect.CodeOutOfRange, reason: "truncated"},
+		{name: "truncated mid-frame", req: onCall(func(b []byte) []byte { return b[:len(b)-3] }), code: connect.CodeOutOfRange, reason: "truncated"},
+		{name: "reordered frames", stream: true, req: onCall(func(b []byte) []byte {
+			f := frames(b)
+			f[1], f[2] = f[2], f[1]
+			return join(f...)
+		}), code: connect.CodeAborted, reason: "reordered"},
+		{name: "replayed frame", stream: true, req: onCall(func(b []byte) []byte {
+			f := frames(b)
+			return join(append(f[:2:2], f[1:]...)...)
+		}), code: connect.CodeAlreadyExists, reason: "replayed"},
+		{name: "dropped frame", stream: true, req: onCall(func(b []byte) []byte {
+			f := frames(b)
+			return join(append(f[:1:1], f[2:]...)...)
+		}), code: connect.CodeAborted, reason: "reordered"},
+		{name: "appended frame after final", req: onCall(func(b []byte) []byte {
+			f := frames(b)
+			return join(append(f, f[1])...)
+		}), code: connect.CodeInvalidArgument, reason: "malformed"},
+		{name: "call redirected to another procedure", req: func(r *http.Request, b []byte) []byte {
+			if isSealedCall(r) {
+				r.URL.Path = procServer
+			}
+			return b
+		}, code: connect.CodeDataLoss, reason: "tampered"},
+		{name: "flipped bit in response", resp: func(r *http.Response, b []byte) []byte {
+			if r.Header.Get("Veil-Pqkex-Sealed") == "" {
+				return b
+			}
+			return flip(b, 12)
+		}, code: connect.CodeDataLoss},
+		{name: "truncated response", resp: func(r *http.Response, b []byte) []byte {
+			if r.Header.Get("Veil-Pqkex-Sealed") == "" {
+				return b
+			}
+			f := frames(b)
+			return join(f[:len(f)-1]...)
+		}, code: connect.CodeOutOfRange},
+		{name: "stripped request headers", req: func(r *http.Request, b []byte) []byte {
+			r.Header.Del("Veil-Pqkex-Ticket")
+			r.Header.Del("Veil-Pqkex-Call")
+			return b
+		}, code: connect.CodeUnauthenticated, reason: "no_session"},
+		{name: "stripped response marker", resp: func(r *http.Response, b []byte) []byte {
+			r.Header.Del("Veil-Pqkex-Sealed")
+			return b
+		}, code: connect.CodeUnauthenticated},
+		{name: "garbage ticket", req: func(r *http.Request, b []byte) []byte {
+			if isSealedCall(r) {
+				r.Header.Set("Veil-Pqkex-Ticket", "AAAA")
+			}
+			return b
+		}, code: connect.CodeInvalidArgument, reason: "malformed"},
+		{name: "modified ticket", req: func(r *http.Request, b []byte) []byte {
+			if isSealedCall(r) {
+				tk, err := base64.RawURLEncoding.DecodeString(r.Header.Get("Veil-Pqkex-Ticket"))
+				if err != nil {
+					panic(err)
+				}
+				r.Header.Set("Veil-Pqkex-Ticket", base64.RawURLEncoding.EncodeToString(flip(tk, 30)))
+			}
+			return b
+		}, code: connect.CodeFailedPrecondition, reason: "unknown_ticket"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := counter(t, reg, "veil_pqkex_rejections_total", map[string]string{"side": "server", "reason": tt.reason})
+			m.set(tt.req, tt.resp)
+			defer m.set(nil, nil)
+			var err error
+			if tt.stream {
+				err = clientStreamCall(hc, ts.URL, "one", "two", "three")
+			} else {
+				err = unaryCall(hc, ts.URL)
+			}
+			wantCode(t, err, tt.code)
+			if tt.reason != "" {
+				after := counter(t, reg, "veil_pqkex_rejections_total", map[string]string{"side": "server", "reason": tt.reason})
+				if after != before+1 {
+					t.Errorf("server rejections{reason=%s} went %v -> %v, want +1", tt.reason, before, after)
+				}
+			}
+		})
+	}
+	// After all of that the session still works.
+	if err := unaryCall(hc, ts.URL); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestReplayedCall resends a recorded sealed call verbatim.
+func TestReplayedCall(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	ts := e.startServer(t, echoMux())
+	base := e.transport(t, clientID)
+	m := &mitm{base: base}
+	hc, _ := e.httpClient(t, m)
+	if err := unaryCall(hc, ts.URL); err != nil {
+		t.Fatal(err)
+	}
+	rec := m.last()
+	req, err := http.NewRequest(http.MethodPost, rec.url, bytes.NewReader(rec.body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header = rec.header.Clone()
+	resp, err := base.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if got := resp.Header.Get("Veil-Pqkex-Error"); got != "replayed" {
+		t.Fatalf("replayed call: Veil-Pqkex-Error = %q, want replayed", got)
+	}
+	// The connect-level view of the same attack: a middlebox that always sends the recorded call.
+	m.set(func(r *http.Request, b []byte) []byte {
+		if isSealedCall(r) {
+			r.Header = rec.header.Clone()
+			return rec.body
+		}
+		return b
+	}, nil)
+	wantCode(t, unaryCall(hc, ts.URL), connect.CodeAlreadyExists)
+}
+
+func TestStrictRefusesPlaintextAndPermissiveAllows(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	reg := prometheus.NewRegistry()
+	mode := func(p string) pqkex.Mode {
+		if p == procServer {
+			return pqkex.Permissive
+		}
+		return pqkex.Strict
+	}
+	ts := e.startServer(t, echoMux(), pqkex.WithProcedureMode(mode), pqkex.WithMetrics(reg))
+	plain := &http.Client{Transport: e.transport(t, clientID)}
+	for _, p := range protocols {
+		wantCode(t, unaryCall(plain, ts.URL, p.opts...), connect.CodeUnauthenticated)
+		ss, err := connect.NewClient[str, str](plain, ts.URL+procServer, p.opts...).CallServerStream(context.Background(), connect.NewRequest(wrapperspb.String("p")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for ss.Receive() {
+			n++
+		}
+		if ss.Err() != nil || n != 3 || ss.ResponseHeader().Get("X-Peer") != "none" {
+			t.Fatalf("%s permissive plaintext stream: n=%d err=%v peer=%q", p.name, n, ss.Err(), ss.ResponseHeader().Get("X-Peer"))
+		}
+	}
+	if got := counter(t, reg, "veil_pqkex_calls_total", map[string]string{"side": "server", "sealed": "false"}); got != 3 {
+		t.Errorf("plaintext calls counted = %v, want 3", got)
+	}
+	if got := counter(t, reg, "veil_pqkex_rejections_total", map[string]string{"side": "server", "reason": "no_session"}); got != 3 {
+		t.Errorf("no_session rejections = %v, want 3", got)
+	}
+}
+
+func TestIdentityChecks(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	ts := e.startServer(t, echoMux())
+	t.Run("client expects another server", func(t *testing.T) {
+		hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithAuthorizer(pqkex.AuthorizeID("spiffe://example.org/other")))
+		wantCode(t, unaryCall(hc, ts.URL), connect.CodePermissionDenied)
+	})
+	t.Run("server refuses the client", func(t *testing.T) {
+		ts := e.startServer(t, echoMux(), pqkex.WithAuthorizer(pqkex.AuthorizeID("spiffe://example.org/someone-else")))
+		hc, _ := e.httpClient(t, e.transport(t, clientID))
+		wantCode(t, unaryCall(hc, ts.URL), connect.CodePermissionDenied)
+	})
+	t.Run("expired client credential", func(t *testing.T) {
+		late := func() time.Time { return testNow.Add(48 * time.Hour) }
+		ts := e.startServer(t, echoMux(), pqkex.WithClock(late))
+		hc, _ := e.httpClient(t, e.transport(t, clientID))
+		wantCode(t, unaryCall(hc, ts.URL), connect.CodePermissionDenied)
+	})
+	t.Run("expired server credential", func(t *testing.T) {
+		late := func() time.Time { return testNow.Add(48 * time.Hour) }
+		hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithClock(late))
+		wantCode(t, unaryCall(hc, ts.URL), connect.CodePermissionDenied)
+	})
+	t.Run("credential from another CA", func(t *testing.T) {
+		other := newEnv(t, pqkex.X25519MLKEM768())
+		hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithIdentity(other.client))
+		wantCode(t, unaryCall(hc, ts.URL), connect.CodePermissionDenied)
+	})
+	t.Run("suite mismatch", func(t *testing.T) {
+		id, err := e.ca.Identity(pqkex.X448MLKEM1024(), clientID, testNow.Add(-time.Hour), testNow.Add(time.Hour), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithIdentity(id))
+		wantCode(t, unaryCall(hc, ts.URL), connect.CodeUnimplemented)
+	})
+}
+
+func TestTickets(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	k1, err := pqkex.GenerateTicketKey(1, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	shared := func() *pqkex.TicketKeys {
+		tk, err := pqkex.NewTicketKeys(k1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tk
+	}
+	clk := &clock{now: testNow}
+	replicaA := e.startServer(t, echoMux(), pqkex.WithTicketKeys(shared()), pqkex.WithClock(clk.Now), pqkex.WithTicketLifetime(time.Minute))
+	replicaB := e.startServer(t, echoMux(), pqkex.WithTicketKeys(shared()), pqkex.WithClock(clk.Now))
+	otherService := e.startServer(t, echoMux())
+
+	var target string // host to send sealed calls to instead of replica A
+	m := &mitm{base: e.transport(t, clientID)}
+	m.set(func(r *http.Request, b []byte) []byte {
+		if target != "" && isSealedCall(r) {
+			u, _ := url.Parse(target)
+			r.URL.Host = u.Host
+			r.Host = u.Host
+		}
+		return b
+	}, nil)
+	reg := prometheus.NewRegistry()
+	hc, _ := e.httpClient(t, m, pqkex.WithMetrics(reg))
+	handshakes := func() float64 {
+		return counter(t, reg, "veil_pqkex_handshakes_total", map[string]string{"side": "client", "result": "ok"})
+	}
+	if err := unaryCall(hc, replicaA.URL); err != nil {
+		t.Fatal(err)
+	}
+	if err := unaryCall(hc, replicaA.URL); err != nil {
+		t.Fatal(err)
+	}
+	if handshakes() != 1 {
+		t.Fatalf("handshakes = %v, want 1 (the second call reuses the session)", handshakes())
+	}
+
+	target = replicaB.URL // stateless resumption on another replica with the same ticket keys
+	if err := unaryCall(hc, replicaA.URL); err != nil {
+		t.Fatalf("replica B did not continue the session: %v", err)
+	}
+	target = otherService.URL // a server with other ticket keys
+	wantCode(t, unaryCall(hc, replicaA.URL), connect.CodeFailedPrecondition)
+	target = ""
+	if err := unaryCall(hc, replicaA.URL); err != nil { // the client handshakes again
+		t.Fatal(err)
+	}
+	if handshakes() != 2 {
+		t.Fatalf("handshakes = %v, want 2", handshakes())
+	}
+	clk.now = testNow.Add(2 * time.Minute) // replica A's tickets live one minute
+	wantCode(t, unaryCall(hc, replicaA.URL), connect.CodeDeadlineExceeded)
+	if err := unaryCall(hc, replicaA.URL); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestTicketKeyRotation(t *testing.T) {
+	k1, _ := pqkex.GenerateTicketKey(1, nil)
+	k2, _ := pqkex.GenerateTicketKey(2, nil)
+	k3, _ := pqkex.GenerateTicketKey(3, nil)
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	keys, err := pqkex.NewTicketKeys(k1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := e.startServer(t, echoMux(), pqkex.WithTicketKeys(keys))
+	hc, _ := e.httpClient(t, e.transport(t, clientID))
+	if err := unaryCall(hc, ts.URL); err != nil {
+		t.Fatal(err)
+	}
+	if err := keys.Rotate(k2); err != nil {
+		t.Fatal(err)
+	}
+	if err := unaryCall(hc, ts.URL); err != nil {
+		t.Fatalf("ticket under the previous key refused: %v", err)
+	}
+	if err := keys.Rotate(k3); err != nil {
+		t.Fatal(err)
+	}
+	wantCode(t, unaryCall(hc, ts.URL), connect.CodeFailedPrecondition)
+	if err := keys.Rotate(k3); err == nil {
+		t.Fatal("rotating to the current key ID succeeded")
+	}
+	if keys.CurrentID() != 3 {
+		t.Fatalf("CurrentID = %d", keys.CurrentID())
+	}
+}
+
+func TestCompressionRefused(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	ts := e.startServer(t, echoMux())
+	hc, _ := e.httpClient(t, e.transport(t, clientID))
+	for _, p := range protocols {
+		err := unaryCall(hc, ts.URL, append(p.opts, connect.WithSendGzip(), connect.WithCompressMinBytes(1))...)
+		wantCode(t, err, connect.CodeInvalidArgument)
+		if !strings.Contains(err.Error(), "compressed") {
+			t.Errorf("%s: %v", p.name, err)
+		}
+	}
+}
