@@ -72,11 +72,11 @@ func CodeOf(err error) connect.Code {
 	return connect.CodeOf(err)
 }
 
-// ConnectError converts err into a *connect.Error with the right code. Handlers return
-// its result. nil stays nil. For missing evaluation keys it attaches a
+// ConnectError converts err into a *connect.Error with the right code (returned as an
+// error, so that nil stays a nil interface). Handlers return its result. For missing evaluation keys it attaches a
 // veil.he.v1.EvaluationKeysMissing detail naming the key ID, which the client library
 // reads to re-upload the keys.
-func ConnectError(err error) *connect.Error {
+func ConnectError(err error) error {
 	if err == nil {
 		return nil
 	}
@@ -109,3 +109,6 @@ func IsKeysMissing(err error) (KeyID, bool) {
 	}
 	return "", false
 }
+
+// abortedCode marks an upload stream superseded by a newer one.
+const abortedCode = connect.CodeAborted

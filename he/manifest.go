@@ -77,7 +77,10 @@ func NewManifest(params *Parameters, needs ...Need) *Manifest {
 	return m
 }
 
+// normalize sorts the Galois elements and drops duplicates and the identity (1),
+// which needs no key.
 func (m *Manifest) normalize() {
+	m.galEls = slices.DeleteFunc(m.galEls, func(g uint64) bool { return g == 1 })
 	slices.Sort(m.galEls)
 	m.galEls = slices.Compact(m.galEls)
 }

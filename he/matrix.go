@@ -118,7 +118,7 @@ func (e *Evaluator) MatVec(ctx context.Context, m *Matrix, a *Vector) (out *Vect
 	}
 	level := a.Level()
 	for _, g := range hefloat.GaloisElementsForLinearTransformation(e.params.p, matVecLTParams(e.params, m.rows, m.cols, level)) {
-		if !e.have.hasGalois(g) {
+		if g != 1 && !e.have.hasGalois(g) {
 			return nil, preconditionf("matvec needs the Galois key for element %d (rotation %d), which the evaluation keys lack", g, e.params.p.SolveDiscreteLogGaloisElement(g))
 		}
 	}

@@ -1,0 +1,545 @@
+package he
+
+import (
+	"container/list"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Registry holds clients' evaluation keys on the server side. Keys are uploaded once
+// (UploadEvaluationKeys streams them in chunks, resumably), content-addressed by the
+// SHA-256 of their encoding, and owned by the uploader's identity (a SPIFFE ID): any
+// other identity naming that key ID is refused with permission_denied.
+//
+// Memory is bounded: every partial upload is charged its full size when it starts, and
+// every parsed key set its in-memory size (MemorySize) before it is parsed; room is
+// made by evicting the least recently used key sets, and what cannot fit is refused
+// with resource_exhausted. Key sets expire TTL after their last use. With a store
+// directory, complete key sets are also written to disk (0600, atomically), so that
+// eviction and restarts do not lose them; expiry deletes them there too. A key set
+// that is gone is not_found with an EvaluationKeysMissing detail: the client library
+// uploads it again and retries once.
+type Registry struct {
+	params *Parameters
+	cfg    registryConfig
+
+	mu      sync.Mutex
+	used    int64
+	entries map[KeyID]*regEntry
+	lru     *list.List // of *regEntry, most recent at the front
+	uploads map[KeyID]*upload
+}
+
+type registryConfig struct {
+	budget    int64
+	ttl       time.Duration
+	uploadTTL time.Duration
+	maxSet    int64
+	dir       string
+	now       func() time.Time
+}
+
+// RegistryOption configures NewRegistry.
+type RegistryOption func(*registryConfig)
+
+// WithMemoryBudget bounds the bytes the registry holds: parsed keys plus partial
+// uploads (default 1 GiB).
+func WithMemoryBudget(bytes int64) RegistryOption {
+	return func(c *registryConfig) { c.budget = bytes }
+}
+
+// WithTTL sets how long a key set lives after its last use (default 24 hours) and how
+// long an interrupted upload waits to be resumed (default 1 hour).
+func WithTTL(keys, uploads time.Duration) RegistryOption {
+	return func(c *registryConfig) { c.ttl, c.uploadTTL = keys, uploads }
+}
+
+// WithMaxKeySetSize bounds one encoded key set (default: the memory budget / 3, since
+// an upload's buffer and its parsed keys, about twice its size, coexist while it is
+// registered).
+func WithMaxKeySetSize(bytes int64) RegistryOption {
+	return func(c *registryConfig) { c.maxSet = bytes }
+}
+
+// WithStore keeps complete key sets in dir as well (created 0700 if missing; files
+// 0600, written atomically), so that eviction and restarts do not lose them.
+func WithStore(dir string) RegistryOption { return func(c *registryConfig) { c.dir = dir } }
+
+// WithClock replaces time.Now (tests).
+func WithClock(now func() time.Time) RegistryOption { return func(c *registryConfig) { c.now = now } }
+
+type regEntry struct {
+	id      KeyID
+	owner   string
+	keys    *EvaluationKeys
+	eval    *Evaluator
+	mem     int64
+	expires time.Time
+	touched time.Time // last time the disk copy's mtime was refreshed
+	elem    *list.Element
+}
+
+type upload struct {
+	id       KeyID
+	owner    string
+	total    int64
+	buf      []byte
+	expires  time.Time
+	gen      int // incremented when a new stream takes the upload over
+	complete bool
+}
+
+// NewRegistry returns an empty registry for params.
+func NewRegistry(params *Parameters, opts ...RegistryOption) (*Registry, error) {
+	if params == nil {
+		return nil, invalidf("nil parameters")
+	}
+	cfg := registryConfig{budget: 1 << 30, ttl: 24 * time.Hour, uploadTTL: time.Hour, now: time.Now}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	if cfg.maxSet == 0 {
+		cfg.maxSet = cfg.budget / 3
+	}
+	if cfg.budget <= 0 || cfg.ttl <= 0 || cfg.uploadTTL <= 0 || cfg.maxSet <= 0 {
+		return nil, invalidf("registry: budget, TTLs and maximum size must be positive")
+	}
+	if cfg.dir != "" {
+		if err := os.MkdirAll(cfg.dir, 0o700); err != nil {
+			return nil, internalf("registry: cannot create the store")
+		}
+	}
+	return &Registry{params: params, cfg: cfg, entries: map[KeyID]*regEntry{}, lru: list.New(), uploads: map[KeyID]*upload{}}, nil
+}
+
+// Used returns the bytes currently charged against the budget.
+func (r *Registry) Used() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.used
+}
+
+// reserve charges n bytes, evicting least recently used key sets to make room.
+// r.mu must be held.
+func (r *Registry) reserve(n int64) error {
+	r.expireLocked()
+	for r.used+n > r.cfg.budget {
+		back := r.lru.Back()
+		if back == nil {
+			return exhaustedf("registry memory budget of %d bytes exhausted", r.cfg.budget)
+		}
+		r.dropLocked(back.Value.(*regEntry), false)
+	}
+	r.used += n
+	return nil
+}
+
+// dropLocked removes an entry from memory; expired also deletes its disk copy.
+func (r *Registry) dropLocked(e *regEntry, expired bool) {
+	r.lru.Remove(e.elem)
+	delete(r.entries, e.id)
+	r.used -= e.mem
+	if expired && r.cfg.dir != "" {
+		_ = os.Remove(r.path(e.id))
+	}
+}
+
+func (r *Registry) expireLocked() {
+	now := r.cfg.now()
+	for _, e := range r.entries {
+		if now.After(e.expires) {
+			r.dropLocked(e, true)
+		}
+	}
+	for id, u := range r.uploads {
+		if now.After(u.expires) {
+			delete(r.uploads, id)
+			r.used -= u.total
+		}
+	}
+}
+
+// Put registers an encoded key set for owner and returns its key ID. Registering the
+// same key set again refreshes it.
+func (r *Registry) Put(owner string, data []byte) (KeyID, error) {
+	if owner == "" {
+		return "", permissionf("no caller identity")
+	}
+	sum := sha256.Sum256(data)
+	id := KeyID(hex.EncodeToString(sum[:]))
+	if int64(len(data)) > r.cfg.maxSet {
+		return "", exhaustedf("key set of %d bytes exceeds the maximum %d", len(data), r.cfg.maxSet)
+	}
+	r.mu.Lock()
+	if e, ok := r.entries[id]; ok {
+		defer r.mu.Unlock()
+		if e.owner != owner {
+			return "", permissionf("evaluation keys %s belong to another identity", id.short())
+		}
+		r.useLocked(e)
+		return id, nil
+	}
+	r.mu.Unlock()
+	if owner2, ok := r.diskOwner(id); ok && owner2 != owner {
+		return "", permissionf("evaluation keys %s belong to another identity", id.short())
+	}
+	if err := r.admit(id, owner, data); err != nil {
+		return "", err
+	}
+	if r.cfg.dir != "" {
+		if err := r.writeStore(id, owner, data); err != nil {
+			return "", err
+		}
+	}
+	return id, nil
+}
+
+// admit charges, parses and inserts a key set.
+func (r *Registry) admit(id KeyID, owner string, data []byte) error {
+	mem, err := memoryOf(r.params, data)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	if err := r.reserve(mem); err != nil {
+		r.mu.Unlock()
+		return err
+	}
+	r.mu.Unlock()
+	keys, err := ParseEvaluationKeys(r.params, data)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err != nil {
+		r.used -= mem
+		return err
+	}
+	if old, ok := r.entries[id]; ok { // registered concurrently
+		r.used -= mem
+		r.useLocked(old)
+		return nil
+	}
+	e := &regEntry{id: id, owner: owner, keys: keys, mem: mem, touched: r.cfg.now()}
+	e.elem = r.lru.PushFront(e)
+	r.entries[id] = e
+	r.useLocked(e)
+	return nil
+}
+
+// memoryOf returns the in-memory size of an encoded key set from its header.
+func memoryOf(params *Parameters, data []byte) (int64, error) {
+	if len(data) < keysHeaderLen(0) || string(data[:4]) != keysMagic || data[20] > 1 {
+		return 0, invalidf("evaluation keys: bad header")
+	}
+	nGal := int(uint32(data[21])<<24 | uint32(data[22])<<16 | uint32(data[23])<<8 | uint32(data[24]))
+	if nGal > maxGaloisKeys {
+		return 0, invalidf("evaluation keys: %d Galois keys exceed %d", nGal, maxGaloisKeys)
+	}
+	return int64(nGal+int(data[20])) * shapeOf(params).keyMemory(), nil
+}
+
+func (r *Registry) useLocked(e *regEntry) {
+	now := r.cfg.now()
+	e.expires = now.Add(r.cfg.ttl)
+	r.lru.MoveToFront(e.elem)
+	if r.cfg.dir != "" && now.Sub(e.touched) > r.cfg.ttl/16 {
+		e.touched = now
+		_ = os.Chtimes(r.path(e.id), now, now)
+	}
+}
+
+// Keys returns owner's key set id. A set owned by another identity is
+// permission_denied; a missing, expired or evicted one (not on disk either) is
+// not_found, telling the client to upload it again.
+func (r *Registry) Keys(owner string, id KeyID) (*EvaluationKeys, error) {
+	e, err := r.entry(owner, id)
+	if err != nil {
+		return nil, err
+	}
+	return e.keys, nil
+}
+
+// Evaluator returns an evaluator over owner's key set id, built once per key set.
+func (r *Registry) Evaluator(owner string, id KeyID) (*Evaluator, error) {
+	e, err := r.entry(owner, id)
+	if err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if e.eval == nil {
+		ev, err := NewEvaluator(r.params, e.keys)
+		if err != nil {
+			return nil, err
+		}
+		e.eval = ev
+	}
+	return e.eval, nil
+}
+
+func (r *Registry) entry(owner string, id KeyID) (*regEntry, error) {
+	if owner == "" {
+		return nil, permissionf("no caller identity")
+	}
+	if !validKeyID(string(id)) {
+		return nil, invalidf("malformed key ID")
+	}
+	r.mu.Lock()
+	r.expireLocked()
+	if e, ok := r.entries[id]; ok {
+		defer r.mu.Unlock()
+		if e.owner != owner {
+			return nil, permissionf("evaluation keys %s belong to another identity", id.short())
+		}
+		r.useLocked(e)
+		return e, nil
+	}
+	r.mu.Unlock()
+	if r.cfg.dir == "" {
+		return nil, keysMissing(id, "not held (expired, evicted or never uploaded)")
+	}
+	diskOwner, data, err := r.readStore(id)
+	if err != nil {
+		return nil, err
+	}
+	if diskOwner != owner {
+		return nil, permissionf("evaluation keys %s belong to another identity", id.short())
+	}
+	if err := r.admit(id, owner, data); err != nil {
+		return nil, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.entries[id]
+	if !ok {
+		return nil, keysMissing(id, "evicted while loading")
+	}
+	return e, nil
+}
+
+// Store format: "VHKS1\n<owner>\n" followed by the encoded key set.
+const storeMagic = "VHKS1\n"
+
+func (r *Registry) path(id KeyID) string { return filepath.Join(r.cfg.dir, string(id)+".vhk") }
+
+func (r *Registry) writeStore(id KeyID, owner string, data []byte) error {
+	if strings.ContainsAny(owner, "\n\x00") {
+		return invalidf("identity contains a newline")
+	}
+	tmp, err := os.CreateTemp(r.cfg.dir, ".vhk-*")
+	if err != nil {
+		return internalf("registry store: create")
+	}
+	defer os.Remove(tmp.Name())
+	ok := tmp.Chmod(0o600) == nil
+	_, werr := tmp.WriteString(storeMagic + owner + "\n")
+	_, werr2 := tmp.Write(data)
+	ok = ok && werr == nil && werr2 == nil && tmp.Sync() == nil
+	if cerr := tmp.Close(); !ok || cerr != nil {
+		return internalf("registry store: write")
+	}
+	if err := os.Rename(tmp.Name(), r.path(id)); err != nil {
+		return internalf("registry store: rename")
+	}
+	if d, err := os.Open(r.cfg.dir); err == nil {
+		_ = d.Sync()
+		_ = d.Close()
+	}
+	return nil
+}
+
+func (r *Registry) diskOwner(id KeyID) (string, bool) {
+	if r.cfg.dir == "" {
+		return "", false
+	}
+	f, err := os.Open(r.path(id))
+	if err != nil {
+		return "", false
+	}
+	defer f.Close()
+	head := make([]byte, len(storeMagic)+512)
+	n, _ := f.Read(head)
+	owner, _, ok := parseStoreHeader(head[:n])
+	return owner, ok
+}
+
+func parseStoreHeader(b []byte) (owner string, rest []byte, ok bool) {
+	if !strings.HasPrefix(string(b), storeMagic) {
+		return "", nil, false
+	}
+	b = b[len(storeMagic):]
+	i := strings.IndexByte(string(b), '\n')
+	if i <= 0 {
+		return "", nil, false
+	}
+	return string(b[:i]), b[i+1:], true
+}
+
+// readStore reads a stored key set, honouring its TTL (file mtime + TTL).
+func (r *Registry) readStore(id KeyID) (string, []byte, error) {
+	p := r.path(id)
+	st, err := os.Stat(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil, keysMissing(id, "not held (expired, evicted or never uploaded)")
+	}
+	if err != nil {
+		return "", nil, internalf("registry store: stat")
+	}
+	if r.cfg.now().After(st.ModTime().Add(r.cfg.ttl)) {
+		_ = os.Remove(p)
+		return "", nil, keysMissing(id, "expired")
+	}
+	if st.Size() > r.cfg.maxSet+int64(len(storeMagic))+1024 {
+		return "", nil, internalf("registry store: oversized file")
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return "", nil, internalf("registry store: read")
+	}
+	owner, data, ok := parseStoreHeader(b)
+	sum := sha256.Sum256(data)
+	if !ok || KeyID(hex.EncodeToString(sum[:])) != id {
+		return "", nil, internalf("registry store: corrupt file for %s", id.short())
+	}
+	return owner, data, nil
+}
+
+// beginUpload opens or resumes owner's upload of id at offset. A new stream takes an
+// interrupted one over; the previous stream's later chunks are refused.
+func (r *Registry) beginUpload(owner string, id KeyID, pid ParamID, total, offset int64) (*upload, int, error) {
+	if owner == "" {
+		return nil, 0, permissionf("no caller identity")
+	}
+	if pid != r.params.id {
+		return nil, 0, paramMismatch("upload", pid, r.params.id)
+	}
+	if total > r.cfg.maxSet {
+		return nil, 0, exhaustedf("key set of %d bytes exceeds the maximum %d", total, r.cfg.maxSet)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.expireLocked()
+	if e, ok := r.entries[id]; ok {
+		if e.owner != owner {
+			return nil, 0, permissionf("evaluation keys %s belong to another identity", id.short())
+		}
+		r.useLocked(e)
+		return &upload{id: id, owner: owner, total: total, complete: true}, 0, nil
+	}
+	if u, ok := r.uploads[id]; ok {
+		if u.owner != owner {
+			return nil, 0, permissionf("evaluation keys %s belong to another identity", id.short())
+		}
+		if u.total != total {
+			return nil, 0, invalidf("upload of %s: size %d, earlier %d", id.short(), total, u.total)
+		}
+		if offset != int64(len(u.buf)) && offset != 0 {
+			return nil, 0, preconditionf("upload of %s: resume from offset %d, not %d", id.short(), len(u.buf), offset)
+		}
+		u.buf = u.buf[:offset]
+		u.gen++
+		u.expires = r.cfg.now().Add(r.cfg.uploadTTL)
+		return u, u.gen, nil
+	}
+	if offset != 0 {
+		return nil, 0, preconditionf("upload of %s: no partial upload to resume, start from offset 0", id.short())
+	}
+	if err := r.reserve(total); err != nil {
+		return nil, 0, err
+	}
+	u := &upload{id: id, owner: owner, total: total, expires: r.cfg.now().Add(r.cfg.uploadTTL)}
+	r.uploads[id] = u
+	return u, 0, nil
+}
+
+// appendChunk adds a chunk to an upload opened by the stream of generation gen.
+func (r *Registry) appendChunk(u *upload, gen int, chunk []byte) (int64, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if cur, ok := r.uploads[u.id]; !ok || cur != u {
+		return 0, keysMissing(u.id, "upload expired")
+	}
+	if u.gen != gen {
+		return 0, newErr(abortedCode, "upload of %s taken over by another stream", u.id.short())
+	}
+	if int64(len(u.buf))+int64(len(chunk)) > u.total {
+		return 0, invalidf("upload of %s: more than the declared %d bytes", u.id.short(), u.total)
+	}
+	if u.buf == nil {
+		u.buf = make([]byte, 0, u.total)
+	}
+	u.buf = append(u.buf, chunk...)
+	u.expires = r.cfg.now().Add(r.cfg.uploadTTL)
+	return int64(len(u.buf)), nil
+}
+
+// finishUpload verifies and registers a fully received upload.
+func (r *Registry) finishUpload(u *upload, gen int) error {
+	r.mu.Lock()
+	if cur, ok := r.uploads[u.id]; !ok || cur != u || u.gen != gen {
+		r.mu.Unlock()
+		return newErr(abortedCode, "upload of %s taken over by another stream", u.id.short())
+	}
+	delete(r.uploads, u.id) // its reservation is released below, after registration
+	data := u.buf
+	r.mu.Unlock()
+	defer func() {
+		r.mu.Lock()
+		r.used -= u.total
+		r.mu.Unlock()
+	}()
+	sum := sha256.Sum256(data)
+	if got := KeyID(hex.EncodeToString(sum[:])); got != u.id {
+		return invalidf("upload: content hashes to %s, not the declared key ID %s", got.short(), u.id.short())
+	}
+	if _, err := r.Put(u.owner, data); err != nil {
+		return err
+	}
+	return nil
+}
+
+// status returns how many bytes of owner's upload of id the registry holds.
+func (r *Registry) status(owner string, id KeyID) (received, total int64, complete bool, err error) {
+	r.mu.Lock()
+	r.expireLocked()
+	if e, ok := r.entries[id]; ok {
+		defer r.mu.Unlock()
+		if e.owner != owner {
+			return 0, 0, false, permissionf("evaluation keys %s belong to another identity", id.short())
+		}
+		return 0, 0, true, nil
+	}
+	if u, ok := r.uploads[id]; ok {
+		defer r.mu.Unlock()
+		if u.owner != owner {
+			return 0, 0, false, permissionf("evaluation keys %s belong to another identity", id.short())
+		}
+		return int64(len(u.buf)), u.total, false, nil
+	}
+	r.mu.Unlock()
+	if r.cfg.dir != "" {
+		if o, ok := r.diskOwner(id); ok {
+			if o != owner {
+				return 0, 0, false, permissionf("evaluation keys %s belong to another identity", id.short())
+			}
+			return 0, 0, true, nil
+		}
+	}
+	return 0, 0, false, nil
+}
+
+// String describes the registry's occupancy.
+func (r *Registry) String() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return fmt.Sprintf("he.Registry{keys: %d, uploads: %d, used: %s/%s}", len(r.entries), len(r.uploads),
+		strconv.FormatInt(r.used, 10), strconv.FormatInt(r.cfg.budget, 10))
+}

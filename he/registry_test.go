@@ -1,0 +1,465 @@
+package he
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
+	"github.com/veilrpc/veil/gen/veil/he/v1/hev1connect"
+)
+
+// smallParams keeps registry tests fast: one key is about 197 KB encoded.
+var smallParams = sync.OnceValue(func() *Parameters {
+	p, err := NewParameters(Literal{LogN: 12, LogQ: []int{40, 30}, LogP: []int{30}, LogDefaultScale: 30})
+	if err != nil {
+		panic(err)
+	}
+	return p
+})
+
+type smallSet struct {
+	client *Client
+	keys   *EvaluationKeys
+	data   []byte
+	id     KeyID
+}
+
+func newSmallSet(t testing.TB, needs ...Need) *smallSet {
+	t.Helper()
+	c, err := NewClient(smallParams())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(needs) == 0 {
+		needs = []Need{NeedRelinearization(), NeedRotations(1)}
+	}
+	keys, err := c.GenEvaluationKeys(NewManifest(smallParams(), needs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := keys.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := keys.ID()
+	return &smallSet{client: c, keys: keys, data: data, id: id}
+}
+
+func TestEvaluationKeysEncoding(t *testing.T) {
+	f := mustFixture(t)
+	p := ParamsN13()
+	data, err := f.keys.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := f.keys.Manifest()
+	if int64(len(data)) != EncodedSize(m) {
+		t.Fatalf("encoded %d bytes, EncodedSize says %d", len(data), EncodedSize(m))
+	}
+	if r := float64(MemorySize(m)) / float64(len(data)); r < 1.99 || r > 2.01 {
+		t.Errorf("seeded encoding is 1/%.3f of the keys in memory, want 1/2", r)
+	}
+	sum := sha256.Sum256(data)
+	if id, _ := f.keys.ID(); string(id) != hex.EncodeToString(sum[:]) {
+		t.Error("key ID is not the SHA-256 of the encoding")
+	}
+	parsed, err := ParseEvaluationKeys(p, data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !parsed.Manifest().Covers(m) || !m.Covers(parsed.Manifest()) {
+		t.Error("parsed manifest differs")
+	}
+	if _, err := parsed.Encode(); CodeOf(err) != connect.CodeFailedPrecondition {
+		t.Errorf("re-encoding parsed keys: %v", err)
+	}
+	// The parsed keys work: rotation and multiplication through them.
+	ev, _ := NewEvaluator(p, parsed)
+	x := f.enc(t, []float64{0.1, 0.2, 0.3, 0.4})
+	ctx := context.Background()
+	rot, err := ev.Rotate(ctx, x, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := f.dec(t, rot); maxErr(t, got, []float64{0.4, 0, 0, 0}) > boundFresh {
+		t.Errorf("rotation with parsed keys: %v", got)
+	}
+	sq, err := ev.Mul(ctx, x, x)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := f.dec(t, sq); maxErr(t, got, []float64{0.01, 0.04, 0.09, 0.16}) > boundMul {
+		t.Errorf("multiplication with parsed keys: %v", got)
+	}
+}
+
+func TestEvaluationKeysBadInput(t *testing.T) {
+	s := newSmallSet(t)
+	p := smallParams()
+	data := s.data
+	header := keysHeaderLen(1)
+	shape := shapeOf(p)
+	for _, n := range []int{0, 3, 20, 24, header - 1, header, header + 31, header + 100, len(data) - 1} {
+		if _, err := ParseEvaluationKeys(p, data[:n]); CodeOf(err) != connect.CodeInvalidArgument {
+			t.Errorf("truncated to %d: %v", n, err)
+		}
+	}
+	if _, err := ParseEvaluationKeys(p, append(bytes.Clone(data), 0)); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("extended: %v", err)
+	}
+	mutate := func(name string, code connect.Code, f func(b []byte)) {
+		b := bytes.Clone(data)
+		f(b)
+		if _, err := ParseEvaluationKeys(p, b); CodeOf(err) != code {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	mutate("magic", connect.CodeInvalidArgument, func(b []byte) { b[0] = 'X' })
+	mutate("param ID", connect.CodeFailedPrecondition, func(b []byte) { b[4] ^= 1 })
+	mutate("flags", connect.CodeInvalidArgument, func(b []byte) { b[20] = 2 })
+	mutate("Galois count", connect.CodeInvalidArgument, func(b []byte) { b[21] = 0xff })
+	mutate("even Galois element", connect.CodeInvalidArgument, func(b []byte) { b[header-1] &^= 1 })
+	mutate("unreduced coefficient", connect.CodeInvalidArgument, func(b []byte) {
+		putWord(b[header+SeedSize:], 7, p.p.Q()[0])
+	})
+	mutate("unreduced P coefficient", connect.CodeInvalidArgument, func(b []byte) {
+		putWord(b[header+SeedSize:], (shape.levelQ+1)*shape.n, ^uint64(0))
+	})
+	if _, err := ParseEvaluationKeys(ParamsN13(), data); CodeOf(err) != connect.CodeFailedPrecondition {
+		t.Errorf("other parameters: %v", err)
+	}
+	// A key set whose seed was altered parses (seeds are not authenticated by the
+	// format) but its ID changes, so the registry refuses it under the old ID.
+	b := bytes.Clone(data)
+	b[header] ^= 1
+	sum := sha256.Sum256(b)
+	if hex.EncodeToString(sum[:]) == string(s.id) {
+		t.Error("altered keys kept their ID")
+	}
+}
+
+func TestRegistryOwnershipAndExpiry(t *testing.T) {
+	s := newSmallSet(t)
+	now := time.Unix(1_700_000_000, 0)
+	clock := func() time.Time { return now }
+	reg, err := NewRegistry(smallParams(), WithTTL(time.Hour, time.Minute), WithClock(clock))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const alice, mallory = "spiffe://veil.test/alice", "spiffe://veil.test/mallory"
+	id, err := reg.Put(alice, s.data)
+	if err != nil || id != s.id {
+		t.Fatalf("put: %v %v", id, err)
+	}
+	if _, err := reg.Keys(alice, id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reg.Keys(mallory, id); CodeOf(err) != connect.CodePermissionDenied {
+		t.Errorf("other identity: %v", err)
+	}
+	if _, err := reg.Put(mallory, s.data); CodeOf(err) != connect.CodePermissionDenied {
+		t.Errorf("other identity re-uploading: %v", err)
+	}
+	if _, err := reg.Keys("", id); CodeOf(err) != connect.CodePermissionDenied {
+		t.Errorf("no identity: %v", err)
+	}
+	ev1, err := reg.Evaluator(alice, id)
+	ev2, _ := reg.Evaluator(alice, id)
+	if err != nil || ev1 != ev2 {
+		t.Errorf("evaluator not cached: %v", err)
+	}
+	now = now.Add(59 * time.Minute)
+	if _, err := reg.Keys(alice, id); err != nil {
+		t.Fatalf("before TTL: %v", err)
+	}
+	now = now.Add(61 * time.Minute) // 61 minutes after the last use
+	_, err = reg.Keys(alice, id)
+	if missing, ok := IsKeysMissing(err); !ok || missing != id || CodeOf(err) != connect.CodeNotFound || !strings.Contains(err.Error(), "upload them again") {
+		t.Fatalf("after TTL: %v", err)
+	}
+	ce := ConnectError(err)
+	if missing, ok := IsKeysMissing(ce); !ok || missing != id {
+		t.Errorf("connect error lost the missing-keys detail: %v", ce)
+	}
+	if reg.Used() != 0 {
+		t.Errorf("used %d after expiry", reg.Used())
+	}
+}
+
+func TestRegistryBudgetAndEviction(t *testing.T) {
+	a, b := newSmallSet(t), newSmallSet(t)
+	mem, _ := memoryOf(smallParams(), a.data)
+	// Room for two parsed sets, not three.
+	reg, _ := NewRegistry(smallParams(), WithMemoryBudget(2*mem+mem/2), WithMaxKeySetSize(int64(len(a.data))))
+	c := newSmallSet(t)
+	for _, s := range []*smallSet{a, b, c} {
+		if _, err := reg.Put("spiffe://t/a", s.data); err != nil {
+			t.Fatal(err)
+		}
+		if reg.Used() > 2*mem+mem/2 {
+			t.Fatalf("used %d above the budget", reg.Used())
+		}
+	}
+	if _, err := reg.Keys("spiffe://t/a", a.id); CodeOf(err) != connect.CodeNotFound {
+		t.Errorf("least recently used set not evicted: %v", err)
+	}
+	for _, s := range []*smallSet{b, c} {
+		if _, err := reg.Keys("spiffe://t/a", s.id); err != nil {
+			t.Errorf("recent set evicted: %v", err)
+		}
+	}
+}
+
+func TestRegistryUploadFlood(t *testing.T) {
+	const budget = 10 << 20
+	reg, _ := NewRegistry(smallParams(), WithMemoryBudget(budget), WithMaxKeySetSize(4<<20))
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	accepted, refused := 0, 0
+	for i := range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var id [32]byte
+			id[0], id[1] = byte(i), 0xaa
+			_, _, err := reg.beginUpload("spiffe://t/flood", KeyID(hex.EncodeToString(id[:])), smallParams().ID(), 3<<20, 0)
+			mu.Lock()
+			defer mu.Unlock()
+			switch CodeOf(err) {
+			case connect.CodeResourceExhausted:
+				refused++
+			case connect.CodeUnknown:
+				if err == nil {
+					accepted++
+				}
+			default:
+				t.Errorf("upload %d: %v", i, err)
+			}
+			if reg.Used() > budget {
+				t.Errorf("used %d above the budget %d", reg.Used(), budget)
+			}
+		}()
+	}
+	wg.Wait()
+	if accepted != 3 || refused != 61 {
+		t.Errorf("accepted %d, refused %d; want 3 and 61", accepted, refused)
+	}
+	if _, _, err := reg.beginUpload("spiffe://t/flood", KeyID(strings.Repeat("b", 64)), smallParams().ID(), 5<<20, 0); CodeOf(err) != connect.CodeResourceExhausted {
+		t.Errorf("oversized upload: %v", err)
+	}
+}
+
+func TestRegistryStore(t *testing.T) {
+	s := newSmallSet(t)
+	dir := filepath.Join(t.TempDir(), "keys")
+	now := time.Now()
+	clock := func() time.Time { return now }
+	reg, err := NewRegistry(smallParams(), WithStore(dir), WithClock(clock), WithTTL(time.Hour, time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reg.Put("spiffe://t/a", s.data); err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(filepath.Join(dir, string(s.id)+".vhk"))
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("store file: %v %v", st, err)
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 1 {
+		t.Errorf("store holds %d files, want 1 (no temporary files left)", len(entries))
+	}
+	// A restart: a new registry over the same directory still has the keys.
+	reg2, _ := NewRegistry(smallParams(), WithStore(dir), WithClock(clock), WithTTL(time.Hour, time.Minute))
+	if _, err := reg2.Keys("spiffe://t/b", s.id); CodeOf(err) != connect.CodePermissionDenied {
+		t.Errorf("other identity after restart: %v", err)
+	}
+	keys, err := reg2.Keys("spiffe://t/a", s.id)
+	if err != nil || keys == nil {
+		t.Fatalf("after restart: %v", err)
+	}
+	// Expired on disk: not_found, and the file is gone.
+	reg3, _ := NewRegistry(smallParams(), WithStore(dir), WithClock(func() time.Time { return time.Now().Add(2 * time.Hour) }), WithTTL(time.Hour, time.Minute))
+	if _, err := reg3.Keys("spiffe://t/a", s.id); CodeOf(err) != connect.CodeNotFound {
+		t.Errorf("expired on disk: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, string(s.id)+".vhk")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("expired file still there: %v", err)
+	}
+}
+
+// identityHeader is how the test server learns the caller; the rpc layer derives it
+// from the mTLS peer's SPIFFE ID instead.
+type identityKey struct{}
+
+func testServer(t *testing.T, reg *Registry, manifests map[string]*Manifest) func(identity string) hev1connect.KeyServiceClient {
+	t.Helper()
+	mux := http.NewServeMux()
+	path, h := NewKeyServiceHandler(reg, func(ctx context.Context) (string, error) {
+		id, _ := ctx.Value(identityKey{}).(string)
+		return id, nil
+	}, manifests)
+	mux.Handle(path, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), identityKey{}, r.Header.Get("Test-Identity"))))
+	}))
+	srv := httptest.NewUnstartedServer(mux)
+	srv.EnableHTTP2 = true
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	return func(identity string) hev1connect.KeyServiceClient {
+		return hev1connect.NewKeyServiceClient(srv.Client(), srv.URL, asIdentity(identity))
+	}
+}
+
+func asIdentity(id string) connect.ClientOption {
+	return connect.WithInterceptors(identityInterceptor(id))
+}
+
+type identityInterceptor string
+
+func (i identityInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		req.Header().Set("Test-Identity", string(i))
+		return next(ctx, req)
+	}
+}
+
+func (i identityInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return func(ctx context.Context, spec connect.Spec) connect.StreamingClientConn {
+		c := next(ctx, spec)
+		c.RequestHeader().Set("Test-Identity", string(i))
+		return c
+	}
+}
+
+func (i identityInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return next
+}
+
+func TestKeyServiceUpload(t *testing.T) {
+	now := time.Now()
+	var clockMu sync.Mutex
+	clock := func() time.Time { clockMu.Lock(); defer clockMu.Unlock(); return now }
+	reg, _ := NewRegistry(smallParams(), WithClock(clock), WithTTL(time.Hour, time.Hour))
+	const procedure = "/acme.score.v1.ScoreService/Score"
+	want := NewManifest(smallParams(), NeedRelinearization(), NeedInnerSum(64))
+	connectTo := testServer(t, reg, map[string]*Manifest{procedure: want})
+	const alice, mallory = "spiffe://veil.test/alice", "spiffe://veil.test/mallory"
+	ctx := context.Background()
+	client := connectTo(alice)
+
+	m, err := FetchManifest(ctx, client, smallParams(), procedure)
+	if err != nil || !m.Covers(want) || !want.Covers(m) {
+		t.Fatalf("manifest: %v", err)
+	}
+	if _, err := FetchManifest(ctx, client, smallParams(), "/nope.v1.S/X"); connect.CodeOf(err) != connect.CodeNotFound {
+		t.Errorf("unknown procedure: %v", err)
+	}
+	c, _ := NewClient(smallParams())
+	keys, err := c.GenEvaluationKeys(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, _ := keys.Encode()
+	var progress []int64
+	up := NewUploader(client, keys, WithChunkSize(64<<10), WithProgress(func(sent, total int64) {
+		if total != int64(len(data)) {
+			t.Errorf("progress total %d", total)
+		}
+		progress = append(progress, sent)
+	}))
+	id, err := up.Upload(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(progress) != (len(data)+(64<<10)-1)/(64<<10) || progress[len(progress)-1] != int64(len(data)) {
+		t.Errorf("progress %v for %d bytes", progress, len(data))
+	}
+	if _, err := reg.Keys(alice, id); err != nil {
+		t.Fatalf("registered keys: %v", err)
+	}
+	progress = nil
+	if _, err := up.Upload(ctx); err != nil || len(progress) != 0 {
+		t.Errorf("second upload sent %d chunks: %v", len(progress), err)
+	}
+	_, err = connectTo(mallory).GetUploadStatus(ctx, connect.NewRequest(&hev1.GetUploadStatusRequest{KeyId: string(id)}))
+	if connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Errorf("other identity's status: %v", err)
+	}
+	if _, err := NewUploader(connectTo(""), keys).Upload(ctx); connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Errorf("no identity: %v", err)
+	}
+
+	// Expired keys: Do re-uploads them transparently, once.
+	clockMu.Lock()
+	now = now.Add(2 * time.Hour)
+	clockMu.Unlock()
+	calls := 0
+	err = up.Do(ctx, func(ctx context.Context, id KeyID) error {
+		calls++
+		_, err := reg.Evaluator(alice, id)
+		return ConnectError(err)
+	})
+	if err != nil || calls != 2 {
+		t.Errorf("Do: %d calls, %v", calls, err)
+	}
+}
+
+func TestKeyServiceResume(t *testing.T) {
+	reg, _ := NewRegistry(smallParams())
+	connectTo := testServer(t, reg, nil)
+	const alice = "spiffe://veil.test/alice"
+	client := connectTo(alice)
+	s := newSmallSet(t, NeedRelinearization(), NeedRotations(1, 2, 3))
+	const chunk = 32 << 10
+	ctx, cancel := context.WithCancel(context.Background())
+	first := NewUploader(client, s.keys, WithChunkSize(chunk), WithAttempts(1), WithProgress(func(sent, _ int64) {
+		if sent < 4*chunk {
+			return
+		}
+		// Break the connection once the server holds at least two chunks.
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			if got, _, _, _ := reg.status(alice, s.id); got >= 2*chunk {
+				break
+			}
+		}
+		cancel()
+	}))
+	if _, err := first.Upload(ctx); err == nil {
+		t.Fatal("interrupted upload reported success")
+	}
+	held, total, complete, _ := reg.status(alice, s.id)
+	if complete || held < 2*chunk || total != int64(len(s.data)) {
+		t.Fatalf("after the break the server holds %d of %d (complete %v)", held, total, complete)
+	}
+	var firstSent int64 = -1
+	second := NewUploader(client, s.keys, WithChunkSize(chunk), WithProgress(func(sent, _ int64) {
+		if firstSent < 0 {
+			firstSent = sent
+		}
+	}))
+	if _, err := second.Upload(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if firstSent != held+chunk && firstSent != int64(len(s.data)) {
+		t.Errorf("resumed upload's first chunk ended at %d, server held %d", firstSent, held)
+	}
+	if _, err := reg.Keys(alice, s.id); err != nil {
+		t.Fatal(err)
+	}
+	if reg.Used() != MemorySize(s.keys.Manifest()) {
+		t.Errorf("used %d, want only the parsed keys %d", reg.Used(), MemorySize(s.keys.Manifest()))
+	}
+}
