@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"strings"
 	"time"
 
@@ -74,9 +75,14 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return fmt.Errorf("%w: unknown service %q (available: echo)", errUsage, name)
 		}
 	}
-	logger.Info("veil serving", "addr", *listen, "id", svid.ID.String(), "services", services.String(),
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return err
+	}
+	// Logged once the socket is bound: readiness probes may wait for this line.
+	logger.Info("veil serving", "addr", ln.Addr().String(), "id", svid.ID.String(), "services", services.String(),
 		"pq", mode.String(), "allow", allow.String(), "cert_expires", svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339))
-	if err := srv.ListenAndServe(ctx, *listen); err != nil {
+	if err := srv.Serve(ctx, ln); err != nil {
 		return err
 	}
 	logger.Info("veil stopped")
