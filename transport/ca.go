@@ -177,6 +177,11 @@ func (c *CA) Root() *x509.Certificate { return c.cert }
 // identity credentials (see package pqkex). It never leaves the process.
 func (c *CA) PQSigner() crypto.Signer { return c.pqKey }
 
+// Signer is the CA's classical (ECDSA P-256) root key as a crypto.Signer. Besides X.509
+// leaves it co-signs post-quantum credentials, so that forging one needs both CA keys.
+// It never leaves the process.
+func (c *CA) Signer() crypto.Signer { return c.key }
+
 // PQPublicKey is the CA's ML-DSA-65 public key, which peers use to verify credentials.
 func (c *CA) PQPublicKey() *mldsa65.PublicKey { return c.pqPub }
 
