@@ -221,3 +221,14 @@ func missingDetail(ce *connect.Error) (KeyID, bool) {
 	}
 	return "", false
 }
+
+// MaxVectorWireSize bounds the protobuf size of an EncryptedVector of n values on
+// params, unseeded at the maximum level. The rpc layer sets it (times the vectors a
+// message carries) as the read limit of procedures that carry ciphertexts; the
+// default limit stays small. ParamsN13: 393 KB per 4096 values; ParamsN14: 1.8 MB
+// per 8192; ParamsN15: 7.9 MB per 16384.
+func MaxVectorWireSize(params *Parameters, n int) int64 {
+	const overhead = 128 // field tags, lengths, IDs, level, scale
+	perCt := int64(2*(params.MaxLevel()+1)*params.N()*8) + overhead
+	return int64(ciphertextsFor(n, params.Slots()))*perCt + overhead
+}

@@ -95,7 +95,7 @@ func (c *Client) GenEvaluationKeys(m *Manifest) (keys *EvaluationKeys, err error
 		}
 		keys.seeds = append(keys.seeds, j.seed)
 	}
-	if err := genRows(c.params, jobs); err != nil {
+	if err := genRows(c.params, &c.kgPool, jobs); err != nil {
 		return nil, err
 	}
 	gkList := make([]*rlwe.GaloisKey, 0, len(keys.gks))
@@ -108,7 +108,7 @@ func (c *Client) GenEvaluationKeys(m *Manifest) (keys *EvaluationKeys, err error
 
 // genRows encrypts zero into every row of every job (in parallel), then adds the
 // gadget vector times skIn to each key.
-func genRows(params *Parameters, jobs []*keyJob) (err error) {
+func genRows(params *Parameters, pool *sync.Pool, jobs []*keyJob) (err error) {
 	type row struct {
 		job  *keyJob
 		i, j int
@@ -138,7 +138,8 @@ func genRows(params *Parameters, jobs []*keyJob) (err error) {
 					}
 				}
 			}()
-			base := rlwe.NewEncryptor(params.p, nil)
+			base := pool.Get().(*rlwe.Encryptor)
+			defer pool.Put(base)
 			for r := range ch {
 				prng, perr := sampling.NewKeyedPRNG(rowSeed(r.job.seed, r.i, r.j))
 				if perr != nil {

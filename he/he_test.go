@@ -384,3 +384,20 @@ func putWord(b []byte, i int, w uint64) {
 }
 
 func rlweScale(s float64) rlwe.Scale { return rlwe.NewScale(s) }
+
+func TestMaxVectorWireSize(t *testing.T) {
+	f := mustFixture(t)
+	p := ParamsN13()
+	for _, n := range []int{1, p.Slots(), p.Slots() + 1} {
+		v := f.enc(t, make([]float64, n))
+		s, err := f.eval.AddScalar(context.Background(), v, 1) // unseeded, max level
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, _ := MarshalVector(s)
+		size, bound := int64(proto.Size(m)), MaxVectorWireSize(p, n)
+		if size > bound || float64(size) < 0.999*float64(bound) {
+			t.Errorf("n=%d: wire size %d, bound %d", n, size, bound)
+		}
+	}
+}

@@ -453,7 +453,9 @@ func TestKeyServiceResume(t *testing.T) {
 	if _, err := second.Upload(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if firstSent != held+chunk && firstSent != int64(len(s.data)) {
+	// The server may have taken in-flight chunks after the status above, so the resume
+	// point is at or past it, and never the start.
+	if firstSent < min(held+chunk, int64(len(s.data))) {
 		t.Errorf("resumed upload's first chunk ended at %d, server held %d", firstSent, held)
 	}
 	if _, err := reg.Keys(alice, s.id); err != nil {

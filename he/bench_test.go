@@ -1,0 +1,269 @@
+package he
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"testing"
+
+	"github.com/tuneinsight/lattigo/v5/core/rlwe"
+	"github.com/tuneinsight/lattigo/v5/he/hefloat"
+)
+
+// benchFixture holds, for one preset, the he objects and the raw lattigo objects built
+// from the same keys, so that each operation is measured both ways in one run.
+type benchFixture struct {
+	params *Parameters
+	client *Client
+	keys   *EvaluationKeys
+	ev     *Evaluator
+	x, y   *Vector
+	w      []float64
+	mat    *Matrix
+
+	raw    *hefloat.Evaluator
+	rawEnc *hefloat.Encoder
+	rawDec *rlwe.Decryptor
+	rawLT  hefloat.LinearTransformation
+}
+
+var benchFixtures sync.Map // *Parameters -> *benchFixture
+
+func getBench(b *testing.B, p *Parameters) *benchFixture {
+	if f, ok := benchFixtures.Load(p); ok {
+		return f.(*benchFixture)
+	}
+	c, err := NewClient(p)
+	if err != nil {
+		b.Fatal(err)
+	}
+	keys, err := c.GenEvaluationKeys(NewManifest(p, NeedRelinearization(), NeedInnerSum(p.Slots()), NeedMatVec(16, 16)))
+	if err != nil {
+		b.Fatal(err)
+	}
+	ev, _ := NewEvaluator(p, keys, WithWorkers(1))
+	r := rand.New(rand.NewPCG(1, 1))
+	x, _ := c.Encrypt(randValues(r, p.Slots()))
+	y, _ := c.Encrypt(randValues(r, p.Slots()))
+	m := make([][]float64, 16)
+	for i := range m {
+		m[i] = randValues(r, 16)
+	}
+	mat, _ := NewMatrix(p, m)
+	hp := hefloat.Parameters{Parameters: p.p}
+	f := &benchFixture{
+		params: p, client: c, keys: keys, ev: ev, x: x, y: y, w: randValues(r, p.Slots()), mat: mat,
+		raw: hefloat.NewEvaluator(hp, keys.set), rawEnc: hefloat.NewEncoder(hp), rawDec: rlwe.NewDecryptor(p.p, c.sk.sk),
+	}
+	f.rawLT = hefloat.NewLinearTransformation(p.p, matVecLTParams(p, 16, 16, p.MaxLevel()))
+	if err := hefloat.EncodeLinearTransformation[float64](f.rawEnc, mat.diags, f.rawLT); err != nil {
+		b.Fatal(err)
+	}
+	benchFixtures.Store(p, f)
+	return f
+}
+
+func benchPresets() []*Parameters { return []*Parameters{ParamsN13(), ParamsN14()} }
+
+// BenchmarkOps measures every operation through he and through raw lattigo on the
+// same ciphertexts and keys (target: he <= 1.05x lattigo).
+func BenchmarkOps(b *testing.B) {
+	ctx := context.Background()
+	for _, p := range benchPresets() {
+		b.Run(fmt.Sprintf("N%d", p.LogN()), func(b *testing.B) {
+			f := getBench(b, p)
+			x0, y0 := f.x.cts[0], f.y.cts[0]
+			pair := func(name string, he, raw func() error) {
+				b.Run(name+"/he", func(b *testing.B) {
+					if err := he(); err != nil { // warm the evaluator's worker
+						b.Fatal(err)
+					}
+					for b.Loop() {
+						if err := he(); err != nil {
+							b.Fatal(err)
+						}
+					}
+				})
+				b.Run(name+"/lattigo", func(b *testing.B) {
+					for b.Loop() {
+						if err := raw(); err != nil {
+							b.Fatal(err)
+						}
+					}
+				})
+			}
+			vals := chunk(f.w, 0, p.Slots())
+			pair("add", func() error { _, err := f.ev.Add(ctx, f.x, f.y); return err },
+				func() error { _, err := f.raw.AddNew(x0, y0); return err })
+			pair("add_plain", func() error { _, err := f.ev.AddPlain(ctx, f.x, f.w); return err },
+				func() error { _, err := f.raw.AddNew(x0, vals); return err })
+			pair("mul_scalar", func() error { _, err := f.ev.MulScalar(ctx, f.x, 0.3); return err },
+				func() error {
+					ct, err := f.raw.MulNew(x0, 0.3)
+					if err == nil {
+						err = f.raw.Rescale(ct, ct)
+					}
+					return err
+				})
+			pair("mul_plain", func() error { _, err := f.ev.MulPlain(ctx, f.x, f.w); return err },
+				func() error {
+					ct, err := f.raw.MulNew(x0, vals)
+					if err == nil {
+						err = f.raw.Rescale(ct, ct)
+					}
+					return err
+				})
+			pair("mul_relin_rescale", func() error { _, err := f.ev.Mul(ctx, f.x, f.y); return err },
+				func() error {
+					ct, err := f.raw.MulRelinNew(x0, y0)
+					if err == nil {
+						err = f.raw.Rescale(ct, ct)
+					}
+					return err
+				})
+			pair("rotate", func() error { _, err := f.ev.Rotate(ctx, f.x, 1); return err },
+				func() error { _, err := f.raw.RotateNew(x0, 1); return err })
+			pair("inner_sum", func() error { _, err := f.ev.InnerSum(ctx, f.x); return err },
+				func() error {
+					acc := x0.CopyNew()
+					for i := 1; i < p.Slots(); i <<= 1 {
+						r, err := f.raw.RotateNew(acc, i)
+						if err != nil {
+							return err
+						}
+						if err := f.raw.Add(acc, r, acc); err != nil {
+							return err
+						}
+					}
+					return nil
+				})
+			x16, _ := f.client.Encrypt(f.w[:16])
+			pair("matvec_16x16", func() error { _, err := f.ev.MatVec(ctx, f.mat, x16); return err },
+				func() error {
+					res := rlwe.NewCiphertext(p.p, 1, x16.cts[0].Level())
+					if err := hefloat.NewLinearTransformationEvaluator(f.raw).Evaluate(x16.cts[0], f.rawLT, res); err != nil {
+						return err
+					}
+					return f.raw.Rescale(res, res)
+				})
+			sig, _ := ChebyshevApproximation(Sigmoid, -1, 1, 3)
+			pair("poly_deg3", func() error { _, err := f.ev.EvalPolynomial(ctx, f.x, sig); return err },
+				func() error {
+					_, err := hefloat.NewPolynomialEvaluator(hefloat.Parameters{Parameters: p.p}, f.raw).
+						Evaluate(x0, hefloat.NewPolynomial(sig.poly.Clone()), x0.Scale)
+					return err
+				})
+		})
+	}
+}
+
+// BenchmarkClient measures the client side: encryption, and decryption at full level
+// (lattigo's decode, multi-precision CRT) and at level 0 (WithMaxAbs), against SEAL's
+// figures in docs/he.md.
+func BenchmarkClient(b *testing.B) {
+	for _, p := range benchPresets() {
+		b.Run(fmt.Sprintf("N%d", p.LogN()), func(b *testing.B) {
+			f := getBench(b, p)
+			vals := f.w
+			b.Run("encrypt_sk_seeded/he", func(b *testing.B) {
+				for b.Loop() {
+					if _, err := f.client.Encrypt(vals); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+			pkEnc, _ := NewEncryptor(f.client.PublicKey())
+			b.Run("encrypt_pk/he", func(b *testing.B) {
+				for b.Loop() {
+					if _, err := pkEnc.Encrypt(vals); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+			rawPk := rlwe.NewEncryptor(p.p, f.client.pk.pk)
+			b.Run("encrypt_pk/lattigo", func(b *testing.B) {
+				for b.Loop() {
+					pt := hefloat.NewPlaintext(hefloat.Parameters{Parameters: p.p}, p.MaxLevel())
+					if err := f.rawEnc.Encode(vals, pt); err != nil {
+						b.Fatal(err)
+					}
+					if _, err := rawPk.EncryptNew(pt); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+			fresh := f.x
+			b.Run("decrypt_full_level/he", func(b *testing.B) {
+				for b.Loop() {
+					if _, err := f.client.Decrypt(fresh); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+			b.Run("decrypt_level0/he", func(b *testing.B) {
+				for b.Loop() {
+					if _, err := f.client.Decrypt(fresh, WithMaxAbs(1)); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+			out := make([]float64, p.Slots())
+			b.Run("decrypt_full_level/lattigo", func(b *testing.B) {
+				for b.Loop() {
+					pt := f.rawDec.DecryptNew(fresh.cts[0])
+					if err := f.rawEnc.Decode(pt, out); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		})
+	}
+}
+
+// BenchmarkKeyGen measures evaluation-key generation: lattigo's sequential key
+// generator against he's (rows and keys in parallel on GOMAXPROCS goroutines, seeded).
+// ns/key is the figure to compare with SEAL's per-key cost.
+func BenchmarkKeyGen(b *testing.B) {
+	for _, p := range benchPresets() {
+		b.Run(fmt.Sprintf("N%d", p.LogN()), func(b *testing.B) {
+			f := getBench(b, p)
+			sk := f.client.sk.sk
+			rots := innerSumRotations(p, 64) // 6 Galois keys
+			galEls := make([]uint64, len(rots))
+			for i, r := range rots {
+				galEls[i] = p.p.GaloisElementForRotation(r)
+			}
+			relinOnly := NewManifest(p, NeedRelinearization())
+			set := NewManifest(p, NeedRelinearization(), NeedRotations(rots...))
+			kgen := rlwe.NewKeyGenerator(p.p)
+			b.Run("relin/lattigo", func(b *testing.B) {
+				for b.Loop() {
+					kgen.GenRelinearizationKeyNew(sk)
+				}
+			})
+			b.Run("relin/he", func(b *testing.B) {
+				for b.Loop() {
+					if _, err := f.client.GenEvaluationKeys(relinOnly); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+			b.Run("relin+6galois/lattigo", func(b *testing.B) {
+				for b.Loop() {
+					kgen.GenRelinearizationKeyNew(sk)
+					kgen.GenGaloisKeysNew(galEls, sk)
+				}
+				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/7, "ns/key")
+			})
+			b.Run("relin+6galois/he", func(b *testing.B) {
+				for b.Loop() {
+					if _, err := f.client.GenEvaluationKeys(set); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/7, "ns/key")
+			})
+		})
+	}
+}
