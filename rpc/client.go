@@ -7,6 +7,7 @@ import (
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/transport"
 )
 
@@ -18,6 +19,7 @@ type clientConfig struct {
 	registry  prometheus.Registerer
 	wrap      []func(http.RoundTripper) http.RoundTripper
 	idleConns int
+	sealing   *pqkex.Client
 }
 
 // WithClientPQMode sets the client's key-exchange policy (default transport.PQPermissive,
@@ -58,6 +60,9 @@ func NewHTTPClient(src transport.Source, server transport.Authorizer, opts ...Cl
 	var rt http.RoundTripper = t
 	for _, w := range cfg.wrap {
 		rt = w(rt)
+	}
+	if cfg.sealing != nil {
+		rt = cfg.sealing.RoundTripper(rt)
 	}
 	return &http.Client{Transport: rt}
 }

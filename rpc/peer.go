@@ -25,6 +25,18 @@ type Peer struct {
 	NotAfter time.Time
 	// Addr is the remote network address.
 	Addr string
+
+	// Sealed reports whether the call is sealed end to end (package pqkex). Then ID is
+	// the identity authenticated by the post-quantum handshake, which holds across
+	// proxies, and HopID is the TLS peer (the proxy, or the caller itself).
+	Sealed bool
+	// HopID is the SPIFFE ID of the TLS peer when the call is sealed.
+	HopID spiffeid.ID
+	// PQSuite names the pqkex suite of a sealed call, e.g. "X25519MLKEM768-SHA256".
+	PQSuite string
+	// ChannelBound reports whether the sealed session is bound to this TLS connection
+	// (no terminating proxy in between).
+	ChannelBound bool
 }
 
 // PostQuantum reports whether the connection's key exchange is a post-quantum hybrid.
@@ -55,6 +67,10 @@ func withPeer(next http.Handler) http.Handler {
 			NotAfter:   r.TLS.PeerCertificates[0].NotAfter,
 			Addr:       r.RemoteAddr,
 		}
-		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), peerKey{}, p)))
+		next.ServeHTTP(w, r.WithContext(withPeerValue(r.Context(), p)))
 	})
+}
+
+func withPeerValue(ctx context.Context, p Peer) context.Context {
+	return context.WithValue(ctx, peerKey{}, p)
 }

@@ -47,7 +47,11 @@ func (e *testEcho) Echo(ctx context.Context, req *connect.Request[echov1.EchoReq
 		if !ok {
 			return nil, errors.New("no peer")
 		}
-		return connect.NewResponse(&echov1.EchoResponse{Message: fmt.Sprintf("%s %s pq=%v", p.ID, p.TLSGroup, p.PostQuantum())}), nil
+		msg := fmt.Sprintf("%s %s pq=%v", p.ID, p.TLSGroup, p.PostQuantum())
+		if p.Sealed {
+			msg += fmt.Sprintf(" sealed=true bound=%v", p.ChannelBound)
+		}
+		return connect.NewResponse(&echov1.EchoResponse{Message: msg}), nil
 	case "panic":
 		panic("handler bug")
 	case "block":
@@ -91,6 +95,11 @@ func start(t *testing.T, opts ...rpc.ServerOption) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return startWith(t, dir, ca, opts...)
+}
+
+func startWith(t *testing.T, dir string, ca *transport.CA, opts ...rpc.ServerOption) *env {
+	t.Helper()
 	policy := rpc.NewPolicy().MustAllow("/veil.echo.v1.EchoService/*", "spiffe://example.org/ns/*/sa/*")
 	srv, err := rpc.NewServer(identity(t, ca, dir, serverID), append([]rpc.ServerOption{rpc.WithPolicy(policy), rpc.WithGracePeriod(5 * time.Second)}, opts...)...)
 	if err != nil {

@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/transport"
 )
 
@@ -46,6 +47,7 @@ type serverConfig struct {
 	interceptors []connect.Interceptor
 	middleware   []func(http.Handler) http.Handler
 	logger       *slog.Logger
+	sealing      *pqkex.Server
 }
 
 // WithPQMode sets the TLS key-exchange policy (default transport.PQPermissive).
@@ -222,6 +224,9 @@ func (s *Server) Handler() http.Handler {
 	var h http.Handler = s.mux
 	for _, m := range s.cfg.middleware {
 		h = m(h)
+	}
+	if s.cfg.sealing != nil {
+		h = s.cfg.sealing.Handler(withSealedPeer(h))
 	}
 	return withPeer(h)
 }

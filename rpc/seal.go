@@ -1,0 +1,162 @@
+package rpc
+
+import (
+	"crypto"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/veilrpc/veil/internal/atomicfile"
+	"github.com/veilrpc/veil/pqkex"
+	"github.com/veilrpc/veil/transport"
+)
+
+// Files of a sealing identity, kept beside the X.509 identity files (tls.crt, tls.key,
+// ca.crt) in the same directory.
+const (
+	SealCredentialFile = "pq.cred"        // the CA-certified static hybrid KEM public key
+	SealKeyFile        = "pq.key"         // its private key, mode 0600
+	SealRootFile       = "ca-mldsa65.pub" // the CA's ML-DSA-65 public key
+)
+
+// IssueSealingIdentity generates a static hybrid KEM key for id, has ca certify it
+// (ML-DSA-65 and the classical root key both sign), and writes pq.cred, pq.key (0600)
+// and ca-mldsa65.pub into dir. The credential is valid for ttl.
+func IssueSealingIdentity(ca *transport.CA, id spiffeid.ID, dir string, ttl time.Duration, suite pqkex.Scheme) error {
+	if suite == nil {
+		suite = pqkex.X25519MLKEM768()
+	}
+	pub, priv, err := pqkex.GenerateKey(suite, nil)
+	if err != nil {
+		return fmt.Errorf("rpc: sealing key: %w", err)
+	}
+	now := time.Now()
+	cred, err := pqkex.IssueCredential(ca.PQSigner(), ca.Signer(), suite, id.String(), now.Add(-time.Minute), now.Add(ttl), pub)
+	if err != nil {
+		return fmt.Errorf("rpc: sealing credential: %w", err)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("rpc: %w", err)
+	}
+	files := []struct {
+		name string
+		data []byte
+		perm os.FileMode
+	}{
+		{SealKeyFile, pem.EncodeToMemory(&pem.Block{Type: "VEIL PQ PRIVATE KEY", Bytes: priv}), 0o600},
+		{SealCredentialFile, pem.EncodeToMemory(&pem.Block{Type: "VEIL PQ CREDENTIAL", Bytes: cred}), 0o644},
+		{SealRootFile, pem.EncodeToMemory(&pem.Block{Type: "ML-DSA-65 PUBLIC KEY", Bytes: ca.PQPublicKey().Bytes()}), 0o644},
+	}
+	for _, f := range files {
+		if err := atomicfile.Write(filepath.Join(dir, f.name), f.data, f.perm); err != nil {
+			return fmt.Errorf("rpc: %w", err)
+		}
+	}
+	return nil
+}
+
+// LoadSealingIdentity reads a sealing identity written by IssueSealingIdentity and the
+// roots that verify peers' credentials: the ML-DSA-65 key from ca-mldsa65.pub and the
+// classical key of the root in ca.crt.
+func LoadSealingIdentity(dir string) (*pqkex.Identity, pqkex.Roots, error) {
+	read := func(name, typ string) ([]byte, error) {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			return nil, fmt.Errorf("rpc: sealing identity: %w", err)
+		}
+		block, _ := pem.Decode(b)
+		if block == nil || block.Type != typ {
+			return nil, fmt.Errorf("rpc: sealing identity: %s is not a %s", name, typ)
+		}
+		return block.Bytes, nil
+	}
+	cred, err := read(SealCredentialFile, "VEIL PQ CREDENTIAL")
+	if err != nil {
+		return nil, pqkex.Roots{}, err
+	}
+	key, err := read(SealKeyFile, "VEIL PQ PRIVATE KEY")
+	if err != nil {
+		return nil, pqkex.Roots{}, err
+	}
+	pqRoot, err := read(SealRootFile, "ML-DSA-65 PUBLIC KEY")
+	if err != nil {
+		return nil, pqkex.Roots{}, err
+	}
+	id, err := pqkex.NewIdentity(cred, key)
+	if err != nil {
+		return nil, pqkex.Roots{}, fmt.Errorf("rpc: sealing identity: %w", err)
+	}
+	var pq mldsa65.PublicKey
+	if err := pq.UnmarshalBinary(pqRoot); err != nil {
+		return nil, pqkex.Roots{}, fmt.Errorf("rpc: sealing identity: %s: %w", SealRootFile, err)
+	}
+	classical, err := rootKey(filepath.Join(dir, transport.BundleFile))
+	if err != nil {
+		return nil, pqkex.Roots{}, err
+	}
+	return id, pqkex.Roots{PQ: &pq, Classical: classical}, nil
+}
+
+func rootKey(path string) (crypto.PublicKey, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("rpc: %w", err)
+	}
+	for {
+		var block *pem.Block
+		block, b = pem.Decode(b)
+		if block == nil {
+			return nil, errors.New("rpc: no root certificate in " + path)
+		}
+		if block.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("rpc: %s: %w", path, err)
+		}
+		return c.PublicKey, nil
+	}
+}
+
+// WithSealing seals every call end to end with s (package pqkex): request and response
+// bodies travel in AEAD frames under per-call keys from a post-quantum hybrid session,
+// so proxies that terminate TLS see only ciphertext. s's mode (strict by default)
+// decides what happens to unsealed calls. Handlers see the sealed peer in
+// PeerFromContext, and the policy authorizes that end-to-end identity.
+func WithSealing(s *pqkex.Server) ServerOption {
+	return func(c *serverConfig) { c.sealing = s }
+}
+
+// WithClientSealing seals the client's calls with c (package pqkex).
+func WithClientSealing(c *pqkex.Client) ClientOption {
+	return func(cfg *clientConfig) { cfg.sealing = c }
+}
+
+// withSealedPeer replaces the TLS peer with the end-to-end pqkex peer of a sealed call.
+func withSealedPeer(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sp, ok := pqkex.PeerFromContext(r.Context())
+		if !ok {
+			next.ServeHTTP(w, r)
+			return
+		}
+		id, err := spiffeid.FromString(sp.SPIFFEID)
+		if err != nil {
+			http.Error(w, "rpc: sealed peer has an invalid SPIFFE ID", http.StatusUnauthorized)
+			return
+		}
+		p, _ := PeerFromContext(r.Context())
+		p.HopID, p.ID = p.ID, id
+		p.Sealed, p.PQSuite, p.ChannelBound = true, sp.Suite, sp.ChannelBound
+		next.ServeHTTP(w, r.WithContext(withPeerValue(r.Context(), p)))
+	})
+}
