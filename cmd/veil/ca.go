@@ -10,6 +10,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
 
@@ -19,7 +20,7 @@ func runCA(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		"issue": runCAIssue,
 	}
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" {
-		fmt.Fprintln(stderr, "Usage: veil ca <init|issue> [flags]\n\n  init   create a root CA (ECDSA P-256 + ML-DSA-65) in a directory\n  issue  issue a workload identity (tls.crt, tls.key, ca.crt)")
+		fmt.Fprintln(stderr, "Usage: veil ca <init|issue> [flags]\n\n  init   create a root CA (ECDSA P-256 + ML-DSA-65) in a directory\n  issue  issue a workload identity (tls.crt, tls.key, ca.crt; pq.cred, pq.key, ca-mldsa65.pub)")
 		if len(args) == 0 {
 			return fmt.Errorf("%w: veil ca needs a subcommand", errUsage)
 		}
@@ -91,6 +92,11 @@ func runCAIssue(_ context.Context, args []string, stdout, stderr io.Writer) erro
 		leafOpts = append(leafOpts, transport.WithIPAddresses(ip))
 	}
 	if err := ca.IssueFiles(sid, *out, *ttl, leafOpts...); err != nil {
+		return err
+	}
+	// The sealing identity (pqkex): a static hybrid KEM key certified by the CA's
+	// ML-DSA-65 and classical keys, valid as long as the certificate.
+	if err := rpc.IssueSealingIdentity(ca, sid, *out, *ttl, nil); err != nil {
 		return err
 	}
 	src, err := transport.LoadFiles(*out)
