@@ -19,6 +19,7 @@ import (
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/echo"
 	"github.com/veilrpc/veil/transport"
@@ -40,6 +41,8 @@ type demoRefusal struct {
 type demoReport struct {
 	TLSVersion   string        `json:"tls_version"`
 	TLSGroup     string        `json:"tls_group"`
+	PQSuite      string        `json:"pq_suite"`
+	PQSeal       string        `json:"pq_seal"`
 	PQMode       string        `json:"pq_mode"`
 	TrustDomain  string        `json:"trust_domain"`
 	ServerID     string        `json:"server_id"`
@@ -83,12 +86,19 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		if err := ca.IssueFiles(id, filepath.Join(dir, name), time.Hour); err != nil {
 			return err
 		}
+		if err := rpc.IssueSealingIdentity(ca, id, filepath.Join(dir, name), time.Hour, nil); err != nil {
+			return err
+		}
 		if srcs[name], err = transport.LoadFiles(filepath.Join(dir, name)); err != nil {
 			return err
 		}
 	}
+	sealer, err := newSealingServer(filepath.Join(dir, "server"), "strict", nil)
+	if err != nil {
+		return err
+	}
 	policy := rpc.NewPolicy().MustAllow("/"+echov1connect.EchoServiceName+"/*", "spiffe://demo.veil.dev/ns/demo/sa/*")
-	srv, err := rpc.NewServer(srcs["server"], rpc.WithPQMode(transport.PQStrict), rpc.WithPolicy(policy),
+	srv, err := rpc.NewServer(srcs["server"], rpc.WithPQMode(transport.PQStrict), rpc.WithPolicy(policy), rpc.WithSealing(sealer),
 		rpc.WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
 	if err != nil {
 		return err
@@ -108,7 +118,12 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}()
 	rep.SetupMillis = ms(time.Since(start))
 
-	hc := rpc.NewHTTPClient(srcs["client"], transport.AuthorizeID(serverID), rpc.WithClientPQMode(transport.PQStrict))
+	sealed, err := newSealingClient(filepath.Join(dir, "client"), pqkex.AuthorizeID(serverID.String()), true)
+	if err != nil {
+		return err
+	}
+	rep.PQSuite, rep.PQSeal = pqkex.X25519MLKEM768().Name(), "strict"
+	hc := rpc.NewHTTPClient(srcs["client"], transport.AuthorizeID(serverID), rpc.WithClientPQMode(transport.PQStrict), rpc.WithClientSealing(sealed))
 	var hsStart time.Time
 	trace := &httptrace.ClientTrace{
 		TLSHandshakeStart: func() { hsStart = time.Now() },
@@ -173,7 +188,14 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	noCert := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, InsecureSkipVerify: true}}}
 	_, err = echov1connect.NewEchoServiceClient(noCert, url).Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "hi"}))
 	rep.Refused = append(rep.Refused, demoRefusal{"client without a certificate", refusal(err)})
-	intruder := echov1connect.NewEchoServiceClient(rpc.NewHTTPClient(srcs["intruder"], transport.AuthorizeID(serverID)), url, rpc.ClientOptions()...)
+	unsealed := echov1connect.NewEchoServiceClient(rpc.NewHTTPClient(srcs["client"], transport.AuthorizeID(serverID)), url, rpc.ClientOptions()...)
+	_, err = unsealed.Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "in the clear"}))
+	rep.Refused = append(rep.Refused, demoRefusal{"unsealed call to a PQ-seal strict server", refusal(err)})
+	intruderSeal, err := newSealingClient(filepath.Join(dir, "intruder"), pqkex.AuthorizeID(serverID.String()), true)
+	if err != nil {
+		return err
+	}
+	intruder := echov1connect.NewEchoServiceClient(rpc.NewHTTPClient(srcs["intruder"], transport.AuthorizeID(serverID), rpc.WithClientSealing(intruderSeal)), url, rpc.ClientOptions()...)
 	_, err = intruder.Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "hi"}))
 	rep.Refused = append(rep.Refused, demoRefusal{"spiffe://demo.veil.dev/ns/other/sa/intruder (not in policy)", refusal(err)})
 	rep.TotalSeconds = time.Since(start).Seconds()
@@ -216,10 +238,11 @@ func refusal(err error) string {
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 func printDemo(w io.Writer, r *demoReport) {
-	fmt.Fprintf(w, "Veil demo: strict mutual TLS with SPIFFE identities\n\n")
+	fmt.Fprintf(w, "Veil demo: strict mutual TLS with SPIFFE identities, sealed end to end\n\n")
 	fmt.Fprintf(w, "  trust domain   %s (throw-away CA: ECDSA P-256 root + ML-DSA-65 key)\n", r.TrustDomain)
 	fmt.Fprintf(w, "  server         %s\n  client         %s\n", r.ServerID, r.ClientID)
-	fmt.Fprintf(w, "  TLS            %s, key exchange %s (PQ %s), handshake %.2f ms\n\n", r.TLSVersion, r.TLSGroup, r.PQMode, r.Handshake)
+	fmt.Fprintf(w, "  TLS            %s, key exchange %s (PQ %s), handshake %.2f ms\n", r.TLSVersion, r.TLSGroup, r.PQMode, r.Handshake)
+	fmt.Fprintf(w, "  sealing        pqkex %s, %s: proxies see only ciphertext\n\n", r.PQSuite, r.PQSeal)
 	fmt.Fprintf(w, "  %-9s %-14s %-6s %s\n", "protocol", "call", "result", "time")
 	for _, c := range r.Calls {
 		res := "ok"

@@ -34,12 +34,16 @@ func commands() []command {
 		{"demo", "run a CA and services on loopback, call them end to end, and print a report", runDemo},
 		{"ca", "manage a certificate authority (init, issue)", runCA},
 		{"serve", "serve built-in services over strict mutual TLS", runServe},
+		{"call", "call a procedure of a compiled-in service with JSON (sealed end to end)", runCall},
 		{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 			_, err := fmt.Fprintln(stdout, "veil", version)
 			return err
 		}},
 	}
 }
+
+// errHelp is returned by a flag set when --help is asked for.
+var errHelp = flag.ErrHelp
 
 // errUsage marks errors caused by the command line; they exit with status 2.
 var errUsage = errors.New("usage")

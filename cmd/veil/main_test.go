@@ -39,7 +39,10 @@ func TestDemoJSON(t *testing.T) {
 	if len(rep.Calls) != 8 {
 		t.Fatalf("%d calls, want 8 (3 protocols x kinds)", len(rep.Calls))
 	}
-	if len(rep.Refused) != 2 || !strings.HasPrefix(rep.Refused[1].Result, "permission_denied") {
+	if rep.PQSuite != "X25519MLKEM768-SHA256" || rep.PQSeal != "strict" {
+		t.Fatalf("sealing %q %q", rep.PQSuite, rep.PQSeal)
+	}
+	if len(rep.Refused) != 3 || !strings.HasPrefix(rep.Refused[1].Result, "unauthenticated") || !strings.HasPrefix(rep.Refused[2].Result, "permission_denied") {
 		t.Fatalf("refusals %+v", rep.Refused)
 	}
 }
@@ -83,25 +86,8 @@ func TestServeWithPlainHTTPClient(t *testing.T) {
 	mustRun("ca", "issue", "--dir", filepath.Join(dir, "ca"), "--id", "spiffe://example.org/echo", "--out", filepath.Join(dir, "echo"), "--dns", "localhost")
 	mustRun("ca", "issue", "--dir", filepath.Join(dir, "ca"), "--id", "spiffe://example.org/client", "--out", filepath.Join(dir, "client"))
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	sctx, stop := context.WithCancel(ctx)
-	done := make(chan int, 1)
-	var serveErr bytes.Buffer
-	go func() {
-		done <- run(sctx, []string{"serve", "--identity", filepath.Join(dir, "echo"), "--listen", addr, "--service", "echo"}, io.Discard, &serveErr)
-	}()
-	defer func() {
-		stop()
-		if code := <-done; code != 0 {
-			t.Errorf("serve exit %d: %s", code, serveErr.String())
-		}
-	}()
-	port := addr[strings.LastIndex(addr, ":")+1:]
+	// curl speaks plain Connect JSON: this server does not require sealing.
+	port := startServe(t, "--identity", filepath.Join(dir, "echo"), "--service", "echo", "--pq-seal", "off")
 	url := "https://localhost:" + port + "/veil.echo.v1.EchoService/Echo"
 
 	roots := x509.NewCertPool()
@@ -136,6 +122,27 @@ func TestServeWithPlainHTTPClient(t *testing.T) {
 		t.Fatalf("call without a client certificate answered %d", res.StatusCode)
 	}
 
+	// veil call seals the call end to end with the identity's pq.cred; the server
+	// (sealing strict by default, since its identity holds pq.cred) refuses it unsealed.
+	base := "https://127.0.0.1:" + startServe(t, "--identity", filepath.Join(dir, "echo"), "--service", "echo")
+	code, out, errOut := veil(t, ctx, "call", "--identity", filepath.Join(dir, "client"), "--addr", base, "--server-id", "spiffe://example.org/echo", "-v",
+		"/veil.echo.v1.EchoService/Echo", `{"message":"sealed hello"}`)
+	if code != 0 || !strings.Contains(out, `"sealed hello"`) || !strings.Contains(errOut, "X25519MLKEM768") || !strings.Contains(errOut, "pq-seal: on") {
+		t.Fatalf("veil call: exit %d out %q err %q", code, out, errOut)
+	}
+	code, out, _ = veil(t, ctx, "call", "--identity", filepath.Join(dir, "client"), "--addr", base, "--protocol", "grpc",
+		"/veil.echo.v1.EchoService/EchoStream", `{"message":"s","count":3}`)
+	if code != 0 || strings.Count(out, `"s"`) != 3 {
+		t.Fatalf("veil call stream: exit %d out %q", code, out)
+	}
+	if code, _, errOut := veil(t, ctx, "call", "--identity", filepath.Join(dir, "client"), "--addr", base, "--pq-seal", "off",
+		"/veil.echo.v1.EchoService/Echo", `{"message":"clear"}`); code != 1 || !strings.Contains(errOut, "unauthenticated") {
+		t.Fatalf("unsealed veil call: exit %d err %q", code, errOut)
+	}
+	if code, _, _ := veil(t, ctx, "call", "--identity", filepath.Join(dir, "client"), "--addr", base, "/veil.echo.v1.EchoService/Nope", `{}`); code != 2 {
+		t.Fatalf("unknown method: exit %d, want 2", code)
+	}
+
 	// The same with the real curl, where the machine has it.
 	if curl, err := exec.LookPath("curl"); err == nil {
 		out, err := exec.Command(curl, "-sS", "--cert", filepath.Join(dir, "client", "tls.crt"), "--key", filepath.Join(dir, "client", "tls.key"),
@@ -149,4 +156,35 @@ func TestServeWithPlainHTTPClient(t *testing.T) {
 	} else {
 		t.Log("curl is not installed; the net/http client above made the same calls")
 	}
+}
+
+// startServe runs `veil serve` with args on a free loopback port until the test ends
+// and returns the port once it answers.
+func startServe(t *testing.T, args ...string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan int, 1)
+	var serveErr bytes.Buffer
+	go func() {
+		done <- run(ctx, append([]string{"serve", "--listen", addr}, args...), io.Discard, &serveErr)
+	}()
+	t.Cleanup(func() {
+		stop()
+		if code := <-done; code != 0 {
+			t.Errorf("serve exit %d: %s", code, serveErr.String())
+		}
+	})
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			break
+		}
+	}
+	return addr[strings.LastIndex(addr, ":")+1:]
 }

@@ -9,6 +9,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/echo"
@@ -21,13 +24,14 @@ func (s *stringList) String() string     { return strings.Join(*s, ",") }
 func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("serve", "serve --identity DIR --listen ADDR --service echo [--allow PATTERN ...] [--pq strict|permissive]", stderr)
+	fs := newFlags("serve", "serve --identity DIR --listen ADDR --service echo [--allow PATTERN ...] [--pq strict|permissive] [--pq-seal strict|permissive|off]", stderr)
 	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt)")
 	listen := fs.String("listen", "127.0.0.1:8443", "address to serve on")
 	var services, allow stringList
 	fs.Var(&services, "service", "built-in service to run (echo); repeatable")
 	fs.Var(&allow, "allow", "SPIFFE ID pattern allowed to call the services (exact ID, trust domain, or path with * segments); repeatable; default: the server's own trust domain")
 	pq := fs.String("pq", "permissive", "TLS key exchange: strict (post-quantum hybrid only) or permissive")
+	seal := fs.String("pq-seal", "", "end-to-end sealing (pqkex): strict, permissive or off; default strict when the identity directory holds a sealing identity (pq.cred), else off")
 	metrics := fs.String("metrics", "", "serve Prometheus metrics on this address (plain HTTP)")
 	grace := fs.Duration("grace", rpc.DefaultGracePeriod, "how long in-flight calls may finish on shutdown")
 	if err := parse(fs, args); err != nil {
@@ -60,6 +64,21 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if *metrics != "" {
 		opts = append(opts, rpc.WithMetricsAddr(*metrics))
 	}
+	// One registry for the server's and the sealing layer's metrics.
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	opts = append(opts, rpc.WithRegistry(reg))
+	sealMode, err := sealingMode(*seal, *identity)
+	if err != nil {
+		return err
+	}
+	if sealMode != "off" {
+		sealer, err := newSealingServer(*identity, sealMode, reg)
+		if err != nil {
+			return err
+		}
+		opts = append(opts, rpc.WithSealing(sealer))
+	}
 	srv, err := rpc.NewServer(src, opts...)
 	if err != nil {
 		return err
@@ -81,7 +100,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	// Logged once the socket is bound: readiness probes may wait for this line.
 	logger.Info("veil serving", "addr", ln.Addr().String(), "id", svid.ID.String(), "services", services.String(),
-		"pq", mode.String(), "allow", allow.String(), "cert_expires", svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339))
+		"pq", mode.String(), "pq_seal", sealMode, "allow", allow.String(), "cert_expires", svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339))
 	if err := srv.Serve(ctx, ln); err != nil {
 		return err
 	}

@@ -1,0 +1,168 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net/http/httptrace"
+	"strings"
+
+	"connectrpc.com/connect"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/reflect/protoregistry"
+	"google.golang.org/protobuf/types/dynamicpb"
+
+	"github.com/veilrpc/veil/pqkex"
+	"github.com/veilrpc/veil/rpc"
+	"github.com/veilrpc/veil/transport"
+
+	// Compiled-in services, resolvable by procedure name.
+	_ "github.com/veilrpc/veil/gen/veil/echo/v1"
+)
+
+func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("call", "call --identity DIR --addr URL [--server-id ID] [--pq-seal on|off] [-v] PROCEDURE JSON", stderr)
+	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt; pq.cred, pq.key for sealing)")
+	addr := fs.String("addr", "", "server base URL, e.g. https://127.0.0.1:8443")
+	serverID := fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)")
+	seal := fs.String("pq-seal", "", "seal the call end to end: on or off (default on when the identity holds pq.cred)")
+	protocol := fs.String("protocol", "connect", "connect, grpc or grpcweb")
+	verbose := fs.Bool("v", false, "print the negotiated TLS group and sealing suite to stderr")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, errHelp) {
+			return err
+		}
+		return fmt.Errorf("%w: %v", errUsage, err)
+	}
+	if err := required(fs, "identity", "addr"); err != nil {
+		return err
+	}
+	if fs.NArg() != 2 {
+		return fmt.Errorf("%w: veil call needs PROCEDURE and JSON, e.g. /veil.echo.v1.EchoService/Echo '{\"message\":\"hi\"}'", errUsage)
+	}
+	procedure, body := fs.Arg(0), fs.Arg(1)
+	method, err := findMethod(procedure)
+	if err != nil {
+		return err
+	}
+	if method.IsStreamingClient() {
+		return fmt.Errorf("%w: %s takes a request stream; veil call sends one message", errUsage, procedure)
+	}
+	req := dynamicpb.NewMessage(method.Input())
+	if err := protojson.Unmarshal([]byte(body), req); err != nil {
+		return fmt.Errorf("%w: request JSON for %s: %v", errUsage, method.Input().FullName(), err)
+	}
+
+	src, err := transport.LoadFiles(*identity)
+	if err != nil {
+		return err
+	}
+	svid, err := src.GetX509SVID()
+	if err != nil {
+		return err
+	}
+	authorize := transport.AuthorizeMatching(transport.MustParsePattern("spiffe://" + svid.ID.TrustDomain().Name()))
+	pqAuthorize := pqkex.AuthorizeAny()
+	if *serverID != "" {
+		id, err := spiffeid.FromString(*serverID)
+		if err != nil {
+			return fmt.Errorf("%w: --server-id: %v", errUsage, err)
+		}
+		authorize, pqAuthorize = transport.AuthorizeID(id), pqkex.AuthorizeID(id.String())
+	}
+	var clientOpts []rpc.ClientOption
+	mode, err := sealingMode(map[string]string{"on": "strict", "off": "off", "": ""}[*seal], *identity)
+	if err != nil || (*seal != "" && *seal != "on" && *seal != "off") {
+		return fmt.Errorf("%w: --pq-seal %q: want on or off", errUsage, *seal)
+	}
+	if mode != "off" {
+		pc, err := newSealingClient(*identity, pqAuthorize, false)
+		if err != nil {
+			return err
+		}
+		clientOpts = append(clientOpts, rpc.WithClientSealing(pc))
+	}
+	hc := rpc.NewHTTPClient(src, authorize, clientOpts...)
+
+	connectOpts := append(rpc.ClientOptions(),
+		connect.WithSchema(method),
+		connect.WithResponseInitializer(func(_ connect.Spec, msg any) error {
+			if m, ok := msg.(*dynamicpb.Message); ok {
+				*m = *dynamicpb.NewMessage(method.Output())
+			}
+			return nil
+		}))
+	switch *protocol {
+	case "connect":
+	case "grpc":
+		connectOpts = append(connectOpts, connect.WithGRPC())
+	case "grpcweb":
+		connectOpts = append(connectOpts, connect.WithGRPCWeb())
+	default:
+		return fmt.Errorf("%w: --protocol %q: want connect, grpc or grpcweb", errUsage, *protocol)
+	}
+	if *verbose {
+		ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{TLSHandshakeDone: func(cs tls.ConnectionState, err error) {
+			if err == nil {
+				peer, _ := transport.PeerID(&cs)
+				fmt.Fprintf(stderr, "tls: %s %s, server %s\n", tls.VersionName(cs.Version), cs.CurveID, peer)
+			}
+		}})
+		if mode != "off" {
+			fmt.Fprintf(stderr, "pq-seal: on (%s)\n", pqkex.X25519MLKEM768().Name())
+		} else {
+			fmt.Fprintln(stderr, "pq-seal: off")
+		}
+	}
+	client := connect.NewClient[dynamicpb.Message, dynamicpb.Message](hc, strings.TrimSuffix(*addr, "/")+procedure, connectOpts...)
+	marshal := protojson.MarshalOptions{Multiline: true}
+	if method.IsStreamingServer() {
+		stream, err := client.CallServerStream(ctx, connect.NewRequest(req))
+		if err != nil {
+			return err
+		}
+		for stream.Receive() {
+			b, err := marshal.Marshal(stream.Msg())
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(stdout, string(b))
+		}
+		return stream.Err()
+	}
+	res, err := client.CallUnary(ctx, connect.NewRequest(req))
+	if err != nil {
+		return err
+	}
+	b, err := marshal.Marshal(res.Msg)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(stdout, string(b))
+	return err
+}
+
+// findMethod resolves "/pkg.Service/Method" among the compiled-in services.
+func findMethod(procedure string) (protoreflect.MethodDescriptor, error) {
+	parts := strings.Split(strings.TrimPrefix(procedure, "/"), "/")
+	if len(parts) != 2 {
+		return nil, fmt.Errorf("%w: procedure %q: want /package.Service/Method", errUsage, procedure)
+	}
+	d, err := protoregistry.GlobalFiles.FindDescriptorByName(protoreflect.FullName(parts[0]))
+	if err != nil {
+		return nil, fmt.Errorf("%w: unknown service %q", errUsage, parts[0])
+	}
+	svc, ok := d.(protoreflect.ServiceDescriptor)
+	if !ok {
+		return nil, fmt.Errorf("%w: %q is not a service", errUsage, parts[0])
+	}
+	m := svc.Methods().ByName(protoreflect.Name(parts[1]))
+	if m == nil {
+		return nil, fmt.Errorf("%w: service %s has no method %q", errUsage, parts[0], parts[1])
+	}
+	return m, nil
+}
