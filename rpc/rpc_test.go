@@ -424,3 +424,36 @@ func TestGracefulShutdown(t *testing.T) {
 	}
 	e.done <- nil // for the cleanup
 }
+
+func TestMetricsListenerAndOpenTelemetry(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsAddr := ln.Addr().String()
+	ln.Close()
+	e := start(t, rpc.WithMetricsAddr(metricsAddr), rpc.WithOpenTelemetry())
+	c := e.client(t, clientID)
+	if _, err := c.Echo(context.Background(), connect.NewRequest(&echov1.EchoRequest{Message: "counted"})); err != nil {
+		t.Fatal(err)
+	}
+	var body []byte
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		res, err := http.Get("http://" + metricsAddr + "/metrics")
+		if err != nil {
+			continue
+		}
+		body, _ = io.ReadAll(res.Body)
+		res.Body.Close()
+		break
+	}
+	for _, want := range []string{
+		`veil_rpc_calls_total{code="ok",procedure="/veil.echo.v1.EchoService/Echo",side="server"} 1`,
+		`veil_tls_handshakes_total{group="X25519MLKEM768",post_quantum="true",resumed="false",side="server"}`,
+		`veil_rpc_duration_seconds_bucket`,
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+}
