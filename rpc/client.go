@@ -1,6 +1,7 @@
 package rpc
 
 import (
+	"net"
 	"net/http"
 	"time"
 
@@ -15,11 +16,12 @@ import (
 type ClientOption func(*clientConfig)
 
 type clientConfig struct {
-	pqMode    transport.PQMode
-	registry  prometheus.Registerer
-	wrap      []func(http.RoundTripper) http.RoundTripper
-	idleConns int
-	sealing   *pqkex.Client
+	pqMode     transport.PQMode
+	registry   prometheus.Registerer
+	wrap       []func(http.RoundTripper) http.RoundTripper
+	idleConns  int
+	sealing    *pqkex.Client
+	noCoalesce bool // see WithClientWriteCoalescing
 }
 
 // WithClientPQMode sets the client's key-exchange policy (default transport.PQPermissive,
@@ -54,6 +56,9 @@ func NewHTTPClient(src transport.Source, server transport.Authorizer, opts ...Cl
 		MaxIdleConnsPerHost: cfg.idleConns,
 		IdleConnTimeout:     90 * time.Second,
 		TLSHandshakeTimeout: 10 * time.Second,
+	}
+	if !cfg.noCoalesce {
+		t.DialContext = coalescingDial(&net.Dialer{})
 	}
 	t.Protocols = new(http.Protocols)
 	t.Protocols.SetHTTP2(true)

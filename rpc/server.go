@@ -48,6 +48,7 @@ type serverConfig struct {
 	middleware   []func(http.Handler) http.Handler
 	logger       *slog.Logger
 	sealing      *pqkex.Server
+	noCoalesce   bool
 }
 
 // WithPQMode sets the TLS key-exchange policy (default transport.PQPermissive).
@@ -273,6 +274,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		go func() { _ = metricsSrv.Serve(mln) }()
 	}
 
+	if !s.cfg.noCoalesce {
+		ln = coalescingListener{ln}
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- hs.ServeTLS(ln, "", "") }()
 	select {
