@@ -93,7 +93,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			return err
 		}
 	}
-	sealer, err := newSealingServer(filepath.Join(dir, "server"), "strict", nil)
+	sealer, err := newSealingServer(filepath.Join(dir, "server"), "strict", nil, nil)
 	if err != nil {
 		return err
 	}

@@ -34,6 +34,7 @@ func commands() []command {
 		{"demo", "run a CA and services on loopback, call them end to end, and print a report", runDemo},
 		{"ca", "manage a certificate authority (init, issue)", runCA},
 		{"serve", "serve built-in services over strict mutual TLS", runServe},
+		{"ticket-keys", "create or rotate a pqkex ticket-key file shared by replicas", runTicketKeys},
 		{"call", "call a procedure of a compiled-in service with JSON (sealed end to end)", runCall},
 		{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 			_, err := fmt.Fprintln(stdout, "veil", version)
@@ -88,7 +89,7 @@ func usage(w io.Writer) {
 	fmt.Fprintln(w, "Veil: post-quantum, end-to-end sealed, homomorphically encrypted RPC.")
 	fmt.Fprintln(w, "\nUsage: veil <command> [flags]\n\nCommands:")
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-12s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintln(w, "\nRun 'veil <command> --help' for a command's flags.")
 }

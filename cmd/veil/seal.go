@@ -1,9 +1,14 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
+	"os/signal"
 	"path/filepath"
+	"syscall"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -27,7 +32,7 @@ func sealingMode(flag, identityDir string) (string, error) {
 }
 
 // newSealingServer builds the pqkex server from the sealing identity in dir.
-func newSealingServer(dir, mode string, reg prometheus.Registerer) (*pqkex.Server, error) {
+func newSealingServer(dir, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys) (*pqkex.Server, error) {
 	id, roots, err := rpc.LoadSealingIdentity(dir)
 	if err != nil {
 		return nil, fmt.Errorf("%w (issue one with 'veil ca issue', or pass --pq-seal off)", err)
@@ -36,7 +41,63 @@ func newSealingServer(dir, mode string, reg prometheus.Registerer) (*pqkex.Serve
 	if mode == "permissive" {
 		m = pqkex.Permissive
 	}
-	return pqkex.NewServer(pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithMode(m), pqkex.WithMetrics(reg))
+	opts := []pqkex.ServerOption{pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithMode(m), pqkex.WithMetrics(reg)}
+	if tickets != nil {
+		opts = append(opts, pqkex.WithTicketKeys(tickets))
+	}
+	return pqkex.NewServer(opts...)
+}
+
+// reloadTicketKeysOnHangup rereads the ticket-key file on SIGHUP and rotates to its
+// current key, keeping the old one for tickets already issued.
+func reloadTicketKeysOnHangup(ctx context.Context, path string, keys *pqkex.TicketKeys, logger *slog.Logger) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			logger.Error("ticket keys not reloaded", "err", err)
+			continue
+		}
+		fileKeys, err := rpc.ReadTicketKeys(b)
+		if err != nil {
+			logger.Error("ticket keys not reloaded", "err", err)
+			continue
+		}
+		if fileKeys[0].ID == keys.CurrentID() {
+			continue
+		}
+		if err := keys.Rotate(fileKeys[0]); err != nil {
+			logger.Error("ticket keys not rotated", "err", err)
+			continue
+		}
+		logger.Info("ticket keys rotated", "current", fileKeys[0].ID)
+	}
+}
+
+func runTicketKeys(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("ticket-keys", "ticket-keys --file FILE [--json]", stderr)
+	file := fs.String("file", "", "ticket-key file to create or rotate (0600)")
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := required(fs, "file"); err != nil {
+		return err
+	}
+	id, err := rpc.RotateTicketKeyFile(*file)
+	if err != nil {
+		return err
+	}
+	return emit(stdout, *asJSON, map[string]any{"file": *file, "current_id": id}, func(w io.Writer) {
+		fmt.Fprintf(w, "ticket key %d is current in %s (the previous one still opens tickets); send SIGHUP to running servers\n", id, *file)
+	})
 }
 
 // newSealingClient builds the pqkex client from the sealing identity in dir.

@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/echo"
 	"github.com/veilrpc/veil/transport"
@@ -32,6 +33,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.Var(&allow, "allow", "SPIFFE ID pattern allowed to call the services (exact ID, trust domain, or path with * segments); repeatable; default: the server's own trust domain")
 	pq := fs.String("pq", "permissive", "TLS key exchange: strict (post-quantum hybrid only) or permissive")
 	seal := fs.String("pq-seal", "", "end-to-end sealing (pqkex): strict, permissive or off; default strict when the identity directory holds a sealing identity (pq.cred), else off")
+	ticketKeys := fs.String("ticket-keys", "", "pqkex ticket-key file shared by replicas (see 'veil ticket-keys'); reread on SIGHUP")
 	metrics := fs.String("metrics", "", "serve Prometheus metrics on this address (plain HTTP)")
 	grace := fs.Duration("grace", rpc.DefaultGracePeriod, "how long in-flight calls may finish on shutdown")
 	if err := parse(fs, args); err != nil {
@@ -73,7 +75,14 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	if sealMode != "off" {
-		sealer, err := newSealingServer(*identity, sealMode, reg)
+		var tk *pqkex.TicketKeys
+		if *ticketKeys != "" {
+			if tk, err = rpc.LoadTicketKeys(*ticketKeys); err != nil {
+				return err
+			}
+			go reloadTicketKeysOnHangup(ctx, *ticketKeys, tk, logger)
+		}
+		sealer, err := newSealingServer(*identity, sealMode, reg, tk)
 		if err != nil {
 			return err
 		}
