@@ -290,3 +290,5 @@ func counter(t *testing.T, reg *prometheus.Registry, name string, labels map[str
 }
 
 var _ = tls.VersionTLS13
+
+func strMsg(s string) *str { return wrapperspb.String(s) }

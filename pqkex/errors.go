@@ -73,7 +73,6 @@ var (
 	errServerKey       = newError(reasonServerKey, "server credential unknown to this server")
 	errUnsupported     = newError(reasonUnsupported, "unsupported version, suite or AEAD")
 	errInternal        = newError(reasonInternal, "internal error")
-	errTrailingFrames  = newError(reasonMalformed, "data after the final frame")
 	errFrameTooLarge   = newError(reasonMalformed, "frame too large")
 	errSequenceWrapped = newError(reasonInternal, "frame sequence exhausted")
 )

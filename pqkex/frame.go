@@ -285,10 +285,9 @@ func (r *openReader) fill() error {
 		if err != nil {
 			return toConnect(err)
 		}
-		var one [1]byte
-		if n, _ := io.ReadFull(r.o.r, one[:]); n != 0 {
-			return toConnect(errTrailingFrames)
-		}
+		// Anything after FINAL is never read: waiting for the end of the body here would
+		// deadlock a full-duplex stream behind a proxy that ends the response only after the
+		// request.
 		if r.final != nil {
 			r.final(h, t)
 		}

@@ -99,10 +99,6 @@ func TestAttacks(t *testing.T) {
 			f := frames(b)
 			return join(append(f[:1:1], f[2:]...)...)
 		}), code: connect.CodeAborted, reason: "reordered"},
-		{name: "appended frame after final", req: onCall(func(b []byte) []byte {
-			f := frames(b)
-			return join(append(f, f[1])...)
-		}), code: connect.CodeInvalidArgument, reason: "malformed"},
 		{name: "call redirected to another procedure", req: func(r *http.Request, b []byte) []byte {
 			if isSealedCall(r) {
 				r.URL.Path = procServer
@@ -171,6 +167,35 @@ func TestAttacks(t *testing.T) {
 	// After all of that the session still works.
 	if err := unaryCall(hc, ts.URL); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestAppendedFramesIgnored: frames after FINAL never reach the handler.
+func TestAppendedFramesIgnored(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	ts := e.startServer(t, echoMux())
+	m := &mitm{base: e.transport(t, clientID)}
+	hc, _ := e.httpClient(t, m)
+	m.set(func(r *http.Request, b []byte) []byte {
+		if !isSealedCall(r) {
+			return b
+		}
+		f := frames(b)
+		return join(append(f, f[1], f[1])...)
+	}, nil)
+	c := connect.NewClient[str, str](hc, ts.URL+procClient)
+	cs := c.CallClientStream(context.Background())
+	for _, s := range []string{"a", "b"} {
+		if err := cs.Send(strMsg(s)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resp, err := cs.CloseAndReceive()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Msg.Value != "a+b" {
+		t.Fatalf("handler saw %q, want a+b", resp.Msg.Value)
 	}
 }
 

@@ -305,9 +305,6 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader s
 	return inner, sw, nil
 }
 
-// gRPC status headers that a trailers-only response puts in the headers (gRPC-Web).
-var statusHeaders = []string{"Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin"}
-
 // sealWriter seals a handler's response body into frames and moves its trailers into the
 // FINAL frame (spec 6.2, 6.3).
 type sealWriter struct {
@@ -378,10 +375,7 @@ func (sw *sealWriter) sendHeaders(trailersOnly bool) {
 		if k == "Trailer" || k == "Content-Length" || strings.HasPrefix(k, http.TrailerPrefix) {
 			continue
 		}
-		if trailersOnly && isStatusHeader(k) && !sw.isDeclared(k) {
-			continue
-		}
-		if sw.isDeclared(k) {
+		if sw.isDeclared(k) || (trailersOnly && movable(k)) {
 			continue
 		}
 		dst[k] = v
@@ -396,14 +390,10 @@ func (sw *sealWriter) sendHeaders(trailersOnly bool) {
 	sw.w.WriteHeader(sw.status)
 }
 
-func isStatusHeader(k string) bool {
-	for _, s := range statusHeaders {
-		if http.CanonicalHeaderKey(k) == s {
-			return true
-		}
-	}
-	return false
-}
+// movable reports whether a header of a trailers-only response travels in the FINAL frame.
+// connect-go merges gRPC-Web trailers (status, message, metadata) into the headers of such a
+// response; only Content-Type stays on the wire for proxies.
+func movable(k string) bool { return http.CanonicalHeaderKey(k) != "Content-Type" }
 
 func (sw *sealWriter) isDeclared(k string) bool {
 	for _, d := range sw.declared {
@@ -451,7 +441,7 @@ func (sw *sealWriter) collect(trailersOnly bool) (moved, trailers http.Header) {
 			trailers[http.CanonicalHeaderKey(strings.TrimPrefix(k, http.TrailerPrefix))] = v
 		case sw.isDeclared(k):
 			trailers[k] = v
-		case trailersOnly && isStatusHeader(k):
+		case trailersOnly && movable(k):
 			moved[k] = v
 		}
 	}
