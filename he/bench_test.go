@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/tuneinsight/lattigo/v5/core/rlwe"
 	"github.com/tuneinsight/lattigo/v5/he/hefloat"
@@ -67,7 +69,7 @@ func getBench(b *testing.B, p *Parameters) *benchFixture {
 func benchPresets() []*Parameters { return []*Parameters{ParamsN13(), ParamsN14()} }
 
 // BenchmarkOps measures every operation through he and through raw lattigo on the
-// same ciphertexts and keys (target: he <= 1.05x lattigo).
+// same ciphertexts and keys, interleaved (target: he <= 1.05x lattigo).
 func BenchmarkOps(b *testing.B) {
 	ctx := context.Background()
 	for _, p := range benchPresets() {
@@ -75,23 +77,7 @@ func BenchmarkOps(b *testing.B) {
 			f := getBench(b, p)
 			x0, y0 := f.x.cts[0], f.y.cts[0]
 			pair := func(name string, he, raw func() error) {
-				b.Run(name+"/he", func(b *testing.B) {
-					if err := he(); err != nil { // warm the evaluator's worker
-						b.Fatal(err)
-					}
-					for b.Loop() {
-						if err := he(); err != nil {
-							b.Fatal(err)
-						}
-					}
-				})
-				b.Run(name+"/lattigo", func(b *testing.B) {
-					for b.Loop() {
-						if err := raw(); err != nil {
-							b.Fatal(err)
-						}
-					}
-				})
+				b.Run(name, func(b *testing.B) { interleave(b, he, raw) })
 			}
 			vals := chunk(f.w, 0, p.Slots())
 			pair("add", func() error { _, err := f.ev.Add(ctx, f.x, f.y); return err },
@@ -266,4 +252,94 @@ func BenchmarkKeyGen(b *testing.B) {
 			})
 		})
 	}
+}
+
+// BenchmarkPrecision reports, per preset, the maximum absolute error against the
+// plaintext computation (inputs uniform in [-1,1], all slots) as the metric max_err_1e-9 (units of 1e-9):
+// fresh, after one multiplication, after a degree-7 Chebyshev sigmoid on [-8,8] where
+// the depth allows. docs/he.md lists the figures.
+func BenchmarkPrecision(b *testing.B) {
+	ctx := context.Background()
+	for _, p := range Presets() {
+		c, err := NewClient(p)
+		if err != nil {
+			b.Fatal(err)
+		}
+		keys, err := c.GenEvaluationKeys(NewManifest(p, NeedRelinearization()))
+		if err != nil {
+			b.Fatal(err)
+		}
+		ev, _ := NewEvaluator(p, keys)
+		r := rand.New(rand.NewPCG(7, 7))
+		x, y := randValues(r, p.Slots()), randValues(r, p.Slots())
+		cx, _ := c.Encrypt(x)
+		cy, _ := c.Encrypt(y)
+		report := func(name string, v *Vector, want func(i int) float64) {
+			b.Run(fmt.Sprintf("N%d/%s", p.LogN(), name), func(b *testing.B) {
+				var got []float64
+				for b.Loop() {
+					if got, err = c.Decrypt(v); err != nil {
+						b.Fatal(err)
+					}
+				}
+				worst := 0.0
+				for i := range got {
+					worst = max(worst, abs(got[i]-want(i)))
+				}
+				b.ReportMetric(worst*1e9, "max_err_1e-9")
+			})
+		}
+		report("fresh", cx, func(i int) float64 { return x[i] })
+		prod, err := ev.Mul(ctx, cx, cy)
+		if err != nil {
+			b.Fatal(err)
+		}
+		report("mul", prod, func(i int) float64 { return x[i] * y[i] })
+		sig, _ := SigmoidApproximation(8, 7)
+		if p.MaxLevel() >= sig.Depth() {
+			scaled, _ := ev.MulScalar(ctx, cx, 8)
+			s, err := ev.EvalPolynomial(ctx, scaled, sig)
+			if err != nil {
+				b.Fatal(err)
+			}
+			report("sigmoid7_vs_polynomial", s, func(i int) float64 { return sig.Evaluate(8 * x[i]) })
+		}
+	}
+}
+
+func abs(x float64) float64 {
+	if x < 0 {
+		return -x
+	}
+	return x
+}
+
+// interleave runs he and raw alternately, so that load from other processes hits both
+// alike, and reports their medians (ms) and the ratio he/raw.
+func interleave(b *testing.B, he, raw func() error) {
+	if err := he(); err != nil { // warm the evaluator's worker
+		b.Fatal(err)
+	}
+	var th, tr []time.Duration
+	for b.Loop() {
+		t0 := time.Now()
+		if err := he(); err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		if err := raw(); err != nil {
+			b.Fatal(err)
+		}
+		th, tr = append(th, t1.Sub(t0)), append(tr, time.Since(t1))
+	}
+	mh, mr := median(th), median(tr)
+	b.ReportMetric(float64(mh.Microseconds())/1000, "he_ms")
+	b.ReportMetric(float64(mr.Microseconds())/1000, "lattigo_ms")
+	b.ReportMetric(float64(mh)/float64(mr), "he/lattigo")
+}
+
+func median(d []time.Duration) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[len(s)/2]
 }

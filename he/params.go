@@ -173,8 +173,8 @@ func mustPreset(lit Literal) func() *Parameters {
 
 var (
 	presetN13 = mustPreset(Literal{LogN: 13, LogQ: []int{60, 40, 40}, LogP: []int{60}, LogDefaultScale: 40})
-	presetN14 = mustPreset(Literal{LogN: 14, LogQ: []int{55, 45, 45, 45, 45, 45, 45}, LogP: []int{61}, LogDefaultScale: 45})
-	presetN15 = mustPreset(Literal{LogN: 15, LogQ: []int{55, 45, 45, 45, 45, 45, 45, 45, 45, 45, 45, 45, 45, 45, 45}, LogP: []int{61, 61}, LogDefaultScale: 45})
+	presetN14 = mustPreset(Literal{LogN: 14, LogQ: []int{60, 45, 45, 45, 45, 45, 45}, LogP: []int{61}, LogDefaultScale: 45})
+	presetN15 = mustPreset(Literal{LogN: 15, LogQ: []int{60, 45, 45, 45, 45, 45, 45, 45, 45, 45, 45, 45, 45, 45, 45}, LogP: []int{61, 61}, LogDefaultScale: 45})
 )
 
 // ParamsN13 returns the N=8192 preset: LogQ [60,40,40], LogP [60], scale 2^40.
@@ -182,13 +182,13 @@ var (
 // (197 KB seeded); one evaluation key is 1.57 MB (0.79 MB seeded).
 func ParamsN13() *Parameters { return presetN13() }
 
-// ParamsN14 returns the N=16384 preset: LogQ [55, 45 x 6], LogP [61], scale 2^45.
-// 8192 slots, depth 6, log2(QP) about 386 (bound 438). A fresh ciphertext is 1.8 MB;
+// ParamsN14 returns the N=16384 preset: LogQ [60, 45 x 6], LogP [61], scale 2^45.
+// 8192 slots, depth 6, log2(QP) about 391 (bound 438). A fresh ciphertext is 1.8 MB;
 // one evaluation key is 14.7 MB (7.3 MB seeded).
 func ParamsN14() *Parameters { return presetN14() }
 
-// ParamsN15 returns the N=32768 preset: LogQ [55, 45 x 14], LogP [61, 61], scale 2^45.
-// 16384 slots, depth 14, log2(QP) about 807 (bound 881). A fresh ciphertext is 7.9 MB;
+// ParamsN15 returns the N=32768 preset: LogQ [60, 45 x 14], LogP [61, 61], scale 2^45.
+// 16384 slots, depth 14, log2(QP) about 812 (bound 881). A fresh ciphertext is 7.9 MB;
 // one evaluation key is 71 MB (36 MB seeded).
 func ParamsN15() *Parameters { return presetN15() }
 
