@@ -49,6 +49,7 @@ type serverConfig struct {
 	logger       *slog.Logger
 	sealing      *pqkex.Server
 	noCoalesce   bool
+	bootstrap    map[string]bool // procedures reachable without a client certificate
 }
 
 // WithPQMode sets the TLS key-exchange policy (default transport.PQPermissive).
@@ -132,7 +133,7 @@ func NewServer(src transport.Source, opts ...ServerOption) (*Server, error) {
 	s.metrics = newMetrics(cfg.registry, "server")
 	interceptors := []connect.Interceptor{
 		s.metrics.interceptor(),
-		&authzInterceptor{policy: cfg.policy, public: map[string]bool{
+		&authzInterceptor{policy: cfg.policy, bootstrap: cfg.bootstrap, public: map[string]bool{
 			"/grpc.health.v1.Health/Check":                                   true,
 			"/grpc.health.v1.Health/Watch":                                   true,
 			"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      true,
@@ -229,7 +230,7 @@ func (s *Server) Handler() http.Handler {
 	if s.cfg.sealing != nil {
 		h = s.cfg.sealing.Handler(withSealedPeer(h))
 	}
-	return withPeer(h)
+	return s.peerHandler(h)
 }
 
 // ListenAndServe listens on addr and serves until ctx is done, then shuts down
@@ -246,7 +247,7 @@ func (s *Server) ListenAndServe(ctx context.Context, addr string) error {
 // every service NOT_SERVING, lets in-flight calls finish for the grace period, and
 // closes what remains. It returns nil after a clean shutdown.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
-	tlsCfg := transport.ServerConfig(s.source, transport.WithPQMode(s.cfg.pqMode), transport.WithObserver(s.metrics))
+	tlsCfg := transport.ServerConfig(s.source, append(s.bootstrapTLSOptions(), transport.WithPQMode(s.cfg.pqMode), transport.WithObserver(s.metrics))...)
 	hs := &http.Server{
 		Handler:           s.Handler(),
 		TLSConfig:         tlsCfg,

@@ -54,6 +54,12 @@ type CA struct {
 	pqKey *mldsa65.PrivateKey
 	pqPub *mldsa65.PublicKey
 	now   func() time.Time
+
+	dir      string              // where the CA's files are; "" for a CA not on disk
+	bundle   []*x509.Certificate // trusted roots: the signing root, plus one more during a rotation
+	next     *x509.Certificate   // a prepared root not yet signing (rotation)
+	denylist *Denylist
+	stamp    string // fingerprint of the files read, to notice changes (Stale)
 }
 
 // InitCA creates a new CA in dir (created 0700 if missing) for trustDomain. It refuses
@@ -73,25 +79,9 @@ func InitCA(dir string, trustDomain string) (*CA, error) {
 	if err != nil {
 		return nil, fmt.Errorf("transport: root key: %w", err)
 	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber:          newSerial(),
-		Subject:               pkix.Name{Organization: []string{"Veil"}, CommonName: "Veil root CA " + td.Name()},
-		URIs:                  []*neturl.URL{td.ID().URL()},
-		NotBefore:             now.Add(-5 * time.Minute),
-		NotAfter:              now.Add(10 * 365 * 24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-		SubjectKeyId:          keyID(&key.PublicKey),
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	cert, der, err := newRoot(td, key, "Veil root CA "+td.Name())
 	if err != nil {
-		return nil, fmt.Errorf("transport: root certificate: %w", err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, fmt.Errorf("transport: root certificate: %w", err)
+		return nil, err
 	}
 	pqPub, pqKey, err := mldsa65.GenerateKey(rand.Reader)
 	if err != nil {
@@ -116,10 +106,14 @@ func InitCA(dir string, trustDomain string) (*CA, error) {
 			return nil, fmt.Errorf("transport: %w", err)
 		}
 	}
-	return newCA(td, cert, key, pqKey, pqPub), nil
+	ca := newCA(td, cert, key, pqKey, pqPub)
+	ca.dir = dir
+	ca.stamp = stampOf(dir)
+	return ca, nil
 }
 
-// LoadCA reads a CA written by InitCA.
+// LoadCA reads a CA written by InitCA, with its trust bundle, prepared rotation and
+// denylist if any.
 func LoadCA(dir string) (*CA, error) {
 	certPEM, err := os.ReadFile(filepath.Join(dir, caCertFile))
 	if err != nil {
@@ -160,11 +154,17 @@ func LoadCA(dir string) (*CA, error) {
 	var seed [mldsa65.SeedSize]byte
 	copy(seed[:], block.Bytes)
 	pqPub, pqKey := mldsa65.NewKeyFromSeed(&seed)
-	return newCA(td, cert, key, pqKey, pqPub), nil
+	ca := newCA(td, cert, key, pqKey, pqPub)
+	ca.dir = dir
+	ca.stamp = stampOf(dir)
+	if err := ca.loadState(); err != nil {
+		return nil, err
+	}
+	return ca, nil
 }
 
 func newCA(td spiffeid.TrustDomain, cert *x509.Certificate, key *ecdsa.PrivateKey, pqKey *mldsa65.PrivateKey, pqPub *mldsa65.PublicKey) *CA {
-	return &CA{td: td, cert: cert, key: key, pqKey: pqKey, pqPub: pqPub, now: time.Now}
+	return &CA{td: td, cert: cert, key: key, pqKey: pqKey, pqPub: pqPub, now: time.Now, bundle: []*x509.Certificate{cert}}
 }
 
 // TrustDomain is the CA's trust domain.
@@ -241,6 +241,9 @@ func (c *CA) Issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration, opts
 	if err != nil {
 		return nil, fmt.Errorf("transport: %w", err)
 	}
+	if err := c.recordIssued(leaf); err != nil {
+		return nil, err
+	}
 	return []*x509.Certificate{leaf}, nil
 }
 
@@ -255,7 +258,7 @@ func (c *CA) IssueFiles(id spiffeid.ID, dir string, ttl time.Duration, opts ...L
 	if err != nil {
 		return err
 	}
-	return WriteIdentity(dir, chain, key, []*x509.Certificate{c.cert})
+	return WriteIdentity(dir, chain, key, c.Bundle())
 }
 
 // WriteIdentity writes an identity directory: chain to tls.crt, key to tls.key (0600),
@@ -335,6 +338,31 @@ func parsePrivateKey(b []byte) (crypto.Signer, error) {
 		return nil, errors.New("private key cannot sign")
 	}
 	return s, nil
+}
+
+// newRoot self-signs a ten-year root certificate for td over key.
+func newRoot(td spiffeid.TrustDomain, key *ecdsa.PrivateKey, commonName string) (*x509.Certificate, []byte, error) {
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          newSerial(),
+		Subject:               pkix.Name{Organization: []string{"Veil"}, CommonName: commonName},
+		URIs:                  []*neturl.URL{td.ID().URL()},
+		NotBefore:             now.Add(-5 * time.Minute),
+		NotAfter:              now.Add(10 * 365 * 24 * time.Hour),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		SubjectKeyId:          keyID(&key.PublicKey),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("transport: root certificate: %w", err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, nil, fmt.Errorf("transport: root certificate: %w", err)
+	}
+	return cert, der, nil
 }
 
 func newSerial() *big.Int {

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
@@ -108,10 +109,11 @@ func AuthorizeMatching(patterns ...Pattern) Authorizer {
 type Option func(*config)
 
 type config struct {
-	mode      PQMode
-	authorize Authorizer
-	observer  Observer
-	now       func() time.Time
+	mode       PQMode
+	authorize  Authorizer
+	observer   Observer
+	now        func() time.Time
+	optionalCC bool
 }
 
 // WithPQMode sets the key-exchange policy (default PQPermissive).
@@ -126,6 +128,12 @@ func WithObserver(o Observer) Option { return func(c *config) { c.observer = o }
 
 // WithClock sets the time used to check certificate validity (tests).
 func WithClock(now func() time.Time) Option { return func(c *config) { c.now = now } }
+
+// WithOptionalClientCert lets a server accept handshakes without a client certificate,
+// so that a bootstrap procedure (the CA's Join) can be reached before a workload has an
+// identity. A certificate that is presented is verified as usual. The caller must
+// refuse every other request on such a connection (package rpc does so by procedure).
+func WithOptionalClientCert() Option { return func(c *config) { c.optionalCC = true } }
 
 func newConfig(opts []Option) *config {
 	c := &config{authorize: AuthorizeAny(), now: time.Now}
@@ -179,6 +187,12 @@ func ServerConfig(src Source, opts ...Option) *tls.Config {
 		},
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			if len(cs.PeerCertificates) == 0 {
+				if c.optionalCC {
+					if c.observer != nil {
+						c.observer.HandshakeDone(cs.CurveID, cs.DidResume)
+					}
+					return nil
+				}
 				return c.failed(ReasonNoClientCert, errors.New("client presented no certificate"))
 			}
 			if err := c.verifyPeer(src, cs); err != nil {
@@ -224,22 +238,50 @@ func ClientConfig(src Source, opts ...Option) *tls.Config {
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			return certificateFrom(src)
 		},
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			if len(cs.PeerCertificates) == 0 {
-				return c.failed(ReasonBadCertificate, errors.New("server presented no certificate"))
-			}
-			if err := c.verifyPeer(src, cs); err != nil {
-				return err
-			}
-			if c.mode == PQStrict && !IsPQGroup(cs.CurveID) {
-				return c.failed(ReasonClassicOnly, fmt.Errorf("negotiated %s, not a post-quantum hybrid group", cs.CurveID))
-			}
-			if c.observer != nil {
-				c.observer.HandshakeDone(cs.CurveID, cs.DidResume)
-			}
-			return nil
-		},
+		VerifyConnection: func(cs tls.ConnectionState) error { return c.verifyServer(src, cs) },
 	}
+}
+
+// verifyServer is the client side's VerifyConnection.
+func (c *config) verifyServer(src Source, cs tls.ConnectionState) error {
+	if len(cs.PeerCertificates) == 0 {
+		return c.failed(ReasonBadCertificate, errors.New("server presented no certificate"))
+	}
+	if err := c.verifyPeer(src, cs); err != nil {
+		return err
+	}
+	if c.mode == PQStrict && !IsPQGroup(cs.CurveID) {
+		return c.failed(ReasonClassicOnly, fmt.Errorf("negotiated %s, not a post-quantum hybrid group", cs.CurveID))
+	}
+	if c.observer != nil {
+		c.observer.HandshakeDone(cs.CurveID, cs.DidResume)
+	}
+	return nil
+}
+
+// BootstrapClientConfig is ClientConfig for a workload that has no identity yet: it
+// presents no client certificate, and verifies the server against bundle (the CA bundle
+// given out of band) and the configured Authorizer. It is only good for the CA's Join.
+func BootstrapClientConfig(bundle x509bundle.Source, opts ...Option) *tls.Config {
+	c := newConfig(opts)
+	src := bundleOnly{bundle}
+	return &tls.Config{
+		MinVersion:         tls.VersionTLS13,
+		CurvePreferences:   c.curves(),
+		NextProtos:         []string{"h2"},
+		InsecureSkipVerify: true, // verified in VerifyConnection against the SPIFFE bundle
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return &tls.Certificate{}, nil // no identity yet: send an empty Certificate message
+		},
+		VerifyConnection: func(cs tls.ConnectionState) error { return c.verifyServer(src, cs) },
+	}
+}
+
+// bundleOnly is a Source with trust material and no identity.
+type bundleOnly struct{ x509bundle.Source }
+
+func (bundleOnly) GetX509SVID() (*x509svid.SVID, error) {
+	return nil, errors.New("transport: no identity yet")
 }
 
 func (c *config) verifyPeer(src Source, cs tls.ConnectionState) error {
@@ -253,6 +295,11 @@ func (c *config) verifyPeer(src Source, cs tls.ConnectionState) error {
 	id, _, err := x509svid.Verify(cs.PeerCertificates, src, x509svid.WithTime(c.now()))
 	if err != nil {
 		return c.failed(verifyReason(err), err)
+	}
+	if d, ok := src.(DenylistSource); ok {
+		if err := d.GetDenylist().Check(cs.PeerCertificates); err != nil {
+			return c.failed(ReasonRevoked, err)
+		}
 	}
 	if err := c.authorize(id); err != nil {
 		return c.failed(ReasonUnauthorizedPeer, err)
