@@ -48,14 +48,21 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// buildImageContext builds static binaries of veil and the test proxy into dir, with
+// a Dockerfile that copies them into an image FROM scratch.
 func buildImageContext(dir string) error {
-	cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, "veil"), "./cmd/veil")
-	cmd.Dir = ".."
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("building a static veil binary: %v\n%s", err, out)
+	for _, b := range []struct{ name, pkg, workdir string }{
+		{"veil", "./cmd/veil", ".."},
+		{"testproxy", "./testproxy", "."},
+	} {
+		cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, b.name), b.pkg)
+		cmd.Dir = b.workdir
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("building a static %s binary: %v\n%s", b.name, err, out)
+		}
 	}
-	dockerfile := "FROM scratch\nCOPY veil /veil\nUSER 65532:65532\nENTRYPOINT [\"/veil\"]\n"
+	dockerfile := "FROM scratch\nCOPY veil /veil\nCOPY testproxy /testproxy\nUSER 65532:65532\n"
 	return os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(dockerfile), 0o644)
 }
 
@@ -82,7 +89,7 @@ type veilContainer struct {
 type containerSpec struct {
 	alias   string
 	network string
-	args    []string
+	args    []string // the command: "/veil" or "/testproxy" and its arguments
 	files   map[string]string // container path -> host path
 	port    string            // e.g. "8443/tcp"
 	ready   string            // a log line that says the process is ready (default "veil serving")

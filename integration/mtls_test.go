@@ -53,7 +53,7 @@ func TestEchoInContainerOverStrictMTLS(t *testing.T) {
 	c := startVeil(t, containerSpec{
 		alias:   "echo",
 		network: newNetwork(t),
-		args: []string{"serve", "--identity", "/identity", "--listen", ":8443", "--service", "echo",
+		args: []string{"/veil", "serve", "--identity", "/identity", "--listen", ":8443", "--service", "echo",
 			"--pq", "strict", "--allow", "spiffe://example.org/client"},
 		files: identityFiles(dir, "echo"),
 		port:  "8443/tcp",

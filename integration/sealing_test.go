@@ -1,0 +1,276 @@
+package integration
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/base64"
+	"fmt"
+	"io"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
+	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pqkex"
+	"github.com/veilrpc/veil/rpc"
+	"github.com/veilrpc/veil/transport"
+)
+
+// sealedIdentities issues X.509 and sealing identities for ids.
+func sealedIdentities(t *testing.T, ids ...string) string {
+	t.Helper()
+	dir, ca := identities(t, ids...)
+	for _, id := range ids {
+		name := id[strings.LastIndex(id, "/")+1:]
+		if err := rpc.IssueSealingIdentity(ca, spiffeid.RequireFromString(id), filepath.Join(dir, name), time.Hour, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+func sealedFiles(dir, name string, extra map[string]string) map[string]string {
+	files := identityFiles(dir, name)
+	for _, f := range []string{rpc.SealCredentialFile, rpc.SealKeyFile, rpc.SealRootFile} {
+		files["/identity/"+f] = filepath.Join(dir, name, f)
+	}
+	for k, v := range extra {
+		files[k] = v
+	}
+	return files
+}
+
+// proxyLog is what the test proxy printed: request lines and the bodies it forwarded.
+type proxyLog struct {
+	requests []string
+	bodies   []byte
+}
+
+func readProxyLog(t *testing.T, c *veilContainer) proxyLog {
+	t.Helper()
+	rc, err := c.Logs(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	var pl proxyLog
+	sc := bufio.NewScanner(rc)
+	sc.Buffer(make([]byte, 1<<20), 16<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		// Docker multiplexes stdout with 8-byte frame headers; find the payload.
+		if i := strings.Index(line, "BODY "); i >= 0 {
+			f := strings.Fields(line[i:])
+			if len(f) == 3 {
+				b, err := base64.StdEncoding.DecodeString(f[2])
+				if err != nil {
+					t.Fatalf("proxy log: %v", err)
+				}
+				pl.bodies = append(pl.bodies, b...)
+			}
+		} else if i := strings.Index(line, "REQUEST "); i >= 0 {
+			pl.requests = append(pl.requests, line[i:])
+		}
+	}
+	return pl
+}
+
+type sealedTopology struct {
+	dir     string
+	proxy   *veilContainer
+	url     string
+	control *http.Client
+	// stripper is a second proxy in front of the same replicas that strips the
+	// sealing headers.
+	stripper    *veilContainer
+	stripperURL string
+}
+
+// startSealedTopology runs three echo replicas sealing STRICT behind two
+// TLS-terminating test proxies, one of them stripping the sealing headers. Replicas 0
+// and 1 share a ticket key; replica 2 has its own.
+func startSealedTopology(t *testing.T) *sealedTopology {
+	t.Helper()
+	dir := sealedIdentities(t, "spiffe://example.org/echo", "spiffe://example.org/proxy", "spiffe://example.org/client")
+	shared, other := filepath.Join(dir, "tickets-shared"), filepath.Join(dir, "tickets-other")
+	for _, f := range []string{shared, other} {
+		if _, err := rpc.RotateTicketKeyFile(f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	nw := newNetwork(t)
+	var upstreams []string
+	for i, tickets := range []string{shared, shared, other} {
+		alias := fmt.Sprintf("echo-%d", i)
+		startVeil(t, containerSpec{
+			alias: alias, network: nw, port: "8443/tcp",
+			args: []string{"/veil", "serve", "--identity", "/identity", "--listen", ":8443", "--service", "echo",
+				"--pq", "strict", "--pq-seal", "strict", "--ticket-keys", "/identity/tickets", "--allow", "spiffe://example.org/client"},
+			files: sealedFiles(dir, "echo", map[string]string{"/identity/tickets": tickets}),
+		})
+		upstreams = append(upstreams, "--upstream", "https://"+alias+":8443")
+	}
+	args := append([]string{"/testproxy", "--identity", "/identity", "--listen", ":8443"}, upstreams...)
+	proxy := startVeil(t, containerSpec{
+		alias: "proxy", network: nw, port: "8443/tcp", ready: "testproxy serving",
+		args: args, files: identityFiles(dir, "proxy"),
+	})
+	stripper := startVeil(t, containerSpec{
+		alias: "stripping-proxy", network: nw, port: "8443/tcp", ready: "testproxy serving",
+		args: append(args, "--strip"), files: identityFiles(dir, "proxy"),
+	})
+	client := loadSource(t, filepath.Join(dir, "client"))
+	return &sealedTopology{
+		dir: dir, proxy: proxy, url: "https://" + proxy.endpoint(t, "8443/tcp"),
+		control:  rpc.NewHTTPClient(client, transport.AuthorizeID(spiffeid.RequireFromString("spiffe://example.org/proxy"))),
+		stripper: stripper, stripperURL: "https://" + stripper.endpoint(t, "8443/tcp"),
+	}
+}
+
+// client returns an echo client sealed end to end with the echo service, whose TLS
+// peer is the proxy.
+func (s *sealedTopology) client(t *testing.T, url string) echov1connect.EchoServiceClient {
+	t.Helper()
+	id, roots, err := rpc.LoadSealingIdentity(filepath.Join(s.dir, "client"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc, err := pqkex.NewClient(pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithAuthorizer(pqkex.AuthorizeID("spiffe://example.org/echo")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := rpc.NewHTTPClient(loadSource(t, filepath.Join(s.dir, "client")),
+		transport.AuthorizeID(spiffeid.RequireFromString("spiffe://example.org/proxy")), rpc.WithClientSealing(pc))
+	return echov1connect.NewEchoServiceClient(hc, url, rpc.ClientOptions()...)
+}
+
+func (s *sealedTopology) route(t *testing.T, n int) {
+	t.Helper()
+	res, err := s.control.Post(fmt.Sprintf("%s/_testproxy/route?to=%d", s.url, n), "text/plain", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != http.StatusOK {
+		t.Fatalf("route: %d %s", res.StatusCode, b)
+	}
+}
+
+// TestSealingThroughProxies runs the scenarios that need replicas behind proxies on
+// one topology (starting it costs most of the time).
+func TestSealingThroughProxies(t *testing.T) {
+	s := startSealedTopology(t)
+	// Order matters: the resumption scenario moves the proxy's route.
+	t.Run("sealed end to end through a logging proxy", s.testSealedThroughProxy)
+	t.Run("a stripping proxy is refused", s.testStrippingProxyIsRefused)
+	t.Run("stateless resumption across replicas", s.testStatelessResumption)
+}
+
+// testSealedThroughProxy: calls succeed through a TLS-terminating proxy that logs what
+// it forwards, and nothing it logged contains the plaintext.
+func (s *sealedTopology) testSealedThroughProxy(t *testing.T) {
+	c := s.client(t, s.url)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	secrets := []string{"feature 17.99 10.38 122.8 1001", "score 0.93127"}
+	for _, msg := range secrets {
+		res, err := c.Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: msg}))
+		if err != nil || res.Msg.GetMessage() != msg {
+			t.Fatalf("Echo through the proxy = %v, %v", res, err)
+		}
+	}
+	stream, err := c.EchoStream(ctx, connect.NewRequest(&echov1.EchoStreamRequest{Message: secrets[1], Count: 20}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for stream.Receive() {
+		n++
+	}
+	if stream.Err() != nil || n != 20 {
+		t.Fatalf("stream through the proxy: %d, %v", n, stream.Err())
+	}
+	pl := readProxyLog(t, s.proxy)
+	if len(pl.bodies) == 0 || len(pl.requests) == 0 {
+		t.Fatalf("the proxy logged %d requests and %d body bytes", len(pl.requests), len(pl.bodies))
+	}
+	for _, msg := range secrets {
+		for _, word := range strings.Fields(msg) {
+			if bytes.Contains(pl.bodies, []byte(word)) {
+				t.Fatalf("the proxy saw plaintext %q", word)
+			}
+		}
+	}
+}
+
+// testStrippingProxyIsRefused: a proxy that strips the sealing headers gets an error
+// from the STRICT service, never a plaintext answer.
+func (s *sealedTopology) testStrippingProxyIsRefused(t *testing.T) {
+	c := s.client(t, s.stripperURL)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	_, err := c.Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "must not come back in the clear"}))
+	if err == nil {
+		t.Fatal("a call through a stripping proxy succeeded")
+	}
+	if bytes.Contains(readProxyLog(t, s.stripper).bodies, []byte("in the clear")) {
+		t.Fatal("plaintext crossed the proxy")
+	}
+}
+
+// testStatelessResumption: a session established with replica 0 continues on replica
+// 1 (same ticket key) without a new handshake; replica 2 (another ticket key) refuses
+// the ticket and the client handshakes again.
+func (s *sealedTopology) testStatelessResumption(t *testing.T) {
+	c := s.client(t, s.url)
+	before := len(readProxyLog(t, s.proxy).requests)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	echo := func(msg string) error {
+		res, err := c.Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: msg}))
+		if err == nil && res.Msg.GetMessage() != msg {
+			err = fmt.Errorf("echoed %q", res.Msg.GetMessage())
+		}
+		return err
+	}
+	if err := echo("on replica 0"); err != nil {
+		t.Fatal(err)
+	}
+	s.route(t, 1)
+	for i := range 3 {
+		if err := echo(fmt.Sprint("on replica 1, call ", i)); err != nil {
+			t.Fatalf("resumed call on replica 1: %v", err)
+		}
+	}
+	handshakes := func(upstream int) int {
+		n := 0
+		for _, r := range readProxyLog(t, s.proxy).requests[before:] {
+			if strings.Contains(r, fmt.Sprintf("upstream=%d ", upstream)) && strings.Contains(r, pqkex.HandshakePath) {
+				n++
+			}
+		}
+		return n
+	}
+	if h0, h1 := handshakes(0), handshakes(1); h0 != 1 || h1 != 0 {
+		t.Fatalf("handshakes: replica 0 %d, replica 1 %d; want 1 and 0", h0, h1)
+	}
+	s.route(t, 2)
+	// The first call meets a ticket replica 2 cannot open; the client handshakes again.
+	err := echo("on replica 2")
+	if err != nil {
+		if err := echo("on replica 2, after a new handshake"); err != nil {
+			t.Fatalf("after the ticket was refused: %v", err)
+		}
+	}
+	if h2 := handshakes(2); h2 != 1 {
+		t.Fatalf("handshakes on replica 2: %d, want 1", h2)
+	}
+}
