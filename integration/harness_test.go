@@ -89,7 +89,7 @@ type veilContainer struct {
 type containerSpec struct {
 	alias   string
 	network string
-	args    []string // the command: "/veil" or "/testproxy" and its arguments
+	args    []string          // the command: "/veil" or "/testproxy" and its arguments
 	files   map[string]string // container path -> host path
 	port    string            // e.g. "8443/tcp"
 	ready   string            // a log line that says the process is ready (default "veil serving")
