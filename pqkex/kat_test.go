@@ -1,0 +1,284 @@
+package pqkex
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ed25519"
+	"crypto/sha3"
+	"encoding/hex"
+	"encoding/json"
+	"flag"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
+)
+
+var update = flag.Bool("update", false, "rewrite testdata/kat.json from the implementation")
+
+const katPath = "testdata/kat.json"
+
+// lastKATRoots and lastKATServer are the CA roots and server identity of the last vector
+// katRun computed.
+var (
+	lastKATRoots  Roots
+	lastKATServer *Identity
+)
+
+// katServer returns a server with the identity and roots of vector v at the vector's time.
+func katServer(t testing.TB, v katVector) *Server {
+	t.Helper()
+	katRun(t, SchemeByName(v.Suite), aeadByName(v.AEAD), len(v.Bind) > 0)
+	s, err := NewServer(WithIdentity(lastKATServer), WithRoots(lastKATRoots), WithClock(func() time.Time { return time.Unix(v.Now, 0) }))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// shake is a deterministic byte stream for known-answer tests.
+type shake struct{ s *sha3.SHAKE }
+
+func newShake(seed string) shake {
+	s := sha3.NewSHAKE256()
+	s.Write([]byte(seed))
+	return shake{s}
+}
+
+func (r shake) Read(p []byte) (int, error) { return r.s.Read(p) }
+
+type hexBytes []byte
+
+func (h hexBytes) MarshalText() ([]byte, error) { return []byte(hex.EncodeToString(h)), nil }
+func (h *hexBytes) UnmarshalText(b []byte) error {
+	d, err := hex.DecodeString(string(b))
+	*h = d
+	return err
+}
+
+// katVector pins every encoding and derived secret of one deterministic handshake and call.
+type katVector struct {
+	Suite            string   `json:"suite"`
+	AEAD             string   `json:"aead"`
+	Seed             string   `json:"seed"`
+	Now              int64    `json:"now"`
+	Bind             hexBytes `json:"channel_binding"`
+	ServerCredential hexBytes `json:"server_credential"`
+	ClientCredential hexBytes `json:"client_credential"`
+	ClientHello      hexBytes `json:"client_hello"`
+	ServerHello      hexBytes `json:"server_hello"`
+	Session          hexBytes `json:"session_secret"`
+	SessionID        hexBytes `json:"session_id"`
+	TicketPlaintext  hexBytes `json:"ticket_plaintext"`
+	CallID           uint64   `json:"call_id"`
+	Procedure        string   `json:"procedure"`
+	CallSecret       hexBytes `json:"call_secret"`
+	C2SSecret        hexBytes `json:"c2s_secret"`
+	S2CSecret        hexBytes `json:"s2c_secret"`
+	RequestBody      hexBytes `json:"request_body"`
+	ResponseBody     hexBytes `json:"response_body"`
+	RekeySS          hexBytes `json:"rekey_shared_secret"`
+	RekeyCT          hexBytes `json:"rekey_ciphertext"`
+	RekeyedSecret    hexBytes `json:"rekeyed_secret"`
+}
+
+var katCases = []struct {
+	suite Scheme
+	aead  AEAD
+	bind  bool
+}{
+	{X25519MLKEM768(), AES256GCM, false},
+	{X25519MLKEM768(), ChaCha20Poly1305, true},
+	{X448MLKEM1024(), AES256GCM, false},
+}
+
+// katRun computes a vector from its inputs (suite, AEAD, seed, binding).
+func katRun(t testing.TB, suite Scheme, aead AEAD, bind bool) katVector {
+	t.Helper()
+	v := katVector{Suite: suite.Name(), AEAD: aead.String(), Seed: "veil pqkex kat " + suite.Name() + " " + aead.String(),
+		Now: time.Date(2026, 6, 1, 12, 0, 0, 0, time.UTC).Unix(), CallID: 7, Procedure: "/test.v1.EchoService/Unary"}
+	r := newShake(v.Seed)
+	now := time.Unix(v.Now, 0)
+	var caSeed [mldsa65.SeedSize]byte
+	mustRead(t, r, caSeed[:])
+	_, caPQ := mldsa65.NewKeyFromSeed(&caSeed)
+	edSeed := make([]byte, ed25519.SeedSize)
+	mustRead(t, r, edSeed)
+	caCl := ed25519.NewKeyFromSeed(edSeed)
+	roots := Roots{PQ: caPQ.Public(), Classical: caCl.Public()}
+	lastKATRoots = roots
+	identity := func(id string) *Identity {
+		pub, priv, err := GenerateKey(suite, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cred, err := IssueCredential(caPQ, caCl, suite, id, now.Add(-time.Hour), now.Add(24*time.Hour), pub)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ident, err := NewIdentity(cred, priv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ident
+	}
+	server, client := identity("spiffe://example.org/server"), identity("spiffe://example.org/client")
+	lastKATServer = server
+	v.ServerCredential, v.ClientCredential = server.cred.raw, client.cred.raw
+	var cb []byte
+	if bind {
+		cb = make([]byte, 32)
+		mustRead(t, r, cb)
+		v.Bind = cb
+	}
+
+	hs, err := startClient(r, client, server.cred, aead, bind)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.ClientHello = hs.raw
+	var tk TicketKey
+	tk.ID = 0x01020304
+	mustRead(t, r, tk.Secret[:])
+	keys, err := NewTicketKeys(tk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, err := parseClientHello(hs.raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := (&credCache{}).verify(roots, ch.credential, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	issue := func(sec handshakeSecrets) ([]byte, uint64, error) {
+		st := &ticketState{suite: suite, aead: aead, flags: ch.flags, sessionID: sec.sessionID, secret: sec.session,
+			issued: unixSeconds(now), expiry: unixSeconds(now.Add(time.Hour)), serverDigest: server.cred.digest,
+			clientID: peer.spiffeID, clientPK: peer.publicKey}
+		v.TicketPlaintext = st.marshal()
+		tkt, err := keys.seal(r, v.TicketPlaintext)
+		return tkt, st.expiry, err
+	}
+	sh, serverSecrets, err := respond(r, ch, hs.raw, server, peer, cb, issue)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.ServerHello = sh
+	res, err := hs.finish(sh, cb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(res.secrets.session, serverSecrets.session) || !bytes.Equal(res.secrets.sessionID, serverSecrets.sessionID) {
+		t.Fatal("client and server derived different sessions")
+	}
+	st, err := keys.openTicket(res.ticket, now)
+	if err != nil || !bytes.Equal(st.marshal(), v.TicketPlaintext) {
+		t.Fatalf("ticket does not open to its plaintext: %v", err)
+	}
+	v.Session, v.SessionID = res.secrets.session, res.secrets.sessionID
+
+	h := suite.Hash()
+	v.CallSecret = callSecret(h, v.Session, v.CallID, v.Procedure)
+	v.C2SSecret = directionSecret(h, v.CallSecret, dirC2S)
+	v.S2CSecret = directionSecret(h, v.CallSecret, dirS2C)
+	v.RequestBody = sealBody(t, h, aead, v.C2SSecret, true, [][]byte{[]byte("ping")}, nil)
+	v.ResponseBody = sealBody(t, h, aead, v.S2CSecret, false, [][]byte{[]byte("pong"), []byte("!")},
+		http.Header{"Grpc-Status": {"0"}, "Grpc-Message": {"ok"}})
+
+	clientPK, err := suite.UnmarshalBinaryPublicKey(client.cred.publicKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctRekey, ssRekey, err := suite.EncapsulateDeterministically(clientPK, mustSeed(t, r, suite.EncapsulationSeedSize()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.RekeySS, v.RekeyCT = ssRekey, ctRekey
+	v.RekeyedSecret = rekeySecret(h, v.S2CSecret, ssRekey, ctRekey)
+	return v
+}
+
+func mustRead(t testing.TB, r io.Reader, b []byte) {
+	t.Helper()
+	if _, err := io.ReadFull(r, b); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func mustSeed(t testing.TB, r io.Reader, n int) []byte {
+	b := make([]byte, n)
+	mustRead(t, r, b)
+	return b
+}
+
+
+// sealBody seals chunks as a body: the hello frame (requests only), one data frame per chunk
+// and the FINAL frame with trailers.
+func sealBody(t testing.TB, h crypto.Hash, aead AEAD, secret []byte, request bool, chunks [][]byte, trailers http.Header) []byte {
+	t.Helper()
+	d, err := newDirection(h, aead, secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &sealer{dir: d, now: time.Now}
+	var out []byte
+	if request {
+		if out, err = s.appendFrame(out, 0, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range chunks {
+		if out, err = s.appendData(out, c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out, err = s.appendFrame(out, flagFinal, encodeTrailerBlock(nil, trailers)); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func TestKnownAnswers(t *testing.T) {
+	var got []katVector
+	for _, c := range katCases {
+		got = append(got, katRun(t, c.suite, c.aead, c.bind))
+	}
+	if *update {
+		b, err := json.MarshalIndent(got, "", "  ")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(katPath, append(b, '\n'), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := loadKAT(t)
+	if len(want) != len(got) {
+		t.Fatalf("%s has %d vectors, want %d", katPath, len(want), len(got))
+	}
+	for i := range want {
+		a, _ := json.Marshal(got[i])
+		b, _ := json.Marshal(want[i])
+		if !bytes.Equal(a, b) {
+			t.Errorf("vector %d (%s, %s) differs from %s; diff the JSON after running with -update", i, want[i].Suite, want[i].AEAD, katPath)
+		}
+	}
+}
+
+func loadKAT(t testing.TB) []katVector {
+	t.Helper()
+	b, err := os.ReadFile(filepath.FromSlash(katPath))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v []katVector
+	if err := json.Unmarshal(b, &v); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}

@@ -1,0 +1,175 @@
+package pqkex
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net/http"
+	"reflect"
+	"testing"
+	"time"
+)
+
+// encodings returns every encoding of a vector with the function that parses it.
+func encodings(v katVector) map[string]struct {
+	b     []byte
+	parse func([]byte) error
+} {
+	suite := SchemeByName(v.Suite)
+	return map[string]struct {
+		b     []byte
+		parse func([]byte) error
+	}{
+		"server credential": {v.ServerCredential, func(b []byte) error { _, err := ParseCredential(b); return err }},
+		"client credential": {v.ClientCredential, func(b []byte) error { _, err := ParseCredential(b); return err }},
+		"client hello":      {v.ClientHello, func(b []byte) error { _, err := parseClientHello(b); return err }},
+		"server hello":      {v.ServerHello, func(b []byte) error { _, err := parseServerHello(b, suite); return err }},
+		"ticket plaintext":  {v.TicketPlaintext, func(b []byte) error { _, err := parseTicketState(b); return err }},
+		"request body":      {v.RequestBody, func(b []byte) error { _, _, err := openBody(v, dirC2S, b); return err }},
+		"response body":     {v.ResponseBody, func(b []byte) error { _, _, err := openBody(v, dirS2C, b); return err }},
+		"trailer block": {encodeTrailerBlock(http.Header{"A": {"1"}}, http.Header{"Grpc-Status": {"0"}}),
+			func(b []byte) error { _, _, err := decodeTrailerBlock(b); return err }},
+	}
+}
+
+// openBody opens a sealed body of vector v and returns its plaintext and trailers.
+func openBody(v katVector, dir string, b []byte) ([]byte, http.Header, error) {
+	suite := SchemeByName(v.Suite)
+	secret := v.C2SSecret
+	if dir == dirS2C {
+		secret = v.S2CSecret
+	}
+	d, err := newDirection(suite.Hash(), aeadByName(v.AEAD), secret)
+	if err != nil {
+		return nil, nil, err
+	}
+	o := &opener{dir: d, r: bytes.NewReader(b)}
+	if dir == dirC2S {
+		if err := openHello(o); err != nil {
+			return nil, nil, err
+		}
+	}
+	var trailers http.Header
+	rd := &openReader{o: o, final: func(_, t http.Header) { trailers = t }}
+	pt, err := io.ReadAll(rd)
+	return pt, trailers, err
+}
+
+func aeadByName(name string) AEAD {
+	for _, a := range []AEAD{AES256GCM, ChaCha20Poly1305} {
+		if a.String() == name {
+			return a
+		}
+	}
+	return 0
+}
+
+func TestVectorsParse(t *testing.T) {
+	for _, v := range loadKAT(t) {
+		for name, e := range encodings(v) {
+			if err := e.parse(e.b); err != nil {
+				t.Errorf("%s %s: %v", v.Suite, name, err)
+			}
+		}
+		pt, tr, err := openBody(v, dirS2C, v.ResponseBody)
+		if err != nil || string(pt) != "pong!" || tr.Get("Grpc-Message") != "ok" {
+			t.Errorf("%s response opens to %q %v %v", v.Suite, pt, tr, err)
+		}
+		pt, _, err = openBody(v, dirC2S, v.RequestBody)
+		if err != nil || string(pt) != "ping" {
+			t.Errorf("%s request opens to %q %v", v.Suite, pt, err)
+		}
+		ch, err := parseClientHello(v.ClientHello)
+		if err != nil || !bytes.Equal(ch.marshal(), v.ClientHello) {
+			t.Errorf("%s client hello does not round-trip", v.Suite)
+		}
+	}
+}
+
+// TestBadLengths: every truncation and every extension of every encoding is an error.
+func TestBadLengths(t *testing.T) {
+	for _, v := range loadKAT(t)[:1] {
+		for name, e := range encodings(v) {
+			step := 1
+			if len(e.b) > 4096 {
+				step = 7 // credentials are large; still covers every field boundary region densely
+			}
+			for i := 0; i < len(e.b); i += step {
+				if e.parse(e.b[:i]) == nil {
+					t.Errorf("%s truncated to %d of %d bytes parsed", name, i, len(e.b))
+				}
+			}
+			if name == "request body" || name == "response body" {
+				continue // bytes after FINAL are never read, by design (spec 6.2)
+			}
+			if e.parse(append(append([]byte(nil), e.b...), 0)) == nil {
+				t.Errorf("%s extended by one byte parsed", name)
+			}
+		}
+	}
+}
+
+// TestCredentialFieldBoundaries truncates credentials at every byte near a field boundary.
+func TestCredentialFieldBoundaries(t *testing.T) {
+	v := loadKAT(t)[0]
+	b := v.ClientCredential
+	c, err := ParseCredential(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tbs := len(c.tbs)
+	for _, edge := range []int{4, 5, 7, 9, tbs - 1220, tbs - 2, tbs, tbs + 2, tbs + 3311, len(b) - 1} {
+		for i := max(edge-3, 0); i <= min(edge+3, len(b)-1); i++ {
+			if _, err := ParseCredential(b[:i]); err == nil {
+				t.Errorf("credential truncated to %d parsed", i)
+			}
+		}
+	}
+}
+
+func TestRootsVerify(t *testing.T) {
+	v := loadKAT(t)[0]
+	c, err := ParseCredential(v.ServerCredential)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Unix(v.Now, 0)
+	// Recreate the vector's CA to get its roots.
+	roots := katRoots(t, v)
+	if err := roots.Verify(c, now); err != nil {
+		t.Fatal(err)
+	}
+	if err := roots.Verify(c, now.Add(25*time.Hour)); !errors.Is(err, errCredentialTime) {
+		t.Errorf("expired: %v", err)
+	}
+	if err := roots.Verify(c, now.Add(-2*time.Hour)); !errors.Is(err, errCredentialTime) {
+		t.Errorf("not yet valid: %v", err)
+	}
+	for _, i := range []int{6, 40, len(c.tbs) + 100, len(v.ServerCredential) - 10} {
+		bad := append([]byte(nil), v.ServerCredential...)
+		bad[i] ^= 1
+		if bc, err := ParseCredential(bad); err == nil && roots.Verify(bc, now) == nil {
+			t.Errorf("credential with byte %d flipped verified", i)
+		}
+	}
+	// Each signature alone is not enough.
+	onlyPQ := roots
+	onlyPQ.Classical = nil
+	if onlyPQ.Verify(c, now) == nil {
+		t.Error("verified without the classical root")
+	}
+	onlyClassical := roots
+	onlyClassical.PQ = nil
+	if onlyClassical.Verify(c, now) == nil {
+		t.Error("verified without the post-quantum root")
+	}
+}
+
+func katRoots(t *testing.T, v katVector) Roots {
+	t.Helper()
+	got := katRun(t, SchemeByName(v.Suite), aeadByName(v.AEAD), len(v.Bind) > 0)
+	if !reflect.DeepEqual(got.ServerCredential, v.ServerCredential) {
+		t.Fatal("vector does not reproduce")
+	}
+	return lastKATRoots
+}
