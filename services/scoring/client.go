@@ -1,0 +1,364 @@
+package scoring
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/veilrpc/veil/gen/veil/he/v1/hev1connect"
+	scoringv1 "github.com/veilrpc/veil/gen/veil/scoring/v1"
+	"github.com/veilrpc/veil/gen/veil/scoring/v1/scoringv1connect"
+	"github.com/veilrpc/veil/he"
+)
+
+// Info describes a scoring server's model interface (no weights).
+type Info struct {
+	Features           int
+	Slots              int
+	LogitBound         float64
+	Degree             int
+	ApproximationError float64
+	Params             *he.Parameters
+}
+
+// Progress reports how far a client operation is.
+type Progress struct {
+	// Stage is "upload" (Done/Total in bytes of evaluation keys), "encrypt"
+	// (ciphertexts sent) or "score" (blocks decrypted).
+	Stage       string
+	Done, Total int64
+}
+
+// Stats describes one Score call.
+type Stats struct {
+	Samples     int
+	Blocks      int
+	Ciphertexts int // sent (one per feature per block)
+	// BytesSent and BytesReceived count the protobuf messages of the scoring call
+	// (without the key upload and the HTTP/2 and TLS framing).
+	BytesSent, BytesReceived int64
+	// KeyBytes is the size of the encoded evaluation-key set; KeyUploaded says whether
+	// this call uploaded it (the first call, or after the server lost it).
+	KeyBytes    int64
+	KeyUploaded bool
+	KeyGen      time.Duration // on NewClient, reported by every call
+	Upload      time.Duration
+	Encrypt     time.Duration
+	Decrypt     time.Duration
+	Total       time.Duration
+	KeyID       string
+	ParamID     string
+}
+
+// ClientOption configures NewClient.
+type ClientOption func(*clientConfig)
+
+type clientConfig struct {
+	progress func(Progress)
+	opts     []connect.ClientOption
+	heClient *he.Client
+}
+
+// WithProgress calls f as keys upload, blocks are sent and results arrive.
+func WithProgress(f func(Progress)) ClientOption { return func(c *clientConfig) { c.progress = f } }
+
+// WithConnectOptions adds Connect client options (rpc.ClientOptions() is always used).
+func WithConnectOptions(opts ...connect.ClientOption) ClientOption {
+	return func(c *clientConfig) { c.opts = append(c.opts, opts...) }
+}
+
+// WithHEClient uses an existing secret key (its parameters must be the server's)
+// instead of generating one.
+func WithHEClient(c *he.Client) ClientOption { return func(cfg *clientConfig) { cfg.heClient = c } }
+
+// Client scores batches against a scoring server. It holds the CKKS secret key; the
+// server only ever sees ciphertexts and evaluation keys. It is safe for concurrent use.
+type Client struct {
+	svc      scoringv1connect.ScoringServiceClient
+	info     Info
+	he       *he.Client
+	uploader *he.Uploader
+	keyID    he.KeyID
+	keyBytes int64
+	keyGen   time.Duration
+	progress func(Progress)
+
+	mu       sync.Mutex
+	uploaded bool
+}
+
+// NewClient asks the server at baseURL for its model interface and key manifest,
+// generates a secret key (unless WithHEClient) and exactly the evaluation keys the
+// manifest names. Keys are uploaded on the first Score (or by UploadKeys). hc is
+// normally rpc.NewHTTPClient; connect options default to rpc's (no compression).
+func NewClient(ctx context.Context, hc connect.HTTPClient, baseURL string, opts ...ClientOption) (*Client, error) {
+	cfg := clientConfig{}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	copts := append([]connect.ClientOption{connect.WithAcceptCompression("gzip", nil, nil)}, cfg.opts...)
+	svc := scoringv1connect.NewScoringServiceClient(hc, baseURL, copts...)
+	keys := hev1connect.NewKeyServiceClient(hc, baseURL, copts...)
+	res, err := svc.GetModelInfo(ctx, connect.NewRequest(&scoringv1.GetModelInfoRequest{}))
+	if err != nil {
+		return nil, err
+	}
+	params, err := ParametersFromProto(res.Msg.GetParameters())
+	if err != nil {
+		return nil, err
+	}
+	if int(res.Msg.GetSlots()) != params.Slots() || res.Msg.GetFeatures() == 0 {
+		return nil, fmt.Errorf("scoring: server announces %d slots and %d features for %s", res.Msg.GetSlots(), res.Msg.GetFeatures(), params)
+	}
+	c := &Client{
+		svc: svc,
+		info: Info{
+			Features:           int(res.Msg.GetFeatures()),
+			Slots:              params.Slots(),
+			LogitBound:         res.Msg.GetLogitBound(),
+			Degree:             int(res.Msg.GetDegree()),
+			ApproximationError: res.Msg.GetApproximationError(),
+			Params:             params,
+		},
+		he:       cfg.heClient,
+		progress: cfg.progress,
+	}
+	if c.he == nil {
+		if c.he, err = he.NewClient(params); err != nil {
+			return nil, err
+		}
+	} else if c.he.Params().ID() != params.ID() {
+		return nil, fmt.Errorf("scoring: the given key has parameters %s, the server %s", c.he.Params().ID(), params.ID())
+	}
+	manifest, err := he.FetchManifest(ctx, keys, params, ScoreStreamProcedure)
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	evk, err := c.he.GenEvaluationKeys(manifest)
+	if err != nil {
+		return nil, err
+	}
+	c.keyGen = time.Since(start)
+	c.keyBytes = he.EncodedSize(manifest)
+	if c.keyID, err = evk.ID(); err != nil {
+		return nil, err
+	}
+	c.uploader = he.NewUploader(keys, evk, he.WithProgress(func(sent, total int64) {
+		c.report("upload", sent, total)
+	}))
+	return c, nil
+}
+
+func (c *Client) report(stage string, done, total int64) {
+	if c.progress != nil {
+		c.progress(Progress{Stage: stage, Done: done, Total: total})
+	}
+}
+
+// Info returns the server's model interface.
+func (c *Client) Info() Info { return c.info }
+
+// KeyID returns the ID of the client's evaluation keys.
+func (c *Client) KeyID() he.KeyID { return c.keyID }
+
+// UploadKeys makes sure the server holds the client's evaluation keys, and returns
+// how long that took (a status call when it already does).
+func (c *Client) UploadKeys(ctx context.Context) (time.Duration, error) {
+	start := time.Now()
+	if _, err := c.uploader.Upload(ctx); err != nil {
+		return 0, err
+	}
+	c.mu.Lock()
+	c.uploaded = true
+	c.mu.Unlock()
+	return time.Since(start), nil
+}
+
+// Score encrypts the samples x (each with Info().Features raw feature values),
+// streams them to the server block by block, and decrypts the probabilities, in the
+// order of x. It uploads the evaluation keys first if this client has not yet, and
+// again if the server reports them missing.
+func (c *Client) Score(ctx context.Context, x [][]float64) ([]float64, Stats, error) {
+	start := time.Now()
+	st := Stats{Samples: len(x), KeyBytes: c.keyBytes, KeyGen: c.keyGen, KeyID: string(c.keyID), ParamID: string(c.info.Params.ID())}
+	if len(x) == 0 {
+		return nil, st, errors.New("scoring: empty batch")
+	}
+	for i, row := range x {
+		if len(row) != c.info.Features {
+			return nil, st, fmt.Errorf("scoring: sample %d has %d features, the model %d", i, len(row), c.info.Features)
+		}
+	}
+	c.mu.Lock()
+	uploaded := c.uploaded
+	c.mu.Unlock()
+	if !uploaded {
+		d, err := c.UploadKeys(ctx)
+		if err != nil {
+			return nil, st, err
+		}
+		st.Upload, st.KeyUploaded = d, true
+	}
+	var probs []float64
+	err := c.uploader.Do(ctx, func(ctx context.Context, id he.KeyID) error {
+		var err error
+		probs, err = c.stream(ctx, x, &st)
+		return err
+	})
+	st.Total = time.Since(start)
+	if err != nil {
+		return nil, st, err
+	}
+	return probs, st, nil
+}
+
+// stream runs one ScoreStream call: a goroutine encrypts and sends block after block
+// while this one receives and decrypts, so encryption, evaluation and decryption overlap.
+func (c *Client) stream(ctx context.Context, x [][]float64, st *Stats) ([]float64, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	slots := c.info.Slots
+	features := c.info.Features
+	blocks := (len(x) + slots - 1) / slots
+	st.Blocks, st.Ciphertexts = blocks, blocks*features
+	st.BytesSent, st.BytesReceived, st.Encrypt, st.Decrypt = 0, 0, 0, 0
+	s := c.svc.ScoreStream(ctx)
+	type sendResult struct {
+		bytes   int64
+		encrypt time.Duration
+		err     error
+	}
+	sent := make(chan sendResult, 1)
+	go func() {
+		var r sendResult
+		defer func() { sent <- r }()
+		hdr := &scoringv1.ScoreStreamRequest{Part: &scoringv1.ScoreStreamRequest_Header{Header: &scoringv1.ScoreStreamHeader{KeyId: string(c.keyID), Samples: uint64(len(x))}}}
+		r.bytes += int64(proto.Size(hdr))
+		if r.err = s.Send(hdr); r.err != nil {
+			return
+		}
+		col := make([]float64, 0, slots)
+		for b := range blocks {
+			lo, hi := b*slots, min(len(x), (b+1)*slots)
+			for j := range features {
+				col = col[:0]
+				for _, row := range x[lo:hi] {
+					col = append(col, row[j])
+				}
+				t := time.Now()
+				v, err := c.he.Encrypt(col)
+				if err == nil {
+					m := &scoringv1.FeatureBlock{Block: uint32(b), Feature: uint32(j)}
+					if m.Values, err = he.MarshalVector(v); err == nil {
+						r.encrypt += time.Since(t)
+						msg := &scoringv1.ScoreStreamRequest{Part: &scoringv1.ScoreStreamRequest_Block{Block: m}}
+						r.bytes += int64(proto.Size(msg))
+						err = s.Send(msg)
+					}
+				}
+				if err != nil {
+					r.err = err
+					return
+				}
+				c.report("encrypt", int64(b*features+j+1), int64(blocks*features))
+			}
+		}
+		r.err = s.CloseRequest()
+	}()
+	probs := make([]float64, 0, len(x))
+	var recvErr error
+	for b := range blocks {
+		res, err := s.Receive()
+		if err != nil {
+			recvErr = err
+			break
+		}
+		if int(res.GetBlock()) != b {
+			recvErr = fmt.Errorf("scoring: server answered block %d, want %d", res.GetBlock(), b)
+			break
+		}
+		st.BytesReceived += int64(proto.Size(res))
+		t := time.Now()
+		v, err := he.UnmarshalVector(c.info.Params, res.GetProbabilities())
+		if err == nil && v.Len() != min(slots, len(x)-b*slots) {
+			err = fmt.Errorf("scoring: block %d holds %d results, want %d", b, v.Len(), min(slots, len(x)-b*slots))
+		}
+		var p []float64
+		if err == nil {
+			p, err = c.he.Decrypt(v)
+		}
+		st.Decrypt += time.Since(t)
+		if err != nil {
+			recvErr = err
+			break
+		}
+		probs = append(probs, p...)
+		c.report("score", int64(b+1), int64(blocks))
+	}
+	if recvErr != nil {
+		cancel()
+	}
+	r := <-sent
+	st.BytesSent, st.Encrypt = r.bytes, r.encrypt
+	_ = s.CloseResponse()
+	if recvErr != nil {
+		if errors.Is(recvErr, io.EOF) {
+			recvErr = errors.New("scoring: the server closed the stream early")
+		}
+		return nil, recvErr
+	}
+	if r.err != nil {
+		return nil, r.err
+	}
+	return probs, nil
+}
+
+// ScoreBlock scores at most Info().Slots samples with one unary Score call (one
+// message carrying every feature's ciphertext). Score streams any batch size; this is
+// the simpler call for small batches and for clients without bidirectional streams.
+func (c *Client) ScoreBlock(ctx context.Context, x [][]float64) ([]float64, error) {
+	if len(x) == 0 || len(x) > c.info.Slots {
+		return nil, fmt.Errorf("scoring: ScoreBlock takes 1 to %d samples, have %d", c.info.Slots, len(x))
+	}
+	if _, err := c.UploadKeys(ctx); err != nil {
+		return nil, err
+	}
+	req := &scoringv1.ScoreRequest{KeyId: string(c.keyID)}
+	col := make([]float64, len(x))
+	for j := range c.info.Features {
+		for i, row := range x {
+			if len(row) != c.info.Features {
+				return nil, fmt.Errorf("scoring: sample %d has %d features, the model %d", i, len(row), c.info.Features)
+			}
+			col[i] = row[j]
+		}
+		v, err := c.he.Encrypt(col)
+		if err != nil {
+			return nil, err
+		}
+		m, err := he.MarshalVector(v)
+		if err != nil {
+			return nil, err
+		}
+		req.Features = append(req.Features, m)
+	}
+	res, err := c.svc.Score(ctx, connect.NewRequest(req))
+	if err != nil {
+		return nil, err
+	}
+	v, err := he.UnmarshalVector(c.info.Params, res.Msg.GetProbabilities())
+	if err != nil {
+		return nil, err
+	}
+	if v.Len() != len(x) {
+		return nil, fmt.Errorf("scoring: server returned %d results for %d samples", v.Len(), len(x))
+	}
+	return c.he.Decrypt(v)
+}
