@@ -135,8 +135,9 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		s: &sealer{
 			dir:    c2s,
 			encap:  func() ([]byte, []byte, error) { return sess.suite.Encapsulate(serverPK) },
-			policy: c.cfg.rekey.Stream,
-			now:    c.cfg.now,
+			policy:  c.cfg.rekey.Stream,
+			now:     c.cfg.now,
+			onRekey: func() { c.m.rekeys.WithLabelValues(sideClient, "stream").Inc() },
 		},
 		src:     nonNil(req.Body),
 		onBytes: count,
@@ -245,6 +246,9 @@ func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL
 	c.mu.Unlock()
 	if c.usable(s, now) {
 		return s, nil
+	}
+	if s != nil {
+		c.m.rekeys.WithLabelValues(sideClient, "session").Inc()
 	}
 	s, err := c.handshake(ctx, base, key)
 	if reasonOf(err) == reasonServerKey {

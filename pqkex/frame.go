@@ -67,6 +67,7 @@ type StreamRekeyPolicy struct {
 type sealer struct {
 	dir        *direction
 	encap      func() (ct, ss []byte, err error) // nil: never rekey
+	onRekey    func()
 	policy     StreamRekeyPolicy
 	now        func() time.Time
 	sinceBytes int64
@@ -114,6 +115,9 @@ func (s *sealer) appendData(dst, p []byte) ([]byte, error) {
 				return dst, err
 			}
 			s.sinceBytes, s.since = 0, s.now()
+			if s.onRekey != nil {
+				s.onRekey()
+			}
 		}
 		n := min(len(p), maxDataFrame)
 		if dst, err = s.appendFrame(dst, 0, p[:n]); err != nil {

@@ -12,6 +12,7 @@ type metrics struct {
 	rejections *prometheus.CounterVec // side, reason
 	handshakes *prometheus.CounterVec // side, result
 	calls      *prometheus.CounterVec // side, sealed
+	rekeys     *prometheus.CounterVec // side, kind (session or stream)
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -28,11 +29,16 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "veil_pqkex_calls_total",
 			Help: "Calls seen by pqkex, by side and whether they were sealed.",
 		}, []string{"side", "sealed"}),
+		rekeys: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "veil_pqkex_rekeys_total",
+			Help: "Fresh-KEM rekeys by side and kind: session (a new handshake replacing a used-up session) or stream (a REKEY frame).",
+		}, []string{"side", "kind"}),
 	}
 	if reg != nil {
 		m.rejections = register(reg, m.rejections)
 		m.handshakes = register(reg, m.handshakes)
 		m.calls = register(reg, m.calls)
+		m.rekeys = register(reg, m.rekeys)
 	}
 	return m
 }

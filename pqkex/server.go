@@ -299,8 +299,9 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader s
 	sw := &sealWriter{w: w, h: make(http.Header), s: &sealer{
 		dir:    s2c,
 		encap:  func() ([]byte, []byte, error) { return st.suite.Encapsulate(clientPK) },
-		policy: s.cfg.rekey.Stream,
-		now:    s.cfg.now,
+		policy:  s.cfg.rekey.Stream,
+		now:     s.cfg.now,
+		onRekey: func() { s.m.rekeys.WithLabelValues(sideServer, "stream").Inc() },
 	}}
 	return inner, sw, nil
 }

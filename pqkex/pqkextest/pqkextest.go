@@ -6,14 +6,11 @@ package pqkextest
 import (
 	"crypto"
 	"crypto/ecdsa"
-	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/sha3"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"errors"
 	"io"
 	"math/big"
 	"net"
@@ -44,22 +41,6 @@ func NewCA() (*CA, error) {
 		return nil, err
 	}
 	return newCA(pq, cl)
-}
-
-// NewCAFromSeed returns a deterministic CA (ML-DSA-65 and Ed25519 keys from seed), for
-// known-answer tests: its credential signatures are reproducible.
-func NewCAFromSeed(seed [32]byte) (*CA, error) {
-	r := NewReader(seed[:])
-	var s [mldsa65.SeedSize]byte
-	if _, err := io.ReadFull(r, s[:]); err != nil {
-		return nil, err
-	}
-	_, pq := mldsa65.NewKeyFromSeed(&s)
-	es := make([]byte, ed25519.SeedSize)
-	if _, err := io.ReadFull(r, es); err != nil {
-		return nil, err
-	}
-	return newCA(pq, ed25519.NewKeyFromSeed(es))
 }
 
 var epoch = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
@@ -163,26 +144,4 @@ func (ca *CA) ClientTLSConfig(spiffeID string) (*tls.Config, error) {
 		Certificates: []tls.Certificate{cert},
 		RootCAs:      ca.Pool,
 	}, nil
-}
-
-// reader is a deterministic byte stream: SHAKE256 of the seed.
-type reader struct{ s *sha3.SHAKE }
-
-// NewReader returns a deterministic stream of bytes derived from seed with SHAKE256, for
-// known-answer tests. Never use it for real keys.
-func NewReader(seed []byte) io.Reader {
-	s := sha3.NewSHAKE256()
-	s.Write(seed)
-	return reader{s}
-}
-
-func (r reader) Read(p []byte) (int, error) {
-	if len(p) == 0 {
-		return 0, nil
-	}
-	n, err := r.s.Read(p)
-	if err != nil {
-		return n, errors.New("pqkextest: " + err.Error())
-	}
-	return n, nil
 }
