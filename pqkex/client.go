@@ -133,8 +133,8 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	count := func(n int) { sess.bytes.Add(int64(n)) }
 	out.Body = &sealReader{
 		s: &sealer{
-			dir:    c2s,
-			encap:  func() ([]byte, []byte, error) { return sess.suite.Encapsulate(serverPK) },
+			dir:     c2s,
+			encap:   func() ([]byte, []byte, error) { return sess.suite.Encapsulate(serverPK) },
 			policy:  c.cfg.rekey.Stream,
 			now:     c.cfg.now,
 			onRekey: func() { c.m.rekeys.WithLabelValues(sideClient, "stream").Inc() },

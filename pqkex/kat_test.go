@@ -216,7 +216,6 @@ func mustSeed(t testing.TB, r io.Reader, n int) []byte {
 	return b
 }
 
-
 // sealBody seals chunks as a body: the hello frame (requests only), one data frame per chunk
 // and the FINAL frame with trailers.
 func sealBody(t testing.TB, h crypto.Hash, aead AEAD, secret []byte, request bool, chunks [][]byte, trailers http.Header) []byte {

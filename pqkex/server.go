@@ -297,8 +297,8 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader s
 	inner.ContentLength = -1
 	inner.Body = &openReader{o: op, body: r.Body, onErr: func(err error) { s.m.reject(sideServer, err) }}
 	sw := &sealWriter{w: w, h: make(http.Header), s: &sealer{
-		dir:    s2c,
-		encap:  func() ([]byte, []byte, error) { return st.suite.Encapsulate(clientPK) },
+		dir:     s2c,
+		encap:   func() ([]byte, []byte, error) { return st.suite.Encapsulate(clientPK) },
 		policy:  s.cfg.rekey.Stream,
 		now:     s.cfg.now,
 		onRekey: func() { s.m.rekeys.WithLabelValues(sideServer, "stream").Inc() },
