@@ -172,7 +172,7 @@ func startServe(t *testing.T, args ...string) string {
 	done := make(chan int, 1)
 	var serveErr bytes.Buffer
 	go func() {
-		done <- run(ctx, append([]string{"serve", "--listen", addr}, args...), io.Discard, &serveErr)
+		done <- run(ctx, append(append([]string{"serve"}, args...), "--listen", addr), io.Discard, &serveErr)
 	}()
 	t.Cleanup(func() {
 		stop()
@@ -187,4 +187,60 @@ func startServe(t *testing.T, args ...string) string {
 		}
 	}
 	return addr[strings.LastIndex(addr, ":")+1:]
+}
+
+func TestServeConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	for _, args := range [][]string{
+		{"ca", "init", "--dir", filepath.Join(dir, "ca"), "--trust-domain", "example.org"},
+		{"ca", "issue", "--dir", filepath.Join(dir, "ca"), "--id", "spiffe://example.org/echo", "--out", filepath.Join(dir, "echo")},
+		{"ca", "issue", "--dir", filepath.Join(dir, "ca"), "--id", "spiffe://example.org/ns/a/sa/client", "--out", filepath.Join(dir, "client")},
+		{"ca", "issue", "--dir", filepath.Join(dir, "ca"), "--id", "spiffe://example.org/other", "--out", filepath.Join(dir, "other")},
+	} {
+		if code, _, errOut := veil(t, ctx, args...); code != 0 {
+			t.Fatalf("veil %v: %s", args, errOut)
+		}
+	}
+	write := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	good := write("good.yaml", `
+identity: `+filepath.Join(dir, "echo")+`
+listen: 127.0.0.1:1
+pq: strict
+service: [echo]
+allow: spiffe://example.org/nobody
+policy:
+  - procedure: /veil.echo.v1.EchoService/Echo
+    allow: ["spiffe://example.org/ns/*/sa/*"]
+`)
+	// --listen on the command line overrides the file's unusable port.
+	port := startServe(t, "--config", good)
+	call := func(identity string) (int, string) {
+		code, out, errOut := veil(t, ctx, "call", "--identity", filepath.Join(dir, identity), "--addr", "https://127.0.0.1:"+port,
+			"/veil.echo.v1.EchoService/Echo", `{"message":"configured"}`)
+		return code, out + errOut
+	}
+	if code, out := call("client"); code != 0 || !strings.Contains(out, "configured") {
+		t.Fatalf("allowed by the file's policy: exit %d %s", code, out)
+	}
+	if code, out := call("other"); code != 1 || !strings.Contains(out, "permission_denied") {
+		t.Fatalf("not in the policy: exit %d %s", code, out)
+	}
+	for name, body := range map[string]string{
+		"unknown.yaml":   "identity: x\nlistn: y\n",
+		"badvalue.yaml":  "grace: forever\n",
+		"badpolicy.yaml": "policy:\n  - procedure: /x.v1.S/*\n    alow: [spiffe://x]\n",
+		"nested.yaml":    "listen: {a: b}\n",
+	} {
+		code, _, errOut := veil(t, ctx, "serve", "--config", write(name, body), "--identity", filepath.Join(dir, "echo"), "--service", "echo")
+		if code != 2 || !strings.Contains(errOut, name) {
+			t.Errorf("%s: exit %d %q, want 2 naming the file", name, code, errOut)
+		}
+	}
 }

@@ -36,8 +36,16 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	ticketKeys := fs.String("ticket-keys", "", "pqkex ticket-key file shared by replicas (see 'veil ticket-keys'); reread on SIGHUP")
 	metrics := fs.String("metrics", "", "serve Prometheus metrics on this address (plain HTTP)")
 	grace := fs.Duration("grace", rpc.DefaultGracePeriod, "how long in-flight calls may finish on shutdown")
+	config := fs.String("config", "", "YAML file whose keys are these flags' names (plus policy rules); flags override it")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	var rules []policyRule
+	if *config != "" {
+		var err error
+		if rules, err = applyConfig(fs, *config); err != nil {
+			return err
+		}
 	}
 	if err := required(fs, "identity"); err != nil {
 		return err
@@ -91,6 +99,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	srv, err := rpc.NewServer(src, opts...)
 	if err != nil {
 		return err
+	}
+	for _, r := range rules {
+		if err := policy.Allow(r.Procedure, r.Allow...); err != nil {
+			return fmt.Errorf("%w: config policy: %v", errUsage, err)
+		}
 	}
 	for _, name := range services {
 		switch name {
