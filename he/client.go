@@ -68,11 +68,7 @@ func (c *Client) Encrypt(values []float64) (*Vector, error) {
 		if err != nil {
 			return nil, err
 		}
-		prng, err := sampling.NewKeyedPRNG(seed)
-		if err != nil {
-			return nil, internalf("keyed PRNG")
-		}
-		return seed, w.skE.WithPRNG(prng).Encrypt(pt, ct)
+		return seed, w.skE.WithPRNG(seededPRNG(seed)).Encrypt(pt, ct)
 	})
 }
 

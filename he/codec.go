@@ -122,11 +122,7 @@ func unmarshalCiphertext(params *Parameters, m *hev1.Ciphertext) (*rlwe.Cipherte
 		return nil, err
 	}
 	if seeded {
-		u, err := uniformFromSeed(params, m.GetSeed())
-		if err != nil {
-			return nil, err
-		}
-		u.AtLevel(level, -1).Read(ringqp.Poly{Q: ct.Value[1]})
+		uniformFromSeed(params, m.GetSeed()).AtLevel(level, -1).Read(ringqp.Poly{Q: ct.Value[1]})
 	} else if _, err := readPoly(m.GetC1(), ct.Value[1], params.p.Q()); err != nil {
 		return nil, err
 	}

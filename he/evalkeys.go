@@ -11,7 +11,6 @@ import (
 	"github.com/tuneinsight/lattigo/v5/core/rlwe"
 	"github.com/tuneinsight/lattigo/v5/ring"
 	"github.com/tuneinsight/lattigo/v5/ring/ringqp"
-	"github.com/tuneinsight/lattigo/v5/utils/sampling"
 )
 
 // EvaluationKeys is a set of evaluation keys (relinearization and Galois keys) for one
@@ -141,13 +140,9 @@ func genRows(params *Parameters, pool *sync.Pool, jobs []*keyJob) (err error) {
 			base := pool.Get().(*rlwe.Encryptor)
 			defer pool.Put(base)
 			for r := range ch {
-				prng, perr := sampling.NewKeyedPRNG(rowSeed(r.job.seed, r.i, r.j))
-				if perr != nil {
-					panic(perr)
-				}
 				// The encryptor samples the uniform part a from the row's seed, exactly as
 				// ParseEvaluationKeys regenerates it, and computes b = -a*s + e.
-				enc := base.WithKey(&rlwe.SecretKey{Value: r.job.skOut}).WithPRNG(prng)
+				enc := base.WithKey(&rlwe.SecretKey{Value: r.job.skOut}).WithPRNG(seededPRNG(rowSeed(r.job.seed, r.i, r.j)))
 				ct := rlwe.Element[ringqp.Poly]{
 					MetaData: &rlwe.MetaData{CiphertextMetaData: rlwe.CiphertextMetaData{IsNTT: true, IsMontgomery: true}},
 					Value:    []ringqp.Poly(r.job.evk.Value[r.i][r.j]),
@@ -395,11 +390,7 @@ func ParseEvaluationKeys(params *Parameters, data []byte) (keys *EvaluationKeys,
 			if b, err = readPoly(b, v[0].P, params.p.P()); err != nil {
 				return nil, err
 			}
-			u, err := uniformFromSeed(params, rowSeed(seed, r[0], r[1]))
-			if err != nil {
-				return nil, err
-			}
-			u.AtLevel(s.levelQ, s.levelP).Read(v[1])
+			uniformFromSeed(params, rowSeed(seed, r[0], r[1])).AtLevel(s.levelQ, s.levelP).Read(v[1])
 		}
 	}
 	keys.set = rlwe.NewMemEvaluationKeySet(keys.rlk, gkList...)
