@@ -1,0 +1,338 @@
+package analytics_test
+
+import (
+	"context"
+	"math"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"connectrpc.com/connect"
+
+	analyticsv1 "github.com/veilrpc/veil/gen/veil/analytics/v1"
+	"github.com/veilrpc/veil/gen/veil/analytics/v1/analyticsv1connect"
+	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
+	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/internal/testpki"
+	"github.com/veilrpc/veil/rpc"
+	"github.com/veilrpc/veil/services/analytics"
+)
+
+const (
+	serverID = "spiffe://example.org/analytics"
+	analyst  = "spiffe://example.org/ns/research/sa/analyst"
+	other    = "spiffe://example.org/ns/research/sa/other-analyst"
+	outsider = "spiffe://example.org/ns/retail/sa/shop"
+)
+
+var owners = []string{
+	"spiffe://example.org/ns/hospital/sa/north",
+	"spiffe://example.org/ns/hospital/sa/south",
+	"spiffe://example.org/ns/hospital/sa/east",
+}
+
+// errorBound is the documented bound on |decrypted - plaintext| for every statistic
+// of these tests (values in [-50, 150], up to 200 records per owner, ParamsN13):
+// measured below 1e-6 (docs/services.md).
+const errorBound = 1e-5
+
+type env struct {
+	pki *testpki.PKI
+	srv *testpki.Server
+}
+
+func policy() *rpc.Policy {
+	return rpc.NewPolicy().
+		MustAllow(analytics.CreateStudyProcedure, "spiffe://example.org/ns/research/sa/*").
+		MustAllow(analytics.GetResultProcedure, "spiffe://example.org/ns/research/sa/*", "spiffe://example.org/ns/hospital/sa/*").
+		MustAllow(analytics.GetStudyProcedure, "spiffe://example.org").
+		MustAllow(analytics.SubmitProcedure, "spiffe://example.org")
+}
+
+func serve(t *testing.T, pki *testpki.PKI, dir string) *testpki.Server {
+	t.Helper()
+	var opts []analytics.Option
+	if dir != "" {
+		opts = append(opts, analytics.WithStore(dir))
+	}
+	svc, err := analytics.New(opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pki.Serve(t, serverID, svc.Register, append(analytics.ServerOptions(he.ParamsN13()), rpc.WithPolicy(policy()))...)
+}
+
+func (e *env) owner(t *testing.T, id string) *analytics.Owner {
+	return analytics.NewOwner(e.pki.Client(t, id, e.srv), e.srv.URL)
+}
+
+func (e *env) analyst(t *testing.T, id string, key *he.Client) *analytics.Analyst {
+	return analytics.NewAnalyst(e.pki.Client(t, id, e.srv), e.srv.URL, key)
+}
+
+func (e *env) raw(t *testing.T, id string) analyticsv1connect.AnalyticsServiceClient {
+	return analyticsv1connect.NewAnalyticsServiceClient(e.pki.Client(t, id, e.srv), e.srv.URL, rpc.ClientOptions()...)
+}
+
+func records(seed uint64, n, d int) [][]float64 {
+	rng := rand.New(rand.NewPCG(seed, 1))
+	out := make([][]float64, n)
+	for i := range out {
+		out[i] = make([]float64, d)
+		base := rng.NormFloat64() * 10
+		for j := range out[i] {
+			out[i][j] = math.Max(-50, math.Min(150, 20*float64(j)+base+rng.NormFloat64()*15))
+		}
+	}
+	return out
+}
+
+// plainStats returns the pooled population mean and covariance of all records.
+func plainStats(all [][]float64) (mean []float64, cov [][]float64) {
+	d := len(all[0])
+	mean = make([]float64, d)
+	for _, x := range all {
+		for j, v := range x {
+			mean[j] += v / float64(len(all))
+		}
+	}
+	cov = make([][]float64, d)
+	for i := range cov {
+		cov[i] = make([]float64, d)
+		for _, x := range all {
+			for j := range d {
+				cov[i][j] += (x[i] - mean[i]) * (x[j] - mean[j]) / float64(len(all))
+			}
+		}
+	}
+	return mean, cov
+}
+
+func maxDiff(t *testing.T, what string, got, want []float64) float64 {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("%s: %d values, want %d", what, len(got), len(want))
+	}
+	var m float64
+	for i := range got {
+		m = max(m, math.Abs(got[i]-want[i]))
+	}
+	return m
+}
+
+func check(t *testing.T, res *analytics.Result, all [][]float64, submissions int) {
+	t.Helper()
+	mean, cov := plainStats(all)
+	if res.Submissions != uint64(submissions) || res.Count != uint64(len(all)) {
+		t.Fatalf("result counts %d submissions, %d records; want %d, %d", res.Submissions, res.Count, submissions, len(all))
+	}
+	sum := make([]float64, len(mean))
+	variance := make([]float64, len(mean))
+	for i := range mean {
+		sum[i] = mean[i] * float64(len(all))
+		variance[i] = cov[i][i]
+	}
+	worst := max(maxDiff(t, "mean", res.Mean, mean), maxDiff(t, "variance", res.Variance, variance))
+	worst = max(worst, maxDiff(t, "sum", res.Sum, sum)/float64(len(all)))
+	if res.Covariance != nil {
+		for i := range cov {
+			worst = max(worst, maxDiff(t, "covariance", res.Covariance[i], cov[i]))
+		}
+	}
+	t.Logf("%d submissions, %d records: max |error| %.3g (mean, variance, covariance, sum/count)", submissions, len(all), worst)
+	if worst > errorBound {
+		t.Errorf("max error %g above %g", worst, errorBound)
+	}
+}
+
+func TestAggregationAcrossOwners(t *testing.T) {
+	pki := testpki.New(t, "example.org")
+	e := &env{pki: pki, srv: serve(t, pki, "")}
+	ctx := context.Background()
+	key, err := he.NewClient(he.ParamsN13())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := e.analyst(t, analyst, key)
+	const d = 5
+	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "blood-pressure", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: d, Covariance: true}); err != nil {
+		t.Fatal(err)
+	}
+	var all [][]float64
+	for i, id := range owners {
+		recs := records(uint64(i), 50+75*i, d)
+		all = append(all, recs...)
+		got, err := e.owner(t, id).Submit(ctx, "blood-pressure", "batch-1", recs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Duplicate || got.Submissions != uint64(i+1) {
+			t.Fatalf("owner %d: %+v", i, got)
+		}
+	}
+	res, err := a.Result(ctx, "blood-pressure")
+	if err != nil {
+		t.Fatal(err)
+	}
+	check(t, res, all, len(owners))
+
+	// A study without covariance: owners send squares only.
+	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "weights", OwnerPatterns: []string{owners[0], owners[1]}, Dimension: 3}); err != nil {
+		t.Fatal(err)
+	}
+	r0, r1 := records(10, 30, 3), records(11, 40, 3)
+	for i, r := range [][][]float64{r0, r1} {
+		if _, err := e.owner(t, owners[i]).Submit(ctx, "weights", "k", r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err = a.Result(ctx, "weights")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Covariance != nil || len(res.SecondMoment) != 3 {
+		t.Fatalf("squares-only study returned %d second moments, covariance %v", len(res.SecondMoment), res.Covariance != nil)
+	}
+	check(t, res, append(r0, r1...), 2)
+}
+
+func TestDurableAndIdempotent(t *testing.T) {
+	pki := testpki.New(t, "example.org")
+	dir := t.TempDir()
+	e := &env{pki: pki, srv: serve(t, pki, dir)}
+	ctx := context.Background()
+	key, err := he.NewClient(he.ParamsN13())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.analyst(t, analyst, key).CreateStudy(ctx, analytics.StudySpec{ID: "s1", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 2}); err != nil {
+		t.Fatal(err)
+	}
+	r0, r1 := records(1, 20, 2), records(2, 30, 2)
+	if _, err := e.owner(t, owners[0]).Submit(ctx, "s1", "once", r0); err != nil {
+		t.Fatal(err)
+	}
+	// A retry with the same key (re-encrypted, so different bytes) counts once.
+	got, err := e.owner(t, owners[0]).Submit(ctx, "s1", "once", r0)
+	if err != nil || !got.Duplicate || got.Submissions != 1 {
+		t.Fatalf("retry = %+v, %v", got, err)
+	}
+	// The same key from another owner is another submission.
+	if got, err := e.owner(t, owners[1]).Submit(ctx, "s1", "once", r1); err != nil || got.Duplicate || got.Submissions != 2 {
+		t.Fatalf("second owner = %+v, %v", got, err)
+	}
+	err = filepath.WalkDir(dir, func(p string, de os.DirEntry, err error) error {
+		if err != nil || de.IsDir() {
+			return err
+		}
+		fi, err := de.Info()
+		if err == nil && fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s has mode %v", p, fi.Mode().Perm())
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Restart on the same store: the study and both submissions are back, and the
+	// duplicate is still recognised.
+	e.srv.Stop()
+	e.srv = serve(t, pki, dir)
+	got, err = e.owner(t, owners[0]).Submit(ctx, "s1", "once", r0)
+	if err != nil || !got.Duplicate || got.Submissions != 2 {
+		t.Fatalf("retry after restart = %+v, %v", got, err)
+	}
+	res, err := e.analyst(t, analyst, key).Result(ctx, "s1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	check(t, res, append(r0, r1...), 2)
+}
+
+func wantCode(t *testing.T, what string, err error, code connect.Code) {
+	t.Helper()
+	if connect.CodeOf(err) != code {
+		t.Errorf("%s: got %v, want %v", what, err, code)
+	}
+}
+
+func TestPermissionsAndValidation(t *testing.T) {
+	pki := testpki.New(t, "example.org")
+	e := &env{pki: pki, srv: serve(t, pki, "")}
+	ctx := context.Background()
+	key, err := he.NewClient(he.ParamsN13())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := e.analyst(t, analyst, key)
+	for _, s := range []analytics.StudySpec{
+		{ID: "north-only", OwnerPatterns: []string{owners[0]}, Dimension: 2},
+		{ID: "south-only", OwnerPatterns: []string{owners[1]}, Dimension: 2},
+	} {
+		if err := a.CreateStudy(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	recs := records(3, 10, 2)
+
+	_, err = e.owner(t, outsider).Submit(ctx, "north-only", "k", recs)
+	wantCode(t, "unknown owner", err, connect.CodePermissionDenied)
+	_, err = e.owner(t, owners[0]).Submit(ctx, "south-only", "k", recs)
+	wantCode(t, "wrong study", err, connect.CodePermissionDenied)
+	_, err = e.owner(t, owners[0]).Submit(ctx, "no-such-study", "k", recs)
+	wantCode(t, "missing study", err, connect.CodePermissionDenied)
+	if _, err := e.owner(t, owners[0]).Submit(ctx, "north-only", "k", recs); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.analyst(t, other, key).Result(ctx, "north-only")
+	wantCode(t, "another analyst fetches", err, connect.CodePermissionDenied)
+	_, err = e.raw(t, owners[0]).GetResult(ctx, connect.NewRequest(&analyticsv1.GetResultRequest{StudyId: "north-only"}))
+	wantCode(t, "an owner fetches", err, connect.CodePermissionDenied)
+	_, err = e.raw(t, outsider).GetStudy(ctx, connect.NewRequest(&analyticsv1.GetStudyRequest{StudyId: "north-only"}))
+	wantCode(t, "an outsider reads the study", err, connect.CodePermissionDenied)
+	err = e.analyst(t, owners[0], key).CreateStudy(ctx, analytics.StudySpec{ID: "x", OwnerPatterns: []string{"spiffe://example.org"}, Dimension: 1})
+	wantCode(t, "an owner creates a study (policy)", err, connect.CodePermissionDenied)
+	_, err = a.Result(ctx, "south-only")
+	wantCode(t, "result with no submissions", err, connect.CodeFailedPrecondition)
+	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "north-only", OwnerPatterns: []string{owners[0]}, Dimension: 2})
+	wantCode(t, "study exists", err, connect.CodeAlreadyExists)
+	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "too-wide", OwnerPatterns: []string{owners[0]}, Dimension: 65, Covariance: true})
+	wantCode(t, "covariance beyond the slots", err, connect.CodeInvalidArgument)
+	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "bad-pattern", OwnerPatterns: []string{"not a spiffe id"}, Dimension: 2})
+	wantCode(t, "bad owner pattern", err, connect.CodeInvalidArgument)
+
+	// Malformed submissions from an authorized owner.
+	enc, err := he.NewEncryptor(key.PublicKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	vec := func(enc *he.Encryptor, n int) *hev1.EncryptedVector {
+		v, err := enc.Encrypt(make([]float64, n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		m, err := he.MarshalVector(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	raw := e.raw(t, owners[0])
+	_, err = raw.Submit(ctx, connect.NewRequest(&analyticsv1.SubmitRequest{StudyId: "north-only", IdempotencyKey: "w", Count: 1, Sums: vec(enc, 3), Products: vec(enc, 2)}))
+	wantCode(t, "wrong dimension", err, connect.CodeInvalidArgument)
+	otherKey, err := he.NewClient(he.ParamsN14())
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherEnc, _ := he.NewEncryptor(otherKey.PublicKey())
+	_, err = raw.Submit(ctx, connect.NewRequest(&analyticsv1.SubmitRequest{StudyId: "north-only", IdempotencyKey: "p", Count: 1, Sums: vec(otherEnc, 2), Products: vec(otherEnc, 2)}))
+	wantCode(t, "other parameters", err, connect.CodeFailedPrecondition)
+	// Nothing malformed was counted.
+	res, err := a.Result(ctx, "north-only")
+	if err != nil {
+		t.Fatal(err)
+	}
+	check(t, res, recs, 1)
+}

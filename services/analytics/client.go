@@ -1,0 +1,220 @@
+package analytics
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+
+	"connectrpc.com/connect"
+
+	analyticsv1 "github.com/veilrpc/veil/gen/veil/analytics/v1"
+	"github.com/veilrpc/veil/gen/veil/analytics/v1/analyticsv1connect"
+	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
+	"github.com/veilrpc/veil/he"
+)
+
+func newServiceClient(hc connect.HTTPClient, baseURL string, opts []connect.ClientOption) analyticsv1connect.AnalyticsServiceClient {
+	return analyticsv1connect.NewAnalyticsServiceClient(hc, baseURL, append([]connect.ClientOption{connect.WithAcceptCompression("gzip", nil, nil)}, opts...)...)
+}
+
+// StudySpec is what an analyst chooses for a study.
+type StudySpec struct {
+	ID            string   // lowercase letters, digits and dashes
+	OwnerPatterns []string // transport.Pattern strings of who may submit
+	Dimension     int      // values per record
+	Covariance    bool     // owners send all pairwise products (Dimension^2 <= slots)
+}
+
+// Analyst creates studies and decrypts their results. It holds the secret key.
+type Analyst struct {
+	svc analyticsv1connect.AnalyticsServiceClient
+	key *he.Client
+}
+
+// NewAnalyst returns an analyst client whose studies use key (he.NewClient with the
+// parameters of choice, he.ParamsN13 being plenty for aggregation).
+func NewAnalyst(hc connect.HTTPClient, baseURL string, key *he.Client, opts ...connect.ClientOption) *Analyst {
+	return &Analyst{svc: newServiceClient(hc, baseURL, opts), key: key}
+}
+
+// CreateStudy registers spec with the analyst's public key.
+func (a *Analyst) CreateStudy(ctx context.Context, spec StudySpec) error {
+	if spec.Dimension < 1 {
+		return errors.New("analytics: a study needs a dimension of at least 1")
+	}
+	pk, err := he.MarshalPublicKey(a.key.PublicKey())
+	if err != nil {
+		return err
+	}
+	_, err = a.svc.CreateStudy(ctx, connect.NewRequest(&analyticsv1.CreateStudyRequest{Study: &analyticsv1.Study{
+		StudyId:       spec.ID,
+		OwnerPatterns: spec.OwnerPatterns,
+		Dimension:     uint32(spec.Dimension),
+		Covariance:    spec.Covariance,
+		PublicKey:     pk,
+	}}))
+	return err
+}
+
+// Result is a decrypted study result. Variances and covariances are population
+// statistics over all records (divide by Count, not Count-1).
+type Result struct {
+	Submissions uint64
+	Count       uint64
+	Sum         []float64
+	Mean        []float64
+	// SecondMoment is E[x_i^2] (length Dimension), or E[x_i x_j] row-major
+	// (Dimension^2) for a covariance study.
+	SecondMoment []float64
+	Variance     []float64
+	// Covariance is nil unless the study has covariance.
+	Covariance [][]float64
+}
+
+// Result fetches and decrypts a study's aggregate.
+func (a *Analyst) Result(ctx context.Context, studyID string) (*Result, error) {
+	res, err := a.svc.GetResult(ctx, connect.NewRequest(&analyticsv1.GetResultRequest{StudyId: studyID}))
+	if err != nil {
+		return nil, err
+	}
+	dec := func(m *hev1.EncryptedVector) ([]float64, error) {
+		v, err := he.UnmarshalVector(a.key.Params(), m)
+		if err != nil {
+			return nil, err
+		}
+		return a.key.Decrypt(v)
+	}
+	out := &Result{Submissions: res.Msg.GetSubmissions(), Count: res.Msg.GetCount()}
+	if out.Sum, err = dec(res.Msg.GetSum()); err != nil {
+		return nil, err
+	}
+	if out.Mean, err = dec(res.Msg.GetMean()); err != nil {
+		return nil, err
+	}
+	if out.SecondMoment, err = dec(res.Msg.GetSecondMoment()); err != nil {
+		return nil, err
+	}
+	d := len(out.Mean)
+	switch len(out.SecondMoment) {
+	case d:
+		out.Variance = make([]float64, d)
+		for i := range d {
+			out.Variance[i] = out.SecondMoment[i] - out.Mean[i]*out.Mean[i]
+		}
+	case d * d:
+		out.Variance = make([]float64, d)
+		out.Covariance = make([][]float64, d)
+		for i := range d {
+			out.Covariance[i] = make([]float64, d)
+			for j := range d {
+				out.Covariance[i][j] = out.SecondMoment[i*d+j] - out.Mean[i]*out.Mean[j]
+			}
+			out.Variance[i] = out.Covariance[i][i]
+		}
+	default:
+		return nil, fmt.Errorf("analytics: result has %d second moments for dimension %d", len(out.SecondMoment), d)
+	}
+	return out, nil
+}
+
+// Owner submits encrypted contributions to studies. It holds no secret: it encrypts
+// under each study's public key.
+type Owner struct {
+	svc    analyticsv1connect.AnalyticsServiceClient
+	params []*he.Parameters
+}
+
+// NewOwner returns an owner client. Studies may use any he.Presets parameters.
+func NewOwner(hc connect.HTTPClient, baseURL string, opts ...connect.ClientOption) *Owner {
+	return &Owner{svc: newServiceClient(hc, baseURL, opts), params: he.Presets()}
+}
+
+// Contribution sums records into what an owner submits: per-coordinate sums and sums
+// of squares, or of all pairwise products (row-major) when covariance is set.
+func Contribution(records [][]float64, dimension int, covariance bool) (sums, products []float64, err error) {
+	if len(records) == 0 {
+		return nil, nil, errors.New("analytics: no records")
+	}
+	sums = make([]float64, dimension)
+	if covariance {
+		products = make([]float64, dimension*dimension)
+	} else {
+		products = make([]float64, dimension)
+	}
+	for r, x := range records {
+		if len(x) != dimension {
+			return nil, nil, fmt.Errorf("analytics: record %d has %d values, the study %d", r, len(x), dimension)
+		}
+		for i, v := range x {
+			if math.IsNaN(v) || math.IsInf(v, 0) {
+				return nil, nil, fmt.Errorf("analytics: record %d value %d is not finite", r, i)
+			}
+			sums[i] += v
+			if !covariance {
+				products[i] += v * v
+				continue
+			}
+			for j, w := range x {
+				products[i*dimension+j] += v * w
+			}
+		}
+	}
+	return sums, products, nil
+}
+
+// Submitted is the service's answer to a submission.
+type Submitted struct {
+	Duplicate   bool   // counted before (same owner and idempotency key)
+	Submissions uint64 // submissions counted in the study
+}
+
+// Submit fetches the study, sums records locally, encrypts the sums under the
+// analyst's public key and submits them. Retrying with the same idempotencyKey and
+// records counts once.
+func (o *Owner) Submit(ctx context.Context, studyID, idempotencyKey string, records [][]float64) (Submitted, error) {
+	res, err := o.svc.GetStudy(ctx, connect.NewRequest(&analyticsv1.GetStudyRequest{StudyId: studyID}))
+	if err != nil {
+		return Submitted{}, err
+	}
+	study := res.Msg.GetStudy()
+	var params *he.Parameters
+	for _, p := range o.params {
+		if string(p.ID()) == study.GetPublicKey().GetParamId() {
+			params = p
+		}
+	}
+	if params == nil {
+		return Submitted{}, fmt.Errorf("analytics: study %q uses unknown parameters %s", studyID, study.GetPublicKey().GetParamId())
+	}
+	pk, err := he.UnmarshalPublicKey(params, study.GetPublicKey())
+	if err != nil {
+		return Submitted{}, err
+	}
+	enc, err := he.NewEncryptor(pk)
+	if err != nil {
+		return Submitted{}, err
+	}
+	sums, products, err := Contribution(records, int(study.GetDimension()), study.GetCovariance())
+	if err != nil {
+		return Submitted{}, err
+	}
+	req := &analyticsv1.SubmitRequest{StudyId: studyID, IdempotencyKey: idempotencyKey, Count: uint64(len(records))}
+	for _, p := range []struct {
+		values []float64
+		dst    **hev1.EncryptedVector
+	}{{sums, &req.Sums}, {products, &req.Products}} {
+		v, err := enc.Encrypt(p.values)
+		if err != nil {
+			return Submitted{}, err
+		}
+		if *p.dst, err = he.MarshalVector(v); err != nil {
+			return Submitted{}, err
+		}
+	}
+	sr, err := o.svc.Submit(ctx, connect.NewRequest(req))
+	if err != nil {
+		return Submitted{}, err
+	}
+	return Submitted{Duplicate: sr.Msg.GetDuplicate(), Submissions: sr.Msg.GetSubmissions()}, nil
+}
