@@ -63,6 +63,17 @@ func serve(t *testing.T, pki *testpki.PKI, dir string) *testpki.Server {
 	return pki.Serve(t, serverID, svc.Register, append(analytics.ServerOptions(he.ParamsN13()), rpc.WithPolicy(policy()))...)
 }
 
+// setup starts a service (durable in dir unless empty) and makes the analyst's key.
+func setup(t *testing.T, dir string) (*env, *he.Client) {
+	t.Helper()
+	pki := testpki.New(t, "example.org")
+	key, err := he.NewClient(he.ParamsN13())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &env{pki: pki, srv: serve(t, pki, dir)}, key
+}
+
 func (e *env) owner(t *testing.T, id string) *analytics.Owner {
 	return analytics.NewOwner(e.pki.Client(t, id, e.srv), e.srv.URL)
 }
@@ -147,13 +158,8 @@ func check(t *testing.T, res *analytics.Result, all [][]float64, submissions int
 }
 
 func TestAggregationAcrossOwners(t *testing.T) {
-	pki := testpki.New(t, "example.org")
-	e := &env{pki: pki, srv: serve(t, pki, "")}
+	e, key := setup(t, "")
 	ctx := context.Background()
-	key, err := he.NewClient(he.ParamsN13())
-	if err != nil {
-		t.Fatal(err)
-	}
 	a := e.analyst(t, analyst, key)
 	const d = 5
 	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "blood-pressure", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: d, Covariance: true}); err != nil {
@@ -198,14 +204,9 @@ func TestAggregationAcrossOwners(t *testing.T) {
 }
 
 func TestDurableAndIdempotent(t *testing.T) {
-	pki := testpki.New(t, "example.org")
 	dir := t.TempDir()
-	e := &env{pki: pki, srv: serve(t, pki, dir)}
+	e, key := setup(t, dir)
 	ctx := context.Background()
-	key, err := he.NewClient(he.ParamsN13())
-	if err != nil {
-		t.Fatal(err)
-	}
 	if err := e.analyst(t, analyst, key).CreateStudy(ctx, analytics.StudySpec{ID: "s1", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 2}); err != nil {
 		t.Fatal(err)
 	}
@@ -222,24 +223,26 @@ func TestDurableAndIdempotent(t *testing.T) {
 	if got, err := e.owner(t, owners[1]).Submit(ctx, "s1", "once", r1); err != nil || got.Duplicate || got.Submissions != 2 {
 		t.Fatalf("second owner = %+v, %v", got, err)
 	}
+	files := 0
 	err = filepath.WalkDir(dir, func(p string, de os.DirEntry, err error) error {
 		if err != nil || de.IsDir() {
 			return err
 		}
+		files++
 		fi, err := de.Info()
 		if err == nil && fi.Mode().Perm() != 0o600 {
 			t.Errorf("%s has mode %v", p, fi.Mode().Perm())
 		}
 		return err
 	})
-	if err != nil {
-		t.Fatal(err)
+	if err != nil || files != 3 {
+		t.Fatalf("store holds %d files (want the study and two submissions): %v", files, err)
 	}
 
 	// Restart on the same store: the study and both submissions are back, and the
 	// duplicate is still recognised.
 	e.srv.Stop()
-	e.srv = serve(t, pki, dir)
+	e.srv = serve(t, e.pki, dir)
 	got, err = e.owner(t, owners[0]).Submit(ctx, "s1", "once", r0)
 	if err != nil || !got.Duplicate || got.Submissions != 2 {
 		t.Fatalf("retry after restart = %+v, %v", got, err)
@@ -259,13 +262,8 @@ func wantCode(t *testing.T, what string, err error, code connect.Code) {
 }
 
 func TestPermissionsAndValidation(t *testing.T) {
-	pki := testpki.New(t, "example.org")
-	e := &env{pki: pki, srv: serve(t, pki, "")}
+	e, key := setup(t, "")
 	ctx := context.Background()
-	key, err := he.NewClient(he.ParamsN13())
-	if err != nil {
-		t.Fatal(err)
-	}
 	a := e.analyst(t, analyst, key)
 	for _, s := range []analytics.StudySpec{
 		{ID: "north-only", OwnerPatterns: []string{owners[0]}, Dimension: 2},
@@ -277,7 +275,7 @@ func TestPermissionsAndValidation(t *testing.T) {
 	}
 	recs := records(3, 10, 2)
 
-	_, err = e.owner(t, outsider).Submit(ctx, "north-only", "k", recs)
+	_, err := e.owner(t, outsider).Submit(ctx, "north-only", "k", recs)
 	wantCode(t, "unknown owner", err, connect.CodePermissionDenied)
 	_, err = e.owner(t, owners[0]).Submit(ctx, "south-only", "k", recs)
 	wantCode(t, "wrong study", err, connect.CodePermissionDenied)
