@@ -68,11 +68,12 @@ type trafficKeys struct {
 }
 
 func newTrafficKeys(h crypto.Hash, a AEAD, secret []byte) (*trafficKeys, error) {
-	c, err := a.new(expandLabel(h, secret, "key", nil, aeadKeySize))
+	e := newExpander(h, secret)
+	c, err := a.new(e.expand("key", nil, aeadKeySize))
 	if err != nil {
 		return nil, err
 	}
 	t := &trafficKeys{aead: c}
-	copy(t.iv[:], expandLabel(h, secret, "iv", nil, aeadNonceSize))
+	copy(t.iv[:], e.expand("iv", nil, aeadNonceSize))
 	return t, nil
 }

@@ -110,17 +110,14 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	callID := uint64(sess.calls.Add(1) - 1)
 	h := sess.suite.Hash()
 	call := callSecret(h, sess.secret, callID, req.URL.Path)
-	c2s, err := newDirection(h, sess.aead, directionSecret(h, call, dirC2S))
+	c2sSecret, s2cSecret := directionSecrets(h, call)
+	c2s, err := newDirection(h, sess.aead, c2sSecret)
 	if err != nil {
 		return nil, err
 	}
-	s2c, err := newDirection(h, sess.aead, directionSecret(h, call, dirS2C))
+	s2c, err := newDirection(h, sess.aead, s2cSecret)
 	if err != nil {
 		return nil, err
-	}
-	serverPK, err := sess.suite.UnmarshalBinaryPublicKey(sess.server.publicKey)
-	if err != nil {
-		return nil, errCredential
 	}
 	out := req.Clone(req.Context())
 	for _, k := range append([]string{"Content-Length"}, acceptEncodingHeaders...) {
@@ -134,13 +131,24 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	out.Body = &sealReader{
 		s: &sealer{
 			dir:     c2s,
-			encap:   func() ([]byte, []byte, error) { return sess.suite.Encapsulate(serverPK) },
+			encap:   func() ([]byte, []byte, error) { return encapTo(sess.suite, sess.server.publicKey) },
 			policy:  c.cfg.rekey.Stream,
 			now:     c.cfg.now,
 			onRekey: func() { c.m.rekeys.WithLabelValues(sideClient, "stream").Inc() },
 		},
 		src:     nonNil(req.Body),
 		onBytes: count,
+	}
+	if req.ContentLength >= 0 {
+		// The body is in memory (unary): seal it now so that it leaves with a known length,
+		// in as few HTTP/2 frames and writes as possible.
+		sealed, err := io.ReadAll(out.Body)
+		if err != nil {
+			return nil, err
+		}
+		out.Body = io.NopCloser(bytes.NewReader(sealed))
+		out.ContentLength = int64(len(sealed))
+		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(sealed)), nil }
 	}
 	c.m.calls.WithLabelValues(sideClient, "true").Inc()
 	resp, err := rt.base.RoundTrip(out)

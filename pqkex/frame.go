@@ -8,6 +8,7 @@ import (
 	"math"
 	"net/http"
 	"sort"
+	"sync"
 	"time"
 )
 
@@ -28,6 +29,8 @@ type direction struct {
 	secret []byte
 	keys   *trafficKeys
 	seq    uint64 // next sequence number; uint64 so that exhaustion is detectable
+
+	nonceBuf [aeadNonceSize]byte
 }
 
 func newDirection(h crypto.Hash, a AEAD, secret []byte) (*direction, error) {
@@ -39,11 +42,11 @@ func newDirection(h crypto.Hash, a AEAD, secret []byte) (*direction, error) {
 }
 
 func (d *direction) nonce(seq uint32) []byte {
-	n := d.keys.iv
+	d.nonceBuf = d.keys.iv
 	for i := 0; i < 4; i++ {
-		n[aeadNonceSize-1-i] ^= byte(seq >> (8 * i))
+		d.nonceBuf[aeadNonceSize-1-i] ^= byte(seq >> (8 * i))
 	}
-	return n[:]
+	return d.nonceBuf[:]
 }
 
 func (d *direction) advance(ss, ct []byte) error {
@@ -320,13 +323,16 @@ func openHello(o *opener) error {
 	return nil
 }
 
+// dataBuffers recycles the plaintext read buffers of request bodies.
+var dataBuffers = sync.Pool{New: func() any { return new([maxDataFrame]byte) }}
+
 // sealReader turns a plaintext request body into frames: the hello frame at once, one data
 // frame per read of the source, then the FINAL frame.
 type sealReader struct {
 	s       *sealer
 	src     io.ReadCloser
 	out     []byte
-	buf     []byte
+	buf     *[maxDataFrame]byte
 	started bool
 	done    bool
 	err     error
@@ -362,9 +368,9 @@ func (r *sealReader) fill() error {
 		return err
 	}
 	if r.buf == nil {
-		r.buf = make([]byte, maxDataFrame)
+		r.buf = dataBuffers.Get().(*[maxDataFrame]byte)
 	}
-	n, err := r.src.Read(r.buf)
+	n, err := r.src.Read(r.buf[:])
 	if n > 0 {
 		if r.onBytes != nil {
 			r.onBytes(n)
@@ -376,6 +382,8 @@ func (r *sealReader) fill() error {
 	}
 	if errors.Is(err, io.EOF) {
 		r.done = true
+		dataBuffers.Put(r.buf)
+		r.buf = nil
 		var serr error
 		r.out, serr = r.s.appendFrame(r.out, flagFinal, encodeTrailerBlock(nil, nil))
 		return serr

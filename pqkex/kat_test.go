@@ -184,8 +184,7 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, bind bool) katVector {
 
 	h := suite.Hash()
 	v.CallSecret = callSecret(h, v.Session, v.CallID, v.Procedure)
-	v.C2SSecret = directionSecret(h, v.CallSecret, dirC2S)
-	v.S2CSecret = directionSecret(h, v.CallSecret, dirS2C)
+	v.C2SSecret, v.S2CSecret = directionSecrets(h, v.CallSecret)
 	v.RequestBody = sealBody(t, h, aead, v.C2SSecret, true, [][]byte{[]byte("ping")}, nil)
 	v.ResponseBody = sealBody(t, h, aead, v.S2CSecret, false, [][]byte{[]byte("pong"), []byte("!")},
 		http.Header{"Grpc-Status": {"0"}, "Grpc-Message": {"ok"}})

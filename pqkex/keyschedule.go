@@ -18,22 +18,41 @@ const exporterLabel = "EXPORTER-veil-pqkex-v1"
 
 func hashFunc(h crypto.Hash) func() hash.Hash { return h.New }
 
-// expandLabel is HKDF-Expand with a TLS 1.3 style info: u16 L, u8-prefixed label,
-// u16-prefixed context.
-func expandLabel(h crypto.Hash, secret []byte, label string, context []byte, length int) []byte {
+// expander computes HKDF-Expand with TLS 1.3 style labels (u16 L, u8-prefixed label,
+// u16-prefixed context) under one secret. Every pqkex output is at most one hash block long,
+// so HKDF-Expand is a single HMAC over info ‖ 0x01; the HMAC keyed with the secret is reused
+// for every label derived from it.
+type expander struct {
+	m    hash.Hash
+	size int
+	info []byte
+}
+
+func newExpander(h crypto.Hash, secret []byte) *expander {
+	return &expander{m: hmac.New(hashFunc(h), secret), size: h.Size()}
+}
+
+func (e *expander) expand(label string, context []byte, length int) []byte {
+	if length > e.size {
+		panic("pqkex: expandLabel output longer than one hash block") // programmer error
+	}
 	full := labelPrefix + label
-	info := make([]byte, 0, 2+1+len(full)+2+len(context))
+	info := e.info[:0]
 	info = binary.BigEndian.AppendUint16(info, uint16(length))
 	info = append(info, byte(len(full)))
 	info = append(info, full...)
 	info = binary.BigEndian.AppendUint16(info, uint16(len(context)))
 	info = append(info, context...)
-	out, err := hkdf.Expand(hashFunc(h), secret, string(info), length)
-	if err != nil {
-		// Only reachable for lengths above 255*Nh, which pqkex never asks for.
-		panic("pqkex: " + err.Error())
-	}
-	return out
+	info = append(info, 1) // HKDF-Expand counter of the first (only) block
+	e.info = info
+	e.m.Reset()
+	e.m.Write(info)
+	return e.m.Sum(nil)[:length]
+}
+
+// expandLabel is HKDF-Expand(secret, label info, length) for length <= Nh.
+func expandLabel(h crypto.Hash, secret []byte, label string, context []byte, length int) []byte {
+	return newExpander(h, secret).expand(label, context, length)
 }
 
 func extract(h crypto.Hash, salt, ikm []byte) []byte {
@@ -66,11 +85,11 @@ type handshakeSecrets struct {
 }
 
 func deriveHandshake(h crypto.Hash, cb, ikm, th []byte) handshakeSecrets {
-	prk := extract(h, cb, ikm)
+	e := newExpander(h, extract(h, cb, ikm))
 	return handshakeSecrets{
-		session:   expandLabel(h, prk, "session", th, h.Size()),
-		sessionID: expandLabel(h, prk, "session id", th, 16),
-		confirm:   expandLabel(h, prk, "confirm", th, h.Size()),
+		session:   e.expand("session", th, h.Size()),
+		sessionID: e.expand("session id", th, 16),
+		confirm:   e.expand("confirm", th, h.Size()),
 	}
 }
 
@@ -88,8 +107,10 @@ const (
 	dirS2C = "s2c"
 )
 
-func directionSecret(h crypto.Hash, call []byte, dir string) []byte {
-	return expandLabel(h, call, dir, nil, h.Size())
+// directionSecrets derives the c2s and s2c secrets of a call.
+func directionSecrets(h crypto.Hash, call []byte) (c2s, s2c []byte) {
+	e := newExpander(h, call)
+	return e.expand(dirC2S, nil, h.Size()), e.expand(dirS2C, nil, h.Size())
 }
 
 // rekeySecret advances a direction secret with a fresh KEM shared secret.

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -262,11 +263,12 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader s
 	}
 	h := st.suite.Hash()
 	call := callSecret(h, st.secret, callID, r.URL.Path)
-	c2s, err := newDirection(h, st.aead, directionSecret(h, call, dirC2S))
+	c2sSecret, s2cSecret := directionSecrets(h, call)
+	c2s, err := newDirection(h, st.aead, c2sSecret)
 	if err != nil {
 		return nil, nil, err
 	}
-	s2c, err := newDirection(h, st.aead, directionSecret(h, call, dirS2C))
+	s2c, err := newDirection(h, st.aead, s2cSecret)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -284,10 +286,6 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader s
 	if !s.replay.accept(st.sessionID, callID, st.expiry, unixSeconds(now)) {
 		return nil, nil, errReplayed
 	}
-	clientPK, err := st.suite.UnmarshalBinaryPublicKey(st.clientPK)
-	if err != nil {
-		return nil, nil, errMalformed
-	}
 	peer := Peer{SPIFFEID: st.clientID, Suite: st.suite.Name(), AEAD: st.aead, ChannelBound: st.flags&flagBinding != 0}
 	inner := r.WithContext(withPeer(r.Context(), peer))
 	inner.Header = r.Header.Clone()
@@ -298,7 +296,7 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader s
 	inner.Body = &openReader{o: op, body: r.Body, onErr: func(err error) { s.m.reject(sideServer, err) }}
 	sw := &sealWriter{w: w, h: make(http.Header), s: &sealer{
 		dir:     s2c,
-		encap:   func() ([]byte, []byte, error) { return st.suite.Encapsulate(clientPK) },
+		encap:   func() ([]byte, []byte, error) { return encapTo(st.suite, st.clientPK) },
 		policy:  s.cfg.rekey.Stream,
 		now:     s.cfg.now,
 		onRekey: func() { s.m.rekeys.WithLabelValues(sideServer, "stream").Inc() },
@@ -359,12 +357,9 @@ func (sw *sealWriter) Flush() {
 // Unwrap lets http.ResponseController reach the underlying writer (EnableFullDuplex etc.).
 func (sw *sealWriter) Unwrap() http.ResponseWriter { return sw.w }
 
-func (sw *sealWriter) sendHeaders(trailersOnly bool) {
-	if sw.sent {
-		return
-	}
-	sw.sent = true
-	dst := sw.w.Header()
+// parseDeclared records the trailer names the handler announced in the Trailer header.
+func (sw *sealWriter) parseDeclared() {
+	sw.declared = sw.declared[:0]
 	for _, v := range sw.h.Values("Trailer") {
 		for _, k := range strings.Split(v, ",") {
 			if k = strings.TrimSpace(k); k != "" {
@@ -372,6 +367,15 @@ func (sw *sealWriter) sendHeaders(trailersOnly bool) {
 			}
 		}
 	}
+}
+
+// sendHeaders writes the response headers; length is the sealed body's length, or -1.
+func (sw *sealWriter) sendHeaders(trailersOnly bool, length int) {
+	if sw.sent {
+		return
+	}
+	sw.sent = true
+	dst := sw.w.Header()
 	for k, v := range sw.h {
 		if k == "Trailer" || k == "Content-Length" || strings.HasPrefix(k, http.TrailerPrefix) {
 			continue
@@ -382,6 +386,9 @@ func (sw *sealWriter) sendHeaders(trailersOnly bool) {
 		dst[k] = v
 	}
 	dst.Set(headerSealed, "1")
+	if length >= 0 {
+		dst.Set("Content-Length", strconv.Itoa(length))
+	}
 	if trailersOnly {
 		dst.Set(headerTrailersOnly, "1")
 	}
@@ -409,23 +416,29 @@ func (sw *sealWriter) isDeclared(k string) bool {
 func (sw *sealWriter) emit(final bool) error {
 	trailersOnly := final && !sw.sent && len(sw.pending) == 0
 	if !sw.sent {
-		// Declared trailer names are only known once headers are final.
-		sw.sendHeaders(trailersOnly)
+		sw.parseDeclared()
 	}
 	var err error
 	sw.out, err = sw.s.appendData(sw.out[:0], sw.pending)
 	sw.pending = sw.pending[:0]
+	var trailers http.Header
 	if err == nil && final {
-		moved, trailers := sw.collect(trailersOnly)
+		var moved http.Header
+		moved, trailers = sw.collect(trailersOnly)
 		sw.out, err = sw.s.appendFrame(sw.out, flagFinal, encodeTrailerBlock(moved, trailers))
-		if err == nil {
-			if v := trailers.Get("Grpc-Status"); v != "" {
-				defer sw.w.Header().Set(http.TrailerPrefix+"Grpc-Status", v)
-			}
+	}
+	if err == nil && !sw.sent {
+		length := -1
+		if final && len(trailers) == 0 {
+			length = len(sw.out) // the whole sealed body is known: let net/http frame it tightly
 		}
+		sw.sendHeaders(trailersOnly, length)
 	}
 	if err == nil && len(sw.out) > 0 {
 		_, err = sw.w.Write(sw.out)
+	}
+	if v := trailers.Get("Grpc-Status"); err == nil && v != "" {
+		sw.w.Header().Set(http.TrailerPrefix+"Grpc-Status", v)
 	}
 	if err != nil {
 		sw.err = err
@@ -455,4 +468,14 @@ func (sw *sealWriter) finish() error {
 		return sw.err
 	}
 	return sw.emit(true)
+}
+
+// encapTo encapsulates to a marshaled public key. Parsing is deferred to here because most
+// calls never rekey and parsing a hybrid key costs more than the rest of a call's setup.
+func encapTo(suite Scheme, pk []byte) ([]byte, []byte, error) {
+	k, err := suite.UnmarshalBinaryPublicKey(pk)
+	if err != nil {
+		return nil, nil, errMalformed
+	}
+	return suite.Encapsulate(k)
 }
