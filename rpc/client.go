@@ -69,7 +69,7 @@ func NewHTTPClient(src transport.Source, server transport.Authorizer, opts ...Cl
 	if cfg.sealing != nil {
 		rt = cfg.sealing.RoundTripper(rt)
 	}
-	return &http.Client{Transport: rt}
+	return &http.Client{Transport: withIdleCloser(rt, t)}
 }
 
 // ClientOptions are the Connect client options Veil uses: no gzip (see
