@@ -71,10 +71,14 @@ func ExampleEncryptor() {
 
 // Logistic-regression scoring: one ciphertext per feature with samples across
 // slots, logits = sum_j w_j x_j + b in one level, then a degree-7 Chebyshev sigmoid
-// on [-8, 8] (4 levels), on the N=2^14 preset.
+// on [-8, 8] (4 levels). ParamsN14 has the depth; this example uses a smaller custom
+// set of depth 5 (scale 2^25, enough for two decimals) to run quickly.
 func ExampleEvaluator_EvalPolynomial() {
 	ctx := context.Background()
-	params := he.ParamsN14()
+	params, err := he.NewParameters(he.Literal{LogN: 13, LogQ: []int{40, 25, 25, 25, 25, 25}, LogP: []int{30}, LogDefaultScale: 25})
+	if err != nil {
+		panic(err)
+	}
 	client, _ := he.NewClient(params)
 	keys, _ := client.GenEvaluationKeys(he.NewManifest(params, he.NeedRelinearization()))
 	ev, _ := he.NewEvaluator(params, keys)
