@@ -6,6 +6,7 @@ replace github.com/veilrpc/veil => ../
 
 require (
 	connectrpc.com/connect v1.21.1
+	github.com/moby/moby/client v0.6.2
 	github.com/spiffe/go-spiffe/v2 v2.9.0
 	github.com/testcontainers/testcontainers-go v0.45.0
 	github.com/veilrpc/veil v0.0.0-00010101000000-000000000000
@@ -49,7 +50,6 @@ require (
 	github.com/moby/docker-image-spec v1.3.1 // indirect
 	github.com/moby/go-archive v0.3.3 // indirect
 	github.com/moby/moby/api v1.56.1 // indirect
-	github.com/moby/moby/client v0.6.2 // indirect
 	github.com/moby/patternmatcher v0.6.1 // indirect
 	github.com/moby/sys/sequential v0.7.0 // indirect
 	github.com/moby/sys/user v0.4.1 // indirect

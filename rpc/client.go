@@ -22,6 +22,23 @@ type clientConfig struct {
 	idleConns  int
 	sealing    *pqkex.Client
 	noCoalesce bool // see WithClientWriteCoalescing
+	pingIdle   time.Duration
+	pingWait   time.Duration
+}
+
+// Defaults for WithKeepalive.
+const (
+	DefaultKeepaliveIdle    = 30 * time.Second
+	DefaultKeepaliveTimeout = 15 * time.Second
+)
+
+// WithKeepalive sets how long a connection may stay silent before the client pings
+// it, and how long it waits for the answer before closing the connection and failing
+// its calls with unavailable. Without this, a connection to a partitioned peer would
+// keep taking new calls until the kernel gives up on it. Defaults:
+// DefaultKeepaliveIdle and DefaultKeepaliveTimeout.
+func WithKeepalive(idle, timeout time.Duration) ClientOption {
+	return func(c *clientConfig) { c.pingIdle, c.pingWait = idle, timeout }
 }
 
 // WithClientPQMode sets the client's key-exchange policy (default transport.PQPermissive,
@@ -44,7 +61,7 @@ func WithRoundTripper(w func(http.RoundTripper) http.RoundTripper) ClientOption 
 // connections and resumes TLS sessions. Pass it to generated Connect clients together
 // with ClientOptions().
 func NewHTTPClient(src transport.Source, server transport.Authorizer, opts ...ClientOption) *http.Client {
-	cfg := clientConfig{idleConns: 64}
+	cfg := clientConfig{idleConns: 64, pingIdle: DefaultKeepaliveIdle, pingWait: DefaultKeepaliveTimeout}
 	for _, o := range opts {
 		o(&cfg)
 	}
@@ -60,6 +77,7 @@ func NewHTTPClient(src transport.Source, server transport.Authorizer, opts ...Cl
 	if !cfg.noCoalesce {
 		t.DialContext = coalescingDial(&net.Dialer{})
 	}
+	t.HTTP2 = &http.HTTP2Config{SendPingTimeout: cfg.pingIdle, PingTimeout: cfg.pingWait}
 	t.Protocols = new(http.Protocols)
 	t.Protocols.SetHTTP2(true)
 	var rt http.RoundTripper = t
