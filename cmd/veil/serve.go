@@ -12,10 +12,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
-	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
-	"github.com/veilrpc/veil/services/echo"
 	"github.com/veilrpc/veil/transport"
 )
 
@@ -29,7 +27,8 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt)")
 	listen := fs.String("listen", "127.0.0.1:8443", "address to serve on")
 	var services, allow stringList
-	fs.Var(&services, "service", "built-in service to run (echo); repeatable")
+	fs.Var(&services, "service", "built-in service to run: echo, scoring, analytics; repeatable")
+	svcFlags := addServiceFlags(fs)
 	fs.Var(&allow, "allow", "SPIFFE ID pattern allowed to call the services (exact ID, trust domain, or path with * segments); repeatable; default: the server's own trust domain")
 	pq := fs.String("pq", "permissive", "TLS key exchange: strict (post-quantum hybrid only) or permissive")
 	seal := fs.String("pq-seal", "", "end-to-end sealing (pqkex): strict, permissive or off; default strict when the identity directory holds a sealing identity (pq.cred), else off")
@@ -96,24 +95,30 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		opts = append(opts, rpc.WithSealing(sealer))
 	}
+	var builtins []builtin
+	for _, name := range services {
+		b, err := buildService(name, svcFlags)
+		if err != nil {
+			return err
+		}
+		builtins = append(builtins, b)
+		opts = append(opts, b.opts...)
+		for _, svc := range b.names {
+			if err := policy.Allow("/"+svc+"/*", allow...); err != nil {
+				return fmt.Errorf("%w: --allow: %v", errUsage, err)
+			}
+		}
+	}
 	srv, err := rpc.NewServer(src, opts...)
 	if err != nil {
 		return err
 	}
+	for _, b := range builtins {
+		b.register(srv)
+	}
 	for _, r := range rules {
 		if err := policy.Allow(r.Procedure, r.Allow...); err != nil {
 			return fmt.Errorf("%w: config policy: %v", errUsage, err)
-		}
-	}
-	for _, name := range services {
-		switch name {
-		case "echo":
-			rpc.Register[echov1connect.EchoServiceHandler](srv, echov1connect.NewEchoServiceHandler, echo.New())
-			if err := policy.Allow("/"+echov1connect.EchoServiceName+"/*", allow...); err != nil {
-				return fmt.Errorf("%w: --allow: %v", errUsage, err)
-			}
-		default:
-			return fmt.Errorf("%w: unknown service %q (available: echo)", errUsage, name)
 		}
 	}
 	ln, err := net.Listen("tcp", *listen)
