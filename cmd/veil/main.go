@@ -34,6 +34,7 @@ func commands() []command {
 		{"demo", "run a CA and services on loopback, call them end to end, and print a report", runDemo},
 		{"ca", "manage a certificate authority (init, issue)", runCA},
 		{"serve", "serve built-in services over strict mutual TLS", runServe},
+		{"model", "train a scoring model in plaintext (veil model train)", runModel},
 		{"ticket-keys", "create or rotate a pqkex ticket-key file shared by replicas", runTicketKeys},
 		{"call", "call a procedure of a compiled-in service with JSON (sealed end to end)", runCall},
 		{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
