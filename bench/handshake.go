@@ -62,8 +62,9 @@ func handshakeSuite(cfg *config) (*Report, error) {
 	type system struct {
 		sys   *System
 		bytes *atomic.Int64
-		once  func() error
-		stop  func()
+		// prepare returns n setups to run; what it builds (clients) is not measured.
+		prepare func(n int) ([]func() error, error)
+		stop    func()
 	}
 	var systems []*system
 	defer func() {
@@ -101,23 +102,24 @@ func handshakeSuite(cfg *config) (*Report, error) {
 			}
 		}()
 		addr := ln.Addr().String()
-		systems = append(systems, &system{sys: newSystem(name, label), bytes: counter, stop: func() { _ = ln.Close() },
-			once: func() error {
-				c, err := net.Dial("tcp", addr)
-				if err != nil {
-					return err
-				}
-				tc := tls.Client(countingConn{c, counter}, ccfg)
-				err = tc.Handshake()
-				if err == nil && tc.ConnectionState().CurveID != curves[0] {
-					err = fmt.Errorf("negotiated %v, want %v", tc.ConnectionState().CurveID, curves[0])
-				}
-				// Read the server's close_notify so its bytes count too.
-				var b [1]byte
-				_, _ = tc.Read(b[:])
-				_ = tc.Close()
+		once := func() error {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
 				return err
-			}})
+			}
+			tc := tls.Client(countingConn{c, counter}, ccfg)
+			err = tc.Handshake()
+			if err == nil && tc.ConnectionState().CurveID != curves[0] {
+				err = fmt.Errorf("negotiated %v, want %v", tc.ConnectionState().CurveID, curves[0])
+			}
+			// Read the server's close_notify so its bytes count too.
+			var b [1]byte
+			_, _ = tc.Read(b[:])
+			_ = tc.Close()
+			return err
+		}
+		systems = append(systems, &system{sys: newSystem(name, label), bytes: counter, stop: func() { _ = ln.Close() },
+			prepare: func(n int) ([]func() error, error) { return repeat(n, once), nil }})
 		return nil
 	}
 	if err := rawTLS("classic", "classic mTLS 1.3 (X25519, ECDSA P-256)", []tls.CurveID{tls.X25519}); err != nil {
@@ -136,18 +138,24 @@ func handshakeSuite(cfg *config) (*Report, error) {
 			return err
 		}
 		systems = append(systems, &system{sys: newSystem(name, label), bytes: counter, stop: srv.stop,
-			once: func() error {
-				hc, err := e.veilClient(o)
-				if err != nil {
-					return err
+			prepare: func(n int) ([]func() error, error) {
+				calls := make([]func() error, n)
+				for i := range calls {
+					hc, err := e.veilClient(o)
+					if err != nil {
+						return nil, err
+					}
+					c := echov1connect.NewEchoServiceClient(hc, srv.url, rpc.ClientOptions()...)
+					calls[i] = func() error {
+						defer hc.CloseIdleConnections()
+						res, err := c.Echo(context.Background(), connect.NewRequest(&echov1.EchoRequest{Message: "v"}))
+						if err != nil {
+							return err
+						}
+						return check(res.Msg.GetMessage(), "v")
+					}
 				}
-				defer hc.CloseIdleConnections()
-				c := echov1connect.NewEchoServiceClient(hc, srv.url, rpc.ClientOptions()...)
-				res, err := c.Echo(context.Background(), connect.NewRequest(&echov1.EchoRequest{Message: "v"}))
-				if err != nil {
-					return err
-				}
-				return check(res.Msg.GetMessage(), "v")
+				return calls, nil
 			}})
 		return nil
 	}
@@ -159,14 +167,18 @@ func handshakeSuite(cfg *config) (*Report, error) {
 	}
 
 	run := func(s *system, n int) (time.Duration, time.Duration, error) {
+		calls, err := s.prepare(n)
+		if err != nil {
+			return 0, 0, err
+		}
 		var wg sync.WaitGroup
 		var next atomic.Int64
 		var firstErr atomic.Value
 		m := startMeter()
 		for range conc {
 			wg.Go(func() {
-				for next.Add(1) <= int64(n) {
-					if err := s.once(); err != nil {
+				for i := next.Add(1) - 1; i < int64(n); i = next.Add(1) - 1 {
+					if err := calls[i](); err != nil {
 						firstErr.CompareAndSwap(nil, err)
 						return
 					}
@@ -220,4 +232,12 @@ func handshakeSuite(cfg *config) (*Report, error) {
 	rep.ratio("veil_vs_pq_http2_cpu_per_handshake", rep.system("veil"), "cpu_us_per_handshake", rep.system("veil_http2"), "cpu_us_per_handshake")
 	rep.Notes = append(rep.Notes, "classic and pqtls are bare TLS handshakes; veil and veil_http2 are a new client's first call, so they also pay for HTTP/2 connection setup, the call itself and closing; veil minus veil_http2 is what pqkex adds (credential fetch and verify, one-round-trip handshake, sealing)")
 	return rep, nil
+}
+
+func repeat(n int, f func() error) []func() error {
+	fs := make([]func() error, n)
+	for i := range fs {
+		fs[i] = f
+	}
+	return fs
 }

@@ -336,20 +336,38 @@ func hePreset(cfg *config, e *env, rep *Report, name string, params *he.Paramete
 	}
 	defer hc.CloseIdleConnections()
 	sc := connect.NewClient[hev1.EncryptedVector, hev1.EncryptedVector](hc, srv.url+scoreProc, rpc.ClientOptions()...)
+	// The client encrypts feature j+1 while feature j is on its way.
 	overRPC := func() error {
-		xs, err := v.encrypt()
-		if err != nil {
-			return err
-		}
+		msgs := make(chan *hev1.EncryptedVector, 1)
+		encErr := make(chan error, 1)
+		go func() {
+			defer close(msgs)
+			for _, x := range c.x {
+				ct, err := v.client.Encrypt(x)
+				if err != nil {
+					encErr <- err
+					return
+				}
+				m, err := he.MarshalVector(ct)
+				if err != nil {
+					encErr <- err
+					return
+				}
+				msgs <- m
+			}
+			encErr <- nil
+		}()
 		st := sc.CallClientStream(context.Background())
-		for _, x := range xs {
-			m, err := he.MarshalVector(x)
-			if err != nil {
-				return err
-			}
+		for m := range msgs {
 			if err := st.Send(m); err != nil {
+				for range msgs {
+				}
 				return err
 			}
+		}
+		if err := <-encErr; err != nil {
+			_, _ = st.CloseAndReceive()
+			return err
 		}
 		res, err := st.CloseAndReceive()
 		if err != nil {

@@ -68,6 +68,20 @@ func streamSuite(cfg *config) (*Report, error) {
 		return nil, err
 	}
 	systems = append(systems, system{newSystem("veil", "Veil, PQ sealing strict"), connectDownload(hc, vsrv.url, count, rpc.ClientOptions()...)})
+	if cfg.coalesceOff {
+		o := veilOptions{coalesce: true}
+		usrv, err := e.startVeil(o)
+		if err != nil {
+			return nil, err
+		}
+		stops = append(stops, usrv.stop)
+		uc, err := e.veilClient(o)
+		if err != nil {
+			return nil, err
+		}
+		systems = append(systems, system{newSystem("veil_unsealed", "Veil without sealing (mTLS only)"), connectDownload(uc, usrv.url, count, rpc.ClientOptions()...)})
+	}
+	systems = selected(cfg, systems, func(s system) (string, func()) { return s.sys.Name, func() {} })
 
 	for _, s := range systems { // warm-up: connections, sessions, windows
 		if _, err := s.download(context.Background()); err != nil {
@@ -103,6 +117,7 @@ func streamSuite(cfg *config) (*Report, error) {
 	v := rep.system("veil")
 	rep.ratio("veil_vs_connect_mb_per_s", v, "mb_per_s", rep.system("connect"), "mb_per_s")
 	rep.ratio("veil_vs_grpc_mb_per_s", v, "mb_per_s", rep.system("grpc"), "mb_per_s")
+	rep.ratio("sealed_vs_unsealed_mb_per_s", v, "mb_per_s", rep.system("veil_unsealed"), "mb_per_s")
 	if cfg.streamMiB != 256 {
 		rep.Notes = append(rep.Notes, fmt.Sprintf("%d MiB per stream (run with --stream-mib 256 for the full figure)", cfg.streamMiB))
 	}
