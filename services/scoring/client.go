@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"sync"
 	"time"
 
 	"connectrpc.com/connect"
 	"google.golang.org/protobuf/proto"
 
+	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
 	"github.com/veilrpc/veil/gen/veil/he/v1/hev1connect"
 	scoringv1 "github.com/veilrpc/veil/gen/veil/scoring/v1"
 	"github.com/veilrpc/veil/gen/veil/scoring/v1/scoringv1connect"
@@ -191,10 +193,8 @@ func (c *Client) Score(ctx context.Context, x [][]float64) ([]float64, Stats, er
 	if len(x) == 0 {
 		return nil, st, errors.New("scoring: empty batch")
 	}
-	for i, row := range x {
-		if len(row) != c.info.Features {
-			return nil, st, fmt.Errorf("scoring: sample %d has %d features, the model %d", i, len(row), c.info.Features)
-		}
+	if err := c.checkRows(x); err != nil {
+		return nil, st, err
 	}
 	c.mu.Lock()
 	uploaded := c.uploaded
@@ -244,27 +244,18 @@ func (c *Client) stream(ctx context.Context, x [][]float64, st *Stats) ([]float6
 		if r.err = s.Send(hdr); r.err != nil {
 			return
 		}
-		col := make([]float64, 0, slots)
 		for b := range blocks {
-			lo, hi := b*slots, min(len(x), (b+1)*slots)
-			for j := range features {
-				col = col[:0]
-				for _, row := range x[lo:hi] {
-					col = append(col, row[j])
-				}
-				t := time.Now()
-				v, err := c.he.Encrypt(col)
-				if err == nil {
-					m := &scoringv1.FeatureBlock{Block: uint32(b), Feature: uint32(j)}
-					if m.Values, err = he.MarshalVector(v); err == nil {
-						r.encrypt += time.Since(t)
-						msg := &scoringv1.ScoreStreamRequest{Part: &scoringv1.ScoreStreamRequest_Block{Block: m}}
-						r.bytes += int64(proto.Size(msg))
-						err = s.Send(msg)
-					}
-				}
-				if err != nil {
-					r.err = err
+			t := time.Now()
+			vs, err := c.encryptColumns(x[b*slots : min(len(x), (b+1)*slots)])
+			r.encrypt += time.Since(t)
+			if err != nil {
+				r.err = err
+				return
+			}
+			for j, v := range vs {
+				msg := &scoringv1.ScoreStreamRequest{Part: &scoringv1.ScoreStreamRequest_Block{Block: &scoringv1.FeatureBlock{Block: uint32(b), Feature: uint32(j), Values: v}}}
+				r.bytes += int64(proto.Size(msg))
+				if r.err = s.Send(msg); r.err != nil {
 					return
 				}
 				c.report("encrypt", int64(b*features+j+1), int64(blocks*features))
@@ -330,25 +321,14 @@ func (c *Client) ScoreBlock(ctx context.Context, x [][]float64) ([]float64, erro
 	if _, err := c.UploadKeys(ctx); err != nil {
 		return nil, err
 	}
-	req := &scoringv1.ScoreRequest{KeyId: string(c.keyID)}
-	col := make([]float64, len(x))
-	for j := range c.info.Features {
-		for i, row := range x {
-			if len(row) != c.info.Features {
-				return nil, fmt.Errorf("scoring: sample %d has %d features, the model %d", i, len(row), c.info.Features)
-			}
-			col[i] = row[j]
-		}
-		v, err := c.he.Encrypt(col)
-		if err != nil {
-			return nil, err
-		}
-		m, err := he.MarshalVector(v)
-		if err != nil {
-			return nil, err
-		}
-		req.Features = append(req.Features, m)
+	if err := c.checkRows(x); err != nil {
+		return nil, err
 	}
+	vs, err := c.encryptColumns(x)
+	if err != nil {
+		return nil, err
+	}
+	req := &scoringv1.ScoreRequest{KeyId: string(c.keyID), Features: vs}
 	res, err := c.svc.Score(ctx, connect.NewRequest(req))
 	if err != nil {
 		return nil, err
@@ -361,4 +341,40 @@ func (c *Client) ScoreBlock(ctx context.Context, x [][]float64) ([]float64, erro
 		return nil, fmt.Errorf("scoring: server returned %d results for %d samples", v.Len(), len(x))
 	}
 	return c.he.Decrypt(v)
+}
+
+// encryptColumns encrypts each feature of rows (at most Slots samples) into one
+// vector, features in parallel on GOMAXPROCS goroutines.
+func (c *Client) encryptColumns(rows [][]float64) ([]*hev1.EncryptedVector, error) {
+	out := make([]*hev1.EncryptedVector, c.info.Features)
+	errs := make([]error, c.info.Features)
+	sem := make(chan struct{}, runtime.GOMAXPROCS(0))
+	var wg sync.WaitGroup
+	for j := range c.info.Features {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			col := make([]float64, len(rows))
+			for i, row := range rows {
+				col[i] = row[j]
+			}
+			v, err := c.he.Encrypt(col)
+			if err == nil {
+				out[j], err = he.MarshalVector(v)
+			}
+			errs[j] = err
+		}()
+	}
+	wg.Wait()
+	return out, errors.Join(errs...)
+}
+
+func (c *Client) checkRows(x [][]float64) error {
+	for i, row := range x {
+		if len(row) != c.info.Features {
+			return fmt.Errorf("scoring: sample %d has %d features, the model %d", i, len(row), c.info.Features)
+		}
+	}
+	return nil
 }

@@ -147,6 +147,12 @@ func (s *Service) Degree() int { return s.poly.Degree() }
 // ApproximationError returns the largest |approximation - sigmoid| on the interval.
 func (s *Service) ApproximationError() float64 { return s.approxErr }
 
+// Approximate returns, in the clear, the probability the encrypted circuit computes
+// for raw features x, less the CKKS noise: the approximation q(logit / B).
+func (s *Service) Approximate(x []float64) float64 {
+	return s.poly.Evaluate(s.model.Logit(x) / s.model.LogitBound)
+}
+
 // Registry returns the evaluation-key registry the service evaluates with.
 func (s *Service) Registry() *he.Registry { return s.reg }
 
