@@ -76,6 +76,9 @@ func UnmarshalVector(params *Parameters, m *hev1.EncryptedVector) (v *Vector, er
 		return nil, invalidf("vector length %d out of range [1, %d]", m.GetLength(), maxVectorLength)
 	}
 	n := ciphertextsFor(int(m.GetLength()), params.Slots())
+	if n > maxVectorCiphertexts {
+		return nil, invalidf("vector of length %d needs %d ciphertexts, at most %d", m.GetLength(), n, maxVectorCiphertexts)
+	}
 	if len(m.GetCiphertexts()) != n {
 		return nil, invalidf("vector of length %d needs %d ciphertexts, has %d", m.GetLength(), n, len(m.GetCiphertexts()))
 	}
@@ -190,7 +193,7 @@ func UnmarshalManifest(params *Parameters, m *hev1.KeyManifest) (*Manifest, erro
 	out := &Manifest{params: params, relin: m.GetRelinearization()}
 	twoN := uint64(2 * params.N())
 	for _, g := range m.GetGaloisElements() {
-		if g&1 == 0 || g >= twoN || g == 1 {
+		if g&1 == 0 || g >= twoN || g == 1 || !params.isRotation(g) {
 			return nil, invalidf("manifest: bad Galois element %d", g)
 		}
 		out.galEls = append(out.galEls, g)
@@ -227,4 +230,10 @@ func MaxVectorWireSize(params *Parameters, n int) int64 {
 	const overhead = 128 // field tags, lengths, IDs, level, scale
 	perCt := int64(2*(params.MaxLevel()+1)*params.N()*8) + overhead
 	return int64(ciphertextsFor(n, params.Slots()))*perCt + overhead
+}
+
+// isRotation reports whether g is the Galois element of a slot rotation (a power of 5
+// modulo 2N), the only automorphisms this package evaluates.
+func (p *Parameters) isRotation(g uint64) bool {
+	return p.p.GaloisElementForRotation(p.p.SolveDiscreteLogGaloisElement(g)) == g
 }

@@ -359,7 +359,7 @@ func ParseEvaluationKeys(params *Parameters, data []byte) (keys *EvaluationKeys,
 	twoN := uint64(2 * params.N())
 	for i := range nGal {
 		g := binary.BigEndian.Uint64(b[8*i:])
-		if g&1 == 0 || g >= twoN || g == 1 || (i > 0 && g <= m.galEls[i-1]) {
+		if g&1 == 0 || g >= twoN || g == 1 || (i > 0 && g <= m.galEls[i-1]) || !params.isRotation(g) {
 			return nil, invalidf("evaluation keys: bad or unsorted Galois element %d", g)
 		}
 		m.galEls = append(m.galEls, g)

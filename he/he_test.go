@@ -347,6 +347,7 @@ func TestVectorValidation(t *testing.T) {
 		{"slots", good, func(m *hev1.EncryptedVector) { m.Slots = 8192 }, connect.CodeInvalidArgument, "slots"},
 		{"length zero", good, func(m *hev1.EncryptedVector) { m.Length = 0 }, connect.CodeInvalidArgument, "length"},
 		{"length too big", good, func(m *hev1.EncryptedVector) { m.Length = 1 << 27 }, connect.CodeInvalidArgument, "length"},
+		{"too many ciphertexts", good, func(m *hev1.EncryptedVector) { m.Length = 4096*4096 + 1 }, connect.CodeInvalidArgument, "at most 4096"},
 		{"count", good, func(m *hev1.EncryptedVector) { m.Length = 5000 }, connect.CodeInvalidArgument, "needs 2 ciphertexts"},
 		{"level", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Level = 3 }, connect.CodeInvalidArgument, "level 3"},
 		{"scale NaN", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Scale = math.NaN() }, connect.CodeInvalidArgument, "scale"},

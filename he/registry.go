@@ -36,7 +36,12 @@ type Registry struct {
 	used    int64
 	entries map[KeyID]*regEntry
 	lru     *list.List // of *regEntry, most recent at the front
-	uploads map[KeyID]*upload
+	uploads map[uploadKey]*upload // partial uploads, per uploader: no identity can block another's
+}
+
+type uploadKey struct {
+	owner string
+	id    KeyID
 }
 
 type registryConfig struct {
@@ -118,7 +123,7 @@ func NewRegistry(params *Parameters, opts ...RegistryOption) (*Registry, error) 
 			return nil, internalf("registry: cannot create the store")
 		}
 	}
-	return &Registry{params: params, cfg: cfg, entries: map[KeyID]*regEntry{}, lru: list.New(), uploads: map[KeyID]*upload{}}, nil
+	return &Registry{params: params, cfg: cfg, entries: map[KeyID]*regEntry{}, lru: list.New(), uploads: map[uploadKey]*upload{}}, nil
 }
 
 // Used returns the bytes currently charged against the budget.
@@ -160,9 +165,9 @@ func (r *Registry) expireLocked() {
 			r.dropLocked(e, true)
 		}
 	}
-	for id, u := range r.uploads {
+	for k, u := range r.uploads {
 		if now.After(u.expires) {
-			delete(r.uploads, id)
+			delete(r.uploads, k)
 			r.used -= u.total
 		}
 	}
@@ -434,10 +439,7 @@ func (r *Registry) beginUpload(owner string, id KeyID, pid ParamID, total, offse
 		r.useLocked(e)
 		return &upload{id: id, owner: owner, total: total, complete: true}, 0, nil
 	}
-	if u, ok := r.uploads[id]; ok {
-		if u.owner != owner {
-			return nil, 0, permissionf("evaluation keys %s belong to another identity", id.short())
-		}
+	if u, ok := r.uploads[uploadKey{owner, id}]; ok {
 		if u.total != total {
 			return nil, 0, invalidf("upload of %s: size %d, earlier %d", id.short(), total, u.total)
 		}
@@ -456,7 +458,7 @@ func (r *Registry) beginUpload(owner string, id KeyID, pid ParamID, total, offse
 		return nil, 0, err
 	}
 	u := &upload{id: id, owner: owner, total: total, expires: r.cfg.now().Add(r.cfg.uploadTTL)}
-	r.uploads[id] = u
+	r.uploads[uploadKey{owner, id}] = u
 	return u, 0, nil
 }
 
@@ -464,7 +466,7 @@ func (r *Registry) beginUpload(owner string, id KeyID, pid ParamID, total, offse
 func (r *Registry) appendChunk(u *upload, gen int, chunk []byte) (int64, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if cur, ok := r.uploads[u.id]; !ok || cur != u {
+	if cur, ok := r.uploads[uploadKey{u.owner, u.id}]; !ok || cur != u {
 		return 0, keysMissing(u.id, "upload expired")
 	}
 	if u.gen != gen {
@@ -484,11 +486,11 @@ func (r *Registry) appendChunk(u *upload, gen int, chunk []byte) (int64, error) 
 // finishUpload verifies and registers a fully received upload.
 func (r *Registry) finishUpload(u *upload, gen int) error {
 	r.mu.Lock()
-	if cur, ok := r.uploads[u.id]; !ok || cur != u || u.gen != gen {
+	if cur, ok := r.uploads[uploadKey{u.owner, u.id}]; !ok || cur != u || u.gen != gen {
 		r.mu.Unlock()
 		return newErr(abortedCode, "upload of %s taken over by another stream", u.id.short())
 	}
-	delete(r.uploads, u.id) // its reservation is released below, after registration
+	delete(r.uploads, uploadKey{u.owner, u.id}) // its reservation is released below, after registration
 	data := u.buf
 	r.mu.Unlock()
 	defer func() {
@@ -517,11 +519,8 @@ func (r *Registry) status(owner string, id KeyID) (received, total int64, comple
 		}
 		return 0, 0, true, nil
 	}
-	if u, ok := r.uploads[id]; ok {
+	if u, ok := r.uploads[uploadKey{owner, id}]; ok {
 		defer r.mu.Unlock()
-		if u.owner != owner {
-			return 0, 0, false, permissionf("evaluation keys %s belong to another identity", id.short())
-		}
 		return int64(len(u.buf)), u.total, false, nil
 	}
 	r.mu.Unlock()

@@ -465,3 +465,78 @@ func TestKeyServiceResume(t *testing.T) {
 		t.Errorf("used %d, want only the parsed keys %d", reg.Used(), MemorySize(s.keys.Manifest()))
 	}
 }
+
+func TestKeyServiceBadStreams(t *testing.T) {
+	reg, _ := NewRegistry(smallParams())
+	connectTo := testServer(t, reg, nil)
+	const alice, mallory = "spiffe://veil.test/alice", "spiffe://veil.test/mallory"
+	s := newSmallSet(t)
+	ctx := context.Background()
+	header := func(id string, total, offset uint64) *hev1.UploadEvaluationKeysRequest {
+		return &hev1.UploadEvaluationKeysRequest{Part: &hev1.UploadEvaluationKeysRequest_Header{Header: &hev1.UploadHeader{
+			KeyId: id, ParamId: string(smallParams().ID()), TotalSize: total, Offset: offset}}}
+	}
+	chunk := func(b []byte) *hev1.UploadEvaluationKeysRequest {
+		return &hev1.UploadEvaluationKeysRequest{Part: &hev1.UploadEvaluationKeysRequest_Chunk{Chunk: b}}
+	}
+	send := func(who string, msgs ...*hev1.UploadEvaluationKeysRequest) (*hev1.UploadEvaluationKeysResponse, error) {
+		st := connectTo(who).UploadEvaluationKeys(ctx)
+		for _, m := range msgs {
+			if err := st.Send(m); err != nil {
+				break
+			}
+		}
+		res, err := st.CloseAndReceive()
+		if err != nil {
+			return nil, err
+		}
+		return res.Msg, nil
+	}
+	total := uint64(len(s.data))
+	wrongParams := header(string(s.id), total, 0)
+	wrongParams.GetHeader().ParamId = string(ParamsN13().ID())
+	cases := []struct {
+		name string
+		msgs []*hev1.UploadEvaluationKeysRequest
+		code connect.Code
+	}{
+		{"chunk before header", []*hev1.UploadEvaluationKeysRequest{chunk([]byte{1})}, connect.CodeInvalidArgument},
+		{"empty stream", nil, connect.CodeInvalidArgument},
+		{"malformed key ID", []*hev1.UploadEvaluationKeysRequest{header("ABC", total, 0)}, connect.CodeInvalidArgument},
+		{"offset past total", []*hev1.UploadEvaluationKeysRequest{header(string(s.id), total, total+1)}, connect.CodeInvalidArgument},
+		{"resume with nothing held", []*hev1.UploadEvaluationKeysRequest{header(string(s.id), total, 5)}, connect.CodeFailedPrecondition},
+		{"other parameters", []*hev1.UploadEvaluationKeysRequest{wrongParams}, connect.CodeFailedPrecondition},
+		{"more than declared", []*hev1.UploadEvaluationKeysRequest{header(strings.Repeat("c", 64), 4, 0), chunk(make([]byte, 5))}, connect.CodeInvalidArgument},
+		{"second header", []*hev1.UploadEvaluationKeysRequest{header(strings.Repeat("d", 64), 4, 0), header(strings.Repeat("d", 64), 4, 0)}, connect.CodeInvalidArgument},
+		{"content does not match ID", []*hev1.UploadEvaluationKeysRequest{header(strings.Repeat("e", 64), 4, 0), chunk([]byte{1, 2, 3, 4})}, connect.CodeInvalidArgument},
+	}
+	for _, tc := range cases {
+		if _, err := send(alice, tc.msgs...); connect.CodeOf(err) != tc.code {
+			t.Errorf("%s: %v, want %v", tc.name, err, tc.code)
+		}
+	}
+	// A partial upload by another identity under alice's key ID does not block her.
+	if res, err := send(mallory, header(string(s.id), total, 0), chunk(s.data[:100])); err != nil || res.GetComplete() {
+		t.Fatalf("mallory's partial upload: %v %v", res, err)
+	}
+	if _, err := NewUploader(connectTo(alice), s.keys).Upload(ctx); err != nil {
+		t.Fatalf("alice's upload after mallory's: %v", err)
+	}
+	if _, err := send(mallory, header(string(s.id), total, 100), chunk(s.data[100:])); connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Errorf("mallory completing alice's key ID: %v", err)
+	}
+	// Charged: alice's parsed keys, mallory's pending upload, and the two 4-byte
+	// uploads above that were refused mid-stream (pending until the upload TTL).
+	if want := MemorySize(s.keys.Manifest()) + int64(total) + 8; reg.Used() != want {
+		t.Errorf("used %d, want %d", reg.Used(), want)
+	}
+}
+
+func TestManifestRefusesNonRotations(t *testing.T) {
+	p := smallParams()
+	w := MarshalManifest(NewManifest(p, NeedRotations(1)))
+	w.GaloisElements = append(w.GaloisElements, uint64(2*p.N()-1)) // conjugation
+	if _, err := UnmarshalManifest(p, w); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("conjugation element accepted: %v", err)
+	}
+}
