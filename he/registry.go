@@ -35,7 +35,7 @@ type Registry struct {
 	mu      sync.Mutex
 	used    int64
 	entries map[KeyID]*regEntry
-	lru     *list.List // of *regEntry, most recent at the front
+	lru     *list.List            // of *regEntry, most recent at the front
 	uploads map[uploadKey]*upload // partial uploads, per uploader: no identity can block another's
 }
 
