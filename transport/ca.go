@@ -203,6 +203,17 @@ func WithIPAddresses(ips ...net.IP) LeafOption {
 // zero, at most MaxLeafTTL). The leaf carries id as its only URI SAN, with the
 // serverAuth and clientAuth extended key usages. It returns the leaf and its chain.
 func (c *CA) Issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration, opts ...LeafOption) ([]*x509.Certificate, error) {
+	return c.issue(id, pub, ttl, true, opts...)
+}
+
+// IssueUnrecorded is Issue for a leaf its holder replaces as soon as the signing root
+// changes, such as the online CA's own serving certificate: it is not entered in the
+// ledger of issued leaves, so it does not hold back FinishRotation.
+func (c *CA) IssueUnrecorded(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration, opts ...LeafOption) ([]*x509.Certificate, error) {
+	return c.issue(id, pub, ttl, false, opts...)
+}
+
+func (c *CA) issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration, record bool, opts ...LeafOption) ([]*x509.Certificate, error) {
 	if !id.MemberOf(c.td) {
 		return nil, fmt.Errorf("transport: %s is not in trust domain %s", id, c.td)
 	}
@@ -241,8 +252,10 @@ func (c *CA) Issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration, opts
 	if err != nil {
 		return nil, fmt.Errorf("transport: %w", err)
 	}
-	if err := c.recordIssued(leaf); err != nil {
-		return nil, err
+	if record {
+		if err := c.recordIssued(leaf); err != nil {
+			return nil, err
+		}
 	}
 	return []*x509.Certificate{leaf}, nil
 }

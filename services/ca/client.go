@@ -31,8 +31,10 @@ type Client struct {
 	join  cav1connect.CAServiceClient
 
 	mu    sync.Mutex
+	hc    *http.Client
 	mtls  cav1connect.CAServiceClient
 	bound transport.Source
+	leaf  *x509.Certificate // the leaf current held when its connections were made
 }
 
 var _ transport.Issuer = (*Client)(nil)
@@ -76,12 +78,22 @@ func (c *Client) Trust(ctx context.Context, current transport.Source) (*transpor
 	return decodeTrust(res.Msg.GetBundle())
 }
 
+// client returns the mutual-TLS client for current. The CA checks the certificate of
+// the connection a renewal arrives on, so once current holds a new leaf the client is
+// replaced: the next call handshakes with the new leaf on a new connection.
 func (c *Client) client(current transport.Source) cav1connect.CAServiceClient {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.mtls == nil || c.bound != current {
-		hc := rpc.NewHTTPClient(current, transport.AuthorizeID(c.caID))
-		c.mtls, c.bound = cav1connect.NewCAServiceClient(hc, c.url, rpc.ClientOptions()...), current
+	svid, err := current.GetX509SVID()
+	if err != nil {
+		return c.mtls
+	}
+	if c.mtls == nil || c.bound != current || svid.Certificates[0] != c.leaf {
+		if c.hc != nil {
+			c.hc.CloseIdleConnections()
+		}
+		c.hc = rpc.NewHTTPClient(current, transport.AuthorizeID(c.caID))
+		c.mtls, c.bound, c.leaf = cav1connect.NewCAServiceClient(c.hc, c.url, rpc.ClientOptions()...), current, svid.Certificates[0]
 	}
 	return c.mtls
 }

@@ -92,7 +92,7 @@ func (s *selfSource) GetX509SVID() (*x509svid.SVID, error) {
 		return nil, fmt.Errorf("ca: %w", err)
 	}
 	id := ServerID(c.TrustDomain())
-	chain, err := c.Issue(id, &key.PublicKey, min(serverTTL, s.svc.cfg.maxTTL),
+	chain, err := c.IssueUnrecorded(id, &key.PublicKey, min(serverTTL, s.svc.cfg.maxTTL),
 		transport.WithDNSNames(s.dns...), transport.WithIPAddresses(s.ips...))
 	if err != nil {
 		return nil, fmt.Errorf("ca: own certificate: %w", err)
