@@ -50,7 +50,7 @@ func policy() *rpc.Policy {
 		MustAllow(analytics.SubmitProcedure, "spiffe://example.org")
 }
 
-func serve(t *testing.T, pki *testpki.PKI, dir string) *testpki.Server {
+func serve(t testing.TB, pki *testpki.PKI, dir string) *testpki.Server {
 	t.Helper()
 	var opts []analytics.Option
 	if dir != "" {
@@ -64,7 +64,7 @@ func serve(t *testing.T, pki *testpki.PKI, dir string) *testpki.Server {
 }
 
 // setup starts a service (durable in dir unless empty) and makes the analyst's key.
-func setup(t *testing.T, dir string) (*env, *he.Client) {
+func setup(t testing.TB, dir string) (*env, *he.Client) {
 	t.Helper()
 	pki := testpki.New(t, "example.org")
 	key, err := he.NewClient(he.ParamsN13())
@@ -74,11 +74,11 @@ func setup(t *testing.T, dir string) (*env, *he.Client) {
 	return &env{pki: pki, srv: serve(t, pki, dir)}, key
 }
 
-func (e *env) owner(t *testing.T, id string) *analytics.Owner {
+func (e *env) owner(t testing.TB, id string) *analytics.Owner {
 	return analytics.NewOwner(e.pki.Client(t, id, e.srv), e.srv.URL)
 }
 
-func (e *env) analyst(t *testing.T, id string, key *he.Client) *analytics.Analyst {
+func (e *env) analyst(t testing.TB, id string, key *he.Client) *analytics.Analyst {
 	return analytics.NewAnalyst(e.pki.Client(t, id, e.srv), e.srv.URL, key)
 }
 
