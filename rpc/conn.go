@@ -43,7 +43,8 @@ func WithWriteCoalescing(on bool) ServerOption {
 }
 
 // WithClientWriteCoalescing turns write coalescing on or off for the client's
-// connections (default on).
+// connections (default on). With sealing it also sends each sealed unary request as
+// one DATA frame (see sealBatched).
 func WithClientWriteCoalescing(on bool) ClientOption {
 	return func(c *clientConfig) { c.noCoalesce = !on }
 }
