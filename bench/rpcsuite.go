@@ -115,7 +115,8 @@ func rpcSuite(cfg *config) (*Report, error) {
 			s.sys.add("p99_ms", r.p99)
 			s.sys.add("cpu_us_per_call", r.cpuPerCall)
 			s.sys.add("allocs_per_call", r.allocsPerCall)
-			cfg.logf("rpc %-16s %8.0f calls/s p50 %.2f ms p99 %.2f ms cpu %.1f us allocs %.0f", s.sys.Name, r.callsPerS, r.p50, r.p99, r.cpuPerCall, r.allocsPerCall)
+			s.sys.add("cores_used", r.coresUsed)
+			cfg.logf("rpc %-16s %8.0f calls/s p50 %.2f ms p99 %.2f ms cpu %.1f us allocs %.0f cores %.2f", s.sys.Name, r.callsPerS, r.p50, r.p99, r.cpuPerCall, r.allocsPerCall, r.coresUsed)
 		}
 	}
 	rep := newReport("rpc")
@@ -151,7 +152,7 @@ func connectCall(c echov1connect.EchoServiceClient, msg string) func(context.Con
 }
 
 type unaryResult struct {
-	callsPerS, p50, p99, cpuPerCall, allocsPerCall float64
+	callsPerS, p50, p99, cpuPerCall, allocsPerCall, coresUsed float64
 }
 
 // runUnary keeps conc callers busy for d and measures throughput, latency, CPU and
@@ -195,5 +196,6 @@ func runUnary(call func(context.Context) error, conc int, d time.Duration) (unar
 		p99:           percentile(all, 99),
 		cpuPerCall:    float64(cpu.Microseconds()) / n,
 		allocsPerCall: float64(mallocs) / n,
+		coresUsed:     cpu.Seconds() / wall.Seconds(),
 	}, nil
 }
