@@ -196,6 +196,11 @@ var protocols = []struct {
 
 // callAll runs one call of each kind with message msg and returns the responses joined.
 func callAll(ctx context.Context, hc *http.Client, base string, opts []connect.ClientOption, msg string) (map[string]string, map[string]error) {
+	return callKinds(ctx, hc, base, opts, msg, true)
+}
+
+// callKinds is callAll, optionally without the bidi call (which needs HTTP/2).
+func callKinds(ctx context.Context, hc *http.Client, base string, opts []connect.ClientOption, msg string, bidi bool) (map[string]string, map[string]error) {
 	out, errs := map[string]string{}, map[string]error{}
 	unary := connect.NewClient[str, str](hc, base+procUnary, opts...)
 	if r, err := unary.CallUnary(ctx, connect.NewRequest(wrapperspb.String(msg))); err != nil {
@@ -232,6 +237,9 @@ func callAll(ctx context.Context, hc *http.Client, base string, opts []connect.C
 		_ = ss.Close()
 	}
 
+	if !bidi {
+		return out, errs
+	}
 	bs := connect.NewClient[str, str](hc, base+procBidi, opts...).CallBidiStream(ctx)
 	var got []string
 	var berr error

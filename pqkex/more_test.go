@@ -1,0 +1,173 @@
+package pqkex_test
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/veilrpc/veil/pqkex"
+)
+
+// TestConcurrentCalls shares one session between many goroutines: call IDs reach the server
+// out of order and must all be accepted once.
+func TestConcurrentCalls(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	ts := e.startServer(t, echoMux())
+	hc, _ := e.httpClient(t, e.transport(t, clientID))
+	var wg sync.WaitGroup
+	errs := make(chan error, 64)
+	for range 16 {
+		wg.Go(func() {
+			for range 8 {
+				if err := unaryCall(hc, ts.URL); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+}
+
+// TestHTTP1 runs every kind over HTTP/1.1 (Connect and gRPC-Web; gRPC needs HTTP/2).
+func TestHTTP1(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	srv, err := pqkex.NewServer(pqkex.WithIdentity(e.server), pqkex.WithRoots(e.ca.Roots()), pqkex.WithClock(fixedClock))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := httptest.NewUnstartedServer(srv.Handler(echoMux()))
+	ts.TLS, err = e.ca.ServerTLSConfig(serverID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts.TLS.NextProtos = []string{"http/1.1"}
+	ts.StartTLS()
+	t.Cleanup(ts.Close)
+	cfg, err := e.ca.ClientTLSConfig(clientID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &http.Transport{TLSClientConfig: cfg, TLSNextProto: map[string]func(string, *tls.Conn) http.RoundTripper{}}
+	t.Cleanup(tr.CloseIdleConnections)
+	hc, _ := e.httpClient(t, tr)
+	for _, p := range []int{0, 2} {
+		out, errs := callKinds(context.Background(), hc, ts.URL, protocols[p].opts, "h1", false)
+		for _, k := range []string{"unary", "client", "server"} {
+			if errs[k] != nil || out[k] == "" {
+				t.Errorf("%s %s over HTTP/1.1: %q %v", protocols[p].name, k, out[k], errs[k])
+			}
+		}
+	}
+}
+
+// TestHandlersNeverNegotiateCompression: the handler sees no accept-encoding header, so
+// connect-go never compresses a response that pqkex would then seal.
+func TestHandlersNeverNegotiateCompression(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	var offered atomic.Int32
+	check := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		for _, h := range []string{"Accept-Encoding", "Connect-Accept-Encoding", "Grpc-Accept-Encoding"} {
+			if r.Header.Get(h) != "" {
+				offered.Add(1)
+			}
+		}
+		echoMux().ServeHTTP(w, r)
+	})
+	ts := e.startServer(t, check)
+	hc, _ := e.httpClient(t, e.transport(t, clientID))
+	for _, p := range protocols {
+		if _, errs := callAll(context.Background(), hc, ts.URL, p.opts, "x"); len(errs) != 0 {
+			t.Fatal(errs)
+		}
+	}
+	if offered.Load() != 0 {
+		t.Fatalf("handlers saw %d accept-encoding headers", offered.Load())
+	}
+}
+
+// rotatingIdentity is an IdentitySource whose identity can be swapped.
+type rotatingIdentity struct {
+	mu sync.Mutex
+	id *pqkex.Identity
+}
+
+func (r *rotatingIdentity) GetIdentity() (*pqkex.Identity, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.id, nil
+}
+
+// TestServerCredentialRotation: after the server's credential changes, a client that cached
+// the old one gets server_key, fetches the new credential and succeeds on its next handshake.
+func TestServerCredentialRotation(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	src := &rotatingIdentity{id: e.server}
+	ts := e.startServer(t, echoMux(), pqkex.WithIdentity(src))
+	clk := &clock{now: testNow}
+	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithClock(clk.Now), pqkex.WithRekeyPolicy(pqkex.RekeyPolicy{Age: time.Minute}))
+	if err := unaryCall(hc, ts.URL); err != nil {
+		t.Fatal(err)
+	}
+	next, err := e.ca.Identity(pqkex.X25519MLKEM768(), serverID, testNow.Add(-time.Hour), testNow.Add(time.Hour), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.mu.Lock()
+	src.id = next
+	src.mu.Unlock()
+	// The old session's ticket still opens: tickets do not depend on the static key.
+	if err := unaryCall(hc, ts.URL); err != nil {
+		t.Fatal(err)
+	}
+	clk.now = clk.now.Add(2 * time.Minute) // force a new handshake
+	if err := unaryCall(hc, ts.URL); err != nil {
+		t.Fatalf("handshake after rotation: %v", err)
+	}
+}
+
+func TestNewServerAndClientNeedIdentityAndRoots(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	for i, opts := range [][]pqkex.Option{
+		nil,
+		{pqkex.WithIdentity(e.server)},
+		{pqkex.WithRoots(e.ca.Roots())},
+	} {
+		sopts := make([]pqkex.ServerOption, len(opts))
+		for j, o := range opts {
+			sopts[j] = o
+		}
+		if _, err := pqkex.NewServer(sopts...); err == nil {
+			t.Errorf("case %d: NewServer succeeded", i)
+		}
+		if _, err := pqkex.NewClient(opts...); err == nil {
+			t.Errorf("case %d: NewClient succeeded", i)
+		}
+	}
+	if _, err := pqkex.NewClient(pqkex.WithIdentity(e.client), pqkex.WithRoots(e.ca.Roots()), pqkex.WithAEAD(pqkex.AEAD(9))); err == nil {
+		t.Error("NewClient accepted an unknown AEAD")
+	}
+}
+
+func TestChaCha20Poly1305(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	ts := e.startServer(t, echoMux(), pqkex.WithMode(pqkex.Strict))
+	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithAEAD(pqkex.ChaCha20Poly1305))
+	out, errs := callAll(context.Background(), hc, ts.URL, nil, "cc")
+	if len(errs) != 0 || out["bidi"] != "echo:x,echo:cc|"+clientID {
+		t.Fatalf("%v %v", out, errs)
+	}
+	if got := fmt.Sprint(pqkex.ChaCha20Poly1305, " ", pqkex.AES256GCM); got != "ChaCha20-Poly1305 AES-256-GCM" {
+		t.Fatal(got)
+	}
+}
