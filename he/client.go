@@ -18,7 +18,6 @@ type Client struct {
 	sk     *SecretKey
 	pk     *PublicKey
 	pool   sync.Pool // *clientWorker
-	kgPool sync.Pool // *rlwe.Encryptor without a key, for evaluation-key rows
 }
 
 type clientWorker struct {
@@ -36,7 +35,6 @@ func NewClient(params *Parameters) (c *Client, err error) {
 	kgen := rlwe.NewKeyGenerator(params.p)
 	sk, pk := kgen.GenKeyPairNew()
 	c = &Client{params: params, sk: &SecretKey{params, sk}, pk: &PublicKey{params, pk}}
-	c.kgPool.New = func() any { return rlwe.NewEncryptor(params.p, nil) }
 	c.pool.New = func() any {
 		return &clientWorker{
 			enc: hefloat.NewEncoder(hefloat.Parameters{Parameters: params.p}),

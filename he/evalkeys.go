@@ -94,7 +94,7 @@ func (c *Client) GenEvaluationKeys(m *Manifest) (keys *EvaluationKeys, err error
 		}
 		keys.seeds = append(keys.seeds, j.seed)
 	}
-	if err := genRows(c.params, &c.kgPool, jobs); err != nil {
+	if err := genRows(c.params, jobs); err != nil {
 		return nil, err
 	}
 	gkList := make([]*rlwe.GaloisKey, 0, len(keys.gks))
@@ -107,7 +107,7 @@ func (c *Client) GenEvaluationKeys(m *Manifest) (keys *EvaluationKeys, err error
 
 // genRows encrypts zero into every row of every job (in parallel), then adds the
 // gadget vector times skIn to each key.
-func genRows(params *Parameters, pool *sync.Pool, jobs []*keyJob) (err error) {
+func genRows(params *Parameters, jobs []*keyJob) (err error) {
 	type row struct {
 		job  *keyJob
 		i, j int
@@ -137,19 +137,18 @@ func genRows(params *Parameters, pool *sync.Pool, jobs []*keyJob) (err error) {
 					}
 				}
 			}()
-			base := pool.Get().(*rlwe.Encryptor)
-			defer pool.Put(base)
+			g, gerr := newGaussian()
+			if gerr != nil {
+				panic(gerr)
+			}
+			ringQP := params.p.RingQP().AtLevel(params.p.MaxLevelQ(), params.p.MaxLevelP())
+			e := make([]int64, params.N())
 			for r := range ch {
-				// The encryptor samples the uniform part a from the row's seed, exactly as
-				// ParseEvaluationKeys regenerates it, and computes b = -a*s + e.
-				enc := base.WithKey(&rlwe.SecretKey{Value: r.job.skOut}).WithPRNG(seededPRNG(rowSeed(r.job.seed, r.i, r.j)))
-				ct := rlwe.Element[ringqp.Poly]{
-					MetaData: &rlwe.MetaData{CiphertextMetaData: rlwe.CiphertextMetaData{IsNTT: true, IsMontgomery: true}},
-					Value:    []ringqp.Poly(r.job.evk.Value[r.i][r.j]),
-				}
-				if eerr := enc.EncryptZero(ct); eerr != nil {
-					panic(eerr)
-				}
+				row := []ringqp.Poly(r.job.evk.Value[r.i][r.j])
+				// The uniform part a comes from the row's seed, exactly as
+				// ParseEvaluationKeys regenerates it; then b = -a*s + e.
+				uniformFromSeed(params, rowSeed(r.job.seed, r.i, r.j)).AtLevel(ringQP.LevelQ(), ringQP.LevelP()).Read(row[1])
+				encryptZeroRow(ringQP, params.p.Q(), params.p.P(), r.job.skOut, row, g, e)
 			}
 		}()
 	}
