@@ -62,7 +62,11 @@ func buildImageContext(dir string) error {
 			return fmt.Errorf("building a static %s binary: %v\n%s", b.name, err, out)
 		}
 	}
-	dockerfile := "FROM scratch\nCOPY veil /veil\nCOPY testproxy /testproxy\nUSER 65532:65532\n"
+	// /data is an empty directory the unprivileged user owns, for services' stores.
+	if err := os.Mkdir(filepath.Join(dir, "data"), 0o700); err != nil {
+		return err
+	}
+	dockerfile := "FROM scratch\nCOPY veil /veil\nCOPY testproxy /testproxy\nCOPY --chown=65532:65532 data /data\nUSER 65532:65532\n"
 	return os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(dockerfile), 0o644)
 }
 
