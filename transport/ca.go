@@ -60,6 +60,7 @@ type CA struct {
 	next     *x509.Certificate   // a prepared root not yet signing (rotation)
 	denylist *Denylist
 	stamp    string // fingerprint of the files read, to notice changes (Stale)
+	seq      uint64 // Sequence of the files read
 }
 
 // InitCA creates a new CA in dir (created 0700 if missing) for trustDomain. It refuses
@@ -108,7 +109,7 @@ func InitCA(dir string, trustDomain string) (*CA, error) {
 	}
 	ca := newCA(td, cert, key, pqKey, pqPub)
 	ca.dir = dir
-	ca.stamp = stampOf(dir)
+	ca.stamp, ca.seq = stampOf(dir), sequenceOf(dir)
 	return ca, nil
 }
 
@@ -156,7 +157,7 @@ func LoadCA(dir string) (*CA, error) {
 	pqPub, pqKey := mldsa65.NewKeyFromSeed(&seed)
 	ca := newCA(td, cert, key, pqKey, pqPub)
 	ca.dir = dir
-	ca.stamp = stampOf(dir)
+	ca.stamp, ca.seq = stampOf(dir), sequenceOf(dir)
 	if err := ca.loadState(); err != nil {
 		return nil, err
 	}

@@ -100,10 +100,12 @@ func (c *CA) Stale() bool { return c.dir != "" && stampOf(c.dir) != c.stamp }
 
 // Sequence identifies the version of the trust material (roots and denylist); it
 // grows when they change.
-func (c *CA) Sequence() uint64 {
+func (c *CA) Sequence() uint64 { return c.seq }
+
+func sequenceOf(dir string) uint64 {
 	var seq int64
 	for _, f := range []string{caCertFile, caBundleFile, caNextCertFile, caDenyFile} {
-		if fi, err := os.Stat(filepath.Join(c.dir, f)); err == nil {
+		if fi, err := os.Stat(filepath.Join(dir, f)); err == nil {
 			seq = max(seq, fi.ModTime().UnixNano())
 		}
 	}

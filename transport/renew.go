@@ -153,6 +153,7 @@ func NewRenewingSource(ctx context.Context, issuer Issuer, id spiffeid.ID, opts 
 	if err := s.install(issued, key); err != nil {
 		return nil, err
 	}
+	s.nextRenew = s.renewAt(s.cur.Load())
 	loopCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	s.stop = cancel
 	go func() {

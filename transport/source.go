@@ -47,8 +47,9 @@ func (s StaticSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x50
 // own trust domain. Reload swaps in new files atomically; a pair that does not match
 // never replaces the current one.
 type FileSource struct {
-	dir string
-	cur atomic.Pointer[StaticSource]
+	dir   string
+	cur   atomic.Pointer[StaticSource]
+	watch *watchState // set by WatchFiles
 }
 
 // LoadFiles reads the identity in dir.
