@@ -17,6 +17,11 @@ type IdentityFunc func(ctx context.Context) (string, error)
 // ChunkSize is the largest chunk an upload carries (1 MiB, as the proto enforces).
 const ChunkSize = 1 << 20
 
+// MaxKeyServiceMessageSize bounds every KeyService message (a chunk plus its framing,
+// or a header): the read limit the rpc layer sets for the service, whatever the size
+// of the key sets uploaded through it.
+const MaxKeyServiceMessageSize = ChunkSize + 1024
+
 // NewKeyServiceHandler serves veil.he.v1.KeyService over reg: GetKeyManifest answers
 // from manifests (full procedure name to manifest), uploads land in reg owned by the
 // identity that identity extracts. Messages are at most ChunkSize plus a few bytes,

@@ -86,16 +86,13 @@ func (g *gaussian) fill(out []int64) {
 	}
 }
 
-// setSmall writes the small integers e into every limb of p (coefficient domain).
+// setSmall writes the small integers e into every limb of p (coefficient domain),
+// without branching on the (secret) signs.
 func setSmall(p ring.Poly, e []int64, moduli []uint64) {
 	for i, row := range p.Coeffs {
 		q := moduli[i]
 		for j, v := range e {
-			if v < 0 {
-				row[j] = q - uint64(-v)
-			} else {
-				row[j] = uint64(v)
-			}
+			row[j] = uint64(v) + q&uint64(v>>63) // v, or q + v when v < 0
 		}
 	}
 }

@@ -310,7 +310,7 @@ func testServer(t *testing.T, reg *Registry, manifests map[string]*Manifest) fun
 	path, h := NewKeyServiceHandler(reg, func(ctx context.Context) (string, error) {
 		id, _ := ctx.Value(identityKey{}).(string)
 		return id, nil
-	}, manifests)
+	}, manifests, connect.WithReadMaxBytes(MaxKeyServiceMessageSize))
 	mux.Handle(path, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), identityKey{}, r.Header.Get("Test-Identity"))))
 	}))
@@ -538,5 +538,22 @@ func TestManifestRefusesNonRotations(t *testing.T) {
 	w.GaloisElements = append(w.GaloisElements, uint64(2*p.N()-1)) // conjugation
 	if _, err := UnmarshalManifest(p, w); CodeOf(err) != connect.CodeInvalidArgument {
 		t.Errorf("conjugation element accepted: %v", err)
+	}
+}
+
+// TestKeyServiceReadLimit uploads a set larger than one chunk through a server whose
+// read limit is MaxKeyServiceMessageSize.
+func TestKeyServiceReadLimit(t *testing.T) {
+	reg, _ := NewRegistry(smallParams())
+	client := testServer(t, reg, nil)("spiffe://veil.test/alice")
+	s := newSmallSet(t, NeedRelinearization(), NeedRotations(1, 2, 3, 4, 5))
+	if len(s.data) <= ChunkSize {
+		t.Fatalf("set of %d bytes fits one chunk", len(s.data))
+	}
+	if _, err := NewUploader(client, s.keys).Upload(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reg.Keys("spiffe://veil.test/alice", s.id); err != nil {
+		t.Fatal(err)
 	}
 }
