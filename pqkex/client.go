@@ -177,13 +177,18 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	}
 	trailers := http.Header{}
 	header := resp.Header
-	body.final = func(moved, t http.Header) {
-		for k, v := range moved {
+	status := resp.StatusCode
+	body.final = func(blk trailerBlock) error {
+		if blk.status != status {
+			return errTampered // a proxy changed the status code
+		}
+		for k, v := range blk.headers {
 			header[k] = v
 		}
-		for k, v := range t {
+		for k, v := range blk.trailers {
 			trailers[k] = v
 		}
+		return nil
 	}
 	resp.Header.Del("Content-Length")
 	resp.ContentLength = -1

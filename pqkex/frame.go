@@ -8,6 +8,7 @@ import (
 	"math"
 	"net/http"
 	"sort"
+	"strconv"
 	"sync"
 	"time"
 )
@@ -199,11 +200,21 @@ func (o *opener) next() (byte, []byte, error) {
 }
 
 // Trailer block (plaintext of a FINAL frame): u16 count, then per entry u8 kind ‖ u16 name
-// ‖ u16 value. Kind 0 restores a response header, kind 1 a trailer.
+// ‖ u16 value. Kind 0 restores a response header, kind 1 a trailer, kind 2 (name ":status",
+// at most once, responses only) is the HTTP status code the server sent, so that a proxy
+// cannot change it unnoticed.
 const (
 	kindHeader  = 0
 	kindTrailer = 1
+	kindStatus  = 2
+	statusName  = ":status"
 )
+
+type trailerBlock struct {
+	status   int // 0: none (request bodies)
+	headers  http.Header
+	trailers http.Header
+}
 
 func appendFields(b []byte, kind byte, h http.Header, n *int) []byte {
 	keys := make([]string, 0, len(h))
@@ -222,34 +233,49 @@ func appendFields(b []byte, kind byte, h http.Header, n *int) []byte {
 	return b
 }
 
-func encodeTrailerBlock(headers, trailers http.Header) []byte {
+func (t trailerBlock) encode() []byte {
 	n := 0
-	b := appendFields([]byte{0, 0}, kindHeader, headers, &n)
-	b = appendFields(b, kindTrailer, trailers, &n)
+	b := []byte{0, 0}
+	if t.status != 0 {
+		b = append(b, kindStatus)
+		b = appendVec16(b, []byte(statusName))
+		b = appendVec16(b, []byte(strconv.Itoa(t.status)))
+		n++
+	}
+	b = appendFields(b, kindHeader, t.headers, &n)
+	b = appendFields(b, kindTrailer, t.trailers, &n)
 	binary.BigEndian.PutUint16(b, uint16(n))
 	return b
 }
 
-func decodeTrailerBlock(b []byte) (headers, trailers http.Header, err error) {
+func decodeTrailerBlock(b []byte) (trailerBlock, error) {
 	p := parser{b: b}
 	n := int(p.u16())
-	headers, trailers = http.Header{}, http.Header{}
+	t := trailerBlock{headers: http.Header{}, trailers: http.Header{}}
 	for i := 0; i < n && !p.bad; i++ {
 		kind := p.u8()
 		k, v := string(p.vec16()), string(p.vec16())
-		if k == "" || (kind != kindHeader && kind != kindTrailer) {
-			return nil, nil, errMalformed
-		}
-		if kind == kindHeader {
-			headers.Add(k, v)
-		} else {
-			trailers.Add(k, v)
+		switch {
+		case k == "":
+			return trailerBlock{}, errMalformed
+		case kind == kindHeader:
+			t.headers.Add(k, v)
+		case kind == kindTrailer:
+			t.trailers.Add(k, v)
+		case kind == kindStatus && k == statusName && t.status == 0:
+			code, err := strconv.Atoi(v)
+			if err != nil || code < 100 || code > 599 || strconv.Itoa(code) != v {
+				return trailerBlock{}, errMalformed
+			}
+			t.status = code
+		default:
+			return trailerBlock{}, errMalformed
 		}
 	}
 	if !p.ok() {
-		return nil, nil, errMalformed
+		return trailerBlock{}, errMalformed
 	}
-	return headers, trailers, nil
+	return t, nil
 }
 
 // openReader is the plaintext body of a sealed stream.
@@ -258,7 +284,7 @@ type openReader struct {
 	body    io.Closer
 	pending []byte
 	err     error
-	final   func(headers, trailers http.Header) // called once with the FINAL frame's block
+	final   func(trailerBlock) error // called once with the FINAL frame's block
 	onBytes func(int)
 	onErr   func(error) // called once with the first failure (metrics)
 }
@@ -288,7 +314,7 @@ func (r *openReader) fill() error {
 		r.onBytes(len(pt))
 	}
 	if flags == flagFinal {
-		h, t, err := decodeTrailerBlock(pt)
+		blk, err := decodeTrailerBlock(pt)
 		if err != nil {
 			return toConnect(err)
 		}
@@ -296,7 +322,9 @@ func (r *openReader) fill() error {
 		// deadlock a full-duplex stream behind a proxy that ends the response only after the
 		// request.
 		if r.final != nil {
-			r.final(h, t)
+			if err := r.final(blk); err != nil {
+				return toConnect(err)
+			}
 		}
 		return io.EOF
 	}
@@ -364,7 +392,7 @@ func (r *sealReader) fill() error {
 	if r.src == nil {
 		r.done = true
 		var err error
-		r.out, err = r.s.appendFrame(r.out[:0], flagFinal, encodeTrailerBlock(nil, nil))
+		r.out, err = r.s.appendFrame(r.out[:0], flagFinal, trailerBlock{}.encode())
 		return err
 	}
 	if r.buf == nil {
@@ -385,7 +413,7 @@ func (r *sealReader) fill() error {
 		dataBuffers.Put(r.buf)
 		r.buf = nil
 		var serr error
-		r.out, serr = r.s.appendFrame(r.out, flagFinal, encodeTrailerBlock(nil, nil))
+		r.out, serr = r.s.appendFrame(r.out, flagFinal, trailerBlock{}.encode())
 		return serr
 	}
 	return err

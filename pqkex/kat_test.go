@@ -235,7 +235,11 @@ func sealBody(t testing.TB, h crypto.Hash, aead AEAD, secret []byte, request boo
 			t.Fatal(err)
 		}
 	}
-	if out, err = s.appendFrame(out, flagFinal, encodeTrailerBlock(nil, trailers)); err != nil {
+	blk := trailerBlock{trailers: trailers}
+	if !request {
+		blk.status = http.StatusOK
+	}
+	if out, err = s.appendFrame(out, flagFinal, blk.encode()); err != nil {
 		t.Fatal(err)
 	}
 	return out

@@ -67,6 +67,7 @@ func TestAttacks(t *testing.T) {
 		req    func(*http.Request, []byte) []byte
 		resp   func(*http.Response, []byte) []byte
 		stream bool
+		msg    string
 		code   connect.Code
 		reason string
 	}{
@@ -123,6 +124,22 @@ func TestAttacks(t *testing.T) {
 			r.Header.Del("Veil-Pqkex-Call")
 			return b
 		}, code: connect.CodeUnauthenticated, reason: "no_session"},
+		// connect-go takes the code from a non-200 status when the body is not an error.
+		{name: "success turned into error status", resp: func(r *http.Response, b []byte) []byte {
+			if r.Header.Get("Veil-Pqkex-Sealed") != "" {
+				r.StatusCode, r.Status = http.StatusServiceUnavailable, "503 Service Unavailable"
+			}
+			return b
+		}, code: connect.CodeUnavailable},
+		// An error turned into 200 would make connect-go parse the error body as a message:
+		// the sealed status refuses it.
+		{name: "error turned into 200", msg: failMessage, resp: func(r *http.Response, b []byte) []byte {
+			if r.Header.Get("Veil-Pqkex-Sealed") != "" {
+				r.StatusCode, r.Status = http.StatusOK, "200 OK"
+				r.Header.Set("Content-Type", "application/proto")
+			}
+			return b
+		}, code: connect.CodeDataLoss},
 		{name: "stripped response marker", resp: func(r *http.Response, b []byte) []byte {
 			r.Header.Del("Veil-Pqkex-Sealed")
 			return b
@@ -152,6 +169,8 @@ func TestAttacks(t *testing.T) {
 			var err error
 			if tt.stream {
 				err = clientStreamCall(hc, ts.URL, "one", "two", "three")
+			} else if tt.msg != "" {
+				_, err = connect.NewClient[str, str](hc, ts.URL+procUnary).CallUnary(context.Background(), connect.NewRequest(strMsg(tt.msg)))
 			} else {
 				err = unaryCall(hc, ts.URL)
 			}

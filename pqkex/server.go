@@ -425,7 +425,12 @@ func (sw *sealWriter) emit(final bool) error {
 	if err == nil && final {
 		var moved http.Header
 		moved, trailers = sw.collect(trailersOnly)
-		sw.out, err = sw.s.appendFrame(sw.out, flagFinal, encodeTrailerBlock(moved, trailers))
+		status := sw.status
+		if status == 0 {
+			status = http.StatusOK
+		}
+		blk := trailerBlock{status: status, headers: moved, trailers: trailers}
+		sw.out, err = sw.s.appendFrame(sw.out, flagFinal, blk.encode())
 	}
 	if err == nil && !sw.sent {
 		length := -1

@@ -27,8 +27,8 @@ func encodings(v katVector) map[string]struct {
 		"ticket plaintext":  {v.TicketPlaintext, func(b []byte) error { _, err := parseTicketState(b); return err }},
 		"request body":      {v.RequestBody, func(b []byte) error { _, _, err := openBody(v, dirC2S, b); return err }},
 		"response body":     {v.ResponseBody, func(b []byte) error { _, _, err := openBody(v, dirS2C, b); return err }},
-		"trailer block": {encodeTrailerBlock(http.Header{"A": {"1"}}, http.Header{"Grpc-Status": {"0"}}),
-			func(b []byte) error { _, _, err := decodeTrailerBlock(b); return err }},
+		"trailer block": {trailerBlock{status: 200, headers: http.Header{"A": {"1"}}, trailers: http.Header{"Grpc-Status": {"0"}}}.encode(),
+			func(b []byte) error { _, err := decodeTrailerBlock(b); return err }},
 	}
 }
 
@@ -50,7 +50,7 @@ func openBody(v katVector, dir string, b []byte) ([]byte, http.Header, error) {
 		}
 	}
 	var trailers http.Header
-	rd := &openReader{o: o, final: func(_, t http.Header) { trailers = t }}
+	rd := &openReader{o: o, final: func(b trailerBlock) error { trailers = b.trailers; return nil }}
 	pt, err := io.ReadAll(rd)
 	return pt, trailers, err
 }
