@@ -46,8 +46,11 @@ integration:
 # test is what CI runs: unit tests with -race, then the container suite.
 test: unit integration
 
+# bench runs every side-by-side suite (about three minutes on 2 cores) and writes
+# bench/results/latest.json and BENCHMARKS.md; longer runs: BENCH_FLAGS="--reps 9 --stream-mib 256".
+BENCH_FLAGS ?=
 bench:
-	cd bench && $(GO) run . all --out results/latest.json --report ../BENCHMARKS.md
+	cd bench && $(GO) run . all --out results/latest.json --report ../BENCHMARKS.md $(BENCH_FLAGS)
 
 # fuzz runs every Fuzz target in the main module for FUZZTIME each.
 fuzz:

@@ -106,7 +106,11 @@ type raw struct {
 	eval   *hefloat.Evaluator
 	poly   hefloat.Polynomial
 	bytes  int // serialized ciphertexts of one batch: inputs and result
+	phases phases
 }
+
+// phases is where one in-process batch spent its time.
+type phases struct{ encrypt, compute, decrypt time.Duration }
 
 func newRaw(c *circuit) (*raw, error) {
 	lit := c.params.Literal()
@@ -126,6 +130,7 @@ func newRaw(c *circuit) (*raw, error) {
 
 func (r *raw) batch() error {
 	p := r.params
+	t0 := time.Now()
 	cts := make([]*rlwe.Ciphertext, r.c.features)
 	r.bytes = 0
 	for j, x := range r.c.x {
@@ -140,6 +145,7 @@ func (r *raw) batch() error {
 		cts[j] = ct
 		r.bytes += ct.BinarySize()
 	}
+	t1 := time.Now()
 	level := cts[0].Level()
 	acc := hefloat.NewCiphertext(p, 1, level)
 	acc.Scale = cts[0].Scale.Mul(rlwe.NewScale(p.Q()[level]))
@@ -171,10 +177,12 @@ func (r *raw) batch() error {
 		out = sq
 	}
 	r.bytes += out.BinarySize()
+	t2 := time.Now()
 	got := make([]float64, p.MaxSlots())
 	if err := r.enc.Decode(r.dec.DecryptNew(out), got); err != nil {
 		return err
 	}
+	r.phases = phases{t1.Sub(t0), t2.Sub(t1), time.Since(t2)}
 	return r.c.check(got)
 }
 
@@ -184,6 +192,7 @@ type veilHE struct {
 	client *he.Client
 	ev     *he.Evaluator
 	poly   *he.Polynomial
+	phases phases
 }
 
 func newVeilHE(c *circuit) (*veilHE, error) {
@@ -238,15 +247,20 @@ func (v *veilHE) decrypt(out *he.Vector) error {
 }
 
 func (v *veilHE) batch() error {
+	t0 := time.Now()
 	xs, err := v.encrypt()
 	if err != nil {
 		return err
 	}
+	t1 := time.Now()
 	out, err := v.compute(context.Background(), xs)
 	if err != nil {
 		return err
 	}
-	return v.decrypt(out)
+	t2 := time.Now()
+	err = v.decrypt(out)
+	v.phases = phases{t1.Sub(t0), t2.Sub(t1), time.Since(t2)}
+	return err
 }
 
 // scoreHandler serves the circuit over RPC: a client stream of one EncryptedVector per
@@ -403,8 +417,16 @@ func hePreset(cfg *config, e *env, rep *Report, name string, params *he.Paramete
 			ms := float64(time.Since(t0).Microseconds()) / 1000
 			s.sys.add("ms_per_batch", ms)
 			s.sys.add("samples_per_s", float64(params.Slots())/ms*1000)
+			addPhases := func(p phases) {
+				s.sys.add("encrypt_ms", float64(p.encrypt.Microseconds())/1000)
+				s.sys.add("compute_ms", float64(p.compute.Microseconds())/1000)
+				s.sys.add("decrypt_ms", float64(p.decrypt.Microseconds())/1000)
+			}
 			switch {
+			case strings.HasPrefix(s.sys.Name, "wrapper_"):
+				addPhases(v.phases)
 			case strings.HasPrefix(s.sys.Name, "raw_"):
+				addPhases(r.phases)
 				s.sys.add("wire_bytes", float64(r.bytes))
 			case strings.HasPrefix(s.sys.Name, "rpc_"):
 				s.sys.add("wire_bytes", float64(counter.Load()))

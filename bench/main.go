@@ -81,7 +81,7 @@ func main() {
 	fs.IntVar(&cfg.msgSize, "msg", 1024, "rpc: request and response message bytes")
 	fs.BoolVar(&cfg.coalesceOff, "compare", true, "rpc, stream: also run Veil unsealed, and (rpc) Veil with write coalescing off")
 	fs.IntVar(&cfg.streamMiB, "stream-mib", 128, "stream: MiB per stream (the issue's full figure: 256)")
-	fs.IntVar(&cfg.handshakes, "handshakes", 200, "handshake: handshakes per system per round")
+	fs.IntVar(&cfg.handshakes, "handshakes", 100, "handshake: handshakes per system per round")
 	fs.StringVar(&cfg.presets, "presets", "n13,n14", "he: CKKS presets")
 	fs.IntVar(&cfg.batch, "batch", 0, "he: samples per batch (0: all slots of one ciphertext)")
 	fs.IntVar(&cfg.features, "features", 8, "he: features of the scoring model")
