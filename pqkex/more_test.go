@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"connectrpc.com/connect"
 	"github.com/veilrpc/veil/pqkex"
 )
 
@@ -170,4 +172,58 @@ func TestChaCha20Poly1305(t *testing.T) {
 	if got := fmt.Sprint(pqkex.ChaCha20Poly1305, " ", pqkex.AES256GCM); got != "ChaCha20-Poly1305 AES-256-GCM" {
 		t.Fatal(got)
 	}
+}
+
+// TestHandlerSeesPlaintextOnlyAfterAuthentication: a call whose hello frame does not
+// authenticate, or whose ticket is forged, never reaches the handler; sealed calls that do
+// reach it carry no pqkex headers.
+func TestHandlerSeesPlaintextOnlyAfterAuthentication(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	var calls, leaked atomic.Int32
+	counting := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		if r.Header.Get("Veil-Pqkex-Ticket") != "" || r.Header.Get("Veil-Pqkex-Call") != "" {
+			leaked.Add(1)
+		}
+		echoMux().ServeHTTP(w, r)
+	})
+	ts := e.startServer(t, counting, pqkex.WithMode(pqkex.Permissive))
+	m := &mitm{base: e.transport(t, clientID)}
+	hc, _ := e.httpClient(t, m)
+	if err := unaryCall(hc, ts.URL); err != nil {
+		t.Fatal(err)
+	}
+	if calls.Load() != 1 || leaked.Load() != 0 {
+		t.Fatalf("calls=%d leaked headers=%d", calls.Load(), leaked.Load())
+	}
+	m.set(func(r *http.Request, b []byte) []byte {
+		if isSealedCall(r) {
+			return flip(b, 12) // inside the hello frame's ciphertext
+		}
+		return b
+	}, nil)
+	wantCode(t, unaryCall(hc, ts.URL), connect.CodeDataLoss)
+	m.set(func(r *http.Request, b []byte) []byte {
+		if isSealedCall(r) {
+			r.Header.Set("Veil-Pqkex-Ticket", strings.Repeat("A", 64))
+		}
+		return b
+	}, nil)
+	// Even in PERMISSIVE mode a call that claims a session is never passed on in plaintext.
+	wantCode(t, unaryCall(hc, ts.URL), connect.CodeFailedPrecondition)
+	if calls.Load() != 1 {
+		t.Fatalf("handler ran %d times, want 1", calls.Load())
+	}
+}
+
+func TestClientRefusesGET(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	ts := e.startServer(t, echoMux())
+	hc, _ := e.httpClient(t, e.transport(t, clientID))
+	resp, err := hc.Get(ts.URL + procUnary)
+	if err == nil {
+		resp.Body.Close()
+		t.Fatal("GET was sent")
+	}
+	wantCode(t, err, connect.CodeInvalidArgument)
 }
