@@ -311,10 +311,11 @@ func (r *Registry) entry(owner string, id KeyID) (*regEntry, error) {
 	if r.cfg.dir == "" {
 		return nil, keysMissing(id, "not held (expired, evicted or never uploaded)")
 	}
-	diskOwner, data, err := r.readStore(id)
+	diskOwner, data, release, err := r.readStore(id)
 	if err != nil {
 		return nil, err
 	}
+	defer release()
 	if diskOwner != owner {
 		return nil, permissionf("evaluation keys %s belong to another identity", id.short())
 	}
@@ -388,33 +389,48 @@ func parseStoreHeader(b []byte) (owner string, rest []byte, ok bool) {
 	return string(b[:i]), b[i+1:], true
 }
 
-// readStore reads a stored key set, honouring its TTL (file mtime + TTL).
-func (r *Registry) readStore(id KeyID) (string, []byte, error) {
+// readStore reads a stored key set, honouring its TTL (file mtime + TTL). The file's
+// size stays charged against the budget until the caller calls release.
+func (r *Registry) readStore(id KeyID) (owner string, data []byte, release func(), err error) {
 	p := r.path(id)
 	st, err := os.Stat(p)
 	if errors.Is(err, fs.ErrNotExist) {
-		return "", nil, keysMissing(id, "not held (expired, evicted or never uploaded)")
+		return "", nil, nil, keysMissing(id, "not held (expired, evicted or never uploaded)")
 	}
 	if err != nil {
-		return "", nil, internalf("registry store: stat")
+		return "", nil, nil, internalf("registry store: stat")
 	}
 	if r.cfg.now().After(st.ModTime().Add(r.cfg.ttl)) {
 		_ = os.Remove(p)
-		return "", nil, keysMissing(id, "expired")
+		return "", nil, nil, keysMissing(id, "expired")
 	}
 	if st.Size() > r.cfg.maxSet+int64(len(storeMagic))+1024 {
-		return "", nil, internalf("registry store: oversized file")
+		return "", nil, nil, internalf("registry store: oversized file")
+	}
+	// The file's bytes are charged while they are read and parsed, like an upload.
+	r.mu.Lock()
+	err = r.reserve(st.Size())
+	r.mu.Unlock()
+	if err != nil {
+		return "", nil, nil, err
+	}
+	release = func() {
+		r.mu.Lock()
+		r.used -= st.Size()
+		r.mu.Unlock()
 	}
 	b, err := os.ReadFile(p)
 	if err != nil {
-		return "", nil, internalf("registry store: read")
+		release()
+		return "", nil, nil, internalf("registry store: read")
 	}
 	owner, data, ok := parseStoreHeader(b)
 	sum := sha256.Sum256(data)
 	if !ok || KeyID(hex.EncodeToString(sum[:])) != id {
-		return "", nil, internalf("registry store: corrupt file for %s", id.short())
+		release()
+		return "", nil, nil, internalf("registry store: corrupt file for %s", id.short())
 	}
-	return owner, data, nil
+	return owner, data, release, nil
 }
 
 // beginUpload opens or resumes owner's upload of id at offset. A new stream takes an

@@ -290,6 +290,24 @@ func TestRegistryStore(t *testing.T) {
 	if err != nil || keys == nil {
 		t.Fatalf("after restart: %v", err)
 	}
+	if reg2.Used() != MemorySize(s.keys.Manifest()) {
+		t.Errorf("used %d after loading from disk, want the parsed keys only", reg2.Used())
+	}
+	// A corrupted file is refused, never parsed.
+	path := filepath.Join(dir, string(s.id)+".vhk")
+	good, _ := os.ReadFile(path)
+	bad := bytes.Clone(good)
+	bad[len(bad)-1] ^= 1
+	if err := os.WriteFile(path, bad, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	regBad, _ := NewRegistry(smallParams(), WithStore(dir), WithClock(clock), WithTTL(time.Hour, time.Minute))
+	if _, err := regBad.Keys("spiffe://t/a", s.id); CodeOf(err) != connect.CodeInternal || regBad.Used() != 0 {
+		t.Errorf("corrupted store file: %v, used %d", err, regBad.Used())
+	}
+	if err := os.WriteFile(path, good, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	// Expired on disk: not_found, and the file is gone.
 	reg3, _ := NewRegistry(smallParams(), WithStore(dir), WithClock(func() time.Time { return time.Now().Add(2 * time.Hour) }), WithTTL(time.Hour, time.Minute))
 	if _, err := reg3.Keys("spiffe://t/a", s.id); CodeOf(err) != connect.CodeNotFound {
