@@ -69,15 +69,15 @@ func (e *env) startProxy(t *testing.T, backend string, director func(*http.Reque
 		t.Fatal(err)
 	}
 	rec := &recorder{base: e.transport(t, proxyID)}
-	rp := httputil.NewSingleHostReverseProxy(u)
-	rp.Transport = rec
-	rp.FlushInterval = -1
-	if director != nil {
-		inner := rp.Director
-		rp.Director = func(r *http.Request) {
-			inner(r)
-			director(r)
-		}
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(u)
+			if director != nil {
+				director(pr.Out)
+			}
+		},
+		Transport:     rec,
+		FlushInterval: -1,
 	}
 	// Like Envoy, the proxy forwards response headers at once; net/http's ReverseProxy would
 	// hold them until the first body byte, which never comes for a trailers-only response.

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/sha3"
-	"errors"
 
 	"github.com/cloudflare/circl/hpke"
 	"github.com/cloudflare/circl/kem"
@@ -97,8 +96,6 @@ type concatPrivateKey struct {
 	s             *concatKEM
 	pq, classical kem.PrivateKey
 }
-
-var errConcatKey = errors.New("pqkex: wrong key type or size for hybrid KEM")
 
 func (s *concatKEM) Name() string { return s.name }
 func (s *concatKEM) PublicKeySize() int {

@@ -36,14 +36,6 @@ func (p *parser) u16() uint16 {
 	return binary.BigEndian.Uint16(b)
 }
 
-func (p *parser) u32() uint32 {
-	b := p.take(4)
-	if b == nil {
-		return 0
-	}
-	return binary.BigEndian.Uint32(b)
-}
-
 func (p *parser) u64() uint64 {
 	b := p.take(8)
 	if b == nil {
