@@ -27,9 +27,21 @@ const (
 )
 
 // noiseBound is the CKKS error allowed on top of the sigmoid approximation's error
-// (docs/services.md): |p_enc - q(z/B)| measured at 1.4e-9 on wdbc and 2.3e-6 on the
-// synthetic data (raw features up to about 1000), on ParamsN14.
+// (docs/services.md): |p_enc - q(z/B)| measured at 1.4e-9 on wdbc (ParamsN14) and
+// 2.9e-6 on the synthetic data (raw features up to about 1000, smallParams).
 const noiseBound = 1e-4
+
+// smallParams is a depth-4 set at N=2^13 (LogQ 44 + 32 x 4, LogP 44, scale 2^32,
+// log2(QP) 216 of 218 allowed): a degree-7 sigmoid, about 4x cheaper than
+// ParamsN14, for the tests that exercise the protocol rather than the accuracy.
+func smallParams(t testing.TB) *he.Parameters {
+	t.Helper()
+	p, err := he.NewParameters(he.Literal{LogN: 13, LogQ: []int{44, 32, 32, 32, 32}, LogP: []int{44}, LogDefaultScale: 32})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
 
 func wdbcPath(t testing.TB) string {
 	t.Helper()
@@ -166,10 +178,10 @@ func TestManifestAsksExactlyForRelinearization(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := start(t, m)
+	e := start(t, m, scoring.WithParameters(smallParams(t)))
 	keys := hev1connect.NewKeyServiceClient(e.pki.Client(t, alice, e.srv), e.srv.URL, rpc.ClientOptions()...)
 	for _, proc := range []string{scoring.ScoreProcedure, scoring.ScoreStreamProcedure} {
-		man, err := he.FetchManifest(context.Background(), keys, he.ParamsN14(), proc)
+		man, err := he.FetchManifest(context.Background(), keys, smallParams(t), proc)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -182,7 +194,8 @@ func TestManifestAsksExactlyForRelinearization(t *testing.T) {
 // TestStreamingLargeBatch scores more samples than one ciphertext holds: two blocks
 // over ScoreStream, each message one ciphertext, under the default read limit.
 func TestStreamingLargeBatch(t *testing.T) {
-	slots := he.ParamsN14().Slots()
+	params := smallParams(t)
+	slots := params.Slots()
 	all, err := scoring.Synthetic(7, 400+slots+37, 3)
 	if err != nil {
 		t.Fatal(err)
@@ -191,8 +204,8 @@ func TestStreamingLargeBatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := start(t, m)
-	if lim := scoring.ReadLimits(he.ParamsN14(), 3)[scoring.ScoreStreamProcedure]; lim > rpc.DefaultReadLimit {
+	e := start(t, m, scoring.WithParameters(params))
+	if lim := scoring.ReadLimits(params, 3)[scoring.ScoreStreamProcedure]; lim > rpc.DefaultReadLimit {
 		t.Fatalf("ScoreStream needs %d bytes per message, above the default limit", lim)
 	}
 	c := e.client(t, alice)
@@ -253,9 +266,10 @@ func TestScoringErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := start(t, m)
+	params := smallParams(t)
+	e := start(t, m, scoring.WithParameters(params))
 	ctx := context.Background()
-	key, err := he.NewClient(he.ParamsN14())
+	key, err := he.NewClient(params)
 	if err != nil {
 		t.Fatal(err)
 	}
