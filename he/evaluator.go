@@ -422,7 +422,7 @@ func (e *Evaluator) Mul(ctx context.Context, a, b *Vector) (out *Vector, err err
 			}
 			cts[i] = ct
 		}
-		out = a.derive(cts, a.length, false)
+		out = a.derive(cts, a.length, a.dirty || b.dirty)
 		return nil
 	})
 	return out, err
@@ -476,6 +476,22 @@ func (e *Evaluator) clean(w *evalWorker, v *Vector) ([]*rlwe.Ciphertext, error) 
 		}
 	}
 	return out, nil
+}
+
+// cleaned returns v with its padding cleared (see clean).
+func (e *Evaluator) cleaned(ctx context.Context, v *Vector) (out *Vector, err error) {
+	if !v.dirty {
+		return v, nil
+	}
+	err = e.do(ctx, "mask", func(w *evalWorker) error {
+		cts, err := e.clean(w, v)
+		if err != nil {
+			return err
+		}
+		out = v.derive(cts, v.length, false)
+		return nil
+	})
+	return out, err
 }
 
 // innerSum sums v's values into slot 0 of one ciphertext.
@@ -604,6 +620,12 @@ func (e *Evaluator) Variance(ctx context.Context, a *Vector) (*Vector, error) {
 		return nil, err
 	}
 	if err := e.innerSumChecks("variance", a); err != nil {
+		return nil, err
+	}
+	// Both terms must reach the subtraction at the same level and scale: clear the
+	// padding once, up front, rather than in each inner sum.
+	a, err := e.cleaned(ctx, a)
+	if err != nil {
 		return nil, err
 	}
 	sq, err := e.Mul(ctx, a, a)

@@ -79,7 +79,7 @@ func ExampleEncryptor() {
 // set of depth 5 (scale 2^25, enough for two decimals) to run quickly.
 func ExampleEvaluator_EvalPolynomial() {
 	ctx := context.Background()
-	params, err := he.NewParameters(he.Literal{LogN: 13, LogQ: []int{40, 25, 25, 25, 25, 25}, LogP: []int{30}, LogDefaultScale: 25})
+	params, err := he.NewParameters(he.Literal{LogN: 13, LogQ: []int{40, 25, 25, 25, 25, 25}, LogP: []int{40}, LogDefaultScale: 25})
 	if err != nil {
 		panic(err)
 	}

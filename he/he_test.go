@@ -149,6 +149,8 @@ func TestParametersBound(t *testing.T) {
 		{LogN: 13, LogP: []int{60}, LogDefaultScale: 40},
 		{LogN: 13, LogQ: []int{60, 70}, LogP: []int{60}, LogDefaultScale: 40},
 		{LogN: 13, LogQ: []int{40, 40}, LogP: []int{60}, LogDefaultScale: 40},
+		{LogN: 13, LogQ: []int{60, 40, 40}, LogP: []int{50}, LogDefaultScale: 40}, // P below a group
+		{LogN: 14, LogQ: []int{50, 50, 50, 50}, LogP: []int{50, 45}, LogDefaultScale: 40},
 	} {
 		if _, err := NewParameters(bad); CodeOf(err) != connect.CodeInvalidArgument {
 			t.Errorf("%+v: %v", bad, err)

@@ -265,7 +265,7 @@ func TestPreconditions(t *testing.T) {
 	if _, err := f.eval.Add(ctx, x, f.enc(t, []float64{1, 2, 3})); CodeOf(err) != connect.CodeInvalidArgument {
 		t.Errorf("length mismatch: %v", err)
 	}
-	other, _ := NewParameters(Literal{LogN: 12, LogQ: []int{40, 30}, LogP: []int{30}, LogDefaultScale: 30})
+	other, _ := NewParameters(Literal{LogN: 12, LogQ: []int{36, 30}, LogP: []int{36}, LogDefaultScale: 30})
 	oc, _ := NewClient(other)
 	ox, _ := oc.Encrypt([]float64{1})
 	if _, err := f.eval.Add(ctx, ox, ox); CodeOf(err) != connect.CodeFailedPrecondition || !strings.Contains(err.Error(), string(other.ID())) || !strings.Contains(err.Error(), string(ParamsN13().ID())) {
@@ -362,5 +362,61 @@ func TestManifest(t *testing.T) {
 	wire.GaloisElements = append(wire.GaloisElements, 2)
 	if _, err := UnmarshalManifest(p, wire); CodeOf(err) != connect.CodeInvalidArgument {
 		t.Errorf("even Galois element: %v", err)
+	}
+}
+
+// TestDirtyPadding runs the sums on a vector whose padding holds p(0) after a
+// polynomial: they must mask it (one more level) and still match the plaintext.
+func TestDirtyPadding(t *testing.T) {
+	ctx := context.Background()
+	p, err := NewParameters(Literal{LogN: 13, LogQ: []int{40, 25, 25, 25, 25}, LogP: []int{40}, LogDefaultScale: 25})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := NewClient(p)
+	const n = 20
+	keys, err := c.GenEvaluationKeys(NewManifest(p, NeedRelinearization(), NeedInnerSum(n)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev, _ := NewEvaluator(p, keys)
+	r := rand.New(rand.NewPCG(21, 22))
+	x := randValues(r, n)
+	cx, _ := c.Encrypt(x)
+	shift, _ := NewPolynomial([]float64{0.5, 1}) // 0.5 + x: the padding becomes 0.5
+	d, err := ev.EvalPolynomial(ctx, cx, shift)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum, mean, sq := 0.0, 0.0, 0.0
+	for _, v := range x {
+		sum += v + 0.5
+	}
+	mean = sum / n
+	for _, v := range x {
+		sq += (v + 0.5 - mean) * (v + 0.5 - mean)
+	}
+	checks := []struct {
+		name string
+		op   func() (*Vector, error)
+		want float64
+	}{
+		{"inner sum", func() (*Vector, error) { return ev.InnerSum(ctx, d) }, sum},
+		{"mean", func() (*Vector, error) { return ev.Mean(ctx, d) }, mean},
+		{"variance", func() (*Vector, error) { return ev.Variance(ctx, d) }, sq / n},
+		{"dot", func() (*Vector, error) { return ev.Dot(ctx, d, d) }, sq + n*mean*mean},
+	}
+	for _, ch := range checks {
+		v, err := ch.op()
+		if err != nil {
+			t.Fatalf("%s: %v", ch.name, err)
+		}
+		got, err := c.Decrypt(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if math.Abs(got[0]-ch.want) > 1e-3 {
+			t.Errorf("%s: %g, want %g", ch.name, got[0], ch.want)
+		}
 	}
 }

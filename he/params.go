@@ -26,7 +26,8 @@ type Literal struct {
 	// base prime (it bounds the values a level-0 ciphertext can hold); the others
 	// are consumed one per rescaling and should match LogDefaultScale.
 	LogQ []int
-	// LogP lists the bit sizes of the key-switching primes.
+	// LogP lists the bit sizes of the key-switching primes. Their sum must be at least
+	// that of every group of len(LogP) consecutive Q primes.
 	LogP []int
 	// LogDefaultScale is log2 of the encoding scale.
 	LogDefaultScale int
@@ -69,6 +70,22 @@ func NewParameters(lit Literal) (params *Parameters, err error) {
 		if b < 20 || b > 61 {
 			return nil, invalidf("prime size %d bits out of range [20, 61]", b)
 		}
+	}
+	// Key switching decomposes Q into groups of len(LogP) consecutive primes; its
+	// noise is about (group / P) times the ciphertext's, so P must cover every group.
+	logP, maxGroup := 0, 0
+	for _, b := range lit.LogP {
+		logP += b
+	}
+	for i := 0; i < len(lit.LogQ); i += len(lit.LogP) {
+		g := 0
+		for _, b := range lit.LogQ[i:min(i+len(lit.LogP), len(lit.LogQ))] {
+			g += b
+		}
+		maxGroup = max(maxGroup, g)
+	}
+	if logP < maxGroup {
+		return nil, invalidf("P has %d bits, less than a key-switching group of Q primes (%d bits)", logP, maxGroup)
 	}
 	if lit.LogDefaultScale < 10 || lit.LogDefaultScale >= lit.LogQ[0] {
 		return nil, invalidf("log scale %d must be in [10, log q_0 = %d)", lit.LogDefaultScale, lit.LogQ[0])

@@ -22,7 +22,7 @@ import (
 
 // smallParams keeps registry tests fast: one key is about 197 KB encoded.
 var smallParams = sync.OnceValue(func() *Parameters {
-	p, err := NewParameters(Literal{LogN: 12, LogQ: []int{40, 30}, LogP: []int{30}, LogDefaultScale: 30})
+	p, err := NewParameters(Literal{LogN: 12, LogQ: []int{36, 30}, LogP: []int{36}, LogDefaultScale: 30})
 	if err != nil {
 		panic(err)
 	}
