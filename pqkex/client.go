@@ -85,8 +85,7 @@ func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		if req.Body != nil {
 			_ = req.Body.Close()
 		}
-		var re *reasonError
-		if !errors.As(err, &re) {
+		if !isRejection(err) {
 			return nil, err // the base transport's own failure, e.g. a TLS error
 		}
 		rt.c.m.reject(sideClient, err)

@@ -86,6 +86,12 @@ func reasonOf(err error) reason {
 	return reasonInternal
 }
 
+// isRejection reports whether err is one of pqkex's own rejections.
+func isRejection(err error) bool {
+	var re *reasonError
+	return errors.As(err, &re)
+}
+
 // toConnect turns any error into a *connect.Error with pqkex's code for it.
 func toConnect(err error) *connect.Error {
 	var ce *connect.Error

@@ -295,7 +295,7 @@ func (r *openReader) Read(p []byte) (int, error) {
 			return 0, r.err
 		}
 		r.err = r.fill()
-		if r.err != nil && r.err != io.EOF && r.onErr != nil {
+		if r.err != nil && r.err != io.EOF && r.onErr != nil && isRejection(r.err) {
 			r.onErr(r.err)
 		}
 	}
@@ -307,8 +307,11 @@ func (r *openReader) Read(p []byte) (int, error) {
 // fill reads one frame. It returns io.EOF after a FINAL frame followed by the end of the body.
 func (r *openReader) fill() error {
 	flags, pt, err := r.o.next()
-	if err != nil {
+	if isRejection(err) {
 		return toConnect(err)
+	}
+	if err != nil {
+		return err // the transport's own failure (cancellation, reset): connect-go codes it
 	}
 	if r.onBytes != nil {
 		r.onBytes(len(pt))

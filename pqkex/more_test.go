@@ -227,3 +227,36 @@ func TestClientRefusesGET(t *testing.T) {
 	}
 	wantCode(t, err, connect.CodeInvalidArgument)
 }
+
+// TestCancellationKeepsItsCode: when the client cancels a stream, the handler sees canceled,
+// not a pqkex error: transport failures pass through the unsealing reader unchanged.
+func TestCancellationKeepsItsCode(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	got := make(chan error, 1)
+	received := make(chan struct{})
+	mux := http.NewServeMux()
+	mux.Handle(procClient, connect.NewClientStreamHandler(procClient, func(ctx context.Context, s *connect.ClientStream[str]) (*connect.Response[str], error) {
+		for s.Receive() {
+			close(received)
+		}
+		got <- s.Err()
+		return nil, s.Err()
+	}))
+	ts := e.startServer(t, mux)
+	hc, _ := e.httpClient(t, e.transport(t, clientID))
+	ctx, cancel := context.WithCancel(context.Background())
+	cs := connect.NewClient[str, str](hc, ts.URL+procClient).CallClientStream(ctx)
+	if err := cs.Send(strMsg("one")); err != nil {
+		t.Fatal(err)
+	}
+	<-received
+	cancel()
+	select {
+	case err := <-got:
+		if code := connect.CodeOf(err); code != connect.CodeCanceled {
+			t.Fatalf("handler saw %v (code %v), want canceled", err, code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("handler did not see the cancellation")
+	}
+}
