@@ -1,0 +1,179 @@
+package pqkex
+
+import (
+	"net/http"
+	"strconv"
+	"strings"
+)
+
+// sealWriter seals a handler's response body into frames and moves its trailers into the
+// FINAL frame (spec 6.2, 6.3).
+type sealWriter struct {
+	w        http.ResponseWriter
+	h        http.Header
+	s        *sealer
+	status   int
+	sent     bool // headers written to w
+	pending  []byte
+	out      []byte
+	declared []string
+	err      error
+}
+
+func (sw *sealWriter) Header() http.Header { return sw.h }
+
+func (sw *sealWriter) WriteHeader(code int) {
+	if sw.status == 0 && code >= 200 {
+		sw.status = code
+	}
+}
+
+func (sw *sealWriter) Write(p []byte) (int, error) {
+	if sw.err != nil {
+		return 0, sw.err
+	}
+	sw.WriteHeader(http.StatusOK)
+	sw.pending = append(sw.pending, p...)
+	if len(sw.pending) >= maxDataFrame {
+		if err := sw.emit(false); err != nil {
+			return 0, err
+		}
+	}
+	return len(p), nil
+}
+
+// Flush seals what the handler wrote so far and flushes it to the client.
+func (sw *sealWriter) Flush() {
+	if sw.err != nil {
+		return
+	}
+	sw.WriteHeader(http.StatusOK)
+	if err := sw.emit(false); err != nil {
+		return
+	}
+	if f, ok := sw.w.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+// Unwrap lets http.ResponseController reach the underlying writer (EnableFullDuplex etc.).
+func (sw *sealWriter) Unwrap() http.ResponseWriter { return sw.w }
+
+// parseDeclared records the trailer names the handler announced in the Trailer header.
+func (sw *sealWriter) parseDeclared() {
+	sw.declared = sw.declared[:0]
+	for _, v := range sw.h.Values("Trailer") {
+		for _, k := range strings.Split(v, ",") {
+			if k = strings.TrimSpace(k); k != "" {
+				sw.declared = append(sw.declared, http.CanonicalHeaderKey(k))
+			}
+		}
+	}
+}
+
+// sendHeaders writes the response headers; length is the sealed body's length, or -1.
+func (sw *sealWriter) sendHeaders(trailersOnly bool, length int) {
+	if sw.sent {
+		return
+	}
+	sw.sent = true
+	dst := sw.w.Header()
+	for k, v := range sw.h {
+		if k == "Trailer" || k == "Content-Length" || strings.HasPrefix(k, http.TrailerPrefix) {
+			continue
+		}
+		if sw.isDeclared(k) || (trailersOnly && movable(k)) {
+			continue
+		}
+		dst[k] = v
+	}
+	dst.Set(headerSealed, "1")
+	if length >= 0 {
+		dst.Set("Content-Length", strconv.Itoa(length))
+	}
+	if trailersOnly {
+		dst.Set(headerTrailersOnly, "1")
+	}
+	if sw.status == 0 {
+		sw.status = http.StatusOK
+	}
+	sw.w.WriteHeader(sw.status)
+}
+
+// movable reports whether a header of a trailers-only response travels in the FINAL frame.
+// connect-go merges gRPC-Web trailers (status, message, metadata) into the headers of such a
+// response; only Content-Type stays on the wire for proxies.
+func movable(k string) bool { return http.CanonicalHeaderKey(k) != "Content-Type" }
+
+func (sw *sealWriter) isDeclared(k string) bool {
+	for _, d := range sw.declared {
+		if d == http.CanonicalHeaderKey(k) {
+			return true
+		}
+	}
+	return false
+}
+
+// emit seals the pending bytes (and, when final, the FINAL frame) and writes them.
+func (sw *sealWriter) emit(final bool) error {
+	trailersOnly := final && !sw.sent && len(sw.pending) == 0
+	if !sw.sent {
+		sw.parseDeclared()
+	}
+	var err error
+	sw.out, err = sw.s.appendData(sw.out[:0], sw.pending)
+	sw.pending = sw.pending[:0]
+	var trailers http.Header
+	if err == nil && final {
+		var moved http.Header
+		moved, trailers = sw.collect(trailersOnly)
+		status := sw.status
+		if status == 0 {
+			status = http.StatusOK
+		}
+		blk := trailerBlock{status: status, headers: moved, trailers: trailers}
+		sw.out, err = sw.s.appendFrame(sw.out, flagFinal, blk.encode())
+	}
+	if err == nil && !sw.sent {
+		length := -1
+		if final && len(trailers) == 0 {
+			length = len(sw.out) // the whole sealed body is known: let net/http frame it tightly
+		}
+		sw.sendHeaders(trailersOnly, length)
+	}
+	if err == nil && len(sw.out) > 0 {
+		_, err = sw.w.Write(sw.out)
+	}
+	if v := trailers.Get("Grpc-Status"); err == nil && v != "" {
+		sw.w.Header().Set(http.TrailerPrefix+"Grpc-Status", v)
+	}
+	if err != nil {
+		sw.err = err
+	}
+	return err
+}
+
+// collect gathers the handler's trailers and, for a trailers-only response, its status headers.
+func (sw *sealWriter) collect(trailersOnly bool) (moved, trailers http.Header) {
+	moved, trailers = http.Header{}, http.Header{}
+	for k, v := range sw.h {
+		switch {
+		case strings.HasPrefix(k, http.TrailerPrefix):
+			trailers[http.CanonicalHeaderKey(strings.TrimPrefix(k, http.TrailerPrefix))] = v
+		case sw.isDeclared(k):
+			trailers[k] = v
+		case trailersOnly && movable(k):
+			moved[k] = v
+		}
+	}
+	return moved, trailers
+}
+
+// finish ends the response after the handler returned.
+func (sw *sealWriter) finish() error {
+	if sw.err != nil {
+		return sw.err
+	}
+	return sw.emit(true)
+}
+
