@@ -176,4 +176,3 @@ func (sw *sealWriter) finish() error {
 	}
 	return sw.emit(true)
 }
-
