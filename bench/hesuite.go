@@ -411,11 +411,14 @@ func hePreset(cfg *config, e *env, rep *Report, name string, params *he.Paramete
 			runtime.GC()
 			counter.Store(0)
 			t0 := time.Now()
+			cpu0 := cpuTime()
 			if err := s.run(); err != nil {
 				return fmt.Errorf("%s: %w", s.sys.Name, err)
 			}
+			cpu := cpuTime() - cpu0
 			ms := float64(time.Since(t0).Microseconds()) / 1000
 			s.sys.add("ms_per_batch", ms)
+			s.sys.add("cpu_ms_per_batch", float64(cpu.Microseconds())/1000)
 			s.sys.add("samples_per_s", float64(params.Slots())/ms*1000)
 			addPhases := func(p phases) {
 				s.sys.add("encrypt_ms", float64(p.encrypt.Microseconds())/1000)
@@ -440,5 +443,7 @@ func hePreset(cfg *config, e *env, rep *Report, name string, params *he.Paramete
 	rep.ratio("rpc_vs_raw_ms_per_batch"+suffix, rpcS, "ms_per_batch", rawS, "ms_per_batch")
 	rep.ratio("wrapper_vs_raw_ms_per_batch"+suffix, wrapS, "ms_per_batch", rawS, "ms_per_batch")
 	rep.ratio("wire_vs_raw_bytes"+suffix, rpcS, "wire_bytes", rawS, "wire_bytes")
+	rep.ratio("rpc_vs_raw_cpu_per_batch"+suffix, rpcS, "cpu_ms_per_batch", rawS, "cpu_ms_per_batch")
+	rep.ratio("wrapper_vs_raw_cpu_per_batch"+suffix, wrapS, "cpu_ms_per_batch", rawS, "cpu_ms_per_batch")
 	return nil
 }

@@ -88,6 +88,14 @@ func writeReport(path, chartDir string, reports []*Report) error {
 		}
 		w("| %s | `%s` | %s %s | %s |\n", t.goal, t.ratio, num(v), rangeOf(r, t.ratio), map[bool]string{true: "yes", false: "**no**"}[met])
 	}
+	w("\nThe same comparisons in CPU per operation (client and server together), which contention on a shared machine disturbs much less than throughput: lower is better, Veil's figure over the peer's.\n\n| suite | ratio | median (range) |\n|---|---|---|\n")
+	for _, r := range reports {
+		for _, k := range slices.Sorted(mapKeys(r.Ratios)) {
+			if strings.Contains(k, "cpu") {
+				w("| %s | `%s` | %s %s |\n", r.Suite, k, num(r.Ratios[k]), rangeOf(r, k))
+			}
+		}
+	}
 	w("\n")
 
 	for _, r := range reports {

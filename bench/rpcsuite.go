@@ -131,12 +131,17 @@ func rpcSuite(cfg *config) (*Report, error) {
 	rep.ratio("veil_vs_grpc_calls_per_s", v, "calls_per_s", g, "calls_per_s")
 	rep.ratio("veil_vs_connect_calls_per_s", v, "calls_per_s", c, "calls_per_s")
 	rep.ratio("veil_vs_grpc_p99", v, "p99_ms", g, "p99_ms")
+	// CPU per call is what contention on a shared machine disturbs least.
+	rep.ratio("veil_vs_grpc_cpu_per_call", v, "cpu_us_per_call", g, "cpu_us_per_call")
+	rep.ratio("veil_vs_connect_cpu_per_call", v, "cpu_us_per_call", c, "cpu_us_per_call")
 	if off := rep.system("veil_nocoalesce"); off != nil {
 		rep.ratio("coalescing_on_vs_off_calls_per_s", v, "calls_per_s", off, "calls_per_s")
 		rep.ratio("coalescing_on_vs_off_cpu_per_call", v, "cpu_us_per_call", off, "cpu_us_per_call")
 	}
 	if un := rep.system("veil_unsealed"); un != nil {
 		rep.ratio("sealed_vs_unsealed_calls_per_s", v, "calls_per_s", un, "calls_per_s")
+		rep.ratio("unsealed_vs_grpc_cpu_per_call", un, "cpu_us_per_call", g, "cpu_us_per_call")
+		rep.ratio("unsealed_vs_connect_cpu_per_call", un, "cpu_us_per_call", c, "cpu_us_per_call")
 	}
 	return rep, nil
 }

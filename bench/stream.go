@@ -118,6 +118,8 @@ func streamSuite(cfg *config) (*Report, error) {
 	rep.ratio("veil_vs_connect_mb_per_s", v, "mb_per_s", rep.system("connect"), "mb_per_s")
 	rep.ratio("veil_vs_grpc_mb_per_s", v, "mb_per_s", rep.system("grpc"), "mb_per_s")
 	rep.ratio("sealed_vs_unsealed_mb_per_s", v, "mb_per_s", rep.system("veil_unsealed"), "mb_per_s")
+	rep.ratio("veil_vs_connect_cpu_per_mb", v, "cpu_ms_per_100mb", rep.system("connect"), "cpu_ms_per_100mb")
+	rep.ratio("unsealed_vs_connect_cpu_per_mb", rep.system("veil_unsealed"), "cpu_ms_per_100mb", rep.system("connect"), "cpu_ms_per_100mb")
 	if cfg.streamMiB != 256 {
 		rep.Notes = append(rep.Notes, fmt.Sprintf("%d MiB per stream (run with --stream-mib 256 for the full figure)", cfg.streamMiB))
 	}
