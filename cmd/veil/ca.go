@@ -16,11 +16,24 @@ import (
 
 func runCA(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	sub := map[string]func(context.Context, []string, io.Writer, io.Writer) error{
-		"init":  runCAInit,
-		"issue": runCAIssue,
+		"init":   runCAInit,
+		"issue":  runCAIssue,
+		"serve":  runCAServe,
+		"token":  runCAToken,
+		"rotate": runCARotate,
+		"revoke": runCARevoke,
 	}
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" {
-		fmt.Fprintln(stderr, "Usage: veil ca <init|issue> [flags]\n\n  init   create a root CA (ECDSA P-256 + ML-DSA-65) in a directory\n  issue  issue a workload identity (tls.crt, tls.key, ca.crt; pq.cred, pq.key, ca-mldsa65.pub)")
+		fmt.Fprintln(stderr, `Usage: veil ca <init|issue|serve|token|rotate|revoke> [flags]
+
+  init    create a root CA (ECDSA P-256 + ML-DSA-65) in a directory
+  issue   issue a workload identity (tls.crt, tls.key, ca.crt; pq.cred, pq.key, ca-mldsa65.pub)
+  serve   run the online CA: join with a token, renew with the current certificate
+  token   print a single-use join token for a SPIFFE ID (or pattern)
+  rotate  rotate the root: --step prepare, activate, finish (or status)
+  revoke  deny certificate serials or SPIFFE IDs (sent to workloads with the bundle)
+
+See docs/ca.md.`)
 		if len(args) == 0 {
 			return fmt.Errorf("%w: veil ca needs a subcommand", errUsage)
 		}

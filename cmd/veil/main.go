@@ -1,7 +1,7 @@
 // Command veil runs Veil services and manages their identities.
 //
 //	veil demo                      run the whole system on loopback and report
-//	veil ca init|issue             create a CA and issue workload identities
+//	veil ca init|issue|serve|token|rotate|revoke  certificate authority and identity lifecycle
 //	veil serve                     serve built-in services over strict mTLS
 //	veil version                   print the version
 //
@@ -32,7 +32,7 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"demo", "run a CA and services on loopback, call them end to end, and print a report", runDemo},
-		{"ca", "manage a certificate authority (init, issue)", runCA},
+		{"ca", "manage a certificate authority (init, issue, serve, token, rotate, revoke)", runCA},
 		{"serve", "serve built-in services over strict mutual TLS", runServe},
 		{"model", "train a scoring model in plaintext (veil model train)", runModel},
 		{"ticket-keys", "create or rotate a pqkex ticket-key file shared by replicas", runTicketKeys},

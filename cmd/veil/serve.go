@@ -23,8 +23,9 @@ func (s *stringList) String() string     { return strings.Join(*s, ",") }
 func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("serve", "serve --identity DIR --listen ADDR --service echo [--allow PATTERN ...] [--pq strict|permissive] [--pq-seal strict|permissive|off]", stderr)
-	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt)")
+	fs := newFlags("serve", "serve --identity DIR|--ca URL --ca-bundle FILE --join-token TOKEN --id SPIFFE_ID|--spiffe-socket PATH --listen ADDR --service echo [--allow PATTERN ...] [--pq strict|permissive] [--pq-seal strict|permissive|off]", stderr)
+	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt), reloaded when it changes")
+	idFlags := addIdentityFlags(fs)
 	listen := fs.String("listen", "127.0.0.1:8443", "address to serve on")
 	var services, allow stringList
 	fs.Var(&services, "service", "built-in service to run: echo, scoring, analytics; repeatable")
@@ -46,9 +47,6 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return err
 		}
 	}
-	if err := required(fs, "identity"); err != nil {
-		return err
-	}
 	if len(services) == 0 {
 		return fmt.Errorf("%w: veil serve needs at least one --service", errUsage)
 	}
@@ -56,15 +54,17 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return fmt.Errorf("%w: --pq: %v", errUsage, err)
 	}
-	src, err := transport.LoadFiles(*identity)
+	logger := slog.New(slog.NewTextHandler(stderr, nil))
+	wid, err := idFlags.source(ctx, *identity, logger)
 	if err != nil {
 		return err
 	}
+	defer wid.close()
+	src := wid.src
 	svid, err := src.GetX509SVID()
 	if err != nil {
 		return err
 	}
-	logger := slog.New(slog.NewTextHandler(stderr, nil))
 	if len(allow) == 0 {
 		allow = stringList{"spiffe://" + svid.ID.TrustDomain().Name()}
 	}
@@ -112,6 +112,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	srv, err := rpc.NewServer(src, opts...)
 	if err != nil {
 		return err
+	}
+	if wid.status != nil {
+		if err := srv.WatchIdentity(ctx, wid.status, time.Second); err != nil {
+			return err
+		}
 	}
 	for _, b := range builtins {
 		b.register(srv)

@@ -102,8 +102,12 @@ func bootstrapHTTPClient(cfg *tls.Config) *http.Client {
 	t := &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: true, TLSHandshakeTimeout: 10 * time.Second}
 	t.Protocols = new(http.Protocols)
 	t.Protocols.SetHTTP2(true)
-	return &http.Client{Transport: t}
+	return &http.Client{Transport: t, Timeout: joinTimeout}
 }
+
+// joinTimeout bounds a Join call, so that an unreachable CA fails the join instead of
+// hanging a starting workload.
+const joinTimeout = 30 * time.Second
 
 func ttlSeconds(d time.Duration) uint32 {
 	s := d / time.Second
