@@ -101,6 +101,7 @@ func InitCA(dir string, trustDomain string) (*CA, error) {
 		{caPQKeyFile, pem.EncodeToMemory(&pem.Block{Type: "ML-DSA-65 SEED", Bytes: pqKey.Seed()}), 0o600},
 		{caPQPubFile, pem.EncodeToMemory(&pem.Block{Type: "ML-DSA-65 PUBLIC KEY", Bytes: pqPub.Bytes()}), 0o644},
 		{caCertFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644},
+		{caBundleFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644},
 	}
 	for _, w := range writes {
 		if err := atomicfile.Write(filepath.Join(dir, w.name), w.data, w.perm); err != nil {

@@ -92,7 +92,7 @@ func TestOnlineCA(t *testing.T) {
 	caAddr := startCAServe(t, dir)
 	tok := token(t, dir, "spiffe://example.org/echo", 10*time.Minute)
 	joinArgs := func(tok string) []string {
-		return []string{"--ca", "https://" + caAddr, "--ca-bundle", filepath.Join(dir, "root.crt"), "--join-token", tok,
+		return []string{"--ca", "https://" + caAddr, "--ca-bundle", filepath.Join(dir, "bundle.crt"), "--join-token", tok,
 			"--id", "spiffe://example.org/echo", "--cert-ttl", "10s", "--renew-before", "6s", "--service", "echo"}
 	}
 	port := startServe(t, joinArgs(tok)...)

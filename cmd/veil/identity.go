@@ -36,7 +36,7 @@ type identityFlags struct {
 func addIdentityFlags(fs *flag.FlagSet) *identityFlags {
 	return &identityFlags{
 		ca:           fs.String("ca", "", "obtain and renew the certificate from this online CA (https://HOST:PORT, see 'veil ca serve') instead of --identity"),
-		caBundle:     fs.String("ca-bundle", "", "with --ca: PEM file with the CA's roots (its bundle.crt or root.crt)"),
+		caBundle:     fs.String("ca-bundle", "", "with --ca: PEM file with the CA's roots (its bundle.crt)"),
 		joinToken:    fs.String("join-token", "", "with --ca: the single-use join token from 'veil ca token' (or @FILE to read it from a file)"),
 		id:           fs.String("id", "", "with --ca: the SPIFFE ID to request"),
 		certTTL:      fs.Duration("cert-ttl", transport.DefaultLeafTTL, "with --ca: certificate lifetime to request (the CA caps it; 10s and up)"),
