@@ -126,23 +126,29 @@ func BenchmarkSessionSetup(b *testing.B) {
 		})
 	})
 	for _, suite := range pqkex.Schemes() {
-		b.Run("pqkex-"+suite.Name(), func(b *testing.B) {
-			e := newEnv(b, suite)
-			s, err := pqkex.NewServer(pqkex.WithIdentity(e.server), pqkex.WithRoots(e.ca.Roots()))
-			if err != nil {
-				b.Fatal(err)
+		for _, bind := range []bool{false, true} {
+			name := "pqkex-" + suite.Name()
+			if bind {
+				name += "-channel-bound" // ML-KEM halves only; TLS supplies the classical half
 			}
-			if !pqkex.Handshake(e.client, e.server, s, testNow) {
-				b.Fatal("handshake failed")
-			}
-			reportCPU(b, func() {
-				for range b.N {
-					if !pqkex.Handshake(e.client, e.server, s, testNow) {
-						b.Fatal("handshake failed")
-					}
+			b.Run(name, func(b *testing.B) {
+				e := newEnv(b, suite)
+				s, err := pqkex.NewServer(pqkex.WithIdentity(e.server), pqkex.WithRoots(e.ca.Roots()))
+				if err != nil {
+					b.Fatal(err)
 				}
+				if !pqkex.Handshake(e.client, e.server, s, testNow, bind) {
+					b.Fatal("handshake failed")
+				}
+				reportCPU(b, func() {
+					for range b.N {
+						if !pqkex.Handshake(e.client, e.server, s, testNow, bind) {
+							b.Fatal("handshake failed")
+						}
+					}
+				})
 			})
-		})
+		}
 	}
 }
 

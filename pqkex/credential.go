@@ -43,6 +43,9 @@ type Credential struct {
 	pqSig        []byte
 	classicalSig []byte
 	digest       [32]byte
+
+	parsedMu sync.Mutex
+	parsed   map[kem.Scheme]kem.PublicKey // static public key parsed per KEM, see staticPublic
 }
 
 // Suite returns the credential's suite.
@@ -240,8 +243,9 @@ func GenerateKey(suite Scheme, rand io.Reader) (publicKey, privateKey []byte, er
 // Identity is a workload's credential together with its static private key. It is the
 // local half of authentication on both server and client.
 type Identity struct {
-	cred *Credential
-	priv kem.PrivateKey
+	cred   *Credential
+	priv   kem.PrivateKey
+	pqPriv kem.PrivateKey // the ML-KEM half of priv, for channel-bound handshakes
 }
 
 // IdentitySource supplies the current identity; implement it to rotate credentials without
@@ -271,7 +275,12 @@ func NewIdentity(credential, privateKey []byte) (*Identity, error) {
 	if err != nil || string(pk) != string(c.publicKey) {
 		return nil, errors.New("pqkex: private key does not match the credential")
 	}
-	return &Identity{cred: c, priv: sk}, nil
+	pq := pqHalf(c.suite)
+	pqPriv, err := pq.UnmarshalBinaryPrivateKey(privateKey[:pq.PrivateKeySize()])
+	if err != nil {
+		return nil, errors.New("pqkex: private key does not match the suite")
+	}
+	return &Identity{cred: c, priv: sk, pqPriv: pqPriv}, nil
 }
 
 // Authorizer decides whether an authenticated peer SPIFFE ID may talk to us.

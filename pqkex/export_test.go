@@ -2,10 +2,15 @@ package pqkex
 
 import "time"
 
-// Handshake runs one complete pqkex handshake in memory, both sides, without channel
-// binding, and reports whether both derived the same session. For benchmarks.
-func Handshake(client, server *Identity, s *Server, now time.Time) bool {
-	hs, err := startClient(nil, client, server.cred, AES256GCM, false)
+// Handshake runs one complete pqkex handshake in memory, both sides, and reports whether both
+// derived the same session. With bind it runs the channel-bound variant, with a fixed value
+// standing in for the TLS exporter. For benchmarks.
+func Handshake(client, server *Identity, s *Server, now time.Time, bind bool) bool {
+	var cb []byte
+	if bind {
+		cb = make([]byte, 32)
+	}
+	hs, err := startClient(nil, client, server.cred, AES256GCM, bind)
 	if err != nil {
 		return false
 	}
@@ -24,10 +29,10 @@ func Handshake(client, server *Identity, s *Server, now time.Time) bool {
 		t, err := s.cfg.tickets.seal(nil, st.marshal())
 		return t, st.expiry, err
 	}
-	sh, sec, err := respond(nil, ch, hs.raw, server, peer, nil, issue)
+	sh, sec, err := respond(nil, ch, hs.raw, server, peer, cb, issue)
 	if err != nil {
 		return false
 	}
-	res, err := hs.finish(sh, nil)
+	res, err := hs.finish(sh, cb)
 	return err == nil && string(res.secrets.session) == string(sec.session)
 }

@@ -49,21 +49,24 @@ func FuzzParseClientHello(f *testing.F) {
 	})
 }
 
+// FuzzParseServerHello: the first byte picks the suite, the second the ClientHello flags.
 func FuzzParseServerHello(f *testing.F) {
-	seedFuzz(f, func(v katVector) []byte { return append([]byte{byte(SchemeByName(v.Suite).ID())}, v.ServerHello...) })
+	seedFuzz(f, func(v katVector) []byte {
+		return append([]byte{byte(SchemeByName(v.Suite).ID()), helloFlags(v)}, v.ServerHello...)
+	})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		if len(b) == 0 {
+		if len(b) < 2 || !validFlags(b[1]) {
 			return
 		}
 		suite := SchemeByID(uint16(b[0]))
 		if suite == nil {
 			return
 		}
-		m, err := parseServerHello(b[1:], suite)
+		m, err := parseServerHello(b[2:], suite, b[1])
 		if err != nil {
 			return
 		}
-		if !bytes.Equal(m.marshal(), b[1:]) {
+		if !bytes.Equal(m.marshal(), b[2:]) {
 			t.Fatal("server hello does not re-encode to its input")
 		}
 	})

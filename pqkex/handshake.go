@@ -13,6 +13,8 @@ const (
 	typeClientHello  = 1
 	typeServerHello  = 2
 	flagBinding      = 0x01
+	flagPQOnly       = 0x02 // only with flagBinding: inner KEMs are the suite's ML-KEM half
+	knownFlags       = flagBinding | flagPQOnly
 	randomSize       = 32
 	sessionIDSize    = 16
 	credDigestSize   = 32
@@ -32,7 +34,8 @@ type clientHello struct {
 }
 
 func (m *clientHello) marshal() []byte {
-	b := []byte{wireVersion, typeClientHello}
+	b := make([]byte, 0, 7+randomSize+credDigestSize+6+len(m.ephemeralPK)+len(m.ctS)+len(m.credential))
+	b = append(b, wireVersion, typeClientHello)
 	b = binary.BigEndian.AppendUint16(b, m.suite.ID())
 	b = binary.BigEndian.AppendUint16(b, m.aead.id())
 	b = append(b, m.flags)
@@ -55,18 +58,61 @@ func parseClientHello(b []byte) (*clientHello, error) {
 	if version != wireVersion || m.suite == nil || !m.aead.supported() || aeadID == 0 {
 		return nil, errUnsupported
 	}
-	if flags&^flagBinding != 0 {
+	if !validFlags(flags) {
 		return nil, errMalformed
 	}
+	k := m.kem()
 	copy(m.random[:], p.take(randomSize))
 	copy(m.serverDigest[:], p.take(credDigestSize))
-	m.ephemeralPK = p.exact16(m.suite.PublicKeySize())
-	m.ctS = p.exact16(m.suite.CiphertextSize())
+	m.ephemeralPK = p.exact16(k.PublicKeySize())
+	m.ctS = p.exact16(k.CiphertextSize())
 	m.credential = p.vec16()
 	if !p.ok() || len(m.credential) == 0 {
 		return nil, errMalformed
 	}
 	return m, nil
+}
+
+func validFlags(f uint8) bool {
+	return f&^knownFlags == 0 && (f&flagPQOnly == 0 || f&flagBinding != 0)
+}
+
+// kem returns the KEM of the handshake's three encapsulations: the hybrid suite KEM, or its
+// ML-KEM half when the handshake is channel-bound (spec 5.3).
+func (m *clientHello) kem() kem.Scheme { return innerKEM(m.suite, m.flags) }
+
+func innerKEM(suite Scheme, flags uint8) kem.Scheme {
+	if flags&flagPQOnly != 0 {
+		return pqHalf(suite)
+	}
+	return suite
+}
+
+// staticPublic returns the parsed static public key of a credential for KEM k (the suite or
+// its ML-KEM half). Parsing ML-KEM keys expands their matrix, so credentials keep the result.
+func staticPublic(k kem.Scheme, c *Credential) (kem.PublicKey, error) {
+	c.parsedMu.Lock()
+	defer c.parsedMu.Unlock()
+	if pk, ok := c.parsed[k]; ok {
+		return pk, nil
+	}
+	pk, err := k.UnmarshalBinaryPublicKey(c.publicKey[:k.PublicKeySize()])
+	if err != nil {
+		return nil, err
+	}
+	if c.parsed == nil {
+		c.parsed = make(map[kem.Scheme]kem.PublicKey, 2)
+	}
+	c.parsed[k] = pk
+	return pk, nil
+}
+
+// staticPrivate returns the part of an identity's static private key the handshake uses.
+func (id *Identity) staticPrivate(flags uint8) kem.PrivateKey {
+	if flags&flagPQOnly != 0 {
+		return id.pqPriv
+	}
+	return id.priv
 }
 
 // serverHello is the server's only flight.
@@ -80,7 +126,8 @@ type serverHello struct {
 
 // marshalKeys encodes the prefix that the session keys depend on (up to ct_c).
 func (m *serverHello) marshalKeys() []byte {
-	b := []byte{wireVersion, typeServerHello}
+	b := make([]byte, 0, 2+randomSize+4+len(m.ctE)+len(m.ctC)+8+2+len(m.ticket)+len(m.confirm))
+	b = append(b, wireVersion, typeServerHello)
 	b = append(b, m.random[:]...)
 	b = appendVec16(b, m.ctE)
 	return appendVec16(b, m.ctC)
@@ -94,15 +141,16 @@ func (m *serverHello) marshalUnconfirmed() []byte {
 
 func (m *serverHello) marshal() []byte { return append(m.marshalUnconfirmed(), m.confirm...) }
 
-func parseServerHello(b []byte, suite Scheme) (*serverHello, error) {
+func parseServerHello(b []byte, suite Scheme, flags uint8) (*serverHello, error) {
 	p := parser{b: b}
 	if p.u8() != wireVersion || p.u8() != typeServerHello {
 		return nil, errMalformed
 	}
+	k := innerKEM(suite, flags)
 	m := &serverHello{}
 	copy(m.random[:], p.take(randomSize))
-	m.ctE = p.exact16(suite.CiphertextSize())
-	m.ctC = p.exact16(suite.CiphertextSize())
+	m.ctE = p.exact16(k.CiphertextSize())
+	m.ctC = p.exact16(k.CiphertextSize())
 	m.ticketExpiry = p.u64()
 	m.ticket = p.vec16()
 	m.confirm = p.take(suite.Hash().Size())
@@ -141,29 +189,30 @@ func startClient(rand io.Reader, self *Identity, server *Credential, aead AEAD, 
 	}
 	m := &clientHello{suite: suite, aead: AEAD(aead.id()), serverDigest: server.digest, credential: self.cred.raw}
 	if bind {
-		m.flags |= flagBinding
+		m.flags |= flagBinding | flagPQOnly
 	}
+	k := m.kem()
 	if err := readRandom(rand, m.random[:]); err != nil {
 		return nil, err
 	}
-	seed := make([]byte, suite.SeedSize())
+	seed := make([]byte, k.SeedSize())
 	if err := readRandom(rand, seed); err != nil {
 		return nil, err
 	}
-	ephPK, ephSK := suite.DeriveKeyPair(seed)
+	ephPK, ephSK := k.DeriveKeyPair(seed)
 	var err error
 	if m.ephemeralPK, err = ephPK.MarshalBinary(); err != nil {
 		return nil, errInternal
 	}
-	serverPK, err := suite.UnmarshalBinaryPublicKey(server.publicKey)
+	serverPK, err := staticPublic(k, server)
 	if err != nil {
 		return nil, errCredential
 	}
-	encSeed := make([]byte, suite.EncapsulationSeedSize())
+	encSeed := make([]byte, k.EncapsulationSeedSize())
 	if err := readRandom(rand, encSeed); err != nil {
 		return nil, err
 	}
-	ct, ss, err := suite.EncapsulateDeterministically(serverPK, encSeed)
+	ct, ss, err := k.EncapsulateDeterministically(serverPK, encSeed)
 	if err != nil {
 		return nil, errInternal
 	}
@@ -180,16 +229,16 @@ type clientResult struct {
 
 // finish processes the ServerHello; cb is the channel binding (nil without it).
 func (c *clientHandshake) finish(raw, cb []byte) (*clientResult, error) {
-	suite := c.hello.suite
-	sh, err := parseServerHello(raw, suite)
+	suite, k := c.hello.suite, c.hello.kem()
+	sh, err := parseServerHello(raw, suite, c.hello.flags)
 	if err != nil {
 		return nil, err
 	}
-	ssE, err := suite.Decapsulate(c.ephSK, sh.ctE)
+	ssE, err := k.Decapsulate(c.ephSK, sh.ctE)
 	if err != nil {
 		return nil, errTampered
 	}
-	ssC, err := suite.Decapsulate(c.self.priv, sh.ctC)
+	ssC, err := k.Decapsulate(c.self.staticPrivate(c.hello.flags), sh.ctC)
 	if err != nil {
 		return nil, errTampered
 	}
@@ -208,8 +257,8 @@ type ticketIssuer func(sec handshakeSecrets) (ticket []byte, expiry uint64, err 
 // randomness is drawn from rand in a fixed order (random, encapsulation to the ephemeral key,
 // encapsulation to the client's static key); the issuer draws the ticket nonce after them.
 func respond(rand io.Reader, ch *clientHello, chRaw []byte, self *Identity, peer *Credential, cb []byte, issue ticketIssuer) ([]byte, handshakeSecrets, error) {
-	suite := ch.suite
-	ssS, err := suite.Decapsulate(self.priv, ch.ctS)
+	suite, k := ch.suite, ch.kem()
+	ssS, err := k.Decapsulate(self.staticPrivate(ch.flags), ch.ctS)
 	if err != nil {
 		return nil, handshakeSecrets{}, errMalformed
 	}
@@ -217,26 +266,26 @@ func respond(rand io.Reader, ch *clientHello, chRaw []byte, self *Identity, peer
 	if err := readRandom(rand, sh.random[:]); err != nil {
 		return nil, handshakeSecrets{}, err
 	}
-	ephPK, err := suite.UnmarshalBinaryPublicKey(ch.ephemeralPK)
+	ephPK, err := k.UnmarshalBinaryPublicKey(ch.ephemeralPK)
 	if err != nil {
 		return nil, handshakeSecrets{}, errMalformed
 	}
-	clientPK, err := suite.UnmarshalBinaryPublicKey(peer.publicKey)
+	clientPK, err := staticPublic(k, peer)
 	if err != nil {
 		return nil, handshakeSecrets{}, errCredential
 	}
-	seed := make([]byte, suite.EncapsulationSeedSize())
+	seed := make([]byte, k.EncapsulationSeedSize())
 	if err := readRandom(rand, seed); err != nil {
 		return nil, handshakeSecrets{}, err
 	}
-	ctE, ssE, err := suite.EncapsulateDeterministically(ephPK, seed)
+	ctE, ssE, err := k.EncapsulateDeterministically(ephPK, seed)
 	if err != nil {
 		return nil, handshakeSecrets{}, errMalformed
 	}
 	if err := readRandom(rand, seed); err != nil {
 		return nil, handshakeSecrets{}, err
 	}
-	ctC, ssC, err := suite.EncapsulateDeterministically(clientPK, seed)
+	ctC, ssC, err := k.EncapsulateDeterministically(clientPK, seed)
 	if err != nil {
 		return nil, handshakeSecrets{}, errInternal
 	}

@@ -9,6 +9,7 @@ import (
 	"github.com/cloudflare/circl/kem"
 	"github.com/cloudflare/circl/kem/hybrid"
 	"github.com/cloudflare/circl/kem/mlkem/mlkem1024"
+	"github.com/cloudflare/circl/kem/mlkem/mlkem768"
 )
 
 // Scheme is a pqkex suite: a hybrid KEM (circl's [kem.Scheme] contract) whose post-quantum and
@@ -33,6 +34,7 @@ type suite struct {
 	name string
 	id   uint16
 	hash crypto.Hash
+	pq   kem.Scheme // the post-quantum half; its keys and ciphertexts come first
 }
 
 func (s *suite) Name() string      { return s.name }
@@ -40,10 +42,10 @@ func (s *suite) ID() uint16        { return s.id }
 func (s *suite) Hash() crypto.Hash { return s.hash }
 
 var (
-	x25519MLKEM768 = &suite{Scheme: hybrid.X25519MLKEM768(), name: "X25519MLKEM768-SHA256", id: suiteX25519MLKEM768, hash: crypto.SHA256}
+	x25519MLKEM768 = &suite{Scheme: hybrid.X25519MLKEM768(), name: "X25519MLKEM768-SHA256", id: suiteX25519MLKEM768, hash: crypto.SHA256, pq: mlkem768.Scheme()}
 	x448MLKEM1024  = &suite{
 		Scheme: &concatKEM{name: "X448MLKEM1024", pq: mlkem1024.Scheme(), classical: hpke.KEM_X448_HKDF_SHA512.Scheme()},
-		name:   "X448MLKEM1024-SHA512", id: suiteX448MLKEM1024, hash: crypto.SHA512,
+		name:   "X448MLKEM1024-SHA512", id: suiteX448MLKEM1024, hash: crypto.SHA512, pq: mlkem1024.Scheme(),
 	}
 )
 
@@ -74,6 +76,15 @@ func SchemeByID(id uint16) Scheme {
 		if s.ID() == id {
 			return s
 		}
+	}
+	return nil
+}
+
+// pqHalf returns the post-quantum half of a suite's KEM. Both suites put the ML-KEM public key,
+// private key and ciphertext first, so a hybrid key's ML-KEM half is its prefix.
+func pqHalf(s Scheme) kem.Scheme {
+	if st, ok := s.(*suite); ok {
+		return st.pq
 	}
 	return nil
 }

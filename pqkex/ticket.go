@@ -166,7 +166,7 @@ func parseTicketState(b []byte) (*ticketState, error) {
 	p := parser{b: b}
 	version := p.u8()
 	s := &ticketState{suite: SchemeByID(p.u16()), aead: AEAD(p.u16()), flags: p.u8()}
-	if p.bad || version != wireVersion || s.suite == nil || !s.aead.supported() || s.flags&^flagBinding != 0 {
+	if p.bad || version != wireVersion || s.suite == nil || !s.aead.supported() || !validFlags(s.flags) {
 		return nil, errMalformed
 	}
 	s.sessionID = p.take(sessionIDSize)

@@ -23,7 +23,7 @@ func encodings(v katVector) map[string]struct {
 		"server credential": {v.ServerCredential, func(b []byte) error { _, err := ParseCredential(b); return err }},
 		"client credential": {v.ClientCredential, func(b []byte) error { _, err := ParseCredential(b); return err }},
 		"client hello":      {v.ClientHello, func(b []byte) error { _, err := parseClientHello(b); return err }},
-		"server hello":      {v.ServerHello, func(b []byte) error { _, err := parseServerHello(b, suite); return err }},
+		"server hello":      {v.ServerHello, func(b []byte) error { _, err := parseServerHello(b, suite, helloFlags(v)); return err }},
 		"ticket plaintext":  {v.TicketPlaintext, func(b []byte) error { _, err := parseTicketState(b); return err }},
 		"request body":      {v.RequestBody, func(b []byte) error { _, _, err := openBody(v, dirC2S, b); return err }},
 		"response body":     {v.ResponseBody, func(b []byte) error { _, _, err := openBody(v, dirS2C, b); return err }},
@@ -53,6 +53,15 @@ func openBody(v katVector, dir string, b []byte) ([]byte, http.Header, error) {
 	rd := &openReader{o: o, final: func(b trailerBlock) error { trailers = b.trailers; return nil }}
 	pt, err := io.ReadAll(rd)
 	return pt, trailers, err
+}
+
+// helloFlags returns the flags of the vector's ClientHello.
+func helloFlags(v katVector) uint8 {
+	ch, err := parseClientHello(v.ClientHello)
+	if err != nil {
+		return 0
+	}
+	return ch.flags
 }
 
 func aeadByName(name string) AEAD {
@@ -172,4 +181,20 @@ func katRoots(t *testing.T, v katVector) Roots {
 		t.Fatal("vector does not reproduce")
 	}
 	return lastKATRoots
+}
+
+func TestFlags(t *testing.T) {
+	v := loadKAT(t)[0]
+	for _, f := range []uint8{flagPQOnly, 0x04, 0x80} {
+		b := append([]byte(nil), v.ClientHello...)
+		b[6] = f // u8 version, u8 type, u16 suite, u16 aead, u8 flags
+		if _, err := parseClientHello(b); err == nil {
+			t.Errorf("flags %#x accepted", f)
+		}
+	}
+	for _, f := range []uint8{0, flagBinding, flagBinding | flagPQOnly} {
+		if !validFlags(f) {
+			t.Errorf("flags %#x refused", f)
+		}
+	}
 }
