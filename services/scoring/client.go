@@ -207,7 +207,12 @@ func (c *Client) Score(ctx context.Context, x [][]float64) ([]float64, Stats, er
 		st.Upload, st.KeyUploaded = d, true
 	}
 	var probs []float64
+	attempts := 0
 	err := c.uploader.Do(ctx, func(ctx context.Context, id he.KeyID) error {
+		// Do calls again only after re-uploading keys the server reported missing.
+		if attempts++; attempts > 1 {
+			st.KeyUploaded = true
+		}
 		var err error
 		probs, err = c.stream(ctx, x, &st)
 		return err

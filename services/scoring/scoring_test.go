@@ -5,7 +5,9 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -233,6 +235,38 @@ func TestStreamingLargeBatch(t *testing.T) {
 	}
 	if _, e2 := compare(t, m, big.X[:5], again); e2 > e.svc.ApproximationError()+noiseBound {
 		t.Errorf("second call error %g", e2)
+	}
+}
+
+// TestKeysUploadedAgainWhenLost: once the server's registry has dropped the keys
+// (expired here), Score gets not_found with the key ID, uploads them again and retries.
+func TestKeysUploadedAgainWhenLost(t *testing.T) {
+	ds, _ := scoring.Synthetic(4, 105, 2)
+	m, err := scoring.Train(ds.X[:100], ds.Y[:100], scoring.TrainOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	now := time.Unix(1_800_000_000, 0)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	e := start(t, m, scoring.WithParameters(smallParams(t)), scoring.WithRegistryOptions(he.WithTTL(time.Hour, time.Hour), he.WithClock(clock)))
+	c := e.client(t, alice)
+	ctx := context.Background()
+	if _, st, err := c.Score(ctx, ds.X[100:]); err != nil || !st.KeyUploaded {
+		t.Fatalf("first call: %+v, %v", st, err)
+	}
+	if _, st, err := c.Score(ctx, ds.X[100:]); err != nil || st.KeyUploaded {
+		t.Fatalf("second call: %+v, %v", st, err)
+	}
+	mu.Lock()
+	now = now.Add(2 * time.Hour)
+	mu.Unlock()
+	got, st, err := c.Score(ctx, ds.X[100:])
+	if err != nil || !st.KeyUploaded {
+		t.Fatalf("after expiry: %+v, %v", st, err)
+	}
+	if agree, maxErr := compare(t, m, ds.X[100:], got); agree < 1 || maxErr > e.svc.ApproximationError()+noiseBound {
+		t.Errorf("after re-upload: agreement %.2f, max error %g", agree, maxErr)
 	}
 }
 
