@@ -29,7 +29,7 @@ func Handshake(client, server *Identity, s *Server, now time.Time, bind bool) bo
 		t, err := s.cfg.tickets.seal(nil, st.marshal())
 		return t, st.expiry, err
 	}
-	sh, sec, err := respond(nil, ch, hs.raw, server, peer, cb, issue)
+	sh, sec, err := respond(nil, ch, server, peer, cb, issue)
 	if err != nil {
 		return false
 	}

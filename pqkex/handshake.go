@@ -160,14 +160,25 @@ func parseServerHello(b []byte, suite Scheme, flags uint8) (*serverHello, error)
 	return m, nil
 }
 
-// transcriptKeys is th of spec section 5.2.
-func transcriptKeys(suite Scheme, ch []byte, sh *serverHello) []byte {
-	return digest(suite.Hash(), ch, sh.marshalKeys())
+// transcriptHello is the ClientHello as the transcript sees it: the encoding with the client
+// credential replaced by its SHA-256 digest (which binds it as well and spares hashing the
+// ML-DSA signature four times per handshake). Spec section 5.2.
+func (m *clientHello) transcriptHello(credDigest [32]byte) []byte {
+	t := *m
+	t.credential = credDigest[:]
+	return t.marshal()
 }
 
-func confirmTag(suite Scheme, key, ch []byte, sh *serverHello) []byte {
-	h := suite.Hash()
-	return mac(h, key, digest(h, ch, sh.marshalUnconfirmed()))
+// transcripts returns th = H(CH' ‖ SH up to ct_c), from which the session keys derive, and
+// thc = H(CH' ‖ SH without confirm), which the confirmation tag covers, in one pass.
+func transcripts(suite Scheme, chT []byte, sh *serverHello) (th, thc []byte) {
+	h := suite.Hash().New()
+	h.Write(chT)
+	h.Write(sh.marshalKeys())
+	th = h.Sum(nil)
+	tail := binary.BigEndian.AppendUint64(nil, sh.ticketExpiry)
+	h.Write(appendVec16(tail, sh.ticket))
+	return th, h.Sum(nil)
 }
 
 // clientHandshake is the client between its flight and the server's.
@@ -243,8 +254,9 @@ func (c *clientHandshake) finish(raw, cb []byte) (*clientResult, error) {
 		return nil, errTampered
 	}
 	ikm := concat(c.ssS, ssE, ssC)
-	sec := deriveHandshake(suite.Hash(), cb, ikm, transcriptKeys(suite, c.raw, sh))
-	if !hmac.Equal(confirmTag(suite, sec.confirm, c.raw, sh), sh.confirm) {
+	th, thc := transcripts(suite, c.hello.transcriptHello(c.self.cred.digest), sh)
+	sec := deriveHandshake(suite.Hash(), cb, ikm, th)
+	if !hmac.Equal(mac(suite.Hash(), sec.confirm, thc), sh.confirm) {
 		return nil, errServerConfirm
 	}
 	return &clientResult{secrets: sec, ticket: sh.ticket, expiry: sh.ticketExpiry}, nil
@@ -256,7 +268,7 @@ type ticketIssuer func(sec handshakeSecrets) (ticket []byte, expiry uint64, err 
 // respond is the server's side of a handshake for a parsed and authorized ClientHello. Its
 // randomness is drawn from rand in a fixed order (random, encapsulation to the ephemeral key,
 // encapsulation to the client's static key); the issuer draws the ticket nonce after them.
-func respond(rand io.Reader, ch *clientHello, chRaw []byte, self *Identity, peer *Credential, cb []byte, issue ticketIssuer) ([]byte, handshakeSecrets, error) {
+func respond(rand io.Reader, ch *clientHello, self *Identity, peer *Credential, cb []byte, issue ticketIssuer) ([]byte, handshakeSecrets, error) {
 	suite, k := ch.suite, ch.kem()
 	ssS, err := k.Decapsulate(self.staticPrivate(ch.flags), ch.ctS)
 	if err != nil {
@@ -290,11 +302,14 @@ func respond(rand io.Reader, ch *clientHello, chRaw []byte, self *Identity, peer
 		return nil, handshakeSecrets{}, errInternal
 	}
 	sh.ctE, sh.ctC = ctE, ctC
-	sec := deriveHandshake(suite.Hash(), cb, concat(ssS, ssE, ssC), transcriptKeys(suite, chRaw, sh))
+	chT := ch.transcriptHello(peer.digest)
+	th, _ := transcripts(suite, chT, sh)
+	sec := deriveHandshake(suite.Hash(), cb, concat(ssS, ssE, ssC), th)
 	if sh.ticket, sh.ticketExpiry, err = issue(sec); err != nil {
 		return nil, handshakeSecrets{}, err
 	}
-	sh.confirm = confirmTag(suite, sec.confirm, chRaw, sh)
+	_, thc := transcripts(suite, chT, sh)
+	sh.confirm = mac(suite.Hash(), sec.confirm, thc)
 	return sh.marshal(), sec, nil
 }
 

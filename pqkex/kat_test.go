@@ -164,7 +164,7 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, bind bool) katVector {
 		tkt, err := keys.seal(r, v.TicketPlaintext)
 		return tkt, st.expiry, err
 	}
-	sh, serverSecrets, err := respond(r, ch, hs.raw, server, peer, cb, issue)
+	sh, serverSecrets, err := respond(r, ch, server, peer, cb, issue)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -157,7 +157,7 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 		t, err := s.cfg.tickets.seal(s.cfg.rand, st.marshal())
 		return t, st.expiry, err
 	}
-	out, _, err = respond(s.cfg.rand, ch, body, self, peer, cb, issue)
+	out, _, err = respond(s.cfg.rand, ch, self, peer, cb, issue)
 	return out, err
 }
 
