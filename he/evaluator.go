@@ -441,6 +441,9 @@ func (e *Evaluator) Rotate(ctx context.Context, a *Vector, k int) (out *Vector, 
 	if err := e.needRotations("rotate", k); err != nil {
 		return nil, err
 	}
+	if k%e.params.Slots() == 0 {
+		return a.derive([]*rlwe.Ciphertext{a.cts[0].CopyNew()}, a.length, a.dirty), nil
+	}
 	err = e.do(ctx, "rotate", func(w *evalWorker) error {
 		ct, err := w.eval.RotateNew(a.cts[0], k)
 		if err != nil {

@@ -255,6 +255,9 @@ func TestPreconditions(t *testing.T) {
 	if _, err := f.eval.Mul(ctx, z, z); CodeOf(err) != connect.CodeFailedPrecondition || err.Error() != "he: mul needs 1 levels, ciphertext has 0" {
 		t.Errorf("mul at level 0: %v", err)
 	}
+	if same, err := f.eval.Rotate(ctx, x, -ParamsN13().Slots()); err != nil || maxErr(t, f.dec(t, same), []float64{0.1, 0.2}) > boundFresh {
+		t.Errorf("rotation by a multiple of the slots: %v", err)
+	}
 	if _, err := f.eval.Rotate(ctx, x, 5); CodeOf(err) != connect.CodeFailedPrecondition || !strings.Contains(err.Error(), "rotation 5") {
 		t.Errorf("rotation without key: %v", err)
 	}
