@@ -1,0 +1,233 @@
+package rpc
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/golang-jwt/jwt/v5"
+)
+
+// Continuous authentication: besides mutual TLS at the handshake, a server can require
+// on every call a short-lived access token (a JWT signed with EdDSA by the token
+// service, package services/auth) whose audience is this server and whose cnf claim
+// binds it to the caller's client certificate (RFC 8705, x5t#S256): a token stolen
+// from a caller is useless on any other TLS connection.
+
+// TokenClaims are the claims of a Veil access token.
+type TokenClaims struct {
+	jwt.RegisteredClaims
+	// Cnf is the confirmation claim: the SHA-256 thumbprint of the certificate the
+	// token is bound to.
+	Cnf Confirmation `json:"cnf"`
+}
+
+// Confirmation is RFC 8705's certificate-bound confirmation claim.
+type Confirmation struct {
+	X5tS256 string `json:"x5t#S256"`
+}
+
+// CertThumbprint is the RFC 8705 x5t#S256 of cert: base64url (no padding) of the
+// SHA-256 of its DER encoding.
+func CertThumbprint(cert *x509.Certificate) string {
+	sum := sha256.Sum256(cert.Raw)
+	return base64.RawURLEncoding.EncodeToString(sum[:])
+}
+
+// Reasons a call is refused by WithBoundTokens, in the "veil-auth-reason" response header.
+const (
+	AuthReasonMissing  = "token_missing"
+	AuthReasonExpired  = "token_expired"
+	AuthReasonInvalid  = "token_invalid"
+	AuthReasonNotBound = "token_not_bound"
+)
+
+// AuthReason returns the reason a server gave for refusing a call's token, or "".
+func AuthReason(err error) string {
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		return ce.Meta().Get("veil-auth-reason")
+	}
+	return ""
+}
+
+type peerCertKey struct{}
+
+// WithPeerCertificates keeps each caller's verified leaf certificate in the request
+// context, for PeerCertificate.
+func WithPeerCertificates() ServerOption {
+	return func(c *serverConfig) { c.middleware = append(c.middleware, withPeerCert) }
+}
+
+func withPeerCert(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+			r = r.WithContext(context.WithValue(r.Context(), peerCertKey{}, r.TLS.PeerCertificates[0]))
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// PeerCertificate returns the caller's leaf certificate on a server built
+// WithPeerCertificates (or WithBoundTokens).
+func PeerCertificate(ctx context.Context) (*x509.Certificate, bool) {
+	c, ok := ctx.Value(peerCertKey{}).(*x509.Certificate)
+	return c, ok
+}
+
+// TokenVerifier checks access tokens from one issuer for one audience.
+type TokenVerifier struct {
+	Issuer   string            // the token service's SPIFFE ID
+	Key      ed25519.PublicKey // its signing key
+	Audience string            // this server's SPIFFE ID
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+}
+
+// WithBoundTokens requires a valid bound access token on every call: signed by v.Key,
+// from v.Issuer, for v.Audience, not expired, bound to the client certificate of the
+// connection it arrives on, and naming the caller's SPIFFE ID as its subject.
+// Otherwise the call fails with unauthenticated and a reason (AuthReason). Health,
+// reflection and the exempt procedures need no token.
+func WithBoundTokens(v TokenVerifier, exempt ...string) ServerOption {
+	if v.Now == nil {
+		v.Now = time.Now
+	}
+	a := &tokenAuth{v: v, exempt: map[string]bool{
+		"/grpc.health.v1.Health/Check":                                   true,
+		"/grpc.health.v1.Health/Watch":                                   true,
+		"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      true,
+		"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": true,
+	}}
+	for _, p := range exempt {
+		a.exempt[p] = true
+	}
+	return func(c *serverConfig) {
+		c.middleware = append(c.middleware, withPeerCert)
+		c.interceptors = append(c.interceptors, a)
+	}
+}
+
+type tokenAuth struct {
+	v      TokenVerifier
+	exempt map[string]bool
+}
+
+func authError(reason string, err error) error {
+	ce := connect.NewError(connect.CodeUnauthenticated, err)
+	ce.Meta().Set("veil-auth-reason", reason)
+	return ce
+}
+
+func (a *tokenAuth) check(ctx context.Context, procedure string, h http.Header) error {
+	if a.exempt[procedure] {
+		return nil
+	}
+	cert, ok := PeerCertificate(ctx)
+	peer, ok2 := PeerFromContext(ctx)
+	if !ok || !ok2 {
+		return authError(AuthReasonNotBound, errors.New("rpc: no client certificate to bind the access token to"))
+	}
+	raw, ok := strings.CutPrefix(h.Get("Authorization"), "Bearer ")
+	if !ok || raw == "" {
+		return authError(AuthReasonMissing, errors.New("rpc: missing access token"))
+	}
+	var claims TokenClaims
+	_, err := jwt.ParseWithClaims(raw, &claims, func(*jwt.Token) (any, error) { return a.v.Key, nil },
+		jwt.WithValidMethods([]string{jwt.SigningMethodEdDSA.Alg()}), jwt.WithIssuer(a.v.Issuer),
+		jwt.WithAudience(a.v.Audience), jwt.WithExpirationRequired(), jwt.WithTimeFunc(a.v.Now))
+	switch {
+	case errors.Is(err, jwt.ErrTokenExpired):
+		return authError(AuthReasonExpired, errors.New("rpc: access token expired"))
+	case err != nil:
+		return authError(AuthReasonInvalid, fmt.Errorf("rpc: access token rejected: %v", err))
+	case claims.Cnf.X5tS256 != CertThumbprint(cert):
+		return authError(AuthReasonNotBound, errors.New("rpc: access token is bound to another certificate"))
+	case claims.Subject != peer.ID.String():
+		return authError(AuthReasonNotBound, fmt.Errorf("rpc: access token is for %q, not the caller %s", claims.Subject, peer.ID))
+	}
+	return nil
+}
+
+func (a *tokenAuth) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		if req.Spec().IsClient {
+			return next(ctx, req)
+		}
+		if err := a.check(ctx, req.Spec().Procedure, req.Header()); err != nil {
+			return nil, err
+		}
+		return next(ctx, req)
+	}
+}
+
+func (a *tokenAuth) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return next
+}
+
+func (a *tokenAuth) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
+		if err := a.check(ctx, conn.Spec().Procedure, conn.RequestHeader()); err != nil {
+			return err
+		}
+		return next(ctx, conn)
+	}
+}
+
+// TokenFetcher obtains a fresh access token (services/auth's TokenSource is one).
+type TokenFetcher interface {
+	// Token returns a cached token unless it is about to expire or refresh is set.
+	Token(ctx context.Context, refresh bool) (string, error)
+}
+
+// WithAccessTokens is a client interceptor that sends a bound access token with every
+// call, and when the server refuses it as expired or not bound, fetches a new one and
+// retries the call once. Only unary calls are retried; streams get the token.
+func WithAccessTokens(f TokenFetcher) connect.ClientOption {
+	return connect.WithInterceptors(tokenClient{f})
+}
+
+type tokenClient struct{ f TokenFetcher }
+
+func (c tokenClient) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		tok, err := c.f.Token(ctx, false)
+		if err != nil {
+			return nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("rpc: access token: %w", err))
+		}
+		req.Header().Set("Authorization", "Bearer "+tok)
+		res, err := next(ctx, req)
+		switch AuthReason(err) {
+		case AuthReasonExpired, AuthReasonNotBound:
+		default:
+			return res, err
+		}
+		if tok, err = c.f.Token(ctx, true); err != nil {
+			return nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("rpc: access token: %w", err))
+		}
+		req.Header().Set("Authorization", "Bearer "+tok)
+		return next(ctx, req)
+	}
+}
+
+func (c tokenClient) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return func(ctx context.Context, spec connect.Spec) connect.StreamingClientConn {
+		conn := next(ctx, spec)
+		if tok, err := c.f.Token(ctx, false); err == nil {
+			conn.RequestHeader().Set("Authorization", "Bearer "+tok)
+		}
+		return conn
+	}
+}
+
+func (c tokenClient) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return next
+}

@@ -1,0 +1,178 @@
+// Package auth is Veil's token service (veil.auth.v1): it issues short-lived access
+// tokens (JWT, EdDSA) to callers authenticated by mutual TLS, bound to the caller's
+// client certificate (RFC 8705 x5t#S256) and to one audience, the target service's
+// SPIFFE ID. Servers check them on every call with rpc.WithBoundTokens; clients attach
+// and refresh them with rpc.WithAccessTokens and a TokenSource.
+package auth
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/golang-jwt/jwt/v5"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	authv1 "github.com/veilrpc/veil/gen/veil/auth/v1"
+	"github.com/veilrpc/veil/gen/veil/auth/v1/authv1connect"
+	"github.com/veilrpc/veil/internal/atomicfile"
+	"github.com/veilrpc/veil/rpc"
+	"github.com/veilrpc/veil/transport"
+)
+
+// DefaultTokenTTL is the lifetime of an access token.
+const DefaultTokenTTL = 5 * time.Minute
+
+// Service implements authv1connect.TokenServiceHandler. Mount it on a server built
+// with rpc.WithPeerCertificates, so that it sees the certificate to bind to.
+type Service struct {
+	issuer string
+	key    ed25519.PrivateKey
+	ttl    time.Duration
+	now    func() time.Time
+}
+
+var _ authv1connect.TokenServiceHandler = (*Service)(nil)
+
+// New returns a token service that signs as issuer (its own SPIFFE ID) with key, for
+// tokens that live ttl (DefaultTokenTTL if zero). now is the clock (nil: time.Now).
+func New(issuer spiffeid.ID, key ed25519.PrivateKey, ttl time.Duration, now func() time.Time) *Service {
+	if ttl <= 0 {
+		ttl = DefaultTokenTTL
+	}
+	if now == nil {
+		now = time.Now
+	}
+	return &Service{issuer: issuer.String(), key: key, ttl: ttl, now: now}
+}
+
+// IssueToken returns a token for the caller, bound to this connection's certificate.
+func (s *Service) IssueToken(ctx context.Context, req *connect.Request[authv1.IssueTokenRequest]) (*connect.Response[authv1.IssueTokenResponse], error) {
+	peer, ok := rpc.PeerFromContext(ctx)
+	cert, ok2 := rpc.PeerCertificate(ctx)
+	if !ok || !ok2 {
+		return nil, connect.NewError(connect.CodeUnauthenticated, errors.New("auth: no client certificate to bind the token to"))
+	}
+	aud, err := spiffeid.FromString(req.Msg.GetAudience())
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("auth: audience: %v", err))
+	}
+	now := s.now()
+	exp := now.Add(s.ttl)
+	if exp.After(cert.NotAfter) {
+		exp = cert.NotAfter // a token never outlives the certificate it is bound to
+	}
+	jti := make([]byte, 16)
+	if _, err := rand.Read(jti); err != nil {
+		return nil, connect.NewError(connect.CodeInternal, errors.New("auth: internal error"))
+	}
+	claims := rpc.TokenClaims{
+		RegisteredClaims: jwt.RegisteredClaims{
+			Issuer: s.issuer, Subject: peer.ID.String(), Audience: jwt.ClaimStrings{aud.String()},
+			IssuedAt: jwt.NewNumericDate(now), NotBefore: jwt.NewNumericDate(now.Add(-30 * time.Second)),
+			ExpiresAt: jwt.NewNumericDate(exp), ID: base64.RawURLEncoding.EncodeToString(jti),
+		},
+		Cnf: rpc.Confirmation{X5tS256: rpc.CertThumbprint(cert)},
+	}
+	tok, err := jwt.NewWithClaims(jwt.SigningMethodEdDSA, claims).SignedString(s.key)
+	if err != nil {
+		return nil, connect.NewError(connect.CodeInternal, errors.New("auth: signing failed"))
+	}
+	return connect.NewResponse(&authv1.IssueTokenResponse{Token: tok, ExpiresUnix: exp.Unix()}), nil
+}
+
+// LoadOrCreateKey reads the Ed25519 signing key at path (PKCS#8 PEM), creating it
+// (0600, atomically) if it does not exist.
+func LoadOrCreateKey(path string) (ed25519.PrivateKey, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		_, key, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			return nil, fmt.Errorf("auth: %w", err)
+		}
+		der, err := x509.MarshalPKCS8PrivateKey(key)
+		if err != nil {
+			return nil, fmt.Errorf("auth: %w", err)
+		}
+		if err := atomicfile.Write(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+			return nil, fmt.Errorf("auth: %w", err)
+		}
+		return key, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("auth: %w", err)
+	}
+	block, _ := pem.Decode(b)
+	if block == nil || block.Type != "PRIVATE KEY" {
+		return nil, fmt.Errorf("auth: %s: not a PEM private key", path)
+	}
+	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("auth: %s: %w", path, err)
+	}
+	key, ok := k.(ed25519.PrivateKey)
+	if !ok {
+		return nil, fmt.Errorf("auth: %s: not an Ed25519 key", path)
+	}
+	return key, nil
+}
+
+// TokenSource obtains access tokens for one audience from a token service over mutual
+// TLS as src, and caches each until shortly before it expires. It implements
+// rpc.TokenFetcher. When src's certificate changes it reconnects, so that new tokens are
+// bound to the certificate new connections present.
+type TokenSource struct {
+	src      transport.Source
+	url      string
+	server   transport.Authorizer
+	audience string
+	now      func() time.Time
+
+	mu     sync.Mutex
+	client authv1connect.TokenServiceClient
+	leaf   *x509.Certificate
+	token  string
+	exp    time.Time
+	life   time.Duration
+}
+
+// NewTokenSource returns a TokenSource for tokens to audience from the token service at
+// url, whose SPIFFE ID server authorizes.
+func NewTokenSource(src transport.Source, url string, server transport.Authorizer, audience spiffeid.ID) *TokenSource {
+	return &TokenSource{src: src, url: url, server: server, audience: audience.String(), now: time.Now}
+}
+
+// Token returns the cached token, or a new one if refresh is set, none is cached, it
+// has less than a fifth of its life left, or the certificate has changed.
+func (t *TokenSource) Token(ctx context.Context, refresh bool) (string, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	svid, err := t.src.GetX509SVID()
+	if err != nil {
+		return "", err
+	}
+	leaf := svid.Certificates[0]
+	if t.client == nil || leaf != t.leaf {
+		hc := rpc.NewHTTPClient(t.src, t.server)
+		t.client, t.leaf, t.token = authv1connect.NewTokenServiceClient(hc, t.url, rpc.ClientOptions()...), leaf, ""
+	}
+	if !refresh && t.token != "" && t.now().Before(t.exp.Add(-t.life/5)) {
+		return t.token, nil
+	}
+	res, err := t.client.IssueToken(ctx, connect.NewRequest(&authv1.IssueTokenRequest{Audience: t.audience}))
+	if err != nil {
+		return "", err
+	}
+	t.token, t.exp = res.Msg.GetToken(), time.Unix(res.Msg.GetExpiresUnix(), 0)
+	t.life = t.exp.Sub(t.now())
+	return t.token, nil
+}

@@ -1,0 +1,188 @@
+package auth
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"net"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/veilrpc/veil/gen/veil/auth/v1/authv1connect"
+	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
+	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/rpc"
+	"github.com/veilrpc/veil/services/echo"
+	"github.com/veilrpc/veil/transport"
+)
+
+var (
+	authID   = spiffeid.RequireFromString("spiffe://example.org/auth")
+	echoID   = spiffeid.RequireFromString("spiffe://example.org/echo")
+	callerA  = spiffeid.RequireFromString("spiffe://example.org/a")
+	callerB  = spiffeid.RequireFromString("spiffe://example.org/b")
+	allowAll = "spiffe://example.org"
+)
+
+func source(t *testing.T, ca *transport.CA, id spiffeid.ID) transport.Source {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	chain, err := ca.Issue(id, &key.PublicKey, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return transport.StaticSource{SVID: &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: key},
+		Bundles: x509bundle.NewSet(x509bundle.FromX509Authorities(ca.TrustDomain(), ca.Bundle()))}
+}
+
+func start(t *testing.T, srv *rpc.Server) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, ln) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("server: %v", err)
+		}
+	})
+	return "https://" + ln.Addr().String()
+}
+
+// countingFetcher counts the tokens fetched from the service.
+type countingFetcher struct {
+	*TokenSource
+	fetched atomic.Int64
+}
+
+func (c *countingFetcher) Token(ctx context.Context, refresh bool) (string, error) {
+	before := c.TokenSource.token
+	tok, err := c.TokenSource.Token(ctx, refresh)
+	if err == nil && tok != before {
+		c.fetched.Add(1)
+	}
+	return tok, err
+}
+
+func TestBoundTokens(t *testing.T) {
+	ca, err := transport.InitCA(filepath.Join(t.TempDir(), "ca"), "example.org")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var skew atomic.Int64 // how far the servers' clock runs ahead
+	clock := func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
+
+	key, err := LoadOrCreateKey(filepath.Join(t.TempDir(), "auth.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tokens, err := rpc.NewServer(source(t, ca, authID), rpc.WithPeerCertificates(),
+		rpc.WithPolicy(rpc.NewPolicy().MustAllow("/"+authv1connect.TokenServiceName+"/*", allowAll)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rpc.Register(tokens, authv1connect.NewTokenServiceHandler, authv1connect.TokenServiceHandler(New(authID, key, time.Minute, clock)))
+	authURL := start(t, tokens)
+
+	echoSrv, err := rpc.NewServer(source(t, ca, echoID),
+		rpc.WithPolicy(rpc.NewPolicy().MustAllow("/"+echov1connect.EchoServiceName+"/*", allowAll)),
+		rpc.WithBoundTokens(rpc.TokenVerifier{Issuer: authID.String(), Key: key.Public().(ed25519.PublicKey), Audience: echoID.String(), Now: clock}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rpc.Register(echoSrv, echov1connect.NewEchoServiceHandler, echov1connect.EchoServiceHandler(echo.New()))
+	echoURL := start(t, echoSrv)
+
+	srcA, srcB := source(t, ca, callerA), source(t, ca, callerB)
+	fetcher := &countingFetcher{TokenSource: NewTokenSource(srcA, authURL, transport.AuthorizeID(authID), echoID)}
+	hcA := rpc.NewHTTPClient(srcA, transport.AuthorizeID(echoID))
+	withTokens := echov1connect.NewEchoServiceClient(hcA, echoURL, append(rpc.ClientOptions(), rpc.WithAccessTokens(fetcher))...)
+	ctx := context.Background()
+	req := func() *connect.Request[echov1.EchoRequest] {
+		return connect.NewRequest(&echov1.EchoRequest{Message: "hi"})
+	}
+	for range 3 {
+		if _, err := withTokens.Echo(ctx, req()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := fetcher.fetched.Load(); n != 1 {
+		t.Fatalf("%d tokens fetched for 3 calls, want 1 (cached)", n)
+	}
+	// The server's clock passes the token's expiry: the call is refused as expired,
+	// the client fetches a new token and retries once, and the call succeeds.
+	skew.Store(int64(2 * time.Minute))
+	if _, err := withTokens.Echo(ctx, req()); err != nil {
+		t.Fatalf("call after expiry: %v", err)
+	}
+	if n := fetcher.fetched.Load(); n != 2 {
+		t.Fatalf("%d tokens fetched after expiry, want 2", n)
+	}
+
+	// Refusals, without the retrying interceptor.
+	tokA, err := fetcher.TokenSource.Token(ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherAud := NewTokenSource(srcA, authURL, transport.AuthorizeID(authID), spiffeid.RequireFromString("spiffe://example.org/other"))
+	tokOther, err := otherAud.Token(ctx, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plainA := echov1connect.NewEchoServiceClient(hcA, echoURL, rpc.ClientOptions()...)
+	plainB := echov1connect.NewEchoServiceClient(rpc.NewHTTPClient(srcB, transport.AuthorizeID(echoID)), echoURL, rpc.ClientOptions()...)
+	for _, tc := range []struct {
+		name   string
+		client echov1connect.EchoServiceClient
+		token  string
+		reason string
+	}{
+		{"no token", plainA, "", rpc.AuthReasonMissing},
+		{"garbage", plainA, "not.a.jwt", rpc.AuthReasonInvalid},
+		{"another audience", plainA, tokOther, rpc.AuthReasonInvalid},
+		{"stolen by another caller", plainB, tokA, rpc.AuthReasonNotBound},
+	} {
+		r := req()
+		if tc.token != "" {
+			r.Header().Set("Authorization", "Bearer "+tc.token)
+		}
+		_, err := tc.client.Echo(ctx, r)
+		if connect.CodeOf(err) != connect.CodeUnauthenticated || rpc.AuthReason(err) != tc.reason {
+			t.Errorf("%s: %v (%q), want unauthenticated (%s)", tc.name, err, rpc.AuthReason(err), tc.reason)
+		}
+	}
+	skew.Store(int64(10 * time.Minute))
+	r := req()
+	r.Header().Set("Authorization", "Bearer "+tokA)
+	if _, err := plainA.Echo(ctx, r); rpc.AuthReason(err) != rpc.AuthReasonExpired {
+		t.Fatalf("expired token without retry: %v", err)
+	}
+}
+
+func TestLoadOrCreateKey(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "k")
+	k1, err := LoadOrCreateKey(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k2, err := LoadOrCreateKey(p)
+	if err != nil || !k1.Equal(k2) {
+		t.Fatalf("reload: %v", err)
+	}
+	if _, err := LoadOrCreateKey(filepath.Join(t.TempDir(), "missing", "k")); err == nil {
+		t.Fatal("key in a missing directory")
+	}
+}
