@@ -11,6 +11,8 @@ import (
 
 	"github.com/tuneinsight/lattigo/v5/core/rlwe"
 	"github.com/tuneinsight/lattigo/v5/he/hefloat"
+	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
+	"google.golang.org/protobuf/proto"
 )
 
 // benchFixture holds, for one preset, the he objects and the raw lattigo objects built
@@ -299,4 +301,38 @@ func median(d []time.Duration) time.Duration {
 	s := slices.Clone(d)
 	slices.Sort(s)
 	return s[len(s)/2]
+}
+
+// BenchmarkDecode measures what a server pays to accept client data: validating and
+// expanding a seeded vector (c1 regenerated from its seed) against a full one, and
+// parsing an evaluation-key set (uniform halves regenerated), per key.
+func BenchmarkDecode(b *testing.B) {
+	p := ParamsN13()
+	f := getBench(b, p)
+	seeded, _ := MarshalVector(f.x)
+	sum, err := f.ev.Add(context.Background(), f.x, f.x)
+	if err != nil {
+		b.Fatal(err)
+	}
+	full, _ := MarshalVector(sum)
+	for name, m := range map[string]*hev1.EncryptedVector{"vector_seeded": seeded, "vector_full": full} {
+		b.Run("N13/"+name, func(b *testing.B) {
+			b.SetBytes(int64(proto.Size(m)))
+			for b.Loop() {
+				if _, err := UnmarshalVector(p, m); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+	data, _ := f.keys.Encode()
+	b.Run("N13/evaluation_keys", func(b *testing.B) {
+		b.SetBytes(int64(len(data)))
+		for b.Loop() {
+			if _, err := ParseEvaluationKeys(p, data); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(f.keys.Manifest().Len()), "ns/key")
+	})
 }
