@@ -85,7 +85,7 @@ func NewHTTPClient(src transport.Source, server transport.Authorizer, opts ...Cl
 		rt = w(rt)
 	}
 	if cfg.sealing != nil {
-		rt = sealBatched(cfg.sealing, rt, !cfg.noCoalesce)
+		rt = cfg.sealing.RoundTripper(rt)
 	}
 	return &http.Client{Transport: withIdleCloser(rt, t)}
 }

@@ -43,8 +43,7 @@ func WithWriteCoalescing(on bool) ServerOption {
 }
 
 // WithClientWriteCoalescing turns write coalescing on or off for the client's
-// connections (default on). With sealing it also sends each sealed unary request as
-// one DATA frame (see sealBatched).
+// connections (default on).
 func WithClientWriteCoalescing(on bool) ClientOption {
 	return func(c *clientConfig) { c.noCoalesce = !on }
 }
