@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,8 +13,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/veilrpc/veil/internal/atomicfile"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
+	"github.com/veilrpc/veil/transport"
 )
 
 // sealingMode resolves --pq-seal: an explicit mode, or strict when the identity
@@ -111,4 +114,10 @@ func newSealingClient(dir string, authorize pqkex.Authorizer, bind bool) (*pqkex
 		opts = append(opts, pqkex.WithChannelBinding())
 	}
 	return pqkex.NewClient(opts...)
+}
+
+// writeRoots writes the CA's root into dir/ca.crt, where LoadSealingIdentity finds the
+// classical half of the sealing roots.
+func writeRoots(dir string, c *transport.CA) error {
+	return atomicfile.Write(filepath.Join(dir, transport.BundleFile), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Root().Raw}), 0o644)
 }
