@@ -193,7 +193,9 @@ func num(v float64) string {
 }
 
 func gitCommit() string {
-	out, err := exec.Command("git", "rev-parse", "--short", "HEAD").Output()
+	// "-dirty": the working tree had uncommitted changes (other engineers' work in
+	// progress is built in too).
+	out, err := exec.Command("git", "describe", "--always", "--dirty").Output()
 	if err != nil {
 		return "unknown"
 	}
