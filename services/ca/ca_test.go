@@ -1,6 +1,7 @@
 package ca_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -25,6 +26,7 @@ import (
 
 	cav1 "github.com/veilrpc/veil/gen/veil/ca/v1"
 	"github.com/veilrpc/veil/gen/veil/ca/v1/cav1connect"
+	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/ca"
 	"github.com/veilrpc/veil/transport"
@@ -408,4 +410,45 @@ func counter(reg *prometheus.Registry, name string, want map[string]string) floa
 		}
 	}
 	return n
+}
+
+func TestJoinCertifiesPQStaticKey(t *testing.T) {
+	e := startCA(t, newCADir(t), "127.0.0.1:0")
+	boot := e.bootstrapClient(t)
+	id := "spiffe://example.org/sealed"
+	suite := pqkex.X25519MLKEM768()
+	pub, _, err := pqkex.GenerateKey(suite, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok := e.token(t, id)
+	_, err = boot.Join(context.Background(), connect.NewRequest(&cav1.JoinRequest{Token: tok, Csr: csrFor(t, id), PqStaticKey: pub[:10]}))
+	wantRefusal(t, err, connect.CodeInvalidArgument, "bad_pq_key")
+	_, err = boot.Join(context.Background(), connect.NewRequest(&cav1.JoinRequest{Token: tok, Csr: csrFor(t, id), PqStaticKey: pub, PqSuite: "no-such-suite"}))
+	wantRefusal(t, err, connect.CodeInvalidArgument, "bad_pq_key")
+	res, err := boot.Join(context.Background(), connect.NewRequest(&cav1.JoinRequest{Token: tok, Csr: csrFor(t, id), PqStaticKey: pub}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(res.Msg.GetIssued().GetChain()[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	cred, err := pqkex.ParseCredential(res.Msg.GetIssued().GetPqCredential())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cred.SPIFFEID() != id || !cred.NotAfter().Equal(leaf.NotAfter) || !bytes.Equal(cred.PublicKey(), pub) {
+		t.Fatalf("credential for %s until %s, certificate until %s", cred.SPIFFEID(), cred.NotAfter(), leaf.NotAfter)
+	}
+	root, err := transport.LoadCA(e.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(res.Msg.GetIssued().GetPqRoot(), root.PQPublicKey().Bytes()) {
+		t.Fatal("pq_root is not the CA's ML-DSA-65 key")
+	}
+	if err := (pqkex.Roots{PQ: root.PQPublicKey(), Classical: root.Root().PublicKey}).Verify(cred, time.Now()); err != nil {
+		t.Fatalf("credential does not verify: %v", err)
+	}
 }

@@ -19,6 +19,7 @@ const (
 	reasonExtraSANs      = "extra_sans"
 	reasonWrongID        = "wrong_id"
 	reasonBadTTL         = "bad_ttl"
+	reasonBadPQKey       = "bad_pq_key"
 	reasonRateLimited    = "rate_limited"
 	reasonRevoked        = "revoked"
 	reasonExpiredCert    = "expired_certificate"
@@ -38,6 +39,7 @@ var codes = map[string]connect.Code{
 	reasonExtraSANs:      connect.CodeInvalidArgument,
 	reasonWrongID:        connect.CodeInvalidArgument,
 	reasonBadTTL:         connect.CodeInvalidArgument,
+	reasonBadPQKey:       connect.CodeInvalidArgument,
 	reasonRateLimited:    connect.CodeResourceExhausted,
 	reasonRevoked:        connect.CodePermissionDenied,
 	reasonExpiredCert:    connect.CodeUnauthenticated,

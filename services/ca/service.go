@@ -21,6 +21,7 @@ import (
 
 	cav1 "github.com/veilrpc/veil/gen/veil/ca/v1"
 	"github.com/veilrpc/veil/gen/veil/ca/v1/cav1connect"
+	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -139,6 +140,9 @@ func (s *Service) join(_ context.Context, m *cav1.JoinRequest) (*cav1.Issued, *r
 	if r != nil {
 		return nil, r
 	}
+	if _, r := (pqRequest{m.GetPqStaticKey(), m.GetPqSuite()}).suite(); r != nil {
+		return nil, r
+	}
 	pattern, r := useToken(s.dir, m.GetToken(), s.cfg.now())
 	if r != nil {
 		return nil, r
@@ -146,7 +150,7 @@ func (s *Service) join(_ context.Context, m *cav1.JoinRequest) (*cav1.Issued, *r
 	if !pattern.Match(id) {
 		return nil, refuse(reasonEscalation, "ca: the join token does not grant %s", id)
 	}
-	return s.issue(c, id, csr, ttl)
+	return s.issue(c, id, csr, ttl, pqRequest{m.GetPqStaticKey(), m.GetPqSuite()})
 }
 
 // Renew issues a new certificate for the caller's own SPIFFE ID.
@@ -188,7 +192,7 @@ func (s *Service) renew(ctx context.Context, m *cav1.RenewRequest) (*cav1.Issued
 	if r != nil {
 		return nil, r
 	}
-	return s.issue(c, id, csr, ttl)
+	return s.issue(c, id, csr, ttl, pqRequest{m.GetPqStaticKey(), m.GetPqSuite()})
 }
 
 // GetBundle returns the roots and the denylist.
@@ -212,7 +216,35 @@ func (s *Service) ttl(seconds uint32) (time.Duration, *refusal) {
 	return ttl, nil
 }
 
-func (s *Service) issue(c *transport.CA, id spiffeid.ID, csr *x509.CertificateRequest, ttl time.Duration) (*cav1.Issued, *refusal) {
+// pqRequest is an optional pqkex static key to certify with the certificate.
+type pqRequest struct {
+	key  []byte
+	name string
+}
+
+func (p pqRequest) suite() (pqkex.Scheme, *refusal) {
+	if len(p.key) == 0 {
+		return nil, nil
+	}
+	name := p.name
+	if name == "" {
+		name = pqkex.X25519MLKEM768().Name()
+	}
+	suite := pqkex.SchemeByName(name)
+	if suite == nil {
+		return nil, refuse(reasonBadPQKey, "ca: unknown pqkex suite %q", name)
+	}
+	if _, err := suite.UnmarshalBinaryPublicKey(p.key); err != nil {
+		return nil, refuse(reasonBadPQKey, "ca: the static key is not a %s public key", name)
+	}
+	return suite, nil
+}
+
+func (s *Service) issue(c *transport.CA, id spiffeid.ID, csr *x509.CertificateRequest, ttl time.Duration, pq pqRequest) (*cav1.Issued, *refusal) {
+	suite, r := pq.suite()
+	if r != nil {
+		return nil, r
+	}
 	if slices.Contains(c.Denylist().IDs(), id.String()) {
 		return nil, refuse(reasonRevoked, "ca: %s is revoked", id)
 	}
@@ -227,6 +259,15 @@ func (s *Service) issue(c *transport.CA, id spiffeid.ID, csr *x509.CertificateRe
 	out := &cav1.Issued{Bundle: bundleOf(c)}
 	for _, cert := range chain {
 		out.Chain = append(out.Chain, cert.Raw)
+	}
+	if suite != nil {
+		// The credential shares the certificate's ID and validity, and is signed by
+		// both CA keys (ML-DSA-65 and the signing root).
+		cred, err := pqkex.IssueCredential(c.PQSigner(), c.Signer(), suite, id.String(), chain[0].NotBefore, chain[0].NotAfter, pq.key)
+		if err != nil {
+			return nil, refuse(reasonBadPQKey, "ca: %v", err)
+		}
+		out.PqCredential, out.PqRoot = cred, c.PQPublicKey().Bytes()
 	}
 	s.cfg.logger.Info("ca: issued", "id", id.String(), "serial", chain[0].SerialNumber.Text(16), "not_after", chain[0].NotAfter.UTC().Format(time.RFC3339))
 	return out, nil

@@ -34,7 +34,12 @@ type JoinRequest struct {
 	// csr is a DER PKCS#10 request whose only SAN is the requested SPIFFE ID.
 	Csr []byte `protobuf:"bytes,2,opt,name=csr,proto3" json:"csr,omitempty"`
 	// ttl_seconds is the requested lifetime; 0 means the CA's default. The CA caps it.
-	TtlSeconds    uint32 `protobuf:"varint,3,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	TtlSeconds uint32 `protobuf:"varint,3,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	// pq_static_key, if set, is a pqkex static KEM public key to certify for the same ID
+	// and validity as the certificate (see Issued.pq_credential).
+	PqStaticKey []byte `protobuf:"bytes,4,opt,name=pq_static_key,json=pqStaticKey,proto3" json:"pq_static_key,omitempty"`
+	// pq_suite names the pqkex suite of pq_static_key; empty means X25519MLKEM768.
+	PqSuite       string `protobuf:"bytes,5,opt,name=pq_suite,json=pqSuite,proto3" json:"pq_suite,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -90,6 +95,20 @@ func (x *JoinRequest) GetTtlSeconds() uint32 {
 	return 0
 }
 
+func (x *JoinRequest) GetPqStaticKey() []byte {
+	if x != nil {
+		return x.PqStaticKey
+	}
+	return nil
+}
+
+func (x *JoinRequest) GetPqSuite() string {
+	if x != nil {
+		return x.PqSuite
+	}
+	return ""
+}
+
 // JoinResponse is the issued identity.
 type JoinResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -142,7 +161,12 @@ type RenewRequest struct {
 	// csr is a DER PKCS#10 request whose only SAN is the caller's SPIFFE ID.
 	Csr []byte `protobuf:"bytes,1,opt,name=csr,proto3" json:"csr,omitempty"`
 	// ttl_seconds is the requested lifetime; 0 means the CA's default. The CA caps it.
-	TtlSeconds    uint32 `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	TtlSeconds uint32 `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	// pq_static_key, if set, is a pqkex static KEM public key to certify for the same ID
+	// and validity as the certificate (see Issued.pq_credential).
+	PqStaticKey []byte `protobuf:"bytes,3,opt,name=pq_static_key,json=pqStaticKey,proto3" json:"pq_static_key,omitempty"`
+	// pq_suite names the pqkex suite of pq_static_key; empty means X25519MLKEM768.
+	PqSuite       string `protobuf:"bytes,4,opt,name=pq_suite,json=pqSuite,proto3" json:"pq_suite,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -189,6 +213,20 @@ func (x *RenewRequest) GetTtlSeconds() uint32 {
 		return x.TtlSeconds
 	}
 	return 0
+}
+
+func (x *RenewRequest) GetPqStaticKey() []byte {
+	if x != nil {
+		return x.PqStaticKey
+	}
+	return nil
+}
+
+func (x *RenewRequest) GetPqSuite() string {
+	if x != nil {
+		return x.PqSuite
+	}
+	return ""
 }
 
 // RenewResponse is the renewed identity.
@@ -326,7 +364,12 @@ type Issued struct {
 	// chain is the leaf followed by any intermediates, DER.
 	Chain [][]byte `protobuf:"bytes,1,rep,name=chain,proto3" json:"chain,omitempty"`
 	// bundle is the trust bundle and denylist at the time of issue.
-	Bundle        *Bundle `protobuf:"bytes,2,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	Bundle *Bundle `protobuf:"bytes,2,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	// pq_credential is the pqkex credential for the request's pq_static_key, signed by
+	// the CA's ML-DSA-65 key and its signing root; empty when none was asked for.
+	PqCredential []byte `protobuf:"bytes,3,opt,name=pq_credential,json=pqCredential,proto3" json:"pq_credential,omitempty"`
+	// pq_root is the CA's ML-DSA-65 public key, which verifies pq_credential.
+	PqRoot        []byte `protobuf:"bytes,4,opt,name=pq_root,json=pqRoot,proto3" json:"pq_root,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -371,6 +414,20 @@ func (x *Issued) GetChain() [][]byte {
 func (x *Issued) GetBundle() *Bundle {
 	if x != nil {
 		return x.Bundle
+	}
+	return nil
+}
+
+func (x *Issued) GetPqCredential() []byte {
+	if x != nil {
+		return x.PqCredential
+	}
+	return nil
+}
+
+func (x *Issued) GetPqRoot() []byte {
+	if x != nil {
+		return x.PqRoot
 	}
 	return nil
 }
@@ -463,27 +520,33 @@ var File_veil_ca_v1_ca_proto protoreflect.FileDescriptor
 const file_veil_ca_v1_ca_proto_rawDesc = "" +
 	"\n" +
 	"\x13veil/ca/v1/ca.proto\x12\n" +
-	"veil.ca.v1\x1a\x1bbuf/validate/validate.proto\"o\n" +
+	"veil.ca.v1\x1a\x1bbuf/validate/validate.proto\"\xc1\x01\n" +
 	"\vJoinRequest\x12 \n" +
 	"\x05token\x18\x01 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\x02R\x05token\x12\x1d\n" +
 	"\x03csr\x18\x02 \x01(\fB\v\xbaH\bz\x06\x10\x01\x18\x80\x80\x01R\x03csr\x12\x1f\n" +
 	"\vttl_seconds\x18\x03 \x01(\rR\n" +
-	"ttlSeconds\":\n" +
+	"ttlSeconds\x12,\n" +
+	"\rpq_static_key\x18\x04 \x01(\fB\b\xbaH\x05z\x03\x18\x80@R\vpqStaticKey\x12\"\n" +
+	"\bpq_suite\x18\x05 \x01(\tB\a\xbaH\x04r\x02\x18@R\apqSuite\":\n" +
 	"\fJoinResponse\x12*\n" +
-	"\x06issued\x18\x01 \x01(\v2\x12.veil.ca.v1.IssuedR\x06issued\"N\n" +
+	"\x06issued\x18\x01 \x01(\v2\x12.veil.ca.v1.IssuedR\x06issued\"\xa0\x01\n" +
 	"\fRenewRequest\x12\x1d\n" +
 	"\x03csr\x18\x01 \x01(\fB\v\xbaH\bz\x06\x10\x01\x18\x80\x80\x01R\x03csr\x12\x1f\n" +
 	"\vttl_seconds\x18\x02 \x01(\rR\n" +
-	"ttlSeconds\";\n" +
+	"ttlSeconds\x12,\n" +
+	"\rpq_static_key\x18\x03 \x01(\fB\b\xbaH\x05z\x03\x18\x80@R\vpqStaticKey\x12\"\n" +
+	"\bpq_suite\x18\x04 \x01(\tB\a\xbaH\x04r\x02\x18@R\apqSuite\";\n" +
 	"\rRenewResponse\x12*\n" +
 	"\x06issued\x18\x01 \x01(\v2\x12.veil.ca.v1.IssuedR\x06issued\"\x12\n" +
 	"\x10GetBundleRequest\"?\n" +
 	"\x11GetBundleResponse\x12*\n" +
-	"\x06bundle\x18\x01 \x01(\v2\x12.veil.ca.v1.BundleR\x06bundle\"J\n" +
+	"\x06bundle\x18\x01 \x01(\v2\x12.veil.ca.v1.BundleR\x06bundle\"\x88\x01\n" +
 	"\x06Issued\x12\x14\n" +
 	"\x05chain\x18\x01 \x03(\fR\x05chain\x12*\n" +
-	"\x06bundle\x18\x02 \x01(\v2\x12.veil.ca.v1.BundleR\x06bundle\"\xa3\x01\n" +
+	"\x06bundle\x18\x02 \x01(\v2\x12.veil.ca.v1.BundleR\x06bundle\x12#\n" +
+	"\rpq_credential\x18\x03 \x01(\fR\fpqCredential\x12\x17\n" +
+	"\apq_root\x18\x04 \x01(\fR\x06pqRoot\"\xa3\x01\n" +
 	"\x06Bundle\x12!\n" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12\x14\n" +
 	"\x05roots\x18\x02 \x03(\fR\x05roots\x12%\n" +
