@@ -109,7 +109,10 @@ func WithRoots(r Roots) Option {
 }
 
 // WithAuthorizer sets which peer SPIFFE IDs are accepted. The default, [AuthorizeAny], accepts
-// any identity the roots certify; clients normally want [AuthorizeID] of the server.
+// any identity the roots certify. Clients should set [AuthorizeID] of the service they call:
+// through a proxy, the TLS peer is the proxy, and only the pqkex credential says which workload
+// answers, so without an authorizer a proxy could route the session to another certified
+// workload.
 func WithAuthorizer(a Authorizer) Option {
 	return option(func(c *config) { c.authorize = a })
 }
