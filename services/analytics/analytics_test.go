@@ -162,7 +162,8 @@ func TestAggregationAcrossOwners(t *testing.T) {
 	ctx := context.Background()
 	a := e.analyst(t, analyst, key)
 	const d = 5
-	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "blood-pressure", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: d, Covariance: true}); err != nil {
+	edges := []float64{-50, 0, 25, 50, 75, 100, 150}
+	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "blood-pressure", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: d, Covariance: true, HistogramEdges: edges}); err != nil {
 		t.Fatal(err)
 	}
 	var all [][]float64
@@ -182,6 +183,17 @@ func TestAggregationAcrossOwners(t *testing.T) {
 		t.Fatal(err)
 	}
 	check(t, res, all, len(owners))
+	want := analytics.HistogramCounts(all, edges)
+	if len(res.Histogram) != d {
+		t.Fatalf("histogram has %d coordinates", len(res.Histogram))
+	}
+	for i, row := range res.Histogram {
+		for k, n := range row {
+			if float64(n) != want[i*(len(edges)-1)+k] {
+				t.Fatalf("histogram[%d][%d] = %d, want %v", i, k, n, want[i*(len(edges)-1)+k])
+			}
+		}
+	}
 
 	// A study without covariance: owners send squares only.
 	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "weights", OwnerPatterns: []string{owners[0], owners[1]}, Dimension: 3}); err != nil {
@@ -197,7 +209,7 @@ func TestAggregationAcrossOwners(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.Covariance != nil || len(res.SecondMoment) != 3 {
+	if res.Covariance != nil || res.Histogram != nil || len(res.SecondMoment) != 3 {
 		t.Fatalf("squares-only study returned %d second moments, covariance %v", len(res.SecondMoment), res.Covariance != nil)
 	}
 	check(t, res, append(r0, r1...), 2)
@@ -298,6 +310,8 @@ func TestPermissionsAndValidation(t *testing.T) {
 	wantCode(t, "study exists", err, connect.CodeAlreadyExists)
 	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "too-wide", OwnerPatterns: []string{owners[0]}, Dimension: 65, Covariance: true})
 	wantCode(t, "covariance beyond the slots", err, connect.CodeInvalidArgument)
+	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "bad-edges", OwnerPatterns: []string{owners[0]}, Dimension: 2, HistogramEdges: []float64{0, 1, 1}})
+	wantCode(t, "histogram edges not increasing", err, connect.CodeInvalidArgument)
 	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "bad-pattern", OwnerPatterns: []string{"not a spiffe id"}, Dimension: 2})
 	wantCode(t, "bad owner pattern", err, connect.CodeInvalidArgument)
 
@@ -320,6 +334,8 @@ func TestPermissionsAndValidation(t *testing.T) {
 	raw := e.raw(t, owners[0])
 	_, err = raw.Submit(ctx, connect.NewRequest(&analyticsv1.SubmitRequest{StudyId: "north-only", IdempotencyKey: "w", Count: 1, Sums: vec(enc, 3), Products: vec(enc, 2)}))
 	wantCode(t, "wrong dimension", err, connect.CodeInvalidArgument)
+	_, err = raw.Submit(ctx, connect.NewRequest(&analyticsv1.SubmitRequest{StudyId: "north-only", IdempotencyKey: "h", Count: 1, Sums: vec(enc, 2), Products: vec(enc, 2), Histogram: vec(enc, 2)}))
+	wantCode(t, "histogram for a study without one", err, connect.CodeInvalidArgument)
 	otherKey, err := he.NewClient(he.ParamsN14())
 	if err != nil {
 		t.Fatal(err)

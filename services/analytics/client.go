@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"sort"
 
 	"connectrpc.com/connect"
 
@@ -24,6 +25,9 @@ type StudySpec struct {
 	OwnerPatterns []string // transport.Pattern strings of who may submit
 	Dimension     int      // values per record
 	Covariance    bool     // owners send all pairwise products (Dimension^2 <= slots)
+	// HistogramEdges, when set (2 to 257 strictly increasing values), makes owners
+	// also send per-coordinate bin counts (see HistogramCounts).
+	HistogramEdges []float64
 }
 
 // Analyst creates studies and decrypts their results. It holds the secret key.
@@ -53,6 +57,8 @@ func (a *Analyst) CreateStudy(ctx context.Context, spec StudySpec) error {
 		Dimension:     uint32(spec.Dimension),
 		Covariance:    spec.Covariance,
 		PublicKey:     pk,
+
+		HistogramEdges: spec.HistogramEdges,
 	}}))
 	return err
 }
@@ -70,6 +76,9 @@ type Result struct {
 	Variance     []float64
 	// Covariance is nil unless the study has covariance.
 	Covariance [][]float64
+	// Histogram[i][k] counts the records whose coordinate i falls in bin k (decrypted
+	// and rounded to the nearest integer); nil unless the study has histogram edges.
+	Histogram [][]uint64
 }
 
 // Result fetches and decrypts a study's aggregate.
@@ -96,6 +105,23 @@ func (a *Analyst) Result(ctx context.Context, studyID string) (*Result, error) {
 		return nil, err
 	}
 	d := len(out.Mean)
+	if m := res.Msg.GetHistogram(); m != nil {
+		h, err := dec(m)
+		if err != nil {
+			return nil, err
+		}
+		if len(h)%d != 0 {
+			return nil, fmt.Errorf("analytics: histogram of %d counts for dimension %d", len(h), d)
+		}
+		nb := len(h) / d
+		out.Histogram = make([][]uint64, d)
+		for i := range d {
+			out.Histogram[i] = make([]uint64, nb)
+			for k := range nb {
+				out.Histogram[i][k] = uint64(max(0, math.Round(h[i*nb+k])))
+			}
+		}
+	}
 	switch len(out.SecondMoment) {
 	case d:
 		out.Variance = make([]float64, d)
@@ -163,6 +189,25 @@ func Contribution(records [][]float64, dimension int, covariance bool) (sums, pr
 	return sums, products, nil
 }
 
+// HistogramCounts returns, coordinate-major, how many records fall in each bin of
+// edges per coordinate: bin k is [edges[k], edges[k+1]), values below the first edge
+// count in the first bin and values at or above the last edge in the last bin.
+func HistogramCounts(records [][]float64, edges []float64) []float64 {
+	if len(records) == 0 || len(edges) < 2 {
+		return nil
+	}
+	d, nb := len(records[0]), len(edges)-1
+	out := make([]float64, d*nb)
+	for _, x := range records {
+		for i, v := range x {
+			// The first edge above v, minus one, clamped to [0, nb-1].
+			k := sort.SearchFloat64s(edges, math.Nextafter(v, math.Inf(1))) - 1
+			out[i*nb+min(max(k, 0), nb-1)]++
+		}
+	}
+	return out
+}
+
 // Submitted is the service's answer to a submission.
 type Submitted struct {
 	Duplicate   bool   // counted before (same owner and idempotency key)
@@ -200,10 +245,17 @@ func (o *Owner) Submit(ctx context.Context, studyID, idempotencyKey string, reco
 		return Submitted{}, err
 	}
 	req := &analyticsv1.SubmitRequest{StudyId: studyID, IdempotencyKey: idempotencyKey, Count: uint64(len(records))}
-	for _, p := range []struct {
+	parts := []struct {
 		values []float64
 		dst    **hev1.EncryptedVector
-	}{{sums, &req.Sums}, {products, &req.Products}} {
+	}{{sums, &req.Sums}, {products, &req.Products}}
+	if edges := study.GetHistogramEdges(); len(edges) >= 2 {
+		parts = append(parts, struct {
+			values []float64
+			dst    **hev1.EncryptedVector
+		}{HistogramCounts(records, edges), &req.Histogram})
+	}
+	for _, p := range parts {
 		v, err := enc.Encrypt(p.values)
 		if err != nil {
 			return Submitted{}, err

@@ -15,3 +15,11 @@ func ExampleContribution() {
 	fmt.Println(sums, squares, products)
 	// Output: [4 6] [10 20] [10 14 14 20]
 }
+
+// Histogram counts per coordinate: bins [0,10), [10,20), [20,30]; values outside go to
+// the first or last bin.
+func ExampleHistogramCounts() {
+	records := [][]float64{{-5, 10}, {10, 29.9}, {30, 31}}
+	fmt.Println(analytics.HistogramCounts(records, []float64{0, 10, 20, 30}))
+	// Output: [1 1 1 0 1 2]
+}

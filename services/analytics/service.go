@@ -3,8 +3,8 @@
 // An analyst creates a study with a CKKS public key and the SPIFFE ID patterns of
 // the owners allowed to contribute. Each owner sums its records locally, encrypts
 // the per-coordinate sums and the sums of squares (or of all pairwise products, for a
-// covariance study) under the analyst's public key, and submits them with its record
-// count. The service adds the ciphertexts up and scales them by 1/count into an
+// covariance study), and optionally its per-bin record counts, under the analyst's
+// public key, and submits them with its record count. The service adds the ciphertexts up and scales them by 1/count into an
 // encrypted mean and encrypted second moments. It holds no secret key and no
 // evaluation key: additions and a plaintext scalar product need none. Only the
 // analyst may fetch the result; the analyst's client decrypts it and derives
@@ -81,6 +81,7 @@ type study struct {
 	dir      string
 
 	sum, products *he.Vector
+	histogram     *he.Vector // nil unless the study has histogram edges
 	count         uint64
 	submissions   uint64
 	seen          map[string]bool // dedupName of every counted submission
@@ -112,13 +113,14 @@ func (s *Service) Register(srv *rpc.Server) {
 }
 
 // ReadLimits returns the per-procedure read limits studies on params need:
-// CreateStudy carries a public key, Submit two one-ciphertext vectors.
+// CreateStudy carries a public key, Submit up to three one-ciphertext vectors (sums,
+// products, histogram).
 func ReadLimits(params *he.Parameters) map[string]int64 {
 	lit := params.Literal()
 	pk := int64(2*(len(lit.LogQ)+len(lit.LogP))*params.N()*8) + 64<<10
 	return map[string]int64{
 		CreateStudyProcedure: pk,
-		SubmitProcedure:      2*he.MaxVectorWireSize(params, params.Slots()) + 4096,
+		SubmitProcedure:      3*he.MaxVectorWireSize(params, params.Slots()) + 4096,
 	}
 }
 
@@ -176,6 +178,12 @@ func (s *Service) newStudy(m *analyticsv1.Study) (*study, error) {
 	if d := int(m.GetDimension()); d < 1 || productsLen(m) > params.Slots() {
 		return nil, errorf(connect.CodeInvalidArgument, "a study of dimension %d (covariance %v) needs %d slots, the parameters have %d", d, m.GetCovariance(), productsLen(m), params.Slots())
 	}
+	if err := checkEdges(m.GetHistogramEdges()); err != nil {
+		return nil, err
+	}
+	if n := histogramLen(m); n > params.Slots() {
+		return nil, errorf(connect.CodeInvalidArgument, "a histogram of %d bins over %d coordinates needs %d slots, the parameters have %d", bins(m), m.GetDimension(), n, params.Slots())
+	}
 	st := &study{meta: m, params: params, seen: map[string]bool{}}
 	for _, raw := range m.GetOwnerPatterns() {
 		p, err := transport.ParsePattern(raw)
@@ -191,6 +199,24 @@ func (s *Service) newStudy(m *analyticsv1.Study) (*study, error) {
 		st.dir = filepath.Join(s.cfg.dir, m.GetStudyId())
 	}
 	return st, nil
+}
+
+// bins returns the number of histogram bins per coordinate (0: no histogram).
+func bins(m *analyticsv1.Study) int { return max(len(m.GetHistogramEdges())-1, 0) }
+
+// histogramLen returns the length of a study's histogram vector.
+func histogramLen(m *analyticsv1.Study) int { return int(m.GetDimension()) * bins(m) }
+
+func checkEdges(edges []float64) error {
+	if len(edges) == 1 {
+		return errorf(connect.CodeInvalidArgument, "a histogram needs at least two edges")
+	}
+	for i := 1; i < len(edges); i++ {
+		if !(edges[i] > edges[i-1]) {
+			return errorf(connect.CodeInvalidArgument, "histogram edges must increase strictly (edge %d)", i)
+		}
+	}
+	return nil
 }
 
 func (st *study) isOwner(id spiffeid.ID) bool {
@@ -288,6 +314,15 @@ func (st *study) add(ctx context.Context, owner string, req *analyticsv1.SubmitR
 	if err != nil {
 		return false, 0, err
 	}
+	var hist *he.Vector
+	switch {
+	case bins(st.meta) > 0:
+		if hist, err = st.decode(req.GetHistogram(), histogramLen(st.meta), "histogram"); err != nil {
+			return false, 0, err
+		}
+	case req.GetHistogram() != nil:
+		return false, 0, errorf(connect.CodeInvalidArgument, "the study has no histogram")
+	}
 	name := dedupName(owner, req.GetIdempotencyKey())
 	st.mu.Lock()
 	defer st.mu.Unlock()
@@ -296,7 +331,7 @@ func (st *study) add(ctx context.Context, owner string, req *analyticsv1.SubmitR
 		// bytes differ) is acknowledged without being counted again.
 		return true, st.submissions, nil
 	}
-	newSum, newProd := sum, prod
+	newSum, newProd, newHist := sum, prod, hist
 	if st.sum != nil {
 		if newSum, err = st.eval.Add(ctx, st.sum, sum); err != nil {
 			return false, 0, he.ConnectError(err)
@@ -304,13 +339,18 @@ func (st *study) add(ctx context.Context, owner string, req *analyticsv1.SubmitR
 		if newProd, err = st.eval.Add(ctx, st.products, prod); err != nil {
 			return false, 0, he.ConnectError(err)
 		}
+		if hist != nil {
+			if newHist, err = st.eval.Add(ctx, st.histogram, hist); err != nil {
+				return false, 0, he.ConnectError(err)
+			}
+		}
 	}
 	if persist && st.dir != "" {
 		if err := st.saveSubmission(name, owner, req); err != nil {
 			return false, 0, err
 		}
 	}
-	st.sum, st.products = newSum, newProd
+	st.sum, st.products, st.histogram = newSum, newProd, newHist
 	st.count += req.GetCount()
 	st.submissions++
 	st.seen[name] = true
@@ -344,7 +384,7 @@ func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv
 		return nil, denied(who, "read the result of", req.Msg.GetStudyId())
 	}
 	st.mu.Lock()
-	sum, prod, count, n := st.sum, st.products, st.count, st.submissions
+	sum, prod, hist, count, n := st.sum, st.products, st.histogram, st.count, st.submissions
 	st.mu.Unlock()
 	if n == 0 {
 		return nil, errorf(connect.CodeFailedPrecondition, "study %q has no submissions yet", req.Msg.GetStudyId())
@@ -363,6 +403,11 @@ func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv
 		dst **hev1.EncryptedVector
 	}{{sum, &res.Sum}, {prod, &res.SumProducts}, {mean, &res.Mean}, {second, &res.SecondMoment}} {
 		if *f.dst, err = he.MarshalVector(f.v); err != nil {
+			return nil, he.ConnectError(err)
+		}
+	}
+	if hist != nil {
+		if res.Histogram, err = he.MarshalVector(hist); err != nil {
 			return nil, he.ConnectError(err)
 		}
 	}

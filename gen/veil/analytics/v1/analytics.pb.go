@@ -43,9 +43,14 @@ type Study struct {
 	// instead of sums of squares only, so that the analyst gets the covariance matrix.
 	Covariance bool `protobuf:"varint,5,opt,name=covariance,proto3" json:"covariance,omitempty"`
 	// The analyst's public key: owners encrypt under it.
-	PublicKey     *v1.PublicKey `protobuf:"bytes,6,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	PublicKey *v1.PublicKey `protobuf:"bytes,6,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	// Optional histogram bin edges, strictly increasing, applied to every coordinate:
+	// bin k counts values in [edges[k], edges[k+1]); values below the first edge count
+	// in the first bin, values at or above the last edge in the last bin. Empty: no
+	// histogram.
+	HistogramEdges []float64 `protobuf:"fixed64,7,rep,packed,name=histogram_edges,json=histogramEdges,proto3" json:"histogram_edges,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Study) Reset() {
@@ -116,6 +121,13 @@ func (x *Study) GetCovariance() bool {
 func (x *Study) GetPublicKey() *v1.PublicKey {
 	if x != nil {
 		return x.PublicKey
+	}
+	return nil
+}
+
+func (x *Study) GetHistogramEdges() []float64 {
+	if x != nil {
+		return x.HistogramEdges
 	}
 	return nil
 }
@@ -307,7 +319,10 @@ type SubmitRequest struct {
 	Sums *v1.EncryptedVector `protobuf:"bytes,4,opt,name=sums,proto3" json:"sums,omitempty"`
 	// Sums of squares (length dimension), or of all pairwise products x_i*x_j, row-major
 	// (length dimension^2) when the study has covariance.
-	Products      *v1.EncryptedVector `protobuf:"bytes,5,opt,name=products,proto3" json:"products,omitempty"`
+	Products *v1.EncryptedVector `protobuf:"bytes,5,opt,name=products,proto3" json:"products,omitempty"`
+	// Record counts per histogram bin, coordinate-major (dimension x bins values), when
+	// the study has histogram edges; absent otherwise.
+	Histogram     *v1.EncryptedVector `protobuf:"bytes,6,opt,name=histogram,proto3" json:"histogram,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -373,6 +388,13 @@ func (x *SubmitRequest) GetSums() *v1.EncryptedVector {
 func (x *SubmitRequest) GetProducts() *v1.EncryptedVector {
 	if x != nil {
 		return x.Products
+	}
+	return nil
+}
+
+func (x *SubmitRequest) GetHistogram() *v1.EncryptedVector {
+	if x != nil {
+		return x.Histogram
 	}
 	return nil
 }
@@ -489,7 +511,9 @@ type GetResultResponse struct {
 	Mean *v1.EncryptedVector `protobuf:"bytes,5,opt,name=mean,proto3" json:"mean,omitempty"`
 	// Encrypted second moments: sum_products / count. Variance (and covariance) is
 	// second moment minus the product of means, computed by the analyst after decryption.
-	SecondMoment  *v1.EncryptedVector `protobuf:"bytes,6,opt,name=second_moment,json=secondMoment,proto3" json:"second_moment,omitempty"`
+	SecondMoment *v1.EncryptedVector `protobuf:"bytes,6,opt,name=second_moment,json=secondMoment,proto3" json:"second_moment,omitempty"`
+	// Encrypted sum of the histograms (as SubmitRequest.histogram), if the study has one.
+	Histogram     *v1.EncryptedVector `protobuf:"bytes,7,opt,name=histogram,proto3" json:"histogram,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -566,6 +590,13 @@ func (x *GetResultResponse) GetSecondMoment() *v1.EncryptedVector {
 	return nil
 }
 
+func (x *GetResultResponse) GetHistogram() *v1.EncryptedVector {
+	if x != nil {
+		return x.Histogram
+	}
+	return nil
+}
+
 // StoredSubmission is how the service keeps a counted submission on disk, one file
 // each, so that a restarted service rebuilds its sums. It never travels on the wire.
 type StoredSubmission struct {
@@ -625,7 +656,7 @@ var File_veil_analytics_v1_analytics_proto protoreflect.FileDescriptor
 
 const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\n" +
-	"!veil/analytics/v1/analytics.proto\x12\x11veil.analytics.v1\x1a\x1bbuf/validate/validate.proto\x1a\x13veil/he/v1/he.proto\"\xa3\x02\n" +
+	"!veil/analytics/v1/analytics.proto\x12\x11veil.analytics.v1\x1a\x1bbuf/validate/validate.proto\x1a\x13veil/he/v1/he.proto\"\xdd\x02\n" +
 	"\x05Study\x12;\n" +
 	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\x12\x18\n" +
 	"\aanalyst\x18\x02 \x01(\tR\aanalyst\x12:\n" +
@@ -635,7 +666,8 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"covariance\x18\x05 \x01(\bR\n" +
 	"covariance\x12<\n" +
 	"\n" +
-	"public_key\x18\x06 \x01(\v2\x15.veil.he.v1.PublicKeyB\x06\xbaH\x03\xc8\x01\x01R\tpublicKey\"L\n" +
+	"public_key\x18\x06 \x01(\v2\x15.veil.he.v1.PublicKeyB\x06\xbaH\x03\xc8\x01\x01R\tpublicKey\x128\n" +
+	"\x0fhistogram_edges\x18\a \x03(\x01B\x0f\xbaH\f\x92\x01\t\x10\x81\x02\"\x04\x12\x02@\x01R\x0ehistogramEdges\"L\n" +
 	"\x12CreateStudyRequest\x126\n" +
 	"\x05study\x18\x01 \x01(\v2\x18.veil.analytics.v1.StudyB\x06\xbaH\x03\xc8\x01\x01R\x05study\"E\n" +
 	"\x13CreateStudyResponse\x12.\n" +
@@ -643,26 +675,28 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\x0fGetStudyRequest\x12;\n" +
 	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\"B\n" +
 	"\x10GetStudyResponse\x12.\n" +
-	"\x05study\x18\x01 \x01(\v2\x18.veil.analytics.v1.StudyR\x05study\"\xa1\x02\n" +
+	"\x05study\x18\x01 \x01(\v2\x18.veil.analytics.v1.StudyR\x05study\"\xdc\x02\n" +
 	"\rSubmitRequest\x12;\n" +
 	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\x123\n" +
 	"\x0fidempotency_key\x18\x02 \x01(\tB\n" +
 	"\xbaH\ar\x05\x10\x01\x18\x80\x01R\x0eidempotencyKey\x12$\n" +
 	"\x05count\x18\x03 \x01(\x04B\x0e\xbaH\v2\t\x18\x80\xa0\x94\xa5\x8d\x1d(\x01R\x05count\x127\n" +
 	"\x04sums\x18\x04 \x01(\v2\x1b.veil.he.v1.EncryptedVectorB\x06\xbaH\x03\xc8\x01\x01R\x04sums\x12?\n" +
-	"\bproducts\x18\x05 \x01(\v2\x1b.veil.he.v1.EncryptedVectorB\x06\xbaH\x03\xc8\x01\x01R\bproducts\"P\n" +
+	"\bproducts\x18\x05 \x01(\v2\x1b.veil.he.v1.EncryptedVectorB\x06\xbaH\x03\xc8\x01\x01R\bproducts\x129\n" +
+	"\thistogram\x18\x06 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\thistogram\"P\n" +
 	"\x0eSubmitResponse\x12\x1c\n" +
 	"\tduplicate\x18\x01 \x01(\bR\tduplicate\x12 \n" +
 	"\vsubmissions\x18\x02 \x01(\x04R\vsubmissions\"O\n" +
 	"\x10GetResultRequest\x12;\n" +
-	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\"\xad\x02\n" +
+	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\"\xe8\x02\n" +
 	"\x11GetResultResponse\x12 \n" +
 	"\vsubmissions\x18\x01 \x01(\x04R\vsubmissions\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\x04R\x05count\x12-\n" +
 	"\x03sum\x18\x03 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\x03sum\x12>\n" +
 	"\fsum_products\x18\x04 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\vsumProducts\x12/\n" +
 	"\x04mean\x18\x05 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\x04mean\x12@\n" +
-	"\rsecond_moment\x18\x06 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\fsecondMoment\"d\n" +
+	"\rsecond_moment\x18\x06 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\fsecondMoment\x129\n" +
+	"\thistogram\x18\a \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\thistogram\"d\n" +
 	"\x10StoredSubmission\x12\x14\n" +
 	"\x05owner\x18\x01 \x01(\tR\x05owner\x12:\n" +
 	"\arequest\x18\x02 \x01(\v2 .veil.analytics.v1.SubmitRequestR\arequest2\xfb\x02\n" +
@@ -706,24 +740,26 @@ var file_veil_analytics_v1_analytics_proto_depIdxs = []int32{
 	0,  // 3: veil.analytics.v1.GetStudyResponse.study:type_name -> veil.analytics.v1.Study
 	11, // 4: veil.analytics.v1.SubmitRequest.sums:type_name -> veil.he.v1.EncryptedVector
 	11, // 5: veil.analytics.v1.SubmitRequest.products:type_name -> veil.he.v1.EncryptedVector
-	11, // 6: veil.analytics.v1.GetResultResponse.sum:type_name -> veil.he.v1.EncryptedVector
-	11, // 7: veil.analytics.v1.GetResultResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
-	11, // 8: veil.analytics.v1.GetResultResponse.mean:type_name -> veil.he.v1.EncryptedVector
-	11, // 9: veil.analytics.v1.GetResultResponse.second_moment:type_name -> veil.he.v1.EncryptedVector
-	5,  // 10: veil.analytics.v1.StoredSubmission.request:type_name -> veil.analytics.v1.SubmitRequest
-	1,  // 11: veil.analytics.v1.AnalyticsService.CreateStudy:input_type -> veil.analytics.v1.CreateStudyRequest
-	3,  // 12: veil.analytics.v1.AnalyticsService.GetStudy:input_type -> veil.analytics.v1.GetStudyRequest
-	5,  // 13: veil.analytics.v1.AnalyticsService.Submit:input_type -> veil.analytics.v1.SubmitRequest
-	7,  // 14: veil.analytics.v1.AnalyticsService.GetResult:input_type -> veil.analytics.v1.GetResultRequest
-	2,  // 15: veil.analytics.v1.AnalyticsService.CreateStudy:output_type -> veil.analytics.v1.CreateStudyResponse
-	4,  // 16: veil.analytics.v1.AnalyticsService.GetStudy:output_type -> veil.analytics.v1.GetStudyResponse
-	6,  // 17: veil.analytics.v1.AnalyticsService.Submit:output_type -> veil.analytics.v1.SubmitResponse
-	8,  // 18: veil.analytics.v1.AnalyticsService.GetResult:output_type -> veil.analytics.v1.GetResultResponse
-	15, // [15:19] is the sub-list for method output_type
-	11, // [11:15] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	11, // 6: veil.analytics.v1.SubmitRequest.histogram:type_name -> veil.he.v1.EncryptedVector
+	11, // 7: veil.analytics.v1.GetResultResponse.sum:type_name -> veil.he.v1.EncryptedVector
+	11, // 8: veil.analytics.v1.GetResultResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
+	11, // 9: veil.analytics.v1.GetResultResponse.mean:type_name -> veil.he.v1.EncryptedVector
+	11, // 10: veil.analytics.v1.GetResultResponse.second_moment:type_name -> veil.he.v1.EncryptedVector
+	11, // 11: veil.analytics.v1.GetResultResponse.histogram:type_name -> veil.he.v1.EncryptedVector
+	5,  // 12: veil.analytics.v1.StoredSubmission.request:type_name -> veil.analytics.v1.SubmitRequest
+	1,  // 13: veil.analytics.v1.AnalyticsService.CreateStudy:input_type -> veil.analytics.v1.CreateStudyRequest
+	3,  // 14: veil.analytics.v1.AnalyticsService.GetStudy:input_type -> veil.analytics.v1.GetStudyRequest
+	5,  // 15: veil.analytics.v1.AnalyticsService.Submit:input_type -> veil.analytics.v1.SubmitRequest
+	7,  // 16: veil.analytics.v1.AnalyticsService.GetResult:input_type -> veil.analytics.v1.GetResultRequest
+	2,  // 17: veil.analytics.v1.AnalyticsService.CreateStudy:output_type -> veil.analytics.v1.CreateStudyResponse
+	4,  // 18: veil.analytics.v1.AnalyticsService.GetStudy:output_type -> veil.analytics.v1.GetStudyResponse
+	6,  // 19: veil.analytics.v1.AnalyticsService.Submit:output_type -> veil.analytics.v1.SubmitResponse
+	8,  // 20: veil.analytics.v1.AnalyticsService.GetResult:output_type -> veil.analytics.v1.GetResultResponse
+	17, // [17:21] is the sub-list for method output_type
+	13, // [13:17] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_veil_analytics_v1_analytics_proto_init() }
