@@ -1,6 +1,7 @@
 package he
 
 import (
+	"context"
 	"errors"
 	"fmt"
 
@@ -85,7 +86,14 @@ func ConnectError(err error) error {
 		return ce
 	}
 	var he *heError
-	if !errors.As(err, &he) {
+	switch {
+	case errors.As(err, &he):
+	case errors.Is(err, context.Canceled):
+		return connect.NewError(connect.CodeCanceled, errors.New("he: canceled"))
+	case errors.Is(err, context.DeadlineExceeded):
+		return connect.NewError(connect.CodeDeadlineExceeded, errors.New("he: deadline exceeded"))
+	default:
+		// Foreign errors may carry internal state: the peer gets a fixed text.
 		return connect.NewError(connect.CodeInternal, errors.New("he: internal error"))
 	}
 	out := connect.NewError(he.code, he)

@@ -404,3 +404,27 @@ func TestMaxVectorWireSize(t *testing.T) {
 		}
 	}
 }
+
+func TestConnectError(t *testing.T) {
+	if ConnectError(nil) != nil {
+		t.Error("nil error became non-nil")
+	}
+	for err, code := range map[error]connect.Code{
+		levelsf("mul", 1, 0): connect.CodeFailedPrecondition,
+		invalidf("x"):        connect.CodeInvalidArgument,
+		fmt.Errorf("wrapped: %w", permissionf("y")): connect.CodePermissionDenied,
+		context.Canceled: connect.CodeCanceled,
+		fmt.Errorf("op: %w", context.DeadlineExceeded):      connect.CodeDeadlineExceeded,
+		fmt.Errorf("secret internal state 0xdeadbeef"):      connect.CodeInternal,
+		connect.NewError(connect.CodeAborted, nil):          connect.CodeAborted,
+		keysMissing(KeyID(strings.Repeat("a", 64)), "gone"): connect.CodeNotFound,
+	} {
+		ce := ConnectError(err)
+		if connect.CodeOf(ce) != code {
+			t.Errorf("%v: code %v, want %v", err, connect.CodeOf(ce), code)
+		}
+		if strings.Contains(ce.Error(), "deadbeef") {
+			t.Errorf("foreign error text reached the peer: %v", ce)
+		}
+	}
+}
