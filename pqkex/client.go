@@ -319,7 +319,7 @@ func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key stri
 	if err != nil {
 		return nil, err
 	}
-	hs, err := startClient(c.cfg.rand, self, server, c.cfg.aead, c.cfg.bind)
+	hs, err := startClient(nil, self, server, c.cfg.aead, c.cfg.bind)
 	if err != nil {
 		return nil, err
 	}

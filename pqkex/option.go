@@ -1,7 +1,6 @@
 package pqkex
 
 import (
-	"io"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -69,7 +68,6 @@ type config struct {
 	bind       bool
 	registerer prometheus.Registerer
 	now        func() time.Time
-	rand       io.Reader
 	rekey      RekeyPolicy
 
 	// server only
@@ -140,12 +138,6 @@ func WithMetrics(reg prometheus.Registerer) Option {
 // WithClock sets the clock, for tests. The default is time.Now.
 func WithClock(now func() time.Time) Option {
 	return option(func(c *config) { c.now = now })
-}
-
-// WithRandom sets the source of randomness, for known-answer tests. The default is
-// crypto/rand.
-func WithRandom(r io.Reader) Option {
-	return option(func(c *config) { c.rand = r })
 }
 
 // WithRekeyPolicy sets when sessions and streams get fresh KEM keys.

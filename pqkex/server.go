@@ -40,7 +40,7 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 		return nil, errors.New("pqkex: server needs WithIdentity and WithRoots")
 	}
 	if cfg.tickets == nil {
-		k, err := GenerateTicketKey(0, cfg.rand)
+		k, err := GenerateTicketKey(0, nil)
 		if err != nil {
 			return nil, err
 		}
@@ -154,10 +154,10 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 			secret: sec.session, issued: unixSeconds(now), expiry: unixSeconds(expiry),
 			serverDigest: self.cred.digest, clientID: peer.spiffeID, clientPK: peer.publicKey,
 		}
-		t, err := s.cfg.tickets.seal(s.cfg.rand, st.marshal())
+		t, err := s.cfg.tickets.seal(nil, st.marshal())
 		return t, st.expiry, err
 	}
-	out, _, err = respond(s.cfg.rand, ch, self, peer, cb, issue)
+	out, _, err = respond(nil, ch, self, peer, cb, issue)
 	return out, err
 }
 
