@@ -275,7 +275,7 @@ func (s *Service) GetStudy(ctx context.Context, req *connect.Request[analyticsv1
 		return nil, err
 	}
 	st := s.lookup(req.Msg.GetStudyId())
-	if st == nil || !(st.isAnalyst(who) || st.isOwner(who)) {
+	if st == nil || (!st.isAnalyst(who) && !st.isOwner(who)) {
 		return nil, denied(who, "read", req.Msg.GetStudyId())
 	}
 	return connect.NewResponse(&analyticsv1.GetStudyResponse{Study: st.meta}), nil
