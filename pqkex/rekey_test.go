@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -91,5 +92,40 @@ func TestStreamRekey(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestStreamRekeyByAge: with only an age limit, a stream rekeys when the clock passes it.
+func TestStreamRekeyByAge(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	var mu sync.Mutex
+	now := testNow
+	clk := func() time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return now
+	}
+	policy := pqkex.WithRekeyPolicy(pqkex.RekeyPolicy{Stream: pqkex.StreamRekeyPolicy{Bytes: -1, Age: time.Minute}})
+	reg := prometheus.NewRegistry()
+	ts := e.startServer(t, echoMux(), policy, pqkex.WithClock(clk))
+	hc, _ := e.httpClient(t, e.transport(t, clientID), policy, pqkex.WithMetrics(reg), pqkex.WithClock(clk))
+	bs := connect.NewClient[str, str](hc, ts.URL+procBidi).CallBidiStream(context.Background())
+	for i := range 5 {
+		if err := bs.Send(strMsg("m")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := bs.Receive(); err != nil {
+			t.Fatalf("message %d: %v", i, err)
+		}
+		mu.Lock()
+		now = now.Add(45 * time.Second)
+		mu.Unlock()
+	}
+	_ = bs.CloseRequest()
+	_ = bs.CloseResponse()
+	// Sends at 0, 45, 90, 135, 180 s: the clock passes the minute before the sends at 90 and
+	// 180 s (counting from the last rekey), so two rekeys.
+	if n := counter(t, reg, "veil_pqkex_rekeys_total", map[string]string{"side": "client", "kind": "stream"}); n != 2 {
+		t.Fatalf("client stream rekeys = %v, want 2", n)
 	}
 }
