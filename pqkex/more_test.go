@@ -260,3 +260,56 @@ func TestCancellationKeepsItsCode(t *testing.T) {
 		t.Fatal("handler did not see the cancellation")
 	}
 }
+
+func TestIdentityAndCredentialChecks(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	suite := pqkex.X25519MLKEM768()
+	pub, priv, err := pqkex.GenerateKey(suite, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, otherPriv, err := pqkex.GenerateKey(suite, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nb := testNow.Add(-time.Hour)
+	cred, err := pqkex.IssueCredential(e.ca.PQ, e.ca.Classical, suite, clientID, nb, testNow.Add(time.Hour), pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pqkex.NewIdentity(cred, otherPriv); err == nil {
+		t.Error("identity with another key's private half accepted")
+	}
+	if _, err := pqkex.NewIdentity(cred, priv[:len(priv)-1]); err == nil {
+		t.Error("truncated private key accepted")
+	}
+	id, err := pqkex.NewIdentity(cred, priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := id.Credential()
+	if c.SPIFFEID() != clientID || !c.NotBefore().Equal(nb) || string(c.PublicKey()) != string(pub) || len(c.Bytes()) != len(cred) {
+		t.Error("credential accessors disagree with what was issued")
+	}
+	for name, issue := range map[string]func() ([]byte, error){
+		"bad SPIFFE ID": func() ([]byte, error) {
+			return pqkex.IssueCredential(e.ca.PQ, e.ca.Classical, suite, "https://example.org", nb, testNow, pub)
+		},
+		"empty validity": func() ([]byte, error) {
+			return pqkex.IssueCredential(e.ca.PQ, e.ca.Classical, suite, clientID, testNow, testNow, pub)
+		},
+		"key of another suite": func() ([]byte, error) {
+			return pqkex.IssueCredential(e.ca.PQ, e.ca.Classical, pqkex.X448MLKEM1024(), clientID, nb, testNow, pub)
+		},
+		"classical key as PQ CA": func() ([]byte, error) {
+			return pqkex.IssueCredential(e.ca.Classical, e.ca.Classical, suite, clientID, nb, testNow, pub)
+		},
+		"PQ key as classical CA": func() ([]byte, error) {
+			return pqkex.IssueCredential(e.ca.PQ, e.ca.PQ, suite, clientID, nb, testNow, pub)
+		},
+	} {
+		if _, err := issue(); err == nil {
+			t.Errorf("%s: issued", name)
+		}
+	}
+}
