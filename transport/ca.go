@@ -59,6 +59,8 @@ type CA struct {
 	bundle   []*x509.Certificate // trusted roots: the signing root, plus one more during a rotation
 	next     *x509.Certificate   // a prepared root not yet signing (rotation)
 	denylist *Denylist
+	inter    *x509.Certificate // intermediate that signs leaves, if any (see CreateIntermediate)
+	interKey *ecdsa.PrivateKey
 	stamp    string // fingerprint of the files read, to notice changes (Stale)
 	seq      uint64 // Sequence of the files read
 }
@@ -227,10 +229,14 @@ func (c *CA) issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration, reco
 	case ttl > MaxLeafTTL:
 		return nil, fmt.Errorf("transport: TTL %s exceeds the maximum %s", ttl, MaxLeafTTL)
 	}
+	issuer, issuerKey, chainRest := c.cert, c.key, []*x509.Certificate(nil)
+	if c.inter != nil {
+		issuer, issuerKey, chainRest = c.inter, c.interKey, []*x509.Certificate{c.inter}
+	}
 	now := c.now()
 	notAfter := now.Add(ttl)
-	if notAfter.After(c.cert.NotAfter) {
-		notAfter = c.cert.NotAfter
+	if notAfter.After(issuer.NotAfter) {
+		notAfter = issuer.NotAfter
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          newSerial(),
@@ -241,12 +247,12 @@ func (c *CA) issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration, reco
 		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageKeyAgreement,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		BasicConstraintsValid: true,
-		AuthorityKeyId:        c.cert.SubjectKeyId,
+		AuthorityKeyId:        issuer.SubjectKeyId,
 	}
 	for _, o := range opts {
 		o(tmpl)
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, pub, c.key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer, pub, issuerKey)
 	if err != nil {
 		return nil, fmt.Errorf("transport: issue %s: %w", id, err)
 	}
@@ -259,7 +265,7 @@ func (c *CA) issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration, reco
 			return nil, err
 		}
 	}
-	return []*x509.Certificate{leaf}, nil
+	return append([]*x509.Certificate{leaf}, chainRest...), nil
 }
 
 // IssueFiles generates a P-256 key for id, issues its leaf, and writes tls.crt,

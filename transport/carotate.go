@@ -61,7 +61,7 @@ func (c *CA) loadState() error {
 		return err
 	}
 	c.denylist = d
-	return nil
+	return c.loadIntermediate()
 }
 
 func readDenylist(dir string) (*Denylist, error) {
@@ -104,7 +104,7 @@ func (c *CA) Sequence() uint64 { return c.seq }
 
 func sequenceOf(dir string) uint64 {
 	var seq int64
-	for _, f := range []string{caCertFile, caBundleFile, caNextCertFile, caDenyFile} {
+	for _, f := range []string{caCertFile, caBundleFile, caNextCertFile, caDenyFile, caInterCertFile} {
 		if fi, err := os.Stat(filepath.Join(dir, f)); err == nil {
 			seq = max(seq, fi.ModTime().UnixNano())
 		}
@@ -114,7 +114,7 @@ func sequenceOf(dir string) uint64 {
 
 func stampOf(dir string) string {
 	var b strings.Builder
-	for _, f := range []string{caCertFile, caBundleFile, caNextCertFile, caDenyFile} {
+	for _, f := range []string{caCertFile, caBundleFile, caNextCertFile, caDenyFile, caInterCertFile} {
 		if fi, err := os.Stat(filepath.Join(dir, f)); err == nil {
 			fmt.Fprintf(&b, "%s:%d:%d;", f, fi.Size(), fi.ModTime().UnixNano())
 		}
@@ -260,6 +260,10 @@ func ActivateRotation(dir string) (*x509.Certificate, error) {
 	ordered := append([]*x509.Certificate{certs[0]}, slices.DeleteFunc(trusted, certs[0].Equal)...)
 	if err := atomicfile.Write(filepath.Join(dir, caBundleFile), encodeCertificates(ordered), 0o644); err != nil {
 		return nil, fmt.Errorf("transport: %w", err)
+	}
+	// An intermediate signed by the old root is replaced by one from the new root.
+	if err := renewIntermediate(dir, certs[0], key.(*ecdsa.PrivateKey)); err != nil {
+		return nil, err
 	}
 	for _, f := range []string{caNextKeyFile, caNextCertFile} {
 		if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -319,3 +319,56 @@ func waitUntil(t *testing.T, limit time.Duration, ok func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+func TestIntermediate(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ca")
+	if _, err := InitCA(dir, "example.org"); err != nil {
+		t.Fatal(err)
+	}
+	inter, err := CreateIntermediate(dir, 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(filepath.Join(dir, caInterKeyFile)); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("intermediate.key: %v", err)
+	}
+	c, err := LoadCA(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.Intermediate().Equal(inter) || !inter.IsCA || !inter.MaxPathLenZero {
+		t.Fatal("intermediate not loaded")
+	}
+	// Leaves carry the intermediate; peers trust only the root.
+	server := c.testSource(t, "spiffe://example.org/server", time.Hour)
+	client := c.testSource(t, "spiffe://example.org/client", time.Hour)
+	if n := len(server.SVID.Certificates); n != 2 || !server.SVID.Certificates[1].Equal(inter) {
+		t.Fatalf("chain of %d certificates", n)
+	}
+	addr := serve(t, ServerConfig(server))
+	if _, err := dial(addr, ClientConfig(client, WithAuthorizer(AuthorizeAny()))); err != nil {
+		t.Fatalf("handshake through an intermediate: %v", err)
+	}
+	// A root rotation re-creates the intermediate under the new root.
+	if _, err := PrepareRotation(dir); err != nil {
+		t.Fatal(err)
+	}
+	next, err := ActivateRotation(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err = LoadCA(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Intermediate().CheckSignatureFrom(next) != nil || c.Intermediate().Equal(inter) {
+		t.Fatal("intermediate not re-created under the new root")
+	}
+	if d := c.Intermediate().NotAfter.Sub(inter.NotAfter); d < -time.Second || d > time.Second {
+		t.Fatalf("intermediate lifetime changed by %s", d)
+	}
+	renewed := c.testSource(t, "spiffe://example.org/server", time.Hour)
+	if _, err := dial(serve(t, ServerConfig(renewed)), ClientConfig(client, WithAuthorizer(AuthorizeAny()))); err == nil {
+		t.Fatal("a client with only the old root accepted the new chain")
+	}
+}

@@ -16,15 +16,16 @@ import (
 
 func runCA(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	sub := map[string]func(context.Context, []string, io.Writer, io.Writer) error{
-		"init":   runCAInit,
-		"issue":  runCAIssue,
-		"serve":  runCAServe,
-		"token":  runCAToken,
-		"rotate": runCARotate,
-		"revoke": runCARevoke,
+		"init":         runCAInit,
+		"issue":        runCAIssue,
+		"serve":        runCAServe,
+		"token":        runCAToken,
+		"rotate":       runCARotate,
+		"revoke":       runCARevoke,
+		"intermediate": runCAIntermediate,
 	}
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" {
-		fmt.Fprintln(stderr, `Usage: veil ca <init|issue|serve|token|rotate|revoke> [flags]
+		fmt.Fprintln(stderr, `Usage: veil ca <init|issue|serve|token|rotate|revoke|intermediate> [flags]
 
   init    create a root CA (ECDSA P-256 + ML-DSA-65) in a directory
   issue   issue a workload identity (tls.crt, tls.key, ca.crt; pq.cred, pq.key, ca-mldsa65.pub)
@@ -32,6 +33,7 @@ func runCA(ctx context.Context, args []string, stdout, stderr io.Writer) error {
   token   print a single-use join token for a SPIFFE ID (or pattern)
   rotate  rotate the root: --step prepare, activate, finish (or status)
   revoke  deny certificate serials or SPIFFE IDs (sent to workloads with the bundle)
+  intermediate  create an intermediate CA that signs leaves from now on
 
 See docs/ca.md.`)
 		if len(args) == 0 {

@@ -142,6 +142,9 @@ func TestCARotateAndRevokeCLI(t *testing.T) {
 	if code, _, errOut := veil(t, ctx, "ca", "issue", "--dir", dir, "--id", "spiffe://example.org/w", "--out", filepath.Join(tmp, "w")); code != 0 {
 		t.Fatal(errOut)
 	}
+	if code, out, errOut := veil(t, ctx, "ca", "intermediate", "--dir", dir, "--ttl", "720h", "--json"); code != 0 || !strings.Contains(out, "intermediate.crt") {
+		t.Fatalf("ca intermediate: %d %s %s", code, out, errOut)
+	}
 	phase := func(step string, args ...string) (int, string) {
 		t.Helper()
 		code, out, errOut := veil(t, ctx, append([]string{"ca", "rotate", "--dir", dir, "--step", step, "--json"}, args...)...)
@@ -185,7 +188,7 @@ func TestCARotateAndRevokeCLI(t *testing.T) {
 			t.Errorf("veil %v: exit %d %q, want 2", args, code, errOut)
 		}
 	}
-	for _, sub := range []string{"serve", "token", "rotate", "revoke"} {
+	for _, sub := range []string{"serve", "token", "rotate", "revoke", "intermediate"} {
 		if code, _, _ := veil(t, ctx, "ca", sub, "--help"); code != 0 {
 			t.Errorf("ca %s --help: exit %d", sub, code)
 		}

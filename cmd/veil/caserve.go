@@ -196,3 +196,25 @@ func runCARevoke(_ context.Context, args []string, stdout, stderr io.Writer) err
 		fmt.Fprintf(w, "denylist: %d serial(s), %d ID(s); workloads receive it with their next trust refresh\n", len(d.Serials()), len(d.IDs()))
 	})
 }
+
+func runCAIntermediate(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("ca intermediate", "ca intermediate --dir DIR [--ttl 8760h] [--json]", stderr)
+	dir := fs.String("dir", "", "the CA's directory")
+	ttl := fs.Duration("ttl", transport.DefaultIntermediateTTL, "the intermediate's lifetime (never past the root's)")
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := required(fs, "dir"); err != nil {
+		return err
+	}
+	cert, err := transport.CreateIntermediate(*dir, *ttl)
+	if err != nil {
+		return err
+	}
+	out := map[string]any{"serial": cert.SerialNumber.Text(16), "not_after": cert.NotAfter.UTC().Format(time.RFC3339),
+		"certificate": filepath.Join(*dir, "intermediate.crt")}
+	return emit(stdout, *asJSON, out, func(w io.Writer) {
+		fmt.Fprintf(w, "intermediate %s signs new leaves until %s; workloads keep trusting the root\n", serialOf(cert.SerialNumber.Text(16)), cert.NotAfter.UTC().Format(time.RFC3339))
+	})
+}
