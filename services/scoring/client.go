@@ -40,6 +40,7 @@ type Progress struct {
 // Stats describes one Score call.
 type Stats struct {
 	Samples     int
+	Sent        int // samples the server was told of: Samples, or a whole number of blocks with WithPadding
 	Blocks      int
 	Ciphertexts int // sent (one per feature per block)
 	// BytesSent and BytesReceived count the protobuf messages of the scoring call
@@ -62,6 +63,7 @@ type Stats struct {
 type ClientOption func(*clientConfig)
 
 type clientConfig struct {
+	pad      bool
 	progress func(Progress)
 	opts     []connect.ClientOption
 	heClient *he.Client
@@ -75,6 +77,11 @@ func WithConnectOptions(opts ...connect.ClientOption) ClientOption {
 	return func(c *clientConfig) { c.opts = append(c.opts, opts...) }
 }
 
+// WithPadding pads every batch with zero samples to a whole number of blocks, so that
+// the server learns only how many blocks of Slots samples a batch spans, not its exact
+// size. The cost is nil: a block costs one ciphertext per feature however full it is.
+func WithPadding() ClientOption { return func(c *clientConfig) { c.pad = true } }
+
 // WithHEClient uses an existing secret key (its parameters must be the server's)
 // instead of generating one.
 func WithHEClient(c *he.Client) ClientOption { return func(cfg *clientConfig) { cfg.heClient = c } }
@@ -86,6 +93,7 @@ type Client struct {
 	info     Info
 	he       *he.Client
 	uploader *he.Uploader
+	pad      bool
 	keyID    he.KeyID
 	keyBytes int64
 	keyGen   time.Duration
@@ -129,6 +137,7 @@ func NewClient(ctx context.Context, hc connect.HTTPClient, baseURL string, opts 
 			Params:             params,
 		},
 		he:       cfg.heClient,
+		pad:      cfg.pad,
 		progress: cfg.progress,
 	}
 	if c.he == nil {
@@ -206,6 +215,17 @@ func (c *Client) Score(ctx context.Context, x [][]float64) ([]float64, Stats, er
 		}
 		st.Upload, st.KeyUploaded = d, true
 	}
+	sent := x
+	if c.pad {
+		if rem := len(x) % c.info.Slots; rem != 0 {
+			zero := make([]float64, c.info.Features)
+			sent = append(x[:len(x):len(x)], make([][]float64, c.info.Slots-rem)...)
+			for i := len(x); i < len(sent); i++ {
+				sent[i] = zero
+			}
+		}
+	}
+	st.Sent = len(sent)
 	var probs []float64
 	attempts := 0
 	err := c.uploader.Do(ctx, func(ctx context.Context, id he.KeyID) error {
@@ -214,14 +234,14 @@ func (c *Client) Score(ctx context.Context, x [][]float64) ([]float64, Stats, er
 			st.KeyUploaded = true
 		}
 		var err error
-		probs, err = c.stream(ctx, x, &st)
+		probs, err = c.stream(ctx, sent, &st)
 		return err
 	})
 	st.Total = time.Since(start)
 	if err != nil {
 		return nil, st, err
 	}
-	return probs, st, nil
+	return probs[:len(x)], st, nil
 }
 
 // stream runs one ScoreStream call: a goroutine encrypts and sends block after block

@@ -262,11 +262,33 @@ func TestKeysUploadedAgainWhenLost(t *testing.T) {
 	now = now.Add(2 * time.Hour)
 	mu.Unlock()
 	got, st, err := c.Score(ctx, ds.X[100:])
-	if err != nil || !st.KeyUploaded {
+	if err != nil || !st.KeyUploaded || st.Sent != 5 {
 		t.Fatalf("after expiry: %+v, %v", st, err)
 	}
 	if agree, maxErr := compare(t, m, ds.X[100:], got); agree < 1 || maxErr > e.svc.ApproximationError()+noiseBound {
 		t.Errorf("after re-upload: agreement %.2f, max error %g", agree, maxErr)
+	}
+}
+
+// TestPadding: with WithPadding the server is told of whole blocks only, and the
+// client still gets one probability per sample.
+func TestPadding(t *testing.T) {
+	ds, _ := scoring.Synthetic(5, 105, 2)
+	m, err := scoring.Train(ds.X[:100], ds.Y[:100], scoring.TrainOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := start(t, m, scoring.WithParameters(smallParams(t)))
+	c := e.client(t, alice, scoring.WithPadding())
+	got, st, err := c.Score(context.Background(), ds.X[100:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Samples != 5 || st.Sent != c.Info().Slots || st.Blocks != 1 {
+		t.Errorf("stats = %+v", st)
+	}
+	if agree, maxErr := compare(t, m, ds.X[100:], got); agree < 1 || maxErr > e.svc.ApproximationError()+noiseBound {
+		t.Errorf("agreement %.2f, max error %g", agree, maxErr)
 	}
 }
 
