@@ -3,6 +3,7 @@
 //
 //	go run . SUITE [flags]      SUITE: handshake, rpc, stream, he, keys
 //	go run . all --out results/latest.json --report ../BENCHMARKS.md
+//	go run . report --out results/latest.json --report ../BENCHMARKS.md   (render only)
 //
 // Every suite runs its systems interleaved, round by round (A B C A B C ...), and
 // reports each figure's median and min-max over the rounds, plus ratios of Veil's
@@ -61,7 +62,7 @@ var suites = []struct {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: bench SUITE|all [flags]   (SUITE: handshake, rpc, stream, he, keys; -h for flags)")
+	fmt.Fprintln(os.Stderr, "usage: bench SUITE|all|report [flags]   (SUITE: handshake, rpc, stream, he, keys; -h for flags)")
 	os.Exit(2)
 }
 
@@ -103,6 +104,20 @@ func main() {
 			fatal(err)
 		}
 		defer pprof.StopCPUProfile()
+	}
+	if which == "report" { // render the Markdown report from a saved run
+		b, err := os.ReadFile(cfg.out)
+		if err != nil {
+			fatal(err)
+		}
+		var reports []*Report
+		if err := json.Unmarshal(b, &reports); err != nil {
+			fatal(err)
+		}
+		if err := writeReport(cfg.report, filepath.Dir(cfg.out), reports); err != nil {
+			fatal(err)
+		}
+		return
 	}
 	var reports []*Report
 	ran := false

@@ -76,6 +76,7 @@ func (s *System) MarshalJSON() ([]byte, error) {
 	}
 	m["range"] = rng
 	m["reps"] = reps
+	m["figures"] = s.order
 	return json.Marshal(m)
 }
 
@@ -89,13 +90,16 @@ func (s *System) UnmarshalJSON(b []byte) error {
 	_ = json.Unmarshal(m["label"], &s.Label)
 	var rng map[string][2]float64
 	_ = json.Unmarshal(m["range"], &rng)
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
+	// The figures in the order they were recorded (sorted for reports without it).
+	var keys []string
+	if json.Unmarshal(m["figures"], &keys) != nil || len(keys) == 0 {
+		for k := range m {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
 	}
-	sort.Strings(keys)
 	for _, k := range keys {
-		if k == "system" || k == "label" || k == "range" || k == "reps" {
+		if k == "system" || k == "label" || k == "range" || k == "reps" || k == "figures" {
 			continue
 		}
 		var v float64
@@ -113,13 +117,14 @@ func (s *System) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
-// round keeps four significant digits, enough for noisy figures.
+// round keeps six significant digits: plenty for noisy figures, exact for byte counts
+// below a million.
 func round(v float64) float64 {
 	if v == 0 || math.IsNaN(v) || math.IsInf(v, 0) {
 		return v
 	}
 	d := math.Ceil(math.Log10(math.Abs(v)))
-	p := math.Pow(10, 4-d)
+	p := math.Pow(10, 6-d)
 	return math.Round(v*p) / p
 }
 
