@@ -103,7 +103,7 @@ func unmarshalCiphertext(params *Parameters, m *hev1.Ciphertext) (*rlwe.Cipherte
 	if math.IsNaN(scale) || math.IsInf(scale, 0) || scale < 1 || math.Log2(scale) >= float64(params.p.LogQLvl(level)) {
 		return nil, invalidf("ciphertext scale %g out of range [1, 2^%d)", scale, params.p.LogQLvl(level))
 	}
-	size := (level + 1) * params.N() * 8
+	size := polyBytes(params.p.Q()[:level+1], params.N())
 	if len(m.GetC0()) != size {
 		return nil, invalidf("ciphertext c0 is %d bytes, level %d needs %d", len(m.GetC0()), level, size)
 	}
@@ -153,7 +153,7 @@ func UnmarshalPublicKey(params *Parameters, m *hev1.PublicKey) (pk *PublicKey, e
 	if ParamID(m.GetParamId()) != params.id {
 		return nil, paramMismatch("public key", ParamID(m.GetParamId()), params.id)
 	}
-	size := (params.p.QCount() + params.p.PCount()) * params.N() * 8
+	size := polyBytes(params.p.Q(), params.N()) + polyBytes(params.p.P(), params.N())
 	if len(m.GetB()) != size || len(m.GetA()) != size {
 		return nil, invalidf("public key parts are %d and %d bytes, want %d", len(m.GetB()), len(m.GetA()), size)
 	}
@@ -224,11 +224,11 @@ func missingDetail(ce *connect.Error) (KeyID, bool) {
 // MaxVectorWireSize bounds the protobuf size of an EncryptedVector of n values on
 // params, unseeded at the maximum level. The rpc layer sets it (times the vectors a
 // message carries) as the read limit of procedures that carry ciphertexts; the
-// default limit stays small. ParamsN13: 393 KB per 4096 values; ParamsN14: 1.8 MB
-// per 8192; ParamsN15: 7.9 MB per 16384.
+// default limit stays small. ParamsN13: 289 KB per 4096 values; ParamsN14: 1.36 MB
+// per 8192; ParamsN15: 5.7 MB per 16384.
 func MaxVectorWireSize(params *Parameters, n int) int64 {
 	const overhead = 128 // field tags, lengths, IDs, level, scale
-	perCt := int64(2*(params.MaxLevel()+1)*params.N()*8) + overhead
+	perCt := int64(2*polyBytes(params.p.Q(), params.N())) + overhead
 	return int64(ciphertextsFor(n, params.Slots()))*perCt + overhead
 }
 

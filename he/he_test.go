@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"math/bits"
 	"math/rand/v2"
 	"strings"
 	"sync"
@@ -361,11 +362,11 @@ func TestVectorValidation(t *testing.T) {
 		{"seed and c1", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].C1 = m.Ciphertexts[0].C0 }, connect.CodeInvalidArgument, "both"},
 		{"neither", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Seed = nil }, connect.CodeInvalidArgument, "c1"},
 		{"c1 short", unseeded, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].C1 = m.Ciphertexts[0].C1[8:] }, connect.CodeInvalidArgument, "c1"},
-		{"c0 unreduced", good, func(m *hev1.EncryptedVector) { putWord(m.Ciphertexts[0].C0, 10, p.p.Q()[0]) }, connect.CodeInvalidArgument, "not reduced"},
+		{"c0 unreduced", good, func(m *hev1.EncryptedVector) { setCoeff(m.Ciphertexts[0].C0, p.p.Q(), p.N(), 0, 10, p.p.Q()[0]) }, connect.CodeInvalidArgument, "not reduced"},
 		{"c0 unreduced last prime", good, func(m *hev1.EncryptedVector) {
-			putWord(m.Ciphertexts[0].C0, 2*p.N()+5, p.p.Q()[2]+1)
+			setCoeff(m.Ciphertexts[0].C0, p.p.Q(), p.N(), 2, 5, p.p.Q()[2]+1)
 		}, connect.CodeInvalidArgument, "prime 2"},
-		{"c1 unreduced", unseeded, func(m *hev1.EncryptedVector) { putWord(m.Ciphertexts[0].C1, 0, ^uint64(0)) }, connect.CodeInvalidArgument, "not reduced"},
+		{"c1 unreduced", unseeded, func(m *hev1.EncryptedVector) { setCoeff(m.Ciphertexts[0].C1, p.p.Q(), p.N(), 1, 0, p.p.Q()[1]) }, connect.CodeInvalidArgument, "not reduced"},
 	}
 	for _, tc := range cases {
 		m := proto.Clone(tc.base).(*hev1.EncryptedVector)
@@ -380,9 +381,19 @@ func TestVectorValidation(t *testing.T) {
 	}
 }
 
-func putWord(b []byte, i int, w uint64) {
-	for k := range 8 {
-		b[8*i+k] = byte(w >> (8 * k))
+// setCoeff overwrites coefficient j of limb `limb` in a packed polynomial with v,
+// without reducing it.
+func setCoeff(b []byte, moduli []uint64, n, limb, j int, v uint64) {
+	off := polyBytes(moduli[:limb], n)
+	w := bits.Len64(moduli[limb])
+	for k := range w {
+		pos := j*w + k
+		mask := byte(1) << (pos & 7)
+		if v>>k&1 == 1 {
+			b[off+pos>>3] |= mask
+		} else {
+			b[off+pos>>3] &^= mask
+		}
 	}
 }
 

@@ -195,18 +195,18 @@ var (
 )
 
 // ParamsN13 returns the N=8192 preset: LogQ [60,40,40], LogP [60], scale 2^40.
-// 4096 slots, depth 2, log2(QP) about 200 (bound 218). A fresh ciphertext is 393 KB
-// (197 KB seeded); one evaluation key is 1.57 MB (0.79 MB seeded).
+// 4096 slots, depth 2, log2(QP) about 200 (bound 218). A ciphertext travels as 289 KB
+// (144 KB seeded when fresh); one evaluation key as 0.62 MB (1.57 MB in memory).
 func ParamsN13() *Parameters { return presetN13() }
 
 // ParamsN14 returns the N=16384 preset: LogQ [60, 45 x 6], LogP [61], scale 2^45.
-// 8192 slots, depth 6, log2(QP) about 391 (bound 438). A fresh ciphertext is 1.8 MB;
-// one evaluation key is 14.7 MB (7.3 MB seeded).
+// 8192 slots, depth 6, log2(QP) about 391 (bound 438). A ciphertext travels as 1.36 MB
+// (682 KB seeded); one evaluation key as 5.6 MB (14.7 MB in memory).
 func ParamsN14() *Parameters { return presetN14() }
 
 // ParamsN15 returns the N=32768 preset: LogQ [60, 45 x 14], LogP [61, 61], scale 2^45.
-// 16384 slots, depth 14, log2(QP) about 812 (bound 881). A fresh ciphertext is 7.9 MB;
-// one evaluation key is 71 MB (36 MB seeded).
+// 16384 slots, depth 14, log2(QP) about 812 (bound 881). A ciphertext travels as
+// 5.7 MB (2.9 MB seeded); one evaluation key as 26.9 MB (71 MB in memory).
 func ParamsN15() *Parameters { return presetN15() }
 
 // Presets returns every preset, smallest first.

@@ -6,6 +6,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"math"
+	"math/bits"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -68,8 +70,16 @@ func TestEvaluationKeysEncoding(t *testing.T) {
 	if int64(len(data)) != EncodedSize(m) {
 		t.Fatalf("encoded %d bytes, EncodedSize says %d", len(data), EncodedSize(m))
 	}
-	if r := float64(MemorySize(m)) / float64(len(data)); r < 1.99 || r > 2.01 {
-		t.Errorf("seeded encoding is 1/%.3f of the keys in memory, want 1/2", r)
+	// Seeded (half the polynomials) and packed (bitlen(q) of 64 bits per coefficient,
+	// about 200 of 256 for N13): about 2.55 times smaller than the keys in memory.
+	moduli := append(append([]uint64{}, p.p.Q()...), p.p.P()...)
+	packedBits := 0
+	for _, q := range moduli {
+		packedBits += bits.Len64(q)
+	}
+	want := 2 * float64(64*len(moduli)) / float64(packedBits)
+	if r := float64(MemorySize(m)) / float64(len(data)); math.Abs(r-want) > 0.01 {
+		t.Errorf("the encoding is 1/%.3f of the keys in memory, want 1/%.3f", r, want)
 	}
 	sum := sha256.Sum256(data)
 	if id, _ := f.keys.ID(); string(id) != hex.EncodeToString(sum[:]) {
@@ -132,10 +142,10 @@ func TestEvaluationKeysBadInput(t *testing.T) {
 	mutate("Galois count", connect.CodeInvalidArgument, func(b []byte) { b[21] = 0xff })
 	mutate("even Galois element", connect.CodeInvalidArgument, func(b []byte) { b[header-1] &^= 1 })
 	mutate("unreduced coefficient", connect.CodeInvalidArgument, func(b []byte) {
-		putWord(b[header+SeedSize:], 7, p.p.Q()[0])
+		setCoeff(b[header+SeedSize:], p.p.Q(), shape.n, 0, 7, p.p.Q()[0])
 	})
 	mutate("unreduced P coefficient", connect.CodeInvalidArgument, func(b []byte) {
-		putWord(b[header+SeedSize:], (shape.levelQ+1)*shape.n, ^uint64(0))
+		setCoeff(b[header+SeedSize+polyBytes(p.p.Q(), shape.n):], p.p.P(), shape.n, 0, 0, p.p.P()[0])
 	})
 	if _, err := ParseEvaluationKeys(ParamsN13(), data); CodeOf(err) != connect.CodeFailedPrecondition {
 		t.Errorf("other parameters: %v", err)
@@ -564,7 +574,7 @@ func TestManifestRefusesNonRotations(t *testing.T) {
 func TestKeyServiceReadLimit(t *testing.T) {
 	reg, _ := NewRegistry(smallParams())
 	client := testServer(t, reg, nil)("spiffe://veil.test/alice")
-	s := newSmallSet(t, NeedRelinearization(), NeedRotations(1, 2, 3, 4, 5))
+	s := newSmallSet(t, NeedRelinearization(), NeedRotations(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12))
 	if len(s.data) <= ChunkSize {
 		t.Fatalf("set of %d bytes fits one chunk", len(s.data))
 	}

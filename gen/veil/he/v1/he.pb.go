@@ -74,9 +74,10 @@ func (Layout) EnumDescriptor() ([]byte, []int) {
 }
 
 // Ciphertext is one CKKS ciphertext (c0, c1) in the NTT domain, modulo q_0..q_level.
-// Each polynomial is (level+1) * N little-endian uint64 words, prime by prime, every
-// word reduced modulo its prime. A fresh secret-key ciphertext is sent seeded: c1 is
-// empty and seed holds the 32-byte key of the PRNG that regenerates it, halving the size.
+// Each polynomial is level+1 limbs, prime by prime; limb i packs the N coefficients
+// modulo q_i in bitlen(q_i) bits each, least significant bit first, every coefficient
+// reduced modulo q_i. A fresh secret-key ciphertext is sent seeded: c1 is empty and
+// seed holds the 32-byte key of the stream that regenerates it, halving the size.
 type Ciphertext struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Parameter ID: 32 lowercase hex digits.
@@ -85,7 +86,7 @@ type Ciphertext struct {
 	Level uint32 `protobuf:"varint,2,opt,name=level,proto3" json:"level,omitempty"`
 	// Scale of the encoded values (a positive, finite float).
 	Scale float64 `protobuf:"fixed64,3,opt,name=scale,proto3" json:"scale,omitempty"`
-	// c0, always present: (level+1) * N * 8 bytes, at most 2^16 * 64 * 8.
+	// c0, always present: sum over i <= level of bitlen(q_i) * N / 8 bytes.
 	C0 []byte `protobuf:"bytes,4,opt,name=c0,proto3" json:"c0,omitempty"`
 	// c1, absent when seed is set.
 	C1 []byte `protobuf:"bytes,5,opt,name=c1,proto3" json:"c1,omitempty"`
@@ -249,7 +250,7 @@ func (x *EncryptedVector) GetCiphertexts() []*Ciphertext {
 }
 
 // PublicKey lets data owners encrypt without the secret key (analytics under an
-// analyst's key). Same polynomial layout as Ciphertext, modulo Q and P.
+// analyst's key). Same packed layout as Ciphertext, limbs of Q then limbs of P.
 type PublicKey struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	ParamId       string                 `protobuf:"bytes,1,opt,name=param_id,json=paramId,proto3" json:"param_id,omitempty"`
