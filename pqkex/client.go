@@ -81,6 +81,18 @@ type roundTripper struct {
 
 func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	resp, err := rt.roundTrip(req)
+	if err != nil && sessionLost(err) && req.GetBody != nil {
+		// The server could not open the session ticket (another replica's key, or
+		// expired) and refused the call before any handler saw it; the session is
+		// dropped. A request whose body can be produced again (unary calls) is resent
+		// once, which runs a new handshake: the caller never sees the lost session.
+		if body, berr := req.GetBody(); berr == nil {
+			rt.c.m.reject(sideClient, err)
+			retry := req.Clone(req.Context())
+			retry.Body = body
+			resp, err = rt.roundTrip(retry)
+		}
+	}
 	if err != nil {
 		if req.Body != nil {
 			_ = req.Body.Close()
@@ -92,6 +104,16 @@ func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, toConnect(err)
 	}
 	return resp, nil
+}
+
+// sessionLost reports whether err is the server refusing the session's ticket, after
+// which the client has dropped the session (see roundTrip).
+func sessionLost(err error) bool {
+	if !isRejection(err) {
+		return false
+	}
+	code := toConnect(err).Code()
+	return code == connect.CodeFailedPrecondition || code == connect.CodeDeadlineExceeded
 }
 
 func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {

@@ -159,7 +159,9 @@ func TestAttacks(t *testing.T) {
 				r.Header.Set("Veil-Pqkex-Ticket", base64.RawURLEncoding.EncodeToString(flip(tk, 30)))
 			}
 			return b
-		}, code: connect.CodeFailedPrecondition, reason: "unknown_ticket"},
+			// A stream: a unary call would be resent once after a new handshake
+			// (TestTickets), and the server would count two rejections.
+		}, stream: true, code: connect.CodeFailedPrecondition, reason: "unknown_ticket"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -371,20 +373,36 @@ func TestTickets(t *testing.T) {
 	if err := unaryCall(hc, replicaA.URL); err != nil {
 		t.Fatalf("replica B did not continue the session: %v", err)
 	}
-	target = otherService.URL // a server with other ticket keys
+	rejected := func(reason string) float64 {
+		return counter(t, reg, "veil_pqkex_rejections_total", map[string]string{"side": "client", "reason": reason})
+	}
+	// A server with other ticket keys refuses the ticket. A stream sees the refusal
+	// with its code; a unary call is resent once after a new handshake, which here
+	// is refused again since every sealed call still goes to that server.
+	target = otherService.URL
+	wantCode(t, clientStreamCall(hc, replicaA.URL, "a", "b"), connect.CodeFailedPrecondition)
 	wantCode(t, unaryCall(hc, replicaA.URL), connect.CodeFailedPrecondition)
+	if handshakes() != 3 || rejected("unknown_ticket") != 3 {
+		t.Fatalf("handshakes %v, unknown_ticket rejections %v; want 3 and 3", handshakes(), rejected("unknown_ticket"))
+	}
 	target = ""
 	if err := unaryCall(hc, replicaA.URL); err != nil { // the client handshakes again
 		t.Fatal(err)
 	}
-	if handshakes() != 2 {
-		t.Fatalf("handshakes = %v, want 2", handshakes())
+	if handshakes() != 4 {
+		t.Fatalf("handshakes = %v, want 4", handshakes())
 	}
+	// An expired ticket is refused with its own code; the unary call is resent after
+	// a new handshake and succeeds without the caller seeing the refusal.
 	clk.now = testNow.Add(2 * time.Minute) // replica A's tickets live one minute
-	wantCode(t, unaryCall(hc, replicaA.URL), connect.CodeDeadlineExceeded)
 	if err := unaryCall(hc, replicaA.URL); err != nil {
-		t.Fatal(err)
+		t.Fatalf("unary call after the ticket expired: %v", err)
 	}
+	if handshakes() != 5 || rejected("ticket_expired") != 1 {
+		t.Fatalf("handshakes %v, ticket_expired rejections %v; want 5 and 1", handshakes(), rejected("ticket_expired"))
+	}
+	clk.now = testNow.Add(4 * time.Minute)
+	wantCode(t, clientStreamCall(hc, replicaA.URL, "a"), connect.CodeDeadlineExceeded)
 }
 
 func TestTicketKeyRotation(t *testing.T) {
@@ -410,7 +428,12 @@ func TestTicketKeyRotation(t *testing.T) {
 	if err := keys.Rotate(k3); err != nil {
 		t.Fatal(err)
 	}
-	wantCode(t, unaryCall(hc, ts.URL), connect.CodeFailedPrecondition)
+	// k1 left the set: its ticket is refused, visibly for a stream; a unary call is
+	// resent after a new handshake.
+	wantCode(t, clientStreamCall(hc, ts.URL, "a"), connect.CodeFailedPrecondition)
+	if err := unaryCall(hc, ts.URL); err != nil {
+		t.Fatalf("unary call after its ticket key left the set: %v", err)
+	}
 	if err := keys.Rotate(k3); err == nil {
 		t.Fatal("rotating to the current key ID succeeded")
 	}
