@@ -194,3 +194,33 @@ func TestCARotateAndRevokeCLI(t *testing.T) {
 		}
 	}
 }
+
+func TestExpiryStatusOfFiles(t *testing.T) {
+	ca, err := transport.InitCA(filepath.Join(t.TempDir(), "ca"), "example.org")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	id := spiffeid.RequireFromString("spiffe://example.org/w")
+	// ca.Issue back-dates NotBefore by a minute: a 10 s certificate has 70 s of
+	// lifetime, a sixth of which (11.7 s) is more than it has left.
+	if err := ca.IssueFiles(id, dir, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	src, err := transport.LoadFiles(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := (expiryStatus{src: src}).Status(); st.Healthy || st.ID != id || st.Remaining > 10*time.Second {
+		t.Fatalf("short-lived file identity: %+v", st)
+	}
+	if err := ca.IssueFiles(id, dir, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if st := (expiryStatus{src: src, file: src}).Status(); !st.Healthy {
+		t.Fatalf("fresh file identity: %+v", st)
+	}
+}

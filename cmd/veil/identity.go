@@ -50,7 +50,7 @@ func addIdentityFlags(fs *flag.FlagSet) *identityFlags {
 // workloadIdentity is a Source with what veil serve needs around it.
 type workloadIdentity struct {
 	src    transport.Source
-	status rpc.IdentityStatus // non-nil for a renewing source: health follows it
+	status rpc.IdentityStatus // health and identity metrics follow it
 	dir    string             // identity directory, if any (sealing identity files)
 	close  func()
 }
@@ -76,13 +76,37 @@ func (f *identityFlags) source(ctx context.Context, identityDir string, logger *
 		if err != nil {
 			return nil, fmt.Errorf("no SVID from the SPIRE agent at %s: %w", *f.spiffeSocket, err)
 		}
-		return &workloadIdentity{src: src, close: func() { _ = src.Close() }}, nil
+		return &workloadIdentity{src: src, status: expiryStatus{src: src}, close: func() { _ = src.Close() }}, nil
 	}
 	src, err := transport.WatchFiles(ctx, identityDir, transport.WithWatchLogger(logger))
 	if err != nil {
 		return nil, err
 	}
-	return &workloadIdentity{src: src, dir: identityDir, close: func() {}}, nil
+	return &workloadIdentity{src: src, status: expiryStatus{src: src, file: src}, dir: identityDir, close: func() {}}, nil
+}
+
+// expiryStatus reports a certificate that someone else renews (cert-manager, SPIRE) as
+// unhealthy once less than a sixth of its lifetime is left, so that health and
+// metrics warn before it expires; for files it also counts reloads and rejected files.
+type expiryStatus struct {
+	src  transport.Source
+	file *transport.FileSource
+}
+
+func (e expiryStatus) Status() transport.RenewStatus {
+	svid, err := e.src.GetX509SVID()
+	if err != nil {
+		return transport.RenewStatus{LastError: err.Error()}
+	}
+	leaf := svid.Certificates[0]
+	remaining := time.Until(leaf.NotAfter)
+	st := transport.RenewStatus{ID: svid.ID, Serial: leaf.SerialNumber.Text(16), NotAfter: leaf.NotAfter,
+		Remaining: remaining, Healthy: remaining > leaf.NotAfter.Sub(leaf.NotBefore)/6}
+	if e.file != nil {
+		fs := e.file.Status()
+		st.Renewals, st.Failures, st.LastError = fs.Reloads, fs.Rejected, fs.LastError
+	}
+	return st
 }
 
 func (f *identityFlags) fromCA(ctx context.Context, logger *slog.Logger) (*workloadIdentity, error) {
