@@ -53,21 +53,29 @@ func writeReport(path, chartDir string, reports []*Report) error {
 	if err := os.MkdirAll(chartDir, 0o755); err != nil {
 		return err
 	}
-	rel, err := filepath.Rel(filepath.Dir(path), chartDir)
-	if err != nil {
-		rel = chartDir
+	rel := chartDir
+	if absReport, err := filepath.Abs(filepath.Dir(path)); err == nil {
+		if absCharts, err := filepath.Abs(chartDir); err == nil {
+			if r, err := filepath.Rel(absReport, absCharts); err == nil {
+				rel = r
+			}
+		}
 	}
 	var b strings.Builder
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 	w("# Veil benchmarks\n\n")
-	w("Written by `make bench` (`cd bench && go run . all --out results/latest.json --report ../BENCHMARKS.md`) on %s.\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"))
-	w("Raw figures: [`bench/results/latest.json`](bench/results/latest.json). One suite alone: `cd bench && go run . SUITE` (handshake, rpc, stream, he, keys) prints its JSON object.\n\n")
+	date, commit := time.Now().UTC().Format("2006-01-02 15:04 UTC"), gitCommit()
+	if len(reports) > 0 && reports[0].Veil != "" {
+		date, commit = reports[0].Date, reports[0].Veil
+	}
+	w("Written by `make bench` (`cd bench && go run . all --out results/latest.json --report ../BENCHMARKS.md`), run on %s.\n", date)
+	w("Raw figures: [`%[1]s/latest.json`](%[1]s/latest.json). One suite alone: `cd bench && go run . SUITE` (handshake, rpc, stream, he, keys) prints its JSON object.\n\n", filepath.ToSlash(rel))
 	if len(reports) > 0 {
 		r := reports[0]
 		w("**Machine:** %s, %d cores (shared with other work: absolute figures are noisy, compare ratios from one run). **Go** %s. ", r.CPU, r.Cores, r.Go)
 	}
 	w("**Peers:** grpc-go %s, connect-go %s, lattigo %s. **Veil** commit %s.\n\n",
-		moduleVersion("google.golang.org/grpc"), moduleVersion("connectrpc.com/connect"), moduleVersion("github.com/tuneinsight/lattigo/v5"), gitCommit())
+		moduleVersion("google.golang.org/grpc"), moduleVersion("connectrpc.com/connect"), moduleVersion("github.com/tuneinsight/lattigo/v5"), commit)
 	w("Method: client and server run in one process over loopback; every suite interleaves its systems round by round (A B C A B C ...) and reports the median of the rounds with the min-max range in brackets. CPU is the process's (both sides) from getrusage; allocations from runtime.MemStats. Ratios are Veil's median over the peer's; the range beside a ratio is the min-max of the same ratio taken round by round.\n\n")
 
 	w("## Targets\n\n| goal | ratio | measured (range) | met |\n|---|---|---|---|\n")

@@ -26,6 +26,8 @@ type Report struct {
 	RatioRange map[string][2]float64 `json:"ratio_range,omitempty"`
 	Notes      []string              `json:"notes,omitempty"`
 	Seconds    float64               `json:"seconds"`
+	Veil       string                `json:"veil"` // git describe of the tree measured
+	Date       string                `json:"date"` // when the suite ran, UTC
 }
 
 // System is one compared system: the median of every figure over the repetitions,
@@ -155,6 +157,7 @@ func newReport(suite string) *Report {
 	return &Report{
 		Suite: suite, Go: runtime.Version(), CPU: cpuModel(), Cores: runtime.NumCPU(),
 		Config: map[string]any{}, Ratios: map[string]float64{}, RatioRange: map[string][2]float64{},
+		Veil: gitCommit(), Date: time.Now().UTC().Format("2006-01-02 15:04 UTC"),
 	}
 }
 
