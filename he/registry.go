@@ -3,6 +3,7 @@ package he
 import (
 	"container/list"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -229,6 +230,9 @@ func (r *Registry) admit(id KeyID, owner string, data []byte) error {
 	}
 	if old, ok := r.entries[id]; ok { // registered concurrently
 		r.used -= mem
+		if old.owner != owner {
+			return permissionf("evaluation keys %s belong to another identity", id.short())
+		}
 		r.useLocked(old)
 		return nil
 	}
@@ -239,16 +243,23 @@ func (r *Registry) admit(id KeyID, owner string, data []byte) error {
 	return nil
 }
 
-// memoryOf returns the in-memory size of an encoded key set from its header.
+// memoryOf returns the in-memory size of an encoded key set from its header, after
+// checking that the header agrees with the data's length (so that a bogus header
+// cannot make the registry evict other sets to make room).
 func memoryOf(params *Parameters, data []byte) (int64, error) {
 	if len(data) < keysHeaderLen(0) || string(data[:4]) != keysMagic || data[20] > 1 {
 		return 0, invalidf("evaluation keys: bad header")
 	}
-	nGal := int(uint32(data[21])<<24 | uint32(data[22])<<16 | uint32(data[23])<<8 | uint32(data[24]))
+	nGal := int(binary.BigEndian.Uint32(data[21:25]))
 	if nGal > maxGaloisKeys {
 		return 0, invalidf("evaluation keys: %d Galois keys exceed %d", nGal, maxGaloisKeys)
 	}
-	return int64(nGal+int(data[20])) * shapeOf(params).keyMemory(), nil
+	s := shapeOf(params)
+	nKeys := int64(nGal + int(data[20]))
+	if want := int64(keysHeaderLen(nGal)) + nKeys*int64(s.keyBytes()); int64(len(data)) != want {
+		return 0, invalidf("evaluation keys: %d bytes, want %d", len(data), want)
+	}
+	return nKeys * s.keyMemory(), nil
 }
 
 func (r *Registry) useLocked(e *regEntry) {

@@ -585,3 +585,22 @@ func TestKeyServiceReadLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestRegistryBogusHeader: a key set whose header claims more keys than it holds is
+// refused before anything is charged or evicted.
+func TestRegistryBogusHeader(t *testing.T) {
+	s := newSmallSet(t)
+	mem, _ := memoryOf(smallParams(), s.data)
+	reg, _ := NewRegistry(smallParams(), WithMemoryBudget(2*mem), WithMaxKeySetSize(int64(len(s.data))))
+	if _, err := reg.Put("spiffe://t/a", s.data); err != nil {
+		t.Fatal(err)
+	}
+	bogus := bytes.Clone(s.data)
+	bogus[24] = 200 // 200 Galois keys in the header
+	if _, err := reg.Put("spiffe://t/b", bogus); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("bogus header: %v", err)
+	}
+	if _, err := reg.Keys("spiffe://t/a", s.id); err != nil {
+		t.Errorf("a bogus upload evicted another set: %v", err)
+	}
+}
