@@ -2,12 +2,23 @@
 // parameter presets, client-side keys and packing, a wire format for ciphertexts and
 // evaluation keys, an evaluation-key registry, and a concurrency-safe evaluator.
 //
-// The split follows Concrete ML and TenSEAL: a client holds the secret key, encrypts
-// vectors of float64 and decrypts results; a server holds only evaluation keys
-// (relinearization plus exactly the Galois keys its procedures declare in a key
-// manifest) and computes on ciphertexts it cannot read.
+// The split follows Concrete ML and TenSEAL: a Client holds the secret key, encrypts
+// vectors of float64 of any length (packed into as many ciphertexts as needed) and
+// decrypts results; data owners without the secret key encrypt under its PublicKey
+// with an Encryptor. A server holds only EvaluationKeys: a relinearization key plus
+// exactly the Galois keys its procedures declare in a Manifest (KeyService), uploaded
+// once through an Uploader into a Registry, and computes with an Evaluator: add, sub,
+// mul, rotate, inner sum, dot products, plaintext matrix times encrypted vector,
+// polynomials (SigmoidApproximation for logistic regression), mean and variance.
+//
+// Parameters are presets returned by functions (ParamsN13, ParamsN14, ParamsN15),
+// checked against the 128-bit HE-standard bound; their ParamID travels in every
+// message. Untrusted bytes are validated before use (UnmarshalVector,
+// ParseEvaluationKeys, UnmarshalPublicKey, UnmarshalManifest) and lattigo panics are
+// recovered; every error maps to a Connect code in errors.go (CodeOf, ConnectError).
 //
 // Only this package imports lattigo; everything lattigo-specific stays behind it.
 // See docs/he.md for presets, sizes, error bounds, the wire format, the registry's
-// semantics, and the CKKS decryption caveat (Li-Micciancio).
+// semantics, and the CKKS decryption caveat (Li-Micciancio): never show a decryption
+// to a party that chose the computation unless it was flooded (WithNoiseFlooding).
 package he
