@@ -224,7 +224,7 @@ func TestRotationUnderLoad(t *testing.T) {
 		callers  = 64
 		minCalls = 20_000
 		minTime  = 20 * time.Second
-		maxTime  = 2 * time.Minute
+		maxTime  = 3 * time.Minute // a bound for loaded machines; it takes 20-70 s on an idle 2-core one
 	)
 	dir := newCADir(t)
 	e := startCA(t, dir, "127.0.0.1:0")
