@@ -372,3 +372,24 @@ func TestIntermediate(t *testing.T) {
 		t.Fatal("a client with only the old root accepted the new chain")
 	}
 }
+
+// FuzzDenylistJSON: denylist files and bundles come from other processes; decoding must
+// not panic, and what decodes must encode and decode to the same set.
+func FuzzDenylistJSON(f *testing.F) {
+	f.Add([]byte(`{"serials":["ff"],"ids":["spiffe://example.org/a"]}`))
+	f.Add([]byte(`{"serials":["0x00"]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var d Denylist
+		if err := d.UnmarshalJSON(b); err != nil {
+			return
+		}
+		out, err := d.MarshalJSON()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var back Denylist
+		if err := back.UnmarshalJSON(out); err != nil || back.Len() != d.Len() {
+			t.Fatalf("round trip of %s: %v", out, err)
+		}
+	})
+}
