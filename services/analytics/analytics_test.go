@@ -264,6 +264,13 @@ func TestDurableAndIdempotent(t *testing.T) {
 		t.Fatal(err)
 	}
 	check(t, res, append(r0, r1...), 2)
+	// Flooded decryption adds about 2^10 * sqrt(N/2) / 2^40 ~ 6e-8 per decrypted value
+	// (the variance multiplies the mean's by 2|mean|): still below errorBound.
+	flooded, err := e.analyst(t, analyst, key).Result(ctx, "s1", he.WithNoiseFlooding(10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	check(t, flooded, append(r0, r1...), 2)
 }
 
 func wantCode(t *testing.T, what string, err error, code connect.Code) {

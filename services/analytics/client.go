@@ -81,8 +81,10 @@ type Result struct {
 	Histogram [][]uint64
 }
 
-// Result fetches and decrypts a study's aggregate.
-func (a *Analyst) Result(ctx context.Context, studyID string) (*Result, error) {
+// Result fetches and decrypts a study's aggregate. opts go to he.Client.Decrypt: pass
+// he.WithNoiseFlooding when the decrypted values will be published to parties that
+// include the server.
+func (a *Analyst) Result(ctx context.Context, studyID string, opts ...he.DecryptOption) (*Result, error) {
 	res, err := a.svc.GetResult(ctx, connect.NewRequest(&analyticsv1.GetResultRequest{StudyId: studyID}))
 	if err != nil {
 		return nil, err
@@ -92,7 +94,7 @@ func (a *Analyst) Result(ctx context.Context, studyID string) (*Result, error) {
 		if err != nil {
 			return nil, err
 		}
-		return a.key.Decrypt(v)
+		return a.key.Decrypt(v, opts...)
 	}
 	out := &Result{Submissions: res.Msg.GetSubmissions(), Count: res.Msg.GetCount()}
 	if out.Sum, err = dec(res.Msg.GetSum()); err != nil {
