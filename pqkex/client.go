@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"encoding/base64"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/url"
@@ -185,6 +186,13 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	}
 	if resp.Header.Get(headerSealed) != "1" {
 		_ = resp.Body.Close()
+		switch resp.StatusCode {
+		case http.StatusTooManyRequests, http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+			// An intermediary's own error (the upstream is gone or overloaded): the
+			// call did not reach a server, so it is unavailable, as Connect maps these
+			// statuses, not a downgrade. Nothing unsealed is ever handed to the caller.
+			return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("pqkex: %s from an intermediary", resp.Status))
+		}
 		return nil, errUnsealed
 	}
 	self := sess.self

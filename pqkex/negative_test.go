@@ -454,3 +454,37 @@ func TestCompressionRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestIntermediaryErrorsAreUnavailable: a proxy's 502/503/504 in place of a sealed
+// response is the upstream being gone (unavailable), while any other unsealed answer
+// is refused as a downgrade.
+func TestIntermediaryErrorsAreUnavailable(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	ts := e.startServer(t, echoMux())
+	status := 0
+	m := &mitm{base: e.transport(t, clientID)}
+	hc, _ := e.httpClient(t, m)
+	if err := unaryCall(hc, ts.URL); err != nil { // establish the session
+		t.Fatal(err)
+	}
+	m.set(nil, func(r *http.Response, b []byte) []byte {
+		if status != 0 {
+			r.StatusCode = status
+			r.Header.Del("Veil-Pqkex-Sealed")
+		}
+		return b
+	})
+	defer m.set(nil, nil)
+	for _, tc := range []struct {
+		status int
+		code   connect.Code
+	}{
+		{http.StatusBadGateway, connect.CodeUnavailable},
+		{http.StatusServiceUnavailable, connect.CodeUnavailable},
+		{http.StatusGatewayTimeout, connect.CodeUnavailable},
+		{http.StatusOK, connect.CodeUnauthenticated},
+	} {
+		status = tc.status
+		wantCode(t, clientStreamCall(hc, ts.URL, "x"), tc.code)
+	}
+}
