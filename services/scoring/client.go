@@ -69,7 +69,8 @@ type clientConfig struct {
 	heClient *he.Client
 }
 
-// WithProgress calls f as keys upload, blocks are sent and results arrive.
+// WithProgress calls f as keys upload, blocks are sent and results arrive; calls
+// never overlap.
 func WithProgress(f func(Progress)) ClientOption { return func(c *clientConfig) { c.progress = f } }
 
 // WithConnectOptions adds Connect client options (rpc.ClientOptions() is always used).
@@ -99,8 +100,9 @@ type Client struct {
 	keyGen   time.Duration
 	progress func(Progress)
 
-	mu       sync.Mutex
-	uploaded bool
+	progressMu sync.Mutex
+	mu         sync.Mutex
+	uploaded   bool
 }
 
 // NewClient asks the server at baseURL for its model interface and key manifest,
@@ -167,8 +169,12 @@ func NewClient(ctx context.Context, hc connect.HTTPClient, baseURL string, opts 
 	return c, nil
 }
 
+// report calls the progress callback, one call at a time: the sender and the
+// receiver of a stream report concurrently.
 func (c *Client) report(stage string, done, total int64) {
 	if c.progress != nil {
+		c.progressMu.Lock()
+		defer c.progressMu.Unlock()
 		c.progress(Progress{Stage: stage, Done: done, Total: total})
 	}
 }
