@@ -101,6 +101,7 @@ type Client struct {
 	progress func(Progress)
 
 	progressMu sync.Mutex
+	uploadMu   sync.Mutex
 	mu         sync.Mutex
 	uploaded   bool
 }
@@ -188,6 +189,9 @@ func (c *Client) KeyID() he.KeyID { return c.keyID }
 // UploadKeys makes sure the server holds the client's evaluation keys, and returns
 // how long that took (a status call when it already does).
 func (c *Client) UploadKeys(ctx context.Context) (time.Duration, error) {
+	// One upload at a time: a second stream for the same keys would supersede the first.
+	c.uploadMu.Lock()
+	defer c.uploadMu.Unlock()
 	start := time.Now()
 	if _, err := c.uploader.Upload(ctx); err != nil {
 		return 0, err
