@@ -296,6 +296,40 @@ func TestPadding(t *testing.T) {
 	}
 }
 
+// TestConcurrentScores: one client scores from several goroutines, the first calls
+// racing to upload the keys.
+func TestConcurrentScores(t *testing.T) {
+	ds, _ := scoring.Synthetic(6, 112, 2)
+	m, err := scoring.Train(ds.X[:100], ds.Y[:100], scoring.TrainOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := start(t, m, scoring.WithParameters(smallParams(t)))
+	// The callback is not synchronized: the race detector fails the test if calls overlap.
+	calls := 0
+	c := e.client(t, alice, scoring.WithProgress(func(scoring.Progress) { calls++ }))
+	var wg sync.WaitGroup
+	for i := range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			x := ds.X[100+4*i : 104+4*i]
+			got, _, err := c.Score(context.Background(), x)
+			if err != nil || len(got) != len(x) {
+				t.Errorf("goroutine %d: %d results, %v", i, len(got), err)
+				return
+			}
+			if agree, maxErr := compare(t, m, x, got); agree < 1 || maxErr > e.svc.ApproximationError()+noiseBound {
+				t.Errorf("goroutine %d: agreement %.2f, max error %g", i, agree, maxErr)
+			}
+		}()
+	}
+	wg.Wait()
+	if calls < 3*2+2 {
+		t.Errorf("%d progress calls, want at least the encryptions, blocks and an upload", calls)
+	}
+}
+
 func wantCode(t *testing.T, what string, err error, code connect.Code) {
 	t.Helper()
 	if connect.CodeOf(err) != code {
