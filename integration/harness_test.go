@@ -6,8 +6,10 @@ package integration
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/moby/moby/api/types/container"
 	"github.com/testcontainers/testcontainers-go"
 	"github.com/testcontainers/testcontainers-go/network"
 	"github.com/testcontainers/testcontainers-go/wait"
@@ -96,6 +99,7 @@ type containerSpec struct {
 	args    []string          // the command: "/veil" or "/testproxy" and its arguments
 	files   map[string]string // container path -> host path
 	port    string            // e.g. "8443/tcp"
+	root    bool              // run as root (for state copied in from the host, which root owns)
 	ready   string            // a log line that says the process is ready (default "veil serving")
 }
 
@@ -125,6 +129,9 @@ func startVeil(t *testing.T, spec containerSpec) *veilContainer {
 			wait.ForLog(spec.ready),
 			wait.ForListeningPort(spec.port).SkipInternalCheck(),
 		).WithDeadline(60 * time.Second),
+	}
+	if spec.root {
+		req.ConfigModifier = func(c *container.Config) { c.User = "0:0" }
 	}
 	for dst, src := range spec.files {
 		// Readable by the container's unprivileged user; the host copies stay 0600.
@@ -172,4 +179,21 @@ func (c *veilContainer) endpoint(t *testing.T, port string) string {
 		t.Fatal(err)
 	}
 	return fmt.Sprintf("%s:%s", host, p.Port())
+}
+
+// tlsState dials url with hc's TLS settings and returns the server certificate's
+// expiry, so tests can watch a service's certificate rotate.
+func tlsState(url string, hc *http.Client) (time.Time, error) {
+	t, ok := hc.Transport.(*http.Transport)
+	if !ok {
+		return time.Time{}, fmt.Errorf("unexpected transport %T", hc.Transport)
+	}
+	cfg := t.TLSClientConfig.Clone()
+	cfg.ClientSessionCache = nil // a full handshake shows the current certificate
+	conn, err := tls.Dial("tcp", strings.TrimPrefix(url, "https://"), cfg)
+	if err != nil {
+		return time.Time{}, err
+	}
+	defer conn.Close()
+	return conn.ConnectionState().PeerCertificates[0].NotAfter, nil
 }

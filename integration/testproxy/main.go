@@ -4,7 +4,9 @@
 // check what a proxy gets to see. With --strip it removes Veil's sealing headers, as a
 // downgrading proxy would. Requests go to the upstream chosen last with
 // "POST /_testproxy/route?to=N" (the first one until then), so a test can move a client
-// from one replica to another in the middle of its session.
+// from one replica to another in the middle of its session, and
+// "POST /_testproxy/restart" drops every connection the proxy holds, as a crash and
+// restart would, keeping its address.
 package main
 
 import (
@@ -13,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
@@ -21,6 +24,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
@@ -66,6 +70,7 @@ func main() {
 	listen := flag.String("listen", ":8443", "address to serve on")
 	identity := flag.String("identity", "", "the proxy's identity directory")
 	strip := flag.Bool("strip", false, "remove Veil-Pqkex-* request headers (a downgrading proxy)")
+	failover := flag.Bool("failover", false, "when an upstream fails, route later requests to the next one (the failed request gets 502)")
 	var ups upstreams
 	flag.Var(&ups, "upstream", "upstream base URL; repeatable")
 	flag.Parse()
@@ -76,7 +81,10 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	upstreamTransport := rpc.NewHTTPClient(src, transport.AuthorizeAny()).Transport
+	// Short keepalives: a killed upstream is noticed within seconds and its calls fail
+	// with 502, as a real proxy's health checks would make them.
+	upstreamTransport := rpc.NewHTTPClient(src, transport.AuthorizeAny(), rpc.WithKeepalive(time.Second, time.Second)).Transport
+	var route atomic.Int64
 	proxies := make([]*httputil.ReverseProxy, len(ups))
 	for i, u := range ups {
 		rp := httputil.NewSingleHostReverseProxy(u)
@@ -86,10 +94,26 @@ func main() {
 			r.Body = loggedBody{r.Body, "response"}
 			return nil
 		}
+		rp.ErrorHandler = func(w http.ResponseWriter, r *http.Request, err error) {
+			logf("UPSTREAM-ERROR upstream=%d %s: %v", i, r.URL.Path, err)
+			// A client that went away is not the upstream's fault.
+			if *failover && r.Context().Err() == nil && route.CompareAndSwap(int64(i), int64((i+1)%len(ups))) {
+				logf("ROUTE upstream=%d (failover)", (i+1)%len(ups))
+			}
+			w.WriteHeader(http.StatusBadGateway)
+		}
 		proxies[i] = rp
 	}
-	var route atomic.Int64
+	restart := make(chan struct{}, 1)
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/_testproxy/restart" {
+			logf("RESTART")
+			select {
+			case restart <- struct{}{}:
+			default:
+			}
+			return
+		}
 		if r.URL.Path == "/_testproxy/route" {
 			n, err := strconv.Atoi(r.URL.Query().Get("to"))
 			if err != nil || n < 0 || n >= len(proxies) {
@@ -112,7 +136,22 @@ func main() {
 		r.Body = loggedBody{r.Body, "request"}
 		proxies[n].ServeHTTP(w, r)
 	})
-	srv := &http.Server{Addr: *listen, Handler: handler, TLSConfig: transport.ServerConfig(src)}
 	logf("testproxy serving on %s (strip=%v, %d upstreams)", *listen, *strip, len(ups))
-	log.Fatal(srv.ListenAndServeTLS("", ""))
+	for {
+		srv := &http.Server{Addr: *listen, Handler: handler, TLSConfig: transport.ServerConfig(src)}
+		ln, err := net.Listen("tcp", *listen)
+		if err != nil {
+			log.Fatal(err)
+		}
+		go func() {
+			<-restart
+			time.Sleep(20 * time.Millisecond) // let the control call's answer leave
+			upstreamTransport.(interface{ CloseIdleConnections() }).CloseIdleConnections()
+			_ = srv.Close()
+		}()
+		if err := srv.ServeTLS(ln, "", ""); err != http.ErrServerClosed {
+			log.Fatal(err)
+		}
+		logf("testproxy restarted")
+	}
 }
