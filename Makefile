@@ -11,7 +11,7 @@ PROTOVALIDATE_VERSION := v1.2.2
 FUZZTIME ?= 10s
 PKGS := ./...
 
-.PHONY: all build generate check-generate lint test unit integration bench fuzz demo clean
+.PHONY: all build generate check-generate lint test unit integration bench fuzz demo clean spire
 
 all: build
 
@@ -40,7 +40,18 @@ lint: third_party/protovalidate/buf/validate/validate.proto
 unit:
 	$(GO) test -race -count=1 -timeout 20m $(PKGS)
 
-integration:
+# spire builds the pinned spire-server and spire-agent (tools/spire/go.mod) once into a
+# git-ignored cache; the SPIRE test in integration/ runs them. Several minutes cold.
+SPIRE_VERSION := v1.13.3
+SPIRE_DIR := .cache/spire/$(SPIRE_VERSION)
+spire:
+	@if [ ! -x $(SPIRE_DIR)/spire-server ] || [ ! -x $(SPIRE_DIR)/spire-agent ]; then \
+	  echo "building SPIRE $(SPIRE_VERSION) into $(SPIRE_DIR)"; \
+	  mkdir -p $(SPIRE_DIR) && cd tools/spire && \
+	  $(GO) build -o ../../$(SPIRE_DIR)/ github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent; \
+	fi
+
+integration: spire
 	cd integration && $(GO) test -count=1 -timeout 20m -v ./...
 
 # test is what CI runs: unit tests with -race, then the container suite.
