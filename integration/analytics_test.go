@@ -41,16 +41,18 @@ func sealedHTTPClient(t *testing.T, dir, name, serverID, tlsPeer string) *http.C
 func TestAnalyticsAcrossRestart(t *testing.T) {
 	const serverID = "spiffe://example.org/analytics"
 	dir := sealedIdentities(t, serverID, "spiffe://example.org/analyst", "spiffe://example.org/intruder",
-		"spiffe://example.org/ns/owners/sa/o1", "spiffe://example.org/ns/owners/sa/o2")
+		"spiffe://example.org/ns/owners/sa/o1", "spiffe://example.org/ns/owners/sa/o2", "spiffe://example.org/outsider")
 	c := startVeil(t, containerSpec{
 		alias: "analytics", network: newNetwork(t), port: "8443/tcp",
 		args: []string{"/veil", "serve", "--identity", "/identity", "--listen", ":8443", "--service", "analytics",
-			"--analytics-store", "/data/analytics", "--pq", "strict", "--pq-seal", "strict"},
+			"--analytics-store", "/data/analytics", "--pq", "strict", "--pq-seal", "strict",
+			"--allow", "spiffe://example.org/analyst", "--allow", "spiffe://example.org/intruder", "--allow", "spiffe://example.org/ns/owners/sa/*"},
 		files: sealedFiles(dir, "analytics", nil),
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	url := "https://" + c.endpoint(t, "8443/tcp")
+	assertRefusesStrangers(t, dir, url, serverID, "outsider", "/veil.analytics.v1.AnalyticsService/GetStudy")
 	key, err := he.NewClient(he.ParamsN13())
 	if err != nil {
 		t.Fatal(err)

@@ -70,7 +70,7 @@ func TestScoringReplicasBehindProxy(t *testing.T) {
 
 	t.Run("STRICT refusals by every replica", func(t *testing.T) {
 		for _, r := range replicas {
-			assertRefusesStrangers(t, dir, "https://"+r.endpoint(t, "8443/tcp"), serverID, "outsider")
+			assertRefusesStrangers(t, dir, "https://"+r.endpoint(t, "8443/tcp"), serverID, "outsider", "/veil.scoring.v1.ScoringService/GetModelInfo")
 		}
 	})
 
@@ -222,7 +222,7 @@ func TestScoringReplicasBehindProxy(t *testing.T) {
 
 // assertRefusesStrangers checks that the service at url refuses a client without a
 // certificate, one from another CA, and a verified identity outside its policy.
-func assertRefusesStrangers(t *testing.T, dir, url, serverID, outsider string) {
+func assertRefusesStrangers(t *testing.T, dir, url, serverID, outsider, procedure string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -238,7 +238,7 @@ func assertRefusesStrangers(t *testing.T, dir, url, serverID, outsider string) {
 		t.Fatalf("%s accepted a certificate from another CA", url)
 	}
 	out := sealedHTTPClient(t, dir, outsider, serverID, serverID)
-	res, err := out.Post(url+"/veil.scoring.v1.ScoringService/GetModelInfo", "application/json", strings.NewReader("{}"))
+	res, err := out.Post(url+procedure, "application/json", strings.NewReader("{}"))
 	if err != nil {
 		t.Fatalf("outsider: %v", err)
 	}
