@@ -211,7 +211,7 @@ func (c *coalescingConn) SetWriteDeadline(t time.Time) error {
 }
 
 func (c *coalescingConn) SetDeadline(t time.Time) error {
-	if err := c.Conn.SetReadDeadline(t); err != nil {
+	if err := c.SetReadDeadline(t); err != nil {
 		return err
 	}
 	return c.SetWriteDeadline(t)

@@ -304,7 +304,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	if metricsSrv != nil {
 		_ = metricsSrv.Close()
 	}
-	<-errc
+	_ = <-errc // ServeTLS returns http.ErrServerClosed once Shutdown or Close began
 	if err != nil {
 		return fmt.Errorf("rpc: shutdown: in-flight calls outlasted the %s grace period: %w", s.cfg.grace, err)
 	}

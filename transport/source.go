@@ -1,7 +1,6 @@
 package transport
 
 import (
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"os"
@@ -112,15 +111,3 @@ func readIdentity(dir string) (*StaticSource, error) {
 	return &StaticSource{SVID: svid, Bundles: x509bundle.NewSet(bundle)}, nil
 }
 
-// rootsFor returns the roots trusted for td as a cert pool.
-func rootsFor(b x509bundle.Source, td spiffeid.TrustDomain) (*x509.CertPool, error) {
-	bundle, err := b.GetX509BundleForTrustDomain(td)
-	if err != nil {
-		return nil, err
-	}
-	pool := x509.NewCertPool()
-	for _, c := range bundle.X509Authorities() {
-		pool.AddCert(c)
-	}
-	return pool, nil
-}
