@@ -110,4 +110,3 @@ func readIdentity(dir string) (*StaticSource, error) {
 	}
 	return &StaticSource{SVID: svid, Bundles: x509bundle.NewSet(bundle)}, nil
 }
-
