@@ -10,7 +10,6 @@ import (
 	"strings"
 
 	"connectrpc.com/connect"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
@@ -57,36 +56,10 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return fmt.Errorf("%w: request JSON for %s: %v", errUsage, method.Input().FullName(), err)
 	}
 
-	src, err := transport.LoadFiles(*identity)
+	hc, mode, err := newIdentityClient(*identity, *serverID, *seal)
 	if err != nil {
 		return err
 	}
-	svid, err := src.GetX509SVID()
-	if err != nil {
-		return err
-	}
-	authorize := transport.AuthorizeMatching(transport.MustParsePattern("spiffe://" + svid.ID.TrustDomain().Name()))
-	pqAuthorize := pqkex.AuthorizeAny()
-	if *serverID != "" {
-		id, err := spiffeid.FromString(*serverID)
-		if err != nil {
-			return fmt.Errorf("%w: --server-id: %v", errUsage, err)
-		}
-		authorize, pqAuthorize = transport.AuthorizeID(id), pqkex.AuthorizeID(id.String())
-	}
-	var clientOpts []rpc.ClientOption
-	mode, err := sealingMode(map[string]string{"on": "strict", "off": "off", "": ""}[*seal], *identity)
-	if err != nil || (*seal != "" && *seal != "on" && *seal != "off") {
-		return fmt.Errorf("%w: --pq-seal %q: want on or off", errUsage, *seal)
-	}
-	if mode != "off" {
-		pc, err := newSealingClient(*identity, pqAuthorize, false)
-		if err != nil {
-			return err
-		}
-		clientOpts = append(clientOpts, rpc.WithClientSealing(pc))
-	}
-	hc := rpc.NewHTTPClient(src, authorize, clientOpts...)
 
 	connectOpts := append(rpc.ClientOptions(),
 		connect.WithSchema(method),

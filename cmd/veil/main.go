@@ -34,6 +34,7 @@ func commands() []command {
 		{"demo", "run a CA and services on loopback, call them end to end, and print a report", runDemo},
 		{"ca", "manage a certificate authority (init, issue, serve, token, rotate, revoke)", runCA},
 		{"serve", "serve built-in services over strict mutual TLS", runServe},
+		{"score", "score a CSV of samples on a scoring server without revealing them (CKKS)", runScore},
 		{"model", "train a scoring model in plaintext (veil model train)", runModel},
 		{"ticket-keys", "create or rotate a pqkex ticket-key file shared by replicas", runTicketKeys},
 		{"call", "call a procedure of a compiled-in service with JSON (sealed end to end)", runCall},

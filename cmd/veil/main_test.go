@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"math"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -15,6 +17,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/veilrpc/veil/services/scoring"
 )
 
 func veil(t *testing.T, ctx context.Context, args ...string) (int, string, string) {
@@ -279,5 +283,67 @@ policy:
 		if code != 2 || !strings.Contains(errOut, name) {
 			t.Errorf("%s: exit %d %q, want 2 naming the file", name, code, errOut)
 		}
+	}
+}
+
+// TestScoreCSV trains a model, serves it with `veil serve --service scoring`, and
+// scores a CSV with `veil score`: the probabilities decrypted on the client match the
+// plaintext model's.
+func TestScoreCSV(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	data, err := scoring.Synthetic(3, 300, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	model, err := scoring.Train(data.X, data.Y, scoring.TrainOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	modelPath := filepath.Join(dir, "model.json")
+	if err := model.Save(modelPath); err != nil {
+		t.Fatal(err)
+	}
+	var csv strings.Builder
+	fmt.Fprintf(&csv, "40,4,negative,positive\n")
+	for i, x := range data.X[:40] {
+		for _, v := range x {
+			fmt.Fprintf(&csv, "%v,", v)
+		}
+		fmt.Fprintf(&csv, "%d\n", data.Y[i])
+	}
+	csvPath := filepath.Join(dir, "samples.csv")
+	if err := os.WriteFile(csvPath, []byte(csv.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"ca", "init", "--dir", filepath.Join(dir, "ca"), "--trust-domain", "example.org"},
+		{"ca", "issue", "--dir", filepath.Join(dir, "ca"), "--id", "spiffe://example.org/scoring", "--out", filepath.Join(dir, "scoring")},
+		{"ca", "issue", "--dir", filepath.Join(dir, "ca"), "--id", "spiffe://example.org/client", "--out", filepath.Join(dir, "client")},
+	} {
+		if code, _, errOut := veil(t, ctx, args...); code != 0 {
+			t.Fatalf("veil %v: %s", args, errOut)
+		}
+	}
+	port := startServe(t, "--identity", filepath.Join(dir, "scoring"), "--service", "scoring", "--scoring-model", modelPath)
+	code, out, errOut := veil(t, ctx, "score", "--identity", filepath.Join(dir, "client"), "--addr", "https://127.0.0.1:"+port,
+		"--server-id", "spiffe://example.org/scoring", "--csv", csvPath, "--json")
+	if code != 0 {
+		t.Fatalf("veil score: exit %d: %s", code, errOut)
+	}
+	var res scoreResult
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if res.Samples != 40 || len(res.Probabilities) != 40 || res.Accuracy == nil || res.KeyBytes == 0 {
+		t.Fatalf("result %+v", res)
+	}
+	for i, p := range res.Probabilities {
+		if want := model.Predict(data.X[i]); math.Abs(p-want) > 0.01 {
+			t.Fatalf("sample %d: encrypted %v, plaintext %v", i, p, want)
+		}
+	}
+	if code, _, errOut := veil(t, ctx, "score", "--identity", filepath.Join(dir, "client"), "--addr", "https://127.0.0.1:"+port, "--csv", filepath.Join(dir, "missing.csv")); code != 1 || errOut == "" {
+		t.Fatalf("missing CSV: exit %d %q", code, errOut)
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"net/http"
 	"encoding/pem"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"syscall"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/veilrpc/veil/internal/atomicfile"
 	"github.com/veilrpc/veil/pqkex"
@@ -120,4 +122,44 @@ func newSealingClient(dir string, authorize pqkex.Authorizer, bind bool) (*pqkex
 // classical half of the sealing roots.
 func writeRoots(dir string, c *transport.CA) error {
 	return atomicfile.Write(filepath.Join(dir, transport.BundleFile), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Root().Raw}), 0o644)
+}
+
+// newIdentityClient is the HTTP client of the CLI's client commands: the identity in
+// dir, the server authorized by serverID (default: any ID of the identity's trust
+// domain), and calls sealed end to end unless seal is "off" (default: sealed when dir
+// holds a sealing identity). It returns the sealing mode it chose.
+func newIdentityClient(dir, serverID, seal string) (*http.Client, string, error) {
+	if seal != "" && seal != "on" && seal != "off" {
+		return nil, "", fmt.Errorf("%w: --pq-seal %q: want on or off", errUsage, seal)
+	}
+	src, err := transport.LoadFiles(dir)
+	if err != nil {
+		return nil, "", err
+	}
+	svid, err := src.GetX509SVID()
+	if err != nil {
+		return nil, "", err
+	}
+	authorize := transport.AuthorizeMatching(transport.MustParsePattern("spiffe://" + svid.ID.TrustDomain().Name()))
+	pqAuthorize := pqkex.AuthorizeAny()
+	if serverID != "" {
+		id, err := spiffeid.FromString(serverID)
+		if err != nil {
+			return nil, "", fmt.Errorf("%w: --server-id: %v", errUsage, err)
+		}
+		authorize, pqAuthorize = transport.AuthorizeID(id), pqkex.AuthorizeID(id.String())
+	}
+	mode, err := sealingMode(map[string]string{"on": "strict", "off": "off", "": ""}[seal], dir)
+	if err != nil {
+		return nil, "", err
+	}
+	var opts []rpc.ClientOption
+	if mode != "off" {
+		pc, err := newSealingClient(dir, pqAuthorize, false)
+		if err != nil {
+			return nil, "", err
+		}
+		opts = append(opts, rpc.WithClientSealing(pc))
+	}
+	return rpc.NewHTTPClient(src, authorize, opts...), mode, nil
 }
