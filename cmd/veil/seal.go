@@ -2,11 +2,11 @@ package main
 
 import (
 	"context"
-	"net/http"
 	"encoding/pem"
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
