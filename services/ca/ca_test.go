@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"connectrpc.com/grpchealth"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -213,6 +214,14 @@ func TestJoinThenRenew(t *testing.T) {
 	_, err = boot.Renew(context.Background(), connect.NewRequest(&cav1.RenewRequest{Csr: csr}))
 	if connect.CodeOf(err) != connect.CodeUnauthenticated {
 		t.Fatalf("Renew without a certificate: %v", err)
+	}
+	// Nor health: the exemption is for Join alone.
+	cfg := transport.BootstrapClientConfig(x509bundle.NewSet(e.bundle(t)), transport.WithAuthorizer(transport.AuthorizeAny()))
+	tr := &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: true}
+	defer tr.CloseIdleConnections()
+	_, err = grpchealth.NewClient(&http.Client{Transport: tr}, e.url).Check(context.Background(), &grpchealth.CheckRequest{})
+	if connect.CodeOf(err) != connect.CodeUnauthenticated {
+		t.Fatalf("health without a certificate: %v", err)
 	}
 }
 
