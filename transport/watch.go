@@ -78,7 +78,7 @@ func (s *FileSource) Status() FileStatus {
 }
 
 func (s *FileSource) watchLoop(ctx context.Context, w *fsnotify.Watcher, cfg watchConfig) {
-	defer w.Close()
+	defer func() { _ = w.Close() }()
 	poll := time.NewTicker(cfg.poll)
 	defer poll.Stop()
 	// Events come in bursts (a write, a chmod, a rename, a symlink swap): reload once

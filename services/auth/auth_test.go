@@ -69,7 +69,7 @@ type countingFetcher struct {
 }
 
 func (c *countingFetcher) Token(ctx context.Context, refresh bool) (string, error) {
-	before := c.TokenSource.token
+	before := c.token
 	tok, err := c.TokenSource.Token(ctx, refresh)
 	if err == nil && tok != before {
 		c.fetched.Add(1)
