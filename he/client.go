@@ -34,7 +34,11 @@ func NewClient(params *Parameters) (c *Client, err error) {
 	}
 	kgen := rlwe.NewKeyGenerator(params.p)
 	sk, pk := kgen.GenKeyPairNew()
-	c = &Client{params: params, sk: &SecretKey{params, sk}, pk: &PublicKey{params, pk}}
+	return newClient(params, sk, pk), nil
+}
+
+func newClient(params *Parameters, sk *rlwe.SecretKey, pk *rlwe.PublicKey) *Client {
+	c := &Client{params: params, sk: &SecretKey{params, sk}, pk: &PublicKey{params, pk}}
 	c.pool.New = func() any {
 		return &clientWorker{
 			enc: hefloat.NewEncoder(hefloat.Parameters{Parameters: params.p}),
@@ -42,7 +46,7 @@ func NewClient(params *Parameters) (c *Client, err error) {
 			dec: rlwe.NewDecryptor(params.p, sk),
 		}
 	}
-	return c, nil
+	return c
 }
 
 // Params returns the client's parameters.
