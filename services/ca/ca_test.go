@@ -376,9 +376,17 @@ func TestExpiredCertificateRefused(t *testing.T) {
 	}
 	src := transport.StaticSource{SVID: &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: key},
 		Bundles: x509bundle.NewSet(e.bundle(t))}
+	// A connection opened while the certificate was valid outlives it: the CA checks
+	// the certificate again on each renewal.
+	open := ca.NewClient(e.url, e.bundle(t), "")
+	if _, err := open.Trust(context.Background(), src); err != nil {
+		t.Fatal(err)
+	}
 	for time.Now().Before(chain[0].NotAfter.Add(time.Second)) {
 		time.Sleep(100 * time.Millisecond)
 	}
+	_, err = open.Renew(context.Background(), src, csrFor(t, id.String()), 0)
+	wantRefusal(t, err, connect.CodeUnauthenticated, "expired_certificate")
 	_, err = ca.NewClient(e.url, e.bundle(t), "").Renew(context.Background(), src, csrFor(t, id.String()), 0)
 	if err == nil || connect.CodeOf(err) != connect.CodeUnavailable {
 		t.Fatalf("renewal with an expired certificate: %v", err)
