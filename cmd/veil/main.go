@@ -35,6 +35,8 @@ func commands() []command {
 		{"ca", "manage a certificate authority (init, issue, serve, token, rotate, revoke)", runCA},
 		{"serve", "serve built-in services over strict mutual TLS", runServe},
 		{"score", "score a CSV of samples on a scoring server without revealing them (CKKS)", runScore},
+		{"keys", "create CKKS key files and upload evaluation keys (gen, upload)", runKeys},
+		{"analytics", "encrypted analytics: create a study, submit records, fetch the result", runAnalytics},
 		{"model", "train a scoring model in plaintext (veil model train)", runModel},
 		{"ticket-keys", "create or rotate a pqkex ticket-key file shared by replicas", runTicketKeys},
 		{"call", "call a procedure of a compiled-in service with JSON (sealed end to end)", runCall},

@@ -343,7 +343,78 @@ func TestScoreCSV(t *testing.T) {
 			t.Fatalf("sample %d: encrypted %v, plaintext %v", i, p, want)
 		}
 	}
+	// Evaluation keys uploaded on their own, from a key file, for the scoring procedure.
+	keys := filepath.Join(dir, "client.keys")
+	if code, _, errOut := veil(t, ctx, "keys", "gen", "--params", "n14", "--out", keys); code != 0 {
+		t.Fatalf("keys gen: %s", errOut)
+	}
+	code, out, errOut = veil(t, ctx, "keys", "upload", "--keys", keys, "--identity", filepath.Join(dir, "client"), "--addr", "https://127.0.0.1:"+port, "--json")
+	if code != 0 || !strings.Contains(out, `"key_id"`) {
+		t.Fatalf("keys upload: exit %d %s %s", code, out, errOut)
+	}
 	if code, _, errOut := veil(t, ctx, "score", "--identity", filepath.Join(dir, "client"), "--addr", "https://127.0.0.1:"+port, "--csv", filepath.Join(dir, "missing.csv")); code != 1 || errOut == "" {
 		t.Fatalf("missing CSV: exit %d %q", code, errOut)
+	}
+}
+
+// TestAnalyticsCLI runs the analyst and owner flows as separate commands, the way
+// different people and processes would: the analyst's key file carries the secret key
+// from `create` to `result`.
+func TestAnalyticsCLI(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	run := func(args ...string) string {
+		t.Helper()
+		code, out, errOut := veil(t, ctx, args...)
+		if code != 0 {
+			t.Fatalf("veil %v: exit %d: %s", args, code, errOut)
+		}
+		return out
+	}
+	run("ca", "init", "--dir", filepath.Join(dir, "ca"), "--trust-domain", "example.org")
+	for _, id := range []string{"analytics", "analyst", "ns/clinics/sa/a", "ns/clinics/sa/b"} {
+		run("ca", "issue", "--dir", filepath.Join(dir, "ca"), "--id", "spiffe://example.org/"+id, "--out", filepath.Join(dir, strings.ReplaceAll(id, "/", "_")))
+	}
+	addr := "https://127.0.0.1:" + startServe(t, "--identity", filepath.Join(dir, "analytics"), "--service", "analytics")
+	keys := filepath.Join(dir, "analyst.keys")
+	run("keys", "gen", "--out", keys)
+	run("analytics", "create", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr,
+		"--study", "heights", "--owner", "spiffe://example.org/ns/clinics/sa/*", "--dimension", "2")
+	records := map[string]string{"ns_clinics_sa_a": "1.5,2\n2.5,4\n", "ns_clinics_sa_b": "3.5,6\n"}
+	for owner, csv := range records {
+		p := filepath.Join(dir, owner+".csv")
+		if err := os.WriteFile(p, []byte(csv), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		run("analytics", "submit", "--identity", filepath.Join(dir, owner), "--addr", addr, "--study", "heights", "--csv", p, "--idempotency-key", "day-1")
+	}
+	again := run("analytics", "submit", "--identity", filepath.Join(dir, "ns_clinics_sa_a"), "--addr", addr, "--study", "heights",
+		"--csv", filepath.Join(dir, "ns_clinics_sa_a.csv"), "--idempotency-key", "day-1", "--json")
+	if !strings.Contains(again, `"duplicate": true`) {
+		t.Fatalf("retried submission: %s", again)
+	}
+	var res struct {
+		Count    int       `json:"count"`
+		Mean     []float64 `json:"mean"`
+		Variance []float64 `json:"variance"`
+	}
+	out := run("analytics", "result", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr, "--study", "heights", "--json")
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	// Records (1.5,2) (2.5,4) (3.5,6): means 2.5 and 4, variances 2/3 and 8/3.
+	want := []float64{2.5, 4, 2.0 / 3, 8.0 / 3}
+	got := append(append([]float64{}, res.Mean...), res.Variance...)
+	if res.Count != 3 || len(got) != 4 {
+		t.Fatalf("result %s", out)
+	}
+	for i := range want {
+		if math.Abs(got[i]-want[i]) > 1e-4 {
+			t.Fatalf("statistic %d: %v, want %v (%s)", i, got[i], want[i], out)
+		}
+	}
+	// Only the analyst may fetch it.
+	if code, _, errOut := veil(t, ctx, "analytics", "result", "--keys", keys, "--identity", filepath.Join(dir, "ns_clinics_sa_b"), "--addr", addr, "--study", "heights"); code != 1 || !strings.Contains(errOut, "permission_denied") {
+		t.Fatalf("owner fetching the result: exit %d %s", code, errOut)
 	}
 }

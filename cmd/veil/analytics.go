@@ -1,0 +1,174 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/rpc"
+	"github.com/veilrpc/veil/services/analytics"
+)
+
+func runAnalytics(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	return runSub(ctx, "analytics", "Usage: veil analytics <create|submit|result> [flags]\n\n  create  create a study under your CKKS public key (analyst)\n  submit  submit encrypted records to a study (data owner)\n  result  fetch and decrypt a study's statistics (analyst)",
+		map[string]func(context.Context, []string, io.Writer, io.Writer) error{"create": runAnalyticsCreate, "submit": runAnalyticsSubmit, "result": runAnalyticsResult}, args, stdout, stderr)
+}
+
+// clientFlags are the flags every analytics command takes.
+type clientFlags struct{ identity, addr, serverID, seal *string }
+
+func addClientFlags(fs interface {
+	String(name, value, usage string) *string
+}) clientFlags {
+	return clientFlags{
+		identity: fs.String("identity", "", "identity directory"),
+		addr:     fs.String("addr", "", "analytics server base URL"),
+		serverID: fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)"),
+		seal:     fs.String("pq-seal", "", "seal calls end to end: on or off (default on when the identity holds pq.cred)"),
+	}
+}
+
+func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("analytics create", "analytics create --keys FILE --identity DIR --addr URL --study ID --owner PATTERN... --dimension N [--covariance] [--json]", stderr)
+	cf := addClientFlags(fs)
+	keyFile := fs.String("keys", "", "the analyst's key file (veil keys gen)")
+	study := fs.String("study", "", "study ID: lowercase letters, digits and dashes")
+	var owners stringList
+	fs.Var(&owners, "owner", "SPIFFE ID pattern of data owners who may submit; repeatable")
+	dimension := fs.Int("dimension", 0, "values per record")
+	covariance := fs.Bool("covariance", false, "owners also send pairwise products, for the covariance matrix")
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := required(fs, "keys", "identity", "addr", "study"); err != nil {
+		return err
+	}
+	if len(owners) == 0 || *dimension < 1 {
+		return fmt.Errorf("%w: veil analytics create needs --owner and --dimension", errUsage)
+	}
+	key, err := he.LoadKeyFile(*keyFile)
+	if err != nil {
+		return err
+	}
+	hc, _, err := newIdentityClient(*cf.identity, *cf.serverID, *cf.seal)
+	if err != nil {
+		return err
+	}
+	spec := analytics.StudySpec{ID: *study, OwnerPatterns: owners, Dimension: *dimension, Covariance: *covariance}
+	if err := analytics.NewAnalyst(hc, *cf.addr, key, rpc.ClientOptions()...).CreateStudy(ctx, spec); err != nil {
+		return err
+	}
+	return emit(stdout, *asJSON, map[string]any{"study": *study, "owners": []string(owners), "dimension": *dimension}, func(w io.Writer) {
+		fmt.Fprintf(w, "created study %s (%d values per record) for owners %s\n", *study, *dimension, owners.String())
+	})
+}
+
+func runAnalyticsSubmit(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("analytics submit", "analytics submit --identity DIR --addr URL --study ID --csv FILE --idempotency-key K [--json]", stderr)
+	cf := addClientFlags(fs)
+	study := fs.String("study", "", "study ID")
+	csvPath := fs.String("csv", "", "records, one per line, values separated by commas (no header)")
+	key := fs.String("idempotency-key", "", "names this submission: a retry with the same key counts once")
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := required(fs, "identity", "addr", "study", "csv", "idempotency-key"); err != nil {
+		return err
+	}
+	records, err := readRecords(*csvPath)
+	if err != nil {
+		return err
+	}
+	hc, _, err := newIdentityClient(*cf.identity, *cf.serverID, *cf.seal)
+	if err != nil {
+		return err
+	}
+	res, err := analytics.NewOwner(hc, *cf.addr, rpc.ClientOptions()...).Submit(ctx, *study, *key, records)
+	if err != nil {
+		return err
+	}
+	out := map[string]any{"study": *study, "records": len(records), "duplicate": res.Duplicate, "submissions": res.Submissions}
+	return emit(stdout, *asJSON, out, func(w io.Writer) {
+		if res.Duplicate {
+			fmt.Fprintf(w, "already counted: %s was submitted before with key %s\n", *study, *key)
+			return
+		}
+		fmt.Fprintf(w, "submitted %d encrypted records to %s (%d submissions so far)\n", len(records), *study, res.Submissions)
+	})
+}
+
+func runAnalyticsResult(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("analytics result", "analytics result --keys FILE --identity DIR --addr URL --study ID [--json]", stderr)
+	cf := addClientFlags(fs)
+	keyFile := fs.String("keys", "", "the analyst's key file")
+	study := fs.String("study", "", "study ID")
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := required(fs, "keys", "identity", "addr", "study"); err != nil {
+		return err
+	}
+	key, err := he.LoadKeyFile(*keyFile)
+	if err != nil {
+		return err
+	}
+	hc, _, err := newIdentityClient(*cf.identity, *cf.serverID, *cf.seal)
+	if err != nil {
+		return err
+	}
+	res, err := analytics.NewAnalyst(hc, *cf.addr, key, rpc.ClientOptions()...).Result(ctx, *study)
+	if err != nil {
+		return err
+	}
+	out := map[string]any{"study": *study, "submissions": res.Submissions, "count": res.Count, "mean": res.Mean, "variance": res.Variance, "sum": res.Sum}
+	if res.Covariance != nil {
+		out["covariance"] = res.Covariance
+	}
+	return emit(stdout, *asJSON, out, func(w io.Writer) {
+		fmt.Fprintf(w, "study %s: %d records from %d submissions\n", *study, res.Count, res.Submissions)
+		for i := range res.Mean {
+			fmt.Fprintf(w, "  value %d: mean %.6g, variance %.6g\n", i, res.Mean[i], res.Variance[i])
+		}
+	})
+}
+
+// readRecords reads comma-separated records, one per line; blank lines are skipped.
+func readRecords(path string) ([][]float64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var records [][]float64
+	sc := bufio.NewScanner(f)
+	for n := 1; sc.Scan(); n++ {
+		line := strings.TrimSpace(sc.Text())
+		if line == "" {
+			continue
+		}
+		var rec []float64
+		for _, field := range strings.Split(line, ",") {
+			v, err := strconv.ParseFloat(strings.TrimSpace(field), 64)
+			if err != nil {
+				return nil, fmt.Errorf("%w: %s line %d: %v", errUsage, path, n, err)
+			}
+			rec = append(rec, v)
+		}
+		records = append(records, rec)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, err
+	}
+	if len(records) == 0 {
+		return nil, fmt.Errorf("%w: %s has no records", errUsage, path)
+	}
+	return records, nil
+}
