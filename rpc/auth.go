@@ -150,7 +150,12 @@ func (a *tokenAuth) check(ctx context.Context, procedure string, h http.Header) 
 	case err != nil:
 		return authError(AuthReasonInvalid, fmt.Errorf("rpc: access token rejected: %v", err))
 	case claims.Cnf.X5tS256 != CertThumbprint(cert):
-		return authError(AuthReasonNotBound, errors.New("rpc: access token is bound to another certificate"))
+		// The connection's thumbprint is public (a hash of the certificate the client
+		// sent); it tells a client whose certificate rotated which token this
+		// connection needs.
+		err := authError(AuthReasonNotBound, errors.New("rpc: access token is bound to another certificate"))
+		err.(*connect.Error).Meta().Set("veil-auth-x5t", CertThumbprint(cert))
+		return err
 	case claims.Subject != peer.ID.String():
 		return authError(AuthReasonNotBound, fmt.Errorf("rpc: access token is for %q, not the caller %s", claims.Subject, peer.ID))
 	}
@@ -188,9 +193,19 @@ type TokenFetcher interface {
 	Token(ctx context.Context, refresh bool) (string, error)
 }
 
+// CertificateTokenFetcher is a TokenFetcher that can also provide a token bound to an
+// earlier certificate of the caller, identified by its thumbprint: a connection opened
+// before the caller's certificate rotated still presents the old one.
+type CertificateTokenFetcher interface {
+	TokenFetcher
+	TokenForCertificate(ctx context.Context, x5t string) (string, error)
+}
+
 // WithAccessTokens is a client interceptor that sends a bound access token with every
 // call, and when the server refuses it as expired or not bound, fetches a new one and
-// retries the call once. Only unary calls are retried; streams get the token.
+// retries the call once: for a connection that presents an earlier certificate of the
+// caller, a token bound to that certificate if f is a CertificateTokenFetcher. Only
+// unary calls are retried; streams get the token.
 func WithAccessTokens(f TokenFetcher) connect.ClientOption {
 	return connect.WithInterceptors(tokenClient{f})
 }
@@ -210,7 +225,17 @@ func (c tokenClient) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 		default:
 			return res, err
 		}
-		if tok, err = c.f.Token(ctx, true); err != nil {
+		x5t := ""
+		var ce *connect.Error
+		if errors.As(err, &ce) {
+			x5t = ce.Meta().Get("veil-auth-x5t")
+		}
+		if cf, ok := c.f.(CertificateTokenFetcher); ok && AuthReason(err) == AuthReasonNotBound && x5t != "" {
+			tok, err = cf.TokenForCertificate(ctx, x5t)
+		} else {
+			tok, err = c.f.Token(ctx, true)
+		}
+		if err != nil {
 			return nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("rpc: access token: %w", err))
 		}
 		req.Header().Set("Authorization", "Bearer "+tok)

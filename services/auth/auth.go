@@ -14,6 +14,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"sync"
 	"time"
@@ -21,6 +22,7 @@ import (
 	"connectrpc.com/connect"
 	"github.com/golang-jwt/jwt/v5"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	authv1 "github.com/veilrpc/veil/gen/veil/auth/v1"
 	"github.com/veilrpc/veil/gen/veil/auth/v1/authv1connect"
@@ -128,8 +130,9 @@ func LoadOrCreateKey(path string) (ed25519.PrivateKey, error) {
 
 // TokenSource obtains access tokens for one audience from a token service over mutual
 // TLS as src, and caches each until shortly before it expires. It implements
-// rpc.TokenFetcher. When src's certificate changes it reconnects, so that new tokens are
-// bound to the certificate new connections present.
+// rpc.CertificateTokenFetcher: it keeps the certificates src has had (until they
+// expire), so that it can also mint a token bound to an earlier certificate for a
+// connection opened before src rotated.
 type TokenSource struct {
 	src      transport.Source
 	url      string
@@ -138,8 +141,14 @@ type TokenSource struct {
 	now      func() time.Time
 
 	mu     sync.Mutex
+	leaves map[string]*leafTokens // by certificate thumbprint
+}
+
+// leafTokens is the token service client and cached token of one certificate.
+type leafTokens struct {
+	svid   *x509svid.SVID
+	hc     *http.Client
 	client authv1connect.TokenServiceClient
-	leaf   *x509.Certificate
 	token  string
 	exp    time.Time
 	life   time.Duration
@@ -148,31 +157,74 @@ type TokenSource struct {
 // NewTokenSource returns a TokenSource for tokens to audience from the token service at
 // url, whose SPIFFE ID server authorizes.
 func NewTokenSource(src transport.Source, url string, server transport.Authorizer, audience spiffeid.ID) *TokenSource {
-	return &TokenSource{src: src, url: url, server: server, audience: audience.String(), now: time.Now}
+	return &TokenSource{src: src, url: url, server: server, audience: audience.String(), now: time.Now, leaves: map[string]*leafTokens{}}
 }
 
-// Token returns the cached token, or a new one if refresh is set, none is cached, it
-// has less than a fifth of its life left, or the certificate has changed.
+// Token returns a token bound to src's current certificate: the cached one unless
+// refresh is set, none is cached, or it has less than a fifth of its life left.
 func (t *TokenSource) Token(ctx context.Context, refresh bool) (string, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
 	svid, err := t.src.GetX509SVID()
 	if err != nil {
 		return "", err
 	}
-	leaf := svid.Certificates[0]
-	if t.client == nil || leaf != t.leaf {
-		hc := rpc.NewHTTPClient(t.src, t.server)
-		t.client, t.leaf, t.token = authv1connect.NewTokenServiceClient(hc, t.url, rpc.ClientOptions()...), leaf, ""
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	x5t := rpc.CertThumbprint(svid.Certificates[0])
+	l, ok := t.leaves[x5t]
+	if !ok {
+		t.prune()
+		l = t.newLeaf(svid)
+		t.leaves[x5t] = l
 	}
-	if !refresh && t.token != "" && t.now().Before(t.exp.Add(-t.life/5)) {
-		return t.token, nil
+	return t.mint(ctx, l, refresh)
+}
+
+// TokenForCertificate returns a token bound to an earlier certificate of src, which
+// must not have expired.
+func (t *TokenSource) TokenForCertificate(ctx context.Context, x5t string) (string, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	l, ok := t.leaves[x5t]
+	if !ok || !t.now().Before(l.svid.Certificates[0].NotAfter) {
+		return "", errors.New("auth: no valid certificate with that thumbprint")
 	}
-	res, err := t.client.IssueToken(ctx, connect.NewRequest(&authv1.IssueTokenRequest{Audience: t.audience}))
+	return t.mint(ctx, l, false)
+}
+
+// newLeaf is the state for one certificate: its own client, presenting that
+// certificate, so the token service binds to it.
+func (t *TokenSource) newLeaf(svid *x509svid.SVID) *leafTokens {
+	hc := rpc.NewHTTPClient(fixedSVID{svid: svid, Source: t.src}, t.server)
+	return &leafTokens{svid: svid, hc: hc, client: authv1connect.NewTokenServiceClient(hc, t.url, rpc.ClientOptions()...)}
+}
+
+func (t *TokenSource) mint(ctx context.Context, l *leafTokens, refresh bool) (string, error) {
+	if !refresh && l.token != "" && t.now().Before(l.exp.Add(-l.life/5)) {
+		return l.token, nil
+	}
+	res, err := l.client.IssueToken(ctx, connect.NewRequest(&authv1.IssueTokenRequest{Audience: t.audience}))
 	if err != nil {
 		return "", err
 	}
-	t.token, t.exp = res.Msg.GetToken(), time.Unix(res.Msg.GetExpiresUnix(), 0)
-	t.life = t.exp.Sub(t.now())
-	return t.token, nil
+	l.token, l.exp = res.Msg.GetToken(), time.Unix(res.Msg.GetExpiresUnix(), 0)
+	l.life = l.exp.Sub(t.now())
+	return l.token, nil
 }
+
+// prune forgets expired certificates.
+func (t *TokenSource) prune() {
+	for k, l := range t.leaves {
+		if !t.now().Before(l.svid.Certificates[0].NotAfter) {
+			l.hc.CloseIdleConnections()
+			delete(t.leaves, k)
+		}
+	}
+}
+
+// fixedSVID presents one certificate, with the trust bundles of the source it came from.
+type fixedSVID struct {
+	svid *x509svid.SVID
+	transport.Source
+}
+
+func (f fixedSVID) GetX509SVID() (*x509svid.SVID, error) { return f.svid, nil }

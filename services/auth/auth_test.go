@@ -17,6 +17,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	authv1 "github.com/veilrpc/veil/gen/veil/auth/v1"
 	"github.com/veilrpc/veil/gen/veil/auth/v1/authv1connect"
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
@@ -62,20 +63,24 @@ func start(t *testing.T, srv *rpc.Server) string {
 	return "https://" + ln.Addr().String()
 }
 
-// countingFetcher counts the tokens fetched from the service.
-type countingFetcher struct {
-	*TokenSource
-	fetched atomic.Int64
+// countingService counts the tokens it issues.
+type countingService struct {
+	*Service
+	issued atomic.Int64
 }
 
-func (c *countingFetcher) Token(ctx context.Context, refresh bool) (string, error) {
-	before := c.token
-	tok, err := c.TokenSource.Token(ctx, refresh)
-	if err == nil && tok != before {
-		c.fetched.Add(1)
-	}
-	return tok, err
+func (c *countingService) IssueToken(ctx context.Context, req *connect.Request[authv1.IssueTokenRequest]) (*connect.Response[authv1.IssueTokenResponse], error) {
+	c.issued.Add(1)
+	return c.Service.IssueToken(ctx, req)
 }
+
+// rotatingSource is a Source whose certificate the test replaces.
+type rotatingSource struct {
+	transport.Source // bundles
+	svid             atomic.Pointer[x509svid.SVID]
+}
+
+func (r *rotatingSource) GetX509SVID() (*x509svid.SVID, error) { return r.svid.Load(), nil }
 
 func TestBoundTokens(t *testing.T) {
 	ca, err := transport.InitCA(filepath.Join(t.TempDir(), "ca"), "example.org")
@@ -94,7 +99,8 @@ func TestBoundTokens(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rpc.Register(tokens, authv1connect.NewTokenServiceHandler, authv1connect.TokenServiceHandler(New(authID, key, time.Minute, clock)))
+	svc := &countingService{Service: New(authID, key, time.Minute, clock)}
+	rpc.Register(tokens, authv1connect.NewTokenServiceHandler, authv1connect.TokenServiceHandler(svc))
 	authURL := start(t, tokens)
 
 	echoSrv, err := rpc.NewServer(source(t, ca, echoID),
@@ -106,8 +112,11 @@ func TestBoundTokens(t *testing.T) {
 	rpc.Register(echoSrv, echov1connect.NewEchoServiceHandler, echov1connect.EchoServiceHandler(echo.New()))
 	echoURL := start(t, echoSrv)
 
-	srcA, srcB := source(t, ca, callerA), source(t, ca, callerB)
-	fetcher := &countingFetcher{TokenSource: NewTokenSource(srcA, authURL, transport.AuthorizeID(authID), echoID)}
+	srcA := &rotatingSource{Source: source(t, ca, callerA)}
+	first, _ := srcA.Source.GetX509SVID()
+	srcA.svid.Store(first)
+	srcB := source(t, ca, callerB)
+	fetcher := NewTokenSource(srcA, authURL, transport.AuthorizeID(authID), echoID)
 	hcA := rpc.NewHTTPClient(srcA, transport.AuthorizeID(echoID))
 	withTokens := echov1connect.NewEchoServiceClient(hcA, echoURL, append(rpc.ClientOptions(), rpc.WithAccessTokens(fetcher))...)
 	ctx := context.Background()
@@ -119,8 +128,8 @@ func TestBoundTokens(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if n := fetcher.fetched.Load(); n != 1 {
-		t.Fatalf("%d tokens fetched for 3 calls, want 1 (cached)", n)
+	if n := svc.issued.Load(); n != 1 {
+		t.Fatalf("%d tokens issued for 3 calls, want 1 (cached)", n)
 	}
 	// The server's clock passes the token's expiry: the call is refused as expired,
 	// the client fetches a new token and retries once, and the call succeeds.
@@ -128,12 +137,30 @@ func TestBoundTokens(t *testing.T) {
 	if _, err := withTokens.Echo(ctx, req()); err != nil {
 		t.Fatalf("call after expiry: %v", err)
 	}
-	if n := fetcher.fetched.Load(); n != 2 {
-		t.Fatalf("%d tokens fetched after expiry, want 2", n)
+	if n := svc.issued.Load(); n != 2 {
+		t.Fatalf("%d tokens issued after expiry, want 2", n)
+	}
+
+	// The caller's certificate rotates while its connection to echo, opened with the
+	// old one, stays up: the new token is refused as not bound to that connection, and
+	// the client retries with a token for the old certificate.
+	second, _ := source(t, ca, callerA).GetX509SVID()
+	srcA.svid.Store(second)
+	refusedBefore := refused(t, echoSrv)
+	if _, err := withTokens.Echo(ctx, req()); err != nil {
+		t.Fatalf("call on a connection from before the rotation: %v", err)
+	}
+	if n := refused(t, echoSrv) - refusedBefore; n != 1 {
+		t.Fatalf("%v refusals before the retry, want 1 (token_not_bound on the old connection)", n)
+	}
+	fresh := echov1connect.NewEchoServiceClient(rpc.NewHTTPClient(srcA, transport.AuthorizeID(echoID)), echoURL,
+		append(rpc.ClientOptions(), rpc.WithAccessTokens(fetcher))...)
+	if _, err := fresh.Echo(ctx, req()); err != nil {
+		t.Fatalf("call on a new connection after the rotation: %v", err)
 	}
 
 	// Refusals, without the retrying interceptor.
-	tokA, err := fetcher.TokenSource.Token(ctx, false)
+	tokA, err := fetcher.Token(ctx, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,6 +197,29 @@ func TestBoundTokens(t *testing.T) {
 	if _, err := plainA.Echo(ctx, r); rpc.AuthReason(err) != rpc.AuthReasonExpired {
 		t.Fatalf("expired token without retry: %v", err)
 	}
+}
+
+// refused counts the echo calls the server answered with unauthenticated.
+func refused(t *testing.T, srv *rpc.Server) float64 {
+	t.Helper()
+	mfs, err := srv.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n float64
+	for _, mf := range mfs {
+		if mf.GetName() != "veil_rpc_calls_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "code" && l.GetValue() == "unauthenticated" {
+					n += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return n
 }
 
 func TestLoadOrCreateKey(t *testing.T) {
