@@ -90,4 +90,3 @@ func Average(ctx context.Context, client examplev1connect.AverageServiceClient, 
 func ReadLimit(params *he.Parameters) int64 {
 	return 16*he.MaxVectorWireSize(params, params.Slots()) + 64<<10
 }
-
