@@ -304,7 +304,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	if metricsSrv != nil {
 		_ = metricsSrv.Close()
 	}
-	_ = <-errc // ServeTLS returns http.ErrServerClosed once Shutdown or Close began
+	if serveErr := <-errc; serveErr != nil && !errors.Is(serveErr, http.ErrServerClosed) {
+		s.cfg.logger.Warn("rpc: serve ended with an error during shutdown", "err", serveErr)
+	}
 	if err != nil {
 		return fmt.Errorf("rpc: shutdown: in-flight calls outlasted the %s grace period: %w", s.cfg.grace, err)
 	}

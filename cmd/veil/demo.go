@@ -252,7 +252,9 @@ func (d *demo) serve(ctx context.Context, srv *rpc.Server) (string, error) {
 	go func() { done <- srv.Serve(sctx, ln) }()
 	d.stops = append(d.stops, func() {
 		stop()
-		_ = <-done // a demo server's shutdown error changes nothing in the report
+		if err := <-done; err != nil {
+			d.logger.Warn("demo server shutdown", "err", err)
+		}
 	})
 	return "https://" + ln.Addr().String(), nil
 }
