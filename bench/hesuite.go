@@ -445,5 +445,5 @@ func hePreset(cfg *config, e *env, rep *Report, name string, params *he.Paramete
 	rep.ratio("wire_vs_raw_bytes"+suffix, rpcS, "wire_bytes", rawS, "wire_bytes")
 	rep.ratio("rpc_vs_raw_cpu_per_batch"+suffix, rpcS, "cpu_ms_per_batch", rawS, "cpu_ms_per_batch")
 	rep.ratio("wrapper_vs_raw_cpu_per_batch"+suffix, wrapS, "cpu_ms_per_batch", rawS, "cpu_ms_per_batch")
-	return nil
+	return heVersusSEAL(cfg, rep, name, params)
 }
