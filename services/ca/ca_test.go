@@ -370,7 +370,9 @@ func TestExpiredCertificateRefused(t *testing.T) {
 	}
 	id := spiffeid.RequireFromString("spiffe://example.org/api")
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	chain, err := c.Issue(id, &key.PublicKey, time.Second)
+	// Three seconds: X.509 times have whole seconds, so a one-second lifetime can end
+	// almost at once after truncation and fail the first (valid) call.
+	chain, err := c.Issue(id, &key.PublicKey, 3*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
