@@ -134,7 +134,10 @@ func TestNetworkPartition(t *testing.T) {
 	}
 	g, fd := settle(t, hc.Transport.(interface{ CloseIdleConnections() }))
 	t.Logf("goroutines %d -> %d, open descriptors %d -> %d", baseG, g, baseFD, fd)
-	if g > baseG || fd > baseFD {
+	// A leaked connection holds a descriptor (and at least two goroutines: the HTTP/2
+	// read loop and the write coalescer), so descriptors are compared exactly; one
+	// goroutine of slack absorbs unrelated runtime and Docker-client housekeeping.
+	if g > baseG+1 || fd > baseFD {
 		t.Fatalf("leak: goroutines %d -> %d, open descriptors %d -> %d", baseG, g, baseFD, fd)
 	}
 
