@@ -77,6 +77,10 @@ func unixSeconds(t time.Time) uint64 {
 	return uint64(s)
 }
 
+// maxCredentialTime is 9999-12-31T23:59:59Z in Unix seconds, the latest time a
+// credential may name.
+const maxCredentialTime = 253402300799
+
 func fromUnix(s uint64) time.Time {
 	if s > math.MaxInt64 {
 		s = math.MaxInt64
@@ -111,6 +115,9 @@ func IssueCredential(pqCA, classicalCA crypto.Signer, suite Scheme, spiffeID str
 	}
 	if !notAfter.After(notBefore) {
 		return nil, errors.New("pqkex: empty validity period")
+	}
+	if notBefore.Unix() < 0 || notAfter.Unix() > maxCredentialTime {
+		return nil, errors.New("pqkex: validity outside 1970-9999")
 	}
 	if _, err := suite.UnmarshalBinaryPublicKey(staticPublicKey); err != nil {
 		return nil, errors.New("pqkex: static public key does not match the suite")
@@ -173,7 +180,10 @@ func ParseCredential(b []byte) (*Credential, error) {
 	tbsLen := len(b) - len(p.b)
 	pqSig := p.exact16(mldsa65.SignatureSize)
 	clSig := p.vec16()
-	if !p.ok() || !validSPIFFEID(string(id)) || len(clSig) == 0 {
+	// Times past the year 9999 are refused: they would not re-encode to the same bytes
+	// (time.Time cannot hold every uint64 of seconds), which would make credentials
+	// malleable (found by FuzzParseCredential).
+	if !p.ok() || !validSPIFFEID(string(id)) || len(clSig) == 0 || nb > maxCredentialTime || na > maxCredentialTime {
 		return nil, errMalformed
 	}
 	raw := append([]byte(nil), b...)
