@@ -120,3 +120,6 @@ func IsKeysMissing(err error) (KeyID, bool) {
 
 // abortedCode marks an upload stream superseded by a newer one.
 const abortedCode = connect.CodeAborted
+
+// unavailableCode marks a failing key store: retry later.
+const unavailableCode = connect.CodeUnavailable

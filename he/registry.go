@@ -2,16 +2,14 @@ package he
 
 import (
 	"container/list"
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
-	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 )
@@ -24,11 +22,13 @@ import (
 // Memory is bounded: every partial upload is charged its full size when it starts, and
 // every parsed key set its in-memory size (MemorySize) before it is parsed; room is
 // made by evicting the least recently used key sets, and what cannot fit is refused
-// with resource_exhausted. Key sets expire TTL after their last use. With a store
-// directory, complete key sets are also written to disk (0600, atomically), so that
-// eviction and restarts do not lose them; expiry deletes them there too. A key set
-// that is gone is not_found with an EvaluationKeysMissing detail: the client library
-// uploads it again and retries once.
+// with resource_exhausted. Key sets expire TTL after their last use. With a KeyStore
+// (WithStore for a directory, WithKeyStore for a shared store such as NATS JetStream),
+// complete key sets are also saved there before an upload is acknowledged, so that
+// eviction, restarts and other replicas do not lose them; expiry deletes them there
+// too. A key set that is gone is not_found with an EvaluationKeysMissing detail: the
+// client library uploads it again and retries once. A store that fails is
+// unavailable: the client retries, and nothing acknowledged is lost.
 type Registry struct {
 	params *Parameters
 	cfg    registryConfig
@@ -51,6 +51,8 @@ type registryConfig struct {
 	uploadTTL time.Duration
 	maxSet    int64
 	dir       string
+	store     KeyStore
+	timeout   time.Duration
 	now       func() time.Time
 }
 
@@ -76,9 +78,16 @@ func WithMaxKeySetSize(bytes int64) RegistryOption {
 	return func(c *registryConfig) { c.maxSet = bytes }
 }
 
-// WithStore keeps complete key sets in dir as well (created 0700 if missing; files
-// 0600, written atomically), so that eviction and restarts do not lose them.
+// WithStore keeps complete key sets in dir as well (a DirStore: created 0700 if
+// missing; files 0600, written atomically), so that eviction and restarts do not lose
+// them.
 func WithStore(dir string) RegistryOption { return func(c *registryConfig) { c.dir = dir } }
+
+// WithKeyStore keeps complete key sets in store as well. Every store operation is
+// bounded by timeout (default 30 seconds).
+func WithKeyStore(store KeyStore, timeout time.Duration) RegistryOption {
+	return func(c *registryConfig) { c.store, c.timeout = store, timeout }
+}
 
 // WithClock replaces time.Now (tests).
 func WithClock(now func() time.Time) RegistryOption { return func(c *registryConfig) { c.now = now } }
@@ -120,9 +129,17 @@ func NewRegistry(params *Parameters, opts ...RegistryOption) (*Registry, error) 
 		return nil, invalidf("registry: budget, TTLs and maximum size must be positive")
 	}
 	if cfg.dir != "" {
-		if err := os.MkdirAll(cfg.dir, 0o700); err != nil {
-			return nil, internalf("registry: cannot create the store")
+		if cfg.store != nil {
+			return nil, invalidf("registry: WithStore and WithKeyStore are exclusive")
 		}
+		d, err := NewDirStore(cfg.dir)
+		if err != nil {
+			return nil, err
+		}
+		cfg.store = d
+	}
+	if cfg.timeout <= 0 {
+		cfg.timeout = 30 * time.Second
 	}
 	return &Registry{params: params, cfg: cfg, entries: map[KeyID]*regEntry{}, lru: list.New(), uploads: map[uploadKey]*upload{}}, nil
 }
@@ -154,9 +171,17 @@ func (r *Registry) dropLocked(e *regEntry, expired bool) {
 	r.lru.Remove(e.elem)
 	delete(r.entries, e.id)
 	r.used -= e.mem
-	if expired && r.cfg.dir != "" {
-		_ = os.Remove(r.path(e.id))
+	if expired && r.cfg.store != nil {
+		go func(id KeyID) {
+			ctx, cancel := r.storeCtx()
+			defer cancel()
+			_ = r.cfg.store.Delete(ctx, id)
+		}(e.id)
 	}
+}
+
+func (r *Registry) storeCtx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), r.cfg.timeout)
 }
 
 func (r *Registry) expireLocked() {
@@ -195,15 +220,37 @@ func (r *Registry) Put(owner string, data []byte) (KeyID, error) {
 		return id, nil
 	}
 	r.mu.Unlock()
-	if owner2, ok := r.diskOwner(id); ok && owner2 != owner {
-		return "", permissionf("evaluation keys %s belong to another identity", id.short())
+	found := false
+	if r.cfg.store != nil {
+		owner2, ok, err := r.storedOwner(id)
+		if err != nil {
+			return "", err
+		}
+		if ok && owner2 != owner {
+			return "", permissionf("evaluation keys %s belong to another identity", id.short())
+		}
+		found = ok
 	}
 	if err := r.admit(id, owner, data); err != nil {
 		return "", err
 	}
-	if r.cfg.dir != "" {
-		if err := r.writeStore(id, owner, data); err != nil {
-			return "", err
+	if r.cfg.store != nil && !found {
+		// Saved before it is acknowledged: an acknowledged upload survives this
+		// process and is visible to every replica sharing the store.
+		ctx, cancel := r.storeCtx()
+		err := r.cfg.store.Save(ctx, id, owner, data)
+		cancel()
+		if err != nil {
+			r.mu.Lock()
+			if e, ok := r.entries[id]; ok {
+				r.dropLocked(e, false)
+			}
+			r.mu.Unlock()
+			var he *heError
+			if errors.As(err, &he) {
+				return "", err
+			}
+			return "", storeUnavailable()
 		}
 	}
 	return id, nil
@@ -266,9 +313,13 @@ func (r *Registry) useLocked(e *regEntry) {
 	now := r.cfg.now()
 	e.expires = now.Add(r.cfg.ttl)
 	r.lru.MoveToFront(e.elem)
-	if r.cfg.dir != "" && now.Sub(e.touched) > r.cfg.ttl/16 {
+	if r.cfg.store != nil && now.Sub(e.touched) > r.cfg.ttl/16 {
 		e.touched = now
-		_ = os.Chtimes(r.path(e.id), now, now)
+		go func(id KeyID) {
+			ctx, cancel := r.storeCtx()
+			defer cancel()
+			_ = r.cfg.store.Touch(ctx, id)
+		}(e.id)
 	}
 }
 
@@ -319,7 +370,7 @@ func (r *Registry) entry(owner string, id KeyID) (*regEntry, error) {
 		return e, nil
 	}
 	r.mu.Unlock()
-	if r.cfg.dir == "" {
+	if r.cfg.store == nil {
 		return nil, keysMissing(id, "not held (expired, evicted or never uploaded)")
 	}
 	diskOwner, data, release, err := r.readStore(id)
@@ -342,106 +393,68 @@ func (r *Registry) entry(owner string, id KeyID) (*regEntry, error) {
 	return e, nil
 }
 
-// Store format: "VHKS1\n<owner>\n" followed by the encoded key set.
-const storeMagic = "VHKS1\n"
-
-func (r *Registry) path(id KeyID) string { return filepath.Join(r.cfg.dir, string(id)+".vhk") }
-
-func (r *Registry) writeStore(id KeyID, owner string, data []byte) error {
-	if strings.ContainsAny(owner, "\n\x00") {
-		return invalidf("identity contains a newline")
+// storedOwner returns the owner of a stored key set; found is false when the store
+// has none (or it expired there).
+func (r *Registry) storedOwner(id KeyID) (owner string, found bool, err error) {
+	ctx, cancel := r.storeCtx()
+	defer cancel()
+	info, err := r.cfg.store.Stat(ctx, id)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return "", false, nil
+	case err != nil:
+		return "", false, storeUnavailable()
+	case r.cfg.now().After(info.Modified.Add(r.cfg.ttl)):
+		return "", false, nil
 	}
-	tmp, err := os.CreateTemp(r.cfg.dir, ".vhk-*")
-	if err != nil {
-		return internalf("registry store: create")
-	}
-	defer os.Remove(tmp.Name())
-	ok := tmp.Chmod(0o600) == nil
-	_, werr := tmp.WriteString(storeMagic + owner + "\n")
-	_, werr2 := tmp.Write(data)
-	ok = ok && werr == nil && werr2 == nil && tmp.Sync() == nil
-	if cerr := tmp.Close(); !ok || cerr != nil {
-		return internalf("registry store: write")
-	}
-	if err := os.Rename(tmp.Name(), r.path(id)); err != nil {
-		return internalf("registry store: rename")
-	}
-	if d, err := os.Open(r.cfg.dir); err == nil {
-		_ = d.Sync()
-		_ = d.Close()
-	}
-	return nil
+	return info.Owner, true, nil
 }
 
-func (r *Registry) diskOwner(id KeyID) (string, bool) {
-	if r.cfg.dir == "" {
-		return "", false
-	}
-	f, err := os.Open(r.path(id))
-	if err != nil {
-		return "", false
-	}
-	defer f.Close()
-	head := make([]byte, len(storeMagic)+512)
-	n, _ := f.Read(head)
-	owner, _, ok := parseStoreHeader(head[:n])
-	return owner, ok
-}
-
-func parseStoreHeader(b []byte) (owner string, rest []byte, ok bool) {
-	if !strings.HasPrefix(string(b), storeMagic) {
-		return "", nil, false
-	}
-	b = b[len(storeMagic):]
-	i := strings.IndexByte(string(b), '\n')
-	if i <= 0 {
-		return "", nil, false
-	}
-	return string(b[:i]), b[i+1:], true
-}
-
-// readStore reads a stored key set, honouring its TTL (file mtime + TTL). The file's
-// size stays charged against the budget until the caller calls release.
+// readStore reads a stored key set, honouring its TTL (last save or touch + TTL). The
+// set's size stays charged against the budget until the caller calls release.
 func (r *Registry) readStore(id KeyID) (owner string, data []byte, release func(), err error) {
-	p := r.path(id)
-	st, err := os.Stat(p)
+	ctx, cancel := r.storeCtx()
+	defer cancel()
+	info, err := r.cfg.store.Stat(ctx, id)
 	if errors.Is(err, fs.ErrNotExist) {
 		return "", nil, nil, keysMissing(id, "not held (expired, evicted or never uploaded)")
 	}
 	if err != nil {
-		return "", nil, nil, internalf("registry store: stat")
+		return "", nil, nil, storeUnavailable()
 	}
-	if r.cfg.now().After(st.ModTime().Add(r.cfg.ttl)) {
-		_ = os.Remove(p)
+	if r.cfg.now().After(info.Modified.Add(r.cfg.ttl)) {
+		_ = r.cfg.store.Delete(ctx, id)
 		return "", nil, nil, keysMissing(id, "expired")
 	}
-	if st.Size() > r.cfg.maxSet+int64(len(storeMagic))+1024 {
-		return "", nil, nil, internalf("registry store: oversized file")
+	if info.Size > r.cfg.maxSet || info.Size < 0 {
+		return "", nil, nil, internalf("registry store: oversized key set %s", id.short())
 	}
-	// The file's bytes are charged while they are read and parsed, like an upload.
+	// The stored bytes are charged while they are read and parsed, like an upload.
 	r.mu.Lock()
-	err = r.reserve(st.Size())
+	err = r.reserve(info.Size)
 	r.mu.Unlock()
 	if err != nil {
 		return "", nil, nil, err
 	}
 	release = func() {
 		r.mu.Lock()
-		r.used -= st.Size()
+		r.used -= info.Size
 		r.mu.Unlock()
 	}
-	b, err := os.ReadFile(p)
+	data, err = r.cfg.store.Load(ctx, id)
 	if err != nil {
 		release()
-		return "", nil, nil, internalf("registry store: read")
+		if errors.Is(err, fs.ErrNotExist) {
+			return "", nil, nil, keysMissing(id, "not held (expired, evicted or never uploaded)")
+		}
+		return "", nil, nil, storeUnavailable()
 	}
-	owner, data, ok := parseStoreHeader(b)
 	sum := sha256.Sum256(data)
-	if !ok || KeyID(hex.EncodeToString(sum[:])) != id {
+	if int64(len(data)) != info.Size || KeyID(hex.EncodeToString(sum[:])) != id {
 		release()
-		return "", nil, nil, internalf("registry store: corrupt file for %s", id.short())
+		return "", nil, nil, internalf("registry store: corrupt copy of %s", id.short())
 	}
-	return owner, data, release, nil
+	return info.Owner, data, release, nil
 }
 
 // beginUpload opens or resumes owner's upload of id at offset. A new stream takes an
@@ -551,8 +564,12 @@ func (r *Registry) status(owner string, id KeyID) (received, total int64, comple
 		return int64(len(u.buf)), u.total, false, nil
 	}
 	r.mu.Unlock()
-	if r.cfg.dir != "" {
-		if o, ok := r.diskOwner(id); ok {
+	if r.cfg.store != nil {
+		o, found, err := r.storedOwner(id)
+		if err != nil {
+			return 0, 0, false, err
+		}
+		if found {
 			if o != owner {
 				return 0, 0, false, permissionf("evaluation keys %s belong to another identity", id.short())
 			}

@@ -1,0 +1,180 @@
+package he
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// KeyStore keeps complete encoded evaluation-key sets outside the process, so that
+// eviction and restarts do not lose them and, with a shared store, so that every
+// replica of a service can use the key sets uploaded through any of them. A Registry
+// uses its store as the durable copy behind its in-memory cache: an upload is
+// acknowledged only after Save returned, and a key set missing from memory is loaded
+// back with Load.
+//
+// DirStore is the embedded store (a directory). A shared store is any type with these
+// methods, such as the NATS JetStream Object Store of package natsstate. Methods
+// report a missing key set with an error matching fs.ErrNotExist; any other error
+// means the store is unreachable or failing, which the registry reports as
+// unavailable (the client retries) and never as a missing key set.
+//
+// The registry checks everything it loads: the content must hash to its key ID and
+// parse under the registry's parameters, so a store needs no more trust than it is
+// given durability.
+type KeyStore interface {
+	// Save stores data as key set id owned by owner, durably, before it returns.
+	Save(ctx context.Context, id KeyID, owner string, data []byte) error
+	// Stat returns what is known of a stored key set without reading it.
+	Stat(ctx context.Context, id KeyID) (KeyInfo, error)
+	// Load returns a stored key set's encoding.
+	Load(ctx context.Context, id KeyID) ([]byte, error)
+	// Touch records a use of a stored key set (its Modified time becomes now).
+	Touch(ctx context.Context, id KeyID) error
+	// Delete removes a stored key set; deleting a missing one is not an error.
+	Delete(ctx context.Context, id KeyID) error
+}
+
+// KeyInfo describes a stored key set.
+type KeyInfo struct {
+	Owner    string    // the SPIFFE ID that uploaded it
+	Size     int64     // bytes of its encoding
+	Modified time.Time // when it was saved or last touched
+}
+
+// DirStore is a KeyStore in a local directory: one file per key set, written 0600 and
+// atomically (a temporary file renamed into place), named by key ID.
+type DirStore struct{ dir string }
+
+// NewDirStore returns a store in dir, creating it (0700) if missing.
+func NewDirStore(dir string) (*DirStore, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, internalf("registry: cannot create the store")
+	}
+	return &DirStore{dir: dir}, nil
+}
+
+var _ KeyStore = (*DirStore)(nil)
+
+// Store format: "VHKS1\n<owner>\n" followed by the encoded key set.
+const storeMagic = "VHKS1\n"
+
+func (d *DirStore) path(id KeyID) string { return filepath.Join(d.dir, string(id)+".vhk") }
+
+// Save implements KeyStore.
+func (d *DirStore) Save(_ context.Context, id KeyID, owner string, data []byte) error {
+	if !validKeyID(string(id)) {
+		return invalidf("malformed key ID")
+	}
+	if strings.ContainsAny(owner, "\n\x00") {
+		return invalidf("identity contains a newline")
+	}
+	tmp, err := os.CreateTemp(d.dir, ".vhk-*")
+	if err != nil {
+		return errors.New("he: key store: create")
+	}
+	defer os.Remove(tmp.Name())
+	ok := tmp.Chmod(0o600) == nil
+	_, werr := tmp.WriteString(storeMagic + owner + "\n")
+	_, werr2 := tmp.Write(data)
+	ok = ok && werr == nil && werr2 == nil && tmp.Sync() == nil
+	if cerr := tmp.Close(); !ok || cerr != nil {
+		return errors.New("he: key store: write")
+	}
+	if err := os.Rename(tmp.Name(), d.path(id)); err != nil {
+		return errors.New("he: key store: rename")
+	}
+	if f, err := os.Open(d.dir); err == nil {
+		_ = f.Sync()
+		_ = f.Close()
+	}
+	return nil
+}
+
+// Stat implements KeyStore.
+func (d *DirStore) Stat(_ context.Context, id KeyID) (KeyInfo, error) {
+	if !validKeyID(string(id)) {
+		return KeyInfo{}, fs.ErrNotExist
+	}
+	f, err := os.Open(d.path(id))
+	if err != nil {
+		return KeyInfo{}, storeErr(err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return KeyInfo{}, storeErr(err)
+	}
+	head := make([]byte, len(storeMagic)+512)
+	n, _ := f.Read(head)
+	owner, rest, ok := parseStoreHeader(head[:n])
+	if !ok {
+		return KeyInfo{}, errors.New("he: key store: corrupt file")
+	}
+	hdr := int64(n - len(rest))
+	return KeyInfo{Owner: owner, Size: st.Size() - hdr, Modified: st.ModTime()}, nil
+}
+
+// Load implements KeyStore.
+func (d *DirStore) Load(_ context.Context, id KeyID) ([]byte, error) {
+	if !validKeyID(string(id)) {
+		return nil, fs.ErrNotExist
+	}
+	b, err := os.ReadFile(d.path(id))
+	if err != nil {
+		return nil, storeErr(err)
+	}
+	_, data, ok := parseStoreHeader(b)
+	if !ok {
+		return nil, errors.New("he: key store: corrupt file")
+	}
+	return data, nil
+}
+
+// Touch implements KeyStore.
+func (d *DirStore) Touch(_ context.Context, id KeyID) error {
+	now := time.Now()
+	return storeErr(os.Chtimes(d.path(id), now, now))
+}
+
+// Delete implements KeyStore.
+func (d *DirStore) Delete(_ context.Context, id KeyID) error {
+	if err := os.Remove(d.path(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return errors.New("he: key store: delete")
+	}
+	return nil
+}
+
+// storeErr keeps fs.ErrNotExist recognisable and drops paths from other errors.
+func storeErr(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, fs.ErrNotExist):
+		return fs.ErrNotExist
+	default:
+		return errors.New("he: key store: i/o error")
+	}
+}
+
+func parseStoreHeader(b []byte) (owner string, rest []byte, ok bool) {
+	if !strings.HasPrefix(string(b), storeMagic) {
+		return "", nil, false
+	}
+	b = b[len(storeMagic):]
+	i := strings.IndexByte(string(b), '\n')
+	if i <= 0 {
+		return "", nil, false
+	}
+	return string(b[:i]), b[i+1:], true
+}
+
+// storeUnavailable is the error a registry returns when its store fails: unavailable,
+// so clients retry, and never not_found, which would make them upload again.
+func storeUnavailable() error {
+	return newErr(unavailableCode, "evaluation-key store unavailable")
+}
