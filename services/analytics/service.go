@@ -10,8 +10,10 @@
 // analyst may fetch the result; the analyst's client decrypts it and derives
 // variance and covariance (second moment minus the product of means).
 //
-// Submissions are durable with WithStore (one file per submission, written
-// atomically, 0600) and idempotent: the same owner and idempotency key count once.
+// Submissions are durable with a Store (WithStore: one file per submission, written
+// atomically, 0600; WithStudyStore: a shared store such as NATS JetStream, so that
+// replicas share studies and submissions) and idempotent: the same owner and
+// idempotency key count once, across replicas too.
 // See docs/services.md for what the service learns.
 package analytics
 
@@ -21,10 +23,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
-	"strings"
+	"io/fs"
 	"sync"
+	"time"
 
 	"connectrpc.com/connect"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -34,7 +35,6 @@ import (
 	"github.com/veilrpc/veil/gen/veil/analytics/v1/analyticsv1connect"
 	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
 	"github.com/veilrpc/veil/he"
-	"github.com/veilrpc/veil/internal/atomicfile"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -51,13 +51,21 @@ const (
 type Option func(*config)
 
 type config struct {
-	dir    string
-	params []*he.Parameters
+	dir     string
+	store   Store
+	timeout time.Duration
+	params  []*he.Parameters
 }
 
-// WithStore keeps studies and submissions in dir (created 0700), so that a restarted
-// service keeps them. Without it they live in memory only.
+// WithStore keeps studies and submissions in dir (a DirStore, created 0700), so that a
+// restarted service keeps them. Without a store they live in memory only.
 func WithStore(dir string) Option { return func(c *config) { c.dir = dir } }
+
+// WithStudyStore keeps studies and submissions in store, which replicas may share.
+// Every store operation is bounded by timeout (default 30 seconds).
+func WithStudyStore(store Store, timeout time.Duration) Option {
+	return func(c *config) { c.store, c.timeout = store, timeout }
+}
 
 // WithParameters sets the parameter sets studies may use (default he.Presets()).
 func WithParameters(ps ...*he.Parameters) Option { return func(c *config) { c.params = ps } }
@@ -78,7 +86,6 @@ type study struct {
 	params   *he.Parameters
 	patterns []transport.Pattern
 	eval     *he.Evaluator
-	dir      string
 
 	sum, products *he.Vector
 	histogram     *he.Vector // nil unless the study has histogram edges
@@ -93,18 +100,36 @@ func New(opts ...Option) (*Service, error) {
 	for _, o := range opts {
 		o(&cfg)
 	}
-	s := &Service{cfg: cfg, studies: map[string]*study{}}
-	if cfg.dir == "" {
-		return s, nil
+	if cfg.dir != "" {
+		if cfg.store != nil {
+			return nil, errors.New("analytics: WithStore and WithStudyStore are exclusive")
+		}
+		d, err := NewDirStore(cfg.dir)
+		if err != nil {
+			return nil, err
+		}
+		cfg.store = d
 	}
-	if err := os.MkdirAll(cfg.dir, 0o700); err != nil {
-		return nil, fmt.Errorf("analytics: store: %w", err)
+	if cfg.timeout <= 0 {
+		cfg.timeout = 30 * time.Second
+	}
+	s := &Service{cfg: cfg, studies: map[string]*study{}}
+	if cfg.store == nil {
+		return s, nil
 	}
 	if err := s.load(); err != nil {
 		return nil, err
 	}
 	return s, nil
 }
+
+func (s *Service) storeCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), s.cfg.timeout)
+}
+
+// unavailable is the answer when the store fails: the caller may retry, and nothing
+// unacknowledged was counted.
+func unavailable() error { return errorf(connect.CodeUnavailable, "store unavailable") }
 
 // Register mounts the service on srv. The server's options should include
 // ServerOptions(params) for the largest parameters studies use.
@@ -195,9 +220,6 @@ func (s *Service) newStudy(m *analyticsv1.Study) (*study, error) {
 	if st.eval, err = he.NewEvaluator(params, nil, he.WithWorkers(1)); err != nil {
 		return nil, he.ConnectError(err)
 	}
-	if s.cfg.dir != "" {
-		st.dir = filepath.Join(s.cfg.dir, m.GetStudyId())
-	}
 	return st, nil
 }
 
@@ -230,10 +252,38 @@ func (st *study) isOwner(id spiffeid.ID) bool {
 
 func (st *study) isAnalyst(id spiffeid.ID) bool { return st.meta.GetAnalyst() == id.String() }
 
-func (s *Service) lookup(id string) *study {
+// lookup returns a study, from memory or, when a store is shared, from the store (a
+// study created through another replica). A missing study is nil without error.
+func (s *Service) lookup(ctx context.Context, id string) (*study, error) {
+	s.mu.Lock()
+	st := s.studies[id]
+	s.mu.Unlock()
+	if st != nil || s.cfg.store == nil {
+		return st, nil
+	}
+	sctx, cancel := s.storeCtx(ctx)
+	defer cancel()
+	b, err := s.cfg.store.Study(sctx, id)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, unavailable()
+	}
+	m := &analyticsv1.Study{}
+	if err := proto.Unmarshal(b, m); err != nil || m.GetStudyId() != id {
+		return nil, errorf(connect.CodeInternal, "stored study %q is corrupt", id)
+	}
+	if st, err = s.newStudy(m); err != nil {
+		return nil, errorf(connect.CodeInternal, "stored study %q: %v", id, err)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.studies[id]
+	if prev, ok := s.studies[id]; ok {
+		return prev, nil
+	}
+	s.studies[id] = st
+	return st, nil
 }
 
 // denied is the one answer for a study that does not exist and for one the caller
@@ -259,9 +309,19 @@ func (s *Service) CreateStudy(ctx context.Context, req *connect.Request[analytic
 	if _, ok := s.studies[m.GetStudyId()]; ok {
 		return nil, errorf(connect.CodeAlreadyExists, "study %q already exists", m.GetStudyId())
 	}
-	if st.dir != "" {
-		if err := st.saveMeta(); err != nil {
-			return nil, err
+	if s.cfg.store != nil {
+		b, err := proto.Marshal(m)
+		if err != nil {
+			return nil, errorf(connect.CodeInternal, "encoding the study")
+		}
+		sctx, cancel := s.storeCtx(ctx)
+		err = s.cfg.store.CreateStudy(sctx, m.GetStudyId(), b)
+		cancel()
+		if errors.Is(err, fs.ErrExist) {
+			return nil, errorf(connect.CodeAlreadyExists, "study %q already exists", m.GetStudyId())
+		}
+		if err != nil {
+			return nil, unavailable()
 		}
 	}
 	s.studies[m.GetStudyId()] = st
@@ -274,7 +334,10 @@ func (s *Service) GetStudy(ctx context.Context, req *connect.Request[analyticsv1
 	if err != nil {
 		return nil, err
 	}
-	st := s.lookup(req.Msg.GetStudyId())
+	st, err := s.lookup(ctx, req.Msg.GetStudyId())
+	if err != nil {
+		return nil, err
+	}
 	if st == nil || (!st.isAnalyst(who) && !st.isOwner(who)) {
 		return nil, denied(who, "read", req.Msg.GetStudyId())
 	}
@@ -293,68 +356,149 @@ func (s *Service) Submit(ctx context.Context, req *connect.Request[analyticsv1.S
 	if err != nil {
 		return nil, err
 	}
-	st := s.lookup(req.Msg.GetStudyId())
+	st, err := s.lookup(ctx, req.Msg.GetStudyId())
+	if err != nil {
+		return nil, err
+	}
 	if st == nil || !st.isOwner(who) {
 		return nil, denied(who, "submit to", req.Msg.GetStudyId())
 	}
-	dup, n, err := st.add(ctx, who.String(), req.Msg, true)
+	dup, n, err := s.add(ctx, st, who.String(), req.Msg)
 	if err != nil {
 		return nil, err
 	}
 	return connect.NewResponse(&analyticsv1.SubmitResponse{Duplicate: dup, Submissions: n}), nil
 }
 
-// add validates and counts one submission; persist writes it to the store first.
-func (st *study) add(ctx context.Context, owner string, req *analyticsv1.SubmitRequest, persist bool) (duplicate bool, submissions uint64, err error) {
+// submission is one owner's contribution, decoded and validated.
+type submission struct {
+	sum, prod, hist *he.Vector
+	count           uint64
+}
+
+// check decodes and validates a submission against the study.
+func (st *study) check(req *analyticsv1.SubmitRequest) (*submission, error) {
 	sum, err := st.decode(req.GetSums(), int(st.meta.GetDimension()), "sums")
 	if err != nil {
-		return false, 0, err
+		return nil, err
 	}
 	prod, err := st.decode(req.GetProducts(), productsLen(st.meta), "products")
 	if err != nil {
-		return false, 0, err
+		return nil, err
 	}
 	var hist *he.Vector
 	switch {
 	case bins(st.meta) > 0:
 		if hist, err = st.decode(req.GetHistogram(), histogramLen(st.meta), "histogram"); err != nil {
-			return false, 0, err
+			return nil, err
 		}
 	case req.GetHistogram() != nil:
-		return false, 0, errorf(connect.CodeInvalidArgument, "the study has no histogram")
+		return nil, errorf(connect.CodeInvalidArgument, "the study has no histogram")
+	}
+	return &submission{sum: sum, prod: prod, hist: hist, count: req.GetCount()}, nil
+}
+
+// add validates one submission, stores it (the store decides, atomically across
+// replicas, whether its idempotency key is new) and counts it.
+func (s *Service) add(ctx context.Context, st *study, owner string, req *analyticsv1.SubmitRequest) (duplicate bool, submissions uint64, err error) {
+	sub, err := st.check(req)
+	if err != nil {
+		return false, 0, err
 	}
 	name := dedupName(owner, req.GetIdempotencyKey())
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	if err := s.syncLocked(ctx, st); err != nil {
+		return false, 0, err
+	}
 	if st.seen[name] {
 		// The first submission with this key stands; a retry (re-encrypted, so its
 		// bytes differ) is acknowledged without being counted again.
 		return true, st.submissions, nil
 	}
-	newSum, newProd, newHist := sum, prod, hist
+	if s.cfg.store != nil {
+		b, err := proto.Marshal(&analyticsv1.StoredSubmission{Owner: owner, Request: req})
+		if err != nil {
+			return false, 0, errorf(connect.CodeInternal, "encoding a submission")
+		}
+		sctx, cancel := s.storeCtx(ctx)
+		added, err := s.cfg.store.AddSubmission(sctx, st.meta.GetStudyId(), name, b)
+		cancel()
+		if err != nil {
+			return false, 0, unavailable()
+		}
+		if !added {
+			// Another replica stored this key first: count its copy, not this one.
+			if err := s.syncLocked(ctx, st); err != nil {
+				return false, 0, err
+			}
+			return true, st.submissions, nil
+		}
+	}
+	if err := st.applyLocked(ctx, name, sub); err != nil {
+		return false, 0, err
+	}
+	return false, st.submissions, nil
+}
+
+// applyLocked adds a validated submission to the study's aggregate. st.mu is held.
+func (st *study) applyLocked(ctx context.Context, name string, sub *submission) error {
+	newSum, newProd, newHist := sub.sum, sub.prod, sub.hist
 	if st.sum != nil {
-		if newSum, err = st.eval.Add(ctx, st.sum, sum); err != nil {
-			return false, 0, he.ConnectError(err)
+		var err error
+		if newSum, err = st.eval.Add(ctx, st.sum, sub.sum); err != nil {
+			return he.ConnectError(err)
 		}
-		if newProd, err = st.eval.Add(ctx, st.products, prod); err != nil {
-			return false, 0, he.ConnectError(err)
+		if newProd, err = st.eval.Add(ctx, st.products, sub.prod); err != nil {
+			return he.ConnectError(err)
 		}
-		if hist != nil {
-			if newHist, err = st.eval.Add(ctx, st.histogram, hist); err != nil {
-				return false, 0, he.ConnectError(err)
+		if sub.hist != nil {
+			if newHist, err = st.eval.Add(ctx, st.histogram, sub.hist); err != nil {
+				return he.ConnectError(err)
 			}
 		}
 	}
-	if persist && st.dir != "" {
-		if err := st.saveSubmission(name, owner, req); err != nil {
-			return false, 0, err
-		}
-	}
 	st.sum, st.products, st.histogram = newSum, newProd, newHist
-	st.count += req.GetCount()
+	st.count += sub.count
 	st.submissions++
 	st.seen[name] = true
-	return false, st.submissions, nil
+	return nil
+}
+
+// syncLocked counts the study's stored submissions this process has not counted yet:
+// those received by other replicas sharing the store. st.mu is held.
+func (s *Service) syncLocked(ctx context.Context, st *study) error {
+	if s.cfg.store == nil {
+		return nil
+	}
+	sctx, cancel := s.storeCtx(ctx)
+	defer cancel()
+	id := st.meta.GetStudyId()
+	names, err := s.cfg.store.Submissions(sctx, id)
+	if err != nil {
+		return unavailable()
+	}
+	for _, name := range names {
+		if st.seen[name] {
+			continue
+		}
+		b, err := s.cfg.store.Submission(sctx, id, name)
+		if err != nil {
+			return unavailable()
+		}
+		rec := &analyticsv1.StoredSubmission{}
+		if err := proto.Unmarshal(b, rec); err != nil || dedupName(rec.GetOwner(), rec.GetRequest().GetIdempotencyKey()) != name {
+			return errorf(connect.CodeInternal, "stored submission %.12s of study %q is corrupt", name, id)
+		}
+		sub, err := st.check(rec.GetRequest())
+		if err != nil {
+			return errorf(connect.CodeInternal, "stored submission %.12s of study %q: %v", name, id, err)
+		}
+		if err := st.applyLocked(ctx, name, sub); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // decode validates one submitted vector: the study's parameters, the right length,
@@ -379,11 +523,18 @@ func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv
 	if err != nil {
 		return nil, err
 	}
-	st := s.lookup(req.Msg.GetStudyId())
+	st, err := s.lookup(ctx, req.Msg.GetStudyId())
+	if err != nil {
+		return nil, err
+	}
 	if st == nil || !st.isAnalyst(who) {
 		return nil, denied(who, "read the result of", req.Msg.GetStudyId())
 	}
 	st.mu.Lock()
+	if err := s.syncLocked(ctx, st); err != nil {
+		st.mu.Unlock()
+		return nil, err
+	}
 	sum, prod, hist, count, n := st.sum, st.products, st.histogram, st.count, st.submissions
 	st.mu.Unlock()
 	if n == 0 {
@@ -414,86 +565,28 @@ func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv
 	return connect.NewResponse(res), nil
 }
 
-// saveMeta writes the study's metadata to its directory.
-func (st *study) saveMeta() error {
-	if err := os.MkdirAll(st.dir, 0o700); err != nil {
-		return errorf(connect.CodeInternal, "store unavailable")
-	}
-	b, err := proto.Marshal(st.meta)
-	if err != nil {
-		return errorf(connect.CodeInternal, "encoding the study")
-	}
-	if err := atomicfile.Write(filepath.Join(st.dir, studyFile), b, 0o600); err != nil {
-		return errorf(connect.CodeInternal, "store unavailable")
-	}
-	return nil
-}
-
-const (
-	studyFile = "study.pb"
-	subPrefix = "sub-"
-	subSuffix = ".pb"
-)
-
-func (st *study) saveSubmission(name, owner string, req *analyticsv1.SubmitRequest) error {
-	b, err := proto.Marshal(&analyticsv1.StoredSubmission{Owner: owner, Request: req})
-	if err != nil {
-		return errorf(connect.CodeInternal, "encoding a submission")
-	}
-	if err := atomicfile.Write(filepath.Join(st.dir, subPrefix+name+subSuffix), b, 0o600); err != nil {
-		return errorf(connect.CodeInternal, "store unavailable")
-	}
-	return nil
-}
-
-// load reads every study and its submissions from the store.
+// load reads every stored study and counts its submissions.
 func (s *Service) load() error {
-	entries, err := os.ReadDir(s.cfg.dir)
+	ctx, cancel := s.storeCtx(context.Background())
+	defer cancel()
+	ids, err := s.cfg.store.Studies(ctx)
 	if err != nil {
 		return fmt.Errorf("analytics: store: %w", err)
 	}
-	for _, e := range entries {
-		if !e.IsDir() {
+	for _, id := range ids {
+		st, err := s.lookup(ctx, id)
+		if err != nil {
+			return fmt.Errorf("analytics: store: study %s: %w", id, err)
+		}
+		if st == nil {
 			continue
 		}
-		dir := filepath.Join(s.cfg.dir, e.Name())
-		b, err := os.ReadFile(filepath.Join(dir, studyFile))
-		if errors.Is(err, os.ErrNotExist) {
-			continue // a study whose creation did not complete
-		}
+		st.mu.Lock()
+		err = s.syncLocked(ctx, st)
+		st.mu.Unlock()
 		if err != nil {
-			return fmt.Errorf("analytics: store: %w", err)
+			return fmt.Errorf("analytics: store: study %s: %w", id, err)
 		}
-		m := &analyticsv1.Study{}
-		if err := proto.Unmarshal(b, m); err != nil || m.GetStudyId() != e.Name() {
-			return fmt.Errorf("analytics: store: study %s is corrupt", e.Name())
-		}
-		st, err := s.newStudy(m)
-		if err != nil {
-			return fmt.Errorf("analytics: store: study %s: %w", e.Name(), err)
-		}
-		subs, err := os.ReadDir(dir)
-		if err != nil {
-			return fmt.Errorf("analytics: store: %w", err)
-		}
-		for _, f := range subs {
-			name := f.Name()
-			if !strings.HasPrefix(name, subPrefix) || !strings.HasSuffix(name, subSuffix) {
-				continue
-			}
-			b, err := os.ReadFile(filepath.Join(dir, name))
-			if err != nil {
-				return fmt.Errorf("analytics: store: %w", err)
-			}
-			rec := &analyticsv1.StoredSubmission{}
-			if err := proto.Unmarshal(b, rec); err != nil {
-				return fmt.Errorf("analytics: store: submission %s of study %s is corrupt", name, e.Name())
-			}
-			if _, _, err := st.add(context.Background(), rec.GetOwner(), rec.GetRequest(), false); err != nil {
-				return fmt.Errorf("analytics: store: submission %s of study %s: %w", name, e.Name(), err)
-			}
-		}
-		s.studies[m.GetStudyId()] = st
 	}
 	return nil
 }
