@@ -67,13 +67,25 @@ type trafficKeys struct {
 	iv   [aeadNonceSize]byte
 }
 
-func newTrafficKeys(h crypto.Hash, a AEAD, secret []byte) (*trafficKeys, error) {
-	e := newExpander(h, secret)
-	c, err := a.new(e.expand("key", nil, aeadKeySize))
+// derive sets t to key(secret) and iv(secret) (spec 5.2), using k for the HMACs.
+func (t *trafficKeys) derive(k *kdf, a AEAD, secret []byte) error {
+	var key, iv [maxHashSize]byte
+	c, err := a.new(k.expand(key[:0], secret, "key", nil, aeadKeySize))
+	clear(key[:])
 	if err != nil {
+		return err
+	}
+	t.aead = c
+	copy(t.iv[:], k.expand(iv[:0], secret, "iv", nil, aeadNonceSize))
+	return nil
+}
+
+func newTrafficKeys(h crypto.Hash, a AEAD, secret []byte) (*trafficKeys, error) {
+	k := getKDF(h)
+	defer k.put()
+	t := &trafficKeys{}
+	if err := t.derive(k, a, secret); err != nil {
 		return nil, err
 	}
-	t := &trafficKeys{aead: c}
-	copy(t.iv[:], e.expand("iv", nil, aeadNonceSize))
 	return t, nil
 }

@@ -130,17 +130,11 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	callID := uint64(sess.calls.Add(1) - 1)
-	h := sess.suite.Hash()
-	call := callSecret(h, sess.secret, callID, req.URL.Path)
-	c2sSecret, s2cSecret := directionSecrets(h, call)
-	c2s, err := newDirection(h, sess.aead, c2sSecret)
+	keys, err := newCallKeys(sess.suite.Hash(), sess.aead, sess.secret, callID, req.URL.Path)
 	if err != nil {
 		return nil, err
 	}
-	s2c, err := newDirection(h, sess.aead, s2cSecret)
-	if err != nil {
-		return nil, err
-	}
+	c2s, s2c := &keys.c2s, &keys.s2c
 	out := req.Clone(req.Context())
 	for _, k := range append([]string{"Content-Length"}, acceptEncodingHeaders...) {
 		out.Header.Del(k)

@@ -28,18 +28,48 @@ type direction struct {
 	hash   crypto.Hash
 	aead   AEAD
 	secret []byte
-	keys   *trafficKeys
+	keys   trafficKeys
 	seq    uint64 // next sequence number; uint64 so that exhaustion is detectable
 
 	nonceBuf [aeadNonceSize]byte
 }
 
 func newDirection(h crypto.Hash, a AEAD, secret []byte) (*direction, error) {
-	k, err := newTrafficKeys(h, a, secret)
-	if err != nil {
+	k := getKDF(h)
+	defer k.put()
+	d := &direction{hash: h, aead: a, secret: secret}
+	if err := d.keys.derive(k, a, secret); err != nil {
 		return nil, err
 	}
-	return &direction{hash: h, aead: a, secret: secret, keys: k}, nil
+	return d, nil
+}
+
+// callKeys are both directions of one call, derived from the session secret (spec 5.2)
+// in one allocation.
+type callKeys struct {
+	c2s, s2c direction
+	secrets  [2 * maxHashSize]byte
+}
+
+func newCallKeys(h crypto.Hash, a AEAD, session []byte, callID uint64, procedure string) (*callKeys, error) {
+	k := getKDF(h)
+	defer k.put()
+	n := h.Size()
+	var call [maxHashSize]byte
+	k.callSecret(call[:0], session, callID, procedure)
+	ck := &callKeys{}
+	c2s := k.expand(ck.secrets[:0:n], call[:n], dirC2S, nil, n)
+	s2c := k.expand(ck.secrets[n:n:2*n], call[:n], dirS2C, nil, n)
+	clear(call[:])
+	ck.c2s = direction{hash: h, aead: a, secret: c2s}
+	ck.s2c = direction{hash: h, aead: a, secret: s2c}
+	if err := ck.c2s.keys.derive(k, a, c2s); err != nil {
+		return nil, err
+	}
+	if err := ck.s2c.keys.derive(k, a, s2c); err != nil {
+		return nil, err
+	}
+	return ck, nil
 }
 
 func (d *direction) nonce(seq uint32) []byte {
@@ -52,11 +82,13 @@ func (d *direction) nonce(seq uint32) []byte {
 
 func (d *direction) advance(ss, ct []byte) error {
 	secret := rekeySecret(d.hash, d.secret, ss, ct)
-	k, err := newTrafficKeys(d.hash, d.aead, secret)
-	if err != nil {
+	var keys trafficKeys
+	k := getKDF(d.hash)
+	defer k.put()
+	if err := keys.derive(k, d.aead, secret); err != nil {
 		return err
 	}
-	d.secret, d.keys = secret, k
+	d.secret, d.keys = secret, keys
 	return nil
 }
 

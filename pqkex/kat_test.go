@@ -184,7 +184,21 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, bind bool) katVector {
 
 	h := suite.Hash()
 	v.CallSecret = callSecret(h, v.Session, v.CallID, v.Procedure)
-	v.C2SSecret, v.S2CSecret = directionSecrets(h, v.CallSecret)
+	// The call path derives both directions at once (newCallKeys); the step-by-step
+	// functions must agree with it.
+	ck, err := newCallKeys(h, aead, v.Session, v.CallID, v.Procedure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.C2SSecret, v.S2CSecret = ck.c2s.secret, ck.s2c.secret
+	if c2s, s2c := directionSecrets(h, v.CallSecret); !bytes.Equal(c2s, v.C2SSecret) || !bytes.Equal(s2c, v.S2CSecret) {
+		t.Fatal("newCallKeys and directionSecrets disagree")
+	}
+	for _, d := range []*direction{&ck.c2s, &ck.s2c} {
+		if k, err := newTrafficKeys(h, aead, d.secret); err != nil || k.iv != d.keys.iv {
+			t.Fatalf("newCallKeys and newTrafficKeys disagree: %v", err)
+		}
+	}
 	v.RequestBody = sealBody(t, h, aead, v.C2SSecret, true, [][]byte{[]byte("ping")}, nil)
 	v.ResponseBody = sealBody(t, h, aead, v.S2CSecret, false, [][]byte{[]byte("pong"), []byte("!")},
 		http.Header{"Grpc-Status": {"0"}, "Grpc-Message": {"ok"}})

@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"hash"
 	"io"
+	"sync"
 )
 
 // labelPrefix separates pqkex v1 from every other use of the same secrets.
@@ -18,41 +19,98 @@ const exporterLabel = "EXPORTER-veil-pqkex-v1"
 
 func hashFunc(h crypto.Hash) func() hash.Hash { return h.New }
 
-// expander computes HKDF-Expand with TLS 1.3 style labels (u16 L, u8-prefixed label,
-// u16-prefixed context) under one secret. Every pqkex output is at most one hash block long,
-// so HKDF-Expand is a single HMAC over info ‖ 0x01; the HMAC keyed with the secret is reused
-// for every label derived from it.
-type expander struct {
-	m    hash.Hash
-	size int
-	info []byte
+// maxHashSize and maxBlockSize bound the suites' hashes (SHA-256 and SHA-512).
+const (
+	maxHashSize  = 64
+	maxBlockSize = 128
+)
+
+// kdf computes the HMACs of the key schedule with one reusable hash and fixed buffers, so a
+// call's derivations (spec 5.2: call, two direction secrets, two keys and two IVs on each
+// side) allocate nothing. Every pqkex ExpandLabel output is at most one hash block long, so
+// HKDF-Expand is the single HMAC(secret, info ‖ 0x01) truncated to L (RFC 5869 with N = 1).
+// A kdf is not safe for concurrent use; getKDF and put recycle them.
+type kdf struct {
+	hash  crypto.Hash
+	h     hash.Hash
+	size  int
+	block int
+	pad   [maxBlockSize]byte
+	key   [maxHashSize]byte
+	inner [maxHashSize]byte
+	info  [256 + 64]byte
 }
 
-func newExpander(h crypto.Hash, secret []byte) *expander {
-	return &expander{m: hmac.New(hashFunc(h), secret), size: h.Size()}
+var kdfPools sync.Map // crypto.Hash -> *sync.Pool
+
+func getKDF(h crypto.Hash) *kdf {
+	p, ok := kdfPools.Load(h)
+	if !ok {
+		p, _ = kdfPools.LoadOrStore(h, &sync.Pool{New: func() any {
+			d := h.New()
+			return &kdf{hash: h, h: d, size: d.Size(), block: d.BlockSize()}
+		}})
+	}
+	return p.(*sync.Pool).Get().(*kdf)
 }
 
-func (e *expander) expand(label string, context []byte, length int) []byte {
-	if length > e.size {
+func (k *kdf) put() {
+	clear(k.pad[:])
+	clear(k.key[:])
+	clear(k.inner[:])
+	p, _ := kdfPools.Load(k.hash) // present: getKDF made k
+	p.(*sync.Pool).Put(k)
+}
+
+// mac appends HMAC-H(key, msg) to dst.
+func (k *kdf) mac(dst, key, msg []byte) []byte {
+	if len(key) > k.block {
+		k.h.Reset()
+		k.h.Write(key)
+		key = k.h.Sum(k.key[:0])
+	}
+	pad := k.pad[:k.block]
+	clear(pad)
+	copy(pad, key)
+	for i := range pad {
+		pad[i] ^= 0x36
+	}
+	k.h.Reset()
+	k.h.Write(pad)
+	k.h.Write(msg)
+	inner := k.h.Sum(k.inner[:0])
+	for i := range pad {
+		pad[i] ^= 0x36 ^ 0x5c
+	}
+	k.h.Reset()
+	k.h.Write(pad)
+	k.h.Write(inner)
+	return k.h.Sum(dst)
+}
+
+// expand appends ExpandLabel(secret, label, context, length) to dst (length <= Nh).
+func (k *kdf) expand(dst, secret []byte, label string, context []byte, length int) []byte {
+	if length > k.size {
 		panic("pqkex: expandLabel output longer than one hash block") // programmer error
 	}
-	full := labelPrefix + label
-	info := e.info[:0]
+	info := k.info[:0]
 	info = binary.BigEndian.AppendUint16(info, uint16(length))
-	info = append(info, byte(len(full)))
-	info = append(info, full...)
+	info = append(info, byte(len(labelPrefix)+len(label)))
+	info = append(info, labelPrefix...)
+	info = append(info, label...)
 	info = binary.BigEndian.AppendUint16(info, uint16(len(context)))
 	info = append(info, context...)
 	info = append(info, 1) // HKDF-Expand counter of the first (only) block
-	e.info = info
-	e.m.Reset()
-	e.m.Write(info)
-	return e.m.Sum(nil)[:length]
+	n := len(dst)
+	dst = k.mac(dst, secret, info)
+	return dst[:n+length]
 }
 
 // expandLabel is HKDF-Expand(secret, label info, length) for length <= Nh.
 func expandLabel(h crypto.Hash, secret []byte, label string, context []byte, length int) []byte {
-	return newExpander(h, secret).expand(label, context, length)
+	k := getKDF(h)
+	defer k.put()
+	return k.expand(make([]byte, 0, h.Size()), secret, label, context, length)
 }
 
 func extract(h crypto.Hash, salt, ikm []byte) []byte {
@@ -85,20 +143,29 @@ type handshakeSecrets struct {
 }
 
 func deriveHandshake(h crypto.Hash, cb, ikm, th []byte) handshakeSecrets {
-	e := newExpander(h, extract(h, cb, ikm))
+	prk := extract(h, cb, ikm)
+	k := getKDF(h)
+	defer k.put()
 	return handshakeSecrets{
-		session:   e.expand("session", th, h.Size()),
-		sessionID: e.expand("session id", th, 16),
-		confirm:   e.expand("confirm", th, h.Size()),
+		session:   k.expand(nil, prk, "session", th, h.Size()),
+		sessionID: k.expand(nil, prk, "session id", th, 16),
+		confirm:   k.expand(nil, prk, "confirm", th, h.Size()),
 	}
 }
 
 // callSecret derives the secret of one call from the session secret, the call ID and the
 // procedure (request path), so a sealed call cannot be replayed against another procedure.
 func callSecret(h crypto.Hash, session []byte, callID uint64, procedure string) []byte {
-	ctx := binary.BigEndian.AppendUint64(nil, callID)
-	ctx = append(ctx, procedure...)
-	return expandLabel(h, session, "call", ctx, h.Size())
+	k := getKDF(h)
+	defer k.put()
+	return k.callSecret(make([]byte, 0, h.Size()), session, callID, procedure)
+}
+
+func (k *kdf) callSecret(dst, session []byte, callID uint64, procedure string) []byte {
+	var buf [8 + 128]byte
+	ctx := binary.BigEndian.AppendUint64(buf[:0], callID)
+	ctx = append(ctx, procedure...) // on the stack unless the procedure is long
+	return k.expand(dst, session, "call", ctx, k.size)
 }
 
 // Directions of a call.
@@ -109,8 +176,9 @@ const (
 
 // directionSecrets derives the c2s and s2c secrets of a call.
 func directionSecrets(h crypto.Hash, call []byte) (c2s, s2c []byte) {
-	e := newExpander(h, call)
-	return e.expand(dirC2S, nil, h.Size()), e.expand(dirS2C, nil, h.Size())
+	k := getKDF(h)
+	defer k.put()
+	return k.expand(nil, call, dirC2S, nil, h.Size()), k.expand(nil, call, dirS2C, nil, h.Size())
 }
 
 // rekeySecret advances a direction secret with a fresh KEM shared secret.

@@ -260,17 +260,11 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader s
 	if compressed(r.Header) {
 		return nil, nil, errCompressed
 	}
-	h := st.suite.Hash()
-	call := callSecret(h, st.secret, callID, r.URL.Path)
-	c2sSecret, s2cSecret := directionSecrets(h, call)
-	c2s, err := newDirection(h, st.aead, c2sSecret)
+	keys, err := newCallKeys(st.suite.Hash(), st.aead, st.secret, callID, r.URL.Path)
 	if err != nil {
 		return nil, nil, err
 	}
-	s2c, err := newDirection(h, st.aead, s2cSecret)
-	if err != nil {
-		return nil, nil, err
-	}
+	c2s, s2c := &keys.c2s, &keys.s2c
 	self, err := s.cfg.identity.GetIdentity()
 	if err != nil || self == nil {
 		return nil, nil, errInternal
