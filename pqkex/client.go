@@ -286,6 +286,12 @@ func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL
 	if s != nil {
 		c.m.rekeys.WithLabelValues(sideClient, "session").Inc()
 	}
+	return c.establish(ctx, base, key)
+}
+
+// establish runs a handshake with the server at key (refetching its credential once if
+// the server rotated it) and makes the new session current. The caller holds key's lock.
+func (c *Client) establish(ctx context.Context, base http.RoundTripper, key string) (*clientSession, error) {
 	s, err := c.handshake(ctx, base, key)
 	if reasonOf(err) == reasonServerKey {
 		// The server rotated its credential: fetch it again, once.
@@ -303,6 +309,34 @@ func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL
 	c.sessions[key] = s
 	c.mu.Unlock()
 	return s, nil
+}
+
+// Handshake runs a full handshake with the server at serverURL now, over base (the
+// transport RoundTripper wraps), and makes the new session the one later calls to that
+// server use. RoundTripper runs handshakes on demand; Handshake sets a session up ahead of
+// the first call, or replaces the current one early. The server's credential is fetched
+// and verified first unless the client already holds it. Errors are *connect.Error for
+// pqkex refusals, else base's own.
+func (c *Client) Handshake(ctx context.Context, base http.RoundTripper, serverURL string) error {
+	u, err := url.Parse(serverURL)
+	if err != nil || u.Host == "" {
+		return fmt.Errorf("pqkex: server URL %q: want scheme://host", serverURL)
+	}
+	if base == nil {
+		base = http.DefaultTransport
+	}
+	key := authority(u)
+	l := c.lockFor(key)
+	l.Lock()
+	defer l.Unlock()
+	if _, err := c.establish(ctx, base, key); err != nil {
+		if isRejection(err) {
+			c.m.reject(sideClient, err)
+			return toConnect(err)
+		}
+		return err
+	}
+	return nil
 }
 
 // serverCredential returns the verified credential of the server at key, fetching it once.

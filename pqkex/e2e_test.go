@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/veilrpc/veil/pqkex"
 )
 
@@ -44,5 +46,34 @@ func TestEndToEndAllKindsAllProtocols(t *testing.T) {
 				})
 			}
 		})
+	}
+}
+
+// Client.Handshake sets a session up before the first call; each call replaces the session
+// with a fresh one, and calls use the current one.
+func TestClientHandshakeAhead(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	reg := prometheus.NewRegistry()
+	ts := e.startServer(t, echoMux(), pqkex.WithMetrics(reg))
+	base := e.transport(t, clientID)
+	hc, c := e.httpClient(t, base)
+	ctx := context.Background()
+	for i := 1; i <= 2; i++ {
+		if err := c.Handshake(ctx, base, ts.URL); err != nil {
+			t.Fatal(err)
+		}
+		if got := counter(t, reg, "veil_pqkex_handshakes_total", map[string]string{"side": "server", "result": "ok"}); got != float64(i) {
+			t.Fatalf("after Handshake %d: %v server handshakes", i, got)
+		}
+	}
+	out, errs := callKinds(ctx, hc, ts.URL, nil, "hi", false)
+	if len(errs) != 0 || out["unary"] != "echo:hi|"+clientID {
+		t.Fatalf("calls after Handshake: %v %v", out, errs)
+	}
+	if got := counter(t, reg, "veil_pqkex_handshakes_total", map[string]string{"side": "server", "result": "ok"}); got != 2 {
+		t.Fatalf("calls ran %v handshakes in all, want the 2 of Handshake", got)
+	}
+	if err := c.Handshake(ctx, base, "not a url"); err == nil {
+		t.Fatal("Handshake accepted a URL without a host")
 	}
 }
