@@ -2,6 +2,7 @@ package rpc
 
 import (
 	"context"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/grpchealth"
@@ -58,7 +59,7 @@ func (s *Server) WatchIdentity(ctx context.Context, src IdentityStatus, interval
 				} else {
 					s.cfg.logger.Info("rpc: identity renewed; reporting SERVING", "id", st.ID.String())
 				}
-				s.setServing(healthy)
+				s.setDegraded("identity", !healthy)
 			}
 			select {
 			case <-ctx.Done():
@@ -70,16 +71,80 @@ func (s *Server) WatchIdentity(ctx context.Context, src IdentityStatus, interval
 	return nil
 }
 
-// setServing sets every service's health, unless the server is shutting down.
-func (s *Server) setServing(ok bool) {
+// Dependency is something the services need in order to serve, such as the shared
+// state store of package natsstate: Check returns nil while it works.
+type Dependency interface {
+	Check(ctx context.Context) error
+}
+
+// WatchDependency ties the server's health to dep: while dep's Check fails, every
+// service and the server as a whole are NOT_SERVING in grpc.health.v1 (so a load
+// balancer sends calls elsewhere; the calls that still arrive get the services' own
+// errors, such as unavailable), and SERVING again once it succeeds. It exports
+// veil_dependency_up{dependency=name} and checks every interval (each check bounded
+// by the interval) until ctx ends.
+func (s *Server) WatchDependency(ctx context.Context, name string, dep Dependency, interval time.Duration) error {
+	var up atomic.Bool
+	up.Store(true)
+	g := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "veil_dependency_up", Help: "1 while a dependency the services need answers its checks.", ConstLabels: prometheus.Labels{"dependency": name}},
+		func() float64 {
+			if up.Load() {
+				return 1
+			}
+			return 0
+		})
+	if err := s.cfg.registry.Register(g); err != nil {
+		return err
+	}
+	go func() {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			cctx, cancel := context.WithTimeout(ctx, interval)
+			err := dep.Check(cctx)
+			cancel()
+			if ctx.Err() != nil {
+				return
+			}
+			if ok := err == nil; ok != up.Load() {
+				up.Store(ok)
+				if !ok {
+					s.cfg.logger.Warn("rpc: dependency failing; reporting NOT_SERVING", "dependency", name, "error", err.Error())
+				} else {
+					s.cfg.logger.Info("rpc: dependency back; reporting SERVING", "dependency", name)
+				}
+				s.setDegraded("dependency:"+name, !ok)
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return nil
+}
+
+// setDegraded records whether reason keeps the server from serving, and sets every
+// service's health: SERVING only while no reason holds, unless the server is shutting
+// down.
+func (s *Server) setDegraded(reason string, bad bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.degraded == nil {
+		s.degraded = map[string]bool{}
+	}
+	if bad {
+		s.degraded[reason] = true
+	} else {
+		delete(s.degraded, reason)
+	}
 	if s.shutdown {
 		return
 	}
-	status := grpchealth.StatusNotServing
-	if ok {
-		status = grpchealth.StatusServing
+	status := grpchealth.StatusServing
+	if len(s.degraded) > 0 {
+		status = grpchealth.StatusNotServing
 	}
 	s.health.SetStatus("", status)
 	for _, svc := range s.services {

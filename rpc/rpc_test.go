@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -456,4 +457,47 @@ func TestMetricsListenerAndOpenTelemetry(t *testing.T) {
 			t.Errorf("metrics lack %s", want)
 		}
 	}
+}
+
+// flakyDep fails its checks while down is set.
+type flakyDep struct{ down atomic.Bool }
+
+func (d *flakyDep) Check(context.Context) error {
+	if d.down.Load() {
+		return errors.New("store unreachable")
+	}
+	return nil
+}
+
+// A failing dependency turns the services NOT_SERVING and back; it and the identity
+// are independent reasons (one recovering does not hide the other).
+func TestWatchDependencyHealth(t *testing.T) {
+	e := start(t)
+	dep := &flakyDep{}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if err := e.server.WatchDependency(ctx, "state", dep, 20*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	hc := rpc.NewHTTPClient(identity(t, e.ca, e.dir, "spiffe://example.org/monitor"), transport.AuthorizeAny())
+	health := grpchealth.NewClient(hc, e.url)
+	waitHealth := func(want grpchealth.Status) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			res, err := health.Check(context.Background(), &grpchealth.CheckRequest{Service: "veil.echo.v1.EchoService"})
+			if err == nil && res.Status == want {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("health = %v, %v; want %v", res, err, want)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	waitHealth(grpchealth.StatusServing)
+	dep.down.Store(true)
+	waitHealth(grpchealth.StatusNotServing)
+	dep.down.Store(false)
+	waitHealth(grpchealth.StatusServing)
 }

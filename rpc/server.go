@@ -112,6 +112,7 @@ type Server struct {
 	mu       sync.Mutex
 	http     *http.Server
 	shutdown bool
+	degraded map[string]bool // reasons the services are NOT_SERVING (setDegraded)
 }
 
 // NewServer returns a server that presents and verifies identities from src.
