@@ -114,7 +114,7 @@ func buildNATSImageContext(t *testing.T) (string, error) {
 	if err := os.MkdirAll(filepath.Join(ctxDir, "data"), 0o700); err != nil {
 		return "", err
 	}
-	if err := copyFile(bin, filepath.Join(ctxDir, "nats-server")); err != nil {
+	if err := linkFile(bin, filepath.Join(ctxDir, "nats-server")); err != nil {
 		return "", err
 	}
 	dockerfile := "FROM scratch\nCOPY nats-server /nats-server\nCOPY --chown=65532:65532 data /data\nUSER 65532:65532\nENTRYPOINT [\"/nats-server\"]\n"
@@ -124,28 +124,34 @@ func buildNATSImageContext(t *testing.T) (string, error) {
 	return ctxDir, nil
 }
 
-func copyFile(src, dst string) error {
-	if a, err := os.Stat(src); err == nil {
-		if b, err := os.Stat(dst); err == nil && a.Size() == b.Size() && !b.ModTime().Before(a.ModTime()) {
-			return nil
-		}
-	}
-	in, err := os.Open(src)
+// linkFile makes dst the same file as src: a hard link, or a copy across file systems.
+func linkFile(src, dst string) error {
+	a, err := os.Stat(src)
 	if err != nil {
 		return err
 	}
-	defer in.Close()
+	if b, err := os.Stat(dst); err == nil && os.SameFile(a, b) {
+		return nil
+	}
 	tmp := dst + ".tmp"
-	out, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o755)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	if err := out.Close(); err != nil {
-		return err
+	_ = os.Remove(tmp)
+	if err := os.Link(src, tmp); err != nil {
+		in, err := os.Open(src)
+		if err != nil {
+			return err
+		}
+		defer in.Close()
+		out, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o755)
+		if err != nil {
+			return err
+		}
+		if _, err := io.Copy(out, in); err != nil {
+			out.Close()
+			return err
+		}
+		if err := out.Close(); err != nil {
+			return err
+		}
 	}
 	return os.Rename(tmp, dst)
 }
