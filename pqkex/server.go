@@ -3,7 +3,6 @@ package pqkex
 import (
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -25,9 +24,10 @@ const sideServer = "server"
 // requests before connect-go handlers see them.
 type Server struct {
 	cfg    *config
-	creds  credCache
-	replay replayCache
-	m      *metrics
+	creds   credCache
+	replay  replayCache
+	tickets ticketCache
+	m       *metrics
 }
 
 // NewServer returns a server. [WithIdentity] and [WithRoots] are required.
@@ -241,16 +241,12 @@ func (s *Server) serveCall(w http.ResponseWriter, r *http.Request, next http.Han
 // openCall authenticates a sealed call: ticket, call keys, hello frame, replay window.
 func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader string) (_ *http.Request, _ *sealWriter, err error) {
 	defer recoverTo(&err)
-	ticket, err := base64.RawURLEncoding.DecodeString(ticketHeader)
-	if err != nil {
-		return nil, nil, errMalformed
-	}
 	callID, err := parseCallID(r.Header.Get(headerCall))
 	if err != nil {
 		return nil, nil, err
 	}
 	now := s.cfg.now()
-	st, err := s.cfg.tickets.openTicket(ticket, now)
+	st, err := s.cfg.tickets.openTicketHeader(&s.tickets, ticketHeader, now)
 	if err != nil {
 		return nil, nil, err
 	}

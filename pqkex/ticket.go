@@ -3,10 +3,12 @@ package pqkex
 import (
 	"crypto/aes"
 	"crypto/cipher"
+	"encoding/base64"
 	"encoding/binary"
 	"errors"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -35,6 +37,7 @@ type TicketKeys struct {
 	mu       sync.RWMutex
 	current  ticketCipher
 	previous *ticketCipher
+	gen      atomic.Uint64 // counts rotations: servers' cached tickets are checked again after one
 }
 
 type ticketCipher struct {
@@ -82,6 +85,7 @@ func (t *TicketKeys) Rotate(next TicketKey) error {
 	cur := t.current
 	t.previous = &cur
 	t.current = newTicketCipher(next)
+	t.gen.Add(1)
 	return nil
 }
 
@@ -195,4 +199,71 @@ func (t *TicketKeys) openTicket(ticket []byte, now time.Time) (*ticketState, err
 		return nil, errTicketExpired
 	}
 	return s, nil
+}
+
+// maxCachedTickets bounds a server's cache of opened tickets (one entry per live session,
+// about 3 KB each).
+const maxCachedTickets = 4096
+
+// ticketCache remembers the tickets a server has opened, keyed by the header value as
+// sent, so that later calls of a session cost a lookup instead of base64 decoding, AES-GCM
+// and parsing. It changes nothing on the wire or in what is accepted: an entry exists
+// only for a ticket that opened, each use checks the ticket's expiry again, and an entry
+// cached before a rotation of the ticket keys is opened again, so a ticket whose key left
+// the set is refused as before.
+type ticketCache struct {
+	mu      sync.Mutex
+	entries map[string]cachedTicket
+}
+
+type cachedTicket struct {
+	st  *ticketState
+	gen uint64
+}
+
+func (c *ticketCache) get(header string, gen uint64) *ticketState {
+	c.mu.Lock()
+	e, ok := c.entries[header]
+	c.mu.Unlock()
+	if !ok || e.gen != gen {
+		return nil
+	}
+	return e.st
+}
+
+func (c *ticketCache) put(header string, st *ticketState, gen, now uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.entries == nil {
+		c.entries = make(map[string]cachedTicket)
+	}
+	if len(c.entries) >= maxCachedTickets {
+		for k, e := range c.entries {
+			if e.st.expiry <= now || e.gen != gen || len(c.entries) >= maxCachedTickets*3/4 {
+				delete(c.entries, k) // expired, stale, or (map order) an arbitrary live one
+			}
+		}
+	}
+	c.entries[header] = cachedTicket{st: st, gen: gen}
+}
+
+// openTicketHeader opens the base64url ticket of a request header at time now, through cache.
+func (t *TicketKeys) openTicketHeader(cache *ticketCache, header string, now time.Time) (*ticketState, error) {
+	gen := t.gen.Load()
+	if st := cache.get(header, gen); st != nil {
+		if unixSeconds(now) >= st.expiry {
+			return nil, errTicketExpired
+		}
+		return st, nil
+	}
+	ticket, err := base64.RawURLEncoding.DecodeString(header)
+	if err != nil {
+		return nil, errMalformed
+	}
+	st, err := t.openTicket(ticket, now)
+	if err != nil {
+		return nil, err
+	}
+	cache.put(header, st, gen, unixSeconds(now))
+	return st, nil
 }
