@@ -23,7 +23,7 @@ const sideServer = "server"
 // Server is the server half of pqkex: HTTP middleware that answers handshakes and unseals
 // requests before connect-go handlers see them.
 type Server struct {
-	cfg    *config
+	cfg     *config
 	creds   credCache
 	replay  replayCache
 	tickets ticketCache
