@@ -1,0 +1,99 @@
+package deploycheck
+
+import (
+	"bytes"
+	"fmt"
+	"os/exec"
+	"path/filepath"
+)
+
+// Scenario is one rendering of the chart: helm --set and --set-file values, and what
+// they must produce.
+type Scenario struct {
+	Name    string
+	Set     []string
+	SetFile []string // paths relative to the testdata directory
+	Expect  Expect
+}
+
+// Scenarios covers every identity mode, the state backend nats on and off, the
+// SPIRE socket from the CSI driver and from a hostPath, a CA outside the release and
+// egress restricted to a region.
+func Scenarios() []Scenario {
+	return []Scenario{
+		{Name: "veil-ca", Expect: Expect{Mode: "veil-ca"}},
+		{Name: "veil-ca-nats",
+			Set:     []string{"state.backend=nats", "state.url=tls://nats.nats.svc:4222", "state.caSecret=nats-ca"},
+			SetFile: []string{"identity.veilCA.bundle=bundle.crt", "scoring.model.json=model.json"},
+			Expect:  Expect{Mode: "veil-ca", NATS: true}},
+		{Name: "veil-ca-external-region",
+			Set: []string{"ca.enabled=false", "identity.veilCA.url=https://ca.example.org:8440",
+				"networkPolicy.egressRegion.enabled=true", "networkPolicy.egressRegion.name=eu",
+				"networkPolicy.egressRegion.allowedCIDRs={10.0.0.0/8,192.0.2.0/24}"},
+			Expect: Expect{Mode: "veil-ca", Region: true}},
+		{Name: "spire",
+			Set:    []string{"identity.mode=spire", "identity.spire.clusterSPIFFEID.enabled=true", "identity.spire.clusterSPIFFEID.className=spire-mgmt"},
+			Expect: Expect{Mode: "spire", ClusterSPIFFEID: true}},
+		{Name: "spire-hostpath-nats",
+			Set:    []string{"identity.mode=spire", "identity.spire.socketVolume=hostPath", "state.backend=nats", "ca.enabled=false"},
+			Expect: Expect{Mode: "spire", HostPath: true, NATS: true}},
+		{Name: "cert-manager",
+			Set:    []string{"identity.mode=cert-manager"},
+			Expect: Expect{Mode: "cert-manager"}},
+		{Name: "cert-manager-nats-region",
+			Set: []string{"identity.mode=cert-manager", "state.backend=nats", "state.replicas=5",
+				"networkPolicy.egressRegion.enabled=true", "networkPolicy.egressRegion.allowedCIDRs={10.20.0.0/16}",
+				"networkPolicy.extraEgress[0].to[0].ipBlock.cidr=10.20.30.0/24", "networkPolicy.extraEgress[0].ports[0].port=443",
+				"scoring.spiffeID=spiffe://example.org/scoring", "identity.certManager.issuerRef.kind=Issuer"},
+			Expect: Expect{Mode: "cert-manager", NATS: true, Region: true}},
+	}
+}
+
+// Helm runs helm: argv[0:] is the command that starts it (go tool helm).
+type Helm struct {
+	Command     []string
+	KubeVersion string
+	Testdata    string // where SetFile paths are
+}
+
+func (h Helm) args(s Scenario) []string {
+	a := []string{"--kube-version", h.KubeVersion}
+	for _, v := range s.Set {
+		a = append(a, "--set", v)
+	}
+	for _, v := range s.SetFile {
+		key, file, _ := bytesCut(v, "=")
+		a = append(a, "--set-file", key+"="+filepath.Join(h.Testdata, file))
+	}
+	return a
+}
+
+func (h Helm) run(args ...string) ([]byte, error) {
+	argv := append(append([]string{}, h.Command[1:]...), args...)
+	cmd := exec.Command(h.Command[0], argv...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("helm %v: %v\n%s%s", args, err, stdout.Bytes(), stderr.Bytes())
+	}
+	return stdout.Bytes(), nil
+}
+
+// Template renders the chart for a scenario, as release "veil" in namespace "veil".
+func (h Helm) Template(chart string, s Scenario) ([]byte, error) {
+	return h.run(append([]string{"template", "veil", chart, "--namespace", "veil"}, h.args(s)...)...)
+}
+
+// Lint runs helm lint --strict for a scenario.
+func (h Helm) Lint(chart string, s Scenario) error {
+	_, err := h.run(append([]string{"lint", "--strict", chart, "--namespace", "veil"}, h.args(s)...)...)
+	return err
+}
+
+func bytesCut(s, sep string) (string, string, bool) {
+	i := bytes.Index([]byte(s), []byte(sep))
+	if i < 0 {
+		return s, "", false
+	}
+	return s[:i], s[i+len(sep):], true
+}
