@@ -24,6 +24,13 @@ import (
 //	policy:
 //	  - procedure: /veil.echo.v1.EchoService/*
 //	    allow: ["spiffe://example.org/ns/*/sa/*"]
+//	state:
+//	  backend: nats
+//	  url: tls://nats-0.nats:4222,tls://nats-1.nats:4222,tls://nats-2.nats:4222
+//	  replicas: 3
+//
+// The state map's keys are the --state-* flags without their prefix (backend is
+// --state itself).
 
 // policyRule is one entry of a config file's policy list.
 type policyRule struct {
@@ -50,19 +57,46 @@ func applyConfig(fs *flag.FlagSet, path string) ([]policyRule, error) {
 	}
 	sort.Strings(keys)
 	var rules []policyRule
+	type setting struct {
+		key  string // as written in the file, for messages
+		flag string
+		node yaml.Node
+	}
+	var settings []setting
 	for _, key := range keys {
 		node := doc[key]
-		if key == "policy" {
+		switch key {
+		case "policy":
 			if rules, err = decodePolicy(&node); err != nil {
 				return nil, fmt.Errorf("%w: config %s: policy: %v", errUsage, path, err)
 			}
 			continue
+		case "state":
+			if node.Kind != yaml.MappingNode {
+				return nil, fmt.Errorf("%w: config %s: state: want a map (backend, url, replicas, ...)", errUsage, path)
+			}
+			for i := 0; i+1 < len(node.Content); i += 2 {
+				k := node.Content[i].Value
+				name := "state-" + k
+				if k == "backend" {
+					name = "state"
+				}
+				if k == "" || fs.Lookup(name) == nil {
+					return nil, fmt.Errorf("%w: config %s: unknown key \"state.%s\" (known: %s)", errUsage, path, k, stateKeys(fs))
+				}
+				settings = append(settings, setting{"state." + k, name, *node.Content[i+1]})
+			}
+			continue
 		}
 		f := fs.Lookup(key)
-		if f == nil || key == "config" {
+		if f == nil || key == "config" || strings.HasPrefix(key, "state-") {
 			return nil, fmt.Errorf("%w: config %s: unknown key %q (known: %s)", errUsage, path, key, knownKeys(fs))
 		}
-		if explicit[key] {
+		settings = append(settings, setting{key, key, node})
+	}
+	for _, st := range settings {
+		key, node := st.key, st.node
+		if explicit[st.flag] {
 			continue
 		}
 		var values []string
@@ -80,7 +114,7 @@ func applyConfig(fs *flag.FlagSet, path string) ([]policyRule, error) {
 			return nil, fmt.Errorf("%w: config %s: key %q: want a value or a list of values", errUsage, path, key)
 		}
 		for _, v := range values {
-			if err := fs.Set(key, v); err != nil {
+			if err := fs.Set(st.flag, v); err != nil {
 				return nil, fmt.Errorf("%w: config %s: key %q: invalid value %q: %v", errUsage, path, key, v, err)
 			}
 		}
@@ -110,9 +144,20 @@ func decodePolicy(node *yaml.Node) ([]policyRule, error) {
 func knownKeys(fs *flag.FlagSet) string {
 	var names []string
 	fs.VisitAll(func(f *flag.Flag) {
-		if f.Name != "config" {
+		if f.Name != "config" && f.Name != "state" && !strings.HasPrefix(f.Name, "state-") {
 			names = append(names, f.Name)
 		}
 	})
-	return strings.Join(append(names, "policy"), ", ")
+	return strings.Join(append(names, "policy", "state"), ", ")
+}
+
+// stateKeys lists the keys of the config file's state map.
+func stateKeys(fs *flag.FlagSet) string {
+	names := []string{"backend"}
+	fs.VisitAll(func(f *flag.Flag) {
+		if k, ok := strings.CutPrefix(f.Name, "state-"); ok {
+			names = append(names, k)
+		}
+	})
+	return strings.Join(names, ", ")
 }

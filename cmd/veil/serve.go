@@ -12,7 +12,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
-	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -36,7 +35,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	ticketKeys := fs.String("ticket-keys", "", "pqkex ticket-key file shared by replicas (see 'veil ticket-keys'); reread on SIGHUP")
 	metrics := fs.String("metrics", "", "serve Prometheus metrics on this address (plain HTTP)")
 	grace := fs.Duration("grace", rpc.DefaultGracePeriod, "how long in-flight calls may finish on shutdown")
-	config := fs.String("config", "", "YAML file whose keys are these flags' names (plus policy rules); flags override it")
+	stFlags := addStateFlags(fs)
+	config := fs.String("config", "", "YAML file whose keys are these flags' names (plus policy rules and a state map); flags override it")
+	check := fs.Bool("check", false, "validate the flags and configuration file, print what would be served, and exit (no identity or network needed)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -53,6 +54,13 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	mode, err := transport.ParsePQMode(*pq)
 	if err != nil {
 		return fmt.Errorf("%w: --pq: %v", errUsage, err)
+	}
+	if err := validateServe(services, allow, rules, *seal, stFlags, svcFlags); err != nil {
+		return err
+	}
+	if *check {
+		fmt.Fprintf(stdout, "veil serve: configuration ok: services %s, pq %s, state %s\n", services.String(), mode, *stFlags.backend)
+		return nil
 	}
 	logger := slog.New(slog.NewTextHandler(stderr, nil))
 	wid, err := idFlags.source(ctx, *identity, logger)
@@ -81,8 +89,13 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
+	shared, err := stFlags.open(ctx, src, services, sealMode != "off" && *ticketKeys == "", logger)
+	if err != nil {
+		return err
+	}
+	defer shared.close()
 	if sealMode != "off" {
-		var tk *pqkex.TicketKeys
+		tk := shared.ticketKeys()
 		if *ticketKeys != "" {
 			if tk, err = rpc.LoadTicketKeys(*ticketKeys); err != nil {
 				return err
@@ -97,7 +110,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	var builtins []builtin
 	for _, name := range services {
-		b, err := buildService(name, svcFlags)
+		b, err := buildService(name, svcFlags, shared)
 		if err != nil {
 			return err
 		}
@@ -117,6 +130,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if err := srv.WatchIdentity(ctx, wid.status, time.Second); err != nil {
 			return err
 		}
+	}
+	if err := shared.watch(ctx, srv); err != nil {
+		return err
 	}
 	for _, b := range builtins {
 		b.register(srv)
@@ -138,4 +154,38 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	logger.Info("veil stopped")
 	return nil
+}
+
+// validateServe checks what can be checked without an identity or the network: the
+// services' names, the policy rules and patterns, the sealing mode and the state
+// settings.
+func validateServe(services, allow stringList, rules []policyRule, seal string, st stateFlags, svc serviceFlags) error {
+	for _, name := range services {
+		switch name {
+		case "echo", "analytics":
+		case "scoring":
+			if *svc.scoringModel == "" {
+				return fmt.Errorf("%w: --service scoring needs --scoring-model (make one with 'veil model train')", errUsage)
+			}
+		default:
+			return fmt.Errorf("%w: unknown service %q (available: echo, scoring, analytics)", errUsage, name)
+		}
+	}
+	switch seal {
+	case "", "strict", "permissive", "off":
+	default:
+		return fmt.Errorf("%w: --pq-seal %q: want strict, permissive or off", errUsage, seal)
+	}
+	p := rpc.NewPolicy()
+	if len(allow) > 0 {
+		if err := p.Allow("*", allow...); err != nil {
+			return fmt.Errorf("%w: --allow: %v", errUsage, err)
+		}
+	}
+	for _, r := range rules {
+		if err := p.Allow(r.Procedure, r.Allow...); err != nil {
+			return fmt.Errorf("%w: config policy: %v", errUsage, err)
+		}
+	}
+	return st.check(svc)
 }

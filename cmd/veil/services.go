@@ -41,7 +41,7 @@ func addServiceFlags(fs *flag.FlagSet) serviceFlags {
 }
 
 // buildService prepares the named built-in service.
-func buildService(name string, f serviceFlags) (builtin, error) {
+func buildService(name string, f serviceFlags, shared *sharedState) (builtin, error) {
 	switch name {
 	case "echo":
 		return builtin{
@@ -59,7 +59,10 @@ func buildService(name string, f serviceFlags) (builtin, error) {
 			return builtin{}, err
 		}
 		regOpts := []he.RegistryOption{he.WithMemoryBudget(*f.keysBudget)}
-		if *f.keysStore != "" {
+		switch {
+		case shared.keys != nil:
+			regOpts = append(regOpts, he.WithKeyStore(shared.keys, 0))
+		case *f.keysStore != "":
 			regOpts = append(regOpts, he.WithStore(*f.keysStore))
 		}
 		svc, err := scoring.New(model, scoring.WithRegistryOptions(regOpts...))
@@ -73,7 +76,10 @@ func buildService(name string, f serviceFlags) (builtin, error) {
 		}, nil
 	case "analytics":
 		var opts []analytics.Option
-		if *f.analyticsStore != "" {
+		switch {
+		case shared.studies != nil:
+			opts = append(opts, analytics.WithStudyStore(shared.studies, 0))
+		case *f.analyticsStore != "":
 			opts = append(opts, analytics.WithStore(*f.analyticsStore))
 		}
 		svc, err := analytics.New(opts...)

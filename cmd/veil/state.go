@@ -1,0 +1,139 @@
+package main
+
+import (
+	"context"
+	"crypto/x509"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/natsstate"
+	"github.com/veilrpc/veil/pqkex"
+	"github.com/veilrpc/veil/rpc"
+	"github.com/veilrpc/veil/services/analytics"
+	"github.com/veilrpc/veil/transport"
+)
+
+// stateFlags select where a server keeps what its replicas must share: embedded (this
+// process, plus the --keys-store and --analytics-store directories) or NATS JetStream.
+type stateFlags struct {
+	backend  *string
+	url      *string
+	replicas *int
+	ca       *string
+	prefix   *string
+	period   *time.Duration
+}
+
+func addStateFlags(fs *flag.FlagSet) stateFlags {
+	return stateFlags{
+		backend:  fs.String("state", "embedded", "where replicas' shared state lives: embedded (this process and the --*-store directories) or nats (NATS JetStream: evaluation keys, ticket keys, analytics)"),
+		url:      fs.String("state-url", "", "with --state nats: the NATS servers, comma-separated (tls://nats-0:4222,...)"),
+		replicas: fs.Int("state-replicas", 1, "with --state nats: replication factor of the buckets Veil creates (3 for a three-node cluster)"),
+		ca:       fs.String("state-ca", "", "with --state nats: PEM roots for the NATS servers' certificates (default: the workload's trust bundle)"),
+		prefix:   fs.String("state-prefix", "veil", "with --state nats: prefix of the bucket names"),
+		period:   fs.Duration("state-ticket-key-period", 24*time.Hour, "with --state nats: how often replicas rotate the shared pqkex ticket key (tickets stay valid one period longer)"),
+	}
+}
+
+// check validates the state flags without connecting.
+func (f stateFlags) check(svc serviceFlags) error {
+	switch *f.backend {
+	case "embedded":
+		return nil
+	case "nats":
+	default:
+		return fmt.Errorf("%w: --state %q: want embedded or nats", errUsage, *f.backend)
+	}
+	switch {
+	case *f.url == "":
+		return fmt.Errorf("%w: --state nats needs --state-url", errUsage)
+	case *f.replicas < 1 || *f.replicas > 5:
+		return fmt.Errorf("%w: --state-replicas %d: JetStream allows 1 to 5", errUsage, *f.replicas)
+	case *f.period < time.Minute:
+		return fmt.Errorf("%w: --state-ticket-key-period %v: at least a minute", errUsage, *f.period)
+	case *svc.keysStore != "" || *svc.analyticsStore != "":
+		return fmt.Errorf("%w: --keys-store and --analytics-store are for --state embedded; with nats the buckets hold that state", errUsage)
+	}
+	return nil
+}
+
+// sharedState is what a server keeps in NATS; its fields are nil with the embedded
+// backend.
+type sharedState struct {
+	conn    *natsstate.State
+	keys    he.KeyStore
+	studies analytics.Store
+	tickets *natsstate.TicketKeys
+}
+
+// open connects to NATS for the services and sealing that need it.
+func (f stateFlags) open(ctx context.Context, src transport.Source, services []string, sealing bool, logger *slog.Logger) (*sharedState, error) {
+	if *f.backend != "nats" {
+		return &sharedState{}, nil
+	}
+	cfg := natsstate.Config{URL: *f.url, Replicas: *f.replicas, Prefix: *f.prefix, Source: src, Logger: logger}
+	if *f.ca != "" {
+		b, err := os.ReadFile(*f.ca)
+		if err != nil {
+			return nil, fmt.Errorf("--state-ca: %w", err)
+		}
+		cfg.Roots = x509.NewCertPool()
+		if !cfg.Roots.AppendCertsFromPEM(b) {
+			return nil, fmt.Errorf("--state-ca %s: no PEM certificate", *f.ca)
+		}
+	}
+	conn, err := natsstate.Connect(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	st := &sharedState{conn: conn}
+	for _, name := range services {
+		switch name {
+		case "scoring":
+			if st.keys, err = conn.EvaluationKeys(ctx); err != nil {
+				conn.Close()
+				return nil, err
+			}
+		case "analytics":
+			if st.studies, err = conn.Studies(ctx); err != nil {
+				conn.Close()
+				return nil, err
+			}
+		}
+	}
+	if sealing {
+		if st.tickets, err = conn.TicketKeys(ctx, *f.period); err != nil {
+			conn.Close()
+			return nil, err
+		}
+		go st.tickets.Run(ctx)
+	}
+	logger.Info("shared state on NATS JetStream", "url", *f.url, "replicas", *f.replicas, "prefix", *f.prefix)
+	return st, nil
+}
+
+// ticketKeys returns the shared ticket keys, if any.
+func (s *sharedState) ticketKeys() *pqkex.TicketKeys {
+	if s.tickets == nil {
+		return nil
+	}
+	return s.tickets.Keys()
+}
+
+// watch ties the server's health to NATS.
+func (s *sharedState) watch(ctx context.Context, srv *rpc.Server) error {
+	if s.conn == nil {
+		return nil
+	}
+	return srv.WatchDependency(ctx, "nats", s.conn, 2*time.Second)
+}
+
+func (s *sharedState) close() {
+	if s.conn != nil {
+		s.conn.Close()
+	}
+}
