@@ -53,8 +53,8 @@ func (f stateFlags) check(svc serviceFlags) error {
 		return fmt.Errorf("%w: --state nats needs --state-url", errUsage)
 	case *f.replicas < 1 || *f.replicas > 5:
 		return fmt.Errorf("%w: --state-replicas %d: JetStream allows 1 to 5", errUsage, *f.replicas)
-	case *f.period < time.Minute:
-		return fmt.Errorf("%w: --state-ticket-key-period %v: at least a minute", errUsage, *f.period)
+	case *f.period < 10*time.Second:
+		return fmt.Errorf("%w: --state-ticket-key-period %v: at least 10s", errUsage, *f.period)
 	case *svc.keysStore != "" || *svc.analyticsStore != "":
 		return fmt.Errorf("%w: --keys-store and --analytics-store are for --state embedded; with nats the buckets hold that state", errUsage)
 	}
