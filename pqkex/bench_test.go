@@ -182,3 +182,38 @@ func BenchmarkUnaryCall(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkUnaryCallParallel is BenchmarkUnaryCall with 64 concurrent callers on one
+// connection, the load of the bench rpc suite (sealed vs unsealed throughput).
+func BenchmarkUnaryCallParallel(b *testing.B) {
+	e := newEnv(b, pqkex.X25519MLKEM768())
+	msg := wrapperspb.String(strings.Repeat("x", 1024))
+	plainSrv := e.serveTLS(b, serverID, echoMux())
+	sealedSrv := e.startServer(b, echoMux())
+	plain := &http.Client{Transport: e.transport(b, clientID)}
+	sealed, _ := e.httpClient(b, e.transport(b, clientID))
+	for _, c := range []struct {
+		name string
+		hc   *http.Client
+		url  string
+	}{{"plain", plain, plainSrv.URL}, {"sealed", sealed, sealedSrv.URL}} {
+		b.Run(c.name, func(b *testing.B) {
+			cl := connect.NewClient[str, str](c.hc, c.url+procUnary)
+			ctx := context.Background()
+			if _, err := cl.CallUnary(ctx, connect.NewRequest(msg)); err != nil {
+				b.Fatal(err)
+			}
+			b.SetParallelism(32)
+			reportCPU(b, func() {
+				b.RunParallel(func(pb *testing.PB) {
+					for pb.Next() {
+						if _, err := cl.CallUnary(ctx, connect.NewRequest(msg)); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			})
+		})
+	}
+}

@@ -136,35 +136,33 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	}
 	c2s, s2c := &keys.c2s, &keys.s2c
 	out := req.Clone(req.Context())
-	for _, k := range append([]string{"Content-Length"}, acceptEncodingHeaders...) {
-		out.Header.Del(k)
+	for _, k := range clientStrippedHeaders {
+		delete(out.Header, k)
 	}
-	out.Header.Set(headerTicket, sess.ticket)
-	out.Header.Set(headerCall, formatCallID(callID))
+	out.Header[headerTicket] = []string{sess.ticket}
+	out.Header[headerCall] = []string{formatCallID(callID)}
 	out.ContentLength = -1
 	out.GetBody = nil
 	count := func(n int) { sess.bytes.Add(int64(n)) }
-	out.Body = &sealReader{
-		s: &sealer{
-			dir:     c2s,
-			encap:   func() ([]byte, []byte, error) { return encapTo(sess.suite, sess.server.publicKey) },
-			policy:  c.cfg.rekey.Stream,
-			now:     c.cfg.now,
-			onRekey: func() { c.m.rekeys.WithLabelValues(sideClient, "stream").Inc() },
-		},
-		src:     nonNil(req.Body),
-		onBytes: count,
+	s := &sealer{
+		dir:     c2s,
+		encap:   func() ([]byte, []byte, error) { return encapTo(sess.suite, sess.server.publicKey) },
+		policy:  c.cfg.rekey.Stream,
+		now:     c.cfg.now,
+		onRekey: func() { c.m.rekeys.WithLabelValues(sideClient, "stream").Inc() },
 	}
 	if req.ContentLength >= 0 {
 		// The body is in memory (unary): seal it now so that it leaves with a known length,
 		// in as few HTTP/2 frames and writes as possible.
-		sealed, err := io.ReadAll(out.Body)
+		sealed, err := sealWhole(s, nonNil(req.Body), req.ContentLength, count)
 		if err != nil {
 			return nil, err
 		}
 		out.Body = io.NopCloser(bytes.NewReader(sealed))
 		out.ContentLength = int64(len(sealed))
 		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(sealed)), nil }
+	} else {
+		out.Body = &sealReader{s: s, src: nonNil(req.Body), onBytes: count}
 	}
 	c.m.calls.WithLabelValues(sideClient, "true").Inc()
 	resp, err := rt.base.RoundTrip(out)
@@ -226,6 +224,37 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		resp.Body = io.NopCloser(bytes.NewReader(data))
 	}
 	return resp, nil
+}
+
+// clientStrippedHeaders are removed from a request before it is sealed (canonical names).
+var clientStrippedHeaders = append([]string{"Content-Length"}, acceptEncodingHeaders...)
+
+// sealWhole seals a request body of known length n in one piece (the hello frame, its data
+// frames and the FINAL frame) into a buffer of exactly the size needed, and closes body.
+func sealWhole(s *sealer, body io.ReadCloser, n int64, onBytes func(int)) ([]byte, error) {
+	var plain []byte
+	if body != nil {
+		defer body.Close()
+		plain = make([]byte, n)
+		if _, err := io.ReadFull(body, plain); err != nil {
+			return nil, err
+		}
+		var extra [1]byte
+		if m, _ := body.Read(extra[:]); m != 0 {
+			return nil, errors.New("pqkex: request body longer than its ContentLength")
+		}
+	}
+	frames := 2 + (len(plain)+maxDataFrame-1)/maxDataFrame
+	out := make([]byte, 0, frames*(frameHeaderSize+aeadTagSize)+len(plain)+len(emptyTrailerBlock))
+	out, err := s.appendFrame(out, 0, nil)
+	if err == nil && len(plain) > 0 {
+		onBytes(len(plain))
+		out, err = s.appendData(out, plain)
+	}
+	if err == nil {
+		out, err = s.appendFrame(out, flagFinal, emptyTrailerBlock)
+	}
+	return out, err
 }
 
 func nonNil(b io.ReadCloser) io.ReadCloser {

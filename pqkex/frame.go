@@ -196,6 +196,9 @@ func (o *opener) next() (byte, []byte, error) {
 		case uint64(seq) > o.dir.seq:
 			return 0, nil, errReordered
 		}
+		if o.buf == nil {
+			o.buf = getBuffer()
+		}
 		if cap(o.buf) < int(size) {
 			o.buf = make([]byte, size)
 		}
@@ -280,6 +283,9 @@ func (t trailerBlock) encode() []byte {
 	return b
 }
 
+// emptyTrailerBlock is the FINAL frame plaintext of a request: no entries.
+var emptyTrailerBlock = trailerBlock{}.encode()
+
 func decodeTrailerBlock(b []byte) (trailerBlock, error) {
 	p := parser{b: b}
 	n := int(p.u16())
@@ -361,9 +367,13 @@ func (r *openReader) fill() error {
 				return toConnect(err)
 			}
 		}
+		putBuffer(r.o.buf) // nothing refers to it any more: pending is empty
+		r.o.buf = nil
 		return io.EOF
 	}
-	r.pending = append(r.pending[:0], pt...)
+	// pt lies in the opener's buffer, which the next frame overwrites; Read calls fill
+	// again only once pending is consumed.
+	r.pending = pt
 	return nil
 }
 
@@ -427,7 +437,7 @@ func (r *sealReader) fill() error {
 	if r.src == nil {
 		r.done = true
 		var err error
-		r.out, err = r.s.appendFrame(r.out[:0], flagFinal, trailerBlock{}.encode())
+		r.out, err = r.s.appendFrame(r.out[:0], flagFinal, emptyTrailerBlock)
 		return err
 	}
 	if r.buf == nil {
@@ -448,7 +458,7 @@ func (r *sealReader) fill() error {
 		dataBuffers.Put(r.buf)
 		r.buf = nil
 		var serr error
-		r.out, serr = r.s.appendFrame(r.out, flagFinal, trailerBlock{}.encode())
+		r.out, serr = r.s.appendFrame(r.out, flagFinal, emptyTrailerBlock)
 		return serr
 	}
 	return err

@@ -1,10 +1,36 @@
 package pqkex
 
 import (
+	"errors"
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 )
+
+// errFinished is returned by Writes after the response was completed.
+var errFinished = errors.New("pqkex: write after the handler returned")
+
+// buffers recycles the frame buffers of sealed bodies (sealWriter, opener).
+var buffers = sync.Pool{New: func() any { return new([]byte) }}
+
+const maxPooledBuffer = 2*maxDataFrame + 4*(frameHeaderSize+aeadTagSize)
+
+func getBuffer() []byte {
+	b := *buffers.Get().(*[]byte)
+	if b == nil {
+		b = make([]byte, 0, 4<<10)
+	}
+	return b[:0]
+}
+
+func putBuffer(b []byte) {
+	if b == nil || cap(b) > maxPooledBuffer {
+		return
+	}
+	b = b[:0]
+	buffers.Put(&b)
+}
 
 // sealWriter seals a handler's response body into frames and moves its trailers into the
 // FINAL frame (spec 6.2, 6.3).
@@ -33,6 +59,9 @@ func (sw *sealWriter) Write(p []byte) (int, error) {
 		return 0, sw.err
 	}
 	sw.WriteHeader(http.StatusOK)
+	if sw.pending == nil {
+		sw.pending = getBuffer()
+	}
 	sw.pending = append(sw.pending, p...)
 	if len(sw.pending) >= maxDataFrame {
 		if err := sw.emit(false); err != nil {
@@ -121,6 +150,9 @@ func (sw *sealWriter) emit(final bool) error {
 		sw.parseDeclared()
 	}
 	var err error
+	if sw.out == nil {
+		sw.out = getBuffer()
+	}
 	sw.out, err = sw.s.appendData(sw.out[:0], sw.pending)
 	sw.pending = sw.pending[:0]
 	var trailers http.Header
@@ -171,8 +203,20 @@ func (sw *sealWriter) collect(trailersOnly bool) (moved, trailers http.Header) {
 
 // finish ends the response after the handler returned.
 func (sw *sealWriter) finish() error {
+	defer sw.release()
 	if sw.err != nil {
 		return sw.err
 	}
 	return sw.emit(true)
+}
+
+// release returns the writer's buffers to the pool once the response is complete (the
+// ResponseWriter copied what it was given).
+func (sw *sealWriter) release() {
+	putBuffer(sw.pending)
+	putBuffer(sw.out)
+	sw.pending, sw.out = nil, nil
+	if sw.err == nil {
+		sw.err = errFinished
+	}
 }
