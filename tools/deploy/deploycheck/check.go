@@ -15,7 +15,6 @@ import (
 	policyv1 "k8s.io/api/policy/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
-	"sigs.k8s.io/yaml"
 )
 
 // Expect is what a rendering was asked for: the values that change which objects and
@@ -39,7 +38,8 @@ var serveKeys = []string{"identity", "ca", "ca-bundle", "join-token", "id", "cer
 	"keys-store", "keys-memory", "analytics-store", "allow", "pq", "pq-seal", "ticket-keys",
 	"metrics", "grace", "policy", "state"}
 
-var stateKeys = []string{"backend", "url", "replicas", "ca"}
+// stateKeys are the state map's keys: the --state-* flags without the prefix.
+var stateKeys = []string{"backend", "url", "replicas", "ca", "prefix", "ticket-key-period"}
 
 // workload is a pod template and what owns it.
 type workload struct {
@@ -500,7 +500,7 @@ func (c *checker) checkIdentity(w workload, objs []Object) {
 	}
 	c.configs = append(c.configs, ServeConfig{Deployment: o.Name, ConfigMap: vol.ConfigMap.Name, Data: []byte(data)})
 	var cfg map[string]any
-	if err := yaml.UnmarshalStrict([]byte(data), &cfg); err != nil {
+	if err := strictUnmarshal([]byte(data), &cfg); err != nil {
 		c.errorf(o, "serve.yaml: %v", err)
 		return
 	}
@@ -593,8 +593,13 @@ func (c *checker) checkIdentity(w workload, objs []Object) {
 		if st["backend"] != "nats" || !(strings.HasPrefix(url, "tls://") || strings.HasPrefix(url, "nats://")) {
 			c.errorf(o, "serve.yaml: state: want backend nats and a nats:// or tls:// url, got %v", st)
 		}
-		if n, ok := st["replicas"].(float64); !ok || n < 1 || n != float64(int(n)) {
-			c.errorf(o, "serve.yaml: state.replicas %v: want a positive integer", st["replicas"])
+		if n, ok := st["replicas"].(int64); !ok || n < 1 || n > 5 {
+			c.errorf(o, "serve.yaml: state.replicas %v: want 1 to 5 (JetStream)", st["replicas"])
+		}
+		for _, k := range []string{"keys-store", "analytics-store"} {
+			if _, has := cfg[k]; has {
+				c.errorf(o, "serve.yaml: %s with state nats (veil serve refuses it: the buckets hold that state)", k)
+			}
 		}
 	}
 }

@@ -20,6 +20,7 @@ import (
 	policyv1 "k8s.io/api/policy/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/validation"
+	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 )
 
@@ -110,9 +111,7 @@ func decodeOne(doc []byte) (Object, error) {
 		return Object{}, fmt.Errorf("unknown kind %s %s (deploycheck knows: %s)", tm.APIVersion, tm.Kind, knownKinds())
 	}
 	v := newValue()
-	// UnmarshalStrict: YAML to JSON (duplicate keys are errors), then encoding/json
-	// with DisallowUnknownFields into the typed object.
-	if err := yaml.UnmarshalStrict(bytes.TrimSpace(doc), v); err != nil {
+	if err := strictUnmarshal(doc, v); err != nil {
 		return Object{}, fmt.Errorf("%s %s: %w", tm.APIVersion, tm.Kind, err)
 	}
 	meta := objectMeta(v)
@@ -121,6 +120,22 @@ func decodeOne(doc []byte) (Object, error) {
 		return Object{}, fmt.Errorf("%s/%s: %w", tm.Kind, meta.Name, err)
 	}
 	return obj, nil
+}
+
+// strictUnmarshal decodes YAML as the API server's strict field validation does: YAML
+// to JSON refusing duplicate keys, then sigs.k8s.io/json, which matches field names
+// case-sensitively (encoding/json would take "RunAsUser" for "runAsUser") and reports
+// unknown and duplicate fields.
+func strictUnmarshal(doc []byte, v any) error {
+	j, err := yaml.YAMLToJSONStrict(bytes.TrimSpace(doc))
+	if err != nil {
+		return err
+	}
+	strictErrs, err := kjson.UnmarshalStrict(j, v)
+	if err != nil {
+		return err
+	}
+	return errors.Join(strictErrs...)
 }
 
 func knownKinds() string {

@@ -92,6 +92,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- if not (has .Values.state.backend (list "embedded" "nats")) -}}
 {{- fail (printf "state.backend %q: want embedded or nats" .Values.state.backend) -}}
 {{- end -}}
+{{- if and (eq .Values.state.backend "nats") (or (lt (int .Values.state.replicas) 1) (gt (int .Values.state.replicas) 5)) -}}
+{{- fail (printf "state.replicas %v: JetStream allows 1 to 5" .Values.state.replicas) -}}
+{{- end -}}
+{{- if and (eq .Values.state.backend "nats") (not .Values.state.url) -}}
+{{- fail "state.backend nats needs state.url" -}}
+{{- end -}}
 {{- if and (eq .Values.identity.mode "veil-ca") (not .Values.ca.enabled) (not .Values.identity.veilCA.url) -}}
 {{- fail "identity.mode veil-ca needs ca.enabled or identity.veilCA.url" -}}
 {{- end -}}
