@@ -11,18 +11,27 @@ import (
 
 // Write replaces path with data, created with mode perm (0600 for anything secret).
 func Write(path string, data []byte, perm os.FileMode) error {
+	return write(path, data, perm, os.Rename)
+}
+
+// Create writes data to path like Write, but only if path does not exist: the
+// temporary file is hard-linked into place, which fails atomically when the name is
+// taken. It returns an error matching fs.ErrExist then, so that of several writers
+// (processes included) exactly one creates the file.
+func Create(path string, data []byte, perm os.FileMode) error {
+	return write(path, data, perm, os.Link)
+}
+
+func write(path string, data []byte, perm os.FileMode, place func(oldpath, newpath string) error) error {
 	dir := filepath.Dir(path)
 	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
 		return fmt.Errorf("atomicfile: %w", err)
 	}
 	name := tmp.Name()
-	ok := false
 	defer func() {
-		if !ok {
-			_ = tmp.Close()
-			_ = os.Remove(name)
-		}
+		_ = tmp.Close()
+		_ = os.Remove(name) // after a rename, nothing is left to remove; after a link, the temporary name
 	}()
 	if err := tmp.Chmod(perm); err != nil {
 		return fmt.Errorf("atomicfile: %w", err)
@@ -36,10 +45,9 @@ func Write(path string, data []byte, perm os.FileMode) error {
 	if err := tmp.Close(); err != nil {
 		return fmt.Errorf("atomicfile: %w", err)
 	}
-	if err := os.Rename(name, path); err != nil {
+	if err := place(name, path); err != nil {
 		return fmt.Errorf("atomicfile: %w", err)
 	}
-	ok = true
 	if d, err := os.Open(dir); err == nil {
 		_ = d.Sync()
 		_ = d.Close()

@@ -1,6 +1,8 @@
 package atomicfile
 
 import (
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"testing"
@@ -35,5 +37,22 @@ func TestWriteReplacesWithMode(t *testing.T) {
 func TestWriteFailsInMissingDir(t *testing.T) {
 	if err := Write(filepath.Join(t.TempDir(), "nope", "f"), []byte("x"), 0o600); err == nil {
 		t.Fatal("write into a missing directory succeeded")
+	}
+}
+
+func TestCreateOnlyOnce(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "f")
+	if err := Create(p, []byte("first"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := Create(p, []byte("second"), 0o600); !errors.Is(err, fs.ErrExist) {
+		t.Fatalf("second create: %v, want fs.ErrExist", err)
+	}
+	b, err := os.ReadFile(p)
+	if err != nil || string(b) != "first" {
+		t.Fatalf("content %q, %v", b, err)
+	}
+	if entries, _ := os.ReadDir(filepath.Dir(p)); len(entries) != 1 {
+		t.Fatalf("%d files left, want 1 (no temporary files)", len(entries))
 	}
 }

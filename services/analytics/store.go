@@ -10,6 +10,8 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+
+	"github.com/veilrpc/veil/internal/atomicfile"
 )
 
 // Store keeps studies and submissions outside the process, so that a restarted
@@ -72,34 +74,6 @@ func (d *DirStore) studyDir(id string) (string, error) {
 	return filepath.Join(d.dir, id), nil
 }
 
-// createExclusive writes data to path atomically, failing with fs.ErrExist when path
-// exists: the data is written to a temporary file, synced, and hard-linked into place.
-func createExclusive(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, ".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	ok := tmp.Chmod(0o600) == nil
-	_, werr := tmp.Write(data)
-	ok = ok && werr == nil && tmp.Sync() == nil
-	if cerr := tmp.Close(); !ok || cerr != nil {
-		return errors.New("write failed")
-	}
-	if err := os.Link(tmp.Name(), path); err != nil {
-		if errors.Is(err, fs.ErrExist) {
-			return fs.ErrExist
-		}
-		return err
-	}
-	if f, err := os.Open(dir); err == nil {
-		_ = f.Sync()
-		_ = f.Close()
-	}
-	return nil
-}
-
 // CreateStudy implements Store.
 func (d *DirStore) CreateStudy(_ context.Context, id string, record []byte) error {
 	dir, err := d.studyDir(id)
@@ -109,7 +83,7 @@ func (d *DirStore) CreateStudy(_ context.Context, id string, record []byte) erro
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return errors.New("analytics: store: i/o error")
 	}
-	return storeErr(createExclusive(filepath.Join(dir, studyFile), record))
+	return storeErr(atomicfile.Create(filepath.Join(dir, studyFile), record, 0o600))
 }
 
 // Study implements Store.
@@ -147,7 +121,7 @@ func (d *DirStore) AddSubmission(_ context.Context, study, name string, record [
 	if err != nil || !namePattern.MatchString(name) {
 		return false, errors.New("analytics: store: bad submission name")
 	}
-	err = createExclusive(filepath.Join(dir, subPrefix+name+subSuffix), record)
+	err = atomicfile.Create(filepath.Join(dir, subPrefix+name+subSuffix), record, 0o600)
 	if errors.Is(err, fs.ErrExist) {
 		return false, nil
 	}
