@@ -39,6 +39,8 @@ type clientSession struct {
 	aead    AEAD
 	secret  []byte
 	ticket  string // base64url, ready for the header
+	sid     string // base64url session ID, for the short form (spec 6.6)
+	held    atomic.Bool
 	expiry  time.Time
 	created time.Time
 	server  *Credential
@@ -139,7 +141,14 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	for _, k := range clientStrippedHeaders {
 		delete(out.Header, k)
 	}
-	out.Header[headerTicket] = []string{sess.ticket}
+	// The short form (spec 6.6): only for bodies sealed whole, which can be resent with the
+	// ticket if this server does not hold the session.
+	short := req.ContentLength >= 0 && sess.held.Load()
+	if short {
+		out.Header[headerSession] = []string{sess.sid}
+	} else {
+		out.Header[headerTicket] = []string{sess.ticket}
+	}
 	out.Header[headerCall] = []string{formatCallID(callID)}
 	out.ContentLength = -1
 	out.GetBody = nil
@@ -169,6 +178,22 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil {
 		return nil, err
 	}
+	if short && resp.Header.Get(headerError) == string(reasonUnknownSess) {
+		// This server (another replica, or one that restarted) does not hold the session:
+		// it refused the call before anything else, so the same sealed request is resent
+		// once with the ticket.
+		_ = resp.Body.Close()
+		c.m.reject(sideClient, errUnknownSession)
+		retry := out.Clone(out.Context())
+		delete(retry.Header, headerSession)
+		retry.Header[headerTicket] = []string{sess.ticket}
+		if retry.Body, err = out.GetBody(); err != nil {
+			return nil, err
+		}
+		if resp, err = rt.base.RoundTrip(retry); err != nil {
+			return nil, err
+		}
+	}
 	if reason := resp.Header.Get(headerError); reason != "" {
 		_ = resp.Body.Close()
 		if r := errorFromReason(reason); r.Code() == connect.CodeFailedPrecondition || r.Code() == connect.CodeDeadlineExceeded {
@@ -186,6 +211,9 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 			return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("pqkex: %s from an intermediary", resp.Status))
 		}
 		return nil, errUnsealed
+	}
+	if resp.Header.Get(headerSessionHeld) == "1" && !sess.held.Load() {
+		sess.held.Store(true)
 	}
 	self := sess.self
 	body := &openReader{
@@ -429,6 +457,7 @@ func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key stri
 	return &clientSession{
 		suite: hs.hello.suite, aead: hs.hello.aead, secret: res.secrets.session,
 		ticket: base64.RawURLEncoding.EncodeToString(res.ticket),
+		sid:    base64.RawURLEncoding.EncodeToString(res.secrets.sessionID),
 		expiry: expiry, created: now, server: server, self: self,
 	}, nil
 }

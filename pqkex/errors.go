@@ -20,6 +20,7 @@ const (
 	reasonReplayed      reason = "replayed"
 	reasonUnknownTicket reason = "unknown_ticket"
 	reasonTicketExpired reason = "ticket_expired"
+	reasonUnknownSess   reason = "unknown_session"
 	reasonCredential    reason = "credential"
 	reasonServerKey     reason = "server_key"
 	reasonUnsupported   reason = "unsupported"
@@ -36,6 +37,7 @@ var reasonCodes = map[reason]connect.Code{
 	reasonReplayed:      connect.CodeAlreadyExists,
 	reasonUnknownTicket: connect.CodeFailedPrecondition,
 	reasonTicketExpired: connect.CodeDeadlineExceeded,
+	reasonUnknownSess:   connect.CodeFailedPrecondition,
 	reasonCredential:    connect.CodePermissionDenied,
 	reasonServerKey:     connect.CodeFailedPrecondition,
 	reasonUnsupported:   connect.CodeUnimplemented,
@@ -65,6 +67,7 @@ var (
 	errReplayed        = newError(reasonReplayed, "replayed call or frame")
 	errUnknownTicket   = newError(reasonUnknownTicket, "ticket not issued by this service")
 	errTicketExpired   = newError(reasonTicketExpired, "ticket expired")
+	errUnknownSession  = newError(reasonUnknownSess, "session not held by this server: send the ticket")
 	errCredential      = newError(reasonCredential, "peer credential rejected")
 	errCredentialTime  = newError(reasonCredential, "peer credential outside its validity")
 	errIdentity        = newError(reasonCredential, "peer identity not authorized")
@@ -118,6 +121,8 @@ func errorFromReason(token string) *connect.Error {
 // Header names (spec section 6.1).
 const (
 	headerTicket       = "Veil-Pqkex-Ticket"
+	headerSession      = "Veil-Pqkex-Session"      // the short form (spec 6.6)
+	headerSessionHeld  = "Veil-Pqkex-Session-Held" // the server keeps the session for the short form
 	headerCall         = "Veil-Pqkex-Call"
 	headerSealed       = "Veil-Pqkex-Sealed"
 	headerTrailersOnly = "Veil-Pqkex-Trailers-Only"

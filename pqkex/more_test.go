@@ -182,7 +182,7 @@ func TestHandlerSeesPlaintextOnlyAfterAuthentication(t *testing.T) {
 	var calls, leaked atomic.Int32
 	counting := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		calls.Add(1)
-		if r.Header.Get("Veil-Pqkex-Ticket") != "" || r.Header.Get("Veil-Pqkex-Call") != "" {
+		if r.Header.Get("Veil-Pqkex-Ticket") != "" || r.Header.Get("Veil-Pqkex-Session") != "" || r.Header.Get("Veil-Pqkex-Call") != "" {
 			leaked.Add(1)
 		}
 		echoMux().ServeHTTP(w, r)
@@ -205,6 +205,7 @@ func TestHandlerSeesPlaintextOnlyAfterAuthentication(t *testing.T) {
 	wantCode(t, unaryCall(hc, ts.URL), connect.CodeDataLoss)
 	m.set(func(r *http.Request, b []byte) []byte {
 		if isSealedCall(r) {
+			r.Header.Del("Veil-Pqkex-Session")
 			r.Header.Set("Veil-Pqkex-Ticket", strings.Repeat("A", 64))
 		}
 		return b

@@ -121,6 +121,7 @@ func TestAttacks(t *testing.T) {
 		}, code: connect.CodeOutOfRange},
 		{name: "stripped request headers", req: func(r *http.Request, b []byte) []byte {
 			r.Header.Del("Veil-Pqkex-Ticket")
+			r.Header.Del("Veil-Pqkex-Session")
 			r.Header.Del("Veil-Pqkex-Call")
 			return b
 		}, code: connect.CodeUnauthenticated, reason: "no_session"},
@@ -146,6 +147,20 @@ func TestAttacks(t *testing.T) {
 		}, code: connect.CodeUnauthenticated},
 		{name: "garbage ticket", req: func(r *http.Request, b []byte) []byte {
 			if isSealedCall(r) {
+				r.Header.Del("Veil-Pqkex-Session")
+				r.Header.Set("Veil-Pqkex-Ticket", "AAAA")
+			}
+			return b
+		}, code: connect.CodeInvalidArgument, reason: "malformed"},
+		// Unary calls after the first name their session by ID (spec 6.6).
+		{name: "garbage session ID", req: func(r *http.Request, b []byte) []byte {
+			if r.Header.Get("Veil-Pqkex-Session") != "" {
+				r.Header.Set("Veil-Pqkex-Session", "AAAA")
+			}
+			return b
+		}, code: connect.CodeInvalidArgument, reason: "malformed"},
+		{name: "ticket and session ID both", req: func(r *http.Request, b []byte) []byte {
+			if r.Header.Get("Veil-Pqkex-Session") != "" {
 				r.Header.Set("Veil-Pqkex-Ticket", "AAAA")
 			}
 			return b
@@ -243,6 +258,27 @@ func TestReplayedCall(t *testing.T) {
 	defer resp.Body.Close()
 	if got := resp.Header.Get("Veil-Pqkex-Error"); got != "replayed" {
 		t.Fatalf("replayed call: Veil-Pqkex-Error = %q, want replayed", got)
+	}
+	// The same with the short form (spec 6.6): the second call names its session by ID.
+	if err := unaryCall(hc, ts.URL); err != nil {
+		t.Fatal(err)
+	}
+	short := m.last()
+	if short.header.Get("Veil-Pqkex-Session") == "" {
+		t.Fatal("second unary call did not use the short form")
+	}
+	req, err = http.NewRequest(http.MethodPost, short.url, bytes.NewReader(short.body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header = short.header.Clone()
+	resp2, err := base.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp2.Body.Close()
+	if got := resp2.Header.Get("Veil-Pqkex-Error"); got != "replayed" {
+		t.Fatalf("replayed short-form call: Veil-Pqkex-Error = %q, want replayed", got)
 	}
 	// The connect-level view of the same attack: a middlebox that always sends the recorded call.
 	m.set(func(r *http.Request, b []byte) []byte {
@@ -369,12 +405,20 @@ func TestTickets(t *testing.T) {
 		t.Fatalf("handshakes = %v, want 1 (the second call reuses the session)", handshakes())
 	}
 
-	target = replicaB.URL // stateless resumption on another replica with the same ticket keys
-	if err := unaryCall(hc, replicaA.URL); err != nil {
-		t.Fatalf("replica B did not continue the session: %v", err)
-	}
 	rejected := func(reason string) float64 {
 		return counter(t, reg, "veil_pqkex_rejections_total", map[string]string{"side": "client", "reason": reason})
+	}
+	// Stateless resumption on another replica with the same ticket keys. The call names
+	// the session by ID (replica A said it holds it), replica B does not hold it, and the
+	// client resends the call with the ticket (spec 6.6); B then holds it too.
+	target = replicaB.URL
+	for range 2 {
+		if err := unaryCall(hc, replicaA.URL); err != nil {
+			t.Fatalf("replica B did not continue the session: %v", err)
+		}
+	}
+	if handshakes() != 1 || rejected("unknown_session") != 1 {
+		t.Fatalf("handshakes %v, unknown_session rejections %v; want 1 and 1", handshakes(), rejected("unknown_session"))
 	}
 	// A server with other ticket keys refuses the ticket. A stream sees the refusal
 	// with its code; a unary call is resent once after a new handshake, which here
@@ -486,5 +530,62 @@ func TestIntermediaryErrorsAreUnavailable(t *testing.T) {
 	} {
 		status = tc.status
 		wantCode(t, clientStreamCall(hc, ts.URL, "x"), tc.code)
+	}
+}
+
+// TestShortForm: unary calls name their session by ID once the server said it holds the
+// session; streams always carry the ticket; a server that does not hold the session refuses
+// the short form and the call is resent with the ticket, unseen by the caller (spec 6.6).
+func TestShortForm(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	reg := prometheus.NewRegistry()
+	ts := e.startServer(t, echoMux(), pqkex.WithMetrics(reg))
+	m := &mitm{base: e.transport(t, clientID)}
+	hc, _ := e.httpClient(t, m, pqkex.WithMetrics(reg))
+	form := func() string {
+		h := m.last().header
+		switch {
+		case h.Get("Veil-Pqkex-Ticket") != "" && h.Get("Veil-Pqkex-Session") == "":
+			return "ticket"
+		case h.Get("Veil-Pqkex-Session") != "" && h.Get("Veil-Pqkex-Ticket") == "":
+			return "session"
+		}
+		return "?"
+	}
+	for i, want := range []string{"ticket", "session", "session"} {
+		if err := unaryCall(hc, ts.URL); err != nil {
+			t.Fatal(err)
+		}
+		if got := form(); got != want {
+			t.Fatalf("unary call %d sent the %s form, want %s", i, got, want)
+		}
+	}
+	if err := clientStreamCall(hc, ts.URL, "a", "b"); err != nil {
+		t.Fatal(err)
+	}
+	if got := form(); got != "ticket" {
+		t.Fatalf("stream sent the %s form, want ticket", got)
+	}
+	// A session ID the server does not hold: refused, resent with the ticket.
+	m.set(func(r *http.Request, b []byte) []byte {
+		if r.Header.Get("Veil-Pqkex-Session") != "" {
+			r.Header.Set("Veil-Pqkex-Session", base64.RawURLEncoding.EncodeToString([]byte("0123456789abcdef")))
+		}
+		return b
+	}, nil)
+	if err := unaryCall(hc, ts.URL); err != nil {
+		t.Fatalf("call after unknown_session: %v", err)
+	}
+	if got := form(); got != "ticket" {
+		t.Fatalf("resent call sent the %s form, want ticket", got)
+	}
+	for _, side := range []string{"server", "client"} {
+		if got := counter(t, reg, "veil_pqkex_rejections_total", map[string]string{"side": side, "reason": "unknown_session"}); got != 1 {
+			t.Errorf("%s unknown_session rejections = %v, want 1", side, got)
+		}
+	}
+	m.set(nil, nil)
+	if got := counter(t, reg, "veil_pqkex_handshakes_total", map[string]string{"side": "client", "result": "ok"}); got != 1 {
+		t.Fatalf("handshakes = %v, want 1", got)
 	}
 }

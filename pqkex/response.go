@@ -44,6 +44,7 @@ type sealWriter struct {
 	out      []byte
 	declared []string
 	err      error
+	held     bool // the call came with its ticket: say that the server keeps the session (spec 6.6)
 }
 
 func (sw *sealWriter) Header() http.Header { return sw.h }
@@ -117,6 +118,9 @@ func (sw *sealWriter) sendHeaders(trailersOnly bool, length int) {
 		dst[k] = v
 	}
 	dst.Set(headerSealed, "1")
+	if sw.held {
+		dst.Set(headerSessionHeld, "1")
+	}
 	if length >= 0 {
 		dst.Set("Content-Length", strconv.Itoa(length))
 	}

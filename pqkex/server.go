@@ -195,7 +195,7 @@ var acceptEncodingHeaders = []string{"Accept-Encoding", "Connect-Accept-Encoding
 
 // sealedRequestHeaders are removed from a sealed request before its handler sees it; the
 // names are canonical, so they are deleted from the map directly.
-var sealedRequestHeaders = append([]string{headerTicket, headerCall, "Content-Length"}, acceptEncodingHeaders...)
+var sealedRequestHeaders = append([]string{headerTicket, headerSession, headerCall, "Content-Length"}, acceptEncodingHeaders...)
 
 func compressed(h http.Header) bool {
 	for _, k := range contentEncodingHeaders {
@@ -220,8 +220,8 @@ func formatCallID(id uint64) string {
 
 func (s *Server) serveCall(w http.ResponseWriter, r *http.Request, next http.Handler) {
 	procedure := r.URL.Path
-	ticketHeader := r.Header.Get(headerTicket)
-	if ticketHeader == "" && r.Header.Get(headerCall) == "" {
+	ticketHeader, sessionHeader := r.Header.Get(headerTicket), r.Header.Get(headerSession)
+	if ticketHeader == "" && sessionHeader == "" && r.Header.Get(headerCall) == "" {
 		if s.cfg.mode(procedure) == Permissive {
 			s.m.calls.WithLabelValues(sideServer, "false").Inc()
 			next.ServeHTTP(w, r)
@@ -230,7 +230,7 @@ func (s *Server) serveCall(w http.ResponseWriter, r *http.Request, next http.Han
 		s.reject(w, r, errNoSession)
 		return
 	}
-	inner, sw, err := s.openCall(w, r, ticketHeader)
+	inner, sw, err := s.openCall(w, r, ticketHeader, sessionHeader)
 	if err != nil {
 		s.reject(w, r, err)
 		return
@@ -242,15 +242,24 @@ func (s *Server) serveCall(w http.ResponseWriter, r *http.Request, next http.Han
 	}
 }
 
-// openCall authenticates a sealed call: ticket, call keys, hello frame, replay window.
-func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader string) (_ *http.Request, _ *sealWriter, err error) {
+// openCall authenticates a sealed call: ticket (or, in the short form, the session ID of a
+// session this server holds), call keys, hello frame, replay window.
+func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, sessionHeader string) (_ *http.Request, _ *sealWriter, err error) {
 	defer recoverTo(&err)
+	if ticketHeader != "" && sessionHeader != "" {
+		return nil, nil, errMalformed
+	}
 	callID, err := parseCallID(r.Header.Get(headerCall))
 	if err != nil {
 		return nil, nil, err
 	}
 	now := s.cfg.now()
-	st, err := s.cfg.tickets.openTicketHeader(&s.tickets, ticketHeader, now)
+	var st *ticketState
+	if sessionHeader != "" {
+		st, err = s.cfg.tickets.openSessionHeader(&s.tickets, sessionHeader, now)
+	} else {
+		st, err = s.cfg.tickets.openTicketHeader(&s.tickets, ticketHeader, now)
+	}
 	if err != nil {
 		return nil, nil, err
 	}
@@ -288,7 +297,7 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader s
 	}
 	inner.ContentLength = -1
 	inner.Body = &openReader{o: op, body: r.Body, onErr: func(err error) { s.m.reject(sideServer, err) }}
-	sw := &sealWriter{w: w, h: make(http.Header, 4), s: &sealer{
+	sw := &sealWriter{w: w, h: make(http.Header, 4), held: sessionHeader == "", s: &sealer{
 		dir:     s2c,
 		encap:   func() ([]byte, []byte, error) { return encapTo(st.suite, st.clientPK) },
 		policy:  s.cfg.rekey.Stream,

@@ -202,18 +202,20 @@ func (t *TicketKeys) openTicket(ticket []byte, now time.Time) (*ticketState, err
 }
 
 // maxCachedTickets bounds a server's cache of opened tickets (one entry per live session,
-// about 3 KB each).
+// about 3 KB each, in each of its two indexes).
 const maxCachedTickets = 4096
 
-// ticketCache remembers the tickets a server has opened, keyed by the header value as
-// sent, so that later calls of a session cost a lookup instead of base64 decoding, AES-GCM
-// and parsing. It changes nothing on the wire or in what is accepted: an entry exists
-// only for a ticket that opened, each use checks the ticket's expiry again, and an entry
-// cached before a rotation of the ticket keys is opened again, so a ticket whose key left
-// the set is refused as before.
+// ticketCache keeps the sessions whose tickets a server opened, until they expire: by the
+// ticket's header value as sent, so that later calls with the ticket cost a lookup instead
+// of base64 decoding, AES-GCM and parsing, and by session ID for the short form (spec 6.6).
+// An entry exists only for a ticket that opened, each use checks the session's expiry
+// again, and an entry cached before a rotation of the ticket keys is not used (the ticket
+// is opened again, or the short form refused as unknown_session), so a ticket whose key
+// left the set is refused as before.
 type ticketCache struct {
-	mu      sync.Mutex
-	entries map[string]cachedTicket
+	mu       sync.Mutex
+	byHeader map[string]cachedTicket
+	bySID    map[[sessionIDSize]byte]cachedTicket
 }
 
 type cachedTicket struct {
@@ -223,7 +225,7 @@ type cachedTicket struct {
 
 func (c *ticketCache) get(header string, gen uint64) *ticketState {
 	c.mu.Lock()
-	e, ok := c.entries[header]
+	e, ok := c.byHeader[header]
 	c.mu.Unlock()
 	if !ok || e.gen != gen {
 		return nil
@@ -231,23 +233,46 @@ func (c *ticketCache) get(header string, gen uint64) *ticketState {
 	return e.st
 }
 
-func (c *ticketCache) put(header string, st *ticketState, gen, now uint64) {
+func (c *ticketCache) getSession(sid [sessionIDSize]byte, gen uint64) *ticketState {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.entries == nil {
-		c.entries = make(map[string]cachedTicket)
+	e, ok := c.bySID[sid]
+	c.mu.Unlock()
+	if !ok || e.gen != gen {
+		return nil
 	}
-	if len(c.entries) >= maxCachedTickets {
-		for k, e := range c.entries {
-			if e.st.expiry <= now || e.gen != gen || len(c.entries) >= maxCachedTickets*3/4 {
-				delete(c.entries, k) // expired, stale, or (map order) an arbitrary live one
-			}
-		}
-	}
-	c.entries[header] = cachedTicket{st: st, gen: gen}
+	return e.st
 }
 
-// openTicketHeader opens the base64url ticket of a request header at time now, through cache.
+// bound makes room in m for one more entry: it drops expired and stale entries and, if
+// that is not enough, arbitrary ones (map order) down to three quarters of the bound.
+func bound[K comparable](m map[K]cachedTicket, gen, now uint64) {
+	if len(m) < maxCachedTickets {
+		return
+	}
+	for k, e := range m {
+		if e.st.expiry <= now || e.gen != gen || len(m) >= maxCachedTickets*3/4 {
+			delete(m, k)
+		}
+	}
+}
+
+func (c *ticketCache) put(header string, st *ticketState, gen, now uint64) {
+	var sid [sessionIDSize]byte
+	copy(sid[:], st.sessionID)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.byHeader == nil {
+		c.byHeader = make(map[string]cachedTicket)
+		c.bySID = make(map[[sessionIDSize]byte]cachedTicket)
+	}
+	bound(c.byHeader, gen, now)
+	bound(c.bySID, gen, now)
+	c.byHeader[header] = cachedTicket{st: st, gen: gen}
+	c.bySID[sid] = cachedTicket{st: st, gen: gen}
+}
+
+// openTicketHeader opens the base64url ticket of a request header at time now, through
+// cache, and keeps its session there for the short form.
 func (t *TicketKeys) openTicketHeader(cache *ticketCache, header string, now time.Time) (*ticketState, error) {
 	gen := t.gen.Load()
 	if st := cache.get(header, gen); st != nil {
@@ -265,5 +290,24 @@ func (t *TicketKeys) openTicketHeader(cache *ticketCache, header string, now tim
 		return nil, err
 	}
 	cache.put(header, st, gen, unixSeconds(now))
+	return st, nil
+}
+
+// openSessionHeader finds the session a short-form request names (spec 6.6).
+func (t *TicketKeys) openSessionHeader(cache *ticketCache, header string, now time.Time) (*ticketState, error) {
+	var sid [sessionIDSize]byte
+	if base64.RawURLEncoding.EncodedLen(sessionIDSize) != len(header) {
+		return nil, errMalformed
+	}
+	if n, err := base64.RawURLEncoding.Decode(sid[:], []byte(header)); err != nil || n != sessionIDSize {
+		return nil, errMalformed
+	}
+	st := cache.getSession(sid, t.gen.Load())
+	if st == nil {
+		return nil, errUnknownSession
+	}
+	if unixSeconds(now) >= st.expiry {
+		return nil, errTicketExpired
+	}
 	return st, nil
 }
