@@ -2,6 +2,7 @@ package pqkex
 
 import (
 	"errors"
+	"io"
 	"net/http"
 
 	"connectrpc.com/connect"
@@ -80,10 +81,38 @@ var (
 	errSequenceWrapped = newError(reasonInternal, "frame sequence exhausted")
 )
 
+// asReason finds a pqkex error in err's chain, as errors.As would, without allocating
+// (this runs for every body read).
+func asReason(err error) *reasonError {
+	for err != nil {
+		switch x := err.(type) {
+		case *reasonError:
+			return x
+		case interface{ As(any) bool }:
+			var re *reasonError
+			if errors.As(err, &re) {
+				return re
+			}
+			return nil
+		case interface{ Unwrap() error }:
+			err = x.Unwrap()
+		case interface{ Unwrap() []error }:
+			for _, e := range x.Unwrap() {
+				if re := asReason(e); re != nil {
+					return re
+				}
+			}
+			return nil
+		default:
+			return nil
+		}
+	}
+	return nil
+}
+
 // reasonOf returns the reason of a pqkex error, or reasonInternal.
 func reasonOf(err error) reason {
-	var re *reasonError
-	if errors.As(err, &re) {
+	if re := asReason(err); re != nil {
 		return re.reason
 	}
 	return reasonInternal
@@ -91,8 +120,10 @@ func reasonOf(err error) reason {
 
 // isRejection reports whether err is one of pqkex's own rejections.
 func isRejection(err error) bool {
-	var re *reasonError
-	return errors.As(err, &re)
+	if err == nil || err == io.EOF {
+		return false
+	}
+	return asReason(err) != nil
 }
 
 // toConnect turns any error into a *connect.Error with pqkex's code for it.
@@ -101,8 +132,7 @@ func toConnect(err error) *connect.Error {
 	if errors.As(err, &ce) {
 		return ce
 	}
-	var re *reasonError
-	if errors.As(err, &re) {
+	if re := asReason(err); re != nil {
 		return connect.NewError(reasonCodes[re.reason], re)
 	}
 	return connect.NewError(connect.CodeInternal, errInternal)
