@@ -69,14 +69,13 @@ type trafficKeys struct {
 
 // derive sets t to key(secret) and iv(secret) (spec 5.2), using k for the HMACs.
 func (t *trafficKeys) derive(k *kdf, a AEAD, secret []byte) error {
-	var key, iv [maxHashSize]byte
-	c, err := a.new(k.expand(key[:0], secret, "key", nil, aeadKeySize))
-	clear(key[:])
+	k.keyed(&k.dirKey, secret)
+	c, err := a.new(k.expandKeyed(k.out[:0], &k.dirKey, "key", nil, aeadKeySize))
 	if err != nil {
 		return err
 	}
 	t.aead = c
-	copy(t.iv[:], k.expand(iv[:0], secret, "iv", nil, aeadNonceSize))
+	copy(t.iv[:], k.expandKeyed(k.out[:0], &k.dirKey, "iv", nil, aeadNonceSize))
 	return nil
 }
 

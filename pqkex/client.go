@@ -35,18 +35,19 @@ type Client struct {
 
 // clientSession is an established session as the client holds it.
 type clientSession struct {
-	suite   Scheme
-	aead    AEAD
-	secret  []byte
-	ticket  string // base64url, ready for the header
-	sid     string // base64url session ID, for the short form (spec 6.6)
-	held    atomic.Bool
-	expiry  time.Time
-	created time.Time
-	server  *Credential
-	self    *Identity
-	calls   atomic.Int64
-	bytes   atomic.Int64
+	suite     Scheme
+	aead      AEAD
+	secret    []byte
+	secretKey *hmacKey // secret, keyed for the per-call derivations
+	ticket    string   // base64url, ready for the header
+	sid       string   // base64url session ID, for the short form (spec 6.6)
+	held      atomic.Bool
+	expiry    time.Time
+	created   time.Time
+	server    *Credential
+	self      *Identity
+	calls     atomic.Int64
+	bytes     atomic.Int64
 }
 
 // NewClient returns a client. [WithIdentity] and [WithRoots] are required.
@@ -132,7 +133,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	callID := uint64(sess.calls.Add(1) - 1)
-	keys, err := newCallKeys(sess.suite.Hash(), sess.aead, sess.secret, callID, req.URL.Path)
+	keys, err := newCallKeys(sess.suite.Hash(), sess.aead, sess.secretKey, callID, req.URL.Path)
 	if err != nil {
 		return nil, err
 	}
@@ -456,9 +457,10 @@ func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key stri
 	expiry := fromUnix(res.expiry)
 	return &clientSession{
 		suite: hs.hello.suite, aead: hs.hello.aead, secret: res.secrets.session,
-		ticket: base64.RawURLEncoding.EncodeToString(res.ticket),
-		sid:    base64.RawURLEncoding.EncodeToString(res.secrets.sessionID),
-		expiry: expiry, created: now, server: server, self: self,
+		secretKey: sessionKey(hs.hello.suite.Hash(), res.secrets.session),
+		ticket:    base64.RawURLEncoding.EncodeToString(res.ticket),
+		sid:       base64.RawURLEncoding.EncodeToString(res.secrets.sessionID),
+		expiry:    expiry, created: now, server: server, self: self,
 	}, nil
 }
 

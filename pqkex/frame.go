@@ -51,16 +51,15 @@ type callKeys struct {
 	secrets  [2 * maxHashSize]byte
 }
 
-func newCallKeys(h crypto.Hash, a AEAD, session []byte, callID uint64, procedure string) (*callKeys, error) {
+func newCallKeys(h crypto.Hash, a AEAD, session *hmacKey, callID uint64, procedure string) (*callKeys, error) {
 	k := getKDF(h)
 	defer k.put()
 	n := h.Size()
-	var call [maxHashSize]byte
-	k.callSecret(call[:0], session, callID, procedure)
+	call := k.callSecretKeyed(k.out[:0], session, callID, procedure)
+	k.keyed(&k.callKey, call[:n])
 	ck := &callKeys{}
-	c2s := k.expand(ck.secrets[:0:n], call[:n], dirC2S, nil, n)
-	s2c := k.expand(ck.secrets[n:n:2*n], call[:n], dirS2C, nil, n)
-	clear(call[:])
+	c2s := k.expandKeyed(ck.secrets[:0:n], &k.callKey, dirC2S, nil, n)
+	s2c := k.expandKeyed(ck.secrets[n:n:2*n], &k.callKey, dirS2C, nil, n)
 	ck.c2s = direction{hash: h, aead: a, secret: c2s}
 	ck.s2c = direction{hash: h, aead: a, secret: s2c}
 	if err := ck.c2s.keys.derive(k, a, c2s); err != nil {

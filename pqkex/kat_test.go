@@ -186,7 +186,7 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, bind bool) katVector {
 	v.CallSecret = callSecret(h, v.Session, v.CallID, v.Procedure)
 	// The call path derives both directions at once (newCallKeys); the step-by-step
 	// functions must agree with it.
-	ck, err := newCallKeys(h, aead, v.Session, v.CallID, v.Procedure)
+	ck, err := newCallKeys(h, aead, sessionKey(h, v.Session), v.CallID, v.Procedure)
 	if err != nil {
 		t.Fatal(err)
 	}

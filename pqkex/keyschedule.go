@@ -39,6 +39,11 @@ type kdf struct {
 	key   [maxHashSize]byte
 	inner [maxHashSize]byte
 	info  [256 + 64]byte
+
+	// Scratch for newCallKeys and trafficKeys.derive: in the pooled kdf, not on the stack,
+	// where the hash interface's calls would make them escape.
+	callKey, dirKey hmacKey
+	out             [maxHashSize]byte
 }
 
 var kdfPools sync.Map // crypto.Hash -> *sync.Pool
@@ -58,8 +63,75 @@ func (k *kdf) put() {
 	clear(k.pad[:])
 	clear(k.key[:])
 	clear(k.inner[:])
+	clear(k.out[:])
+	k.callKey, k.dirKey = hmacKey{}, hmacKey{}
 	p, _ := kdfPools.Load(k.hash) // present: getKDF made k
 	p.(*sync.Pool).Put(k)
+}
+
+// maxStateSize bounds a marshaled SHA-256 or SHA-512 state (108 and 204 bytes).
+const maxStateSize = 204
+
+// hmacKey is an HMAC key with its padded blocks already absorbed: the inner and outer hash
+// states after K^ipad and K^opad, marshaled. Each use then costs two hash blocks fewer.
+type hmacKey struct {
+	inner, outer [maxStateSize]byte
+	n            int // marshaled size; 0: the hash cannot marshal its state
+	key          [maxHashSize]byte
+	keyLen       int
+}
+
+type stateHash interface {
+	AppendBinary([]byte) ([]byte, error)
+	UnmarshalBinary([]byte) error
+}
+
+// keyed sets hk to key (at most one hash output long, as every key schedule secret is).
+func (k *kdf) keyed(hk *hmacKey, key []byte) {
+	hk.keyLen = copy(hk.key[:], key)
+	hk.n = 0
+	sh, ok := k.h.(stateHash)
+	if !ok || len(key) > maxHashSize {
+		return
+	}
+	pad := k.pad[:k.block]
+	clear(pad)
+	copy(pad, key)
+	for i := range pad {
+		pad[i] ^= 0x36
+	}
+	k.h.Reset()
+	k.h.Write(pad)
+	in, err := sh.AppendBinary(hk.inner[:0])
+	for i := range pad {
+		pad[i] ^= 0x36 ^ 0x5c
+	}
+	k.h.Reset()
+	k.h.Write(pad)
+	out, err2 := sh.AppendBinary(hk.outer[:0])
+	clear(pad)
+	if err != nil || err2 != nil || len(in) != len(out) || len(in) > maxStateSize || &in[0] != &hk.inner[0] || &out[0] != &hk.outer[0] {
+		return // fall back to plain HMAC
+	}
+	hk.n = len(in)
+}
+
+// macKeyed appends HMAC-H(hk, msg) to dst.
+func (k *kdf) macKeyed(dst []byte, hk *hmacKey, msg []byte) []byte {
+	sh, ok := k.h.(stateHash)
+	if hk.n == 0 || !ok {
+		return k.mac(dst, hk.key[:hk.keyLen], msg)
+	}
+	if sh.UnmarshalBinary(hk.inner[:hk.n]) != nil {
+		return k.mac(dst, hk.key[:hk.keyLen], msg)
+	}
+	k.h.Write(msg)
+	inner := k.h.Sum(k.inner[:0])
+	if sh.UnmarshalBinary(hk.outer[:hk.n]) != nil {
+		return k.mac(dst, hk.key[:hk.keyLen], msg)
+	}
+	k.h.Write(inner)
+	return k.h.Sum(dst)
 }
 
 // mac appends HMAC-H(key, msg) to dst.
@@ -90,6 +162,22 @@ func (k *kdf) mac(dst, key, msg []byte) []byte {
 
 // expand appends ExpandLabel(secret, label, context, length) to dst (length <= Nh).
 func (k *kdf) expand(dst, secret []byte, label string, context []byte, length int) []byte {
+	info := k.expandInfo(label, context, length)
+	n := len(dst)
+	dst = k.mac(dst, secret, info)
+	return dst[:n+length]
+}
+
+// expandKeyed is expand with a keyed secret.
+func (k *kdf) expandKeyed(dst []byte, secret *hmacKey, label string, context []byte, length int) []byte {
+	info := k.expandInfo(label, context, length)
+	n := len(dst)
+	dst = k.macKeyed(dst, secret, info)
+	return dst[:n+length]
+}
+
+// expandInfo is HKDF-Expand's info for a label, followed by the counter byte 0x01.
+func (k *kdf) expandInfo(label string, context []byte, length int) []byte {
 	if length > k.size {
 		panic("pqkex: expandLabel output longer than one hash block") // programmer error
 	}
@@ -100,10 +188,7 @@ func (k *kdf) expand(dst, secret []byte, label string, context []byte, length in
 	info = append(info, label...)
 	info = binary.BigEndian.AppendUint16(info, uint16(len(context)))
 	info = append(info, context...)
-	info = append(info, 1) // HKDF-Expand counter of the first (only) block
-	n := len(dst)
-	dst = k.mac(dst, secret, info)
-	return dst[:n+length]
+	return append(info, 1) // HKDF-Expand counter of the first (only) block
 }
 
 // expandLabel is HKDF-Expand(secret, label info, length) for length <= Nh.
@@ -162,10 +247,26 @@ func callSecret(h crypto.Hash, session []byte, callID uint64, procedure string) 
 }
 
 func (k *kdf) callSecret(dst, session []byte, callID uint64, procedure string) []byte {
+	var sk hmacKey
+	k.keyed(&sk, session)
+	return k.callSecretKeyed(dst, &sk, callID, procedure)
+}
+
+func (k *kdf) callSecretKeyed(dst []byte, session *hmacKey, callID uint64, procedure string) []byte {
 	var buf [8 + 128]byte
 	ctx := binary.BigEndian.AppendUint64(buf[:0], callID)
 	ctx = append(ctx, procedure...) // on the stack unless the procedure is long
-	return k.expand(dst, session, "call", ctx, k.size)
+	return k.expandKeyed(dst, session, "call", ctx, k.size)
+}
+
+// sessionKey returns the session secret keyed for the per-call derivations; sessions keep
+// it so that each call's first step costs two hash blocks fewer.
+func sessionKey(h crypto.Hash, session []byte) *hmacKey {
+	k := getKDF(h)
+	defer k.put()
+	sk := new(hmacKey)
+	k.keyed(sk, session)
+	return sk
 }
 
 // Directions of a call.

@@ -269,7 +269,7 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if compressed(r.Header) {
 		return nil, nil, errCompressed
 	}
-	keys, err := newCallKeys(st.suite.Hash(), st.aead, st.secret, callID, r.URL.Path)
+	keys, err := newCallKeys(st.suite.Hash(), st.aead, st.secretKey, callID, r.URL.Path)
 	if err != nil {
 		return nil, nil, err
 	}

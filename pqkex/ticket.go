@@ -150,6 +150,8 @@ type ticketState struct {
 	serverDigest [credDigestSize]byte
 	clientID     string
 	clientPK     []byte
+
+	secretKey *hmacKey // secret keyed for the per-call derivations (set when cached)
 }
 
 func (s *ticketState) marshal() []byte {
@@ -289,6 +291,7 @@ func (t *TicketKeys) openTicketHeader(cache *ticketCache, header string, now tim
 	if err != nil {
 		return nil, err
 	}
+	st.secretKey = sessionKey(st.suite.Hash(), st.secret)
 	cache.put(header, st, gen, unixSeconds(now))
 	return st, nil
 }
