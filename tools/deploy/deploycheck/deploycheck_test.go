@@ -330,12 +330,18 @@ func TestChartRefusesValues(t *testing.T) {
 		set  []string
 		want string
 	}{
-		{[]string{"identity.mode=istio"}, `identity.mode "istio"`},
-		{[]string{"state.backend=redis"}, `state.backend "redis"`},
+		{[]string{"identity.mode=istio"}, "/identity/mode"},
+		{[]string{"state.backend=redis"}, "/state/backend"},
 		{[]string{"ca.enabled=false"}, "identity.mode veil-ca needs ca.enabled or identity.veilCA.url"},
 		{[]string{"networkPolicy.egressRegion.enabled=true"}, "egressRegion.enabled needs allowedCIDRs"},
 		{[]string{"networkPolicy.egressRegion.enabled=true", "networkPolicy.egressRegion.allowedCIDRs={10.0.0.0/8}", "networkPolicy.extraEgress[0].ports[0].port=443"}, "every networkPolicy.extraEgress rule needs peers"},
-		{[]string{"identity.mode=spire", "identity.spire.socketVolume=nfs"}, `socketVolume "nfs"`},
+		{[]string{"identity.mode=spire", "identity.spire.socketVolume=nfs"}, `socketVolume`},
+		// values.schema.json: misspelt keys and out-of-range values.
+		{[]string{"identity.mod=spire"}, "additional properties 'mod' not allowed"},
+		{[]string{"scoring.keysMemroy=1"}, "additional properties 'keysMemroy' not allowed"},
+		{[]string{"state.backend=nats", "state.replicas=7"}, "maximum: got 7, want 5"},
+		{[]string{"identity.veilCA.certTTL=1day"}, "/identity/veilCA/certTTL"},
+		{[]string{"pq=off"}, "/pq"},
 	}
 	for _, c := range cases {
 		_, err := helm.Template(chart, Scenario{Name: "refused", Set: c.set})
