@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path"
 	"slices"
+	"strconv"
 	"strings"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -236,6 +237,19 @@ func (c *checker) checkContainer(o Object, psc *corev1.PodSecurityContext, vols 
 		}
 		if okReq && okLim && req.Cmp(lim) > 0 {
 			c.errorf(o, "%s: requests.%s %s above limits %s", name, r, req.String(), lim.String())
+		}
+	}
+	for _, e := range ctr.Env {
+		if e.Name != "GOMEMLIMIT" {
+			continue
+		}
+		n, err := parseGoMemLimit(e.Value)
+		lim, ok := ctr.Resources.Limits[corev1.ResourceMemory]
+		switch {
+		case err != nil:
+			c.errorf(o, "%s: GOMEMLIMIT %q: %v", name, e.Value, err)
+		case ok && n >= lim.Value():
+			c.errorf(o, "%s: GOMEMLIMIT %s is not below the memory limit %s (the GC would not act before the OOM killer)", name, e.Value, lim.String())
 		}
 	}
 	// The image is FROM scratch: /veil and nothing else, no shell.
@@ -602,4 +616,25 @@ func (c *checker) checkIdentity(w workload, objs []Object) {
 			}
 		}
 	}
+}
+
+// parseGoMemLimit parses GOMEMLIMIT's syntax: bytes with an optional B, KiB, MiB, GiB
+// or TiB suffix.
+func parseGoMemLimit(s string) (int64, error) {
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"TiB", 1 << 40}, {"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"B", 1}}
+	mult := int64(1)
+	for _, u := range units {
+		if rest, ok := strings.CutSuffix(s, u.suffix); ok {
+			s, mult = rest, u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("want a positive number of bytes with an optional B, KiB, MiB, GiB or TiB suffix")
+	}
+	return n * mult, nil
 }

@@ -223,6 +223,8 @@ func TestMutationsRefused(t *testing.T) {
 			return o
 		}, "mTLS only"},
 		{"probe on a path the metrics listener lacks", func(o []Object) []Object { ctr(o).LivenessProbe.HTTPGet.Path = "/healthz"; return o }, `path "/healthz"`},
+		{"GOMEMLIMIT above the limit", func(o []Object) []Object { ctr(o).Env[0].Value = "2GiB"; return o }, "GOMEMLIMIT 2GiB is not below"},
+		{"GOMEMLIMIT misspelt", func(o []Object) []Object { ctr(o).Env[0].Value = "1300MB"; return o }, `GOMEMLIMIT "1300MB"`},
 		{"shell command", func(o []Object) []Object { ctr(o).Command = []string{"/bin/sh", "-c"}; return o }, "no shell"},
 		{"hostPath volume", func(o []Object) []Object {
 			spec := &scoring(o).Spec.Template.Spec
