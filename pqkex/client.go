@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/base64"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -150,7 +151,6 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	} else {
 		out.Header[headerTicket] = []string{sess.ticket}
 	}
-	out.Header[headerCall] = []string{formatCallID(callID)}
 	out.ContentLength = -1
 	out.GetBody = nil
 	count := func(n int) { sess.bytes.Add(int64(n)) }
@@ -164,7 +164,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	if req.ContentLength >= 0 {
 		// The body is in memory (unary): seal it now so that it leaves with a known length,
 		// in as few HTTP/2 frames and writes as possible.
-		sealed, err := sealWhole(s, nonNil(req.Body), req.ContentLength, count)
+		sealed, err := sealWhole(s, callID, nonNil(req.Body), req.ContentLength, count)
 		if err != nil {
 			return nil, err
 		}
@@ -172,7 +172,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		out.ContentLength = int64(len(sealed))
 		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(sealed)), nil }
 	} else {
-		out.Body = &sealReader{s: s, src: nonNil(req.Body), onBytes: count}
+		out.Body = &sealReader{s: s, callID: callID, src: nonNil(req.Body), onBytes: count}
 	}
 	c.m.calls.WithLabelValues(sideClient, "true").Inc()
 	resp, err := rt.base.RoundTrip(out)
@@ -258,9 +258,10 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 // clientStrippedHeaders are removed from a request before it is sealed (canonical names).
 var clientStrippedHeaders = append([]string{"Content-Length"}, acceptEncodingHeaders...)
 
-// sealWhole seals a request body of known length n in one piece (the hello frame, its data
-// frames and the FINAL frame) into a buffer of exactly the size needed, and closes body.
-func sealWhole(s *sealer, body io.ReadCloser, n int64, onBytes func(int)) ([]byte, error) {
+// sealWhole seals a request body of known length n in one piece (the call ID, the hello
+// frame, its data frames and the FINAL frame) into a buffer of exactly the size needed, and
+// closes body.
+func sealWhole(s *sealer, callID uint64, body io.ReadCloser, n int64, onBytes func(int)) ([]byte, error) {
 	var plain []byte
 	if body != nil {
 		defer body.Close()
@@ -274,7 +275,8 @@ func sealWhole(s *sealer, body io.ReadCloser, n int64, onBytes func(int)) ([]byt
 		}
 	}
 	frames := 2 + (len(plain)+maxDataFrame-1)/maxDataFrame
-	out := make([]byte, 0, frames*(frameHeaderSize+aeadTagSize)+len(plain)+len(emptyTrailerBlock))
+	out := make([]byte, 0, callIDSize+frames*(frameHeaderSize+aeadTagSize)+len(plain)+len(emptyTrailerBlock))
+	out = binary.BigEndian.AppendUint64(out, callID)
 	out, err := s.appendFrame(out, 0, nil)
 	if err == nil && len(plain) > 0 {
 		onBytes(len(plain))

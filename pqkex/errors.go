@@ -153,7 +153,6 @@ const (
 	headerTicket       = "Veil-Pqkex-Ticket"
 	headerSession      = "Veil-Pqkex-Session"      // the short form (spec 6.6)
 	headerSessionHeld  = "Veil-Pqkex-Session-Held" // the server keeps the session for the short form
-	headerCall         = "Veil-Pqkex-Call"
 	headerSealed       = "Veil-Pqkex-Sealed"
 	headerTrailersOnly = "Veil-Pqkex-Trailers-Only"
 	headerError        = "Veil-Pqkex-Error"

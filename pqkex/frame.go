@@ -15,6 +15,7 @@ import (
 
 // Frames (spec section 6.2): u8 flags ‖ u32 seq ‖ u32 len ‖ AEAD ciphertext.
 const (
+	callIDSize         = 8 // the u64 call ID that starts every request body (spec 6.2)
 	flagFinal          = 0x01
 	flagRekey          = 0x02
 	frameHeaderSize    = 9
@@ -398,10 +399,11 @@ func openHello(o *opener) error {
 // dataBuffers recycles the plaintext read buffers of request bodies.
 var dataBuffers = sync.Pool{New: func() any { return new([maxDataFrame]byte) }}
 
-// sealReader turns a plaintext request body into frames: the hello frame at once, one data
-// frame per read of the source, then the FINAL frame.
+// sealReader turns a plaintext request body into the call ID and frames: the call ID and
+// the hello frame at once, one data frame per read of the source, then the FINAL frame.
 type sealReader struct {
 	s       *sealer
+	callID  uint64
 	src     io.ReadCloser
 	out     []byte
 	buf     *[maxDataFrame]byte
@@ -427,7 +429,8 @@ func (r *sealReader) fill() error {
 	if !r.started {
 		r.started = true
 		var err error
-		r.out, err = r.s.appendFrame(r.out[:0], 0, nil)
+		r.out = binary.BigEndian.AppendUint64(r.out[:0], r.callID)
+		r.out, err = r.s.appendFrame(r.out, 0, nil)
 		return err
 	}
 	if r.done {

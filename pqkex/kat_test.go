@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"crypto/ed25519"
 	"crypto/sha3"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"flag"
@@ -199,7 +200,8 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, bind bool) katVector {
 			t.Fatalf("newCallKeys and newTrafficKeys disagree: %v", err)
 		}
 	}
-	v.RequestBody = sealBody(t, h, aead, v.C2SSecret, true, [][]byte{[]byte("ping")}, nil)
+	v.RequestBody = binary.BigEndian.AppendUint64(nil, v.CallID) // a request body starts with its call ID
+	v.RequestBody = append(v.RequestBody, sealBody(t, h, aead, v.C2SSecret, true, [][]byte{[]byte("ping")}, nil)...)
 	v.ResponseBody = sealBody(t, h, aead, v.S2CSecret, false, [][]byte{[]byte("pong"), []byte("!")},
 		http.Header{"Grpc-Status": {"0"}, "Grpc-Message": {"ok"}})
 

@@ -88,6 +88,14 @@ func frames(b []byte) [][]byte {
 	return out
 }
 
+// callFrames splits a sealed request body: the call ID and the hello frame as f[0], then one
+// frame each.
+func callFrames(b []byte) [][]byte {
+	f := frames(b[8:])
+	f[0] = append(append([]byte(nil), b[:8]...), f[0]...)
+	return f
+}
+
 func join(fs ...[]byte) []byte { return bytes.Join(fs, nil) }
 
 func flip(b []byte, i int) []byte {

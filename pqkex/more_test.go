@@ -182,7 +182,7 @@ func TestHandlerSeesPlaintextOnlyAfterAuthentication(t *testing.T) {
 	var calls, leaked atomic.Int32
 	counting := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		calls.Add(1)
-		if r.Header.Get("Veil-Pqkex-Ticket") != "" || r.Header.Get("Veil-Pqkex-Session") != "" || r.Header.Get("Veil-Pqkex-Call") != "" {
+		if r.Header.Get("Veil-Pqkex-Ticket") != "" || r.Header.Get("Veil-Pqkex-Session") != "" {
 			leaked.Add(1)
 		}
 		echoMux().ServeHTTP(w, r)
@@ -198,7 +198,7 @@ func TestHandlerSeesPlaintextOnlyAfterAuthentication(t *testing.T) {
 	}
 	m.set(func(r *http.Request, b []byte) []byte {
 		if isSealedCall(r) {
-			return flip(b, 12) // inside the hello frame's ciphertext
+			return flip(b, 8+12) // inside the hello frame's ciphertext (after the call ID)
 		}
 		return b
 	}, nil)

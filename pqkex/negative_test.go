@@ -16,7 +16,9 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
-func isSealedCall(r *http.Request) bool { return r.Header.Get("Veil-Pqkex-Call") != "" }
+func isSealedCall(r *http.Request) bool {
+	return r.Header.Get("Veil-Pqkex-Ticket") != "" || r.Header.Get("Veil-Pqkex-Session") != ""
+}
 
 func unaryCall(hc *http.Client, base string, opts ...connect.ClientOption) error {
 	c := connect.NewClient[str, str](hc, base+procUnary, opts...)
@@ -71,33 +73,36 @@ func TestAttacks(t *testing.T) {
 		code   connect.Code
 		reason string
 	}{
-		{name: "flipped bit in hello frame", req: onCall(func(b []byte) []byte { return flip(b, 10) }), code: connect.CodeDataLoss, reason: "tampered"},
+		{name: "flipped bit in hello frame", req: onCall(func(b []byte) []byte { return flip(b, 8+10) }), code: connect.CodeDataLoss, reason: "tampered"},
+		// The call ID that starts the body selects the call keys: another ID fails the hello frame.
+		{name: "changed call ID", req: onCall(func(b []byte) []byte { return flip(b, 7) }), code: connect.CodeDataLoss, reason: "tampered"},
+		{name: "body shorter than a call ID", req: onCall(func(b []byte) []byte { return b[:5] }), code: connect.CodeOutOfRange, reason: "truncated"},
 		{name: "flipped bit in data frame", req: onCall(func(b []byte) []byte {
-			f := frames(b)
+			f := callFrames(b)
 			f[1] = flip(f[1], 12)
 			return join(f...)
 		}), code: connect.CodeDataLoss, reason: "tampered"},
 		{name: "flipped final flag", req: onCall(func(b []byte) []byte {
-			f := frames(b)
+			f := callFrames(b)
 			f[len(f)-1] = flip(f[len(f)-1], 0)
 			return join(f...)
 		}), code: connect.CodeDataLoss, reason: "tampered"},
 		{name: "truncated request", req: onCall(func(b []byte) []byte {
-			f := frames(b)
+			f := callFrames(b)
 			return join(f[:len(f)-1]...)
 		}), code: connect.CodeOutOfRange, reason: "truncated"},
 		{name: "truncated mid-frame", req: onCall(func(b []byte) []byte { return b[:len(b)-3] }), code: connect.CodeOutOfRange, reason: "truncated"},
 		{name: "reordered frames", stream: true, req: onCall(func(b []byte) []byte {
-			f := frames(b)
+			f := callFrames(b)
 			f[1], f[2] = f[2], f[1]
 			return join(f...)
 		}), code: connect.CodeAborted, reason: "reordered"},
 		{name: "replayed frame", stream: true, req: onCall(func(b []byte) []byte {
-			f := frames(b)
+			f := callFrames(b)
 			return join(append(f[:2:2], f[1:]...)...)
 		}), code: connect.CodeAlreadyExists, reason: "replayed"},
 		{name: "dropped frame", stream: true, req: onCall(func(b []byte) []byte {
-			f := frames(b)
+			f := callFrames(b)
 			return join(append(f[:1:1], f[2:]...)...)
 		}), code: connect.CodeAborted, reason: "reordered"},
 		{name: "call redirected to another procedure", req: func(r *http.Request, b []byte) []byte {
@@ -122,7 +127,6 @@ func TestAttacks(t *testing.T) {
 		{name: "stripped request headers", req: func(r *http.Request, b []byte) []byte {
 			r.Header.Del("Veil-Pqkex-Ticket")
 			r.Header.Del("Veil-Pqkex-Session")
-			r.Header.Del("Veil-Pqkex-Call")
 			return b
 		}, code: connect.CodeUnauthenticated, reason: "no_session"},
 		// connect-go takes the code from a non-200 status when the body is not an error.
@@ -216,7 +220,7 @@ func TestAppendedFramesIgnored(t *testing.T) {
 		if !isSealedCall(r) {
 			return b
 		}
-		f := frames(b)
+		f := callFrames(b)
 		return join(append(f, f[1], f[1])...)
 	}, nil)
 	c := connect.NewClient[str, str](hc, ts.URL+procClient)

@@ -124,7 +124,6 @@ func TestProxyStrippingHeadersIsRefused(t *testing.T) {
 	proxy, _ := e.startProxy(t, backend.URL, func(r *http.Request) {
 		r.Header.Del("Veil-Pqkex-Ticket")
 		r.Header.Del("Veil-Pqkex-Session")
-		r.Header.Del("Veil-Pqkex-Call")
 	})
 	hc, _ := e.httpClient(t, e.transport(t, clientID))
 	for _, p := range protocols {

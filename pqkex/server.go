@@ -4,7 +4,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
-	"encoding/hex"
 	"errors"
 	"io"
 	"net/http"
@@ -195,7 +194,7 @@ var acceptEncodingHeaders = []string{"Accept-Encoding", "Connect-Accept-Encoding
 
 // sealedRequestHeaders are removed from a sealed request before its handler sees it; the
 // names are canonical, so they are deleted from the map directly.
-var sealedRequestHeaders = append([]string{headerTicket, headerSession, headerCall, "Content-Length"}, acceptEncodingHeaders...)
+var sealedRequestHeaders = append([]string{headerTicket, headerSession, "Content-Length"}, acceptEncodingHeaders...)
 
 func compressed(h http.Header) bool {
 	for _, k := range contentEncodingHeaders {
@@ -206,22 +205,10 @@ func compressed(h http.Header) bool {
 	return false
 }
 
-func parseCallID(v string) (uint64, error) {
-	b, err := hex.DecodeString(v)
-	if err != nil || len(b) != 8 {
-		return 0, errMalformed
-	}
-	return binary.BigEndian.Uint64(b), nil
-}
-
-func formatCallID(id uint64) string {
-	return hex.EncodeToString(binary.BigEndian.AppendUint64(nil, id))
-}
-
 func (s *Server) serveCall(w http.ResponseWriter, r *http.Request, next http.Handler) {
 	procedure := r.URL.Path
 	ticketHeader, sessionHeader := r.Header.Get(headerTicket), r.Header.Get(headerSession)
-	if ticketHeader == "" && sessionHeader == "" && r.Header.Get(headerCall) == "" {
+	if ticketHeader == "" && sessionHeader == "" {
 		if s.cfg.mode(procedure) == Permissive {
 			s.m.calls.WithLabelValues(sideServer, "false").Inc()
 			next.ServeHTTP(w, r)
@@ -249,10 +236,6 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if ticketHeader != "" && sessionHeader != "" {
 		return nil, nil, errMalformed
 	}
-	callID, err := parseCallID(r.Header.Get(headerCall))
-	if err != nil {
-		return nil, nil, err
-	}
 	now := s.cfg.now()
 	var st *ticketState
 	if sessionHeader != "" {
@@ -269,6 +252,14 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if compressed(r.Header) {
 		return nil, nil, errCompressed
 	}
+	var id [callIDSize]byte
+	if _, err := io.ReadFull(r.Body, id[:]); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil, nil, errTruncated
+		}
+		return nil, nil, err
+	}
+	callID := binary.BigEndian.Uint64(id[:])
 	keys, err := newCallKeys(st.suite.Hash(), st.aead, st.secretKey, callID, r.URL.Path)
 	if err != nil {
 		return nil, nil, err

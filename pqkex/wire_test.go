@@ -2,6 +2,7 @@ package pqkex
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"io"
 	"net/http"
@@ -42,6 +43,15 @@ func openBody(v katVector, dir string, b []byte) ([]byte, http.Header, error) {
 	d, err := newDirection(suite.Hash(), aeadByName(v.AEAD), secret)
 	if err != nil {
 		return nil, nil, err
+	}
+	if dir == dirC2S { // a request body starts with its call ID, which selects the keys
+		if len(b) < callIDSize {
+			return nil, nil, errTruncated
+		}
+		if binary.BigEndian.Uint64(b) != v.CallID {
+			return nil, nil, errTampered
+		}
+		b = b[callIDSize:]
 	}
 	o := &opener{dir: d, r: bytes.NewReader(b)}
 	if dir == dirC2S {
