@@ -1,0 +1,5 @@
+//go:build !race
+
+package pqkex
+
+const raceEnabled = false
