@@ -3,6 +3,7 @@ package pqkex
 import (
 	"crypto/hmac"
 	"encoding/binary"
+	"hash"
 	"io"
 
 	"github.com/cloudflare/circl/kem"
@@ -124,9 +125,10 @@ type serverHello struct {
 	confirm      []byte
 }
 
-// marshalKeys encodes the prefix that the session keys depend on (up to ct_c).
+// marshalKeys encodes the prefix that the session keys depend on (up to ct_c), with room for
+// the rest of the message.
 func (m *serverHello) marshalKeys() []byte {
-	b := make([]byte, 0, 2+randomSize+4+len(m.ctE)+len(m.ctC)+8+2+len(m.ticket)+len(m.confirm))
+	b := make([]byte, 0, 2+randomSize+4+len(m.ctE)+len(m.ctC)+8+2+len(m.ticket)+maxHashSize)
 	b = append(b, wireVersion, typeServerHello)
 	b = append(b, m.random[:]...)
 	b = appendVec16(b, m.ctE)
@@ -172,13 +174,29 @@ func (m *clientHello) transcriptHello(credDigest [32]byte) []byte {
 // transcripts returns th = H(CH' ‖ SH up to ct_c), from which the session keys derive, and
 // thc = H(CH' ‖ SH without confirm), which the confirmation tag covers, in one pass.
 func transcripts(suite Scheme, chT []byte, sh *serverHello) (th, thc []byte) {
+	t := newTranscript(suite, chT, sh)
+	return t.th, t.confirmed(sh)
+}
+
+// transcript is the running hash of a handshake: the server takes th before it seals the
+// ticket and thc after, without hashing the messages twice.
+type transcript struct {
+	h  hash.Hash
+	th []byte
+}
+
+func newTranscript(suite Scheme, chT []byte, sh *serverHello) *transcript {
 	h := suite.Hash().New()
 	h.Write(chT)
 	h.Write(sh.marshalKeys())
-	th = h.Sum(nil)
-	tail := binary.BigEndian.AppendUint64(nil, sh.ticketExpiry)
-	h.Write(appendVec16(tail, sh.ticket))
-	return th, h.Sum(nil)
+	return &transcript{h: h, th: h.Sum(nil)}
+}
+
+// confirmed continues the hash with the ticket expiry and ticket and returns thc.
+func (t *transcript) confirmed(sh *serverHello) []byte {
+	tail := binary.BigEndian.AppendUint64(make([]byte, 0, 10+len(sh.ticket)), sh.ticketExpiry)
+	t.h.Write(appendVec16(tail, sh.ticket))
+	return t.h.Sum(nil)
 }
 
 // clientHandshake is the client between its flight and the server's.
@@ -302,14 +320,12 @@ func respond(rand io.Reader, ch *clientHello, self *Identity, peer *Credential, 
 		return nil, handshakeSecrets{}, errInternal
 	}
 	sh.ctE, sh.ctC = ctE, ctC
-	chT := ch.transcriptHello(peer.digest)
-	th, _ := transcripts(suite, chT, sh)
-	sec := deriveHandshake(suite.Hash(), cb, concat(ssS, ssE, ssC), th)
+	t := newTranscript(suite, ch.transcriptHello(peer.digest), sh)
+	sec := deriveHandshake(suite.Hash(), cb, concat(ssS, ssE, ssC), t.th)
 	if sh.ticket, sh.ticketExpiry, err = issue(sec); err != nil {
 		return nil, handshakeSecrets{}, err
 	}
-	_, thc := transcripts(suite, chT, sh)
-	sh.confirm = mac(suite.Hash(), sec.confirm, thc)
+	sh.confirm = mac(suite.Hash(), sec.confirm, t.confirmed(sh))
 	return sh.marshal(), sec, nil
 }
 
