@@ -1,0 +1,98 @@
+package pqkex
+
+import (
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+)
+
+func TestTicketCache(t *testing.T) {
+	k1, _ := GenerateTicketKey(1, nil)
+	k2, _ := GenerateTicketKey(2, nil)
+	k3, _ := GenerateTicketKey(3, nil)
+	keys, err := NewTicketKeys(k1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Unix(1_800_000_000, 0)
+	st := &ticketState{suite: X25519MLKEM768(), aead: AES256GCM, flags: flagBinding | flagPQOnly,
+		sessionID: make([]byte, sessionIDSize), secret: make([]byte, 32), issued: unixSeconds(now),
+		expiry: unixSeconds(now.Add(time.Minute)), clientID: "spiffe://example.org/c",
+		clientPK: make([]byte, X25519MLKEM768().PublicKeySize())}
+	raw, err := keys.seal(nil, st.marshal())
+	if err != nil {
+		t.Fatal(err)
+	}
+	header := base64.RawURLEncoding.EncodeToString(raw)
+	var cache ticketCache
+	for i := range 2 { // opened, then from the cache
+		got, err := keys.openTicketHeader(&cache, header, now)
+		if err != nil || string(got.marshal()) != string(st.marshal()) {
+			t.Fatalf("open %d: %v", i, err)
+		}
+	}
+	if len(cache.byHeader) != 1 || len(cache.bySID) != 1 {
+		t.Fatalf("%d, %d cached tickets, want 1", len(cache.byHeader), len(cache.bySID))
+	}
+	// The short form finds the session by ID; unknown or malformed IDs are refused.
+	sid := base64.RawURLEncoding.EncodeToString(st.sessionID)
+	if got, err := keys.openSessionHeader(&cache, sid, now); err != nil || got.secret == nil {
+		t.Fatalf("session by ID: %v", err)
+	}
+	other := base64.RawURLEncoding.EncodeToString(make([]byte, 15)) + "AA"[:1]
+	for h, want := range map[string]error{
+		base64.RawURLEncoding.EncodeToString([]byte("0123456789abcdef")): errUnknownSession,
+		other: errMalformed, "": errMalformed, sid + "A": errMalformed, "!" + sid[1:]: errMalformed,
+	} {
+		if _, err := keys.openSessionHeader(&cache, h, now); !errors.Is(err, want) {
+			t.Errorf("session header %q: %v, want %v", h, err, want)
+		}
+	}
+	if _, err := keys.openSessionHeader(&cache, sid, now.Add(time.Minute)); !errors.Is(err, errTicketExpired) {
+		t.Fatalf("expired session by ID: %v", err)
+	}
+	// Expiry is checked on every use.
+	if _, err := keys.openTicketHeader(&cache, header, now.Add(time.Minute)); !errors.Is(err, errTicketExpired) {
+		t.Fatalf("expired cached ticket: %v", err)
+	}
+	// After a rotation the ticket is opened again: still valid under the previous key,
+	// refused once its key has left the set.
+	if err := keys.Rotate(k2); err != nil {
+		t.Fatal(err)
+	}
+	// The short form is refused after a rotation until the ticket is opened again.
+	if _, err := keys.openSessionHeader(&cache, sid, now); !errors.Is(err, errUnknownSession) {
+		t.Fatalf("session by ID after a rotation: %v", err)
+	}
+	if _, err := keys.openTicketHeader(&cache, header, now); err != nil {
+		t.Fatalf("ticket under the previous key: %v", err)
+	}
+	if _, err := keys.openSessionHeader(&cache, sid, now); err != nil {
+		t.Fatalf("session by ID after the ticket was opened again: %v", err)
+	}
+	if err := keys.Rotate(k3); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := keys.openTicketHeader(&cache, header, now); !errors.Is(err, errUnknownTicket) {
+		t.Fatalf("cached ticket whose key left the set: %v", err)
+	}
+	if _, err := keys.openSessionHeader(&cache, sid, now); !errors.Is(err, errUnknownSession) {
+		t.Fatalf("session by ID whose ticket key left the set: %v", err)
+	}
+	// A header that does not open is never cached.
+	if _, err := keys.openTicketHeader(&cache, "!", now); !errors.Is(err, errMalformed) {
+		t.Fatalf("bad base64: %v", err)
+	}
+	// The cache stays bounded.
+	for i := range maxCachedTickets + 10 {
+		s := *st
+		s.sessionID = binary.BigEndian.AppendUint64(make([]byte, 8), uint64(i))
+		cache.put(fmt.Sprint(i), &s, keys.gen.Load(), unixSeconds(now))
+	}
+	if n, m := len(cache.byHeader), len(cache.bySID); n > maxCachedTickets || m > maxCachedTickets {
+		t.Fatalf("%d, %d cached tickets, bound %d", n, m, maxCachedTickets)
+	}
+}
