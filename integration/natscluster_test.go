@@ -231,12 +231,15 @@ jetstream {
 cluster {
   name: "veil"
   listen: "0.0.0.0:6222"
+  # Gossiped to the other nodes for implicit routes: the alias, which the certificate
+  # names (a container address would fail the route's TLS verification).
+  advertise: "%s:6222"
   no_advertise: true
   connect_retries: 120
   routes: [%s]
   tls %s
 }
-`, name, tlsBlock, `"`+strings.Join(routes, `", "`)+`"`, tlsBlock)
+`, name, tlsBlock, name, `"`+strings.Join(routes, `", "`)+`"`, tlsBlock)
 }
 
 func startNATSNode(t *testing.T, imageDir, network, name, nodeDir string) *natsNode {
@@ -451,6 +454,25 @@ func (c *natsCluster) start(t *testing.T, i int) {
 	c.waitReady(t, 90*time.Second)
 }
 
+// startAll starts every node that is stopped or killed, for a scenario's cleanup, and
+// waits until the cluster is healthy.
+func (c *natsCluster) startAll(t *testing.T) {
+	t.Helper()
+	started := false
+	for _, n := range c.nodes {
+		if !n.running {
+			if err := n.Start(context.Background()); err != nil {
+				t.Errorf("starting %s again: %v", n.name, err)
+				continue
+			}
+			n.running, started = true, true
+		}
+	}
+	if started {
+		c.waitReady(t, 90*time.Second)
+	}
+}
+
 // healthy reports whether node i answers /healthz with 200: its routes are up, the
 // JetStream meta group has a leader it follows, and its streams and consumers are
 // current.
@@ -614,12 +636,17 @@ func TestNATSCluster(t *testing.T) {
 	if si.Config.Replicas != 3 || si.Cluster == nil || len(si.Cluster.Replicas) != 2 {
 		t.Fatalf("KV stream: %d replicas, cluster %+v", si.Config.Replicas, si.Cluster)
 	}
-	victim := cluster.index(si.Cluster.Leader)
-	if victim < 0 {
-		t.Fatalf("KV leader %q is not a node", si.Cluster.Leader)
+	// The victim is the JetStream meta leader (the hardest node to lose: every
+	// stream and consumer creation waits for a new one).
+	meta, err := cluster.metaLeader(0)
+	if err != nil {
+		t.Fatal(err)
 	}
-	meta, _ := cluster.metaLeader((victim + 1) % 3)
-	t.Logf("KV stream leader %s, meta leader %s: killing %s", si.Cluster.Leader, meta, si.Cluster.Leader)
+	victim := cluster.index(meta)
+	if victim < 0 {
+		t.Fatalf("meta leader %q is not a node", meta)
+	}
+	t.Logf("meta leader %s, KV stream leader %s: killing %s", meta, si.Cluster.Leader, meta)
 
 	cluster.kill(t, victim)
 	killed := time.Now()
@@ -627,6 +654,10 @@ func TestNATSCluster(t *testing.T) {
 	t.Logf("KV write accepted %s after the kill", time.Since(killed).Round(time.Millisecond))
 	retry("object put with a node killed", func() error { _, err := obs.PutBytes(ctx, "during", blob(2, 3<<20)); return err })
 	check := func(kv jetstream.KeyValue, obs jetstream.ObjectStore) error {
+		// Each check has its own deadline: a read started while leaders are being
+		// elected may wait for them; the next poll starts afresh.
+		ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		defer cancel()
 		for k, want := range map[string]string{"before": "v1", "during": "v2"} {
 			e, err := kv.Get(ctx, k)
 			if err != nil {
@@ -647,7 +678,13 @@ func TestNATSCluster(t *testing.T) {
 		}
 		return nil
 	}
-	retry("reads with a node killed", func() error { return check(kv, obs) })
+	retry("reads with a node killed", func() error {
+		err := check(kv, obs)
+		if err != nil {
+			t.Logf("reads with %s killed: %v", cluster.nodes[victim].name, err)
+		}
+		return err
+	})
 
 	restarted := time.Now()
 	cluster.start(t, victim)
@@ -740,10 +777,21 @@ func TestNATSCluster(t *testing.T) {
 		t.Logf("plaintext client: %q, %v", rest, err)
 	})
 	t.Run("routes over TLS", func(t *testing.T) {
-		for i := range cluster.nodes {
+		for i, n := range cluster.nodes {
 			v := cluster.varz(t, i)
 			if !v.Cluster.TLSRequired || !v.Cluster.TLSVerify || !v.TLSRequired || !v.TLSVerify || v.Routes < len(cluster.nodes)-1 {
-				t.Fatalf("%s: varz %+v", cluster.nodes[i].name, v)
+				t.Fatalf("%s: varz %+v", n.name, v)
+			}
+			// Implicit routes (to a restarted node, learnt by gossip) verify too:
+			// the nodes advertise their aliases, which their certificates name.
+			rc, err := n.Logs(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(rc)
+			rc.Close()
+			if i := bytes.Index(b, []byte("TLS route handshake error")); i >= 0 {
+				t.Fatalf("%s: %s", n.name, b[i:i+bytes.IndexByte(b[i:], '\n')])
 			}
 		}
 	})
