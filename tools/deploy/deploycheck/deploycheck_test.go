@@ -1,6 +1,8 @@
 package deploycheck
 
 import (
+	"fmt"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +19,16 @@ import (
 const chart = "../../../deploy/helm/veil"
 
 var helm = Helm{Command: []string{"go", "tool", "helm"}, KubeVersion: "1.33.0", Testdata: "testdata"}
+
+func TestMain(m *testing.M) {
+	h, err := helm.Resolve()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	helm = h
+	os.Exit(m.Run())
+}
 
 var (
 	renderMu sync.Mutex

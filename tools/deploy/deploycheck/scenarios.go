@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os/exec"
 	"path/filepath"
+	"strings"
 )
 
 // Scenario is one rendering of the chart: helm --set and --set-file values, and what
@@ -54,6 +55,29 @@ type Helm struct {
 	Command     []string
 	KubeVersion string
 	Testdata    string // where SetFile paths are
+}
+
+// Resolve returns h running the helm binary directly when Command is "go tool ...
+// helm": go tool builds it once (the first time, a few minutes) and go tool -n names the
+// cached binary, which saves go tool's start-up on every call.
+func (h Helm) Resolve() (Helm, error) {
+	if len(h.Command) < 3 || filepath.Base(h.Command[0]) != "go" || h.Command[1] != "tool" {
+		return h, nil
+	}
+	if _, err := h.run("version", "--short"); err != nil {
+		return h, err
+	}
+	argv := append([]string{"tool", "-n"}, h.Command[2:]...)
+	out, err := exec.Command(h.Command[0], argv...).Output()
+	if err != nil {
+		return h, fmt.Errorf("%s %v: %w", h.Command[0], argv, err)
+	}
+	bin := strings.TrimSpace(string(out))
+	if strings.ContainsAny(bin, " \n") {
+		return h, fmt.Errorf("go tool -n: unexpected output %q", bin)
+	}
+	h.Command = []string{bin}
+	return h, nil
 }
 
 func (h Helm) args(s Scenario) []string {

@@ -22,7 +22,12 @@ func main() {
 	kube := flag.String("kube-version", "1.33.0", "Kubernetes version to render for")
 	testdata := flag.String("testdata", "deploycheck/testdata", "directory of --set-file inputs")
 	flag.Parse()
-	h := deploycheck.Helm{Command: strings.Fields(*helmCmd), KubeVersion: *kube, Testdata: *testdata}
+	h, err := deploycheck.Helm{Command: strings.Fields(*helmCmd), KubeVersion: *kube, Testdata: *testdata}.Resolve()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "deploycheck:", err)
+		os.Exit(1)
+	}
+	fmt.Printf("helm: %s\n", strings.Join(h.Command, " "))
 	failed := 0
 	for _, s := range deploycheck.Scenarios() {
 		start := time.Now()
