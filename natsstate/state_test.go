@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"net"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -317,5 +318,47 @@ func waitFor(t *testing.T, cond func() bool, what string) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Touch refreshes a stored key set's modification time (the registry's TTL counts
+// from it) without rewriting its chunks; Delete removes it.
+func TestEvaluationKeysTouchAndDelete(t *testing.T) {
+	n := startNATS(t)
+	ctx := context.Background()
+	ks, err := n.connect("spiffe://example.org/scoring").EvaluationKeys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := he.KeyID("ab" + strings.Repeat("0", 62))
+	if _, err := ks.Stat(ctx, id); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("stat of a missing set: %v", err)
+	}
+	if err := ks.Save(ctx, id, "spiffe://example.org/a", []byte("key bytes")); err != nil {
+		t.Fatal(err)
+	}
+	before, err := ks.Stat(ctx, id)
+	if err != nil || before.Owner != "spiffe://example.org/a" || before.Size != 9 {
+		t.Fatalf("stat = %+v, %v", before, err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	if err := ks.Touch(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	after, err := ks.Stat(ctx, id)
+	if err != nil || !after.Modified.After(before.Modified) || after.Owner != before.Owner {
+		t.Fatalf("after touch: %+v (before %+v), %v", after, before, err)
+	}
+	if b, err := ks.Load(ctx, id); err != nil || string(b) != "key bytes" {
+		t.Fatalf("load = %q, %v", b, err)
+	}
+	if err := ks.Delete(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ks.Load(ctx, id); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("load after delete: %v", err)
+	}
+	if err := ks.Delete(ctx, id); err != nil {
+		t.Fatalf("deleting a missing set: %v", err)
 	}
 }
