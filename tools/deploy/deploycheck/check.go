@@ -16,6 +16,7 @@ import (
 	policyv1 "k8s.io/api/policy/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/validation"
 )
 
 // Expect is what a rendering was asked for: the values that change which objects and
@@ -175,11 +176,53 @@ func (c *checker) checkPod(w workload) {
 		c.errorf(o, "pod securityContext.seccompProfile must be RuntimeDefault")
 	}
 	for _, v := range spec.Volumes {
-		if v.HostPath != nil && !(c.e.Mode == "spire" && c.e.HostPath) {
+		if v.HostPath != nil && (c.e.Mode != "spire" || !c.e.HostPath) {
 			c.errorf(o, "volume %s: hostPath is only allowed for the SPIRE socket when asked for", v.Name)
 		}
 	}
+	// What the API server's validation would refuse and decoding cannot see.
+	if sel := selectorOf(o); sel != nil && !selects(sel, w.tmpl.Labels) {
+		c.errorf(o, "spec.selector does not match the pod template's labels")
+	}
+	volumes := map[string]bool{}
+	for _, v := range spec.Volumes {
+		for _, p := range validation.IsDNS1123Label(v.Name) {
+			c.errorf(o, "volume name %q: %s", v.Name, p)
+		}
+		if volumes[v.Name] {
+			c.errorf(o, "volume %s defined twice", v.Name)
+		}
+		volumes[v.Name] = true
+	}
 	all := append(append([]corev1.Container{}, spec.InitContainers...), spec.Containers...)
+	for _, ctr := range all {
+		for _, p := range validation.IsDNS1123Label(ctr.Name) {
+			c.errorf(o, "container name %q: %s", ctr.Name, p)
+		}
+		paths := map[string]bool{}
+		for _, m := range ctr.VolumeMounts {
+			if !volumes[m.Name] {
+				c.errorf(o, "container %s mounts volume %s, which the pod does not define", ctr.Name, m.Name)
+			}
+			if paths[m.MountPath] {
+				c.errorf(o, "container %s mounts %s twice", ctr.Name, m.MountPath)
+			}
+			paths[m.MountPath] = true
+		}
+		names := map[string]bool{}
+		for _, p := range ctr.Ports {
+			if p.Name == "" {
+				c.errorf(o, "container %s: port %d has no name (probes and Services refer to names)", ctr.Name, p.ContainerPort)
+			}
+			for _, msg := range validation.IsValidPortName(p.Name) {
+				c.errorf(o, "container %s: port name %q: %s", ctr.Name, p.Name, msg)
+			}
+			if names[p.Name] {
+				c.errorf(o, "container %s: port name %s twice", ctr.Name, p.Name)
+			}
+			names[p.Name] = true
+		}
+	}
 	if len(spec.Containers) == 0 {
 		c.errorf(o, "no containers")
 	}
@@ -321,6 +364,16 @@ func selects(sel *metav1.LabelSelector, lbls map[string]string) bool {
 		return false
 	}
 	return s.Matches(labels.Set(lbls))
+}
+
+func selectorOf(o Object) *metav1.LabelSelector {
+	switch v := o.Value.(type) {
+	case *appsv1.Deployment:
+		return v.Spec.Selector
+	case *appsv1.StatefulSet:
+		return v.Spec.Selector
+	}
+	return nil
 }
 
 // checkAround asserts the objects a long-running workload needs beside it.
@@ -604,7 +657,7 @@ func (c *checker) checkIdentity(w workload, objs []Object) {
 			}
 		}
 		url, _ := st["url"].(string)
-		if st["backend"] != "nats" || !(strings.HasPrefix(url, "tls://") || strings.HasPrefix(url, "nats://")) {
+		if st["backend"] != "nats" || (!strings.HasPrefix(url, "tls://") && !strings.HasPrefix(url, "nats://")) {
 			c.errorf(o, "serve.yaml: state: want backend nats and a nats:// or tls:// url, got %v", st)
 		}
 		if n, ok := st["replicas"].(int64); !ok || n < 1 || n > 5 {

@@ -147,17 +147,13 @@ func knownKinds() string {
 	return strings.Join(ks, ", ")
 }
 
-// objectMeta returns the metadata of any decoded object.
+// objectMeta returns the metadata of any decoded object (the k8s.io/api types and the
+// custom resource structs all embed metav1.ObjectMeta, which has GetObjectMeta).
 func objectMeta(v any) *metav1.ObjectMeta {
-	switch o := v.(type) {
-	case interface{ GetObjectMeta() metav1.Object }:
+	if o, ok := v.(interface{ GetObjectMeta() metav1.Object }); ok {
 		if m, ok := o.GetObjectMeta().(*metav1.ObjectMeta); ok {
 			return m
 		}
-	case *Certificate:
-		return &o.ObjectMeta
-	case *ClusterSPIFFEID:
-		return &o.ObjectMeta
 	}
 	panic(fmt.Sprintf("deploycheck: no metadata in %T", v))
 }

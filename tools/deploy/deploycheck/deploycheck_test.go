@@ -235,6 +235,12 @@ func TestMutationsRefused(t *testing.T) {
 			return o
 		}, "mTLS only"},
 		{"probe on a path the metrics listener lacks", func(o []Object) []Object { ctr(o).LivenessProbe.HTTPGet.Path = "/healthz"; return o }, `path "/healthz"`},
+		{"selector not matching the pod labels", func(o []Object) []Object {
+			scoring(o).Spec.Selector.MatchLabels["app.kubernetes.io/component"] = "scorer"
+			return o
+		}, "spec.selector does not match"},
+		{"mount of a missing volume", func(o []Object) []Object { ctr(o).VolumeMounts[0].Name = "nope"; return o }, "mounts volume nope"},
+		{"port name too long", func(o []Object) []Object { ctr(o).Ports[1].Name = "prometheus-metrics"; return o }, `port name "prometheus-metrics"`},
 		{"GOMEMLIMIT above the limit", func(o []Object) []Object { ctr(o).Env[0].Value = "2GiB"; return o }, "GOMEMLIMIT 2GiB is not below"},
 		{"GOMEMLIMIT misspelt", func(o []Object) []Object { ctr(o).Env[0].Value = "1300MB"; return o }, `GOMEMLIMIT "1300MB"`},
 		{"shell command", func(o []Object) []Object { ctr(o).Command = []string{"/bin/sh", "-c"}; return o }, "no shell"},
