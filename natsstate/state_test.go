@@ -279,9 +279,11 @@ func TestTicketKeysRotateAcrossReplicas(t *testing.T) {
 	ids := make([]uint32, 2)
 	for i, r := range []*natsstate.TicketKeys{a, c} {
 		wg.Go(func() {
-			if ids[i], err = r.Rotate(ctx); err != nil {
+			id, err := r.Rotate(ctx)
+			if err != nil {
 				t.Error(err)
 			}
+			ids[i] = id
 		})
 	}
 	wg.Wait()
