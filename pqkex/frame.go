@@ -19,7 +19,7 @@ const (
 	flagFinal          = 0x01
 	flagRekey          = 0x02
 	frameHeaderSize    = 9
-	maxDataFrame       = 16 << 10
+	maxDataFrame       = 64 << 10 // the largest data frame a sender makes (spec 6.2)
 	maxFramePlaintext  = 64 << 10
 	maxFrameCiphertext = maxFramePlaintext + aeadTagSize
 )
@@ -135,7 +135,7 @@ func (s *sealer) rekeyDue() bool {
 		(s.policy.Age > 0 && s.now().Sub(s.since) >= s.policy.Age)
 }
 
-// appendData seals p in frames of at most 16 KiB, rekeying first when the policy says so.
+// appendData seals p in frames of at most 64 KiB, rekeying first when the policy says so.
 func (s *sealer) appendData(dst, p []byte) ([]byte, error) {
 	var err error
 	for len(p) > 0 {
