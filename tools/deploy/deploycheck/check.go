@@ -422,9 +422,9 @@ func (c *checker) checkAround(w workload, objs []Object) {
 		if len(hpas) > 0 || d == nil || d.Spec.Replicas == nil || *d.Spec.Replicas != 1 || d.Spec.Strategy.Type != appsv1.RecreateDeploymentStrategyType {
 			c.errorf(o, "the CA is one replica, Recreate, without autoscaling (one writer of its directory)")
 		}
-	case c.e.Mode == "veil-ca":
+	case c.e.Mode == "veil-ca" || !c.e.NATS:
 		if len(hpas) > 0 || d == nil || d.Spec.Replicas == nil || *d.Spec.Replicas != 1 {
-			c.errorf(o, "veil-ca mode: one replica and no autoscaling (a join token serves one pod)")
+			c.errorf(o, "one replica and no autoscaling in %s mode with state nats=%v (a join token serves one pod; embedded state is per replica)", c.e.Mode, c.e.NATS)
 		}
 	default:
 		if len(hpas) != 1 {

@@ -98,7 +98,8 @@ func TestWrongExpectationRefused(t *testing.T) {
 		{"veil-ca-nats", Expect{Mode: "veil-ca"}, "state map present=true"},
 		{"spire-hostpath-nats", Expect{Mode: "spire", NATS: true}, "hostPath is only allowed"},
 		{"spire", Expect{Mode: "spire", HostPath: true, ClusterSPIFFEID: true}, "want a hostPath volume"},
-		{"cert-manager-nats-region", Expect{Mode: "veil-ca", NATS: true, Region: true}, "veil-ca mode: one replica"},
+		{"cert-manager-nats-region", Expect{Mode: "veil-ca", NATS: true, Region: true}, "one replica and no autoscaling in veil-ca mode"},
+		{"spire-hostpath-nats", Expect{Mode: "spire", NATS: false, HostPath: true}, "one replica and no autoscaling in spire mode with state nats=false"},
 		{"spire-hostpath-nats", Expect{Mode: "spire", NATS: true, HostPath: true, Region: true}, "has no peers (any address), but egress is restricted to a region"},
 	}
 	for _, c := range cases {
@@ -159,7 +160,7 @@ func TestRootContainerRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = Check(objs, Expect{Mode: "cert-manager"})
+	_, err = Check(objs, Expect{Mode: "cert-manager", NATS: true})
 	for _, want := range []string{
 		"runs as user 0, want 65532",
 		"pod securityContext.runAsNonRoot must be true",

@@ -116,15 +116,21 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
-{{/* Replicas of a component: one in veil-ca mode (a join token serves one pod). */}}
+{{/* Whether a component may run several replicas: not in veil-ca mode (a join token
+serves one pod) and only with shared state (embedded state is per replica: a client's
+evaluation keys or a study on one replica are unknown to the others). */}}
+{{- define "veil.scalable" -}}
+{{- if and (ne .Values.identity.mode "veil-ca") (eq .Values.state.backend "nats") -}}true{{- end -}}
+{{- end -}}
+
 {{- define "veil.replicas" -}}
 {{- $c := index .root.Values .component -}}
-{{- if eq .root.Values.identity.mode "veil-ca" -}}1{{- else -}}{{ $c.replicas }}{{- end -}}
+{{- if include "veil.scalable" .root -}}{{ $c.replicas }}{{- else -}}1{{- end -}}
 {{- end -}}
 
 {{- define "veil.autoscaling" -}}
 {{- $c := index .root.Values .component -}}
-{{- if and $c.autoscaling.enabled (ne .root.Values.identity.mode "veil-ca") -}}true{{- end -}}
+{{- if and $c.autoscaling.enabled (include "veil.scalable" .root) -}}true{{- end -}}
 {{- end -}}
 
 {{/* DNS egress rule. */}}
