@@ -306,7 +306,7 @@ func (e *env) pqkexOverTLS() (*pqkexOverTLS, error) {
 
 // handshake runs one pqkex handshake over tc (client side).
 func (p *pqkexOverTLS) handshake(tc *tls.Conn, serverURL string) error {
-	return p.client.Handshake(context.Background(), recordTransport{tc}, serverURL)
+	return p.client.Handshake(context.Background(), recordTransport{tc, bufio.NewReader(tc)}, serverURL)
 }
 
 // serve answers pqkex requests on tc (server side) until the client closes it.
@@ -371,8 +371,12 @@ func (w *recordWriter) Header() http.Header         { return w.h }
 func (w *recordWriter) WriteHeader(code int)        { w.status = code }
 func (w *recordWriter) Write(p []byte) (int, error) { return w.body.Write(p) }
 
-// recordTransport is the client side: one request at a time over a TLS connection.
-type recordTransport struct{ tc *tls.Conn }
+// recordTransport is the client side: one request at a time over a TLS connection, read
+// through a buffer as the server side is (fewer read syscalls).
+type recordTransport struct {
+	tc *tls.Conn
+	br *bufio.Reader
+}
 
 func (t recordTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	var body []byte
@@ -387,7 +391,7 @@ func (t recordTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err := writeRecord(t.tc, req.Method, req.URL.Path, body); err != nil {
 		return nil, err
 	}
-	status, reason, rbody, err := readRecord(t.tc)
+	status, reason, rbody, err := readRecord(t.br)
 	if err != nil {
 		return nil, err
 	}
