@@ -74,12 +74,13 @@ test: unit deploy-check integration
 # state backend on and off (tools/deploy/deploycheck/scenarios.go); runs helm lint --strict;
 # decodes every object strictly into the k8s.io/api types (custom resources into
 # tools/deploy's structs; unknown fields and kinds are errors); checks the secure defaults
-# and wiring; runs the checker's own tests (negative cases included); and runs every
-# rendered serve.yaml through DEPLOY_SERVE_CHECK (FILE appended; empty: skipped).
+# and wiring; runs the checker's own tests (negative cases included, and rendered pods run
+# in Docker: CA, veil-ca, cert-manager, state on the nats-server from `make nats`); and
+# runs every rendered serve.yaml through DEPLOY_SERVE_CHECK (FILE appended; empty: skipped).
 HELM := $(GO) tool -modfile=$(CURDIR)/tools/deploy/go.mod helm
 DEPLOY_OUT := .cache/deploy-check
 DEPLOY_SERVE_CHECK ?= $(DEPLOY_OUT)/veil serve --check --config
-deploy-check:
+deploy-check: nats
 	rm -rf $(DEPLOY_OUT) && mkdir -p $(DEPLOY_OUT)
 	cd tools/deploy && $(GO) run ./cmd/deploycheck -chart ../../deploy/helm/veil -out ../../$(DEPLOY_OUT) -helm "$(HELM)"
 	cd tools/deploy && $(GO) test -count=1 ./...

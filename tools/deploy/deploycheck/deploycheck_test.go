@@ -46,18 +46,23 @@ func scenario(t *testing.T, name string) Scenario {
 	return Scenario{}
 }
 
-// render renders a scenario once per test binary (helm is built by go tool on first use).
+// render renders a scenario once per test binary.
 func render(t *testing.T, name string) []Object {
 	t.Helper()
+	return renderScenario(t, scenario(t, name))
+}
+
+func renderScenario(t *testing.T, s Scenario) []Object {
+	t.Helper()
 	renderMu.Lock()
-	manifest, ok := rendered[name]
+	manifest, ok := rendered[s.Name]
 	if !ok {
 		var err error
-		if manifest, err = helm.Template(chart, scenario(t, name)); err != nil {
+		if manifest, err = helm.Template(chart, s); err != nil {
 			renderMu.Unlock()
 			t.Fatal(err)
 		}
-		rendered[name] = manifest
+		rendered[s.Name] = manifest
 	}
 	renderMu.Unlock()
 	objs, err := Decode(manifest)

@@ -22,7 +22,9 @@ import (
 // privilege escalation, and each volume mounted at its rendered path (emptyDirs as
 // tmpfs, ConfigMaps from the rendering, Secrets and the CA's claim from host
 // directories). It then emulates the probes (TCP on the service port, GET /metrics) and
-// shows the veil-ca limitation: a restarted container cannot reuse its join token.
+// shows the veil-ca limitation: a restarted container cannot reuse its join token. With
+// a nats-server from make nats, it also runs scoring on state nats against a JetStream
+// server that verifies the workload's certificate.
 // It needs Docker (no registry: the image is built FROM scratch) and is skipped with -short.
 func TestDocker(t *testing.T) {
 	if testing.Short() {
@@ -99,6 +101,68 @@ func TestDocker(t *testing.T) {
 	}
 	d.volumes = map[string]string{"identity": idDir}
 	d.start("veil-analytics", "")
+
+	// state nats: scoring with its state in JetStream on a NATS server (make nats builds
+	// the pinned nats-server into .cache/nats) that verifies the workload's certificate.
+	natsBins, _ := filepath.Glob(filepath.Join(root, ".cache/nats/*/nats-server"))
+	if len(natsBins) == 0 {
+		t.Log("no nats-server in .cache/nats (make nats): state nats not run")
+		return
+	}
+	natsCtx := hostDir(t, work, "nats-image", 0o755)
+	bin, err := os.ReadFile(natsBins[0])
+	must(t, err)
+	must(t, os.WriteFile(filepath.Join(natsCtx, "nats-server"), bin, 0o755))
+	must(t, os.WriteFile(filepath.Join(natsCtx, "Dockerfile"), []byte("FROM scratch\nCOPY nats-server /nats-server\nUSER 65532:65532\nENTRYPOINT [\"/nats-server\"]\n"), 0o644))
+	natsImage := image + "-nats"
+	run(t, exec.Command("docker", "build", "-q", "-t", natsImage, natsCtx))
+	t.Cleanup(func() { _ = exec.Command("docker", "rmi", "-f", natsImage).Run() })
+	natsDir := hostDir(t, work, "nats", 0o755)
+	run(t, exec.Command("docker", "exec", d.name("veil-ca"), "/veil", "ca", "issue", "--dir", "/var/lib/veil/ca/ca",
+		"--id", "spiffe://example.org/nats", "--dns", "nats", "--out", "/var/lib/veil/ca/nats"))
+	for _, f := range []string{"tls.crt", "tls.key", "ca.crt"} {
+		d.copyOut("veil-ca", "/var/lib/veil/ca/nats/"+f, filepath.Join(natsDir, f))
+	}
+	must(t, os.WriteFile(filepath.Join(natsDir, "nats.conf"), []byte(`listen: "0.0.0.0:4222"
+tls {
+  cert_file: "/etc/nats/tls.crt"
+  key_file: "/etc/nats/tls.key"
+  ca_file: "/etc/nats/ca.crt"
+  verify: true
+}
+jetstream {
+  store_dir: "/data/jetstream"
+  max_memory_store: 64MB
+  max_file_store: 256MB
+}
+`), 0o444))
+	natsName := d.name("nats")
+	run(t, exec.Command("docker", "run", "-d", "--name", natsName, "--network", network, "--network-alias", "nats",
+		"--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--tmpfs", "/data:uid=65532,gid=65532,mode=0770",
+		"--mount", "type=bind,src="+natsDir+",dst=/etc/nats,readonly", natsImage, "-c", "/etc/nats/nats.conf"))
+	t.Cleanup(func() {
+		if t.Failed() {
+			out, _ := exec.Command("docker", "logs", natsName).CombinedOutput()
+			t.Logf("nats logs:\n%s", out)
+		}
+		_ = exec.Command("docker", "rm", "-f", natsName).Run()
+	})
+	// One JetStream node: replication 1. The url is the chart's default, tls://nats:4222.
+	d.objs = renderScenario(t, Scenario{Name: "docker-cert-manager-nats",
+		Set: []string{"identity.mode=cert-manager", "state.backend=nats", "state.replicas=1"}})
+	scoringID := hostDir(t, work, "identity-scoring", 0o755)
+	run(t, exec.Command("docker", "exec", d.name("veil-ca"), "/veil", "ca", "issue", "--dir", "/var/lib/veil/ca/ca",
+		"--id", "spiffe://example.org/ns/veil/sa/veil-scoring", "--out", "/var/lib/veil/ca/scoring"))
+	for _, f := range []string{"tls.crt", "tls.key", "ca.crt"} {
+		d.copyOut("veil-ca", "/var/lib/veil/ca/scoring/"+f, filepath.Join(scoringID, f))
+	}
+	d.volumes = map[string]string{"identity": scoringID, "model": modelDir}
+	run(t, exec.Command("docker", "rm", "-f", d.name("veil-scoring"))) // the veil-ca mode one
+	d.start("veil-scoring", "")
+	logs, _ := exec.Command("docker", "logs", d.name("veil-scoring")).CombinedOutput()
+	if !strings.Contains(string(logs), `msg="shared state on NATS JetStream" url=tls://nats:4222`) {
+		t.Errorf("veil-scoring with state nats did not report its NATS connection:\n%s", logs)
+	}
 }
 
 type dockerRun struct {
