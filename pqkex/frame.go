@@ -289,7 +289,7 @@ var emptyTrailerBlock = trailerBlock{}.encode()
 func decodeTrailerBlock(b []byte) (trailerBlock, error) {
 	p := parser{b: b}
 	n := int(p.u16())
-	t := trailerBlock{headers: http.Header{}, trailers: http.Header{}}
+	var t trailerBlock // maps made on first use: most blocks are empty or hold the status only
 	for i := 0; i < n && !p.bad; i++ {
 		kind := p.u8()
 		k, v := string(p.vec16()), string(p.vec16())
@@ -297,8 +297,14 @@ func decodeTrailerBlock(b []byte) (trailerBlock, error) {
 		case k == "":
 			return trailerBlock{}, errMalformed
 		case kind == kindHeader:
+			if t.headers == nil {
+				t.headers = http.Header{}
+			}
 			t.headers.Add(k, v)
 		case kind == kindTrailer:
+			if t.trailers == nil {
+				t.trailers = http.Header{}
+			}
 			t.trailers.Add(k, v)
 		case kind == kindStatus && k == statusName && t.status == 0:
 			code, err := strconv.Atoi(v)
