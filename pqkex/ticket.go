@@ -41,9 +41,12 @@ type TicketKeys struct {
 }
 
 type ticketCipher struct {
-	id   uint32
-	aead cipher.AEAD
+	id     uint32
+	serial uint64 // unique in the process: a later key with a reused ID is another key
+	aead   cipher.AEAD
 }
+
+var ticketCipherSerial atomic.Uint64
 
 func newTicketCipher(k TicketKey) ticketCipher {
 	b, err := aes.NewCipher(k.Secret[:])
@@ -54,7 +57,7 @@ func newTicketCipher(k TicketKey) ticketCipher {
 	if err != nil {
 		panic("pqkex: " + err.Error())
 	}
-	return ticketCipher{id: k.ID, aead: g}
+	return ticketCipher{id: k.ID, serial: ticketCipherSerial.Add(1), aead: g}
 }
 
 // NewTicketKeys returns a key set whose current key is current and, if given, whose previous
@@ -116,8 +119,14 @@ func (t *TicketKeys) seal(rand io.Reader, plaintext []byte) ([]byte, error) {
 }
 
 func (t *TicketKeys) open(ticket []byte) ([]byte, error) {
+	pt, _, err := t.openSerial(ticket)
+	return pt, err
+}
+
+// openSerial opens a ticket and returns the serial of the key that opened it.
+func (t *TicketKeys) openSerial(ticket []byte) ([]byte, uint64, error) {
 	if len(ticket) < 4+aeadNonceSize+aeadTagSize {
-		return nil, errMalformed
+		return nil, 0, errMalformed
 	}
 	id := binary.BigEndian.Uint32(ticket)
 	t.mu.RLock()
@@ -129,13 +138,13 @@ func (t *TicketKeys) open(ticket []byte) ([]byte, error) {
 	}
 	t.mu.RUnlock()
 	if c == nil {
-		return nil, errUnknownTicket
+		return nil, 0, errUnknownTicket
 	}
 	pt, err := c.aead.Open(nil, ticket[4:4+aeadNonceSize], ticket[4+aeadNonceSize:], ticketAAD(id))
 	if err != nil {
-		return nil, errUnknownTicket
+		return nil, 0, errUnknownTicket
 	}
-	return pt, nil
+	return pt, c.serial, nil
 }
 
 // ticketState is the plaintext of a ticket (spec section 7).
@@ -189,18 +198,24 @@ func parseTicketState(b []byte) (*ticketState, error) {
 
 // openTicket decrypts and checks a ticket at time now.
 func (t *TicketKeys) openTicket(ticket []byte, now time.Time) (*ticketState, error) {
-	pt, err := t.open(ticket)
+	s, _, err := t.openTicketSerial(ticket, now)
+	return s, err
+}
+
+// openTicketSerial is openTicket, also returning the serial of the key that opened it.
+func (t *TicketKeys) openTicketSerial(ticket []byte, now time.Time) (*ticketState, uint64, error) {
+	pt, serial, err := t.openSerial(ticket)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	s, err := parseTicketState(pt)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	if unixSeconds(now) >= s.expiry {
-		return nil, errTicketExpired
+		return nil, 0, errTicketExpired
 	}
-	return s, nil
+	return s, serial, nil
 }
 
 // maxCachedTickets bounds a server's cache of opened tickets (one entry per live session,
@@ -211,9 +226,9 @@ const maxCachedTickets = 4096
 // ticket's header value as sent, so that later calls with the ticket cost a lookup instead
 // of base64 decoding, AES-GCM and parsing, and by session ID for the short form (spec 6.6).
 // An entry exists only for a ticket that opened, each use checks the session's expiry
-// again, and an entry cached before a rotation of the ticket keys is not used (the ticket
-// is opened again, or the short form refused as unknown_session), so a ticket whose key
-// left the set is refused as before.
+// again, and after a rotation of the ticket keys an entry is used only while its ticket's
+// key is still in the set (otherwise the ticket is opened again, and refused, or the short
+// form refused as unknown_session), so a ticket whose key left the set is refused as before.
 type ticketCache struct {
 	mu       sync.Mutex
 	byHeader map[string]cachedTicket
@@ -221,25 +236,32 @@ type ticketCache struct {
 }
 
 type cachedTicket struct {
-	st  *ticketState
-	gen uint64
+	st    *ticketState
+	gen    uint64 // the key set's rotation count when the entry was made
+	serial uint64 // the key that sealed the ticket (ticketCipher.serial)
 }
 
-func (c *ticketCache) get(header string, gen uint64) *ticketState {
+// valid reports whether e may be used with keys at rotation count gen: unchanged since
+// it was checked, or its ticket's key is still in the set.
+func (e cachedTicket) valid(keys *TicketKeys, gen uint64) bool {
+	return e.gen == gen || keys.has(e.serial)
+}
+
+func (c *ticketCache) get(keys *TicketKeys, header string, gen uint64) *ticketState {
 	c.mu.Lock()
 	e, ok := c.byHeader[header]
 	c.mu.Unlock()
-	if !ok || e.gen != gen {
+	if !ok || !e.valid(keys, gen) {
 		return nil
 	}
 	return e.st
 }
 
-func (c *ticketCache) getSession(sid [sessionIDSize]byte, gen uint64) *ticketState {
+func (c *ticketCache) getSession(keys *TicketKeys, sid [sessionIDSize]byte, gen uint64) *ticketState {
 	c.mu.Lock()
 	e, ok := c.bySID[sid]
 	c.mu.Unlock()
-	if !ok || e.gen != gen {
+	if !ok || !e.valid(keys, gen) {
 		return nil
 	}
 	return e.st
@@ -247,18 +269,18 @@ func (c *ticketCache) getSession(sid [sessionIDSize]byte, gen uint64) *ticketSta
 
 // bound makes room in m for one more entry: it drops expired and stale entries and, if
 // that is not enough, arbitrary ones (map order) down to three quarters of the bound.
-func bound[K comparable](m map[K]cachedTicket, gen, now uint64) {
+func bound[K comparable](m map[K]cachedTicket, keys *TicketKeys, gen, now uint64) {
 	if len(m) < maxCachedTickets {
 		return
 	}
 	for k, e := range m {
-		if e.st.expiry <= now || e.gen != gen || len(m) >= maxCachedTickets*3/4 {
+		if e.st.expiry <= now || !e.valid(keys, gen) || len(m) >= maxCachedTickets*3/4 {
 			delete(m, k)
 		}
 	}
 }
 
-func (c *ticketCache) put(header string, st *ticketState, gen, now uint64) {
+func (c *ticketCache) put(keys *TicketKeys, header string, st *ticketState, serial, gen, now uint64) {
 	var sid [sessionIDSize]byte
 	copy(sid[:], st.sessionID)
 	c.mu.Lock()
@@ -267,17 +289,25 @@ func (c *ticketCache) put(header string, st *ticketState, gen, now uint64) {
 		c.byHeader = make(map[string]cachedTicket)
 		c.bySID = make(map[[sessionIDSize]byte]cachedTicket)
 	}
-	bound(c.byHeader, gen, now)
-	bound(c.bySID, gen, now)
-	c.byHeader[header] = cachedTicket{st: st, gen: gen}
-	c.bySID[sid] = cachedTicket{st: st, gen: gen}
+	bound(c.byHeader, keys, gen, now)
+	bound(c.bySID, keys, gen, now)
+	e := cachedTicket{st: st, gen: gen, serial: serial}
+	c.byHeader[header] = e
+	c.bySID[sid] = e
+}
+
+// has reports whether the set still holds the key with this serial (current or previous).
+func (t *TicketKeys) has(serial uint64) bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.current.serial == serial || (t.previous != nil && t.previous.serial == serial)
 }
 
 // openTicketHeader opens the base64url ticket of a request header at time now, through
 // cache, and keeps its session there for the short form.
 func (t *TicketKeys) openTicketHeader(cache *ticketCache, header string, now time.Time) (*ticketState, error) {
 	gen := t.gen.Load()
-	if st := cache.get(header, gen); st != nil {
+	if st := cache.get(t, header, gen); st != nil {
 		if unixSeconds(now) >= st.expiry {
 			return nil, errTicketExpired
 		}
@@ -287,12 +317,12 @@ func (t *TicketKeys) openTicketHeader(cache *ticketCache, header string, now tim
 	if err != nil {
 		return nil, errMalformed
 	}
-	st, err := t.openTicket(ticket, now)
+	st, serial, err := t.openTicketSerial(ticket, now)
 	if err != nil {
 		return nil, err
 	}
 	st.secretKey = sessionKey(st.suite.Hash(), st.secret)
-	cache.put(header, st, gen, unixSeconds(now))
+	cache.put(t, header, st, serial, gen, unixSeconds(now))
 	return st, nil
 }
 
@@ -305,7 +335,7 @@ func (t *TicketKeys) openSessionHeader(cache *ticketCache, header string, now ti
 	if n, err := base64.RawURLEncoding.Decode(sid[:], []byte(header)); err != nil || n != sessionIDSize {
 		return nil, errMalformed
 	}
-	st := cache.getSession(sid, t.gen.Load())
+	st := cache.getSession(t, sid, t.gen.Load())
 	if st == nil {
 		return nil, errUnknownSession
 	}

@@ -58,20 +58,16 @@ func TestTicketCache(t *testing.T) {
 	if _, err := keys.openTicketHeader(&cache, header, now.Add(time.Minute)); !errors.Is(err, errTicketExpired) {
 		t.Fatalf("expired cached ticket: %v", err)
 	}
-	// After a rotation the ticket is opened again: still valid under the previous key,
-	// refused once its key has left the set.
+	// After a rotation the cached session stays usable while its ticket's key is the
+	// previous one, and is refused once that key has left the set.
 	if err := keys.Rotate(k2); err != nil {
 		t.Fatal(err)
 	}
-	// The short form is refused after a rotation until the ticket is opened again.
-	if _, err := keys.openSessionHeader(&cache, sid, now); !errors.Is(err, errUnknownSession) {
-		t.Fatalf("session by ID after a rotation: %v", err)
+	if _, err := keys.openSessionHeader(&cache, sid, now); err != nil {
+		t.Fatalf("session by ID, ticket under the previous key: %v", err)
 	}
 	if _, err := keys.openTicketHeader(&cache, header, now); err != nil {
 		t.Fatalf("ticket under the previous key: %v", err)
-	}
-	if _, err := keys.openSessionHeader(&cache, sid, now); err != nil {
-		t.Fatalf("session by ID after the ticket was opened again: %v", err)
 	}
 	if err := keys.Rotate(k3); err != nil {
 		t.Fatal(err)
@@ -82,6 +78,17 @@ func TestTicketCache(t *testing.T) {
 	if _, err := keys.openSessionHeader(&cache, sid, now); !errors.Is(err, errUnknownSession) {
 		t.Fatalf("session by ID whose ticket key left the set: %v", err)
 	}
+	// A later key that reuses the ID of the ticket's key is another key.
+	k1again, _ := GenerateTicketKey(1, nil)
+	if err := keys.Rotate(k1again); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := keys.openSessionHeader(&cache, sid, now); !errors.Is(err, errUnknownSession) {
+		t.Fatalf("session by ID after its key's ID was reused: %v", err)
+	}
+	if _, err := keys.openTicketHeader(&cache, header, now); !errors.Is(err, errUnknownTicket) {
+		t.Fatalf("ticket after its key's ID was reused: %v", err)
+	}
 	// A header that does not open is never cached.
 	if _, err := keys.openTicketHeader(&cache, "!", now); !errors.Is(err, errMalformed) {
 		t.Fatalf("bad base64: %v", err)
@@ -90,7 +97,7 @@ func TestTicketCache(t *testing.T) {
 	for i := range maxCachedTickets + 10 {
 		s := *st
 		s.sessionID = binary.BigEndian.AppendUint64(make([]byte, 8), uint64(i))
-		cache.put(fmt.Sprint(i), &s, keys.gen.Load(), unixSeconds(now))
+		cache.put(keys, fmt.Sprint(i), &s, 0, keys.gen.Load(), unixSeconds(now))
 	}
 	if n, m := len(cache.byHeader), len(cache.bySID); n > maxCachedTickets || m > maxCachedTickets {
 		t.Fatalf("%d, %d cached tickets, bound %d", n, m, maxCachedTickets)
