@@ -236,7 +236,7 @@ type ticketCache struct {
 }
 
 type cachedTicket struct {
-	st    *ticketState
+	st     *ticketState
 	gen    uint64 // the key set's rotation count when the entry was made
 	serial uint64 // the key that sealed the ticket (ticketCipher.serial)
 }
