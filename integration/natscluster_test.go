@@ -614,10 +614,20 @@ func TestNATSCluster(t *testing.T) {
 		}
 		return b
 	}
-	// retry repeats f while a leader is being elected (a few seconds at most).
-	retry := func(what string, f func() error) {
+	// retry repeats f while a leader is being elected (a few seconds), each attempt
+	// with its own deadline: a call started during an election may wait for it
+	// instead of failing fast.
+	retry := func(what string, f func(ctx context.Context) error) {
 		t.Helper()
-		poll(t, what, 60*time.Second, f)
+		poll(t, what, 90*time.Second, func() error {
+			ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+			defer cancel()
+			err := f(ctx)
+			if err != nil {
+				t.Logf("%s: %v", what, err)
+			}
+			return err
+		})
 	}
 	if _, err := kv.Put(ctx, "before", []byte("v1")); err != nil {
 		t.Fatal(err)
@@ -650,14 +660,13 @@ func TestNATSCluster(t *testing.T) {
 
 	cluster.kill(t, victim)
 	killed := time.Now()
-	retry("KV put with a node killed", func() error { _, err := kv.Put(ctx, "during", []byte("v2")); return err })
+	retry("KV put with a node killed", func(ctx context.Context) error { _, err := kv.Put(ctx, "during", []byte("v2")); return err })
 	t.Logf("KV write accepted %s after the kill", time.Since(killed).Round(time.Millisecond))
-	retry("object put with a node killed", func() error { _, err := obs.PutBytes(ctx, "during", blob(2, 3<<20)); return err })
-	check := func(kv jetstream.KeyValue, obs jetstream.ObjectStore) error {
-		// Each check has its own deadline: a read started while leaders are being
-		// elected may wait for them; the next poll starts afresh.
-		ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-		defer cancel()
+	retry("object put with a node killed", func(ctx context.Context) error {
+		_, err := obs.PutBytes(ctx, "during", blob(2, 3<<20))
+		return err
+	})
+	check := func(ctx context.Context, kv jetstream.KeyValue, obs jetstream.ObjectStore) error {
 		for k, want := range map[string]string{"before": "v1", "during": "v2"} {
 			e, err := kv.Get(ctx, k)
 			if err != nil {
@@ -678,19 +687,13 @@ func TestNATSCluster(t *testing.T) {
 		}
 		return nil
 	}
-	retry("reads with a node killed", func() error {
-		err := check(kv, obs)
-		if err != nil {
-			t.Logf("reads with %s killed: %v", cluster.nodes[victim].name, err)
-		}
-		return err
-	})
+	retry("reads with a node killed", func(ctx context.Context) error { return check(ctx, kv, obs) })
 
 	restarted := time.Now()
 	cluster.start(t, victim)
 	t.Logf("%s restarted and the cluster healthy in %s", cluster.nodes[victim].name, time.Since(restarted).Round(time.Millisecond))
 	// The restarted node's replica caught up: every peer current, none lagging.
-	retry("replicas current after the restart", func() error {
+	retry("replicas current after the restart", func(ctx context.Context) error {
 		si, err := info.Info(ctx)
 		if err != nil {
 			return err
@@ -723,9 +726,7 @@ func TestNATSCluster(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := check(kv2, obs2); err != nil {
-		t.Fatalf("through the restarted node: %v", err)
-	}
+	retry("reads through the restarted node", func(ctx context.Context) error { return check(ctx, kv2, obs2) })
 	if _, err := kv2.Put(ctx, "after", []byte("v3")); err != nil {
 		t.Fatal(err)
 	}
