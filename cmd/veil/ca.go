@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -23,9 +25,10 @@ func runCA(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		"rotate":       runCARotate,
 		"revoke":       runCARevoke,
 		"intermediate": runCAIntermediate,
+		"bundle":       runCABundle,
 	}
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" {
-		fmt.Fprintln(stderr, `Usage: veil ca <init|issue|serve|token|rotate|revoke|intermediate> [flags]
+		fmt.Fprintln(stderr, `Usage: veil ca <init|issue|serve|token|rotate|revoke|intermediate|bundle> [flags]
 
   init    create a root CA (ECDSA P-256 + ML-DSA-65) in a directory
   issue   issue a workload identity (tls.crt, tls.key, ca.crt; pq.cred, pq.key, ca-mldsa65.pub)
@@ -34,6 +37,7 @@ func runCA(ctx context.Context, args []string, stdout, stderr io.Writer) error {
   rotate  rotate the root: --step prepare, activate, finish (or status)
   revoke  deny certificate serials or SPIFFE IDs (sent to workloads with the bundle)
   intermediate  create an intermediate CA that signs leaves from now on
+  bundle  print the trust bundle (every trusted root, PEM) for workloads' --ca-bundle
 
 See docs/ca.md.`)
 		if len(args) == 0 {
@@ -49,9 +53,10 @@ See docs/ca.md.`)
 }
 
 func runCAInit(_ context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("ca init", "ca init --dir DIR --trust-domain TD [--json]", stderr)
+	fs := newFlags("ca init", "ca init --dir DIR --trust-domain TD [--if-missing] [--json]", stderr)
 	dir := fs.String("dir", "", "directory for the CA's files (keys are written 0600)")
 	td := fs.String("trust-domain", "", "SPIFFE trust domain, e.g. example.org")
+	ifMissing := fs.Bool("if-missing", false, "succeed without change when dir already holds a CA for this trust domain (for init containers)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -59,7 +64,18 @@ func runCAInit(_ context.Context, args []string, stdout, stderr io.Writer) error
 	if err := required(fs, "dir", "trust-domain"); err != nil {
 		return err
 	}
+	created := true
 	ca, err := transport.InitCA(*dir, *td)
+	if err != nil && *ifMissing {
+		existing, lerr := transport.LoadCA(*dir)
+		if lerr != nil {
+			return err // not a CA: the init error says why
+		}
+		if existing.TrustDomain().Name() != *td {
+			return fmt.Errorf("%s holds a CA for %s, not %s", *dir, existing.TrustDomain().Name(), *td)
+		}
+		ca, err, created = existing, nil, false
+	}
 	if err != nil {
 		return err
 	}
@@ -68,10 +84,38 @@ func runCAInit(_ context.Context, args []string, stdout, stderr io.Writer) error
 		"trust_domain": ca.TrustDomain().String(),
 		"root":         filepath.Join(*dir, "root.crt"),
 		"not_after":    ca.Root().NotAfter.UTC().Format(time.RFC3339),
+		"created":      created,
 	}
 	return emit(stdout, *asJSON, out, func(w io.Writer) {
-		fmt.Fprintf(w, "created CA for %s in %s (root valid until %s)\n", ca.TrustDomain(), *dir, ca.Root().NotAfter.UTC().Format(time.RFC3339))
+		verb := "created"
+		if !created {
+			verb = "kept the existing"
+		}
+		fmt.Fprintf(w, "%s CA for %s in %s (root valid until %s)\n", verb, ca.TrustDomain(), *dir, ca.Root().NotAfter.UTC().Format(time.RFC3339))
 	})
+}
+
+// runCABundle prints the CA's trust bundle: what workloads pass as --ca-bundle.
+func runCABundle(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("ca bundle", "ca bundle --dir DIR [--json]", stderr)
+	dir := fs.String("dir", "", "the CA's directory")
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := required(fs, "dir"); err != nil {
+		return err
+	}
+	ca, err := transport.LoadCA(*dir)
+	if err != nil {
+		return err
+	}
+	var b strings.Builder
+	for _, c := range ca.Bundle() {
+		b.Write(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
+	}
+	out := map[string]any{"trust_domain": ca.TrustDomain().String(), "roots": len(ca.Bundle()), "bundle": b.String()}
+	return emit(stdout, *asJSON, out, func(w io.Writer) { io.WriteString(w, b.String()) })
 }
 
 func runCAIssue(_ context.Context, args []string, stdout, stderr io.Writer) error {

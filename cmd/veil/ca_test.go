@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -222,5 +223,36 @@ func TestExpiryStatusOfFiles(t *testing.T) {
 	}
 	if st := (expiryStatus{src: src, file: src}).Status(); !st.Healthy {
 		t.Fatalf("fresh file identity: %+v", st)
+	}
+}
+
+// `veil ca init --if-missing` is safe to run on every start (an init container);
+// `veil ca bundle` prints what workloads pass as --ca-bundle.
+func TestCAInitIfMissingAndBundle(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ca")
+	ctx := context.Background()
+	if code, _, errOut := veil(t, ctx, "ca", "init", "--dir", dir, "--trust-domain", "example.org", "--if-missing", "--json"); code != 0 {
+		t.Fatalf("first init: %s", errOut)
+	}
+	root, err := os.ReadFile(filepath.Join(dir, "root.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, out, errOut := veil(t, ctx, "ca", "init", "--dir", dir, "--trust-domain", "example.org", "--if-missing", "--json")
+	if code != 0 || !strings.Contains(out, `"created": false`) {
+		t.Fatalf("second init with --if-missing: exit %d %s %s", code, out, errOut)
+	}
+	if again, _ := os.ReadFile(filepath.Join(dir, "root.crt")); string(again) != string(root) {
+		t.Fatal("--if-missing replaced the root")
+	}
+	if code, _, _ := veil(t, ctx, "ca", "init", "--dir", dir, "--trust-domain", "example.org"); code == 0 {
+		t.Fatal("a second init without --if-missing succeeded")
+	}
+	if code, _, errOut := veil(t, ctx, "ca", "init", "--dir", dir, "--trust-domain", "other.org", "--if-missing"); code != 1 || !strings.Contains(errOut, "example.org") {
+		t.Fatalf("another trust domain: exit %d %s", code, errOut)
+	}
+	code, out, errOut = veil(t, ctx, "ca", "bundle", "--dir", dir)
+	if code != 0 || out != string(root) {
+		t.Fatalf("bundle: exit %d %q (want the root PEM) %s", code, out, errOut)
 	}
 }
