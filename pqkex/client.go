@@ -217,10 +217,17 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		sess.held.Store(true)
 	}
 	self := sess.self
+	o := &opener{dir: s2c, r: resp.Body, decap: func(ct []byte) ([]byte, error) {
+		return sess.suite.Decapsulate(self.priv, ct)
+	}}
+	// A response of known length (a unary one without trailers) is read whole, then opened
+	// in place.
+	if err := o.preread(resp.ContentLength); err != nil {
+		_ = resp.Body.Close()
+		return nil, err
+	}
 	body := &openReader{
-		o: &opener{dir: s2c, r: resp.Body, decap: func(ct []byte) ([]byte, error) {
-			return sess.suite.Decapsulate(self.priv, ct)
-		}},
+		o: o,
 		body:    resp.Body,
 		onBytes: count,
 		onErr:   func(err error) { c.m.reject(sideClient, err) },

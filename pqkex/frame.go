@@ -172,21 +172,69 @@ type opener struct {
 	decap func(ct []byte) ([]byte, error) // nil: rekey frames are refused
 	hdr   [frameHeaderSize]byte
 	buf   []byte
+
+	// With a body read whole (preread), frames are opened in place in mem, the rest of it.
+	whole bool
+	mem   []byte
+}
+
+// maxPreread bounds the bodies of known length read whole before their frames are opened.
+const maxPreread = 4 << 20
+
+// preread reads the rest of a body of known length n in one piece, so that its frames are
+// opened in place rather than read header by header through the HTTP/2 body pipe. A body
+// shorter than n is truncated.
+func (o *opener) preread(n int64) error {
+	if n < 0 || n > maxPreread {
+		return nil
+	}
+	b := getBuffer()
+	if int64(cap(b)) < n {
+		b = make([]byte, n)
+	}
+	b = b[:n]
+	if _, err := io.ReadFull(o.r, b); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return errTruncated
+		}
+		return err
+	}
+	o.whole, o.mem, o.buf = true, b, b
+	return nil
+}
+
+// take returns the next n bytes of a body read whole.
+func (o *opener) take(n int) ([]byte, bool) {
+	if len(o.mem) < n {
+		return nil, false
+	}
+	b := o.mem[:n:n]
+	o.mem = o.mem[n:]
+	return b, true
 }
 
 // next returns the next data or FINAL frame; REKEY frames are processed on the way.
 func (o *opener) next() (byte, []byte, error) {
 	for {
-		n, err := io.ReadFull(o.r, o.hdr[:])
-		if err != nil {
-			if n == 0 && errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		var hdr []byte
+		if o.whole {
+			var ok bool
+			if hdr, ok = o.take(frameHeaderSize); !ok {
 				return 0, nil, errTruncated
 			}
-			return 0, nil, err
+		} else {
+			n, err := io.ReadFull(o.r, o.hdr[:])
+			if err != nil {
+				if n == 0 && errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+					return 0, nil, errTruncated
+				}
+				return 0, nil, err
+			}
+			hdr = o.hdr[:]
 		}
-		flags := o.hdr[0]
-		seq := binary.BigEndian.Uint32(o.hdr[1:5])
-		size := binary.BigEndian.Uint32(o.hdr[5:9])
+		flags := hdr[0]
+		seq := binary.BigEndian.Uint32(hdr[1:5])
+		size := binary.BigEndian.Uint32(hdr[5:9])
 		if size < aeadTagSize || size > maxFrameCiphertext {
 			return 0, nil, errFrameTooLarge
 		}
@@ -196,20 +244,28 @@ func (o *opener) next() (byte, []byte, error) {
 		case uint64(seq) > o.dir.seq:
 			return 0, nil, errReordered
 		}
-		if o.buf == nil {
-			o.buf = getBuffer()
-		}
-		if cap(o.buf) < int(size) {
-			o.buf = make([]byte, size)
-		}
-		ct := o.buf[:size]
-		if _, err := io.ReadFull(o.r, ct); err != nil {
-			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		var ct []byte
+		if o.whole {
+			var ok bool
+			if ct, ok = o.take(int(size)); !ok {
 				return 0, nil, errTruncated
 			}
-			return 0, nil, err
+		} else {
+			if o.buf == nil {
+				o.buf = getBuffer()
+			}
+			if cap(o.buf) < int(size) {
+				o.buf = make([]byte, size)
+			}
+			ct = o.buf[:size]
+			if _, err := io.ReadFull(o.r, ct); err != nil {
+				if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+					return 0, nil, errTruncated
+				}
+				return 0, nil, err
+			}
 		}
-		pt, err := o.dir.keys.aead.Open(ct[:0], o.dir.nonce(seq), ct, o.hdr[:])
+		pt, err := o.dir.keys.aead.Open(ct[:0], o.dir.nonce(seq), ct, hdr)
 		if err != nil {
 			return 0, nil, errTampered
 		}
@@ -374,7 +430,7 @@ func (r *openReader) fill() error {
 			}
 		}
 		putBuffer(r.o.buf) // nothing refers to it any more: pending is empty
-		r.o.buf = nil
+		r.o.buf, r.o.mem = nil, nil
 		return io.EOF
 	}
 	// pt lies in the opener's buffer, which the next frame overwrites; Read calls fill

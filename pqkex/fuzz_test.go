@@ -118,6 +118,11 @@ func FuzzOpenFrames(f *testing.F) {
 		if err == nil && !bytes.HasPrefix(b, v.ResponseBody) {
 			t.Fatalf("forged body opened to %q", pt)
 		}
+		// Read whole and opened in place (bodies of known length): the same verdicts.
+		pt2, _, err2 := openBodyWhole(v, dirS2C, append([]byte(nil), b...))
+		if (err == nil) != (err2 == nil) || !bytes.Equal(pt, pt2) {
+			t.Fatalf("read whole: %q %v, read by frame: %q %v", pt2, err2, pt, err)
+		}
 	})
 }
 

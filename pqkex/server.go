@@ -252,14 +252,30 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if compressed(r.Header) {
 		return nil, nil, errCompressed
 	}
-	var id [callIDSize]byte
-	if _, err := io.ReadFull(r.Body, id[:]); err != nil {
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+	// A body of known length (a unary request) is read whole, then opened in place.
+	op := &opener{r: r.Body}
+	if r.ContentLength >= callIDSize {
+		if err := op.preread(r.ContentLength); err != nil {
+			return nil, nil, err
+		}
+	}
+	var callID uint64
+	if op.whole {
+		id, ok := op.take(callIDSize)
+		if !ok {
 			return nil, nil, errTruncated
 		}
-		return nil, nil, err
+		callID = binary.BigEndian.Uint64(id)
+	} else {
+		var id [callIDSize]byte
+		if _, err := io.ReadFull(r.Body, id[:]); err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+				return nil, nil, errTruncated
+			}
+			return nil, nil, err
+		}
+		callID = binary.BigEndian.Uint64(id[:])
 	}
-	callID := binary.BigEndian.Uint64(id[:])
 	keys, err := newCallKeys(st.suite.Hash(), st.aead, st.secretKey, callID, r.URL.Path)
 	if err != nil {
 		return nil, nil, err
@@ -269,7 +285,7 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if err != nil || self == nil {
 		return nil, nil, errInternal
 	}
-	op := &opener{dir: c2s, r: r.Body}
+	op.dir = c2s
 	if self.cred.digest == st.serverDigest {
 		op.decap = func(ct []byte) ([]byte, error) { return st.suite.Decapsulate(self.priv, ct) }
 	}
