@@ -227,7 +227,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	body := &openReader{
-		o: o,
+		o:       o,
 		body:    resp.Body,
 		onBytes: count,
 		onErr:   func(err error) { c.m.reject(sideClient, err) },
