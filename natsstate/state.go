@@ -122,29 +122,80 @@ func (s *State) ctx(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, s.cfg.Timeout)
 }
 
+// objectStore opens the bucket, creating it if missing, with reads served by the
+// stream leader (leaderReads).
 func (s *State) objectStore(ctx context.Context, name, desc string) (jetstream.ObjectStore, error) {
 	ctx, cancel := s.ctx(ctx)
 	defer cancel()
-	b, err := s.js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
-		Bucket: s.bucket(name), Description: desc, Replicas: s.cfg.Replicas, Storage: jetstream.FileStorage,
-	})
+	bucket := s.bucket(name)
+	_, err := s.js.ObjectStore(ctx, bucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		_, err = s.js.CreateObjectStore(ctx, jetstream.ObjectStoreConfig{
+			Bucket: bucket, Description: desc, Replicas: s.cfg.Replicas, Storage: jetstream.FileStorage,
+		})
+		if errors.Is(err, jetstream.ErrBucketExists) { // another replica created it first
+			err = nil
+		}
+	}
+	if err == nil {
+		err = s.leaderReads(ctx, "OBJ_"+bucket)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("natsstate: bucket %s: %w", s.bucket(name), err)
+		return nil, fmt.Errorf("natsstate: bucket %s: %w", bucket, err)
+	}
+	b, err := s.js.ObjectStore(ctx, bucket) // bound again: it reads the stream's settings once
+	if err != nil {
+		return nil, fmt.Errorf("natsstate: bucket %s: %w", bucket, err)
 	}
 	return b, nil
 }
 
+// keyValue opens the bucket cfg names (without the prefix), creating it if missing,
+// with reads served by the stream leader (leaderReads).
 func (s *State) keyValue(ctx context.Context, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
 	ctx, cancel := s.ctx(ctx)
 	defer cancel()
 	cfg.Bucket = s.bucket(cfg.Bucket)
 	cfg.Replicas = s.cfg.Replicas
 	cfg.Storage = jetstream.FileStorage
-	b, err := s.js.CreateOrUpdateKeyValue(ctx, cfg)
+	_, err := s.js.KeyValue(ctx, cfg.Bucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		_, err = s.js.CreateKeyValue(ctx, cfg)
+		if errors.Is(err, jetstream.ErrBucketExists) {
+			err = nil
+		}
+	}
+	if err == nil {
+		err = s.leaderReads(ctx, "KV_"+cfg.Bucket)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("natsstate: bucket %s: %w", cfg.Bucket, err)
+	}
+	b, err := s.js.KeyValue(ctx, cfg.Bucket)
 	if err != nil {
 		return nil, fmt.Errorf("natsstate: bucket %s: %w", cfg.Bucket, err)
 	}
 	return b, nil
+}
+
+// leaderReads turns off direct gets on a bucket's stream. JetStream creates KV and
+// object buckets with direct gets allowed, which any replica answers, including a
+// follower that has not applied the latest write yet: a key set acknowledged through
+// one Veil replica could then read as missing through another (and be uploaded
+// again). Without direct gets, reads go to the stream leader, which answers only
+// with what a quorum acknowledged: read-your-writes across replicas.
+func (s *State) leaderReads(ctx context.Context, stream string) error {
+	st, err := s.js.Stream(ctx, stream)
+	if err != nil {
+		return err
+	}
+	cfg := st.CachedInfo().Config
+	if !cfg.AllowDirect && !cfg.MirrorDirect {
+		return nil
+	}
+	cfg.AllowDirect, cfg.MirrorDirect = false, false
+	_, err = s.js.UpdateStream(ctx, cfg)
+	return err
 }
 
 // ClientTLS returns a TLS 1.3 client configuration that presents src's current SVID

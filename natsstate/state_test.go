@@ -14,6 +14,8 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/veilrpc/veil/he"
@@ -362,5 +364,40 @@ func TestEvaluationKeysTouchAndDelete(t *testing.T) {
 	}
 	if err := ks.Delete(ctx, id); err != nil {
 		t.Fatalf("deleting a missing set: %v", err)
+	}
+}
+
+// Every bucket reads through its stream leader (no direct gets), so a write
+// acknowledged through one replica is read by the next, and opening the buckets again
+// (another replica starting) keeps it that way.
+func TestBucketsReadFromTheLeader(t *testing.T) {
+	n := startNATS(t)
+	ctx := context.Background()
+	for range 2 {
+		s := n.connect("spiffe://example.org/scoring")
+		if _, err := s.EvaluationKeys(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Studies(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.TicketKeys(ctx, time.Hour); err != nil {
+			t.Fatal(err)
+		}
+	}
+	nc, err := nats.Connect(n.url, nats.Secure(natsstate.ClientTLS(n.pki.Identity(t, "spiffe://example.org/probe"), nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	for _, name := range []string{"OBJ_veil-evaluation-keys", "OBJ_veil-analytics", "KV_veil-analytics", "KV_veil-ticket-keys"} {
+		st, err := js.Stream(ctx, name)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if c := st.CachedInfo().Config; c.AllowDirect || c.MirrorDirect {
+			t.Errorf("%s allows direct gets", name)
+		}
 	}
 }
