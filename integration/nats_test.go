@@ -221,12 +221,10 @@ func (s *natsTopology) testKeysAcrossReplicas(t *testing.T) *scoring.Client {
 	if _, err := c.UploadKeys(ctx); err != nil {
 		t.Fatal(err)
 	}
-	// Replica 1 looks the keys up with a JetStream direct get, which any replica of
-	// the bucket's stream answers, including a follower that has not applied the
-	// last write yet: right after the acknowledgement it can answer "not found"
-	// (seen once in 30 reads of a 3 MiB object on this cluster), and the client then
-	// uploads again. Not a loss, but a wasted upload: leave the followers a moment.
-	time.Sleep(time.Second)
+	// Straight to replica 1: natsstate reads through the stream leader (direct gets
+	// off), so the acknowledged upload is visible at once. (With direct gets a lagging
+	// follower answered "not found" about once in 30 reads, and the client uploaded
+	// again.)
 	s.route(t, 1)
 	st := s.score(ctx, t, c)
 	if st.KeyUploaded {
