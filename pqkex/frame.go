@@ -178,8 +178,9 @@ type opener struct {
 	mem   []byte
 }
 
-// maxPreread bounds the bodies of known length read whole before their frames are opened.
-const maxPreread = 4 << 20
+// maxPreread bounds the bodies of known length read whole before their frames are opened;
+// longer ones are read frame by frame.
+const maxPreread = 256 << 10
 
 // preread reads the rest of a body of known length n in one piece, so that its frames are
 // opened in place rather than read header by header through the HTTP/2 body pipe. A body

@@ -252,30 +252,14 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if compressed(r.Header) {
 		return nil, nil, errCompressed
 	}
-	// A body of known length (a unary request) is read whole, then opened in place.
-	op := &opener{r: r.Body}
-	if r.ContentLength >= callIDSize {
-		if err := op.preread(r.ContentLength); err != nil {
-			return nil, nil, err
-		}
-	}
-	var callID uint64
-	if op.whole {
-		id, ok := op.take(callIDSize)
-		if !ok {
+	var id [callIDSize]byte
+	if _, err := io.ReadFull(r.Body, id[:]); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
 			return nil, nil, errTruncated
 		}
-		callID = binary.BigEndian.Uint64(id)
-	} else {
-		var id [callIDSize]byte
-		if _, err := io.ReadFull(r.Body, id[:]); err != nil {
-			if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-				return nil, nil, errTruncated
-			}
-			return nil, nil, err
-		}
-		callID = binary.BigEndian.Uint64(id[:])
+		return nil, nil, err
 	}
+	callID := binary.BigEndian.Uint64(id[:])
 	keys, err := newCallKeys(st.suite.Hash(), st.aead, st.secretKey, callID, r.URL.Path)
 	if err != nil {
 		return nil, nil, err
@@ -285,7 +269,7 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if err != nil || self == nil {
 		return nil, nil, errInternal
 	}
-	op.dir = c2s
+	op := &opener{dir: c2s, r: r.Body}
 	if self.cred.digest == st.serverDigest {
 		op.decap = func(ct []byte) ([]byte, error) { return st.suite.Decapsulate(self.priv, ct) }
 	}
@@ -294,6 +278,14 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	}
 	if !s.replay.accept(st.sessionID, callID, st.expiry, unixSeconds(now)) {
 		return nil, nil, errReplayed
+	}
+	// The rest of a body of known length (a unary request) is read whole, then opened in
+	// place; only now that the hello frame proved the session, so that nobody without it
+	// makes the server buffer a body.
+	if rest := r.ContentLength - callIDSize - (frameHeaderSize + aeadTagSize); r.ContentLength > 0 && rest >= 0 {
+		if err := op.preread(rest); err != nil {
+			return nil, nil, err
+		}
 	}
 	peer := Peer{SPIFFEID: st.clientID, Suite: st.suite.Name(), AEAD: st.aead, ChannelBound: st.flags&flagBinding != 0}
 	inner := r.WithContext(withPeer(r.Context(), peer))
