@@ -189,7 +189,10 @@ func (o *opener) preread(n int64) error {
 	if n < 0 || n > maxPreread {
 		return nil
 	}
-	b := getBuffer()
+	b := o.buf // the hello frame's buffer, if any: nothing refers to it any more
+	if b == nil {
+		b = getBuffer()
+	}
 	if int64(cap(b)) < n {
 		b = make([]byte, n)
 	}
