@@ -49,7 +49,7 @@ func (k *EvaluationKeys) Save(ctx context.Context, id he.KeyID, owner string, da
 	ctx, cancel := k.s.ctx(ctx)
 	defer cancel()
 	_, err := k.os.Put(ctx, jetstream.ObjectMeta{Name: string(id), Metadata: map[string]string{ownerMeta: owner}}, bytes.NewReader(data))
-	return err
+	return k.s.logged("save evaluation keys", err)
 }
 
 // Stat implements he.KeyStore.
@@ -58,7 +58,7 @@ func (k *EvaluationKeys) Stat(ctx context.Context, id he.KeyID) (he.KeyInfo, err
 	defer cancel()
 	info, err := k.os.GetInfo(ctx, string(id))
 	if err != nil {
-		return he.KeyInfo{}, storeErr(err)
+		return he.KeyInfo{}, k.s.logged("stat evaluation keys", storeErr(err))
 	}
 	if info.Deleted {
 		return he.KeyInfo{}, fs.ErrNotExist
@@ -72,7 +72,7 @@ func (k *EvaluationKeys) Load(ctx context.Context, id he.KeyID) ([]byte, error) 
 	ctx, cancel := k.s.ctx(ctx)
 	defer cancel()
 	b, err := k.os.GetBytes(ctx, string(id))
-	return b, storeErr(err)
+	return b, k.s.logged("load evaluation keys", storeErr(err))
 }
 
 // Touch implements he.KeyStore: it rewrites the object's metadata (not its chunks),

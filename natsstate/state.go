@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"strings"
 	"time"
@@ -114,6 +115,15 @@ func (s *State) Check(ctx context.Context) error {
 		return fmt.Errorf("natsstate: jetstream: %w", err)
 	}
 	return nil
+}
+
+// logged logs a store error other than a missing record (which callers expect) on
+// the server, where the services' answers to clients say only "unavailable".
+func (s *State) logged(op string, err error) error {
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.cfg.Logger.Warn("natsstate: "+op, "error", err.Error())
+	}
+	return err
 }
 
 func (s *State) bucket(name string) string { return s.cfg.Prefix + "-" + name }

@@ -55,7 +55,7 @@ func (st *Studies) create(ctx context.Context, marker, object string, record []b
 	sum := sha256.Sum256(record)
 	name := object + "/" + hex.EncodeToString(sum[:16])
 	if _, err := st.os.PutBytes(ctx, name, record); err != nil {
-		return false, err
+		return false, st.s.logged("store "+name, err)
 	}
 	_, err = st.kv.Create(ctx, marker, []byte(name))
 	if errors.Is(err, jetstream.ErrKeyExists) {
@@ -65,7 +65,7 @@ func (st *Studies) create(ctx context.Context, marker, object string, record []b
 		return false, nil
 	}
 	if err != nil {
-		return false, err
+		return false, st.s.logged("create "+marker, err)
 	}
 	return true, nil
 }
@@ -76,13 +76,13 @@ func (st *Studies) read(ctx context.Context, marker string) ([]byte, error) {
 	defer cancel()
 	e, err := st.kv.Get(ctx, marker)
 	if err != nil {
-		return nil, storeErr(err)
+		return nil, st.s.logged("read "+marker, storeErr(err))
 	}
 	b, err := st.os.GetBytes(ctx, string(e.Value()))
 	if errors.Is(err, jetstream.ErrObjectNotFound) {
-		return nil, fmt.Errorf("natsstate: marker %s points at a missing record", marker)
+		err = fmt.Errorf("natsstate: marker %s points at a missing record", marker)
 	}
-	return b, err
+	return b, st.s.logged("read "+marker, err)
 }
 
 // keys lists the marker keys under prefix (a KV subject filter ending in ".>").
@@ -94,7 +94,7 @@ func (st *Studies) keys(ctx context.Context, prefix string) ([]string, error) {
 		if errors.Is(err, jetstream.ErrNoKeysFound) {
 			return nil, nil
 		}
-		return nil, err
+		return nil, st.s.logged("list "+prefix, err)
 	}
 	var out []string
 	for k := range l.Keys() {

@@ -26,6 +26,7 @@ type stateFlags struct {
 	ca       *string
 	prefix   *string
 	period   *time.Duration
+	wait     *time.Duration
 }
 
 func addStateFlags(fs *flag.FlagSet) stateFlags {
@@ -36,6 +37,7 @@ func addStateFlags(fs *flag.FlagSet) stateFlags {
 		ca:       fs.String("state-ca", "", "with --state nats: PEM roots for the NATS servers' certificates (default: the workload's trust bundle)"),
 		prefix:   fs.String("state-prefix", "veil", "with --state nats: prefix of the bucket names"),
 		period:   fs.Duration("state-ticket-key-period", 24*time.Hour, "with --state nats: how often replicas rotate the shared pqkex ticket key (tickets stay valid one period longer)"),
+		wait:     fs.Duration("state-wait", time.Minute, "with --state nats: how long to keep trying to reach NATS at start before giving up"),
 	}
 }
 
@@ -70,11 +72,28 @@ type sharedState struct {
 	tickets *natsstate.TicketKeys
 }
 
-// open connects to NATS for the services and sealing that need it.
+// open connects to NATS for the services and sealing that need it, retrying for up to
+// --state-wait: NATS may still be electing leaders when replicas start.
 func (f stateFlags) open(ctx context.Context, src transport.Source, services []string, sealing bool, logger *slog.Logger) (*sharedState, error) {
 	if *f.backend != "nats" {
 		return &sharedState{}, nil
 	}
+	deadline := time.Now().Add(*f.wait)
+	for {
+		st, err := f.openOnce(ctx, src, services, sealing, logger)
+		if err == nil || time.Now().After(deadline) || ctx.Err() != nil {
+			return st, err
+		}
+		logger.Warn("shared state not reachable yet; retrying", "error", err.Error())
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
+
+func (f stateFlags) openOnce(ctx context.Context, src transport.Source, services []string, sealing bool, logger *slog.Logger) (*sharedState, error) {
 	cfg := natsstate.Config{URL: *f.url, Replicas: *f.replicas, Prefix: *f.prefix, Source: src, Logger: logger}
 	if *f.ca != "" {
 		b, err := os.ReadFile(*f.ca)
