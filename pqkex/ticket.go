@@ -181,7 +181,9 @@ func parseTicketState(b []byte) (*ticketState, error) {
 	p := parser{b: b}
 	version := p.u8()
 	s := &ticketState{suite: SchemeByID(p.u16()), aead: AEAD(p.u16()), flags: p.u8()}
-	if p.bad || version != wireVersion || s.suite == nil || !s.aead.supported() || !validFlags(s.flags) {
+	// AEAD 0 would be read as AES-256-GCM but re-encode as 0x0001 (malleable): refused, as in
+	// ClientHello.
+	if p.bad || version != wireVersion || s.suite == nil || s.aead == 0 || !s.aead.supported() || !validFlags(s.flags) {
 		return nil, errMalformed
 	}
 	s.sessionID = p.take(sessionIDSize)
