@@ -17,6 +17,7 @@ import (
 	scoringv1 "github.com/veilrpc/veil/gen/veil/scoring/v1"
 	"github.com/veilrpc/veil/gen/veil/scoring/v1/scoringv1connect"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/pqkex"
 )
 
 // Info describes a scoring server's model interface (no weights).
@@ -245,6 +246,11 @@ func (c *Client) Score(ctx context.Context, x [][]float64) ([]float64, Stats, er
 		}
 		var err error
 		probs, err = c.stream(ctx, sent, &st)
+		if pqkex.IsSessionRefused(err) {
+			// The replica did not accept the sealed session (its ticket key rotated
+			// out, or another replica's): the stream is sent again on a new session.
+			probs, err = c.stream(ctx, sent, &st)
+		}
 		return err
 	})
 	st.Total = time.Since(start)
