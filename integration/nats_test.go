@@ -175,11 +175,10 @@ func (s *natsTopology) score(ctx context.Context, t *testing.T, c *scoring.Clien
 		uploaded = uploaded || st.KeyUploaded
 		// unavailable: the proxy's connection to a restarted replica was stale, or
 		// the replica's key store (NATS) did not answer in time while a leader was
-		// being elected. failed_precondition: the session's ticket was refused (its
-		// key rotated out, every 10 s here); the session is dropped and the next call
-		// handshakes. Sealed streams are not resent by the transport (their body
-		// cannot be produced again), so the caller retries, as after any failed call.
-		if code := connect.CodeOf(err); err == nil || (code != connect.CodeUnavailable && code != connect.CodeFailedPrecondition) {
+		// being elected; the caller retries, as after any failed call. A refused
+		// session ticket (its key rotated out, every 10 s here) is not the caller's
+		// to handle: scoring.Client sends the stream again on a new session.
+		if code := connect.CodeOf(err); err == nil || code != connect.CodeUnavailable {
 			break
 		}
 		t.Logf("score, attempt %d: %v", attempt, err)
