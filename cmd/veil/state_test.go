@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"connectrpc.com/grpchealth"
 	"github.com/nats-io/nats-server/v2/server"
 )
 
@@ -17,6 +18,13 @@ import (
 // (a certificate for localhost issued by `veil ca issue --dns`) and client
 // certificates required.
 func startNATS(t *testing.T, caDir, dir string) string {
+	url, _, _ := startNATSControl(t, caDir, dir)
+	return url
+}
+
+// startNATSControl is startNATS with functions to stop the server and start it again
+// on the same port and store.
+func startNATSControl(t *testing.T, caDir, dir string) (url string, stop, restart func()) {
 	t.Helper()
 	if code, _, errOut := veil(t, context.Background(), "ca", "issue", "--dir", caDir, "--id", "spiffe://example.org/nats", "--dns", "localhost", "--out", dir); code != 0 {
 		t.Fatal(errOut)
@@ -27,17 +35,30 @@ func startNATS(t *testing.T, caDir, dir string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := server.NewServer(&server.Options{Host: "localhost", Port: -1, JetStream: true, StoreDir: t.TempDir(),
-		TLS: true, TLSVerify: true, TLSConfig: tlsc, TLSTimeout: 5, NoSigs: true, NoLog: true})
-	if err != nil {
-		t.Fatal(err)
+	opts := &server.Options{Host: "localhost", Port: -1, JetStream: true, StoreDir: t.TempDir(),
+		TLS: true, TLSVerify: true, TLSConfig: tlsc, TLSTimeout: 5, NoSigs: true, NoLog: true}
+	var srv *server.Server
+	start := func() {
+		var err error
+		if srv, err = server.NewServer(opts); err != nil {
+			t.Fatal(err)
+		}
+		go srv.Start()
+		if !srv.ReadyForConnections(10 * time.Second) {
+			t.Fatal("nats-server did not start")
+		}
 	}
-	go srv.Start()
-	if !srv.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats-server did not start")
+	stop = func() {
+		if srv != nil {
+			srv.Shutdown()
+			srv.WaitForShutdown()
+			srv = nil
+		}
 	}
-	t.Cleanup(func() { srv.Shutdown(); srv.WaitForShutdown() })
-	return "tls://localhost:" + strconv.Itoa(srv.Addr().(*net.TCPAddr).Port)
+	start()
+	opts.Port = srv.Addr().(*net.TCPAddr).Port
+	t.Cleanup(stop)
+	return "tls://localhost:" + strconv.Itoa(opts.Port), stop, start
 }
 
 // Two `veil serve --state nats` replicas of analytics: a study created through one is
@@ -59,7 +80,7 @@ func TestServeStateNATS(t *testing.T) {
 	for _, id := range []string{"analytics", "analyst", "ns/clinics/sa/a"} {
 		run("ca", "issue", "--dir", caDir, "--id", "spiffe://example.org/"+id, "--out", filepath.Join(dir, strings.ReplaceAll(id, "/", "_")))
 	}
-	url := startNATS(t, caDir, filepath.Join(dir, "nats"))
+	url, stopNATS, startNATSAgain := startNATSControl(t, caDir, filepath.Join(dir, "nats"))
 	cfg := filepath.Join(dir, "serve.yaml")
 	if err := os.WriteFile(cfg, []byte("service: [analytics]\nidentity: "+filepath.Join(dir, "analytics")+"\nstate:\n  backend: nats\n  url: "+url+"\n  replicas: 1\n"), 0o600); err != nil {
 		t.Fatal(err)
@@ -84,6 +105,44 @@ func TestServeStateNATS(t *testing.T) {
 		if !strings.Contains(out, `"count": 3`) || !strings.Contains(out, `"mean": [`) {
 			t.Fatalf("result through %s: %s", addr, out)
 		}
+	}
+
+	// A NATS outage: the replicas report NOT_SERVING and answer unavailable; once NATS
+	// is back they serve again, with the data NATS had acknowledged.
+	stopNATS()
+	health := func(addr string) grpchealth.Status {
+		hc, _, err := newIdentityClient(filepath.Join(dir, "analyst"), "", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := grpchealth.NewClient(hc, addr).Check(ctx, &grpchealth.CheckRequest{})
+		if err != nil {
+			t.Logf("health check of %s: %v", addr, err)
+			return grpchealth.StatusUnknown
+		}
+		return res.Status
+	}
+	waitHealth := func(addr string, want grpchealth.Status) {
+		t.Helper()
+		for deadline := time.Now().Add(20 * time.Second); health(addr) != want; time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: health %v, want %v", addr, health(addr), want)
+			}
+		}
+	}
+	waitHealth(addr1, grpchealth.StatusNotServing)
+	waitHealth(addr2, grpchealth.StatusNotServing)
+	code, _, errOut := veil(t, ctx, "analytics", "submit", "--identity", filepath.Join(dir, "ns_clinics_sa_a"), "--addr", addr2, "--study", "heights", "--csv", csv, "--idempotency-key", "day-2")
+	if code != 1 || !strings.Contains(errOut, "unavailable") {
+		t.Fatalf("submit during the outage: exit %d %s", code, errOut)
+	}
+	startNATSAgain()
+	waitHealth(addr1, grpchealth.StatusServing)
+	waitHealth(addr2, grpchealth.StatusServing)
+	run("analytics", "submit", "--identity", filepath.Join(dir, "ns_clinics_sa_a"), "--addr", addr2, "--study", "heights", "--csv", csv, "--idempotency-key", "day-2")
+	out := run("analytics", "result", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr1, "--study", "heights", "--json")
+	if !strings.Contains(out, `"count": 6`) {
+		t.Fatalf("result after the outage: %s", out)
 	}
 }
 
