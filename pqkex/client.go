@@ -138,7 +138,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil {
 		return nil, err
 	}
-	c2s, s2c := &keys.c2s, &keys.s2c
+	c2s := &keys.c2s
 	out := req.Clone(req.Context())
 	for _, k := range clientStrippedHeaders {
 		delete(out.Header, k)
@@ -217,12 +217,12 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		sess.held.Store(true)
 	}
 	self := sess.self
-	o := &opener{dir: s2c, r: resp.Body, decap: func(ct []byte) ([]byte, error) {
+	o := &opener{r: resp.Body, decap: func(ct []byte) ([]byte, error) {
 		return sess.suite.Decapsulate(self.priv, ct)
 	}}
 	// A response of known length (a unary one without trailers) is read whole, then opened
-	// in place.
-	if err := o.preread(resp.ContentLength); err != nil {
+	// in place. Its first bytes are the server nonce, which selects the s2c keys (spec 5.2).
+	if err := openResponse(o, keys, resp.ContentLength); err != nil {
 		_ = resp.Body.Close()
 		return nil, err
 	}

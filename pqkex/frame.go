@@ -15,7 +15,8 @@ import (
 
 // Frames (spec section 6.2): u8 flags ‖ u32 seq ‖ u32 len ‖ AEAD ciphertext.
 const (
-	callIDSize         = 8 // the u64 call ID that starts every request body (spec 6.2)
+	callIDSize         = 8  // the u64 call ID that starts every request body (spec 6.2)
+	serverNonceSize    = 16 // the server's nonce that starts every response body (spec 6.2)
 	flagFinal          = 0x01
 	flagRekey          = 0x02
 	frameHeaderSize    = 9
@@ -46,30 +47,43 @@ func newDirection(h crypto.Hash, a AEAD, secret []byte) (*direction, error) {
 }
 
 // callKeys are both directions of one call, derived from the session secret (spec 5.2)
-// in one allocation.
+// in one allocation. The s2c direction depends on the server's nonce for the call, so it is
+// derived by deriveS2C once that is known (the server draws it, the client reads it from the
+// response body); until then callKeys keeps the call secret, keyed.
 type callKeys struct {
 	c2s, s2c direction
 	secrets  [2 * maxHashSize]byte
+	call     hmacKey
+	nonce    [serverNonceSize]byte // the server nonce, here so that reading it allocates nothing
 }
 
 func newCallKeys(h crypto.Hash, a AEAD, session *hmacKey, callID uint64, procedure string) (*callKeys, error) {
 	k := getKDF(h)
 	defer k.put()
 	n := h.Size()
-	call := k.callSecretKeyed(k.out[:0], session, callID, procedure)
-	k.keyed(&k.callKey, call[:n])
 	ck := &callKeys{}
-	c2s := k.expandKeyed(ck.secrets[:0:n], &k.callKey, dirC2S, nil, n)
-	s2c := k.expandKeyed(ck.secrets[n:n:2*n], &k.callKey, dirS2C, nil, n)
+	call := k.callSecretKeyed(k.out[:0], session, callID, procedure)
+	k.keyed(&ck.call, call[:n])
+	c2s := k.expandKeyed(ck.secrets[:0:n], &ck.call, dirC2S, nil, n)
 	ck.c2s = direction{hash: h, aead: a, secret: c2s}
-	ck.s2c = direction{hash: h, aead: a, secret: s2c}
+	ck.s2c = direction{hash: h, aead: a}
 	if err := ck.c2s.keys.derive(k, a, c2s); err != nil {
 		return nil, err
 	}
-	if err := ck.s2c.keys.derive(k, a, s2c); err != nil {
-		return nil, err
-	}
 	return ck, nil
+}
+
+// deriveS2C derives the call's s2c direction from the server nonce in ck.nonce:
+// T0(s2c) = ExpandLabel(call, "s2c", server_nonce, Nh) (spec 5.2). The call secret is
+// forgotten afterwards: nothing else derives from it.
+func (ck *callKeys) deriveS2C() error {
+	h, n := ck.s2c.hash, ck.s2c.hash.Size()
+	k := getKDF(h)
+	defer k.put()
+	s2c := k.expandKeyed(ck.secrets[n:n:2*n], &ck.call, dirS2C, ck.nonce[:], n)
+	ck.call = hmacKey{}
+	ck.s2c.secret = s2c
+	return ck.s2c.keys.derive(k, ck.s2c.aead, s2c)
 }
 
 func (d *direction) nonce(seq uint32) []byte {
@@ -204,6 +218,42 @@ func (o *opener) preread(n int64) error {
 		return err
 	}
 	o.whole, o.mem, o.buf = true, b, b
+	return nil
+}
+
+// readNonce reads the server nonce that starts a response body (spec 6.2) into dst.
+func (o *opener) readNonce(dst *[serverNonceSize]byte) error {
+	if o.whole {
+		b, ok := o.take(serverNonceSize)
+		if !ok {
+			return errTruncated
+		}
+		copy(dst[:], b)
+		return nil
+	}
+	if _, err := io.ReadFull(o.r, dst[:]); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return errTruncated
+		}
+		return err
+	}
+	return nil
+}
+
+// openResponse starts reading a response body: the whole body first when its length n is
+// known and small (n < 0: unknown), then the server nonce, from which it derives the s2c
+// keys that o opens the frames with.
+func openResponse(o *opener, keys *callKeys, n int64) error {
+	if err := o.preread(n); err != nil {
+		return err
+	}
+	if err := o.readNonce(&keys.nonce); err != nil {
+		return err
+	}
+	if err := keys.deriveS2C(); err != nil {
+		return err
+	}
+	o.dir = &keys.s2c
 	return nil
 }
 

@@ -5,12 +5,14 @@ import (
 	"crypto"
 	"crypto/ed25519"
 	"crypto/sha3"
+	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"flag"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"testing"
@@ -23,11 +25,12 @@ var update = flag.Bool("update", false, "rewrite testdata/kat.json from the impl
 
 const katPath = "testdata/kat.json"
 
-// lastKATRoots and lastKATServer are the CA roots and server identity of the last vector
-// katRun computed.
+// lastKATRoots, lastKATServer and lastKATTickets are the CA roots, server identity and ticket
+// keys of the last vector katRun computed.
 var (
-	lastKATRoots  Roots
-	lastKATServer *Identity
+	lastKATRoots   Roots
+	lastKATServer  *Identity
+	lastKATTickets *TicketKeys
 )
 
 // katServer returns a server with the identity and roots of vector v at the vector's time.
@@ -78,6 +81,7 @@ type katVector struct {
 	CallID           uint64   `json:"call_id"`
 	Procedure        string   `json:"procedure"`
 	CallSecret       hexBytes `json:"call_secret"`
+	ServerNonce      hexBytes `json:"server_nonce"`
 	C2SSecret        hexBytes `json:"c2s_secret"`
 	S2CSecret        hexBytes `json:"s2c_secret"`
 	RequestBody      hexBytes `json:"request_body"`
@@ -149,6 +153,7 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, bind bool) katVector {
 	if err != nil {
 		t.Fatal(err)
 	}
+	lastKATTickets = keys
 	ch, err := parseClientHello(hs.raw)
 	if err != nil {
 		t.Fatal(err)
@@ -183,28 +188,6 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, bind bool) katVector {
 	}
 	v.Session, v.SessionID = res.secrets.session, res.secrets.sessionID
 
-	h := suite.Hash()
-	v.CallSecret = callSecret(h, v.Session, v.CallID, v.Procedure)
-	// The call path derives both directions at once (newCallKeys); the step-by-step
-	// functions must agree with it.
-	ck, err := newCallKeys(h, aead, sessionKey(h, v.Session), v.CallID, v.Procedure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	v.C2SSecret, v.S2CSecret = ck.c2s.secret, ck.s2c.secret
-	if c2s, s2c := directionSecrets(h, v.CallSecret); !bytes.Equal(c2s, v.C2SSecret) || !bytes.Equal(s2c, v.S2CSecret) {
-		t.Fatal("newCallKeys and directionSecrets disagree")
-	}
-	for _, d := range []*direction{&ck.c2s, &ck.s2c} {
-		if k, err := newTrafficKeys(h, aead, d.secret); err != nil || k.iv != d.keys.iv {
-			t.Fatalf("newCallKeys and newTrafficKeys disagree: %v", err)
-		}
-	}
-	v.RequestBody = binary.BigEndian.AppendUint64(nil, v.CallID) // a request body starts with its call ID
-	v.RequestBody = append(v.RequestBody, sealBody(t, h, aead, v.C2SSecret, true, [][]byte{[]byte("ping")}, nil)...)
-	v.ResponseBody = sealBody(t, h, aead, v.S2CSecret, false, [][]byte{[]byte("pong"), []byte("!")},
-		http.Header{"Grpc-Status": {"0"}, "Grpc-Message": {"ok"}})
-
 	clientPK, err := suite.UnmarshalBinaryPublicKey(client.cred.publicKey)
 	if err != nil {
 		t.Fatal(err)
@@ -214,6 +197,34 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, bind bool) katVector {
 		t.Fatal(err)
 	}
 	v.RekeySS, v.RekeyCT = ssRekey, ctRekey
+	v.ServerNonce = mustSeed(t, r, serverNonceSize) // read last, so earlier fields kept their values
+
+	h := suite.Hash()
+	v.CallSecret = callSecret(h, v.Session, v.CallID, v.Procedure)
+	// The call path derives the directions from keyed states (newCallKeys, then deriveS2C
+	// with the server nonce); the step-by-step functions must agree with it.
+	ck, err := newCallKeys(h, aead, sessionKey(h, v.Session), v.CallID, v.Procedure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	copy(ck.nonce[:], v.ServerNonce)
+	if err := ck.deriveS2C(); err != nil {
+		t.Fatal(err)
+	}
+	v.C2SSecret, v.S2CSecret = ck.c2s.secret, ck.s2c.secret
+	if c2s, s2c := directionSecrets(h, v.CallSecret, v.ServerNonce); !bytes.Equal(c2s, v.C2SSecret) || !bytes.Equal(s2c, v.S2CSecret) {
+		t.Fatal("newCallKeys and directionSecrets disagree")
+	}
+	for _, d := range []*direction{&ck.c2s, &ck.s2c} {
+		if k, err := newTrafficKeys(h, aead, d.secret); err != nil || k.iv != d.keys.iv {
+			t.Fatalf("newCallKeys and newTrafficKeys disagree: %v", err)
+		}
+	}
+	v.RequestBody = binary.BigEndian.AppendUint64(nil, v.CallID) // a request body starts with its call ID
+	v.RequestBody = append(v.RequestBody, sealBody(t, h, aead, v.C2SSecret, true, [][]byte{[]byte("ping")}, nil)...)
+	v.ResponseBody = append([]byte(nil), v.ServerNonce...) // a response body starts with the server nonce
+	v.ResponseBody = append(v.ResponseBody, sealBody(t, h, aead, v.S2CSecret, false, [][]byte{[]byte("pong"), []byte("!")},
+		http.Header{"Grpc-Status": {"0"}, "Grpc-Message": {"ok"}})...)
 	v.RekeyedSecret = rekeySecret(h, v.S2CSecret, ssRekey, ctRekey)
 	return v
 }
@@ -299,4 +310,47 @@ func loadKAT(t testing.TB) []katVector {
 		t.Fatal(err)
 	}
 	return v
+}
+
+// TestKnownAnswerServer sends each vector's request body, with its ticket, through a real
+// Server whose randomness yields the vector's server nonce: the response body on the wire is
+// the vector's, byte for byte.
+func TestKnownAnswerServer(t *testing.T) {
+	for _, v := range loadKAT(t) {
+		suite := SchemeByName(v.Suite)
+		got := katRun(t, suite, aeadByName(v.AEAD), len(v.Bind) > 0)
+		if !bytes.Equal(got.ResponseBody, v.ResponseBody) {
+			t.Fatalf("%s: vector does not reproduce", v.Suite)
+		}
+		sh, err := parseServerHello(v.ServerHello, suite, helloFlags(v))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := NewServer(WithIdentity(lastKATServer), WithRoots(lastKATRoots), WithTicketKeys(lastKATTickets),
+			WithClock(func() time.Time { return time.Unix(v.Now, 0) }))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.cfg.rand = bytes.NewReader(v.ServerNonce)
+		h := s.Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if b, err := io.ReadAll(r.Body); err != nil || string(b) != "ping" {
+				t.Errorf("%s: handler read %q %v", v.Suite, b, err)
+			}
+			_, _ = w.Write([]byte("pong"))
+			w.(http.Flusher).Flush()
+			_, _ = w.Write([]byte("!"))
+			w.Header().Set(http.TrailerPrefix+"Grpc-Status", "0")
+			w.Header().Set(http.TrailerPrefix+"Grpc-Message", "ok")
+		}))
+		req := httptest.NewRequest(http.MethodPost, v.Procedure, bytes.NewReader(v.RequestBody))
+		req.Header.Set(headerTicket, base64.RawURLEncoding.EncodeToString(sh.ticket))
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		if rec.Code != http.StatusOK || rec.Header().Get(headerSealed) != "1" {
+			t.Fatalf("%s: status %d, headers %v", v.Suite, rec.Code, rec.Header())
+		}
+		if !bytes.Equal(rec.Body.Bytes(), v.ResponseBody) {
+			t.Errorf("%s: the server's response body differs from the vector's", v.Suite)
+		}
+	}
 }

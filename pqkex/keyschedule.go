@@ -42,8 +42,8 @@ type kdf struct {
 
 	// Scratch for newCallKeys and trafficKeys.derive: in the pooled kdf, not on the stack,
 	// where the hash interface's calls would make them escape.
-	callKey, dirKey hmacKey
-	out             [maxHashSize]byte
+	dirKey hmacKey
+	out    [maxHashSize]byte
 }
 
 var kdfPools sync.Map // crypto.Hash -> *sync.Pool
@@ -64,7 +64,7 @@ func (k *kdf) put() {
 	clear(k.key[:])
 	clear(k.inner[:])
 	clear(k.out[:])
-	k.callKey, k.dirKey = hmacKey{}, hmacKey{}
+	k.dirKey = hmacKey{}
 	p, _ := kdfPools.Load(k.hash) // present: getKDF made k
 	p.(*sync.Pool).Put(k)
 }
@@ -275,11 +275,11 @@ const (
 	dirS2C = "s2c"
 )
 
-// directionSecrets derives the c2s and s2c secrets of a call.
-func directionSecrets(h crypto.Hash, call []byte) (c2s, s2c []byte) {
+// directionSecrets derives the c2s and s2c secrets of a call whose server nonce is nonce.
+func directionSecrets(h crypto.Hash, call, nonce []byte) (c2s, s2c []byte) {
 	k := getKDF(h)
 	defer k.put()
-	return k.expand(nil, call, dirC2S, nil, h.Size()), k.expand(nil, call, dirS2C, nil, h.Size())
+	return k.expand(nil, call, dirC2S, nil, h.Size()), k.expand(nil, call, dirS2C, nonce, h.Size())
 }
 
 // rekeySecret advances a direction secret with a fresh KEM shared secret.

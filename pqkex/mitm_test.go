@@ -96,6 +96,14 @@ func callFrames(b []byte) [][]byte {
 	return f
 }
 
+// responseFrames splits a sealed response body: the server nonce and the first frame as
+// f[0], then one frame each.
+func responseFrames(b []byte) [][]byte {
+	f := frames(b[16:])
+	f[0] = append(append([]byte(nil), b[:16]...), f[0]...)
+	return f
+}
+
 func join(fs ...[]byte) []byte { return bytes.Join(fs, nil) }
 
 func flip(b []byte, i int) []byte {

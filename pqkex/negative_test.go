@@ -115,14 +115,36 @@ func TestAttacks(t *testing.T) {
 			if r.Header.Get("Veil-Pqkex-Sealed") == "" {
 				return b
 			}
-			return flip(b, 12)
+			return flip(b, 16+12) // in the first frame, after the server nonce
 		}, code: connect.CodeDataLoss},
 		{name: "truncated response", resp: func(r *http.Response, b []byte) []byte {
 			if r.Header.Get("Veil-Pqkex-Sealed") == "" {
 				return b
 			}
-			f := frames(b)
+			f := responseFrames(b)
 			return join(f[:len(f)-1]...)
+		}, code: connect.CodeOutOfRange},
+		// The server nonce that starts a response body selects the s2c keys: another nonce
+		// fails the first frame (spec 6.2).
+		{name: "changed server nonce", resp: func(r *http.Response, b []byte) []byte {
+			if r.Header.Get("Veil-Pqkex-Sealed") == "" {
+				return b
+			}
+			return flip(b, 5)
+		}, code: connect.CodeDataLoss},
+		{name: "response shorter than the server nonce", resp: func(r *http.Response, b []byte) []byte {
+			if r.Header.Get("Veil-Pqkex-Sealed") == "" {
+				return b
+			}
+			r.ContentLength = -1 // read frame by frame, not whole
+			return b[:9]
+		}, code: connect.CodeOutOfRange},
+		{name: "response shorter than the server nonce, known length", resp: func(r *http.Response, b []byte) []byte {
+			if r.Header.Get("Veil-Pqkex-Sealed") == "" {
+				return b
+			}
+			r.ContentLength = 9 // read whole
+			return b[:9]
 		}, code: connect.CodeOutOfRange},
 		{name: "stripped request headers", req: func(r *http.Request, b []byte) []byte {
 			r.Header.Del("Veil-Pqkex-Ticket")

@@ -1,6 +1,7 @@
 package pqkex
 
 import (
+	"io"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -71,6 +72,7 @@ type config struct {
 	rekey      RekeyPolicy
 
 	// server only
+	rand           io.Reader // randomness of handshakes and server nonces; nil: crypto/rand (tests set it)
 	tickets        *TicketKeys
 	ticketLifetime time.Duration
 	mode           func(procedure string) Mode

@@ -44,7 +44,8 @@ type sealWriter struct {
 	out      []byte
 	declared []string
 	err      error
-	held     bool // the call came with its ticket: say that the server keeps the session (spec 6.6)
+	held     bool   // the call came with its ticket: say that the server keeps the session (spec 6.6)
+	nonce    []byte // the server nonce, written before the first frame (spec 6.2)
 }
 
 func (sw *sealWriter) Header() http.Header { return sw.h }
@@ -157,7 +158,11 @@ func (sw *sealWriter) emit(final bool) error {
 	if sw.out == nil {
 		sw.out = getBuffer()
 	}
-	sw.out, err = sw.s.appendData(sw.out[:0], sw.pending)
+	sw.out = sw.out[:0]
+	if !sw.sent {
+		sw.out = append(sw.out, sw.nonce...) // the body starts with the server nonce
+	}
+	sw.out, err = sw.s.appendData(sw.out, sw.pending)
 	sw.pending = sw.pending[:0]
 	var trailers http.Header
 	if err == nil && final {
@@ -173,7 +178,7 @@ func (sw *sealWriter) emit(final bool) error {
 	if err == nil && !sw.sent {
 		length := -1
 		if final && len(trailers) == 0 {
-			length = len(sw.out) // the whole sealed body is known: let net/http frame it tightly
+			length = len(sw.out) // the whole sealed body (nonce included) is known: let net/http frame it tightly
 		}
 		sw.sendHeaders(trailersOnly, length)
 	}

@@ -156,7 +156,7 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 		t, err := s.cfg.tickets.seal(nil, st.marshal())
 		return t, st.expiry, err
 	}
-	out, _, err = respond(nil, ch, self, peer, cb, issue)
+	out, _, err = respond(s.cfg.rand, ch, self, peer, cb, issue)
 	return out, err
 }
 
@@ -279,6 +279,14 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if !s.replay.accept(st.sessionID, callID, st.expiry, unixSeconds(now)) {
 		return nil, nil, errReplayed
 	}
+	// A fresh server nonce for the response keys (spec 5.2, 6.4): a call replayed to another
+	// replica, whose replay window never saw it, is answered under other keys.
+	if err := readRandom(s.cfg.rand, keys.nonce[:]); err != nil {
+		return nil, nil, err
+	}
+	if err := keys.deriveS2C(); err != nil {
+		return nil, nil, err
+	}
 	// The rest of a body of known length (a unary request) is read whole, then opened in
 	// place; only now that the hello frame proved the session, so that nobody without it
 	// makes the server buffer a body.
@@ -296,7 +304,7 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	}
 	inner.ContentLength = -1
 	inner.Body = &openReader{o: op, body: r.Body, onErr: func(err error) { s.m.reject(sideServer, err) }}
-	sw := &sealWriter{w: w, h: make(http.Header, 4), held: sessionHeader == "", s: &sealer{
+	sw := &sealWriter{w: w, h: make(http.Header, 4), held: sessionHeader == "", nonce: keys.nonce[:], s: &sealer{
 		dir:     s2c,
 		encap:   func() ([]byte, []byte, error) { return encapTo(st.suite, st.clientPK) },
 		policy:  s.cfg.rekey.Stream,

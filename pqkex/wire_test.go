@@ -49,27 +49,39 @@ func openBodyWhole(v katVector, dir string, b []byte) ([]byte, http.Header, erro
 
 func openBodyMode(v katVector, dir string, b []byte, whole bool) ([]byte, http.Header, error) {
 	suite := SchemeByName(v.Suite)
-	secret := v.C2SSecret
+	o := &opener{r: bytes.NewReader(b)}
 	if dir == dirS2C {
-		secret = v.S2CSecret
-	}
-	d, err := newDirection(suite.Hash(), aeadByName(v.AEAD), secret)
-	if err != nil {
-		return nil, nil, err
-	}
-	if dir == dirC2S { // a request body starts with its call ID, which selects the keys
+		// A response body starts with the server nonce, which selects the s2c keys: derived
+		// from the session as a client does, not taken from the vector's s2c_secret.
+		h := suite.Hash()
+		keys, err := newCallKeys(h, aeadByName(v.AEAD), sessionKey(h, v.Session), v.CallID, v.Procedure)
+		if err != nil {
+			return nil, nil, err
+		}
+		n := int64(-1)
+		if whole {
+			n = int64(len(b))
+		}
+		if err := openResponse(o, keys, n); err != nil {
+			return nil, nil, err
+		}
+	} else {
+		d, err := newDirection(suite.Hash(), aeadByName(v.AEAD), v.C2SSecret)
+		if err != nil {
+			return nil, nil, err
+		}
+		// A request body starts with its call ID, which selects the keys.
 		if len(b) < callIDSize {
 			return nil, nil, errTruncated
 		}
 		if binary.BigEndian.Uint64(b) != v.CallID {
 			return nil, nil, errTampered
 		}
-		b = b[callIDSize:]
-	}
-	o := &opener{dir: d, r: bytes.NewReader(b)}
-	if whole {
-		if err := o.preread(int64(len(b))); err != nil {
-			return nil, nil, err
+		o.dir, o.r = d, bytes.NewReader(b[callIDSize:])
+		if whole {
+			if err := o.preread(int64(len(b) - callIDSize)); err != nil {
+				return nil, nil, err
+			}
 		}
 	}
 	if dir == dirC2S {
