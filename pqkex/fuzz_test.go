@@ -106,11 +106,13 @@ func FuzzOpenTicket(f *testing.F) {
 	})
 }
 
-// FuzzOpenFrames feeds sealed bodies to an opener keyed like the first vector's response.
+// FuzzOpenFrames feeds sealed response bodies (server nonce, then frames) to an opener keyed
+// like the first vector's call.
 func FuzzOpenFrames(f *testing.F) {
 	vs := loadKAT(f)
 	for _, v := range vs {
 		f.Add([]byte(v.ResponseBody))
+		f.Add([]byte(v.ResponseBody[:serverNonceSize-1])) // cut inside the server nonce
 	}
 	v := vs[0]
 	f.Fuzz(func(t *testing.T, b []byte) {

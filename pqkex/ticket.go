@@ -118,11 +118,6 @@ func (t *TicketKeys) seal(rand io.Reader, plaintext []byte) ([]byte, error) {
 	return c.aead.Seal(out, nonce, plaintext, ticketAAD(c.id)), nil
 }
 
-func (t *TicketKeys) open(ticket []byte) ([]byte, error) {
-	pt, _, err := t.openSerial(ticket)
-	return pt, err
-}
-
 // openSerial opens a ticket and returns the serial of the key that opened it.
 func (t *TicketKeys) openSerial(ticket []byte) ([]byte, uint64, error) {
 	if len(ticket) < 4+aeadNonceSize+aeadTagSize {

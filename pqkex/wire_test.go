@@ -167,6 +167,28 @@ func TestBadLengths(t *testing.T) {
 	}
 }
 
+// TestResponseNonce: a response body cut inside its server nonce is truncated; one whose
+// nonce changed in any byte opens under other s2c keys, so its first frame is tampered
+// (spec 6.2). Both when read frame by frame and when read whole.
+func TestResponseNonce(t *testing.T) {
+	for _, v := range loadKAT(t) {
+		for _, whole := range []bool{false, true} {
+			for i := 0; i <= serverNonceSize; i++ {
+				if _, _, err := openBodyMode(v, dirS2C, append([]byte(nil), v.ResponseBody[:i]...), whole); !errors.Is(err, errTruncated) {
+					t.Errorf("%s whole=%v: response cut to %d bytes: %v, want truncated", v.Suite, whole, i, err)
+				}
+			}
+			for i := 0; i < serverNonceSize; i++ {
+				b := append([]byte(nil), v.ResponseBody...)
+				b[i] ^= 0x80
+				if _, _, err := openBodyMode(v, dirS2C, b, whole); reasonOf(err) != reasonTampered {
+					t.Errorf("%s whole=%v: nonce byte %d changed: %v, want tampered", v.Suite, whole, i, err)
+				}
+			}
+		}
+	}
+}
+
 // TestCredentialFieldBoundaries truncates credentials at every byte near a field boundary.
 func TestCredentialFieldBoundaries(t *testing.T) {
 	v := loadKAT(t)[0]
