@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"io"
 	"net/http"
 	"net/url"
 	"strings"
@@ -315,6 +316,74 @@ func TestReplayedCall(t *testing.T) {
 		return b
 	}, nil)
 	wantCode(t, unaryCall(hc, ts.URL), connect.CodeAlreadyExists)
+}
+
+// TestReplayedCallToAnotherReplica resends a recorded sealed call verbatim to a second
+// replica with the same ticket keys, over real connections: that replica's window never saw
+// the call, so it runs it (spec 6.4), but answers under its own server nonce, so the two
+// responses are sealed under different keys (TestReplayToAnotherReplica opens them).
+func TestReplayedCallToAnotherReplica(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	k, err := pqkex.GenerateTicketKey(1, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	shared := func() *pqkex.TicketKeys {
+		tk, err := pqkex.NewTicketKeys(k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tk
+	}
+	replicaA := e.startServer(t, echoMux(), pqkex.WithTicketKeys(shared()))
+	replicaB := e.startServer(t, echoMux(), pqkex.WithTicketKeys(shared()))
+	base := e.transport(t, clientID)
+	m := &mitm{base: base}
+	var respA []byte
+	m.set(nil, func(r *http.Response, b []byte) []byte {
+		if r.Header.Get("Veil-Pqkex-Sealed") != "" {
+			respA = append([]byte(nil), b...)
+		}
+		return b
+	})
+	hc, _ := e.httpClient(t, m)
+	if err := unaryCall(hc, replicaA.URL); err != nil {
+		t.Fatal(err)
+	}
+	rec := m.last()
+	u, err := url.Parse(rec.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ub, _ := url.Parse(replicaB.URL)
+	u.Host = ub.Host
+	req, err := http.NewRequest(http.MethodPost, u.String(), bytes.NewReader(rec.body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header = rec.header.Clone()
+	resp, err := base.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	respB, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Veil-Pqkex-Sealed") != "1" {
+		t.Fatalf("replica B: %s, Veil-Pqkex-Error %q", resp.Status, resp.Header.Get("Veil-Pqkex-Error"))
+	}
+	if len(respA) < 16+9 || len(respB) < 16+9 {
+		t.Fatalf("response bodies of %d and %d bytes", len(respA), len(respB))
+	}
+	if bytes.Equal(respA[:16], respB[:16]) {
+		t.Fatal("both replicas answered with the same server nonce")
+	}
+	fa, fb := responseFrames(respA), responseFrames(respB)
+	if bytes.Equal(fa[0][16:], fb[0][16:]) {
+		t.Fatal("both replicas sealed the same first frame: one key and nonce for one plaintext")
+	}
 }
 
 func TestStrictRefusesPlaintextAndPermissiveAllows(t *testing.T) {
