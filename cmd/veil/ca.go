@@ -115,7 +115,7 @@ func runCABundle(_ context.Context, args []string, stdout, stderr io.Writer) err
 		b.Write(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
 	}
 	out := map[string]any{"trust_domain": ca.TrustDomain().String(), "roots": len(ca.Bundle()), "bundle": b.String()}
-	return emit(stdout, *asJSON, out, func(w io.Writer) { io.WriteString(w, b.String()) })
+	return emit(stdout, *asJSON, out, func(w io.Writer) { _, _ = io.WriteString(w, b.String()) })
 }
 
 func runCAIssue(_ context.Context, args []string, stdout, stderr io.Writer) error {

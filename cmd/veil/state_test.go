@@ -14,16 +14,10 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 )
 
-// startNATS runs a JetStream server in the test process with TLS from the CA in caDir
-// (a certificate for localhost issued by `veil ca issue --dns`) and client
-// certificates required.
-func startNATS(t *testing.T, caDir, dir string) string {
-	url, _, _ := startNATSControl(t, caDir, dir)
-	return url
-}
-
-// startNATSControl is startNATS with functions to stop the server and start it again
-// on the same port and store.
+// startNATSControl runs a JetStream server in the test process with TLS from the CA
+// in caDir (a certificate for localhost issued by `veil ca issue --dns`) and client
+// certificates required, with functions to stop it and start it again on the same port
+// and store.
 func startNATSControl(t *testing.T, caDir, dir string) (url string, stop, restart func()) {
 	t.Helper()
 	if code, _, errOut := veil(t, context.Background(), "ca", "issue", "--dir", caDir, "--id", "spiffe://example.org/nats", "--dns", "localhost", "--out", dir); code != 0 {
