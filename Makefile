@@ -37,8 +37,11 @@ lint: third_party/protovalidate/buf/validate/validate.proto
 	$(BUF) lint
 	$(GOLANGCI) run ./...
 
+# unit runs every test with -race, then the allocation tests, which the race detector
+# skips (it changes allocation counts), without it.
 unit:
 	$(GO) test -race -count=1 -timeout 20m $(PKGS)
+	$(GO) test -count=1 -run 'Allocations' ./pqkex/
 
 # spire builds the pinned spire-server and spire-agent (tools/spire/go.mod) once into a
 # git-ignored cache; the SPIRE test in integration/ runs them. Several minutes cold.
