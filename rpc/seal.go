@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/veilrpc/veil/internal/atomicfile"
@@ -94,15 +93,15 @@ func LoadSealingIdentity(dir string) (*pqkex.Identity, pqkex.Roots, error) {
 	if err != nil {
 		return nil, pqkex.Roots{}, fmt.Errorf("rpc: sealing identity: %w", err)
 	}
-	var pq mldsa65.PublicKey
-	if err := pq.UnmarshalBinary(pqRoot); err != nil {
-		return nil, pqkex.Roots{}, fmt.Errorf("rpc: sealing identity: %s: %w", SealRootFile, err)
-	}
 	classical, err := rootKey(filepath.Join(dir, transport.BundleFile))
 	if err != nil {
 		return nil, pqkex.Roots{}, err
 	}
-	return id, pqkex.Roots{PQ: &pq, Classical: classical}, nil
+	roots, err := pqkex.NewRoots(pqRoot, classical)
+	if err != nil {
+		return nil, pqkex.Roots{}, fmt.Errorf("rpc: sealing identity: %s: %w", SealRootFile, err)
+	}
+	return id, roots, nil
 }
 
 func rootKey(path string) (crypto.PublicKey, error) {

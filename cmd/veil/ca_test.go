@@ -256,3 +256,54 @@ func TestCAInitIfMissingAndBundle(t *testing.T) {
 		t.Fatalf("bundle: exit %d %q (want the root PEM) %s", code, out, errOut)
 	}
 }
+
+// A server that joins the online CA seals end to end with the sealing identity the CA
+// issues with each certificate (no files), and keeps sealing across renewals, which
+// rotate that identity too.
+func TestOnlineCASealing(t *testing.T) {
+	ctx := context.Background()
+	tmp := t.TempDir()
+	dir := filepath.Join(tmp, "ca")
+	if code, _, errOut := veil(t, ctx, "ca", "init", "--dir", dir, "--trust-domain", "example.org"); code != 0 {
+		t.Fatal(errOut)
+	}
+	if code, _, errOut := veil(t, ctx, "ca", "issue", "--dir", dir, "--id", "spiffe://example.org/client", "--out", filepath.Join(tmp, "client")); code != 0 {
+		t.Fatal(errOut)
+	}
+	caAddr := startCAServe(t, dir)
+	port := startServe(t, "--ca", "https://"+caAddr, "--ca-bundle", filepath.Join(dir, "bundle.crt"),
+		"--join-token", token(t, dir, "spiffe://example.org/echo", 10*time.Minute), "--id", "spiffe://example.org/echo",
+		"--cert-ttl", "10s", "--renew-before", "6s", "--service", "echo", "--pq-seal", "strict")
+	addr := "127.0.0.1:" + port
+	client, err := transport.LoadFiles(filepath.Join(tmp, "client"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	call := func() (int, string) {
+		code, out, errOut := veil(t, ctx, "call", "-v", "--identity", filepath.Join(tmp, "client"), "--addr", "https://"+addr,
+			"/veil.echo.v1.EchoService/Echo", `{"message":"sealed"}`)
+		return code, out + errOut
+	}
+	first := serverSerial(t, addr, client)
+	calls := 0
+	for deadline := time.Now().Add(25 * time.Second); serverSerial(t, addr, client) == first || calls < 2; calls++ {
+		if time.Now().After(deadline) {
+			t.Fatal("veil serve did not renew its certificate")
+		}
+		code, out := call()
+		if code != 0 || !strings.Contains(out, "sealed") || !strings.Contains(out, "X25519MLKEM768") {
+			t.Fatalf("sealed call %d: exit %d %s", calls, code, out)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	// Once more after the renewal: a new client fetches the new sealing credential.
+	if code, out := call(); code != 0 {
+		t.Fatalf("sealed call after the renewal: exit %d %s", code, out)
+	}
+	// Strict: an unsealed call is refused.
+	code, out, errOut := veil(t, ctx, "call", "--pq-seal", "off", "--identity", filepath.Join(tmp, "client"), "--addr", "https://"+addr,
+		"/veil.echo.v1.EchoService/Echo", `{"message":"plain"}`)
+	if code == 0 {
+		t.Fatalf("an unsealed call to a strict server succeeded: %s", out+errOut)
+	}
+}

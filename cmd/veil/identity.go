@@ -53,6 +53,9 @@ type workloadIdentity struct {
 	status rpc.IdentityStatus // health and identity metrics follow it
 	dir    string             // identity directory, if any (sealing identity files)
 	close  func()
+	// sealing is the online CA's client when the identity comes from it: it also
+	// obtains the pqkex sealing identity with every certificate.
+	sealing *ca.Client
 }
 
 // source builds the identity chosen by the flags; identityDir is --identity.
@@ -146,7 +149,11 @@ func (f *identityFlags) fromCA(ctx context.Context, logger *slog.Logger) (*workl
 		opts = append(opts, transport.WithDegradeBelow(*f.degrade))
 	}
 	// Renewal runs until ctx ends; the join itself times out in the client.
-	src, err := transport.NewRenewingSource(ctx, ca.NewClient(*f.ca, bundle, token), id, opts...)
+	// Every certificate comes with a pqkex credential for a fresh static key, so that
+	// the workload can seal end to end (--pq-seal strict|permissive) with no files (one
+	// more ML-DSA-65 signature per issuance on the CA).
+	client := ca.NewClient(*f.ca, bundle, token, ca.WithSealingIdentity(nil))
+	src, err := transport.NewRenewingSource(ctx, client, id, opts...)
 	if err != nil {
 		switch ca.Reason(err) {
 		case "token_replayed":
@@ -158,5 +165,5 @@ func (f *identityFlags) fromCA(ctx context.Context, logger *slog.Logger) (*workl
 		}
 		return nil, err
 	}
-	return &workloadIdentity{src: src, status: src, close: func() { _ = src.Close() }}, nil
+	return &workloadIdentity{src: src, status: src, close: func() { _ = src.Close() }, sealing: client}, nil
 }

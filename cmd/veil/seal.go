@@ -18,6 +18,7 @@ import (
 	"github.com/veilrpc/veil/internal/atomicfile"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
+	"github.com/veilrpc/veil/services/ca"
 	"github.com/veilrpc/veil/transport"
 )
 
@@ -42,6 +43,20 @@ func newSealingServer(dir, mode string, reg prometheus.Registerer, tickets *pqke
 	if err != nil {
 		return nil, fmt.Errorf("%w (issue one with 'veil ca issue', or pass --pq-seal off)", err)
 	}
+	return sealingServer(id, roots, mode, reg, tickets)
+}
+
+// newSealingServerFrom builds the pqkex server on the sealing identity that the online
+// CA's client obtains with every certificate (it rotates with each renewal).
+func newSealingServerFrom(c *ca.Client, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys) (*pqkex.Server, error) {
+	roots, err := c.SealingRoots()
+	if err != nil {
+		return nil, err
+	}
+	return sealingServer(c, roots, mode, reg, tickets)
+}
+
+func sealingServer(id pqkex.IdentitySource, roots pqkex.Roots, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys) (*pqkex.Server, error) {
 	m := pqkex.Strict
 	if mode == "permissive" {
 		m = pqkex.Permissive

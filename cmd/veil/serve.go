@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -31,7 +32,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	svcFlags := addServiceFlags(fs)
 	fs.Var(&allow, "allow", "SPIFFE ID pattern allowed to call the services (exact ID, trust domain, or path with * segments); repeatable; default: the server's own trust domain")
 	pq := fs.String("pq", "permissive", "TLS key exchange: strict (post-quantum hybrid only) or permissive")
-	seal := fs.String("pq-seal", "", "end-to-end sealing (pqkex): strict, permissive or off; default strict when the identity directory holds a sealing identity (pq.cred), else off")
+	seal := fs.String("pq-seal", "", "end-to-end sealing (pqkex): strict, permissive or off; default strict when the identity directory holds a sealing identity (pq.cred), else off (with --ca the sealing identity comes from the CA with each certificate: pass strict or permissive)")
 	ticketKeys := fs.String("ticket-keys", "", "pqkex ticket-key file shared by replicas (see 'veil ticket-keys'); reread on SIGHUP")
 	metrics := fs.String("metrics", "", "serve Prometheus metrics on this address (plain HTTP)")
 	grace := fs.Duration("grace", rpc.DefaultGracePeriod, "how long in-flight calls may finish on shutdown")
@@ -102,7 +103,12 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			}
 			go reloadTicketKeysOnHangup(ctx, *ticketKeys, tk, logger)
 		}
-		sealer, err := newSealingServer(*identity, sealMode, reg, tk)
+		var sealer *pqkex.Server
+		if wid.sealing != nil {
+			sealer, err = newSealingServerFrom(wid.sealing, sealMode, reg, tk)
+		} else {
+			sealer, err = newSealingServer(*identity, sealMode, reg, tk)
+		}
 		if err != nil {
 			return err
 		}

@@ -25,10 +25,12 @@ import (
 // client certificate and verifies the CA against the bundle given out of band; it
 // renews over mutual TLS with the workload's current certificate.
 type Client struct {
-	url   string
-	caID  spiffeid.ID
-	token string
-	join  cav1connect.CAServiceClient
+	url    string
+	caID   spiffeid.ID
+	token  string
+	bundle *x509bundle.Bundle
+	join   cav1connect.CAServiceClient
+	sealingState
 
 	mu    sync.Mutex
 	hc    *http.Client
@@ -41,11 +43,15 @@ var _ transport.Issuer = (*Client)(nil)
 
 // NewClient returns a client for the CA at url ("https://host:port") whose roots are
 // bundle (the CA's ca.crt or bundle.crt, handed out with the token).
-func NewClient(url string, bundle *x509bundle.Bundle, token string) *Client {
+func NewClient(url string, bundle *x509bundle.Bundle, token string, opts ...ClientOption) *Client {
 	caID := ServerID(bundle.TrustDomain())
 	hc := bootstrapHTTPClient(transport.BootstrapClientConfig(x509bundle.NewSet(bundle), transport.WithAuthorizer(transport.AuthorizeID(caID))))
-	return &Client{url: url, caID: caID, token: token,
+	c := &Client{url: url, caID: caID, token: token, bundle: bundle,
 		join: cav1connect.NewCAServiceClient(hc, url, rpc.ClientOptions()...)}
+	for _, o := range opts {
+		o(c)
+	}
+	return c
 }
 
 // Join implements transport.Issuer with the client's token.
@@ -53,20 +59,36 @@ func (c *Client) Join(ctx context.Context, csr []byte, ttl time.Duration) (*tran
 	if c.token == "" {
 		return nil, errors.New("ca: no join token")
 	}
-	res, err := c.join.Join(ctx, connect.NewRequest(&cav1.JoinRequest{Token: c.token, Csr: csr, TtlSeconds: ttlSeconds(ttl)}))
+	pub, priv, err := c.sealingKey()
 	if err != nil {
 		return nil, err
 	}
-	return decodeIssued(res.Msg.GetIssued())
+	req := &cav1.JoinRequest{Token: c.token, Csr: csr, TtlSeconds: ttlSeconds(ttl), PqStaticKey: pub}
+	if pub != nil {
+		req.PqSuite = c.sealSuite.Name()
+	}
+	res, err := c.join.Join(ctx, connect.NewRequest(req))
+	if err != nil {
+		return nil, err
+	}
+	return c.decode(res.Msg.GetIssued(), priv)
 }
 
 // Renew implements transport.Issuer over mutual TLS as current.
 func (c *Client) Renew(ctx context.Context, current transport.Source, csr []byte, ttl time.Duration) (*transport.Issued, error) {
-	res, err := c.client(current).Renew(ctx, connect.NewRequest(&cav1.RenewRequest{Csr: csr, TtlSeconds: ttlSeconds(ttl)}))
+	pub, priv, err := c.sealingKey()
 	if err != nil {
 		return nil, err
 	}
-	return decodeIssued(res.Msg.GetIssued())
+	req := &cav1.RenewRequest{Csr: csr, TtlSeconds: ttlSeconds(ttl), PqStaticKey: pub}
+	if pub != nil {
+		req.PqSuite = c.sealSuite.Name()
+	}
+	res, err := c.client(current).Renew(ctx, connect.NewRequest(req))
+	if err != nil {
+		return nil, err
+	}
+	return c.decode(res.Msg.GetIssued(), priv)
 }
 
 // Trust implements transport.Issuer.
@@ -115,6 +137,18 @@ func ttlSeconds(d time.Duration) uint32 {
 		s = 1 << 31
 	}
 	return uint32(s)
+}
+
+// decode decodes an issuance and installs its sealing credential, if one was asked for.
+func (c *Client) decode(m *cav1.Issued, sealKey []byte) (*transport.Issued, error) {
+	out, err := decodeIssued(m)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.adoptSealing(m, sealKey); err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 func decodeIssued(m *cav1.Issued) (*transport.Issued, error) {
