@@ -114,6 +114,7 @@ type demo struct {
 	ca     *transport.CA
 	caURL  string
 	srcs   map[string]transport.Source
+	cas    map[string]*ca.Client // each workload's CA client: also its sealing identity
 	stops  []func()
 	logger *slog.Logger
 	bar    io.Writer // progress bars go here (nil with --json)
@@ -143,7 +144,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		defer os.RemoveAll(tmp)
 		dir = tmp
 	}
-	d := &demo{dir: dir, step: start, srcs: map[string]transport.Source{},
+	d := &demo{dir: dir, step: start, srcs: map[string]transport.Source{}, cas: map[string]*ca.Client{},
 		rep:    &demoReport{TrustDomain: demoTD, PQMode: transport.PQStrict.String(), PQSeal: "strict", PQSuite: pqkex.X25519MLKEM768().Name()},
 		logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	if !*asJSON {
@@ -196,7 +197,8 @@ func (d *demo) run(ctx context.Context, samples int) error {
 }
 
 // identities starts the online CA and has every workload join it with a one-time
-// token; the sealing credentials are certified by the same CA's ML-DSA-65 key.
+// token; the CA certifies each workload's sealing key with its ML-DSA-65 key along with
+// every certificate (ca.WithSealingIdentity), so no identity touches the disk.
 func (d *demo) identities(ctx context.Context) error {
 	caDir := filepath.Join(d.dir, "ca")
 	c, err := transport.InitCA(caDir, demoTD)
@@ -223,20 +225,14 @@ func (d *demo) identities(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		src, err := transport.NewRenewingSource(ctx, ca.NewClient(d.caURL, bundle, token), sid,
+		client := ca.NewClient(d.caURL, bundle, token, ca.WithSealingIdentity(nil))
+		src, err := transport.NewRenewingSource(ctx, client, sid,
 			transport.WithCertTTL(time.Hour), transport.WithRenewLogger(d.logger))
 		if err != nil {
 			return err
 		}
 		d.stops = append(d.stops, func() { _ = src.Close() })
-		d.srcs[name] = src
-		if err := rpc.IssueSealingIdentity(c, sid, filepath.Join(d.dir, name), time.Hour, nil); err != nil {
-			return err
-		}
-		// LoadSealingIdentity reads the classical root from ca.crt beside the credential.
-		if err := writeRoots(filepath.Join(d.dir, name), c); err != nil {
-			return err
-		}
+		d.srcs[name], d.cas[name] = src, client
 	}
 	return nil
 }
@@ -260,11 +256,15 @@ func (d *demo) serve(ctx context.Context, srv *rpc.Server) (string, error) {
 }
 
 func (d *demo) sealing(name string) (*pqkex.Server, error) {
-	return newSealingServer(filepath.Join(d.dir, name), "strict", nil, nil)
+	return newSealingServerFrom(d.cas[name], "strict", nil, nil)
 }
 
 func (d *demo) client(name, serverName string) (*http.Client, error) {
-	pc, err := newSealingClient(filepath.Join(d.dir, name), pqkex.AuthorizeID(demoIDs[serverName]), true)
+	roots, err := d.cas[name].SealingRoots()
+	if err != nil {
+		return nil, err
+	}
+	pc, err := sealingClient(d.cas[name], roots, pqkex.AuthorizeID(demoIDs[serverName]), true)
 	if err != nil {
 		return nil, err
 	}

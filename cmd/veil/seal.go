@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/pem"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,7 +14,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/veilrpc/veil/internal/atomicfile"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/ca"
@@ -126,17 +124,15 @@ func newSealingClient(dir string, authorize pqkex.Authorizer, bind bool) (*pqkex
 	if err != nil {
 		return nil, err
 	}
+	return sealingClient(id, roots, authorize, bind)
+}
+
+func sealingClient(id pqkex.IdentitySource, roots pqkex.Roots, authorize pqkex.Authorizer, bind bool) (*pqkex.Client, error) {
 	opts := []pqkex.Option{pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithAuthorizer(authorize)}
 	if bind {
 		opts = append(opts, pqkex.WithChannelBinding())
 	}
 	return pqkex.NewClient(opts...)
-}
-
-// writeRoots writes the CA's root into dir/ca.crt, where LoadSealingIdentity finds the
-// classical half of the sealing roots.
-func writeRoots(dir string, c *transport.CA) error {
-	return atomicfile.Write(filepath.Join(dir, transport.BundleFile), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Root().Raw}), 0o644)
 }
 
 // newIdentityClient is the HTTP client of the CLI's client commands: the identity in
