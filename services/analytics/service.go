@@ -408,9 +408,9 @@ func (s *Service) add(ctx context.Context, st *study, owner string, req *analyti
 	name := dedupName(owner, req.GetIdempotencyKey())
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	if err := s.syncLocked(ctx, st); err != nil {
-		return false, 0, err
-	}
+	// No listing of the store here (it would cost I/O per submission): the store's
+	// atomic add decides whether the key is new; only a duplicate makes this replica
+	// catch up with what the others stored. GetResult always catches up first.
 	if st.seen[name] {
 		// The first submission with this key stands; a retry (re-encrypted, so its
 		// bytes differ) is acknowledged without being counted again.
