@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/veilrpc/veil/internal/atomicfile"
 )
 
 // KeyStore keeps complete encoded evaluation-key sets outside the process, so that
@@ -73,24 +75,8 @@ func (d *DirStore) Save(_ context.Context, id KeyID, owner string, data []byte) 
 	if strings.ContainsAny(owner, "\n\x00") {
 		return invalidf("identity contains a newline")
 	}
-	tmp, err := os.CreateTemp(d.dir, ".vhk-*")
-	if err != nil {
-		return errors.New("he: key store: create")
-	}
-	defer os.Remove(tmp.Name())
-	ok := tmp.Chmod(0o600) == nil
-	_, werr := tmp.WriteString(storeMagic + owner + "\n")
-	_, werr2 := tmp.Write(data)
-	ok = ok && werr == nil && werr2 == nil && tmp.Sync() == nil
-	if cerr := tmp.Close(); !ok || cerr != nil {
+	if err := atomicfile.WriteParts(d.path(id), 0o600, []byte(storeMagic+owner+"\n"), data); err != nil {
 		return errors.New("he: key store: write")
-	}
-	if err := os.Rename(tmp.Name(), d.path(id)); err != nil {
-		return errors.New("he: key store: rename")
-	}
-	if f, err := os.Open(d.dir); err == nil {
-		_ = f.Sync()
-		_ = f.Close()
 	}
 	return nil
 }

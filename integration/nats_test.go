@@ -258,7 +258,7 @@ func (s *natsTopology) testKeysAcrossReplicas(t *testing.T) *scoring.Client {
 // the ticket keys from the bucket.
 func (s *natsTopology) testRestartedReplica(t *testing.T, c *scoring.Client) {
 	if c == nil {
-		t.Skip("needs the client of the previous scenario")
+		t.Fatal("the previous scenario failed before it made its client: nothing to restart against")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()

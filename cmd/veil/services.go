@@ -40,7 +40,8 @@ func addServiceFlags(fs *flag.FlagSet) serviceFlags {
 	}
 }
 
-// buildService prepares the named built-in service.
+// buildService prepares the named built-in service; validateServe has checked the
+// names and the flags each one needs.
 func buildService(name string, f serviceFlags, shared *sharedState) (builtin, error) {
 	switch name {
 	case "echo":
@@ -51,9 +52,6 @@ func buildService(name string, f serviceFlags, shared *sharedState) (builtin, er
 			},
 		}, nil
 	case "scoring":
-		if *f.scoringModel == "" {
-			return builtin{}, fmt.Errorf("%w: --service scoring needs --scoring-model (make one with 'veil model train')", errUsage)
-		}
 		model, err := scoring.LoadModel(*f.scoringModel)
 		if err != nil {
 			return builtin{}, err

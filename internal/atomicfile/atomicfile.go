@@ -11,7 +11,13 @@ import (
 
 // Write replaces path with data, created with mode perm (0600 for anything secret).
 func Write(path string, data []byte, perm os.FileMode) error {
-	return write(path, data, perm, os.Rename)
+	return write(path, perm, os.Rename, data)
+}
+
+// WriteParts is Write of the concatenation of parts, without building it in memory
+// (a header and a large body, say).
+func WriteParts(path string, perm os.FileMode, parts ...[]byte) error {
+	return write(path, perm, os.Rename, parts...)
 }
 
 // Create writes data to path like Write, but only if path does not exist: the
@@ -19,10 +25,10 @@ func Write(path string, data []byte, perm os.FileMode) error {
 // taken. It returns an error matching fs.ErrExist then, so that of several writers
 // (processes included) exactly one creates the file.
 func Create(path string, data []byte, perm os.FileMode) error {
-	return write(path, data, perm, os.Link)
+	return write(path, perm, os.Link, data)
 }
 
-func write(path string, data []byte, perm os.FileMode, place func(oldpath, newpath string) error) error {
+func write(path string, perm os.FileMode, place func(oldpath, newpath string) error, parts ...[]byte) error {
 	dir := filepath.Dir(path)
 	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
@@ -36,8 +42,10 @@ func write(path string, data []byte, perm os.FileMode, place func(oldpath, newpa
 	if err := tmp.Chmod(perm); err != nil {
 		return fmt.Errorf("atomicfile: %w", err)
 	}
-	if _, err := tmp.Write(data); err != nil {
-		return fmt.Errorf("atomicfile: %w", err)
+	for _, p := range parts {
+		if _, err := tmp.Write(p); err != nil {
+			return fmt.Errorf("atomicfile: %w", err)
+		}
 	}
 	if err := tmp.Sync(); err != nil {
 		return fmt.Errorf("atomicfile: %w", err)

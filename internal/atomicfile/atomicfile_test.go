@@ -56,3 +56,15 @@ func TestCreateOnlyOnce(t *testing.T) {
 		t.Fatalf("%d files left, want 1 (no temporary files)", len(entries))
 	}
 }
+
+func TestWriteParts(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "f")
+	if err := WriteParts(p, 0o600, []byte("head\n"), []byte("body")); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(p)
+	st, _ := os.Stat(p)
+	if err != nil || string(b) != "head\nbody" || st.Mode().Perm() != 0o600 {
+		t.Fatalf("content %q mode %v, %v", b, st.Mode().Perm(), err)
+	}
+}

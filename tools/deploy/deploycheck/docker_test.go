@@ -25,13 +25,14 @@ import (
 // shows the veil-ca limitation: a restarted container cannot reuse its join token. With
 // a nats-server from make nats, it also runs scoring on state nats against a JetStream
 // server that verifies the workload's certificate.
-// It needs Docker (no registry: the image is built FROM scratch) and is skipped with -short.
+// It needs Docker (no registry: the image is built FROM scratch), as make test does; a
+// missing engine is a failure, not a skip. -short skips it for quick local runs.
 func TestDocker(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short")
 	}
 	if err := exec.Command("docker", "info").Run(); err != nil {
-		t.Skip("no Docker engine:", err)
+		t.Fatal("no Docker engine (make test needs one):", err)
 	}
 	root, _ := filepath.Abs("../../..")
 	work := t.TempDir()
