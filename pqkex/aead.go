@@ -1,7 +1,6 @@
 package pqkex
 
 import (
-	"crypto"
 	"crypto/aes"
 	"crypto/cipher"
 
@@ -59,32 +58,4 @@ func (a AEAD) new(key []byte) (cipher.AEAD, error) {
 	default:
 		return nil, errUnsupported
 	}
-}
-
-// trafficKeys are the AEAD and IV of one direction secret.
-type trafficKeys struct {
-	aead cipher.AEAD
-	iv   [aeadNonceSize]byte
-}
-
-// derive sets t to key(secret) and iv(secret) (spec 5.2), using k for the HMACs.
-func (t *trafficKeys) derive(k *kdf, a AEAD, secret []byte) error {
-	k.keyed(&k.dirKey, secret)
-	c, err := a.new(k.expandKeyed(k.out[:0], &k.dirKey, "key", nil, aeadKeySize))
-	if err != nil {
-		return err
-	}
-	t.aead = c
-	copy(t.iv[:], k.expandKeyed(k.out[:0], &k.dirKey, "iv", nil, aeadNonceSize))
-	return nil
-}
-
-func newTrafficKeys(h crypto.Hash, a AEAD, secret []byte) (*trafficKeys, error) {
-	k := getKDF(h)
-	defer k.put()
-	t := &trafficKeys{}
-	if err := t.derive(k, a, secret); err != nil {
-		return nil, err
-	}
-	return t, nil
 }

@@ -2,6 +2,7 @@ package pqkex
 
 import (
 	"crypto"
+	"crypto/cipher"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -25,85 +26,117 @@ const (
 	maxFrameCiphertext = maxFramePlaintext + aeadTagSize
 )
 
-// direction is the key state of one direction of one call.
+// direction is the key state of one direction of one call (spec 5.2): the AEAD under the
+// direction's current key and the frame sequence. The chaining secret T that in-stream rekeys
+// advance is derived only when the first rekey needs it, so a call that never rekeys (every
+// unary call) costs one key derivation per direction.
 type direction struct {
 	hash   crypto.Hash
 	aead   AEAD
-	secret []byte
-	keys   trafficKeys
-	seq    uint64 // next sequence number; uint64 so that exhaustion is detectable
+	keys   cipher.AEAD
+	seq    uint64    // next sequence number; uint64 so that exhaustion is detectable
+	secret []byte    // T_i after the i-th rekey; nil before the first
+	call   *callKeys // the call's session, ID, procedure and server nonce, for K0 and T0
+	label  string    // dirC2S or dirS2C
 
-	nonceBuf [aeadNonceSize]byte
-}
-
-func newDirection(h crypto.Hash, a AEAD, secret []byte) (*direction, error) {
-	k := getKDF(h)
-	defer k.put()
-	d := &direction{hash: h, aead: a, secret: secret}
-	if err := d.keys.derive(k, a, secret); err != nil {
-		return nil, err
-	}
-	return d, nil
+	nonceBuf [aeadNonceSize]byte // 0^8 ‖ u32 seq; the first 8 bytes stay zero
 }
 
 // callKeys are both directions of one call, derived from the session secret (spec 5.2)
 // in one allocation. The s2c direction depends on the server's nonce for the call, so it is
 // derived by deriveS2C once that is known (the server draws it, the client reads it from the
-// response body); until then callKeys keeps the call secret, keyed.
+// response body).
 type callKeys struct {
-	c2s, s2c direction
-	secrets  [2 * maxHashSize]byte
-	call     hmacKey
-	nonce    [serverNonceSize]byte // the server nonce, here so that reading it allocates nothing
+	c2s, s2c  direction
+	session   *hmacKey // the session secret, keyed; shared with the session, never written
+	callID    uint64
+	procedure string
+	nonce     [serverNonceSize]byte // the server nonce, here so that reading it allocates nothing
 }
 
+// Labels of the first AEAD key of each direction (spec 5.2).
+const (
+	keyLabelC2S = dirC2S + " key"
+	keyLabelS2C = dirS2C + " key"
+)
+
 func newCallKeys(h crypto.Hash, a AEAD, session *hmacKey, callID uint64, procedure string) (*callKeys, error) {
+	ck := &callKeys{session: session, callID: callID, procedure: procedure}
+	ck.c2s = direction{hash: h, aead: a, call: ck, label: dirC2S}
+	ck.s2c = direction{hash: h, aead: a, call: ck, label: dirS2C}
 	k := getKDF(h)
 	defer k.put()
-	n := h.Size()
-	ck := &callKeys{}
-	call := k.callSecretKeyed(k.out[:0], session, callID, procedure)
-	k.keyed(&ck.call, call[:n])
-	c2s := k.expandKeyed(ck.secrets[:0:n], &ck.call, dirC2S, nil, n)
-	ck.c2s = direction{hash: h, aead: a, secret: c2s}
-	ck.s2c = direction{hash: h, aead: a}
-	if err := ck.c2s.keys.derive(k, a, c2s); err != nil {
+	if err := ck.c2s.deriveFirst(k); err != nil {
 		return nil, err
 	}
 	return ck, nil
 }
 
-// deriveS2C derives the call's s2c direction from the server nonce in ck.nonce:
-// T0(s2c) = ExpandLabel(call, "s2c", server_nonce, Nh) (spec 5.2). The call secret is
-// forgotten afterwards: nothing else derives from it.
+// deriveS2C derives the call's s2c key from the server nonce in ck.nonce:
+// K0(s2c) = ExpandLabel(session, "s2c key", call_id ‖ server_nonce ‖ procedure, 32) (spec 5.2).
 func (ck *callKeys) deriveS2C() error {
-	h, n := ck.s2c.hash, ck.s2c.hash.Size()
-	k := getKDF(h)
+	k := getKDF(ck.s2c.hash)
 	defer k.put()
-	s2c := k.expandKeyed(ck.secrets[n:n:2*n], &ck.call, dirS2C, ck.nonce[:], n)
-	ck.call = hmacKey{}
-	ck.s2c.secret = s2c
-	return ck.s2c.keys.derive(k, ck.s2c.aead, s2c)
+	return ck.s2c.deriveFirst(k)
 }
 
-func (d *direction) nonce(seq uint32) []byte {
-	d.nonceBuf = d.keys.iv
-	for i := 0; i < 4; i++ {
-		d.nonceBuf[aeadNonceSize-1-i] ^= byte(seq >> (8 * i))
+// context appends ctx(d) of spec 5.2 to b: u64 call_id, for s2c the server nonce, then the
+// procedure. Only the procedure varies in length, and it comes last.
+func (ck *callKeys) context(b []byte, label string) []byte {
+	b = binary.BigEndian.AppendUint64(b, ck.callID)
+	if label == dirS2C {
+		b = append(b, ck.nonce[:]...)
 	}
+	return append(b, ck.procedure...)
+}
+
+// deriveFirst sets d's AEAD to K0(d), straight from the session secret: one HMAC.
+func (d *direction) deriveFirst(k *kdf) error {
+	var buf [callIDSize + serverNonceSize + 128]byte // on the stack unless the procedure is long
+	label := keyLabelC2S
+	if d.label == dirS2C {
+		label = keyLabelS2C
+	}
+	key := k.expandKeyed(k.out[:0], d.call.session, label, d.call.context(buf[:0], d.label), aeadKeySize)
+	c, err := d.aead.new(key)
+	clear(k.out[:])
+	if err != nil {
+		return err
+	}
+	d.keys = c
+	return nil
+}
+
+// nonce returns the AEAD nonce of frame seq: 0^8 ‖ u32 seq. Every key seals one direction
+// of one call execution, so the sequence alone makes nonces unique under it (spec 5.2).
+func (d *direction) nonce(seq uint32) []byte {
+	binary.BigEndian.PutUint32(d.nonceBuf[aeadNonceSize-4:], seq)
 	return d.nonceBuf[:]
 }
 
+// advance rekeys d with the shared secret ss of the KEM ciphertext ct:
+// T_i = ExpandLabel(HKDF-Extract(T_{i-1}, ss), "rekey", H(ct)) and K_i = ExpandLabel(T_i, "key"),
+// where T0 = ExpandLabel(session, label, ctx(d)) is derived here at the first rekey.
 func (d *direction) advance(ss, ct []byte) error {
-	secret := rekeySecret(d.hash, d.secret, ss, ct)
-	var keys trafficKeys
-	k := getKDF(d.hash)
-	defer k.put()
-	if err := keys.derive(k, d.aead, secret); err != nil {
+	t := d.secret
+	if t == nil {
+		t = d.call.chainSecret(d.label)
+	}
+	secret := rekeySecret(d.hash, t, ss, ct)
+	c, err := d.aead.new(expandLabel(d.hash, secret, "key", nil, aeadKeySize))
+	if err != nil {
 		return err
 	}
-	d.secret, d.keys = secret, keys
+	d.secret, d.keys = secret, c
 	return nil
+}
+
+// chainSecret returns T0 of the direction label: ExpandLabel(session, label, ctx, Nh).
+func (ck *callKeys) chainSecret(label string) []byte {
+	k := getKDF(ck.c2s.hash)
+	defer k.put()
+	var buf [callIDSize + serverNonceSize + 128]byte
+	return k.expandKeyed(make([]byte, 0, k.size), ck.session, label, ck.context(buf[:0], label), k.size)
 }
 
 // StreamRekeyPolicy says when a sender advances a direction's keys with a fresh KEM
@@ -135,7 +168,7 @@ func (s *sealer) appendFrame(dst []byte, flags byte, pt []byte) ([]byte, error) 
 	dst = binary.BigEndian.AppendUint32(dst, seq)
 	dst = binary.BigEndian.AppendUint32(dst, uint32(len(pt)+aeadTagSize))
 	hdr := dst[start : start+frameHeaderSize : start+frameHeaderSize]
-	return s.dir.keys.aead.Seal(dst, s.dir.nonce(seq), pt, hdr), nil
+	return s.dir.keys.Seal(dst, s.dir.nonce(seq), pt, hdr), nil
 }
 
 func (s *sealer) rekeyDue() bool {
@@ -319,7 +352,7 @@ func (o *opener) next() (byte, []byte, error) {
 				return 0, nil, err
 			}
 		}
-		pt, err := o.dir.keys.aead.Open(ct[:0], o.dir.nonce(seq), ct, hdr)
+		pt, err := o.dir.keys.Open(ct[:0], o.dir.nonce(seq), ct, hdr)
 		if err != nil {
 			return 0, nil, errTampered
 		}

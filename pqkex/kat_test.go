@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/ed25519"
+	"crypto/hkdf"
 	"crypto/sha3"
 	"encoding/base64"
 	"encoding/binary"
@@ -80,8 +81,9 @@ type katVector struct {
 	TicketPlaintext  hexBytes `json:"ticket_plaintext"`
 	CallID           uint64   `json:"call_id"`
 	Procedure        string   `json:"procedure"`
-	CallSecret       hexBytes `json:"call_secret"`
 	ServerNonce      hexBytes `json:"server_nonce"`
+	C2SKey           hexBytes `json:"c2s_key"`
+	S2CKey           hexBytes `json:"s2c_key"`
 	C2SSecret        hexBytes `json:"c2s_secret"`
 	S2CSecret        hexBytes `json:"s2c_secret"`
 	RequestBody      hexBytes `json:"request_body"`
@@ -200,9 +202,9 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, bind bool) katVector {
 	v.ServerNonce = mustSeed(t, r, serverNonceSize) // read last, so earlier fields kept their values
 
 	h := suite.Hash()
-	v.CallSecret = callSecret(h, v.Session, v.CallID, v.Procedure)
-	// The call path derives the directions from keyed states (newCallKeys, then deriveS2C
-	// with the server nonce); the step-by-step functions must agree with it.
+	// The call path derives each direction's first key from the keyed session state
+	// (newCallKeys, then deriveS2C with the server nonce); the step-by-step reference, plain
+	// HKDF over the bytes of spec 5.2, must agree with it.
 	ck, err := newCallKeys(h, aead, sessionKey(h, v.Session), v.CallID, v.Procedure)
 	if err != nil {
 		t.Fatal(err)
@@ -211,21 +213,35 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, bind bool) katVector {
 	if err := ck.deriveS2C(); err != nil {
 		t.Fatal(err)
 	}
-	v.C2SSecret, v.S2CSecret = ck.c2s.secret, ck.s2c.secret
-	if c2s, s2c := directionSecrets(h, v.CallSecret, v.ServerNonce); !bytes.Equal(c2s, v.C2SSecret) || !bytes.Equal(s2c, v.S2CSecret) {
-		t.Fatal("newCallKeys and directionSecrets disagree")
+	ref := referenceCallKeys(h, v.Session, v.CallID, v.ServerNonce, v.Procedure)
+	v.C2SKey, v.S2CKey = ref.c2sKey, ref.s2cKey
+	v.C2SSecret, v.S2CSecret = ck.chainSecret(dirC2S), ck.chainSecret(dirS2C)
+	if !bytes.Equal(v.C2SSecret, ref.c2sSecret) || !bytes.Equal(v.S2CSecret, ref.s2cSecret) {
+		t.Fatal("chainSecret and the reference derivation disagree")
 	}
-	for _, d := range []*direction{&ck.c2s, &ck.s2c} {
-		if k, err := newTrafficKeys(h, aead, d.secret); err != nil || k.iv != d.keys.iv {
-			t.Fatalf("newCallKeys and newTrafficKeys disagree: %v", err)
+	for _, d := range []struct {
+		dir *direction
+		key []byte
+	}{{&ck.c2s, ref.c2sKey}, {&ck.s2c, ref.s2cKey}} {
+		want, err := aead.new(d.key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pt := []byte("same key?")
+		if !bytes.Equal(d.dir.keys.Seal(nil, d.dir.nonce(3), pt, nil), want.Seal(nil, d.dir.nonce(3), pt, nil)) {
+			t.Fatalf("newCallKeys (%s) and the reference derivation disagree", d.dir.label)
 		}
 	}
 	v.RequestBody = binary.BigEndian.AppendUint64(nil, v.CallID) // a request body starts with its call ID
-	v.RequestBody = append(v.RequestBody, sealBody(t, h, aead, v.C2SSecret, true, [][]byte{[]byte("ping")}, nil)...)
+	v.RequestBody = append(v.RequestBody, sealBody(t, &ck.c2s, true, [][]byte{[]byte("ping")}, nil)...)
 	v.ResponseBody = append([]byte(nil), v.ServerNonce...) // a response body starts with the server nonce
-	v.ResponseBody = append(v.ResponseBody, sealBody(t, h, aead, v.S2CSecret, false, [][]byte{[]byte("pong"), []byte("!")},
+	v.ResponseBody = append(v.ResponseBody, sealBody(t, &ck.s2c, false, [][]byte{[]byte("pong"), []byte("!")},
 		http.Header{"Grpc-Status": {"0"}, "Grpc-Message": {"ok"}})...)
 	v.RekeyedSecret = rekeySecret(h, v.S2CSecret, ssRekey, ctRekey)
+	// An in-stream rekey derives T0 from the session when it first needs it, then advances.
+	if err := ck.s2c.advance(ssRekey, ctRekey); err != nil || !bytes.Equal(ck.s2c.secret, v.RekeyedSecret) {
+		t.Fatalf("direction.advance and rekeySecret disagree: %v", err)
+	}
 	return v
 }
 
@@ -242,14 +258,11 @@ func mustSeed(t testing.TB, r io.Reader, n int) []byte {
 	return b
 }
 
-// sealBody seals chunks as a body: the hello frame (requests only), one data frame per chunk
-// and the FINAL frame with trailers.
-func sealBody(t testing.TB, h crypto.Hash, aead AEAD, secret []byte, request bool, chunks [][]byte, trailers http.Header) []byte {
+// sealBody seals chunks as a body with d: the hello frame (requests only), one data frame per
+// chunk and the FINAL frame with trailers.
+func sealBody(t testing.TB, d *direction, request bool, chunks [][]byte, trailers http.Header) []byte {
 	t.Helper()
-	d, err := newDirection(h, aead, secret)
-	if err != nil {
-		t.Fatal(err)
-	}
+	var err error
 	s := &sealer{dir: d, now: time.Now}
 	var out []byte
 	if request {
@@ -352,5 +365,34 @@ func TestKnownAnswerServer(t *testing.T) {
 		if !bytes.Equal(rec.Body.Bytes(), v.ResponseBody) {
 			t.Errorf("%s: the server's response body differs from the vector's", v.Suite)
 		}
+	}
+}
+
+// callKeysRef is the per-call key schedule of spec 5.2 computed step by step with the standard
+// library's HKDF, independently of the kdf type the implementation uses.
+type callKeysRef struct{ c2sKey, s2cKey, c2sSecret, s2cSecret []byte }
+
+func refExpandLabel(h crypto.Hash, secret []byte, label string, context []byte, n int) []byte {
+	full := "veil-pqkex-v1 " + label
+	info := binary.BigEndian.AppendUint16(nil, uint16(n))
+	info = append(append(info, byte(len(full))), full...)
+	info = binary.BigEndian.AppendUint16(info, uint16(len(context)))
+	out, err := hkdf.Expand(h.New, secret, string(append(info, context...)), n)
+	if err != nil {
+		panic(err)
+	}
+	return out
+}
+
+func referenceCallKeys(h crypto.Hash, session []byte, callID uint64, nonce []byte, procedure string) callKeysRef {
+	c2s := binary.BigEndian.AppendUint64(nil, callID)
+	c2s = append(c2s, procedure...)
+	s2c := binary.BigEndian.AppendUint64(nil, callID)
+	s2c = append(append(s2c, nonce...), procedure...)
+	return callKeysRef{
+		c2sKey:    refExpandLabel(h, session, "c2s key", c2s, aeadKeySize),
+		s2cKey:    refExpandLabel(h, session, "s2c key", s2c, aeadKeySize),
+		c2sSecret: refExpandLabel(h, session, "c2s", c2s, h.Size()),
+		s2cSecret: refExpandLabel(h, session, "s2c", s2c, h.Size()),
 	}
 }

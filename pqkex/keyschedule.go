@@ -26,10 +26,8 @@ const (
 )
 
 // kdf computes the HMACs of the key schedule with one reusable hash and fixed buffers, so a
-// call's derivations (spec 5.2: call, two direction secrets, two keys and two IVs on each
-// side) allocate nothing. Every pqkex ExpandLabel output is at most one hash block long, so
-// HKDF-Expand is the single HMAC(secret, info ‖ 0x01) truncated to L (RFC 5869 with N = 1).
-// A kdf is not safe for concurrent use; getKDF and put recycle them.
+// call's derivations (spec 5.2: one AEAD key per direction on each side) allocate nothing.
+// Every pqkex ExpandLabel output is at most one hash block long, so is the single HMAC(secret, info ‖ 0x01) truncated to L (RFC 5869 with N = 1). A kdf is not safe for concurrent use; getKDF and put recycle them.
 type kdf struct {
 	hash  crypto.Hash
 	h     hash.Hash
@@ -40,10 +38,9 @@ type kdf struct {
 	inner [maxHashSize]byte
 	info  [256 + 64]byte
 
-	// Scratch for newCallKeys and trafficKeys.derive: in the pooled kdf, not on the stack,
-	// where the hash interface's calls would make them escape.
-	dirKey hmacKey
-	out    [maxHashSize]byte
+	// Scratch for the per-call keys: in the pooled kdf, not on the stack, where the hash
+	// interface's calls would make it escape.
+	out [maxHashSize]byte
 }
 
 var kdfPools sync.Map // crypto.Hash -> *sync.Pool
@@ -64,7 +61,6 @@ func (k *kdf) put() {
 	clear(k.key[:])
 	clear(k.inner[:])
 	clear(k.out[:])
-	k.dirKey = hmacKey{}
 	p, _ := kdfPools.Load(k.hash) // present: getKDF made k
 	p.(*sync.Pool).Put(k)
 }
@@ -238,27 +234,6 @@ func deriveHandshake(h crypto.Hash, cb, ikm, th []byte) handshakeSecrets {
 	}
 }
 
-// callSecret derives the secret of one call from the session secret, the call ID and the
-// procedure (request path), so a sealed call cannot be replayed against another procedure.
-func callSecret(h crypto.Hash, session []byte, callID uint64, procedure string) []byte {
-	k := getKDF(h)
-	defer k.put()
-	return k.callSecret(make([]byte, 0, h.Size()), session, callID, procedure)
-}
-
-func (k *kdf) callSecret(dst, session []byte, callID uint64, procedure string) []byte {
-	var sk hmacKey
-	k.keyed(&sk, session)
-	return k.callSecretKeyed(dst, &sk, callID, procedure)
-}
-
-func (k *kdf) callSecretKeyed(dst []byte, session *hmacKey, callID uint64, procedure string) []byte {
-	var buf [8 + 128]byte
-	ctx := binary.BigEndian.AppendUint64(buf[:0], callID)
-	ctx = append(ctx, procedure...) // on the stack unless the procedure is long
-	return k.expandKeyed(dst, session, "call", ctx, k.size)
-}
-
 // sessionKey returns the session secret keyed for the per-call derivations; sessions keep
 // it so that each call's first step costs two hash blocks fewer.
 func sessionKey(h crypto.Hash, session []byte) *hmacKey {
@@ -274,13 +249,6 @@ const (
 	dirC2S = "c2s"
 	dirS2C = "s2c"
 )
-
-// directionSecrets derives the c2s and s2c secrets of a call whose server nonce is nonce.
-func directionSecrets(h crypto.Hash, call, nonce []byte) (c2s, s2c []byte) {
-	k := getKDF(h)
-	defer k.put()
-	return k.expand(nil, call, dirC2S, nil, h.Size()), k.expand(nil, call, dirS2C, nonce, h.Size())
-}
 
 // rekeySecret advances a direction secret with a fresh KEM shared secret.
 func rekeySecret(h crypto.Hash, t, ss, ct []byte) []byte {

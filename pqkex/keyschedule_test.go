@@ -4,7 +4,11 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/hmac"
+	"encoding/binary"
+	"io"
+	"net/http"
 	"testing"
+	"time"
 )
 
 // The keyed HMAC (padded blocks absorbed once) is HMAC, and is really used.
@@ -50,5 +54,70 @@ func TestCallKeysAllocations(t *testing.T) {
 	})
 	if allocs > 6 {
 		t.Fatalf("newCallKeys and deriveS2C: %v allocations, want at most 6 (callKeys and two AEADs)", allocs)
+	}
+}
+
+// BenchmarkCallCrypto is the cryptographic floor of one sealed 1 KiB unary call, both sides,
+// without HTTP: per-call keys on each side, the request sealed whole and opened (call ID,
+// hello, data and FINAL frames), the server nonce drawn, the s2c keys derived, the response
+// sealed and opened. bench/ compares whole calls; this says how much of their difference
+// the protocol's own work can explain.
+func BenchmarkCallCrypto(b *testing.B) {
+	session := bytes.Repeat([]byte{7}, 32)
+	const procedure = "/veil.echo.v1.EchoService/Echo"
+	plain := bytes.Repeat([]byte{'x'}, 1024)
+	clientKey, serverKey := sessionKey(crypto.SHA256, session), sessionKey(crypto.SHA256, session)
+	status := trailerBlock{status: http.StatusOK}.encode()
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		id := uint64(i)
+		// Client: keys, request sealed whole.
+		ck, err := newCallKeys(crypto.SHA256, AES256GCM, clientKey, id, procedure)
+		if err != nil {
+			b.Fatal(err)
+		}
+		req, err := sealWhole(&sealer{dir: &ck.c2s, now: time.Now}, id, io.NopCloser(bytes.NewReader(plain)), int64(len(plain)), func(int) {})
+		if err != nil {
+			b.Fatal(err)
+		}
+		// Server: keys from the call ID, request opened, nonce, response sealed.
+		sk, err := newCallKeys(crypto.SHA256, AES256GCM, serverKey, binary.BigEndian.Uint64(req), procedure)
+		if err != nil {
+			b.Fatal(err)
+		}
+		o := &opener{dir: &sk.c2s, r: bytes.NewReader(req[callIDSize:])}
+		if err := o.preread(int64(len(req) - callIDSize)); err != nil {
+			b.Fatal(err)
+		}
+		if err := openHello(o); err != nil {
+			b.Fatal(err)
+		}
+		got, err := io.ReadAll(&openReader{o: o})
+		if err != nil || len(got) != len(plain) {
+			b.Fatal(err)
+		}
+		if err := readRandom(nil, sk.nonce[:]); err != nil {
+			b.Fatal(err)
+		}
+		if err := sk.deriveS2C(); err != nil {
+			b.Fatal(err)
+		}
+		s := &sealer{dir: &sk.s2c, now: time.Now}
+		resp := append(getBuffer(), sk.nonce[:]...)
+		if resp, err = s.appendData(resp, got); err == nil {
+			resp, err = s.appendFrame(resp, flagFinal, status)
+		}
+		if err != nil {
+			b.Fatal(err)
+		}
+		// Client: response opened.
+		ro := &opener{r: bytes.NewReader(resp)}
+		if err := openResponse(ro, ck, int64(len(resp))); err != nil {
+			b.Fatal(err)
+		}
+		if got, err = io.ReadAll(&openReader{o: ro}); err != nil || len(got) != len(plain) {
+			b.Fatal(err)
+		}
+		putBuffer(resp)
 	}
 }

@@ -66,10 +66,12 @@ func openBodyMode(v katVector, dir string, b []byte, whole bool) ([]byte, http.H
 			return nil, nil, err
 		}
 	} else {
-		d, err := newDirection(suite.Hash(), aeadByName(v.AEAD), v.C2SSecret)
+		h := suite.Hash()
+		keys, err := newCallKeys(h, aeadByName(v.AEAD), sessionKey(h, v.Session), v.CallID, v.Procedure)
 		if err != nil {
 			return nil, nil, err
 		}
+		d := &keys.c2s
 		// A request body starts with its call ID, which selects the keys.
 		if len(b) < callIDSize {
 			return nil, nil, errTruncated
