@@ -11,6 +11,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,6 +28,7 @@ type Client struct {
 	cfg   *config
 	creds credCache
 	m     *metrics
+	sc    sideCounters
 
 	mu       sync.Mutex
 	servers  map[string]*Credential    // verified server credentials by authority
@@ -64,8 +66,9 @@ func NewClient(opts ...Option) (*Client, error) {
 		return nil, errors.New("pqkex: unsupported AEAD")
 	}
 	cfg.rekey = cfg.rekey.withDefaults()
+	m := newMetrics(cfg.registerer)
 	return &Client{
-		cfg: cfg, m: newMetrics(cfg.registerer),
+		cfg: cfg, m: m, sc: m.forSide(sideClient),
 		servers: map[string]*Credential{}, sessions: map[string]*clientSession{}, locks: map[string]*sync.Mutex{},
 	}, nil
 }
@@ -134,14 +137,19 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	callID := uint64(sess.calls.Add(1) - 1)
-	keys, err := newCallKeys(sess.suite.Hash(), sess.aead, sess.secretKey, callID, req.URL.Path)
-	if err != nil {
+	cc := &clientCall{c: c, sess: sess}
+	if err := cc.keys.init(sess.suite.Hash(), sess.aead, sess.secretKey, callID, req.URL.Path); err != nil {
 		return nil, err
 	}
-	c2s := &keys.c2s
-	out := req.Clone(req.Context())
-	for _, k := range clientStrippedHeaders {
-		delete(out.Header, k)
+	// A shallow copy with its own header map: RoundTrip must not change req, and the
+	// header values themselves are never written.
+	out := &cc.out
+	*out = *req
+	out.Header = make(http.Header, len(req.Header)+1)
+	for k, v := range req.Header {
+		if !slices.Contains(clientStrippedHeaders, k) {
+			out.Header[k] = v
+		}
 	}
 	// The short form (spec 6.6): only for bodies sealed whole, which can be resent with the
 	// ticket if this server does not hold the session.
@@ -153,28 +161,22 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	}
 	out.ContentLength = -1
 	out.GetBody = nil
-	count := func(n int) { sess.bytes.Add(int64(n)) }
-	s := &sealer{
-		dir:     c2s,
-		encap:   func() ([]byte, []byte, error) { return encapTo(sess.suite, sess.server.publicKey) },
-		policy:  c.cfg.rekey.Stream,
-		now:     c.cfg.now,
-		onRekey: func() { c.m.rekeys.WithLabelValues(sideClient, "stream").Inc() },
-	}
+	cc.s = sealer{dir: &cc.keys.c2s, side: cc, policy: c.cfg.rekey.Stream, now: c.cfg.now}
 	if req.ContentLength >= 0 {
 		// The body is in memory (unary): seal it now so that it leaves with a known length,
 		// in as few HTTP/2 frames and writes as possible.
-		sealed, err := sealWhole(s, callID, nonNil(req.Body), req.ContentLength, count)
+		sealed, err := sealWhole(&cc.s, callID, nonNil(req.Body), req.ContentLength, cc)
 		if err != nil {
 			return nil, err
 		}
-		out.Body = io.NopCloser(bytes.NewReader(sealed))
+		cc.sealed = sealed
+		out.Body = cc.sealedBody()
 		out.ContentLength = int64(len(sealed))
-		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(sealed)), nil }
+		out.GetBody = cc.getBody
 	} else {
-		out.Body = &sealReader{s: s, callID: callID, src: nonNil(req.Body), onBytes: count}
+		out.Body = &sealReader{s: &cc.s, callID: callID, src: nonNil(req.Body), side: cc}
 	}
-	c.m.calls.WithLabelValues(sideClient, "true").Inc()
+	c.sc.sealed.Inc()
 	resp, err := rt.base.RoundTrip(out)
 	if err != nil {
 		return nil, err
@@ -188,9 +190,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		retry := out.Clone(out.Context())
 		delete(retry.Header, headerSession)
 		retry.Header[headerTicket] = []string{sess.ticket}
-		if retry.Body, err = out.GetBody(); err != nil {
-			return nil, err
-		}
+		retry.Body = cc.sealedBody()
 		if resp, err = rt.base.RoundTrip(retry); err != nil {
 			return nil, err
 		}
@@ -216,44 +216,22 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	if resp.Header.Get(headerSessionHeld) == "1" && !sess.held.Load() {
 		sess.held.Store(true)
 	}
-	self := sess.self
-	o := &opener{r: resp.Body, decap: func(ct []byte) ([]byte, error) {
-		return sess.suite.Decapsulate(self.priv, ct)
-	}}
+	cc.o = opener{r: resp.Body, side: cc}
 	// A response of known length (a unary one without trailers) is read whole, then opened
 	// in place. Its first bytes are the server nonce, which selects the s2c keys (spec 5.2).
-	if err := openResponse(o, keys, resp.ContentLength); err != nil {
+	if err := openResponse(&cc.o, &cc.keys, resp.ContentLength); err != nil {
 		_ = resp.Body.Close()
 		return nil, err
 	}
-	body := &openReader{
-		o:       o,
-		body:    resp.Body,
-		onBytes: count,
-		onErr:   func(err error) { c.m.reject(sideClient, err) },
-	}
-	trailers := http.Header{}
-	header := resp.Header
-	status := resp.StatusCode
-	body.final = func(blk trailerBlock) error {
-		if blk.status != status {
-			return errTampered // a proxy changed the status code
-		}
-		for k, v := range blk.headers {
-			header[k] = v
-		}
-		for k, v := range blk.trailers {
-			trailers[k] = v
-		}
-		return nil
-	}
+	cc.body = openReader{o: &cc.o, body: resp.Body, side: cc}
+	cc.header, cc.trailers, cc.status = resp.Header, http.Header{}, resp.StatusCode
 	resp.Header.Del("Content-Length")
 	resp.ContentLength = -1
-	resp.Trailer = trailers
-	resp.Body = body
+	resp.Trailer = cc.trailers
+	resp.Body = &cc.body
 	if resp.Header.Get(headerTrailersOnly) == "1" {
-		data, err := io.ReadAll(io.LimitReader(body, maxFramePlaintext))
-		_ = body.Close()
+		data, err := io.ReadAll(io.LimitReader(&cc.body, maxFramePlaintext))
+		_ = cc.body.Close()
 		if err != nil {
 			return nil, err
 		}
@@ -262,13 +240,60 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	return resp, nil
 }
 
+// clientCall is one sealed call as the client makes it: its keys, the outgoing request and
+// the state of its frames, in one allocation. It is the frames' callSide.
+type clientCall struct {
+	c        *Client
+	sess     *clientSession
+	keys     callKeys
+	out      http.Request
+	s        sealer
+	o        opener
+	body     openReader
+	sealed   []byte      // a request sealed whole, for a resend
+	header   http.Header // the response's: a trailers-only FINAL frame restores headers into it
+	trailers http.Header
+	status   int
+}
+
+func (cc *clientCall) encap() ([]byte, []byte, error) {
+	return encapTo(cc.sess.suite, cc.sess.server.publicKey)
+}
+
+func (cc *clientCall) decap(ct []byte) ([]byte, error) {
+	return cc.sess.suite.Decapsulate(cc.sess.self.priv, ct)
+}
+
+func (cc *clientCall) rekeyed()           { cc.c.sc.streamRekeys.Inc() }
+func (cc *clientCall) counted(n int)      { cc.sess.bytes.Add(int64(n)) }
+func (cc *clientCall) rejected(err error) { cc.c.m.reject(sideClient, err) }
+
+// final checks the status the server sealed into the FINAL frame against the one received
+// and restores the headers and trailers it carries.
+func (cc *clientCall) final(blk trailerBlock) error {
+	if blk.status != cc.status {
+		return errTampered // a proxy changed the status code
+	}
+	for k, v := range blk.headers {
+		cc.header[k] = v
+	}
+	for k, v := range blk.trailers {
+		cc.trailers[k] = v
+	}
+	return nil
+}
+
+func (cc *clientCall) sealedBody() io.ReadCloser { return io.NopCloser(bytes.NewReader(cc.sealed)) }
+
+func (cc *clientCall) getBody() (io.ReadCloser, error) { return cc.sealedBody(), nil }
+
 // clientStrippedHeaders are removed from a request before it is sealed (canonical names).
 var clientStrippedHeaders = append([]string{"Content-Length"}, acceptEncodingHeaders...)
 
 // sealWhole seals a request body of known length n in one piece (the call ID, the hello
 // frame, its data frames and the FINAL frame) into a buffer of exactly the size needed, and
 // closes body.
-func sealWhole(s *sealer, callID uint64, body io.ReadCloser, n int64, onBytes func(int)) ([]byte, error) {
+func sealWhole(s *sealer, callID uint64, body io.ReadCloser, n int64, side callSide) ([]byte, error) {
 	var plain []byte
 	if body != nil {
 		defer body.Close()
@@ -286,7 +311,9 @@ func sealWhole(s *sealer, callID uint64, body io.ReadCloser, n int64, onBytes fu
 	out = binary.BigEndian.AppendUint64(out, callID)
 	out, err := s.appendFrame(out, 0, nil)
 	if err == nil && len(plain) > 0 {
-		onBytes(len(plain))
+		if side != nil {
+			side.counted(len(plain))
+		}
 		out, err = s.appendData(out, plain)
 	}
 	if err == nil {

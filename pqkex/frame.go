@@ -61,15 +61,22 @@ const (
 )
 
 func newCallKeys(h crypto.Hash, a AEAD, session *hmacKey, callID uint64, procedure string) (*callKeys, error) {
-	ck := &callKeys{session: session, callID: callID, procedure: procedure}
+	ck := new(callKeys)
+	if err := ck.init(h, a, session, callID, procedure); err != nil {
+		return nil, err
+	}
+	return ck, nil
+}
+
+// init sets ck up for a call and derives its c2s key; ck may be part of a larger per-call
+// struct, so that a call allocates once.
+func (ck *callKeys) init(h crypto.Hash, a AEAD, session *hmacKey, callID uint64, procedure string) error {
+	*ck = callKeys{session: session, callID: callID, procedure: procedure}
 	ck.c2s = direction{hash: h, aead: a, call: ck, label: dirC2S}
 	ck.s2c = direction{hash: h, aead: a, call: ck, label: dirS2C}
 	k := getKDF(h)
 	defer k.put()
-	if err := ck.c2s.deriveFirst(k); err != nil {
-		return nil, err
-	}
-	return ck, nil
+	return ck.c2s.deriveFirst(k)
 }
 
 // deriveS2C derives the call's s2c key from the server nonce in ck.nonce:
@@ -146,11 +153,23 @@ type StreamRekeyPolicy struct {
 	Age   time.Duration
 }
 
+// callSide is what a call's frames need from the side, client or server, that they belong
+// to: the KEM operations of in-stream rekeys (spec 6.2) and accounting. One per-call value
+// implements it, so that a call's sealer, opener and readers share one allocation rather
+// than a closure each.
+type callSide interface {
+	encap() (ct, ss []byte, err error) // a rekey's encapsulation to the peer's static key
+	decap(ct []byte) ([]byte, error)   // a peer's rekey, with this side's static key
+	rekeyed()                          // this side sent a REKEY frame
+	counted(n int)                     // n plaintext body bytes sealed or opened
+	rejected(err error)                // a received frame failed (once per body)
+	final(trailerBlock) error          // the FINAL frame of a received body
+}
+
 // sealer produces the frames of one direction.
 type sealer struct {
 	dir        *direction
-	encap      func() (ct, ss []byte, err error) // nil: never rekey
-	onRekey    func()
+	side       callSide // nil: never rekey
 	policy     StreamRekeyPolicy
 	now        func() time.Time
 	sinceBytes int64
@@ -172,7 +191,7 @@ func (s *sealer) appendFrame(dst []byte, flags byte, pt []byte) ([]byte, error) 
 }
 
 func (s *sealer) rekeyDue() bool {
-	if s.encap == nil {
+	if s.side == nil {
 		return false
 	}
 	if s.since.IsZero() {
@@ -187,7 +206,7 @@ func (s *sealer) appendData(dst, p []byte) ([]byte, error) {
 	var err error
 	for len(p) > 0 {
 		if s.rekeyDue() {
-			ct, ss, err := s.encap()
+			ct, ss, err := s.side.encap()
 			if err != nil {
 				return dst, errInternal
 			}
@@ -198,9 +217,7 @@ func (s *sealer) appendData(dst, p []byte) ([]byte, error) {
 				return dst, err
 			}
 			s.sinceBytes, s.since = 0, s.now()
-			if s.onRekey != nil {
-				s.onRekey()
-			}
+			s.side.rekeyed()
 		}
 		n := min(len(p), maxDataFrame)
 		if dst, err = s.appendFrame(dst, 0, p[:n]); err != nil {
@@ -214,11 +231,11 @@ func (s *sealer) appendData(dst, p []byte) ([]byte, error) {
 
 // opener reads and authenticates the frames of one direction.
 type opener struct {
-	dir   *direction
-	r     io.Reader
-	decap func(ct []byte) ([]byte, error) // nil: rekey frames are refused
-	hdr   [frameHeaderSize]byte
-	buf   []byte
+	dir  *direction
+	r    io.Reader
+	side callSide // nil: rekey frames are refused
+	hdr  [frameHeaderSize]byte
+	buf  []byte
 
 	// With a body read whole (preread), frames are opened in place in mem, the rest of it.
 	whole bool
@@ -254,23 +271,41 @@ func (o *opener) preread(n int64) error {
 	return nil
 }
 
+// readCallID reads the call ID that starts a request body (spec 6.2).
+func (o *opener) readCallID() (uint64, error) {
+	var id [callIDSize]byte
+	b, err := o.readClear(id[:])
+	if err != nil {
+		return 0, err
+	}
+	return binary.BigEndian.Uint64(b), nil
+}
+
 // readNonce reads the server nonce that starts a response body (spec 6.2) into dst.
 func (o *opener) readNonce(dst *[serverNonceSize]byte) error {
+	b, err := o.readClear(dst[:])
+	copy(dst[:], b)
+	return err
+}
+
+// readClear returns the next len(buf) bytes of the body, which travel in the clear (the
+// call ID or the server nonce): from a body read whole, or read into buf. A body that ends
+// first is truncated.
+func (o *opener) readClear(buf []byte) ([]byte, error) {
 	if o.whole {
-		b, ok := o.take(serverNonceSize)
+		b, ok := o.take(len(buf))
 		if !ok {
-			return errTruncated
+			return nil, errTruncated
 		}
-		copy(dst[:], b)
-		return nil
+		return b, nil
 	}
-	if _, err := io.ReadFull(o.r, dst[:]); err != nil {
+	if _, err := io.ReadFull(o.r, buf); err != nil {
 		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			return errTruncated
+			return nil, errTruncated
 		}
-		return err
+		return nil, err
 	}
-	return nil
+	return buf, nil
 }
 
 // openResponse starts reading a response body: the whole body first when its length n is
@@ -361,10 +396,10 @@ func (o *opener) next() (byte, []byte, error) {
 		case 0, flagFinal:
 			return flags, pt, nil
 		case flagRekey:
-			if o.decap == nil {
+			if o.side == nil {
 				return 0, nil, errMalformed
 			}
-			ss, err := o.decap(pt)
+			ss, err := o.side.decap(pt)
 			if err != nil {
 				return 0, nil, errMalformed
 			}
@@ -471,9 +506,7 @@ type openReader struct {
 	body    io.Closer
 	pending []byte
 	err     error
-	final   func(trailerBlock) error // called once with the FINAL frame's block
-	onBytes func(int)
-	onErr   func(error) // called once with the first failure (metrics)
+	side    callSide // told of bytes, the first failure and the FINAL frame's block; may be nil
 }
 
 func (r *openReader) Read(p []byte) (int, error) {
@@ -482,8 +515,8 @@ func (r *openReader) Read(p []byte) (int, error) {
 			return 0, r.err
 		}
 		r.err = r.fill()
-		if r.err != nil && r.err != io.EOF && r.onErr != nil && isRejection(r.err) {
-			r.onErr(r.err)
+		if r.err != nil && r.err != io.EOF && r.side != nil && isRejection(r.err) {
+			r.side.rejected(r.err)
 		}
 	}
 	n := copy(p, r.pending)
@@ -500,8 +533,8 @@ func (r *openReader) fill() error {
 	if err != nil {
 		return err // the transport's own failure (cancellation, reset): connect-go codes it
 	}
-	if r.onBytes != nil {
-		r.onBytes(len(pt))
+	if r.side != nil {
+		r.side.counted(len(pt))
 	}
 	if flags == flagFinal {
 		blk, err := decodeTrailerBlock(pt)
@@ -511,8 +544,8 @@ func (r *openReader) fill() error {
 		// Anything after FINAL is never read: waiting for the end of the body here would
 		// deadlock a full-duplex stream behind a proxy that ends the response only after the
 		// request.
-		if r.final != nil {
-			if err := r.final(blk); err != nil {
+		if r.side != nil {
+			if err := r.side.final(blk); err != nil {
 				return toConnect(err)
 			}
 		}
@@ -559,7 +592,7 @@ type sealReader struct {
 	started bool
 	done    bool
 	err     error
-	onBytes func(int)
+	side    callSide // may be nil
 }
 
 func (r *sealReader) Read(p []byte) (int, error) {
@@ -596,8 +629,8 @@ func (r *sealReader) fill() error {
 	}
 	n, err := r.src.Read(r.buf[:])
 	if n > 0 {
-		if r.onBytes != nil {
-			r.onBytes(n)
+		if r.side != nil {
+			r.side.counted(n)
 		}
 		var serr error
 		if r.out, serr = r.s.appendData(r.out[:0], r.buf[:n]); serr != nil {

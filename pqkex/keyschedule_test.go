@@ -76,7 +76,7 @@ func BenchmarkCallCrypto(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		req, err := sealWhole(&sealer{dir: &ck.c2s, now: time.Now}, id, io.NopCloser(bytes.NewReader(plain)), int64(len(plain)), func(int) {})
+		req, err := sealWhole(&sealer{dir: &ck.c2s, now: time.Now}, id, io.NopCloser(bytes.NewReader(plain)), int64(len(plain)), nil)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -57,6 +57,20 @@ func register(reg prometheus.Registerer, c *prometheus.CounterVec) *prometheus.C
 	return c
 }
 
+// sideCounters are the per-call counters of one side, resolved once: WithLabelValues hashes
+// its labels and looks them up on every use.
+type sideCounters struct {
+	sealed, plain, streamRekeys prometheus.Counter
+}
+
+func (m *metrics) forSide(side string) sideCounters {
+	return sideCounters{
+		sealed:       m.calls.WithLabelValues(side, "true"),
+		plain:        m.calls.WithLabelValues(side, "false"),
+		streamRekeys: m.rekeys.WithLabelValues(side, "stream"),
+	}
+}
+
 func (m *metrics) reject(side string, err error) {
 	m.rejections.WithLabelValues(side, string(reasonOf(err))).Inc()
 }

@@ -20,10 +20,15 @@ type peerKey struct{}
 // PeerFromContext returns the pqkex peer of a sealed call. ok is false for plaintext calls
 // (PERMISSIVE procedures) and outside pqkex.
 func PeerFromContext(ctx context.Context) (Peer, bool) {
-	p, ok := ctx.Value(peerKey{}).(Peer)
-	return p, ok
+	p, ok := ctx.Value(peerKey{}).(*Peer)
+	if !ok || p == nil {
+		return Peer{}, false
+	}
+	return *p, true
 }
 
-func withPeer(ctx context.Context, p Peer) context.Context {
+// withPeer returns ctx with p, which must not change afterwards: the server passes a
+// pointer into its per-call struct, so that the context value needs no allocation.
+func withPeer(ctx context.Context, p *Peer) context.Context {
 	return context.WithValue(ctx, peerKey{}, p)
 }

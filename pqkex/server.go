@@ -3,7 +3,6 @@ package pqkex
 import (
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/binary"
 	"errors"
 	"io"
 	"net/http"
@@ -27,6 +26,7 @@ type Server struct {
 	replay  replayCache
 	tickets ticketCache
 	m       *metrics
+	sc      sideCounters
 }
 
 // NewServer returns a server. [WithIdentity] and [WithRoots] are required.
@@ -48,7 +48,8 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 		}
 	}
 	cfg.rekey = cfg.rekey.withDefaults()
-	return &Server{cfg: cfg, m: newMetrics(cfg.registerer)}, nil
+	m := newMetrics(cfg.registerer)
+	return &Server{cfg: cfg, m: m, sc: m.forSide(sideServer)}, nil
 }
 
 // Handler wraps next: it serves [CredentialPath] and [HandshakePath], unseals sealed calls
@@ -210,7 +211,7 @@ func (s *Server) serveCall(w http.ResponseWriter, r *http.Request, next http.Han
 	ticketHeader, sessionHeader := r.Header.Get(headerTicket), r.Header.Get(headerSession)
 	if ticketHeader == "" && sessionHeader == "" {
 		if s.cfg.mode(procedure) == Permissive {
-			s.m.calls.WithLabelValues(sideServer, "false").Inc()
+			s.sc.plain.Inc()
 			next.ServeHTTP(w, r)
 			return
 		}
@@ -222,7 +223,7 @@ func (s *Server) serveCall(w http.ResponseWriter, r *http.Request, next http.Han
 		s.reject(w, r, err)
 		return
 	}
-	s.m.calls.WithLabelValues(sideServer, "true").Inc()
+	s.sc.sealed.Inc()
 	next.ServeHTTP(sw, inner)
 	if err := sw.finish(); err != nil {
 		s.m.reject(sideServer, err)
@@ -252,27 +253,29 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if compressed(r.Header) {
 		return nil, nil, errCompressed
 	}
-	var id [callIDSize]byte
-	if _, err := io.ReadFull(r.Body, id[:]); err != nil {
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			return nil, nil, errTruncated
-		}
-		return nil, nil, err
-	}
-	callID := binary.BigEndian.Uint64(id[:])
-	keys, err := newCallKeys(st.suite.Hash(), st.aead, st.secretKey, callID, r.URL.Path)
-	if err != nil {
-		return nil, nil, err
-	}
-	c2s, s2c := &keys.c2s, &keys.s2c
 	self, err := s.cfg.identity.GetIdentity()
 	if err != nil || self == nil {
 		return nil, nil, errInternal
 	}
-	op := &opener{dir: c2s, r: r.Body}
-	if self.cred.digest == st.serverDigest {
-		op.decap = func(ct []byte) ([]byte, error) { return st.suite.Decapsulate(self.priv, ct) }
+	sc := &serverCall{srv: s, st: st, self: self}
+	// A body of known length (a unary request) is read whole, in one read from the HTTP/2
+	// body pipe rather than four, and its frames are opened in place. Only a caller holding
+	// a valid session (ticket or session ID, checked above) gets this far, and HTTP/2 flow
+	// control already lets a peer make the server buffer this much.
+	op := &sc.op
+	*op = opener{r: r.Body, side: sc}
+	if err := op.preread(r.ContentLength); err != nil {
+		return nil, nil, err
 	}
+	callID, err := op.readCallID()
+	if err != nil {
+		return nil, nil, err
+	}
+	keys := &sc.keys
+	if err := keys.init(st.suite.Hash(), st.aead, st.secretKey, callID, r.URL.Path); err != nil {
+		return nil, nil, err
+	}
+	op.dir = &keys.c2s
 	if err := openHello(op); err != nil {
 		return nil, nil, err
 	}
@@ -287,32 +290,50 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if err := keys.deriveS2C(); err != nil {
 		return nil, nil, err
 	}
-	// The rest of a body of known length (a unary request) is read whole, then opened in
-	// place; only now that the hello frame proved the session, so that nobody without it
-	// makes the server buffer a body.
-	if rest := r.ContentLength - callIDSize - (frameHeaderSize + aeadTagSize); r.ContentLength > 0 && rest >= 0 {
-		if err := op.preread(rest); err != nil {
-			return nil, nil, err
-		}
-	}
-	peer := Peer{SPIFFEID: st.clientID, Suite: st.suite.Name(), AEAD: st.aead, ChannelBound: st.flags&flagBinding != 0}
-	inner := r.WithContext(withPeer(r.Context(), peer))
+	sc.peer = Peer{SPIFFEID: st.clientID, Suite: st.suite.Name(), AEAD: st.aead, ChannelBound: st.flags&flagBinding != 0}
+	inner := r.WithContext(withPeer(r.Context(), &sc.peer))
 	// The request is this middleware's to pass on: its header map is edited in place
 	// rather than copied (the ticket alone is about 1.7 KB).
 	for _, k := range sealedRequestHeaders {
 		delete(inner.Header, k)
 	}
 	inner.ContentLength = -1
-	inner.Body = &openReader{o: op, body: r.Body, onErr: func(err error) { s.m.reject(sideServer, err) }}
-	sw := &sealWriter{w: w, h: make(http.Header, 4), held: sessionHeader == "", nonce: keys.nonce[:], s: &sealer{
-		dir:     s2c,
-		encap:   func() ([]byte, []byte, error) { return encapTo(st.suite, st.clientPK) },
-		policy:  s.cfg.rekey.Stream,
-		now:     s.cfg.now,
-		onRekey: func() { s.m.rekeys.WithLabelValues(sideServer, "stream").Inc() },
-	}}
-	return inner, sw, nil
+	sc.body = openReader{o: op, body: r.Body, side: sc}
+	inner.Body = &sc.body
+	sc.seal = sealer{dir: &keys.s2c, side: sc, policy: s.cfg.rekey.Stream, now: s.cfg.now}
+	sc.sw = sealWriter{w: w, h: make(http.Header, 4), held: sessionHeader == "", nonce: keys.nonce[:], s: &sc.seal}
+	return inner, &sc.sw, nil
 }
+
+// serverCall is one sealed call as the server answers it: its keys and the state of its
+// request and response frames, in one allocation. It is the frames' callSide.
+type serverCall struct {
+	srv  *Server
+	st   *ticketState
+	self *Identity
+	keys callKeys
+	peer Peer
+	op   opener
+	body openReader
+	seal sealer
+	sw   sealWriter
+}
+
+func (sc *serverCall) encap() ([]byte, []byte, error) { return encapTo(sc.st.suite, sc.st.clientPK) }
+
+// decap opens a client's REKEY frame, which is sealed to the static key the session was
+// made with: after a rotation of this server's credential it cannot be opened.
+func (sc *serverCall) decap(ct []byte) ([]byte, error) {
+	if sc.self.cred.digest != sc.st.serverDigest {
+		return nil, errMalformed
+	}
+	return sc.st.suite.Decapsulate(sc.self.priv, ct)
+}
+
+func (sc *serverCall) rekeyed()                 { sc.srv.sc.streamRekeys.Inc() }
+func (sc *serverCall) counted(int)              {}
+func (sc *serverCall) rejected(err error)       { sc.srv.m.reject(sideServer, err) }
+func (sc *serverCall) final(trailerBlock) error { return nil }
 
 // encapTo encapsulates to a marshaled public key. Parsing is deferred to here because most
 // calls never rekey and parsing a hybrid key costs more than the rest of a call's setup.

@@ -91,11 +91,21 @@ func openBodyMode(v katVector, dir string, b []byte, whole bool) ([]byte, http.H
 			return nil, nil, err
 		}
 	}
-	var trailers http.Header
-	rd := &openReader{o: o, final: func(b trailerBlock) error { trailers = b.trailers; return nil }}
-	pt, err := io.ReadAll(rd)
-	return pt, trailers, err
+	side := &trailerSide{}
+	pt, err := io.ReadAll(&openReader{o: o, side: side})
+	return pt, side.trailers, err
 }
+
+// trailerSide is the callSide of a body opened in a test: it keeps the FINAL frame's
+// trailers and supports no rekeys.
+type trailerSide struct{ trailers http.Header }
+
+func (*trailerSide) encap() ([]byte, []byte, error) { return nil, nil, errInternal }
+func (*trailerSide) decap([]byte) ([]byte, error)   { return nil, errMalformed }
+func (*trailerSide) rekeyed()                       {}
+func (*trailerSide) counted(int)                    {}
+func (*trailerSide) rejected(error)                 {}
+func (t *trailerSide) final(b trailerBlock) error   { t.trailers = b.trailers; return nil }
 
 // helloFlags returns the flags of the vector's ClientHello.
 func helloFlags(v katVector) uint8 {
