@@ -126,23 +126,29 @@ func BenchmarkSessionSetup(b *testing.B) {
 		})
 	})
 	for _, suite := range pqkex.Schemes() {
-		for _, bind := range []bool{false, true} {
-			name := "pqkex-" + suite.Name()
-			if bind {
-				name += "-channel-bound" // ML-KEM halves only; TLS supplies the classical half
-			}
-			b.Run(name, func(b *testing.B) {
+		for _, mode := range []struct {
+			name               string
+			bind, tlsEphemeral bool
+		}{
+			{"", false, false},
+			// ML-KEM halves only, no pqkex ephemeral: a PQ TLS connection supplies the
+			// classical half and the ephemeral (the default channel-bound handshake).
+			{"-channel-bound", true, true},
+			// ML-KEM halves with a pqkex ephemeral: the fallback on a classical TLS connection.
+			{"-channel-bound-classic-tls", true, false},
+		} {
+			b.Run("pqkex-"+suite.Name()+mode.name, func(b *testing.B) {
 				e := newEnv(b, suite)
 				s, err := pqkex.NewServer(pqkex.WithIdentity(e.server), pqkex.WithRoots(e.ca.Roots()))
 				if err != nil {
 					b.Fatal(err)
 				}
-				if !pqkex.Handshake(e.client, e.server, s, testNow, bind) {
+				if !pqkex.Handshake(e.client, e.server, s, testNow, mode.bind, mode.tlsEphemeral) {
 					b.Fatal("handshake failed")
 				}
 				reportCPU(b, func() {
 					for range b.N {
-						if !pqkex.Handshake(e.client, e.server, s, testNow, bind) {
+						if !pqkex.Handshake(e.client, e.server, s, testNow, mode.bind, mode.tlsEphemeral) {
 							b.Fatal("handshake failed")
 						}
 					}

@@ -384,15 +384,23 @@ func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL
 }
 
 // establish runs a handshake with the server at key (refetching its credential once if
-// the server rotated it) and makes the new session current. The caller holds key's lock.
+// the server rotated it, and sending its own ephemeral once if the TLS connection cannot
+// stand in for it) and makes the new session current. The caller holds key's lock.
 func (c *Client) establish(ctx context.Context, base http.RoundTripper, key string) (*clientSession, error) {
-	s, err := c.handshake(ctx, base, key)
+	flags := clientFlags(c.cfg.bind, true)
+	s, err := c.handshake(ctx, base, key, flags)
 	if reasonOf(err) == reasonServerKey {
 		// The server rotated its credential: fetch it again, once.
 		c.mu.Lock()
 		delete(c.servers, key)
 		c.mu.Unlock()
-		s, err = c.handshake(ctx, base, key)
+		s, err = c.handshake(ctx, base, key, flags)
+	}
+	if reasonOf(err) == reasonTLSNotPQ && flags&flagTLSEphemeral != 0 {
+		// The client cannot see the TLS group before its request; the server did and found
+		// it classical (spec 5.3): the full channel-bound handshake, with an ephemeral, once.
+		c.m.reject(sideClient, err)
+		s, err = c.handshake(ctx, base, key, clientFlags(c.cfg.bind, false))
 	}
 	if err != nil {
 		c.m.handshakes.WithLabelValues(sideClient, "error").Inc()
@@ -461,7 +469,7 @@ func (c *Client) serverCredential(ctx context.Context, base http.RoundTripper, k
 	return cred, nil
 }
 
-func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key string) (_ *clientSession, err error) {
+func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key string, flags uint8) (_ *clientSession, err error) {
 	defer recoverTo(&err)
 	self, err := c.cfg.identity.GetIdentity()
 	if err != nil || self == nil {
@@ -471,7 +479,7 @@ func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key stri
 	if err != nil {
 		return nil, err
 	}
-	hs, err := startClient(nil, self, server, c.cfg.aead, c.cfg.bind)
+	hs, err := startClient(nil, self, server, c.cfg.aead, flags)
 	if err != nil {
 		return nil, err
 	}
@@ -484,6 +492,12 @@ func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key stri
 		if cb, err = channelBinding(conn, server.spiffeID); err != nil {
 			return nil, err
 		}
+	}
+	if flags&flagTLSEphemeral != 0 && (conn == nil || !tlsEphemeralGroup(hs.hello.suite, conn.CurveID)) {
+		// The server accepted the hello, so its TLS connection is post-quantum and this one,
+		// which is not, is another (spec 5.3). The exporters would differ too; this check
+		// does not rest on that.
+		return nil, errTLSNotPQHere
 	}
 	res, err := hs.finish(raw, cb)
 	if err != nil {

@@ -24,6 +24,7 @@ const (
 	reasonUnknownSess   reason = "unknown_session"
 	reasonCredential    reason = "credential"
 	reasonServerKey     reason = "server_key"
+	reasonTLSNotPQ      reason = "tls_not_pq"
 	reasonUnsupported   reason = "unsupported"
 	reasonInternal      reason = "internal"
 )
@@ -41,6 +42,7 @@ var reasonCodes = map[reason]connect.Code{
 	reasonUnknownSess:   connect.CodeFailedPrecondition,
 	reasonCredential:    connect.CodePermissionDenied,
 	reasonServerKey:     connect.CodeFailedPrecondition,
+	reasonTLSNotPQ:      connect.CodeFailedPrecondition, // the client retries without flagTLSEphemeral
 	reasonUnsupported:   connect.CodeUnimplemented,
 	reasonInternal:      connect.CodeInternal,
 }
@@ -75,6 +77,8 @@ var (
 	errChannelBinding  = newError(reasonCredential, "channel binding failed")
 	errServerConfirm   = newError(reasonCredential, "server failed to prove its identity")
 	errServerKey       = newError(reasonServerKey, "server credential unknown to this server")
+	errTLSNotPQ        = newError(reasonTLSNotPQ, "TLS connection without a post-quantum key exchange: send a pqkex ephemeral")
+	errTLSNotPQHere    = newError(reasonCredential, "server accepted the TLS ephemeral, but this TLS connection is not post-quantum")
 	errUnsupported     = newError(reasonUnsupported, "unsupported version, suite or AEAD")
 	errInternal        = newError(reasonInternal, "internal error")
 	errFrameTooLarge   = newError(reasonMalformed, "frame too large")

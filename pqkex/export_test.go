@@ -4,13 +4,14 @@ import "time"
 
 // Handshake runs one complete pqkex handshake in memory, both sides, and reports whether both
 // derived the same session. With bind it runs the channel-bound variant, with a fixed value
-// standing in for the TLS exporter. For benchmarks.
-func Handshake(client, server *Identity, s *Server, now time.Time, bind bool) bool {
+// standing in for the TLS exporter, and with tlsEphemeral as on a post-quantum TLS connection
+// (no pqkex ephemeral). For benchmarks.
+func Handshake(client, server *Identity, s *Server, now time.Time, bind, tlsEphemeral bool) bool {
 	var cb []byte
 	if bind {
 		cb = make([]byte, 32)
 	}
-	hs, err := startClient(nil, client, server.cred, AES256GCM, bind)
+	hs, err := startClient(nil, client, server.cred, AES256GCM, clientFlags(bind, tlsEphemeral))
 	if err != nil {
 		return false
 	}

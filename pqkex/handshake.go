@@ -15,7 +15,8 @@ const (
 	typeServerHello  = 2
 	flagBinding      = 0x01
 	flagPQOnly       = 0x02 // only with flagBinding: inner KEMs are the suite's ML-KEM half
-	knownFlags       = flagBinding | flagPQOnly
+	flagTLSEphemeral = 0x04 // only with flagBinding|flagPQOnly: no pqkex ephemeral, TLS's stands in
+	knownFlags       = flagBinding | flagPQOnly | flagTLSEphemeral
 	randomSize       = 32
 	sessionIDSize    = 16
 	credDigestSize   = 32
@@ -65,7 +66,7 @@ func parseClientHello(b []byte) (*clientHello, error) {
 	k := m.kem()
 	copy(m.random[:], p.take(randomSize))
 	copy(m.serverDigest[:], p.take(credDigestSize))
-	m.ephemeralPK = p.exact16(k.PublicKeySize())
+	m.ephemeralPK = p.exact16(ephemeralSize(flags, k.PublicKeySize()))
 	m.ctS = p.exact16(k.CiphertextSize())
 	m.credential = p.vec16()
 	if !p.ok() || len(m.credential) == 0 {
@@ -75,11 +76,34 @@ func parseClientHello(b []byte) (*clientHello, error) {
 }
 
 func validFlags(f uint8) bool {
-	return f&^knownFlags == 0 && (f&flagPQOnly == 0 || f&flagBinding != 0)
+	return f&^knownFlags == 0 && (f&flagPQOnly == 0 || f&flagBinding != 0) &&
+		(f&flagTLSEphemeral == 0 || f&(flagBinding|flagPQOnly) == flagBinding|flagPQOnly)
 }
 
-// kem returns the KEM of the handshake's three encapsulations: the hybrid suite KEM, or its
-// ML-KEM half when the handshake is channel-bound (spec 5.3).
+// clientFlags are the flags of a client's hello: channel-bound handshakes use the ML-KEM
+// halves, and leave the ephemeral to TLS unless the server refused that (spec 5.3).
+func clientFlags(bind, tlsEphemeral bool) uint8 {
+	switch {
+	case bind && tlsEphemeral:
+		return flagBinding | flagPQOnly | flagTLSEphemeral
+	case bind:
+		return flagBinding | flagPQOnly
+	}
+	return 0
+}
+
+// ephemeralSize is the exact length of ephemeral_pk or ct_e for a KEM size n: empty when the
+// TLS connection's ephemeral stands in for pqkex's.
+func ephemeralSize(flags uint8, n int) int {
+	if flags&flagTLSEphemeral != 0 {
+		return 0
+	}
+	return n
+}
+
+// kem returns the KEM of the handshake's encapsulations (three, or two with
+// flagTLSEphemeral): the hybrid suite KEM, or its ML-KEM half when the handshake is
+// channel-bound (spec 5.3).
 func (m *clientHello) kem() kem.Scheme { return innerKEM(m.suite, m.flags) }
 
 func innerKEM(suite Scheme, flags uint8) kem.Scheme {
@@ -151,7 +175,7 @@ func parseServerHello(b []byte, suite Scheme, flags uint8) (*serverHello, error)
 	k := innerKEM(suite, flags)
 	m := &serverHello{}
 	copy(m.random[:], p.take(randomSize))
-	m.ctE = p.exact16(k.CiphertextSize())
+	m.ctE = p.exact16(ephemeralSize(flags, k.CiphertextSize()))
 	m.ctC = p.exact16(k.CiphertextSize())
 	m.ticketExpiry = p.u64()
 	m.ticket = p.vec16()
@@ -209,29 +233,28 @@ type clientHandshake struct {
 	ssS    []byte
 }
 
-// startClient builds the ClientHello. Randomness is drawn from rand in a fixed order
-// (random, ephemeral seed, encapsulation seed) so that known-answer tests can replay it.
-func startClient(rand io.Reader, self *Identity, server *Credential, aead AEAD, bind bool) (*clientHandshake, error) {
+// startClient builds the ClientHello with flags (clientFlags). Randomness is drawn from rand
+// in a fixed order (random, ephemeral seed unless flagTLSEphemeral, encapsulation seed) so
+// that known-answer tests can replay it.
+func startClient(rand io.Reader, self *Identity, server *Credential, aead AEAD, flags uint8) (*clientHandshake, error) {
 	suite := self.cred.suite
 	if server.suite.ID() != suite.ID() {
 		return nil, errUnsupported
 	}
-	m := &clientHello{suite: suite, aead: AEAD(aead.id()), serverDigest: server.digest, credential: self.cred.raw}
-	if bind {
-		m.flags |= flagBinding | flagPQOnly
+	if !validFlags(flags) {
+		return nil, errInternal
 	}
+	m := &clientHello{suite: suite, aead: AEAD(aead.id()), flags: flags, serverDigest: server.digest, credential: self.cred.raw}
 	k := m.kem()
 	if err := readRandom(rand, m.random[:]); err != nil {
 		return nil, err
 	}
-	seed := make([]byte, k.SeedSize())
-	if err := readRandom(rand, seed); err != nil {
-		return nil, err
-	}
-	ephPK, ephSK := k.DeriveKeyPair(seed)
-	var err error
-	if m.ephemeralPK, err = ephPK.MarshalBinary(); err != nil {
-		return nil, errInternal
+	var ephSK kem.PrivateKey
+	if flags&flagTLSEphemeral == 0 {
+		var err error
+		if m.ephemeralPK, ephSK, err = newEphemeral(rand, k); err != nil {
+			return nil, err
+		}
 	}
 	serverPK, err := staticPublic(k, server)
 	if err != nil {
@@ -249,6 +272,20 @@ func startClient(rand io.Reader, self *Identity, server *Credential, aead AEAD, 
 	return &clientHandshake{self: self, server: server, hello: m, raw: m.marshal(), ephSK: ephSK, ssS: ss}, nil
 }
 
+// newEphemeral derives the client's ephemeral key pair for k from a seed read from rand.
+func newEphemeral(rand io.Reader, k kem.Scheme) ([]byte, kem.PrivateKey, error) {
+	seed := make([]byte, k.SeedSize())
+	if err := readRandom(rand, seed); err != nil {
+		return nil, nil, err
+	}
+	pk, sk := k.DeriveKeyPair(seed)
+	raw, err := pk.MarshalBinary()
+	if err != nil {
+		return nil, nil, errInternal
+	}
+	return raw, sk, nil
+}
+
 // clientResult is what the client keeps from a completed handshake.
 type clientResult struct {
 	secrets handshakeSecrets
@@ -263,9 +300,11 @@ func (c *clientHandshake) finish(raw, cb []byte) (*clientResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	ssE, err := k.Decapsulate(c.ephSK, sh.ctE)
-	if err != nil {
-		return nil, errTampered
+	var ssE []byte // none with flagTLSEphemeral: the TLS ephemeral reaches prk through cb
+	if c.hello.flags&flagTLSEphemeral == 0 {
+		if ssE, err = k.Decapsulate(c.ephSK, sh.ctE); err != nil {
+			return nil, errTampered
+		}
 	}
 	ssC, err := k.Decapsulate(c.self.staticPrivate(c.hello.flags), sh.ctC)
 	if err != nil {
@@ -284,8 +323,9 @@ func (c *clientHandshake) finish(raw, cb []byte) (*clientResult, error) {
 type ticketIssuer func(sec handshakeSecrets) (ticket []byte, expiry uint64, err error)
 
 // respond is the server's side of a handshake for a parsed and authorized ClientHello. Its
-// randomness is drawn from rand in a fixed order (random, encapsulation to the ephemeral key,
-// encapsulation to the client's static key); the issuer draws the ticket nonce after them.
+// randomness is drawn from rand in a fixed order (random, encapsulation to the ephemeral key
+// unless flagTLSEphemeral, encapsulation to the client's static key); the issuer draws the
+// ticket nonce after them.
 func respond(rand io.Reader, ch *clientHello, self *Identity, peer *Credential, cb []byte, issue ticketIssuer) ([]byte, handshakeSecrets, error) {
 	suite, k := ch.suite, ch.kem()
 	ssS, err := k.Decapsulate(self.staticPrivate(ch.flags), ch.ctS)
@@ -296,21 +336,16 @@ func respond(rand io.Reader, ch *clientHello, self *Identity, peer *Credential, 
 	if err := readRandom(rand, sh.random[:]); err != nil {
 		return nil, handshakeSecrets{}, err
 	}
-	ephPK, err := k.UnmarshalBinaryPublicKey(ch.ephemeralPK)
-	if err != nil {
-		return nil, handshakeSecrets{}, errMalformed
-	}
 	clientPK, err := staticPublic(k, peer)
 	if err != nil {
 		return nil, handshakeSecrets{}, errCredential
 	}
 	seed := make([]byte, k.EncapsulationSeedSize())
-	if err := readRandom(rand, seed); err != nil {
-		return nil, handshakeSecrets{}, err
-	}
-	ctE, ssE, err := k.EncapsulateDeterministically(ephPK, seed)
-	if err != nil {
-		return nil, handshakeSecrets{}, errMalformed
+	var ssE []byte // none with flagTLSEphemeral: the TLS ephemeral reaches prk through cb
+	if ch.flags&flagTLSEphemeral == 0 {
+		if sh.ctE, ssE, err = encapEphemeral(rand, k, ch.ephemeralPK, seed); err != nil {
+			return nil, handshakeSecrets{}, err
+		}
 	}
 	if err := readRandom(rand, seed); err != nil {
 		return nil, handshakeSecrets{}, err
@@ -319,7 +354,7 @@ func respond(rand io.Reader, ch *clientHello, self *Identity, peer *Credential, 
 	if err != nil {
 		return nil, handshakeSecrets{}, errInternal
 	}
-	sh.ctE, sh.ctC = ctE, ctC
+	sh.ctC = ctC
 	t := newTranscript(suite, ch.transcriptHello(peer.digest), sh)
 	sec := deriveHandshake(suite.Hash(), cb, concat(ssS, ssE, ssC), t.th)
 	if sh.ticket, sh.ticketExpiry, err = issue(sec); err != nil {
@@ -327,6 +362,22 @@ func respond(rand io.Reader, ch *clientHello, self *Identity, peer *Credential, 
 	}
 	sh.confirm = mac(suite.Hash(), sec.confirm, t.confirmed(sh))
 	return sh.marshal(), sec, nil
+}
+
+// encapEphemeral encapsulates to the client's ephemeral key with a seed read from rand into
+// seed.
+func encapEphemeral(rand io.Reader, k kem.Scheme, ephemeralPK, seed []byte) (ct, ss []byte, err error) {
+	pk, err := k.UnmarshalBinaryPublicKey(ephemeralPK)
+	if err != nil {
+		return nil, nil, errMalformed
+	}
+	if err := readRandom(rand, seed); err != nil {
+		return nil, nil, err
+	}
+	if ct, ss, err = k.EncapsulateDeterministically(pk, seed); err != nil {
+		return nil, nil, errMalformed
+	}
+	return ct, ss, nil
 }
 
 func concat(parts ...[]byte) []byte {

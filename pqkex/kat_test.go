@@ -37,7 +37,7 @@ var (
 // katServer returns a server with the identity and roots of vector v at the vector's time.
 func katServer(t testing.TB, v katVector) *Server {
 	t.Helper()
-	katRun(t, SchemeByName(v.Suite), aeadByName(v.AEAD), len(v.Bind) > 0)
+	katRun(t, SchemeByName(v.Suite), aeadByName(v.AEAD), helloFlags(v))
 	s, err := NewServer(WithIdentity(lastKATServer), WithRoots(lastKATRoots), WithClock(func() time.Time { return time.Unix(v.Now, 0) }))
 	if err != nil {
 		t.Fatal(err)
@@ -96,18 +96,27 @@ type katVector struct {
 var katCases = []struct {
 	suite Scheme
 	aead  AEAD
-	bind  bool
+	flags uint8
 }{
-	{X25519MLKEM768(), AES256GCM, false},
-	{X25519MLKEM768(), ChaCha20Poly1305, true},
-	{X448MLKEM1024(), AES256GCM, false},
+	{X25519MLKEM768(), AES256GCM, 0},
+	{X25519MLKEM768(), ChaCha20Poly1305, flagBinding | flagPQOnly},
+	{X448MLKEM1024(), AES256GCM, 0},
+	// Channel-bound on a post-quantum TLS connection: no pqkex ephemeral (spec 5.3).
+	{X25519MLKEM768(), AES256GCM, flagBinding | flagPQOnly | flagTLSEphemeral},
+	{X448MLKEM1024(), ChaCha20Poly1305, flagBinding | flagPQOnly | flagTLSEphemeral},
 }
 
-// katRun computes a vector from its inputs (suite, AEAD, seed, binding).
-func katRun(t testing.TB, suite Scheme, aead AEAD, bind bool) katVector {
+// katRun computes a vector from its inputs (suite, AEAD, seed, ClientHello flags; the
+// binding is drawn from the seed when flags has flagBinding).
+func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 	t.Helper()
-	v := katVector{Suite: suite.Name(), AEAD: aead.String(), Seed: "veil pqkex kat " + suite.Name() + " " + aead.String(),
+	seed := "veil pqkex kat " + suite.Name() + " " + aead.String()
+	if flags&flagTLSEphemeral != 0 {
+		seed += " tls-ephemeral" // later vectors than the first three, whose seeds stay as they were
+	}
+	v := katVector{Suite: suite.Name(), AEAD: aead.String(), Seed: seed,
 		Now: time.Date(2026, 6, 1, 12, 0, 0, 0, time.UTC).Unix(), CallID: 7, Procedure: "/test.v1.EchoService/Unary"}
+	bind := flags&flagBinding != 0
 	r := newShake(v.Seed)
 	now := time.Unix(v.Now, 0)
 	var caSeed [mldsa65.SeedSize]byte
@@ -143,7 +152,7 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, bind bool) katVector {
 		v.Bind = cb
 	}
 
-	hs, err := startClient(r, client, server.cred, aead, bind)
+	hs, err := startClient(r, client, server.cred, aead, flags)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -288,7 +297,7 @@ func sealBody(t testing.TB, d *direction, request bool, chunks [][]byte, trailer
 func TestKnownAnswers(t *testing.T) {
 	var got []katVector
 	for _, c := range katCases {
-		got = append(got, katRun(t, c.suite, c.aead, c.bind))
+		got = append(got, katRun(t, c.suite, c.aead, c.flags))
 	}
 	if *update {
 		b, err := json.MarshalIndent(got, "", "  ")
@@ -331,7 +340,7 @@ func loadKAT(t testing.TB) []katVector {
 func TestKnownAnswerServer(t *testing.T) {
 	for _, v := range loadKAT(t) {
 		suite := SchemeByName(v.Suite)
-		got := katRun(t, suite, aeadByName(v.AEAD), len(v.Bind) > 0)
+		got := katRun(t, suite, aeadByName(v.AEAD), helloFlags(v))
 		if !bytes.Equal(got.ResponseBody, v.ResponseBody) {
 			t.Fatalf("%s: vector does not reproduce", v.Suite)
 		}

@@ -20,7 +20,7 @@ import (
 func TestReplayToAnotherReplica(t *testing.T) {
 	v := loadKAT(t)[0]
 	suite, aead := SchemeByName(v.Suite), aeadByName(v.AEAD)
-	katRun(t, suite, aead, len(v.Bind) > 0)
+	katRun(t, suite, aead, helloFlags(v))
 	sh, err := parseServerHello(v.ServerHello, suite, helloFlags(v))
 	if err != nil {
 		t.Fatal(err)

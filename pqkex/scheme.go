@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/sha3"
+	"crypto/tls"
 
 	"github.com/cloudflare/circl/hpke"
 	"github.com/cloudflare/circl/kem"
@@ -87,6 +88,20 @@ func pqHalf(s Scheme) kem.Scheme {
 		return st.pq
 	}
 	return nil
+}
+
+// tlsEphemeralGroup reports whether a TLS connection that negotiated group g carries a
+// hybrid post-quantum ephemeral secret with an ML-KEM at least as strong as suite's, so that
+// a hello with flagTLSEphemeral may leave out pqkex's own ephemeral (spec 5.3). Both sides
+// decide with it: the server before it answers, the client after.
+func tlsEphemeralGroup(suite Scheme, g tls.CurveID) bool {
+	switch pqHalf(suite) {
+	case mlkem768.Scheme():
+		return g == tls.X25519MLKEM768 || g == tls.SecP256r1MLKEM768 || g == tls.SecP384r1MLKEM1024
+	case mlkem1024.Scheme():
+		return g == tls.SecP384r1MLKEM1024
+	}
+	return false
 }
 
 // concatKEM is a hybrid KEM whose public keys, ciphertexts and shared secrets are the

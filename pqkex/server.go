@@ -121,6 +121,10 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 	if ch.suite.ID() != self.cred.suite.ID() {
 		return nil, errUnsupported
 	}
+	if ch.flags&flagTLSEphemeral != 0 && (r.TLS == nil || !tlsEphemeralGroup(ch.suite, r.TLS.CurveID)) {
+		// Checked before the credential work so that the client's retry is cheap (spec 5.3).
+		return nil, errTLSNotPQ
+	}
 	now := s.cfg.now()
 	peer, err := s.creds.verify(s.cfg.roots, ch.credential, now)
 	if err != nil {

@@ -156,9 +156,13 @@ func TestVectorsParse(t *testing.T) {
 	}
 }
 
-// TestBadLengths: every truncation and every extension of every encoding is an error.
+// TestBadLengths: every truncation and every extension of every encoding is an error, for
+// the first vector and those without a pqkex ephemeral (empty ephemeral_pk and ct_e).
 func TestBadLengths(t *testing.T) {
-	for _, v := range loadKAT(t)[:1] {
+	for i, v := range loadKAT(t) {
+		if i > 0 && helloFlags(v)&flagTLSEphemeral == 0 {
+			continue
+		}
 		for name, e := range encodings(v) {
 			step := 1
 			if len(e.b) > 4096 {
@@ -259,7 +263,7 @@ func TestRootsVerify(t *testing.T) {
 
 func katRoots(t *testing.T, v katVector) Roots {
 	t.Helper()
-	got := katRun(t, SchemeByName(v.Suite), aeadByName(v.AEAD), len(v.Bind) > 0)
+	got := katRun(t, SchemeByName(v.Suite), aeadByName(v.AEAD), helloFlags(v))
 	if !reflect.DeepEqual(got.ServerCredential, v.ServerCredential) {
 		t.Fatal("vector does not reproduce")
 	}
@@ -267,17 +271,64 @@ func katRoots(t *testing.T, v katVector) Roots {
 }
 
 func TestFlags(t *testing.T) {
-	v := loadKAT(t)[0]
-	for _, f := range []uint8{flagPQOnly, 0x04, 0x80} {
+	vs := loadKAT(t)
+	v := vs[0]
+	for _, f := range []uint8{flagPQOnly, flagTLSEphemeral, flagBinding | flagTLSEphemeral, flagPQOnly | flagTLSEphemeral, 0x08, 0x0f, 0x80} {
 		b := append([]byte(nil), v.ClientHello...)
 		b[6] = f // u8 version, u8 type, u16 suite, u16 aead, u8 flags
 		if _, err := parseClientHello(b); err == nil {
 			t.Errorf("flags %#x accepted", f)
 		}
 	}
-	for _, f := range []uint8{0, flagBinding, flagBinding | flagPQOnly} {
-		if !validFlags(f) {
-			t.Errorf("flags %#x refused", f)
+	for f := range 256 {
+		want := f == 0 || f == flagBinding || f == flagBinding|flagPQOnly || f == flagBinding|flagPQOnly|flagTLSEphemeral
+		if validFlags(uint8(f)) != want {
+			t.Errorf("validFlags(%#x) = %v", f, !want)
 		}
+	}
+}
+
+// TestTLSEphemeralLengths: with flagTLSEphemeral the ephemeral key and ct_e must be empty,
+// without it they must have the KEM's size; a hello or ServerHello whose flag says otherwise
+// than its lengths is malformed (spec 5.1).
+func TestTLSEphemeralLengths(t *testing.T) {
+	vs := loadKAT(t)
+	full, none := vs[1], vs[3] // channel-bound with and without a pqkex ephemeral, same suite
+	if helloFlags(full) != flagBinding|flagPQOnly || helloFlags(none) != flagBinding|flagPQOnly|flagTLSEphemeral {
+		t.Fatalf("vector flags %#x, %#x", helloFlags(full), helloFlags(none))
+	}
+	withFlags := func(hello []byte, f uint8) []byte {
+		b := append([]byte(nil), hello...)
+		b[6] = f
+		return b
+	}
+	// Bit 2 with an ephemeral key; no bit 2 with an empty one.
+	if _, err := parseClientHello(withFlags(full.ClientHello, helloFlags(none))); err != errMalformed {
+		t.Errorf("bit 2 with an ephemeral key: %v, want malformed", err)
+	}
+	if _, err := parseClientHello(withFlags(none.ClientHello, helloFlags(full))); err != errMalformed {
+		t.Errorf("no bit 2 and no ephemeral key: %v, want malformed", err)
+	}
+	suite := SchemeByName(none.Suite)
+	if _, err := parseServerHello(full.ServerHello, suite, helloFlags(none)); err != errMalformed {
+		t.Errorf("bit 2 with a ct_e: %v, want malformed", err)
+	}
+	if _, err := parseServerHello(none.ServerHello, suite, helloFlags(full)); err != errMalformed {
+		t.Errorf("no bit 2 and no ct_e: %v, want malformed", err)
+	}
+	// A one-byte ephemeral key or ct_e behind a length of 1, with bit 2.
+	const ephOffset = 7 + randomSize + credDigestSize
+	ch := append(append(append([]byte(nil), none.ClientHello[:ephOffset]...), 0, 1, 0x42), none.ClientHello[ephOffset+2:]...)
+	if _, err := parseClientHello(ch); err != errMalformed {
+		t.Errorf("bit 2 with a 1-byte ephemeral key: %v, want malformed", err)
+	}
+	const ctEOffset = 2 + randomSize
+	sh := append(append(append([]byte(nil), none.ServerHello[:ctEOffset]...), 0, 1, 0x42), none.ServerHello[ctEOffset+2:]...)
+	if _, err := parseServerHello(sh, suite, helloFlags(none)); err != errMalformed {
+		t.Errorf("bit 2 with a 1-byte ct_e: %v, want malformed", err)
+	}
+	// The vectors' empty fields are on the wire as a zero length.
+	if none.ClientHello[ephOffset] != 0 || none.ClientHello[ephOffset+1] != 0 || none.ServerHello[ctEOffset] != 0 || none.ServerHello[ctEOffset+1] != 0 {
+		t.Error("empty ephemeral_pk or ct_e not encoded as a zero length")
 	}
 }
