@@ -380,14 +380,18 @@ func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL
 	if s != nil {
 		c.m.rekeys.WithLabelValues(sideClient, "session").Inc()
 	}
-	return c.establish(ctx, base, key)
+	return c.establish(ctx, base, key, s != nil)
 }
 
 // establish runs a handshake with the server at key (refetching its credential once if
 // the server rotated it, and sending its own ephemeral once if the TLS connection cannot
 // stand in for it) and makes the new session current. The caller holds key's lock.
-func (c *Client) establish(ctx context.Context, base http.RoundTripper, key string) (*clientSession, error) {
-	flags := clientFlags(c.cfg.bind, true)
+//
+// A rekey (replacing a session that served its calls, bytes or time) always sends a pqkex
+// ephemeral: its connection may be the one the old session was made on, whose TLS
+// ephemeral would otherwise be the forward secrecy of both (spec 6.5).
+func (c *Client) establish(ctx context.Context, base http.RoundTripper, key string, rekey bool) (*clientSession, error) {
+	flags := clientFlags(c.cfg.bind, !rekey)
 	s, err := c.handshake(ctx, base, key, flags)
 	if reasonOf(err) == reasonServerKey {
 		// The server rotated its credential: fetch it again, once.
@@ -431,7 +435,10 @@ func (c *Client) Handshake(ctx context.Context, base http.RoundTripper, serverUR
 	l := c.lockFor(key)
 	l.Lock()
 	defer l.Unlock()
-	if _, err := c.establish(ctx, base, key); err != nil {
+	c.mu.Lock()
+	current := c.sessions[key]
+	c.mu.Unlock()
+	if _, err := c.establish(ctx, base, key, current != nil); err != nil {
 		if isRejection(err) {
 			c.m.reject(sideClient, err)
 			return toConnect(err)

@@ -1,11 +1,14 @@
 package pqkex_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 
 	"connectrpc.com/connect"
@@ -130,5 +133,47 @@ func TestTLSEphemeralClientChecksItsConnection(t *testing.T) {
 	}
 	if got := counter(t, reg, "veil_pqkex_rejections_total", map[string]string{"side": "client", "reason": "tls_not_pq"}); got != 0 {
 		t.Errorf("client counted %v tls_not_pq refusals, want 0", got)
+	}
+}
+
+// helloFlagsSeen records the flags byte of every ClientHello a client sends.
+type helloFlagsSeen struct {
+	base  http.RoundTripper
+	mu    sync.Mutex
+	flags []byte
+}
+
+func (h *helloFlagsSeen) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.URL.Path == pqkex.HandshakePath && r.GetBody != nil {
+		if body, err := r.GetBody(); err == nil {
+			b, _ := io.ReadAll(body)
+			if len(b) > 6 { // version, type, u16 suite, u16 aead, then the flags
+				h.mu.Lock()
+				h.flags = append(h.flags, b[6])
+				h.mu.Unlock()
+			}
+		}
+	}
+	return h.base.RoundTrip(r)
+}
+
+// TestRekeyBringsItsOwnEphemeral: only a client's first session with a server leaves the
+// ephemeral to the TLS connection; session rekeys, on the same connection, and an early
+// replacement by Client.Handshake send a pqkex ephemeral (spec 6.5).
+func TestRekeyBringsItsOwnEphemeral(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	ts := e.serveGroups(t, echoMux(), []tls.CurveID{tls.X25519MLKEM768}, pqkex.WithChannelBinding())
+	seen := &helloFlagsSeen{base: e.transport(t, clientID)}
+	hc, cli := e.httpClient(t, seen, pqkex.WithChannelBinding(), pqkex.WithRekeyPolicy(pqkex.RekeyPolicy{Calls: 2}))
+	for range 4 { // two sessions of two calls
+		if err := unaryCall(hc, ts.URL); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := cli.Handshake(context.Background(), seen, ts.URL); err != nil {
+		t.Fatal(err)
+	}
+	if want := []byte{0x07, 0x03, 0x03}; !bytes.Equal(seen.flags, want) {
+		t.Fatalf("ClientHello flags %x, want %x (first session without a pqkex ephemeral, rekeys with one)", seen.flags, want)
 	}
 }
