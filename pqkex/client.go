@@ -49,6 +49,8 @@ type clientSession struct {
 	created   time.Time
 	server    *Credential
 	self      *Identity
+	binding   []byte // the TLS exporter the session is bound to; nil when not bound
+	tlsEph    bool   // made without a pqkex ephemeral (flags bit 2, spec 5.3)
 	calls     atomic.Int64
 	bytes     atomic.Int64
 }
@@ -181,7 +183,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil {
 		return nil, err
 	}
-	if short && resp.Header.Get(headerError) == string(reasonUnknownSess) {
+	if short && headerValue(resp.Header, headerError) == string(reasonUnknownSess) {
 		// This server (another replica, or one that restarted) does not hold the session:
 		// it refused the call before anything else, so the same sealed request is resent
 		// once with the ticket.
@@ -195,14 +197,14 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 			return nil, err
 		}
 	}
-	if reason := resp.Header.Get(headerError); reason != "" {
+	if reason := headerValue(resp.Header, headerError); reason != "" {
 		_ = resp.Body.Close()
 		if r := errorFromReason(reason); r.Code() == connect.CodeFailedPrecondition || r.Code() == connect.CodeDeadlineExceeded {
 			c.dropSession(req.URL, sess)
 		}
 		return nil, newError(reasonOf(errorFromReason(reason)), "rejected by server: "+reason)
 	}
-	if resp.Header.Get(headerSealed) != "1" {
+	if headerValue(resp.Header, headerSealed) != "1" {
 		_ = resp.Body.Close()
 		switch resp.StatusCode {
 		case http.StatusTooManyRequests, http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
@@ -213,7 +215,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		}
 		return nil, errUnsealed
 	}
-	if resp.Header.Get(headerSessionHeld) == "1" && !sess.held.Load() {
+	if headerValue(resp.Header, headerSessionHeld) == "1" && !sess.held.Load() {
 		sess.held.Store(true)
 	}
 	cc.o = opener{r: resp.Body, side: cc}
@@ -229,7 +231,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	resp.ContentLength = -1
 	resp.Trailer = cc.trailers
 	resp.Body = &cc.body
-	if resp.Header.Get(headerTrailersOnly) == "1" {
+	if headerValue(resp.Header, headerTrailersOnly) == "1" {
 		data, err := io.ReadAll(io.LimitReader(&cc.body, maxFramePlaintext))
 		_ = cc.body.Close()
 		if err != nil {
@@ -388,8 +390,8 @@ func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL
 // stand in for it) and makes the new session current. The caller holds key's lock.
 //
 // A rekey (replacing a session that served its calls, bytes or time) always sends a pqkex
-// ephemeral: its connection may be the one the old session was made on, whose TLS
-// ephemeral would otherwise be the forward secrecy of both (spec 6.5).
+// ephemeral: it normally runs on the connection the old session was made on, and only the
+// first session of a connection may leave its ephemeral to TLS (spec 6.5).
 func (c *Client) establish(ctx context.Context, base http.RoundTripper, key string, rekey bool) (*clientSession, error) {
 	flags := clientFlags(c.cfg.bind, !rekey)
 	s, err := c.handshake(ctx, base, key, flags)
@@ -438,7 +440,13 @@ func (c *Client) Handshake(ctx context.Context, base http.RoundTripper, serverUR
 	c.mu.Lock()
 	current := c.sessions[key]
 	c.mu.Unlock()
-	if _, err := c.establish(ctx, base, key, current != nil); err != nil {
+	s, err := c.establish(ctx, base, key, false)
+	if err == nil && current != nil && s.tlsEph && bytes.Equal(s.binding, current.binding) {
+		// It replaced a session on the same TLS connection: only the first session of a
+		// connection may leave its ephemeral to TLS (spec 6.5), so once more with one.
+		_, err = c.establish(ctx, base, key, true)
+	}
+	if err != nil {
 		if isRejection(err) {
 			c.m.reject(sideClient, err)
 			return toConnect(err)
@@ -518,6 +526,7 @@ func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key stri
 		ticket:    base64.RawURLEncoding.EncodeToString(res.ticket),
 		sid:       base64.RawURLEncoding.EncodeToString(res.secrets.sessionID),
 		expiry:    expiry, created: now, server: server, self: self,
+		binding: cb, tlsEph: flags&flagTLSEphemeral != 0,
 	}, nil
 }
 
@@ -537,7 +546,7 @@ func exchange(ctx context.Context, base http.RoundTripper, method, url string, b
 		return nil, nil, err
 	}
 	defer resp.Body.Close()
-	if reason := resp.Header.Get(headerError); reason != "" {
+	if reason := headerValue(resp.Header, headerError); reason != "" {
 		return nil, nil, newError(reasonOf(errorFromReason(reason)), "rejected by server: "+reason)
 	}
 	if resp.StatusCode != http.StatusOK {

@@ -162,6 +162,15 @@ const (
 	headerError        = "Veil-Pqkex-Error"
 )
 
+// headerValue is h.Get for a key already in canonical form, as all of pqkex's header names
+// are: Get canonicalizes (validates and maybe copies) its key on every call.
+func headerValue(h http.Header, canonical string) string {
+	if v := h[canonical]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
 // writeError writes err in the request's protocol (Connect, gRPC or gRPC-Web) and names the
 // reason in the Veil-Pqkex-Error header.
 func writeError(w http.ResponseWriter, r *http.Request, err error) {

@@ -118,15 +118,15 @@ func (sw *sealWriter) sendHeaders(trailersOnly bool, length int) {
 		}
 		dst[k] = v
 	}
-	dst.Set(headerSealed, "1")
+	dst[headerSealed] = []string{"1"}
 	if sw.held {
-		dst.Set(headerSessionHeld, "1")
+		dst[headerSessionHeld] = []string{"1"}
 	}
 	if length >= 0 {
-		dst.Set("Content-Length", strconv.Itoa(length))
+		dst["Content-Length"] = []string{strconv.Itoa(length)}
 	}
 	if trailersOnly {
-		dst.Set(headerTrailersOnly, "1")
+		dst[headerTrailersOnly] = []string{"1"}
 	}
 	if sw.status == 0 {
 		sw.status = http.StatusOK

@@ -203,7 +203,7 @@ var sealedRequestHeaders = append([]string{headerTicket, headerSession, "Content
 
 func compressed(h http.Header) bool {
 	for _, k := range contentEncodingHeaders {
-		if v := h.Get(k); v != "" && !strings.EqualFold(v, "identity") {
+		if v := headerValue(h, k); v != "" && !strings.EqualFold(v, "identity") {
 			return true
 		}
 	}
@@ -212,7 +212,7 @@ func compressed(h http.Header) bool {
 
 func (s *Server) serveCall(w http.ResponseWriter, r *http.Request, next http.Handler) {
 	procedure := r.URL.Path
-	ticketHeader, sessionHeader := r.Header.Get(headerTicket), r.Header.Get(headerSession)
+	ticketHeader, sessionHeader := headerValue(r.Header, headerTicket), headerValue(r.Header, headerSession)
 	if ticketHeader == "" && sessionHeader == "" {
 		if s.cfg.mode(procedure) == Permissive {
 			s.sc.plain.Inc()

@@ -157,23 +157,38 @@ func (h *helloFlagsSeen) RoundTrip(r *http.Request) (*http.Response, error) {
 	return h.base.RoundTrip(r)
 }
 
-// TestRekeyBringsItsOwnEphemeral: only a client's first session with a server leaves the
-// ephemeral to the TLS connection; session rekeys, on the same connection, and an early
-// replacement by Client.Handshake send a pqkex ephemeral (spec 6.5).
+// TestRekeyBringsItsOwnEphemeral: only the first session of a TLS connection leaves its
+// ephemeral to TLS; session rekeys, and Client.Handshake replacing a session on the same
+// connection, send a pqkex ephemeral; Client.Handshake over a new connection does not need
+// to (spec 6.5).
 func TestRekeyBringsItsOwnEphemeral(t *testing.T) {
 	e := newEnv(t, pqkex.X25519MLKEM768())
 	ts := e.serveGroups(t, echoMux(), []tls.CurveID{tls.X25519MLKEM768}, pqkex.WithChannelBinding())
 	seen := &helloFlagsSeen{base: e.transport(t, clientID)}
 	hc, cli := e.httpClient(t, seen, pqkex.WithChannelBinding(), pqkex.WithRekeyPolicy(pqkex.RekeyPolicy{Calls: 2}))
-	for range 4 { // two sessions of two calls
+	for range 4 { // two sessions of two calls, on one HTTP/2 connection
 		if err := unaryCall(hc, ts.URL); err != nil {
 			t.Fatal(err)
 		}
 	}
+	if want := []byte{0x07, 0x03}; !bytes.Equal(seen.flags, want) {
+		t.Fatalf("session rekey: ClientHello flags %x, want %x", seen.flags, want)
+	}
+	seen.flags = nil
 	if err := cli.Handshake(context.Background(), seen, ts.URL); err != nil {
 		t.Fatal(err)
 	}
-	if want := []byte{0x07, 0x03, 0x03}; !bytes.Equal(seen.flags, want) {
-		t.Fatalf("ClientHello flags %x, want %x (first session without a pqkex ephemeral, rekeys with one)", seen.flags, want)
+	if want := []byte{0x07, 0x03}; !bytes.Equal(seen.flags, want) {
+		t.Fatalf("Handshake on the same connection: ClientHello flags %x, want %x", seen.flags, want)
+	}
+	other := &helloFlagsSeen{base: e.transport(t, clientID)} // another connection
+	if err := cli.Handshake(context.Background(), other, ts.URL); err != nil {
+		t.Fatal(err)
+	}
+	if want := []byte{0x07}; !bytes.Equal(other.flags, want) {
+		t.Fatalf("Handshake on a new connection: ClientHello flags %x, want %x", other.flags, want)
+	}
+	if err := unaryCall(hc, ts.URL); err != nil { // the session works for calls
+		t.Fatal(err)
 	}
 }
