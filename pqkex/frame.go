@@ -236,6 +236,7 @@ type opener struct {
 	side callSide // nil: rekey frames are refused
 	hdr  [frameHeaderSize]byte
 	buf  []byte
+	box  *[]byte // buf's pool box (getBuffer), if it came from the pool
 
 	// With a body read whole (preread), frames are opened in place in mem, the rest of it.
 	whole bool
@@ -255,7 +256,7 @@ func (o *opener) preread(n int64) error {
 	}
 	b := o.buf // the hello frame's buffer, if any: nothing refers to it any more
 	if b == nil {
-		b = getBuffer()
+		o.box, b = getBuffer()
 	}
 	if int64(cap(b)) < n {
 		b = make([]byte, n)
@@ -374,7 +375,7 @@ func (o *opener) next() (byte, []byte, error) {
 			}
 		} else {
 			if o.buf == nil {
-				o.buf = getBuffer()
+				o.box, o.buf = getBuffer()
 			}
 			if cap(o.buf) < int(size) {
 				o.buf = make([]byte, size)
@@ -448,7 +449,7 @@ func appendFields(b []byte, kind byte, h http.Header, n *int) []byte {
 
 func (t trailerBlock) encode() []byte {
 	n := 0
-	b := []byte{0, 0}
+	b := make([]byte, 2, 32) // room for the count and the status entry, which is all most blocks hold
 	if t.status != 0 {
 		b = append(b, kindStatus)
 		b = appendVec16(b, []byte(statusName))
@@ -549,8 +550,8 @@ func (r *openReader) fill() error {
 				return toConnect(err)
 			}
 		}
-		putBuffer(r.o.buf) // nothing refers to it any more: pending is empty
-		r.o.buf, r.o.mem = nil, nil
+		putBuffer(r.o.box, r.o.buf) // nothing refers to it any more: pending is empty
+		r.o.buf, r.o.mem, r.o.box = nil, nil, nil
 		return io.EOF
 	}
 	// pt lies in the opener's buffer, which the next frame overwrites; Read calls fill

@@ -102,7 +102,8 @@ func BenchmarkCallCrypto(b *testing.B) {
 			b.Fatal(err)
 		}
 		s := &sealer{dir: &sk.s2c, now: time.Now}
-		resp := append(getBuffer(), sk.nonce[:]...)
+		box, resp := getBuffer()
+		resp = append(resp, sk.nonce[:]...)
 		if resp, err = s.appendData(resp, plain); err == nil {
 			resp, err = s.appendFrame(resp, flagFinal, status)
 		}
@@ -117,6 +118,6 @@ func BenchmarkCallCrypto(b *testing.B) {
 		if n, err := io.Copy(io.Discard, &openReader{o: ro}); err != nil || n != int64(len(plain)) {
 			b.Fatal(n, err)
 		}
-		putBuffer(resp)
+		putBuffer(box, resp)
 	}
 }

@@ -16,20 +16,23 @@ var buffers = sync.Pool{New: func() any { return new([]byte) }}
 
 const maxPooledBuffer = 2*maxDataFrame + 4*(frameHeaderSize+aeadTagSize)
 
-func getBuffer() []byte {
-	b := *buffers.Get().(*[]byte)
-	if b == nil {
-		b = make([]byte, 0, 4<<10)
+// getBuffer returns an empty pooled buffer and the pool's box for it, which putBuffer
+// takes back: recycling the same box allocates nothing.
+func getBuffer() (*[]byte, []byte) {
+	box := buffers.Get().(*[]byte)
+	if *box == nil {
+		*box = make([]byte, 0, 4<<10)
 	}
-	return b[:0]
+	return box, (*box)[:0]
 }
 
-func putBuffer(b []byte) {
-	if b == nil || cap(b) > maxPooledBuffer {
+// putBuffer returns b, the buffer last obtained with box (perhaps grown since), to the pool.
+func putBuffer(box *[]byte, b []byte) {
+	if box == nil || cap(b) > maxPooledBuffer {
 		return
 	}
-	b = b[:0]
-	buffers.Put(&b)
+	*box = b[:0]
+	buffers.Put(box)
 }
 
 // sealWriter seals a handler's response body into frames and moves its trailers into the
@@ -42,6 +45,7 @@ type sealWriter struct {
 	sent     bool // headers written to w
 	pending  []byte
 	out      []byte
+	boxes    [2]*[]byte // the pool's boxes of pending and out
 	declared []string
 	err      error
 	held     bool   // the call came with its ticket: say that the server keeps the session (spec 6.6)
@@ -62,7 +66,7 @@ func (sw *sealWriter) Write(p []byte) (int, error) {
 	}
 	sw.WriteHeader(http.StatusOK)
 	if sw.pending == nil {
-		sw.pending = getBuffer()
+		sw.boxes[0], sw.pending = getBuffer()
 	}
 	sw.pending = append(sw.pending, p...)
 	if len(sw.pending) >= maxDataFrame {
@@ -156,7 +160,7 @@ func (sw *sealWriter) emit(final bool) error {
 	}
 	var err error
 	if sw.out == nil {
-		sw.out = getBuffer()
+		sw.boxes[1], sw.out = getBuffer()
 	}
 	sw.out = sw.out[:0]
 	if !sw.sent {
@@ -196,15 +200,20 @@ func (sw *sealWriter) emit(final bool) error {
 
 // collect gathers the handler's trailers and, for a trailers-only response, its status headers.
 func (sw *sealWriter) collect(trailersOnly bool) (moved, trailers http.Header) {
-	moved, trailers = http.Header{}, http.Header{}
+	add := func(h *http.Header, k string, v []string) { // maps made on first use: most responses have none
+		if *h == nil {
+			*h = http.Header{}
+		}
+		(*h)[k] = v
+	}
 	for k, v := range sw.h {
 		switch {
 		case strings.HasPrefix(k, http.TrailerPrefix):
-			trailers[http.CanonicalHeaderKey(strings.TrimPrefix(k, http.TrailerPrefix))] = v
+			add(&trailers, http.CanonicalHeaderKey(strings.TrimPrefix(k, http.TrailerPrefix)), v)
 		case sw.isDeclared(k):
-			trailers[k] = v
+			add(&trailers, k, v)
 		case trailersOnly && movable(k):
-			moved[k] = v
+			add(&moved, k, v)
 		}
 	}
 	return moved, trailers
@@ -222,9 +231,9 @@ func (sw *sealWriter) finish() error {
 // release returns the writer's buffers to the pool once the response is complete (the
 // ResponseWriter copied what it was given).
 func (sw *sealWriter) release() {
-	putBuffer(sw.pending)
-	putBuffer(sw.out)
-	sw.pending, sw.out = nil, nil
+	putBuffer(sw.boxes[0], sw.pending)
+	putBuffer(sw.boxes[1], sw.out)
+	sw.pending, sw.out, sw.boxes = nil, nil, [2]*[]byte{}
 	if sw.err == nil {
 		sw.err = errFinished
 	}
