@@ -159,7 +159,7 @@ func BenchmarkSessionSetup(b *testing.B) {
 }
 
 // BenchmarkUnaryCall measures a 1 KiB connect unary call over HTTP/2 mTLS (one warm
-// connection, sequential calls), with and without pqkex sealing.
+// connection, sequential calls, no compression), with and without pqkex sealing.
 func BenchmarkUnaryCall(b *testing.B) {
 	e := newEnv(b, pqkex.X25519MLKEM768())
 	msg := wrapperspb.String(strings.Repeat("x", 1024))
@@ -173,7 +173,9 @@ func BenchmarkUnaryCall(b *testing.B) {
 		url  string
 	}{{"plain", plain, plainSrv.URL}, {"sealed", sealed, sealedSrv.URL}} {
 		b.Run(c.name, func(b *testing.B) {
-			cl := connect.NewClient[str, str](c.hc, c.url+procUnary)
+			// No gzip on either side: pqkex refuses compressed bodies (spec 8), so plain calls
+			// compressed by connect-go's default would compare different work.
+			cl := connect.NewClient[str, str](c.hc, c.url+procUnary, connect.WithAcceptCompression("gzip", nil, nil))
 			ctx := context.Background()
 			if _, err := cl.CallUnary(ctx, connect.NewRequest(msg)); err != nil {
 				b.Fatal(err)
@@ -204,7 +206,9 @@ func BenchmarkUnaryCallParallel(b *testing.B) {
 		url  string
 	}{{"plain", plain, plainSrv.URL}, {"sealed", sealed, sealedSrv.URL}} {
 		b.Run(c.name, func(b *testing.B) {
-			cl := connect.NewClient[str, str](c.hc, c.url+procUnary)
+			// No gzip on either side: pqkex refuses compressed bodies (spec 8), so plain calls
+			// compressed by connect-go's default would compare different work.
+			cl := connect.NewClient[str, str](c.hc, c.url+procUnary, connect.WithAcceptCompression("gzip", nil, nil))
 			ctx := context.Background()
 			if _, err := cl.CallUnary(ctx, connect.NewRequest(msg)); err != nil {
 				b.Fatal(err)

@@ -294,34 +294,60 @@ var clientStrippedHeaders = append([]string{"Content-Length"}, acceptEncodingHea
 
 // sealWhole seals a request body of known length n in one piece (the call ID, the hello
 // frame, its data frames and the FINAL frame) into a buffer of exactly the size needed, and
-// closes body.
+// closes body. A body that fits one frame is read straight into its place in that buffer
+// and sealed there.
 func sealWhole(s *sealer, callID uint64, body io.ReadCloser, n int64, side callSide) ([]byte, error) {
-	var plain []byte
 	if body != nil {
 		defer body.Close()
-		plain = make([]byte, n)
-		if _, err := io.ReadFull(body, plain); err != nil {
-			return nil, err
-		}
-		var extra [1]byte
-		if m, _ := body.Read(extra[:]); m != 0 {
-			return nil, errors.New("pqkex: request body longer than its ContentLength")
-		}
+	} else {
+		n = 0
 	}
-	frames := 2 + (len(plain)+maxDataFrame-1)/maxDataFrame
-	out := make([]byte, 0, callIDSize+frames*(frameHeaderSize+aeadTagSize)+len(plain)+len(emptyTrailerBlock))
+	frames := 2 + (int(n)+maxDataFrame-1)/maxDataFrame
+	out := make([]byte, 0, callIDSize+frames*(frameHeaderSize+aeadTagSize)+int(n)+len(emptyTrailerBlock))
 	out = binary.BigEndian.AppendUint64(out, callID)
 	out, err := s.appendFrame(out, 0, nil)
-	if err == nil && len(plain) > 0 {
-		if side != nil {
-			side.counted(len(plain))
+	if err != nil || n == 0 {
+		return s.finishWhole(out, err)
+	}
+	if side != nil {
+		side.counted(int(n))
+	}
+	if n <= maxDataFrame && !s.rekeyDue() {
+		start := len(out)
+		buf := out[:start+frameHeaderSize+int(n)]
+		if err := readExactly(body, buf[start+frameHeaderSize:]); err != nil {
+			return nil, err
 		}
-		out, err = s.appendData(out, plain)
+		s.sinceBytes += n
+		out, err = s.sealInPlace(buf, start, 0, int(n))
+		return s.finishWhole(out, err)
 	}
-	if err == nil {
-		out, err = s.appendFrame(out, flagFinal, emptyTrailerBlock)
+	plain := make([]byte, n)
+	if err := readExactly(body, plain); err != nil {
+		return nil, err
 	}
-	return out, err
+	out, err = s.appendData(out, plain)
+	return s.finishWhole(out, err)
+}
+
+// finishWhole appends the FINAL frame of a request sealed whole.
+func (s *sealer) finishWhole(out []byte, err error) ([]byte, error) {
+	if err != nil {
+		return nil, err
+	}
+	return s.appendFrame(out, flagFinal, emptyTrailerBlock)
+}
+
+// readExactly fills b from r and checks that r has nothing more.
+func readExactly(r io.Reader, b []byte) error {
+	if _, err := io.ReadFull(r, b); err != nil {
+		return err
+	}
+	var extra [1]byte
+	if m, _ := r.Read(extra[:]); m != 0 {
+		return errors.New("pqkex: request body longer than its ContentLength")
+	}
+	return nil
 }
 
 func nonNil(b io.ReadCloser) io.ReadCloser {

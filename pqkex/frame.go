@@ -177,17 +177,39 @@ type sealer struct {
 }
 
 func (s *sealer) appendFrame(dst []byte, flags byte, pt []byte) ([]byte, error) {
+	start := len(dst)
+	dst = append(dst, make([]byte, frameHeaderSize)...)
+	seq, err := s.header(dst[start:], flags, len(pt))
+	if err != nil {
+		return dst[:start], err
+	}
+	return s.dir.keys.Seal(dst, s.dir.nonce(seq), pt, dst[start:start+frameHeaderSize:start+frameHeaderSize]), nil
+}
+
+// sealInPlace seals the n plaintext bytes at buf[start+9:] into a frame whose header it
+// writes at buf[start:start+9], without copying them (the AEAD seals in place); the caller
+// put them there behind a reserved header.
+func (s *sealer) sealInPlace(buf []byte, start int, flags byte, n int) ([]byte, error) {
+	body := start + frameHeaderSize
+	seq, err := s.header(buf[start:body], flags, n)
+	if err != nil {
+		return buf[:start], err
+	}
+	return s.dir.keys.Seal(buf[:body], s.dir.nonce(seq), buf[body:body+n], buf[start:body:body]), nil
+}
+
+// header writes the header of the next frame, of n plaintext bytes, into h and returns its
+// sequence number.
+func (s *sealer) header(h []byte, flags byte, n int) (uint32, error) {
 	if s.dir.seq > math.MaxUint32 {
-		return dst, errSequenceWrapped
+		return 0, errSequenceWrapped
 	}
 	seq := uint32(s.dir.seq)
 	s.dir.seq++
-	start := len(dst)
-	dst = append(dst, flags)
-	dst = binary.BigEndian.AppendUint32(dst, seq)
-	dst = binary.BigEndian.AppendUint32(dst, uint32(len(pt)+aeadTagSize))
-	hdr := dst[start : start+frameHeaderSize : start+frameHeaderSize]
-	return s.dir.keys.Seal(dst, s.dir.nonce(seq), pt, hdr), nil
+	h[0] = flags
+	binary.BigEndian.PutUint32(h[1:5], seq)
+	binary.BigEndian.PutUint32(h[5:9], uint32(n+aeadTagSize))
+	return seq, nil
 }
 
 func (s *sealer) rekeyDue() bool {

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"io"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 )
@@ -119,5 +120,24 @@ func BenchmarkCallCrypto(b *testing.B) {
 			b.Fatal(n, err)
 		}
 		putBuffer(box, resp)
+	}
+}
+
+// sealWhole refuses a body longer than its declared length, and one shorter.
+func TestSealWholeLength(t *testing.T) {
+	sk := sessionKey(crypto.SHA256, make([]byte, 32))
+	for _, tt := range []struct {
+		body    string
+		n       int64
+		wantErr bool
+	}{{"abc", 3, false}, {"abcd", 3, true}, {"ab", 3, true}, {"", 0, false}} {
+		ck, err := newCallKeys(crypto.SHA256, AES256GCM, sk, 1, "/p")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = sealWhole(&sealer{dir: &ck.c2s, now: time.Now}, 1, io.NopCloser(strings.NewReader(tt.body)), tt.n, nil)
+		if (err != nil) != tt.wantErr {
+			t.Errorf("body %q declared %d: err %v, want error %v", tt.body, tt.n, err, tt.wantErr)
+		}
 	}
 }

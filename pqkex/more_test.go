@@ -314,3 +314,24 @@ func TestIdentityAndCredentialChecks(t *testing.T) {
 		}
 	}
 }
+
+// TestUnaryBodySizes: unary bodies sealed whole arrive intact whether they are empty, fit
+// one frame (sealed in place) or span several 64 KiB frames, with rekeys due or not.
+func TestUnaryBodySizes(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	ts := e.startServer(t, echoMux())
+	for _, policy := range []pqkex.RekeyPolicy{{}, {Stream: pqkex.StreamRekeyPolicy{Bytes: 1000}}} {
+		hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithRekeyPolicy(policy))
+		c := connect.NewClient[str, str](hc, ts.URL+procUnary)
+		for _, n := range []int{0, 1, 1000, 64<<10 - 8, 64 << 10, 200 << 10} {
+			msg := strings.Repeat("v", n)
+			resp, err := c.CallUnary(context.Background(), connect.NewRequest(strMsg(msg)))
+			if err != nil {
+				t.Fatalf("%d bytes, rekey %+v: %v", n, policy, err)
+			}
+			if resp.Msg.Value != "echo:"+msg {
+				t.Fatalf("%d bytes, rekey %+v: echo of %d bytes", n, policy, len(resp.Msg.Value))
+			}
+		}
+	}
+}
