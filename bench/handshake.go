@@ -84,7 +84,7 @@ func handshakeSuite(cfg *config) (*Report, error) {
 
 	// Raw TLS 1.3 mutual handshakes on loopback TCP: the server handshakes and closes.
 	// With setup, each connection then carries one pqkex handshake (see pqkexOverTLS).
-	rawTLS := func(name, label string, curves []tls.CurveID, setup *pqkexOverTLS) error {
+	rawTLS := func(name, label string, curves []tls.CurveID, setup afterTLS) error {
 		// Permissive, so that the classic system may offer X25519 alone.
 		scfg := transport.ServerConfig(e.serverSrc, transport.WithPQMode(transport.PQPermissive))
 		scfg.CurvePreferences = curves
@@ -149,6 +149,10 @@ func handshakeSuite(cfg *config) (*Report, error) {
 		return nil, err
 	}
 	if err := rawTLS("veil_setup", "Veil session setup (the target): PQ mTLS 1.3 + channel-bound pqkex handshake on that connection, both sides, credentials already held", []tls.CurveID{tls.X25519MLKEM768}, setup); err != nil {
+		return nil, err
+	}
+	// The same round trip with no pqkex in it: what the extra round trip alone costs.
+	if err := rawTLS("pqtls_rtt", "PQ mTLS 1.3 + one record round trip of pqkex's sizes, no pqkex work (diagnostic)", []tls.CurveID{tls.X25519MLKEM768}, &roundTripOnly{}); err != nil {
 		return nil, err
 	}
 
@@ -255,14 +259,54 @@ func handshakeSuite(cfg *config) (*Report, error) {
 	rep.ratio("setup_vs_classic_cpu_per_handshake", rep.system("veil_setup"), "cpu_us_per_handshake", classic, "cpu_us_per_handshake")
 	rep.ratio("pqtls_vs_classic_cpu_per_handshake", rep.system("pqtls"), "cpu_us_per_handshake", classic, "cpu_us_per_handshake")
 	rep.ratio("setup_vs_pqtls_cpu_per_handshake", rep.system("veil_setup"), "cpu_us_per_handshake", rep.system("pqtls"), "cpu_us_per_handshake")
+	rep.ratio("pqtls_rtt_vs_classic_cpu_per_handshake", rep.system("pqtls_rtt"), "cpu_us_per_handshake", classic, "cpu_us_per_handshake")
 	// A new client's whole first call (not the target's figure: it adds HTTP/2, the
 	// credential fetch and verification, and the call).
 	rep.ratio("veil_vs_classic_cpu_per_handshake", rep.system("veil"), "cpu_us_per_handshake", classic, "cpu_us_per_handshake")
 	rep.ratio("veil_vs_pq_http2_cpu_per_handshake", rep.system("veil"), "cpu_us_per_handshake", rep.system("veil_http2"), "cpu_us_per_handshake")
 	rep.Notes = append(rep.Notes,
 		"setup_vs_classic_cpu_per_handshake is the target's figure (<= 1.5): veil_setup is a PQ mTLS handshake plus a channel-bound pqkex handshake over that TLS connection (length-prefixed records, no HTTP), both sides, with each side already holding the other's verified credential, as after first contact (credentials live for hours); classic is a bare X25519 mTLS handshake; both include TCP connect and close",
+		"pqtls_rtt is PQ mTLS plus one request and response of the sizes of a pqkex handshake (ClientHello, ServerHello) over the same record framing, with no pqkex work: veil_setup minus pqtls_rtt is pqkex's own CPU, pqtls_rtt minus pqtls the cost of the extra round trip",
 		"veil_vs_classic_cpu_per_handshake is a new client's whole first call, not a handshake: veil and veil_http2 also pay for HTTP/2 connection setup, the call itself and closing, and veil for fetching and verifying the server's credential (ML-DSA-65 + ECDSA, once per server and credential lifetime); veil minus veil_http2 is what pqkex adds to a first call")
 	return rep, nil
+}
+
+// afterTLS is what a raw TLS system does on each connection after the handshake.
+type afterTLS interface {
+	handshake(tc *tls.Conn, serverURL string) error // client side
+	serve(tc *tls.Conn)                             // server side, until the client closes
+}
+
+// roundTripOnly sends one record of a ClientHello's size and answers with one of a
+// ServerHello's (sizes of a channel-bound pqkex handshake on PQ TLS), doing nothing else.
+type roundTripOnly struct{}
+
+const (
+	rttRequestBytes  = 5500 + 1200 // client credential and the encapsulation to the server key
+	rttResponseBytes = 1100 + 1400 // the encapsulation to the client key and the ticket
+)
+
+func (roundTripOnly) handshake(tc *tls.Conn, _ string) error {
+	if err := writeRecord(tc, http.MethodPost, pqkex.HandshakePath, make([]byte, rttRequestBytes)); err != nil {
+		return err
+	}
+	_, _, body, err := readRecord(bufio.NewReader(tc))
+	if err == nil && len(body) != rttResponseBytes {
+		err = fmt.Errorf("bench: round trip answered %d bytes", len(body))
+	}
+	return err
+}
+
+func (roundTripOnly) serve(tc *tls.Conn) {
+	r := bufio.NewReader(tc)
+	for {
+		if _, _, _, err := readRecord(r); err != nil {
+			return
+		}
+		if err := writeRecord(tc, "200", "", make([]byte, rttResponseBytes)); err != nil {
+			return
+		}
+	}
 }
 
 func repeat(n int, f func() error) []func() error {
