@@ -161,39 +161,34 @@ func BenchmarkSessionSetup(b *testing.B) {
 // BenchmarkUnaryCall measures a 1 KiB connect unary call over HTTP/2 mTLS (one warm
 // connection, sequential calls, no compression), with and without pqkex sealing.
 func BenchmarkUnaryCall(b *testing.B) {
-	e := newEnv(b, pqkex.X25519MLKEM768())
-	msg := wrapperspb.String(strings.Repeat("x", 1024))
-	plainSrv := e.serveTLS(b, serverID, echoMux())
-	sealedSrv := e.startServer(b, echoMux())
-	plain := &http.Client{Transport: e.transport(b, clientID)}
-	sealed, _ := e.httpClient(b, e.transport(b, clientID))
-	for _, c := range []struct {
-		name string
-		hc   *http.Client
-		url  string
-	}{{"plain", plain, plainSrv.URL}, {"sealed", sealed, sealedSrv.URL}} {
-		b.Run(c.name, func(b *testing.B) {
-			// No gzip on either side: pqkex refuses compressed bodies (spec 8), so plain calls
-			// compressed by connect-go's default would compare different work.
-			cl := connect.NewClient[str, str](c.hc, c.url+procUnary, connect.WithAcceptCompression("gzip", nil, nil))
-			ctx := context.Background()
-			if _, err := cl.CallUnary(ctx, connect.NewRequest(msg)); err != nil {
+	benchUnary(b, func(b *testing.B, call func() error) {
+		for range b.N {
+			if err := call(); err != nil {
 				b.Fatal(err)
 			}
-			reportCPU(b, func() {
-				for range b.N {
-					if _, err := cl.CallUnary(ctx, connect.NewRequest(msg)); err != nil {
-						b.Fatal(err)
-					}
-				}
-			})
-		})
-	}
+		}
+	})
 }
 
 // BenchmarkUnaryCallParallel is BenchmarkUnaryCall with 64 concurrent callers on one
 // connection, the load of the bench rpc suite (sealed vs unsealed throughput).
 func BenchmarkUnaryCallParallel(b *testing.B) {
+	benchUnary(b, func(b *testing.B, call func() error) {
+		b.SetParallelism(32)
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				if err := call(); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	})
+}
+
+// benchUnary runs loop as the sub-benchmarks "plain" (mTLS only) and "sealed" (pqkex), each
+// with a warm connect client calling the 1 KiB echo, and reports their CPU per call.
+func benchUnary(b *testing.B, loop func(b *testing.B, call func() error)) {
 	e := newEnv(b, pqkex.X25519MLKEM768())
 	msg := wrapperspb.String(strings.Repeat("x", 1024))
 	plainSrv := e.serveTLS(b, serverID, echoMux())
@@ -209,21 +204,14 @@ func BenchmarkUnaryCallParallel(b *testing.B) {
 			// No gzip on either side: pqkex refuses compressed bodies (spec 8), so plain calls
 			// compressed by connect-go's default would compare different work.
 			cl := connect.NewClient[str, str](c.hc, c.url+procUnary, connect.WithAcceptCompression("gzip", nil, nil))
-			ctx := context.Background()
-			if _, err := cl.CallUnary(ctx, connect.NewRequest(msg)); err != nil {
+			call := func() error {
+				_, err := cl.CallUnary(context.Background(), connect.NewRequest(msg))
+				return err
+			}
+			if err := call(); err != nil {
 				b.Fatal(err)
 			}
-			b.SetParallelism(32)
-			reportCPU(b, func() {
-				b.RunParallel(func(pb *testing.PB) {
-					for pb.Next() {
-						if _, err := cl.CallUnary(ctx, connect.NewRequest(msg)); err != nil {
-							b.Error(err)
-							return
-						}
-					}
-				})
-			})
+			reportCPU(b, func() { loop(b, call) })
 		})
 	}
 }
