@@ -449,8 +449,10 @@ func (c *Client) establish(ctx context.Context, base http.RoundTripper, key stri
 // transport RoundTripper wraps), and makes the new session the one later calls to that
 // server use. RoundTripper runs handshakes on demand; Handshake sets a session up ahead of
 // the first call, or replaces the current one early. The server's credential is fetched
-// and verified first unless the client already holds it. Errors are *connect.Error for
-// pqkex refusals, else base's own.
+// and verified first unless the client already holds it. With channel binding on a
+// post-quantum TLS connection the first session of a connection leaves its ephemeral to
+// TLS; a session replacing one on the same connection brings its own (spec 6.5), at the
+// cost of a second handshake. Errors are *connect.Error for pqkex refusals, else base's own.
 func (c *Client) Handshake(ctx context.Context, base http.RoundTripper, serverURL string) error {
 	u, err := url.Parse(serverURL)
 	if err != nil || u.Host == "" {
