@@ -551,10 +551,14 @@ func refusal(err error) string {
 		return "accepted"
 	}
 	var ce *connect.Error
-	if errors.As(err, &ce) && ce.Code() != connect.CodeUnavailable && ce.Code() != connect.CodeUnknown {
-		return ce.Code().String() + ": " + ce.Message()
+	switch {
+	case !errors.As(err, &ce), ce.Code() == connect.CodeUnavailable, ce.Code() == connect.CodeUnknown,
+		// A server that refuses the TLS handshake resets the connection; connect-go reports
+		// a reset during the write as canceled, though nothing was.
+		ce.Code() == connect.CodeCanceled:
+		return "handshake refused: " + err.Error()
 	}
-	return "handshake refused: " + err.Error()
+	return ce.Code().String() + ": " + ce.Message()
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -83,7 +83,8 @@ func TestDemoJSON(t *testing.T) {
 	if len(rep.Calls) != 8 {
 		t.Fatalf("%d calls, want 8 (3 protocols x kinds)", len(rep.Calls))
 	}
-	if len(rep.Refused) != 3 || !strings.HasPrefix(rep.Refused[1].Result, "unauthenticated") || !strings.HasPrefix(rep.Refused[2].Result, "permission_denied") {
+	if len(rep.Refused) != 3 || !strings.HasPrefix(rep.Refused[0].Result, "handshake refused") ||
+		!strings.HasPrefix(rep.Refused[1].Result, "unauthenticated") || !strings.HasPrefix(rep.Refused[2].Result, "permission_denied") {
 		t.Fatalf("refusals %+v", rep.Refused)
 	}
 }
