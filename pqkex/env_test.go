@@ -300,3 +300,20 @@ func counter(t *testing.T, reg *prometheus.Registry, name string, labels map[str
 var _ = tls.VersionTLS13
 
 func strMsg(s string) *str { return wrapperspb.String(s) }
+
+// sharedTicketKeys draws one ticket key and returns a function that makes a TicketKeys
+// holding it: what replicas sharing their ticket keys each hold.
+func sharedTicketKeys(t testing.TB) func() *pqkex.TicketKeys {
+	t.Helper()
+	k, err := pqkex.GenerateTicketKey(1, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return func() *pqkex.TicketKeys {
+		tk, err := pqkex.NewTicketKeys(k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tk
+	}
+}

@@ -60,16 +60,8 @@ const (
 	keyLabelS2C = dirS2C + " key"
 )
 
-func newCallKeys(h crypto.Hash, a AEAD, session *hmacKey, callID uint64, procedure string) (*callKeys, error) {
-	ck := new(callKeys)
-	if err := ck.init(h, a, session, callID, procedure); err != nil {
-		return nil, err
-	}
-	return ck, nil
-}
-
-// init sets ck up for a call and derives its c2s key; ck may be part of a larger per-call
-// struct, so that a call allocates once.
+// init sets ck up for a call and derives its c2s key; ck is part of a larger per-call
+// struct (clientCall, serverCall), so that a call allocates once.
 func (ck *callKeys) init(h crypto.Hash, a AEAD, session *hmacKey, callID uint64, procedure string) error {
 	*ck = callKeys{session: session, callID: callID, procedure: procedure}
 	ck.c2s = direction{hash: h, aead: a, call: ck, label: dirC2S}
@@ -297,7 +289,7 @@ func (o *opener) preread(n int64) error {
 // readCallID reads the call ID that starts a request body (spec 6.2).
 func (o *opener) readCallID() (uint64, error) {
 	var id [callIDSize]byte
-	b, err := o.readClear(id[:])
+	b, err := o.readFixed(id[:])
 	if err != nil {
 		return 0, err
 	}
@@ -306,15 +298,15 @@ func (o *opener) readCallID() (uint64, error) {
 
 // readNonce reads the server nonce that starts a response body (spec 6.2) into dst.
 func (o *opener) readNonce(dst *[serverNonceSize]byte) error {
-	b, err := o.readClear(dst[:])
+	b, err := o.readFixed(dst[:])
 	copy(dst[:], b)
 	return err
 }
 
-// readClear returns the next len(buf) bytes of the body, which travel in the clear (the
-// call ID or the server nonce): from a body read whole, or read into buf. A body that ends
-// first is truncated.
-func (o *opener) readClear(buf []byte) ([]byte, error) {
+// readFixed returns the next len(buf) bytes of the body (the call ID, the server nonce or
+// a frame header): from a body read whole, or read into buf. A body that ends first is
+// truncated.
+func (o *opener) readFixed(buf []byte) ([]byte, error) {
 	if o.whole {
 		b, ok := o.take(len(buf))
 		if !ok {
@@ -361,21 +353,9 @@ func (o *opener) take(n int) ([]byte, bool) {
 // next returns the next data or FINAL frame; REKEY frames are processed on the way.
 func (o *opener) next() (byte, []byte, error) {
 	for {
-		var hdr []byte
-		if o.whole {
-			var ok bool
-			if hdr, ok = o.take(frameHeaderSize); !ok {
-				return 0, nil, errTruncated
-			}
-		} else {
-			n, err := io.ReadFull(o.r, o.hdr[:])
-			if err != nil {
-				if n == 0 && errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-					return 0, nil, errTruncated
-				}
-				return 0, nil, err
-			}
-			hdr = o.hdr[:]
+		hdr, err := o.readFixed(o.hdr[:])
+		if err != nil {
+			return 0, nil, err
 		}
 		flags := hdr[0]
 		seq := binary.BigEndian.Uint32(hdr[1:5])

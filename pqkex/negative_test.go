@@ -324,17 +324,7 @@ func TestReplayedCall(t *testing.T) {
 // responses are sealed under different keys (TestReplayToAnotherReplica opens them).
 func TestReplayedCallToAnotherReplica(t *testing.T) {
 	e := newEnv(t, pqkex.X25519MLKEM768())
-	k, err := pqkex.GenerateTicketKey(1, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	shared := func() *pqkex.TicketKeys {
-		tk, err := pqkex.NewTicketKeys(k)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return tk
-	}
+	shared := sharedTicketKeys(t)
 	replicaA := e.startServer(t, echoMux(), pqkex.WithTicketKeys(shared()))
 	replicaB := e.startServer(t, echoMux(), pqkex.WithTicketKeys(shared()))
 	base := e.transport(t, clientID)
@@ -459,17 +449,7 @@ func TestIdentityChecks(t *testing.T) {
 
 func TestTickets(t *testing.T) {
 	e := newEnv(t, pqkex.X25519MLKEM768())
-	k1, err := pqkex.GenerateTicketKey(1, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	shared := func() *pqkex.TicketKeys {
-		tk, err := pqkex.NewTicketKeys(k1)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return tk
-	}
+	shared := sharedTicketKeys(t)
 	clk := &clock{now: testNow}
 	replicaA := e.startServer(t, echoMux(), pqkex.WithTicketKeys(shared()), pqkex.WithClock(clk.Now), pqkex.WithTicketLifetime(time.Minute))
 	replicaB := e.startServer(t, echoMux(), pqkex.WithTicketKeys(shared()), pqkex.WithClock(clk.Now))

@@ -82,15 +82,7 @@ func serverSerial(t *testing.T, addr string, client transport.Source) string {
 // 10 s certificate while serving, and checks the refusals of used and expired tokens.
 func TestOnlineCA(t *testing.T) {
 	ctx := context.Background()
-	tmp := t.TempDir()
-	dir := filepath.Join(tmp, "ca")
-	if code, _, errOut := veil(t, ctx, "ca", "init", "--dir", dir, "--trust-domain", "example.org"); code != 0 {
-		t.Fatal(errOut)
-	}
-	if code, _, errOut := veil(t, ctx, "ca", "issue", "--dir", dir, "--id", "spiffe://example.org/client", "--out", filepath.Join(tmp, "client")); code != 0 {
-		t.Fatal(errOut)
-	}
-	caAddr := startCAServe(t, dir)
+	tmp, dir, caAddr := onlineCA(t)
 	tok := token(t, dir, "spiffe://example.org/echo", 10*time.Minute)
 	joinArgs := func(tok string) []string {
 		return []string{"--ca", "https://" + caAddr, "--ca-bundle", filepath.Join(dir, "bundle.crt"), "--join-token", tok,
@@ -262,15 +254,7 @@ func TestCAInitIfMissingAndBundle(t *testing.T) {
 // rotate that identity too.
 func TestOnlineCASealing(t *testing.T) {
 	ctx := context.Background()
-	tmp := t.TempDir()
-	dir := filepath.Join(tmp, "ca")
-	if code, _, errOut := veil(t, ctx, "ca", "init", "--dir", dir, "--trust-domain", "example.org"); code != 0 {
-		t.Fatal(errOut)
-	}
-	if code, _, errOut := veil(t, ctx, "ca", "issue", "--dir", dir, "--id", "spiffe://example.org/client", "--out", filepath.Join(tmp, "client")); code != 0 {
-		t.Fatal(errOut)
-	}
-	caAddr := startCAServe(t, dir)
+	tmp, dir, caAddr := onlineCA(t)
 	port := startServe(t, "--ca", "https://"+caAddr, "--ca-bundle", filepath.Join(dir, "bundle.crt"),
 		"--join-token", token(t, dir, "spiffe://example.org/echo", 10*time.Minute), "--id", "spiffe://example.org/echo",
 		"--cert-ttl", "10s", "--renew-before", "6s", "--service", "echo", "--pq-seal", "strict")
@@ -306,4 +290,20 @@ func TestOnlineCASealing(t *testing.T) {
 	if code == 0 {
 		t.Fatalf("an unsealed call to a strict server succeeded: %s", out+errOut)
 	}
+}
+
+// onlineCA makes a CA for example.org in tmp/ca, issues spiffe://example.org/client into
+// tmp/client and serves the CA online.
+func onlineCA(t *testing.T) (tmp, dir, caAddr string) {
+	t.Helper()
+	ctx := context.Background()
+	tmp = t.TempDir()
+	dir = filepath.Join(tmp, "ca")
+	if code, _, errOut := veil(t, ctx, "ca", "init", "--dir", dir, "--trust-domain", "example.org"); code != 0 {
+		t.Fatal(errOut)
+	}
+	if code, _, errOut := veil(t, ctx, "ca", "issue", "--dir", dir, "--id", "spiffe://example.org/client", "--out", filepath.Join(tmp, "client")); code != 0 {
+		t.Fatal(errOut)
+	}
+	return tmp, dir, startCAServe(t, dir)
 }
