@@ -13,10 +13,10 @@ import (
 )
 
 // sealReference holds Microsoft SEAL 4.1.2's figures and lattigo's, measured
-// interleaved in one run on this machine kind (shared/notes/figures.md): SEAL cannot be
-// built here, so he is compared with SEAL through lattigo, measured again in this run:
-// he_vs_seal = (he / lattigo, this run) x (lattigo / SEAL, figures.md). Ratios hold
-// across runs where absolute times do not.
+// interleaved in one run on this machine kind (docs/he.md, "Reference measurements",
+// says how): SEAL is not built here, so he is compared with SEAL through lattigo,
+// measured again in this run: he_vs_seal = (he / lattigo, this run) x (lattigo / SEAL,
+// reference). Ratios hold across runs where absolute times do not.
 var sealReference = map[string]struct{ decryptLattigo, decryptSEAL, relinLattigo, relinSEAL float64 }{
 	"n13": {decryptLattigo: 3.14, decryptSEAL: 0.70, relinLattigo: 5.88, relinSEAL: 3.63},
 	"n14": {decryptLattigo: 10.7, decryptSEAL: 5.15, relinLattigo: 59.7, relinSEAL: 31.6},
@@ -95,7 +95,7 @@ func heVersusSEAL(cfg *config, rep *Report, name string, params *he.Parameters) 
 	decRatio, kgen := rep.Ratios["he_vs_lattigo_decrypt"+suffix], rep.Ratios["he_vs_lattigo_relin_keygen"+suffix]
 	rep.Ratios["he_vs_seal_decrypt"+suffix] = round(decRatio * ref.decryptLattigo / ref.decryptSEAL)
 	rep.Ratios["he_vs_seal_relin_keygen"+suffix] = round(kgen * ref.relinLattigo / ref.relinSEAL)
-	rep.Notes = append(rep.Notes, fmt.Sprintf("%s: he vs SEAL = (he/lattigo measured here) x (lattigo/SEAL from shared/notes/figures.md: decrypt+decode %.2f/%.2f ms, relinearization key %.2f/%.2f ms); SEAL is not built on these machines",
+	rep.Notes = append(rep.Notes, fmt.Sprintf("%s: he vs SEAL = (he/lattigo measured here) x (lattigo/SEAL from docs/he.md, Reference measurements: decrypt+decode %.2f/%.2f ms, relinearization key %.2f/%.2f ms); SEAL is not built on these machines",
 		name, ref.decryptLattigo, ref.decryptSEAL, ref.relinLattigo, ref.relinSEAL))
 	return nil
 }

@@ -15,9 +15,9 @@ import (
 
 func TestModelTrain(t *testing.T) {
 	dir := t.TempDir()
-	wdbc := os.Getenv("VEIL_WDBC")
+	wdbc := os.Getenv("VEIL_WDBC") // default: the repository's copy (testdata/README.md)
 	if wdbc == "" {
-		wdbc = filepath.Join("..", "..", "..", "shared", "data", "wdbc.csv")
+		wdbc = filepath.Join("..", "..", "testdata", "wdbc.csv")
 	}
 	out := filepath.Join(dir, "model.json")
 	var stdout, stderr bytes.Buffer

@@ -45,14 +45,15 @@ func smallParams(t testing.TB) *he.Parameters {
 	return p
 }
 
+// wdbcPath is the repository's copy of wdbc.csv (testdata/README.md), or $VEIL_WDBC.
 func wdbcPath(t testing.TB) string {
 	t.Helper()
 	p := os.Getenv("VEIL_WDBC")
 	if p == "" {
-		p = filepath.Join("..", "..", "..", "shared", "data", "wdbc.csv")
+		p = filepath.Join("..", "..", "testdata", "wdbc.csv")
 	}
 	if _, err := os.Stat(p); err != nil {
-		t.Fatalf("wdbc.csv not found at %s (set VEIL_WDBC): %v", p, err)
+		t.Fatalf("wdbc.csv not found at %s: %v", p, err)
 	}
 	return p
 }
