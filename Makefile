@@ -11,7 +11,7 @@ PROTOVALIDATE_VERSION := v1.2.2
 FUZZTIME ?= 10s
 PKGS := ./...
 
-.PHONY: all build generate check-generate lint test unit integration bench fuzz demo clean spire deploy-check
+.PHONY: all build generate check-generate check-standalone lint test unit integration bench fuzz demo clean spire deploy-check
 
 all: build
 
@@ -31,6 +31,13 @@ generate: third_party/protovalidate/buf/validate/validate.proto
 check-generate: generate
 	@git add -N gen >/dev/null 2>&1 || true
 	@git diff --exit-code --stat -- gen || { echo "check-generate: gen/ is stale: run 'make generate' and commit" >&2; exit 1; }
+
+# check-standalone proves the repository needs nothing beside it (.ci/check-standalone):
+# no file names ../shared or climbs out of the repository in a Go string or a Markdown
+# link, and the packages whose tests read files pass in a fresh clone of HEAD in an empty
+# temporary folder. STANDALONE_CLONE=0 runs only the quick source checks.
+check-standalone:
+	.ci/check-standalone
 
 lint: third_party/protovalidate/buf/validate/validate.proto
 	$(GO) vet ./...
