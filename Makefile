@@ -33,7 +33,7 @@ check-generate: generate
 	@git diff --exit-code --stat -- gen || { echo "check-generate: gen/ is stale: run 'make generate' and commit" >&2; exit 1; }
 
 # check-standalone proves the repository needs nothing beside it (.ci/check-standalone):
-# no file names ../shared or climbs out of the repository in a Go string or a Markdown
+# no file names the old out-of-tree reference folders or climbs out of the repository in a Go string or a Markdown
 # link, and the packages whose tests read files pass in a fresh clone of HEAD in an empty
 # temporary folder. STANDALONE_CLONE=0 runs only the quick source checks.
 check-standalone:
