@@ -11,7 +11,7 @@ PROTOVALIDATE_VERSION := v1.2.2
 FUZZTIME ?= 10s
 PKGS := ./...
 
-.PHONY: all build generate check-generate check-standalone lint test unit integration bench fuzz demo clean spire deploy-check
+.PHONY: all build generate check-generate check-standalone check-layers lint test unit integration bench fuzz demo clean spire deploy-check
 
 all: build
 
@@ -39,10 +39,22 @@ check-generate: generate
 check-standalone:
 	.ci/check-standalone
 
-lint: third_party/protovalidate/buf/validate/validate.proto
+# lint: vet, golangci-lint (.golangci.yml; its depguard rules encode the layering of
+# docs/conventions.md and name the rule a change breaks), the layers' transitive imports
+# (check-layers), buf lint and buf breaking (check-breaking).
+lint: third_party/protovalidate/buf/validate/validate.proto check-layers
 	$(GO) vet ./...
 	$(BUF) lint
 	$(GOLANGCI) run ./...
+
+# check-layers: depguard sees direct imports; this checks that no layer reaches another
+# layer, rpc, services, natsstate or cmd through any chain of imports (gen/ and internal/
+# packages are allowed, and what they import is checked too).
+check-layers:
+	@for l in transport pqkex he; do \
+	  bad=$$($(GO) list -deps ./$$l/... | grep '^github.com/veilrpc/veil/' | grep -vE "^github.com/veilrpc/veil/($$l|gen|internal)(/|$$)" || true); \
+	  if [ -n "$$bad" ]; then echo "check-layers: layer $$l imports, directly or not:" $$bad >&2; exit 1; fi; \
+	done; echo "check-layers: transport, pqkex and he import no other layer, rpc, services, natsstate or cmd"
 
 # unit runs every test with -race, then the allocation tests, which the race detector
 # skips (it changes allocation counts), without it.
