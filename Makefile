@@ -11,7 +11,7 @@ PROTOVALIDATE_VERSION := v1.2.2
 FUZZTIME ?= 10s
 PKGS := ./...
 
-.PHONY: all build generate check-generate check-standalone check-layers lint test unit integration bench fuzz demo clean spire deploy-check
+.PHONY: all build generate check-generate check-standalone check-layers check-breaking lint test unit integration bench fuzz demo clean spire deploy-check
 
 all: build
 
@@ -45,7 +45,14 @@ check-standalone:
 lint: third_party/protovalidate/buf/validate/validate.proto check-layers
 	$(GO) vet ./...
 	$(BUF) lint
+	.ci/check-breaking
 	$(GOLANGCI) run ./...
+
+# check-breaking: buf breaking against the previous commit's protos (HEAD~1, or
+# BUF_BREAKING_AGAINST=REF); an intended break carries a 'Proto-Breaking: <why>'
+# commit trailer (.ci/check-breaking, docs/compatibility.md).
+check-breaking: third_party/protovalidate/buf/validate/validate.proto
+	.ci/check-breaking
 
 # check-layers: depguard sees direct imports; this checks that no layer reaches another
 # layer, rpc, services, natsstate or cmd through any chain of imports (gen/ and internal/
