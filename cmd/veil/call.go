@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http/httptrace"
+	"slices"
 	"strings"
 
 	"connectrpc.com/connect"
@@ -24,7 +25,7 @@ import (
 )
 
 func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("call", "call --identity DIR --addr URL [--server-id ID] [--pq-seal on|off] [-v] PROCEDURE JSON", stderr)
+	fs := newFlags("call", "call --identity DIR --addr URL [--server-id ID] [--pq-seal on|off] [-v] PROCEDURE JSON\n\nPROCEDURE: package.Service/Method as grpcurl takes it (or /package.Service/Method)", stderr)
 	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt; pq.cred, pq.key for sealing)")
 	addr := fs.String("addr", "", "server base URL, e.g. https://127.0.0.1:8443")
 	serverID := fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)")
@@ -41,13 +42,13 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	if fs.NArg() != 2 {
-		return fmt.Errorf("%w: veil call needs PROCEDURE and JSON, e.g. /veil.echo.v1.EchoService/Echo '{\"message\":\"hi\"}'", errUsage)
+		return fmt.Errorf("%w: veil call needs PROCEDURE and JSON, e.g. veil.echo.v1.EchoService/Echo '{\"message\":\"hi\"}'", errUsage)
 	}
-	procedure, body := fs.Arg(0), fs.Arg(1)
-	method, err := findMethod(procedure)
+	method, procedure, err := findMethod(fs.Arg(0))
 	if err != nil {
 		return err
 	}
+	body := fs.Arg(1)
 	if method.IsStreamingClient() {
 		return fmt.Errorf("%w: %s takes a request stream; veil call sends one message", errUsage, procedure)
 	}
@@ -119,23 +120,51 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	return err
 }
 
-// findMethod resolves "/pkg.Service/Method" among the compiled-in services.
-func findMethod(procedure string) (protoreflect.MethodDescriptor, error) {
-	parts := strings.Split(strings.TrimPrefix(procedure, "/"), "/")
-	if len(parts) != 2 {
-		return nil, fmt.Errorf("%w: procedure %q: want /package.Service/Method", errUsage, procedure)
-	}
-	d, err := protoregistry.GlobalFiles.FindDescriptorByName(protoreflect.FullName(parts[0]))
-	if err != nil {
-		return nil, fmt.Errorf("%w: unknown service %q", errUsage, parts[0])
-	}
-	svc, ok := d.(protoreflect.ServiceDescriptor)
+// findMethod resolves a procedure among the compiled-in services. It takes the forms
+// grpcurl and buf curl take, "package.Service/Method" and "package.Service.Method", and
+// the path form "/package.Service/Method"; it returns the method and its path. A
+// procedure that is not compiled in is a usage error listing the ones that are.
+func findMethod(procedure string) (protoreflect.MethodDescriptor, string, error) {
+	name := strings.TrimPrefix(procedure, "/")
+	svcName, methodName, ok := strings.Cut(name, "/")
 	if !ok {
-		return nil, fmt.Errorf("%w: %q is not a service", errUsage, parts[0])
+		// package.Service.Method
+		if i := strings.LastIndexByte(name, '.'); i > 0 {
+			svcName, methodName, ok = name[:i], name[i+1:], true
+		}
 	}
-	m := svc.Methods().ByName(protoreflect.Name(parts[1]))
-	if m == nil {
-		return nil, fmt.Errorf("%w: service %s has no method %q", errUsage, parts[0], parts[1])
+	if !ok || svcName == "" || methodName == "" || strings.Contains(methodName, "/") {
+		return nil, "", fmt.Errorf("%w: procedure %q: want package.Service/Method (or /package.Service/Method)", errUsage, procedure)
 	}
-	return m, nil
+	if d, err := protoregistry.GlobalFiles.FindDescriptorByName(protoreflect.FullName(svcName)); err == nil {
+		if svc, ok := d.(protoreflect.ServiceDescriptor); ok {
+			if m := svc.Methods().ByName(protoreflect.Name(methodName)); m != nil {
+				return m, "/" + svcName + "/" + methodName, nil
+			}
+		}
+	}
+	return nil, "", fmt.Errorf("%w: procedure %q is not compiled into veil; veil call knows:\n  %s", errUsage, procedure, strings.Join(callableProcedures(), "\n  "))
+}
+
+// callableProcedures lists, sorted, the procedures of the compiled-in Veil services
+// (packages veil.*; the registry also holds clients' services, such as the SPIFFE
+// Workload API) that veil call can send: one request message, unary or server-streaming.
+func callableProcedures() []string {
+	var out []string
+	protoregistry.GlobalFiles.RangeFiles(func(f protoreflect.FileDescriptor) bool {
+		if !strings.HasPrefix(string(f.Package()), "veil.") {
+			return true
+		}
+		for i := 0; i < f.Services().Len(); i++ {
+			svc := f.Services().Get(i)
+			for j := 0; j < svc.Methods().Len(); j++ {
+				if m := svc.Methods().Get(j); !m.IsStreamingClient() {
+					out = append(out, string(svc.FullName())+"/"+string(m.Name()))
+				}
+			}
+		}
+		return true
+	})
+	slices.Sort(out)
+	return out
 }

@@ -181,8 +181,17 @@ func TestServeWithPlainHTTPClient(t *testing.T) {
 		"/veil.echo.v1.EchoService/Echo", `{"message":"clear"}`); code != 1 || !strings.Contains(errOut, "unauthenticated") {
 		t.Fatalf("unsealed veil call: exit %d err %q", code, errOut)
 	}
-	if code, _, _ := veil(t, ctx, "call", "--identity", filepath.Join(dir, "client"), "--addr", base, "/veil.echo.v1.EchoService/Nope", `{}`); code != 2 {
-		t.Fatalf("unknown method: exit %d, want 2", code)
+	// grpcurl's form, without the leading slash, calls the same procedure.
+	code, out, errOut = veil(t, ctx, "call", "--identity", filepath.Join(dir, "client"), "--addr", base+"/",
+		"veil.echo.v1.EchoService/Echo", `{"message":"grpcurl form"}`)
+	if code != 0 || !strings.Contains(out, `"grpcurl form"`) {
+		t.Fatalf("veil call veil.echo.v1.EchoService/Echo: exit %d out %q err %q", code, out, errOut)
+	}
+	for _, procedure := range []string{"/veil.echo.v1.EchoService/Nope", "veil.echo.v1.Nope/Echo"} {
+		code, _, errOut := veil(t, ctx, "call", "--identity", filepath.Join(dir, "client"), "--addr", base, procedure, `{}`)
+		if code != 2 || !strings.Contains(errOut, "not compiled into veil") || !strings.Contains(errOut, "veil.echo.v1.EchoService/Echo") {
+			t.Fatalf("veil call %s: exit %d, stderr %q; want 2 and the list of procedures", procedure, code, errOut)
+		}
 	}
 
 	// The same with the real curl, where the machine has it.
