@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -132,32 +133,48 @@ func (s *natsTopology) route(t *testing.T, n int) {
 // requestsSinceRoute counts the requests the proxy forwarded to replica n since its
 // last route change whose path contains what. It counts from the end of the proxy's
 // log, whose head the Docker engine drops as it rotates (large uploads are logged).
+// The engine delivers a container's output to its log asynchronously, later still on a
+// busy machine: the count waits until a marker logged after the requests of interest
+// has arrived, and counts up to it.
 func (s *natsTopology) requestsSinceRoute(t *testing.T, n int, what string) int {
 	t.Helper()
-	rc, err := s.proxy.Logs(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rc.Close()
-	count := 0
-	sc := bufio.NewScanner(rc)
-	sc.Buffer(make([]byte, 1<<20), 64<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		switch {
-		case strings.Contains(line, "ROUTE upstream="):
-			count = 0
-		case strings.Contains(line, "REQUEST upstream="):
-			if strings.Contains(line, fmt.Sprintf("REQUEST upstream=%d ", n)) && strings.Contains(line, what) {
-				count++
+	id := fmt.Sprint(proxyMarks.Add(1))
+	s.sealed.post(t, "/_testproxy/mark?id="+id)
+	mark := "MARK " + strconv.Quote(id) // as the proxy logs it
+	count := -1
+	poll(t, "the proxy's log marker "+mark, time.Minute, func() error {
+		rc, err := s.proxy.Logs(context.Background())
+		if err != nil {
+			return err
+		}
+		defer rc.Close()
+		c := 0
+		sc := bufio.NewScanner(rc)
+		sc.Buffer(make([]byte, 1<<20), 64<<20)
+		for sc.Scan() {
+			line := sc.Text()
+			switch {
+			case strings.Contains(line, "ROUTE upstream="):
+				c = 0
+			case strings.Contains(line, "REQUEST upstream="):
+				if strings.Contains(line, fmt.Sprintf("REQUEST upstream=%d ", n)) && strings.Contains(line, what) {
+					c++
+				}
+			case strings.HasSuffix(strings.TrimSpace(line), mark):
+				count = c
+				return nil
 			}
 		}
-	}
-	if err := sc.Err(); err != nil {
-		t.Fatalf("proxy log: %v", err)
-	}
+		if err := sc.Err(); err != nil {
+			t.Fatalf("proxy log: %v", err)
+		}
+		return fmt.Errorf("not in the log yet")
+	})
 	return count
 }
+
+// proxyMarks numbers the markers requestsSinceRoute asks the proxy to log.
+var proxyMarks atomic.Int64
 
 // score scores a batch through the proxy and checks the predictions against the
 // plaintext model.

@@ -114,6 +114,12 @@ func main() {
 			}
 			return
 		}
+		if r.URL.Path == "/_testproxy/mark" {
+			// A marker in the log: a test that sees it knows every line before it
+			// has reached the container log.
+			logf("MARK %s", strconv.Quote(r.URL.Query().Get("id")))
+			return
+		}
 		if r.URL.Path == "/_testproxy/route" {
 			n, err := strconv.Atoi(r.URL.Query().Get("to"))
 			if err != nil || n < 0 || n >= len(proxies) {
