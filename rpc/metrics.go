@@ -20,6 +20,8 @@ type Metrics struct {
 	latency    *prometheus.HistogramVec
 	handshakes *prometheus.CounterVec
 	refused    *prometheus.CounterVec
+	// authRefused counts calls WithBoundTokens refused, by procedure and reason.
+	authRefused *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer, side string) *Metrics {
@@ -38,9 +40,12 @@ func newMetrics(reg prometheus.Registerer, side string) *Metrics {
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "veil_tls_handshake_failures_total", Help: "Refused TLS handshakes by reason.", ConstLabels: constLabels,
 		}, []string{"reason"}),
+		authRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "veil_rpc_auth_refusals_total", Help: "Calls refused for their access token (WithBoundTokens), by procedure and reason (AuthReason*).", ConstLabels: constLabels,
+		}, []string{"procedure", "reason"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.calls, m.latency, m.handshakes, m.refused)
+		reg.MustRegister(m.calls, m.latency, m.handshakes, m.refused, m.authRefused)
 	}
 	return m
 }

@@ -179,24 +179,55 @@ func TestBoundTokens(t *testing.T) {
 	}{
 		{"no token", plainA, "", rpc.AuthReasonMissing},
 		{"garbage", plainA, "not.a.jwt", rpc.AuthReasonInvalid},
-		{"another audience", plainA, tokOther, rpc.AuthReasonInvalid},
+		{"another audience", plainA, tokOther, rpc.AuthReasonAudience},
 		{"stolen by another caller", plainB, tokA, rpc.AuthReasonNotBound},
 	} {
 		r := req()
 		if tc.token != "" {
 			r.Header().Set("Authorization", "Bearer "+tc.token)
 		}
+		before := refusalsFor(t, echoSrv, tc.reason)
 		_, err := tc.client.Echo(ctx, r)
 		if connect.CodeOf(err) != connect.CodeUnauthenticated || rpc.AuthReason(err) != tc.reason {
 			t.Errorf("%s: %v (%q), want unauthenticated (%s)", tc.name, err, rpc.AuthReason(err), tc.reason)
+		}
+		if n := refusalsFor(t, echoSrv, tc.reason) - before; n != 1 {
+			t.Errorf("%s: veil_rpc_auth_refusals_total{reason=%q} rose by %v, want 1", tc.name, tc.reason, n)
 		}
 	}
 	skew.Store(int64(10 * time.Minute))
 	r := req()
 	r.Header().Set("Authorization", "Bearer "+tokA)
+	before := refusalsFor(t, echoSrv, rpc.AuthReasonExpired)
 	if _, err := plainA.Echo(ctx, r); rpc.AuthReason(err) != rpc.AuthReasonExpired {
 		t.Fatalf("expired token without retry: %v", err)
 	}
+	if n := refusalsFor(t, echoSrv, rpc.AuthReasonExpired) - before; n != 1 {
+		t.Fatalf("veil_rpc_auth_refusals_total{reason=token_expired} rose by %v, want 1", n)
+	}
+}
+
+// refusalsFor is the server's veil_rpc_auth_refusals_total for reason.
+func refusalsFor(t *testing.T, srv *rpc.Server, reason string) float64 {
+	t.Helper()
+	mfs, err := srv.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n float64
+	for _, mf := range mfs {
+		if mf.GetName() != "veil_rpc_auth_refusals_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "reason" && l.GetValue() == reason {
+					n += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return n
 }
 
 // refused counts the echo calls the server answered with unauthenticated.
