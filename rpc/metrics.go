@@ -50,6 +50,30 @@ func newMetrics(reg prometheus.Registerer, side string) *Metrics {
 	return m
 }
 
+// CounterValue sums the counter name in g over the series whose label has value (0
+// when there is none): for reports and tests, for example a server's
+// veil_rpc_auth_refusals_total with reason AuthReasonExpired.
+func CounterValue(g prometheus.Gatherer, name, label, value string) (float64, error) {
+	mfs, err := g.Gather()
+	if err != nil {
+		return 0, err
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					sum += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return sum, nil
+}
+
 // HandshakeDone implements transport.Observer.
 func (m *Metrics) HandshakeDone(g tls.CurveID, resumed bool) {
 	m.handshakes.WithLabelValues(g.String(), strconv.FormatBool(transport.IsPQGroup(g)), strconv.FormatBool(resumed)).Inc()

@@ -663,31 +663,13 @@ func (d *demo) tokenExpiry(ctx context.Context, url string) error {
 	tk.Refreshed = tk.RefreshedEarly + tk.RefreshedOnExpiry
 	tk.Issued = d.tokens.Issued()
 	for _, srv := range d.verifiers {
-		tk.ExpiredRefusals += int64(counterValue(srv, "veil_rpc_auth_refusals_total", "reason", rpc.AuthReasonExpired))
+		n, err := rpc.CounterValue(srv.Registry(), "veil_rpc_auth_refusals_total", "reason", rpc.AuthReasonExpired)
+		if err != nil {
+			return err
+		}
+		tk.ExpiredRefusals += int64(n)
 	}
 	return nil
-}
-
-// counterValue sums the counter name's series whose label has value.
-func counterValue(srv *rpc.Server, name, label, value string) float64 {
-	mfs, err := srv.Registry().Gather()
-	if err != nil {
-		return 0
-	}
-	var n float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == label && l.GetValue() == value {
-					n += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return n
 }
 
 // check fails the demo when a result is off: scripts may rely on its exit code.

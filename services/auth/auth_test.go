@@ -207,50 +207,26 @@ func TestBoundTokens(t *testing.T) {
 	}
 }
 
-// refusalsFor is the server's veil_rpc_auth_refusals_total for reason.
-func refusalsFor(t *testing.T, srv *rpc.Server, reason string) float64 {
+// metricSum sums srv's counter name over the series whose label has value.
+func metricSum(t *testing.T, srv *rpc.Server, name, label, value string) float64 {
 	t.Helper()
-	mfs, err := srv.Registry().Gather()
+	v, err := rpc.CounterValue(srv.Registry(), name, label, value)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var n float64
-	for _, mf := range mfs {
-		if mf.GetName() != "veil_rpc_auth_refusals_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "reason" && l.GetValue() == reason {
-					n += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return n
+	return v
 }
 
 // refused counts the echo calls the server answered with unauthenticated.
 func refused(t *testing.T, srv *rpc.Server) float64 {
 	t.Helper()
-	mfs, err := srv.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n float64
-	for _, mf := range mfs {
-		if mf.GetName() != "veil_rpc_calls_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "code" && l.GetValue() == "unauthenticated" {
-					n += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return n
+	return metricSum(t, srv, "veil_rpc_calls_total", "code", "unauthenticated")
+}
+
+// refusalsFor is the server's veil_rpc_auth_refusals_total for reason.
+func refusalsFor(t *testing.T, srv *rpc.Server, reason string) float64 {
+	t.Helper()
+	return metricSum(t, srv, "veil_rpc_auth_refusals_total", "reason", reason)
 }
 
 func TestLoadOrCreateKey(t *testing.T) {
