@@ -408,7 +408,7 @@ func TestTokenMutationsRefused(t *testing.T) {
 			}
 			return o
 		}, "is not mounted from a Secret"},
-		{"the token service beside another service", edit("veil-auth", "- auth", "- auth\n  - echo"), "the token service runs alone"},
+		{"the token service beside another service", edit("veil-auth", "- auth", "- auth\n- echo"), "the token service runs alone"},
 		{"an issuer that is not a SPIFFE ID", edit("veil-scoring", "token-issuer: spiffe://", "token-issuer: https://"), "token-issuer"},
 		{"no token service", func(o []Object) []Object {
 			return drop(o, func(x Object) bool { return x.Name == "veil-auth" })
