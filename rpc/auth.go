@@ -247,8 +247,8 @@ type CertificateTokenFetcher interface {
 }
 
 // WithAccessTokens is a client interceptor that sends a bound access token with every
-// call, and when the server refuses it as expired or not bound, fetches a new one and
-// retries the call once: for a connection that presents an earlier certificate of the
+// call, and when the server refuses it as expired, not bound or invalid (a token signed
+// with a retired key), fetches a new one and retries the call once: for a connection that presents an earlier certificate of the
 // caller, a token bound to that certificate if f is a CertificateTokenFetcher. Only
 // unary calls are retried; streams get the token.
 func WithAccessTokens(f TokenFetcher) connect.ClientOption {
@@ -266,7 +266,9 @@ func (c tokenClient) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 		req.Header().Set("Authorization", "Bearer "+tok)
 		res, err := next(ctx, req)
 		switch AuthReason(err) {
-		case AuthReasonExpired, AuthReasonNotBound:
+		case AuthReasonExpired, AuthReasonNotBound, AuthReasonInvalid:
+			// A new token helps: this one expired, was bound to an older certificate, or
+			// was signed with a key the token service has since replaced.
 		default:
 			return res, err
 		}

@@ -150,3 +150,60 @@ func TestBoundTokenVerification(t *testing.T) {
 		t.Fatalf("verifier without a key: %v", err)
 	}
 }
+
+// fakeFetcher hands out tokens[0] until asked to refresh, then tokens[1], ...
+type fakeFetcher struct {
+	tokens    []string
+	refreshes int
+}
+
+func (f *fakeFetcher) Token(_ context.Context, refresh bool) (string, error) {
+	if refresh && f.refreshes < len(f.tokens)-1 {
+		f.refreshes++
+	}
+	return f.tokens[f.refreshes], nil
+}
+
+// TestAccessTokensRetry: WithAccessTokens refreshes and retries once where a new token
+// helps (expired; signed with a retired key), and not where it cannot (another
+// audience), and never more than once.
+func TestAccessTokensRetry(t *testing.T) {
+	pub, key, _ := ed25519.GenerateKey(rand.Reader)
+	_, retired, _ := ed25519.GenerateKey(rand.Reader)
+	now := time.Now()
+	e := start(t, rpc.WithBoundTokens(rpc.TokenVerifier{Issuer: issuerID, Key: pub, Audience: serverID}))
+	src := identity(t, e.ca, e.dir, clientID)
+	svid, _ := src.GetX509SVID()
+	hc := rpc.NewHTTPClient(src, transport.AuthorizeID(spiffeid.RequireFromString(serverID)))
+	token := func(k ed25519.PrivateKey, aud string, exp time.Time) string {
+		tok, err := jwt.NewWithClaims(jwt.SigningMethodEdDSA, rpc.TokenClaims{
+			RegisteredClaims: jwt.RegisteredClaims{Issuer: issuerID, Subject: clientID, Audience: jwt.ClaimStrings{aud},
+				IssuedAt: jwt.NewNumericDate(now.Add(-time.Hour)), NotBefore: jwt.NewNumericDate(now.Add(-time.Hour)), ExpiresAt: jwt.NewNumericDate(exp)},
+			Cnf: rpc.Confirmation{X5tS256: rpc.CertThumbprint(svid.Certificates[0])},
+		}).SignedString(k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	good := token(key, serverID, now.Add(time.Hour))
+	expired := token(key, serverID, now.Add(-time.Hour))
+	for _, tc := range []struct {
+		name      string
+		tokens    []string
+		refreshes int
+		reason    string // of the final error; "" for success
+	}{
+		{"expired, then fresh", []string{expired, good}, 1, ""},
+		{"retired key, then the new one", []string{token(retired, serverID, now.Add(time.Hour)), good}, 1, ""},
+		{"another audience: no retry", []string{token(key, "spiffe://example.org/other", now.Add(time.Hour)), good}, 0, rpc.AuthReasonAudience},
+		{"still expired after one retry", []string{expired, expired, good}, 1, rpc.AuthReasonExpired},
+	} {
+		f := &fakeFetcher{tokens: tc.tokens}
+		c := echov1connect.NewEchoServiceClient(hc, e.url, append(rpc.ClientOptions(), rpc.WithAccessTokens(f))...)
+		_, err := c.Echo(context.Background(), connect.NewRequest(&echov1.EchoRequest{Message: "hi"}))
+		if rpc.AuthReason(err) != tc.reason || (tc.reason == "" && err != nil) || f.refreshes != tc.refreshes {
+			t.Errorf("%s: %v after %d refreshes, want reason %q after %d", tc.name, err, f.refreshes, tc.reason, tc.refreshes)
+		}
+	}
+}
