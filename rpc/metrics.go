@@ -20,6 +20,8 @@ type Metrics struct {
 	latency    *prometheus.HistogramVec
 	handshakes *prometheus.CounterVec
 	refused    *prometheus.CounterVec
+	// authRefused counts calls WithBoundTokens refused, by procedure and reason.
+	authRefused *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer, side string) *Metrics {
@@ -38,11 +40,38 @@ func newMetrics(reg prometheus.Registerer, side string) *Metrics {
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "veil_tls_handshake_failures_total", Help: "Refused TLS handshakes by reason.", ConstLabels: constLabels,
 		}, []string{"reason"}),
+		authRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "veil_rpc_auth_refusals_total", Help: "Calls refused for their access token (WithBoundTokens), by procedure and reason (AuthReason*).", ConstLabels: constLabels,
+		}, []string{"procedure", "reason"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.calls, m.latency, m.handshakes, m.refused)
+		reg.MustRegister(m.calls, m.latency, m.handshakes, m.refused, m.authRefused)
 	}
 	return m
+}
+
+// CounterValue sums the counter name in g over the series whose label has value (0
+// when there is none): for reports and tests, for example a server's
+// veil_rpc_auth_refusals_total with reason AuthReasonExpired.
+func CounterValue(g prometheus.Gatherer, name, label, value string) (float64, error) {
+	mfs, err := g.Gather()
+	if err != nil {
+		return 0, err
+	}
+	var sum float64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					sum += m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return sum, nil
 }
 
 // HandshakeDone implements transport.Observer.

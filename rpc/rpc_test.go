@@ -245,24 +245,11 @@ func callsCounter(t *testing.T, e *env, procedure, code string) float64 {
 
 func metricValue(t *testing.T, e *env, name, label, value string) float64 {
 	t.Helper()
-	mfs, err := e.server.Registry().Gather()
+	v, err := rpc.CounterValue(e.server.Registry(), name, label, value)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var sum float64
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == label && l.GetValue() == value {
-					sum += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return sum
+	return v
 }
 
 func TestInterceptors(t *testing.T) {

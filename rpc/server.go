@@ -50,6 +50,7 @@ type serverConfig struct {
 	sealing      *pqkex.Server
 	noCoalesce   bool
 	bootstrap    map[string]bool // procedures reachable without a client certificate
+	tokenAuth    []*tokenAuth    // WithBoundTokens' interceptors, which count refusals
 }
 
 // WithPQMode sets the TLS key-exchange policy (default transport.PQPermissive).
@@ -132,6 +133,9 @@ func NewServer(src transport.Source, opts ...ServerOption) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, source: src, mux: http.NewServeMux(), health: grpchealth.NewStaticChecker()}
 	s.metrics = newMetrics(cfg.registry, "server")
+	for _, a := range cfg.tokenAuth {
+		a.metrics = s.metrics
+	}
 	interceptors := []connect.Interceptor{
 		s.metrics.interceptor(),
 		&authzInterceptor{policy: cfg.policy, bootstrap: cfg.bootstrap, public: map[string]bool{

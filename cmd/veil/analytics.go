@@ -5,9 +5,12 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"strconv"
 	"strings"
+
+	"connectrpc.com/connect"
 
 	"github.com/veilrpc/veil/he"
 	"github.com/veilrpc/veil/rpc"
@@ -20,7 +23,10 @@ func runAnalytics(ctx context.Context, args []string, stdout, stderr io.Writer) 
 }
 
 // clientFlags are the flags every analytics command takes.
-type clientFlags struct{ identity, addr, serverID, seal *string }
+type clientFlags struct {
+	identity, addr, serverID, seal *string
+	tokens                         tokenClientFlags
+}
 
 func addClientFlags(fs interface {
 	String(name, value, usage string) *string
@@ -30,7 +36,22 @@ func addClientFlags(fs interface {
 		addr:     fs.String("addr", "", "analytics server base URL"),
 		serverID: fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)"),
 		seal:     fs.String("pq-seal", "", "seal calls end to end: on or off (default on when the identity holds pq.cred)"),
+		tokens:   addTokenClientFlags(fs),
 	}
+}
+
+// client is the HTTP client and Connect options (rpc's, and access tokens with
+// --token-from) of an analytics command.
+func (cf clientFlags) client() (*http.Client, []connect.ClientOption, error) {
+	hc, _, err := newIdentityClient(*cf.identity, *cf.serverID, *cf.seal)
+	if err != nil {
+		return nil, nil, err
+	}
+	tokenOpts, _, err := cf.tokens.options(*cf.identity, *cf.serverID, *cf.seal)
+	if err != nil {
+		return nil, nil, err
+	}
+	return hc, append(rpc.ClientOptions(), tokenOpts...), nil
 }
 
 func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -56,12 +77,12 @@ func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Wr
 	if err != nil {
 		return err
 	}
-	hc, _, err := newIdentityClient(*cf.identity, *cf.serverID, *cf.seal)
+	hc, opts, err := cf.client()
 	if err != nil {
 		return err
 	}
 	spec := analytics.StudySpec{ID: *study, OwnerPatterns: owners, Dimension: *dimension, Covariance: *covariance}
-	if err := analytics.NewAnalyst(hc, *cf.addr, key, rpc.ClientOptions()...).CreateStudy(ctx, spec); err != nil {
+	if err := analytics.NewAnalyst(hc, *cf.addr, key, opts...).CreateStudy(ctx, spec); err != nil {
 		return err
 	}
 	return emit(stdout, *asJSON, map[string]any{"study": *study, "owners": []string(owners), "dimension": *dimension}, func(w io.Writer) {
@@ -86,11 +107,11 @@ func runAnalyticsSubmit(ctx context.Context, args []string, stdout, stderr io.Wr
 	if err != nil {
 		return err
 	}
-	hc, _, err := newIdentityClient(*cf.identity, *cf.serverID, *cf.seal)
+	hc, opts, err := cf.client()
 	if err != nil {
 		return err
 	}
-	res, err := analytics.NewOwner(hc, *cf.addr, rpc.ClientOptions()...).Submit(ctx, *study, *key, records)
+	res, err := analytics.NewOwner(hc, *cf.addr, opts...).Submit(ctx, *study, *key, records)
 	if err != nil {
 		return err
 	}
@@ -120,11 +141,11 @@ func runAnalyticsResult(ctx context.Context, args []string, stdout, stderr io.Wr
 	if err != nil {
 		return err
 	}
-	hc, _, err := newIdentityClient(*cf.identity, *cf.serverID, *cf.seal)
+	hc, opts, err := cf.client()
 	if err != nil {
 		return err
 	}
-	res, err := analytics.NewAnalyst(hc, *cf.addr, key, rpc.ClientOptions()...).Result(ctx, *study)
+	res, err := analytics.NewAnalyst(hc, *cf.addr, key, opts...).Result(ctx, *study)
 	if err != nil {
 		return err
 	}

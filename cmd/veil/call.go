@@ -32,6 +32,7 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	seal := fs.String("pq-seal", "", "seal the call end to end: on or off (default on when the identity holds pq.cred)")
 	protocol := fs.String("protocol", "connect", "connect, grpc or grpcweb")
 	verbose := fs.Bool("v", false, "print the negotiated TLS group and sealing suite to stderr")
+	tokens := addTokenClientFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, errHelp) {
 			return err
@@ -61,8 +62,12 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
+	tokenOpts, _, err := tokens.options(*identity, *serverID, *seal)
+	if err != nil {
+		return err
+	}
 
-	connectOpts := append(rpc.ClientOptions(),
+	connectOpts := append(append(rpc.ClientOptions(), tokenOpts...),
 		connect.WithSchema(method),
 		connect.WithResponseInitializer(func(_ connect.Spec, msg any) error {
 			if m, ok := msg.(*dynamicpb.Message); ok {

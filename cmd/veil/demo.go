@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -14,18 +15,21 @@ import (
 	"net/http/httptrace"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/veilrpc/veil/gen/veil/auth/v1/authv1connect"
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
 	"github.com/veilrpc/veil/he"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/analytics"
+	"github.com/veilrpc/veil/services/auth"
 	"github.com/veilrpc/veil/services/ca"
 	"github.com/veilrpc/veil/services/echo"
 	"github.com/veilrpc/veil/services/scoring"
@@ -75,6 +79,23 @@ type demoAnalytics struct {
 	Duplicates  int     `json:"duplicates_ignored"`
 }
 
+// demoTokens is the continuous-authentication part of the demo: every call carries a
+// token bound to the caller's certificate, and the token expires mid-run.
+type demoTokens struct {
+	TTLSeconds float64 `json:"ttl_s"`
+	Issued     int64   `json:"issued"`
+	// Refreshed counts every token fetched to replace one: early (a fifth of its life
+	// left, before any server refused it) or after a server answered token_expired.
+	Refreshed      int64 `json:"refreshed"`
+	RefreshedEarly int64 `json:"refreshed_early"`
+	// RefreshedOnExpiry counts tokens fetched after a refusal; ExpiredRefusals the
+	// token_expired refusals the servers counted (veil_rpc_auth_refusals_total).
+	RefreshedOnExpiry int64 `json:"refreshed_on_expiry"`
+	ExpiredRefusals   int64 `json:"expired_refusals"`
+	Calls             int   `json:"calls"`
+	FailedCalls       int   `json:"failed_calls"`
+}
+
 type demoReport struct {
 	TLSVersion   string        `json:"tls_version"`
 	TLSGroup     string        `json:"tls_group"`
@@ -88,6 +109,7 @@ type demoReport struct {
 	Refused      []demoRefusal `json:"refused"`
 	Scoring      demoScoring   `json:"scoring"`
 	Analytics    demoAnalytics `json:"analytics"`
+	Tokens       demoTokens    `json:"tokens"`
 	Steps        []demoStep    `json:"steps"`
 	TotalSeconds float64       `json:"total_seconds"`
 }
@@ -104,6 +126,7 @@ var demoIDs = map[string]string{
 	"owner-2":   "spiffe://" + demoTD + "/ns/clinics/sa/owner-2",
 	"owner-3":   "spiffe://" + demoTD + "/ns/clinics/sa/owner-3",
 	"intruder":  "spiffe://" + demoTD + "/ns/other/sa/intruder",
+	"auth":      "spiffe://" + demoTD + "/auth",
 }
 
 // demo is one run of `veil demo`: everything it started, to stop at the end.
@@ -118,7 +141,22 @@ type demo struct {
 	stops  []func()
 	logger *slog.Logger
 	bar    io.Writer // progress bars go here (nil with --json)
+
+	// Continuous authentication: the token service, its key, the token sources of the
+	// clients (by caller and server), and the servers that check tokens.
+	tokens     *auth.Service
+	tokenKey   ed25519.PublicKey
+	authURL    string
+	sources    map[[2]string]*auth.TokenSource
+	verifiers  []*rpc.Server
+	serverSkew atomic.Int64 // how far the token service's and verifiers' clock runs ahead
+	clientSkew atomic.Int64 // how far the clients' token clock runs ahead
 }
+
+// The demo's clocks: real time, moved forward by the token phase instead of waiting
+// for tokens to expire.
+func (d *demo) serverNow() time.Time { return time.Now().Add(time.Duration(d.serverSkew.Load())) }
+func (d *demo) clientNow() time.Time { return time.Now().Add(time.Duration(d.clientSkew.Load())) }
 
 func (d *demo) mark(step string) {
 	now := time.Now()
@@ -144,7 +182,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		defer os.RemoveAll(tmp)
 		dir = tmp
 	}
-	d := &demo{dir: dir, step: start, srcs: map[string]transport.Source{}, cas: map[string]*ca.Client{},
+	d := &demo{dir: dir, step: start, srcs: map[string]transport.Source{}, cas: map[string]*ca.Client{}, sources: map[[2]string]*auth.TokenSource{},
 		rep:    &demoReport{TrustDomain: demoTD, PQMode: transport.PQStrict.String(), PQSeal: "strict", PQSuite: pqkex.X25519MLKEM768().Name()},
 		logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	if !*asJSON {
@@ -171,6 +209,9 @@ func (d *demo) run(ctx context.Context, samples int) error {
 		return fmt.Errorf("demo: identities: %w", err)
 	}
 	d.mark("CA and identities (join tokens, online CA)")
+	if err := d.startTokens(ctx); err != nil {
+		return fmt.Errorf("demo: token service: %w", err)
+	}
 	scoringURL, model, data, err := d.startScoring(ctx, samples)
 	if err != nil {
 		return fmt.Errorf("demo: scoring server: %w", err)
@@ -191,6 +232,10 @@ func (d *demo) run(ctx context.Context, samples int) error {
 		return fmt.Errorf("demo: analytics: %w", err)
 	}
 	d.mark("encrypted analytics")
+	if err := d.tokenExpiry(ctx, scoringURL); err != nil {
+		return fmt.Errorf("demo: tokens: %w", err)
+	}
+	d.mark("continuous authentication: a token expires mid-run and is refreshed")
 	d.refusals(ctx, scoringURL)
 	d.mark("refusals")
 	return nil
@@ -259,7 +304,29 @@ func (d *demo) sealing(name string) (*pqkex.Server, error) {
 	return newSealingServerFrom(d.cas[name], "strict", nil, nil)
 }
 
-func (d *demo) client(name, serverName string) (*http.Client, error) {
+// client is name's HTTP client to serverName (strict PQ TLS, sealed end to end), and
+// the Connect options that attach name's access tokens for serverName to every call.
+func (d *demo) client(name, serverName string) (*http.Client, []connect.ClientOption, error) {
+	opts, err := d.clientOptions(name, serverName)
+	if err != nil {
+		return nil, nil, err
+	}
+	hc := rpc.NewHTTPClient(d.srcs[name], transport.AuthorizeID(spiffeid.RequireFromString(demoIDs[serverName])), opts...)
+	ts, ok := d.sources[[2]string{name, serverName}]
+	if !ok {
+		authOpts, err := d.clientOptions(name, "auth")
+		if err != nil {
+			return nil, nil, err
+		}
+		ts = auth.NewTokenSource(d.srcs[name], d.authURL, transport.AuthorizeID(spiffeid.RequireFromString(demoIDs["auth"])),
+			spiffeid.RequireFromString(demoIDs[serverName]), auth.WithClock(d.clientNow), auth.WithClientOptions(authOpts...))
+		d.sources[[2]string{name, serverName}] = ts
+	}
+	return hc, append(rpc.ClientOptions(), rpc.WithAccessTokens(ts)), nil
+}
+
+// clientOptions are name's HTTP client options to serverName: strict PQ TLS, sealed.
+func (d *demo) clientOptions(name, serverName string) ([]rpc.ClientOption, error) {
 	roots, err := d.cas[name].SealingRoots()
 	if err != nil {
 		return nil, err
@@ -268,8 +335,37 @@ func (d *demo) client(name, serverName string) (*http.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return rpc.NewHTTPClient(d.srcs[name], transport.AuthorizeID(spiffeid.RequireFromString(demoIDs[serverName])),
-		rpc.WithClientPQMode(transport.PQStrict), rpc.WithClientSealing(pc)), nil
+	return []rpc.ClientOption{rpc.WithClientPQMode(transport.PQStrict), rpc.WithClientSealing(pc)}, nil
+}
+
+// startTokens starts the token service (veil serve --service auth): any workload of the
+// trust domain may ask it for a token; the servers decide what the caller may do.
+func (d *demo) startTokens(ctx context.Context) error {
+	key, err := auth.LoadOrCreateKey(filepath.Join(d.dir, "auth.key"))
+	if err != nil {
+		return err
+	}
+	d.tokenKey = key.Public().(ed25519.PublicKey)
+	d.tokens = auth.New(spiffeid.RequireFromString(demoIDs["auth"]), key, auth.DefaultTokenTTL, d.serverNow)
+	d.rep.Tokens.TTLSeconds = d.tokens.TTL().Seconds()
+	sealer, err := d.sealing("auth")
+	if err != nil {
+		return err
+	}
+	srv, err := rpc.NewServer(d.srcs["auth"], rpc.WithPQMode(transport.PQStrict), rpc.WithPeerCertificates(),
+		rpc.WithPolicy(rpc.NewPolicy().MustAllow("/"+authv1connect.TokenServiceName+"/*", "spiffe://"+demoTD)),
+		rpc.WithSealing(sealer), rpc.WithLogger(d.logger))
+	if err != nil {
+		return err
+	}
+	rpc.Register[authv1connect.TokenServiceHandler](srv, authv1connect.NewTokenServiceHandler, d.tokens)
+	d.authURL, err = d.serve(ctx, srv)
+	return err
+}
+
+// requireTokens is the server option of veil serve --require-token for serverName.
+func (d *demo) requireTokens(serverName string) rpc.ServerOption {
+	return rpc.WithBoundTokens(rpc.TokenVerifier{Issuer: demoIDs["auth"], Key: d.tokenKey, Audience: demoIDs[serverName], Now: d.serverNow})
 }
 
 func (d *demo) startScoring(ctx context.Context, samples int) (string, *scoring.Model, scoring.Dataset, error) {
@@ -296,10 +392,11 @@ func (d *demo) startScoring(ctx context.Context, samples int) (string, *scoring.
 	}
 	policy := rpc.NewPolicy().MustAllow("*", "spiffe://"+demoTD+"/ns/demo/sa/*")
 	srv, err := rpc.NewServer(d.srcs["scoring"], append(svc.ServerOptions(), rpc.WithPQMode(transport.PQStrict),
-		rpc.WithPolicy(policy), rpc.WithSealing(sealer), rpc.WithLogger(d.logger))...)
+		rpc.WithPolicy(policy), rpc.WithSealing(sealer), d.requireTokens("scoring"), rpc.WithLogger(d.logger))...)
 	if err != nil {
 		return "", nil, scoring.Dataset{}, err
 	}
+	d.verifiers = append(d.verifiers, srv)
 	svc.Register(srv)
 	rpc.Register[echov1connect.EchoServiceHandler](srv, echov1connect.NewEchoServiceHandler, echo.New())
 	url, err := d.serve(ctx, srv)
@@ -317,17 +414,18 @@ func (d *demo) startAnalytics(ctx context.Context) (string, error) {
 	}
 	policy := rpc.NewPolicy().MustAllow("*", "spiffe://"+demoTD+"/ns/demo/sa/analyst", "spiffe://"+demoTD+"/ns/clinics/sa/*")
 	srv, err := rpc.NewServer(d.srcs["analytics"], append(analytics.ServerOptions(he.ParamsN13()), rpc.WithPQMode(transport.PQStrict),
-		rpc.WithPolicy(policy), rpc.WithSealing(sealer), rpc.WithLogger(d.logger))...)
+		rpc.WithPolicy(policy), rpc.WithSealing(sealer), d.requireTokens("analytics"), rpc.WithLogger(d.logger))...)
 	if err != nil {
 		return "", err
 	}
+	d.verifiers = append(d.verifiers, srv)
 	svc.Register(srv)
 	return d.serve(ctx, srv)
 }
 
 // protocolTour calls echo with each protocol and stream kind, sealed end to end.
 func (d *demo) protocolTour(ctx context.Context, url string) error {
-	hc, err := d.client("client", "scoring")
+	hc, opts, err := d.client("client", "scoring")
 	if err != nil {
 		return err
 	}
@@ -346,7 +444,7 @@ func (d *demo) protocolTour(ctx context.Context, url string) error {
 		name string
 		opts []connect.ClientOption
 	}{{"connect", nil}, {"grpc", []connect.ClientOption{connect.WithGRPC()}}, {"grpc-web", []connect.ClientOption{connect.WithGRPCWeb()}}} {
-		c := echov1connect.NewEchoServiceClient(hc, url, append(rpc.ClientOptions(), p.opts...)...)
+		c := echov1connect.NewEchoServiceClient(hc, url, append(opts, p.opts...)...)
 		d.rep.Calls = append(d.rep.Calls, timed(p.name, "unary", func() error {
 			res, err := c.Echo(cctx, connect.NewRequest(&echov1.EchoRequest{Message: "hello from " + p.name}))
 			if err == nil && res.Msg.GetMessage() != "hello from "+p.name {
@@ -398,12 +496,12 @@ func (d *demo) protocolTour(ctx context.Context, url string) error {
 }
 
 func (d *demo) scoringFlow(ctx context.Context, url string, model *scoring.Model, test scoring.Dataset) error {
-	hc, err := d.client("client", "scoring")
+	hc, opts, err := d.client("client", "scoring")
 	if err != nil {
 		return err
 	}
 	bar := newProgressBar(d.bar, "evaluation-key upload")
-	c, err := scoring.NewClient(ctx, hc, url, scoring.WithProgress(func(p scoring.Progress) {
+	c, err := scoring.NewClient(ctx, hc, url, scoring.WithConnectOptions(opts...), scoring.WithProgress(func(p scoring.Progress) {
 		if p.Stage == "upload" {
 			bar.set(p.Done, p.Total)
 		}
@@ -444,7 +542,7 @@ func (d *demo) scoringFlow(ctx context.Context, url string, model *scoring.Model
 }
 
 func (d *demo) analyticsFlow(ctx context.Context, url string) error {
-	hc, err := d.client("analyst", "analytics")
+	hc, opts, err := d.client("analyst", "analytics")
 	if err != nil {
 		return err
 	}
@@ -452,7 +550,7 @@ func (d *demo) analyticsFlow(ctx context.Context, url string) error {
 	if err != nil {
 		return err
 	}
-	analyst := analytics.NewAnalyst(hc, url, key, rpc.ClientOptions()...)
+	analyst := analytics.NewAnalyst(hc, url, key, opts...)
 	const dim = 3
 	spec := analytics.StudySpec{ID: "demo-vitals", OwnerPatterns: []string{"spiffe://" + demoTD + "/ns/clinics/sa/*"}, Dimension: dim}
 	if err := analyst.CreateStudy(ctx, spec); err != nil {
@@ -465,11 +563,11 @@ func (d *demo) analyticsFlow(ctx context.Context, url string) error {
 	owners := []string{"owner-1", "owner-2", "owner-3"}
 	per := len(data.X) / len(owners)
 	for i, name := range owners {
-		ohc, err := d.client(name, "analytics")
+		ohc, oopts, err := d.client(name, "analytics")
 		if err != nil {
 			return err
 		}
-		owner := analytics.NewOwner(ohc, url, rpc.ClientOptions()...)
+		owner := analytics.NewOwner(ohc, url, oopts...)
 		records := data.X[i*per : (i+1)*per]
 		if _, err := owner.Submit(ctx, spec.ID, "batch-1", records); err != nil {
 			return fmt.Errorf("%s: %w", name, err)
@@ -513,11 +611,65 @@ func (d *demo) refusals(ctx context.Context, url string) {
 	unsealed := echov1connect.NewEchoServiceClient(rpc.NewHTTPClient(d.srcs["client"], transport.AuthorizeID(spiffeid.RequireFromString(demoIDs["scoring"]))), url, rpc.ClientOptions()...)
 	_, err = unsealed.Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "in the clear"}))
 	d.rep.Refused = append(d.rep.Refused, demoRefusal{"unsealed call to a PQ-seal strict server", refusal(err)})
-	hc, err := d.client("intruder", "scoring")
+	hc, opts, err := d.client("intruder", "scoring")
+	if err == nil {
+		_, err = echov1connect.NewEchoServiceClient(hc, url, opts...).Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "hi"}))
+	}
+	d.rep.Refused = append(d.rep.Refused, demoRefusal{demoIDs["intruder"] + " (not in policy)", refusal(err)})
+	// Sealed, with the client's certificate, but without an access token.
+	hc, _, err = d.client("client", "scoring")
 	if err == nil {
 		_, err = echov1connect.NewEchoServiceClient(hc, url, rpc.ClientOptions()...).Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "hi"}))
 	}
-	d.rep.Refused = append(d.rep.Refused, demoRefusal{demoIDs["intruder"] + " (not in policy)", refusal(err)})
+	d.rep.Refused = append(d.rep.Refused, demoRefusal{"sealed call without an access token", refusal(err)})
+}
+
+// tokenExpiry makes calls while the client's token ages: first the clocks move to
+// where the token has less than a fifth of its life left (the client refreshes it
+// before sending), then the servers' clock alone moves past the new token's expiry,
+// as if the client's clock lagged: the server answers token_expired, the client
+// fetches a new token and retries. No call may fail.
+func (d *demo) tokenExpiry(ctx context.Context, url string) error {
+	hc, opts, err := d.client("client", "scoring")
+	if err != nil {
+		return err
+	}
+	c := echov1connect.NewEchoServiceClient(hc, url, opts...)
+	tk := &d.rep.Tokens
+	calls := func(n int) {
+		for i := range n {
+			msg := fmt.Sprintf("call %d", tk.Calls)
+			res, err := c.Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: msg}))
+			if err != nil || res.Msg.GetMessage() != msg {
+				d.logger.Warn("token phase call failed", "call", i, "err", err)
+				tk.FailedCalls++
+			}
+			tk.Calls++
+		}
+	}
+	ttl := d.tokens.TTL()
+	calls(3)
+	early := ttl - ttl/6 // less than a fifth of the token's life left
+	d.serverSkew.Add(int64(early))
+	d.clientSkew.Add(int64(early))
+	calls(3)
+	d.serverSkew.Add(int64(ttl + rpc.DefaultTokenLeeway + time.Second))
+	calls(3)
+	for _, ts := range d.sources {
+		st := ts.Stats()
+		tk.RefreshedEarly += st.Early
+		tk.RefreshedOnExpiry += st.Forced
+	}
+	tk.Refreshed = tk.RefreshedEarly + tk.RefreshedOnExpiry
+	tk.Issued = d.tokens.Issued()
+	for _, srv := range d.verifiers {
+		n, err := rpc.CounterValue(srv.Registry(), "veil_rpc_auth_refusals_total", "reason", rpc.AuthReasonExpired)
+		if err != nil {
+			return err
+		}
+		tk.ExpiredRefusals += int64(n)
+	}
+	return nil
 }
 
 // check fails the demo when a result is off: scripts may rely on its exit code.
@@ -532,6 +684,9 @@ func (d *demo) check() error {
 	}
 	if d.rep.Analytics.MaxAbsError > 1e-3 {
 		return fmt.Errorf("demo: encrypted statistics are off by %g", d.rep.Analytics.MaxAbsError)
+	}
+	if tk := d.rep.Tokens; tk.FailedCalls > 0 || tk.RefreshedEarly < 1 || tk.RefreshedOnExpiry < 1 || tk.ExpiredRefusals < 1 {
+		return fmt.Errorf("demo: tokens: %d of %d calls failed, %d refreshed early, %d after %d expiry refusals", tk.FailedCalls, tk.Calls, tk.RefreshedEarly, tk.RefreshedOnExpiry, tk.ExpiredRefusals)
 	}
 	return nil
 }
@@ -583,6 +738,10 @@ func printDemo(w io.Writer, r *demoReport) {
 	fmt.Fprintf(w, "    scored in %.0f ms; %s sent, %s received; plaintext model accuracy %.1f%%\n", s.ScoreMillis, fmtBytes(s.BytesSent), fmtBytes(s.BytesReceived), 100*s.PlaintextAccuracy)
 	a := r.Analytics
 	fmt.Fprintf(w, "\n  encrypted analytics: %d owners, %d records of %d values; mean and variance off by at most %.2g; %d retried submissions counted once\n", a.Owners, a.Records, a.Dimension, a.MaxAbsError, a.Duplicates)
+	tk := r.Tokens
+	fmt.Fprintf(w, "\n  continuous authentication: every call carries a %.0f s token bound to the caller's certificate, for one server\n", tk.TTLSeconds)
+	fmt.Fprintf(w, "    %d tokens issued; %d refreshed before expiry; the servers' clock then passed the token's expiry: %d token_expired refusal(s), %d refreshed and retried; %d of %d calls failed\n",
+		tk.Issued, tk.RefreshedEarly, tk.ExpiredRefusals, tk.RefreshedOnExpiry, tk.FailedCalls, tk.Calls)
 	fmt.Fprintf(w, "\n  refused as they should be:\n")
 	for _, rf := range r.Refused {
 		fmt.Fprintf(w, "    %-58s %s\n", rf.Case, rf.Result)

@@ -84,6 +84,7 @@ func runKeysUpload(ctx context.Context, args []string, stdout, stderr io.Writer)
 	serverID := fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)")
 	seal := fs.String("pq-seal", "", "seal calls end to end: on or off (default on when the identity holds pq.cred)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
+	tokens := addTokenClientFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -98,7 +99,11 @@ func runKeysUpload(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
-	ks := hev1connect.NewKeyServiceClient(hc, *addr, rpc.ClientOptions()...)
+	tokenOpts, _, err := tokens.options(*identity, *serverID, *seal)
+	if err != nil {
+		return err
+	}
+	ks := hev1connect.NewKeyServiceClient(hc, *addr, append(rpc.ClientOptions(), tokenOpts...)...)
 	manifest, err := he.FetchManifest(ctx, ks, c.Params(), *procedure)
 	if err != nil {
 		return err

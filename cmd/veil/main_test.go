@@ -83,9 +83,22 @@ func TestDemoJSON(t *testing.T) {
 	if len(rep.Calls) != 8 {
 		t.Fatalf("%d calls, want 8 (3 protocols x kinds)", len(rep.Calls))
 	}
-	if len(rep.Refused) != 3 || !strings.HasPrefix(rep.Refused[0].Result, "handshake refused") ||
-		!strings.HasPrefix(rep.Refused[1].Result, "unauthenticated") || !strings.HasPrefix(rep.Refused[2].Result, "permission_denied") {
+	if len(rep.Refused) != 4 || !strings.HasPrefix(rep.Refused[0].Result, "handshake refused") ||
+		!strings.HasPrefix(rep.Refused[1].Result, "unauthenticated") || !strings.HasPrefix(rep.Refused[2].Result, "permission_denied") ||
+		!strings.HasPrefix(rep.Refused[3].Result, "unauthenticated") || !strings.Contains(rep.Refused[3].Result, "access token") {
 		t.Fatalf("refusals %+v", rep.Refused)
+	}
+	// Continuous authentication: a token expired mid-run (the servers' clock passed its
+	// expiry), the server refused it, the client refreshed it and retried: no call failed.
+	tk := rep.Tokens
+	if field("tokens", "failed_calls").(float64) != 0 || tk.FailedCalls != 0 || tk.Calls == 0 {
+		t.Fatalf("tokens: %d of %d calls failed", tk.FailedCalls, tk.Calls)
+	}
+	if tk.Refreshed < 2 || tk.RefreshedEarly < 1 || tk.RefreshedOnExpiry < 1 || tk.ExpiredRefusals < 1 {
+		t.Fatalf("tokens %+v: want an early refresh, and an expiry refusal followed by a refresh", tk)
+	}
+	if tk.Issued < tk.Refreshed+1 {
+		t.Fatalf("tokens %+v: fewer issued than fetched", tk)
 	}
 }
 

@@ -32,6 +32,7 @@ func runScore(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	serverID := fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)")
 	seal := fs.String("pq-seal", "", "seal calls end to end: on or off (default on when the identity holds pq.cred)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
+	tokens := addTokenClientFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -46,13 +47,17 @@ func runScore(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
+	tokenOpts, _, err := tokens.options(*identity, *serverID, *seal)
+	if err != nil {
+		return err
+	}
 	var bars io.Writer
 	if !*asJSON {
 		bars = stderr
 	}
 	upload := newProgressBar(bars, "evaluation-key upload")
 	encrypt := newProgressBar(bars, "encrypt and send")
-	client, err := scoring.NewClient(ctx, hc, *addr, scoring.WithProgress(func(p scoring.Progress) {
+	client, err := scoring.NewClient(ctx, hc, *addr, scoring.WithConnectOptions(tokenOpts...), scoring.WithProgress(func(p scoring.Progress) {
 		switch p.Stage {
 		case "upload":
 			upload.set(p.Done, p.Total)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/ed25519"
 	"fmt"
 	"io"
 	"log/slog"
@@ -23,13 +24,14 @@ func (s *stringList) String() string     { return strings.Join(*s, ",") }
 func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("serve", "serve --identity DIR|--ca URL --ca-bundle FILE --join-token TOKEN --id SPIFFE_ID|--spiffe-socket PATH --listen ADDR --service echo [--allow PATTERN ...] [--pq strict|permissive] [--pq-seal strict|permissive|off]", stderr)
+	fs := newFlags("serve", "serve --identity DIR|--ca URL --ca-bundle FILE --join-token TOKEN --id SPIFFE_ID|--spiffe-socket PATH --listen ADDR --service echo [--allow PATTERN ...] [--pq strict|permissive] [--pq-seal strict|permissive|off] [--require-token --token-issuer ID --token-public-key FILE]", stderr)
 	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt), reloaded when it changes")
 	idFlags := addIdentityFlags(fs)
 	listen := fs.String("listen", "127.0.0.1:8443", "address to serve on")
 	var services, allow stringList
-	fs.Var(&services, "service", "built-in service to run: echo, scoring, analytics; repeatable")
+	fs.Var(&services, "service", "built-in service to run: echo, scoring, analytics, auth (the token service); repeatable")
 	svcFlags := addServiceFlags(fs)
+	tokFlags := addTokenServeFlags(fs)
 	fs.Var(&allow, "allow", "SPIFFE ID pattern allowed to call the services (exact ID, trust domain, or path with * segments); repeatable; default: the server's own trust domain")
 	pq := fs.String("pq", "permissive", "TLS key exchange: strict (post-quantum hybrid only) or permissive")
 	seal := fs.String("pq-seal", "", "end-to-end sealing (pqkex): strict, permissive or off; default strict when the identity directory holds a sealing identity (pq.cred), else off (with --ca the sealing identity comes from the CA with each certificate: pass strict or permissive)")
@@ -59,8 +61,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err := validateServe(services, allow, rules, *seal, stFlags, svcFlags); err != nil {
 		return err
 	}
+	if err := tokFlags.check(services); err != nil {
+		return err
+	}
 	if *check {
-		fmt.Fprintf(stdout, "veil serve: configuration ok: services %s, pq %s, state %s\n", services.String(), mode, *stFlags.backend)
+		fmt.Fprintf(stdout, "veil serve: configuration ok: services %s, pq %s, state %s, require-token %t\n", services.String(), mode, *stFlags.backend, *tokFlags.require)
 		return nil
 	}
 	logger := slog.New(slog.NewTextHandler(stderr, nil))
@@ -115,8 +120,15 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		opts = append(opts, rpc.WithSealing(sealer))
 	}
 	var builtins []builtin
+	var ownTokenKey ed25519.PublicKey
 	for _, name := range services {
-		b, err := buildService(name, svcFlags, shared)
+		var b builtin
+		var err error
+		if name == "auth" {
+			b, ownTokenKey, err = buildTokenService(tokFlags, svid.ID)
+		} else {
+			b, err = buildService(name, svcFlags, shared)
+		}
 		if err != nil {
 			return err
 		}
@@ -128,6 +140,11 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			}
 		}
 	}
+	tokenOpts, err := tokFlags.serverOptions(svid.ID, ownTokenKey)
+	if err != nil {
+		return err
+	}
+	opts = append(opts, tokenOpts...)
 	srv, err := rpc.NewServer(src, opts...)
 	if err != nil {
 		return err
@@ -154,7 +171,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	// Logged once the socket is bound: readiness probes may wait for this line.
 	logger.Info("veil serving", "addr", ln.Addr().String(), "id", svid.ID.String(), "services", services.String(),
-		"pq", mode.String(), "pq_seal", sealMode, "allow", allow.String(), "cert_expires", svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339))
+		"pq", mode.String(), "pq_seal", sealMode, "require_token", *tokFlags.require, "allow", allow.String(), "cert_expires", svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339))
 	if err := srv.Serve(ctx, ln); err != nil {
 		return err
 	}
@@ -168,13 +185,13 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 func validateServe(services, allow stringList, rules []policyRule, seal string, st stateFlags, svc serviceFlags) error {
 	for _, name := range services {
 		switch name {
-		case "echo", "analytics":
+		case "echo", "analytics", "auth":
 		case "scoring":
 			if *svc.scoringModel == "" {
 				return fmt.Errorf("%w: --service scoring needs --scoring-model (make one with 'veil model train')", errUsage)
 			}
 		default:
-			return fmt.Errorf("%w: unknown service %q (available: echo, scoring, analytics)", errUsage, name)
+			return fmt.Errorf("%w: unknown service %q (available: echo, scoring, analytics, auth)", errUsage, name)
 		}
 	}
 	switch seal {

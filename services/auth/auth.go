@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -41,6 +42,7 @@ type Service struct {
 	key    ed25519.PrivateKey
 	ttl    time.Duration
 	now    func() time.Time
+	issued atomic.Int64
 }
 
 var _ authv1connect.TokenServiceHandler = (*Service)(nil)
@@ -89,11 +91,24 @@ func (s *Service) IssueToken(ctx context.Context, req *connect.Request[authv1.Is
 	if err != nil {
 		return nil, connect.NewError(connect.CodeInternal, errors.New("auth: signing failed"))
 	}
+	s.issued.Add(1)
 	return connect.NewResponse(&authv1.IssueTokenResponse{Token: tok, ExpiresUnix: exp.Unix()}), nil
 }
 
+// Issued is the number of tokens the service has issued.
+func (s *Service) Issued() int64 { return s.issued.Load() }
+
+// TTL is the lifetime of the tokens the service issues.
+func (s *Service) TTL() time.Duration { return s.ttl }
+
+// PublicKeyFile is where LoadOrCreateKey writes the public key of the signing key at
+// keyFile: keyFile + ".pub". Servers verify tokens with it (LoadPublicKey).
+func PublicKeyFile(keyFile string) string { return keyFile + ".pub" }
+
 // LoadOrCreateKey reads the Ed25519 signing key at path (PKCS#8 PEM), creating it
-// (0600, atomically) if it does not exist.
+// (0600, atomically) if it does not exist, with its public key (PKIX PEM, 0644) at
+// PublicKeyFile(path). Both are the formats of `openssl genpkey -algorithm ed25519`
+// and `openssl pkey -pubout`.
 func LoadOrCreateKey(path string) (ed25519.PrivateKey, error) {
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -105,7 +120,14 @@ func LoadOrCreateKey(path string) (ed25519.PrivateKey, error) {
 		if err != nil {
 			return nil, fmt.Errorf("auth: %w", err)
 		}
+		pub, err := x509.MarshalPKIXPublicKey(key.Public())
+		if err != nil {
+			return nil, fmt.Errorf("auth: %w", err)
+		}
 		if err := atomicfile.Write(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+			return nil, fmt.Errorf("auth: %w", err)
+		}
+		if err := atomicfile.Write(PublicKeyFile(path), pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pub}), 0o644); err != nil {
 			return nil, fmt.Errorf("auth: %w", err)
 		}
 		return key, nil
@@ -128,6 +150,27 @@ func LoadOrCreateKey(path string) (ed25519.PrivateKey, error) {
 	return key, nil
 }
 
+// LoadPublicKey reads the token service's Ed25519 public key (PKIX PEM) at path.
+func LoadPublicKey(path string) (ed25519.PublicKey, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("auth: %w", err)
+	}
+	block, _ := pem.Decode(b)
+	if block == nil || block.Type != "PUBLIC KEY" {
+		return nil, fmt.Errorf("auth: %s: not a PEM public key", path)
+	}
+	k, err := x509.ParsePKIXPublicKey(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("auth: %s: %w", path, err)
+	}
+	key, ok := k.(ed25519.PublicKey)
+	if !ok {
+		return nil, fmt.Errorf("auth: %s: not an Ed25519 key", path)
+	}
+	return key, nil
+}
+
 // TokenSource obtains access tokens for one audience from a token service over mutual
 // TLS as src, and caches each until shortly before it expires. It implements
 // rpc.CertificateTokenFetcher: it keeps the certificates src has had (until they
@@ -139,9 +182,36 @@ type TokenSource struct {
 	server   transport.Authorizer
 	audience string
 	now      func() time.Time
+	hcOpts   []rpc.ClientOption
 
 	mu     sync.Mutex
 	leaves map[string]*leafTokens // by certificate thumbprint
+	stats  TokenStats
+}
+
+// TokenStats counts what a TokenSource fetched.
+type TokenStats struct {
+	Fetched int64 // tokens obtained from the token service
+	// Early counts fetches that replaced a cached token with less than a fifth of its
+	// life left, before any server refused it.
+	Early int64
+	// Forced counts fetches asked with refresh set: after a server refused the token
+	// (expired, or bound to another certificate).
+	Forced int64
+}
+
+// TokenSourceOption configures NewTokenSource.
+type TokenSourceOption func(*TokenSource)
+
+// WithClientOptions configures the HTTP clients that reach the token service, for
+// example with rpc.WithClientSealing when it is served sealing-strict.
+func WithClientOptions(opts ...rpc.ClientOption) TokenSourceOption {
+	return func(t *TokenSource) { t.hcOpts = append(t.hcOpts, opts...) }
+}
+
+// WithClock sets the clock the TokenSource judges expiry by (default time.Now).
+func WithClock(now func() time.Time) TokenSourceOption {
+	return func(t *TokenSource) { t.now = now }
 }
 
 // leafTokens is the token service client and cached token of one certificate.
@@ -156,8 +226,19 @@ type leafTokens struct {
 
 // NewTokenSource returns a TokenSource for tokens to audience from the token service at
 // url, whose SPIFFE ID server authorizes.
-func NewTokenSource(src transport.Source, url string, server transport.Authorizer, audience spiffeid.ID) *TokenSource {
-	return &TokenSource{src: src, url: url, server: server, audience: audience.String(), now: time.Now, leaves: map[string]*leafTokens{}}
+func NewTokenSource(src transport.Source, url string, server transport.Authorizer, audience spiffeid.ID, opts ...TokenSourceOption) *TokenSource {
+	t := &TokenSource{src: src, url: url, server: server, audience: audience.String(), now: time.Now, leaves: map[string]*leafTokens{}}
+	for _, o := range opts {
+		o(t)
+	}
+	return t
+}
+
+// Stats returns what the TokenSource has fetched so far.
+func (t *TokenSource) Stats() TokenStats {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.stats
 }
 
 // Token returns a token bound to src's current certificate: the cached one unless
@@ -194,7 +275,7 @@ func (t *TokenSource) TokenForCertificate(ctx context.Context, x5t string) (stri
 // newLeaf is the state for one certificate: its own client, presenting that
 // certificate, so the token service binds to it.
 func (t *TokenSource) newLeaf(svid *x509svid.SVID) *leafTokens {
-	hc := rpc.NewHTTPClient(fixedSVID{svid: svid, Source: t.src}, t.server)
+	hc := rpc.NewHTTPClient(fixedSVID{svid: svid, Source: t.src}, t.server, t.hcOpts...)
 	return &leafTokens{svid: svid, hc: hc, client: authv1connect.NewTokenServiceClient(hc, t.url, rpc.ClientOptions()...)}
 }
 
@@ -205,6 +286,13 @@ func (t *TokenSource) mint(ctx context.Context, l *leafTokens, refresh bool) (st
 	res, err := l.client.IssueToken(ctx, connect.NewRequest(&authv1.IssueTokenRequest{Audience: t.audience}))
 	if err != nil {
 		return "", err
+	}
+	t.stats.Fetched++
+	switch {
+	case refresh:
+		t.stats.Forced++
+	case l.token != "":
+		t.stats.Early++
 	}
 	l.token, l.exp = res.Msg.GetToken(), time.Unix(res.Msg.GetExpiresUnix(), 0)
 	l.life = l.exp.Sub(t.now())

@@ -7,6 +7,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"net"
+	"os"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
@@ -17,7 +18,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
-	authv1 "github.com/veilrpc/veil/gen/veil/auth/v1"
 	"github.com/veilrpc/veil/gen/veil/auth/v1/authv1connect"
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
@@ -63,17 +63,6 @@ func start(t *testing.T, srv *rpc.Server) string {
 	return "https://" + ln.Addr().String()
 }
 
-// countingService counts the tokens it issues.
-type countingService struct {
-	*Service
-	issued atomic.Int64
-}
-
-func (c *countingService) IssueToken(ctx context.Context, req *connect.Request[authv1.IssueTokenRequest]) (*connect.Response[authv1.IssueTokenResponse], error) {
-	c.issued.Add(1)
-	return c.Service.IssueToken(ctx, req)
-}
-
 // rotatingSource is a Source whose certificate the test replaces.
 type rotatingSource struct {
 	transport.Source // bundles
@@ -87,8 +76,9 @@ func TestBoundTokens(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var skew atomic.Int64 // how far the servers' clock runs ahead
+	var skew, clientSkew atomic.Int64 // how far the servers' and the client's clocks run ahead
 	clock := func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
+	clientClock := func() time.Time { return time.Now().Add(time.Duration(clientSkew.Load())) }
 
 	key, err := LoadOrCreateKey(filepath.Join(t.TempDir(), "auth.key"))
 	if err != nil {
@@ -99,7 +89,7 @@ func TestBoundTokens(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc := &countingService{Service: New(authID, key, time.Minute, clock)}
+	svc := New(authID, key, time.Minute, clock)
 	rpc.Register(tokens, authv1connect.NewTokenServiceHandler, authv1connect.TokenServiceHandler(svc))
 	authURL := start(t, tokens)
 
@@ -116,7 +106,7 @@ func TestBoundTokens(t *testing.T) {
 	first, _ := srcA.Source.GetX509SVID()
 	srcA.svid.Store(first)
 	srcB := source(t, ca, callerB)
-	fetcher := NewTokenSource(srcA, authURL, transport.AuthorizeID(authID), echoID)
+	fetcher := NewTokenSource(srcA, authURL, transport.AuthorizeID(authID), echoID, WithClock(clientClock))
 	hcA := rpc.NewHTTPClient(srcA, transport.AuthorizeID(echoID))
 	withTokens := echov1connect.NewEchoServiceClient(hcA, echoURL, append(rpc.ClientOptions(), rpc.WithAccessTokens(fetcher))...)
 	ctx := context.Background()
@@ -128,17 +118,28 @@ func TestBoundTokens(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if n := svc.issued.Load(); n != 1 {
-		t.Fatalf("%d tokens issued for 3 calls, want 1 (cached)", n)
+	if n, st := svc.Issued(), fetcher.Stats(); n != 1 || st != (TokenStats{Fetched: 1}) {
+		t.Fatalf("%d tokens issued for 3 calls (%+v), want 1 (cached)", n, st)
 	}
-	// The server's clock passes the token's expiry: the call is refused as expired,
-	// the client fetches a new token and retries once, and the call succeeds.
-	skew.Store(int64(2 * time.Minute))
+	// Both clocks move to where the token has less than a fifth of its life left: the
+	// client replaces it before sending, and no server refuses anything.
+	skew.Add(int64(50 * time.Second))
+	clientSkew.Add(int64(50 * time.Second))
+	unauthenticated := refused(t, echoSrv)
+	if _, err := withTokens.Echo(ctx, req()); err != nil {
+		t.Fatalf("call near expiry: %v", err)
+	}
+	if n, st := svc.Issued(), fetcher.Stats(); n != 2 || st != (TokenStats{Fetched: 2, Early: 1}) || refused(t, echoSrv) != unauthenticated {
+		t.Fatalf("near expiry: %d tokens issued (%+v), want 2 with one early refresh and no refusal", n, st)
+	}
+	// The server's clock alone passes the token's expiry: the call is refused as
+	// expired, the client fetches a new token and retries once, and the call succeeds.
+	skew.Add(int64(2 * time.Minute))
 	if _, err := withTokens.Echo(ctx, req()); err != nil {
 		t.Fatalf("call after expiry: %v", err)
 	}
-	if n := svc.issued.Load(); n != 2 {
-		t.Fatalf("%d tokens issued after expiry, want 2", n)
+	if n, st := svc.Issued(), fetcher.Stats(); n != 3 || st != (TokenStats{Fetched: 3, Early: 1, Forced: 1}) {
+		t.Fatalf("%d tokens issued after expiry (%+v), want 3 with one forced refresh", n, st)
 	}
 
 	// The caller's certificate rotates while its connection to echo, opened with the
@@ -179,47 +180,54 @@ func TestBoundTokens(t *testing.T) {
 	}{
 		{"no token", plainA, "", rpc.AuthReasonMissing},
 		{"garbage", plainA, "not.a.jwt", rpc.AuthReasonInvalid},
-		{"another audience", plainA, tokOther, rpc.AuthReasonInvalid},
+		{"another audience", plainA, tokOther, rpc.AuthReasonAudience},
 		{"stolen by another caller", plainB, tokA, rpc.AuthReasonNotBound},
 	} {
 		r := req()
 		if tc.token != "" {
 			r.Header().Set("Authorization", "Bearer "+tc.token)
 		}
+		before := refusalsFor(t, echoSrv, tc.reason)
 		_, err := tc.client.Echo(ctx, r)
 		if connect.CodeOf(err) != connect.CodeUnauthenticated || rpc.AuthReason(err) != tc.reason {
 			t.Errorf("%s: %v (%q), want unauthenticated (%s)", tc.name, err, rpc.AuthReason(err), tc.reason)
+		}
+		if n := refusalsFor(t, echoSrv, tc.reason) - before; n != 1 {
+			t.Errorf("%s: veil_rpc_auth_refusals_total{reason=%q} rose by %v, want 1", tc.name, tc.reason, n)
 		}
 	}
 	skew.Store(int64(10 * time.Minute))
 	r := req()
 	r.Header().Set("Authorization", "Bearer "+tokA)
+	before := refusalsFor(t, echoSrv, rpc.AuthReasonExpired)
 	if _, err := plainA.Echo(ctx, r); rpc.AuthReason(err) != rpc.AuthReasonExpired {
 		t.Fatalf("expired token without retry: %v", err)
 	}
+	if n := refusalsFor(t, echoSrv, rpc.AuthReasonExpired) - before; n != 1 {
+		t.Fatalf("veil_rpc_auth_refusals_total{reason=token_expired} rose by %v, want 1", n)
+	}
+}
+
+// metricSum sums srv's counter name over the series whose label has value.
+func metricSum(t *testing.T, srv *rpc.Server, name, label, value string) float64 {
+	t.Helper()
+	v, err := rpc.CounterValue(srv.Registry(), name, label, value)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
 }
 
 // refused counts the echo calls the server answered with unauthenticated.
 func refused(t *testing.T, srv *rpc.Server) float64 {
 	t.Helper()
-	mfs, err := srv.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var n float64
-	for _, mf := range mfs {
-		if mf.GetName() != "veil_rpc_calls_total" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, l := range m.GetLabel() {
-				if l.GetName() == "code" && l.GetValue() == "unauthenticated" {
-					n += m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	return n
+	return metricSum(t, srv, "veil_rpc_calls_total", "code", "unauthenticated")
+}
+
+// refusalsFor is the server's veil_rpc_auth_refusals_total for reason.
+func refusalsFor(t *testing.T, srv *rpc.Server, reason string) float64 {
+	t.Helper()
+	return metricSum(t, srv, "veil_rpc_auth_refusals_total", "reason", reason)
 }
 
 func TestLoadOrCreateKey(t *testing.T) {
@@ -234,5 +242,16 @@ func TestLoadOrCreateKey(t *testing.T) {
 	}
 	if _, err := LoadOrCreateKey(filepath.Join(t.TempDir(), "missing", "k")); err == nil {
 		t.Fatal("key in a missing directory")
+	}
+	// The public key beside it is what servers verify with; the private key is 0600.
+	pub, err := LoadPublicKey(PublicKeyFile(p))
+	if err != nil || !pub.Equal(k1.Public()) {
+		t.Fatalf("public key: %v", err)
+	}
+	if st, err := os.Stat(p); err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("signing key mode %v (%v), want 0600", st.Mode().Perm(), err)
+	}
+	if _, err := LoadPublicKey(p); err == nil {
+		t.Fatal("a private key read as a public key")
 	}
 }

@@ -27,6 +27,7 @@ type Expect struct {
 	Region          bool   // networkPolicy.egressRegion.enabled
 	HostPath        bool   // spire socket from a hostPath volume (else the CSI driver)
 	ClusterSPIFFEID bool   // identity.spire.clusterSPIFFEID.enabled
+	Tokens          bool   // auth.enabled (with requireToken): the token service, and servers requiring tokens
 }
 
 // UID is the user every container runs as (the distroless "nonroot" user).
@@ -38,7 +39,8 @@ const UID = 65532
 var serveKeys = []string{"identity", "ca", "ca-bundle", "join-token", "id", "cert-ttl", "renew-before",
 	"degrade-below", "spiffe-socket", "spiffe-timeout", "listen", "service", "scoring-model",
 	"keys-store", "keys-memory", "analytics-store", "allow", "pq", "pq-seal", "ticket-keys",
-	"metrics", "grace", "policy", "state"}
+	"metrics", "grace", "policy", "state", "token-signing-key", "token-ttl", "require-token", "token-issuer",
+	"token-public-key"}
 
 // stateKeys are the state map's keys: the --state-* flags without the prefix.
 var stateKeys = []string{"backend", "url", "replicas", "ca", "prefix", "ticket-key-period"}
@@ -73,6 +75,11 @@ type checker struct {
 	e       Expect
 	errs    []error
 	configs []ServeConfig
+	// Continuous authentication: the Secrets holding the token service's signing key,
+	// and the Secrets every other workload mounts (which must not include them).
+	signingSecrets map[string]bool
+	otherSecrets   map[string][]Object
+	tokenServices  int
 }
 
 func (c *checker) errorf(o fmt.Stringer, format string, args ...any) {
@@ -141,6 +148,7 @@ func (c *checker) run(objs []Object) {
 		c.checkIdentity(w, objs)
 	}
 	c.checkDefaultDeny(objs)
+	c.checkTokens()
 	if c.e.Mode == "cert-manager" && len(byKind[*Certificate](objs)) == 0 {
 		c.errs = append(c.errs, errors.New("cert-manager mode renders no Certificate"))
 	}
@@ -646,6 +654,7 @@ func (c *checker) checkIdentity(w workload, objs []Object) {
 			c.errorf(o, "no Certificate writes the Secret %s", v.Secret.SecretName)
 		}
 	}
+	c.checkTokenConfig(w, ctr, cfg)
 	st, hasState := cfg["state"].(map[string]any)
 	if hasState != c.e.NATS {
 		c.errorf(o, "serve.yaml: state map present=%v, want %v (state.backend nats)", hasState, c.e.NATS)
@@ -667,6 +676,79 @@ func (c *checker) checkIdentity(w workload, objs []Object) {
 			if _, has := cfg[k]; has {
 				c.errorf(o, "serve.yaml: %s with state nats (veil serve refuses it: the buckets hold that state)", k)
 			}
+		}
+	}
+}
+
+// checkTokenConfig checks a serve.yaml's continuous-authentication wiring: the token
+// service reads its signing key from a Secret; with Expect.Tokens every other server
+// requires tokens from it and verifies them with a public key; without, none does.
+func (c *checker) checkTokenConfig(w workload, ctr corev1.Container, cfg map[string]any) {
+	o, spec := w.obj, w.tmpl.Spec
+	str := func(k string) string { s, _ := cfg[k].(string); return s }
+	svc, _ := cfg["service"].([]any)
+	if slices.Contains(svc, any("auth")) {
+		c.tokenServices++
+		if !c.e.Tokens {
+			c.errorf(o, "serve.yaml: the token service (service auth) is rendered, but auth is not enabled")
+		}
+		if len(svc) != 1 {
+			c.errorf(o, "serve.yaml: the token service runs alone (its signing key must not sit beside other services), got services %v", svc)
+		}
+		v, m := mountAt(spec, ctr, str("token-signing-key"))
+		switch {
+		case v == nil || v.Secret == nil:
+			c.errorf(o, "token-signing-key %q is not mounted from a Secret", str("token-signing-key"))
+		case m.SubPath != "":
+			c.errorf(o, "token-signing-key: mount the Secret as a directory (subPath mounts never see updates)")
+		default:
+			if c.signingSecrets == nil {
+				c.signingSecrets = map[string]bool{}
+			}
+			c.signingSecrets[v.Secret.SecretName] = true
+		}
+		if str("token-ttl") == "" {
+			c.errorf(o, "serve.yaml: the token service without token-ttl")
+		}
+		return
+	}
+	for _, v := range spec.Volumes {
+		if v.Secret != nil {
+			if c.otherSecrets == nil {
+				c.otherSecrets = map[string][]Object{}
+			}
+			c.otherSecrets[v.Secret.SecretName] = append(c.otherSecrets[v.Secret.SecretName], o)
+		}
+	}
+	for _, k := range []string{"token-signing-key", "token-ttl"} {
+		if _, has := cfg[k]; has {
+			c.errorf(o, "serve.yaml: %s without the token service", k)
+		}
+	}
+	require, _ := cfg["require-token"].(bool)
+	if require != c.e.Tokens {
+		c.errorf(o, "serve.yaml: require-token %v, want %v (auth.enabled)", require, c.e.Tokens)
+	}
+	if !require {
+		return
+	}
+	if err := checkSPIFFEID(str("token-issuer")); err != nil {
+		c.errorf(o, "serve.yaml: token-issuer: %v", err)
+	}
+	if v, _ := mountAt(spec, ctr, str("token-public-key")); v == nil || (v.ConfigMap == nil && v.Secret == nil) {
+		c.errorf(o, "token-public-key %q is not mounted", str("token-public-key"))
+	}
+}
+
+// checkTokens asserts one token service when tokens are on, and that no other workload
+// mounts its signing key: a server that could sign tokens could mint them for others.
+func (c *checker) checkTokens() {
+	if c.e.Tokens && c.tokenServices == 0 {
+		c.errs = append(c.errs, errors.New("auth enabled, but no token service (veil serve --service auth) is rendered"))
+	}
+	for name := range c.signingSecrets {
+		for _, o := range c.otherSecrets[name] {
+			c.errorf(o, "mounts the token service's signing key (Secret %s)", name)
 		}
 	}
 }

@@ -82,8 +82,12 @@ func TestScenarios(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if len(cfgs) != 2 {
-				t.Fatalf("%d serve.yaml files, want 2 (scoring, analytics)", len(cfgs))
+			want := 2 // scoring, analytics
+			if s.Expect.Tokens {
+				want++ // the token service
+			}
+			if len(cfgs) != want {
+				t.Fatalf("%d serve.yaml files, want %d", len(cfgs), want)
 			}
 		})
 	}
@@ -106,6 +110,10 @@ func TestWrongExpectationRefused(t *testing.T) {
 		{"cert-manager-nats-region", Expect{Mode: "veil-ca", NATS: true, Region: true}, "one replica and no autoscaling in veil-ca mode"},
 		{"spire-hostpath-nats", Expect{Mode: "spire", NATS: false, HostPath: true}, "one replica and no autoscaling in spire mode with state nats=false"},
 		{"spire-hostpath-nats", Expect{Mode: "spire", NATS: true, HostPath: true, Region: true}, "has no peers (any address), but egress is restricted to a region"},
+		{"veil-ca", Expect{Mode: "veil-ca", Tokens: true}, "no token service"},
+		{"veil-ca", Expect{Mode: "veil-ca", Tokens: true}, "require-token false, want true"},
+		{"spire-nats-tokens", Expect{Mode: "spire", NATS: true}, "require-token true, want false"},
+		{"veil-ca-tokens", Expect{Mode: "veil-ca"}, "the token service (service auth) is rendered, but auth is not enabled"},
 	}
 	for _, c := range cases {
 		_, err := Check(render(t, c.render), c.expect)
@@ -208,11 +216,7 @@ func TestMutationsRefused(t *testing.T) {
 	no := false
 	yes := true
 	root := int64(0)
-	cases := []struct {
-		name   string
-		mutate func([]Object) []Object
-		want   string
-	}{
+	cases := []mutation{
 		{"root user", func(o []Object) []Object { ctr(o).SecurityContext.RunAsUser = &root; return o }, "runs as user 0"},
 		{"writable root filesystem", func(o []Object) []Object { ctr(o).SecurityContext.ReadOnlyRootFilesystem = &no; return o }, "readOnlyRootFilesystem must be true"},
 		{"privilege escalation", func(o []Object) []Object { ctr(o).SecurityContext.AllowPrivilegeEscalation = &yes; return o }, "allowPrivilegeEscalation must be false"},
@@ -328,6 +332,18 @@ func TestMutationsRefused(t *testing.T) {
 			return append(o, Object{Kind: "Secret", Name: "leak", Value: &corev1.Secret{}})
 		}, "must not render Secrets"},
 	}
+	checkMutations(t, s, cases)
+}
+
+// mutation is a change to a rendering that the checker must refuse with want.
+type mutation = struct {
+	name   string
+	mutate func([]Object) []Object
+	want   string
+}
+
+func checkMutations(t *testing.T, s Scenario, cases []mutation) {
+	t.Helper()
 	// The unmutated rendering passes.
 	if _, err := Check(render(t, s.Name), s.Expect); err != nil {
 		t.Fatal(err)
@@ -338,6 +354,66 @@ func TestMutationsRefused(t *testing.T) {
 			t.Errorf("%s: got %v, want an error containing %q", c.name, err, c.want)
 		}
 	}
+}
+
+// TestTokenMutationsRefused breaks the continuous-authentication wiring.
+func TestTokenMutationsRefused(t *testing.T) {
+	s := scenario(t, "spire-nats-tokens")
+	deployment := func(objs []Object, name string) *appsv1.Deployment {
+		for _, o := range objs {
+			if d, ok := o.Value.(*appsv1.Deployment); ok && o.Name == name {
+				return d
+			}
+		}
+		t.Fatalf("no Deployment %s", name)
+		return nil
+	}
+	config := func(objs []Object, name string) *corev1.ConfigMap {
+		for _, o := range objs {
+			if cm, ok := o.Value.(*corev1.ConfigMap); ok && o.Name == name {
+				return cm
+			}
+		}
+		t.Fatalf("no ConfigMap %s", name)
+		return nil
+	}
+	edit := func(name, old, new string) func([]Object) []Object {
+		return func(o []Object) []Object {
+			cm := config(o, name)
+			if !strings.Contains(cm.Data["serve.yaml"], old) {
+				t.Fatalf("%s serve.yaml has no %q:\n%s", name, old, cm.Data["serve.yaml"])
+			}
+			cm.Data["serve.yaml"] = strings.Replace(cm.Data["serve.yaml"], old, new, 1)
+			return o
+		}
+	}
+	checkMutations(t, s, []mutation{
+		{"a server that does not require tokens", edit("veil-analytics", "require-token: true", "require-token: false"), "require-token false, want true"},
+		{"a server that mounts the signing key", func(o []Object) []Object {
+			auth := deployment(o, "veil-auth").Spec.Template.Spec
+			spec := &deployment(o, "veil-scoring").Spec.Template.Spec
+			for _, v := range auth.Volumes {
+				if v.Name == "token-signing-key" {
+					spec.Volumes = append(spec.Volumes, v)
+				}
+			}
+			return o
+		}, "mounts the token service's signing key"},
+		{"the signing key from a ConfigMap", func(o []Object) []Object {
+			spec := &deployment(o, "veil-auth").Spec.Template.Spec
+			for i, v := range spec.Volumes {
+				if v.Name == "token-signing-key" {
+					spec.Volumes[i].VolumeSource = corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{LocalObjectReference: corev1.LocalObjectReference{Name: "leak"}}}
+				}
+			}
+			return o
+		}, "is not mounted from a Secret"},
+		{"the token service beside another service", edit("veil-auth", "- auth", "- auth\n- echo"), "the token service runs alone"},
+		{"an issuer that is not a SPIFFE ID", edit("veil-scoring", "token-issuer: spiffe://", "token-issuer: https://"), "token-issuer"},
+		{"no token service", func(o []Object) []Object {
+			return drop(o, func(x Object) bool { return x.Name == "veil-auth" })
+		}, "no token service"},
+	})
 }
 
 func drop(objs []Object, f func(Object) bool) []Object {
@@ -368,6 +444,8 @@ func TestChartRefusesValues(t *testing.T) {
 		{[]string{"state.backend=nats", "state.replicas=7"}, "maximum: got 7, want 5"},
 		{[]string{"identity.veilCA.certTTL=1day"}, "/identity/veilCA/certTTL"},
 		{[]string{"pq=off"}, "/pq"},
+		{[]string{"auth.enabled=true", "auth.publicKey.pem=not a key"}, "auth.publicKey.pem: want the token service's public key in PEM"},
+		{[]string{"auth.tokenTTL=5 minutes"}, "/auth/tokenTTL"},
 	}
 	for _, c := range cases {
 		_, err := helm.Template(chart, Scenario{Name: "refused", Set: c.set})

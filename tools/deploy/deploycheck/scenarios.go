@@ -18,8 +18,9 @@ type Scenario struct {
 }
 
 // Scenarios covers every identity mode, the state backend nats on and off, the
-// SPIRE socket from the CSI driver and from a hostPath, a CA outside the release and
-// egress restricted to a region.
+// SPIRE socket from the CSI driver and from a hostPath, a CA outside the release,
+// egress restricted to a region, and continuous authentication (the token service and
+// --require-token) with the public key rendered by the chart or brought along.
 func Scenarios() []Scenario {
 	return []Scenario{
 		{Name: "veil-ca", Expect: Expect{Mode: "veil-ca"}},
@@ -47,6 +48,13 @@ func Scenarios() []Scenario {
 				"networkPolicy.extraEgress[0].to[0].ipBlock.cidr=10.20.30.0/24", "networkPolicy.extraEgress[0].ports[0].port=443",
 				"scoring.spiffeID=spiffe://example.org/scoring", "identity.certManager.issuerRef.kind=Issuer"},
 			Expect: Expect{Mode: "cert-manager", NATS: true, Region: true}},
+		{Name: "spire-nats-tokens",
+			Set:     []string{"identity.mode=spire", "state.backend=nats", "auth.enabled=true", "auth.tokenTTL=2m"},
+			SetFile: []string{"auth.publicKey.pem=auth.key.pub"},
+			Expect:  Expect{Mode: "spire", NATS: true, Tokens: true}},
+		{Name: "veil-ca-tokens",
+			Set:    []string{"auth.enabled=true", "auth.publicKey.configMap=veil-token-public-key", "auth.signingKey.secret=veil-token-signing-key"},
+			Expect: Expect{Mode: "veil-ca", Tokens: true}},
 	}
 }
 

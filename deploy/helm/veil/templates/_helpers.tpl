@@ -79,6 +79,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (printf "%s-ca-bundle" (include "veil.fullname" .)) .Values.identity.veilCA.bundleConfigMap -}}
 {{- end -}}
 
+{{- define "veil.authSigningKeySecret" -}}
+{{- default (printf "%s-auth-signing-key" (include "veil.fullname" .)) .Values.auth.signingKey.secret -}}
+{{- end -}}
+
+{{- define "veil.authPublicKeyConfigMap" -}}
+{{- default (printf "%s-auth-public-key" (include "veil.fullname" .)) .Values.auth.publicKey.configMap -}}
+{{- end -}}
+
 {{- define "veil.caClaimName" -}}
 {{- default (printf "%s-ca" (include "veil.fullname" .)) .Values.ca.persistence.existingClaim -}}
 {{- end -}}
@@ -103,6 +111,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- if and (eq .Values.identity.mode "spire") (not (has .Values.identity.spire.socketVolume (list "csi" "hostPath"))) -}}
 {{- fail (printf "identity.spire.socketVolume %q: want csi or hostPath" .Values.identity.spire.socketVolume) -}}
+{{- end -}}
+{{- if and .Values.auth.enabled .Values.auth.publicKey.pem (not (hasPrefix "-----BEGIN PUBLIC KEY-----" (trim .Values.auth.publicKey.pem))) -}}
+{{- fail "auth.publicKey.pem: want the token service's public key in PEM (-----BEGIN PUBLIC KEY-----, from openssl pkey -pubout)" -}}
 {{- end -}}
 {{- if and .Values.networkPolicy.egressRegion.enabled (empty .Values.networkPolicy.egressRegion.allowedCIDRs) -}}
 {{- fail "networkPolicy.egressRegion.enabled needs allowedCIDRs" -}}
