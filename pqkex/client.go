@@ -143,12 +143,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	}
 	// The request head (spec 6.3) carries the method, path and headers; the request on the
 	// wire is a shallow copy with only the routing hints in clear (spec 6.1).
-	head := fieldBlock{method: req.Method, path: req.URL.RequestURI()}
-	for k, v := range req.Header {
-		if sealedHeader(k) {
-			head.headers = addFields(head.headers, k, v)
-		}
-	}
+	head := fieldBlock{method: req.Method, path: req.URL.RequestURI(), headers: req.Header, omit: notSealed}
 	out := &cc.out
 	*out = *req
 	out.Header = make(http.Header, 4)
@@ -237,6 +232,14 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	return resp, nil
 }
 
+// statusLine is the Status of a response with status code.
+func statusLine(code int) string {
+	if code == http.StatusOK {
+		return "200 OK"
+	}
+	return strconv.Itoa(code) + " " + http.StatusText(code)
+}
+
 // clearRequestHeaders are the request headers that also travel in clear, as routing hints
 // (spec 6.1); canonical names.
 var clearRequestHeaders = []string{"Content-Type", "Te"}
@@ -264,7 +267,7 @@ func (cc *clientCall) openResponse(resp *http.Response) error {
 	}
 	cc.body = openReader{o: &cc.o, body: resp.Body, side: cc}
 	cc.trailers = http.Header{}
-	resp.StatusCode, resp.Status = head.status, strconv.Itoa(head.status)+" "+http.StatusText(head.status)
+	resp.StatusCode, resp.Status = head.status, statusLine(head.status)
 	resp.Header, resp.Trailer = head.headers, cc.trailers
 	resp.ContentLength = -1
 	resp.Body = &cc.body

@@ -40,6 +40,7 @@ type fieldBlock struct {
 	status       int    // response head
 	headers      http.Header
 	trailers     http.Header
+	omit         func(name string) bool // encoding only: headers left out (nil: none)
 }
 
 // encode appends the block to b: control data in the order of spec 6.3, then header fields,
@@ -57,15 +58,17 @@ func (f *fieldBlock) encode(b []byte) []byte {
 		control(ctlPath, f.path)
 	}
 	if f.status != 0 {
-		control(ctlStatus, strconv.Itoa(f.status))
+		var st [8]byte
+		b = appendEntry(b, kindControl, ctlStatus, strconv.AppendInt(st[:0], int64(f.status), 10))
+		n++
 	}
-	b = appendFields(b, kindHeader, f.headers, &n)
-	b = appendFields(b, kindTrailer, f.trailers, &n)
+	b = appendFields(b, kindHeader, f.headers, f.omit, &n)
+	b = appendFields(b, kindTrailer, f.trailers, nil, &n)
 	binary.BigEndian.PutUint16(b[start:], uint16(n))
 	return b
 }
 
-func appendEntry(b []byte, kind byte, name, value string) []byte {
+func appendEntry[V string | []byte](b []byte, kind byte, name string, value V) []byte {
 	b = append(b, kind)
 	b = binary.BigEndian.AppendUint16(b, uint16(len(name)))
 	b = append(b, name...)
@@ -73,14 +76,16 @@ func appendEntry(b []byte, kind byte, name, value string) []byte {
 	return append(b, value...)
 }
 
-func appendFields(b []byte, kind byte, h http.Header, n *int) []byte {
+func appendFields(b []byte, kind byte, h http.Header, omit func(string) bool, n *int) []byte {
 	if len(h) == 0 {
 		return b
 	}
 	var small [16]string
 	keys := small[:0]
 	for k := range h {
-		keys = append(keys, k)
+		if omit == nil || !omit(k) {
+			keys = append(keys, k)
+		}
 	}
 	slices.Sort(keys)
 	for _, k := range keys {
@@ -106,9 +111,20 @@ var emptyFinalBlock = []byte{0, 0}
 // decodeFieldBlock parses a block of the given role and checks it against spec 6.3. The
 // block authenticated, so a failure means a faulty peer: malformed.
 func decodeFieldBlock(b []byte, role blockRole) (fieldBlock, error) {
+	// Names and values are substrings of one copy of the block, and values share one
+	// backing array: a block decodes in a few allocations whatever its size.
+	all := string(b)
 	p := parser{b: b}
 	n := int(p.u16())
+	if n > len(b)/5 { // every entry takes at least 5 bytes
+		return fieldBlock{}, errMalformed
+	}
+	vals := make([]string, 0, n)
 	var f fieldBlock
+	str := func(v []byte) string {
+		off := len(b) - len(p.b) - len(v) // v was just taken from b, so it ends where p.b starts
+		return all[off : off+len(v)]
+	}
 	var want []string // the control fields still expected, in order
 	switch role {
 	case requestHead:
@@ -119,7 +135,8 @@ func decodeFieldBlock(b []byte, role blockRole) (fieldBlock, error) {
 	lastKind := byte(kindControl)
 	for i := 0; i < n && !p.bad; i++ {
 		kind := p.u8()
-		name, value := string(p.vec16()), string(p.vec16())
+		name := str(p.vec16())
+		value := str(p.vec16())
 		if p.bad || !validFieldValue(value) {
 			return fieldBlock{}, errMalformed
 		}
@@ -136,12 +153,12 @@ func decodeFieldBlock(b []byte, role blockRole) (fieldBlock, error) {
 			if (role != requestHead && role != responseHead) || len(want) != 0 || !validFieldName(name) {
 				return fieldBlock{}, errMalformed
 			}
-			f.headers = addField(f.headers, name, value)
+			f.headers, vals = addField(f.headers, vals, name, value)
 		case kindTrailer:
 			if role != responseFinal || !validFieldName(name) {
 				return fieldBlock{}, errMalformed
 			}
-			f.trailers = addField(f.trailers, name, value)
+			f.trailers, vals = addField(f.trailers, vals, name, value)
 		default:
 			return fieldBlock{}, errMalformed
 		}
@@ -175,12 +192,19 @@ func (f *fieldBlock) setControl(name, value string) error {
 	return nil
 }
 
-func addField(h http.Header, name, value string) http.Header {
+// addField adds a value to h, taking the slice of a name's first value from vals, the
+// block's shared backing array.
+func addField(h http.Header, vals []string, name, value string) (http.Header, []string) {
 	if h == nil {
 		h = make(http.Header, 4)
 	}
-	h[name] = append(h[name], value)
-	return h
+	if vs, ok := h[name]; ok {
+		h[name] = append(vs, value) // a repeated name: its own array from here on
+		return h, vals
+	}
+	vals = append(vals, value)
+	h[name] = vals[len(vals)-1 : len(vals) : len(vals)]
+	return h, vals
 }
 
 // validFieldName reports whether name is an RFC 9110 token in Go's canonical form, the
@@ -246,6 +270,9 @@ func (s *sealer) appendBlock(dst []byte, flags byte, f *fieldBlock) ([]byte, err
 	}
 	return s.sealInPlace(dst, start, flags, n)
 }
+
+// notSealed is sealedHeader's complement, for fieldBlock.omit.
+func notSealed(k string) bool { return !sealedHeader(http.CanonicalHeaderKey(k)) }
 
 // readHead opens the head frame that starts every body (spec 6.2) and decodes its field
 // block. It must be the direction's frame 0: not FINAL, no REKEY before it.

@@ -129,6 +129,26 @@ func FuzzOpenFrames(f *testing.F) {
 	})
 }
 
+// FuzzOpenRequest feeds sealed request bodies (call ID, head frame, frames) to an opener
+// keyed like the first vector's call, as the server opens them.
+func FuzzOpenRequest(f *testing.F) {
+	vs := loadKAT(f)
+	for _, v := range vs {
+		f.Add([]byte(v.RequestBody))
+	}
+	v := vs[0]
+	f.Fuzz(func(t *testing.T, b []byte) {
+		pt, _, err := openBody(v, dirC2S, b)
+		if err == nil && !bytes.HasPrefix(b, v.RequestBody) {
+			t.Fatalf("forged request opened to %q", pt)
+		}
+		pt2, _, err2 := openBodyWhole(v, dirC2S, append([]byte(nil), b...))
+		if (err == nil) != (err2 == nil) || !bytes.Equal(pt, pt2) {
+			t.Fatalf("read whole: %q %v, read by frame: %q %v", pt2, err2, pt, err)
+		}
+	})
+}
+
 // FuzzFieldBlock decodes arbitrary field blocks (heads and FINAL blocks, spec 6.3) in each
 // role: a block that decodes re-encodes to one that decodes to the same fields.
 func FuzzFieldBlock(f *testing.F) {

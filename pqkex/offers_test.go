@@ -67,3 +67,20 @@ func TestServerHelloEcho(t *testing.T) {
 		}
 	}
 }
+
+// TestTicketOfAnotherVersion: a ticket whose plaintext is of another wire version (a
+// session made by a version-1 replica under the same ticket key) is refused as
+// unknown_ticket, so the client makes a new session (spec 5.5, 7).
+func TestTicketOfAnotherVersion(t *testing.T) {
+	v := loadKAT(t)[0]
+	if _, err := parseTicketState(v.TicketPlaintext); err != nil {
+		t.Fatal(err)
+	}
+	for _, version := range []byte{1, 3} {
+		b := append([]byte(nil), v.TicketPlaintext...)
+		b[0] = version
+		if _, err := parseTicketState(b); err != errUnknownTicket {
+			t.Errorf("ticket of version %d: %v, want unknown_ticket", version, err)
+		}
+	}
+}

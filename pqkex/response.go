@@ -113,13 +113,13 @@ func (sw *sealWriter) head() fieldBlock {
 	if sw.status == 0 {
 		sw.status = http.StatusOK
 	}
-	f := fieldBlock{status: sw.status}
-	for k, v := range sw.h {
-		if sealedHeader(http.CanonicalHeaderKey(k)) && !strings.HasPrefix(k, http.TrailerPrefix) && !sw.isDeclared(k) {
-			f.headers = addFields(f.headers, k, v)
-		}
-	}
-	return f
+	return fieldBlock{status: sw.status, headers: sw.h, omit: sw.notInHead}
+}
+
+// notInHead reports whether the handler's header k stays out of the response head: a
+// framing header, pqkex's own, or a trailer.
+func (sw *sealWriter) notInHead(k string) bool {
+	return notSealed(k) || strings.HasPrefix(k, http.TrailerPrefix) || sw.isDeclared(k)
 }
 
 func addFields(h http.Header, k string, v []string) http.Header {
