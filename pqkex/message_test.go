@@ -247,9 +247,10 @@ func TestForgedErrorHeader(t *testing.T) {
 		reason = tc.reason
 		mu.Unlock()
 		for _, p := range protocols {
-			// Not bidi: the test's proxy answers only once the backend responds, which a
-			// bidi backend does only after the stream's first message, so the forged answer
-			// would race the stream; a bidi call meets a refusal where a client stream does.
+			// Not bidi: httputil.ReverseProxy does not deliver a replaced response while
+			// the bidi request is still open (the client's transport never receives it;
+			// checked), so the call would wait for its deadline without reaching pqkex. A
+			// bidi call meets a refusal in RoundTrip, where a client stream does.
 			_, errs := callKinds(context.Background(), hc, proxy.URL, p.opts, "hello", false)
 			for _, k := range []string{"unary", "client", "server"} {
 				if connect.CodeOf(errs[k]) != tc.code {
