@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -119,11 +120,8 @@ func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 // sessionLost reports whether err is the server refusing the session's ticket, after
 // which the client has dropped the session (see roundTrip).
 func sessionLost(err error) bool {
-	if !isRejection(err) {
-		return false
-	}
-	code := toConnect(err).Code()
-	return code == connect.CodeFailedPrecondition || code == connect.CodeDeadlineExceeded
+	re := asReason(err)
+	return re != nil && re.code == connect.CodeUnavailable && sessionRefusal(string(re.reason))
 }
 
 func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
@@ -143,13 +141,14 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	if err := cc.keys.init(sess.suite.Hash(), sess.aead, sess.secretKey, callID, req.URL.Path); err != nil {
 		return nil, err
 	}
-	// A shallow copy with its own header map: RoundTrip must not change req, and the
-	// header values themselves are never written.
+	// The request head (spec 6.3) carries the method, path and headers; the request on the
+	// wire is a shallow copy with only the routing hints in clear (spec 6.1).
+	head := fieldBlock{method: req.Method, path: req.URL.RequestURI(), headers: req.Header, omit: notSealed}
 	out := &cc.out
 	*out = *req
-	out.Header = make(http.Header, len(req.Header)+1)
-	for k, v := range req.Header {
-		if !slices.Contains(clientStrippedHeaders, k) {
+	out.Header = make(http.Header, 4)
+	for _, k := range clearRequestHeaders {
+		if v, ok := req.Header[k]; ok {
 			out.Header[k] = v
 		}
 	}
@@ -167,7 +166,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	if req.ContentLength >= 0 {
 		// The body is in memory (unary): seal it now so that it leaves with a known length,
 		// in as few HTTP/2 frames and writes as possible.
-		sealed, err := sealWhole(&cc.s, callID, nonNil(req.Body), req.ContentLength, cc)
+		sealed, err := sealWhole(&cc.s, callID, &head, nonNil(req.Body), req.ContentLength, cc)
 		if err != nil {
 			return nil, err
 		}
@@ -176,7 +175,12 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		out.ContentLength = int64(len(sealed))
 		out.GetBody = cc.getBody
 	} else {
-		out.Body = &sealReader{s: &cc.s, callID: callID, src: nonNil(req.Body), side: cc}
+		// Encoded now, while req is the caller's to read; sealed when the transport first reads.
+		hb := head.encode(nil)
+		if len(hb) > maxFramePlaintext {
+			return nil, errFieldsTooLarge
+		}
+		out.Body = &sealReader{s: &cc.s, callID: callID, head: hb, src: nonNil(req.Body), side: cc}
 	}
 	c.sc.sealed.Inc()
 	resp, err := rt.base.RoundTrip(out)
@@ -197,12 +201,15 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 			return nil, err
 		}
 	}
-	if reason := headerValue(resp.Header, headerError); reason != "" {
+	if token := headerValue(resp.Header, headerError); token != "" {
+		// An unauthenticated refusal (spec 9): a session refusal drops the session, anything
+		// else is tampering. Neither takes the code the token names.
 		_ = resp.Body.Close()
-		if r := errorFromReason(reason); r.Code() == connect.CodeFailedPrecondition || r.Code() == connect.CodeDeadlineExceeded {
+		err := callRefusal(token)
+		if sessionRefusal(token) {
 			c.dropSession(req.URL, sess)
 		}
-		return nil, newError(reasonOf(errorFromReason(reason)), "rejected by server: "+reason)
+		return nil, err
 	}
 	if headerValue(resp.Header, headerSealed) != "1" {
 		_ = resp.Body.Close()
@@ -218,28 +225,53 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	if headerValue(resp.Header, headerSessionHeld) == "1" && !sess.held.Load() {
 		sess.held.Store(true)
 	}
+	if err := cc.openResponse(resp); err != nil {
+		_ = resp.Body.Close()
+		return nil, err
+	}
+	return resp, nil
+}
+
+// statusLine is the Status of a response with status code.
+func statusLine(code int) string {
+	if code == http.StatusOK {
+		return "200 OK"
+	}
+	return strconv.Itoa(code) + " " + http.StatusText(code)
+}
+
+// clearRequestHeaders are the request headers that also travel in clear, as routing hints
+// (spec 6.1); canonical names.
+var clearRequestHeaders = []string{"Content-Type", "Te"}
+
+// openResponse reads the sealed response's server nonce and head frame and turns resp into
+// the response the caller sees: the sealed status and headers, a body of the opened frames,
+// the sealed trailers once the FINAL frame opened. The clear status and Content-Type must
+// match the sealed ones; every other clear header is dropped.
+func (cc *clientCall) openResponse(resp *http.Response) error {
 	cc.o = opener{r: resp.Body, side: cc}
 	// A response of known length (a unary one without trailers) is read whole, then opened
 	// in place. Its first bytes are the server nonce, which selects the s2c keys (spec 5.2).
 	if err := openResponse(&cc.o, &cc.keys, resp.ContentLength); err != nil {
-		_ = resp.Body.Close()
-		return nil, err
+		return err
+	}
+	head, err := readHead(&cc.o, responseHead)
+	if err != nil {
+		return err
+	}
+	if head.status != resp.StatusCode || !slices.Equal(head.headers["Content-Type"], resp.Header["Content-Type"]) {
+		return errClearMismatch
+	}
+	if head.headers == nil {
+		head.headers = http.Header{}
 	}
 	cc.body = openReader{o: &cc.o, body: resp.Body, side: cc}
-	cc.header, cc.trailers, cc.status = resp.Header, http.Header{}, resp.StatusCode
-	resp.Header.Del("Content-Length")
+	cc.trailers = http.Header{}
+	resp.StatusCode, resp.Status = head.status, statusLine(head.status)
+	resp.Header, resp.Trailer = head.headers, cc.trailers
 	resp.ContentLength = -1
-	resp.Trailer = cc.trailers
 	resp.Body = &cc.body
-	if headerValue(resp.Header, headerTrailersOnly) == "1" {
-		data, err := io.ReadAll(io.LimitReader(&cc.body, maxFramePlaintext))
-		_ = cc.body.Close()
-		if err != nil {
-			return nil, err
-		}
-		resp.Body = io.NopCloser(bytes.NewReader(data))
-	}
-	return resp, nil
+	return nil
 }
 
 // clientCall is one sealed call as the client makes it: its keys, the outgoing request and
@@ -253,9 +285,7 @@ type clientCall struct {
 	o        opener
 	body     openReader
 	sealed   []byte      // a request sealed whole, for a resend
-	header   http.Header // the response's: a trailers-only FINAL frame restores headers into it
-	trailers http.Header
-	status   int
+	trailers http.Header // the response's, filled from its FINAL frame
 }
 
 func (cc *clientCall) encap() ([]byte, []byte, error) {
@@ -270,16 +300,13 @@ func (cc *clientCall) rekeyed()           { cc.c.sc.streamRekeys.Inc() }
 func (cc *clientCall) counted(n int)      { cc.sess.bytes.Add(int64(n)) }
 func (cc *clientCall) rejected(err error) { cc.c.m.reject(sideClient, err) }
 
-// final checks the status the server sealed into the FINAL frame against the one received
-// and restores the headers and trailers it carries.
-func (cc *clientCall) final(blk trailerBlock) error {
-	if blk.status != cc.status {
-		return errTampered // a proxy changed the status code
+// final restores the trailers of the response's FINAL frame into the response.
+func (cc *clientCall) final(block []byte) error {
+	f, err := decodeFieldBlock(block, responseFinal)
+	if err != nil {
+		return err
 	}
-	for k, v := range blk.headers {
-		cc.header[k] = v
-	}
-	for k, v := range blk.trailers {
+	for k, v := range f.trailers {
 		cc.trailers[k] = v
 	}
 	return nil
@@ -289,23 +316,19 @@ func (cc *clientCall) sealedBody() io.ReadCloser { return io.NopCloser(bytes.New
 
 func (cc *clientCall) getBody() (io.ReadCloser, error) { return cc.sealedBody(), nil }
 
-// clientStrippedHeaders are removed from a request before it is sealed (canonical names).
-var clientStrippedHeaders = append([]string{"Content-Length"}, acceptEncodingHeaders...)
-
-// sealWhole seals a request body of known length n in one piece (the call ID, the hello
-// frame, its data frames and the FINAL frame) into a buffer of exactly the size needed, and
-// closes body. A body that fits one frame is read straight into its place in that buffer
-// and sealed there.
-func sealWhole(s *sealer, callID uint64, body io.ReadCloser, n int64, side callSide) ([]byte, error) {
+// sealWhole seals a request body of known length n in one piece (the call ID, the head
+// frame, its data frames and the FINAL frame) into one buffer, and closes body. A body
+// that fits one frame is read straight into its place in that buffer and sealed there.
+func sealWhole(s *sealer, callID uint64, head *fieldBlock, body io.ReadCloser, n int64, side callSide) ([]byte, error) {
 	if body != nil {
 		defer body.Close()
 	} else {
 		n = 0
 	}
-	frames := 2 + (int(n)+maxDataFrame-1)/maxDataFrame
-	out := make([]byte, 0, callIDSize+frames*(frameHeaderSize+aeadTagSize)+int(n)+len(emptyTrailerBlock))
+	frames := 3 + (int(n)+maxDataFrame-1)/maxDataFrame
+	out := make([]byte, 0, callIDSize+frames*(frameHeaderSize+aeadTagSize)+int(n)+len(emptyFinalBlock)+256)
 	out = binary.BigEndian.AppendUint64(out, callID)
-	out, err := s.appendFrame(out, 0, nil)
+	out, err := s.appendBlock(out, 0, head)
 	if err != nil || n == 0 {
 		return s.finishWhole(out, err)
 	}
@@ -335,7 +358,7 @@ func (s *sealer) finishWhole(out []byte, err error) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return s.appendFrame(out, flagFinal, emptyTrailerBlock)
+	return s.appendFrame(out, flagFinal, emptyFinalBlock)
 }
 
 // readExactly fills b from r and checks that r has nothing more.
@@ -574,8 +597,8 @@ func exchange(ctx context.Context, base http.RoundTripper, method, url string, b
 		return nil, nil, err
 	}
 	defer resp.Body.Close()
-	if reason := headerValue(resp.Header, headerError); reason != "" {
-		return nil, nil, newError(reasonOf(errorFromReason(reason)), "rejected by server: "+reason)
+	if token := headerValue(resp.Header, headerError); token != "" {
+		return nil, nil, handshakeRefusal(token, headerValue(resp.Header, headerVersion))
 	}
 	if resp.StatusCode != http.StatusOK {
 		return nil, nil, errNoSession

@@ -17,7 +17,6 @@ const (
 	reasonMalformed     reason = "malformed"
 	reasonTampered      reason = "tampered"
 	reasonTruncated     reason = "truncated"
-	reasonReordered     reason = "reordered"
 	reasonReplayed      reason = "replayed"
 	reasonUnknownTicket reason = "unknown_ticket"
 	reasonTicketExpired reason = "ticket_expired"
@@ -26,6 +25,7 @@ const (
 	reasonServerKey     reason = "server_key"
 	reasonTLSNotPQ      reason = "tls_not_pq"
 	reasonUnsupported   reason = "unsupported"
+	reasonVersion       reason = "version"
 	reasonInternal      reason = "internal"
 )
 
@@ -34,8 +34,7 @@ var reasonCodes = map[reason]connect.Code{
 	reasonNoSession:     connect.CodeUnauthenticated,
 	reasonMalformed:     connect.CodeInvalidArgument,
 	reasonTampered:      connect.CodeDataLoss,
-	reasonTruncated:     connect.CodeOutOfRange,
-	reasonReordered:     connect.CodeAborted,
+	reasonTruncated:     connect.CodeDataLoss, // tampering, like every integrity failure (spec 9)
 	reasonReplayed:      connect.CodeAlreadyExists,
 	reasonUnknownTicket: connect.CodeFailedPrecondition,
 	reasonTicketExpired: connect.CodeDeadlineExceeded,
@@ -44,6 +43,7 @@ var reasonCodes = map[reason]connect.Code{
 	reasonServerKey:     connect.CodeFailedPrecondition,
 	reasonTLSNotPQ:      connect.CodeFailedPrecondition, // the client retries without flagTLSEphemeral
 	reasonUnsupported:   connect.CodeUnimplemented,
+	reasonVersion:       connect.CodeUnimplemented,
 	reasonInternal:      connect.CodeInternal,
 }
 
@@ -51,6 +51,7 @@ var reasonCodes = map[reason]connect.Code{
 type reasonError struct {
 	reason reason
 	text   string
+	code   connect.Code // when not 0, the code instead of the reason's (a client's view of a refusal, spec 9)
 }
 
 func (e *reasonError) Error() string { return "pqkex: " + e.text }
@@ -60,14 +61,13 @@ func newError(r reason, text string) *reasonError { return &reasonError{reason: 
 // Sentinels. They are immutable; toConnect wraps them in a fresh *connect.Error each time.
 var (
 	errNoSession       = newError(reasonNoSession, "no post-quantum session")
-	errUnsealed        = newError(reasonNoSession, "unsealed response to a sealed call")
+	errUnsealed        = newError(reasonTampered, "tampered: unsealed response to a sealed call")
 	errMalformed       = newError(reasonMalformed, "malformed message")
 	errCompressed      = newError(reasonMalformed, "compressed payloads are refused")
 	errMethod          = newError(reasonMalformed, "only requests with a body can be sealed")
 	errTampered        = newError(reasonTampered, "message failed authentication")
 	errTruncated       = newError(reasonTruncated, "body truncated before its final frame")
-	errReordered       = newError(reasonReordered, "frame out of order")
-	errReplayed        = newError(reasonReplayed, "replayed call or frame")
+	errReplayed        = newError(reasonReplayed, "replayed call")
 	errUnknownTicket   = newError(reasonUnknownTicket, "ticket not issued by this service")
 	errTicketExpired   = newError(reasonTicketExpired, "ticket expired")
 	errUnknownSession  = newError(reasonUnknownSess, "session not held by this server: send the ticket")
@@ -79,9 +79,12 @@ var (
 	errServerKey       = newError(reasonServerKey, "server credential unknown to this server")
 	errTLSNotPQ        = newError(reasonTLSNotPQ, "TLS connection without a post-quantum key exchange: send a pqkex ephemeral")
 	errTLSNotPQHere    = newError(reasonCredential, "server accepted the TLS ephemeral, but this TLS connection is not post-quantum")
-	errUnsupported     = newError(reasonUnsupported, "unsupported version, suite or AEAD")
+	errUnsupported     = newError(reasonUnsupported, "unsupported suite or AEAD")
+	errServerVersion   = newError(reasonVersion, "server answered in another wire version")
 	errInternal        = newError(reasonInternal, "internal error")
 	errFrameTooLarge   = newError(reasonMalformed, "frame too large")
+	errFieldsTooLarge  = newError(reasonMalformed, "headers or trailers exceed one frame (64 KiB)")
+	errClearMismatch   = newError(reasonTampered, "tampered: a clear status, method, path or Content-Type differs from the sealed one")
 	errSequenceWrapped = newError(reasonInternal, "frame sequence exhausted")
 )
 
@@ -137,29 +140,65 @@ func toConnect(err error) *connect.Error {
 		return ce
 	}
 	if re := asReason(err); re != nil {
-		return connect.NewError(reasonCodes[re.reason], re)
+		code := reasonCodes[re.reason]
+		if re.code != 0 {
+			code = re.code
+		}
+		return connect.NewError(code, re)
 	}
 	return connect.NewError(connect.CodeInternal, errInternal)
 }
 
-// errorFromReason rebuilds the error a server announced in the Veil-Pqkex-Error header.
-func errorFromReason(token string) *connect.Error {
+// handshakeRefusal rebuilds the error a server announced in the Veil-Pqkex-Error header of a
+// handshake (or credential) response; versions is its Veil-Pqkex-Version header. The refusal
+// is unauthenticated and says so (spec 9).
+func handshakeRefusal(token, versions string) *reasonError {
 	r := reason(token)
-	code, ok := reasonCodes[r]
-	if !ok {
-		r, code = reasonInternal, connect.CodeInternal
+	if _, ok := reasonCodes[r]; !ok {
+		r = reasonInternal
 	}
-	return connect.NewError(code, newError(r, "rejected by server: "+string(r)))
+	switch {
+	case r == reasonVersion:
+		return newError(reasonVersion, "handshake refused by the server (unauthenticated): it speaks wire version "+versions+", this client "+wireVersionName)
+	case r == reasonUnsupported && versions == "":
+		// A version-1 server predates the version header and refuses version 2 as unsupported (spec 5.5).
+		return newError(reasonVersion, "handshake refused by the server (unauthenticated): it predates wire version "+wireVersionName+" (speaks version 1 only)")
+	}
+	return newError(r, "handshake refused by the server (unauthenticated): "+string(r))
+}
+
+// callRefusal is the client's view of a Veil-Pqkex-Error on a sealed call (spec 9): a
+// session refusal is unavailable, anything else is tampering. It never carries the code the
+// reason maps to on the server, which a proxy could otherwise choose.
+func callRefusal(token string) *reasonError {
+	if sessionRefusal(token) {
+		return &reasonError{reason: reason(token), code: connect.CodeUnavailable,
+			text: "session refused by the server (unauthenticated refusal: " + token + ")"}
+	}
+	if len(token) > 32 || !validFieldName(http.CanonicalHeaderKey(token)) {
+		token = "?"
+	}
+	return newError(reasonTampered, "tampered: the server refused the call (unauthenticated refusal: "+token+")")
+}
+
+// sessionRefusal reports whether token names a refusal of the call's session, the only
+// kind of clear refusal a client acts on (spec 9).
+func sessionRefusal(token string) bool {
+	switch reason(token) {
+	case reasonUnknownTicket, reasonTicketExpired, reasonUnknownSess:
+		return true
+	}
+	return false
 }
 
 // Header names (spec section 6.1).
 const (
-	headerTicket       = "Veil-Pqkex-Ticket"
-	headerSession      = "Veil-Pqkex-Session"      // the short form (spec 6.6)
-	headerSessionHeld  = "Veil-Pqkex-Session-Held" // the server keeps the session for the short form
-	headerSealed       = "Veil-Pqkex-Sealed"
-	headerTrailersOnly = "Veil-Pqkex-Trailers-Only"
-	headerError        = "Veil-Pqkex-Error"
+	headerTicket      = "Veil-Pqkex-Ticket"
+	headerSession     = "Veil-Pqkex-Session"      // the short form (spec 6.6)
+	headerSessionHeld = "Veil-Pqkex-Session-Held" // the server keeps the session for the short form
+	headerSealed      = "Veil-Pqkex-Sealed"
+	headerError       = "Veil-Pqkex-Error"
+	headerVersion     = "Veil-Pqkex-Version" // the wire versions a server speaks (spec 5.5)
 )
 
 // headerValue is h.Get for a key already in canonical form, as all of pqkex's header names

@@ -7,9 +7,6 @@ import (
 	"errors"
 	"io"
 	"math"
-	"net/http"
-	"sort"
-	"strconv"
 	"sync"
 	"time"
 )
@@ -155,7 +152,7 @@ type callSide interface {
 	rekeyed()                          // this side sent a REKEY frame
 	counted(n int)                     // n plaintext body bytes sealed or opened
 	rejected(err error)                // a received frame failed (once per body)
-	final(trailerBlock) error          // the FINAL frame of a received body
+	final(block []byte) error          // the field block of the FINAL frame of a received body
 }
 
 // sealer produces the frames of one direction.
@@ -268,7 +265,7 @@ func (o *opener) preread(n int64) error {
 	if n < 0 || n > maxPreread {
 		return nil
 	}
-	b := o.buf // the hello frame's buffer, if any: nothing refers to it any more
+	b := o.buf // an earlier frame's buffer, if any: nothing refers to it any more
 	if b == nil {
 		o.box, b = getBuffer()
 	}
@@ -363,11 +360,11 @@ func (o *opener) next() (byte, []byte, error) {
 		if size < aeadTagSize || size > maxFrameCiphertext {
 			return 0, nil, errFrameTooLarge
 		}
-		switch {
-		case uint64(seq) < o.dir.seq:
-			return 0, nil, errReplayed
-		case uint64(seq) > o.dir.seq:
-			return 0, nil, errReordered
+		// The sequence number is the nonce: a frame that is not the next one (replayed,
+		// reordered, a frame dropped before it, a flipped seq) is tampering, like any frame
+		// that fails to open; it is not classified further before authentication (spec 6.2).
+		if uint64(seq) != o.dir.seq {
+			return 0, nil, errTampered
 		}
 		var ct []byte
 		if o.whole {
@@ -415,94 +412,6 @@ func (o *opener) next() (byte, []byte, error) {
 	}
 }
 
-// Trailer block (plaintext of a FINAL frame): u16 count, then per entry u8 kind ‖ u16 name
-// ‖ u16 value. Kind 0 restores a response header, kind 1 a trailer, kind 2 (name ":status",
-// at most once, responses only) is the HTTP status code the server sent, so that a proxy
-// cannot change it unnoticed.
-const (
-	kindHeader  = 0
-	kindTrailer = 1
-	kindStatus  = 2
-	statusName  = ":status"
-)
-
-type trailerBlock struct {
-	status   int // 0: none (request bodies)
-	headers  http.Header
-	trailers http.Header
-}
-
-func appendFields(b []byte, kind byte, h http.Header, n *int) []byte {
-	keys := make([]string, 0, len(h))
-	for k := range h {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	for _, k := range keys {
-		for _, v := range h[k] {
-			b = append(b, kind)
-			b = appendVec16(b, []byte(k))
-			b = appendVec16(b, []byte(v))
-			*n++
-		}
-	}
-	return b
-}
-
-func (t trailerBlock) encode() []byte {
-	n := 0
-	b := make([]byte, 2, 32) // room for the count and the status entry, which is all most blocks hold
-	if t.status != 0 {
-		b = append(b, kindStatus)
-		b = appendVec16(b, []byte(statusName))
-		b = appendVec16(b, []byte(strconv.Itoa(t.status)))
-		n++
-	}
-	b = appendFields(b, kindHeader, t.headers, &n)
-	b = appendFields(b, kindTrailer, t.trailers, &n)
-	binary.BigEndian.PutUint16(b, uint16(n))
-	return b
-}
-
-// emptyTrailerBlock is the FINAL frame plaintext of a request: no entries.
-var emptyTrailerBlock = trailerBlock{}.encode()
-
-func decodeTrailerBlock(b []byte) (trailerBlock, error) {
-	p := parser{b: b}
-	n := int(p.u16())
-	var t trailerBlock // maps made on first use: most blocks are empty or hold the status only
-	for i := 0; i < n && !p.bad; i++ {
-		kind := p.u8()
-		k, v := string(p.vec16()), string(p.vec16())
-		switch {
-		case k == "":
-			return trailerBlock{}, errMalformed
-		case kind == kindHeader:
-			if t.headers == nil {
-				t.headers = http.Header{}
-			}
-			t.headers.Add(k, v)
-		case kind == kindTrailer:
-			if t.trailers == nil {
-				t.trailers = http.Header{}
-			}
-			t.trailers.Add(k, v)
-		case kind == kindStatus && k == statusName && t.status == 0:
-			code, err := strconv.Atoi(v)
-			if err != nil || code < 100 || code > 599 || strconv.Itoa(code) != v {
-				return trailerBlock{}, errMalformed
-			}
-			t.status = code
-		default:
-			return trailerBlock{}, errMalformed
-		}
-	}
-	if !p.ok() {
-		return trailerBlock{}, errMalformed
-	}
-	return t, nil
-}
-
 // openReader is the plaintext body of a sealed stream.
 type openReader struct {
 	o       *opener
@@ -540,15 +449,11 @@ func (r *openReader) fill() error {
 		r.side.counted(len(pt))
 	}
 	if flags == flagFinal {
-		blk, err := decodeTrailerBlock(pt)
-		if err != nil {
-			return toConnect(err)
-		}
 		// Anything after FINAL is never read: waiting for the end of the body here would
 		// deadlock a full-duplex stream behind a proxy that ends the response only after the
 		// request.
 		if r.side != nil {
-			if err := r.side.final(blk); err != nil {
+			if err := r.side.final(pt); err != nil {
 				return toConnect(err)
 			}
 		}
@@ -569,26 +474,15 @@ func (r *openReader) Close() error {
 	return r.body.Close()
 }
 
-// openHello reads the empty hello frame that starts every request body (spec 6.2).
-func openHello(o *opener) error {
-	flags, pt, err := o.next()
-	if err != nil {
-		return err
-	}
-	if flags != 0 || len(pt) != 0 {
-		return errMalformed
-	}
-	return nil
-}
-
 // dataBuffers recycles the plaintext read buffers of request bodies.
 var dataBuffers = sync.Pool{New: func() any { return new([maxDataFrame]byte) }}
 
 // sealReader turns a plaintext request body into the call ID and frames: the call ID and
-// the hello frame at once, one data frame per read of the source, then the FINAL frame.
+// the head frame at once, one data frame per read of the source, then the FINAL frame.
 type sealReader struct {
 	s       *sealer
 	callID  uint64
+	head    []byte // the request head's field block (spec 6.3), plaintext
 	src     io.ReadCloser
 	out     []byte
 	buf     *[maxDataFrame]byte
@@ -615,7 +509,7 @@ func (r *sealReader) fill() error {
 		r.started = true
 		var err error
 		r.out = binary.BigEndian.AppendUint64(r.out[:0], r.callID)
-		r.out, err = r.s.appendFrame(r.out, 0, nil)
+		r.out, err = r.s.appendFrame(r.out, 0, r.head)
 		return err
 	}
 	if r.done {
@@ -624,7 +518,7 @@ func (r *sealReader) fill() error {
 	if r.src == nil {
 		r.done = true
 		var err error
-		r.out, err = r.s.appendFrame(r.out[:0], flagFinal, emptyTrailerBlock)
+		r.out, err = r.s.appendFrame(r.out[:0], flagFinal, emptyFinalBlock)
 		return err
 	}
 	if r.buf == nil {
@@ -645,7 +539,7 @@ func (r *sealReader) fill() error {
 		dataBuffers.Put(r.buf)
 		r.buf = nil
 		var serr error
-		r.out, serr = r.s.appendFrame(r.out, flagFinal, emptyTrailerBlock)
+		r.out, serr = r.s.appendFrame(r.out, flagFinal, emptyFinalBlock)
 		return serr
 	}
 	return err

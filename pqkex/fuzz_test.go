@@ -2,6 +2,7 @@ package pqkex
 
 import (
 	"bytes"
+	"encoding/binary"
 	"io"
 	"net/http"
 	"reflect"
@@ -55,14 +56,14 @@ func FuzzParseServerHello(f *testing.F) {
 		return append([]byte{byte(SchemeByName(v.Suite).ID()), helloFlags(v)}, v.ServerHello...)
 	})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		if len(b) < 2 || !validFlags(b[1]) {
+		if len(b) < 8 || !validFlags(b[1]) { // the AEAD the client chose is taken from the hello itself
 			return
 		}
 		suite := SchemeByID(uint16(b[0]))
 		if suite == nil {
 			return
 		}
-		m, err := parseServerHello(b[2:], suite, b[1])
+		m, err := parseServerHello(b[2:], suite, AEAD(binary.BigEndian.Uint16(b[6:])), b[1])
 		if err != nil {
 			return
 		}
@@ -128,17 +129,41 @@ func FuzzOpenFrames(f *testing.F) {
 	})
 }
 
-func FuzzTrailerBlock(f *testing.F) {
-	f.Add(trailerBlock{status: 200, headers: http.Header{"Content-Type": {"x"}}, trailers: http.Header{"Grpc-Status": {"0"}, "Grpc-Message": {"a", "b"}}}.encode())
-	f.Add([]byte{0, 0})
+// FuzzOpenRequest feeds sealed request bodies (call ID, head frame, frames) to an opener
+// keyed like the first vector's call, as the server opens them.
+func FuzzOpenRequest(f *testing.F) {
+	vs := loadKAT(f)
+	for _, v := range vs {
+		f.Add([]byte(v.RequestBody))
+	}
+	v := vs[0]
 	f.Fuzz(func(t *testing.T, b []byte) {
-		blk, err := decodeTrailerBlock(b)
+		pt, _, err := openBody(v, dirC2S, b)
+		if err == nil && !bytes.HasPrefix(b, v.RequestBody) {
+			t.Fatalf("forged request opened to %q", pt)
+		}
+		pt2, _, err2 := openBodyWhole(v, dirC2S, append([]byte(nil), b...))
+		if (err == nil) != (err2 == nil) || !bytes.Equal(pt, pt2) {
+			t.Fatalf("read whole: %q %v, read by frame: %q %v", pt2, err2, pt, err)
+		}
+	})
+}
+
+// FuzzFieldBlock decodes arbitrary field blocks (heads and FINAL blocks, spec 6.3) in each
+// role: a block that decodes re-encodes to one that decodes to the same fields.
+func FuzzFieldBlock(f *testing.F) {
+	f.Add(byte(requestHead), (&fieldBlock{method: "POST", path: "/a.B/C", headers: http.Header{"Content-Type": {"x"}, "X-A": {"1", "2"}}}).encode(nil))
+	f.Add(byte(responseHead), (&fieldBlock{status: 200, headers: http.Header{"Content-Type": {"x"}}}).encode(nil))
+	f.Add(byte(responseFinal), (&fieldBlock{trailers: http.Header{"Grpc-Status": {"0"}, "Grpc-Message": {"a", "b"}}}).encode(nil))
+	f.Add(byte(requestFinal), []byte{0, 0})
+	f.Fuzz(func(t *testing.T, role byte, b []byte) {
+		blk, err := decodeFieldBlock(b, blockRole(role%4))
 		if err != nil {
 			return
 		}
-		again, err := decodeTrailerBlock(blk.encode())
+		again, err := decodeFieldBlock(blk.encode(nil), blockRole(role%4))
 		if err != nil || !reflect.DeepEqual(blk, again) {
-			t.Fatalf("trailer block does not round-trip: %v", err)
+			t.Fatalf("field block does not round-trip: %v", err)
 		}
 	})
 }

@@ -10,7 +10,7 @@ import (
 )
 
 const (
-	wireVersion      = 1
+	wireVersion      = 2 // spec 5.5; version 1 is no longer accepted
 	typeClientHello  = 1
 	typeServerHello  = 2
 	flagBinding      = 0x01
@@ -25,6 +25,8 @@ const (
 
 // clientHello is the client's only flight (spec section 5.1).
 type clientHello struct {
+	versions     []uint8  // offered (spec 5.5)
+	suites       []uint16 // offered
 	suite        Scheme
 	aead         AEAD
 	flags        uint8
@@ -36,8 +38,9 @@ type clientHello struct {
 }
 
 func (m *clientHello) marshal() []byte {
-	b := make([]byte, 0, 7+randomSize+credDigestSize+6+len(m.ephemeralPK)+len(m.ctS)+len(m.credential))
+	b := make([]byte, 0, 9+len(m.versions)+2*len(m.suites)+randomSize+credDigestSize+6+len(m.ephemeralPK)+len(m.ctS)+len(m.credential))
 	b = append(b, wireVersion, typeClientHello)
+	b = appendOffers(b, m.versions, m.suites)
 	b = binary.BigEndian.AppendUint16(b, m.suite.ID())
 	b = binary.BigEndian.AppendUint16(b, m.aead.id())
 	b = append(b, m.flags)
@@ -51,13 +54,23 @@ func (m *clientHello) marshal() []byte {
 func parseClientHello(b []byte) (*clientHello, error) {
 	p := parser{b: b}
 	version, typ := p.u8(), p.u8()
-	suiteID, aeadID := p.u16(), p.u16()
-	flags := p.u8()
 	if p.bad || typ != typeClientHello {
 		return nil, errMalformed
 	}
-	m := &clientHello{suite: SchemeByID(suiteID), aead: AEAD(aeadID), flags: flags}
-	if version != wireVersion || m.suite == nil || !m.aead.supported() || aeadID == 0 {
+	if version != wireVersion { // nothing after the version is read: its layout is the version's (spec 5.5)
+		return nil, errVersionRefused(version)
+	}
+	versions, suites := p.offers()
+	suiteID, aeadID := p.u16(), p.u16()
+	flags := p.u8()
+	if p.bad {
+		return nil, errMalformed
+	}
+	if err := checkOffers(version, versions, suites, suiteID); err != nil {
+		return nil, err
+	}
+	m := &clientHello{versions: versions, suites: suites, suite: SchemeByID(suiteID), aead: AEAD(aeadID), flags: flags}
+	if m.suite == nil || !m.aead.supported() || aeadID == 0 {
 		return nil, errUnsupported
 	}
 	if !validFlags(flags) {
@@ -142,6 +155,8 @@ func (id *Identity) staticPrivate(flags uint8) kem.PrivateKey {
 
 // serverHello is the server's only flight.
 type serverHello struct {
+	suite        uint16 // the session's suite and AEAD, echoed (spec 5.1)
+	aead         uint16
 	random       [randomSize]byte
 	ctE, ctC     []byte
 	ticketExpiry uint64
@@ -152,8 +167,10 @@ type serverHello struct {
 // marshalKeys encodes the prefix that the session keys depend on (up to ct_c), with room for
 // the rest of the message.
 func (m *serverHello) marshalKeys() []byte {
-	b := make([]byte, 0, 2+randomSize+4+len(m.ctE)+len(m.ctC)+8+2+len(m.ticket)+maxHashSize)
+	b := make([]byte, 0, 6+randomSize+4+len(m.ctE)+len(m.ctC)+8+2+len(m.ticket)+maxHashSize)
 	b = append(b, wireVersion, typeServerHello)
+	b = binary.BigEndian.AppendUint16(b, m.suite)
+	b = binary.BigEndian.AppendUint16(b, m.aead)
 	b = append(b, m.random[:]...)
 	b = appendVec16(b, m.ctE)
 	return appendVec16(b, m.ctC)
@@ -167,13 +184,20 @@ func (m *serverHello) marshalUnconfirmed() []byte {
 
 func (m *serverHello) marshal() []byte { return append(m.marshalUnconfirmed(), m.confirm...) }
 
-func parseServerHello(b []byte, suite Scheme, flags uint8) (*serverHello, error) {
+func parseServerHello(b []byte, suite Scheme, aead AEAD, flags uint8) (*serverHello, error) {
 	p := parser{b: b}
-	if p.u8() != wireVersion || p.u8() != typeServerHello {
+	version, typ := p.u8(), p.u8()
+	if p.bad || typ != typeServerHello {
+		return nil, errMalformed
+	}
+	if version != wireVersion {
+		return nil, errServerVersion
+	}
+	m := &serverHello{suite: p.u16(), aead: p.u16()}
+	if m.suite != suite.ID() || m.aead != aead.id() {
 		return nil, errMalformed
 	}
 	k := innerKEM(suite, flags)
-	m := &serverHello{}
 	copy(m.random[:], p.take(randomSize))
 	m.ctE = p.exact16(ephemeralSize(flags, k.CiphertextSize()))
 	m.ctC = p.exact16(k.CiphertextSize())
@@ -244,7 +268,8 @@ func startClient(rand io.Reader, self *Identity, server *Credential, aead AEAD, 
 	if !validFlags(flags) {
 		return nil, errInternal
 	}
-	m := &clientHello{suite: suite, aead: AEAD(aead.id()), flags: flags, serverDigest: server.digest, credential: self.cred.raw}
+	m := &clientHello{versions: serverVersions, suites: []uint16{suite.ID()}, suite: suite, aead: AEAD(aead.id()),
+		flags: flags, serverDigest: server.digest, credential: self.cred.raw}
 	k := m.kem()
 	if err := readRandom(rand, m.random[:]); err != nil {
 		return nil, err
@@ -296,7 +321,7 @@ type clientResult struct {
 // finish processes the ServerHello; cb is the channel binding (nil without it).
 func (c *clientHandshake) finish(raw, cb []byte) (*clientResult, error) {
 	suite, k := c.hello.suite, c.hello.kem()
-	sh, err := parseServerHello(raw, suite, c.hello.flags)
+	sh, err := parseServerHello(raw, suite, c.hello.aead, c.hello.flags)
 	if err != nil {
 		return nil, err
 	}
@@ -332,7 +357,7 @@ func respond(rand io.Reader, ch *clientHello, self *Identity, peer *Credential, 
 	if err != nil {
 		return nil, handshakeSecrets{}, errMalformed
 	}
-	sh := &serverHello{}
+	sh := &serverHello{suite: suite.ID(), aead: ch.aead.id()}
 	if err := readRandom(rand, sh.random[:]); err != nil {
 		return nil, handshakeSecrets{}, err
 	}

@@ -3,6 +3,8 @@ package pqkex
 import (
 	"bytes"
 	"crypto"
+	"crypto/aes"
+	"crypto/cipher"
 	"crypto/ed25519"
 	"crypto/hkdf"
 	"crypto/sha3"
@@ -16,10 +18,12 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"reflect"
 	"testing"
 	"time"
 
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
+	"golang.org/x/crypto/chacha20poly1305"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/kat.json from the implementation")
@@ -242,10 +246,11 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 		}
 	}
 	v.RequestBody = binary.BigEndian.AppendUint64(nil, v.CallID) // a request body starts with its call ID
-	v.RequestBody = append(v.RequestBody, sealBody(t, &ck.c2s, true, [][]byte{[]byte("ping")}, nil)...)
+	v.RequestBody = append(v.RequestBody, sealBody(t, &ck.c2s, &fieldBlock{method: "POST", path: v.Procedure, headers: katRequestHeaders},
+		[][]byte{[]byte("ping")}, nil)...)
 	v.ResponseBody = append([]byte(nil), v.ServerNonce...) // a response body starts with the server nonce
-	v.ResponseBody = append(v.ResponseBody, sealBody(t, &ck.s2c, false, [][]byte{[]byte("pong"), []byte("!")},
-		http.Header{"Grpc-Status": {"0"}, "Grpc-Message": {"ok"}})...)
+	v.ResponseBody = append(v.ResponseBody, sealBody(t, &ck.s2c, &fieldBlock{status: http.StatusOK, headers: katResponseHeaders},
+		[][]byte{[]byte("pong"), []byte("!")}, http.Header{"Grpc-Status": {"0"}, "Grpc-Message": {"ok"}})...)
 	v.RekeyedSecret = rekeySecret(h, v.S2CSecret, ssRekey, ctRekey)
 	// An in-stream rekey derives T0 from the session when it first needs it, then advances.
 	if err := ck.s2c.advance(ssRekey, ctRekey); err != nil || !bytes.Equal(ck.s2c.secret, v.RekeyedSecret) {
@@ -267,28 +272,27 @@ func mustSeed(t testing.TB, r io.Reader, n int) []byte {
 	return b
 }
 
-// sealBody seals chunks as a body with d: the hello frame (requests only), one data frame per
-// chunk and the FINAL frame with trailers.
-func sealBody(t testing.TB, d *direction, request bool, chunks [][]byte, trailers http.Header) []byte {
+// The headers of the vectors' request and response heads (spec 6.3).
+var (
+	katRequestHeaders  = http.Header{"Content-Type": {"application/proto"}, "Idempotency-Key": {"k-1"}}
+	katResponseHeaders = http.Header{"Content-Type": {"application/proto"}, "X-Answer": {"a", "b"}}
+)
+
+// sealBody seals a body with d: the head frame, one data frame per chunk and the FINAL frame
+// with trailers.
+func sealBody(t testing.TB, d *direction, head *fieldBlock, chunks [][]byte, trailers http.Header) []byte {
 	t.Helper()
-	var err error
 	s := &sealer{dir: d, now: time.Now}
-	var out []byte
-	if request {
-		if out, err = s.appendFrame(out, 0, nil); err != nil {
-			t.Fatal(err)
-		}
+	out, err := s.appendBlock(nil, 0, head)
+	if err != nil {
+		t.Fatal(err)
 	}
 	for _, c := range chunks {
 		if out, err = s.appendData(out, c); err != nil {
 			t.Fatal(err)
 		}
 	}
-	blk := trailerBlock{trailers: trailers}
-	if !request {
-		blk.status = http.StatusOK
-	}
-	if out, err = s.appendFrame(out, flagFinal, blk.encode()); err != nil {
+	if out, err = s.appendBlock(out, flagFinal, &fieldBlock{trailers: trailers}); err != nil {
 		t.Fatal(err)
 	}
 	return out
@@ -344,7 +348,7 @@ func TestKnownAnswerServer(t *testing.T) {
 		if !bytes.Equal(got.ResponseBody, v.ResponseBody) {
 			t.Fatalf("%s: vector does not reproduce", v.Suite)
 		}
-		sh, err := parseServerHello(v.ServerHello, suite, helloFlags(v))
+		sh, err := parseServerHello(v.ServerHello, suite, aeadByName(v.AEAD), helloFlags(v))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -358,6 +362,12 @@ func TestKnownAnswerServer(t *testing.T) {
 			if b, err := io.ReadAll(r.Body); err != nil || string(b) != "ping" {
 				t.Errorf("%s: handler read %q %v", v.Suite, b, err)
 			}
+			if !reflect.DeepEqual(r.Header, katRequestHeaders) {
+				t.Errorf("%s: handler saw headers %v, want the sealed %v only", v.Suite, r.Header, katRequestHeaders)
+			}
+			for k, vs := range katResponseHeaders {
+				w.Header()[k] = vs
+			}
 			_, _ = w.Write([]byte("pong"))
 			w.(http.Flusher).Flush()
 			_, _ = w.Write([]byte("!"))
@@ -366,9 +376,12 @@ func TestKnownAnswerServer(t *testing.T) {
 		}))
 		req := httptest.NewRequest(http.MethodPost, v.Procedure, bytes.NewReader(v.RequestBody))
 		req.Header.Set(headerTicket, base64.RawURLEncoding.EncodeToString(sh.ticket))
+		req.Header.Set("Content-Type", "application/proto") // the clear copy of the sealed one
+		req.Header.Set("X-Added-By-Proxy", "1")             // never reaches the handler
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, req)
-		if rec.Code != http.StatusOK || rec.Header().Get(headerSealed) != "1" {
+		if rec.Code != http.StatusOK || rec.Header().Get(headerSealed) != "1" || rec.Header().Get("Content-Type") != "application/proto" ||
+			rec.Header().Get("X-Answer") != "" {
 			t.Fatalf("%s: status %d, headers %v", v.Suite, rec.Code, rec.Header())
 		}
 		if !bytes.Equal(rec.Body.Bytes(), v.ResponseBody) {
@@ -403,5 +416,102 @@ func referenceCallKeys(h crypto.Hash, session []byte, callID uint64, nonce []byt
 		s2cKey:    refExpandLabel(h, session, "s2c key", s2c, aeadKeySize),
 		c2sSecret: refExpandLabel(h, session, "c2s", c2s, h.Size()),
 		s2cSecret: refExpandLabel(h, session, "s2c", s2c, h.Size()),
+	}
+}
+
+// TestKnownAnswerBodiesIndependently opens each vector's request and response body with the
+// standard library alone (the reference key schedule above, crypto/cipher's AES-GCM or
+// x/crypto's ChaCha20-Poly1305) and reads the sealed message of spec 6.2 and 6.3 byte by
+// byte: the call ID or server nonce, the head frame's field block, the data frames, the FINAL
+// frame's block. None of the implementation's framing or field-block code is used.
+func TestKnownAnswerBodiesIndependently(t *testing.T) {
+	type entry struct {
+		kind        byte
+		name, value string
+	}
+	for _, v := range loadKAT(t) {
+		h := SchemeByName(v.Suite).Hash()
+		ref := referenceCallKeys(h, v.Session, v.CallID, v.ServerNonce, v.Procedure)
+		newAEAD := func(key []byte) cipher.AEAD {
+			var a cipher.AEAD
+			var err error
+			if v.AEAD == AES256GCM.String() {
+				var b cipher.Block
+				if b, err = aes.NewCipher(key); err == nil {
+					a, err = cipher.NewGCM(b)
+				}
+			} else {
+				a, err = chacha20poly1305.New(key)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			return a
+		}
+		// frames opens every frame of body under key: flags and plaintext of each.
+		frames := func(body, key []byte) (flags []byte, pts [][]byte) {
+			a := newAEAD(key)
+			for seq := uint32(0); len(body) > 0; seq++ {
+				if len(body) < 9 {
+					t.Fatalf("%s: %d bytes left, not a frame header", v.Suite, len(body))
+				}
+				hdr, n := body[:9], int(binary.BigEndian.Uint32(body[5:9]))
+				if binary.BigEndian.Uint32(hdr[1:5]) != seq || len(body) < 9+n {
+					t.Fatalf("%s: frame %d: bad seq or length", v.Suite, seq)
+				}
+				nonce := make([]byte, 12)
+				binary.BigEndian.PutUint32(nonce[8:], seq)
+				pt, err := a.Open(nil, nonce, body[9:9+n], hdr)
+				if err != nil {
+					t.Fatalf("%s: frame %d does not open: %v", v.Suite, seq, err)
+				}
+				flags, pts = append(flags, hdr[0]), append(pts, pt)
+				body = body[9+n:]
+			}
+			return flags, pts
+		}
+		block := func(b []byte) []entry {
+			var out []entry
+			n := int(binary.BigEndian.Uint16(b))
+			b = b[2:]
+			for range n {
+				kind := b[0]
+				nl := int(binary.BigEndian.Uint16(b[1:]))
+				name := string(b[3 : 3+nl])
+				b = b[3+nl:]
+				vl := int(binary.BigEndian.Uint16(b))
+				out = append(out, entry{kind, name, string(b[2 : 2+vl])})
+				b = b[2+vl:]
+			}
+			if len(b) != 0 {
+				t.Fatalf("%s: %d bytes after a field block", v.Suite, len(b))
+			}
+			return out
+		}
+		if binary.BigEndian.Uint64(v.RequestBody) != v.CallID {
+			t.Fatalf("%s: request body does not start with the call ID", v.Suite)
+		}
+		flags, pts := frames(v.RequestBody[8:], ref.c2sKey)
+		if !bytes.Equal(flags, []byte{0, 0, 1}) || string(pts[1]) != "ping" || len(block(pts[2])) != 0 {
+			t.Errorf("%s: request frames %v %q", v.Suite, flags, pts)
+		}
+		if got, want := block(pts[0]), []entry{{2, ":method", "POST"}, {2, ":path", v.Procedure},
+			{0, "Content-Type", "application/proto"}, {0, "Idempotency-Key", "k-1"}}; !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: request head %v, want %v", v.Suite, got, want)
+		}
+		if !bytes.Equal(v.ResponseBody[:16], v.ServerNonce) {
+			t.Fatalf("%s: response body does not start with the server nonce", v.Suite)
+		}
+		flags, pts = frames(v.ResponseBody[16:], ref.s2cKey)
+		if !bytes.Equal(flags, []byte{0, 0, 0, 1}) || string(pts[1])+string(pts[2]) != "pong!" {
+			t.Errorf("%s: response frames %v %q", v.Suite, flags, pts)
+		}
+		if got, want := block(pts[0]), []entry{{2, ":status", "200"}, {0, "Content-Type", "application/proto"},
+			{0, "X-Answer", "a"}, {0, "X-Answer", "b"}}; !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: response head %v, want %v", v.Suite, got, want)
+		}
+		if got, want := block(pts[3]), []entry{{1, "Grpc-Message", "ok"}, {1, "Grpc-Status", "0"}}; !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: response trailers %v, want %v", v.Suite, got, want)
+		}
 	}
 }

@@ -60,7 +60,7 @@ func TestCallKeysAllocations(t *testing.T) {
 
 // BenchmarkCallCrypto is the cryptographic floor of one sealed 1 KiB unary call, both sides,
 // without HTTP: per-call keys on each side, the request sealed whole and opened (call ID,
-// hello, data and FINAL frames), the server nonce drawn, the s2c keys derived, the response
+// head, data and FINAL frames), the server nonce drawn, the s2c keys derived, the response
 // sealed and opened. bench/ compares whole calls; this says how much of their difference
 // the protocol's own work can explain.
 func BenchmarkCallCrypto(b *testing.B) {
@@ -68,7 +68,8 @@ func BenchmarkCallCrypto(b *testing.B) {
 	const procedure = "/veil.echo.v1.EchoService/Echo"
 	plain := bytes.Repeat([]byte{'x'}, 1024)
 	clientKey, serverKey := sessionKey(crypto.SHA256, session), sessionKey(crypto.SHA256, session)
-	status := trailerBlock{status: http.StatusOK}.encode()
+	reqHead := &fieldBlock{method: http.MethodPost, path: procedure, headers: http.Header{"Content-Type": {"application/proto"}}}
+	respHead := &fieldBlock{status: http.StatusOK, headers: http.Header{"Content-Type": {"application/proto"}}}
 	b.ReportAllocs()
 	for i := 0; b.Loop(); i++ {
 		id := uint64(i)
@@ -77,7 +78,7 @@ func BenchmarkCallCrypto(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		req, err := sealWhole(&sealer{dir: &ck.c2s, now: time.Now}, id, io.NopCloser(bytes.NewReader(plain)), int64(len(plain)), nil)
+		req, err := sealWhole(&sealer{dir: &ck.c2s, now: time.Now}, id, reqHead, io.NopCloser(bytes.NewReader(plain)), int64(len(plain)), nil)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -90,7 +91,7 @@ func BenchmarkCallCrypto(b *testing.B) {
 		if err := o.preread(int64(len(req) - callIDSize)); err != nil {
 			b.Fatal(err)
 		}
-		if err := openHello(o); err != nil {
+		if _, err := readHead(o, requestHead); err != nil {
 			b.Fatal(err)
 		}
 		if n, err := io.Copy(io.Discard, &openReader{o: o}); err != nil || n != int64(len(plain)) {
@@ -105,8 +106,10 @@ func BenchmarkCallCrypto(b *testing.B) {
 		s := &sealer{dir: &sk.s2c, now: time.Now}
 		box, resp := getBuffer()
 		resp = append(resp, sk.nonce[:]...)
-		if resp, err = s.appendData(resp, plain); err == nil {
-			resp, err = s.appendFrame(resp, flagFinal, status)
+		if resp, err = s.appendBlock(resp, 0, respHead); err == nil {
+			if resp, err = s.appendData(resp, plain); err == nil {
+				resp, err = s.appendBlock(resp, flagFinal, &fieldBlock{})
+			}
 		}
 		if err != nil {
 			b.Fatal(err)
@@ -114,6 +117,9 @@ func BenchmarkCallCrypto(b *testing.B) {
 		// Client: response opened.
 		ro := &opener{r: bytes.NewReader(resp)}
 		if err := openResponse(ro, ck, int64(len(resp))); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := readHead(ro, responseHead); err != nil {
 			b.Fatal(err)
 		}
 		if n, err := io.Copy(io.Discard, &openReader{o: ro}); err != nil || n != int64(len(plain)) {
@@ -135,7 +141,7 @@ func TestSealWholeLength(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		_, err = sealWhole(&sealer{dir: &ck.c2s, now: time.Now}, 1, io.NopCloser(strings.NewReader(tt.body)), tt.n, nil)
+		_, err = sealWhole(&sealer{dir: &ck.c2s, now: time.Now}, 1, &fieldBlock{method: "POST", path: "/p"}, io.NopCloser(strings.NewReader(tt.body)), tt.n, nil)
 		if (err != nil) != tt.wantErr {
 			t.Errorf("body %q declared %d: err %v, want error %v", tt.body, tt.n, err, tt.wantErr)
 		}

@@ -77,7 +77,7 @@ func TestAttacks(t *testing.T) {
 		{name: "flipped bit in hello frame", req: onCall(func(b []byte) []byte { return flip(b, 8+10) }), code: connect.CodeDataLoss, reason: "tampered"},
 		// The call ID that starts the body selects the call keys: another ID fails the hello frame.
 		{name: "changed call ID", req: onCall(func(b []byte) []byte { return flip(b, 7) }), code: connect.CodeDataLoss, reason: "tampered"},
-		{name: "body shorter than a call ID", req: onCall(func(b []byte) []byte { return b[:5] }), code: connect.CodeOutOfRange, reason: "truncated"},
+		{name: "body shorter than a call ID", req: onCall(func(b []byte) []byte { return b[:5] }), code: connect.CodeDataLoss, reason: "truncated"},
 		{name: "flipped bit in data frame", req: onCall(func(b []byte) []byte {
 			f := callFrames(b)
 			f[1] = flip(f[1], 12)
@@ -91,21 +91,40 @@ func TestAttacks(t *testing.T) {
 		{name: "truncated request", req: onCall(func(b []byte) []byte {
 			f := callFrames(b)
 			return join(f[:len(f)-1]...)
-		}), code: connect.CodeOutOfRange, reason: "truncated"},
-		{name: "truncated mid-frame", req: onCall(func(b []byte) []byte { return b[:len(b)-3] }), code: connect.CodeOutOfRange, reason: "truncated"},
+		}), code: connect.CodeDataLoss, reason: "truncated"},
+		{name: "truncated mid-frame", req: onCall(func(b []byte) []byte { return b[:len(b)-3] }), code: connect.CodeDataLoss, reason: "truncated"},
 		{name: "reordered frames", stream: true, req: onCall(func(b []byte) []byte {
 			f := callFrames(b)
 			f[1], f[2] = f[2], f[1]
 			return join(f...)
-		}), code: connect.CodeAborted, reason: "reordered"},
+		}), code: connect.CodeDataLoss, reason: "tampered"},
 		{name: "replayed frame", stream: true, req: onCall(func(b []byte) []byte {
 			f := callFrames(b)
 			return join(append(f[:2:2], f[1:]...)...)
-		}), code: connect.CodeAlreadyExists, reason: "replayed"},
+		}), code: connect.CodeDataLoss, reason: "tampered"},
 		{name: "dropped frame", stream: true, req: onCall(func(b []byte) []byte {
 			f := callFrames(b)
 			return join(append(f[:1:1], f[2:]...)...)
-		}), code: connect.CodeAborted, reason: "reordered"},
+		}), code: connect.CodeDataLoss, reason: "tampered"},
+		// The sequence number is the frame's nonce and part of its authenticated header: a
+		// flipped one fails authentication, whichever way it points (it is not classified
+		// as a replay or a reordering before the frame authenticates).
+		{name: "flipped sequence number in a request frame", stream: true, req: onCall(func(b []byte) []byte {
+			f := callFrames(b)
+			f[2] = flip(f[2], 4)
+			return join(f...)
+		}), code: connect.CodeDataLoss, reason: "tampered"},
+		{name: "lowered sequence number in a request frame", stream: true, req: onCall(func(b []byte) []byte {
+			f := callFrames(b)
+			f[3] = flip(f[3], 4) // seq 3 -> 2, the number of the frame before it
+			return join(f...)
+		}), code: connect.CodeDataLoss, reason: "tampered"},
+		{name: "flipped sequence number in a response frame", resp: func(r *http.Response, b []byte) []byte {
+			if r.Header.Get("Veil-Pqkex-Sealed") == "" {
+				return b
+			}
+			return flip(b, 16+4) // the first frame's seq, after the server nonce
+		}, code: connect.CodeDataLoss},
 		{name: "call redirected to another procedure", req: func(r *http.Request, b []byte) []byte {
 			if isSealedCall(r) {
 				r.URL.Path = procServer
@@ -124,7 +143,7 @@ func TestAttacks(t *testing.T) {
 			}
 			f := responseFrames(b)
 			return join(f[:len(f)-1]...)
-		}, code: connect.CodeOutOfRange},
+		}, code: connect.CodeDataLoss},
 		// The server nonce that starts a response body selects the s2c keys: another nonce
 		// fails the first frame (spec 6.2).
 		{name: "changed server nonce", resp: func(r *http.Response, b []byte) []byte {
@@ -139,26 +158,26 @@ func TestAttacks(t *testing.T) {
 			}
 			r.ContentLength = -1 // read frame by frame, not whole
 			return b[:9]
-		}, code: connect.CodeOutOfRange},
+		}, code: connect.CodeDataLoss},
 		{name: "response shorter than the server nonce, known length", resp: func(r *http.Response, b []byte) []byte {
 			if r.Header.Get("Veil-Pqkex-Sealed") == "" {
 				return b
 			}
 			r.ContentLength = 9 // read whole
 			return b[:9]
-		}, code: connect.CodeOutOfRange},
+		}, code: connect.CodeDataLoss},
 		{name: "stripped request headers", req: func(r *http.Request, b []byte) []byte {
 			r.Header.Del("Veil-Pqkex-Ticket")
 			r.Header.Del("Veil-Pqkex-Session")
 			return b
-		}, code: connect.CodeUnauthenticated, reason: "no_session"},
-		// connect-go takes the code from a non-200 status when the body is not an error.
+		}, code: connect.CodeDataLoss, reason: "no_session"},
+		// The clear status mirrors the sealed one for proxies; a changed one is tampering.
 		{name: "success turned into error status", resp: func(r *http.Response, b []byte) []byte {
 			if r.Header.Get("Veil-Pqkex-Sealed") != "" {
 				r.StatusCode, r.Status = http.StatusServiceUnavailable, "503 Service Unavailable"
 			}
 			return b
-		}, code: connect.CodeUnavailable},
+		}, code: connect.CodeDataLoss},
 		// An error turned into 200 would make connect-go parse the error body as a message:
 		// the sealed status refuses it.
 		{name: "error turned into 200", msg: failMessage, resp: func(r *http.Response, b []byte) []byte {
@@ -171,27 +190,27 @@ func TestAttacks(t *testing.T) {
 		{name: "stripped response marker", resp: func(r *http.Response, b []byte) []byte {
 			r.Header.Del("Veil-Pqkex-Sealed")
 			return b
-		}, code: connect.CodeUnauthenticated},
+		}, code: connect.CodeDataLoss},
 		{name: "garbage ticket", req: func(r *http.Request, b []byte) []byte {
 			if isSealedCall(r) {
 				r.Header.Del("Veil-Pqkex-Session")
 				r.Header.Set("Veil-Pqkex-Ticket", "AAAA")
 			}
 			return b
-		}, code: connect.CodeInvalidArgument, reason: "malformed"},
+		}, code: connect.CodeDataLoss, reason: "malformed"},
 		// Unary calls after the first name their session by ID (spec 6.6).
 		{name: "garbage session ID", req: func(r *http.Request, b []byte) []byte {
 			if r.Header.Get("Veil-Pqkex-Session") != "" {
 				r.Header.Set("Veil-Pqkex-Session", "AAAA")
 			}
 			return b
-		}, code: connect.CodeInvalidArgument, reason: "malformed"},
+		}, code: connect.CodeDataLoss, reason: "malformed"},
 		{name: "ticket and session ID both", req: func(r *http.Request, b []byte) []byte {
 			if r.Header.Get("Veil-Pqkex-Session") != "" {
 				r.Header.Set("Veil-Pqkex-Ticket", "AAAA")
 			}
 			return b
-		}, code: connect.CodeInvalidArgument, reason: "malformed"},
+		}, code: connect.CodeDataLoss, reason: "malformed"},
 		{name: "modified ticket", req: func(r *http.Request, b []byte) []byte {
 			if isSealedCall(r) {
 				tk, err := base64.RawURLEncoding.DecodeString(r.Header.Get("Veil-Pqkex-Ticket"))
@@ -203,7 +222,7 @@ func TestAttacks(t *testing.T) {
 			return b
 			// A stream: a unary call would be resent once after a new handshake
 			// (TestTickets), and the server would count two rejections.
-		}, stream: true, code: connect.CodeFailedPrecondition, reason: "unknown_ticket"},
+		}, stream: true, code: connect.CodeUnavailable, reason: "unknown_ticket"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -315,7 +334,7 @@ func TestReplayedCall(t *testing.T) {
 		}
 		return b
 	}, nil)
-	wantCode(t, unaryCall(hc, ts.URL), connect.CodeAlreadyExists)
+	wantCode(t, unaryCall(hc, ts.URL), connect.CodeDataLoss) // tampering, never the handler's already_exists
 }
 
 // TestReplayedCallToAnotherReplica resends a recorded sealed call verbatim to a second
@@ -496,11 +515,11 @@ func TestTickets(t *testing.T) {
 		t.Fatalf("handshakes %v, unknown_session rejections %v; want 1 and 1", handshakes(), rejected("unknown_session"))
 	}
 	// A server with other ticket keys refuses the ticket. A stream sees the refusal
-	// with its code; a unary call is resent once after a new handshake, which here
+	// as unavailable (an unauthenticated session refusal, spec 9); a unary call is resent once after a new handshake, which here
 	// is refused again since every sealed call still goes to that server.
 	target = otherService.URL
-	wantCode(t, clientStreamCall(hc, replicaA.URL, "a", "b"), connect.CodeFailedPrecondition)
-	wantCode(t, unaryCall(hc, replicaA.URL), connect.CodeFailedPrecondition)
+	wantCode(t, clientStreamCall(hc, replicaA.URL, "a", "b"), connect.CodeUnavailable)
+	wantCode(t, unaryCall(hc, replicaA.URL), connect.CodeUnavailable)
 	if handshakes() != 3 || rejected("unknown_ticket") != 3 {
 		t.Fatalf("handshakes %v, unknown_ticket rejections %v; want 3 and 3", handshakes(), rejected("unknown_ticket"))
 	}
@@ -521,7 +540,7 @@ func TestTickets(t *testing.T) {
 		t.Fatalf("handshakes %v, ticket_expired rejections %v; want 5 and 1", handshakes(), rejected("ticket_expired"))
 	}
 	clk.now = testNow.Add(4 * time.Minute)
-	wantCode(t, clientStreamCall(hc, replicaA.URL, "a"), connect.CodeDeadlineExceeded)
+	wantCode(t, clientStreamCall(hc, replicaA.URL, "a"), connect.CodeUnavailable) // a session refusal, never the handler-like deadline_exceeded (spec 9)
 }
 
 func TestTicketKeyRotation(t *testing.T) {
@@ -549,7 +568,7 @@ func TestTicketKeyRotation(t *testing.T) {
 	}
 	// k1 left the set: its ticket is refused, visibly for a stream; a unary call is
 	// resent after a new handshake.
-	wantCode(t, clientStreamCall(hc, ts.URL, "a"), connect.CodeFailedPrecondition)
+	wantCode(t, clientStreamCall(hc, ts.URL, "a"), connect.CodeUnavailable)
 	if err := unaryCall(hc, ts.URL); err != nil {
 		t.Fatalf("unary call after its ticket key left the set: %v", err)
 	}
@@ -601,7 +620,7 @@ func TestIntermediaryErrorsAreUnavailable(t *testing.T) {
 		{http.StatusBadGateway, connect.CodeUnavailable},
 		{http.StatusServiceUnavailable, connect.CodeUnavailable},
 		{http.StatusGatewayTimeout, connect.CodeUnavailable},
-		{http.StatusOK, connect.CodeUnauthenticated},
+		{http.StatusOK, connect.CodeDataLoss},
 	} {
 		status = tc.status
 		wantCode(t, clientStreamCall(hc, ts.URL, "x"), tc.code)

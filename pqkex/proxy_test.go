@@ -64,6 +64,13 @@ func (r *recorder) contains(s string) bool {
 
 func (e *env) startProxy(t *testing.T, backend string, director func(*http.Request)) (*httptest.Server, *recorder) {
 	t.Helper()
+	return e.startRewritingProxy(t, backend, director, nil)
+}
+
+// startRewritingProxy is startProxy whose proxy may also rewrite every response it forwards
+// (modify, as httputil.ReverseProxy.ModifyResponse), as a hostile proxy could.
+func (e *env) startRewritingProxy(t *testing.T, backend string, director func(*http.Request), modify func(*http.Response) error) (*httptest.Server, *recorder) {
+	t.Helper()
 	u, err := url.Parse(backend)
 	if err != nil {
 		t.Fatal(err)
@@ -76,8 +83,9 @@ func (e *env) startProxy(t *testing.T, backend string, director func(*http.Reque
 				director(pr.Out)
 			}
 		},
-		Transport:     rec,
-		FlushInterval: -1,
+		Transport:      rec,
+		FlushInterval:  -1,
+		ModifyResponse: modify,
 	}
 	// Like Envoy, the proxy forwards response headers at once; net/http's ReverseProxy would
 	// hold them until the first body byte, which never comes for a trailers-only response.
@@ -129,8 +137,8 @@ func TestProxyStrippingHeadersIsRefused(t *testing.T) {
 	for _, p := range protocols {
 		out, errs := callAll(context.Background(), hc, proxy.URL, p.opts, "hello")
 		for _, k := range []string{"unary", "client", "server", "bidi"} {
-			if connect.CodeOf(errs[k]) != connect.CodeUnauthenticated {
-				t.Errorf("%s %s with stripped headers: out=%q err=%v, want unauthenticated", p.name, k, out[k], errs[k])
+			if connect.CodeOf(errs[k]) != connect.CodeDataLoss {
+				t.Errorf("%s %s with stripped headers: out=%q err=%v, want data_loss (tampering)", p.name, k, out[k], errs[k])
 			}
 		}
 	}

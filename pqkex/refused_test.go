@@ -11,11 +11,12 @@ func TestIsSessionRefused(t *testing.T) {
 		err  error
 		want bool
 	}{
-		{errorFromReason(string(reasonUnknownTicket)), true},
-		{errorFromReason(string(reasonTicketExpired)), true},
-		{fmt.Errorf("post: %w", errorFromReason(string(reasonUnknownSess))), true},
-		{errorFromReason(string(reasonTampered)), false},
-		{errorFromReason(string(reasonReplayed)), false},
+		{callRefusal(string(reasonUnknownTicket)), true},
+		{callRefusal(string(reasonTicketExpired)), true},
+		{fmt.Errorf("post: %w", toConnect(callRefusal(string(reasonUnknownSess)))), true},
+		{callRefusal(string(reasonTampered)), false},
+		{callRefusal(string(reasonReplayed)), false},
+		{errUnknownTicket, true},
 		{errors.New("unknown_ticket"), false},
 		{nil, false},
 	} {

@@ -21,7 +21,7 @@ func TestReplayToAnotherReplica(t *testing.T) {
 	v := loadKAT(t)[0]
 	suite, aead := SchemeByName(v.Suite), aeadByName(v.AEAD)
 	katRun(t, suite, aead, helloFlags(v))
-	sh, err := parseServerHello(v.ServerHello, suite, helloFlags(v))
+	sh, err := parseServerHello(v.ServerHello, suite, aead, helloFlags(v))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,6 +44,7 @@ func TestReplayToAnotherReplica(t *testing.T) {
 	call := func(h http.Handler) *httptest.ResponseRecorder {
 		req := httptest.NewRequest(http.MethodPost, v.Procedure, bytes.NewReader(v.RequestBody))
 		req.Header.Set(headerTicket, base64.RawURLEncoding.EncodeToString(sh.ticket))
+		req.Header.Set("Content-Type", "application/proto") // the clear copy of the sealed one
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, req)
 		return rec
@@ -96,6 +97,9 @@ func TestReplayToAnotherReplica(t *testing.T) {
 		}
 		o := &opener{r: bytes.NewReader(body)}
 		if err := openResponse(o, keys, int64(len(body))); err != nil {
+			return "", err
+		}
+		if _, err := readHead(o, responseHead); err != nil {
 			return "", err
 		}
 		pt, err := io.ReadAll(&openReader{o: o})

@@ -35,14 +35,15 @@ func putBuffer(box *[]byte, b []byte) {
 	buffers.Put(box)
 }
 
-// sealWriter seals a handler's response body into frames and moves its trailers into the
-// FINAL frame (spec 6.2, 6.3).
+// sealWriter seals a handler's response: its status and headers into the head frame, its
+// body into data frames, its trailers into the FINAL frame (spec 6.2, 6.3). Only routing
+// hints go to the ResponseWriter in clear.
 type sealWriter struct {
 	w        http.ResponseWriter
 	h        http.Header
 	s        *sealer
 	status   int
-	sent     bool // headers written to w
+	sent     bool // head frame and clear headers written to w
 	pending  []byte
 	out      []byte
 	boxes    [2]*[]byte // the pool's boxes of pending and out
@@ -106,22 +107,36 @@ func (sw *sealWriter) parseDeclared() {
 	}
 }
 
-// sendHeaders writes the response headers; length is the sealed body's length, or -1.
-func (sw *sealWriter) sendHeaders(trailersOnly bool, length int) {
-	if sw.sent {
-		return
+// head returns the response head (spec 6.3): the status and every header the handler set
+// but trailers and the framing headers.
+func (sw *sealWriter) head() fieldBlock {
+	if sw.status == 0 {
+		sw.status = http.StatusOK
 	}
-	sw.sent = true
+	return fieldBlock{status: sw.status, headers: sw.h, omit: sw.notInHead}
+}
+
+// notInHead reports whether the handler's header k stays out of the response head: a
+// framing header, pqkex's own, or a trailer.
+func (sw *sealWriter) notInHead(k string) bool {
+	return notSealed(k) || strings.HasPrefix(k, http.TrailerPrefix) || sw.isDeclared(k)
+}
+
+func addFields(h http.Header, k string, v []string) http.Header {
+	if h == nil {
+		h = make(http.Header, 4)
+	}
+	h[k] = v
+	return h
+}
+
+// sendHeaders writes the clear response headers (spec 6.1): the sealed status and
+// Content-Type mirrored for proxies, pqkex's markers, and the sealed body's length when it
+// is known (length >= 0).
+func (sw *sealWriter) sendHeaders(length int) {
 	dst := sw.w.Header()
-	for k, v := range sw.h {
-		if k == "Trailer" || k == "Content-Length" || strings.HasPrefix(k, http.TrailerPrefix) {
-			continue
-		}
-		if sw.isDeclared(k) || (trailersOnly && movable(k)) {
-			continue
-		}
-		dst[k] = v
-	}
+	// Nil when the handler set none: no Content-Type is sniffed from the sealed body.
+	dst["Content-Type"] = sw.h["Content-Type"]
 	dst[headerSealed] = []string{"1"}
 	if sw.held {
 		dst[headerSessionHeld] = []string{"1"}
@@ -129,19 +144,8 @@ func (sw *sealWriter) sendHeaders(trailersOnly bool, length int) {
 	if length >= 0 {
 		dst["Content-Length"] = []string{strconv.Itoa(length)}
 	}
-	if trailersOnly {
-		dst[headerTrailersOnly] = []string{"1"}
-	}
-	if sw.status == 0 {
-		sw.status = http.StatusOK
-	}
 	sw.w.WriteHeader(sw.status)
 }
-
-// movable reports whether a header of a trailers-only response travels in the FINAL frame.
-// connect-go merges gRPC-Web trailers (status, message, metadata) into the headers of such a
-// response; only Content-Type stays on the wire for proxies.
-func movable(k string) bool { return http.CanonicalHeaderKey(k) != "Content-Type" }
 
 func (sw *sealWriter) isDeclared(k string) bool {
 	for _, d := range sw.declared {
@@ -152,45 +156,44 @@ func (sw *sealWriter) isDeclared(k string) bool {
 	return false
 }
 
-// emit seals the pending bytes (and, when final, the FINAL frame) and writes them.
+// emit seals the pending bytes (the head frame first, and when final the FINAL frame) and
+// writes them.
 func (sw *sealWriter) emit(final bool) error {
-	trailersOnly := final && !sw.sent && len(sw.pending) == 0
-	if !sw.sent {
-		sw.parseDeclared()
-	}
 	var err error
 	if sw.out == nil {
 		sw.boxes[1], sw.out = getBuffer()
 	}
 	sw.out = sw.out[:0]
-	if !sw.sent {
+	first := !sw.sent
+	if first {
+		sw.parseDeclared()
 		sw.out = append(sw.out, sw.nonce...) // the body starts with the server nonce
+		head := sw.head()
+		if sw.out, err = sw.s.appendBlock(sw.out, 0, &head); err != nil {
+			sw.err = err
+			return err
+		}
 	}
 	sw.out, err = sw.s.appendData(sw.out, sw.pending)
 	sw.pending = sw.pending[:0]
 	var trailers http.Header
 	if err == nil && final {
-		var moved http.Header
-		moved, trailers = sw.collect(trailersOnly)
-		status := sw.status
-		if status == 0 {
-			status = http.StatusOK
-		}
-		blk := trailerBlock{status: status, headers: moved, trailers: trailers}
-		sw.out, err = sw.s.appendFrame(sw.out, flagFinal, blk.encode())
+		trailers = sw.trailers()
+		sw.out, err = sw.s.appendBlock(sw.out, flagFinal, &fieldBlock{trailers: trailers})
 	}
-	if err == nil && !sw.sent {
+	if err == nil && first {
 		length := -1
 		if final && len(trailers) == 0 {
 			length = len(sw.out) // the whole sealed body (nonce included) is known: let net/http frame it tightly
 		}
-		sw.sendHeaders(trailersOnly, length)
+		sw.sent = true
+		sw.sendHeaders(length)
 	}
 	if err == nil && len(sw.out) > 0 {
 		_, err = sw.w.Write(sw.out)
 	}
 	if v := trailers.Get("Grpc-Status"); err == nil && v != "" {
-		sw.w.Header().Set(http.TrailerPrefix+"Grpc-Status", v)
+		sw.w.Header().Set(http.TrailerPrefix+"Grpc-Status", v) // a clear mirror for gRPC-aware proxies
 	}
 	if err != nil {
 		sw.err = err
@@ -198,25 +201,18 @@ func (sw *sealWriter) emit(final bool) error {
 	return err
 }
 
-// collect gathers the handler's trailers and, for a trailers-only response, its status headers.
-func (sw *sealWriter) collect(trailersOnly bool) (moved, trailers http.Header) {
-	add := func(h *http.Header, k string, v []string) { // maps made on first use: most responses have none
-		if *h == nil {
-			*h = http.Header{}
-		}
-		(*h)[k] = v
-	}
+// trailers gathers the handler's trailers: declared ones and those set with the Trailer: prefix.
+func (sw *sealWriter) trailers() http.Header {
+	var trailers http.Header
 	for k, v := range sw.h {
 		switch {
 		case strings.HasPrefix(k, http.TrailerPrefix):
-			add(&trailers, http.CanonicalHeaderKey(strings.TrimPrefix(k, http.TrailerPrefix)), v)
+			trailers = addFields(trailers, http.CanonicalHeaderKey(strings.TrimPrefix(k, http.TrailerPrefix)), v)
 		case sw.isDeclared(k):
-			add(&trailers, k, v)
-		case trailersOnly && movable(k):
-			add(&moved, k, v)
+			trailers = addFields(trailers, k, v)
 		}
 	}
-	return moved, trailers
+	return trailers
 }
 
 // finish ends the response after the handler returned.

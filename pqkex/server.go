@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 )
@@ -58,8 +59,10 @@ func (s *Server) Handler(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case CredentialPath:
+			w.Header()[headerVersion] = serverVersionsHeader
 			s.serveCredential(w, r)
 		case HandshakePath:
+			w.Header()[headerVersion] = serverVersionsHeader
 			s.serveHandshake(w, r)
 		default:
 			s.serveCall(w, r, next)
@@ -197,10 +200,6 @@ func recoverTo(err *error) {
 var contentEncodingHeaders = []string{"Content-Encoding", "Connect-Content-Encoding", "Grpc-Encoding"}
 var acceptEncodingHeaders = []string{"Accept-Encoding", "Connect-Accept-Encoding", "Grpc-Accept-Encoding"}
 
-// sealedRequestHeaders are removed from a sealed request before its handler sees it; the
-// names are canonical, so they are deleted from the map directly.
-var sealedRequestHeaders = append([]string{headerTicket, headerSession, "Content-Length"}, acceptEncodingHeaders...)
-
 func compressed(h http.Header) bool {
 	for _, k := range contentEncodingHeaders {
 		if v := headerValue(h, k); v != "" && !strings.EqualFold(v, "identity") {
@@ -235,7 +234,7 @@ func (s *Server) serveCall(w http.ResponseWriter, r *http.Request, next http.Han
 }
 
 // openCall authenticates a sealed call: ticket (or, in the short form, the session ID of a
-// session this server holds), call keys, hello frame, replay window.
+// session this server holds), call keys, request head, replay window.
 func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, sessionHeader string) (_ *http.Request, _ *sealWriter, err error) {
 	defer recoverTo(&err)
 	if ticketHeader != "" && sessionHeader != "" {
@@ -253,9 +252,6 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	}
 	if r.Method != http.MethodPost || r.Body == nil {
 		return nil, nil, errMethod
-	}
-	if compressed(r.Header) {
-		return nil, nil, errCompressed
 	}
 	self, err := s.cfg.identity.GetIdentity()
 	if err != nil || self == nil {
@@ -280,8 +276,17 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 		return nil, nil, err
 	}
 	op.dir = &keys.c2s
-	if err := openHello(op); err != nil {
+	// The request head authenticates the session and carries what the handler sees (spec
+	// 6.2, 6.3); the clear method, path and Content-Type must be its copies.
+	head, err := readHead(op, requestHead)
+	if err != nil {
 		return nil, nil, err
+	}
+	if head.method != r.Method || head.path != r.URL.RequestURI() || !slices.Equal(head.headers["Content-Type"], r.Header["Content-Type"]) {
+		return nil, nil, errClearMismatch
+	}
+	if compressed(head.headers) {
+		return nil, nil, errCompressed
 	}
 	if !s.replay.accept(st.sessionID, callID, st.expiry, unixSeconds(now)) {
 		return nil, nil, errReplayed
@@ -296,11 +301,11 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	}
 	sc.peer = Peer{SPIFFEID: st.clientID, Suite: st.suite.Name(), AEAD: st.aead, ChannelBound: st.flags&flagBinding != 0}
 	inner := r.WithContext(withPeer(r.Context(), &sc.peer))
-	// The request is this middleware's to pass on: its header map is edited in place
-	// rather than copied (the ticket alone is about 1.7 KB).
-	for _, k := range sealedRequestHeaders {
-		delete(inner.Header, k)
+	// The handler sees the sealed request headers and nothing a proxy added in clear.
+	if head.headers == nil {
+		head.headers = http.Header{}
 	}
+	inner.Header = head.headers
 	inner.ContentLength = -1
 	sc.body = openReader{o: op, body: r.Body, side: sc}
 	inner.Body = &sc.body
@@ -334,10 +339,13 @@ func (sc *serverCall) decap(ct []byte) ([]byte, error) {
 	return sc.st.suite.Decapsulate(sc.self.priv, ct)
 }
 
-func (sc *serverCall) rekeyed()                 { sc.srv.sc.streamRekeys.Inc() }
-func (sc *serverCall) counted(int)              {}
-func (sc *serverCall) rejected(err error)       { sc.srv.m.reject(sideServer, err) }
-func (sc *serverCall) final(trailerBlock) error { return nil }
+func (sc *serverCall) rekeyed()           { sc.srv.sc.streamRekeys.Inc() }
+func (sc *serverCall) counted(int)        {}
+func (sc *serverCall) rejected(err error) { sc.srv.m.reject(sideServer, err) }
+func (sc *serverCall) final(block []byte) error {
+	_, err := decodeFieldBlock(block, requestFinal)
+	return err
+}
 
 // encapTo encapsulates to a marshaled public key. Parsing is deferred to here because most
 // calls never rekey and parsing a hybrid key costs more than the rest of a call's setup.

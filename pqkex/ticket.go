@@ -175,6 +175,9 @@ func (s *ticketState) marshal() []byte {
 func parseTicketState(b []byte) (*ticketState, error) {
 	p := parser{b: b}
 	version := p.u8()
+	if !p.bad && version != wireVersion {
+		return nil, errUnknownTicket // a session of another wire version: the client makes a new one (spec 5.5)
+	}
 	s := &ticketState{suite: SchemeByID(p.u16()), aead: AEAD(p.u16()), flags: p.u8()}
 	// AEAD 0 would be read as AES-256-GCM but re-encode as 0x0001 (malleable): refused, as in
 	// ClientHello.

@@ -147,9 +147,9 @@ func (h *helloFlagsSeen) RoundTrip(r *http.Request) (*http.Response, error) {
 	if r.URL.Path == pqkex.HandshakePath && r.GetBody != nil {
 		if body, err := r.GetBody(); err == nil {
 			b, _ := io.ReadAll(body)
-			if len(b) > 6 { // version, type, u16 suite, u16 aead, then the flags
+			if len(b) > 11 { // version, type, one version and one suite offered, u16 suite, u16 aead, then the flags
 				h.mu.Lock()
-				h.flags = append(h.flags, b[6])
+				h.flags = append(h.flags, b[11])
 				h.mu.Unlock()
 			}
 		}

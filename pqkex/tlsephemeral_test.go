@@ -62,7 +62,7 @@ func TestTLSEphemeralRefusal(t *testing.T) {
 			t.Errorf("vector %d over %s: refused with %q, want %q", tt.vector, group, got, tt.reason)
 		}
 	}
-	if code := errorFromReason(string(reasonTLSNotPQ)).Code(); code != connect.CodeFailedPrecondition {
+	if code := toConnect(handshakeRefusal(string(reasonTLSNotPQ), "2")).Code(); code != connect.CodeFailedPrecondition {
 		t.Errorf("tls_not_pq is %v, want failed_precondition", code)
 	}
 }

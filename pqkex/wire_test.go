@@ -25,29 +25,37 @@ func encodings(v katVector) map[string]struct {
 		"server credential": {v.ServerCredential, func(b []byte) error { _, err := ParseCredential(b); return err }},
 		"client credential": {v.ClientCredential, func(b []byte) error { _, err := ParseCredential(b); return err }},
 		"client hello":      {v.ClientHello, func(b []byte) error { _, err := parseClientHello(b); return err }},
-		"server hello":      {v.ServerHello, func(b []byte) error { _, err := parseServerHello(b, suite, helloFlags(v)); return err }},
-		"ticket plaintext":  {v.TicketPlaintext, func(b []byte) error { _, err := parseTicketState(b); return err }},
-		"request body":      {v.RequestBody, func(b []byte) error { _, _, err := openBody(v, dirC2S, b); return err }},
-		"response body":     {v.ResponseBody, func(b []byte) error { _, _, err := openBody(v, dirS2C, b); return err }},
+		"server hello": {v.ServerHello, func(b []byte) error {
+			_, err := parseServerHello(b, suite, aeadByName(v.AEAD), helloFlags(v))
+			return err
+		}},
+		"ticket plaintext": {v.TicketPlaintext, func(b []byte) error { _, err := parseTicketState(b); return err }},
+		"request body":     {v.RequestBody, func(b []byte) error { _, _, err := openBody(v, dirC2S, b); return err }},
+		"response body":    {v.ResponseBody, func(b []byte) error { _, _, err := openBody(v, dirS2C, b); return err }},
 		// Bodies of known length are read whole and opened in place (opener.preread).
 		"request body, read whole":  {v.RequestBody, func(b []byte) error { _, _, err := openBodyWhole(v, dirC2S, b); return err }},
 		"response body, read whole": {v.ResponseBody, func(b []byte) error { _, _, err := openBodyWhole(v, dirS2C, b); return err }},
-		"trailer block": {trailerBlock{status: 200, headers: http.Header{"A": {"1"}}, trailers: http.Header{"Grpc-Status": {"0"}}}.encode(),
-			func(b []byte) error { _, err := decodeTrailerBlock(b); return err }},
+		"request head": {(&fieldBlock{method: "POST", path: "/p?q", headers: http.Header{"A": {"1", "2"}, "Content-Type": {"x"}}}).encode(nil),
+			func(b []byte) error { _, err := decodeFieldBlock(b, requestHead); return err }},
+		"response head": {(&fieldBlock{status: 200, headers: http.Header{"A": {"1"}}}).encode(nil),
+			func(b []byte) error { _, err := decodeFieldBlock(b, responseHead); return err }},
+		"response final block": {(&fieldBlock{trailers: http.Header{"Grpc-Status": {"0"}}}).encode(nil),
+			func(b []byte) error { _, err := decodeFieldBlock(b, responseFinal); return err }},
 	}
 }
 
-// openBody opens a sealed body of vector v and returns its plaintext and trailers.
-func openBody(v katVector, dir string, b []byte) ([]byte, http.Header, error) {
+// openBody opens a sealed body of vector v and returns its plaintext, and its head and
+// trailers in the side.
+func openBody(v katVector, dir string, b []byte) ([]byte, *trailerSide, error) {
 	return openBodyMode(v, dir, b, false)
 }
 
 // openBodyWhole is openBody for a body read whole first, as one of known length is.
-func openBodyWhole(v katVector, dir string, b []byte) ([]byte, http.Header, error) {
+func openBodyWhole(v katVector, dir string, b []byte) ([]byte, *trailerSide, error) {
 	return openBodyMode(v, dir, b, true)
 }
 
-func openBodyMode(v katVector, dir string, b []byte, whole bool) ([]byte, http.Header, error) {
+func openBodyMode(v katVector, dir string, b []byte, whole bool) ([]byte, *trailerSide, error) {
 	suite := SchemeByName(v.Suite)
 	o := &opener{r: bytes.NewReader(b)}
 	if dir == dirS2C {
@@ -86,26 +94,38 @@ func openBodyMode(v katVector, dir string, b []byte, whole bool) ([]byte, http.H
 			}
 		}
 	}
+	side := &trailerSide{role: responseFinal}
+	role := responseHead
 	if dir == dirC2S {
-		if err := openHello(o); err != nil {
-			return nil, nil, err
-		}
+		side.role, role = requestFinal, requestHead
 	}
-	side := &trailerSide{}
+	head, err := readHead(o, role)
+	if err != nil {
+		return nil, nil, err
+	}
+	side.head = head
 	pt, err := io.ReadAll(&openReader{o: o, side: side})
-	return pt, side.trailers, err
+	return pt, side, err
 }
 
-// trailerSide is the callSide of a body opened in a test: it keeps the FINAL frame's
-// trailers and supports no rekeys.
-type trailerSide struct{ trailers http.Header }
+// trailerSide is the callSide of a body opened in a test: it keeps the head and the FINAL
+// frame's trailers and supports no rekeys.
+type trailerSide struct {
+	role     blockRole // of the FINAL frame's block
+	head     fieldBlock
+	trailers http.Header
+}
 
 func (*trailerSide) encap() ([]byte, []byte, error) { return nil, nil, errInternal }
 func (*trailerSide) decap([]byte) ([]byte, error)   { return nil, errMalformed }
 func (*trailerSide) rekeyed()                       {}
 func (*trailerSide) counted(int)                    {}
 func (*trailerSide) rejected(error)                 {}
-func (t *trailerSide) final(b trailerBlock) error   { t.trailers = b.trailers; return nil }
+func (t *trailerSide) final(b []byte) error {
+	f, err := decodeFieldBlock(b, t.role)
+	t.trailers = f.trailers
+	return err
+}
 
 // helloFlags returns the flags of the vector's ClientHello.
 func helloFlags(v katVector) uint8 {
@@ -132,13 +152,15 @@ func TestVectorsParse(t *testing.T) {
 				t.Errorf("%s %s: %v", v.Suite, name, err)
 			}
 		}
-		pt, tr, err := openBody(v, dirS2C, v.ResponseBody)
-		if err != nil || string(pt) != "pong!" || tr.Get("Grpc-Message") != "ok" {
-			t.Errorf("%s response opens to %q %v %v", v.Suite, pt, tr, err)
+		pt, side, err := openBody(v, dirS2C, v.ResponseBody)
+		if err != nil || string(pt) != "pong!" || side.trailers.Get("Grpc-Message") != "ok" ||
+			!reflect.DeepEqual(side.head, fieldBlock{status: 200, headers: katResponseHeaders}) {
+			t.Errorf("%s response opens to %q %+v %v", v.Suite, pt, side, err)
 		}
-		pt, _, err = openBody(v, dirC2S, v.RequestBody)
-		if err != nil || string(pt) != "ping" {
-			t.Errorf("%s request opens to %q %v", v.Suite, pt, err)
+		pt, side, err = openBody(v, dirC2S, v.RequestBody)
+		if err != nil || string(pt) != "ping" ||
+			!reflect.DeepEqual(side.head, fieldBlock{method: "POST", path: v.Procedure, headers: katRequestHeaders}) {
+			t.Errorf("%s request opens to %q %+v %v", v.Suite, pt, side, err)
 		}
 		for _, dir := range []string{dirC2S, dirS2C} {
 			body, want := v.RequestBody, "ping"
@@ -270,12 +292,17 @@ func katRoots(t *testing.T, v katVector) Roots {
 	return lastKATRoots
 }
 
+// helloFlagsOffset is where the flags lie in the vectors' ClientHellos, which offer one
+// version and one suite: u8 version, u8 type, u8 1, u8 version, u8 1, u16 suite, then the
+// chosen u16 suite and u16 aead (spec 5.1).
+const helloFlagsOffset = 11
+
 func TestFlags(t *testing.T) {
 	vs := loadKAT(t)
 	v := vs[0]
 	for _, f := range []uint8{flagPQOnly, flagTLSEphemeral, flagBinding | flagTLSEphemeral, flagPQOnly | flagTLSEphemeral, 0x08, 0x0f, 0x80} {
 		b := append([]byte(nil), v.ClientHello...)
-		b[6] = f // u8 version, u8 type, u16 suite, u16 aead, u8 flags
+		b[helloFlagsOffset] = f
 		if _, err := parseClientHello(b); err == nil {
 			t.Errorf("flags %#x accepted", f)
 		}
@@ -299,7 +326,7 @@ func TestTLSEphemeralLengths(t *testing.T) {
 	}
 	withFlags := func(hello []byte, f uint8) []byte {
 		b := append([]byte(nil), hello...)
-		b[6] = f
+		b[helloFlagsOffset] = f
 		return b
 	}
 	// Bit 2 with an ephemeral key; no bit 2 with an empty one.
@@ -310,21 +337,21 @@ func TestTLSEphemeralLengths(t *testing.T) {
 		t.Errorf("no bit 2 and no ephemeral key: %v, want malformed", err)
 	}
 	suite := SchemeByName(none.Suite)
-	if _, err := parseServerHello(full.ServerHello, suite, helloFlags(none)); err != errMalformed {
+	if _, err := parseServerHello(full.ServerHello, suite, aeadByName(none.AEAD), helloFlags(none)); err != errMalformed {
 		t.Errorf("bit 2 with a ct_e: %v, want malformed", err)
 	}
-	if _, err := parseServerHello(none.ServerHello, suite, helloFlags(full)); err != errMalformed {
+	if _, err := parseServerHello(none.ServerHello, suite, aeadByName(full.AEAD), helloFlags(full)); err != errMalformed {
 		t.Errorf("no bit 2 and no ct_e: %v, want malformed", err)
 	}
 	// A one-byte ephemeral key or ct_e behind a length of 1, with bit 2.
-	const ephOffset = 7 + randomSize + credDigestSize
+	const ephOffset = helloFlagsOffset + 1 + randomSize + credDigestSize
 	ch := append(append(append([]byte(nil), none.ClientHello[:ephOffset]...), 0, 1, 0x42), none.ClientHello[ephOffset+2:]...)
 	if _, err := parseClientHello(ch); err != errMalformed {
 		t.Errorf("bit 2 with a 1-byte ephemeral key: %v, want malformed", err)
 	}
-	const ctEOffset = 2 + randomSize
+	const ctEOffset = 6 + randomSize // u8 version, u8 type, u16 suite, u16 aead, server_random
 	sh := append(append(append([]byte(nil), none.ServerHello[:ctEOffset]...), 0, 1, 0x42), none.ServerHello[ctEOffset+2:]...)
-	if _, err := parseServerHello(sh, suite, helloFlags(none)); err != errMalformed {
+	if _, err := parseServerHello(sh, suite, aeadByName(none.AEAD), helloFlags(none)); err != errMalformed {
 		t.Errorf("bit 2 with a 1-byte ct_e: %v, want malformed", err)
 	}
 	// The vectors' empty fields are on the wire as a zero length.
