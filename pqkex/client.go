@@ -336,6 +336,9 @@ func sealWhole(s *sealer, callID uint64, head *fieldBlock, body io.ReadCloser, n
 		side.counted(int(n))
 	}
 	if n <= maxDataFrame && !s.rekeyDue() {
+		// The head block's size is not bounded above (request headers such as a bearer
+		// token): make room for the data frame and the FINAL frame after it.
+		out = slices.Grow(out, 2*(frameHeaderSize+aeadTagSize)+int(n)+len(emptyFinalBlock))
 		start := len(out)
 		buf := out[:start+frameHeaderSize+int(n)]
 		if err := readExactly(body, buf[start+frameHeaderSize:]); err != nil {
