@@ -72,3 +72,16 @@ func (v *Vector) validSlots(i int) int {
 func (v *Vector) derive(cts []*rlwe.Ciphertext, length int, dirty bool) *Vector {
 	return &Vector{params: v.params, cts: cts, length: length, dirty: dirty}
 }
+
+// Fresh reports whether every ciphertext of v is as an encryption leaves it: degree 1,
+// the top level and exactly the default scale. Services that add up untrusted
+// contributions require it, so that one contribution cannot make the sum unalignable.
+func (v *Vector) Fresh() bool {
+	want := v.params.p.DefaultScale()
+	for _, ct := range v.cts {
+		if ct.Degree() != 1 || ct.Level() != v.params.MaxLevel() || ct.Scale.Cmp(want) != 0 {
+			return false
+		}
+	}
+	return true
+}

@@ -452,9 +452,11 @@ func (d *demo) analyticsFlow(ctx context.Context, url string) error {
 	if err != nil {
 		return err
 	}
-	analyst := analytics.NewAnalyst(hc, url, key, rpc.ClientOptions()...)
+	analyst := analytics.NewAnalyst(hc, url, key, d.srcs["analyst"], rpc.ClientOptions()...)
 	const dim = 3
-	spec := analytics.StudySpec{ID: "demo-vitals", OwnerPatterns: []string{"spiffe://" + demoTD + "/ns/clinics/sa/*"}, Dimension: dim}
+	// The synthetic features lie well inside [-1e4, 1e4]: clipping changes nothing.
+	spec := analytics.StudySpec{ID: "demo-vitals", OwnerPatterns: []string{"spiffe://" + demoTD + "/ns/clinics/sa/*"}, Dimension: dim,
+		Ranges: []analytics.Range{{Min: -1e4, Max: 1e4}}, MinOwners: 3}
 	if err := analyst.CreateStudy(ctx, spec); err != nil {
 		return err
 	}
@@ -469,7 +471,7 @@ func (d *demo) analyticsFlow(ctx context.Context, url string) error {
 		if err != nil {
 			return err
 		}
-		owner := analytics.NewOwner(ohc, url, rpc.ClientOptions()...)
+		owner := analytics.NewOwner(ohc, url, d.srcs[name], spiffeid.MatchID(spiffeid.RequireFromString(demoIDs["analyst"])), rpc.ClientOptions()...)
 		records := data.X[i*per : (i+1)*per]
 		if _, err := owner.Submit(ctx, spec.ID, "batch-1", records); err != nil {
 			return fmt.Errorf("%s: %w", name, err)
@@ -480,6 +482,9 @@ func (d *demo) analyticsFlow(ctx context.Context, url string) error {
 		} else if again.Duplicate {
 			d.rep.Analytics.Duplicates++
 		}
+	}
+	if _, err := analyst.Close(ctx, spec.ID); err != nil {
+		return err
 	}
 	res, err := analyst.Result(ctx, spec.ID)
 	if err != nil {
