@@ -17,6 +17,9 @@ type Vector struct {
 	// dirty is set when slots past length may hold non-zero values (after a polynomial
 	// evaluation or a rotation); sums then mask them first.
 	dirty bool
+	// noise bounds every coefficient of the decryption error; 0 when unknown
+	// (flooding.go).
+	noise float64
 }
 
 // Len returns the number of meaningful values.

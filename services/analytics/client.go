@@ -142,34 +142,40 @@ type Result struct {
 	Histogram [][]uint64
 }
 
-// Result fetches and decrypts a study's aggregate. opts go to he.Client.Decrypt: pass
-// he.WithNoiseFlooding when the decrypted values will be published to parties that
-// include the server.
+// Result fetches and decrypts a closed study's aggregate (each call is a recorded
+// release). opts go to he.Client.Decrypt: pass he.WithFlooding(securityBits, queries)
+// when the decrypted values will be published to parties that include the server or
+// an owner; the noise bound it needs is derived from the study's computation.
 func (a *Analyst) Result(ctx context.Context, studyID string, opts ...he.DecryptOption) (*Result, error) {
 	res, err := a.svc.GetResult(ctx, connect.NewRequest(&analyticsv1.GetResultRequest{StudyId: studyID}))
 	if err != nil {
 		return nil, err
 	}
-	dec := func(m *hev1.EncryptedVector) ([]float64, error) {
-		v, err := he.UnmarshalVector(a.key.Params(), m)
+	// The server's computation is known: sums of fresh public-key encryptions, and
+	// their product by 1/count. Its noise bound sizes flooding (he.WithFlooding).
+	p := a.key.Params()
+	sumBound := he.SumNoiseBound(he.FreshNoiseBound(p), int(res.Msg.GetSubmissions()))
+	meanBound := he.ScaledNoiseBound(p, sumBound, 1/float64(max(res.Msg.GetCount(), 1)))
+	dec := func(m *hev1.EncryptedVector, bound float64) ([]float64, error) {
+		v, err := he.UnmarshalVector(p, m)
 		if err != nil {
 			return nil, err
 		}
-		return a.key.Decrypt(v, opts...)
+		return a.key.Decrypt(v, append([]he.DecryptOption{he.WithNoiseBound(bound)}, opts...)...)
 	}
 	out := &Result{Release: res.Msg.GetRelease(), Submissions: res.Msg.GetSubmissions(), Count: res.Msg.GetCount()}
-	if out.Sum, err = dec(res.Msg.GetSum()); err != nil {
+	if out.Sum, err = dec(res.Msg.GetSum(), sumBound); err != nil {
 		return nil, err
 	}
-	if out.Mean, err = dec(res.Msg.GetMean()); err != nil {
+	if out.Mean, err = dec(res.Msg.GetMean(), meanBound); err != nil {
 		return nil, err
 	}
-	if out.SecondMoment, err = dec(res.Msg.GetSecondMoment()); err != nil {
+	if out.SecondMoment, err = dec(res.Msg.GetSecondMoment(), meanBound); err != nil {
 		return nil, err
 	}
 	d := len(out.Mean)
 	if m := res.Msg.GetHistogram(); m != nil {
-		h, err := dec(m)
+		h, err := dec(m, sumBound)
 		if err != nil {
 			return nil, err
 		}
