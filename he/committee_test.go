@@ -1,6 +1,7 @@
 package he
 
 import (
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -229,4 +230,83 @@ func FuzzCommitteeShares(f *testing.F) {
 		_, _ = c.UnmarshalPublicKeyShare(int(member), b)
 		_, _ = c.UnmarshalReleaseShare(int(member), []int{1, 2}, v, b)
 	})
+}
+
+// BenchmarkCommittee measures a committee of n members, threshold 2, at N13: per
+// member, its public-key share and its n Shamir shares (setup) and its release share
+// of one ciphertext; the server's aggregation of the public key and its combination of
+// the release; and the bytes a member sends.
+func BenchmarkCommittee(b *testing.B) {
+	for _, n := range []int{3, 5} {
+		c, err := NewCommittee(ParamsN13(), []byte("bench"), n, 2)
+		if err != nil {
+			b.Fatal(err)
+		}
+		members := make([]*Member, n)
+		var shares []*PublicKeyShare
+		for i := range members {
+			members[i], _ = c.NewMember(i + 1)
+			shares = append(shares, members[i].PublicKeyShare())
+		}
+		for _, from := range members {
+			for _, to := range members {
+				s, _ := from.ShamirShareFor(to.Index())
+				if err := to.AddShamirShare(s); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+		pk, err := c.PublicKey(shares)
+		if err != nil {
+			b.Fatal(err)
+		}
+		reader, _ := NewClient(ParamsN13())
+		enc, _ := NewEncryptor(pk)
+		v, _ := enc.Encrypt([]float64{1, 2, 3})
+		sigma := FloodingSigma(FreshNoiseBound(ParamsN13()), 30, 1)
+		pkBytes, _ := shares[0].MarshalBinary()
+		b.Run(fmt.Sprintf("n=%d/member-setup", n), func(b *testing.B) {
+			for b.Loop() {
+				members[0].PublicKeyShare()
+				for j := 1; j <= n; j++ {
+					if _, err := members[0].ShamirShareFor(j); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			b.ReportMetric(float64(len(pkBytes)), "pkshare-bytes")
+		})
+		b.Run(fmt.Sprintf("n=%d/server-public-key", n), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := c.PublicKey(shares); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		var rel []*ReleaseShare
+		b.Run(fmt.Sprintf("n=%d/member-release", n), func(b *testing.B) {
+			for b.Loop() {
+				rs, err := members[0].ReleaseShare([]int{1, 2}, reader.PublicKey(), v, sigma)
+				if err != nil {
+					b.Fatal(err)
+				}
+				rb, _ := rs.MarshalBinary()
+				b.ReportMetric(float64(len(rb)), "share-bytes")
+			}
+		})
+		for _, i := range []int{0, 1} {
+			rs, err := members[i].ReleaseShare([]int{1, 2}, reader.PublicKey(), v, sigma)
+			if err != nil {
+				b.Fatal(err)
+			}
+			rel = append(rel, rs)
+		}
+		b.Run(fmt.Sprintf("n=%d/server-combine", n), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := c.Release(v, rel); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 }
