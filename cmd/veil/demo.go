@@ -307,7 +307,7 @@ func (d *demo) startScoring(ctx context.Context, samples int) (string, *scoring.
 }
 
 func (d *demo) startAnalytics(ctx context.Context) (string, error) {
-	svc, err := analytics.New()
+	svc, err := analytics.New(analytics.WithLogger(d.logger))
 	if err != nil {
 		return "", err
 	}
