@@ -65,13 +65,17 @@ func (c *Client) SecretKey() *SecretKey { return c.sk }
 func (c *Client) Encrypt(values []float64) (*Vector, error) {
 	w := c.pool.Get().(*clientWorker)
 	defer c.pool.Put(w)
-	return encryptValues(c.params, w.enc, values, func(pt *rlwe.Plaintext, ct *rlwe.Ciphertext) ([]byte, error) {
+	v, err := encryptValues(c.params, w.enc, values, func(pt *rlwe.Plaintext, ct *rlwe.Ciphertext) ([]byte, error) {
 		seed, err := newSeed()
 		if err != nil {
 			return nil, err
 		}
 		return seed, w.skE.WithPRNG(seededPRNG(seed)).Encrypt(pt, ct)
 	})
+	if v != nil {
+		v.noise = freshNoise(c.params, false)
+	}
+	return v, err
 }
 
 // encryptValues packs values into ciphertexts and encrypts each with encrypt, which
@@ -128,8 +132,10 @@ func encodeChunk(params *Parameters, enc *hefloat.Encoder, values []float64, i i
 type DecryptOption interface{ applyDecrypt(*decryptConfig) }
 
 type decryptConfig struct {
-	maxAbs    float64
-	floodBits float64
+	maxAbs       float64
+	floodSec     int
+	floodQueries int
+	noiseBound   float64
 }
 
 type decryptOptionFunc func(*decryptConfig)
@@ -146,15 +152,6 @@ func WithMaxAbs(maxAbs float64) DecryptOption {
 	return decryptOptionFunc(func(c *decryptConfig) { c.maxAbs = maxAbs })
 }
 
-// WithNoiseFlooding adds to the decrypted polynomial a discrete Gaussian of standard
-// deviation 2^bits per coefficient before decoding. It is the countermeasure to the
-// Li-Micciancio attack: release a decryption to a party that chose the computation
-// only with flooding (see docs/he.md). Each value's error grows by about
-// 2^bits * sqrt(N/2) / scale; bits must lie in [0, 60].
-func WithNoiseFlooding(bits float64) DecryptOption {
-	return decryptOptionFunc(func(c *decryptConfig) { c.floodBits = bits })
-}
-
 // Decrypt decrypts v and returns its Len values.
 func (c *Client) Decrypt(v *Vector, opts ...DecryptOption) (out []float64, err error) {
 	defer recoverInto(&err, "decrypt")
@@ -168,8 +165,9 @@ func (c *Client) Decrypt(v *Vector, opts ...DecryptOption) (out []float64, err e
 	for _, o := range opts {
 		o.applyDecrypt(&cfg)
 	}
-	if cfg.floodBits < 0 || cfg.floodBits > 60 || math.IsNaN(cfg.floodBits) {
-		return nil, invalidf("flooding of 2^%v out of range [0, 60]", cfg.floodBits)
+	sigma, err := cfg.floodingSigma(v)
+	if err != nil {
+		return nil, err
 	}
 	w := c.pool.Get().(*clientWorker)
 	defer c.pool.Put(w)
@@ -179,12 +177,15 @@ func (c *Client) Decrypt(v *Vector, opts ...DecryptOption) (out []float64, err e
 	for i, ct := range v.cts {
 		level := ct.Level()
 		if cfg.maxAbs > 0 {
-			level = min(level, c.params.decryptLevel(cfg.maxAbs, &ct.Scale))
+			level = min(level, c.params.decryptLevel(cfg.maxAbs, sigma, &ct.Scale))
+		}
+		if sigma > 0 && !c.params.floodFits(level, sigma) {
+			return nil, preconditionf("flooding of sigma 2^%.1f does not fit the modulus of level %d (2^%d)", math.Log2(sigma), level, c.params.p.LogQLvl(level))
 		}
 		pt := hefloat.NewPlaintext(hefloat.Parameters{Parameters: c.params.p}, level)
 		w.dec.Decrypt(ct, pt)
-		if cfg.floodBits > 0 {
-			if err := flood(c.params, pt, cfg.floodBits); err != nil {
+		if sigma > 0 {
+			if err := flood(c.params, pt, sigma); err != nil {
 				return nil, err
 			}
 		}
@@ -196,9 +197,12 @@ func (c *Client) Decrypt(v *Vector, opts ...DecryptOption) (out []float64, err e
 	return out, nil
 }
 
-// decryptLevel returns the lowest level whose modulus holds 2 * maxAbs * scale * 16.
-func (p *Parameters) decryptLevel(maxAbs float64, scale *rlwe.Scale) int {
-	need := new(big.Float).Mul(&scale.Value, big.NewFloat(2*16*maxAbs))
+// decryptLevel returns the lowest level whose modulus holds
+// 2 * 16 * (maxAbs * scale + noiseTail * sigma), sigma being the flooding's.
+func (p *Parameters) decryptLevel(maxAbs, sigma float64, scale *rlwe.Scale) int {
+	need := new(big.Float).Mul(&scale.Value, big.NewFloat(maxAbs))
+	need.Add(need, big.NewFloat(noiseTail*sigma))
+	need.Mul(need, big.NewFloat(2*16))
 	needInt, _ := need.Int(nil)
 	for l := 0; l <= p.MaxLevel(); l++ {
 		if p.p.QLvl(l).Cmp(needInt) > 0 {
@@ -208,14 +212,20 @@ func (p *Parameters) decryptLevel(maxAbs float64, scale *rlwe.Scale) int {
 	return p.MaxLevel()
 }
 
-func flood(params *Parameters, pt *rlwe.Plaintext, bits float64) error {
+// floodFits reports whether flooding of standard deviation sigma, cut at noiseTail
+// sigma, leaves the level's modulus 2^20 times the room it takes (the values need
+// the rest; WithMaxAbs checks them too).
+func (p *Parameters) floodFits(level int, sigma float64) bool {
+	return math.Log2(noiseTail*sigma)+20 < float64(p.p.LogQLvl(level))
+}
+
+func flood(params *Parameters, pt *rlwe.Plaintext, sigma float64) error {
 	prng, err := sampling.NewPRNG()
 	if err != nil {
 		return internalf("PRNG")
 	}
 	ringQ := params.p.RingQ().AtLevel(pt.Level())
-	sigma := math.Exp2(bits)
-	s, err := ring.NewSampler(prng, ringQ, ring.DiscreteGaussian{Sigma: sigma, Bound: 6 * sigma}, false)
+	s, err := ring.NewSampler(prng, ringQ, ring.DiscreteGaussian{Sigma: sigma, Bound: noiseTail * sigma}, false)
 	if err != nil {
 		return internalf("flooding sampler")
 	}
@@ -259,7 +269,11 @@ func NewEncryptor(pk *PublicKey) (*Encryptor, error) {
 func (e *Encryptor) Encrypt(values []float64) (*Vector, error) {
 	w := e.pool.Get().(*pkWorker)
 	defer e.pool.Put(w)
-	return encryptValues(e.params, w.enc, values, func(pt *rlwe.Plaintext, ct *rlwe.Ciphertext) ([]byte, error) {
+	v, err := encryptValues(e.params, w.enc, values, func(pt *rlwe.Plaintext, ct *rlwe.Ciphertext) ([]byte, error) {
 		return nil, w.pkE.Encrypt(pt, ct)
 	})
+	if v != nil {
+		v.noise = freshNoise(e.params, true)
+	}
+	return v, err
 }

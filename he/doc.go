@@ -20,5 +20,5 @@
 // Only this package imports lattigo; everything lattigo-specific stays behind it.
 // See docs/he.md for presets, sizes, error bounds, the wire format, the registry's
 // semantics, and the CKKS decryption caveat (Li-Micciancio): never show a decryption
-// to a party that chose the computation unless it was flooded (WithNoiseFlooding).
+// to a party that chose the computation unless it was flooded (WithFlooding, sized from the noise bound).
 package he

@@ -256,6 +256,9 @@ func (e *Evaluator) addSub(ctx context.Context, op string, a, b *Vector, sub boo
 			}
 		}
 		out = a.derive(cts, a.length, a.dirty || b.dirty)
+		if a.Level() == b.Level() && a.noise > 0 && b.noise > 0 {
+			out.noise = a.noise + b.noise // an alignment's rescale leaves it unknown
+		}
 		return nil
 	})
 	return out, err
@@ -356,6 +359,12 @@ func (e *Evaluator) plainOp(ctx context.Context, op string, a *Vector, values []
 			}
 		}
 		out = a.derive(cts, a.length, a.dirty && !mul)
+		if a.noise > 0 {
+			out.noise = a.noise + 0.5 // the plaintext's rounding
+			if mul {
+				out.noise = ScaledNoiseBound(e.params, a.noise, maxAbs(values)) + 0.5*maxAbs(values)
+			}
+		}
 		return nil
 	})
 	return out, err
@@ -390,9 +399,22 @@ func (e *Evaluator) MulScalar(ctx context.Context, a *Vector, c float64) (out *V
 			}
 		}
 		out = a.derive(cts, a.length, a.dirty)
+		if a.noise > 0 && integer {
+			out.noise = a.noise * math.Abs(c)
+		} else if a.noise > 0 {
+			out.noise = ScaledNoiseBound(e.params, a.noise, c)
+		}
 		return nil
 	})
 	return out, err
+}
+
+func maxAbs(values []float64) float64 {
+	m := 0.0
+	for _, x := range values {
+		m = max(m, math.Abs(x))
+	}
+	return m
 }
 
 // Mul returns a * b element-wise, relinearized and rescaled (1 level; needs the

@@ -14,6 +14,7 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/tuneinsight/lattigo/v5/core/rlwe"
+	"github.com/tuneinsight/lattigo/v5/he/hefloat"
 	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
 	"google.golang.org/protobuf/proto"
 )
@@ -187,10 +188,10 @@ func TestEncryptDecrypt(t *testing.T) {
 func TestDecryptLevel(t *testing.T) {
 	p := ParamsN13()
 	s := rlweScale(p.DefaultScale())
-	if l := p.decryptLevel(1, &s); l != 0 {
+	if l := p.decryptLevel(1, 0, &s); l != 0 {
 		t.Errorf("|x|<=1 decrypts at level %d, want 0", l)
 	}
-	if l := p.decryptLevel(p.LevelZeroMaxAbs()*4, &s); l != 1 {
+	if l := p.decryptLevel(p.LevelZeroMaxAbs()*4, 0, &s); l != 1 {
 		t.Errorf("above LevelZeroMaxAbs decrypts at level %d, want 1", l)
 	}
 	f := mustFixture(t)
@@ -237,16 +238,135 @@ func TestNoiseFlooding(t *testing.T) {
 	want := randValues(r, 2000)
 	v := f.enc(t, want)
 	plain := maxErr(t, f.dec(t, v), want)
-	const bits = 20.0
-	flooded := maxErr(t, f.dec(t, v, WithNoiseFlooding(bits)), want)
-	// per-slot standard deviation is about 2^bits * sqrt(N/2) / scale; 2000 slots stay within 6 sigma
-	sigma := math.Exp2(bits) * math.Sqrt(float64(ParamsN13().N())/2) / ParamsN13().DefaultScale()
-	if flooded < 100*plain || flooded > 6*sigma {
-		t.Errorf("flooded error %g (plain %g, sigma %g)", flooded, plain, sigma)
+	const sec, queries = 30, 4
+	sigma := FloodingSigma(v.NoiseBound(), sec, queries)
+	if want := math.Sqrt(64*queries) * math.Exp2(sec/2) * v.NoiseBound(); sigma != want {
+		t.Fatalf("sigma %g, want %g", sigma, want)
 	}
-	if _, err := f.client.Decrypt(v, WithNoiseFlooding(61)); CodeOf(err) != connect.CodeInvalidArgument {
-		t.Errorf("flooding of 2^61: %v", err)
+	flooded := maxErr(t, f.dec(t, v, WithFlooding(sec, queries)), want)
+	// per-slot standard deviation is about sigma * sqrt(N/2) / scale; 2000 slots stay within 6 of them
+	slot := sigma * math.Sqrt(float64(ParamsN13().N())/2) / ParamsN13().DefaultScale()
+	t.Logf("noise bound 2^%.1f, sigma 2^%.1f: error %.3g flooded, %.3g plain", math.Log2(v.NoiseBound()), math.Log2(sigma), flooded, plain)
+	if flooded < 100*plain || flooded > 6*slot {
+		t.Errorf("flooded error %g (plain %g, slot sigma %g)", flooded, plain, slot)
 	}
+	// A vector from the wire has no bound Decrypt can trust: it must be declared.
+	m, err := MarshalVector(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wire, err := UnmarshalVector(ParamsN13(), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.client.Decrypt(wire, WithFlooding(sec, queries)); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("flooding without a bound: %v", err)
+	}
+	if _, err := f.client.Decrypt(wire, WithFlooding(sec, queries), WithNoiseBound(v.NoiseBound())); err != nil {
+		t.Errorf("flooding with a declared bound: %v", err)
+	}
+	if _, err := f.client.Decrypt(v, WithFlooding(8, 1)); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("8-bit flooding: %v", err)
+	}
+	// Flooding that does not fit the remaining modulus is refused, not wrapped around.
+	if _, err := f.client.Decrypt(v, WithFlooding(128, 1<<32), WithNoiseBound(1<<40)); CodeOf(err) != connect.CodeFailedPrecondition {
+		t.Errorf("flooding beyond the modulus: %v", err)
+	}
+}
+
+// The tracked noise bound holds: the measured error of every coefficient (fresh
+// public-key encryptions, their sum, a scalar product) stays below it.
+func TestNoiseBoundHolds(t *testing.T) {
+	f := mustFixture(t)
+	p := ParamsN13()
+	owner, err := NewEncryptor(f.client.PublicKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev, err := NewEvaluator(p, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(9, 10))
+	var vs []*Vector
+	var sum, first []float64
+	for range 10 {
+		x := randValues(r, p.Slots())
+		if first == nil {
+			first = x
+		}
+		v, err := owner.Encrypt(x)
+		if err != nil {
+			t.Fatal(err)
+		}
+		vs = append(vs, v)
+		if sum == nil {
+			sum = make([]float64, len(x))
+		}
+		for i := range x {
+			sum[i] += x[i]
+		}
+	}
+	total, err := ev.Sum(context.Background(), vs...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mean, err := ev.MulScalar(context.Background(), total, 0.1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	avg := make([]float64, len(sum))
+	for i := range sum {
+		avg[i] = sum[i] / 10
+	}
+	for _, c := range []struct {
+		name   string
+		v      *Vector
+		values []float64
+		bound  float64
+	}{
+		{"fresh", vs[0], first, FreshNoiseBound(p)},
+		{"sum of 10", total, sum, SumNoiseBound(FreshNoiseBound(p), 10)},
+		{"sum times 0.1", mean, avg, ScaledNoiseBound(p, SumNoiseBound(FreshNoiseBound(p), 10), 0.1)},
+	} {
+		if math.Abs(c.v.NoiseBound()-c.bound) > 1e-9*c.bound {
+			t.Errorf("%s: tracked bound %g, want %g", c.name, c.v.NoiseBound(), c.bound)
+		}
+		got := coefficientError(t, f.client, c.v, c.values)
+		t.Logf("%s: max coefficient error 2^%.1f, bound 2^%.1f", c.name, math.Log2(got), math.Log2(c.bound))
+		if got > c.bound {
+			t.Errorf("%s: error %g above the bound %g", c.name, got, c.bound)
+		}
+	}
+}
+
+// coefficientError returns the largest |coefficient| of decrypt(v) - encode(values),
+// read from the first prime (centered).
+func coefficientError(t *testing.T, c *Client, v *Vector, values []float64) float64 {
+	t.Helper()
+	ct := v.cts[0]
+	w := c.pool.Get().(*clientWorker)
+	defer c.pool.Put(w)
+	pt := hefloat.NewPlaintext(hefloat.Parameters{Parameters: c.params.p}, ct.Level())
+	w.dec.Decrypt(ct, pt)
+	want := hefloat.NewPlaintext(hefloat.Parameters{Parameters: c.params.p}, ct.Level())
+	want.Scale = ct.Scale
+	if err := w.enc.Encode(values, want); err != nil {
+		t.Fatal(err)
+	}
+	ringQ := c.params.p.RingQ().AtLevel(ct.Level())
+	ringQ.Sub(pt.Value, want.Value, pt.Value)
+	ringQ.INTT(pt.Value, pt.Value)
+	q := c.params.p.Q()[0]
+	worst := 0.0
+	for _, x := range pt.Value.Coeffs[0] {
+		d := float64(x)
+		if x > q/2 {
+			d = float64(q - x)
+		}
+		worst = max(worst, d)
+	}
+	return worst
 }
 
 func TestSecretKeyNeverSerialized(t *testing.T) {

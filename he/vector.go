@@ -17,6 +17,9 @@ type Vector struct {
 	// dirty is set when slots past length may hold non-zero values (after a polynomial
 	// evaluation or a rotation); sums then mask them first.
 	dirty bool
+	// noise bounds every coefficient of the decryption error; 0 when unknown
+	// (flooding.go).
+	noise float64
 }
 
 // Len returns the number of meaningful values.
@@ -71,4 +74,17 @@ func (v *Vector) validSlots(i int) int {
 
 func (v *Vector) derive(cts []*rlwe.Ciphertext, length int, dirty bool) *Vector {
 	return &Vector{params: v.params, cts: cts, length: length, dirty: dirty}
+}
+
+// Fresh reports whether every ciphertext of v is as an encryption leaves it: degree 1,
+// the top level and exactly the default scale. Services that add up untrusted
+// contributions require it, so that one contribution cannot make the sum unalignable.
+func (v *Vector) Fresh() bool {
+	want := v.params.p.DefaultScale()
+	for _, ct := range v.cts {
+		if ct.Degree() != 1 || ct.Level() != v.params.MaxLevel() || ct.Scale.Cmp(want) != 0 {
+			return false
+		}
+	}
+	return true
 }

@@ -57,8 +57,13 @@ func TestAnalyticsAcrossRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	analyst := analytics.NewAnalyst(sealedHTTPClient(t, dir, "analyst", serverID, serverID), url, key)
-	spec := analytics.StudySpec{ID: "blood-pressure", OwnerPatterns: []string{"spiffe://example.org/ns/owners/sa/*"}, Dimension: 2}
+	analystID := loadSource(t, filepath.Join(dir, "analyst"))
+	analystSVID, err := analystID.GetX509SVID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	analyst := analytics.NewAnalyst(sealedHTTPClient(t, dir, "analyst", serverID, serverID), url, key, analystID)
+	spec := analytics.StudySpec{ID: "blood-pressure", OwnerPatterns: []string{"spiffe://example.org/ns/owners/sa/*"}, Dimension: 2, Ranges: []analytics.Range{{Min: 0, Max: 250}}}
 	if err := analyst.CreateStudy(ctx, spec); err != nil {
 		t.Fatal(err)
 	}
@@ -67,7 +72,7 @@ func TestAnalyticsAcrossRestart(t *testing.T) {
 		"o2": {{140, 90}, {128, 82}},
 	}
 	owner := func(name, url string) *analytics.Owner {
-		return analytics.NewOwner(sealedHTTPClient(t, dir, name, serverID, serverID), url)
+		return analytics.NewOwner(sealedHTTPClient(t, dir, name, serverID, serverID), url, loadSource(t, filepath.Join(dir, name)), spiffeid.MatchID(analystSVID.ID))
 	}
 	for _, name := range []string{"o1", "o2"} {
 		if _, err := owner(name, url).Submit(ctx, spec.ID, "batch-1", records[name]); err != nil {
@@ -83,8 +88,11 @@ func TestAnalyticsAcrossRestart(t *testing.T) {
 	if _, err := owner("intruder", url).Submit(ctx, spec.ID, "x", [][]float64{{1, 1}}); connect.CodeOf(err) != connect.CodePermissionDenied {
 		t.Fatalf("unknown owner: %v, want permission_denied", err)
 	}
+	if _, err := analyst.Close(ctx, spec.ID); err != nil {
+		t.Fatal(err)
+	}
 	intruderKey, _ := he.NewClient(he.ParamsN13())
-	if _, err := analytics.NewAnalyst(sealedHTTPClient(t, dir, "intruder", serverID, serverID), url, intruderKey).Result(ctx, spec.ID); connect.CodeOf(err) != connect.CodePermissionDenied {
+	if _, err := analytics.NewAnalyst(sealedHTTPClient(t, dir, "intruder", serverID, serverID), url, intruderKey, nil).Result(ctx, spec.ID); connect.CodeOf(err) != connect.CodePermissionDenied {
 		t.Fatalf("non-analyst fetch: %v, want permission_denied", err)
 	}
 
@@ -97,7 +105,7 @@ func TestAnalyticsAcrossRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	url = "https://" + c.endpoint(t, "8443/tcp")
-	analyst = analytics.NewAnalyst(sealedHTTPClient(t, dir, "analyst", serverID, serverID), url, key)
+	analyst = analytics.NewAnalyst(sealedHTTPClient(t, dir, "analyst", serverID, serverID), url, key, analystID)
 	var res *analytics.Result
 	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
 		if res, err = analyst.Result(ctx, spec.ID); err == nil {

@@ -64,7 +64,7 @@ func TestStateOnNATS(t *testing.T) {
 func startNATSTopology(t *testing.T) *natsTopology {
 	t.Helper()
 	dir := sealedIdentities(t, natsServerID, "spiffe://example.org/proxy", "spiffe://example.org/client",
-		"spiffe://example.org/analyst", "spiffe://example.org/ns/owners/sa/o1")
+		"spiffe://example.org/analyst", "spiffe://example.org/ns/owners/sa/o1", "spiffe://example.org/ns/owners/sa/o2")
 	ca, err := transport.LoadCA(filepath.Join(dir, "ca"))
 	if err != nil {
 		t.Fatal(err)
@@ -537,8 +537,9 @@ func (s *natsTopology) testSubmissionCountedOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	analyst := analytics.NewAnalyst(sealedHTTPClient(t, s.dir, "analyst", natsServerID, natsServerID), urls[0], key)
-	spec := analytics.StudySpec{ID: "heart-rate", OwnerPatterns: []string{"spiffe://example.org/ns/owners/sa/*"}, Dimension: 2}
+	analystID := loadSource(t, filepath.Join(s.dir, "analyst"))
+	analyst := analytics.NewAnalyst(sealedHTTPClient(t, s.dir, "analyst", natsServerID, natsServerID), urls[0], key, analystID)
+	spec := analytics.StudySpec{ID: "heart-rate", OwnerPatterns: []string{"spiffe://example.org/ns/owners/sa/*"}, Dimension: 2, Ranges: []analytics.Range{{Min: 0, Max: 200}}}
 	if err := analyst.CreateStudy(ctx, spec); err != nil {
 		t.Fatal(err)
 	}
@@ -550,7 +551,8 @@ func (s *natsTopology) testSubmissionCountedOnce(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			owner := analytics.NewOwner(sealedHTTPClient(t, s.dir, "o1", natsServerID, natsServerID), url)
+			owner := analytics.NewOwner(sealedHTTPClient(t, s.dir, "o1", natsServerID, natsServerID), url,
+				loadSource(t, filepath.Join(s.dir, "o1")), spiffeid.MatchID(spiffeid.RequireFromString("spiffe://example.org/analyst")))
 			results[i], errs[i] = owner.Submit(ctx, spec.ID, "batch-1", records)
 		}()
 	}
@@ -561,13 +563,24 @@ func (s *natsTopology) testSubmissionCountedOnce(t *testing.T) {
 	if results[0].Duplicate == results[1].Duplicate {
 		t.Fatalf("duplicates: %v and %v; want exactly one accepted", results[0].Duplicate, results[1].Duplicate)
 	}
+	// A second owner, through the other replica, so that the study may close (two
+	// distinct owners); the close goes through replica 1, results come from both.
+	o2 := analytics.NewOwner(sealedHTTPClient(t, s.dir, "o2", natsServerID, natsServerID), urls[1],
+		loadSource(t, filepath.Join(s.dir, "o2")), spiffeid.MatchID(spiffeid.RequireFromString("spiffe://example.org/analyst")))
+	more := [][]float64{{70, 0}}
+	if _, err := o2.Submit(ctx, spec.ID, "batch-1", more); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := analytics.NewAnalyst(sealedHTTPClient(t, s.dir, "analyst", natsServerID, natsServerID), urls[1], key, analystID).Close(ctx, spec.ID); err != nil {
+		t.Fatal(err)
+	}
 	for i, url := range urls {
-		res, err := analytics.NewAnalyst(sealedHTTPClient(t, s.dir, "analyst", natsServerID, natsServerID), url, key).Result(ctx, spec.ID)
+		res, err := analytics.NewAnalyst(sealedHTTPClient(t, s.dir, "analyst", natsServerID, natsServerID), url, key, analystID).Result(ctx, spec.ID)
 		if err != nil {
 			t.Fatalf("result from replica %d: %v", i, err)
 		}
-		if res.Submissions != 1 || res.Count != uint64(len(records)) {
-			t.Fatalf("replica %d: %d submissions of %d records; want 1 of %d", i, res.Submissions, res.Count, len(records))
+		if res.Submissions != 2 || res.Count != uint64(len(records)+len(more)) {
+			t.Fatalf("replica %d: %d submissions of %d records; want 2 of %d", i, res.Submissions, res.Count, len(records)+len(more))
 		}
 	}
 }

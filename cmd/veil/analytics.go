@@ -11,15 +11,17 @@ import (
 	"strings"
 
 	"connectrpc.com/connect"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/veilrpc/veil/he"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/analytics"
+	"github.com/veilrpc/veil/transport"
 )
 
 func runAnalytics(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	return runSub(ctx, "analytics", "Usage: veil analytics <create|submit|result> [flags]\n\n  create  create a study under your CKKS public key (analyst)\n  submit  submit encrypted records to a study (data owner)\n  result  fetch and decrypt a study's statistics (analyst)",
-		map[string]func(context.Context, []string, io.Writer, io.Writer) error{"create": runAnalyticsCreate, "submit": runAnalyticsSubmit, "result": runAnalyticsResult}, args, stdout, stderr)
+	return runSub(ctx, "analytics", "Usage: veil analytics <create|submit|close|result> [flags]\n\n  create  create a study under your CKKS public key, signed with your SVID (analyst)\n  submit  submit encrypted records to a study (data owner)\n  close   end a study's submissions (analyst)\n  result  fetch and decrypt a closed study's statistics (analyst)",
+		map[string]func(context.Context, []string, io.Writer, io.Writer) error{"create": runAnalyticsCreate, "submit": runAnalyticsSubmit, "close": runAnalyticsClose, "result": runAnalyticsResult}, args, stdout, stderr)
 }
 
 // clientFlags are the flags every analytics command takes.
@@ -55,7 +57,7 @@ func (cf clientFlags) client() (*http.Client, []connect.ClientOption, error) {
 }
 
 func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("analytics create", "analytics create --keys FILE --identity DIR --addr URL --study ID --owner PATTERN... --dimension N [--covariance] [--json]", stderr)
+	fs := newFlags("analytics create", "analytics create --keys FILE --identity DIR --addr URL --study ID --owner PATTERN... --dimension N --range MIN:MAX... [--min-owners N] [--max-submissions N] [--covariance] [--json]", stderr)
 	cf := addClientFlags(fs)
 	keyFile := fs.String("keys", "", "the analyst's key file (veil keys gen)")
 	study := fs.String("study", "", "study ID: lowercase letters, digits and dashes")
@@ -63,6 +65,10 @@ func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Wr
 	fs.Var(&owners, "owner", "SPIFFE ID pattern of data owners who may submit; repeatable")
 	dimension := fs.Int("dimension", 0, "values per record")
 	covariance := fs.Bool("covariance", false, "owners also send pairwise products, for the covariance matrix")
+	var rangeFlags stringList
+	fs.Var(&rangeFlags, "range", "declared range MIN:MAX owners clip values to: once for every coordinate or once per coordinate")
+	minOwners := fs.Int("min-owners", 0, "distinct owners a close needs (default 2; 1 is refused)")
+	maxSubs := fs.Int("max-submissions", 0, "submissions counted per owner (default 1)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -70,8 +76,12 @@ func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Wr
 	if err := required(fs, "keys", "identity", "addr", "study"); err != nil {
 		return err
 	}
-	if len(owners) == 0 || *dimension < 1 {
-		return fmt.Errorf("%w: veil analytics create needs --owner and --dimension", errUsage)
+	if len(owners) == 0 || *dimension < 1 || len(rangeFlags) == 0 {
+		return fmt.Errorf("%w: veil analytics create needs --owner, --dimension and --range", errUsage)
+	}
+	ranges, err := parseRanges(rangeFlags)
+	if err != nil {
+		return err
 	}
 	key, err := he.LoadKeyFile(*keyFile)
 	if err != nil {
@@ -81,8 +91,13 @@ func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Wr
 	if err != nil {
 		return err
 	}
-	spec := analytics.StudySpec{ID: *study, OwnerPatterns: owners, Dimension: *dimension, Covariance: *covariance}
-	if err := analytics.NewAnalyst(hc, *cf.addr, key, opts...).CreateStudy(ctx, spec); err != nil {
+	id, err := transport.LoadFiles(*cf.identity)
+	if err != nil {
+		return err
+	}
+	spec := analytics.StudySpec{ID: *study, OwnerPatterns: owners, Dimension: *dimension, Covariance: *covariance,
+		Ranges: ranges, MinOwners: *minOwners, MaxSubmissionsPerOwner: *maxSubs}
+	if err := analytics.NewAnalyst(hc, *cf.addr, key, id, opts...).CreateStudy(ctx, spec); err != nil {
 		return err
 	}
 	return emit(stdout, *asJSON, map[string]any{"study": *study, "owners": []string(owners), "dimension": *dimension}, func(w io.Writer) {
@@ -91,17 +106,22 @@ func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Wr
 }
 
 func runAnalyticsSubmit(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("analytics submit", "analytics submit --identity DIR --addr URL --study ID --csv FILE --idempotency-key K [--json]", stderr)
+	fs := newFlags("analytics submit", "analytics submit --identity DIR --addr URL --study ID --analyst SPIFFE-ID --csv FILE --idempotency-key K [--json]", stderr)
 	cf := addClientFlags(fs)
 	study := fs.String("study", "", "study ID")
+	analystID := fs.String("analyst", "", "SPIFFE ID of the analyst whose signed study (and public key) you accept")
 	csvPath := fs.String("csv", "", "records, one per line, values separated by commas (no header)")
 	key := fs.String("idempotency-key", "", "names this submission: a retry with the same key counts once")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if err := required(fs, "identity", "addr", "study", "csv", "idempotency-key"); err != nil {
+	if err := required(fs, "identity", "addr", "study", "analyst", "csv", "idempotency-key"); err != nil {
 		return err
+	}
+	want, err := spiffeid.FromString(*analystID)
+	if err != nil {
+		return fmt.Errorf("%w: --analyst: %v", errUsage, err)
 	}
 	records, err := readRecords(*csvPath)
 	if err != nil {
@@ -111,11 +131,15 @@ func runAnalyticsSubmit(ctx context.Context, args []string, stdout, stderr io.Wr
 	if err != nil {
 		return err
 	}
-	res, err := analytics.NewOwner(hc, *cf.addr, opts...).Submit(ctx, *study, *key, records)
+	trust, err := transport.LoadFiles(*cf.identity)
 	if err != nil {
 		return err
 	}
-	out := map[string]any{"study": *study, "records": len(records), "duplicate": res.Duplicate, "submissions": res.Submissions}
+	res, err := analytics.NewOwner(hc, *cf.addr, trust, spiffeid.MatchID(want), opts...).Submit(ctx, *study, *key, records)
+	if err != nil {
+		return err
+	}
+	out := map[string]any{"study": *study, "records": len(records), "duplicate": res.Duplicate, "submissions": res.Submissions, "clipped": res.Clipped}
 	return emit(stdout, *asJSON, out, func(w io.Writer) {
 		if res.Duplicate {
 			fmt.Fprintf(w, "already counted: %s was submitted before with key %s\n", *study, *key)
@@ -145,11 +169,11 @@ func runAnalyticsResult(ctx context.Context, args []string, stdout, stderr io.Wr
 	if err != nil {
 		return err
 	}
-	res, err := analytics.NewAnalyst(hc, *cf.addr, key, opts...).Result(ctx, *study)
+	res, err := analytics.NewAnalyst(hc, *cf.addr, key, nil, opts...).Result(ctx, *study)
 	if err != nil {
 		return err
 	}
-	out := map[string]any{"study": *study, "submissions": res.Submissions, "count": res.Count, "mean": res.Mean, "variance": res.Variance, "sum": res.Sum}
+	out := map[string]any{"study": *study, "release": res.Release, "submissions": res.Submissions, "count": res.Count, "mean": res.Mean, "variance": res.Variance, "sum": res.Sum}
 	if res.Covariance != nil {
 		out["covariance"] = res.Covariance
 	}
@@ -159,6 +183,45 @@ func runAnalyticsResult(ctx context.Context, args []string, stdout, stderr io.Wr
 			fmt.Fprintf(w, "  value %d: mean %.6g, variance %.6g\n", i, res.Mean[i], res.Variance[i])
 		}
 	})
+}
+
+func runAnalyticsClose(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("analytics close", "analytics close --identity DIR --addr URL --study ID [--json]", stderr)
+	cf := addClientFlags(fs)
+	study := fs.String("study", "", "study ID")
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := required(fs, "identity", "addr", "study"); err != nil {
+		return err
+	}
+	hc, opts, err := cf.client()
+	if err != nil {
+		return err
+	}
+	res, err := analytics.NewAnalyst(hc, *cf.addr, nil, nil, opts...).Close(ctx, *study)
+	if err != nil {
+		return err
+	}
+	return emit(stdout, *asJSON, map[string]any{"study": *study, "submissions": res.Submissions, "owners": res.Owners}, func(w io.Writer) {
+		fmt.Fprintf(w, "closed study %s: %d submissions from %d owners\n", *study, res.Submissions, res.Owners)
+	})
+}
+
+// parseRanges parses MIN:MAX flags.
+func parseRanges(flags []string) ([]analytics.Range, error) {
+	out := make([]analytics.Range, 0, len(flags))
+	for _, f := range flags {
+		lo, hi, ok := strings.Cut(f, ":")
+		a, err1 := strconv.ParseFloat(lo, 64)
+		b, err2 := strconv.ParseFloat(hi, 64)
+		if !ok || err1 != nil || err2 != nil || !(a < b) {
+			return nil, fmt.Errorf("%w: --range %q: want MIN:MAX with MIN < MAX", errUsage, f)
+		}
+		out = append(out, analytics.Range{Min: a, Max: b})
+	}
+	return out, nil
 }
 
 // readRecords reads comma-separated records, one per line; blank lines are skipped.

@@ -404,7 +404,7 @@ func (d *demo) startScoring(ctx context.Context, samples int) (string, *scoring.
 }
 
 func (d *demo) startAnalytics(ctx context.Context) (string, error) {
-	svc, err := analytics.New()
+	svc, err := analytics.New(analytics.WithLogger(d.logger))
 	if err != nil {
 		return "", err
 	}
@@ -550,9 +550,11 @@ func (d *demo) analyticsFlow(ctx context.Context, url string) error {
 	if err != nil {
 		return err
 	}
-	analyst := analytics.NewAnalyst(hc, url, key, opts...)
+	analyst := analytics.NewAnalyst(hc, url, key, d.srcs["analyst"], opts...)
 	const dim = 3
-	spec := analytics.StudySpec{ID: "demo-vitals", OwnerPatterns: []string{"spiffe://" + demoTD + "/ns/clinics/sa/*"}, Dimension: dim}
+	// The synthetic features lie well inside [-1e4, 1e4]: clipping changes nothing.
+	spec := analytics.StudySpec{ID: "demo-vitals", OwnerPatterns: []string{"spiffe://" + demoTD + "/ns/clinics/sa/*"}, Dimension: dim,
+		Ranges: []analytics.Range{{Min: -1e4, Max: 1e4}}, MinOwners: 3}
 	if err := analyst.CreateStudy(ctx, spec); err != nil {
 		return err
 	}
@@ -567,7 +569,7 @@ func (d *demo) analyticsFlow(ctx context.Context, url string) error {
 		if err != nil {
 			return err
 		}
-		owner := analytics.NewOwner(ohc, url, oopts...)
+		owner := analytics.NewOwner(ohc, url, d.srcs[name], spiffeid.MatchID(spiffeid.RequireFromString(demoIDs["analyst"])), oopts...)
 		records := data.X[i*per : (i+1)*per]
 		if _, err := owner.Submit(ctx, spec.ID, "batch-1", records); err != nil {
 			return fmt.Errorf("%s: %w", name, err)
@@ -578,6 +580,9 @@ func (d *demo) analyticsFlow(ctx context.Context, url string) error {
 		} else if again.Duplicate {
 			d.rep.Analytics.Duplicates++
 		}
+	}
+	if _, err := analyst.Close(ctx, spec.ID); err != nil {
+		return err
 	}
 	res, err := analyst.Result(ctx, spec.ID)
 	if err != nil {

@@ -402,19 +402,22 @@ func TestAnalyticsCLI(t *testing.T) {
 	keys := filepath.Join(dir, "analyst.keys")
 	run("keys", "gen", "--out", keys)
 	run("analytics", "create", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr,
-		"--study", "heights", "--owner", "spiffe://example.org/ns/clinics/sa/*", "--dimension", "2")
+		"--study", "heights", "--owner", "spiffe://example.org/ns/clinics/sa/*", "--dimension", "2", "--range", "0:10")
 	records := map[string]string{"ns_clinics_sa_a": "1.5,2\n2.5,4\n", "ns_clinics_sa_b": "3.5,6\n"}
 	for owner, csv := range records {
 		p := filepath.Join(dir, owner+".csv")
 		if err := os.WriteFile(p, []byte(csv), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		run("analytics", "submit", "--identity", filepath.Join(dir, owner), "--addr", addr, "--study", "heights", "--csv", p, "--idempotency-key", "day-1")
+		run("analytics", "submit", "--identity", filepath.Join(dir, owner), "--addr", addr, "--study", "heights", "--analyst", "spiffe://example.org/analyst", "--csv", p, "--idempotency-key", "day-1")
 	}
-	again := run("analytics", "submit", "--identity", filepath.Join(dir, "ns_clinics_sa_a"), "--addr", addr, "--study", "heights",
+	again := run("analytics", "submit", "--identity", filepath.Join(dir, "ns_clinics_sa_a"), "--addr", addr, "--study", "heights", "--analyst", "spiffe://example.org/analyst",
 		"--csv", filepath.Join(dir, "ns_clinics_sa_a.csv"), "--idempotency-key", "day-1", "--json")
 	if !strings.Contains(again, `"duplicate": true`) {
 		t.Fatalf("retried submission: %s", again)
+	}
+	if out := run("analytics", "close", "--identity", filepath.Join(dir, "analyst"), "--addr", addr, "--study", "heights", "--json"); !strings.Contains(out, `"owners": 2`) {
+		t.Fatalf("close: %s", out)
 	}
 	var res struct {
 		Count    int       `json:"count"`

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"connectrpc.com/connect"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	analyticsv1 "github.com/veilrpc/veil/gen/veil/analytics/v1"
 	"github.com/veilrpc/veil/gen/veil/analytics/v1/analyticsv1connect"
@@ -45,6 +46,7 @@ type env struct {
 func policy() *rpc.Policy {
 	return rpc.NewPolicy().
 		MustAllow(analytics.CreateStudyProcedure, "spiffe://example.org/ns/research/sa/*").
+		MustAllow(analytics.CloseStudyProcedure, "spiffe://example.org/ns/research/sa/*").
 		MustAllow(analytics.GetResultProcedure, "spiffe://example.org/ns/research/sa/*", "spiffe://example.org/ns/hospital/sa/*").
 		MustAllow(analytics.GetStudyProcedure, "spiffe://example.org").
 		MustAllow(analytics.SubmitProcedure, "spiffe://example.org")
@@ -74,12 +76,30 @@ func setup(t testing.TB, dir string) (*env, *he.Client) {
 	return &env{pki: pki, srv: serve(t, pki, dir)}, key
 }
 
+// owner returns an owner client that trusts studies signed by the analyst.
 func (e *env) owner(t testing.TB, id string) *analytics.Owner {
-	return analytics.NewOwner(e.pki.Client(t, id, e.srv), e.srv.URL)
+	return analytics.NewOwner(e.pki.Client(t, id, e.srv), e.srv.URL, e.pki.Identity(t, id), spiffeid.MatchID(spiffeid.RequireFromString(analyst)))
 }
 
 func (e *env) analyst(t testing.TB, id string, key *he.Client) *analytics.Analyst {
-	return analytics.NewAnalyst(e.pki.Client(t, id, e.srv), e.srv.URL, key)
+	return analytics.NewAnalyst(e.pki.Client(t, id, e.srv), e.srv.URL, key, e.pki.Identity(t, id))
+}
+
+// wide is the declared range of the test records (records clamps them to it).
+var wide = []analytics.Range{{Min: -50, Max: 150}}
+
+// closeAndResult closes a study and fetches its result.
+func closeAndResult(t *testing.T, a *analytics.Analyst, id string, opts ...he.DecryptOption) *analytics.Result {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := a.Close(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	res, err := a.Result(ctx, id, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
 }
 
 func (e *env) raw(t *testing.T, id string) analyticsv1connect.AnalyticsServiceClient {
@@ -134,6 +154,13 @@ func maxDiff(t *testing.T, what string, got, want []float64) float64 {
 
 func check(t *testing.T, res *analytics.Result, all [][]float64, submissions int) {
 	t.Helper()
+	checkWithin(t, res, all, submissions, errorBound)
+}
+
+// checkWithin checks a result against the plaintext statistics within bound and
+// returns the largest error.
+func checkWithin(t *testing.T, res *analytics.Result, all [][]float64, submissions int, bound float64) float64 {
+	t.Helper()
 	mean, cov := plainStats(all)
 	if res.Submissions != uint64(submissions) || res.Count != uint64(len(all)) {
 		t.Fatalf("result counts %d submissions, %d records; want %d, %d", res.Submissions, res.Count, submissions, len(all))
@@ -152,9 +179,10 @@ func check(t *testing.T, res *analytics.Result, all [][]float64, submissions int
 		}
 	}
 	t.Logf("%d submissions, %d records: max |error| %.3g (mean, variance, covariance, sum/count)", submissions, len(all), worst)
-	if worst > errorBound {
-		t.Errorf("max error %g above %g", worst, errorBound)
+	if worst > bound {
+		t.Errorf("max error %g above %g", worst, bound)
 	}
+	return worst
 }
 
 func TestAggregationAcrossOwners(t *testing.T) {
@@ -163,7 +191,7 @@ func TestAggregationAcrossOwners(t *testing.T) {
 	a := e.analyst(t, analyst, key)
 	const d = 5
 	edges := []float64{-50, 0, 25, 50, 75, 100, 150}
-	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "blood-pressure", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: d, Covariance: true, HistogramEdges: edges}); err != nil {
+	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "blood-pressure", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: d, Ranges: wide, Covariance: true, HistogramEdges: edges}); err != nil {
 		t.Fatal(err)
 	}
 	var all [][]float64
@@ -178,10 +206,7 @@ func TestAggregationAcrossOwners(t *testing.T) {
 			t.Fatalf("owner %d: %+v", i, got)
 		}
 	}
-	res, err := a.Result(ctx, "blood-pressure")
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := closeAndResult(t, a, "blood-pressure")
 	check(t, res, all, len(owners))
 	want := analytics.HistogramCounts(all, edges)
 	if len(res.Histogram) != d {
@@ -196,7 +221,7 @@ func TestAggregationAcrossOwners(t *testing.T) {
 	}
 
 	// A study without covariance: owners send squares only.
-	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "weights", OwnerPatterns: []string{owners[0], owners[1]}, Dimension: 3}); err != nil {
+	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "weights", OwnerPatterns: []string{owners[0], owners[1]}, Dimension: 3, Ranges: wide}); err != nil {
 		t.Fatal(err)
 	}
 	r0, r1 := records(10, 30, 3), records(11, 40, 3)
@@ -205,10 +230,7 @@ func TestAggregationAcrossOwners(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	res, err = a.Result(ctx, "weights")
-	if err != nil {
-		t.Fatal(err)
-	}
+	res = closeAndResult(t, a, "weights")
 	if res.Covariance != nil || res.Histogram != nil || len(res.SecondMoment) != 3 {
 		t.Fatalf("squares-only study returned %d second moments, covariance %v", len(res.SecondMoment), res.Covariance != nil)
 	}
@@ -219,7 +241,7 @@ func TestDurableAndIdempotent(t *testing.T) {
 	dir := t.TempDir()
 	e, key := setup(t, dir)
 	ctx := context.Background()
-	if err := e.analyst(t, analyst, key).CreateStudy(ctx, analytics.StudySpec{ID: "s1", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 2}); err != nil {
+	if err := e.analyst(t, analyst, key).CreateStudy(ctx, analytics.StudySpec{ID: "s1", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 2, Ranges: wide}); err != nil {
 		t.Fatal(err)
 	}
 	r0, r1 := records(1, 20, 2), records(2, 30, 2)
@@ -259,18 +281,14 @@ func TestDurableAndIdempotent(t *testing.T) {
 	if err != nil || !got.Duplicate || got.Submissions != 2 {
 		t.Fatalf("retry after restart = %+v, %v", got, err)
 	}
-	res, err := e.analyst(t, analyst, key).Result(ctx, "s1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := closeAndResult(t, e.analyst(t, analyst, key), "s1")
 	check(t, res, append(r0, r1...), 2)
-	// Flooded decryption adds about 2^10 * sqrt(N/2) / 2^40 ~ 6e-8 per decrypted value
-	// (the variance multiplies the mean's by 2|mean|): still below errorBound.
-	flooded, err := e.analyst(t, analyst, key).Result(ctx, "s1", he.WithNoiseFlooding(10))
-	if err != nil {
-		t.Fatal(err)
+	// Flooded decryption (30 bits, 1 query) sized from the noise bound of a mean of two
+	// public-key submissions: sigma 2^25.6, about 4e-3 per decrypted value at scale 2^40.
+	flooded := closeAndResult(t, e.analyst(t, analyst, key), "s1", he.WithFlooding(30, 1))
+	if worst := checkWithin(t, flooded, append(r0, r1...), 2, 0.5); worst < 1e-5 {
+		t.Errorf("flooded error %g: no flooding applied", worst)
 	}
-	check(t, flooded, append(r0, r1...), 2)
 }
 
 func wantCode(t *testing.T, what string, err error, code connect.Code) {
@@ -285,8 +303,8 @@ func TestPermissionsAndValidation(t *testing.T) {
 	ctx := context.Background()
 	a := e.analyst(t, analyst, key)
 	for _, s := range []analytics.StudySpec{
-		{ID: "north-only", OwnerPatterns: []string{owners[0]}, Dimension: 2},
-		{ID: "south-only", OwnerPatterns: []string{owners[1]}, Dimension: 2},
+		{ID: "north-only", OwnerPatterns: []string{owners[0], owners[2]}, Dimension: 2, Ranges: wide},
+		{ID: "south-only", OwnerPatterns: []string{owners[1]}, Dimension: 2, Ranges: wide},
 	} {
 		if err := a.CreateStudy(ctx, s); err != nil {
 			t.Fatal(err)
@@ -309,17 +327,21 @@ func TestPermissionsAndValidation(t *testing.T) {
 	wantCode(t, "an owner fetches", err, connect.CodePermissionDenied)
 	_, err = e.raw(t, outsider).GetStudy(ctx, connect.NewRequest(&analyticsv1.GetStudyRequest{StudyId: "north-only"}))
 	wantCode(t, "an outsider reads the study", err, connect.CodePermissionDenied)
-	err = e.analyst(t, owners[0], key).CreateStudy(ctx, analytics.StudySpec{ID: "x", OwnerPatterns: []string{"spiffe://example.org"}, Dimension: 1})
+	err = e.analyst(t, owners[0], key).CreateStudy(ctx, analytics.StudySpec{ID: "x", OwnerPatterns: []string{"spiffe://example.org"}, Dimension: 1, Ranges: wide})
 	wantCode(t, "an owner creates a study (policy)", err, connect.CodePermissionDenied)
 	_, err = a.Result(ctx, "south-only")
-	wantCode(t, "result with no submissions", err, connect.CodeFailedPrecondition)
-	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "north-only", OwnerPatterns: []string{owners[0]}, Dimension: 2})
+	wantCode(t, "result of an open study", err, connect.CodeFailedPrecondition)
+	_, err = a.Close(ctx, "south-only")
+	wantCode(t, "close with no submissions", err, connect.CodeFailedPrecondition)
+	_, err = e.analyst(t, other, key).Close(ctx, "south-only")
+	wantCode(t, "another analyst closes", err, connect.CodePermissionDenied)
+	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "north-only", OwnerPatterns: []string{owners[0]}, Dimension: 2, Ranges: wide})
 	wantCode(t, "study exists", err, connect.CodeAlreadyExists)
-	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "too-wide", OwnerPatterns: []string{owners[0]}, Dimension: 65, Covariance: true})
+	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "too-wide", OwnerPatterns: []string{owners[0]}, Dimension: 65, Ranges: wide, Covariance: true})
 	wantCode(t, "covariance beyond the slots", err, connect.CodeInvalidArgument)
-	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "bad-edges", OwnerPatterns: []string{owners[0]}, Dimension: 2, HistogramEdges: []float64{0, 1, 1}})
+	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "bad-edges", OwnerPatterns: []string{owners[0]}, Dimension: 2, Ranges: wide, HistogramEdges: []float64{0, 1, 1}})
 	wantCode(t, "histogram edges not increasing", err, connect.CodeInvalidArgument)
-	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "bad-pattern", OwnerPatterns: []string{"not a spiffe id"}, Dimension: 2})
+	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "bad-pattern", OwnerPatterns: []string{"not a spiffe id"}, Dimension: 2, Ranges: wide})
 	wantCode(t, "bad owner pattern", err, connect.CodeInvalidArgument)
 
 	// Malformed submissions from an authorized owner.
@@ -351,9 +373,9 @@ func TestPermissionsAndValidation(t *testing.T) {
 	_, err = raw.Submit(ctx, connect.NewRequest(&analyticsv1.SubmitRequest{StudyId: "north-only", IdempotencyKey: "p", Count: 1, Sums: vec(otherEnc, 2), Products: vec(otherEnc, 2)}))
 	wantCode(t, "other parameters", err, connect.CodeFailedPrecondition)
 	// Nothing malformed was counted.
-	res, err := a.Result(ctx, "north-only")
-	if err != nil {
+	recs2 := records(4, 12, 2)
+	if _, err := e.owner(t, owners[2]).Submit(ctx, "north-only", "k", recs2); err != nil {
 		t.Fatal(err)
 	}
-	check(t, res, recs, 1)
+	check(t, closeAndResult(t, a, "north-only"), append(recs, recs2...), 2)
 }

@@ -8,6 +8,9 @@ import (
 	"sort"
 
 	"connectrpc.com/connect"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	analyticsv1 "github.com/veilrpc/veil/gen/veil/analytics/v1"
 	"github.com/veilrpc/veil/gen/veil/analytics/v1/analyticsv1connect"
@@ -28,44 +31,102 @@ type StudySpec struct {
 	// HistogramEdges, when set (2 to 257 strictly increasing values), makes owners
 	// also send per-coordinate bin counts (see HistogramCounts).
 	HistogramEdges []float64
+	// Ranges declares each coordinate's interval (one Range for all coordinates, or
+	// one per coordinate); owners clip their values to it. Required.
+	Ranges []Range
+	// MinOwners is the number of distinct owners a close needs (0: DefaultMinOwners;
+	// 1 is refused).
+	MinOwners int
+	// MaxSubmissionsPerOwner caps each owner's counted submissions (0:
+	// DefaultMaxSubmissionsPerOwner).
+	MaxSubmissionsPerOwner int
 }
+
+// Range is a closed interval [Min, Max].
+type Range struct{ Min, Max float64 }
 
 // Analyst creates studies and decrypts their results. It holds the secret key.
 type Analyst struct {
 	svc analyticsv1connect.AnalyticsServiceClient
 	key *he.Client
+	id  x509svid.Source
 }
 
 // NewAnalyst returns an analyst client whose studies use key (he.NewClient with the
-// parameters of choice, he.ParamsN13 being plenty for aggregation).
-func NewAnalyst(hc connect.HTTPClient, baseURL string, key *he.Client, opts ...connect.ClientOption) *Analyst {
-	return &Analyst{svc: newServiceClient(hc, baseURL, opts), key: key}
+// parameters of choice, he.ParamsN13 being plenty for aggregation) and are signed
+// with the X.509-SVID of id (the analyst's identity), so that owners can check that
+// the key they encrypt under is the analyst's.
+func NewAnalyst(hc connect.HTTPClient, baseURL string, key *he.Client, id x509svid.Source, opts ...connect.ClientOption) *Analyst {
+	return &Analyst{svc: newServiceClient(hc, baseURL, opts), key: key, id: id}
 }
 
-// CreateStudy registers spec with the analyst's public key.
+// CreateStudy registers spec with the analyst's public key, signed.
 func (a *Analyst) CreateStudy(ctx context.Context, spec StudySpec) error {
 	if spec.Dimension < 1 {
 		return errors.New("analytics: a study needs a dimension of at least 1")
+	}
+	if len(spec.Ranges) == 0 {
+		return errors.New("analytics: a study needs declared ranges")
+	}
+	if a.id == nil {
+		return errors.New("analytics: the analyst needs an identity to sign its study")
+	}
+	svid, err := a.id.GetX509SVID()
+	if err != nil {
+		return fmt.Errorf("analytics: analyst identity: %w", err)
 	}
 	pk, err := he.MarshalPublicKey(a.key.PublicKey())
 	if err != nil {
 		return err
 	}
-	_, err = a.svc.CreateStudy(ctx, connect.NewRequest(&analyticsv1.CreateStudyRequest{Study: &analyticsv1.Study{
+	m := &analyticsv1.Study{
 		StudyId:       spec.ID,
+		Analyst:       svid.ID.String(),
 		OwnerPatterns: spec.OwnerPatterns,
 		Dimension:     uint32(spec.Dimension),
 		Covariance:    spec.Covariance,
 		PublicKey:     pk,
 
-		HistogramEdges: spec.HistogramEdges,
-	}}))
-	return err
+		HistogramEdges:         spec.HistogramEdges,
+		MinOwners:              uint32(max(spec.MinOwners, 0)),
+		MaxSubmissionsPerOwner: uint32(max(spec.MaxSubmissionsPerOwner, 0)),
+	}
+	for _, r := range spec.Ranges {
+		m.Ranges = append(m.Ranges, &analyticsv1.Range{Min: r.Min, Max: r.Max})
+	}
+	if err := signStudy(m, svid); err != nil {
+		return err
+	}
+	res, err := a.svc.CreateStudy(ctx, connect.NewRequest(&analyticsv1.CreateStudyRequest{Study: m}))
+	if err != nil {
+		return err
+	}
+	if got := res.Msg.GetStudy().GetAnalyst(); got != svid.ID.String() {
+		return fmt.Errorf("analytics: the server recorded the analyst as %s, the caller is %s", got, svid.ID)
+	}
+	return nil
+}
+
+// Closed is the server's answer to a close.
+type Closed struct {
+	Submissions uint64 // submissions the study counts
+	Owners      int    // distinct owners among them
+}
+
+// Close ends the study's submissions: it fails (failed_precondition) until owners
+// from the study's MinOwners distinct identities have submitted.
+func (a *Analyst) Close(ctx context.Context, studyID string) (Closed, error) {
+	res, err := a.svc.CloseStudy(ctx, connect.NewRequest(&analyticsv1.CloseStudyRequest{StudyId: studyID}))
+	if err != nil {
+		return Closed{}, err
+	}
+	return Closed{Submissions: res.Msg.GetSubmissions(), Owners: int(res.Msg.GetOwners())}, nil
 }
 
 // Result is a decrypted study result. Variances and covariances are population
 // statistics over all records (divide by Count, not Count-1).
 type Result struct {
+	Release     uint64 // the service's sequence number for this release
 	Submissions uint64
 	Count       uint64
 	Sum         []float64
@@ -81,34 +142,40 @@ type Result struct {
 	Histogram [][]uint64
 }
 
-// Result fetches and decrypts a study's aggregate. opts go to he.Client.Decrypt: pass
-// he.WithNoiseFlooding when the decrypted values will be published to parties that
-// include the server.
+// Result fetches and decrypts a closed study's aggregate (each call is a recorded
+// release). opts go to he.Client.Decrypt: pass he.WithFlooding(securityBits, queries)
+// when the decrypted values will be published to parties that include the server or
+// an owner; the noise bound it needs is derived from the study's computation.
 func (a *Analyst) Result(ctx context.Context, studyID string, opts ...he.DecryptOption) (*Result, error) {
 	res, err := a.svc.GetResult(ctx, connect.NewRequest(&analyticsv1.GetResultRequest{StudyId: studyID}))
 	if err != nil {
 		return nil, err
 	}
-	dec := func(m *hev1.EncryptedVector) ([]float64, error) {
-		v, err := he.UnmarshalVector(a.key.Params(), m)
+	// The server's computation is known: sums of fresh public-key encryptions, and
+	// their product by 1/count. Its noise bound sizes flooding (he.WithFlooding).
+	p := a.key.Params()
+	sumBound := he.SumNoiseBound(he.FreshNoiseBound(p), int(res.Msg.GetSubmissions()))
+	meanBound := he.ScaledNoiseBound(p, sumBound, 1/float64(max(res.Msg.GetCount(), 1)))
+	dec := func(m *hev1.EncryptedVector, bound float64) ([]float64, error) {
+		v, err := he.UnmarshalVector(p, m)
 		if err != nil {
 			return nil, err
 		}
-		return a.key.Decrypt(v, opts...)
+		return a.key.Decrypt(v, append([]he.DecryptOption{he.WithNoiseBound(bound)}, opts...)...)
 	}
-	out := &Result{Submissions: res.Msg.GetSubmissions(), Count: res.Msg.GetCount()}
-	if out.Sum, err = dec(res.Msg.GetSum()); err != nil {
+	out := &Result{Release: res.Msg.GetRelease(), Submissions: res.Msg.GetSubmissions(), Count: res.Msg.GetCount()}
+	if out.Sum, err = dec(res.Msg.GetSum(), sumBound); err != nil {
 		return nil, err
 	}
-	if out.Mean, err = dec(res.Msg.GetMean()); err != nil {
+	if out.Mean, err = dec(res.Msg.GetMean(), meanBound); err != nil {
 		return nil, err
 	}
-	if out.SecondMoment, err = dec(res.Msg.GetSecondMoment()); err != nil {
+	if out.SecondMoment, err = dec(res.Msg.GetSecondMoment(), meanBound); err != nil {
 		return nil, err
 	}
 	d := len(out.Mean)
 	if m := res.Msg.GetHistogram(); m != nil {
-		h, err := dec(m)
+		h, err := dec(m, sumBound)
 		if err != nil {
 			return nil, err
 		}
@@ -147,15 +214,44 @@ func (a *Analyst) Result(ctx context.Context, studyID string, opts ...he.Decrypt
 }
 
 // Owner submits encrypted contributions to studies. It holds no secret: it encrypts
-// under each study's public key.
+// under each study's public key, once it has checked that the key is the one a
+// trusted analyst signed.
 type Owner struct {
-	svc    analyticsv1connect.AnalyticsServiceClient
-	params []*he.Parameters
+	svc      analyticsv1connect.AnalyticsServiceClient
+	params   []*he.Parameters
+	bundle   x509bundle.Source
+	analysts spiffeid.Matcher
 }
 
-// NewOwner returns an owner client. Studies may use any he.Presets parameters.
-func NewOwner(hc connect.HTTPClient, baseURL string, opts ...connect.ClientOption) *Owner {
-	return &Owner{svc: newServiceClient(hc, baseURL, opts), params: he.Presets()}
+// NewOwner returns an owner client. It submits only to studies signed by an analyst
+// whose X.509-SVID verifies to bundle (the owner's trust bundle) and whose ID analysts
+// accepts (for example spiffeid.MatchID of the analyst the owner agreed to work with).
+// Studies may use any he.Presets parameters.
+func NewOwner(hc connect.HTTPClient, baseURL string, bundle x509bundle.Source, analysts spiffeid.Matcher, opts ...connect.ClientOption) *Owner {
+	return &Owner{svc: newServiceClient(hc, baseURL, opts), params: he.Presets(), bundle: bundle, analysts: analysts}
+}
+
+// Clip returns a copy of records with every value clipped to its coordinate's range
+// (ranges holds one range for all coordinates or one per coordinate), and how many
+// values it changed.
+func Clip(records [][]float64, ranges []Range) ([][]float64, int) {
+	out := make([][]float64, len(records))
+	clipped := 0
+	for i, x := range records {
+		out[i] = make([]float64, len(x))
+		for j, v := range x {
+			r := ranges[0]
+			if len(ranges) > 1 && j < len(ranges) {
+				r = ranges[j]
+			}
+			c := min(max(v, r.Min), r.Max)
+			if c != v {
+				clipped++
+			}
+			out[i][j] = c
+		}
+	}
+	return out, clipped
 }
 
 // Contribution sums records into what an owner submits: per-coordinate sums and sums
@@ -214,17 +310,33 @@ func HistogramCounts(records [][]float64, edges []float64) []float64 {
 type Submitted struct {
 	Duplicate   bool   // counted before (same owner and idempotency key)
 	Submissions uint64 // submissions counted in the study
+	Clipped     int    // values clipped to the study's declared ranges
 }
 
-// Submit fetches the study, sums records locally, encrypts the sums under the
-// analyst's public key and submits them. Retrying with the same idempotencyKey and
-// records counts once.
+// Submit fetches the study, verifies the analyst's signature over it (its public key
+// included; a failure wraps ErrUntrustedStudy and nothing is sent), clips records to
+// the declared ranges, sums them locally, encrypts the sums under the analyst's public
+// key and submits them. Retrying with the same idempotencyKey and records counts once.
 func (o *Owner) Submit(ctx context.Context, studyID, idempotencyKey string, records [][]float64) (Submitted, error) {
 	res, err := o.svc.GetStudy(ctx, connect.NewRequest(&analyticsv1.GetStudyRequest{StudyId: studyID}))
 	if err != nil {
 		return Submitted{}, err
 	}
 	study := res.Msg.GetStudy()
+	if study.GetStudyId() != studyID {
+		return Submitted{}, fmt.Errorf("%w: asked for study %q, got %q", ErrUntrustedStudy, studyID, study.GetStudyId())
+	}
+	if err := VerifyStudy(study, o.bundle, o.analysts); err != nil {
+		return Submitted{}, err
+	}
+	if len(study.GetRanges()) == 0 {
+		return Submitted{}, fmt.Errorf("analytics: study %q declares no ranges", studyID)
+	}
+	ranges := make([]Range, len(study.GetRanges()))
+	for i, r := range study.GetRanges() {
+		ranges[i] = Range{r.GetMin(), r.GetMax()}
+	}
+	records, clipped := Clip(records, ranges)
 	var params *he.Parameters
 	for _, p := range o.params {
 		if string(p.ID()) == study.GetPublicKey().GetParamId() {
@@ -270,5 +382,5 @@ func (o *Owner) Submit(ctx context.Context, studyID, idempotencyKey string, reco
 	if err != nil {
 		return Submitted{}, err
 	}
-	return Submitted{Duplicate: sr.Msg.GetDuplicate(), Submissions: sr.Msg.GetSubmissions()}, nil
+	return Submitted{Duplicate: sr.Msg.GetDuplicate(), Submissions: sr.Msg.GetSubmissions(), Clipped: clipped}, nil
 }

@@ -10,6 +10,15 @@
 // analyst may fetch the result; the analyst's client decrypts it and derives
 // variance and covariance (second moment minus the product of means).
 //
+// A study is open, then closed, then released. Submissions count only while it is
+// open, at most MaxSubmissionsPerOwner (default 1) per owner; the analyst closes it
+// once owners from at least MinOwners (default 2) distinct identities have submitted;
+// results exist only for a closed study, so that no two results differ by one
+// submission, and every result returned is recorded as a release. Submissions must
+// be fresh encryptions (top level, default scale): they are validated and added
+// before anything is stored, and a bad stored record is quarantined (logged and
+// skipped) when the service loads.
+//
 // Submissions are durable with a Store (WithStore: one file per submission, written
 // atomically, 0600; WithStudyStore: a shared store such as NATS JetStream, so that
 // replicas share studies and submissions) and idempotent: the same owner and
@@ -24,6 +33,9 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
+	"math"
+	"slices"
 	"sync"
 	"time"
 
@@ -45,6 +57,13 @@ const (
 	GetStudyProcedure    = analyticsv1connect.AnalyticsServiceGetStudyProcedure
 	SubmitProcedure      = analyticsv1connect.AnalyticsServiceSubmitProcedure
 	GetResultProcedure   = analyticsv1connect.AnalyticsServiceGetResultProcedure
+	CloseStudyProcedure  = analyticsv1connect.AnalyticsServiceCloseStudyProcedure
+)
+
+// Release rule defaults, for studies that leave them zero.
+const (
+	DefaultMinOwners              = 2
+	DefaultMaxSubmissionsPerOwner = 1
 )
 
 // Option configures New.
@@ -55,7 +74,11 @@ type config struct {
 	store   Store
 	timeout time.Duration
 	params  []*he.Parameters
+	logger  *slog.Logger
 }
+
+// WithLogger sets the logger for quarantined records (default slog.Default()).
+func WithLogger(l *slog.Logger) Option { return func(c *config) { c.logger = l } }
 
 // WithStore keeps studies and submissions in dir (a DirStore, created 0700), so that a
 // restarted service keeps them. Without a store they live in memory only.
@@ -91,12 +114,41 @@ type study struct {
 	histogram     *he.Vector // nil unless the study has histogram edges
 	count         uint64
 	submissions   uint64
-	seen          map[string]bool // dedupName of every counted submission
+	seen          map[string]bool   // every record name read or written (counted or not)
+	counted       map[string]string // counted submission name -> owner
+	perOwner      map[string]int    // owner -> counted submissions
+	closed        map[string]bool   // the names a close fixed; nil while open
+	releases      uint64
+}
+
+func (st *study) minOwners() int {
+	if n := st.meta.GetMinOwners(); n > 0 {
+		return int(n)
+	}
+	return DefaultMinOwners
+}
+
+func (st *study) maxPerOwner() int {
+	if n := st.meta.GetMaxSubmissionsPerOwner(); n > 0 {
+		return int(n)
+	}
+	return DefaultMaxSubmissionsPerOwner
+}
+
+func (st *study) state() analyticsv1.StudyState {
+	switch {
+	case st.closed == nil:
+		return analyticsv1.StudyState_STUDY_STATE_OPEN
+	case st.releases == 0:
+		return analyticsv1.StudyState_STUDY_STATE_CLOSED
+	default:
+		return analyticsv1.StudyState_STUDY_STATE_RELEASED
+	}
 }
 
 // New returns the service, loading every study and submission from the store.
 func New(opts ...Option) (*Service, error) {
-	cfg := config{params: he.Presets()}
+	cfg := config{params: he.Presets(), logger: slog.Default()}
 	for _, o := range opts {
 		o(&cfg)
 	}
@@ -191,8 +243,9 @@ func productsLen(m *analyticsv1.Study) int {
 	return d
 }
 
-// newStudy checks a study's metadata and builds its in-memory state.
-func (s *Service) newStudy(m *analyticsv1.Study) (*study, error) {
+// newStudy checks a study's metadata and builds its in-memory state. A study being
+// created must declare its ranges; one loaded from the store keeps what it had.
+func (s *Service) newStudy(m *analyticsv1.Study, creating bool) (*study, error) {
 	params, err := s.paramsByID(m.GetPublicKey().GetParamId())
 	if err != nil {
 		return nil, err
@@ -209,7 +262,13 @@ func (s *Service) newStudy(m *analyticsv1.Study) (*study, error) {
 	if n := histogramLen(m); n > params.Slots() {
 		return nil, errorf(connect.CodeInvalidArgument, "a histogram of %d bins over %d coordinates needs %d slots, the parameters have %d", bins(m), m.GetDimension(), n, params.Slots())
 	}
-	st := &study{meta: m, params: params, seen: map[string]bool{}}
+	if err := checkRanges(m, creating); err != nil {
+		return nil, err
+	}
+	if m.GetMinOwners() == 1 {
+		return nil, errorf(connect.CodeInvalidArgument, "min_owners must be at least 2: one owner's submission would be the result")
+	}
+	st := &study{meta: m, params: params, seen: map[string]bool{}, counted: map[string]string{}, perOwner: map[string]int{}}
 	for _, raw := range m.GetOwnerPatterns() {
 		p, err := transport.ParsePattern(raw)
 		if err != nil {
@@ -236,6 +295,24 @@ func checkEdges(edges []float64) error {
 	for i := 1; i < len(edges); i++ {
 		if !(edges[i] > edges[i-1]) {
 			return errorf(connect.CodeInvalidArgument, "histogram edges must increase strictly (edge %d)", i)
+		}
+	}
+	return nil
+}
+
+// checkRanges checks the declared ranges: one for every coordinate or one per
+// coordinate, each with min < max; required when creating.
+func checkRanges(m *analyticsv1.Study, required bool) error {
+	rs := m.GetRanges()
+	if len(rs) == 0 && !required {
+		return nil
+	}
+	if len(rs) != 1 && len(rs) != int(m.GetDimension()) {
+		return errorf(connect.CodeInvalidArgument, "a study declares one range or one per coordinate (%d), not %d", m.GetDimension(), len(rs))
+	}
+	for i, r := range rs {
+		if !(r.GetMin() < r.GetMax()) || math.IsInf(r.GetMin(), 0) || math.IsInf(r.GetMax(), 0) {
+			return errorf(connect.CodeInvalidArgument, "range %d must have finite min < max", i)
 		}
 	}
 	return nil
@@ -274,7 +351,7 @@ func (s *Service) lookup(ctx context.Context, id string) (*study, error) {
 	if err := proto.Unmarshal(b, m); err != nil || m.GetStudyId() != id {
 		return nil, errorf(connect.CodeInternal, "stored study %q is corrupt", id)
 	}
-	if st, err = s.newStudy(m); err != nil {
+	if st, err = s.newStudy(m, false); err != nil {
 		return nil, errorf(connect.CodeInternal, "stored study %q: %v", id, err)
 	}
 	s.mu.Lock()
@@ -300,7 +377,8 @@ func (s *Service) CreateStudy(ctx context.Context, req *connect.Request[analytic
 	}
 	m := proto.CloneOf(req.Msg.GetStudy())
 	m.Analyst = who.String()
-	st, err := s.newStudy(m)
+	m.State = analyticsv1.StudyState_STUDY_STATE_UNSPECIFIED
+	st, err := s.newStudy(m, true)
 	if err != nil {
 		return nil, err
 	}
@@ -325,7 +403,7 @@ func (s *Service) CreateStudy(ctx context.Context, req *connect.Request[analytic
 		}
 	}
 	s.studies[m.GetStudyId()] = st
-	return connect.NewResponse(&analyticsv1.CreateStudyResponse{Study: m}), nil
+	return connect.NewResponse(&analyticsv1.CreateStudyResponse{Study: st.view()}), nil
 }
 
 // GetStudy returns a study to its analyst and its owners.
@@ -341,16 +419,39 @@ func (s *Service) GetStudy(ctx context.Context, req *connect.Request[analyticsv1
 	if st == nil || (!st.isAnalyst(who) && !st.isOwner(who)) {
 		return nil, denied(who, "read", req.Msg.GetStudyId())
 	}
-	return connect.NewResponse(&analyticsv1.GetStudyResponse{Study: st.meta}), nil
+	return connect.NewResponse(&analyticsv1.GetStudyResponse{Study: st.view()}), nil
 }
 
-// dedupName names a submission by owner and idempotency key.
+// view returns the study's metadata with its current state.
+func (st *study) view() *analyticsv1.Study {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	m := proto.CloneOf(st.meta)
+	m.State = st.state()
+	return m
+}
+
+// dedupName names a submission by owner and idempotency key. Owners are SPIFFE IDs,
+// so no submission name collides with the lifecycle records' names.
 func dedupName(owner, key string) string {
 	h := sha256.Sum256([]byte(owner + "\x00" + key))
 	return hex.EncodeToString(h[:])
 }
 
-// Submit adds one owner's contribution, once per (owner, idempotency key).
+// closeName names a study's one close record.
+func closeName(studyID string) string {
+	h := sha256.Sum256([]byte("veil-analytics-closed\x00" + studyID))
+	return hex.EncodeToString(h[:])
+}
+
+// releaseName names a study's release record number seq.
+func releaseName(studyID string, seq uint64) string {
+	h := sha256.Sum256(fmt.Appendf(nil, "veil-analytics-released\x00%s\x00%d", studyID, seq))
+	return hex.EncodeToString(h[:])
+}
+
+// Submit adds one owner's contribution, once per (owner, idempotency key), while the
+// study is open and the owner below its cap.
 func (s *Service) Submit(ctx context.Context, req *connect.Request[analyticsv1.SubmitRequest]) (*connect.Response[analyticsv1.SubmitResponse], error) {
 	who, err := caller(ctx)
 	if err != nil {
@@ -395,11 +496,15 @@ func (st *study) check(req *analyticsv1.SubmitRequest) (*submission, error) {
 	case req.GetHistogram() != nil:
 		return nil, errorf(connect.CodeInvalidArgument, "the study has no histogram")
 	}
+	if req.GetCount() < 1 {
+		return nil, errorf(connect.CodeInvalidArgument, "a submission counts at least one record")
+	}
 	return &submission{sum: sum, prod: prod, hist: hist, count: req.GetCount()}, nil
 }
 
-// add validates one submission, stores it (the store decides, atomically across
-// replicas, whether its idempotency key is new) and counts it.
+// add validates one submission, adds it to a copy of the aggregate, stores it (the
+// store decides, atomically across replicas, whether its idempotency key is new) and
+// only then makes the copy the aggregate: nothing is stored that cannot be counted.
 func (s *Service) add(ctx context.Context, st *study, owner string, req *analyticsv1.SubmitRequest) (duplicate bool, submissions uint64, err error) {
 	sub, err := st.check(req)
 	if err != nil {
@@ -411,10 +516,20 @@ func (s *Service) add(ctx context.Context, st *study, owner string, req *analyti
 	// No listing of the store here (it would cost I/O per submission): the store's
 	// atomic add decides whether the key is new; only a duplicate makes this replica
 	// catch up with what the others stored. GetResult always catches up first.
-	if st.seen[name] {
+	if _, ok := st.counted[name]; ok {
 		// The first submission with this key stands; a retry (re-encrypted, so its
 		// bytes differ) is acknowledged without being counted again.
 		return true, st.submissions, nil
+	}
+	if st.closed != nil {
+		return false, 0, errorf(connect.CodeFailedPrecondition, "study %q is closed", st.meta.GetStudyId())
+	}
+	if st.perOwner[owner] >= st.maxPerOwner() {
+		return false, 0, errorf(connect.CodeResourceExhausted, "study %q counts at most %d submissions per owner", st.meta.GetStudyId(), st.maxPerOwner())
+	}
+	next, err := st.sumWith(ctx, sub)
+	if err != nil {
+		return false, 0, err
 	}
 	if s.cfg.store != nil {
 		b, err := proto.Marshal(&analyticsv1.StoredSubmission{Owner: owner, Request: req})
@@ -435,38 +550,68 @@ func (s *Service) add(ctx context.Context, st *study, owner string, req *analyti
 			return true, st.submissions, nil
 		}
 	}
-	if err := st.applyLocked(ctx, name, sub); err != nil {
-		return false, 0, err
-	}
+	st.commitLocked(name, owner, next)
 	return false, st.submissions, nil
 }
 
-// applyLocked adds a validated submission to the study's aggregate. st.mu is held.
-func (st *study) applyLocked(ctx context.Context, name string, sub *submission) error {
-	newSum, newProd, newHist := sub.sum, sub.prod, sub.hist
-	if st.sum != nil {
-		var err error
-		if newSum, err = st.eval.Add(ctx, st.sum, sub.sum); err != nil {
-			return he.ConnectError(err)
-		}
-		if newProd, err = st.eval.Add(ctx, st.products, sub.prod); err != nil {
-			return he.ConnectError(err)
-		}
-		if sub.hist != nil {
-			if newHist, err = st.eval.Add(ctx, st.histogram, sub.hist); err != nil {
-				return he.ConnectError(err)
-			}
-		}
-	}
-	st.sum, st.products, st.histogram = newSum, newProd, newHist
-	st.count += sub.count
-	st.submissions++
-	st.seen[name] = true
-	return nil
+// aggregate is a study's running sums.
+type aggregate struct {
+	sum, prod, hist *he.Vector
+	count           uint64
 }
 
-// syncLocked counts the study's stored submissions this process has not counted yet:
-// those received by other replicas sharing the store. st.mu is held.
+// sumWith returns the aggregate with sub added, leaving the study unchanged. st.mu is
+// held.
+func (st *study) sumWith(ctx context.Context, sub *submission) (*aggregate, error) {
+	next := &aggregate{sum: sub.sum, prod: sub.prod, hist: sub.hist, count: st.count + sub.count}
+	if st.sum == nil {
+		return next, nil
+	}
+	var err error
+	if next.sum, err = st.eval.Add(ctx, st.sum, sub.sum); err != nil {
+		return nil, he.ConnectError(err)
+	}
+	if next.prod, err = st.eval.Add(ctx, st.products, sub.prod); err != nil {
+		return nil, he.ConnectError(err)
+	}
+	if sub.hist != nil {
+		if next.hist, err = st.eval.Add(ctx, st.histogram, sub.hist); err != nil {
+			return nil, he.ConnectError(err)
+		}
+	}
+	return next, nil
+}
+
+// commitLocked makes next the aggregate, counting submission name of owner.
+func (st *study) commitLocked(name, owner string, next *aggregate) {
+	st.sum, st.products, st.histogram, st.count = next.sum, next.prod, next.hist, next.count
+	st.submissions++
+	st.seen[name] = true
+	st.counted[name] = owner
+	st.perOwner[owner]++
+}
+
+// reset forgets the aggregate (before recounting the set a close fixed).
+func (st *study) reset() {
+	st.sum, st.products, st.histogram, st.count, st.submissions = nil, nil, nil, 0, 0
+	st.counted, st.perOwner = map[string]string{}, map[string]int{}
+	for name := range st.seen {
+		if !st.closed[name] {
+			continue
+		}
+		delete(st.seen, name)
+	}
+}
+
+// quarantine logs a stored record that cannot be counted and never reads it again.
+func (s *Service) quarantine(st *study, name, why string) {
+	st.seen[name] = true
+	s.cfg.logger.Warn("analytics: stored record quarantined", "study", st.meta.GetStudyId(), "record", name[:12], "reason", why)
+}
+
+// syncLocked counts the study's stored records this process has not read yet: those
+// written by other replicas sharing the store, or before a restart. A record that is
+// corrupt or cannot be counted is quarantined, never an error. st.mu is held.
 func (s *Service) syncLocked(ctx context.Context, st *study) error {
 	if s.cfg.store == nil {
 		return nil
@@ -478,6 +623,12 @@ func (s *Service) syncLocked(ctx context.Context, st *study) error {
 	if err != nil {
 		return unavailable()
 	}
+	type pending struct {
+		name string
+		rec  *analyticsv1.StoredSubmission
+	}
+	var subs []pending
+	var closed *analyticsv1.StudyClosed
 	for _, name := range names {
 		if st.seen[name] {
 			continue
@@ -487,22 +638,62 @@ func (s *Service) syncLocked(ctx context.Context, st *study) error {
 			return unavailable()
 		}
 		rec := &analyticsv1.StoredSubmission{}
-		if err := proto.Unmarshal(b, rec); err != nil || dedupName(rec.GetOwner(), rec.GetRequest().GetIdempotencyKey()) != name {
-			return errorf(connect.CodeInternal, "stored submission %.12s of study %q is corrupt", name, id)
+		switch {
+		case proto.Unmarshal(b, rec) != nil:
+			s.quarantine(st, name, "undecodable")
+		case rec.GetClosed() != nil && name == closeName(id):
+			closed = rec.GetClosed()
+			st.seen[name] = true
+		case rec.GetReleased() != nil && name == releaseName(id, rec.GetReleased().GetSequence()):
+			st.releases = max(st.releases, rec.GetReleased().GetSequence())
+			st.seen[name] = true
+		case rec.GetRequest() != nil && dedupName(rec.GetOwner(), rec.GetRequest().GetIdempotencyKey()) == name:
+			subs = append(subs, pending{name, rec})
+		default:
+			s.quarantine(st, name, "name does not match the record")
 		}
-		sub, err := st.check(rec.GetRequest())
+	}
+	if closed != nil && st.closed == nil {
+		st.closed = map[string]bool{}
+		for _, n := range closed.GetIncluded() {
+			st.closed[n] = true
+		}
+		// This replica may have counted submissions the close left out: recount
+		// exactly the fixed set.
+		for n := range st.counted {
+			if !st.closed[n] {
+				st.reset()
+				return s.syncLocked(ctx, st)
+			}
+		}
+	}
+	for _, p := range subs {
+		owner := p.rec.GetOwner()
+		if st.closed != nil && !st.closed[p.name] {
+			st.seen[p.name] = true // stored after the close, or over the cap: not counted
+			continue
+		}
+		if st.closed == nil && st.perOwner[owner] >= st.maxPerOwner() {
+			st.seen[p.name] = true // over the cap (a race between replicas)
+			continue
+		}
+		sub, err := st.check(p.rec.GetRequest())
 		if err != nil {
-			return errorf(connect.CodeInternal, "stored submission %.12s of study %q: %v", name, id, err)
+			s.quarantine(st, p.name, err.Error())
+			continue
 		}
-		if err := st.applyLocked(ctx, name, sub); err != nil {
-			return err
+		next, err := st.sumWith(ctx, sub)
+		if err != nil {
+			s.quarantine(st, p.name, err.Error())
+			continue
 		}
+		st.commitLocked(p.name, owner, next)
 	}
 	return nil
 }
 
 // decode validates one submitted vector: the study's parameters, the right length,
-// and a level left for the scaling by 1/count.
+// and a fresh encryption (top level, default scale), so that it adds to any other.
 func (st *study) decode(m *hev1.EncryptedVector, want int, what string) (*he.Vector, error) {
 	if m.GetLength() != uint64(want) {
 		return nil, errorf(connect.CodeInvalidArgument, "%s holds %d values, the study needs %d", what, m.GetLength(), want)
@@ -511,13 +702,103 @@ func (st *study) decode(m *hev1.EncryptedVector, want int, what string) (*he.Vec
 	if err != nil {
 		return nil, he.ConnectError(err)
 	}
-	if v.Level() < 1 {
-		return nil, errorf(connect.CodeInvalidArgument, "%s are at level 0: the mean needs one level", what)
+	if !v.Fresh() {
+		return nil, errorf(connect.CodeInvalidArgument, "%s must be a fresh encryption: top level and the default scale", what)
 	}
 	return v, nil
 }
 
-// GetResult returns the encrypted aggregate to the study's analyst.
+// CloseStudy fixes the set of counted submissions, once there are enough owners.
+func (s *Service) CloseStudy(ctx context.Context, req *connect.Request[analyticsv1.CloseStudyRequest]) (*connect.Response[analyticsv1.CloseStudyResponse], error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, err
+	}
+	id := req.Msg.GetStudyId()
+	st, err := s.lookup(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if st == nil || !st.isAnalyst(who) {
+		return nil, denied(who, "close", id)
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if err := s.syncLocked(ctx, st); err != nil {
+		return nil, err
+	}
+	if st.closed == nil {
+		owners := len(st.perOwner)
+		if owners < st.minOwners() {
+			return nil, errorf(connect.CodeFailedPrecondition, "study %q has submissions from %d distinct owners, a close needs %d", id, owners, st.minOwners())
+		}
+		included := make([]string, 0, len(st.counted))
+		for n := range st.counted {
+			included = append(included, n)
+		}
+		slices.Sort(included)
+		if s.cfg.store != nil {
+			b, err := proto.Marshal(&analyticsv1.StoredSubmission{Closed: &analyticsv1.StudyClosed{Included: included, UnixSeconds: time.Now().Unix()}})
+			if err != nil {
+				return nil, errorf(connect.CodeInternal, "encoding the close")
+			}
+			sctx, cancel := s.storeCtx(ctx)
+			added, err := s.cfg.store.AddSubmission(sctx, id, closeName(id), b)
+			cancel()
+			if err != nil {
+				return nil, unavailable()
+			}
+			if !added { // another replica closed first: adopt its set
+				if err := s.syncLocked(ctx, st); err != nil {
+					return nil, err
+				}
+			}
+		}
+		if st.closed == nil {
+			st.closed = map[string]bool{}
+			for _, n := range included {
+				st.closed[n] = true
+			}
+			st.seen[closeName(id)] = true
+		}
+	}
+	return connect.NewResponse(&analyticsv1.CloseStudyResponse{Submissions: st.submissions, Owners: uint32(len(st.perOwner))}), nil
+}
+
+// recordRelease stores the next release record and returns its sequence number.
+// st.mu is held.
+func (s *Service) recordRelease(ctx context.Context, st *study, reader string) (uint64, error) {
+	id := st.meta.GetStudyId()
+	for range 16 {
+		seq := st.releases + 1
+		if s.cfg.store != nil {
+			b, err := proto.Marshal(&analyticsv1.StoredSubmission{Released: &analyticsv1.StudyReleased{Sequence: seq, Reader: reader, UnixSeconds: time.Now().Unix()}})
+			if err != nil {
+				return 0, errorf(connect.CodeInternal, "encoding a release")
+			}
+			sctx, cancel := s.storeCtx(ctx)
+			added, err := s.cfg.store.AddSubmission(sctx, id, releaseName(id, seq), b)
+			cancel()
+			if err != nil {
+				return 0, unavailable()
+			}
+			if !added { // another replica took seq: catch up and take the next
+				if err := s.syncLocked(ctx, st); err != nil {
+					return 0, err
+				}
+				continue
+			}
+			st.seen[releaseName(id, seq)] = true
+		}
+		st.releases = seq
+		s.cfg.logger.Info("analytics: release", "study", id, "sequence", seq, "reader", reader, "submissions", st.submissions)
+		return seq, nil
+	}
+	return 0, unavailable()
+}
+
+// GetResult returns the encrypted aggregate of a closed study to its analyst and
+// records the release.
 func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv1.GetResultRequest]) (*connect.Response[analyticsv1.GetResultResponse], error) {
 	who, err := caller(ctx)
 	if err != nil {
@@ -535,10 +816,19 @@ func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv
 		st.mu.Unlock()
 		return nil, err
 	}
+	if st.closed == nil {
+		st.mu.Unlock()
+		return nil, errorf(connect.CodeFailedPrecondition, "study %q is open: close it before reading its result", req.Msg.GetStudyId())
+	}
 	sum, prod, hist, count, n := st.sum, st.products, st.histogram, st.count, st.submissions
-	st.mu.Unlock()
 	if n == 0 {
-		return nil, errorf(connect.CodeFailedPrecondition, "study %q has no submissions yet", req.Msg.GetStudyId())
+		st.mu.Unlock()
+		return nil, errorf(connect.CodeFailedPrecondition, "study %q has no submissions", req.Msg.GetStudyId())
+	}
+	seq, err := s.recordRelease(ctx, st, who.String())
+	st.mu.Unlock()
+	if err != nil {
+		return nil, err
 	}
 	mean, err := st.eval.MulScalar(ctx, sum, 1/float64(count))
 	if err != nil {
@@ -548,7 +838,7 @@ func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv
 	if err != nil {
 		return nil, he.ConnectError(err)
 	}
-	res := &analyticsv1.GetResultResponse{Submissions: n, Count: count}
+	res := &analyticsv1.GetResultResponse{Submissions: n, Count: count, Release: seq}
 	for _, f := range []struct {
 		v   *he.Vector
 		dst **hev1.EncryptedVector
@@ -565,7 +855,8 @@ func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv
 	return connect.NewResponse(res), nil
 }
 
-// load reads every stored study and counts its submissions.
+// load reads every stored study and counts its submissions. A study that cannot be
+// read is logged and skipped; only an unreachable store fails.
 func (s *Service) load() error {
 	ctx, cancel := s.storeCtx(context.Background())
 	defer cancel()
@@ -575,8 +866,12 @@ func (s *Service) load() error {
 	}
 	for _, id := range ids {
 		st, err := s.lookup(ctx, id)
-		if err != nil {
+		if connect.CodeOf(err) == connect.CodeUnavailable {
 			return fmt.Errorf("analytics: store: study %s: %w", id, err)
+		}
+		if err != nil {
+			s.cfg.logger.Warn("analytics: stored study quarantined", "study", id, "reason", err.Error())
+			continue
 		}
 		if st == nil {
 			continue

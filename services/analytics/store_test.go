@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/veilrpc/veil/he"
 	"github.com/veilrpc/veil/internal/testpki"
@@ -23,10 +24,12 @@ func TestReplicasShareStore(t *testing.T) {
 	e, key := setup(t, dir)
 	srv2 := serve(t, e.pki, dir)
 	ctx := context.Background()
-	if err := e.analyst(t, analyst, key).CreateStudy(ctx, analytics.StudySpec{ID: "shared", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 2}); err != nil {
+	if err := e.analyst(t, analyst, key).CreateStudy(ctx, analytics.StudySpec{ID: "shared", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 2, Ranges: wide}); err != nil {
 		t.Fatal(err)
 	}
-	owner2 := func(id string) *analytics.Owner { return analytics.NewOwner(e.pki.Client(t, id, srv2), srv2.URL) }
+	owner2 := func(id string) *analytics.Owner {
+		return analytics.NewOwner(e.pki.Client(t, id, srv2), srv2.URL, e.pki.Identity(t, id), spiffeid.MatchID(spiffeid.RequireFromString(analyst)))
+	}
 	r0, r1 := records(7, 25, 2), records(8, 35, 2)
 	if got, err := e.owner(t, owners[0]).Submit(ctx, "shared", "k1", r0); err != nil || got.Duplicate || got.Submissions != 1 {
 		t.Fatalf("replica 1 submit = %+v, %v", got, err)
@@ -37,8 +40,12 @@ func TestReplicasShareStore(t *testing.T) {
 	if got, err := owner2(owners[1]).Submit(ctx, "shared", "k1", r1); err != nil || got.Duplicate || got.Submissions != 2 {
 		t.Fatalf("replica 2 submit = %+v, %v", got, err)
 	}
+	// Closed through replica 2; both replicas then answer the closed set.
+	if _, err := analytics.NewAnalyst(e.pki.Client(t, analyst, srv2), srv2.URL, key, e.pki.Identity(t, analyst)).Close(ctx, "shared"); err != nil {
+		t.Fatal(err)
+	}
 	for i, s := range []*testpki.Server{e.srv, srv2} {
-		res, err := analytics.NewAnalyst(e.pki.Client(t, analyst, s), s.URL, key).Result(ctx, "shared")
+		res, err := analytics.NewAnalyst(e.pki.Client(t, analyst, s), s.URL, key, e.pki.Identity(t, analyst)).Result(ctx, "shared")
 		if err != nil {
 			t.Fatalf("replica %d: %v", i+1, err)
 		}
@@ -97,25 +104,29 @@ func TestStoreOutageUnavailable(t *testing.T) {
 	ctx := context.Background()
 	a := e.analyst(t, analyst, key)
 	store.down.Store(true)
-	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "o", OwnerPatterns: []string{owners[0]}, Dimension: 2})
+	err = a.CreateStudy(ctx, analytics.StudySpec{ID: "o", OwnerPatterns: []string{owners[0]}, Dimension: 2, Ranges: wide})
 	wantCode(t, "create during an outage", err, connect.CodeUnavailable)
 	store.down.Store(false)
-	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "o", OwnerPatterns: []string{owners[0]}, Dimension: 2}); err != nil {
+	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "o", OwnerPatterns: []string{owners[0], owners[1]}, Dimension: 2, Ranges: wide}); err != nil {
 		t.Fatal(err)
 	}
 	recs := records(9, 10, 2)
 	store.down.Store(true)
 	_, err = e.owner(t, owners[0]).Submit(ctx, "o", "k", recs)
 	wantCode(t, "submit during an outage", err, connect.CodeUnavailable)
-	_, err = a.Result(ctx, "o")
-	wantCode(t, "result during an outage", err, connect.CodeUnavailable)
+	_, err = a.Close(ctx, "o")
+	wantCode(t, "close during an outage", err, connect.CodeUnavailable)
 	store.down.Store(false)
 	if got, err := e.owner(t, owners[0]).Submit(ctx, "o", "k", recs); err != nil || got.Duplicate || got.Submissions != 1 {
 		t.Fatalf("retry after the outage = %+v, %v", got, err)
 	}
-	res, err := a.Result(ctx, "o")
-	if err != nil {
+	recs2 := records(10, 10, 2)
+	if _, err := e.owner(t, owners[1]).Submit(ctx, "o", "k", recs2); err != nil {
 		t.Fatal(err)
 	}
-	check(t, res, recs, 1)
+	store.down.Store(true)
+	_, err = a.Result(ctx, "o")
+	wantCode(t, "result during an outage", err, connect.CodeUnavailable)
+	store.down.Store(false)
+	check(t, closeAndResult(t, a, "o"), append(recs, recs2...), 2)
 }

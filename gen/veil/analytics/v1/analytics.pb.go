@@ -28,6 +28,173 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// StudyState is a study's lifecycle: open (submissions accepted), closed (the counted
+// set is fixed), released (at least one result was returned).
+type StudyState int32
+
+const (
+	StudyState_STUDY_STATE_UNSPECIFIED StudyState = 0
+	StudyState_STUDY_STATE_OPEN        StudyState = 1
+	StudyState_STUDY_STATE_CLOSED      StudyState = 2
+	StudyState_STUDY_STATE_RELEASED    StudyState = 3
+)
+
+// Enum value maps for StudyState.
+var (
+	StudyState_name = map[int32]string{
+		0: "STUDY_STATE_UNSPECIFIED",
+		1: "STUDY_STATE_OPEN",
+		2: "STUDY_STATE_CLOSED",
+		3: "STUDY_STATE_RELEASED",
+	}
+	StudyState_value = map[string]int32{
+		"STUDY_STATE_UNSPECIFIED": 0,
+		"STUDY_STATE_OPEN":        1,
+		"STUDY_STATE_CLOSED":      2,
+		"STUDY_STATE_RELEASED":    3,
+	}
+)
+
+func (x StudyState) Enum() *StudyState {
+	p := new(StudyState)
+	*p = x
+	return p
+}
+
+func (x StudyState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (StudyState) Descriptor() protoreflect.EnumDescriptor {
+	return file_veil_analytics_v1_analytics_proto_enumTypes[0].Descriptor()
+}
+
+func (StudyState) Type() protoreflect.EnumType {
+	return &file_veil_analytics_v1_analytics_proto_enumTypes[0]
+}
+
+func (x StudyState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use StudyState.Descriptor instead.
+func (StudyState) EnumDescriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{0}
+}
+
+// Range is the declared interval of one coordinate; owners clip their records to it
+// before summing.
+type Range struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Min           float64                `protobuf:"fixed64,1,opt,name=min,proto3" json:"min,omitempty"`
+	Max           float64                `protobuf:"fixed64,2,opt,name=max,proto3" json:"max,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Range) Reset() {
+	*x = Range{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Range) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Range) ProtoMessage() {}
+
+func (x *Range) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Range.ProtoReflect.Descriptor instead.
+func (*Range) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *Range) GetMin() float64 {
+	if x != nil {
+		return x.Min
+	}
+	return 0
+}
+
+func (x *Range) GetMax() float64 {
+	if x != nil {
+		return x.Max
+	}
+	return 0
+}
+
+// AnalystSignature binds the study (its ID, analyst, public key hash, parameter ID,
+// owner patterns and release rules) to the analyst's X.509-SVID key, so that owners
+// detect a server that substitutes the public key. See docs/services.md for the
+// signed statement.
+type AnalystSignature struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The analyst's X.509-SVID chain, leaf first, DER.
+	Chain [][]byte `protobuf:"bytes,1,rep,name=chain,proto3" json:"chain,omitempty"`
+	// Signature over the statement with the leaf's key (ECDSA ASN.1 over SHA-256,
+	// Ed25519, or RSA PKCS#1 v1.5 over SHA-256).
+	Signature     []byte `protobuf:"bytes,2,opt,name=signature,proto3" json:"signature,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AnalystSignature) Reset() {
+	*x = AnalystSignature{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AnalystSignature) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AnalystSignature) ProtoMessage() {}
+
+func (x *AnalystSignature) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AnalystSignature.ProtoReflect.Descriptor instead.
+func (*AnalystSignature) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *AnalystSignature) GetChain() [][]byte {
+	if x != nil {
+		return x.Chain
+	}
+	return nil
+}
+
+func (x *AnalystSignature) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
 // Study is what the analyst sets at creation.
 type Study struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -49,13 +216,24 @@ type Study struct {
 	// in the first bin, values at or above the last edge in the last bin. Empty: no
 	// histogram.
 	HistogramEdges []float64 `protobuf:"fixed64,7,rep,packed,name=histogram_edges,json=histogramEdges,proto3" json:"histogram_edges,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Distinct owners whose submissions a close needs; 0 means the default, 2. At least 2.
+	MinOwners uint32 `protobuf:"varint,8,opt,name=min_owners,json=minOwners,proto3" json:"min_owners,omitempty"`
+	// Submissions counted per owner; 0 means the default, 1.
+	MaxSubmissionsPerOwner uint32 `protobuf:"varint,9,opt,name=max_submissions_per_owner,json=maxSubmissionsPerOwner,proto3" json:"max_submissions_per_owner,omitempty"`
+	// Declared range of each coordinate (one range for all, or one per coordinate).
+	// Owners' clients clip every value to it; required when creating a study.
+	Ranges []*Range `protobuf:"bytes,10,rep,name=ranges,proto3" json:"ranges,omitempty"`
+	// The analyst's signature; owners refuse a study without a valid one.
+	AnalystSignature *AnalystSignature `protobuf:"bytes,11,opt,name=analyst_signature,json=analystSignature,proto3" json:"analyst_signature,omitempty"`
+	// Set by the server.
+	State         StudyState `protobuf:"varint,12,opt,name=state,proto3,enum=veil.analytics.v1.StudyState" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Study) Reset() {
 	*x = Study{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[0]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -67,7 +245,7 @@ func (x *Study) String() string {
 func (*Study) ProtoMessage() {}
 
 func (x *Study) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[0]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -80,7 +258,7 @@ func (x *Study) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Study.ProtoReflect.Descriptor instead.
 func (*Study) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{0}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Study) GetStudyId() string {
@@ -132,6 +310,41 @@ func (x *Study) GetHistogramEdges() []float64 {
 	return nil
 }
 
+func (x *Study) GetMinOwners() uint32 {
+	if x != nil {
+		return x.MinOwners
+	}
+	return 0
+}
+
+func (x *Study) GetMaxSubmissionsPerOwner() uint32 {
+	if x != nil {
+		return x.MaxSubmissionsPerOwner
+	}
+	return 0
+}
+
+func (x *Study) GetRanges() []*Range {
+	if x != nil {
+		return x.Ranges
+	}
+	return nil
+}
+
+func (x *Study) GetAnalystSignature() *AnalystSignature {
+	if x != nil {
+		return x.AnalystSignature
+	}
+	return nil
+}
+
+func (x *Study) GetState() StudyState {
+	if x != nil {
+		return x.State
+	}
+	return StudyState_STUDY_STATE_UNSPECIFIED
+}
+
 type CreateStudyRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Study         *Study                 `protobuf:"bytes,1,opt,name=study,proto3" json:"study,omitempty"`
@@ -141,7 +354,7 @@ type CreateStudyRequest struct {
 
 func (x *CreateStudyRequest) Reset() {
 	*x = CreateStudyRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[1]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -153,7 +366,7 @@ func (x *CreateStudyRequest) String() string {
 func (*CreateStudyRequest) ProtoMessage() {}
 
 func (x *CreateStudyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[1]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -166,7 +379,7 @@ func (x *CreateStudyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateStudyRequest.ProtoReflect.Descriptor instead.
 func (*CreateStudyRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{1}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *CreateStudyRequest) GetStudy() *Study {
@@ -185,7 +398,7 @@ type CreateStudyResponse struct {
 
 func (x *CreateStudyResponse) Reset() {
 	*x = CreateStudyResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[2]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -197,7 +410,7 @@ func (x *CreateStudyResponse) String() string {
 func (*CreateStudyResponse) ProtoMessage() {}
 
 func (x *CreateStudyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[2]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -210,7 +423,7 @@ func (x *CreateStudyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateStudyResponse.ProtoReflect.Descriptor instead.
 func (*CreateStudyResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{2}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CreateStudyResponse) GetStudy() *Study {
@@ -229,7 +442,7 @@ type GetStudyRequest struct {
 
 func (x *GetStudyRequest) Reset() {
 	*x = GetStudyRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[3]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -241,7 +454,7 @@ func (x *GetStudyRequest) String() string {
 func (*GetStudyRequest) ProtoMessage() {}
 
 func (x *GetStudyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[3]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -254,7 +467,7 @@ func (x *GetStudyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStudyRequest.ProtoReflect.Descriptor instead.
 func (*GetStudyRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{3}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetStudyRequest) GetStudyId() string {
@@ -273,7 +486,7 @@ type GetStudyResponse struct {
 
 func (x *GetStudyResponse) Reset() {
 	*x = GetStudyResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[4]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -285,7 +498,7 @@ func (x *GetStudyResponse) String() string {
 func (*GetStudyResponse) ProtoMessage() {}
 
 func (x *GetStudyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[4]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -298,7 +511,7 @@ func (x *GetStudyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStudyResponse.ProtoReflect.Descriptor instead.
 func (*GetStudyResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{4}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetStudyResponse) GetStudy() *Study {
@@ -329,7 +542,7 @@ type SubmitRequest struct {
 
 func (x *SubmitRequest) Reset() {
 	*x = SubmitRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[5]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -341,7 +554,7 @@ func (x *SubmitRequest) String() string {
 func (*SubmitRequest) ProtoMessage() {}
 
 func (x *SubmitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[5]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -354,7 +567,7 @@ func (x *SubmitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitRequest.ProtoReflect.Descriptor instead.
 func (*SubmitRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{5}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *SubmitRequest) GetStudyId() string {
@@ -413,7 +626,7 @@ type SubmitResponse struct {
 
 func (x *SubmitResponse) Reset() {
 	*x = SubmitResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[6]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -425,7 +638,7 @@ func (x *SubmitResponse) String() string {
 func (*SubmitResponse) ProtoMessage() {}
 
 func (x *SubmitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[6]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -438,7 +651,7 @@ func (x *SubmitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitResponse.ProtoReflect.Descriptor instead.
 func (*SubmitResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{6}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *SubmitResponse) GetDuplicate() bool {
@@ -455,6 +668,104 @@ func (x *SubmitResponse) GetSubmissions() uint64 {
 	return 0
 }
 
+type CloseStudyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	StudyId       string                 `protobuf:"bytes,1,opt,name=study_id,json=studyId,proto3" json:"study_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CloseStudyRequest) Reset() {
+	*x = CloseStudyRequest{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CloseStudyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CloseStudyRequest) ProtoMessage() {}
+
+func (x *CloseStudyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CloseStudyRequest.ProtoReflect.Descriptor instead.
+func (*CloseStudyRequest) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *CloseStudyRequest) GetStudyId() string {
+	if x != nil {
+		return x.StudyId
+	}
+	return ""
+}
+
+type CloseStudyResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Submissions in the closed study.
+	Submissions uint64 `protobuf:"varint,1,opt,name=submissions,proto3" json:"submissions,omitempty"`
+	// Distinct owners among them.
+	Owners        uint32 `protobuf:"varint,2,opt,name=owners,proto3" json:"owners,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CloseStudyResponse) Reset() {
+	*x = CloseStudyResponse{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CloseStudyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CloseStudyResponse) ProtoMessage() {}
+
+func (x *CloseStudyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CloseStudyResponse.ProtoReflect.Descriptor instead.
+func (*CloseStudyResponse) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *CloseStudyResponse) GetSubmissions() uint64 {
+	if x != nil {
+		return x.Submissions
+	}
+	return 0
+}
+
+func (x *CloseStudyResponse) GetOwners() uint32 {
+	if x != nil {
+		return x.Owners
+	}
+	return 0
+}
+
 type GetResultRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	StudyId       string                 `protobuf:"bytes,1,opt,name=study_id,json=studyId,proto3" json:"study_id,omitempty"`
@@ -464,7 +775,7 @@ type GetResultRequest struct {
 
 func (x *GetResultRequest) Reset() {
 	*x = GetResultRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[7]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -476,7 +787,7 @@ func (x *GetResultRequest) String() string {
 func (*GetResultRequest) ProtoMessage() {}
 
 func (x *GetResultRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[7]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -489,7 +800,7 @@ func (x *GetResultRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResultRequest.ProtoReflect.Descriptor instead.
 func (*GetResultRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{7}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetResultRequest) GetStudyId() string {
@@ -515,14 +826,16 @@ type GetResultResponse struct {
 	// second moment minus the product of means, computed by the analyst after decryption.
 	SecondMoment *v1.EncryptedVector `protobuf:"bytes,6,opt,name=second_moment,json=secondMoment,proto3" json:"second_moment,omitempty"`
 	// Encrypted sum of the histograms (as SubmitRequest.histogram), if the study has one.
-	Histogram     *v1.EncryptedVector `protobuf:"bytes,7,opt,name=histogram,proto3" json:"histogram,omitempty"`
+	Histogram *v1.EncryptedVector `protobuf:"bytes,7,opt,name=histogram,proto3" json:"histogram,omitempty"`
+	// Sequence number of this release (1 for the first).
+	Release       uint64 `protobuf:"varint,8,opt,name=release,proto3" json:"release,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetResultResponse) Reset() {
 	*x = GetResultResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[8]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -534,7 +847,7 @@ func (x *GetResultResponse) String() string {
 func (*GetResultResponse) ProtoMessage() {}
 
 func (x *GetResultResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[8]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -547,7 +860,7 @@ func (x *GetResultResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResultResponse.ProtoReflect.Descriptor instead.
 func (*GetResultResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{8}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetResultResponse) GetSubmissions() uint64 {
@@ -599,20 +912,30 @@ func (x *GetResultResponse) GetHistogram() *v1.EncryptedVector {
 	return nil
 }
 
+func (x *GetResultResponse) GetRelease() uint64 {
+	if x != nil {
+		return x.Release
+	}
+	return 0
+}
+
 // StoredSubmission is how the service keeps a counted submission on disk, one file
 // each, so that a restarted service rebuilds its sums. It never travels on the wire.
 type StoredSubmission struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// SPIFFE ID of the owner who submitted.
-	Owner         string         `protobuf:"bytes,1,opt,name=owner,proto3" json:"owner,omitempty"`
-	Request       *SubmitRequest `protobuf:"bytes,2,opt,name=request,proto3" json:"request,omitempty"`
+	Owner   string         `protobuf:"bytes,1,opt,name=owner,proto3" json:"owner,omitempty"`
+	Request *SubmitRequest `protobuf:"bytes,2,opt,name=request,proto3" json:"request,omitempty"`
+	// A lifecycle event instead of a submission (owner and request empty).
+	Closed        *StudyClosed   `protobuf:"bytes,3,opt,name=closed,proto3" json:"closed,omitempty"`
+	Released      *StudyReleased `protobuf:"bytes,4,opt,name=released,proto3" json:"released,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StoredSubmission) Reset() {
 	*x = StoredSubmission{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[9]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -624,7 +947,7 @@ func (x *StoredSubmission) String() string {
 func (*StoredSubmission) ProtoMessage() {}
 
 func (x *StoredSubmission) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[9]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -637,7 +960,7 @@ func (x *StoredSubmission) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredSubmission.ProtoReflect.Descriptor instead.
 func (*StoredSubmission) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{9}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *StoredSubmission) GetOwner() string {
@@ -654,11 +977,146 @@ func (x *StoredSubmission) GetRequest() *SubmitRequest {
 	return nil
 }
 
+func (x *StoredSubmission) GetClosed() *StudyClosed {
+	if x != nil {
+		return x.Closed
+	}
+	return nil
+}
+
+func (x *StoredSubmission) GetReleased() *StudyReleased {
+	if x != nil {
+		return x.Released
+	}
+	return nil
+}
+
+// StudyClosed is stored once per study: the submissions it counts, by record name.
+type StudyClosed struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Included      []string               `protobuf:"bytes,1,rep,name=included,proto3" json:"included,omitempty"`
+	UnixSeconds   int64                  `protobuf:"varint,2,opt,name=unix_seconds,json=unixSeconds,proto3" json:"unix_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StudyClosed) Reset() {
+	*x = StudyClosed{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StudyClosed) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StudyClosed) ProtoMessage() {}
+
+func (x *StudyClosed) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StudyClosed.ProtoReflect.Descriptor instead.
+func (*StudyClosed) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *StudyClosed) GetIncluded() []string {
+	if x != nil {
+		return x.Included
+	}
+	return nil
+}
+
+func (x *StudyClosed) GetUnixSeconds() int64 {
+	if x != nil {
+		return x.UnixSeconds
+	}
+	return 0
+}
+
+// StudyReleased is stored for every result returned.
+type StudyReleased struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sequence      uint64                 `protobuf:"varint,1,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	Reader        string                 `protobuf:"bytes,2,opt,name=reader,proto3" json:"reader,omitempty"`
+	UnixSeconds   int64                  `protobuf:"varint,3,opt,name=unix_seconds,json=unixSeconds,proto3" json:"unix_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StudyReleased) Reset() {
+	*x = StudyReleased{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StudyReleased) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StudyReleased) ProtoMessage() {}
+
+func (x *StudyReleased) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StudyReleased.ProtoReflect.Descriptor instead.
+func (*StudyReleased) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *StudyReleased) GetSequence() uint64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *StudyReleased) GetReader() string {
+	if x != nil {
+		return x.Reader
+	}
+	return ""
+}
+
+func (x *StudyReleased) GetUnixSeconds() int64 {
+	if x != nil {
+		return x.UnixSeconds
+	}
+	return 0
+}
+
 var File_veil_analytics_v1_analytics_proto protoreflect.FileDescriptor
 
 const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\n" +
-	"!veil/analytics/v1/analytics.proto\x12\x11veil.analytics.v1\x1a\x1bbuf/validate/validate.proto\x1a\x13veil/he/v1/he.proto\"\xdd\x02\n" +
+	"!veil/analytics/v1/analytics.proto\x12\x11veil.analytics.v1\x1a\x1bbuf/validate/validate.proto\x1a\x13veil/he/v1/he.proto\"=\n" +
+	"\x05Range\x12\x19\n" +
+	"\x03min\x18\x01 \x01(\x01B\a\xbaH\x04\x12\x02@\x01R\x03min\x12\x19\n" +
+	"\x03max\x18\x02 \x01(\x01B\a\xbaH\x04\x12\x02@\x01R\x03max\"h\n" +
+	"\x10AnalystSignature\x12*\n" +
+	"\x05chain\x18\x01 \x03(\fB\x14\xbaH\x11\x92\x01\x0e\b\x01\x10\b\"\bz\x06\x10\x01\x18\x80\x80\x01R\x05chain\x12(\n" +
+	"\tsignature\x18\x02 \x01(\fB\n" +
+	"\xbaH\az\x05\x10\x01\x18\x80\bR\tsignature\"\x93\x05\n" +
 	"\x05Study\x12;\n" +
 	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\x12\x18\n" +
 	"\aanalyst\x18\x02 \x01(\tR\aanalyst\x12:\n" +
@@ -669,7 +1127,15 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"covariance\x12<\n" +
 	"\n" +
 	"public_key\x18\x06 \x01(\v2\x15.veil.he.v1.PublicKeyB\x06\xbaH\x03\xc8\x01\x01R\tpublicKey\x128\n" +
-	"\x0fhistogram_edges\x18\a \x03(\x01B\x0f\xbaH\f\x92\x01\t\x10\x81\x02\"\x04\x12\x02@\x01R\x0ehistogramEdges\"L\n" +
+	"\x0fhistogram_edges\x18\a \x03(\x01B\x0f\xbaH\f\x92\x01\t\x10\x81\x02\"\x04\x12\x02@\x01R\x0ehistogramEdges\x12*\n" +
+	"\n" +
+	"min_owners\x18\b \x01(\rB\v\xbaH\b*\x068\x01\x18\xa0\x8d\x06R\tminOwners\x12C\n" +
+	"\x19max_submissions_per_owner\x18\t \x01(\rB\b\xbaH\x05*\x03\x18\xe8\aR\x16maxSubmissionsPerOwner\x12<\n" +
+	"\x06ranges\x18\n" +
+	" \x03(\v2\x18.veil.analytics.v1.RangeB\n" +
+	"\xbaH\a\x92\x01\x04\x10\x80\x80\x02R\x06ranges\x12P\n" +
+	"\x11analyst_signature\x18\v \x01(\v2#.veil.analytics.v1.AnalystSignatureR\x10analystSignature\x123\n" +
+	"\x05state\x18\f \x01(\x0e2\x1d.veil.analytics.v1.StudyStateR\x05state\"L\n" +
 	"\x12CreateStudyRequest\x126\n" +
 	"\x05study\x18\x01 \x01(\v2\x18.veil.analytics.v1.StudyB\x06\xbaH\x03\xc8\x01\x01R\x05study\"E\n" +
 	"\x13CreateStudyResponse\x12.\n" +
@@ -688,9 +1154,14 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\thistogram\x18\x06 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\thistogram\"P\n" +
 	"\x0eSubmitResponse\x12\x1c\n" +
 	"\tduplicate\x18\x01 \x01(\bR\tduplicate\x12 \n" +
-	"\vsubmissions\x18\x02 \x01(\x04R\vsubmissions\"O\n" +
+	"\vsubmissions\x18\x02 \x01(\x04R\vsubmissions\"P\n" +
+	"\x11CloseStudyRequest\x12;\n" +
+	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\"N\n" +
+	"\x12CloseStudyResponse\x12 \n" +
+	"\vsubmissions\x18\x01 \x01(\x04R\vsubmissions\x12\x16\n" +
+	"\x06owners\x18\x02 \x01(\rR\x06owners\"O\n" +
 	"\x10GetResultRequest\x12;\n" +
-	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\"\xe8\x02\n" +
+	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\"\x82\x03\n" +
 	"\x11GetResultResponse\x12 \n" +
 	"\vsubmissions\x18\x01 \x01(\x04R\vsubmissions\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\x04R\x05count\x12-\n" +
@@ -698,15 +1169,33 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\fsum_products\x18\x04 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\vsumProducts\x12/\n" +
 	"\x04mean\x18\x05 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\x04mean\x12@\n" +
 	"\rsecond_moment\x18\x06 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\fsecondMoment\x129\n" +
-	"\thistogram\x18\a \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\thistogram\"d\n" +
+	"\thistogram\x18\a \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\thistogram\x12\x18\n" +
+	"\arelease\x18\b \x01(\x04R\arelease\"\xda\x01\n" +
 	"\x10StoredSubmission\x12\x14\n" +
 	"\x05owner\x18\x01 \x01(\tR\x05owner\x12:\n" +
-	"\arequest\x18\x02 \x01(\v2 .veil.analytics.v1.SubmitRequestR\arequest2\xfb\x02\n" +
+	"\arequest\x18\x02 \x01(\v2 .veil.analytics.v1.SubmitRequestR\arequest\x126\n" +
+	"\x06closed\x18\x03 \x01(\v2\x1e.veil.analytics.v1.StudyClosedR\x06closed\x12<\n" +
+	"\breleased\x18\x04 \x01(\v2 .veil.analytics.v1.StudyReleasedR\breleased\"L\n" +
+	"\vStudyClosed\x12\x1a\n" +
+	"\bincluded\x18\x01 \x03(\tR\bincluded\x12!\n" +
+	"\funix_seconds\x18\x02 \x01(\x03R\vunixSeconds\"f\n" +
+	"\rStudyReleased\x12\x1a\n" +
+	"\bsequence\x18\x01 \x01(\x04R\bsequence\x12\x16\n" +
+	"\x06reader\x18\x02 \x01(\tR\x06reader\x12!\n" +
+	"\funix_seconds\x18\x03 \x01(\x03R\vunixSeconds*q\n" +
+	"\n" +
+	"StudyState\x12\x1b\n" +
+	"\x17STUDY_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10STUDY_STATE_OPEN\x10\x01\x12\x16\n" +
+	"\x12STUDY_STATE_CLOSED\x10\x02\x12\x18\n" +
+	"\x14STUDY_STATE_RELEASED\x10\x032\xd6\x03\n" +
 	"\x10AnalyticsService\x12\\\n" +
 	"\vCreateStudy\x12%.veil.analytics.v1.CreateStudyRequest\x1a&.veil.analytics.v1.CreateStudyResponse\x12X\n" +
 	"\bGetStudy\x12\".veil.analytics.v1.GetStudyRequest\x1a#.veil.analytics.v1.GetStudyResponse\"\x03\x90\x02\x01\x12R\n" +
-	"\x06Submit\x12 .veil.analytics.v1.SubmitRequest\x1a!.veil.analytics.v1.SubmitResponse\"\x03\x90\x02\x02\x12[\n" +
-	"\tGetResult\x12#.veil.analytics.v1.GetResultRequest\x1a$.veil.analytics.v1.GetResultResponse\"\x03\x90\x02\x01B;Z9github.com/veilrpc/veil/gen/veil/analytics/v1;analyticsv1b\x06proto3"
+	"\x06Submit\x12 .veil.analytics.v1.SubmitRequest\x1a!.veil.analytics.v1.SubmitResponse\"\x03\x90\x02\x02\x12^\n" +
+	"\n" +
+	"CloseStudy\x12$.veil.analytics.v1.CloseStudyRequest\x1a%.veil.analytics.v1.CloseStudyResponse\"\x03\x90\x02\x02\x12V\n" +
+	"\tGetResult\x12#.veil.analytics.v1.GetResultRequest\x1a$.veil.analytics.v1.GetResultResponseB;Z9github.com/veilrpc/veil/gen/veil/analytics/v1;analyticsv1b\x06proto3"
 
 var (
 	file_veil_analytics_v1_analytics_proto_rawDescOnce sync.Once
@@ -720,48 +1209,63 @@ func file_veil_analytics_v1_analytics_proto_rawDescGZIP() []byte {
 	return file_veil_analytics_v1_analytics_proto_rawDescData
 }
 
-var file_veil_analytics_v1_analytics_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_veil_analytics_v1_analytics_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_veil_analytics_v1_analytics_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_veil_analytics_v1_analytics_proto_goTypes = []any{
-	(*Study)(nil),               // 0: veil.analytics.v1.Study
-	(*CreateStudyRequest)(nil),  // 1: veil.analytics.v1.CreateStudyRequest
-	(*CreateStudyResponse)(nil), // 2: veil.analytics.v1.CreateStudyResponse
-	(*GetStudyRequest)(nil),     // 3: veil.analytics.v1.GetStudyRequest
-	(*GetStudyResponse)(nil),    // 4: veil.analytics.v1.GetStudyResponse
-	(*SubmitRequest)(nil),       // 5: veil.analytics.v1.SubmitRequest
-	(*SubmitResponse)(nil),      // 6: veil.analytics.v1.SubmitResponse
-	(*GetResultRequest)(nil),    // 7: veil.analytics.v1.GetResultRequest
-	(*GetResultResponse)(nil),   // 8: veil.analytics.v1.GetResultResponse
-	(*StoredSubmission)(nil),    // 9: veil.analytics.v1.StoredSubmission
-	(*v1.PublicKey)(nil),        // 10: veil.he.v1.PublicKey
-	(*v1.EncryptedVector)(nil),  // 11: veil.he.v1.EncryptedVector
+	(StudyState)(0),             // 0: veil.analytics.v1.StudyState
+	(*Range)(nil),               // 1: veil.analytics.v1.Range
+	(*AnalystSignature)(nil),    // 2: veil.analytics.v1.AnalystSignature
+	(*Study)(nil),               // 3: veil.analytics.v1.Study
+	(*CreateStudyRequest)(nil),  // 4: veil.analytics.v1.CreateStudyRequest
+	(*CreateStudyResponse)(nil), // 5: veil.analytics.v1.CreateStudyResponse
+	(*GetStudyRequest)(nil),     // 6: veil.analytics.v1.GetStudyRequest
+	(*GetStudyResponse)(nil),    // 7: veil.analytics.v1.GetStudyResponse
+	(*SubmitRequest)(nil),       // 8: veil.analytics.v1.SubmitRequest
+	(*SubmitResponse)(nil),      // 9: veil.analytics.v1.SubmitResponse
+	(*CloseStudyRequest)(nil),   // 10: veil.analytics.v1.CloseStudyRequest
+	(*CloseStudyResponse)(nil),  // 11: veil.analytics.v1.CloseStudyResponse
+	(*GetResultRequest)(nil),    // 12: veil.analytics.v1.GetResultRequest
+	(*GetResultResponse)(nil),   // 13: veil.analytics.v1.GetResultResponse
+	(*StoredSubmission)(nil),    // 14: veil.analytics.v1.StoredSubmission
+	(*StudyClosed)(nil),         // 15: veil.analytics.v1.StudyClosed
+	(*StudyReleased)(nil),       // 16: veil.analytics.v1.StudyReleased
+	(*v1.PublicKey)(nil),        // 17: veil.he.v1.PublicKey
+	(*v1.EncryptedVector)(nil),  // 18: veil.he.v1.EncryptedVector
 }
 var file_veil_analytics_v1_analytics_proto_depIdxs = []int32{
-	10, // 0: veil.analytics.v1.Study.public_key:type_name -> veil.he.v1.PublicKey
-	0,  // 1: veil.analytics.v1.CreateStudyRequest.study:type_name -> veil.analytics.v1.Study
-	0,  // 2: veil.analytics.v1.CreateStudyResponse.study:type_name -> veil.analytics.v1.Study
-	0,  // 3: veil.analytics.v1.GetStudyResponse.study:type_name -> veil.analytics.v1.Study
-	11, // 4: veil.analytics.v1.SubmitRequest.sums:type_name -> veil.he.v1.EncryptedVector
-	11, // 5: veil.analytics.v1.SubmitRequest.products:type_name -> veil.he.v1.EncryptedVector
-	11, // 6: veil.analytics.v1.SubmitRequest.histogram:type_name -> veil.he.v1.EncryptedVector
-	11, // 7: veil.analytics.v1.GetResultResponse.sum:type_name -> veil.he.v1.EncryptedVector
-	11, // 8: veil.analytics.v1.GetResultResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
-	11, // 9: veil.analytics.v1.GetResultResponse.mean:type_name -> veil.he.v1.EncryptedVector
-	11, // 10: veil.analytics.v1.GetResultResponse.second_moment:type_name -> veil.he.v1.EncryptedVector
-	11, // 11: veil.analytics.v1.GetResultResponse.histogram:type_name -> veil.he.v1.EncryptedVector
-	5,  // 12: veil.analytics.v1.StoredSubmission.request:type_name -> veil.analytics.v1.SubmitRequest
-	1,  // 13: veil.analytics.v1.AnalyticsService.CreateStudy:input_type -> veil.analytics.v1.CreateStudyRequest
-	3,  // 14: veil.analytics.v1.AnalyticsService.GetStudy:input_type -> veil.analytics.v1.GetStudyRequest
-	5,  // 15: veil.analytics.v1.AnalyticsService.Submit:input_type -> veil.analytics.v1.SubmitRequest
-	7,  // 16: veil.analytics.v1.AnalyticsService.GetResult:input_type -> veil.analytics.v1.GetResultRequest
-	2,  // 17: veil.analytics.v1.AnalyticsService.CreateStudy:output_type -> veil.analytics.v1.CreateStudyResponse
-	4,  // 18: veil.analytics.v1.AnalyticsService.GetStudy:output_type -> veil.analytics.v1.GetStudyResponse
-	6,  // 19: veil.analytics.v1.AnalyticsService.Submit:output_type -> veil.analytics.v1.SubmitResponse
-	8,  // 20: veil.analytics.v1.AnalyticsService.GetResult:output_type -> veil.analytics.v1.GetResultResponse
-	17, // [17:21] is the sub-list for method output_type
-	13, // [13:17] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	17, // 0: veil.analytics.v1.Study.public_key:type_name -> veil.he.v1.PublicKey
+	1,  // 1: veil.analytics.v1.Study.ranges:type_name -> veil.analytics.v1.Range
+	2,  // 2: veil.analytics.v1.Study.analyst_signature:type_name -> veil.analytics.v1.AnalystSignature
+	0,  // 3: veil.analytics.v1.Study.state:type_name -> veil.analytics.v1.StudyState
+	3,  // 4: veil.analytics.v1.CreateStudyRequest.study:type_name -> veil.analytics.v1.Study
+	3,  // 5: veil.analytics.v1.CreateStudyResponse.study:type_name -> veil.analytics.v1.Study
+	3,  // 6: veil.analytics.v1.GetStudyResponse.study:type_name -> veil.analytics.v1.Study
+	18, // 7: veil.analytics.v1.SubmitRequest.sums:type_name -> veil.he.v1.EncryptedVector
+	18, // 8: veil.analytics.v1.SubmitRequest.products:type_name -> veil.he.v1.EncryptedVector
+	18, // 9: veil.analytics.v1.SubmitRequest.histogram:type_name -> veil.he.v1.EncryptedVector
+	18, // 10: veil.analytics.v1.GetResultResponse.sum:type_name -> veil.he.v1.EncryptedVector
+	18, // 11: veil.analytics.v1.GetResultResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
+	18, // 12: veil.analytics.v1.GetResultResponse.mean:type_name -> veil.he.v1.EncryptedVector
+	18, // 13: veil.analytics.v1.GetResultResponse.second_moment:type_name -> veil.he.v1.EncryptedVector
+	18, // 14: veil.analytics.v1.GetResultResponse.histogram:type_name -> veil.he.v1.EncryptedVector
+	8,  // 15: veil.analytics.v1.StoredSubmission.request:type_name -> veil.analytics.v1.SubmitRequest
+	15, // 16: veil.analytics.v1.StoredSubmission.closed:type_name -> veil.analytics.v1.StudyClosed
+	16, // 17: veil.analytics.v1.StoredSubmission.released:type_name -> veil.analytics.v1.StudyReleased
+	4,  // 18: veil.analytics.v1.AnalyticsService.CreateStudy:input_type -> veil.analytics.v1.CreateStudyRequest
+	6,  // 19: veil.analytics.v1.AnalyticsService.GetStudy:input_type -> veil.analytics.v1.GetStudyRequest
+	8,  // 20: veil.analytics.v1.AnalyticsService.Submit:input_type -> veil.analytics.v1.SubmitRequest
+	10, // 21: veil.analytics.v1.AnalyticsService.CloseStudy:input_type -> veil.analytics.v1.CloseStudyRequest
+	12, // 22: veil.analytics.v1.AnalyticsService.GetResult:input_type -> veil.analytics.v1.GetResultRequest
+	5,  // 23: veil.analytics.v1.AnalyticsService.CreateStudy:output_type -> veil.analytics.v1.CreateStudyResponse
+	7,  // 24: veil.analytics.v1.AnalyticsService.GetStudy:output_type -> veil.analytics.v1.GetStudyResponse
+	9,  // 25: veil.analytics.v1.AnalyticsService.Submit:output_type -> veil.analytics.v1.SubmitResponse
+	11, // 26: veil.analytics.v1.AnalyticsService.CloseStudy:output_type -> veil.analytics.v1.CloseStudyResponse
+	13, // 27: veil.analytics.v1.AnalyticsService.GetResult:output_type -> veil.analytics.v1.GetResultResponse
+	23, // [23:28] is the sub-list for method output_type
+	18, // [18:23] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_veil_analytics_v1_analytics_proto_init() }
@@ -774,13 +1278,14 @@ func file_veil_analytics_v1_analytics_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_veil_analytics_v1_analytics_proto_rawDesc), len(file_veil_analytics_v1_analytics_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   10,
+			NumEnums:      1,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_veil_analytics_v1_analytics_proto_goTypes,
 		DependencyIndexes: file_veil_analytics_v1_analytics_proto_depIdxs,
+		EnumInfos:         file_veil_analytics_v1_analytics_proto_enumTypes,
 		MessageInfos:      file_veil_analytics_v1_analytics_proto_msgTypes,
 	}.Build()
 	File_veil_analytics_v1_analytics_proto = out.File

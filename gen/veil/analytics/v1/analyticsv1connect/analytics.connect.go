@@ -45,6 +45,9 @@ const (
 	AnalyticsServiceGetStudyProcedure = "/veil.analytics.v1.AnalyticsService/GetStudy"
 	// AnalyticsServiceSubmitProcedure is the fully-qualified name of the AnalyticsService's Submit RPC.
 	AnalyticsServiceSubmitProcedure = "/veil.analytics.v1.AnalyticsService/Submit"
+	// AnalyticsServiceCloseStudyProcedure is the fully-qualified name of the AnalyticsService's
+	// CloseStudy RPC.
+	AnalyticsServiceCloseStudyProcedure = "/veil.analytics.v1.AnalyticsService/CloseStudy"
 	// AnalyticsServiceGetResultProcedure is the fully-qualified name of the AnalyticsService's
 	// GetResult RPC.
 	AnalyticsServiceGetResultProcedure = "/veil.analytics.v1.AnalyticsService/GetResult"
@@ -59,7 +62,12 @@ type AnalyticsServiceClient interface {
 	// Submit adds one owner's encrypted contribution. Retrying with the same
 	// idempotency key is counted once.
 	Submit(context.Context, *connect.Request[v1.SubmitRequest]) (*connect.Response[v1.SubmitResponse], error)
-	// GetResult returns the encrypted aggregate, to the study's analyst only.
+	// CloseStudy ends a study's submissions, to its analyst only. It fails with
+	// failed_precondition unless submissions from at least min_owners distinct owners
+	// are counted. Closing a closed study answers what the first close fixed.
+	CloseStudy(context.Context, *connect.Request[v1.CloseStudyRequest]) (*connect.Response[v1.CloseStudyResponse], error)
+	// GetResult returns the encrypted aggregate of a closed study, to its analyst only.
+	// Every answer is recorded as a release (the first moves the study to released).
 	GetResult(context.Context, *connect.Request[v1.GetResultRequest]) (*connect.Response[v1.GetResultResponse], error)
 }
 
@@ -94,11 +102,17 @@ func NewAnalyticsServiceClient(httpClient connect.HTTPClient, baseURL string, op
 			connect.WithIdempotency(connect.IdempotencyIdempotent),
 			connect.WithClientOptions(opts...),
 		),
+		closeStudy: connect.NewClient[v1.CloseStudyRequest, v1.CloseStudyResponse](
+			httpClient,
+			baseURL+AnalyticsServiceCloseStudyProcedure,
+			connect.WithSchema(analyticsServiceMethods.ByName("CloseStudy")),
+			connect.WithIdempotency(connect.IdempotencyIdempotent),
+			connect.WithClientOptions(opts...),
+		),
 		getResult: connect.NewClient[v1.GetResultRequest, v1.GetResultResponse](
 			httpClient,
 			baseURL+AnalyticsServiceGetResultProcedure,
 			connect.WithSchema(analyticsServiceMethods.ByName("GetResult")),
-			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 			connect.WithClientOptions(opts...),
 		),
 	}
@@ -109,6 +123,7 @@ type analyticsServiceClient struct {
 	createStudy *connect.Client[v1.CreateStudyRequest, v1.CreateStudyResponse]
 	getStudy    *connect.Client[v1.GetStudyRequest, v1.GetStudyResponse]
 	submit      *connect.Client[v1.SubmitRequest, v1.SubmitResponse]
+	closeStudy  *connect.Client[v1.CloseStudyRequest, v1.CloseStudyResponse]
 	getResult   *connect.Client[v1.GetResultRequest, v1.GetResultResponse]
 }
 
@@ -127,6 +142,11 @@ func (c *analyticsServiceClient) Submit(ctx context.Context, req *connect.Reques
 	return c.submit.CallUnary(ctx, req)
 }
 
+// CloseStudy calls veil.analytics.v1.AnalyticsService.CloseStudy.
+func (c *analyticsServiceClient) CloseStudy(ctx context.Context, req *connect.Request[v1.CloseStudyRequest]) (*connect.Response[v1.CloseStudyResponse], error) {
+	return c.closeStudy.CallUnary(ctx, req)
+}
+
 // GetResult calls veil.analytics.v1.AnalyticsService.GetResult.
 func (c *analyticsServiceClient) GetResult(ctx context.Context, req *connect.Request[v1.GetResultRequest]) (*connect.Response[v1.GetResultResponse], error) {
 	return c.getResult.CallUnary(ctx, req)
@@ -141,7 +161,12 @@ type AnalyticsServiceHandler interface {
 	// Submit adds one owner's encrypted contribution. Retrying with the same
 	// idempotency key is counted once.
 	Submit(context.Context, *connect.Request[v1.SubmitRequest]) (*connect.Response[v1.SubmitResponse], error)
-	// GetResult returns the encrypted aggregate, to the study's analyst only.
+	// CloseStudy ends a study's submissions, to its analyst only. It fails with
+	// failed_precondition unless submissions from at least min_owners distinct owners
+	// are counted. Closing a closed study answers what the first close fixed.
+	CloseStudy(context.Context, *connect.Request[v1.CloseStudyRequest]) (*connect.Response[v1.CloseStudyResponse], error)
+	// GetResult returns the encrypted aggregate of a closed study, to its analyst only.
+	// Every answer is recorded as a release (the first moves the study to released).
 	GetResult(context.Context, *connect.Request[v1.GetResultRequest]) (*connect.Response[v1.GetResultResponse], error)
 }
 
@@ -172,11 +197,17 @@ func NewAnalyticsServiceHandler(svc AnalyticsServiceHandler, opts ...connect.Han
 		connect.WithIdempotency(connect.IdempotencyIdempotent),
 		connect.WithHandlerOptions(opts...),
 	)
+	analyticsServiceCloseStudyHandler := connect.NewUnaryHandler(
+		AnalyticsServiceCloseStudyProcedure,
+		svc.CloseStudy,
+		connect.WithSchema(analyticsServiceMethods.ByName("CloseStudy")),
+		connect.WithIdempotency(connect.IdempotencyIdempotent),
+		connect.WithHandlerOptions(opts...),
+	)
 	analyticsServiceGetResultHandler := connect.NewUnaryHandler(
 		AnalyticsServiceGetResultProcedure,
 		svc.GetResult,
 		connect.WithSchema(analyticsServiceMethods.ByName("GetResult")),
-		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
 		connect.WithHandlerOptions(opts...),
 	)
 	return "/veil.analytics.v1.AnalyticsService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -187,6 +218,8 @@ func NewAnalyticsServiceHandler(svc AnalyticsServiceHandler, opts ...connect.Han
 			analyticsServiceGetStudyHandler.ServeHTTP(w, r)
 		case AnalyticsServiceSubmitProcedure:
 			analyticsServiceSubmitHandler.ServeHTTP(w, r)
+		case AnalyticsServiceCloseStudyProcedure:
+			analyticsServiceCloseStudyHandler.ServeHTTP(w, r)
 		case AnalyticsServiceGetResultProcedure:
 			analyticsServiceGetResultHandler.ServeHTTP(w, r)
 		default:
@@ -208,6 +241,10 @@ func (UnimplementedAnalyticsServiceHandler) GetStudy(context.Context, *connect.R
 
 func (UnimplementedAnalyticsServiceHandler) Submit(context.Context, *connect.Request[v1.SubmitRequest]) (*connect.Response[v1.SubmitResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("veil.analytics.v1.AnalyticsService.Submit is not implemented"))
+}
+
+func (UnimplementedAnalyticsServiceHandler) CloseStudy(context.Context, *connect.Request[v1.CloseStudyRequest]) (*connect.Response[v1.CloseStudyResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("veil.analytics.v1.AnalyticsService.CloseStudy is not implemented"))
 }
 
 func (UnimplementedAnalyticsServiceHandler) GetResult(context.Context, *connect.Request[v1.GetResultRequest]) (*connect.Response[v1.GetResultResponse], error) {

@@ -1,0 +1,312 @@
+package he
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"connectrpc.com/connect"
+)
+
+// committeeSetup runs the key generation of a committee of n members, threshold t,
+// bound to context: public-key shares aggregated, Shamir shares exchanged.
+func committeeSetup(t *testing.T, context string, n, thr int) (*Committee, []*Member, *PublicKey) {
+	t.Helper()
+	c, err := NewCommittee(ParamsN13(), []byte(context), n, thr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	members := make([]*Member, n)
+	var shares []*PublicKeyShare
+	for i := range members {
+		if members[i], err = c.NewMember(i + 1); err != nil {
+			t.Fatal(err)
+		}
+		// Through the wire encoding, as the server receives it.
+		b, err := members[i].PublicKeyShare().MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := c.UnmarshalPublicKeyShare(i+1, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		shares = append(shares, s)
+	}
+	pk, err := c.PublicKey(shares)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if thr < n {
+		for _, from := range members {
+			for _, to := range members {
+				s, err := from.ShamirShareFor(to.Index())
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := to.AddShamirShare(s); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	return c, members, pk
+}
+
+func release(t *testing.T, c *Committee, members []*Member, active []int, reader *Client, v *Vector, sigma float64) (*Vector, error) {
+	t.Helper()
+	var shares []*ReleaseShare
+	for _, i := range active {
+		s, err := members[i-1].ReleaseShare(active, reader.PublicKey(), v, sigma)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := s.MarshalBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s, err = c.UnmarshalReleaseShare(i, active, v, b); err != nil {
+			t.Fatal(err)
+		}
+		shares = append(shares, s)
+	}
+	return c.Release(v, shares)
+}
+
+// Three members, threshold 2: the collective key encrypts like a single key (within
+// CKKS precision), any two members release to the reader, one member alone gets
+// nothing, and shares bound to another context do not combine.
+func TestCommitteeThreshold(t *testing.T) {
+	c, members, pk := committeeSetup(t, "study-a", 3, 2)
+	reader, err := NewClient(ParamsN13())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(11, 12))
+	want := randValues(r, 100)
+	enc, err := NewEncryptor(pk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := enc.Encrypt(want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same values under one key, for comparison.
+	single, err := NewClient(ParamsN13())
+	if err != nil {
+		t.Fatal(err)
+	}
+	singleEnc, _ := NewEncryptor(single.PublicKey())
+	sv, err := singleEnc.Encrypt(want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	singleGot, err := single.Decrypt(sv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	singleErr := maxErr(t, singleGot, want)
+
+	// Small smudging first: the collective key matches the single key's precision.
+	for _, active := range [][]int{{1, 3}, {2, 3}, {1, 2}} {
+		out, err := release(t, c, members, active, reader, v, 1<<10)
+		if err != nil {
+			t.Fatalf("release by %v: %v", active, err)
+		}
+		got, err := reader.Decrypt(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e := maxErr(t, got, want)
+		t.Logf("members %v: max error %.3g (single key %.3g)", active, e, singleErr)
+		if e > 1e-6 {
+			t.Errorf("members %v: error %g", active, e)
+		}
+	}
+	// Smudging sized for 30 bits against one release of a fresh encryption.
+	sigma := FloodingSigma(FreshNoiseBound(ParamsN13()), 30, 1)
+	out, err := release(t, c, members, []int{1, 3}, reader, v, sigma)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := reader.Decrypt(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bound := 2 * 8 * sigma * math.Sqrt(float64(ParamsN13().N())) / ParamsN13().DefaultScale()
+	e := maxErr(t, got, want)
+	t.Logf("sized smudging sigma 2^%.1f: max error %.3g (bound %.3g)", math.Log2(sigma), e, bound)
+	if e > bound {
+		t.Errorf("sized smudging error %g above %g", e, bound)
+	}
+	// One member alone: refused, and its share is not a decryption.
+	s1, err := members[0].ReleaseShare([]int{1, 2}, reader.PublicKey(), v, 1<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Release(v, []*ReleaseShare{s1}); CodeOf(err) != connect.CodeFailedPrecondition {
+		t.Errorf("release with t-1 shares: %v", err)
+	}
+	if _, err := members[0].ReleaseShare([]int{1}, reader.PublicKey(), v, 1<<10); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("release share for a one-member set: %v", err)
+	}
+	// Two shares made for different active sets do not combine.
+	s3, err := members[2].ReleaseShare([]int{2, 3}, reader.PublicKey(), v, 1<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Release(v, []*ReleaseShare{s1, s3}); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("shares for different active sets: %v", err)
+	}
+	// The same member twice.
+	if _, err := c.Release(v, []*ReleaseShare{s1, s1}); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("one member's share twice: %v", err)
+	}
+
+	// A member of another study's committee (another context): its shares are made
+	// against another common reference polynomial; the key they form does not decrypt.
+	_, membersB, _ := committeeSetup(t, "study-b", 3, 2)
+	mixed := []*PublicKeyShare{members[0].PublicKeyShare(), members[1].PublicKeyShare(), membersB[2].PublicKeyShare()}
+	badPK, err := c.PublicKey(mixed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	badEnc, _ := NewEncryptor(badPK)
+	bv, err := badEnc.Encrypt(want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err = release(t, c, members, []int{1, 2}, reader, bv, 1<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err = reader.Decrypt(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := maxErr(t, got, want); e < 1 {
+		t.Errorf("a key mixing another study's share decrypted with error %g", e)
+	}
+	// Malformed and misattributed shares.
+	pkShare, _ := members[0].PublicKeyShare().MarshalBinary()
+	if _, err := c.UnmarshalPublicKeyShare(4, pkShare); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("share of member 4 in a committee of 3: %v", err)
+	}
+	if _, err := c.UnmarshalPublicKeyShare(1, pkShare[:len(pkShare)-1]); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("truncated share: %v", err)
+	}
+	if _, err := c.PublicKey(mixed[:2]); CodeOf(err) != connect.CodeFailedPrecondition {
+		t.Errorf("public key from 2 of 3 shares: %v", err)
+	}
+	if _, err := c.UnmarshalReleaseShare(1, []int{1, 2}, v, []byte{1, 2, 3}); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("garbage release share: %v", err)
+	}
+}
+
+// Untrusted committee shares never panic the decoder.
+func FuzzCommitteeShares(f *testing.F) {
+	c, err := NewCommittee(ParamsN13(), []byte("fuzz"), 3, 2)
+	if err != nil {
+		f.Fatal(err)
+	}
+	m, err := c.NewMember(1)
+	if err != nil {
+		f.Fatal(err)
+	}
+	good, _ := m.PublicKeyShare().MarshalBinary()
+	f.Add(good[:64], uint8(1))
+	f.Add([]byte{}, uint8(0))
+	client, err := NewClient(ParamsN13())
+	if err != nil {
+		f.Fatal(err)
+	}
+	v, err := client.Encrypt([]float64{1})
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, b []byte, member uint8) {
+		_, _ = c.UnmarshalPublicKeyShare(int(member), b)
+		_, _ = c.UnmarshalReleaseShare(int(member), []int{1, 2}, v, b)
+	})
+}
+
+// BenchmarkCommittee measures a committee of n members, threshold 2, at N13: per
+// member, its public-key share and its n Shamir shares (setup) and its release share
+// of one ciphertext; the server's aggregation of the public key and its combination of
+// the release; and the bytes a member sends.
+func BenchmarkCommittee(b *testing.B) {
+	for _, n := range []int{3, 5} {
+		c, err := NewCommittee(ParamsN13(), []byte("bench"), n, 2)
+		if err != nil {
+			b.Fatal(err)
+		}
+		members := make([]*Member, n)
+		var shares []*PublicKeyShare
+		for i := range members {
+			members[i], _ = c.NewMember(i + 1)
+			shares = append(shares, members[i].PublicKeyShare())
+		}
+		for _, from := range members {
+			for _, to := range members {
+				s, _ := from.ShamirShareFor(to.Index())
+				if err := to.AddShamirShare(s); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+		pk, err := c.PublicKey(shares)
+		if err != nil {
+			b.Fatal(err)
+		}
+		reader, _ := NewClient(ParamsN13())
+		enc, _ := NewEncryptor(pk)
+		v, _ := enc.Encrypt([]float64{1, 2, 3})
+		sigma := FloodingSigma(FreshNoiseBound(ParamsN13()), 30, 1)
+		pkBytes, _ := shares[0].MarshalBinary()
+		b.Run(fmt.Sprintf("n=%d/member-setup", n), func(b *testing.B) {
+			for b.Loop() {
+				members[0].PublicKeyShare()
+				for j := 1; j <= n; j++ {
+					if _, err := members[0].ShamirShareFor(j); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			b.ReportMetric(float64(len(pkBytes)), "pkshare-bytes")
+		})
+		b.Run(fmt.Sprintf("n=%d/server-public-key", n), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := c.PublicKey(shares); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		var rel []*ReleaseShare
+		b.Run(fmt.Sprintf("n=%d/member-release", n), func(b *testing.B) {
+			for b.Loop() {
+				rs, err := members[0].ReleaseShare([]int{1, 2}, reader.PublicKey(), v, sigma)
+				if err != nil {
+					b.Fatal(err)
+				}
+				rb, _ := rs.MarshalBinary()
+				b.ReportMetric(float64(len(rb)), "share-bytes")
+			}
+		})
+		for _, i := range []int{0, 1} {
+			rs, err := members[i].ReleaseShare([]int{1, 2}, reader.PublicKey(), v, sigma)
+			if err != nil {
+				b.Fatal(err)
+			}
+			rel = append(rel, rs)
+		}
+		b.Run(fmt.Sprintf("n=%d/server-combine", n), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := c.Release(v, rel); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
