@@ -4,11 +4,13 @@ import (
 	"context"
 	"net/http"
 	"net/url"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/veilrpc/veil/pqkex"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
@@ -69,5 +71,105 @@ func TestRedirectToAnotherService(t *testing.T) {
 	}
 	if n := ranOnB.Load(); n != 0 {
 		t.Fatalf("service B ran the call meant for A %d times", n)
+	}
+}
+
+// A client must name the server it expects (spec 4.2): without WithAuthorizer it refuses to
+// start unless told to accept any, and every session made that way is counted.
+func TestClientNeedsExpectedServer(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	if _, err := pqkex.NewClient(pqkex.WithIdentity(e.client), pqkex.WithRoots(e.ca.Roots())); err == nil {
+		t.Fatal("a client without an expected server identity started")
+	}
+	if _, err := pqkex.NewClient(pqkex.WithIdentity(e.client), pqkex.WithRoots(e.ca.Roots()), pqkex.WithAuthorizer(nil)); err == nil {
+		t.Fatal("a client with a nil authorizer started")
+	}
+	ts := e.startServer(t, echoMux())
+	reg := prometheus.NewRegistry()
+	c, err := pqkex.NewClient(pqkex.WithIdentity(e.client), pqkex.WithRoots(e.ca.Roots()), pqkex.WithClock(fixedClock),
+		pqkex.InsecureAcceptAnyServer(), pqkex.WithMetrics(reg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := e.transport(t, clientID)
+	if err := unaryCall(&http.Client{Transport: c.RoundTripper(base)}, ts.URL); err != nil {
+		t.Fatal(err)
+	}
+	if n := counter(t, reg, "veil_pqkex_insecure_sessions_total", map[string]string{"side": "client"}); n != 1 {
+		t.Fatalf("insecure sessions counted: %v, want 1", n)
+	}
+	// A round tripper's own expectation applies on top of the client's, to new and to
+	// existing sessions alike.
+	wrong := &http.Client{Transport: c.RoundTripper(base, pqkex.ExpectServer(pqkex.AuthorizeID(otherServiceID)))}
+	wantCode(t, unaryCall(wrong, ts.URL), connect.CodePermissionDenied)
+	c2, err := pqkex.NewClient(pqkex.WithIdentity(e.client), pqkex.WithRoots(e.ca.Roots()), pqkex.WithClock(fixedClock), pqkex.InsecureAcceptAnyServer())
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantCode(t, unaryCall(&http.Client{Transport: c2.RoundTripper(base, pqkex.ExpectServer(pqkex.AuthorizeID(otherServiceID)))}, ts.URL), connect.CodePermissionDenied)
+	right := &http.Client{Transport: c2.RoundTripper(base, pqkex.ExpectServer(pqkex.AuthorizeID(serverID)))}
+	if err := unaryCall(right, ts.URL); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Clients bind to the TLS channel by default (spec 4.2), and Peer.ChannelBound is true only
+// for calls on the connection the session was bound to (spec 7.3): the same session's ticket
+// on a new connection is served, and reported as not bound.
+func TestChannelBoundOnlyOnItsConnection(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	ts := e.startServer(t, peerReporter(echoMux()))
+	tr := e.transport(t, clientID)
+	reg := prometheus.NewRegistry()
+	hc, _ := e.httpClient(t, tr, pqkex.WithMetrics(reg))
+	bound := func() string {
+		t.Helper()
+		c := connect.NewClient[str, str](hc, ts.URL+procUnary)
+		resp, err := c.CallUnary(context.Background(), connect.NewRequest(strMsg("x")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.Header().Get("X-Bound")
+	}
+	if got := bound(); got != "true" {
+		t.Fatalf("first connection: X-Bound = %q, want true (binding is the default)", got)
+	}
+	tr.CloseIdleConnections()
+	if got := bound(); got != "" {
+		t.Fatalf("another connection: X-Bound = %q, want not bound", got)
+	}
+	if n := counter(t, reg, "veil_pqkex_handshakes_total", map[string]string{"side": "client", "result": "ok"}); n != 1 {
+		t.Fatalf("%v handshakes, want 1 (the session continues on the new connection)", n)
+	}
+}
+
+// In-stream rekeys from the client are sealed to the server's static key of the session's
+// handshake; after the server's credential rotates they still decapsulate (finding 6).
+func TestStreamRekeyAfterServerRotation(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	src := &rotatingIdentity{id: e.server}
+	policy := pqkex.WithRekeyPolicy(pqkex.RekeyPolicy{Stream: pqkex.StreamRekeyPolicy{Bytes: 200}})
+	reg := prometheus.NewRegistry()
+	ts := e.startServer(t, echoMux(), pqkex.WithIdentity(src), policy, pqkex.WithMetrics(reg))
+	hc, _ := e.httpClient(t, e.transport(t, clientID), policy)
+	if err := unaryCall(hc, ts.URL); err != nil {
+		t.Fatal(err)
+	}
+	src.rotate(t, e)
+	bs := connect.NewClient[str, str](hc, ts.URL+procBidi).CallBidiStream(context.Background())
+	for i := range 6 {
+		msg := strings.Repeat(string(rune('a'+i)), 100)
+		if err := bs.Send(strMsg(msg)); err != nil {
+			t.Fatal(err)
+		}
+		got, err := bs.Receive()
+		if err != nil || got.Value != "echo:"+msg {
+			t.Fatalf("message %d after the server's rotation: %v %v", i, got, err)
+		}
+	}
+	_ = bs.CloseRequest()
+	_ = bs.CloseResponse()
+	if n := counter(t, reg, "veil_pqkex_rekeys_total", map[string]string{"side": "server", "kind": "stream"}); n == 0 {
+		t.Fatal("the server made no stream rekey; the test did not exercise one")
 	}
 }

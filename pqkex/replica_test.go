@@ -90,7 +90,7 @@ func TestReplayToAnotherReplica(t *testing.T) {
 
 	open := func(body []byte) (string, error) {
 		h := suite.Hash()
-		keys, err := newCallKeys(h, aead, sessionKey(h, v.Session), v.CallID, v.Procedure)
+		keys, err := newCallKeys(h, aead, callRoot(h, v.Session, katServerID, katServerHash(v)), v.CallID, v.Procedure)
 		if err != nil {
 			return "", err
 		}

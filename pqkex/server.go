@@ -1,12 +1,15 @@
 package pqkex
 
 import (
+	"bytes"
+	"crypto/hmac"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"io"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -22,6 +25,7 @@ const sideServer = "server"
 // requests before connect-go handlers see them.
 type Server struct {
 	cfg     *config
+	ids     identityHistory
 	creds   credCache
 	replay  replayCache
 	tickets ticketCache
@@ -38,12 +42,13 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 	if cfg.identity == nil || !cfg.rootsSet {
 		return nil, errors.New("pqkex: server needs WithIdentity and WithRoots")
 	}
+	if cfg.ticketLifetime <= 0 {
+		return nil, errors.New("pqkex: ticket lifetime must be positive")
+	}
 	if cfg.tickets == nil {
-		k, err := GenerateTicketKey(0, nil)
-		if err != nil {
-			return nil, err
-		}
-		if cfg.tickets, err = NewTicketKeys(k); err != nil {
+		// Private to this server, rotated every ticket lifetime (spec 7.2).
+		var err error
+		if cfg.tickets, err = NewRotatingTicketKeys(cfg.ticketLifetime, cfg.now); err != nil {
 			return nil, err
 		}
 	}
@@ -111,9 +116,10 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 	if err != nil {
 		return nil, err
 	}
-	self, err := s.cfg.identity.GetIdentity()
-	if err != nil || self == nil {
-		return nil, errInternal
+	now := s.cfg.now()
+	self, err := s.self(now)
+	if err != nil {
+		return nil, err
 	}
 	if ch.serverDigest != self.cred.digest {
 		return nil, errServerKey
@@ -125,7 +131,6 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 		// Checked before the credential work so that the client's retry is cheap (spec 5.3).
 		return nil, errTLSNotPQ
 	}
-	now := s.cfg.now()
 	peer, err := s.creds.verify(s.cfg.roots, ch.credential, now)
 	if err != nil {
 		return nil, err
@@ -147,8 +152,9 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 		}
 	}
 	issue := func(sec handshakeSecrets) ([]byte, uint64, error) {
+		// A ticket never outlives its key (spec 7.2), nor either credential.
 		expiry := now.Add(s.cfg.ticketLifetime)
-		for _, t := range []time.Time{peer.notAfter, self.cred.notAfter} {
+		for _, t := range []time.Time{now.Add(s.cfg.tickets.Period()), peer.notAfter, self.cred.notAfter} {
 			if t.Before(expiry) {
 				expiry = t
 			}
@@ -156,9 +162,12 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 		st := &ticketState{
 			suite: ch.suite, aead: ch.aead, flags: ch.flags, sessionID: sec.sessionID,
 			secret: sec.session, issued: unixSeconds(now), expiry: unixSeconds(expiry),
-			serverDigest: self.cred.digest, clientID: peer.spiffeID, clientPK: peer.publicKey,
+			serverHash: self.cred.hash, clientID: peer.spiffeID, clientPK: peer.publicKey,
 		}
-		t, err := s.cfg.tickets.seal(nil, st.marshal())
+		if bound {
+			st.bindingID = bindingID(cb)
+		}
+		t, err := s.cfg.tickets.seal(nil, self.cred.spiffeID, st.marshal(), now)
 		return t, st.expiry, err
 	}
 	out, _, err = respond(s.cfg.rand, ch, self, peer, cb, issue)
@@ -242,11 +251,15 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 		return nil, nil, errMalformed
 	}
 	now := s.cfg.now()
+	self, err := s.self(now)
+	if err != nil {
+		return nil, nil, err
+	}
 	var st *ticketState
 	if sessionHeader != "" {
 		st, err = s.cfg.tickets.openSessionHeader(&s.tickets, sessionHeader, now)
 	} else {
-		st, err = s.cfg.tickets.openTicketHeader(&s.tickets, ticketHeader, now)
+		st, err = s.cfg.tickets.openTicketHeader(&s.tickets, ticketHeader, self.cred, now)
 	}
 	if err != nil {
 		return nil, nil, err
@@ -256,10 +269,6 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	}
 	if compressed(r.Header) {
 		return nil, nil, errCompressed
-	}
-	self, err := s.cfg.identity.GetIdentity()
-	if err != nil || self == nil {
-		return nil, nil, errInternal
 	}
 	sc := &serverCall{srv: s, st: st, self: self}
 	// A body of known length (a unary request) is read whole, in one read from the HTTP/2
@@ -294,7 +303,7 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if err := keys.deriveS2C(); err != nil {
 		return nil, nil, err
 	}
-	sc.peer = Peer{SPIFFEID: st.clientID, Suite: st.suite.Name(), AEAD: st.aead, ChannelBound: st.flags&flagBinding != 0}
+	sc.peer = Peer{SPIFFEID: st.clientID, Suite: st.suite.Name(), AEAD: st.aead, ChannelBound: onBoundConnection(st, r.TLS)}
 	inner := r.WithContext(withPeer(r.Context(), &sc.peer))
 	// The request is this middleware's to pass on: its header map is edited in place
 	// rather than copied (the ticket alone is about 1.7 KB).
@@ -326,12 +335,79 @@ type serverCall struct {
 func (sc *serverCall) encap() ([]byte, []byte, error) { return encapTo(sc.st.suite, sc.st.clientPK) }
 
 // decap opens a client's REKEY frame, which is sealed to the static key the session was
-// made with: after a rotation of this server's credential it cannot be opened.
+// made with: the current one, or one this server replaced less than a ticket lifetime ago.
 func (sc *serverCall) decap(ct []byte) ([]byte, error) {
-	if sc.self.cred.digest != sc.st.serverDigest {
-		return nil, errMalformed
+	id := sc.self
+	if !bytes.Equal(id.cred.hash, sc.st.serverHash) {
+		if id = sc.srv.ids.find(sc.st.serverHash, sc.srv.cfg.now()); id == nil {
+			return nil, errMalformed
+		}
 	}
-	return sc.st.suite.Decapsulate(sc.self.priv, ct)
+	return sc.st.suite.Decapsulate(id.priv, ct)
+}
+
+// onBoundConnection reports whether a call of the session st arrived over the TLS connection
+// its channel-bound handshake was bound to (spec 7.3): what Peer.ChannelBound means.
+func onBoundConnection(st *ticketState, conn *tls.ConnectionState) bool {
+	if st.flags&flagBinding == 0 || conn == nil {
+		return false
+	}
+	cb, err := conn.ExportKeyingMaterial(exporterLabel, nil, 32)
+	if err != nil {
+		return false
+	}
+	return hmac.Equal(bindingID(cb), st.bindingID)
+}
+
+// identityHistory remembers the identities a server replaced, each for a ticket lifetime, so
+// that the in-stream rekeys of sessions made with an earlier credential still decapsulate.
+type identityHistory struct {
+	mu   sync.Mutex
+	last *Identity
+	old  []retainedIdentity
+}
+
+type retainedIdentity struct {
+	id    *Identity
+	until time.Time
+}
+
+// self returns the server's current identity, noting a replaced one.
+func (s *Server) self(now time.Time) (*Identity, error) {
+	id, err := s.cfg.identity.GetIdentity()
+	if err != nil || id == nil {
+		return nil, errInternal
+	}
+	h := &s.ids
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.last != id {
+		if h.last != nil && !bytes.Equal(h.last.cred.hash, id.cred.hash) {
+			h.old = append(h.old, retainedIdentity{id: h.last, until: now.Add(s.cfg.ticketLifetime)})
+		}
+		h.last = id
+		kept := h.old[:0]
+		for _, r := range h.old {
+			if now.Before(r.until) {
+				kept = append(kept, r)
+			}
+		}
+		clear(h.old[len(kept):])
+		h.old = kept
+	}
+	return id, nil
+}
+
+// find returns the identity retained at now whose credential hashes to hash, if any.
+func (h *identityHistory) find(hash []byte, now time.Time) *Identity {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, r := range h.old {
+		if now.Before(r.until) && bytes.Equal(r.id.cred.hash, hash) {
+			return r.id
+		}
+	}
+	return nil
 }
 
 func (sc *serverCall) rekeyed()                 { sc.srv.sc.streamRekeys.Inc() }

@@ -118,7 +118,8 @@ func runTicketKeys(_ context.Context, args []string, stdout, stderr io.Writer) e
 	})
 }
 
-// newSealingClient builds the pqkex client from the sealing identity in dir.
+// newSealingClient builds the pqkex client from the sealing identity in dir: it expects the
+// servers authorize accepts and binds to the TLS channel unless bind is false.
 func newSealingClient(dir string, authorize pqkex.Authorizer, bind bool) (*pqkex.Client, error) {
 	id, roots, err := rpc.LoadSealingIdentity(dir)
 	if err != nil {
@@ -129,19 +130,28 @@ func newSealingClient(dir string, authorize pqkex.Authorizer, bind bool) (*pqkex
 
 func sealingClient(id pqkex.IdentitySource, roots pqkex.Roots, authorize pqkex.Authorizer, bind bool) (*pqkex.Client, error) {
 	opts := []pqkex.Option{pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithAuthorizer(authorize)}
-	if bind {
-		opts = append(opts, pqkex.WithChannelBinding())
+	if !bind {
+		opts = append(opts, pqkex.WithoutChannelBinding())
 	}
 	return pqkex.NewClient(opts...)
 }
 
+// pqSealUsage describes the client commands' --pq-seal values.
+const pqSealUsage = "seal calls end to end: on (bound to the TLS connection), proxied (through a TLS-terminating proxy: no channel binding, needs --server-id) or off (default on when the identity holds pq.cred)"
+
 // newIdentityClient is the HTTP client of the CLI's client commands: the identity in
 // dir, the server authorized by serverID (default: any ID of the identity's trust
 // domain), and calls sealed end to end unless seal is "off" (default: sealed when dir
-// holds a sealing identity). It returns the sealing mode it chose.
+// holds a sealing identity). Sealed calls expect the same server as the TLS hop and are
+// bound to the TLS connection, so its peer is the sealed peer; "proxied" drops the binding
+// for a TLS-terminating proxy and then needs serverID, the only statement of which workload
+// answers. It returns the sealing mode it chose.
 func newIdentityClient(dir, serverID, seal string) (*http.Client, string, error) {
-	if seal != "" && seal != "on" && seal != "off" {
-		return nil, "", fmt.Errorf("%w: --pq-seal %q: want on or off", errUsage, seal)
+	if seal != "" && seal != "on" && seal != "off" && seal != "proxied" {
+		return nil, "", fmt.Errorf("%w: --pq-seal %q: want on, proxied or off", errUsage, seal)
+	}
+	if seal == "proxied" && serverID == "" {
+		return nil, "", fmt.Errorf("%w: --pq-seal proxied needs --server-id: through a proxy only the sealed credential says which workload answers", errUsage)
 	}
 	src, err := transport.LoadFiles(dir)
 	if err != nil {
@@ -152,21 +162,20 @@ func newIdentityClient(dir, serverID, seal string) (*http.Client, string, error)
 		return nil, "", err
 	}
 	authorize := transport.AuthorizeMatching(transport.MustParsePattern("spiffe://" + svid.ID.TrustDomain().Name()))
-	pqAuthorize := pqkex.AuthorizeAny()
 	if serverID != "" {
 		id, err := spiffeid.FromString(serverID)
 		if err != nil {
 			return nil, "", fmt.Errorf("%w: --server-id: %v", errUsage, err)
 		}
-		authorize, pqAuthorize = transport.AuthorizeID(id), pqkex.AuthorizeID(id.String())
+		authorize = transport.AuthorizeID(id)
 	}
-	mode, err := sealingMode(map[string]string{"on": "strict", "off": "off", "": ""}[seal], dir)
+	mode, err := sealingMode(map[string]string{"on": "strict", "proxied": "strict", "off": "off", "": ""}[seal], dir)
 	if err != nil {
 		return nil, "", err
 	}
 	var opts []rpc.ClientOption
 	if mode != "off" {
-		pc, err := newSealingClient(dir, pqAuthorize, false)
+		pc, err := newSealingClient(dir, rpc.SealedAuthorizer(authorize), seal != "proxied")
 		if err != nil {
 			return nil, "", err
 		}
