@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -66,17 +67,24 @@ func sealingServer(id pqkex.IdentitySource, roots pqkex.Roots, mode string, reg 
 	return pqkex.NewServer(opts...)
 }
 
-// reloadTicketKeysOnHangup rereads the ticket-key file on SIGHUP and rotates to its
-// current key, keeping the old one for tickets already issued.
+// reloadTicketKeysOnHangup rereads the ticket-key file on SIGHUP, and every minute so that
+// a rotation by a scheduled 'veil ticket-keys' needs no signal, and rotates to its current
+// key, keeping the old one for tickets already issued (the key set erases it a period
+// later). A current key older than the period is logged as overdue: it still seals, since
+// refusing would stop the service (docs/pqkex.md section 7.2).
 func reloadTicketKeysOnHangup(ctx context.Context, path string, keys *pqkex.TicketKeys, logger *slog.Logger) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	tick := time.NewTicker(time.Minute)
+	defer tick.Stop()
+	var overdue uint32
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-hup:
+		case <-tick.C:
 		}
 		b, err := os.ReadFile(path)
 		if err != nil {
@@ -88,14 +96,19 @@ func reloadTicketKeysOnHangup(ctx context.Context, path string, keys *pqkex.Tick
 			logger.Error("ticket keys not reloaded", "err", err)
 			continue
 		}
-		if fileKeys[0].ID == keys.CurrentID() {
+		cur := fileKeys[0]
+		if !cur.Created.IsZero() && time.Since(cur.Created) > keys.Period() && overdue != cur.ID {
+			overdue = cur.ID
+			logger.Warn("ticket key overdue: rotate the file with 'veil ticket-keys' every period", "current", cur.ID, "period", keys.Period().String())
+		}
+		if cur.ID == keys.CurrentID() {
 			continue
 		}
-		if err := keys.Rotate(fileKeys[0]); err != nil {
+		if err := keys.Rotate(cur); err != nil {
 			logger.Error("ticket keys not rotated", "err", err)
 			continue
 		}
-		logger.Info("ticket keys rotated", "current", fileKeys[0].ID)
+		logger.Info("ticket keys rotated", "current", cur.ID)
 	}
 }
 
@@ -114,7 +127,7 @@ func runTicketKeys(_ context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	return emit(stdout, *asJSON, map[string]any{"file": *file, "current_id": id}, func(w io.Writer) {
-		fmt.Fprintf(w, "ticket key %d is current in %s (the previous one still opens tickets); send SIGHUP to running servers\n", id, *file)
+		fmt.Fprintf(w, "ticket key %d is current in %s (the previous one still opens tickets for one period); running servers reread the file within a minute or on SIGHUP; rotate again within the ticket lifetime\n", id, *file)
 	})
 }
 

@@ -36,7 +36,7 @@ func addStateFlags(fs *flag.FlagSet) stateFlags {
 		replicas: fs.Int("state-replicas", 1, "with --state nats: replication factor of the buckets Veil creates (3 for a three-node cluster)"),
 		ca:       fs.String("state-ca", "", "with --state nats: PEM roots for the NATS servers' certificates (default: the workload's trust bundle)"),
 		prefix:   fs.String("state-prefix", "veil", "with --state nats: prefix of the bucket names"),
-		period:   fs.Duration("state-ticket-key-period", 24*time.Hour, "with --state nats: how often replicas rotate the shared pqkex ticket key (tickets stay valid one period longer)"),
+		period:   fs.Duration("state-ticket-key-period", time.Hour, "with --state nats: how often replicas rotate this service's pqkex ticket key; a key opens tickets one period longer and is then erased, and no ticket outlives it (docs/pqkex.md section 7.2)"),
 		wait:     fs.Duration("state-wait", time.Minute, "with --state nats: how long to keep trying to reach NATS at start before giving up"),
 	}
 }
@@ -125,7 +125,13 @@ func (f stateFlags) openOnce(ctx context.Context, src transport.Source, services
 		}
 	}
 	if sealing {
-		if st.tickets, err = conn.TicketKeys(ctx, *f.period); err != nil {
+		// The keys of this service only (its own bucket): docs/pqkex.md section 7.1.
+		svid, err := src.GetX509SVID()
+		if err != nil {
+			conn.Close()
+			return nil, err
+		}
+		if st.tickets, err = conn.TicketKeys(ctx, svid.ID.String(), *f.period); err != nil {
 			conn.Close()
 			return nil, err
 		}
