@@ -173,3 +173,40 @@ func TestStreamRekeyAfterServerRotation(t *testing.T) {
 		t.Fatal("the server made no stream rekey; the test did not exercise one")
 	}
 }
+
+// TestConcurrencyBeyondReplayWindow: a proxy holds a session's first call back until more
+// calls than the replay window (1,024) have completed after it, as a legitimate queue of
+// concurrent calls can. The late call must still be served: the client never lets a call
+// ID run a window ahead of an unanswered one (it starts a new session instead), so the
+// server's window never mistakes it for a replay (spec 6.4).
+func TestConcurrencyBeyondReplayWindow(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	reg := prometheus.NewRegistry()
+	ts := e.startServer(t, echoMux(), pqkex.WithMetrics(reg))
+	held, release := make(chan struct{}), make(chan struct{})
+	var once atomic.Bool
+	m := &mitm{base: e.transport(t, clientID)}
+	m.onRequest = func(r *http.Request, body []byte) []byte {
+		if r.URL.Path == procUnary && len(body) >= 8 && string(body[:8]) == "\x00\x00\x00\x00\x00\x00\x00\x00" && once.CompareAndSwap(false, true) {
+			close(held)
+			<-release
+		}
+		return body
+	}
+	hc, _ := e.httpClient(t, m)
+	late := make(chan error, 1)
+	go func() { late <- unaryCall(hc, ts.URL) }()
+	<-held
+	for i := range 1100 {
+		if err := unaryCall(hc, ts.URL); err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+	}
+	close(release)
+	if err := <-late; err != nil {
+		t.Fatalf("the held call, answered after 1,100 later ones: %v", err)
+	}
+	if n := counter(t, reg, "veil_pqkex_rejections_total", map[string]string{"side": "server", "reason": "replayed"}); n != 0 {
+		t.Fatalf("%v calls refused as replays", n)
+	}
+}

@@ -53,6 +53,7 @@ type clientSession struct {
 	binding   []byte // the TLS exporter the session is bound to; nil when not bound
 	tlsEph    bool   // made without a pqkex ephemeral (flags bit 2, spec 5.3)
 	calls     atomic.Int64
+	inflight  inflight // call IDs (spec 6.4)
 	bytes     atomic.Int64
 }
 
@@ -156,11 +157,21 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	if compressed(req.Header) {
 		return nil, errCompressed
 	}
-	sess, err := c.session(req.Context(), rt.base, req.URL, rt.expect)
-	if err != nil {
-		return nil, err
+	var sess *clientSession
+	var callID uint64
+	for {
+		s, err := c.session(req.Context(), rt.base, req.URL, rt.expect)
+		if err != nil {
+			return nil, err
+		}
+		if id, ok := s.inflight.alloc(); ok {
+			sess, callID = s, id
+			break
+		}
+		// Another call filled the session's window first: session() replaces it.
 	}
-	callID := uint64(sess.calls.Add(1) - 1)
+	sess.calls.Add(1)
+	defer sess.inflight.done(callID) // answered or failed: past the server's replay check
 	cc := &clientCall{c: c, sess: sess}
 	if err := cc.keys.init(sess.suite.Hash(), sess.aead, sess.secretKey, callID, req.URL.Path); err != nil {
 		return nil, err
@@ -394,7 +405,7 @@ func (c *Client) lockFor(key string) *sync.Mutex {
 
 func (c *Client) usable(s *clientSession, now time.Time) bool {
 	p := c.cfg.rekey
-	return s != nil && now.Before(s.expiry) &&
+	return s != nil && now.Before(s.expiry) && !s.inflight.full() &&
 		(p.Calls == 0 || s.calls.Load() < p.Calls) &&
 		(p.Bytes == 0 || s.bytes.Load() < p.Bytes) &&
 		(p.Age == 0 || now.Sub(s.created) < p.Age)
