@@ -476,3 +476,43 @@ func TestBucketsReadFromTheLeader(t *testing.T) {
 		}
 	}
 }
+
+// The shared replay store accepts each (session, call) once across replicas, even when
+// replicas race for it.
+func TestReplayStoreAcrossReplicas(t *testing.T) {
+	n := startNATS(t)
+	ctx := context.Background()
+	const svc = "spiffe://example.org/scoring"
+	a, err := n.connect(svc).ReplayStore(ctx, svc, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := n.connect(svc).ReplayStore(ctx, svc, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sid := []byte("0123456789abcdef")
+	exp := time.Now().Add(time.Hour)
+	for call := range uint64(20) {
+		var wins atomic.Int64
+		var wg sync.WaitGroup
+		for _, r := range []*natsstate.ReplayStore{a, b, a, b} {
+			wg.Go(func() {
+				ok, err := r.Accept(ctx, sid, call, exp)
+				if err != nil {
+					t.Error(err)
+				}
+				if ok {
+					wins.Add(1)
+				}
+			})
+		}
+		wg.Wait()
+		if wins.Load() != 1 {
+			t.Fatalf("call %d accepted %d times", call, wins.Load())
+		}
+	}
+	if ok, err := b.Accept(ctx, []byte("another session!"), 0, exp); err != nil || !ok {
+		t.Fatalf("another session's call 0: %v, %v", ok, err)
+	}
+}

@@ -97,10 +97,13 @@ func (s *State) TicketKeys(ctx context.Context, service string, period time.Dura
 // "ticket-keys-" and the SPIFFE ID's path with every character other than letters, digits,
 // '-' and '_' as '_' (at most 64 of them), '-', and 8 hex digits of the ID's SHA-256, so
 // that two services never share a bucket.
-func TicketKeyBucket(service string) (string, error) {
+func TicketKeyBucket(service string) (string, error) { return serviceBucket("ticket-keys", service) }
+
+// serviceBucket is the name of a per-service bucket of kind (TicketKeyBucket).
+func serviceBucket(kind, service string) (string, error) {
 	id, err := spiffeid.FromString(service)
 	if err != nil {
-		return "", fmt.Errorf("natsstate: ticket keys: service %q: %w", service, err)
+		return "", fmt.Errorf("natsstate: %s: service %q: %w", kind, service, err)
 	}
 	path := []byte(strings.TrimPrefix(id.Path(), "/"))
 	for i, c := range path {
@@ -112,7 +115,7 @@ func TicketKeyBucket(service string) (string, error) {
 		path = path[:64]
 	}
 	sum := sha256.Sum256([]byte(id.String()))
-	return "ticket-keys-" + string(path) + "-" + hex.EncodeToString(sum[:4]), nil
+	return kind + "-" + string(path) + "-" + hex.EncodeToString(sum[:4]), nil
 }
 
 // Keys returns the key set to give pqkex.WithTicketKeys; it changes in place.

@@ -82,6 +82,8 @@ type config struct {
 	tickets        *TicketKeys
 	ticketLifetime time.Duration
 	mode           func(procedure string) Mode
+	replayStore    ReplayStore
+	replayFor      func(procedure string) bool
 }
 
 // Option configures a [Server] or a [Client].
@@ -193,6 +195,15 @@ func WithTicketKeys(k *TicketKeys) ServerOption {
 // a ticket never outlives either credential.
 func WithTicketLifetime(d time.Duration) ServerOption {
 	return serverOption(func(c *config) { c.ticketLifetime = d })
+}
+
+// WithReplayStore checks every sealed call to a procedure for which procedures reports true
+// (nil: every procedure) against store as well as the server's own window, so that a call
+// replayed to another replica is refused (already_exists) before its handler runs (spec
+// 6.4). Give it the procedures with side effects that must not repeat: each check is a
+// round trip to the store.
+func WithReplayStore(store ReplayStore, procedures func(procedure string) bool) ServerOption {
+	return serverOption(func(c *config) { c.replayStore, c.replayFor = store, procedures })
 }
 
 // WithMode sets the mode of every procedure. The default is [Strict].

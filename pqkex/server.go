@@ -295,6 +295,9 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if !s.replay.accept(st.sessionID, callID, st.expiry, unixSeconds(now)) {
 		return nil, nil, errReplayed
 	}
+	if err := s.sharedReplay(r, st, callID); err != nil {
+		return nil, nil, err
+	}
 	// A fresh server nonce for the response keys (spec 5.2, 6.4): a call replayed to another
 	// replica, whose replay window never saw it, is answered under other keys.
 	if err := readRandom(s.cfg.rand, keys.nonce[:]); err != nil {
@@ -316,6 +319,21 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	sc.seal = sealer{dir: &keys.s2c, side: sc, policy: s.cfg.rekey.Stream, now: s.cfg.now}
 	sc.sw = sealWriter{w: w, h: make(http.Header, 4), held: sessionHeader == "", nonce: keys.nonce[:], s: &sc.seal}
 	return inner, &sc.sw, nil
+}
+
+// sharedReplay checks a call against the shared replay store, if the procedure has one.
+func (s *Server) sharedReplay(r *http.Request, st *ticketState, callID uint64) error {
+	if s.cfg.replayStore == nil || (s.cfg.replayFor != nil && !s.cfg.replayFor(r.URL.Path)) {
+		return nil
+	}
+	fresh, err := s.cfg.replayStore.Accept(r.Context(), st.sessionID, callID, fromUnix(st.expiry))
+	switch {
+	case err != nil:
+		return errInternal
+	case !fresh:
+		return errReplayed
+	}
+	return nil
 }
 
 // serverCall is one sealed call as the server answers it: its keys and the state of its
