@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"weak"
 )
 
 // Endpoint paths served by [Server.Handler] (spec sections 4.2 and 5).
@@ -365,16 +366,28 @@ func (sc *serverCall) decap(ct []byte) ([]byte, error) {
 }
 
 // onBoundConnection reports whether a call of the session st arrived over the TLS connection
-// its channel-bound handshake was bound to (spec 7.3): what Peer.ChannelBound means.
+// its channel-bound handshake was bound to (spec 7.3): what Peer.ChannelBound means. net/http
+// shares one ConnectionState among a connection's requests, so the answer is kept per
+// session for the last connection seen, by a weak pointer: a closed connection's state (and
+// its exporter secret) is not kept alive by it.
 func onBoundConnection(st *ticketState, conn *tls.ConnectionState) bool {
 	if st.flags&flagBinding == 0 || conn == nil {
 		return false
 	}
-	cb, err := conn.ExportKeyingMaterial(exporterLabel, nil, 32)
-	if err != nil {
-		return false
+	if c := st.onConn.Load(); c != nil && c.conn.Value() == conn {
+		return c.bound
 	}
-	return hmac.Equal(bindingID(cb), st.bindingID)
+	cb, err := conn.ExportKeyingMaterial(exporterLabel, nil, 32)
+	bound := err == nil && hmac.Equal(bindingID(cb), st.bindingID)
+	clear(cb)
+	st.onConn.Store(&connCheck{conn: weak.Make(conn), bound: bound})
+	return bound
+}
+
+// connCheck is onBoundConnection's answer for one connection.
+type connCheck struct {
+	conn  weak.Pointer[tls.ConnectionState]
+	bound bool
 }
 
 // identityHistory remembers the identities a server replaced, each for a ticket lifetime, so

@@ -302,7 +302,8 @@ type ticketState struct {
 	clientID   string
 	clientPK   []byte
 
-	secretKey *hmacKey // secret keyed for the per-call derivations (set when cached)
+	secretKey *hmacKey                  // call_root keyed for the per-call derivations (set when cached)
+	onConn    atomic.Pointer[connCheck] // the last connection a call came over (spec 7.3)
 }
 
 func (s *ticketState) marshal() []byte {

@@ -97,9 +97,8 @@ func TestTicketCache(t *testing.T) {
 	}
 	// The cache stays bounded.
 	for i := range maxCachedTickets + 10 {
-		s := *st
-		s.sessionID = binary.BigEndian.AppendUint64(make([]byte, 8), uint64(i))
-		cache.put(keys, fmt.Sprint(i), &s, 0, keys.gen.Load(), unixSeconds(now))
+		s := &ticketState{suite: st.suite, expiry: st.expiry, sessionID: binary.BigEndian.AppendUint64(make([]byte, 8), uint64(i))}
+		cache.put(keys, fmt.Sprint(i), s, 0, keys.gen.Load(), unixSeconds(now))
 	}
 	if n, m := len(cache.byHeader), len(cache.bySID); n > maxCachedTickets || m > maxCachedTickets {
 		t.Fatalf("%d, %d cached tickets, bound %d", n, m, maxCachedTickets)
