@@ -11,7 +11,7 @@ func Handshake(client, server *Identity, s *Server, now time.Time, bind, tlsEphe
 	if bind {
 		cb = make([]byte, 32)
 	}
-	hs, err := startClient(nil, client, server.cred, AES256GCM, clientFlags(bind, tlsEphemeral))
+	hs, err := startClient(nil, client, server.cred, AES256GCM, suiteFlags(client.cred.suite, clientFlags(bind, tlsEphemeral)))
 	if err != nil {
 		return false
 	}
