@@ -27,6 +27,7 @@ const (
 	reasonTLSNotPQ      reason = "tls_not_pq"
 	reasonUnsupported   reason = "unsupported"
 	reasonInternal      reason = "internal"
+	reasonReplayStore   reason = "replay_store"
 )
 
 // reasonCodes is the one place where pqkex maps its failures to Connect codes.
@@ -45,6 +46,7 @@ var reasonCodes = map[reason]connect.Code{
 	reasonTLSNotPQ:      connect.CodeFailedPrecondition, // the client retries without flagTLSEphemeral
 	reasonUnsupported:   connect.CodeUnimplemented,
 	reasonInternal:      connect.CodeInternal,
+	reasonReplayStore:   connect.CodeUnavailable, // the shared replay store did not answer: retry later
 }
 
 // Error is a pqkex failure. Its text never contains key material or internal state.
@@ -77,6 +79,7 @@ var (
 	errChannelBinding  = newError(reasonCredential, "channel binding failed")
 	errServerConfirm   = newError(reasonCredential, "server failed to prove its identity")
 	errServerKey       = newError(reasonServerKey, "server credential unknown to this server")
+	errReplayStore     = newError(reasonReplayStore, "the shared replay store did not answer")
 	errTLSNotPQ        = newError(reasonTLSNotPQ, "TLS connection without a post-quantum key exchange: send a pqkex ephemeral")
 	errTLSNotPQHere    = newError(reasonCredential, "server accepted the TLS ephemeral, but this TLS connection is not post-quantum")
 	errUnsupported     = newError(reasonUnsupported, "unsupported version, suite or AEAD")

@@ -88,8 +88,8 @@ func (c *replayCache) accept(sid []byte, id, expiry, now uint64) bool {
 // records that call callID of session sessionID was accepted and reports whether it is the
 // first record of it; it must be atomic across replicas (create if absent), and may forget
 // the record after expiry (the session's ticket expiry, after which the call cannot open).
-// An error refuses the call (internal): a store that cannot answer must not let a replay
-// through. Each Accept is a round trip to the store, so give it only the procedures whose
+// An error refuses the call (replay_store, unavailable): a store that cannot answer must not
+// let a replay through. Each Accept is a round trip to the store, so give it only the procedures whose
 // side effects must not repeat ([WithReplayStore]). natsstate implements it with a NATS KV
 // bucket.
 type ReplayStore interface {

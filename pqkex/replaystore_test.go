@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"connectrpc.com/connect"
 )
 
 // TestSharedReplayStore replays the first vector's call to a second replica: with a shared
@@ -39,8 +41,8 @@ func TestSharedReplayStore(t *testing.T) {
 		t.Fatalf("procedure outside the store: %q", got)
 	}
 	broken := replica(WithReplayStore(failingStore{}, nil))
-	if got := call(broken); got != string(reasonInternal) || runs.Load() != 2 {
-		t.Fatalf("store failure: %q (handler ran %d times), want internal", got, runs.Load())
+	if got := call(broken); got != string(reasonReplayStore) || runs.Load() != 2 || errorFromReason(got).Code() != connect.CodeUnavailable {
+		t.Fatalf("store failure: %q (handler ran %d times), want replay_store (unavailable)", got, runs.Load())
 	}
 }
 

@@ -330,7 +330,7 @@ func (s *Server) sharedReplay(r *http.Request, st *ticketState, callID uint64) e
 	fresh, err := s.cfg.replayStore.Accept(r.Context(), st.sessionID, callID, fromUnix(st.expiry))
 	switch {
 	case err != nil:
-		return errInternal
+		return errReplayStore
 	case !fresh:
 		return errReplayed
 	}

@@ -37,25 +37,25 @@ func sealingMode(flag, identityDir string) (string, error) {
 }
 
 // newSealingServer builds the pqkex server from the sealing identity in dir.
-func newSealingServer(dir, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys) (*pqkex.Server, error) {
+func newSealingServer(dir, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys, extra ...pqkex.ServerOption) (*pqkex.Server, error) {
 	id, roots, err := rpc.LoadSealingIdentity(dir)
 	if err != nil {
 		return nil, fmt.Errorf("%w (issue one with 'veil ca issue', or pass --pq-seal off)", err)
 	}
-	return sealingServer(id, roots, mode, reg, tickets)
+	return sealingServer(id, roots, mode, reg, tickets, extra...)
 }
 
 // newSealingServerFrom builds the pqkex server on the sealing identity that the online
 // CA's client obtains with every certificate (it rotates with each renewal).
-func newSealingServerFrom(c *ca.Client, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys) (*pqkex.Server, error) {
+func newSealingServerFrom(c *ca.Client, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys, extra ...pqkex.ServerOption) (*pqkex.Server, error) {
 	roots, err := c.SealingRoots()
 	if err != nil {
 		return nil, err
 	}
-	return sealingServer(c, roots, mode, reg, tickets)
+	return sealingServer(c, roots, mode, reg, tickets, extra...)
 }
 
-func sealingServer(id pqkex.IdentitySource, roots pqkex.Roots, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys) (*pqkex.Server, error) {
+func sealingServer(id pqkex.IdentitySource, roots pqkex.Roots, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys, extra ...pqkex.ServerOption) (*pqkex.Server, error) {
 	m := pqkex.Strict
 	if mode == "permissive" {
 		m = pqkex.Permissive
@@ -64,7 +64,7 @@ func sealingServer(id pqkex.IdentitySource, roots pqkex.Roots, mode string, reg 
 	if tickets != nil {
 		opts = append(opts, pqkex.WithTicketKeys(tickets))
 	}
-	return pqkex.NewServer(opts...)
+	return pqkex.NewServer(append(opts, extra...)...)
 }
 
 // reloadTicketKeysOnHangup rereads the ticket-key file on SIGHUP, and every minute so that
