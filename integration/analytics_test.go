@@ -19,19 +19,26 @@ import (
 )
 
 // sealedHTTPClient returns a client for identity name in dir, sealed end to end with
-// serverID, whose TLS peer is tlsPeer.
+// serverID, whose TLS peer is tlsPeer: bound to the TLS channel when that is the server
+// itself, else (a TLS-terminating proxy) unbound and expecting serverID end to end.
 func sealedHTTPClient(t *testing.T, dir, name, serverID, tlsPeer string) *http.Client {
 	t.Helper()
 	id, roots, err := rpc.LoadSealingIdentity(filepath.Join(dir, name))
 	if err != nil {
 		t.Fatal(err)
 	}
-	pc, err := pqkex.NewClient(pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithAuthorizer(pqkex.AuthorizeID(serverID)))
+	opts := []pqkex.Option{pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithAuthorizer(pqkex.AuthorizeID(serverID))}
+	var ropts []rpc.ClientOption
+	if tlsPeer != serverID {
+		opts = append(opts, pqkex.WithoutChannelBinding())
+		ropts = append(ropts, rpc.WithSealedServer(pqkex.AuthorizeID(serverID)))
+	}
+	pc, err := pqkex.NewClient(opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return rpc.NewHTTPClient(loadSource(t, filepath.Join(dir, name)),
-		transport.AuthorizeID(spiffeid.RequireFromString(tlsPeer)), rpc.WithClientSealing(pc))
+		transport.AuthorizeID(spiffeid.RequireFromString(tlsPeer)), append(ropts, rpc.WithClientSealing(pc))...)
 }
 
 // TestAnalyticsAcrossRestart runs the analytics service in a container with its store

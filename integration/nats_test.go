@@ -21,6 +21,7 @@ import (
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/natsstate"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/analytics"
@@ -387,7 +388,12 @@ func (s *natsTopology) currentTicketKey(ctx context.Context, t *testing.T) uint3
 	t.Helper()
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	kv, err := s.js.KeyValue(ctx, "veil-ticket-keys")
+	// The replicas' service's own bucket (docs/pqkex.md section 7.1).
+	bucket, err := natsstate.TicketKeyBucket(natsServerID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv, err := s.js.KeyValue(ctx, "veil-"+bucket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -446,10 +452,13 @@ func (s *natsTopology) waitAdopted(t *testing.T, id uint32) {
 }
 
 // testTicketRotation: sessions resume across replicas (one ticket key, from the
-// bucket); after a rotation, a session whose ticket was sealed with the previous key
-// still resumes on both replicas (the overlap), and a session sealed with the new key
-// resumes on both (the rotation reached both); after a second rotation the old ticket
-// is refused and the client handshakes again, transparently.
+// service's bucket); after a rotation, a session sealed with the new key resumes on both
+// replicas (the rotation reached both); after a second rotation the old session's ticket
+// (its key erased, and the ticket itself capped at one period) is refused and the client
+// handshakes again, transparently. That the previous key still opens tickets for a period
+// after a rotation is tested without containers (pqkex TestTicketKeyErasure): here a
+// ticket lives at most one period (10 s), so whether it outlives the next rotation is a
+// matter of timing.
 func (s *natsTopology) testTicketRotation(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -488,9 +497,6 @@ func (s *natsTopology) testTicketRotation(t *testing.T) {
 		k2 := s.nextRotation(ctx, t, k1)
 		s.waitAdopted(t, k2) // the rotation reached both replicas
 		t.Logf("ticket key rotated from %d to %d on both replicas", k1, k2)
-		// The old ticket (sealed with k1, now the previous key) on both replicas.
-		step(1, old, "old ticket on replica 1 after the rotation", 0)
-		step(0, old, "old ticket on replica 0 after the rotation", 0)
 		// A new session: its ticket is sealed with k2 on replica 0 and opens on replica 1.
 		fresh := s.echoClient(t)
 		step(0, fresh, "new handshake on replica 0", 1)

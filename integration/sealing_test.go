@@ -142,12 +142,15 @@ func (s *sealedTopology) client(t *testing.T, url string) echov1connect.EchoServ
 	if err != nil {
 		t.Fatal(err)
 	}
-	pc, err := pqkex.NewClient(pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithAuthorizer(pqkex.AuthorizeID("spiffe://example.org/echo")))
+	// Through the terminating proxy: no channel binding, and the sealed calls expect the
+	// echo service end to end, not the TLS peer.
+	echo := pqkex.AuthorizeID("spiffe://example.org/echo")
+	pc, err := pqkex.NewClient(pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithAuthorizer(echo), pqkex.WithoutChannelBinding())
 	if err != nil {
 		t.Fatal(err)
 	}
 	hc := rpc.NewHTTPClient(loadSource(t, filepath.Join(s.dir, "client")),
-		transport.AuthorizeID(spiffeid.RequireFromString("spiffe://example.org/proxy")), rpc.WithClientSealing(pc))
+		transport.AuthorizeID(spiffeid.RequireFromString("spiffe://example.org/proxy")), rpc.WithClientSealing(pc), rpc.WithSealedServer(echo))
 	return echov1connect.NewEchoServiceClient(hc, url, rpc.ClientOptions()...)
 }
 

@@ -250,11 +250,11 @@ func TestTicketKeysRotateAcrossReplicas(t *testing.T) {
 	n := startNATS(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	a, err := n.connect("spiffe://example.org/scoring").TicketKeys(ctx, time.Hour)
+	a, err := n.connect("spiffe://example.org/scoring").TicketKeys(ctx, "spiffe://example.org/scoring", time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := n.connect("spiffe://example.org/scoring").TicketKeys(ctx, time.Hour)
+	b, err := n.connect("spiffe://example.org/scoring").TicketKeys(ctx, "spiffe://example.org/scoring", time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -273,7 +273,7 @@ func TestTicketKeysRotateAcrossReplicas(t *testing.T) {
 		t.Error("the previous key was dropped before the overlap ended")
 	}
 	// Both rotate from the same view: one wins, both end on its key.
-	c, err := n.connect("spiffe://example.org/scoring").TicketKeys(ctx, time.Hour)
+	c, err := n.connect("spiffe://example.org/scoring").TicketKeys(ctx, "spiffe://example.org/scoring", time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -300,11 +300,11 @@ func TestTicketKeysRotateByAge(t *testing.T) {
 	n := startNATS(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	a, err := n.connect("spiffe://example.org/scoring").TicketKeys(ctx, 2*time.Second)
+	a, err := n.connect("spiffe://example.org/scoring").TicketKeys(ctx, "spiffe://example.org/scoring", 2*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := n.connect("spiffe://example.org/scoring").TicketKeys(ctx, 2*time.Second)
+	b, err := n.connect("spiffe://example.org/scoring").TicketKeys(ctx, "spiffe://example.org/scoring", 2*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -312,6 +312,77 @@ func TestTicketKeysRotateByAge(t *testing.T) {
 	go a.Run(ctx)
 	go b.Run(ctx)
 	waitFor(t, func() bool { return a.CurrentID() > first && b.CurrentID() == a.CurrentID() }, "a rotation by age on both replicas")
+}
+
+// Each service has its own ticket-key bucket and secrets (docs/pqkex.md 7.1); rotating
+// one leaves the other alone, and the bucket keeps only the current and previous keys: a
+// key is gone from NATS at the rotation after the one that retired it.
+func TestTicketKeysPerService(t *testing.T) {
+	n := startNATS(t)
+	ctx := context.Background()
+	const scoring, analytics = "spiffe://example.org/scoring", "spiffe://example.org/ns/prod/sa/analytics"
+	a, err := n.connect(scoring).TicketKeys(ctx, scoring, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := n.connect(analytics).TicketKeys(ctx, analytics, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := nats.Connect(n.url, nats.Secure(natsstate.ClientTLS(n.pki.Identity(t, "spiffe://example.org/probe"), nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, _ := jetstream.New(nc)
+	values := func(service string) [][]byte {
+		t.Helper()
+		name, err := natsstate.TicketKeyBucket(service)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kv, err := js.KeyValue(ctx, "veil-"+name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hist, err := kv.History(ctx, "current")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out [][]byte
+		for _, e := range hist {
+			out = append(out, e.Value())
+		}
+		return out
+	}
+	ba, bb := values(scoring), values(analytics)
+	if len(ba) != 1 || len(bb) != 1 || string(ba[0]) == string(bb[0]) {
+		t.Fatal("two services share a ticket key")
+	}
+	if na, _ := natsstate.TicketKeyBucket(scoring); na != "ticket-keys-scoring-"+na[len(na)-8:] {
+		t.Fatalf("bucket name %q", na)
+	}
+	first := a.CurrentID()
+	for range 2 {
+		if _, err := a.Rotate(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	hist := values(scoring)
+	if len(hist) != 2 {
+		t.Fatalf("the bucket holds %d keys, want 2 (current and previous)", len(hist))
+	}
+	for _, v := range hist {
+		if string(v) == string(ba[0]) {
+			t.Fatal("the first key is still in the bucket after two rotations")
+		}
+	}
+	if a.Keys().Has(first) {
+		t.Fatal("the replica still holds the first key after two rotations")
+	}
+	if b.CurrentID() != first || len(values(analytics)) != 1 {
+		t.Fatal("rotating one service's keys changed another's")
+	}
 }
 
 func waitFor(t *testing.T, cond func() bool, what string) {
@@ -381,7 +452,7 @@ func TestBucketsReadFromTheLeader(t *testing.T) {
 		if _, err := s.Studies(ctx); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.TicketKeys(ctx, time.Hour); err != nil {
+		if _, err := s.TicketKeys(ctx, "spiffe://example.org/scoring", time.Hour); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -391,7 +462,11 @@ func TestBucketsReadFromTheLeader(t *testing.T) {
 	}
 	defer nc.Close()
 	js, _ := jetstream.New(nc)
-	for _, name := range []string{"OBJ_veil-evaluation-keys", "OBJ_veil-analytics", "KV_veil-analytics", "KV_veil-ticket-keys"} {
+	tickets, err := natsstate.TicketKeyBucket("spiffe://example.org/scoring")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"OBJ_veil-evaluation-keys", "OBJ_veil-analytics", "KV_veil-analytics", "KV_veil-" + tickets} {
 		st, err := js.Stream(ctx, name)
 		if err != nil {
 			t.Fatalf("%s: %v", name, err)
@@ -399,5 +474,45 @@ func TestBucketsReadFromTheLeader(t *testing.T) {
 		if c := st.CachedInfo().Config; c.AllowDirect || c.MirrorDirect {
 			t.Errorf("%s allows direct gets", name)
 		}
+	}
+}
+
+// The shared replay store accepts each (session, call) once across replicas, even when
+// replicas race for it.
+func TestReplayStoreAcrossReplicas(t *testing.T) {
+	n := startNATS(t)
+	ctx := context.Background()
+	const svc = "spiffe://example.org/scoring"
+	a, err := n.connect(svc).ReplayStore(ctx, svc, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := n.connect(svc).ReplayStore(ctx, svc, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sid := []byte("0123456789abcdef")
+	exp := time.Now().Add(time.Hour)
+	for call := range uint64(20) {
+		var wins atomic.Int64
+		var wg sync.WaitGroup
+		for _, r := range []*natsstate.ReplayStore{a, b, a, b} {
+			wg.Go(func() {
+				ok, err := r.Accept(ctx, sid, call, exp)
+				if err != nil {
+					t.Error(err)
+				}
+				if ok {
+					wins.Add(1)
+				}
+			})
+		}
+		wg.Wait()
+		if wins.Load() != 1 {
+			t.Fatalf("call %d accepted %d times", call, wins.Load())
+		}
+	}
+	if ok, err := b.Accept(ctx, []byte("another session!"), 0, exp); err != nil || !ok {
+		t.Fatalf("another session's call 0: %v, %v", ok, err)
 	}
 }

@@ -3,31 +3,39 @@ package natsstate
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/veilrpc/veil/pqkex"
 )
 
-// TicketKeys keeps a pqkex.TicketKeys in step with the PREFIX-ticket-keys KV bucket,
-// so that every replica seals tickets with the same current key and opens tickets
-// sealed with it or the previous one: a session resumes on any replica, and tickets
-// issued before a rotation stay valid for one more period (the overlap).
+// TicketKeys keeps a pqkex.TicketKeys in step with one service's ticket-key bucket,
+// PREFIX-ticket-keys-SERVICE (docs/pqkex.md section 7.1), so that every replica of the
+// service seals tickets with the same current key and opens tickets sealed with it or the
+// previous one: a session resumes on any replica, and tickets issued before a rotation
+// stay valid for one more period (the overlap). Each service has its own bucket: a
+// compromised service holds only its own keys and can mint tickets for no other.
 //
 // The bucket holds one key, "current", with a history of two revisions (the current
-// and the previous ticket key) and an age limit of three periods. No replica is in
-// charge of rotation: each checks the current key's age, and once it is older than the
-// period, writes the next key with Update against the revision it read, which
-// succeeds for exactly one replica; the others see its key through their watch.
+// and the previous ticket key), so writing a key removes the one before the previous,
+// and an age limit of two and a quarter periods. No replica is in charge of rotation:
+// each checks the current key's age, and once it is older than the period, writes the
+// next key with Update against the revision it read, which succeeds for exactly one
+// replica; the others see its key through their watch. Each replica's key set erases
+// the previous key a period after it stopped sealing (pqkex.TicketKeys).
 //
 // The ticket secrets travel to NATS and back over the TLS connection and rest in
-// JetStream's storage: restrict the bucket to Veil's identities (NATS authorization)
-// and enable JetStream encryption at rest (docs/deploy.md).
+// JetStream's storage: give each service's identity access to its own bucket only (NATS
+// authorization) and enable JetStream encryption at rest (docs/deploy.md).
 type TicketKeys struct {
 	s      *State
 	kv     jetstream.KeyValue
@@ -60,14 +68,20 @@ func decodeTicketKey(b []byte) (pqkex.TicketKey, error) {
 	return k, nil
 }
 
-// TicketKeys opens (creating if needed) the ticket-key bucket, creates the first key
-// if there is none, and returns the replica's view. Call Run to follow rotations.
-func (s *State) TicketKeys(ctx context.Context, period time.Duration) (*TicketKeys, error) {
+// TicketKeys opens (creating if needed) the ticket-key bucket of service, the SPIFFE ID
+// of the pqkex server that uses the keys, creates the first key if there is none, and
+// returns the replica's view. period is how long a key seals tickets (and opens them after
+// that); servers cap tickets at it. Call Run to follow rotations.
+func (s *State) TicketKeys(ctx context.Context, service string, period time.Duration) (*TicketKeys, error) {
 	if period < time.Second {
 		return nil, errors.New("natsstate: ticket-key period under a second")
 	}
+	bucket, err := TicketKeyBucket(service)
+	if err != nil {
+		return nil, err
+	}
 	kv, err := s.keyValue(ctx, jetstream.KeyValueConfig{
-		Bucket: "ticket-keys", Description: "Veil: pqkex session-ticket keys (secret)", History: 2, TTL: 3 * period,
+		Bucket: bucket, Description: "Veil: pqkex session-ticket keys of " + service + " (secret)", History: 2, TTL: 2*period + period/4,
 	})
 	if err != nil {
 		return nil, err
@@ -77,6 +91,31 @@ func (s *State) TicketKeys(ctx context.Context, period time.Duration) (*TicketKe
 		return nil, err
 	}
 	return t, nil
+}
+
+// TicketKeyBucket returns the name (without the prefix) of service's ticket-key bucket:
+// "ticket-keys-" and the SPIFFE ID's path with every character other than letters, digits,
+// '-' and '_' as '_' (at most 64 of them), '-', and 8 hex digits of the ID's SHA-256, so
+// that two services never share a bucket.
+func TicketKeyBucket(service string) (string, error) { return serviceBucket("ticket-keys", service) }
+
+// serviceBucket is the name of a per-service bucket of kind (TicketKeyBucket).
+func serviceBucket(kind, service string) (string, error) {
+	id, err := spiffeid.FromString(service)
+	if err != nil {
+		return "", fmt.Errorf("natsstate: %s: service %q: %w", kind, service, err)
+	}
+	path := []byte(strings.TrimPrefix(id.Path(), "/"))
+	for i, c := range path {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			path[i] = '_'
+		}
+	}
+	if len(path) > 64 {
+		path = path[:64]
+	}
+	sum := sha256.Sum256([]byte(id.String()))
+	return kind + "-" + string(path) + "-" + hex.EncodeToString(sum[:4]), nil
 }
 
 // Keys returns the key set to give pqkex.WithTicketKeys; it changes in place.
@@ -116,6 +155,7 @@ func (t *TicketKeys) refresh(ctx context.Context, create bool) error {
 		if err != nil {
 			return err
 		}
+		k.Created = e.Created()
 		keys = append(keys, k)
 		last = e
 	}
@@ -136,7 +176,7 @@ func (t *TicketKeys) adopt(keys []pqkex.TicketKey, last jetstream.KeyValueEntry)
 		if len(keys) > 1 && keys[len(keys)-2].ID != cur.ID {
 			prev = keys[len(keys)-2 : len(keys)-1]
 		}
-		k, err := pqkex.NewTicketKeys(cur, prev...)
+		k, err := pqkex.NewTicketKeySet(t.period, nil, cur, prev...)
 		if err != nil {
 			return err
 		}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"slices"
@@ -53,6 +54,7 @@ type clientSession struct {
 	binding   []byte // the TLS exporter the session is bound to; nil when not bound
 	tlsEph    bool   // made without a pqkex ephemeral (flags bit 2, spec 5.3)
 	calls     atomic.Int64
+	inflight  inflight // call IDs (spec 6.4)
 	bytes     atomic.Int64
 }
 
@@ -68,6 +70,12 @@ func NewClient(opts ...Option) (*Client, error) {
 	if !cfg.aead.supported() {
 		return nil, errors.New("pqkex: unsupported AEAD")
 	}
+	if !cfg.authSet {
+		if !cfg.insecureAny {
+			return nil, errors.New("pqkex: client needs the server identity it expects (WithAuthorizer), or InsecureAcceptAnyServer")
+		}
+		slog.Warn("pqkex: client accepts any server identity (InsecureAcceptAnyServer): a proxy can route its calls to any certified workload")
+	}
 	cfg.rekey = cfg.rekey.withDefaults()
 	m := newMetrics(cfg.registerer)
 	return &Client{
@@ -78,16 +86,31 @@ func NewClient(opts ...Option) (*Client, error) {
 
 // RoundTripper wraps base (normally an HTTP/2 transport with mTLS): every request is sealed
 // under a pqkex session with its server, established on first use.
-func (c *Client) RoundTripper(base http.RoundTripper) http.RoundTripper {
+func (c *Client) RoundTripper(base http.RoundTripper, opts ...RoundTripperOption) http.RoundTripper {
 	if base == nil {
 		base = http.DefaultTransport
 	}
-	return &roundTripper{c: c, base: base}
+	rt := &roundTripper{c: c, base: base}
+	for _, o := range opts {
+		o(rt)
+	}
+	return rt
+}
+
+// RoundTripperOption configures a round tripper of [Client.RoundTripper].
+type RoundTripperOption func(*roundTripper)
+
+// ExpectServer adds an expectation of the round tripper's own: a session, credential or
+// answer is used only if the server's SPIFFE ID passes a as well as the client's
+// authorizer (spec 4.2). rpc.NewHTTPClient passes its TLS authorizer this way.
+func ExpectServer(a Authorizer) RoundTripperOption {
+	return func(rt *roundTripper) { rt.expect = a }
 }
 
 type roundTripper struct {
-	c    *Client
-	base http.RoundTripper
+	c      *Client
+	base   http.RoundTripper
+	expect Authorizer // nil: the client's authorizer alone
 }
 
 func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -132,11 +155,21 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	if compressed(req.Header) {
 		return nil, errCompressed
 	}
-	sess, err := c.session(req.Context(), rt.base, req.URL)
-	if err != nil {
-		return nil, err
+	var sess *clientSession
+	var callID uint64
+	for {
+		s, err := c.session(req.Context(), rt.base, req.URL, rt.expect)
+		if err != nil {
+			return nil, err
+		}
+		if id, ok := s.inflight.alloc(); ok {
+			sess, callID = s, id
+			break
+		}
+		// Another call filled the session's window first: session() replaces it.
 	}
-	callID := uint64(sess.calls.Add(1) - 1)
+	sess.calls.Add(1)
+	defer sess.inflight.done(callID) // answered or failed: past the server's replay check
 	cc := &clientCall{c: c, sess: sess}
 	if err := cc.keys.init(sess.suite.Hash(), sess.aead, sess.secretKey, callID, req.URL.Path); err != nil {
 		return nil, err
@@ -398,7 +431,7 @@ func (c *Client) lockFor(key string) *sync.Mutex {
 
 func (c *Client) usable(s *clientSession, now time.Time) bool {
 	p := c.cfg.rekey
-	return s != nil && now.Before(s.expiry) &&
+	return s != nil && now.Before(s.expiry) && !s.inflight.full() &&
 		(p.Calls == 0 || s.calls.Load() < p.Calls) &&
 		(p.Bytes == 0 || s.bytes.Load() < p.Bytes) &&
 		(p.Age == 0 || now.Sub(s.created) < p.Age)
@@ -413,13 +446,17 @@ func (c *Client) dropSession(u *url.URL, s *clientSession) {
 }
 
 // session returns a usable session with the server at u, running a handshake if needed.
-func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL) (*clientSession, error) {
+// A session whose server expect refuses is never used (expect may be nil).
+func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL, expect Authorizer) (*clientSession, error) {
 	key := authority(u)
 	now := c.cfg.now()
 	c.mu.Lock()
 	s := c.sessions[key]
 	c.mu.Unlock()
 	if c.usable(s, now) {
+		if expect != nil && expect(s.server.spiffeID) != nil {
+			return nil, errIdentity
+		}
 		return s, nil
 	}
 	l := c.lockFor(key)
@@ -429,13 +466,19 @@ func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL
 	s = c.sessions[key]
 	c.mu.Unlock()
 	if c.usable(s, now) {
+		if expect != nil && expect(s.server.spiffeID) != nil {
+			return nil, errIdentity
+		}
 		return s, nil
 	}
 	if s != nil {
 		c.m.rekeys.WithLabelValues(sideClient, "session").Inc()
 	}
-	return c.establish(ctx, base, key, s != nil)
+	return c.establish(ctx, base, key, s != nil, expect)
 }
+
+// bindFor reports whether handshakes with the server at key are channel-bound (spec 4.2).
+func (c *Client) bindFor(key string) bool { return !c.cfg.noBindAll && !c.cfg.noBind[key] }
 
 // establish runs a handshake with the server at key (refetching its credential once if
 // the server rotated it, and sending its own ephemeral once if the TLS connection cannot
@@ -444,27 +487,31 @@ func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL
 // A rekey (replacing a session that served its calls, bytes or time) always sends a pqkex
 // ephemeral: it normally runs on the connection the old session was made on, and only the
 // first session of a connection may leave its ephemeral to TLS (spec 6.5).
-func (c *Client) establish(ctx context.Context, base http.RoundTripper, key string, rekey bool) (*clientSession, error) {
-	flags := clientFlags(c.cfg.bind, !rekey)
-	s, err := c.handshake(ctx, base, key, flags)
+func (c *Client) establish(ctx context.Context, base http.RoundTripper, key string, rekey bool, expect Authorizer) (*clientSession, error) {
+	bind := c.bindFor(key)
+	flags := clientFlags(bind, !rekey)
+	s, err := c.handshake(ctx, base, key, flags, expect)
 	if reasonOf(err) == reasonServerKey {
 		// The server rotated its credential: fetch it again, once.
 		c.mu.Lock()
 		delete(c.servers, key)
 		c.mu.Unlock()
-		s, err = c.handshake(ctx, base, key, flags)
+		s, err = c.handshake(ctx, base, key, flags, expect)
 	}
 	if reasonOf(err) == reasonTLSNotPQ && flags&flagTLSEphemeral != 0 {
 		// The client cannot see the TLS group before its request; the server did and found
 		// it classical (spec 5.3): the full channel-bound handshake, with an ephemeral, once.
 		c.m.reject(sideClient, err)
-		s, err = c.handshake(ctx, base, key, clientFlags(c.cfg.bind, false))
+		s, err = c.handshake(ctx, base, key, clientFlags(bind, false), expect)
 	}
 	if err != nil {
 		c.m.handshakes.WithLabelValues(sideClient, "error").Inc()
 		return nil, err
 	}
 	c.m.handshakes.WithLabelValues(sideClient, "ok").Inc()
+	if !c.cfg.authSet && expect == nil {
+		c.m.insecure.WithLabelValues(sideClient).Inc()
+	}
 	c.mu.Lock()
 	c.sessions[key] = s
 	c.mu.Unlock()
@@ -494,11 +541,11 @@ func (c *Client) Handshake(ctx context.Context, base http.RoundTripper, serverUR
 	c.mu.Lock()
 	current := c.sessions[key]
 	c.mu.Unlock()
-	s, err := c.establish(ctx, base, key, false)
+	s, err := c.establish(ctx, base, key, false, nil)
 	if err == nil && current != nil && s.tlsEph && bytes.Equal(s.binding, current.binding) {
 		// It replaced a session on the same TLS connection: only the first session of a
 		// connection may leave its ephemeral to TLS (spec 6.5), so once more with one.
-		_, err = c.establish(ctx, base, key, true)
+		_, err = c.establish(ctx, base, key, true, nil)
 	}
 	if err != nil {
 		if isRejection(err) {
@@ -510,13 +557,17 @@ func (c *Client) Handshake(ctx context.Context, base http.RoundTripper, serverUR
 	return nil
 }
 
-// serverCredential returns the verified credential of the server at key, fetching it once.
-func (c *Client) serverCredential(ctx context.Context, base http.RoundTripper, key string, self *Identity) (*Credential, error) {
+// serverCredential returns the verified credential of the server at key, fetching it once;
+// the client's authorizer and expect (if not nil) must both accept it.
+func (c *Client) serverCredential(ctx context.Context, base http.RoundTripper, key string, self *Identity, expect Authorizer) (*Credential, error) {
 	now := c.cfg.now()
 	c.mu.Lock()
 	cred := c.servers[key]
 	c.mu.Unlock()
 	if cred != nil && now.Before(cred.notAfter) {
+		if expect != nil && expect(cred.spiffeID) != nil {
+			return nil, errIdentity
+		}
 		return cred, nil
 	}
 	raw, _, err := exchange(ctx, base, http.MethodGet, key+CredentialPath, nil)
@@ -532,19 +583,23 @@ func (c *Client) serverCredential(ctx context.Context, base http.RoundTripper, k
 	if err := c.cfg.authorize(cred.spiffeID); err != nil {
 		return nil, errIdentity
 	}
+	if expect != nil && expect(cred.spiffeID) != nil {
+		return nil, errIdentity
+	}
 	c.mu.Lock()
 	c.servers[key] = cred
 	c.mu.Unlock()
 	return cred, nil
 }
 
-func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key string, flags uint8) (_ *clientSession, err error) {
+func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key string, flags uint8, expect Authorizer) (_ *clientSession, err error) {
 	defer recoverTo(&err)
 	self, err := c.cfg.identity.GetIdentity()
 	if err != nil || self == nil {
 		return nil, errInternal
 	}
-	server, err := c.serverCredential(ctx, base, key, self)
+	flags = suiteFlags(self.cred.suite, flags)
+	server, err := c.serverCredential(ctx, base, key, self, expect)
 	if err != nil {
 		return nil, err
 	}
@@ -557,7 +612,7 @@ func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key stri
 		return nil, err
 	}
 	var cb []byte
-	if c.cfg.bind {
+	if flags&flagBinding != 0 {
 		if cb, err = channelBinding(conn, server.spiffeID); err != nil {
 			return nil, err
 		}
@@ -576,7 +631,7 @@ func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key stri
 	expiry := fromUnix(res.expiry)
 	return &clientSession{
 		suite: hs.hello.suite, aead: hs.hello.aead, secret: res.secrets.session,
-		secretKey: sessionKey(hs.hello.suite.Hash(), res.secrets.session),
+		secretKey: callRoot(hs.hello.suite.Hash(), res.secrets.session, server.spiffeID, server.hash),
 		ticket:    base64.RawURLEncoding.EncodeToString(res.ticket),
 		sid:       base64.RawURLEncoding.EncodeToString(res.secrets.sessionID),
 		expiry:    expiry, created: now, server: server, self: self,

@@ -42,7 +42,8 @@ type Credential struct {
 	tbs          []byte
 	pqSig        []byte
 	classicalSig []byte
-	digest       [32]byte
+	digest       [32]byte // SHA-256, names the credential on the wire
+	hash         []byte   // H(credential) with the suite hash, for the transcript and srv (spec 5.2)
 
 	parsedMu sync.Mutex
 	parsed   map[kem.Scheme]kem.PublicKey // static public key parsed per KEM, see staticPublic
@@ -191,6 +192,7 @@ func ParseCredential(b []byte) (*Credential, error) {
 		suite: suite, spiffeID: string(id), notBefore: fromUnix(nb), notAfter: fromUnix(na),
 		raw: raw, tbs: raw[:tbsLen], digest: sha256.Sum256(raw),
 	}
+	c.hash = digest(suite.Hash(), raw)
 	c.publicKey = raw[tbsLen-len(pk) : tbsLen]
 	c.pqSig = raw[tbsLen+2 : tbsLen+2+len(pqSig)]
 	c.classicalSig = raw[len(raw)-len(clSig):]

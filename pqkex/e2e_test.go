@@ -56,7 +56,7 @@ func TestClientHandshakeAhead(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	ts := e.startServer(t, echoMux(), pqkex.WithMetrics(reg))
 	base := e.transport(t, clientID)
-	hc, c := e.httpClient(t, base)
+	hc, c := e.httpClient(t, base, pqkex.WithoutChannelBinding())
 	ctx := context.Background()
 	for i := 1; i <= 2; i++ {
 		if err := c.Handshake(ctx, base, ts.URL); err != nil {

@@ -177,7 +177,7 @@ func (e *env) transport(t testing.TB, id string) *http.Transport {
 // httpClient returns an HTTP client that seals with pqkex over base.
 func (e *env) httpClient(t testing.TB, base http.RoundTripper, opts ...pqkex.Option) (*http.Client, *pqkex.Client) {
 	t.Helper()
-	opts = append([]pqkex.Option{pqkex.WithIdentity(e.client), pqkex.WithRoots(e.ca.Roots()), pqkex.WithClock(fixedClock)}, opts...)
+	opts = append([]pqkex.Option{pqkex.WithIdentity(e.client), pqkex.WithRoots(e.ca.Roots()), pqkex.WithClock(fixedClock), pqkex.WithAuthorizer(pqkex.AuthorizeID(serverID))}, opts...)
 	c, err := pqkex.NewClient(opts...)
 	if err != nil {
 		t.Fatal(err)

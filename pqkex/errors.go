@@ -27,6 +27,7 @@ const (
 	reasonUnsupported   reason = "unsupported"
 	reasonVersion       reason = "version"
 	reasonInternal      reason = "internal"
+	reasonReplayStore   reason = "replay_store"
 )
 
 // reasonCodes is the one place where pqkex maps its failures to Connect codes.
@@ -45,6 +46,7 @@ var reasonCodes = map[reason]connect.Code{
 	reasonUnsupported:   connect.CodeUnimplemented,
 	reasonVersion:       connect.CodeUnimplemented,
 	reasonInternal:      connect.CodeInternal,
+	reasonReplayStore:   connect.CodeUnavailable, // the shared replay store did not answer: retry later
 }
 
 // Error is a pqkex failure. Its text never contains key material or internal state.
@@ -77,6 +79,7 @@ var (
 	errChannelBinding  = newError(reasonCredential, "channel binding failed")
 	errServerConfirm   = newError(reasonCredential, "server failed to prove its identity")
 	errServerKey       = newError(reasonServerKey, "server credential unknown to this server")
+	errReplayStore     = newError(reasonReplayStore, "the shared replay store did not answer")
 	errTLSNotPQ        = newError(reasonTLSNotPQ, "TLS connection without a post-quantum key exchange: send a pqkex ephemeral")
 	errTLSNotPQHere    = newError(reasonCredential, "server accepted the TLS ephemeral, but this TLS connection is not post-quantum")
 	errUnsupported     = newError(reasonUnsupported, "unsupported suite or AEAD")
@@ -174,6 +177,12 @@ func callRefusal(token string) *reasonError {
 	if sessionRefusal(token) {
 		return &reasonError{reason: reason(token), code: connect.CodeUnavailable,
 			text: "session refused by the server (unauthenticated refusal: " + token + ")"}
+	}
+	if reason(token) == reasonReplayStore {
+		// The server could not consult its shared replay store: the call did not run. A
+		// proxy that forges this only makes the call fail, as dropping it would.
+		return &reasonError{reason: reasonReplayStore, code: connect.CodeUnavailable,
+			text: "the server could not check the call against its replay store (unauthenticated refusal: " + token + ")"}
 	}
 	if len(token) > 32 || !validFieldName(http.CanonicalHeaderKey(token)) {
 		token = "?"

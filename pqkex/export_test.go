@@ -11,7 +11,7 @@ func Handshake(client, server *Identity, s *Server, now time.Time, bind, tlsEphe
 	if bind {
 		cb = make([]byte, 32)
 	}
-	hs, err := startClient(nil, client, server.cred, AES256GCM, clientFlags(bind, tlsEphemeral))
+	hs, err := startClient(nil, client, server.cred, AES256GCM, suiteFlags(client.cred.suite, clientFlags(bind, tlsEphemeral)))
 	if err != nil {
 		return false
 	}
@@ -25,9 +25,9 @@ func Handshake(client, server *Identity, s *Server, now time.Time, bind, tlsEphe
 	}
 	issue := func(sec handshakeSecrets) ([]byte, uint64, error) {
 		st := &ticketState{suite: ch.suite, aead: ch.aead, sessionID: sec.sessionID, secret: sec.session,
-			issued: unixSeconds(now), expiry: unixSeconds(now.Add(time.Hour)), serverDigest: server.cred.digest,
+			issued: unixSeconds(now), expiry: unixSeconds(now.Add(time.Hour)), serverHash: server.cred.hash,
 			clientID: peer.spiffeID, clientPK: peer.publicKey}
-		t, err := s.cfg.tickets.seal(nil, st.marshal())
+		t, err := s.cfg.tickets.seal(nil, server.cred.spiffeID, st.marshal(), now)
 		return t, st.expiry, err
 	}
 	sh, sec, err := respond(nil, ch, server, peer, cb, issue)

@@ -93,14 +93,14 @@ func FuzzOpenTicket(f *testing.F) {
 		f.Fatal(err)
 	}
 	for _, v := range loadKAT(f) {
-		tk, err := keys.seal(bytes.NewReader(make([]byte, 12)), v.TicketPlaintext)
+		tk, err := keys.seal(bytes.NewReader(make([]byte, ticketSaltSize)), katServerID, v.TicketPlaintext, time.Unix(0, 0))
 		if err != nil {
 			f.Fatal(err)
 		}
 		f.Add(tk)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		s, err := keys.openTicket(b, time.Unix(0, 0))
+		s, err := keys.openTicket(b, katServerID, time.Unix(0, 0))
 		if err == nil && s.suite == nil {
 			t.Fatal("ticket opened without a suite")
 		}

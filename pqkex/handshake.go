@@ -73,7 +73,7 @@ func parseClientHello(b []byte) (*clientHello, error) {
 	if m.suite == nil || !m.aead.supported() || aeadID == 0 {
 		return nil, errUnsupported
 	}
-	if !validFlags(flags) {
+	if !validFlagsFor(m.suite, flags) {
 		return nil, errMalformed
 	}
 	k := m.kem()
@@ -91,6 +91,20 @@ func parseClientHello(b []byte) (*clientHello, error) {
 func validFlags(f uint8) bool {
 	return f&^knownFlags == 0 && (f&flagPQOnly == 0 || f&flagBinding != 0) &&
 		(f&flagTLSEphemeral == 0 || f&(flagBinding|flagPQOnly) == flagBinding|flagPQOnly)
+}
+
+// validFlagsFor is validFlags for a suite: the X448 suite never leaves its classical half
+// (bit 1) or its ephemeral (bit 2) to the TLS connection, whose group is never X448 (spec 5.3).
+func validFlagsFor(suite Scheme, f uint8) bool {
+	return validFlags(f) && (suite.ID() != x448MLKEM1024.ID() || f&(flagPQOnly|flagTLSEphemeral) == 0)
+}
+
+// suiteFlags restricts a client's flags to those its suite allows (validFlagsFor).
+func suiteFlags(suite Scheme, f uint8) uint8 {
+	if suite.ID() == x448MLKEM1024.ID() {
+		return f & flagBinding
+	}
+	return f
 }
 
 // clientFlags are the flags of a client's hello: channel-bound handshakes use the ML-KEM
@@ -210,13 +224,20 @@ func parseServerHello(b []byte, suite Scheme, aead AEAD, flags uint8) (*serverHe
 	return m, nil
 }
 
-// transcriptHello is the ClientHello as the transcript sees it: the encoding with the client
-// credential replaced by its SHA-256 digest (which binds it as well and spares hashing the
-// ML-DSA signature four times per handshake). Spec section 5.2.
-func (m *clientHello) transcriptHello(credDigest [32]byte) []byte {
+// transcriptHello is the ClientHello as the transcript sees it (CH', spec 5.2): the encoding
+// with the client credential replaced by its hash and the server credential's SHA-256 name by
+// its hash, both with the suite hash (which binds them as well and spares hashing the ML-DSA
+// signature four times per handshake).
+func (m *clientHello) transcriptHello(clientHash, serverHash []byte) []byte {
 	t := *m
-	t.credential = credDigest[:]
-	return t.marshal()
+	t.credential = clientHash
+	b := t.marshal()
+	const at = 7 + randomSize // server_credential_digest's offset
+	if len(serverHash) == credDigestSize {
+		copy(b[at:], serverHash)
+		return b
+	}
+	return append(append(append(make([]byte, 0, len(b)+len(serverHash)), b[:at]...), serverHash...), b[at+credDigestSize:]...)
 }
 
 // transcripts returns th = H(CH' ‖ SH up to ct_c), from which the session keys derive, and
@@ -265,7 +286,7 @@ func startClient(rand io.Reader, self *Identity, server *Credential, aead AEAD, 
 	if server.suite.ID() != suite.ID() {
 		return nil, errUnsupported
 	}
-	if !validFlags(flags) {
+	if !validFlagsFor(suite, flags) {
 		return nil, errInternal
 	}
 	m := &clientHello{versions: serverVersions, suites: []uint16{suite.ID()}, suite: suite, aead: AEAD(aead.id()),
@@ -336,7 +357,7 @@ func (c *clientHandshake) finish(raw, cb []byte) (*clientResult, error) {
 		return nil, errTampered
 	}
 	ikm := concat(c.ssS, ssE, ssC)
-	th, thc := transcripts(suite, c.hello.transcriptHello(c.self.cred.digest), sh)
+	th, thc := transcripts(suite, c.hello.transcriptHello(c.self.cred.hash, c.server.hash), sh)
 	sec := deriveHandshake(suite.Hash(), cb, ikm, th)
 	if !hmac.Equal(mac(suite.Hash(), sec.confirm, thc), sh.confirm) {
 		return nil, errServerConfirm
@@ -380,7 +401,7 @@ func respond(rand io.Reader, ch *clientHello, self *Identity, peer *Credential, 
 		return nil, handshakeSecrets{}, errInternal
 	}
 	sh.ctC = ctC
-	t := newTranscript(suite, ch.transcriptHello(peer.digest), sh)
+	t := newTranscript(suite, ch.transcriptHello(peer.hash, self.cred.hash), sh)
 	sec := deriveHandshake(suite.Hash(), cb, concat(ssS, ssE, ssC), t.th)
 	if sh.ticket, sh.ticketExpiry, err = issue(sec); err != nil {
 		return nil, handshakeSecrets{}, err

@@ -12,6 +12,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"flag"
 	"io"
 	"net/http"
@@ -83,6 +84,7 @@ type katVector struct {
 	Session          hexBytes `json:"session_secret"`
 	SessionID        hexBytes `json:"session_id"`
 	TicketPlaintext  hexBytes `json:"ticket_plaintext"`
+	CallRoot         hexBytes `json:"call_root"`
 	CallID           uint64   `json:"call_id"`
 	Procedure        string   `json:"procedure"`
 	ServerNonce      hexBytes `json:"server_nonce"`
@@ -107,7 +109,8 @@ var katCases = []struct {
 	{X448MLKEM1024(), AES256GCM, 0},
 	// Channel-bound on a post-quantum TLS connection: no pqkex ephemeral (spec 5.3).
 	{X25519MLKEM768(), AES256GCM, flagBinding | flagPQOnly | flagTLSEphemeral},
-	{X448MLKEM1024(), ChaCha20Poly1305, flagBinding | flagPQOnly | flagTLSEphemeral},
+	// The X448 suite binds to the channel with its full hybrid KEMs and ephemeral (spec 5.3).
+	{X448MLKEM1024(), ChaCha20Poly1305, flagBinding},
 }
 
 // katRun computes a vector from its inputs (suite, AEAD, seed, ClientHello flags; the
@@ -117,6 +120,9 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 	seed := "veil pqkex kat " + suite.Name() + " " + aead.String()
 	if flags&flagTLSEphemeral != 0 {
 		seed += " tls-ephemeral" // later vectors than the first three, whose seeds stay as they were
+	}
+	if flags == flagBinding {
+		seed += " bound"
 	}
 	v := katVector{Suite: suite.Name(), AEAD: aead.String(), Seed: seed,
 		Now: time.Date(2026, 6, 1, 12, 0, 0, 0, time.UTC).Unix(), CallID: 7, Procedure: "/test.v1.EchoService/Unary"}
@@ -179,10 +185,13 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 	}
 	issue := func(sec handshakeSecrets) ([]byte, uint64, error) {
 		st := &ticketState{suite: suite, aead: aead, flags: ch.flags, sessionID: sec.sessionID, secret: sec.session,
-			issued: unixSeconds(now), expiry: unixSeconds(now.Add(time.Hour)), serverDigest: server.cred.digest,
+			issued: unixSeconds(now), expiry: unixSeconds(now.Add(time.Hour)), serverHash: server.cred.hash,
 			clientID: peer.spiffeID, clientPK: peer.publicKey}
+		if bind {
+			st.bindingID = bindingID(cb)
+		}
 		v.TicketPlaintext = st.marshal()
-		tkt, err := keys.seal(r, v.TicketPlaintext)
+		tkt, err := keys.seal(r, server.cred.spiffeID, v.TicketPlaintext, now)
 		return tkt, st.expiry, err
 	}
 	sh, serverSecrets, err := respond(r, ch, server, peer, cb, issue)
@@ -197,9 +206,19 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 	if !bytes.Equal(res.secrets.session, serverSecrets.session) || !bytes.Equal(res.secrets.sessionID, serverSecrets.sessionID) {
 		t.Fatal("client and server derived different sessions")
 	}
-	st, err := keys.openTicket(res.ticket, now)
+	st, err := keys.openTicket(res.ticket, server.cred.spiffeID, now)
 	if err != nil || !bytes.Equal(st.marshal(), v.TicketPlaintext) {
 		t.Fatalf("ticket does not open to its plaintext: %v", err)
+	}
+	// The reference opens the ticket with the standard library alone (spec 7).
+	if pt, err := referenceOpenTicket(tk.Secret[:], server.cred.spiffeID, res.ticket); err != nil || !bytes.Equal(pt, v.TicketPlaintext) {
+		t.Fatalf("the reference does not open the ticket: %v", err)
+	}
+	if bind && !bytes.Equal(st.bindingID, refExpandLabel(crypto.SHA256, cb, "binding id", nil, 32)) {
+		t.Fatal("binding_id and the reference derivation disagree")
+	}
+	if !bytes.Equal(server.cred.hash, refHash(suite.Hash(), server.cred.raw)) {
+		t.Fatal("the credential hash is not the suite hash of the credential")
 	}
 	v.Session, v.SessionID = res.secrets.session, res.secrets.sessionID
 
@@ -218,7 +237,7 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 	// The call path derives each direction's first key from the keyed session state
 	// (newCallKeys, then deriveS2C with the server nonce); the step-by-step reference, plain
 	// HKDF over the bytes of spec 5.2, must agree with it.
-	ck, err := newCallKeys(h, aead, sessionKey(h, v.Session), v.CallID, v.Procedure)
+	ck, err := newCallKeys(h, aead, callRoot(h, v.Session, server.cred.spiffeID, server.cred.hash), v.CallID, v.Procedure)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -226,7 +245,8 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 	if err := ck.deriveS2C(); err != nil {
 		t.Fatal(err)
 	}
-	ref := referenceCallKeys(h, v.Session, v.CallID, v.ServerNonce, v.Procedure)
+	ref := referenceCallKeys(h, v.Session, server.cred.spiffeID, server.cred.raw, v.CallID, v.ServerNonce, v.Procedure)
+	v.CallRoot = ref.callRoot
 	v.C2SKey, v.S2CKey = ref.c2sKey, ref.s2cKey
 	v.C2SSecret, v.S2CSecret = ck.chainSecret(dirC2S), ck.chainSecret(dirS2C)
 	if !bytes.Equal(v.C2SSecret, ref.c2sSecret) || !bytes.Equal(v.S2CSecret, ref.s2cSecret) {
@@ -392,7 +412,7 @@ func TestKnownAnswerServer(t *testing.T) {
 
 // callKeysRef is the per-call key schedule of spec 5.2 computed step by step with the standard
 // library's HKDF, independently of the kdf type the implementation uses.
-type callKeysRef struct{ c2sKey, s2cKey, c2sSecret, s2cSecret []byte }
+type callKeysRef struct{ callRoot, c2sKey, s2cKey, c2sSecret, s2cSecret []byte }
 
 func refExpandLabel(h crypto.Hash, secret []byte, label string, context []byte, n int) []byte {
 	full := "veil-pqkex-v1 " + label
@@ -406,16 +426,20 @@ func refExpandLabel(h crypto.Hash, secret []byte, label string, context []byte, 
 	return out
 }
 
-func referenceCallKeys(h crypto.Hash, session []byte, callID uint64, nonce []byte, procedure string) callKeysRef {
+func referenceCallKeys(h crypto.Hash, session []byte, serverID string, serverCredential []byte, callID uint64, nonce []byte, procedure string) callKeysRef {
+	srv := binary.BigEndian.AppendUint16(nil, uint16(len(serverID)))
+	srv = append(append(srv, serverID...), refHash(h, serverCredential)...)
+	root := refExpandLabel(h, session, "call root", srv, h.Size())
 	c2s := binary.BigEndian.AppendUint64(nil, callID)
 	c2s = append(c2s, procedure...)
 	s2c := binary.BigEndian.AppendUint64(nil, callID)
 	s2c = append(append(s2c, nonce...), procedure...)
 	return callKeysRef{
-		c2sKey:    refExpandLabel(h, session, "c2s key", c2s, aeadKeySize),
-		s2cKey:    refExpandLabel(h, session, "s2c key", s2c, aeadKeySize),
-		c2sSecret: refExpandLabel(h, session, "c2s", c2s, h.Size()),
-		s2cSecret: refExpandLabel(h, session, "s2c", s2c, h.Size()),
+		callRoot:  root,
+		c2sKey:    refExpandLabel(h, root, "c2s key", c2s, aeadKeySize),
+		s2cKey:    refExpandLabel(h, root, "s2c key", s2c, aeadKeySize),
+		c2sSecret: refExpandLabel(h, root, "c2s", c2s, h.Size()),
+		s2cSecret: refExpandLabel(h, root, "s2c", s2c, h.Size()),
 	}
 }
 
@@ -431,7 +455,7 @@ func TestKnownAnswerBodiesIndependently(t *testing.T) {
 	}
 	for _, v := range loadKAT(t) {
 		h := SchemeByName(v.Suite).Hash()
-		ref := referenceCallKeys(h, v.Session, v.CallID, v.ServerNonce, v.Procedure)
+		ref := referenceCallKeys(h, v.Session, katServerID, v.ServerCredential, v.CallID, v.ServerNonce, v.Procedure)
 		newAEAD := func(key []byte) cipher.AEAD {
 			var a cipher.AEAD
 			var err error
@@ -514,4 +538,43 @@ func TestKnownAnswerBodiesIndependently(t *testing.T) {
 			t.Errorf("%s: response trailers %v, want %v", v.Suite, got, want)
 		}
 	}
+}
+
+// refHash is H(b) with the standard library.
+func refHash(h crypto.Hash, b []byte) []byte {
+	d := h.New()
+	d.Write(b)
+	return d.Sum(nil)
+}
+
+// referenceOpenTicket opens a ticket as spec 7 describes it, with the standard library:
+// K_t = ExpandLabel-SHA256(secret, "ticket key", u16 len ‖ server_spiffe_id ‖ salt, 32),
+// AES-256-GCM with a zero nonce and aad = label ‖ key_id ‖ salt ‖ u16 len ‖ server_spiffe_id.
+func referenceOpenTicket(secret []byte, serverID string, ticket []byte) ([]byte, error) {
+	if len(ticket) < 4+16+16 {
+		return nil, errors.New("short ticket")
+	}
+	salt := ticket[4:20]
+	id := binary.BigEndian.AppendUint16(nil, uint16(len(serverID)))
+	id = append(id, serverID...)
+	key := refExpandLabel(crypto.SHA256, secret, "ticket key", append(append([]byte(nil), id...), salt...), 32)
+	b, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, err
+	}
+	g, err := cipher.NewGCM(b)
+	if err != nil {
+		return nil, err
+	}
+	aad := append([]byte("veil-pqkex-v1 ticket"), ticket[:20]...)
+	aad = append(aad, id...)
+	return g.Open(nil, make([]byte, 12), ticket[20:], aad)
+}
+
+// katServerID is the SPIFFE ID of every vector's server.
+const katServerID = "spiffe://example.org/server"
+
+// katServerHash is H(server credential) of a vector, as srv and its tickets hold it.
+func katServerHash(v katVector) []byte {
+	return refHash(SchemeByName(v.Suite).Hash(), v.ServerCredential)
 }

@@ -234,14 +234,29 @@ func deriveHandshake(h crypto.Hash, cb, ikm, th []byte) handshakeSecrets {
 	}
 }
 
-// sessionKey returns the session secret keyed for the per-call derivations; sessions keep
-// it so that each call's first step costs two hash blocks fewer.
-func sessionKey(h crypto.Hash, session []byte) *hmacKey {
+// callRoot returns call_root = ExpandLabel(session, "call root", u16 len ‖ server_spiffe_id
+// ‖ H(server credential), Nh) (spec 5.2), keyed for the per-call derivations: every call key
+// is bound to the server the session was made with. Sessions keep it, so each call's first
+// step costs two hash blocks fewer.
+func callRoot(h crypto.Hash, session []byte, serverID string, serverHash []byte) *hmacKey {
 	k := getKDF(h)
 	defer k.put()
+	srv := appendVec16(make([]byte, 0, 2+len(serverID)+len(serverHash)), []byte(serverID))
+	srv = append(srv, serverHash...)
+	root := k.expand(make([]byte, 0, h.Size()), session, "call root", srv, h.Size())
 	sk := new(hmacKey)
-	k.keyed(sk, session)
+	k.keyed(sk, root)
+	clear(root)
 	return sk
+}
+
+// bindingIDSize is the size of a ticket's binding_id (spec 7.3).
+const bindingIDSize = 32
+
+// bindingID returns ExpandLabel-SHA256(cb, "binding id", "", 32): what a ticket of a
+// channel-bound session remembers of its TLS connection (spec 7.3).
+func bindingID(cb []byte) []byte {
+	return expandLabel(crypto.SHA256, cb, "binding id", nil, bindingIDSize)
 }
 
 // Directions of a call.

@@ -43,7 +43,7 @@ func TestCallKeysAllocations(t *testing.T) {
 	if raceEnabled {
 		t.Skip("allocation counts differ under the race detector")
 	}
-	sk := sessionKey(crypto.SHA256, make([]byte, 32))
+	sk := callRoot(crypto.SHA256, make([]byte, 32), katServerID, make([]byte, 32))
 	allocs := testing.AllocsPerRun(100, func() {
 		ck, err := newCallKeys(crypto.SHA256, AES256GCM, sk, 7, "/test.v1.EchoService/Unary")
 		if err != nil {
@@ -67,7 +67,7 @@ func BenchmarkCallCrypto(b *testing.B) {
 	session := bytes.Repeat([]byte{7}, 32)
 	const procedure = "/veil.echo.v1.EchoService/Echo"
 	plain := bytes.Repeat([]byte{'x'}, 1024)
-	clientKey, serverKey := sessionKey(crypto.SHA256, session), sessionKey(crypto.SHA256, session)
+	clientKey, serverKey := callRoot(crypto.SHA256, session, katServerID, make([]byte, 32)), callRoot(crypto.SHA256, session, katServerID, make([]byte, 32))
 	reqHead := &fieldBlock{method: http.MethodPost, path: procedure, headers: http.Header{"Content-Type": {"application/proto"}}}
 	respHead := &fieldBlock{status: http.StatusOK, headers: http.Header{"Content-Type": {"application/proto"}}}
 	b.ReportAllocs()
@@ -131,7 +131,7 @@ func BenchmarkCallCrypto(b *testing.B) {
 
 // sealWhole refuses a body longer than its declared length, and one shorter.
 func TestSealWholeLength(t *testing.T) {
-	sk := sessionKey(crypto.SHA256, make([]byte, 32))
+	sk := callRoot(crypto.SHA256, make([]byte, 32), katServerID, make([]byte, 32))
 	for _, tt := range []struct {
 		body    string
 		n       int64

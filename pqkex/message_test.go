@@ -44,7 +44,7 @@ func listMux() *http.ServeMux {
 func TestTruncationThroughProxy(t *testing.T) {
 	e := newEnv(t, pqkex.X25519MLKEM768())
 	backend := e.startServer(t, listMux())
-	hc, _ := e.httpClient(t, e.transport(t, clientID))
+	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithoutChannelBinding()) // through TLS-terminating proxies
 	call := func(base string, opts []connect.ClientOption) (int, error) {
 		c := connect.NewClient[str, structpb.ListValue](hc, base+procList, opts...)
 		resp, err := c.CallUnary(context.Background(), connect.NewRequest(strMsg("all")))
@@ -142,7 +142,7 @@ func TestProxyChangedHeadersNeverReachEitherSide(t *testing.T) {
 		r.Header.Set("X-Proxy-Resp", "1")
 		return nil
 	})
-	hc, _ := e.httpClient(t, e.transport(t, clientID))
+	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithoutChannelBinding()) // through TLS-terminating proxies
 	hcl := &headerClient{base: hc.Transport, seen: map[string]http.Header{}}
 	hc.Transport = hcl
 	for _, p := range protocols {
@@ -188,7 +188,7 @@ func TestProxyChangedContentTypeIsTampering(t *testing.T) {
 		}
 		return nil
 	})
-	hc, _ := e.httpClient(t, e.transport(t, clientID))
+	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithoutChannelBinding()) // through TLS-terminating proxies
 	for _, base := range []string{reqCT.URL, respCT.URL} {
 		for _, p := range protocols {
 			_, errs := callAll(context.Background(), hc, base, p.opts, "hello")
@@ -224,8 +224,8 @@ func TestForgedErrorHeader(t *testing.T) {
 		r.ContentLength = -1
 		return nil
 	})
-	hc, _ := e.httpClient(t, e.transport(t, clientID))
-	if err := unaryCall(hc, proxy.URL); err != nil { // the session, with no forgery
+	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithoutChannelBinding()) // through TLS-terminating proxies
+	if err := unaryCall(hc, proxy.URL); err != nil {                                  // the session, with no forgery
 		t.Fatal(err)
 	}
 	for _, tc := range []struct {

@@ -13,6 +13,7 @@ type metrics struct {
 	handshakes *prometheus.CounterVec // side, result
 	calls      *prometheus.CounterVec // side, sealed
 	rekeys     *prometheus.CounterVec // side, kind (session or stream)
+	insecure   *prometheus.CounterVec // side: sessions made under InsecureAcceptAnyServer
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -33,12 +34,17 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "veil_pqkex_rekeys_total",
 			Help: "Fresh-KEM rekeys by side and kind: session (a new handshake replacing a used-up session) or stream (a REKEY frame).",
 		}, []string{"side", "kind"}),
+		insecure: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "veil_pqkex_insecure_sessions_total",
+			Help: "Sessions a client made without naming the server it expects (InsecureAcceptAnyServer).",
+		}, []string{"side"}),
 	}
 	if reg != nil {
 		m.rejections = register(reg, m.rejections)
 		m.handshakes = register(reg, m.handshakes)
 		m.calls = register(reg, m.calls)
 		m.rekeys = register(reg, m.rekeys)
+		m.insecure = register(reg, m.insecure)
 	}
 	return m
 }

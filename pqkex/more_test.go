@@ -104,6 +104,18 @@ type rotatingIdentity struct {
 	id *pqkex.Identity
 }
 
+// rotate replaces the identity with a new one for serverID from e's CA.
+func (r *rotatingIdentity) rotate(t *testing.T, e *env) {
+	t.Helper()
+	next, err := e.ca.Identity(pqkex.X25519MLKEM768(), serverID, testNow.Add(-time.Hour), testNow.Add(time.Hour), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.mu.Lock()
+	r.id = next
+	r.mu.Unlock()
+}
+
 func (r *rotatingIdentity) GetIdentity() (*pqkex.Identity, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -121,13 +133,7 @@ func TestServerCredentialRotation(t *testing.T) {
 	if err := unaryCall(hc, ts.URL); err != nil {
 		t.Fatal(err)
 	}
-	next, err := e.ca.Identity(pqkex.X25519MLKEM768(), serverID, testNow.Add(-time.Hour), testNow.Add(time.Hour), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	src.mu.Lock()
-	src.id = next
-	src.mu.Unlock()
+	src.rotate(t, e)
 	// The old session's ticket still opens: tickets do not depend on the static key.
 	if err := unaryCall(hc, ts.URL); err != nil {
 		t.Fatal(err)

@@ -61,21 +61,29 @@ func (p RekeyPolicy) withDefaults() RekeyPolicy {
 
 // config is shared by servers and clients.
 type config struct {
-	identity   IdentitySource
-	roots      Roots
-	rootsSet   bool
-	authorize  Authorizer
-	aead       AEAD
-	bind       bool
-	registerer prometheus.Registerer
-	now        func() time.Time
-	rekey      RekeyPolicy
+	identity  IdentitySource
+	roots     Roots
+	rootsSet  bool
+	authorize Authorizer
+	authSet   bool // WithAuthorizer given
+	aead      AEAD
+	bind      bool // server: require channel binding
+
+	// client only
+	insecureAny bool            // InsecureAcceptAnyServer
+	noBindAll   bool            // WithoutChannelBinding()
+	noBind      map[string]bool // WithoutChannelBinding(authorities...)
+	registerer  prometheus.Registerer
+	now         func() time.Time
+	rekey       RekeyPolicy
 
 	// server only
 	rand           io.Reader // randomness of handshakes and server nonces; nil: crypto/rand (tests set it)
 	tickets        *TicketKeys
 	ticketLifetime time.Duration
 	mode           func(procedure string) Mode
+	replayStore    ReplayStore
+	replayFor      func(procedure string) bool
 }
 
 // Option configures a [Server] or a [Client].
@@ -108,13 +116,42 @@ func WithRoots(r Roots) Option {
 	return option(func(c *config) { c.roots, c.rootsSet = r, true })
 }
 
-// WithAuthorizer sets which peer SPIFFE IDs are accepted. The default, [AuthorizeAny], accepts
-// any identity the roots certify. Clients should set [AuthorizeID] of the service they call:
-// through a proxy, the TLS peer is the proxy, and only the pqkex credential says which workload
-// answers, so without an authorizer a proxy could route the session to another certified
-// workload.
+// WithAuthorizer sets which peer SPIFFE IDs are accepted. On a server the default,
+// [AuthorizeAny], accepts any client identity the roots certify (rpc's policy authorizes
+// calls). A client must name the servers it expects, normally with [AuthorizeID] (spec 4.2):
+// through a proxy, the TLS peer is the proxy, and only the pqkex credential says which
+// workload answers, so without an authorizer a proxy could route the session to another
+// certified workload. [NewClient] refuses to start without it unless given
+// [InsecureAcceptAnyServer].
 func WithAuthorizer(a Authorizer) Option {
-	return option(func(c *config) { c.authorize = a })
+	return option(func(c *config) { c.authorize, c.authSet = a, a != nil })
+}
+
+// InsecureAcceptAnyServer lets a client without [WithAuthorizer] accept any server identity
+// the roots certify. Through a TLS-terminating proxy this lets any certified workload answer,
+// and read, the client's calls. NewClient logs a warning, and every session made under it is
+// counted in veil_pqkex_insecure_sessions_total. For tests and tools only; servers ignore it.
+func InsecureAcceptAnyServer() Option {
+	return option(func(c *config) { c.insecureAny = true })
+}
+
+// WithoutChannelBinding turns channel binding (spec 5.3), on by default on clients, off for
+// the servers at the given authorities ("https://host:port", as in request URLs), or for
+// every server when none are given. Use it only for servers reached through a
+// TLS-terminating proxy, where binding makes every handshake fail. Servers ignore it.
+func WithoutChannelBinding(authorities ...string) Option {
+	return option(func(c *config) {
+		if len(authorities) == 0 {
+			c.noBindAll = true
+			return
+		}
+		if c.noBind == nil {
+			c.noBind = map[string]bool{}
+		}
+		for _, a := range authorities {
+			c.noBind[a] = true
+		}
+	})
 }
 
 // WithAEAD selects the AEAD a client proposes (servers accept every supported AEAD). The
@@ -123,9 +160,10 @@ func WithAEAD(a AEAD) Option {
 	return option(func(c *config) { c.aead = a })
 }
 
-// WithChannelBinding binds the handshake to the TLS connection it runs on (spec 5.3). On a
-// client it requests binding; on a server it refuses handshakes without it. Use it only where
-// the peer terminates TLS itself: a terminating proxy then makes the handshake fail.
+// WithChannelBinding binds the handshake to the TLS connection it runs on (spec 5.3). Clients
+// bind by default (see [WithoutChannelBinding]); on a server it refuses handshakes without
+// binding. Use it only where the peer terminates TLS itself: a terminating proxy then makes
+// the handshake fail.
 func WithChannelBinding() Option {
 	return option(func(c *config) { c.bind = true })
 }
@@ -157,6 +195,15 @@ func WithTicketKeys(k *TicketKeys) ServerOption {
 // a ticket never outlives either credential.
 func WithTicketLifetime(d time.Duration) ServerOption {
 	return serverOption(func(c *config) { c.ticketLifetime = d })
+}
+
+// WithReplayStore checks every sealed call to a procedure for which procedures reports true
+// (nil: every procedure) against store as well as the server's own window, so that a call
+// replayed to another replica is refused (already_exists) before its handler runs (spec
+// 6.4). Give it the procedures with side effects that must not repeat: each check is a
+// round trip to the store.
+func WithReplayStore(store ReplayStore, procedures func(procedure string) bool) ServerOption {
+	return serverOption(func(c *config) { c.replayStore, c.replayFor = store, procedures })
 }
 
 // WithMode sets the mode of every procedure. The default is [Strict].

@@ -99,7 +99,7 @@ func TestThroughTerminatingProxy(t *testing.T) {
 	e := newEnv(t, pqkex.X25519MLKEM768())
 	backend := e.startServer(t, echoMux())
 	proxy, rec := e.startProxy(t, backend.URL, nil)
-	hc, _ := e.httpClient(t, e.transport(t, clientID))
+	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithoutChannelBinding(proxy.URL))
 	const marker = "PLAINTEXT-MARKER-7f3a"
 	for _, p := range protocols {
 		out, errs := callAll(context.Background(), hc, proxy.URL, p.opts, marker)
@@ -133,7 +133,7 @@ func TestProxyStrippingHeadersIsRefused(t *testing.T) {
 		r.Header.Del("Veil-Pqkex-Ticket")
 		r.Header.Del("Veil-Pqkex-Session")
 	})
-	hc, _ := e.httpClient(t, e.transport(t, clientID))
+	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithoutChannelBinding())
 	for _, p := range protocols {
 		out, errs := callAll(context.Background(), hc, proxy.URL, p.opts, "hello")
 		for _, k := range []string{"unary", "client", "server", "bidi"} {
@@ -157,7 +157,7 @@ func TestChannelBinding(t *testing.T) {
 		t.Fatalf("X-Bound = %q", resp.Header().Get("X-Bound"))
 	}
 	// A server that requires binding refuses a client that does not bind.
-	plainClient, _ := e.httpClient(t, e.transport(t, clientID))
+	plainClient, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithoutChannelBinding())
 	wantCode(t, unaryCall(plainClient, ts.URL), connect.CodePermissionDenied)
 	// Through a terminating proxy, binding fails.
 	backend := e.startServer(t, echoMux())

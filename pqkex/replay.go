@@ -1,6 +1,10 @@
 package pqkex
 
-import "sync"
+import (
+	"context"
+	"sync"
+	"time"
+)
 
 // replayWindowBits is the number of recent call IDs each session remembers (spec 6.4).
 const replayWindowBits = 1024
@@ -76,4 +80,58 @@ func (c *replayCache) accept(sid []byte, id, expiry, now uint64) bool {
 		c.windows[k] = w
 	}
 	return w.accept(id)
+}
+
+// ReplayStore is an optional anti-replay record shared by a service's replicas (spec 6.4),
+// as RFC 8446 section 8 describes for TLS 0-RTT: with it, a sealed call that an attacker
+// replays to another replica, whose own window never saw it, is refused there too. Accept
+// records that call callID of session sessionID was accepted and reports whether it is the
+// first record of it; it must be atomic across replicas (create if absent), and may forget
+// the record after expiry (the session's ticket expiry, after which the call cannot open).
+// An error refuses the call (replay_store, unavailable): a store that cannot answer must not
+// let a replay through. Each Accept is a round trip to the store, so give it only the procedures whose
+// side effects must not repeat ([WithReplayStore]). natsstate implements it with a NATS KV
+// bucket.
+type ReplayStore interface {
+	Accept(ctx context.Context, sessionID []byte, callID uint64, expiry time.Time) (bool, error)
+}
+
+// MemoryReplayStore is a ReplayStore in one process, for tests and for servers that share
+// one process's memory. The zero value is ready to use.
+type MemoryReplayStore struct {
+	mu   sync.Mutex
+	seen map[memoryReplayKey]time.Time
+	now  func() time.Time
+}
+
+type memoryReplayKey struct {
+	sid  [sessionIDSize]byte
+	call uint64
+}
+
+// Accept implements ReplayStore.
+func (m *MemoryReplayStore) Accept(_ context.Context, sessionID []byte, callID uint64, expiry time.Time) (bool, error) {
+	k := memoryReplayKey{call: callID}
+	copy(k.sid[:], sessionID)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.seen == nil {
+		m.seen = map[memoryReplayKey]time.Time{}
+	}
+	if _, ok := m.seen[k]; ok {
+		return false, nil
+	}
+	if len(m.seen)%pruneEvery == pruneEvery-1 {
+		now := time.Now()
+		if m.now != nil {
+			now = m.now()
+		}
+		for key, exp := range m.seen {
+			if !now.Before(exp) {
+				delete(m.seen, key)
+			}
+		}
+	}
+	m.seen[k] = expiry
+	return true, nil
 }

@@ -2,14 +2,12 @@ package pqkex
 
 import (
 	"bytes"
-	"encoding/base64"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
 	"sync/atomic"
 	"testing"
-	"time"
 )
 
 // TestReplayToAnotherReplica sends one sealed call (the first vector's request, with its
@@ -18,13 +16,8 @@ import (
 // differently each time; the two responses must be sealed under different s2c keys, each
 // opening only after its own server nonce.
 func TestReplayToAnotherReplica(t *testing.T) {
-	v := loadKAT(t)[0]
+	v, replicaOf, call := katReplicas(t)
 	suite, aead := SchemeByName(v.Suite), aeadByName(v.AEAD)
-	katRun(t, suite, aead, helloFlags(v))
-	sh, err := parseServerHello(v.ServerHello, suite, aead, helloFlags(v))
-	if err != nil {
-		t.Fatal(err)
-	}
 	var executions atomic.Int64
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if _, err := io.ReadAll(r.Body); err != nil {
@@ -33,22 +26,7 @@ func TestReplayToAnotherReplica(t *testing.T) {
 		// Same length, different plaintext: what would leak their XOR under one key and nonce.
 		_, _ = w.Write([]byte("answer " + strconv.FormatInt(executions.Add(1), 10)))
 	})
-	replica := func() http.Handler {
-		s, err := NewServer(WithIdentity(lastKATServer), WithRoots(lastKATRoots), WithTicketKeys(lastKATTickets),
-			WithClock(func() time.Time { return time.Unix(v.Now, 0) }))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return s.Handler(handler) // default randomness: crypto/rand
-	}
-	call := func(h http.Handler) *httptest.ResponseRecorder {
-		req := httptest.NewRequest(http.MethodPost, v.Procedure, bytes.NewReader(v.RequestBody))
-		req.Header.Set(headerTicket, base64.RawURLEncoding.EncodeToString(sh.ticket))
-		req.Header.Set("Content-Type", "application/proto") // the clear copy of the sealed one
-		rec := httptest.NewRecorder()
-		h.ServeHTTP(rec, req)
-		return rec
-	}
+	replica := func() http.Handler { return replicaOf(handler) } // default randomness: crypto/rand
 	a, b := replica(), replica()
 	ra, rb := call(a), call(b)
 	for _, rec := range []*httptest.ResponseRecorder{ra, rb} {
@@ -91,7 +69,7 @@ func TestReplayToAnotherReplica(t *testing.T) {
 
 	open := func(body []byte) (string, error) {
 		h := suite.Hash()
-		keys, err := newCallKeys(h, aead, sessionKey(h, v.Session), v.CallID, v.Procedure)
+		keys, err := newCallKeys(h, aead, callRoot(h, v.Session, katServerID, katServerHash(v)), v.CallID, v.Procedure)
 		if err != nil {
 			return "", err
 		}

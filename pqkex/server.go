@@ -1,6 +1,8 @@
 package pqkex
 
 import (
+	"bytes"
+	"crypto/hmac"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -8,7 +10,9 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"time"
+	"weak"
 )
 
 // Endpoint paths served by [Server.Handler] (spec sections 4.2 and 5).
@@ -23,6 +27,7 @@ const sideServer = "server"
 // requests before connect-go handlers see them.
 type Server struct {
 	cfg     *config
+	ids     identityHistory
 	creds   credCache
 	replay  replayCache
 	tickets ticketCache
@@ -39,12 +44,13 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 	if cfg.identity == nil || !cfg.rootsSet {
 		return nil, errors.New("pqkex: server needs WithIdentity and WithRoots")
 	}
+	if cfg.ticketLifetime <= 0 {
+		return nil, errors.New("pqkex: ticket lifetime must be positive")
+	}
 	if cfg.tickets == nil {
-		k, err := GenerateTicketKey(0, nil)
-		if err != nil {
-			return nil, err
-		}
-		if cfg.tickets, err = NewTicketKeys(k); err != nil {
+		// Private to this server, rotated every ticket lifetime (spec 7.2).
+		var err error
+		if cfg.tickets, err = NewRotatingTicketKeys(cfg.ticketLifetime, cfg.now); err != nil {
 			return nil, err
 		}
 	}
@@ -114,9 +120,10 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 	if err != nil {
 		return nil, err
 	}
-	self, err := s.cfg.identity.GetIdentity()
-	if err != nil || self == nil {
-		return nil, errInternal
+	now := s.cfg.now()
+	self, err := s.self(now)
+	if err != nil {
+		return nil, err
 	}
 	if ch.serverDigest != self.cred.digest {
 		return nil, errServerKey
@@ -128,7 +135,6 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 		// Checked before the credential work so that the client's retry is cheap (spec 5.3).
 		return nil, errTLSNotPQ
 	}
-	now := s.cfg.now()
 	peer, err := s.creds.verify(s.cfg.roots, ch.credential, now)
 	if err != nil {
 		return nil, err
@@ -150,8 +156,9 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 		}
 	}
 	issue := func(sec handshakeSecrets) ([]byte, uint64, error) {
+		// A ticket never outlives its key (spec 7.2), nor either credential.
 		expiry := now.Add(s.cfg.ticketLifetime)
-		for _, t := range []time.Time{peer.notAfter, self.cred.notAfter} {
+		for _, t := range []time.Time{now.Add(s.cfg.tickets.Period()), peer.notAfter, self.cred.notAfter} {
 			if t.Before(expiry) {
 				expiry = t
 			}
@@ -159,9 +166,12 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 		st := &ticketState{
 			suite: ch.suite, aead: ch.aead, flags: ch.flags, sessionID: sec.sessionID,
 			secret: sec.session, issued: unixSeconds(now), expiry: unixSeconds(expiry),
-			serverDigest: self.cred.digest, clientID: peer.spiffeID, clientPK: peer.publicKey,
+			serverHash: self.cred.hash, clientID: peer.spiffeID, clientPK: peer.publicKey,
 		}
-		t, err := s.cfg.tickets.seal(nil, st.marshal())
+		if bound {
+			st.bindingID = bindingID(cb)
+		}
+		t, err := s.cfg.tickets.seal(nil, self.cred.spiffeID, st.marshal(), now)
 		return t, st.expiry, err
 	}
 	out, _, err = respond(s.cfg.rand, ch, self, peer, cb, issue)
@@ -241,21 +251,21 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 		return nil, nil, errMalformed
 	}
 	now := s.cfg.now()
+	self, err := s.self(now)
+	if err != nil {
+		return nil, nil, err
+	}
 	var st *ticketState
 	if sessionHeader != "" {
 		st, err = s.cfg.tickets.openSessionHeader(&s.tickets, sessionHeader, now)
 	} else {
-		st, err = s.cfg.tickets.openTicketHeader(&s.tickets, ticketHeader, now)
+		st, err = s.cfg.tickets.openTicketHeader(&s.tickets, ticketHeader, self.cred, now)
 	}
 	if err != nil {
 		return nil, nil, err
 	}
 	if r.Method != http.MethodPost || r.Body == nil {
 		return nil, nil, errMethod
-	}
-	self, err := s.cfg.identity.GetIdentity()
-	if err != nil || self == nil {
-		return nil, nil, errInternal
 	}
 	sc := &serverCall{srv: s, st: st, self: self}
 	// A body of known length (a unary request) is read whole, in one read from the HTTP/2
@@ -291,6 +301,9 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if !s.replay.accept(st.sessionID, callID, st.expiry, unixSeconds(now)) {
 		return nil, nil, errReplayed
 	}
+	if err := s.sharedReplay(r, st, callID); err != nil {
+		return nil, nil, err
+	}
 	// A fresh server nonce for the response keys (spec 5.2, 6.4): a call replayed to another
 	// replica, whose replay window never saw it, is answered under other keys.
 	if err := readRandom(s.cfg.rand, keys.nonce[:]); err != nil {
@@ -299,7 +312,7 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if err := keys.deriveS2C(); err != nil {
 		return nil, nil, err
 	}
-	sc.peer = Peer{SPIFFEID: st.clientID, Suite: st.suite.Name(), AEAD: st.aead, ChannelBound: st.flags&flagBinding != 0}
+	sc.peer = Peer{SPIFFEID: st.clientID, Suite: st.suite.Name(), AEAD: st.aead, ChannelBound: onBoundConnection(st, r.TLS)}
 	inner := r.WithContext(withPeer(r.Context(), &sc.peer))
 	// The handler sees the sealed request headers and nothing a proxy added in clear.
 	if head.headers == nil {
@@ -312,6 +325,21 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	sc.seal = sealer{dir: &keys.s2c, side: sc, policy: s.cfg.rekey.Stream, now: s.cfg.now}
 	sc.sw = sealWriter{w: w, h: make(http.Header, 4), held: sessionHeader == "", nonce: keys.nonce[:], s: &sc.seal}
 	return inner, &sc.sw, nil
+}
+
+// sharedReplay checks a call against the shared replay store, if the procedure has one.
+func (s *Server) sharedReplay(r *http.Request, st *ticketState, callID uint64) error {
+	if s.cfg.replayStore == nil || (s.cfg.replayFor != nil && !s.cfg.replayFor(r.URL.Path)) {
+		return nil
+	}
+	fresh, err := s.cfg.replayStore.Accept(r.Context(), st.sessionID, callID, fromUnix(st.expiry))
+	switch {
+	case err != nil:
+		return errReplayStore
+	case !fresh:
+		return errReplayed
+	}
+	return nil
 }
 
 // serverCall is one sealed call as the server answers it: its keys and the state of its
@@ -331,12 +359,91 @@ type serverCall struct {
 func (sc *serverCall) encap() ([]byte, []byte, error) { return encapTo(sc.st.suite, sc.st.clientPK) }
 
 // decap opens a client's REKEY frame, which is sealed to the static key the session was
-// made with: after a rotation of this server's credential it cannot be opened.
+// made with: the current one, or one this server replaced less than a ticket lifetime ago.
 func (sc *serverCall) decap(ct []byte) ([]byte, error) {
-	if sc.self.cred.digest != sc.st.serverDigest {
-		return nil, errMalformed
+	id := sc.self
+	if !bytes.Equal(id.cred.hash, sc.st.serverHash) {
+		if id = sc.srv.ids.find(sc.st.serverHash, sc.srv.cfg.now()); id == nil {
+			return nil, errMalformed
+		}
 	}
-	return sc.st.suite.Decapsulate(sc.self.priv, ct)
+	return sc.st.suite.Decapsulate(id.priv, ct)
+}
+
+// onBoundConnection reports whether a call of the session st arrived over the TLS connection
+// its channel-bound handshake was bound to (spec 7.3): what Peer.ChannelBound means. net/http
+// shares one ConnectionState among a connection's requests, so the answer is kept per
+// session for the last connection seen, by a weak pointer: a closed connection's state (and
+// its exporter secret) is not kept alive by it.
+func onBoundConnection(st *ticketState, conn *tls.ConnectionState) bool {
+	if st.flags&flagBinding == 0 || conn == nil {
+		return false
+	}
+	if c := st.onConn.Load(); c != nil && c.conn.Value() == conn {
+		return c.bound
+	}
+	cb, err := conn.ExportKeyingMaterial(exporterLabel, nil, 32)
+	bound := err == nil && hmac.Equal(bindingID(cb), st.bindingID)
+	clear(cb)
+	st.onConn.Store(&connCheck{conn: weak.Make(conn), bound: bound})
+	return bound
+}
+
+// connCheck is onBoundConnection's answer for one connection.
+type connCheck struct {
+	conn  weak.Pointer[tls.ConnectionState]
+	bound bool
+}
+
+// identityHistory remembers the identities a server replaced, each for a ticket lifetime, so
+// that the in-stream rekeys of sessions made with an earlier credential still decapsulate.
+type identityHistory struct {
+	mu   sync.Mutex
+	last *Identity
+	old  []retainedIdentity
+}
+
+type retainedIdentity struct {
+	id    *Identity
+	until time.Time
+}
+
+// self returns the server's current identity, noting a replaced one.
+func (s *Server) self(now time.Time) (*Identity, error) {
+	id, err := s.cfg.identity.GetIdentity()
+	if err != nil || id == nil {
+		return nil, errInternal
+	}
+	h := &s.ids
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.last != id {
+		if h.last != nil && !bytes.Equal(h.last.cred.hash, id.cred.hash) {
+			h.old = append(h.old, retainedIdentity{id: h.last, until: now.Add(s.cfg.ticketLifetime)})
+		}
+		h.last = id
+		kept := h.old[:0]
+		for _, r := range h.old {
+			if now.Before(r.until) {
+				kept = append(kept, r)
+			}
+		}
+		clear(h.old[len(kept):])
+		h.old = kept
+	}
+	return id, nil
+}
+
+// find returns the identity retained at now whose credential hashes to hash, if any.
+func (h *identityHistory) find(hash []byte, now time.Time) *Identity {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, r := range h.old {
+		if now.Before(r.until) && bytes.Equal(r.id.cred.hash, hash) {
+			return r.id
+		}
+	}
+	return nil
 }
 
 func (sc *serverCall) rekeyed()           { sc.srv.sc.streamRekeys.Inc() }

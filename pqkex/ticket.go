@@ -1,6 +1,7 @@
 package pqkex
 
 import (
+	"crypto"
 	"crypto/aes"
 	"crypto/cipher"
 	"encoding/base64"
@@ -12,11 +13,13 @@ import (
 	"time"
 )
 
-// TicketKey is one ticket-sealing key. Secret must stay secret and be shared by every replica
-// that should accept the key's tickets.
+// TicketKey is one ticket-sealing secret. Secret must stay secret and be shared only by the
+// replicas of one service (spec 7.1). Created is when the key was made; zero means "when the
+// key set received it".
 type TicketKey struct {
-	ID     uint32
-	Secret [32]byte
+	ID      uint32
+	Secret  [32]byte
+	Created time.Time
 }
 
 // GenerateTicketKey returns a random key with the given ID. rand may be nil for crypto/rand.
@@ -28,28 +31,204 @@ func GenerateTicketKey(id uint32, rand io.Reader) (TicketKey, error) {
 	return k, nil
 }
 
+// DefaultTicketKeyPeriod is the period of a key set made by [NewTicketKeys]: the default
+// ticket lifetime.
+const DefaultTicketKeyPeriod = time.Hour
+
 // TicketKeys seals session tickets with the current key and opens tickets sealed with the
-// current or the previous key, so replicas sharing the same keys can continue each other's
-// sessions with no shared state. Rotate at intervals no shorter than the ticket lifetime:
-// a ticket stays valid until it expires or its key leaves the set (two rotations later).
-// A *TicketKeys is safe for concurrent use.
+// current or the previous key, so replicas of one service sharing the same keys can continue
+// each other's sessions with no shared state (spec 7). The current key seals for at most
+// the period; after a rotation the previous key opens tickets for one more period and is
+// then erased, and its tickets are refused. Servers cap every ticket's lifetime at the
+// period, so no ticket outlives its key. A *TicketKeys is safe for concurrent use.
 type TicketKeys struct {
 	mu       sync.RWMutex
-	current  ticketCipher
-	previous *ticketCipher
-	gen      atomic.Uint64 // counts rotations: servers' cached tickets are checked again after one
+	current  *ticketSecret
+	previous *ticketSecret
+	period   time.Duration
+	now      func() time.Time
+	auto     bool          // draws its own keys (a set private to one process)
+	next     atomic.Int64  // Unix nanoseconds of the next erasure or automatic rotation
+	gen      atomic.Uint64 // counts changes: servers' cached tickets are checked again after one
 }
 
-type ticketCipher struct {
-	id     uint32
-	serial uint64 // unique in the process: a later key with a reused ID is another key
-	aead   cipher.AEAD
+type ticketSecret struct {
+	id      uint32
+	serial  uint64 // unique in the process: a later key with a reused ID is another key
+	secret  [32]byte
+	created time.Time
+	retired time.Time // when it stopped sealing (previous keys only)
 }
 
 var ticketCipherSerial atomic.Uint64
 
-func newTicketCipher(k TicketKey) ticketCipher {
-	b, err := aes.NewCipher(k.Secret[:])
+func newTicketSecret(k TicketKey, now time.Time) *ticketSecret {
+	created := k.Created
+	if created.IsZero() || created.After(now) {
+		created = now
+	}
+	return &ticketSecret{id: k.ID, serial: ticketCipherSerial.Add(1), secret: k.Secret, created: created}
+}
+
+// NewTicketKeys returns a key set of period [DefaultTicketKeyPeriod] on the system clock whose
+// current key is current and, if given, whose previous key is previous[0].
+func NewTicketKeys(current TicketKey, previous ...TicketKey) (*TicketKeys, error) {
+	return NewTicketKeySet(DefaultTicketKeyPeriod, nil, current, previous...)
+}
+
+// NewTicketKeySet is NewTicketKeys with a period and a clock (nil: time.Now). The previous
+// key, if any, stopped sealing when current was created and is erased one period later.
+func NewTicketKeySet(period time.Duration, now func() time.Time, current TicketKey, previous ...TicketKey) (*TicketKeys, error) {
+	if len(previous) > 1 {
+		return nil, errors.New("pqkex: at most one previous ticket key")
+	}
+	if period <= 0 {
+		return nil, errors.New("pqkex: ticket key period must be positive")
+	}
+	if now == nil {
+		now = time.Now
+	}
+	t := &TicketKeys{period: period, now: now}
+	at := now()
+	t.current = newTicketSecret(current, at)
+	if len(previous) == 1 {
+		if previous[0].ID == current.ID {
+			return nil, errors.New("pqkex: ticket key IDs must differ")
+		}
+		t.previous = newTicketSecret(previous[0], at)
+		t.previous.retired = t.current.created
+	}
+	t.schedule()
+	return t, nil
+}
+
+// NewRotatingTicketKeys returns a key set private to this process that rotates itself: a
+// new random key every period, on the clock now (nil: time.Now). It is what a server uses
+// without [WithTicketKeys]; replicas that share sessions need a shared set (a file or NATS).
+func NewRotatingTicketKeys(period time.Duration, now func() time.Time) (*TicketKeys, error) {
+	k, err := GenerateTicketKey(1, nil)
+	if err != nil {
+		return nil, err
+	}
+	t, err := NewTicketKeySet(period, now, k)
+	if err != nil {
+		return nil, err
+	}
+	t.mu.Lock()
+	t.auto = true
+	t.schedule()
+	t.mu.Unlock()
+	return t, nil
+}
+
+// Period returns how long a key seals tickets, and how long it opens them after that.
+func (t *TicketKeys) Period() time.Duration { return t.period }
+
+// schedule records when maintain has work next; the caller holds mu (or owns t).
+func (t *TicketKeys) schedule() {
+	next := time.Unix(1<<62, 0)
+	if t.previous != nil {
+		next = t.previous.retired.Add(t.period)
+	}
+	if t.auto {
+		if r := t.current.created.Add(t.period); r.Before(next) {
+			next = r
+		}
+	}
+	t.next.Store(next.UnixNano())
+}
+
+// maintain erases the previous key once its period is over and, in a self-rotating set,
+// rotates a current key that is a period old. Cheap when there is nothing to do.
+func (t *TicketKeys) maintain(now time.Time) {
+	if now.UnixNano() < t.next.Load() {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.maintainLocked(now)
+}
+
+func (t *TicketKeys) maintainLocked(now time.Time) {
+	if t.auto && !now.Before(t.current.created.Add(t.period)) {
+		if k, err := GenerateTicketKey(t.current.id+1, nil); err == nil {
+			k.Created = now
+			t.rotateLocked(k, now)
+		}
+	}
+	if t.previous != nil && !now.Before(t.previous.retired.Add(t.period)) {
+		t.erase(t.previous)
+		t.previous = nil
+		t.gen.Add(1)
+	}
+	t.schedule()
+}
+
+// erase overwrites a key's secret; nothing else holds it (per-ticket keys are derived and
+// dropped, spec 7).
+func (t *TicketKeys) erase(k *ticketSecret) {
+	clear(k.secret[:])
+}
+
+// Rotate makes next the current key; the current key becomes the previous one, which opens
+// tickets for one more period, and the old previous key is erased, so its tickets are
+// refused from now on.
+func (t *TicketKeys) Rotate(next TicketKey) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if next.ID == t.current.id {
+		return errors.New("pqkex: ticket key IDs must differ")
+	}
+	t.rotateLocked(next, t.now())
+	t.maintainLocked(t.now())
+	return nil
+}
+
+func (t *TicketKeys) rotateLocked(next TicketKey, now time.Time) {
+	if t.previous != nil {
+		t.erase(t.previous)
+	}
+	t.previous = t.current
+	t.previous.retired = now
+	t.current = newTicketSecret(next, now)
+	t.gen.Add(1)
+	t.schedule()
+}
+
+// CurrentID returns the ID of the key that seals new tickets.
+func (t *TicketKeys) CurrentID() uint32 {
+	t.maintain(t.now())
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.current.id
+}
+
+const (
+	ticketAADLabel  = labelPrefix + "ticket"
+	ticketSaltSize  = 16
+	ticketKeyLabel  = "ticket key"
+	ticketOverhead  = 4 + ticketSaltSize + aeadTagSize
+	ticketHashLabel = "binding id"
+)
+
+// ticketAAD is "veil-pqkex-v1 ticket" ‖ u32 key_id ‖ salt ‖ u16 len ‖ server_spiffe_id.
+func ticketAAD(id uint32, salt []byte, serverID string) []byte {
+	b := make([]byte, 0, len(ticketAADLabel)+4+ticketSaltSize+2+len(serverID))
+	b = append(b, ticketAADLabel...)
+	b = binary.BigEndian.AppendUint32(b, id)
+	b = append(b, salt...)
+	return appendVec16(b, []byte(serverID))
+}
+
+// ticketAEAD returns the AES-256-GCM of one ticket: K_t = ExpandLabel-SHA256(secret,
+// "ticket key", u16 len ‖ server_spiffe_id ‖ salt, 32) (spec 7). It seals one ticket only,
+// so its nonce is zero.
+func ticketAEAD(secret *[32]byte, serverID string, salt []byte) cipher.AEAD {
+	ctx := appendVec16(make([]byte, 0, 2+len(serverID)+ticketSaltSize), []byte(serverID))
+	ctx = append(ctx, salt...)
+	key := expandLabel(crypto.SHA256, secret[:], ticketKeyLabel, ctx, 32)
+	b, err := aes.NewCipher(key)
+	clear(key)
 	if err != nil {
 		panic("pqkex: " + err.Error()) // unreachable: the key is 32 bytes
 	}
@@ -57,105 +236,74 @@ func newTicketCipher(k TicketKey) ticketCipher {
 	if err != nil {
 		panic("pqkex: " + err.Error())
 	}
-	return ticketCipher{id: k.ID, serial: ticketCipherSerial.Add(1), aead: g}
+	return g
 }
 
-// NewTicketKeys returns a key set whose current key is current and, if given, whose previous
-// key is previous[0].
-func NewTicketKeys(current TicketKey, previous ...TicketKey) (*TicketKeys, error) {
-	if len(previous) > 1 {
-		return nil, errors.New("pqkex: at most one previous ticket key")
-	}
-	t := &TicketKeys{current: newTicketCipher(current)}
-	if len(previous) == 1 {
-		if previous[0].ID == current.ID {
-			return nil, errors.New("pqkex: ticket key IDs must differ")
-		}
-		p := newTicketCipher(previous[0])
-		t.previous = &p
-	}
-	return t, nil
-}
+var zeroNonce [aeadNonceSize]byte
 
-// Rotate makes next the current key; the current key becomes the previous one and the old
-// previous key is dropped, so its tickets are refused from now on.
-func (t *TicketKeys) Rotate(next TicketKey) error {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if next.ID == t.current.id {
-		return errors.New("pqkex: ticket key IDs must differ")
-	}
-	cur := t.current
-	t.previous = &cur
-	t.current = newTicketCipher(next)
-	t.gen.Add(1)
-	return nil
-}
-
-// CurrentID returns the ID of the key that seals new tickets.
-func (t *TicketKeys) CurrentID() uint32 {
-	t.mu.RLock()
-	defer t.mu.RUnlock()
-	return t.current.id
-}
-
-const ticketAADLabel = labelPrefix + "ticket"
-
-func ticketAAD(id uint32) []byte {
-	return binary.BigEndian.AppendUint32([]byte(ticketAADLabel), id)
-}
-
-func (t *TicketKeys) seal(rand io.Reader, plaintext []byte) ([]byte, error) {
-	t.mu.RLock()
-	c := t.current
-	t.mu.RUnlock()
-	out := binary.BigEndian.AppendUint32(nil, c.id)
-	nonce := make([]byte, aeadNonceSize)
-	if err := readRandom(rand, nonce); err != nil {
+// seal seals a ticket's plaintext to serverID under the current key at time now.
+func (t *TicketKeys) seal(rand io.Reader, serverID string, plaintext []byte, now time.Time) ([]byte, error) {
+	t.maintain(now)
+	out := make([]byte, 4+ticketSaltSize, 4+ticketSaltSize+len(plaintext)+aeadTagSize)
+	salt := out[4:]
+	if err := readRandom(rand, salt); err != nil {
 		return nil, err
 	}
-	out = append(out, nonce...)
-	return c.aead.Seal(out, nonce, plaintext, ticketAAD(c.id)), nil
+	t.mu.RLock()
+	id := t.current.id
+	g := ticketAEAD(&t.current.secret, serverID, salt)
+	t.mu.RUnlock()
+	binary.BigEndian.PutUint32(out, id)
+	return g.Seal(out, zeroNonce[:], plaintext, ticketAAD(id, salt, serverID)), nil
 }
 
-// openSerial opens a ticket and returns the serial of the key that opened it.
-func (t *TicketKeys) openSerial(ticket []byte) ([]byte, uint64, error) {
-	if len(ticket) < 4+aeadNonceSize+aeadTagSize {
+// openSerial opens a ticket sealed to serverID and returns the serial of the key that opened
+// it.
+func (t *TicketKeys) openSerial(ticket []byte, serverID string, now time.Time) ([]byte, uint64, error) {
+	if len(ticket) < ticketOverhead {
 		return nil, 0, errMalformed
 	}
-	id := binary.BigEndian.Uint32(ticket)
+	t.maintain(now)
+	id, salt := binary.BigEndian.Uint32(ticket), ticket[4:4+ticketSaltSize]
 	t.mu.RLock()
-	var c *ticketCipher
+	var k *ticketSecret
 	if t.current.id == id {
-		c = &t.current
+		k = t.current
 	} else if t.previous != nil && t.previous.id == id {
-		c = t.previous
+		k = t.previous
+	}
+	var g cipher.AEAD
+	var serial uint64
+	if k != nil {
+		g, serial = ticketAEAD(&k.secret, serverID, salt), k.serial
 	}
 	t.mu.RUnlock()
-	if c == nil {
+	if g == nil {
 		return nil, 0, errUnknownTicket
 	}
-	pt, err := c.aead.Open(nil, ticket[4:4+aeadNonceSize], ticket[4+aeadNonceSize:], ticketAAD(id))
+	pt, err := g.Open(nil, zeroNonce[:], ticket[4+ticketSaltSize:], ticketAAD(id, salt, serverID))
 	if err != nil {
 		return nil, 0, errUnknownTicket
 	}
-	return pt, c.serial, nil
+	return pt, serial, nil
 }
 
 // ticketState is the plaintext of a ticket (spec section 7).
 type ticketState struct {
-	suite        Scheme
-	aead         AEAD
-	flags        uint8
-	sessionID    []byte
-	secret       []byte
-	issued       uint64
-	expiry       uint64
-	serverDigest [credDigestSize]byte
-	clientID     string
-	clientPK     []byte
+	suite      Scheme
+	aead       AEAD
+	flags      uint8
+	sessionID  []byte
+	secret     []byte
+	issued     uint64
+	expiry     uint64
+	serverHash []byte // H(server credential), Nh bytes (spec 7)
+	bindingID  []byte // with flagBinding: ExpandLabel(cb, "binding id") (spec 7.3)
+	clientID   string
+	clientPK   []byte
 
-	secretKey *hmacKey // secret keyed for the per-call derivations (set when cached)
+	secretKey *hmacKey                  // call_root keyed for the per-call derivations (set when cached)
+	onConn    atomic.Pointer[connCheck] // the last connection a call came over (spec 7.3)
 }
 
 func (s *ticketState) marshal() []byte {
@@ -167,7 +315,10 @@ func (s *ticketState) marshal() []byte {
 	b = appendVec8(b, s.secret)
 	b = binary.BigEndian.AppendUint64(b, s.issued)
 	b = binary.BigEndian.AppendUint64(b, s.expiry)
-	b = append(b, s.serverDigest[:]...)
+	b = append(b, s.serverHash...)
+	if s.flags&flagBinding != 0 {
+		b = append(b, s.bindingID...)
+	}
 	b = appendVec16(b, []byte(s.clientID))
 	return appendVec16(b, s.clientPK)
 }
@@ -181,13 +332,16 @@ func parseTicketState(b []byte) (*ticketState, error) {
 	s := &ticketState{suite: SchemeByID(p.u16()), aead: AEAD(p.u16()), flags: p.u8()}
 	// AEAD 0 would be read as AES-256-GCM but re-encode as 0x0001 (malleable): refused, as in
 	// ClientHello.
-	if p.bad || version != wireVersion || s.suite == nil || s.aead == 0 || !s.aead.supported() || !validFlags(s.flags) {
+	if p.bad || version != wireVersion || s.suite == nil || s.aead == 0 || !s.aead.supported() || !validFlagsFor(s.suite, s.flags) {
 		return nil, errMalformed
 	}
 	s.sessionID = p.take(sessionIDSize)
 	s.secret = p.vec8()
 	s.issued, s.expiry = p.u64(), p.u64()
-	copy(s.serverDigest[:], p.take(credDigestSize))
+	s.serverHash = p.take(s.suite.Hash().Size())
+	if s.flags&flagBinding != 0 {
+		s.bindingID = p.take(bindingIDSize)
+	}
 	s.clientID = string(p.vec16())
 	s.clientPK = p.exact16(s.suite.PublicKeySize())
 	if !p.ok() || len(s.secret) != s.suite.Hash().Size() || !validSPIFFEID(s.clientID) {
@@ -196,15 +350,15 @@ func parseTicketState(b []byte) (*ticketState, error) {
 	return s, nil
 }
 
-// openTicket decrypts and checks a ticket at time now.
-func (t *TicketKeys) openTicket(ticket []byte, now time.Time) (*ticketState, error) {
-	s, _, err := t.openTicketSerial(ticket, now)
+// openTicket decrypts and checks a ticket sealed to serverID at time now.
+func (t *TicketKeys) openTicket(ticket []byte, serverID string, now time.Time) (*ticketState, error) {
+	s, _, err := t.openTicketSerial(ticket, serverID, now)
 	return s, err
 }
 
 // openTicketSerial is openTicket, also returning the serial of the key that opened it.
-func (t *TicketKeys) openTicketSerial(ticket []byte, now time.Time) (*ticketState, uint64, error) {
-	pt, serial, err := t.openSerial(ticket)
+func (t *TicketKeys) openTicketSerial(ticket []byte, serverID string, now time.Time) (*ticketState, uint64, error) {
+	pt, serial, err := t.openSerial(ticket, serverID, now)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -303,9 +457,19 @@ func (t *TicketKeys) has(serial uint64) bool {
 	return t.current.serial == serial || (t.previous != nil && t.previous.serial == serial)
 }
 
-// openTicketHeader opens the base64url ticket of a request header at time now, through
-// cache, and keeps its session there for the short form.
-func (t *TicketKeys) openTicketHeader(cache *ticketCache, header string, now time.Time) (*ticketState, error) {
+// Has reports whether tickets sealed with key id are accepted now: id is the current or
+// the previous key, and the previous key's period is not over.
+func (t *TicketKeys) Has(id uint32) bool {
+	t.maintain(t.now())
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.current.id == id || (t.previous != nil && t.previous.id == id)
+}
+
+// openTicketHeader opens the base64url ticket of a request header, sealed to the server
+// self, at time now, through cache, and keeps its session there for the short form.
+func (t *TicketKeys) openTicketHeader(cache *ticketCache, header string, self *Credential, now time.Time) (*ticketState, error) {
+	t.maintain(now)
 	gen := t.gen.Load()
 	if st := cache.get(t, header, gen); st != nil {
 		if unixSeconds(now) >= st.expiry {
@@ -317,11 +481,11 @@ func (t *TicketKeys) openTicketHeader(cache *ticketCache, header string, now tim
 	if err != nil {
 		return nil, errMalformed
 	}
-	st, serial, err := t.openTicketSerial(ticket, now)
+	st, serial, err := t.openTicketSerial(ticket, self.spiffeID, now)
 	if err != nil {
 		return nil, err
 	}
-	st.secretKey = sessionKey(st.suite.Hash(), st.secret)
+	st.secretKey = callRoot(st.suite.Hash(), st.secret, self.spiffeID, st.serverHash)
 	cache.put(t, header, st, serial, gen, unixSeconds(now))
 	return st, nil
 }
@@ -335,6 +499,7 @@ func (t *TicketKeys) openSessionHeader(cache *ticketCache, header string, now ti
 	if n, err := base64.RawURLEncoding.Decode(sid[:], []byte(header)); err != nil || n != sessionIDSize {
 		return nil, errMalformed
 	}
+	t.maintain(now)
 	st := cache.getSession(t, sid, t.gen.Load())
 	if st == nil {
 		return nil, errUnknownSession

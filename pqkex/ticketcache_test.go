@@ -13,23 +13,25 @@ func TestTicketCache(t *testing.T) {
 	k1, _ := GenerateTicketKey(1, nil)
 	k2, _ := GenerateTicketKey(2, nil)
 	k3, _ := GenerateTicketKey(3, nil)
-	keys, err := NewTicketKeys(k1)
+	now := time.Unix(1_800_000_000, 0)
+	keys, err := NewTicketKeySet(time.Hour, func() time.Time { return now }, k1)
 	if err != nil {
 		t.Fatal(err)
 	}
-	now := time.Unix(1_800_000_000, 0)
+	self := &Credential{spiffeID: katServerID}
 	st := &ticketState{suite: X25519MLKEM768(), aead: AES256GCM, flags: flagBinding | flagPQOnly,
 		sessionID: make([]byte, sessionIDSize), secret: make([]byte, 32), issued: unixSeconds(now),
 		expiry: unixSeconds(now.Add(time.Minute)), clientID: "spiffe://example.org/c",
+		serverHash: make([]byte, 32), bindingID: make([]byte, bindingIDSize),
 		clientPK: make([]byte, X25519MLKEM768().PublicKeySize())}
-	raw, err := keys.seal(nil, st.marshal())
+	raw, err := keys.seal(nil, self.spiffeID, st.marshal(), now)
 	if err != nil {
 		t.Fatal(err)
 	}
 	header := base64.RawURLEncoding.EncodeToString(raw)
 	var cache ticketCache
 	for i := range 2 { // opened, then from the cache
-		got, err := keys.openTicketHeader(&cache, header, now)
+		got, err := keys.openTicketHeader(&cache, header, self, now)
 		if err != nil || string(got.marshal()) != string(st.marshal()) {
 			t.Fatalf("open %d: %v", i, err)
 		}
@@ -55,7 +57,7 @@ func TestTicketCache(t *testing.T) {
 		t.Fatalf("expired session by ID: %v", err)
 	}
 	// Expiry is checked on every use.
-	if _, err := keys.openTicketHeader(&cache, header, now.Add(time.Minute)); !errors.Is(err, errTicketExpired) {
+	if _, err := keys.openTicketHeader(&cache, header, self, now.Add(time.Minute)); !errors.Is(err, errTicketExpired) {
 		t.Fatalf("expired cached ticket: %v", err)
 	}
 	// After a rotation the cached session stays usable while its ticket's key is the
@@ -66,13 +68,13 @@ func TestTicketCache(t *testing.T) {
 	if _, err := keys.openSessionHeader(&cache, sid, now); err != nil {
 		t.Fatalf("session by ID, ticket under the previous key: %v", err)
 	}
-	if _, err := keys.openTicketHeader(&cache, header, now); err != nil {
+	if _, err := keys.openTicketHeader(&cache, header, self, now); err != nil {
 		t.Fatalf("ticket under the previous key: %v", err)
 	}
 	if err := keys.Rotate(k3); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := keys.openTicketHeader(&cache, header, now); !errors.Is(err, errUnknownTicket) {
+	if _, err := keys.openTicketHeader(&cache, header, self, now); !errors.Is(err, errUnknownTicket) {
 		t.Fatalf("cached ticket whose key left the set: %v", err)
 	}
 	if _, err := keys.openSessionHeader(&cache, sid, now); !errors.Is(err, errUnknownSession) {
@@ -86,18 +88,17 @@ func TestTicketCache(t *testing.T) {
 	if _, err := keys.openSessionHeader(&cache, sid, now); !errors.Is(err, errUnknownSession) {
 		t.Fatalf("session by ID after its key's ID was reused: %v", err)
 	}
-	if _, err := keys.openTicketHeader(&cache, header, now); !errors.Is(err, errUnknownTicket) {
+	if _, err := keys.openTicketHeader(&cache, header, self, now); !errors.Is(err, errUnknownTicket) {
 		t.Fatalf("ticket after its key's ID was reused: %v", err)
 	}
 	// A header that does not open is never cached.
-	if _, err := keys.openTicketHeader(&cache, "!", now); !errors.Is(err, errMalformed) {
+	if _, err := keys.openTicketHeader(&cache, "!", self, now); !errors.Is(err, errMalformed) {
 		t.Fatalf("bad base64: %v", err)
 	}
 	// The cache stays bounded.
 	for i := range maxCachedTickets + 10 {
-		s := *st
-		s.sessionID = binary.BigEndian.AppendUint64(make([]byte, 8), uint64(i))
-		cache.put(keys, fmt.Sprint(i), &s, 0, keys.gen.Load(), unixSeconds(now))
+		s := &ticketState{suite: st.suite, expiry: st.expiry, sessionID: binary.BigEndian.AppendUint64(make([]byte, 8), uint64(i))}
+		cache.put(keys, fmt.Sprint(i), s, 0, keys.gen.Load(), unixSeconds(now))
 	}
 	if n, m := len(cache.byHeader), len(cache.bySID); n > maxCachedTickets || m > maxCachedTickets {
 		t.Fatalf("%d, %d cached tickets, bound %d", n, m, maxCachedTickets)

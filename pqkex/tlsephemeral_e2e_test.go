@@ -53,9 +53,11 @@ func TestTLSEphemeral(t *testing.T) {
 		{"768 over SecP384r1MLKEM1024", pqkex.X25519MLKEM768(), []tls.CurveID{tls.SecP384r1MLKEM1024}, false},
 		{"768 over X25519", pqkex.X25519MLKEM768(), []tls.CurveID{tls.X25519}, true},
 		{"768 over P-256", pqkex.X25519MLKEM768(), []tls.CurveID{tls.CurveP256}, true},
+		// The X448 suite never leaves its ephemeral or classical half to TLS (spec 5.3): no
+		// refusal, whatever the group.
 		{"1024 over SecP384r1MLKEM1024", pqkex.X448MLKEM1024(), []tls.CurveID{tls.SecP384r1MLKEM1024}, false},
-		{"1024 over X25519MLKEM768", pqkex.X448MLKEM1024(), []tls.CurveID{tls.X25519MLKEM768}, true},
-		{"1024 over X25519", pqkex.X448MLKEM1024(), []tls.CurveID{tls.X25519}, true},
+		{"1024 over X25519MLKEM768", pqkex.X448MLKEM1024(), []tls.CurveID{tls.X25519MLKEM768}, false},
+		{"1024 over X25519", pqkex.X448MLKEM1024(), []tls.CurveID{tls.X25519}, false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			e := newEnv(t, tt.suite)

@@ -62,7 +62,7 @@ func openBodyMode(v katVector, dir string, b []byte, whole bool) ([]byte, *trail
 		// A response body starts with the server nonce, which selects the s2c keys: derived
 		// from the session as a client does, not taken from the vector's s2c_secret.
 		h := suite.Hash()
-		keys, err := newCallKeys(h, aeadByName(v.AEAD), sessionKey(h, v.Session), v.CallID, v.Procedure)
+		keys, err := newCallKeys(h, aeadByName(v.AEAD), callRoot(h, v.Session, katServerID, katServerHash(v)), v.CallID, v.Procedure)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -75,7 +75,7 @@ func openBodyMode(v katVector, dir string, b []byte, whole bool) ([]byte, *trail
 		}
 	} else {
 		h := suite.Hash()
-		keys, err := newCallKeys(h, aeadByName(v.AEAD), sessionKey(h, v.Session), v.CallID, v.Procedure)
+		keys, err := newCallKeys(h, aeadByName(v.AEAD), callRoot(h, v.Session, katServerID, katServerHash(v)), v.CallID, v.Procedure)
 		if err != nil {
 			return nil, nil, err
 		}

@@ -21,7 +21,8 @@ type clientConfig struct {
 	wrap       []func(http.RoundTripper) http.RoundTripper
 	idleConns  int
 	sealing    *pqkex.Client
-	noCoalesce bool // see WithClientWriteCoalescing
+	sealedFor  pqkex.Authorizer // WithSealedServer; nil: the TLS authorizer
+	noCoalesce bool             // see WithClientWriteCoalescing
 	pingIdle   time.Duration
 	pingWait   time.Duration
 }
@@ -85,7 +86,13 @@ func NewHTTPClient(src transport.Source, server transport.Authorizer, opts ...Cl
 		rt = w(rt)
 	}
 	if cfg.sealing != nil {
-		rt = cfg.sealing.RoundTripper(rt)
+		// The server the sealed calls expect end to end: the one the TLS hop expects, unless
+		// WithSealedServer names another (docs/pqkex.md section 4.2).
+		expect := cfg.sealedFor
+		if expect == nil {
+			expect = SealedAuthorizer(server)
+		}
+		rt = cfg.sealing.RoundTripper(rt, pqkex.ExpectServer(expect))
 	}
 	return &http.Client{Transport: withIdleCloser(rt, t)}
 }

@@ -35,7 +35,7 @@ func serverHandshakes(t *testing.T, e *env) float64 {
 // the next call opens a new connection.
 func TestCloseIdleConnectionsThroughSealing(t *testing.T) {
 	e := startSealed(t)
-	hc := sealedClient(t, e.ca, e.dir, clientID, transport.AuthorizeID(spiffeid.RequireFromString(serverID)))
+	hc := sealedClient(t, e.ca, e.dir, clientID, transport.AuthorizeID(spiffeid.RequireFromString(serverID)), nil)
 	c := echov1connect.NewEchoServiceClient(hc, e.url, rpc.ClientOptions()...)
 	call := func() {
 		t.Helper()

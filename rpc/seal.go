@@ -135,9 +135,30 @@ func WithSealing(s *pqkex.Server) ServerOption {
 	return func(c *serverConfig) { c.sealing = s }
 }
 
-// WithClientSealing seals the client's calls with c (package pqkex).
+// WithClientSealing seals the client's calls with c (package pqkex). The sealed calls
+// expect, end to end, the server that NewHTTPClient's TLS authorizer expects, on top of c's
+// own authorizer; WithSealedServer names another.
 func WithClientSealing(c *pqkex.Client) ClientOption {
 	return func(cfg *clientConfig) { cfg.sealing = c }
+}
+
+// WithSealedServer sets the server identity that sealed calls expect end to end, in place of
+// NewHTTPClient's TLS authorizer: for a client whose TLS peer is a proxy with an identity of
+// its own (the pqkex client then also needs pqkex.WithoutChannelBinding for that server).
+func WithSealedServer(a pqkex.Authorizer) ClientOption {
+	return func(cfg *clientConfig) { cfg.sealedFor = a }
+}
+
+// SealedAuthorizer is a transport authorizer as a pqkex one: it accepts the SPIFFE IDs a
+// accepts.
+func SealedAuthorizer(a transport.Authorizer) pqkex.Authorizer {
+	return func(id string) error {
+		sid, err := spiffeid.FromString(id)
+		if err != nil {
+			return fmt.Errorf("rpc: sealed peer: %w", err)
+		}
+		return a(sid)
+	}
 }
 
 // withSealedPeer replaces the TLS peer with the end-to-end pqkex peer of a sealed call.

@@ -55,7 +55,7 @@ func sealedServer(t *testing.T, ca *transport.CA, dir string) rpc.ServerOption {
 	return rpc.WithSealing(s)
 }
 
-func sealedClient(t *testing.T, ca *transport.CA, dir, id string, hop transport.Authorizer, opts ...pqkex.Option) *http.Client {
+func sealedClient(t *testing.T, ca *transport.CA, dir, id string, hop transport.Authorizer, ropts []rpc.ClientOption, opts ...pqkex.Option) *http.Client {
 	t.Helper()
 	d := sealingDir(t, ca, dir, id)
 	pid, roots, err := rpc.LoadSealingIdentity(d)
@@ -70,7 +70,7 @@ func sealedClient(t *testing.T, ca *transport.CA, dir, id string, hop transport.
 	if err != nil {
 		t.Fatal(err)
 	}
-	return rpc.NewHTTPClient(src, hop, rpc.WithClientSealing(pc))
+	return rpc.NewHTTPClient(src, hop, append([]rpc.ClientOption{rpc.WithClientSealing(pc)}, ropts...)...)
 }
 
 // startSealed starts an echo server whose calls must be sealed.
@@ -86,7 +86,7 @@ func startSealed(t *testing.T) *env {
 
 func TestSealedCallsAllProtocols(t *testing.T) {
 	e := startSealed(t)
-	hc := sealedClient(t, e.ca, e.dir, clientID, transport.AuthorizeID(spiffeid.RequireFromString(serverID)), pqkex.WithChannelBinding())
+	hc := sealedClient(t, e.ca, e.dir, clientID, transport.AuthorizeID(spiffeid.RequireFromString(serverID)), nil, pqkex.WithChannelBinding())
 	for _, p := range protocols {
 		t.Run(p.name, func(t *testing.T) {
 			c := echov1connect.NewEchoServiceClient(hc, e.url, append(rpc.ClientOptions(), p.opt...)...)
@@ -188,9 +188,17 @@ func TestSealedThroughTerminatingProxy(t *testing.T) {
 	go func() { _ = hs.ServeTLS(ln, "", "") }()
 	t.Cleanup(func() { hs.Close() })
 
-	// The client's TLS peer is the proxy; its sealed peer is the server.
-	hc := sealedClient(t, e.ca, e.dir, clientID, transport.AuthorizeID(spiffeid.RequireFromString(proxyID)))
-	c := echov1connect.NewEchoServiceClient(hc, "https://"+ln.Addr().String(), rpc.ClientOptions()...)
+	// The client's TLS peer is the proxy; its sealed peer is the server. By default the
+	// sealed calls expect the TLS hop's server (the proxy) end to end, so they are refused.
+	proxyURL := "https://" + ln.Addr().String()
+	hopOnly := sealedClient(t, e.ca, e.dir, clientID, transport.AuthorizeID(spiffeid.RequireFromString(proxyID)), nil, pqkex.WithoutChannelBinding(proxyURL))
+	_, err = echov1connect.NewEchoServiceClient(hopOnly, proxyURL, rpc.ClientOptions()...).Echo(context.Background(), connect.NewRequest(&echov1.EchoRequest{Message: "x"}))
+	if connect.CodeOf(err) != connect.CodePermissionDenied {
+		t.Fatalf("sealed call expecting the proxy end to end: %v, want permission_denied", err)
+	}
+	hc := sealedClient(t, e.ca, e.dir, clientID, transport.AuthorizeID(spiffeid.RequireFromString(proxyID)),
+		[]rpc.ClientOption{rpc.WithSealedServer(pqkex.AuthorizeID(serverID))}, pqkex.WithoutChannelBinding(proxyURL))
+	c := echov1connect.NewEchoServiceClient(hc, proxyURL, rpc.ClientOptions()...)
 	secret := "feature-vector-0.7311-top-secret"
 	res, err := c.Echo(context.Background(), connect.NewRequest(&echov1.EchoRequest{Message: secret}))
 	if err != nil || res.Msg.GetMessage() != secret {

@@ -9,15 +9,17 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/veilrpc/veil/internal/atomicfile"
 	"github.com/veilrpc/veil/pqkex"
 )
 
-// A ticket-key file holds the keys that seal pqkex session tickets, shared by every
-// replica that should continue the others' sessions. One key per line, "ID HEX-SECRET",
-// the current key first and at most one previous key after it; '#' starts a comment.
-// It is secret: written 0600, atomically.
+// A ticket-key file holds the keys that seal one service's pqkex session tickets, shared
+// by that service's replicas only (docs/pqkex.md section 7.1). One key per line,
+// "ID HEX-SECRET CREATED", CREATED in Unix seconds (files of earlier versions leave it
+// out: the time the file is read), the current key first and at most one previous key
+// after it; '#' starts a comment. It is secret: written 0600, atomically.
 
 // ReadTicketKeys parses a ticket-key file's content.
 func ReadTicketKeys(b []byte) ([]pqkex.TicketKey, error) {
@@ -28,17 +30,27 @@ func ReadTicketKeys(b []byte) ([]pqkex.TicketKey, error) {
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
-		idText, secretText, ok := strings.Cut(line, " ")
-		id, err := strconv.ParseUint(idText, 10, 32)
-		if !ok || err != nil {
-			return nil, fmt.Errorf("rpc: ticket keys: line %d: want \"ID HEX-SECRET\"", n)
+		fields := strings.Fields(line)
+		if len(fields) != 2 && len(fields) != 3 {
+			return nil, fmt.Errorf("rpc: ticket keys: line %d: want \"ID HEX-SECRET CREATED\"", n)
 		}
-		secret, err := hex.DecodeString(strings.TrimSpace(secretText))
+		id, err := strconv.ParseUint(fields[0], 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("rpc: ticket keys: line %d: want \"ID HEX-SECRET CREATED\"", n)
+		}
+		secret, err := hex.DecodeString(fields[1])
 		if err != nil || len(secret) != 32 {
 			return nil, fmt.Errorf("rpc: ticket keys: line %d: the secret must be 64 hex digits", n)
 		}
 		k := pqkex.TicketKey{ID: uint32(id)}
 		copy(k.Secret[:], secret)
+		if len(fields) == 3 {
+			created, err := strconv.ParseInt(fields[2], 10, 64)
+			if err != nil || created <= 0 {
+				return nil, fmt.Errorf("rpc: ticket keys: line %d: CREATED must be Unix seconds", n)
+			}
+			k.Created = time.Unix(created, 0)
+		}
 		keys = append(keys, k)
 	}
 	switch {
@@ -50,7 +62,9 @@ func ReadTicketKeys(b []byte) ([]pqkex.TicketKey, error) {
 	return keys, nil
 }
 
-// LoadTicketKeys reads a ticket-key file into a key set.
+// LoadTicketKeys reads a ticket-key file into a key set of period
+// pqkex.DefaultTicketKeyPeriod: the previous key is erased a period after the current one
+// was created.
 func LoadTicketKeys(path string) (*pqkex.TicketKeys, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -82,10 +96,16 @@ func RotateTicketKeyFile(path string) (uint32, error) {
 	if err != nil {
 		return 0, fmt.Errorf("rpc: %w", err)
 	}
+	next.Created = time.Now()
 	var out strings.Builder
-	out.WriteString("# Veil pqkex ticket keys: current first, then previous. Secret: share only with replicas.\n")
+	out.WriteString("# Veil pqkex ticket keys of one service: current first, then previous (ID SECRET CREATED). Secret: share only with this service's replicas.\n")
+	// The key before the previous one is dropped: its tickets' period is over.
 	for _, k := range append([]pqkex.TicketKey{next}, keys[:min(len(keys), 1)]...) {
-		fmt.Fprintf(&out, "%d %s\n", k.ID, hex.EncodeToString(k.Secret[:]))
+		created := k.Created
+		if created.IsZero() {
+			created = next.Created
+		}
+		fmt.Fprintf(&out, "%d %s %d\n", k.ID, hex.EncodeToString(k.Secret[:]), created.Unix())
 	}
 	if err := atomicfile.Write(path, []byte(out.String()), 0o600); err != nil {
 		return 0, fmt.Errorf("rpc: %w", err)

@@ -26,6 +26,9 @@ func TestTicketKeyFileRotation(t *testing.T) {
 	if err != nil || len(parsed) != 2 || parsed[0].ID != 3 || parsed[1].ID != 2 {
 		t.Fatalf("file keeps %v, %v; want keys 3 and 2", parsed, err)
 	}
+	if parsed[0].Created.IsZero() || parsed[1].Created.IsZero() || parsed[0].Created.Before(parsed[1].Created) {
+		t.Fatalf("creation times %v, %v", parsed[0].Created, parsed[1].Created)
+	}
 	fi, _ := os.Stat(path)
 	if fi.Mode().Perm() != 0o600 {
 		t.Fatalf("mode %v", fi.Mode().Perm())
@@ -42,12 +45,16 @@ func TestReadTicketKeysRefusesBadFiles(t *testing.T) {
 		"1 " + strings.Repeat("ab", 31),
 		"1 " + strings.Repeat("zz", 32),
 		good + "\n" + good + "\n" + good,
+		good + " yesterday",
+		good + " 1 2",
 	} {
 		if _, err := rpc.ReadTicketKeys([]byte(bad)); err == nil {
 			t.Errorf("accepted %q", bad)
 		}
 	}
-	if _, err := rpc.ReadTicketKeys([]byte(good)); err != nil {
-		t.Fatal(err)
+	for _, ok := range []string{good, good + " 1800000000"} {
+		if _, err := rpc.ReadTicketKeys([]byte(ok)); err != nil {
+			t.Fatal(err)
+		}
 	}
 }

@@ -37,7 +37,7 @@ func addClientFlags(fs interface {
 		identity: fs.String("identity", "", "identity directory"),
 		addr:     fs.String("addr", "", "analytics server base URL"),
 		serverID: fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)"),
-		seal:     fs.String("pq-seal", "", "seal calls end to end: on or off (default on when the identity holds pq.cred)"),
+		seal:     fs.String("pq-seal", "", pqSealUsage),
 		tokens:   addTokenClientFlags(fs),
 	}
 }

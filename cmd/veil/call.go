@@ -25,11 +25,11 @@ import (
 )
 
 func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("call", "call --identity DIR --addr URL [--server-id ID] [--pq-seal on|off] [-v] PROCEDURE JSON\n\nPROCEDURE: package.Service/Method as grpcurl takes it (or /package.Service/Method)", stderr)
+	fs := newFlags("call", "call --identity DIR --addr URL [--server-id ID] [--pq-seal on|proxied|off] [-v] PROCEDURE JSON\n\nPROCEDURE: package.Service/Method as grpcurl takes it (or /package.Service/Method)", stderr)
 	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt; pq.cred, pq.key for sealing)")
 	addr := fs.String("addr", "", "server base URL, e.g. https://127.0.0.1:8443")
 	serverID := fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)")
-	seal := fs.String("pq-seal", "", "seal the call end to end: on or off (default on when the identity holds pq.cred)")
+	seal := fs.String("pq-seal", "", pqSealUsage)
 	protocol := fs.String("protocol", "connect", "connect, grpc or grpcweb")
 	verbose := fs.Bool("v", false, "print the negotiated TLS group and sealing suite to stderr")
 	tokens := addTokenClientFlags(fs)

@@ -76,13 +76,13 @@ func runKeysGen(_ context.Context, args []string, stdout, stderr io.Writer) erro
 }
 
 func runKeysUpload(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("keys upload", "keys upload --keys FILE --identity DIR --addr URL [--procedure P] [--server-id ID] [--pq-seal on|off] [--json]", stderr)
+	fs := newFlags("keys upload", "keys upload --keys FILE --identity DIR --addr URL [--procedure P] [--server-id ID] [--pq-seal on|proxied|off] [--json]", stderr)
 	keyFile := fs.String("keys", "", "key file from 'veil keys gen'")
 	identity := fs.String("identity", "", "identity directory")
 	addr := fs.String("addr", "", "server base URL")
 	procedure := fs.String("procedure", scoring.ScoreStreamProcedure, "the procedure whose key manifest to satisfy")
 	serverID := fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)")
-	seal := fs.String("pq-seal", "", "seal calls end to end: on or off (default on when the identity holds pq.cred)")
+	seal := fs.String("pq-seal", "", pqSealUsage)
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	tokens := addTokenClientFlags(fs)
 	if err := parse(fs, args); err != nil {

@@ -38,7 +38,7 @@ func commands() []command {
 		{"keys", "create CKKS key files and upload evaluation keys (gen, upload)", runKeys},
 		{"analytics", "encrypted analytics: create a study, submit records, fetch the result", runAnalytics},
 		{"model", "train a scoring model in plaintext (veil model train)", runModel},
-		{"ticket-keys", "create or rotate a pqkex ticket-key file shared by replicas", runTicketKeys},
+		{"ticket-keys", "create or rotate a pqkex ticket-key file shared by one service's replicas", runTicketKeys},
 		{"call", "call a procedure of a compiled-in service with JSON (sealed end to end)", runCall},
 		{"version", "print the version", func(_ context.Context, _ []string, stdout, _ io.Writer) error {
 			_, err := fmt.Fprintln(stdout, "veil", version)

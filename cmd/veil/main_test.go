@@ -113,6 +113,10 @@ func TestUsageErrors(t *testing.T) {
 		{"serve"},
 		{"serve", "--identity", "x", "--pq", "maybe", "--service", "echo"},
 		{"demo", "--bogus"},
+		// Through a proxy the sealed credential is the only statement of who answers.
+		{"call", "--identity", "x", "--addr", "https://localhost:1", "--pq-seal", "proxied", "/p", "{}"},
+		{"call", "--identity", "x", "--addr", "https://localhost:1", "--pq-seal", "maybe", "/p", "{}"},
+		{"serve", "--identity", "x", "--service", "echo", "--state-replay-procedure", "/p"}, // needs --state nats
 	} {
 		if code, _, errOut := veil(t, ctx, args...); code != 2 || errOut == "" {
 			t.Errorf("veil %v: exit %d stderr %q, want 2 with a message", args, code, errOut)

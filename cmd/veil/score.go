@@ -25,12 +25,12 @@ type scoreResult struct {
 // manifest asks, upload them (with a progress bar), encrypt the CSV's rows, have the
 // server score them on ciphertexts, and decrypt the probabilities here.
 func runScore(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("score", "score --identity DIR --addr URL --csv FILE [--server-id ID] [--pq-seal on|off] [--json]", stderr)
+	fs := newFlags("score", "score --identity DIR --addr URL --csv FILE [--server-id ID] [--pq-seal on|proxied|off] [--json]", stderr)
 	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt; pq.cred, pq.key for sealing)")
 	addr := fs.String("addr", "", "scoring server base URL, e.g. https://127.0.0.1:8443")
 	csvPath := fs.String("csv", "", "samples: a header line, then the features (and, optionally ignored for scoring, a 0/1 label) per line, as in wdbc.csv")
 	serverID := fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)")
-	seal := fs.String("pq-seal", "", "seal calls end to end: on or off (default on when the identity holds pq.cred)")
+	seal := fs.String("pq-seal", "", pqSealUsage)
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	tokens := addTokenClientFlags(fs)
 	if err := parse(fs, args); err != nil {

@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -36,25 +37,25 @@ func sealingMode(flag, identityDir string) (string, error) {
 }
 
 // newSealingServer builds the pqkex server from the sealing identity in dir.
-func newSealingServer(dir, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys) (*pqkex.Server, error) {
+func newSealingServer(dir, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys, extra ...pqkex.ServerOption) (*pqkex.Server, error) {
 	id, roots, err := rpc.LoadSealingIdentity(dir)
 	if err != nil {
 		return nil, fmt.Errorf("%w (issue one with 'veil ca issue', or pass --pq-seal off)", err)
 	}
-	return sealingServer(id, roots, mode, reg, tickets)
+	return sealingServer(id, roots, mode, reg, tickets, extra...)
 }
 
 // newSealingServerFrom builds the pqkex server on the sealing identity that the online
 // CA's client obtains with every certificate (it rotates with each renewal).
-func newSealingServerFrom(c *ca.Client, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys) (*pqkex.Server, error) {
+func newSealingServerFrom(c *ca.Client, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys, extra ...pqkex.ServerOption) (*pqkex.Server, error) {
 	roots, err := c.SealingRoots()
 	if err != nil {
 		return nil, err
 	}
-	return sealingServer(c, roots, mode, reg, tickets)
+	return sealingServer(c, roots, mode, reg, tickets, extra...)
 }
 
-func sealingServer(id pqkex.IdentitySource, roots pqkex.Roots, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys) (*pqkex.Server, error) {
+func sealingServer(id pqkex.IdentitySource, roots pqkex.Roots, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys, extra ...pqkex.ServerOption) (*pqkex.Server, error) {
 	m := pqkex.Strict
 	if mode == "permissive" {
 		m = pqkex.Permissive
@@ -63,20 +64,27 @@ func sealingServer(id pqkex.IdentitySource, roots pqkex.Roots, mode string, reg 
 	if tickets != nil {
 		opts = append(opts, pqkex.WithTicketKeys(tickets))
 	}
-	return pqkex.NewServer(opts...)
+	return pqkex.NewServer(append(opts, extra...)...)
 }
 
-// reloadTicketKeysOnHangup rereads the ticket-key file on SIGHUP and rotates to its
-// current key, keeping the old one for tickets already issued.
+// reloadTicketKeysOnHangup rereads the ticket-key file on SIGHUP, and every minute so that
+// a rotation by a scheduled 'veil ticket-keys' needs no signal, and rotates to its current
+// key, keeping the old one for tickets already issued (the key set erases it a period
+// later). A current key older than the period is logged as overdue: it still seals, since
+// refusing would stop the service (docs/pqkex.md section 7.2).
 func reloadTicketKeysOnHangup(ctx context.Context, path string, keys *pqkex.TicketKeys, logger *slog.Logger) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	tick := time.NewTicker(time.Minute)
+	defer tick.Stop()
+	var overdue uint32
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-hup:
+		case <-tick.C:
 		}
 		b, err := os.ReadFile(path)
 		if err != nil {
@@ -88,14 +96,19 @@ func reloadTicketKeysOnHangup(ctx context.Context, path string, keys *pqkex.Tick
 			logger.Error("ticket keys not reloaded", "err", err)
 			continue
 		}
-		if fileKeys[0].ID == keys.CurrentID() {
+		cur := fileKeys[0]
+		if !cur.Created.IsZero() && time.Since(cur.Created) > keys.Period() && overdue != cur.ID {
+			overdue = cur.ID
+			logger.Warn("ticket key overdue: rotate the file with 'veil ticket-keys' every period", "current", cur.ID, "period", keys.Period().String())
+		}
+		if cur.ID == keys.CurrentID() {
 			continue
 		}
-		if err := keys.Rotate(fileKeys[0]); err != nil {
+		if err := keys.Rotate(cur); err != nil {
 			logger.Error("ticket keys not rotated", "err", err)
 			continue
 		}
-		logger.Info("ticket keys rotated", "current", fileKeys[0].ID)
+		logger.Info("ticket keys rotated", "current", cur.ID)
 	}
 }
 
@@ -114,11 +127,12 @@ func runTicketKeys(_ context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	return emit(stdout, *asJSON, map[string]any{"file": *file, "current_id": id}, func(w io.Writer) {
-		fmt.Fprintf(w, "ticket key %d is current in %s (the previous one still opens tickets); send SIGHUP to running servers\n", id, *file)
+		fmt.Fprintf(w, "ticket key %d is current in %s (the previous one still opens tickets for one period); running servers reread the file within a minute or on SIGHUP; rotate again within the ticket lifetime\n", id, *file)
 	})
 }
 
-// newSealingClient builds the pqkex client from the sealing identity in dir.
+// newSealingClient builds the pqkex client from the sealing identity in dir: it expects the
+// servers authorize accepts and binds to the TLS channel unless bind is false.
 func newSealingClient(dir string, authorize pqkex.Authorizer, bind bool) (*pqkex.Client, error) {
 	id, roots, err := rpc.LoadSealingIdentity(dir)
 	if err != nil {
@@ -129,19 +143,28 @@ func newSealingClient(dir string, authorize pqkex.Authorizer, bind bool) (*pqkex
 
 func sealingClient(id pqkex.IdentitySource, roots pqkex.Roots, authorize pqkex.Authorizer, bind bool) (*pqkex.Client, error) {
 	opts := []pqkex.Option{pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithAuthorizer(authorize)}
-	if bind {
-		opts = append(opts, pqkex.WithChannelBinding())
+	if !bind {
+		opts = append(opts, pqkex.WithoutChannelBinding())
 	}
 	return pqkex.NewClient(opts...)
 }
 
+// pqSealUsage describes the client commands' --pq-seal values.
+const pqSealUsage = "seal calls end to end: on (bound to the TLS connection), proxied (through a TLS-terminating proxy: no channel binding, needs --server-id) or off (default on when the identity holds pq.cred)"
+
 // newIdentityClient is the HTTP client of the CLI's client commands: the identity in
 // dir, the server authorized by serverID (default: any ID of the identity's trust
 // domain), and calls sealed end to end unless seal is "off" (default: sealed when dir
-// holds a sealing identity). It returns the sealing mode it chose.
+// holds a sealing identity). Sealed calls expect the same server as the TLS hop and are
+// bound to the TLS connection, so its peer is the sealed peer; "proxied" drops the binding
+// for a TLS-terminating proxy and then needs serverID, the only statement of which workload
+// answers. It returns the sealing mode it chose.
 func newIdentityClient(dir, serverID, seal string) (*http.Client, string, error) {
-	if seal != "" && seal != "on" && seal != "off" {
-		return nil, "", fmt.Errorf("%w: --pq-seal %q: want on or off", errUsage, seal)
+	if seal != "" && seal != "on" && seal != "off" && seal != "proxied" {
+		return nil, "", fmt.Errorf("%w: --pq-seal %q: want on, proxied or off", errUsage, seal)
+	}
+	if seal == "proxied" && serverID == "" {
+		return nil, "", fmt.Errorf("%w: --pq-seal proxied needs --server-id: through a proxy only the sealed credential says which workload answers", errUsage)
 	}
 	src, err := transport.LoadFiles(dir)
 	if err != nil {
@@ -152,21 +175,20 @@ func newIdentityClient(dir, serverID, seal string) (*http.Client, string, error)
 		return nil, "", err
 	}
 	authorize := transport.AuthorizeMatching(transport.MustParsePattern("spiffe://" + svid.ID.TrustDomain().Name()))
-	pqAuthorize := pqkex.AuthorizeAny()
 	if serverID != "" {
 		id, err := spiffeid.FromString(serverID)
 		if err != nil {
 			return nil, "", fmt.Errorf("%w: --server-id: %v", errUsage, err)
 		}
-		authorize, pqAuthorize = transport.AuthorizeID(id), pqkex.AuthorizeID(id.String())
+		authorize = transport.AuthorizeID(id)
 	}
-	mode, err := sealingMode(map[string]string{"on": "strict", "off": "off", "": ""}[seal], dir)
+	mode, err := sealingMode(map[string]string{"on": "strict", "proxied": "strict", "off": "off", "": ""}[seal], dir)
 	if err != nil {
 		return nil, "", err
 	}
 	var opts []rpc.ClientOption
 	if mode != "off" {
-		pc, err := newSealingClient(dir, pqAuthorize, false)
+		pc, err := newSealingClient(dir, rpc.SealedAuthorizer(authorize), seal != "proxied")
 		if err != nil {
 			return nil, "", err
 		}

@@ -110,9 +110,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		var sealer *pqkex.Server
 		if wid.sealing != nil {
-			sealer, err = newSealingServerFrom(wid.sealing, sealMode, reg, tk)
+			sealer, err = newSealingServerFrom(wid.sealing, sealMode, reg, tk, shared.sealingOptions()...)
 		} else {
-			sealer, err = newSealingServer(*identity, sealMode, reg, tk)
+			sealer, err = newSealingServer(*identity, sealMode, reg, tk, shared.sealingOptions()...)
 		}
 		if err != nil {
 			return err

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/veilrpc/veil/he"
@@ -27,16 +28,20 @@ type stateFlags struct {
 	prefix   *string
 	period   *time.Duration
 	wait     *time.Duration
+	replay   *stringList
 }
 
 func addStateFlags(fs *flag.FlagSet) stateFlags {
+	replay := new(stringList)
+	fs.Var(replay, "state-replay-procedure", "with --state nats: a procedure (request path, e.g. /acme.v1.Payments/Pay) whose sealed calls every replica checks against this service's shared replay store, so a replayed call runs once (docs/pqkex.md section 6.4; one NATS round trip per call); repeatable")
 	return stateFlags{
+		replay:   replay,
 		backend:  fs.String("state", "embedded", "where replicas' shared state lives: embedded (this process and the --*-store directories) or nats (NATS JetStream: evaluation keys, ticket keys, analytics)"),
 		url:      fs.String("state-url", "", "with --state nats: the NATS servers, comma-separated (tls://nats-0:4222,...)"),
 		replicas: fs.Int("state-replicas", 1, "with --state nats: replication factor of the buckets Veil creates (3 for a three-node cluster)"),
 		ca:       fs.String("state-ca", "", "with --state nats: PEM roots for the NATS servers' certificates (default: the workload's trust bundle)"),
 		prefix:   fs.String("state-prefix", "veil", "with --state nats: prefix of the bucket names"),
-		period:   fs.Duration("state-ticket-key-period", 24*time.Hour, "with --state nats: how often replicas rotate the shared pqkex ticket key (tickets stay valid one period longer)"),
+		period:   fs.Duration("state-ticket-key-period", time.Hour, "with --state nats: how often replicas rotate this service's pqkex ticket key; a key opens tickets one period longer and is then erased, and no ticket outlives it (docs/pqkex.md section 7.2)"),
 		wait:     fs.Duration("state-wait", time.Minute, "with --state nats: how long to keep trying to reach NATS at start before giving up"),
 	}
 }
@@ -45,6 +50,9 @@ func addStateFlags(fs *flag.FlagSet) stateFlags {
 func (f stateFlags) check(svc serviceFlags) error {
 	switch *f.backend {
 	case "embedded":
+		if len(*f.replay) > 0 {
+			return fmt.Errorf("%w: --state-replay-procedure needs --state nats", errUsage)
+		}
 		return nil
 	case "nats":
 	default:
@@ -66,10 +74,12 @@ func (f stateFlags) check(svc serviceFlags) error {
 // sharedState is what a server keeps in NATS; its fields are nil with the embedded
 // backend.
 type sharedState struct {
-	conn    *natsstate.State
-	keys    he.KeyStore
-	studies analytics.Store
-	tickets *natsstate.TicketKeys
+	conn      *natsstate.State
+	keys      he.KeyStore
+	studies   analytics.Store
+	tickets   *natsstate.TicketKeys
+	replay    *natsstate.ReplayStore // for the procedures of --state-replay-procedure
+	replayFor []string
 }
 
 // open connects to NATS for the services and sealing that need it, retrying for up to
@@ -125,11 +135,30 @@ func (f stateFlags) openOnce(ctx context.Context, src transport.Source, services
 		}
 	}
 	if sealing {
-		if st.tickets, err = conn.TicketKeys(ctx, *f.period); err != nil {
+		// The keys of this service only (its own bucket): docs/pqkex.md section 7.1.
+		svid, err := src.GetX509SVID()
+		if err != nil {
+			conn.Close()
+			return nil, err
+		}
+		if st.tickets, err = conn.TicketKeys(ctx, svid.ID.String(), *f.period); err != nil {
 			conn.Close()
 			return nil, err
 		}
 		go st.tickets.Run(ctx)
+	}
+	if len(*f.replay) > 0 {
+		svid, err := src.GetX509SVID()
+		if err != nil {
+			conn.Close()
+			return nil, err
+		}
+		// Records live as long as the longest ticket (pqkex's default lifetime, one hour).
+		if st.replay, err = conn.ReplayStore(ctx, svid.ID.String(), time.Hour); err != nil {
+			conn.Close()
+			return nil, err
+		}
+		st.replayFor = *f.replay
 	}
 	logger.Info("shared state on NATS JetStream", "url", *f.url, "replicas", *f.replicas, "prefix", *f.prefix)
 	return st, nil
@@ -141,6 +170,14 @@ func (s *sharedState) ticketKeys() *pqkex.TicketKeys {
 		return nil
 	}
 	return s.tickets.Keys()
+}
+
+// sealingOptions are the pqkex server options the shared state adds: the replay store.
+func (s *sharedState) sealingOptions() []pqkex.ServerOption {
+	if s.replay == nil {
+		return nil
+	}
+	return []pqkex.ServerOption{pqkex.WithReplayStore(s.replay, func(p string) bool { return slices.Contains(s.replayFor, p) })}
 }
 
 // watch ties the server's health to NATS.

@@ -79,8 +79,10 @@ func TestServeStateNATS(t *testing.T) {
 	if err := os.WriteFile(cfg, []byte("service: [analytics]\nidentity: "+filepath.Join(dir, "analytics")+"\nstate:\n  backend: nats\n  url: "+url+"\n  replicas: 1\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	addr1 := "https://127.0.0.1:" + startServe(t, "--config", cfg)
-	addr2 := "https://127.0.0.1:" + startServe(t, "--config", cfg)
+	// Submissions are also checked against the service's shared replay store.
+	const submit = "/veil.analytics.v1.AnalyticsService/Submit"
+	addr1 := "https://127.0.0.1:" + startServe(t, "--config", cfg, "--state-replay-procedure", submit)
+	addr2 := "https://127.0.0.1:" + startServe(t, "--config", cfg, "--state-replay-procedure", submit)
 	keys := filepath.Join(dir, "analyst.keys")
 	run("keys", "gen", "--out", keys)
 	run("analytics", "create", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr1,
