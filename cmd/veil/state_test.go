@@ -71,7 +71,7 @@ func TestServeStateNATS(t *testing.T) {
 	}
 	caDir := filepath.Join(dir, "ca")
 	run("ca", "init", "--dir", caDir, "--trust-domain", "example.org")
-	for _, id := range []string{"analytics", "analyst", "ns/clinics/sa/a"} {
+	for _, id := range []string{"analytics", "analyst", "ns/clinics/sa/a", "ns/clinics/sa/b"} {
 		run("ca", "issue", "--dir", caDir, "--id", "spiffe://example.org/"+id, "--out", filepath.Join(dir, strings.ReplaceAll(id, "/", "_")))
 	}
 	url, stopNATS, startNATSAgain := startNATSControl(t, caDir, filepath.Join(dir, "nats"))
@@ -83,24 +83,28 @@ func TestServeStateNATS(t *testing.T) {
 	const submit = "/veil.analytics.v1.AnalyticsService/Submit"
 	addr1 := "https://127.0.0.1:" + startServe(t, "--config", cfg, "--state-replay-procedure", submit)
 	addr2 := "https://127.0.0.1:" + startServe(t, "--config", cfg, "--state-replay-procedure", submit)
-	keys := filepath.Join(dir, "analyst.keys")
-	run("keys", "gen", "--out", keys)
-	run("analytics", "create", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr1,
-		"--study", "heights", "--owner", "spiffe://example.org/ns/clinics/sa/*", "--dimension", "1")
 	csv := filepath.Join(dir, "a.csv")
 	if err := os.WriteFile(csv, []byte("1\n2\n6\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	first := run("analytics", "submit", "--identity", filepath.Join(dir, "ns_clinics_sa_a"), "--addr", addr2, "--study", "heights", "--csv", csv, "--idempotency-key", "day-1", "--json")
-	again := run("analytics", "submit", "--identity", filepath.Join(dir, "ns_clinics_sa_a"), "--addr", addr1, "--study", "heights", "--csv", csv, "--idempotency-key", "day-1", "--json")
+	keys := filepath.Join(dir, "analyst.keys")
+	run("keys", "gen", "--out", keys)
+	run("analytics", "create", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr1,
+		"--study", "heights", "--owner", "spiffe://example.org/ns/clinics/sa/*", "--dimension", "1", "--range", "0:100",
+		"--min-owners", "2", "--max-submissions", "2")
+	// Owners check the analyst's signed study before they encrypt (docs/services.md).
+	submitArgs := func(owner, addr, key string) []string {
+		return []string{"analytics", "submit", "--identity", filepath.Join(dir, "ns_clinics_sa_"+owner), "--addr", addr, "--study", "heights",
+			"--analyst", "spiffe://example.org/analyst", "--csv", csv, "--idempotency-key", key, "--json"}
+	}
+	first := run(submitArgs("a", addr2, "day-1")...)
+	again := run(submitArgs("a", addr1, "day-1")...)
 	if strings.Contains(first, `"duplicate": true`) || !strings.Contains(again, `"duplicate": true`) {
 		t.Fatalf("submit through replica 2: %s; retry through replica 1: %s", first, again)
 	}
-	for _, addr := range []string{addr1, addr2} {
-		out := run("analytics", "result", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr, "--study", "heights", "--json")
-		if !strings.Contains(out, `"count": 3`) || !strings.Contains(out, `"mean": [`) {
-			t.Fatalf("result through %s: %s", addr, out)
-		}
+	// One owner is not enough to close the study (safe release: no result from one owner).
+	if code, _, errOut := veil(t, ctx, "analytics", "close", "--identity", filepath.Join(dir, "analyst"), "--addr", addr1, "--study", "heights"); code != 1 || !strings.Contains(errOut, "failed_precondition") {
+		t.Fatalf("close with one owner: exit %d %s", code, errOut)
 	}
 
 	// A NATS outage: the replicas report NOT_SERVING and answer unavailable; once NATS
@@ -128,17 +132,20 @@ func TestServeStateNATS(t *testing.T) {
 	}
 	waitHealth(addr1, grpchealth.StatusNotServing)
 	waitHealth(addr2, grpchealth.StatusNotServing)
-	code, _, errOut := veil(t, ctx, "analytics", "submit", "--identity", filepath.Join(dir, "ns_clinics_sa_a"), "--addr", addr2, "--study", "heights", "--csv", csv, "--idempotency-key", "day-2")
+	code, _, errOut := veil(t, ctx, submitArgs("b", addr2, "day-2")...)
 	if code != 1 || !strings.Contains(errOut, "unavailable") {
 		t.Fatalf("submit during the outage: exit %d %s", code, errOut)
 	}
 	startNATSAgain()
 	waitHealth(addr1, grpchealth.StatusServing)
 	waitHealth(addr2, grpchealth.StatusServing)
-	run("analytics", "submit", "--identity", filepath.Join(dir, "ns_clinics_sa_a"), "--addr", addr2, "--study", "heights", "--csv", csv, "--idempotency-key", "day-2")
-	out := run("analytics", "result", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr1, "--study", "heights", "--json")
-	if !strings.Contains(out, `"count": 6`) {
-		t.Fatalf("result after the outage: %s", out)
+	run(submitArgs("b", addr2, "day-2")...)
+	run("analytics", "close", "--identity", filepath.Join(dir, "analyst"), "--addr", addr1, "--study", "heights")
+	for _, addr := range []string{addr1, addr2} {
+		out := run("analytics", "result", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr, "--study", "heights", "--json")
+		if !strings.Contains(out, `"count": 6`) || !strings.Contains(out, `"mean": [`) {
+			t.Fatalf("result through %s after the outage: %s", addr, out)
+		}
 	}
 }
 
