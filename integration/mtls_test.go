@@ -16,15 +16,16 @@ import (
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
 
 // identities creates a CA and issues the named SPIFFE IDs into a temporary directory.
-func identities(t *testing.T, ids ...string) (string, *transport.CA) {
+func identities(t *testing.T, ids ...string) (string, *pki.CA) {
 	t.Helper()
 	dir := t.TempDir()
-	ca, err := transport.InitCA(filepath.Join(dir, "ca"), "example.org")
+	ca, err := pki.InitCA(filepath.Join(dir, "ca"), "example.org")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/veilrpc/veil/internal/atomicfile"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/transport"
 )
@@ -29,7 +30,7 @@ const (
 // IssueSealingIdentity generates a static hybrid KEM key for id, has ca certify it
 // (ML-DSA-65 and the classical root key both sign), and writes pq.cred, pq.key (0600)
 // and ca-mldsa65.pub into dir. The credential is valid for ttl.
-func IssueSealingIdentity(ca *transport.CA, id spiffeid.ID, dir string, ttl time.Duration, suite pqkex.Scheme) error {
+func IssueSealingIdentity(ca *pki.CA, id spiffeid.ID, dir string, ttl time.Duration, suite pqkex.Scheme) error {
 	if suite == nil {
 		suite = pqkex.X25519MLKEM768()
 	}

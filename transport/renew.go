@@ -24,7 +24,7 @@ import (
 type Trust struct {
 	TrustDomain spiffeid.TrustDomain
 	Roots       []*x509.Certificate
-	Denylist    *Denylist
+	Denylist    Denylist // nil denies nothing
 }
 
 // Issued is a certificate chain (leaf first) with the trust material of its CA.
@@ -61,7 +61,7 @@ type renewConfig struct {
 	now          func() time.Time
 }
 
-// WithCertTTL sets the lifetime to request (default DefaultLeafTTL; the CA may cap it).
+// WithCertTTL sets the lifetime to request (default 24 hours; the CA may cap it).
 func WithCertTTL(d time.Duration) RenewOption { return func(c *renewConfig) { c.ttl = d } }
 
 // WithRenewAt renews once this fraction of the lifetime has passed (default 2/3, as
@@ -118,7 +118,7 @@ type RenewingSource struct {
 type renewState struct {
 	svid     *x509svid.SVID
 	bundles  *x509bundle.Set
-	denylist *Denylist
+	denylist Denylist
 	issuedAt time.Time
 	roots    []*x509.Certificate
 }
@@ -126,7 +126,7 @@ type renewState struct {
 // NewRenewingSource joins through issuer as id and starts renewing in the background
 // until ctx ends or Close is called. It fails if the first certificate cannot be had.
 func NewRenewingSource(ctx context.Context, issuer Issuer, id spiffeid.ID, opts ...RenewOption) (*RenewingSource, error) {
-	cfg := renewConfig{ttl: DefaultLeafTTL, fraction: 2.0 / 3, minBackoff: time.Second, maxBackoff: time.Minute,
+	cfg := renewConfig{ttl: 24 * time.Hour, fraction: 2.0 / 3, minBackoff: time.Second, maxBackoff: time.Minute,
 		trustEvery: time.Minute, logger: slog.Default(), now: time.Now}
 	for _, o := range opts {
 		o(&cfg)
@@ -345,7 +345,7 @@ func (s *RenewingSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*
 }
 
 // GetDenylist returns the denylist that came with the current trust bundle.
-func (s *RenewingSource) GetDenylist() *Denylist { return s.cur.Load().denylist }
+func (s *RenewingSource) GetDenylist() Denylist { return s.cur.Load().denylist }
 
 // RenewStatus is a RenewingSource's state, for health checks and metrics.
 type RenewStatus struct {

@@ -1,6 +1,8 @@
 package transport
 
 import (
+	"crypto"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"os"
@@ -10,6 +12,16 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/veilrpc/veil/internal/atomicfile"
+	"github.com/veilrpc/veil/internal/certpem"
+)
+
+// Files of an identity directory, in the cert-manager Secret layout.
+const (
+	CertFile   = "tls.crt" // leaf certificate followed by its chain, PEM
+	KeyFile    = "tls.key" // the leaf's private key, PKCS#8 PEM, mode 0600
+	BundleFile = "ca.crt"  // trusted roots, PEM
 )
 
 // Source supplies the workload's own X.509-SVID and the trust bundles it verifies peers
@@ -95,7 +107,7 @@ func readIdentity(dir string) (*StaticSource, error) {
 	if err != nil {
 		return nil, fmt.Errorf("transport: %s: %w", dir, err)
 	}
-	roots, err := parseCertificates(bundlePEM)
+	roots, err := certpem.ParseCertificates(bundlePEM)
 	if err != nil {
 		return nil, fmt.Errorf("transport: %s: %w", BundleFile, err)
 	}
@@ -109,4 +121,28 @@ func readIdentity(dir string) (*StaticSource, error) {
 		return nil, fmt.Errorf("transport: %s does not chain to %s: %w", CertFile, BundleFile, err)
 	}
 	return &StaticSource{SVID: svid, Bundles: x509bundle.NewSet(bundle)}, nil
+}
+
+// WriteIdentity writes an identity directory that LoadFiles and WatchFiles read: chain
+// to tls.crt, key to tls.key (0600), roots to ca.crt; dir is created 0700 if missing.
+// Each file is replaced atomically; the key is written first so that a watcher never
+// pairs a new certificate with an old key for long.
+func WriteIdentity(dir string, chain []*x509.Certificate, key crypto.Signer, roots []*x509.Certificate) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("transport: %w", err)
+	}
+	keyPEM, err := certpem.EncodePrivateKey(key)
+	if err != nil {
+		return fmt.Errorf("transport: %w", err)
+	}
+	if err := atomicfile.Write(filepath.Join(dir, KeyFile), keyPEM, 0o600); err != nil {
+		return fmt.Errorf("transport: %w", err)
+	}
+	if err := atomicfile.Write(filepath.Join(dir, CertFile), certpem.EncodeCertificates(chain), 0o644); err != nil {
+		return fmt.Errorf("transport: %w", err)
+	}
+	if err := atomicfile.Write(filepath.Join(dir, BundleFile), certpem.EncodeCertificates(roots), 0o644); err != nil {
+		return fmt.Errorf("transport: %w", err)
+	}
+	return nil
 }

@@ -66,6 +66,7 @@ const (
 	ReasonTLSVersion       = "tls_version"
 	ReasonClassicOnly      = "classic_key_exchange"
 	ReasonUnauthorizedPeer = "unauthorized_peer"
+	ReasonRevoked          = "revoked" // on the Source's Denylist
 	ReasonNotTLS           = "not_tls"
 	ReasonOther            = "other"
 )
@@ -75,6 +76,20 @@ const (
 type Observer interface {
 	HandshakeDone(group tls.CurveID, resumed bool)
 	HandshakeFailed(reason string)
+}
+
+// Denylist refuses certificates that chain to a trusted root but have been revoked.
+// Check returns an error that says what is revoked, or nil for a chain (leaf first) it
+// does not deny. Package pki's Denylist, distributed with a CA's trust bundle, is one.
+type Denylist interface {
+	Check(chain []*x509.Certificate) error
+}
+
+// DenylistSource is implemented by Sources that distribute a denylist with their trust
+// bundle. ServerConfig and ClientConfig refuse the peers it denies with ReasonRevoked,
+// on every handshake, resumed ones included. A nil Denylist denies nothing.
+type DenylistSource interface {
+	GetDenylist() Denylist
 }
 
 // Authorizer decides whether a verified peer ID may connect.
@@ -297,8 +312,10 @@ func (c *config) verifyPeer(src Source, cs tls.ConnectionState) error {
 		return c.failed(verifyReason(err), err)
 	}
 	if d, ok := src.(DenylistSource); ok {
-		if err := d.GetDenylist().Check(cs.PeerCertificates); err != nil {
-			return c.failed(ReasonRevoked, err)
+		if dl := d.GetDenylist(); dl != nil {
+			if err := dl.Check(cs.PeerCertificates); err != nil {
+				return c.failed(ReasonRevoked, err)
+			}
 		}
 	}
 	if err := c.authorize(id); err != nil {

@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"io"
+	"math/big"
 	"net"
 	neturl "net/url"
 	"strings"
@@ -54,16 +55,84 @@ func (r *recorder) lastReason() string {
 	return r.reasons[len(r.reasons)-1]
 }
 
-func newTestCA(t *testing.T, td string) *CA {
+// testCA is a minimal certificate authority for these tests: a self-signed root that
+// signs leaves itself. Package pki, Veil's CA, builds on this package, so the tests
+// here cannot use it.
+type testCA struct {
+	td   spiffeid.TrustDomain
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+}
+
+func newTestCA(t *testing.T, td string) *testCA {
 	t.Helper()
-	ca, err := InitCA(t.TempDir(), td)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return ca
+	c := &testCA{td: spiffeid.RequireTrustDomainFromString(td), key: key}
+	tmpl := &x509.Certificate{
+		SerialNumber: testSerial(), Subject: pkix.Name{CommonName: "test root " + td},
+		URIs: []*neturl.URL{c.td.ID().URL()}, NotBefore: time.Now().Add(-5 * time.Minute), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.cert, err = x509.ParseCertificate(der); err != nil {
+		t.Fatal(err)
+	}
+	return c
 }
 
-func (c *CA) testSource(t *testing.T, id string, ttl time.Duration) StaticSource {
+func testSerial() *big.Int {
+	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		panic(err)
+	}
+	return n
+}
+
+// sign signs a leaf template over pub, for certificates the real CA would never issue
+// as well as for the ones it would.
+func (c *testCA) sign(tmpl *x509.Certificate, pub any) (*x509.Certificate, error) {
+	tmpl.SerialNumber = testSerial()
+	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, pub, c.key)
+	if err != nil {
+		return nil, err
+	}
+	return x509.ParseCertificate(der)
+}
+
+// Issue signs a leaf for id over pub, valid for ttl, as package pki's CA does.
+func (c *testCA) Issue(id spiffeid.ID, pub any, ttl time.Duration) ([]*x509.Certificate, error) {
+	leaf, err := c.sign(&x509.Certificate{URIs: []*neturl.URL{id.URL()}, NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(ttl)}, pub)
+	if err != nil {
+		return nil, err
+	}
+	return []*x509.Certificate{leaf}, nil
+}
+
+// IssueFiles issues a leaf for id and writes it with a new key into dir.
+func (c *testCA) IssueFiles(id spiffeid.ID, dir string, ttl time.Duration) error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	chain, err := c.Issue(id, &key.PublicKey, ttl)
+	if err != nil {
+		return err
+	}
+	return WriteIdentity(dir, chain, key, c.Bundle())
+}
+
+// Bundle is the CA's trusted roots.
+func (c *testCA) Bundle() []*x509.Certificate { return []*x509.Certificate{c.cert} }
+
+func (c *testCA) testSource(t *testing.T, id string, ttl time.Duration) StaticSource {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -75,30 +144,26 @@ func (c *CA) testSource(t *testing.T, id string, ttl time.Duration) StaticSource
 	}
 	return StaticSource{
 		SVID:    &x509svid.SVID{ID: spiffeid.RequireFromString(id), Certificates: chain, PrivateKey: key},
-		Bundles: x509bundle.NewSet(x509bundle.FromX509Authorities(c.td, []*x509.Certificate{c.cert})),
+		Bundles: x509bundle.NewSet(x509bundle.FromX509Authorities(c.td, c.Bundle())),
 	}
 }
 
 // craftedSource signs an arbitrary leaf template with the CA's key, for certificates
-// the CA itself would never issue.
-func (c *CA) craftedSource(t *testing.T, tmpl *x509.Certificate) StaticSource {
+// a CA would never issue.
+func (c *testCA) craftedSource(t *testing.T, tmpl *x509.Certificate) StaticSource {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tmpl.SerialNumber = newSerial()
-	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
-	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, &key.PublicKey, c.key)
+	leaf, err := c.sign(tmpl, &key.PublicKey)
 	if err != nil {
 		t.Fatal(err)
 	}
-	leaf, _ := x509.ParseCertificate(der)
 	return StaticSource{
 		// The SVID type is only a carrier here: certificateFrom reads its fields.
 		SVID:    &x509svid.SVID{Certificates: []*x509.Certificate{leaf}, PrivateKey: key},
-		Bundles: x509bundle.NewSet(x509bundle.FromX509Authorities(c.td, []*x509.Certificate{c.cert})),
+		Bundles: x509bundle.NewSet(x509bundle.FromX509Authorities(c.td, c.Bundle())),
 	}
 }
 

@@ -23,6 +23,7 @@ import (
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/analytics"
@@ -111,7 +112,7 @@ type demo struct {
 	dir    string
 	rep    *demoReport
 	step   time.Time
-	ca     *transport.CA
+	ca     *pki.CA
 	caURL  string
 	srcs   map[string]transport.Source
 	cas    map[string]*ca.Client // each workload's CA client: also its sealing identity
@@ -201,7 +202,7 @@ func (d *demo) run(ctx context.Context, samples int) error {
 // every certificate (ca.WithSealingIdentity), so no identity touches the disk.
 func (d *demo) identities(ctx context.Context) error {
 	caDir := filepath.Join(d.dir, "ca")
-	c, err := transport.InitCA(caDir, demoTD)
+	c, err := pki.InitCA(caDir, demoTD)
 	if err != nil {
 		return err
 	}

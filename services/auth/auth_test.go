@@ -21,6 +21,7 @@ import (
 	"github.com/veilrpc/veil/gen/veil/auth/v1/authv1connect"
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/echo"
 	"github.com/veilrpc/veil/transport"
@@ -34,7 +35,7 @@ var (
 	allowAll = "spiffe://example.org"
 )
 
-func source(t *testing.T, ca *transport.CA, id spiffeid.ID) transport.Source {
+func source(t *testing.T, ca *pki.CA, id spiffeid.ID) transport.Source {
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	chain, err := ca.Issue(id, &key.PublicKey, time.Hour)
@@ -83,7 +84,7 @@ type rotatingSource struct {
 func (r *rotatingSource) GetX509SVID() (*x509svid.SVID, error) { return r.svid.Load(), nil }
 
 func TestBoundTokens(t *testing.T) {
-	ca, err := transport.InitCA(filepath.Join(t.TempDir(), "ca"), "example.org")
+	ca, err := pki.InitCA(filepath.Join(t.TempDir(), "ca"), "example.org")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,7 @@ import (
 
 	cav1 "github.com/veilrpc/veil/gen/veil/ca/v1"
 	"github.com/veilrpc/veil/gen/veil/ca/v1/cav1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -190,7 +191,7 @@ func decodeTrust(b *cav1.Bundle) (*transport.Trust, error) {
 		}
 		t.Roots = append(t.Roots, cert)
 	}
-	d, err := transport.NewDenylist(b.GetDeniedSerials(), b.GetDeniedIds())
+	d, err := pki.NewDenylist(b.GetDeniedSerials(), b.GetDeniedIds())
 	if err != nil {
 		return nil, fmt.Errorf("ca: response: %w", err)
 	}

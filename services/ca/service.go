@@ -1,7 +1,7 @@
 // Package ca is Veil's online certificate authority, served over Veil itself: workloads
 // join with a single-use token, renew with their current certificate for the same
 // SPIFFE ID only, and fetch the trust bundle and denylist. It keeps its state in a
-// transport.CA directory, so a restarted CA continues where it stopped. See docs/ca.md.
+// pki.CA directory, so a restarted CA continues where it stopped. See docs/ca.md.
 package ca
 
 import (
@@ -21,9 +21,9 @@ import (
 
 	cav1 "github.com/veilrpc/veil/gen/veil/ca/v1"
 	"github.com/veilrpc/veil/gen/veil/ca/v1/cav1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
-	"github.com/veilrpc/veil/transport"
 )
 
 // DefaultMaxTTL is the longest leaf the online CA issues unless configured otherwise.
@@ -70,7 +70,7 @@ type Service struct {
 	results *prometheus.CounterVec
 
 	mu sync.Mutex
-	ca *transport.CA
+	ca *pki.CA
 }
 
 var _ cav1connect.CAServiceHandler = (*Service)(nil)
@@ -84,10 +84,10 @@ func New(dir string, opts ...Option) (*Service, error) {
 	if cfg.defaultTTL == 0 {
 		cfg.defaultTTL = cfg.maxTTL
 	}
-	if cfg.maxTTL <= 0 || cfg.maxTTL > transport.MaxLeafTTL || cfg.defaultTTL > cfg.maxTTL || cfg.rate <= 0 || cfg.burst < 1 {
+	if cfg.maxTTL <= 0 || cfg.maxTTL > pki.MaxLeafTTL || cfg.defaultTTL > cfg.maxTTL || cfg.rate <= 0 || cfg.burst < 1 {
 		return nil, errors.New("ca: bad TTL or rate limit settings")
 	}
-	c, err := transport.LoadCA(dir)
+	c, err := pki.LoadCA(dir)
 	if err != nil {
 		return nil, fmt.Errorf("ca: %w", err)
 	}
@@ -104,11 +104,11 @@ func New(dir string, opts ...Option) (*Service, error) {
 func (s *Service) Collectors() []prometheus.Collector { return []prometheus.Collector{s.results} }
 
 // CA returns the current CA, reloading it if another process changed its files.
-func (s *Service) CA() (*transport.CA, error) {
+func (s *Service) CA() (*pki.CA, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.ca.Stale() {
-		c, err := transport.LoadCA(s.dir)
+		c, err := pki.LoadCA(s.dir)
 		if err != nil {
 			return nil, fmt.Errorf("ca: reloading: %w", err)
 		}
@@ -240,7 +240,7 @@ func (p pqRequest) suite() (pqkex.Scheme, *refusal) {
 	return suite, nil
 }
 
-func (s *Service) issue(c *transport.CA, id spiffeid.ID, csr *x509.CertificateRequest, ttl time.Duration, pq pqRequest) (*cav1.Issued, *refusal) {
+func (s *Service) issue(c *pki.CA, id spiffeid.ID, csr *x509.CertificateRequest, ttl time.Duration, pq pqRequest) (*cav1.Issued, *refusal) {
 	suite, r := pq.suite()
 	if r != nil {
 		return nil, r
@@ -279,7 +279,7 @@ func (s *Service) refused(ctx context.Context, procedure string, r *refusal) err
 	return r.connectError()
 }
 
-func bundleOf(c *transport.CA) *cav1.Bundle {
+func bundleOf(c *pki.CA) *cav1.Bundle {
 	b := &cav1.Bundle{
 		TrustDomain:   c.TrustDomain().Name(),
 		DeniedSerials: c.Denylist().Serials(),
