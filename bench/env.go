@@ -216,7 +216,7 @@ func (e *env) startVeilWith(o veilOptions, extra func(...connect.HandlerOption) 
 }
 
 func (e *env) veilClient(o veilOptions) (*http.Client, error) {
-	opts := []rpc.ClientOption{rpc.WithClientPQMode(transport.PQStrict), rpc.WithClientWriteCoalescing(o.coalesce)}
+	opts := []rpc.ClientOption{rpc.WithPQMode(transport.PQStrict), rpc.WithWriteCoalescing(o.coalesce)}
 	if o.sealed {
 		if e.clientSeal == nil {
 			id, roots, err := rpc.LoadSealingIdentity(e.clientDir)

@@ -70,7 +70,7 @@ func TestEchoInContainerOverStrictMTLS(t *testing.T) {
 		opts []connect.ClientOption
 	}{{"connect", nil}, {"grpc", []connect.ClientOption{connect.WithGRPC()}}, {"grpcweb", []connect.ClientOption{connect.WithGRPCWeb()}}} {
 		t.Run(p.name, func(t *testing.T) {
-			ec := echov1connect.NewEchoServiceClient(rpc.NewHTTPClient(client, serverID, rpc.WithClientPQMode(transport.PQStrict)), url, append(rpc.ClientOptions(), p.opts...)...)
+			ec := echov1connect.NewEchoServiceClient(rpc.NewHTTPClient(client, serverID, rpc.WithPQMode(transport.PQStrict)), url, append(rpc.ClientOptions(), p.opts...)...)
 			res, err := ec.Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "across containers via " + p.name}))
 			if err != nil || res.Msg.GetMessage() != "across containers via "+p.name {
 				t.Fatalf("Echo = %v, %v", res, err)

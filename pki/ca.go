@@ -184,18 +184,24 @@ func (c *CA) Signer() crypto.Signer { return c.key }
 // PQPublicKey is the CA's ML-DSA-65 public key, which peers use to verify credentials.
 func (c *CA) PQPublicKey() *mldsa65.PublicKey { return c.pqPub }
 
-// LeafOption adds to an issued leaf.
-type LeafOption func(*x509.Certificate)
+// LeafOption adds to an issued leaf (Issue, IssueUnrecorded, IssueFiles).
+type LeafOption interface {
+	applyToLeaf(*x509.Certificate)
+}
+
+type leafOption func(*x509.Certificate)
+
+func (f leafOption) applyToLeaf(c *x509.Certificate) { f(c) }
 
 // WithDNSNames adds DNS SANs, so that clients that check host names (curl, browsers)
 // accept the server. The SPIFFE ID stays the only URI SAN.
 func WithDNSNames(names ...string) LeafOption {
-	return func(c *x509.Certificate) { c.DNSNames = append(c.DNSNames, names...) }
+	return leafOption(func(c *x509.Certificate) { c.DNSNames = append(c.DNSNames, names...) })
 }
 
 // WithIPAddresses adds IP address SANs.
 func WithIPAddresses(ips ...net.IP) LeafOption {
-	return func(c *x509.Certificate) { c.IPAddresses = append(c.IPAddresses, ips...) }
+	return leafOption(func(c *x509.Certificate) { c.IPAddresses = append(c.IPAddresses, ips...) })
 }
 
 // Issue signs a leaf certificate for id over pub, valid for ttl (DefaultLeafTTL if
@@ -245,7 +251,7 @@ func (c *CA) issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration, reco
 		AuthorityKeyId:        issuer.SubjectKeyId,
 	}
 	for _, o := range opts {
-		o(tmpl)
+		o.applyToLeaf(tmpl)
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer, pub, issuerKey)
 	if err != nil {

@@ -64,7 +64,7 @@ type peerCertKey struct{}
 // WithPeerCertificates keeps each caller's verified leaf certificate in the request
 // context, for PeerCertificate.
 func WithPeerCertificates() ServerOption {
-	return func(c *serverConfig) { c.middleware = append(c.middleware, withPeerCert) }
+	return serverOption(func(c *serverConfig) { c.middleware = append(c.middleware, withPeerCert) })
 }
 
 func withPeerCert(next http.Handler) http.Handler {
@@ -110,10 +110,10 @@ func WithBoundTokens(v TokenVerifier, exempt ...string) ServerOption {
 	for _, p := range exempt {
 		a.exempt[p] = true
 	}
-	return func(c *serverConfig) {
+	return serverOption(func(c *serverConfig) {
 		c.middleware = append(c.middleware, withPeerCert)
 		c.interceptors = append(c.interceptors, a)
-	}
+	})
 }
 
 type tokenAuth struct {

@@ -19,6 +19,7 @@ import (
 	"connectrpc.com/connect"
 	"connectrpc.com/grpchealth"
 	"connectrpc.com/grpcreflect"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
@@ -223,7 +224,7 @@ func TestPolicyDeniesByDefault(t *testing.T) {
 
 func callsCounter(t *testing.T, e *env, procedure, code string) float64 {
 	t.Helper()
-	mfs, err := e.server.Registry().Gather()
+	mfs, err := e.server.Registerer().(prometheus.Gatherer).Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -246,7 +247,7 @@ func callsCounter(t *testing.T, e *env, procedure, code string) float64 {
 
 func metricValue(t *testing.T, e *env, name, label, value string) float64 {
 	t.Helper()
-	mfs, err := e.server.Registry().Gather()
+	mfs, err := e.server.Registerer().(prometheus.Gatherer).Gather()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -133,12 +133,12 @@ func rootKey(path string) (crypto.PublicKey, error) {
 // decides what happens to unsealed calls. Handlers see the sealed peer in
 // PeerFromContext, and the policy authorizes that end-to-end identity.
 func WithSealing(s *pqkex.Server) ServerOption {
-	return func(c *serverConfig) { c.sealing = s }
+	return serverOption(func(c *serverConfig) { c.sealing = s })
 }
 
 // WithClientSealing seals the client's calls with c (package pqkex).
 func WithClientSealing(c *pqkex.Client) ClientOption {
-	return func(cfg *clientConfig) { cfg.sealing = c }
+	return clientOption(func(cfg *clientConfig) { cfg.sealing = c })
 }
 
 // withSealedPeer replaces the TLS peer with the end-to-end pqkex peer of a sealed call.

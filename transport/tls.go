@@ -120,8 +120,17 @@ func AuthorizeMatching(patterns ...Pattern) Authorizer {
 	}
 }
 
-// Option configures ServerConfig and ClientConfig.
-type Option func(*config)
+// Option configures ServerConfig, ClientConfig and BootstrapClientConfig: every option
+// of a TLS config applies to servers and clients alike. Options are values with an
+// unexported method, as in connect-go; the zero configuration (no options) is the safe
+// one: see each option's default.
+type Option interface {
+	applyToConfig(*config)
+}
+
+type configOption func(*config)
+
+func (f configOption) applyToConfig(c *config) { f(c) }
 
 type config struct {
 	mode       PQMode
@@ -132,28 +141,32 @@ type config struct {
 }
 
 // WithPQMode sets the key-exchange policy (default PQPermissive).
-func WithPQMode(m PQMode) Option { return func(c *config) { c.mode = m } }
+func WithPQMode(m PQMode) Option { return configOption(func(c *config) { c.mode = m }) }
 
 // WithAuthorizer decides which peer IDs may connect (default: any ID in a trusted
 // bundle on the server; the client must set one for the server's ID).
-func WithAuthorizer(a Authorizer) Option { return func(c *config) { c.authorize = a } }
+func WithAuthorizer(a Authorizer) Option {
+	return configOption(func(c *config) { c.authorize = a })
+}
 
 // WithObserver reports handshakes (for metrics).
-func WithObserver(o Observer) Option { return func(c *config) { c.observer = o } }
+func WithObserver(o Observer) Option { return configOption(func(c *config) { c.observer = o }) }
 
-// WithClock sets the time used to check certificate validity (tests).
-func WithClock(now func() time.Time) Option { return func(c *config) { c.now = now } }
+// WithClock sets the time used to check certificate validity (default time.Now).
+func WithClock(now func() time.Time) Option {
+	return configOption(func(c *config) { c.now = now })
+}
 
 // WithOptionalClientCert lets a server accept handshakes without a client certificate,
 // so that a bootstrap procedure (the CA's Join) can be reached before a workload has an
 // identity. A certificate that is presented is verified as usual. The caller must
 // refuse every other request on such a connection (package rpc does so by procedure).
-func WithOptionalClientCert() Option { return func(c *config) { c.optionalCC = true } }
+func WithOptionalClientCert() Option { return configOption(func(c *config) { c.optionalCC = true }) }
 
 func newConfig(opts []Option) *config {
 	c := &config{authorize: AuthorizeAny(), now: time.Now}
 	for _, o := range opts {
-		o(c)
+		o.applyToConfig(c)
 	}
 	return c
 }

@@ -228,7 +228,7 @@ func (d *demo) identities(ctx context.Context) error {
 		}
 		client := ca.NewClient(d.caURL, bundle, token, ca.WithSealingIdentity(nil))
 		src, err := transport.NewRenewingSource(ctx, client, sid,
-			transport.WithCertTTL(time.Hour), transport.WithRenewLogger(d.logger))
+			transport.WithCertTTL(time.Hour), transport.WithLogger(d.logger))
 		if err != nil {
 			return err
 		}
@@ -270,7 +270,7 @@ func (d *demo) client(name, serverName string) (*http.Client, error) {
 		return nil, err
 	}
 	return rpc.NewHTTPClient(d.srcs[name], transport.AuthorizeID(spiffeid.RequireFromString(demoIDs[serverName])),
-		rpc.WithClientPQMode(transport.PQStrict), rpc.WithClientSealing(pc)), nil
+		rpc.WithPQMode(transport.PQStrict), rpc.WithClientSealing(pc)), nil
 }
 
 func (d *demo) startScoring(ctx context.Context, samples int) (string, *scoring.Model, scoring.Dataset, error) {

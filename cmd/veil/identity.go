@@ -82,7 +82,7 @@ func (f *identityFlags) source(ctx context.Context, identityDir string, logger *
 		}
 		return &workloadIdentity{src: src, status: expiryStatus{src: src}, close: func() { _ = src.Close() }}, nil
 	}
-	src, err := transport.WatchFiles(ctx, identityDir, transport.WithWatchLogger(logger))
+	src, err := transport.WatchFiles(ctx, identityDir, transport.WithLogger(logger))
 	if err != nil {
 		return nil, err
 	}
@@ -142,7 +142,7 @@ func (f *identityFlags) fromCA(ctx context.Context, logger *slog.Logger) (*workl
 		}
 		token = strings.TrimSpace(string(b))
 	}
-	opts := []transport.RenewOption{transport.WithCertTTL(*f.certTTL), transport.WithRenewLogger(logger)}
+	opts := []transport.RenewOption{transport.WithCertTTL(*f.certTTL), transport.WithLogger(logger)}
 	if *f.renewBefore > 0 {
 		opts = append(opts, transport.WithRenewBefore(*f.renewBefore))
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -203,7 +204,7 @@ func TestBoundTokens(t *testing.T) {
 // refused counts the echo calls the server answered with unauthenticated.
 func refused(t *testing.T, srv *rpc.Server) float64 {
 	t.Helper()
-	mfs, err := srv.Registry().Gather()
+	mfs, err := srv.Registerer().(prometheus.Gatherer).Gather()
 	if err != nil {
 		t.Fatal(err)
 	}

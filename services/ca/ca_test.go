@@ -64,7 +64,7 @@ func startCA(t *testing.T, dir, addr string, opts ...ca.Option) *caEnv {
 		t.Fatal(err)
 	}
 	reg := prometheus.NewRegistry()
-	srv, err := ca.NewServer(svc, nil, nil, rpc.WithRegistry(reg), rpc.WithGracePeriod(5*time.Second))
+	srv, err := ca.NewServer(svc, nil, nil, rpc.WithMetrics(reg), rpc.WithGracePeriod(5*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}

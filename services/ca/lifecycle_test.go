@@ -37,7 +37,7 @@ func echoServer(t *testing.T, src transport.Source, opts ...rpc.ServerOption) (*
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	policy := rpc.NewPolicy().MustAllow("/"+echov1connect.EchoServiceName+"/*", callerID)
-	srv, err := rpc.NewServer(src, append([]rpc.ServerOption{rpc.WithPolicy(policy), rpc.WithRegistry(reg), rpc.WithGracePeriod(5 * time.Second)}, opts...)...)
+	srv, err := rpc.NewServer(src, append([]rpc.ServerOption{rpc.WithPolicy(policy), rpc.WithMetrics(reg), rpc.WithGracePeriod(5 * time.Second)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -53,7 +53,7 @@ func NewServer(s *Service, dnsNames []string, ips []net.IP, opts ...rpc.ServerOp
 	if err != nil {
 		return nil, err
 	}
-	if err := srv.Registry().Register(s.results); err != nil {
+	if err := srv.Registerer().Register(s.results); err != nil {
 		return nil, fmt.Errorf("ca: metrics: %w", err)
 	}
 	rpc.Register(srv, cav1connect.NewCAServiceHandler, cav1connect.CAServiceHandler(s))
