@@ -41,7 +41,8 @@ const DefaultLeafTTL = 24 * time.Hour
 const MaxLeafTTL = 90 * 24 * time.Hour
 
 // CA is a SPIFFE certificate authority for one trust domain: an ECDSA P-256 root for
-// X.509, and an ML-DSA-65 key that certifies post-quantum identity credentials.
+// X.509, and an ML-DSA-65 key that certifies post-quantum identity credentials. Make
+// one with InitCA or LoadCA; the zero CA is not usable.
 type CA struct {
 	td    spiffeid.TrustDomain
 	cert  *x509.Certificate

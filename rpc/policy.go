@@ -13,7 +13,8 @@ import (
 )
 
 // Policy says which callers may call which procedures. It denies by default: a
-// procedure with no matching rule is refused with permission_denied.
+// procedure with no matching rule is refused with permission_denied. The zero Policy,
+// a nil *Policy and a server without WithPolicy deny every application procedure.
 //
 // A rule's procedure is an exact procedure ("/veil.echo.v1.EchoService/Echo"), every
 // procedure of a service ("/veil.echo.v1.EchoService/*"), or every procedure ("*").

@@ -1,6 +1,7 @@
 // Package transport is Veil's strict mutual-TLS layer: TLS 1.3 only, SPIFFE identities
 // (exactly one SPIFFE ID URI SAN per certificate), post-quantum hybrid key exchange
-// (X25519MLKEM768) preferred or required, and authorization of the peer's SPIFFE ID.
+// (X25519MLKEM768) required by default (PQStrict, the zero PQMode), and authorization
+// of the peer's SPIFFE ID. With no options every config is the safe one: see Option.
 //
 // Identities come from a Source: the workload's own X.509-SVID and the trust bundles it
 // verifies peers with. The interfaces are go-spiffe's x509svid.Source and

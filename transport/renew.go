@@ -120,7 +120,8 @@ func WithRetryBackoff(minimum, maximum time.Duration) RenewOption {
 // then renews ahead of expiry in the background. While the CA is unreachable it retries
 // with jittered exponential backoff and keeps serving the current certificate; Status
 // turns unhealthy before that certificate expires. Roots and denylist are refreshed
-// with every renewal and in between.
+// with every renewal and in between. Make one with NewRenewingSource (the zero value is
+// not usable).
 type RenewingSource struct {
 	issuer Issuer
 	id     spiffeid.ID

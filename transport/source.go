@@ -31,7 +31,8 @@ type Source interface {
 	x509bundle.Source
 }
 
-// StaticSource is a Source over fixed material.
+// StaticSource is a Source over fixed material. A nil SVID or Bundles is an error when
+// asked for, so the zero StaticSource fails every handshake.
 type StaticSource struct {
 	SVID    *x509svid.SVID
 	Bundles *x509bundle.Set
@@ -56,7 +57,8 @@ func (s StaticSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x50
 // FileSource reads an identity directory in the cert-manager Secret layout: tls.crt
 // (leaf and chain), tls.key and ca.crt. The roots in ca.crt are trusted for the leaf's
 // own trust domain. Reload swaps in new files atomically; a pair that does not match
-// never replaces the current one.
+// never replaces the current one. Make one with LoadFiles or WatchFiles: the zero
+// FileSource has no identity and trusts nothing, so every handshake with it fails.
 type FileSource struct {
 	dir   string
 	cur   atomic.Pointer[StaticSource]
@@ -83,11 +85,20 @@ func (s *FileSource) Reload() error {
 }
 
 // GetX509SVID returns the current SVID.
-func (s *FileSource) GetX509SVID() (*x509svid.SVID, error) { return s.cur.Load().GetX509SVID() }
+func (s *FileSource) GetX509SVID() (*x509svid.SVID, error) { return s.current().GetX509SVID() }
 
 // GetX509BundleForTrustDomain returns the current bundle for td.
 func (s *FileSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
-	return s.cur.Load().GetX509BundleForTrustDomain(td)
+	return s.current().GetX509BundleForTrustDomain(td)
+}
+
+// current is the material in use; a FileSource that never loaded any (the zero value)
+// has no SVID and no bundle.
+func (s *FileSource) current() StaticSource {
+	if m := s.cur.Load(); m != nil {
+		return *m
+	}
+	return StaticSource{}
 }
 
 func readIdentity(dir string) (*StaticSource, error) {

@@ -35,3 +35,17 @@ func TestLoadFilesRefusesMismatchedPair(t *testing.T) {
 		t.Fatal("a failed reload replaced the identity")
 	}
 }
+
+// TestZeroSourcesFail: the zero FileSource and StaticSource have no identity and trust
+// nothing; asking them fails instead of panicking.
+func TestZeroSourcesFail(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	for name, src := range map[string]Source{"FileSource": &FileSource{}, "StaticSource": StaticSource{}} {
+		if _, err := src.GetX509SVID(); err == nil {
+			t.Errorf("zero %s has an SVID", name)
+		}
+		if _, err := src.GetX509BundleForTrustDomain(td); err == nil {
+			t.Errorf("zero %s has a bundle", name)
+		}
+	}
+}

@@ -264,6 +264,7 @@ func TestServerRefuses(t *testing.T) {
 		URIs: []*neturl.URL{spiffeid.RequireFromString("spiffe://example.org/client").URL()},
 	})
 	noCert := StaticSource{Bundles: good.Bundles}
+	anyID := WithAuthorizer(AuthorizeAny())
 
 	cases := []struct {
 		name   string
@@ -271,13 +272,13 @@ func TestServerRefuses(t *testing.T) {
 		mode   PQMode
 		reason string
 	}{
-		{"no client certificate", clientWithout(ClientConfig(noCert)), PQPermissive, ReasonNoClientCert},
-		{"certificate from another CA", ClientConfig(StaticSource{SVID: other.testSource(t, "spiffe://example.org/client", time.Hour).SVID, Bundles: good.Bundles}), PQPermissive, ReasonUnknownAuthority},
-		{"expired certificate", ClientConfig(expired), PQPermissive, ReasonExpired},
-		{"no SPIFFE ID", ClientConfig(noID), PQPermissive, ReasonNoSPIFFEID},
-		{"two SPIFFE IDs", ClientConfig(twoIDs), PQPermissive, ReasonManySPIFFEIDs},
-		{"TLS 1.2", tls12(ClientConfig(good)), PQPermissive, ReasonTLSVersion},
-		{"classic-only ClientHello under PQ strict", classicOnly(ClientConfig(good)), PQStrict, ReasonClassicOnly},
+		{"no client certificate", clientWithout(ClientConfig(noCert, anyID)), PQPermissive, ReasonNoClientCert},
+		{"certificate from another CA", ClientConfig(StaticSource{SVID: other.testSource(t, "spiffe://example.org/client", time.Hour).SVID, Bundles: good.Bundles}, anyID), PQPermissive, ReasonUnknownAuthority},
+		{"expired certificate", ClientConfig(expired, anyID), PQPermissive, ReasonExpired},
+		{"no SPIFFE ID", ClientConfig(noID, anyID), PQPermissive, ReasonNoSPIFFEID},
+		{"two SPIFFE IDs", ClientConfig(twoIDs, anyID), PQPermissive, ReasonManySPIFFEIDs},
+		{"TLS 1.2", tls12(ClientConfig(good, anyID)), PQPermissive, ReasonTLSVersion},
+		{"classic-only ClientHello under PQ strict", classicOnly(ClientConfig(good, anyID)), PQStrict, ReasonClassicOnly},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -296,8 +297,9 @@ func TestServerRefuses(t *testing.T) {
 func TestPermissiveAcceptsClassicAndReportsIt(t *testing.T) {
 	ca := newTestCA(t, "example.org")
 	var obs recorder
-	addr := serve(t, ServerConfig(ca.testSource(t, "spiffe://example.org/server", time.Hour), WithObserver(&obs)))
-	cs, err := dial(addr, classicOnly(ClientConfig(ca.testSource(t, "spiffe://example.org/client", time.Hour))))
+	addr := serve(t, ServerConfig(ca.testSource(t, "spiffe://example.org/server", time.Hour), WithObserver(&obs), WithPQMode(PQPermissive)))
+	cs, err := dial(addr, classicOnly(ClientConfig(ca.testSource(t, "spiffe://example.org/client", time.Hour),
+		WithPQMode(PQPermissive), WithAuthorizer(AuthorizeAny()))))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -308,6 +310,36 @@ func TestPermissiveAcceptsClassicAndReportsIt(t *testing.T) {
 	defer obs.mu.Unlock()
 	if len(obs.groups) != 1 || IsPQGroup(obs.groups[0]) {
 		t.Fatalf("observed %v", obs.groups)
+	}
+}
+
+// TestZeroConfigIsSafe: with no options, a server accepts only post-quantum hybrid
+// key exchange, and a client accepts no server until WithAuthorizer names one.
+func TestZeroConfigIsSafe(t *testing.T) {
+	if m, err := ParsePQMode(""); m != PQStrict || err != nil || PQMode(0) != PQStrict || PQMode(0).String() != "strict" {
+		t.Fatalf("zero PQMode: ParsePQMode(\"\") = %v, %v; PQMode(0) = %v", m, err, PQMode(0))
+	}
+	ca := newTestCA(t, "example.org")
+	var obs recorder
+	addr := serve(t, ServerConfig(ca.testSource(t, "spiffe://example.org/server", time.Hour), WithObserver(&obs)))
+	client := ca.testSource(t, "spiffe://example.org/client", time.Hour)
+	if _, err := dial(addr, classicOnly(ClientConfig(client, WithAuthorizer(AuthorizeAny()), WithPQMode(PQPermissive)))); err == nil {
+		t.Fatal("a default server accepted a classic-only ClientHello")
+	}
+	if got := obs.lastReason(); got != ReasonClassicOnly {
+		t.Fatalf("reason = %q, want %q", got, ReasonClassicOnly)
+	}
+	_, err := dial(addr, ClientConfig(client))
+	var he *HandshakeError
+	if !errors.As(err, &he) || he.Reason != ReasonUnauthorizedPeer {
+		t.Fatalf("a client without an Authorizer: %v, want it to refuse the server", err)
+	}
+	if _, err := dial(addr, ClientConfig(client, WithAuthorizer(nil))); !errors.As(err, &he) || he.Reason != ReasonUnauthorizedPeer {
+		t.Fatalf("WithAuthorizer(nil): %v, want the default (refuse)", err)
+	}
+	// A default client does negotiate the hybrid group with a default server.
+	if cs, err := dial(addr, ClientConfig(client, WithAuthorizer(AuthorizeAny()))); err != nil || cs.CurveID != tls.X25519MLKEM768 {
+		t.Fatalf("default peers: %v, group %s", err, cs.CurveID)
 	}
 }
 
