@@ -2,9 +2,7 @@ package rpc
 
 import (
 	"crypto"
-	"crypto/x509"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -14,6 +12,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/veilrpc/veil/internal/atomicfile"
+	"github.com/veilrpc/veil/internal/certpem"
 	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/transport"
@@ -105,26 +104,17 @@ func LoadSealingIdentity(dir string) (*pqkex.Identity, pqkex.Roots, error) {
 	return id, roots, nil
 }
 
+// rootKey is the public key of the first root in the bundle file at path.
 func rootKey(path string) (crypto.PublicKey, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("rpc: %w", err)
 	}
-	for {
-		var block *pem.Block
-		block, b = pem.Decode(b)
-		if block == nil {
-			return nil, errors.New("rpc: no root certificate in " + path)
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("rpc: %s: %w", path, err)
-		}
-		return c.PublicKey, nil
+	roots, err := certpem.ParseCertificates(b)
+	if err != nil {
+		return nil, fmt.Errorf("rpc: %s: %w", path, err)
 	}
+	return roots[0].PublicKey, nil
 }
 
 // WithSealing seals every call end to end with s (package pqkex): request and response
