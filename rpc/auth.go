@@ -101,18 +101,13 @@ func WithBoundTokens(v TokenVerifier, exempt ...string) ServerOption {
 	if v.Now == nil {
 		v.Now = time.Now
 	}
-	a := &tokenAuth{v: v, exempt: map[string]bool{
-		"/grpc.health.v1.Health/Check":                                   true,
-		"/grpc.health.v1.Health/Watch":                                   true,
-		"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      true,
-		"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": true,
-	}}
+	a := &tokenAuth{v: v, exempt: healthAndReflection()}
 	for _, p := range exempt {
 		a.exempt[p] = true
 	}
 	return serverOption(func(c *serverConfig) {
 		c.middleware = append(c.middleware, withPeerCert)
-		c.interceptors = append(c.interceptors, a)
+		c.interceptors = append(c.interceptors, serverCheck(a.check))
 	})
 }
 
@@ -160,31 +155,6 @@ func (a *tokenAuth) check(ctx context.Context, procedure string, h http.Header) 
 		return authError(AuthReasonNotBound, fmt.Errorf("rpc: access token is for %q, not the caller %s", claims.Subject, peer.ID))
 	}
 	return nil
-}
-
-func (a *tokenAuth) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
-	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
-		if req.Spec().IsClient {
-			return next(ctx, req)
-		}
-		if err := a.check(ctx, req.Spec().Procedure, req.Header()); err != nil {
-			return nil, err
-		}
-		return next(ctx, req)
-	}
-}
-
-func (a *tokenAuth) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
-	return next
-}
-
-func (a *tokenAuth) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
-	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
-		if err := a.check(ctx, conn.Spec().Procedure, conn.RequestHeader()); err != nil {
-			return err
-		}
-		return next(ctx, conn)
-	}
 }
 
 // TokenFetcher obtains a fresh access token (services/auth's TokenSource is one).

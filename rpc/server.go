@@ -94,6 +94,17 @@ func WithLogger(l *slog.Logger) ServerOption {
 	return serverOption(func(c *serverConfig) { c.logger = l })
 }
 
+// healthAndReflection are the procedures every server mounts besides its services:
+// any verified peer may call them, with no policy rule and no access token.
+func healthAndReflection() map[string]bool {
+	return map[string]bool{
+		"/grpc.health.v1.Health/Check":                                   true,
+		"/grpc.health.v1.Health/Watch":                                   true,
+		"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      true,
+		"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": true,
+	}
+}
+
 // Server serves Connect, gRPC and gRPC-Web handlers over strict mutual TLS 1.3.
 type Server struct {
 	cfg      serverConfig
@@ -133,12 +144,7 @@ func NewServer(src transport.Source, opts ...ServerOption) (*Server, error) {
 	s.metrics = newMetrics(cfg.registry, "server")
 	interceptors := []connect.Interceptor{
 		s.metrics.interceptor(),
-		&authzInterceptor{policy: cfg.policy, bootstrap: cfg.bootstrap, public: map[string]bool{
-			"/grpc.health.v1.Health/Check":                                   true,
-			"/grpc.health.v1.Health/Watch":                                   true,
-			"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      true,
-			"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": true,
-		}},
+		(&authzInterceptor{policy: cfg.policy, bootstrap: cfg.bootstrap, public: healthAndReflection()}).interceptor(),
 		validate.NewInterceptor(),
 	}
 	if cfg.otel {
