@@ -49,9 +49,11 @@ func NewClient(url string, bundle *x509bundle.Bundle, token string, opts ...Clie
 	hc := bootstrapHTTPClient(transport.BootstrapClientConfig(x509bundle.NewSet(bundle), transport.WithAuthorizer(transport.AuthorizeID(caID))))
 	c := &Client{url: url, caID: caID, token: token, bundle: bundle,
 		join: cav1connect.NewCAServiceClient(hc, url, rpc.ClientOptions()...)}
+	var cfg clientConfig
 	for _, o := range opts {
-		o(c)
+		o.applyToClient(&cfg)
 	}
+	c.sealSuite = cfg.sealSuite
 	return c
 }
 

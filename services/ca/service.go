@@ -29,8 +29,15 @@ import (
 // DefaultMaxTTL is the longest leaf the online CA issues unless configured otherwise.
 const DefaultMaxTTL = 24 * time.Hour
 
-// Option configures New.
-type Option func(*config)
+// Option configures New. Options are values with an unexported method, as in
+// connect-go and packages transport and rpc.
+type Option interface {
+	applyToService(*config)
+}
+
+type option func(*config)
+
+func (f option) applyToService(c *config) { f(c) }
 
 type config struct {
 	maxTTL     time.Duration
@@ -43,22 +50,22 @@ type config struct {
 
 // WithMaxTTL sets the longest lifetime the CA issues (default DefaultMaxTTL).
 // Longer requests are refused with invalid_argument.
-func WithMaxTTL(d time.Duration) Option { return func(c *config) { c.maxTTL = d } }
+func WithMaxTTL(d time.Duration) Option { return option(func(c *config) { c.maxTTL = d }) }
 
 // WithDefaultTTL sets the lifetime of requests that ask for none (default: the max TTL).
-func WithDefaultTTL(d time.Duration) Option { return func(c *config) { c.defaultTTL = d } }
+func WithDefaultTTL(d time.Duration) Option { return option(func(c *config) { c.defaultTTL = d }) }
 
 // WithRateLimit sets the per-identity issuance rate: perSecond sustained, burst at once
 // (default 0.2/s, burst 5). Over it, requests fail with resource_exhausted.
 func WithRateLimit(perSecond float64, burst int) Option {
-	return func(c *config) { c.rate, c.burst = perSecond, burst }
+	return option(func(c *config) { c.rate, c.burst = perSecond, burst })
 }
 
 // WithLogger sets the logger (default slog.Default()).
-func WithLogger(l *slog.Logger) Option { return func(c *config) { c.logger = l } }
+func WithLogger(l *slog.Logger) Option { return option(func(c *config) { c.logger = l }) }
 
 // WithClock sets the clock (tests).
-func WithClock(now func() time.Time) Option { return func(c *config) { c.now = now } }
+func WithClock(now func() time.Time) Option { return option(func(c *config) { c.now = now }) }
 
 // Service implements cav1connect.CAServiceHandler over a CA directory. Changes other
 // processes make to the directory (new tokens, rotation steps, revocations) take effect
@@ -79,7 +86,7 @@ var _ cav1connect.CAServiceHandler = (*Service)(nil)
 func New(dir string, opts ...Option) (*Service, error) {
 	cfg := config{maxTTL: DefaultMaxTTL, rate: 0.2, burst: 5, logger: slog.Default(), now: time.Now}
 	for _, o := range opts {
-		o(&cfg)
+		o.applyToService(&cfg)
 	}
 	if cfg.defaultTTL == 0 {
 		cfg.defaultTTL = cfg.maxTTL
