@@ -23,6 +23,7 @@ import (
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/echo"
@@ -41,7 +42,7 @@ const (
 // env is a CA with a server and a client identity (X.509 and sealing) in a temp dir.
 type env struct {
 	dir                  string
-	ca                   *transport.CA
+	ca                   *pki.CA
 	serverSrc, clientSrc transport.Source
 	serverDir, clientDir string
 
@@ -54,7 +55,7 @@ func newEnv() (*env, error) {
 	if err != nil {
 		return nil, err
 	}
-	ca, err := transport.InitCA(filepath.Join(dir, "ca"), "bench.veil")
+	ca, err := pki.InitCA(filepath.Join(dir, "ca"), "bench.veil")
 	if err != nil {
 		return nil, err
 	}
@@ -215,7 +216,7 @@ func (e *env) startVeilWith(o veilOptions, extra func(...connect.HandlerOption) 
 }
 
 func (e *env) veilClient(o veilOptions) (*http.Client, error) {
-	opts := []rpc.ClientOption{rpc.WithClientPQMode(transport.PQStrict), rpc.WithClientWriteCoalescing(o.coalesce)}
+	opts := []rpc.ClientOption{rpc.WithPQMode(transport.PQStrict), rpc.WithWriteCoalescing(o.coalesce)}
 	if o.sealed {
 		if e.clientSeal == nil {
 			id, roots, err := rpc.LoadSealingIdentity(e.clientDir)

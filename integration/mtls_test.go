@@ -16,15 +16,16 @@ import (
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
 
 // identities creates a CA and issues the named SPIFFE IDs into a temporary directory.
-func identities(t *testing.T, ids ...string) (string, *transport.CA) {
+func identities(t *testing.T, ids ...string) (string, *pki.CA) {
 	t.Helper()
 	dir := t.TempDir()
-	ca, err := transport.InitCA(filepath.Join(dir, "ca"), "example.org")
+	ca, err := pki.InitCA(filepath.Join(dir, "ca"), "example.org")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,7 +70,7 @@ func TestEchoInContainerOverStrictMTLS(t *testing.T) {
 		opts []connect.ClientOption
 	}{{"connect", nil}, {"grpc", []connect.ClientOption{connect.WithGRPC()}}, {"grpcweb", []connect.ClientOption{connect.WithGRPCWeb()}}} {
 		t.Run(p.name, func(t *testing.T) {
-			ec := echov1connect.NewEchoServiceClient(rpc.NewHTTPClient(client, serverID, rpc.WithClientPQMode(transport.PQStrict)), url, append(rpc.ClientOptions(), p.opts...)...)
+			ec := echov1connect.NewEchoServiceClient(rpc.NewHTTPClient(client, serverID, rpc.WithPQMode(transport.PQStrict)), url, append(rpc.ClientOptions(), p.opts...)...)
 			res, err := ec.Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "across containers via " + p.name}))
 			if err != nil || res.Msg.GetMessage() != "across containers via "+p.name {
 				t.Fatalf("Echo = %v, %v", res, err)

@@ -22,6 +22,7 @@ import (
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
 	"github.com/veilrpc/veil/he"
 	"github.com/veilrpc/veil/natsstate"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/analytics"
@@ -66,7 +67,7 @@ func startNATSTopology(t *testing.T) *natsTopology {
 	t.Helper()
 	dir := sealedIdentities(t, natsServerID, "spiffe://example.org/proxy", "spiffe://example.org/client",
 		"spiffe://example.org/analyst", "spiffe://example.org/ns/owners/sa/o1", "spiffe://example.org/ns/owners/sa/o2")
-	ca, err := transport.LoadCA(filepath.Join(dir, "ca"))
+	ca, err := pki.LoadCA(filepath.Join(dir, "ca"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -50,6 +50,7 @@ import (
 	"github.com/testcontainers/testcontainers-go"
 	"github.com/testcontainers/testcontainers-go/wait"
 
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/transport"
 )
 
@@ -179,7 +180,7 @@ type natsNode struct {
 // startNATSCluster starts n JetStream nodes on network with server certificates from
 // ca, and waits until the cluster has a JetStream meta leader and every node is
 // healthy. Containers are removed when the test ends (their logs printed if it failed).
-func startNATSCluster(t *testing.T, network string, n int, ca *transport.CA) *natsCluster {
+func startNATSCluster(t *testing.T, network string, n int, ca *pki.CA) *natsCluster {
 	t.Helper()
 	imageDir := natsImageContext(t)
 	started := time.Now()
@@ -196,7 +197,7 @@ func startNATSCluster(t *testing.T, network string, n int, ca *transport.CA) *na
 			t.Fatal(err)
 		}
 		if err := ca.IssueFiles(id, nodeDir, time.Hour,
-			transport.WithDNSNames(name, "localhost"), transport.WithIPAddresses(net.IPv6loopback, net.IPv4(127, 0, 0, 1))); err != nil {
+			pki.WithDNSNames(name, "localhost"), pki.WithIPAddresses(net.IPv6loopback, net.IPv4(127, 0, 0, 1))); err != nil {
 			t.Fatal(err)
 		}
 		if err := os.WriteFile(filepath.Join(nodeDir, "nats.conf"), []byte(natsConfig(name, routes)), 0o644); err != nil {
@@ -345,7 +346,7 @@ func (c *natsCluster) index(name string) int {
 }
 
 // natsTLS is the client TLS configuration of the identity in dir (tls.crt, tls.key and
-// ca.crt, as transport.CA.IssueFiles writes them): the identity's certificate as the
+// ca.crt, as pki.CA.IssueFiles writes them): the identity's certificate as the
 // client certificate and its ca.crt as the roots that verify the servers. With dir ""
 // it has no client certificate and trusts caFile.
 func natsTLS(t *testing.T, dir, caFile string) *tls.Config {

@@ -23,6 +23,7 @@ import (
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -291,7 +292,7 @@ plugins {
 		t.Fatalf("call after rotation: %v", err)
 	}
 	// A client that is not in the trust domain's bundle is refused.
-	other, err := transport.InitCA(filepath.Join(dir, "other-ca"), "example.org")
+	other, err := pki.InitCA(filepath.Join(dir, "other-ca"), "example.org")
 	if err != nil {
 		t.Fatal(err)
 	}

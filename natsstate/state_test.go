@@ -21,7 +21,7 @@ import (
 	"github.com/veilrpc/veil/he"
 	"github.com/veilrpc/veil/internal/testpki"
 	"github.com/veilrpc/veil/natsstate"
-	"github.com/veilrpc/veil/transport"
+	"github.com/veilrpc/veil/pki"
 )
 
 // natsServer is a real JetStream server in the test process, with TLS whose clients
@@ -36,9 +36,9 @@ type natsServer struct {
 
 func startNATS(t *testing.T) *natsServer {
 	t.Helper()
-	pki := testpki.New(t, "example.org")
-	dir := filepath.Join(pki.Dir, "nats-server")
-	if err := pki.CA.IssueFiles(spiffeid.RequireFromString("spiffe://example.org/nats"), dir, time.Hour, transport.WithDNSNames("localhost")); err != nil {
+	tp := testpki.New(t, "example.org")
+	dir := filepath.Join(tp.Dir, "nats-server")
+	if err := tp.CA.IssueFiles(spiffeid.RequireFromString("spiffe://example.org/nats"), dir, time.Hour, pki.WithDNSNames("localhost")); err != nil {
 		t.Fatal(err)
 	}
 	tlsc, err := server.GenTLSConfig(&server.TLSConfigOpts{
@@ -51,7 +51,7 @@ func startNATS(t *testing.T) *natsServer {
 		Host: "localhost", Port: -1, JetStream: true, StoreDir: t.TempDir(),
 		TLS: true, TLSVerify: true, TLSConfig: tlsc, TLSTimeout: 5, NoSigs: true, NoLog: true,
 	}
-	n := &natsServer{t: t, pki: pki, opts: opts}
+	n := &natsServer{t: t, pki: tp, opts: opts}
 	n.start()
 	opts.Port = n.srv.Addr().(*net.TCPAddr).Port // a restart listens where clients reconnect
 	n.url = "tls://localhost:" + itoa(opts.Port)

@@ -72,7 +72,7 @@ type peerCertKey struct{}
 // WithPeerCertificates keeps each caller's verified leaf certificate in the request
 // context, for PeerCertificate.
 func WithPeerCertificates() ServerOption {
-	return func(c *serverConfig) { c.middleware = append(c.middleware, withPeerCert) }
+	return serverOption(func(c *serverConfig) { c.middleware = append(c.middleware, withPeerCert) })
 }
 
 func withPeerCert(next http.Handler) http.Handler {
@@ -122,20 +122,15 @@ func WithBoundTokens(v TokenVerifier, exempt ...string) ServerOption {
 	case v.Leeway > MaxTokenLeeway:
 		v.Leeway = MaxTokenLeeway
 	}
-	a := &tokenAuth{v: v, exempt: map[string]bool{
-		"/grpc.health.v1.Health/Check":                                   true,
-		"/grpc.health.v1.Health/Watch":                                   true,
-		"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      true,
-		"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": true,
-	}}
+	a := &tokenAuth{v: v, exempt: healthAndReflection()}
 	for _, p := range exempt {
 		a.exempt[p] = true
 	}
-	return func(c *serverConfig) {
+	return serverOption(func(c *serverConfig) {
 		c.middleware = append(c.middleware, withPeerCert)
-		c.interceptors = append(c.interceptors, a)
+		c.interceptors = append(c.interceptors, serverCheck(a.check))
 		c.tokenAuth = append(c.tokenAuth, a)
-	}
+	})
 }
 
 type tokenAuth struct {
@@ -205,31 +200,6 @@ func (a *tokenAuth) verify(ctx context.Context, h http.Header) error {
 		return authError(AuthReasonNotBound, fmt.Errorf("rpc: access token is for %q, not the caller %s", claims.Subject, peer.ID))
 	}
 	return nil
-}
-
-func (a *tokenAuth) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
-	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
-		if req.Spec().IsClient {
-			return next(ctx, req)
-		}
-		if err := a.check(ctx, req.Spec().Procedure, req.Header()); err != nil {
-			return nil, err
-		}
-		return next(ctx, req)
-	}
-}
-
-func (a *tokenAuth) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
-	return next
-}
-
-func (a *tokenAuth) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
-	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
-		if err := a.check(ctx, conn.Spec().Procedure, conn.RequestHeader()); err != nil {
-			return err
-		}
-		return next(ctx, conn)
-	}
 }
 
 // TokenFetcher obtains a fresh access token (services/auth's TokenSource is one).

@@ -14,14 +14,14 @@ import (
 // is verified as usual. Bootstrap procedures skip the policy: they authenticate their
 // callers themselves. Servers without this option refuse such handshakes outright.
 func WithBootstrapProcedures(procedures ...string) ServerOption {
-	return func(c *serverConfig) {
+	return serverOption(func(c *serverConfig) {
 		if c.bootstrap == nil {
 			c.bootstrap = map[string]bool{}
 		}
 		for _, p := range procedures {
 			c.bootstrap[p] = true
 		}
-	}
+	})
 }
 
 // peerHandler puts the verified peer into each request's context (withPeer), and lets a

@@ -12,9 +12,6 @@ import (
 	"github.com/veilrpc/veil/transport"
 )
 
-// ClientOption configures NewHTTPClient.
-type ClientOption func(*clientConfig)
-
 type clientConfig struct {
 	pqMode     transport.PQMode
 	registry   prometheus.Registerer
@@ -22,7 +19,7 @@ type clientConfig struct {
 	idleConns  int
 	sealing    *pqkex.Client
 	sealedFor  pqkex.Authorizer // WithSealedServer; nil: the TLS authorizer
-	noCoalesce bool             // see WithClientWriteCoalescing
+	noCoalesce bool             // see WithWriteCoalescing
 	pingIdle   time.Duration
 	pingWait   time.Duration
 }
@@ -39,22 +36,13 @@ const (
 // keep taking new calls until the kernel gives up on it. Defaults:
 // DefaultKeepaliveIdle and DefaultKeepaliveTimeout.
 func WithKeepalive(idle, timeout time.Duration) ClientOption {
-	return func(c *clientConfig) { c.pingIdle, c.pingWait = idle, timeout }
-}
-
-// WithClientPQMode sets the client's key-exchange policy (default transport.PQPermissive,
-// which still prefers X25519MLKEM768).
-func WithClientPQMode(m transport.PQMode) ClientOption { return func(c *clientConfig) { c.pqMode = m } }
-
-// WithClientRegistry registers the client's handshake metrics in reg.
-func WithClientRegistry(reg prometheus.Registerer) ClientOption {
-	return func(c *clientConfig) { c.registry = reg }
+	return clientOption(func(c *clientConfig) { c.pingIdle, c.pingWait = idle, timeout })
 }
 
 // WithRoundTripper wraps the client's transport, innermost first: a layer such as
 // pqkex's sealing round tripper goes here.
 func WithRoundTripper(w func(http.RoundTripper) http.RoundTripper) ClientOption {
-	return func(c *clientConfig) { c.wrap = append(c.wrap, w) }
+	return clientOption(func(c *clientConfig) { c.wrap = append(c.wrap, w) })
 }
 
 // NewHTTPClient returns an HTTP/2 client over mutual TLS 1.3 that presents src's
@@ -64,7 +52,7 @@ func WithRoundTripper(w func(http.RoundTripper) http.RoundTripper) ClientOption 
 func NewHTTPClient(src transport.Source, server transport.Authorizer, opts ...ClientOption) *http.Client {
 	cfg := clientConfig{idleConns: 64, pingIdle: DefaultKeepaliveIdle, pingWait: DefaultKeepaliveTimeout}
 	for _, o := range opts {
-		o(&cfg)
+		o.applyToClient(&cfg)
 	}
 	m := newMetrics(cfg.registry, "client")
 	t := &http.Transport{

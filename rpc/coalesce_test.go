@@ -23,7 +23,7 @@ func TestWriteCoalescingOff(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			e := start(t, rpc.WithWriteCoalescing(c.server))
 			hc := rpc.NewHTTPClient(identity(t, e.ca, e.dir, clientID), transport.AuthorizeID(spiffeid.RequireFromString(serverID)),
-				rpc.WithClientWriteCoalescing(c.client))
+				rpc.WithWriteCoalescing(c.client))
 			client := echov1connect.NewEchoServiceClient(hc, e.url, rpc.ClientOptions()...)
 			ctx := context.Background()
 			res, err := client.Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "hello"}))

@@ -36,18 +36,6 @@ const (
 	flushGrace = time.Second
 )
 
-// WithWriteCoalescing turns write coalescing on or off for the server's connections
-// (default on).
-func WithWriteCoalescing(on bool) ServerOption {
-	return func(c *serverConfig) { c.noCoalesce = !on }
-}
-
-// WithClientWriteCoalescing turns write coalescing on or off for the client's
-// connections (default on).
-func WithClientWriteCoalescing(on bool) ClientOption {
-	return func(c *clientConfig) { c.noCoalesce = !on }
-}
-
 type coalescingListener struct{ net.Listener }
 
 func (l coalescingListener) Accept() (net.Conn, error) {

@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
@@ -16,7 +17,7 @@ import (
 // serverHandshakes counts the TLS handshakes the server completed.
 func serverHandshakes(t *testing.T, e *env) float64 {
 	t.Helper()
-	mfs, err := e.server.Registry().Gather()
+	mfs, err := e.server.Registerer().(prometheus.Gatherer).Gather()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 
 	"connectrpc.com/connect"
@@ -13,7 +14,8 @@ import (
 )
 
 // Policy says which callers may call which procedures. It denies by default: a
-// procedure with no matching rule is refused with permission_denied.
+// procedure with no matching rule is refused with permission_denied. The zero Policy,
+// a nil *Policy and a server without WithPolicy deny every application procedure.
 //
 // A rule's procedure is an exact procedure ("/veil.echo.v1.EchoService/Echo"), every
 // procedure of a service ("/veil.echo.v1.EchoService/*"), or every procedure ("*").
@@ -102,6 +104,11 @@ type authzInterceptor struct {
 	bootstrap map[string]bool // procedures that authenticate their callers themselves
 }
 
+// interceptor enforces the policy before every handler.
+func (a *authzInterceptor) interceptor() connect.Interceptor {
+	return serverCheck(func(ctx context.Context, procedure string, _ http.Header) error { return a.check(ctx, procedure) })
+}
+
 func (a *authzInterceptor) check(ctx context.Context, procedure string) error {
 	if a.bootstrap[procedure] {
 		return nil
@@ -116,25 +123,29 @@ func (a *authzInterceptor) check(ctx context.Context, procedure string) error {
 	return a.policy.Authorize(procedure, p.ID)
 }
 
-func (a *authzInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+// serverCheck is a server-side interceptor that runs a check before every handler,
+// unary or streaming, and refuses the call with the check's error. Client calls pass.
+type serverCheck func(ctx context.Context, procedure string, header http.Header) error
+
+func (f serverCheck) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
 		if req.Spec().IsClient {
 			return next(ctx, req)
 		}
-		if err := a.check(ctx, req.Spec().Procedure); err != nil {
+		if err := f(ctx, req.Spec().Procedure, req.Header()); err != nil {
 			return nil, err
 		}
 		return next(ctx, req)
 	}
 }
 
-func (a *authzInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+func (f serverCheck) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
 	return next
 }
 
-func (a *authzInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+func (f serverCheck) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
 	return func(ctx context.Context, conn connect.StreamingHandlerConn) error {
-		if err := a.check(ctx, conn.Spec().Procedure); err != nil {
+		if err := f(ctx, conn.Spec().Procedure, conn.RequestHeader()); err != nil {
 			return err
 		}
 		return next(ctx, conn)

@@ -19,10 +19,12 @@ import (
 	"connectrpc.com/connect"
 	"connectrpc.com/grpchealth"
 	"connectrpc.com/grpcreflect"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/echo"
 	"github.com/veilrpc/veil/transport"
@@ -67,7 +69,7 @@ func (e *testEcho) Echo(ctx context.Context, req *connect.Request[echov1.EchoReq
 }
 
 type env struct {
-	ca     *transport.CA
+	ca     *pki.CA
 	dir    string
 	url    string
 	server *rpc.Server
@@ -76,7 +78,7 @@ type env struct {
 	done   chan error
 }
 
-func identity(t *testing.T, ca *transport.CA, dir, id string) transport.Source {
+func identity(t *testing.T, ca *pki.CA, dir, id string) transport.Source {
 	t.Helper()
 	out := filepath.Join(dir, strings.NewReplacer("spiffe://", "", "/", "_").Replace(id))
 	if err := ca.IssueFiles(spiffeid.RequireFromString(id), out, time.Hour); err != nil {
@@ -92,14 +94,14 @@ func identity(t *testing.T, ca *transport.CA, dir, id string) transport.Source {
 func start(t *testing.T, opts ...rpc.ServerOption) *env {
 	t.Helper()
 	dir := t.TempDir()
-	ca, err := transport.InitCA(filepath.Join(dir, "ca"), "example.org")
+	ca, err := pki.InitCA(filepath.Join(dir, "ca"), "example.org")
 	if err != nil {
 		t.Fatal(err)
 	}
 	return startWith(t, dir, ca, opts...)
 }
 
-func startWith(t *testing.T, dir string, ca *transport.CA, opts ...rpc.ServerOption) *env {
+func startWith(t *testing.T, dir string, ca *pki.CA, opts ...rpc.ServerOption) *env {
 	t.Helper()
 	policy := rpc.NewPolicy().MustAllow("/veil.echo.v1.EchoService/*", "spiffe://example.org/ns/*/sa/*")
 	srv, err := rpc.NewServer(identity(t, ca, dir, serverID), append([]rpc.ServerOption{rpc.WithPolicy(policy), rpc.WithGracePeriod(5 * time.Second)}, opts...)...)
@@ -222,7 +224,7 @@ func TestPolicyDeniesByDefault(t *testing.T) {
 
 func callsCounter(t *testing.T, e *env, procedure, code string) float64 {
 	t.Helper()
-	mfs, err := e.server.Registry().Gather()
+	mfs, err := e.server.Registerer().(prometheus.Gatherer).Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -245,7 +247,7 @@ func callsCounter(t *testing.T, e *env, procedure, code string) float64 {
 
 func metricValue(t *testing.T, e *env, name, label, value string) float64 {
 	t.Helper()
-	v, err := rpc.CounterValue(e.server.Registry(), name, label, value)
+	v, err := rpc.CounterValue(e.server.Registerer().(prometheus.Gatherer), name, label, value)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,9 +2,7 @@ package rpc
 
 import (
 	"crypto"
-	"crypto/x509"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -14,6 +12,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/veilrpc/veil/internal/atomicfile"
+	"github.com/veilrpc/veil/internal/certpem"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/transport"
 )
@@ -29,7 +29,7 @@ const (
 // IssueSealingIdentity generates a static hybrid KEM key for id, has ca certify it
 // (ML-DSA-65 and the classical root key both sign), and writes pq.cred, pq.key (0600)
 // and ca-mldsa65.pub into dir. The credential is valid for ttl.
-func IssueSealingIdentity(ca *transport.CA, id spiffeid.ID, dir string, ttl time.Duration, suite pqkex.Scheme) error {
+func IssueSealingIdentity(ca *pki.CA, id spiffeid.ID, dir string, ttl time.Duration, suite pqkex.Scheme) error {
 	if suite == nil {
 		suite = pqkex.X25519MLKEM768()
 	}
@@ -104,26 +104,17 @@ func LoadSealingIdentity(dir string) (*pqkex.Identity, pqkex.Roots, error) {
 	return id, roots, nil
 }
 
+// rootKey is the public key of the first root in the bundle file at path.
 func rootKey(path string) (crypto.PublicKey, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("rpc: %w", err)
 	}
-	for {
-		var block *pem.Block
-		block, b = pem.Decode(b)
-		if block == nil {
-			return nil, errors.New("rpc: no root certificate in " + path)
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("rpc: %s: %w", path, err)
-		}
-		return c.PublicKey, nil
+	roots, err := certpem.ParseCertificates(b)
+	if err != nil {
+		return nil, fmt.Errorf("rpc: %s: %w", path, err)
 	}
+	return roots[0].PublicKey, nil
 }
 
 // WithSealing seals every call end to end with s (package pqkex): request and response
@@ -132,21 +123,21 @@ func rootKey(path string) (crypto.PublicKey, error) {
 // decides what happens to unsealed calls. Handlers see the sealed peer in
 // PeerFromContext, and the policy authorizes that end-to-end identity.
 func WithSealing(s *pqkex.Server) ServerOption {
-	return func(c *serverConfig) { c.sealing = s }
+	return serverOption(func(c *serverConfig) { c.sealing = s })
 }
 
 // WithClientSealing seals the client's calls with c (package pqkex). The sealed calls
 // expect, end to end, the server that NewHTTPClient's TLS authorizer expects, on top of c's
 // own authorizer; WithSealedServer names another.
 func WithClientSealing(c *pqkex.Client) ClientOption {
-	return func(cfg *clientConfig) { cfg.sealing = c }
+	return clientOption(func(cfg *clientConfig) { cfg.sealing = c })
 }
 
 // WithSealedServer sets the server identity that sealed calls expect end to end, in place of
 // NewHTTPClient's TLS authorizer: for a client whose TLS peer is a proxy with an identity of
 // its own (the pqkex client then also needs pqkex.WithoutChannelBinding for that server).
 func WithSealedServer(a pqkex.Authorizer) ClientOption {
-	return func(cfg *clientConfig) { cfg.sealedFor = a }
+	return clientOption(func(cfg *clientConfig) { cfg.sealedFor = a })
 }
 
 // SealedAuthorizer is a transport authorizer as a pqkex one: it accepts the SPIFFE IDs a

@@ -21,13 +21,14 @@ import (
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
 
 // sealingDir issues an X.509 and a sealing identity for id and returns their directory.
-func sealingDir(t *testing.T, ca *transport.CA, dir, id string) string {
+func sealingDir(t *testing.T, ca *pki.CA, dir, id string) string {
 	t.Helper()
 	out := filepath.Join(dir, strings.NewReplacer("spiffe://", "", "/", "_").Replace(id))
 	sid := spiffeid.RequireFromString(id)
@@ -40,7 +41,7 @@ func sealingDir(t *testing.T, ca *transport.CA, dir, id string) string {
 	return out
 }
 
-func sealedServer(t *testing.T, ca *transport.CA, dir string) rpc.ServerOption {
+func sealedServer(t *testing.T, ca *pki.CA, dir string) rpc.ServerOption {
 	t.Helper()
 	id, roots, err := rpc.LoadSealingIdentity(sealingDir(t, ca, dir, serverID))
 	if err != nil {
@@ -55,7 +56,7 @@ func sealedServer(t *testing.T, ca *transport.CA, dir string) rpc.ServerOption {
 	return rpc.WithSealing(s)
 }
 
-func sealedClient(t *testing.T, ca *transport.CA, dir, id string, hop transport.Authorizer, ropts []rpc.ClientOption, opts ...pqkex.Option) *http.Client {
+func sealedClient(t *testing.T, ca *pki.CA, dir, id string, hop transport.Authorizer, ropts []rpc.ClientOption, opts ...pqkex.Option) *http.Client {
 	t.Helper()
 	d := sealingDir(t, ca, dir, id)
 	pid, roots, err := rpc.LoadSealingIdentity(d)
@@ -77,7 +78,7 @@ func sealedClient(t *testing.T, ca *transport.CA, dir, id string, hop transport.
 func startSealed(t *testing.T) *env {
 	t.Helper()
 	dir := t.TempDir()
-	ca, err := transport.InitCA(filepath.Join(dir, "ca"), "example.org")
+	ca, err := pki.InitCA(filepath.Join(dir, "ca"), "example.org")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -32,16 +32,13 @@ const DefaultReadLimit = 4 << 20
 // DefaultGracePeriod is how long in-flight calls may run after shutdown starts.
 const DefaultGracePeriod = 10 * time.Second
 
-// ServerOption configures NewServer.
-type ServerOption func(*serverConfig)
-
 type serverConfig struct {
 	pqMode       transport.PQMode
 	policy       *Policy
 	readLimits   map[string]int64
 	compressed   map[string]bool
 	metricsAddr  string
-	registry     *prometheus.Registry
+	registry     prometheus.Registerer
 	otel         bool
 	grace        time.Duration
 	interceptors []connect.Interceptor
@@ -53,52 +50,61 @@ type serverConfig struct {
 	tokenAuth    []*tokenAuth    // WithBoundTokens' interceptors, which count refusals
 }
 
-// WithPQMode sets the TLS key-exchange policy (default transport.PQPermissive).
-func WithPQMode(m transport.PQMode) ServerOption { return func(c *serverConfig) { c.pqMode = m } }
-
 // WithPolicy sets who may call what. Without it every application procedure is denied.
-func WithPolicy(p *Policy) ServerOption { return func(c *serverConfig) { c.policy = p } }
+func WithPolicy(p *Policy) ServerOption { return serverOption(func(c *serverConfig) { c.policy = p }) }
 
 // WithReadLimit raises (or lowers) the largest message procedure accepts, for example
 // for bulk uploads. Larger messages fail with resource_exhausted.
 func WithReadLimit(procedure string, bytes int64) ServerOption {
-	return func(c *serverConfig) { c.readLimits[procedure] = bytes }
+	return serverOption(func(c *serverConfig) { c.readLimits[procedure] = bytes })
 }
 
 // WithCompression lets procedure negotiate gzip. Veil servers do not compress by
 // default: it costs CPU on small messages, gains nothing on encrypted payloads, and
 // compressing before encrypting leaks through lengths. Opt in only for plaintext.
 func WithCompression(procedure string) ServerOption {
-	return func(c *serverConfig) { c.compressed[procedure] = true }
+	return serverOption(func(c *serverConfig) { c.compressed[procedure] = true })
 }
 
 // WithMetricsAddr serves Prometheus metrics on a separate plain-HTTP listener.
-func WithMetricsAddr(addr string) ServerOption { return func(c *serverConfig) { c.metricsAddr = addr } }
-
-// WithRegistry collects metrics into reg (default: a new registry per server).
-func WithRegistry(reg *prometheus.Registry) ServerOption {
-	return func(c *serverConfig) { c.registry = reg }
+func WithMetricsAddr(addr string) ServerOption {
+	return serverOption(func(c *serverConfig) { c.metricsAddr = addr })
 }
 
 // WithOpenTelemetry traces and measures calls with otelconnect and the global providers.
-func WithOpenTelemetry() ServerOption { return func(c *serverConfig) { c.otel = true } }
+func WithOpenTelemetry() ServerOption { return serverOption(func(c *serverConfig) { c.otel = true }) }
 
 // WithGracePeriod sets how long in-flight calls may finish after shutdown begins.
-func WithGracePeriod(d time.Duration) ServerOption { return func(c *serverConfig) { c.grace = d } }
+func WithGracePeriod(d time.Duration) ServerOption {
+	return serverOption(func(c *serverConfig) { c.grace = d })
+}
 
 // WithInterceptors adds interceptors after Veil's own (metrics, authorization, validation).
 func WithInterceptors(i ...connect.Interceptor) ServerOption {
-	return func(c *serverConfig) { c.interceptors = append(c.interceptors, i...) }
+	return serverOption(func(c *serverConfig) { c.interceptors = append(c.interceptors, i...) })
 }
 
 // WithMiddleware wraps the HTTP handler, innermost first, inside the peer middleware:
 // a layer such as pqkex's sealing handler goes here.
 func WithMiddleware(m func(http.Handler) http.Handler) ServerOption {
-	return func(c *serverConfig) { c.middleware = append(c.middleware, m) }
+	return serverOption(func(c *serverConfig) { c.middleware = append(c.middleware, m) })
 }
 
 // WithLogger sets the server's logger (default slog.Default()).
-func WithLogger(l *slog.Logger) ServerOption { return func(c *serverConfig) { c.logger = l } }
+func WithLogger(l *slog.Logger) ServerOption {
+	return serverOption(func(c *serverConfig) { c.logger = l })
+}
+
+// healthAndReflection are the procedures every server mounts besides its services:
+// any verified peer may call them, with no policy rule and no access token.
+func healthAndReflection() map[string]bool {
+	return map[string]bool{
+		"/grpc.health.v1.Health/Check":                                   true,
+		"/grpc.health.v1.Health/Watch":                                   true,
+		"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      true,
+		"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": true,
+	}
+}
 
 // Server serves Connect, gRPC and gRPC-Web handlers over strict mutual TLS 1.3.
 type Server struct {
@@ -125,11 +131,15 @@ func NewServer(src transport.Source, opts ...ServerOption) (*Server, error) {
 		logger:     slog.Default(),
 	}
 	for _, o := range opts {
-		o(&cfg)
+		o.applyToServer(&cfg)
 	}
 	if cfg.registry == nil {
-		cfg.registry = prometheus.NewRegistry()
-		cfg.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		cfg.registry = reg
+	}
+	if _, ok := cfg.registry.(prometheus.Gatherer); cfg.metricsAddr != "" && !ok {
+		return nil, errors.New("rpc: WithMetricsAddr needs a WithMetrics registerer that is also a prometheus.Gatherer")
 	}
 	s := &Server{cfg: cfg, source: src, mux: http.NewServeMux(), health: grpchealth.NewStaticChecker()}
 	s.metrics = newMetrics(cfg.registry, "server")
@@ -138,12 +148,7 @@ func NewServer(src transport.Source, opts ...ServerOption) (*Server, error) {
 	}
 	interceptors := []connect.Interceptor{
 		s.metrics.interceptor(),
-		&authzInterceptor{policy: cfg.policy, bootstrap: cfg.bootstrap, public: map[string]bool{
-			"/grpc.health.v1.Health/Check":                                   true,
-			"/grpc.health.v1.Health/Watch":                                   true,
-			"/grpc.reflection.v1.ServerReflection/ServerReflectionInfo":      true,
-			"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": true,
-		}},
+		(&authzInterceptor{policy: cfg.policy, bootstrap: cfg.bootstrap, public: healthAndReflection()}).interceptor(),
 		validate.NewInterceptor(),
 	}
 	if cfg.otel {
@@ -167,8 +172,9 @@ func NewServer(src transport.Source, opts ...ServerOption) (*Server, error) {
 // Metrics returns the server's collectors (also a transport.Observer).
 func (s *Server) Metrics() *Metrics { return s.metrics }
 
-// Registry returns the Prometheus registry the server's metrics are in.
-func (s *Server) Registry() *prometheus.Registry { return s.cfg.registry }
+// Registerer returns where the server's metrics are registered (see WithMetrics), for
+// services to add their own.
+func (s *Server) Registerer() prometheus.Registerer { return s.cfg.registry }
 
 // Health returns the server's health checker, to report a service degraded.
 func (s *Server) Health() *grpchealth.StaticChecker { return s.health }
@@ -275,7 +281,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			return fmt.Errorf("rpc: metrics listener: %w", err)
 		}
 		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(s.cfg.registry, promhttp.HandlerOpts{}))
+		mux.Handle("/metrics", promhttp.HandlerFor(s.cfg.registry.(prometheus.Gatherer), promhttp.HandlerOpts{}))
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = metricsSrv.Serve(mln) }()
 	}

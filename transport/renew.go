@@ -24,7 +24,7 @@ import (
 type Trust struct {
 	TrustDomain spiffeid.TrustDomain
 	Roots       []*x509.Certificate
-	Denylist    *Denylist
+	Denylist    Denylist // nil denies nothing
 }
 
 // Issued is a certificate chain (leaf first) with the trust material of its CA.
@@ -47,7 +47,29 @@ type Issuer interface {
 }
 
 // RenewOption configures NewRenewingSource.
-type RenewOption func(*renewConfig)
+type RenewOption interface {
+	applyToRenew(*renewConfig)
+}
+
+// SourceOption configures both sources that keep themselves current in the
+// background, NewRenewingSource and WatchFiles.
+type SourceOption interface {
+	RenewOption
+	WatchOption
+}
+
+type renewOption func(*renewConfig)
+
+func (f renewOption) applyToRenew(c *renewConfig) { f(c) }
+
+type loggerOption struct{ l *slog.Logger }
+
+func (o loggerOption) applyToRenew(c *renewConfig) { c.logger = o.l }
+func (o loggerOption) applyToWatch(c *watchConfig) { c.logger = o.l }
+
+// WithLogger logs what a background source does: renewals, reloads, and the failures
+// and rejected files it keeps serving through (default slog.Default()).
+func WithLogger(l *slog.Logger) SourceOption { return loggerOption{l} }
 
 type renewConfig struct {
 	ttl          time.Duration
@@ -61,44 +83,45 @@ type renewConfig struct {
 	now          func() time.Time
 }
 
-// WithCertTTL sets the lifetime to request (default DefaultLeafTTL; the CA may cap it).
-func WithCertTTL(d time.Duration) RenewOption { return func(c *renewConfig) { c.ttl = d } }
+// WithCertTTL sets the lifetime to request (default 24 hours; the CA may cap it).
+func WithCertTTL(d time.Duration) RenewOption { return renewOption(func(c *renewConfig) { c.ttl = d }) }
 
 // WithRenewAt renews once this fraction of the lifetime has passed (default 2/3, as
 // step-ca does).
-func WithRenewAt(fraction float64) RenewOption { return func(c *renewConfig) { c.fraction = fraction } }
+func WithRenewAt(fraction float64) RenewOption {
+	return renewOption(func(c *renewConfig) { c.fraction = fraction })
+}
 
 // WithRenewBefore renews a fixed margin before expiry instead (cert-manager's renewBefore).
-func WithRenewBefore(d time.Duration) RenewOption { return func(c *renewConfig) { c.renewBefore = d } }
+func WithRenewBefore(d time.Duration) RenewOption {
+	return renewOption(func(c *renewConfig) { c.renewBefore = d })
+}
 
 // WithDegradeBelow sets the remaining lifetime under which Status reports the source
 // unhealthy (default: a sixth of the lifetime, half the window left for retries).
 func WithDegradeBelow(d time.Duration) RenewOption {
-	return func(c *renewConfig) { c.degradeBelow = d }
+	return renewOption(func(c *renewConfig) { c.degradeBelow = d })
 }
 
 // WithTrustRefresh fetches roots and denylist this often between renewals (default one
 // minute, or a third of the lifetime if shorter), so that a new root or a revocation
 // reaches workloads quickly.
-func WithTrustRefresh(d time.Duration) RenewOption { return func(c *renewConfig) { c.trustEvery = d } }
+func WithTrustRefresh(d time.Duration) RenewOption {
+	return renewOption(func(c *renewConfig) { c.trustEvery = d })
+}
 
 // WithRetryBackoff bounds the jittered exponential backoff between failed attempts
 // (default 1 s to 1 min, never more than a tenth of the lifetime).
 func WithRetryBackoff(minimum, maximum time.Duration) RenewOption {
-	return func(c *renewConfig) { c.minBackoff, c.maxBackoff = minimum, maximum }
+	return renewOption(func(c *renewConfig) { c.minBackoff, c.maxBackoff = minimum, maximum })
 }
-
-// WithRenewLogger logs renewals and failures (default slog.Default()).
-func WithRenewLogger(l *slog.Logger) RenewOption { return func(c *renewConfig) { c.logger = l } }
-
-// WithRenewClock sets the clock (tests).
-func WithRenewClock(now func() time.Time) RenewOption { return func(c *renewConfig) { c.now = now } }
 
 // RenewingSource is a Source whose certificate comes from an Issuer: it joins once,
 // then renews ahead of expiry in the background. While the CA is unreachable it retries
 // with jittered exponential backoff and keeps serving the current certificate; Status
 // turns unhealthy before that certificate expires. Roots and denylist are refreshed
-// with every renewal and in between.
+// with every renewal and in between. Make one with NewRenewingSource (the zero value is
+// not usable).
 type RenewingSource struct {
 	issuer Issuer
 	id     spiffeid.ID
@@ -118,7 +141,7 @@ type RenewingSource struct {
 type renewState struct {
 	svid     *x509svid.SVID
 	bundles  *x509bundle.Set
-	denylist *Denylist
+	denylist Denylist
 	issuedAt time.Time
 	roots    []*x509.Certificate
 }
@@ -126,10 +149,10 @@ type renewState struct {
 // NewRenewingSource joins through issuer as id and starts renewing in the background
 // until ctx ends or Close is called. It fails if the first certificate cannot be had.
 func NewRenewingSource(ctx context.Context, issuer Issuer, id spiffeid.ID, opts ...RenewOption) (*RenewingSource, error) {
-	cfg := renewConfig{ttl: DefaultLeafTTL, fraction: 2.0 / 3, minBackoff: time.Second, maxBackoff: time.Minute,
+	cfg := renewConfig{ttl: 24 * time.Hour, fraction: 2.0 / 3, minBackoff: time.Second, maxBackoff: time.Minute,
 		trustEvery: time.Minute, logger: slog.Default(), now: time.Now}
 	for _, o := range opts {
-		o(&cfg)
+		o.applyToRenew(&cfg)
 	}
 	switch {
 	case cfg.ttl <= 0:
@@ -345,7 +368,7 @@ func (s *RenewingSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*
 }
 
 // GetDenylist returns the denylist that came with the current trust bundle.
-func (s *RenewingSource) GetDenylist() *Denylist { return s.cur.Load().denylist }
+func (s *RenewingSource) GetDenylist() Denylist { return s.cur.Load().denylist }
 
 // RenewStatus is a RenewingSource's state, for health checks and metrics.
 type RenewStatus struct {

@@ -14,32 +14,35 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
-// PQMode says which TLS key exchanges a peer accepts.
+// PQMode says which TLS key exchanges a peer accepts. The zero value is PQStrict, the
+// secure choice: accepting classic key exchange takes an explicit PQPermissive.
 type PQMode int
 
 const (
-	// PQPermissive prefers post-quantum hybrid key exchange and accepts classic
-	// groups, reporting each classic handshake to the Observer. It is the default.
-	PQPermissive PQMode = iota
 	// PQStrict accepts only post-quantum hybrid groups: a ClientHello that offers
-	// only classic groups fails the handshake.
-	PQStrict
+	// only classic groups fails the handshake. It is the zero value and the default.
+	PQStrict PQMode = iota
+	// PQPermissive prefers post-quantum hybrid key exchange and accepts classic
+	// groups, reporting each classic handshake to the Observer: for peers that cannot
+	// do X25519MLKEM768 yet. A recorded classic handshake can be decrypted by whoever
+	// later has a quantum computer.
+	PQPermissive
 )
 
-// String returns "permissive" or "strict".
+// String returns "strict" or "permissive".
 func (m PQMode) String() string {
-	if m == PQStrict {
-		return "strict"
+	if m == PQPermissive {
+		return "permissive"
 	}
-	return "permissive"
+	return "strict"
 }
 
-// ParsePQMode parses "strict" or "permissive".
+// ParsePQMode parses "strict" or "permissive"; "" is the zero value, PQStrict.
 func ParsePQMode(s string) (PQMode, error) {
 	switch s {
-	case "strict":
+	case "strict", "":
 		return PQStrict, nil
-	case "permissive", "":
+	case "permissive":
 		return PQPermissive, nil
 	}
 	return 0, fmt.Errorf("transport: unknown PQ mode %q (want strict or permissive)", s)
@@ -66,6 +69,7 @@ const (
 	ReasonTLSVersion       = "tls_version"
 	ReasonClassicOnly      = "classic_key_exchange"
 	ReasonUnauthorizedPeer = "unauthorized_peer"
+	ReasonRevoked          = "revoked" // on the Source's Denylist
 	ReasonNotTLS           = "not_tls"
 	ReasonOther            = "other"
 )
@@ -75,6 +79,20 @@ const (
 type Observer interface {
 	HandshakeDone(group tls.CurveID, resumed bool)
 	HandshakeFailed(reason string)
+}
+
+// Denylist refuses certificates that chain to a trusted root but have been revoked.
+// Check returns an error that says what is revoked, or nil for a chain (leaf first) it
+// does not deny. Package pki's Denylist, distributed with a CA's trust bundle, is one.
+type Denylist interface {
+	Check(chain []*x509.Certificate) error
+}
+
+// DenylistSource is implemented by Sources that distribute a denylist with their trust
+// bundle. ServerConfig and ClientConfig refuse the peers it denies with ReasonRevoked,
+// on every handshake, resumed ones included. A nil Denylist denies nothing.
+type DenylistSource interface {
+	GetDenylist() Denylist
 }
 
 // Authorizer decides whether a verified peer ID may connect.
@@ -105,8 +123,18 @@ func AuthorizeMatching(patterns ...Pattern) Authorizer {
 	}
 }
 
-// Option configures ServerConfig and ClientConfig.
-type Option func(*config)
+// Option configures ServerConfig, ClientConfig and BootstrapClientConfig: every option
+// of a TLS config applies to servers and clients alike. Options are values with an
+// unexported method, as in connect-go. The zero configuration (no options) is the safe
+// one: post-quantum hybrid key exchange only (PQStrict), a client certificate required,
+// and on the client side no server accepted until WithAuthorizer names it.
+type Option interface {
+	applyToConfig(*config)
+}
+
+type configOption func(*config)
+
+func (f configOption) applyToConfig(c *config) { f(c) }
 
 type config struct {
 	mode       PQMode
@@ -116,35 +144,53 @@ type config struct {
 	optionalCC bool
 }
 
-// WithPQMode sets the key-exchange policy (default PQPermissive).
-func WithPQMode(m PQMode) Option { return func(c *config) { c.mode = m } }
+// WithPQMode sets the key-exchange policy (default PQStrict, PQMode's zero value).
+func WithPQMode(m PQMode) Option { return configOption(func(c *config) { c.mode = m }) }
 
-// WithAuthorizer decides which peer IDs may connect (default: any ID in a trusted
-// bundle on the server; the client must set one for the server's ID).
-func WithAuthorizer(a Authorizer) Option { return func(c *config) { c.authorize = a } }
+// WithAuthorizer decides which peer IDs may connect. Without it (or with nil) a server
+// accepts any ID that chains to a trusted bundle, leaving per-procedure authorization to
+// the layer above (package rpc's Policy, which denies by default), and a client accepts
+// no server at all: a client must say which server it means to reach.
+func WithAuthorizer(a Authorizer) Option {
+	return configOption(func(c *config) { c.authorize = a })
+}
 
 // WithObserver reports handshakes (for metrics).
-func WithObserver(o Observer) Option { return func(c *config) { c.observer = o } }
+func WithObserver(o Observer) Option { return configOption(func(c *config) { c.observer = o }) }
 
-// WithClock sets the time used to check certificate validity (tests).
-func WithClock(now func() time.Time) Option { return func(c *config) { c.now = now } }
+// WithClock sets the time used to check certificate validity (default time.Now).
+func WithClock(now func() time.Time) Option {
+	return configOption(func(c *config) { c.now = now })
+}
 
 // WithOptionalClientCert lets a server accept handshakes without a client certificate,
 // so that a bootstrap procedure (the CA's Join) can be reached before a workload has an
 // identity. A certificate that is presented is verified as usual. The caller must
 // refuse every other request on such a connection (package rpc does so by procedure).
-func WithOptionalClientCert() Option { return func(c *config) { c.optionalCC = true } }
+func WithOptionalClientCert() Option { return configOption(func(c *config) { c.optionalCC = true }) }
 
-func newConfig(opts []Option) *config {
-	c := &config{authorize: AuthorizeAny(), now: time.Now}
+// newConfig applies opts; an unset Authorizer becomes fallback.
+func newConfig(opts []Option, fallback Authorizer) *config {
+	c := &config{now: time.Now}
 	for _, o := range opts {
-		o(c)
+		o.applyToConfig(c)
+	}
+	if c.authorize == nil {
+		c.authorize = fallback
+	}
+	if c.now == nil {
+		c.now = time.Now
 	}
 	return c
 }
 
+// authorizeNone is a client's Authorizer until WithAuthorizer sets one.
+func authorizeNone(id spiffeid.ID) error {
+	return fmt.Errorf("no Authorizer configured for the server (use WithAuthorizer): refusing %q", id)
+}
+
 func (c *config) curves() []tls.CurveID {
-	if c.mode == PQStrict {
+	if c.mode != PQPermissive {
 		return slices.Clone(pqGroups)
 	}
 	return append(slices.Clone(pqGroups), classicGroups...)
@@ -174,7 +220,7 @@ func (e *HandshakeError) Unwrap() error { return e.Err }
 // configured Authorizer. The server certificate and bundle are read from src on each
 // handshake. The config supports HTTP/2 and HTTP/1.1 by ALPN.
 func ServerConfig(src Source, opts ...Option) *tls.Config {
-	c := newConfig(opts)
+	c := newConfig(opts, AuthorizeAny())
 	base := &tls.Config{
 		MinVersion:       tls.VersionTLS13,
 		CurvePreferences: c.curves(),
@@ -213,7 +259,7 @@ func ServerConfig(src Source, opts ...Option) *tls.Config {
 			switch {
 			case !slices.Contains(hello.SupportedVersions, tls.VersionTLS13):
 				_ = c.failed(ReasonTLSVersion, errors.New("client does not offer TLS 1.3"))
-			case c.mode == PQStrict && !slices.ContainsFunc(hello.SupportedCurves, IsPQGroup):
+			case c.mode != PQPermissive && !slices.ContainsFunc(hello.SupportedCurves, IsPQGroup):
 				_ = c.failed(ReasonClassicOnly, errors.New("client offers no post-quantum hybrid key exchange and the server is PQ strict"))
 			}
 			return base, nil
@@ -223,10 +269,10 @@ func ServerConfig(src Source, opts ...Option) *tls.Config {
 
 // ClientConfig is a TLS 1.3-only client configuration that presents src's SVID,
 // verifies the server's chain against src's bundle and authorizes the server's SPIFFE
-// ID with the configured Authorizer (which a client should always set). Sessions are
+// ID with the configured Authorizer (without one it accepts no server). Sessions are
 // resumed with tickets; resumed sessions are verified again.
 func ClientConfig(src Source, opts ...Option) *tls.Config {
-	c := newConfig(opts)
+	c := newConfig(opts, authorizeNone)
 	return &tls.Config{
 		MinVersion:       tls.VersionTLS13,
 		CurvePreferences: c.curves(),
@@ -250,7 +296,7 @@ func (c *config) verifyServer(src Source, cs tls.ConnectionState) error {
 	if err := c.verifyPeer(src, cs); err != nil {
 		return err
 	}
-	if c.mode == PQStrict && !IsPQGroup(cs.CurveID) {
+	if c.mode != PQPermissive && !IsPQGroup(cs.CurveID) {
 		return c.failed(ReasonClassicOnly, fmt.Errorf("negotiated %s, not a post-quantum hybrid group", cs.CurveID))
 	}
 	if c.observer != nil {
@@ -263,7 +309,7 @@ func (c *config) verifyServer(src Source, cs tls.ConnectionState) error {
 // presents no client certificate, and verifies the server against bundle (the CA bundle
 // given out of band) and the configured Authorizer. It is only good for the CA's Join.
 func BootstrapClientConfig(bundle x509bundle.Source, opts ...Option) *tls.Config {
-	c := newConfig(opts)
+	c := newConfig(opts, authorizeNone)
 	src := bundleOnly{bundle}
 	return &tls.Config{
 		MinVersion:         tls.VersionTLS13,
@@ -297,8 +343,10 @@ func (c *config) verifyPeer(src Source, cs tls.ConnectionState) error {
 		return c.failed(verifyReason(err), err)
 	}
 	if d, ok := src.(DenylistSource); ok {
-		if err := d.GetDenylist().Check(cs.PeerCertificates); err != nil {
-			return c.failed(ReasonRevoked, err)
+		if dl := d.GetDenylist(); dl != nil {
+			if err := dl.Check(cs.PeerCertificates); err != nil {
+				return c.failed(ReasonRevoked, err)
+			}
 		}
 	}
 	if err := c.authorize(id); err != nil {

@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"io"
+	"math/big"
 	"net"
 	neturl "net/url"
 	"strings"
@@ -54,16 +55,84 @@ func (r *recorder) lastReason() string {
 	return r.reasons[len(r.reasons)-1]
 }
 
-func newTestCA(t *testing.T, td string) *CA {
+// testCA is a minimal certificate authority for these tests: a self-signed root that
+// signs leaves itself. Package pki, Veil's CA, builds on this package, so the tests
+// here cannot use it.
+type testCA struct {
+	td   spiffeid.TrustDomain
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+}
+
+func newTestCA(t *testing.T, td string) *testCA {
 	t.Helper()
-	ca, err := InitCA(t.TempDir(), td)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return ca
+	c := &testCA{td: spiffeid.RequireTrustDomainFromString(td), key: key}
+	tmpl := &x509.Certificate{
+		SerialNumber: testSerial(), Subject: pkix.Name{CommonName: "test root " + td},
+		URIs: []*neturl.URL{c.td.ID().URL()}, NotBefore: time.Now().Add(-5 * time.Minute), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.cert, err = x509.ParseCertificate(der); err != nil {
+		t.Fatal(err)
+	}
+	return c
 }
 
-func (c *CA) testSource(t *testing.T, id string, ttl time.Duration) StaticSource {
+func testSerial() *big.Int {
+	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		panic(err)
+	}
+	return n
+}
+
+// sign signs a leaf template over pub, for certificates the real CA would never issue
+// as well as for the ones it would.
+func (c *testCA) sign(tmpl *x509.Certificate, pub any) (*x509.Certificate, error) {
+	tmpl.SerialNumber = testSerial()
+	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
+	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, pub, c.key)
+	if err != nil {
+		return nil, err
+	}
+	return x509.ParseCertificate(der)
+}
+
+// Issue signs a leaf for id over pub, valid for ttl, as package pki's CA does.
+func (c *testCA) Issue(id spiffeid.ID, pub any, ttl time.Duration) ([]*x509.Certificate, error) {
+	leaf, err := c.sign(&x509.Certificate{URIs: []*neturl.URL{id.URL()}, NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(ttl)}, pub)
+	if err != nil {
+		return nil, err
+	}
+	return []*x509.Certificate{leaf}, nil
+}
+
+// IssueFiles issues a leaf for id and writes it with a new key into dir.
+func (c *testCA) IssueFiles(id spiffeid.ID, dir string, ttl time.Duration) error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	chain, err := c.Issue(id, &key.PublicKey, ttl)
+	if err != nil {
+		return err
+	}
+	return WriteIdentity(dir, chain, key, c.Bundle())
+}
+
+// Bundle is the CA's trusted roots.
+func (c *testCA) Bundle() []*x509.Certificate { return []*x509.Certificate{c.cert} }
+
+func (c *testCA) testSource(t *testing.T, id string, ttl time.Duration) StaticSource {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -75,30 +144,26 @@ func (c *CA) testSource(t *testing.T, id string, ttl time.Duration) StaticSource
 	}
 	return StaticSource{
 		SVID:    &x509svid.SVID{ID: spiffeid.RequireFromString(id), Certificates: chain, PrivateKey: key},
-		Bundles: x509bundle.NewSet(x509bundle.FromX509Authorities(c.td, []*x509.Certificate{c.cert})),
+		Bundles: x509bundle.NewSet(x509bundle.FromX509Authorities(c.td, c.Bundle())),
 	}
 }
 
 // craftedSource signs an arbitrary leaf template with the CA's key, for certificates
-// the CA itself would never issue.
-func (c *CA) craftedSource(t *testing.T, tmpl *x509.Certificate) StaticSource {
+// a CA would never issue.
+func (c *testCA) craftedSource(t *testing.T, tmpl *x509.Certificate) StaticSource {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tmpl.SerialNumber = newSerial()
-	tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}
-	tmpl.KeyUsage = x509.KeyUsageDigitalSignature
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.cert, &key.PublicKey, c.key)
+	leaf, err := c.sign(tmpl, &key.PublicKey)
 	if err != nil {
 		t.Fatal(err)
 	}
-	leaf, _ := x509.ParseCertificate(der)
 	return StaticSource{
 		// The SVID type is only a carrier here: certificateFrom reads its fields.
 		SVID:    &x509svid.SVID{Certificates: []*x509.Certificate{leaf}, PrivateKey: key},
-		Bundles: x509bundle.NewSet(x509bundle.FromX509Authorities(c.td, []*x509.Certificate{c.cert})),
+		Bundles: x509bundle.NewSet(x509bundle.FromX509Authorities(c.td, c.Bundle())),
 	}
 }
 
@@ -199,6 +264,7 @@ func TestServerRefuses(t *testing.T) {
 		URIs: []*neturl.URL{spiffeid.RequireFromString("spiffe://example.org/client").URL()},
 	})
 	noCert := StaticSource{Bundles: good.Bundles}
+	anyID := WithAuthorizer(AuthorizeAny())
 
 	cases := []struct {
 		name   string
@@ -206,13 +272,13 @@ func TestServerRefuses(t *testing.T) {
 		mode   PQMode
 		reason string
 	}{
-		{"no client certificate", clientWithout(ClientConfig(noCert)), PQPermissive, ReasonNoClientCert},
-		{"certificate from another CA", ClientConfig(StaticSource{SVID: other.testSource(t, "spiffe://example.org/client", time.Hour).SVID, Bundles: good.Bundles}), PQPermissive, ReasonUnknownAuthority},
-		{"expired certificate", ClientConfig(expired), PQPermissive, ReasonExpired},
-		{"no SPIFFE ID", ClientConfig(noID), PQPermissive, ReasonNoSPIFFEID},
-		{"two SPIFFE IDs", ClientConfig(twoIDs), PQPermissive, ReasonManySPIFFEIDs},
-		{"TLS 1.2", tls12(ClientConfig(good)), PQPermissive, ReasonTLSVersion},
-		{"classic-only ClientHello under PQ strict", classicOnly(ClientConfig(good)), PQStrict, ReasonClassicOnly},
+		{"no client certificate", clientWithout(ClientConfig(noCert, anyID)), PQPermissive, ReasonNoClientCert},
+		{"certificate from another CA", ClientConfig(StaticSource{SVID: other.testSource(t, "spiffe://example.org/client", time.Hour).SVID, Bundles: good.Bundles}, anyID), PQPermissive, ReasonUnknownAuthority},
+		{"expired certificate", ClientConfig(expired, anyID), PQPermissive, ReasonExpired},
+		{"no SPIFFE ID", ClientConfig(noID, anyID), PQPermissive, ReasonNoSPIFFEID},
+		{"two SPIFFE IDs", ClientConfig(twoIDs, anyID), PQPermissive, ReasonManySPIFFEIDs},
+		{"TLS 1.2", tls12(ClientConfig(good, anyID)), PQPermissive, ReasonTLSVersion},
+		{"classic-only ClientHello under PQ strict", classicOnly(ClientConfig(good, anyID)), PQStrict, ReasonClassicOnly},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -231,8 +297,9 @@ func TestServerRefuses(t *testing.T) {
 func TestPermissiveAcceptsClassicAndReportsIt(t *testing.T) {
 	ca := newTestCA(t, "example.org")
 	var obs recorder
-	addr := serve(t, ServerConfig(ca.testSource(t, "spiffe://example.org/server", time.Hour), WithObserver(&obs)))
-	cs, err := dial(addr, classicOnly(ClientConfig(ca.testSource(t, "spiffe://example.org/client", time.Hour))))
+	addr := serve(t, ServerConfig(ca.testSource(t, "spiffe://example.org/server", time.Hour), WithObserver(&obs), WithPQMode(PQPermissive)))
+	cs, err := dial(addr, classicOnly(ClientConfig(ca.testSource(t, "spiffe://example.org/client", time.Hour),
+		WithPQMode(PQPermissive), WithAuthorizer(AuthorizeAny()))))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -243,6 +310,36 @@ func TestPermissiveAcceptsClassicAndReportsIt(t *testing.T) {
 	defer obs.mu.Unlock()
 	if len(obs.groups) != 1 || IsPQGroup(obs.groups[0]) {
 		t.Fatalf("observed %v", obs.groups)
+	}
+}
+
+// TestZeroConfigIsSafe: with no options, a server accepts only post-quantum hybrid
+// key exchange, and a client accepts no server until WithAuthorizer names one.
+func TestZeroConfigIsSafe(t *testing.T) {
+	if m, err := ParsePQMode(""); m != PQStrict || err != nil || PQMode(0) != PQStrict || PQMode(0).String() != "strict" {
+		t.Fatalf("zero PQMode: ParsePQMode(\"\") = %v, %v; PQMode(0) = %v", m, err, PQMode(0))
+	}
+	ca := newTestCA(t, "example.org")
+	var obs recorder
+	addr := serve(t, ServerConfig(ca.testSource(t, "spiffe://example.org/server", time.Hour), WithObserver(&obs)))
+	client := ca.testSource(t, "spiffe://example.org/client", time.Hour)
+	if _, err := dial(addr, classicOnly(ClientConfig(client, WithAuthorizer(AuthorizeAny()), WithPQMode(PQPermissive)))); err == nil {
+		t.Fatal("a default server accepted a classic-only ClientHello")
+	}
+	if got := obs.lastReason(); got != ReasonClassicOnly {
+		t.Fatalf("reason = %q, want %q", got, ReasonClassicOnly)
+	}
+	_, err := dial(addr, ClientConfig(client))
+	var he *HandshakeError
+	if !errors.As(err, &he) || he.Reason != ReasonUnauthorizedPeer {
+		t.Fatalf("a client without an Authorizer: %v, want it to refuse the server", err)
+	}
+	if _, err := dial(addr, ClientConfig(client, WithAuthorizer(nil))); !errors.As(err, &he) || he.Reason != ReasonUnauthorizedPeer {
+		t.Fatalf("WithAuthorizer(nil): %v, want the default (refuse)", err)
+	}
+	// A default client does negotiate the hybrid group with a default server.
+	if cs, err := dial(addr, ClientConfig(client, WithAuthorizer(AuthorizeAny()))); err != nil || cs.CurveID != tls.X25519MLKEM768 {
+		t.Fatalf("default peers: %v, group %s", err, cs.CurveID)
 	}
 }
 

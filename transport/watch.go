@@ -11,7 +11,13 @@ import (
 )
 
 // WatchOption configures WatchFiles.
-type WatchOption func(*watchConfig)
+type WatchOption interface {
+	applyToWatch(*watchConfig)
+}
+
+type watchOption func(*watchConfig)
+
+func (f watchOption) applyToWatch(c *watchConfig) { f(c) }
 
 type watchConfig struct {
 	poll     time.Duration
@@ -21,10 +27,9 @@ type watchConfig struct {
 
 // WithPollInterval re-reads the files this often even without a change notification
 // (default one minute), for file systems that do not deliver them.
-func WithPollInterval(d time.Duration) WatchOption { return func(c *watchConfig) { c.poll = d } }
-
-// WithWatchLogger logs reloads and rejected files (default slog.Default()).
-func WithWatchLogger(l *slog.Logger) WatchOption { return func(c *watchConfig) { c.logger = l } }
+func WithPollInterval(d time.Duration) WatchOption {
+	return watchOption(func(c *watchConfig) { c.poll = d })
+}
 
 // FileStatus counts a watched FileSource's reloads.
 type FileStatus struct {
@@ -43,7 +48,7 @@ type FileStatus struct {
 func WatchFiles(ctx context.Context, dir string, opts ...WatchOption) (*FileSource, error) {
 	cfg := watchConfig{poll: time.Minute, debounce: 50 * time.Millisecond, logger: slog.Default()}
 	for _, o := range opts {
-		o(&cfg)
+		o.applyToWatch(&cfg)
 	}
 	s, err := LoadFiles(dir)
 	if err != nil {

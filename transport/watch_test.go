@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/veilrpc/veil/internal/certpem"
 )
 
 // TestWatchFiles replaces an identity directory in every way cert-manager and kubelet
@@ -69,7 +71,7 @@ func TestWatchFiles(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		certs, err := parseCertificates(b)
+		certs, err := certpem.ParseCertificates(b)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -65,9 +66,9 @@ func runCAInit(_ context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	created := true
-	ca, err := transport.InitCA(*dir, *td)
+	ca, err := pki.InitCA(*dir, *td)
 	if err != nil && *ifMissing {
-		existing, lerr := transport.LoadCA(*dir)
+		existing, lerr := pki.LoadCA(*dir)
 		if lerr != nil {
 			return err // not a CA: the init error says why
 		}
@@ -106,7 +107,7 @@ func runCABundle(_ context.Context, args []string, stdout, stderr io.Writer) err
 	if err := required(fs, "dir"); err != nil {
 		return err
 	}
-	ca, err := transport.LoadCA(*dir)
+	ca, err := pki.LoadCA(*dir)
 	if err != nil {
 		return err
 	}
@@ -123,7 +124,7 @@ func runCAIssue(_ context.Context, args []string, stdout, stderr io.Writer) erro
 	dir := fs.String("dir", "", "the CA's directory")
 	id := fs.String("id", "", "SPIFFE ID of the workload, e.g. spiffe://example.org/echo")
 	out := fs.String("out", "", "directory for tls.crt, tls.key (0600) and ca.crt")
-	ttl := fs.Duration("ttl", transport.DefaultLeafTTL, "certificate lifetime")
+	ttl := fs.Duration("ttl", pki.DefaultLeafTTL, "certificate lifetime")
 	var dns, ips stringList
 	fs.Var(&dns, "dns", "DNS name to add as a SAN (for clients that check host names, like curl); repeatable")
 	fs.Var(&ips, "ip", "IP address to add as a SAN; repeatable")
@@ -138,17 +139,17 @@ func runCAIssue(_ context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return fmt.Errorf("%w: --id: %v", errUsage, err)
 	}
-	ca, err := transport.LoadCA(*dir)
+	ca, err := pki.LoadCA(*dir)
 	if err != nil {
 		return err
 	}
-	leafOpts := []transport.LeafOption{transport.WithDNSNames(dns...)}
+	leafOpts := []pki.LeafOption{pki.WithDNSNames(dns...)}
 	for _, s := range ips {
 		ip := net.ParseIP(s)
 		if ip == nil {
 			return fmt.Errorf("%w: --ip %q is not an IP address", errUsage, s)
 		}
-		leafOpts = append(leafOpts, transport.WithIPAddresses(ip))
+		leafOpts = append(leafOpts, pki.WithIPAddresses(ip))
 	}
 	if err := ca.IssueFiles(sid, *out, *ttl, leafOpts...); err != nil {
 		return err

@@ -18,6 +18,7 @@ import (
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -189,7 +190,7 @@ func TestCARotateAndRevokeCLI(t *testing.T) {
 }
 
 func TestExpiryStatusOfFiles(t *testing.T) {
-	ca, err := transport.InitCA(filepath.Join(t.TempDir(), "ca"), "example.org")
+	ca, err := pki.InitCA(filepath.Join(t.TempDir(), "ca"), "example.org")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/ca"
 	"github.com/veilrpc/veil/transport"
@@ -109,19 +110,19 @@ func runCARotate(_ context.Context, args []string, stdout, stderr io.Writer) err
 	var msg string
 	switch *step {
 	case "prepare":
-		root, err := transport.PrepareRotation(*dir)
+		root, err := pki.PrepareRotation(*dir)
 		if err != nil {
 			return err
 		}
 		msg = fmt.Sprintf("prepared root %s: trusted now, signing after 'activate'. Wait until every workload has the new bundle (one trust refresh or renewal), then activate.", serialOf(root.SerialNumber.Text(16)))
 	case "activate":
-		root, err := transport.ActivateRotation(*dir)
+		root, err := pki.ActivateRotation(*dir)
 		if err != nil {
 			return err
 		}
 		msg = fmt.Sprintf("root %s signs new leaves; the old root stays trusted until 'finish'.", serialOf(root.SerialNumber.Text(16)))
 	case "finish":
-		dropped, err := transport.FinishRotation(*dir, time.Now(), *force)
+		dropped, err := pki.FinishRotation(*dir, time.Now(), *force)
 		if err != nil {
 			return err
 		}
@@ -134,7 +135,7 @@ func runCARotate(_ context.Context, args []string, stdout, stderr io.Writer) err
 	default:
 		return fmt.Errorf("%w: --step %q: want prepare, activate, finish or status", errUsage, *step)
 	}
-	c, err := transport.LoadCA(*dir)
+	c, err := pki.LoadCA(*dir)
 	if err != nil {
 		return err
 	}
@@ -184,7 +185,7 @@ func runCARevoke(_ context.Context, args []string, stdout, stderr io.Writer) err
 			return fmt.Errorf("%w: --id: %v", errUsage, err)
 		}
 	}
-	d, err := transport.Revoke(*dir, serials, ids)
+	d, err := pki.Revoke(*dir, serials, ids)
 	if err != nil {
 		if strings.Contains(err.Error(), "hexadecimal") {
 			return fmt.Errorf("%w: %v", errUsage, err)
@@ -200,7 +201,7 @@ func runCARevoke(_ context.Context, args []string, stdout, stderr io.Writer) err
 func runCAIntermediate(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("ca intermediate", "ca intermediate --dir DIR [--ttl 8760h] [--json]", stderr)
 	dir := fs.String("dir", "", "the CA's directory")
-	ttl := fs.Duration("ttl", transport.DefaultIntermediateTTL, "the intermediate's lifetime (never past the root's)")
+	ttl := fs.Duration("ttl", pki.DefaultIntermediateTTL, "the intermediate's lifetime (never past the root's)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -208,7 +209,7 @@ func runCAIntermediate(_ context.Context, args []string, stdout, stderr io.Write
 	if err := required(fs, "dir"); err != nil {
 		return err
 	}
-	cert, err := transport.CreateIntermediate(*dir, *ttl)
+	cert, err := pki.CreateIntermediate(*dir, *ttl)
 	if err != nil {
 		return err
 	}

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/prometheus/client_golang/prometheus"
 	"io"
 	"log/slog"
 	"math"
@@ -26,6 +27,7 @@ import (
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/analytics"
@@ -134,7 +136,7 @@ type demo struct {
 	dir    string
 	rep    *demoReport
 	step   time.Time
-	ca     *transport.CA
+	ca     *pki.CA
 	caURL  string
 	srcs   map[string]transport.Source
 	cas    map[string]*ca.Client // each workload's CA client: also its sealing identity
@@ -246,7 +248,7 @@ func (d *demo) run(ctx context.Context, samples int) error {
 // every certificate (ca.WithSealingIdentity), so no identity touches the disk.
 func (d *demo) identities(ctx context.Context) error {
 	caDir := filepath.Join(d.dir, "ca")
-	c, err := transport.InitCA(caDir, demoTD)
+	c, err := pki.InitCA(caDir, demoTD)
 	if err != nil {
 		return err
 	}
@@ -272,7 +274,7 @@ func (d *demo) identities(ctx context.Context) error {
 		}
 		client := ca.NewClient(d.caURL, bundle, token, ca.WithSealingIdentity(nil))
 		src, err := transport.NewRenewingSource(ctx, client, sid,
-			transport.WithCertTTL(time.Hour), transport.WithRenewLogger(d.logger))
+			transport.WithCertTTL(time.Hour), transport.WithLogger(d.logger))
 		if err != nil {
 			return err
 		}
@@ -335,7 +337,7 @@ func (d *demo) clientOptions(name, serverName string) ([]rpc.ClientOption, error
 	if err != nil {
 		return nil, err
 	}
-	return []rpc.ClientOption{rpc.WithClientPQMode(transport.PQStrict), rpc.WithClientSealing(pc)}, nil
+	return []rpc.ClientOption{rpc.WithPQMode(transport.PQStrict), rpc.WithClientSealing(pc)}, nil
 }
 
 // startTokens starts the token service (veil serve --service auth): any workload of the
@@ -668,7 +670,7 @@ func (d *demo) tokenExpiry(ctx context.Context, url string) error {
 	tk.Refreshed = tk.RefreshedEarly + tk.RefreshedOnExpiry
 	tk.Issued = d.tokens.Issued()
 	for _, srv := range d.verifiers {
-		n, err := rpc.CounterValue(srv.Registry(), "veil_rpc_auth_refusals_total", "reason", rpc.AuthReasonExpired)
+		n, err := rpc.CounterValue(srv.Registerer().(prometheus.Gatherer), "veil_rpc_auth_refusals_total", "reason", rpc.AuthReasonExpired)
 		if err != nil {
 			return err
 		}

@@ -14,6 +14,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/ca"
 	"github.com/veilrpc/veil/transport"
@@ -39,7 +40,7 @@ func addIdentityFlags(fs *flag.FlagSet) *identityFlags {
 		caBundle:     fs.String("ca-bundle", "", "with --ca: PEM file with the CA's roots (its bundle.crt)"),
 		joinToken:    fs.String("join-token", "", "with --ca: the single-use join token from 'veil ca token' (or @FILE to read it from a file)"),
 		id:           fs.String("id", "", "with --ca: the SPIFFE ID to request"),
-		certTTL:      fs.Duration("cert-ttl", transport.DefaultLeafTTL, "with --ca: certificate lifetime to request (the CA caps it; 10s and up)"),
+		certTTL:      fs.Duration("cert-ttl", pki.DefaultLeafTTL, "with --ca: certificate lifetime to request (the CA caps it; 10s and up)"),
 		renewBefore:  fs.Duration("renew-before", 0, "with --ca: renew this long before expiry (default: at 2/3 of the lifetime)"),
 		degrade:      fs.Duration("degrade-below", 0, "with --ca: report NOT_SERVING once the certificate has less than this left (default: 1/6 of the lifetime)"),
 		spiffeSocket: fs.String("spiffe-socket", "", "get the identity from a SPIRE agent's Workload API at this unix socket path instead of --identity"),
@@ -81,7 +82,7 @@ func (f *identityFlags) source(ctx context.Context, identityDir string, logger *
 		}
 		return &workloadIdentity{src: src, status: expiryStatus{src: src}, close: func() { _ = src.Close() }}, nil
 	}
-	src, err := transport.WatchFiles(ctx, identityDir, transport.WithWatchLogger(logger))
+	src, err := transport.WatchFiles(ctx, identityDir, transport.WithLogger(logger))
 	if err != nil {
 		return nil, err
 	}
@@ -141,7 +142,7 @@ func (f *identityFlags) fromCA(ctx context.Context, logger *slog.Logger) (*workl
 		}
 		token = strings.TrimSpace(string(b))
 	}
-	opts := []transport.RenewOption{transport.WithCertTTL(*f.certTTL), transport.WithRenewLogger(logger)}
+	opts := []transport.RenewOption{transport.WithCertTTL(*f.certTTL), transport.WithLogger(logger)}
 	if *f.renewBefore > 0 {
 		opts = append(opts, transport.WithRenewBefore(*f.renewBefore))
 	}

@@ -1,9 +1,16 @@
 // Command veil runs Veil services and manages their identities.
 //
-//	veil demo                      run the whole system on loopback and report
-//	veil ca init|issue|serve|token|rotate|revoke  certificate authority and identity lifecycle
-//	veil serve                     serve built-in services over strict mTLS
-//	veil version                   print the version
+//	veil demo         run a CA and services on loopback, call them end to end, and report
+//	veil ca           certificate authority: init, issue, serve, token, rotate, revoke,
+//	                  intermediate, bundle
+//	veil serve        serve built-in services (echo, scoring, analytics) over strict mTLS
+//	veil call         call a procedure of a compiled-in service with JSON (sealed end to end)
+//	veil score        score a CSV of samples on a scoring server without revealing them
+//	veil keys         CKKS key files: gen, upload (evaluation keys)
+//	veil analytics    encrypted analytics: create a study, submit records, fetch the result
+//	veil model        train a scoring model in plaintext: train
+//	veil ticket-keys  create or rotate a pqkex ticket-key file shared by replicas
+//	veil version      print the version
 //
 // Every command takes --help. Errors go to stderr; the exit code is 0 on success,
 // 1 on failure and 2 on a usage error. Commands with --json print one JSON object.

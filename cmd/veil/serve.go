@@ -90,7 +90,7 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	// One registry for the server's and the sealing layer's metrics.
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	opts = append(opts, rpc.WithRegistry(reg))
+	opts = append(opts, rpc.WithMetrics(reg))
 	sealMode, err := sealingMode(*seal, *identity)
 	if err != nil {
 		return err

@@ -18,6 +18,7 @@ import (
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -42,7 +43,7 @@ func (f *fakeWorkloadAPI) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc
 	}
 }
 
-func svidResponse(t *testing.T, ca *transport.CA, id spiffeid.ID) (*workload.X509SVIDResponse, string) {
+func svidResponse(t *testing.T, ca *pki.CA, id spiffeid.ID) (*workload.X509SVIDResponse, string) {
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	chain, err := ca.Issue(id, &key.PublicKey, time.Hour)
@@ -65,7 +66,7 @@ func svidResponse(t *testing.T, ca *transport.CA, id spiffeid.ID) (*workload.X50
 // that rotates the SVID: new handshakes present the new certificate at once.
 func TestServeFromWorkloadAPI(t *testing.T) {
 	tmp := t.TempDir()
-	ca, err := transport.InitCA(filepath.Join(tmp, "ca"), "example.org")
+	ca, err := pki.InitCA(filepath.Join(tmp, "ca"), "example.org")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/veilrpc/veil/examples/average"
 	"github.com/veilrpc/veil/gen/veil/example/v1/examplev1connect"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -26,7 +27,7 @@ func Example() {
 	defer os.RemoveAll(dir)
 
 	// 1. Identities: a throw-away CA issues the server's and the client's.
-	ca, err := transport.InitCA(filepath.Join(dir, "ca"), "example.org")
+	ca, err := pki.InitCA(filepath.Join(dir, "ca"), "example.org")
 	if err != nil {
 		panic(err)
 	}

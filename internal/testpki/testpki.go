@@ -14,13 +14,14 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
 
 // PKI is a throw-away CA and the directory its identities live in.
 type PKI struct {
-	CA  *transport.CA
+	CA  *pki.CA
 	Dir string
 }
 
@@ -28,7 +29,7 @@ type PKI struct {
 func New(t testing.TB, trustDomain string) *PKI {
 	t.Helper()
 	dir := t.TempDir()
-	ca, err := transport.InitCA(filepath.Join(dir, "ca"), trustDomain)
+	ca, err := pki.InitCA(filepath.Join(dir, "ca"), trustDomain)
 	if err != nil {
 		t.Fatal(err)
 	}

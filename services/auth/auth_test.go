@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -21,6 +22,7 @@ import (
 	"github.com/veilrpc/veil/gen/veil/auth/v1/authv1connect"
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/echo"
 	"github.com/veilrpc/veil/transport"
@@ -34,7 +36,7 @@ var (
 	allowAll = "spiffe://example.org"
 )
 
-func source(t *testing.T, ca *transport.CA, id spiffeid.ID) transport.Source {
+func source(t *testing.T, ca *pki.CA, id spiffeid.ID) transport.Source {
 	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	chain, err := ca.Issue(id, &key.PublicKey, time.Hour)
@@ -72,7 +74,7 @@ type rotatingSource struct {
 func (r *rotatingSource) GetX509SVID() (*x509svid.SVID, error) { return r.svid.Load(), nil }
 
 func TestBoundTokens(t *testing.T) {
-	ca, err := transport.InitCA(filepath.Join(t.TempDir(), "ca"), "example.org")
+	ca, err := pki.InitCA(filepath.Join(t.TempDir(), "ca"), "example.org")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -211,7 +213,7 @@ func TestBoundTokens(t *testing.T) {
 // metricSum sums srv's counter name over the series whose label has value.
 func metricSum(t *testing.T, srv *rpc.Server, name, label, value string) float64 {
 	t.Helper()
-	v, err := rpc.CounterValue(srv.Registry(), name, label, value)
+	v, err := rpc.CounterValue(srv.Registerer().(prometheus.Gatherer), name, label, value)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,7 @@ import (
 
 	cav1 "github.com/veilrpc/veil/gen/veil/ca/v1"
 	"github.com/veilrpc/veil/gen/veil/ca/v1/cav1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/ca"
@@ -49,7 +50,7 @@ type caEnv struct {
 func newCADir(t *testing.T) string {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "ca")
-	if _, err := transport.InitCA(dir, td); err != nil {
+	if _, err := pki.InitCA(dir, td); err != nil {
 		t.Fatal(err)
 	}
 	return dir
@@ -63,7 +64,7 @@ func startCA(t *testing.T, dir, addr string, opts ...ca.Option) *caEnv {
 		t.Fatal(err)
 	}
 	reg := prometheus.NewRegistry()
-	srv, err := ca.NewServer(svc, nil, nil, rpc.WithRegistry(reg), rpc.WithGracePeriod(5*time.Second))
+	srv, err := ca.NewServer(svc, nil, nil, rpc.WithMetrics(reg), rpc.WithGracePeriod(5*time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -99,7 +100,7 @@ func startCA(t *testing.T, dir, addr string, opts ...ca.Option) *caEnv {
 
 func (e *caEnv) bundle(t *testing.T) *x509bundle.Bundle {
 	t.Helper()
-	c, err := transport.LoadCA(e.dir)
+	c, err := pki.LoadCA(e.dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -347,7 +348,7 @@ func TestRenewRefusals(t *testing.T) {
 	// Revoking the serial: the open connection is refused by the CA, a new one by the
 	// TLS handshake (counted by reason).
 	svid, _ := src.GetX509SVID()
-	if _, err := transport.Revoke(e.dir, []string{svid.Certificates[0].SerialNumber.Text(16)}, nil); err != nil {
+	if _, err := pki.Revoke(e.dir, []string{svid.Certificates[0].SerialNumber.Text(16)}, nil); err != nil {
 		t.Fatal(err)
 	}
 	_, err = cl.Renew(ctx, src, csrFor(t, id), 0)
@@ -364,7 +365,7 @@ func TestRenewRefusals(t *testing.T) {
 
 func TestExpiredCertificateRefused(t *testing.T) {
 	e := startCA(t, newCADir(t), "127.0.0.1:0")
-	c, err := transport.LoadCA(e.dir)
+	c, err := pki.LoadCA(e.dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -460,7 +461,7 @@ func TestJoinCertifiesPQStaticKey(t *testing.T) {
 	if cred.SPIFFEID() != id || !cred.NotAfter().Equal(leaf.NotAfter) || !bytes.Equal(cred.PublicKey(), pub) {
 		t.Fatalf("credential for %s until %s, certificate until %s", cred.SPIFFEID(), cred.NotAfter(), leaf.NotAfter)
 	}
-	root, err := transport.LoadCA(e.dir)
+	root, err := pki.LoadCA(e.dir)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,7 @@ import (
 
 	cav1 "github.com/veilrpc/veil/gen/veil/ca/v1"
 	"github.com/veilrpc/veil/gen/veil/ca/v1/cav1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -48,9 +49,11 @@ func NewClient(url string, bundle *x509bundle.Bundle, token string, opts ...Clie
 	hc := bootstrapHTTPClient(transport.BootstrapClientConfig(x509bundle.NewSet(bundle), transport.WithAuthorizer(transport.AuthorizeID(caID))))
 	c := &Client{url: url, caID: caID, token: token, bundle: bundle,
 		join: cav1connect.NewCAServiceClient(hc, url, rpc.ClientOptions()...)}
+	var cfg clientConfig
 	for _, o := range opts {
-		o(c)
+		o.applyToClient(&cfg)
 	}
+	c.sealSuite = cfg.sealSuite
 	return c
 }
 
@@ -190,7 +193,7 @@ func decodeTrust(b *cav1.Bundle) (*transport.Trust, error) {
 		}
 		t.Roots = append(t.Roots, cert)
 	}
-	d, err := transport.NewDenylist(b.GetDeniedSerials(), b.GetDeniedIds())
+	d, err := pki.NewDenylist(b.GetDeniedSerials(), b.GetDeniedIds())
 	if err != nil {
 		return nil, fmt.Errorf("ca: response: %w", err)
 	}

@@ -21,6 +21,7 @@ import (
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/echo"
 	"github.com/veilrpc/veil/transport"
@@ -36,7 +37,7 @@ func echoServer(t *testing.T, src transport.Source, opts ...rpc.ServerOption) (*
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	policy := rpc.NewPolicy().MustAllow("/"+echov1connect.EchoServiceName+"/*", callerID)
-	srv, err := rpc.NewServer(src, append([]rpc.ServerOption{rpc.WithPolicy(policy), rpc.WithRegistry(reg), rpc.WithGracePeriod(5 * time.Second)}, opts...)...)
+	srv, err := rpc.NewServer(src, append([]rpc.ServerOption{rpc.WithPolicy(policy), rpc.WithMetrics(reg), rpc.WithGracePeriod(5 * time.Second)}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +159,7 @@ func TestCADownKeepsServing(t *testing.T) {
 // callerSource is a static identity for callerID, valid for an hour.
 func callerSource(t *testing.T, dir string) transport.Source {
 	t.Helper()
-	c, err := transport.LoadCA(dir)
+	c, err := pki.LoadCA(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -330,7 +331,7 @@ func rotateRoot(t *testing.T, ctx context.Context, dir string, srcs ...*transpor
 		return true
 	}
 	time.Sleep(3 * time.Second)
-	root, err := transport.PrepareRotation(dir)
+	root, err := pki.PrepareRotation(dir)
 	if err != nil {
 		t.Error(err)
 		return nil
@@ -345,14 +346,14 @@ func rotateRoot(t *testing.T, ctx context.Context, dir string, srcs ...*transpor
 	}) {
 		return nil
 	}
-	if _, err := transport.ActivateRotation(dir); err != nil {
+	if _, err := pki.ActivateRotation(dir); err != nil {
 		t.Error(err)
 		return nil
 	}
 	// FinishRotation refuses until every leaf of the old root has expired.
 	refused := 0
 	if !waitFor("the old root's leaves to expire", func() bool {
-		_, err := transport.FinishRotation(dir, time.Now(), false)
+		_, err := pki.FinishRotation(dir, time.Now(), false)
 		if err != nil {
 			refused++
 		}

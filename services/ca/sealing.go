@@ -10,7 +10,17 @@ import (
 )
 
 // ClientOption configures NewClient.
-type ClientOption func(*Client)
+type ClientOption interface {
+	applyToClient(*clientConfig)
+}
+
+type clientConfig struct {
+	sealSuite pqkex.Scheme // nil: no sealing identity
+}
+
+type clientOption func(*clientConfig)
+
+func (f clientOption) applyToClient(c *clientConfig) { f(c) }
 
 // WithSealingIdentity makes every Join and Renew also ask the CA to certify a fresh
 // pqkex static key of suite (nil: X25519+ML-KEM-768) with the same SPIFFE ID and
@@ -20,12 +30,12 @@ type ClientOption func(*Client)
 // no files, and its sealing identity rotates with every renewal. The static private
 // key never leaves the process.
 func WithSealingIdentity(suite pqkex.Scheme) ClientOption {
-	return func(c *Client) {
+	return clientOption(func(c *clientConfig) {
 		if suite == nil {
 			suite = pqkex.X25519MLKEM768()
 		}
 		c.sealSuite = suite
-	}
+	})
 }
 
 // sealing is the client's current pqkex identity and the roots that certify it.

@@ -14,6 +14,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/veilrpc/veil/gen/veil/ca/v1/cav1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -52,7 +53,7 @@ func NewServer(s *Service, dnsNames []string, ips []net.IP, opts ...rpc.ServerOp
 	if err != nil {
 		return nil, err
 	}
-	if err := srv.Registry().Register(s.results); err != nil {
+	if err := srv.Registerer().Register(s.results); err != nil {
 		return nil, fmt.Errorf("ca: metrics: %w", err)
 	}
 	rpc.Register(srv, cav1connect.NewCAServiceHandler, cav1connect.CAServiceHandler(s))
@@ -93,7 +94,7 @@ func (s *selfSource) GetX509SVID() (*x509svid.SVID, error) {
 	}
 	id := ServerID(c.TrustDomain())
 	chain, err := c.IssueUnrecorded(id, &key.PublicKey, min(serverTTL, s.svc.cfg.maxTTL),
-		transport.WithDNSNames(s.dns...), transport.WithIPAddresses(s.ips...))
+		pki.WithDNSNames(s.dns...), pki.WithIPAddresses(s.ips...))
 	if err != nil {
 		return nil, fmt.Errorf("ca: own certificate: %w", err)
 	}
@@ -113,10 +114,10 @@ func (s *selfSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509
 	return x509bundle.FromX509Authorities(td, c.Bundle()), nil
 }
 
-func (s *selfSource) GetDenylist() *transport.Denylist {
+func (s *selfSource) GetDenylist() transport.Denylist {
 	c, err := s.svc.CA()
 	if err != nil {
-		return &transport.Denylist{}
+		return nil // denies nothing
 	}
 	return c.Denylist()
 }

@@ -1,7 +1,7 @@
 // Package ca is Veil's online certificate authority, served over Veil itself: workloads
 // join with a single-use token, renew with their current certificate for the same
 // SPIFFE ID only, and fetch the trust bundle and denylist. It keeps its state in a
-// transport.CA directory, so a restarted CA continues where it stopped. See docs/ca.md.
+// pki.CA directory, so a restarted CA continues where it stopped. See docs/ca.md.
 package ca
 
 import (
@@ -21,16 +21,23 @@ import (
 
 	cav1 "github.com/veilrpc/veil/gen/veil/ca/v1"
 	"github.com/veilrpc/veil/gen/veil/ca/v1/cav1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
-	"github.com/veilrpc/veil/transport"
 )
 
 // DefaultMaxTTL is the longest leaf the online CA issues unless configured otherwise.
 const DefaultMaxTTL = 24 * time.Hour
 
-// Option configures New.
-type Option func(*config)
+// Option configures New. Options are values with an unexported method, as in
+// connect-go and packages transport and rpc.
+type Option interface {
+	applyToService(*config)
+}
+
+type option func(*config)
+
+func (f option) applyToService(c *config) { f(c) }
 
 type config struct {
 	maxTTL     time.Duration
@@ -43,22 +50,22 @@ type config struct {
 
 // WithMaxTTL sets the longest lifetime the CA issues (default DefaultMaxTTL).
 // Longer requests are refused with invalid_argument.
-func WithMaxTTL(d time.Duration) Option { return func(c *config) { c.maxTTL = d } }
+func WithMaxTTL(d time.Duration) Option { return option(func(c *config) { c.maxTTL = d }) }
 
 // WithDefaultTTL sets the lifetime of requests that ask for none (default: the max TTL).
-func WithDefaultTTL(d time.Duration) Option { return func(c *config) { c.defaultTTL = d } }
+func WithDefaultTTL(d time.Duration) Option { return option(func(c *config) { c.defaultTTL = d }) }
 
 // WithRateLimit sets the per-identity issuance rate: perSecond sustained, burst at once
 // (default 0.2/s, burst 5). Over it, requests fail with resource_exhausted.
 func WithRateLimit(perSecond float64, burst int) Option {
-	return func(c *config) { c.rate, c.burst = perSecond, burst }
+	return option(func(c *config) { c.rate, c.burst = perSecond, burst })
 }
 
 // WithLogger sets the logger (default slog.Default()).
-func WithLogger(l *slog.Logger) Option { return func(c *config) { c.logger = l } }
+func WithLogger(l *slog.Logger) Option { return option(func(c *config) { c.logger = l }) }
 
 // WithClock sets the clock (tests).
-func WithClock(now func() time.Time) Option { return func(c *config) { c.now = now } }
+func WithClock(now func() time.Time) Option { return option(func(c *config) { c.now = now }) }
 
 // Service implements cav1connect.CAServiceHandler over a CA directory. Changes other
 // processes make to the directory (new tokens, rotation steps, revocations) take effect
@@ -70,7 +77,7 @@ type Service struct {
 	results *prometheus.CounterVec
 
 	mu sync.Mutex
-	ca *transport.CA
+	ca *pki.CA
 }
 
 var _ cav1connect.CAServiceHandler = (*Service)(nil)
@@ -79,15 +86,15 @@ var _ cav1connect.CAServiceHandler = (*Service)(nil)
 func New(dir string, opts ...Option) (*Service, error) {
 	cfg := config{maxTTL: DefaultMaxTTL, rate: 0.2, burst: 5, logger: slog.Default(), now: time.Now}
 	for _, o := range opts {
-		o(&cfg)
+		o.applyToService(&cfg)
 	}
 	if cfg.defaultTTL == 0 {
 		cfg.defaultTTL = cfg.maxTTL
 	}
-	if cfg.maxTTL <= 0 || cfg.maxTTL > transport.MaxLeafTTL || cfg.defaultTTL > cfg.maxTTL || cfg.rate <= 0 || cfg.burst < 1 {
+	if cfg.maxTTL <= 0 || cfg.maxTTL > pki.MaxLeafTTL || cfg.defaultTTL > cfg.maxTTL || cfg.rate <= 0 || cfg.burst < 1 {
 		return nil, errors.New("ca: bad TTL or rate limit settings")
 	}
-	c, err := transport.LoadCA(dir)
+	c, err := pki.LoadCA(dir)
 	if err != nil {
 		return nil, fmt.Errorf("ca: %w", err)
 	}
@@ -104,11 +111,11 @@ func New(dir string, opts ...Option) (*Service, error) {
 func (s *Service) Collectors() []prometheus.Collector { return []prometheus.Collector{s.results} }
 
 // CA returns the current CA, reloading it if another process changed its files.
-func (s *Service) CA() (*transport.CA, error) {
+func (s *Service) CA() (*pki.CA, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.ca.Stale() {
-		c, err := transport.LoadCA(s.dir)
+		c, err := pki.LoadCA(s.dir)
 		if err != nil {
 			return nil, fmt.Errorf("ca: reloading: %w", err)
 		}
@@ -240,7 +247,7 @@ func (p pqRequest) suite() (pqkex.Scheme, *refusal) {
 	return suite, nil
 }
 
-func (s *Service) issue(c *transport.CA, id spiffeid.ID, csr *x509.CertificateRequest, ttl time.Duration, pq pqRequest) (*cav1.Issued, *refusal) {
+func (s *Service) issue(c *pki.CA, id spiffeid.ID, csr *x509.CertificateRequest, ttl time.Duration, pq pqRequest) (*cav1.Issued, *refusal) {
 	suite, r := pq.suite()
 	if r != nil {
 		return nil, r
@@ -279,7 +286,7 @@ func (s *Service) refused(ctx context.Context, procedure string, r *refusal) err
 	return r.connectError()
 }
 
-func bundleOf(c *transport.CA) *cav1.Bundle {
+func bundleOf(c *pki.CA) *cav1.Bundle {
 	b := &cav1.Bundle{
 		TrustDomain:   c.TrustDomain().Name(),
 		DeniedSerials: c.Denylist().Serials(),

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/veilrpc/veil/internal/atomicfile"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/transport"
 )
 
@@ -50,7 +51,7 @@ func NewToken(dir, pattern string, ttl time.Duration, now time.Time) (string, er
 	if ttl <= 0 || ttl > MaxTokenTTL {
 		return "", fmt.Errorf("ca: token TTL %s must be positive and at most %s", ttl, MaxTokenTTL)
 	}
-	ca, err := transport.LoadCA(dir)
+	ca, err := pki.LoadCA(dir)
 	if err != nil {
 		return "", fmt.Errorf("ca: %w", err)
 	}

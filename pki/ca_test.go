@@ -1,9 +1,10 @@
-package transport
+package pki
 
 import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"os"
 	"path/filepath"
@@ -11,7 +12,11 @@ import (
 	"time"
 
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/veilrpc/veil/transport"
 )
 
 func TestCAFilesRoundTrip(t *testing.T) {
@@ -55,11 +60,11 @@ func TestCAFilesRoundTrip(t *testing.T) {
 	if err := loaded.IssueFiles(id, filepath.Join(dir, "echo"), time.Hour); err != nil {
 		t.Fatal(err)
 	}
-	fi, err := os.Stat(filepath.Join(dir, "echo", KeyFile))
+	fi, err := os.Stat(filepath.Join(dir, "echo", transport.KeyFile))
 	if err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("tls.key: %v %v", fi, err)
 	}
-	src, err := LoadFiles(filepath.Join(dir, "echo"))
+	src, err := transport.LoadFiles(filepath.Join(dir, "echo"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,33 +95,6 @@ func TestIssueRefuses(t *testing.T) {
 	}
 }
 
-func TestLoadFilesRefusesMismatchedPair(t *testing.T) {
-	ca := newTestCA(t, "example.org")
-	dir := t.TempDir()
-	a, b := filepath.Join(dir, "a"), filepath.Join(dir, "b")
-	for _, d := range []string{a, b} {
-		if err := ca.IssueFiles(spiffeid.RequireFromString("spiffe://example.org/x"), d, time.Hour); err != nil {
-			t.Fatal(err)
-		}
-	}
-	src, err := LoadFiles(a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	before, _ := src.GetX509SVID()
-	key, _ := os.ReadFile(filepath.Join(b, KeyFile))
-	if err := os.WriteFile(filepath.Join(a, KeyFile), key, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := src.Reload(); err == nil {
-		t.Fatal("reload accepted a key that does not match the certificate")
-	}
-	after, _ := src.GetX509SVID()
-	if after != before {
-		t.Fatal("a failed reload replaced the identity")
-	}
-}
-
 func hasEKU(c *x509.Certificate, u x509.ExtKeyUsage) bool {
 	for _, e := range c.ExtKeyUsage {
 		if e == u {
@@ -124,4 +102,60 @@ func hasEKU(c *x509.Certificate, u x509.ExtKeyUsage) bool {
 		}
 	}
 	return false
+}
+
+func newTestCA(t *testing.T, td string) *CA {
+	t.Helper()
+	ca, err := InitCA(t.TempDir(), td)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca
+}
+
+// testSource issues a leaf for id and returns it as a transport.Source that trusts the
+// CA's root.
+func (c *CA) testSource(t *testing.T, id string, ttl time.Duration) transport.StaticSource {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := c.Issue(spiffeid.RequireFromString(id), &key.PublicKey, ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return transport.StaticSource{
+		SVID:    &x509svid.SVID{ID: spiffeid.RequireFromString(id), Certificates: chain, PrivateKey: key},
+		Bundles: x509bundle.NewSet(x509bundle.FromX509Authorities(c.td, []*x509.Certificate{c.cert})),
+	}
+}
+
+// handshake runs one mutual-TLS 1.3 handshake on loopback with transport's configs over
+// server and client, and returns the first side's error.
+func handshake(t *testing.T, server, client transport.Source) error {
+	t.Helper()
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", transport.ServerConfig(server))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	errc := make(chan error, 1)
+	go func() {
+		conn, err := ln.Accept()
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer conn.Close()
+		errc <- conn.(*tls.Conn).Handshake()
+	}()
+	conn, err := tls.Dial("tcp", ln.Addr().String(), transport.ClientConfig(client, transport.WithAuthorizer(transport.AuthorizeAny())))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	// In TLS 1.3 the server verifies the client's certificate after the client's side
+	// of the handshake has ended.
+	return <-errc
 }

@@ -1,4 +1,4 @@
-package transport
+package pki
 
 import (
 	"crypto"
@@ -22,6 +22,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/veilrpc/veil/internal/atomicfile"
+	"github.com/veilrpc/veil/internal/certpem"
+	"github.com/veilrpc/veil/transport"
 )
 
 // Files in a CA directory. Keys are written 0600, atomically.
@@ -32,13 +34,6 @@ const (
 	caPQPubFile = "root-mldsa65.pub"
 )
 
-// Files of an identity directory, in the cert-manager Secret layout.
-const (
-	CertFile   = "tls.crt" // leaf certificate followed by its chain, PEM
-	KeyFile    = "tls.key" // the leaf's private key, PKCS#8 PEM, mode 0600
-	BundleFile = "ca.crt"  // trusted roots, PEM
-)
-
 // DefaultLeafTTL is the lifetime of leaves issued without an explicit TTL.
 const DefaultLeafTTL = 24 * time.Hour
 
@@ -46,7 +41,8 @@ const DefaultLeafTTL = 24 * time.Hour
 const MaxLeafTTL = 90 * 24 * time.Hour
 
 // CA is a SPIFFE certificate authority for one trust domain: an ECDSA P-256 root for
-// X.509, and an ML-DSA-65 key that certifies post-quantum identity credentials.
+// X.509, and an ML-DSA-65 key that certifies post-quantum identity credentials. Make
+// one with InitCA or LoadCA; the zero CA is not usable.
 type CA struct {
 	td    spiffeid.TrustDomain
 	cert  *x509.Certificate
@@ -70,17 +66,17 @@ type CA struct {
 func InitCA(dir string, trustDomain string) (*CA, error) {
 	td, err := spiffeid.TrustDomainFromString(trustDomain)
 	if err != nil {
-		return nil, fmt.Errorf("transport: trust domain: %w", err)
+		return nil, fmt.Errorf("pki: trust domain: %w", err)
 	}
 	if _, err := os.Stat(filepath.Join(dir, caKeyFile)); err == nil {
-		return nil, fmt.Errorf("transport: a CA already exists in %s", dir)
+		return nil, fmt.Errorf("pki: a CA already exists in %s", dir)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return nil, fmt.Errorf("transport: root key: %w", err)
+		return nil, fmt.Errorf("pki: root key: %w", err)
 	}
 	cert, der, err := newRoot(td, key, "Veil root CA "+td.Name())
 	if err != nil {
@@ -88,18 +84,18 @@ func InitCA(dir string, trustDomain string) (*CA, error) {
 	}
 	pqPub, pqKey, err := mldsa65.GenerateKey(rand.Reader)
 	if err != nil {
-		return nil, fmt.Errorf("transport: ML-DSA-65 key: %w", err)
+		return nil, fmt.Errorf("pki: ML-DSA-65 key: %w", err)
 	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	keyPEM, err := certpem.EncodePrivateKey(key)
 	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	writes := []struct {
 		name string
 		data []byte
 		perm os.FileMode
 	}{
-		{caKeyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600},
+		{caKeyFile, keyPEM, 0o600},
 		{caPQKeyFile, pem.EncodeToMemory(&pem.Block{Type: "ML-DSA-65 SEED", Bytes: pqKey.Seed()}), 0o600},
 		{caPQPubFile, pem.EncodeToMemory(&pem.Block{Type: "ML-DSA-65 PUBLIC KEY", Bytes: pqPub.Bytes()}), 0o644},
 		{caCertFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644},
@@ -107,7 +103,7 @@ func InitCA(dir string, trustDomain string) (*CA, error) {
 	}
 	for _, w := range writes {
 		if err := atomicfile.Write(filepath.Join(dir, w.name), w.data, w.perm); err != nil {
-			return nil, fmt.Errorf("transport: %w", err)
+			return nil, fmt.Errorf("pki: %w", err)
 		}
 	}
 	ca := newCA(td, cert, key, pqKey, pqPub)
@@ -121,39 +117,39 @@ func InitCA(dir string, trustDomain string) (*CA, error) {
 func LoadCA(dir string) (*CA, error) {
 	certPEM, err := os.ReadFile(filepath.Join(dir, caCertFile))
 	if err != nil {
-		return nil, fmt.Errorf("transport: no CA in %s: %w", dir, err)
+		return nil, fmt.Errorf("pki: no CA in %s: %w", dir, err)
 	}
-	certs, err := parseCertificates(certPEM)
+	certs, err := certpem.ParseCertificates(certPEM)
 	if err != nil || len(certs) != 1 {
-		return nil, fmt.Errorf("transport: %s: want one certificate", caCertFile)
+		return nil, fmt.Errorf("pki: %s: want one certificate", caCertFile)
 	}
 	cert := certs[0]
 	if len(cert.URIs) != 1 {
-		return nil, fmt.Errorf("transport: %s: root has no trust domain URI", caCertFile)
+		return nil, fmt.Errorf("pki: %s: root has no trust domain URI", caCertFile)
 	}
 	td, err := spiffeid.TrustDomainFromURI(cert.URIs[0])
 	if err != nil {
-		return nil, fmt.Errorf("transport: %s: %w", caCertFile, err)
+		return nil, fmt.Errorf("pki: %s: %w", caCertFile, err)
 	}
 	keyPEM, err := os.ReadFile(filepath.Join(dir, caKeyFile))
 	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
-	signer, err := parsePrivateKey(keyPEM)
+	signer, err := certpem.ParsePrivateKey(keyPEM)
 	if err != nil {
-		return nil, fmt.Errorf("transport: %s: %w", caKeyFile, err)
+		return nil, fmt.Errorf("pki: %s: %w", caKeyFile, err)
 	}
 	key, ok := signer.(*ecdsa.PrivateKey)
 	if !ok || !key.PublicKey.Equal(cert.PublicKey) {
-		return nil, fmt.Errorf("transport: %s does not match %s", caKeyFile, caCertFile)
+		return nil, fmt.Errorf("pki: %s does not match %s", caKeyFile, caCertFile)
 	}
 	seedPEM, err := os.ReadFile(filepath.Join(dir, caPQKeyFile))
 	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	block, _ := pem.Decode(seedPEM)
 	if block == nil || block.Type != "ML-DSA-65 SEED" || len(block.Bytes) != mldsa65.SeedSize {
-		return nil, fmt.Errorf("transport: %s: not an ML-DSA-65 seed", caPQKeyFile)
+		return nil, fmt.Errorf("pki: %s: not an ML-DSA-65 seed", caPQKeyFile)
 	}
 	var seed [mldsa65.SeedSize]byte
 	copy(seed[:], block.Bytes)
@@ -189,18 +185,24 @@ func (c *CA) Signer() crypto.Signer { return c.key }
 // PQPublicKey is the CA's ML-DSA-65 public key, which peers use to verify credentials.
 func (c *CA) PQPublicKey() *mldsa65.PublicKey { return c.pqPub }
 
-// LeafOption adds to an issued leaf.
-type LeafOption func(*x509.Certificate)
+// LeafOption adds to an issued leaf (Issue, IssueUnrecorded, IssueFiles).
+type LeafOption interface {
+	applyToLeaf(*x509.Certificate)
+}
+
+type leafOption func(*x509.Certificate)
+
+func (f leafOption) applyToLeaf(c *x509.Certificate) { f(c) }
 
 // WithDNSNames adds DNS SANs, so that clients that check host names (curl, browsers)
 // accept the server. The SPIFFE ID stays the only URI SAN.
 func WithDNSNames(names ...string) LeafOption {
-	return func(c *x509.Certificate) { c.DNSNames = append(c.DNSNames, names...) }
+	return leafOption(func(c *x509.Certificate) { c.DNSNames = append(c.DNSNames, names...) })
 }
 
 // WithIPAddresses adds IP address SANs.
 func WithIPAddresses(ips ...net.IP) LeafOption {
-	return func(c *x509.Certificate) { c.IPAddresses = append(c.IPAddresses, ips...) }
+	return leafOption(func(c *x509.Certificate) { c.IPAddresses = append(c.IPAddresses, ips...) })
 }
 
 // Issue signs a leaf certificate for id over pub, valid for ttl (DefaultLeafTTL if
@@ -219,15 +221,15 @@ func (c *CA) IssueUnrecorded(id spiffeid.ID, pub crypto.PublicKey, ttl time.Dura
 
 func (c *CA) issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration, record bool, opts ...LeafOption) ([]*x509.Certificate, error) {
 	if !id.MemberOf(c.td) {
-		return nil, fmt.Errorf("transport: %s is not in trust domain %s", id, c.td)
+		return nil, fmt.Errorf("pki: %s is not in trust domain %s", id, c.td)
 	}
 	switch {
 	case ttl == 0:
 		ttl = DefaultLeafTTL
 	case ttl < 0:
-		return nil, errors.New("transport: negative TTL")
+		return nil, errors.New("pki: negative TTL")
 	case ttl > MaxLeafTTL:
-		return nil, fmt.Errorf("transport: TTL %s exceeds the maximum %s", ttl, MaxLeafTTL)
+		return nil, fmt.Errorf("pki: TTL %s exceeds the maximum %s", ttl, MaxLeafTTL)
 	}
 	issuer, issuerKey, chainRest := c.cert, c.key, []*x509.Certificate(nil)
 	if c.inter != nil {
@@ -250,15 +252,15 @@ func (c *CA) issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration, reco
 		AuthorityKeyId:        issuer.SubjectKeyId,
 	}
 	for _, o := range opts {
-		o(tmpl)
+		o.applyToLeaf(tmpl)
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer, pub, issuerKey)
 	if err != nil {
-		return nil, fmt.Errorf("transport: issue %s: %w", id, err)
+		return nil, fmt.Errorf("pki: issue %s: %w", id, err)
 	}
 	leaf, err := x509.ParseCertificate(der)
 	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	if record {
 		if err := c.recordIssued(leaf); err != nil {
@@ -273,92 +275,13 @@ func (c *CA) issue(id spiffeid.ID, pub crypto.PublicKey, ttl time.Duration, reco
 func (c *CA) IssueFiles(id spiffeid.ID, dir string, ttl time.Duration, opts ...LeafOption) error {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return fmt.Errorf("transport: %w", err)
+		return fmt.Errorf("pki: %w", err)
 	}
 	chain, err := c.Issue(id, &key.PublicKey, ttl, opts...)
 	if err != nil {
 		return err
 	}
-	return WriteIdentity(dir, chain, key, c.Bundle())
-}
-
-// WriteIdentity writes an identity directory: chain to tls.crt, key to tls.key (0600),
-// roots to ca.crt. Each file is replaced atomically; the key is written first so that
-// a watcher never pairs a new certificate with an old key for long.
-func WriteIdentity(dir string, chain []*x509.Certificate, key crypto.Signer, roots []*x509.Certificate) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("transport: %w", err)
-	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return fmt.Errorf("transport: %w", err)
-	}
-	if err := atomicfile.Write(filepath.Join(dir, KeyFile), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
-		return fmt.Errorf("transport: %w", err)
-	}
-	if err := atomicfile.Write(filepath.Join(dir, CertFile), encodeCertificates(chain), 0o644); err != nil {
-		return fmt.Errorf("transport: %w", err)
-	}
-	if err := atomicfile.Write(filepath.Join(dir, BundleFile), encodeCertificates(roots), 0o644); err != nil {
-		return fmt.Errorf("transport: %w", err)
-	}
-	return nil
-}
-
-func encodeCertificates(certs []*x509.Certificate) []byte {
-	var out []byte
-	for _, c := range certs {
-		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
-	}
-	return out
-}
-
-func parseCertificates(b []byte) ([]*x509.Certificate, error) {
-	var certs []*x509.Certificate
-	for {
-		var block *pem.Block
-		block, b = pem.Decode(b)
-		if block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, err
-		}
-		certs = append(certs, c)
-	}
-	if len(certs) == 0 {
-		return nil, errors.New("no PEM certificate")
-	}
-	return certs, nil
-}
-
-func parsePrivateKey(b []byte) (crypto.Signer, error) {
-	block, _ := pem.Decode(b)
-	if block == nil {
-		return nil, errors.New("no PEM private key")
-	}
-	var key any
-	var err error
-	switch block.Type {
-	case "PRIVATE KEY":
-		key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
-	case "EC PRIVATE KEY":
-		key, err = x509.ParseECPrivateKey(block.Bytes)
-	default:
-		return nil, fmt.Errorf("unsupported PEM block %q", block.Type)
-	}
-	if err != nil {
-		return nil, err
-	}
-	s, ok := key.(crypto.Signer)
-	if !ok {
-		return nil, errors.New("private key cannot sign")
-	}
-	return s, nil
+	return transport.WriteIdentity(dir, chain, key, c.Bundle())
 }
 
 // newRoot self-signs a ten-year root certificate for td over key.
@@ -377,11 +300,11 @@ func newRoot(td spiffeid.TrustDomain, key *ecdsa.PrivateKey, commonName string) 
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
-		return nil, nil, fmt.Errorf("transport: root certificate: %w", err)
+		return nil, nil, fmt.Errorf("pki: root certificate: %w", err)
 	}
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {
-		return nil, nil, fmt.Errorf("transport: root certificate: %w", err)
+		return nil, nil, fmt.Errorf("pki: root certificate: %w", err)
 	}
 	return cert, der, nil
 }
@@ -389,7 +312,7 @@ func newRoot(td spiffeid.TrustDomain, key *ecdsa.PrivateKey, commonName string) 
 func newSerial() *big.Int {
 	b := make([]byte, 16)
 	if _, err := rand.Read(b); err != nil {
-		panic("transport: crypto/rand failed: " + err.Error()) // crypto/rand never fails on supported platforms
+		panic("pki: crypto/rand failed: " + err.Error()) // crypto/rand never fails on supported platforms
 	}
 	b[0] &= 0x7f
 	return new(big.Int).SetBytes(b)

@@ -1,4 +1,4 @@
-package transport
+package pki
 
 import (
 	"crypto/ecdsa"
@@ -7,7 +7,6 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
@@ -17,6 +16,7 @@ import (
 	"time"
 
 	"github.com/veilrpc/veil/internal/atomicfile"
+	"github.com/veilrpc/veil/internal/certpem"
 )
 
 // More files of a CA directory (see docs/ca.md).
@@ -31,30 +31,30 @@ const (
 
 func (c *CA) loadState() error {
 	if b, err := os.ReadFile(filepath.Join(c.dir, caBundleFile)); err == nil {
-		roots, err := parseCertificates(b)
+		roots, err := certpem.ParseCertificates(b)
 		if err != nil {
-			return fmt.Errorf("transport: %s: %w", caBundleFile, err)
+			return fmt.Errorf("pki: %s: %w", caBundleFile, err)
 		}
 		if !slices.ContainsFunc(roots, c.cert.Equal) {
-			return fmt.Errorf("transport: %s does not contain the signing root %s", caBundleFile, caCertFile)
+			return fmt.Errorf("pki: %s does not contain the signing root %s", caBundleFile, caCertFile)
 		}
 		for _, r := range roots {
 			if !r.IsCA {
-				return fmt.Errorf("transport: %s: %q is not a CA certificate", caBundleFile, r.Subject)
+				return fmt.Errorf("pki: %s: %q is not a CA certificate", caBundleFile, r.Subject)
 			}
 		}
 		c.bundle = roots
 	} else if !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("transport: %w", err)
+		return fmt.Errorf("pki: %w", err)
 	}
 	if b, err := os.ReadFile(filepath.Join(c.dir, caNextCertFile)); err == nil {
-		certs, err := parseCertificates(b)
+		certs, err := certpem.ParseCertificates(b)
 		if err != nil || len(certs) != 1 {
-			return fmt.Errorf("transport: %s: want one certificate", caNextCertFile)
+			return fmt.Errorf("pki: %s: want one certificate", caNextCertFile)
 		}
 		c.next = certs[0]
 	} else if !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("transport: %w", err)
+		return fmt.Errorf("pki: %w", err)
 	}
 	d, err := readDenylist(c.dir)
 	if err != nil {
@@ -70,11 +70,11 @@ func readDenylist(dir string) (*Denylist, error) {
 		return &Denylist{}, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	d := &Denylist{}
 	if err := json.Unmarshal(b, d); err != nil {
-		return nil, fmt.Errorf("transport: %s: %w", caDenyFile, err)
+		return nil, fmt.Errorf("pki: %s: %w", caDenyFile, err)
 	}
 	return d, nil
 }
@@ -170,41 +170,30 @@ func (c *CA) Rotation() (RotationStatus, error) {
 // it to the trust bundle, while the current root keeps signing. Workloads pick up the
 // bundle with their next renewal or bundle refresh; then run ActivateRotation.
 func PrepareRotation(dir string) (*x509.Certificate, error) {
-	unlock, err := lockDir(dir)
+	ca, unlock, err := loadLocked(dir)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	ca, err := LoadCA(dir)
-	if err != nil {
-		return nil, err
-	}
 	switch st, _ := ca.Rotation(); st.Phase {
 	case RotationPrepared:
-		return nil, errors.New("transport: a new root is already prepared: activate it")
+		return nil, errors.New("pki: a new root is already prepared: activate it")
 	case RotationActivated:
-		return nil, errors.New("transport: the previous rotation is not finished: finish it first")
+		return nil, errors.New("pki: the previous rotation is not finished: finish it first")
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return nil, fmt.Errorf("transport: root key: %w", err)
+		return nil, fmt.Errorf("pki: root key: %w", err)
 	}
 	cert, _, err := newRoot(ca.td, key, "Veil root CA "+ca.td.Name()+" "+time.Now().UTC().Format("20060102T150405Z"))
 	if err != nil {
 		return nil, err
 	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+	if err := writeKeyPair(dir, caNextKeyFile, caNextCertFile, key, cert); err != nil {
+		return nil, err
 	}
-	if err := atomicfile.Write(filepath.Join(dir, caNextKeyFile), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
-	}
-	if err := atomicfile.Write(filepath.Join(dir, caNextCertFile), encodeCertificates([]*x509.Certificate{cert}), 0o644); err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
-	}
-	if err := atomicfile.Write(filepath.Join(dir, caBundleFile), encodeCertificates(append(ca.Bundle(), cert)), 0o644); err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+	if err := atomicfile.Write(filepath.Join(dir, caBundleFile), certpem.EncodeCertificates(append(ca.Bundle(), cert)), 0o644); err != nil {
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	return cert, nil
 }
@@ -220,46 +209,46 @@ func ActivateRotation(dir string) (*x509.Certificate, error) {
 	defer unlock()
 	certPEM, err := os.ReadFile(filepath.Join(dir, caNextCertFile))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, errors.New("transport: no prepared root: run the prepare step first")
+		return nil, errors.New("pki: no prepared root: run the prepare step first")
 	}
 	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	keyPEM, err := os.ReadFile(filepath.Join(dir, caNextKeyFile))
 	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
-	certs, err := parseCertificates(certPEM)
+	certs, err := certpem.ParseCertificates(certPEM)
 	if err != nil || len(certs) != 1 {
-		return nil, fmt.Errorf("transport: %s: want one certificate", caNextCertFile)
+		return nil, fmt.Errorf("pki: %s: want one certificate", caNextCertFile)
 	}
-	key, err := parsePrivateKey(keyPEM)
+	key, err := certpem.ParsePrivateKey(keyPEM)
 	if err != nil {
-		return nil, fmt.Errorf("transport: %s: %w", caNextKeyFile, err)
+		return nil, fmt.Errorf("pki: %s: %w", caNextKeyFile, err)
 	}
 	if ek, ok := key.(*ecdsa.PrivateKey); !ok || !ek.PublicKey.Equal(certs[0].PublicKey) {
-		return nil, fmt.Errorf("transport: %s does not match %s", caNextKeyFile, caNextCertFile)
+		return nil, fmt.Errorf("pki: %s does not match %s", caNextKeyFile, caNextCertFile)
 	}
 	bundlePEM, err := os.ReadFile(filepath.Join(dir, caBundleFile))
 	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
-	trusted, err := parseCertificates(bundlePEM)
+	trusted, err := certpem.ParseCertificates(bundlePEM)
 	if err != nil || !slices.ContainsFunc(trusted, certs[0].Equal) {
-		return nil, fmt.Errorf("transport: %s does not trust the prepared root", caBundleFile)
+		return nil, fmt.Errorf("pki: %s does not trust the prepared root", caBundleFile)
 	}
 	// The key first: a crash between the two writes leaves next.* in place, and running
 	// this again completes the step.
 	if err := atomicfile.Write(filepath.Join(dir, caKeyFile), keyPEM, 0o600); err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	if err := atomicfile.Write(filepath.Join(dir, caCertFile), certPEM, 0o644); err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	// The signing root goes first in the bundle.
 	ordered := append([]*x509.Certificate{certs[0]}, slices.DeleteFunc(trusted, certs[0].Equal)...)
-	if err := atomicfile.Write(filepath.Join(dir, caBundleFile), encodeCertificates(ordered), 0o644); err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+	if err := atomicfile.Write(filepath.Join(dir, caBundleFile), certpem.EncodeCertificates(ordered), 0o644); err != nil {
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	// An intermediate signed by the old root is replaced by one from the new root.
 	if err := renewIntermediate(dir, certs[0], key.(*ecdsa.PrivateKey)); err != nil {
@@ -267,7 +256,7 @@ func ActivateRotation(dir string) (*x509.Certificate, error) {
 	}
 	for _, f := range []string{caNextKeyFile, caNextCertFile} {
 		if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("transport: %w", err)
+			return nil, fmt.Errorf("pki: %w", err)
 		}
 	}
 	return certs[0], nil
@@ -278,31 +267,27 @@ func ActivateRotation(dir string) (*x509.Certificate, error) {
 // issued leaves says until when), unless force is set: dropping a root too early breaks
 // every workload that still holds one of its leaves.
 func FinishRotation(dir string, now time.Time, force bool) ([]*x509.Certificate, error) {
-	unlock, err := lockDir(dir)
+	ca, unlock, err := loadLocked(dir)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	ca, err := LoadCA(dir)
-	if err != nil {
-		return nil, err
-	}
 	st, err := ca.Rotation()
 	if err != nil {
 		return nil, err
 	}
 	switch st.Phase {
 	case RotationNone:
-		return nil, errors.New("transport: no rotation in progress")
+		return nil, errors.New("pki: no rotation in progress")
 	case RotationPrepared:
-		return nil, errors.New("transport: the new root is not signing yet: activate it first")
+		return nil, errors.New("pki: the new root is not signing yet: activate it first")
 	}
 	if now.Before(st.RetiringUntil) && !force {
-		return nil, fmt.Errorf("transport: leaves signed by the old root are valid until %s: finish after that", st.RetiringUntil.UTC().Format(time.RFC3339))
+		return nil, fmt.Errorf("pki: leaves signed by the old root are valid until %s: finish after that", st.RetiringUntil.UTC().Format(time.RFC3339))
 	}
 	dropped := slices.DeleteFunc(ca.Bundle(), ca.cert.Equal)
-	if err := atomicfile.Write(filepath.Join(dir, caBundleFile), encodeCertificates([]*x509.Certificate{ca.cert}), 0o644); err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+	if err := atomicfile.Write(filepath.Join(dir, caBundleFile), certpem.EncodeCertificates([]*x509.Certificate{ca.cert}), 0o644); err != nil {
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	ledger, err := readLedger(dir)
 	if err != nil {
@@ -335,10 +320,10 @@ func Revoke(dir string, serials, ids []string) (*Denylist, error) {
 	}
 	b, err := json.MarshalIndent(d, "", "  ")
 	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	if err := atomicfile.Write(filepath.Join(dir, caDenyFile), append(b, '\n'), 0o644); err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	return d, nil
 }
@@ -380,10 +365,10 @@ func readLedger(dir string) (map[string]time.Time, error) {
 		return m, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	if err := json.Unmarshal(b, &m); err != nil {
-		return nil, fmt.Errorf("transport: %s: %w", caLedgerFile, err)
+		return nil, fmt.Errorf("pki: %s: %w", caLedgerFile, err)
 	}
 	return m, nil
 }
@@ -391,10 +376,37 @@ func readLedger(dir string) (map[string]time.Time, error) {
 func writeLedger(dir string, m map[string]time.Time) error {
 	b, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {
-		return fmt.Errorf("transport: %w", err)
+		return fmt.Errorf("pki: %w", err)
 	}
 	if err := atomicfile.Write(filepath.Join(dir, caLedgerFile), append(b, '\n'), 0o600); err != nil {
-		return fmt.Errorf("transport: %w", err)
+		return fmt.Errorf("pki: %w", err)
+	}
+	return nil
+}
+
+// loadLocked takes dir's lock and reads the CA under it; the caller must unlock.
+func loadLocked(dir string) (ca *CA, unlock func(), err error) {
+	if unlock, err = lockDir(dir); err != nil {
+		return nil, nil, err
+	}
+	if ca, err = LoadCA(dir); err != nil {
+		unlock()
+		return nil, nil, err
+	}
+	return ca, unlock, nil
+}
+
+// writeKeyPair writes a CA key (0600) and then its certificate, each atomically.
+func writeKeyPair(dir, keyFile, certFile string, key *ecdsa.PrivateKey, cert *x509.Certificate) error {
+	keyPEM, err := certpem.EncodePrivateKey(key)
+	if err != nil {
+		return fmt.Errorf("pki: %w", err)
+	}
+	if err := atomicfile.Write(filepath.Join(dir, keyFile), keyPEM, 0o600); err != nil {
+		return fmt.Errorf("pki: %w", err)
+	}
+	if err := atomicfile.Write(filepath.Join(dir, certFile), certpem.EncodeCertificates([]*x509.Certificate{cert}), 0o644); err != nil {
+		return fmt.Errorf("pki: %w", err)
 	}
 	return nil
 }
@@ -414,14 +426,14 @@ func lockDir(dir string) (unlock func(), err error) {
 			return func() { _ = os.Remove(p) }, nil
 		}
 		if !errors.Is(err, os.ErrExist) {
-			return nil, fmt.Errorf("transport: lock %s: %w", dir, err)
+			return nil, fmt.Errorf("pki: lock %s: %w", dir, err)
 		}
 		if fi, err := os.Stat(p); err == nil && time.Since(fi.ModTime()) > staleLock {
 			_ = os.Remove(p)
 			continue
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("transport: %s is locked by another process", dir)
+			return nil, fmt.Errorf("pki: %s is locked by another process", dir)
 		}
 		time.Sleep(wait)
 		wait = min(2*wait, 50*time.Millisecond)

@@ -1,4 +1,4 @@
-package transport
+package pki
 
 import (
 	"crypto/ecdsa"
@@ -6,14 +6,13 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"time"
 
-	"github.com/veilrpc/veil/internal/atomicfile"
+	"github.com/veilrpc/veil/internal/certpem"
 )
 
 // Files of an intermediate CA in a CA directory.
@@ -30,20 +29,16 @@ const DefaultIntermediateTTL = 365 * 24 * time.Hour
 // on leaves are signed by the intermediate and carry it in their chain; workloads
 // still trust only the roots. A root rotation re-creates it under the new root.
 func CreateIntermediate(dir string, ttl time.Duration) (*x509.Certificate, error) {
-	unlock, err := lockDir(dir)
+	c, unlock, err := loadLocked(dir)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	c, err := LoadCA(dir)
-	if err != nil {
-		return nil, err
-	}
 	if ttl == 0 {
 		ttl = DefaultIntermediateTTL
 	}
 	if ttl < 0 {
-		return nil, errors.New("transport: negative TTL")
+		return nil, errors.New("pki: negative TTL")
 	}
 	return writeIntermediate(dir, c.cert, c.key, time.Now().Add(ttl))
 }
@@ -51,7 +46,7 @@ func CreateIntermediate(dir string, ttl time.Duration) (*x509.Certificate, error
 func writeIntermediate(dir string, root *x509.Certificate, rootKey *ecdsa.PrivateKey, notAfter time.Time) (*x509.Certificate, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
 	if notAfter.After(root.NotAfter) {
 		notAfter = root.NotAfter
@@ -71,21 +66,14 @@ func writeIntermediate(dir string, root *x509.Certificate, rootKey *ecdsa.Privat
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, root, &key.PublicKey, rootKey)
 	if err != nil {
-		return nil, fmt.Errorf("transport: intermediate certificate: %w", err)
+		return nil, fmt.Errorf("pki: intermediate certificate: %w", err)
 	}
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+		return nil, fmt.Errorf("pki: %w", err)
 	}
-	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
-	}
-	if err := atomicfile.Write(filepath.Join(dir, caInterKeyFile), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
-	}
-	if err := atomicfile.Write(filepath.Join(dir, caInterCertFile), encodeCertificates([]*x509.Certificate{cert}), 0o644); err != nil {
-		return nil, fmt.Errorf("transport: %w", err)
+	if err := writeKeyPair(dir, caInterKeyFile, caInterCertFile, key, cert); err != nil {
+		return nil, err
 	}
 	return cert, nil
 }
@@ -98,11 +86,11 @@ func renewIntermediate(dir string, root *x509.Certificate, rootKey *ecdsa.Privat
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("transport: %w", err)
+		return fmt.Errorf("pki: %w", err)
 	}
-	certs, err := parseCertificates(b)
+	certs, err := certpem.ParseCertificates(b)
 	if err != nil {
-		return fmt.Errorf("transport: %s: %w", caInterCertFile, err)
+		return fmt.Errorf("pki: %s: %w", caInterCertFile, err)
 	}
 	if certs[0].CheckSignatureFrom(root) == nil {
 		return nil
@@ -119,26 +107,26 @@ func (c *CA) loadIntermediate() error {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("transport: %w", err)
+		return fmt.Errorf("pki: %w", err)
 	}
-	certs, err := parseCertificates(certPEM)
+	certs, err := certpem.ParseCertificates(certPEM)
 	if err != nil || len(certs) != 1 || !certs[0].IsCA {
-		return fmt.Errorf("transport: %s: want one CA certificate", caInterCertFile)
+		return fmt.Errorf("pki: %s: want one CA certificate", caInterCertFile)
 	}
 	if err := certs[0].CheckSignatureFrom(c.cert); err != nil {
-		return fmt.Errorf("transport: %s is not signed by %s (finish the root rotation's activate step): %w", caInterCertFile, caCertFile, err)
+		return fmt.Errorf("pki: %s is not signed by %s (finish the root rotation's activate step): %w", caInterCertFile, caCertFile, err)
 	}
 	keyPEM, err := os.ReadFile(filepath.Join(c.dir, caInterKeyFile))
 	if err != nil {
-		return fmt.Errorf("transport: %w", err)
+		return fmt.Errorf("pki: %w", err)
 	}
-	signer, err := parsePrivateKey(keyPEM)
+	signer, err := certpem.ParsePrivateKey(keyPEM)
 	if err != nil {
-		return fmt.Errorf("transport: %s: %w", caInterKeyFile, err)
+		return fmt.Errorf("pki: %s: %w", caInterKeyFile, err)
 	}
 	key, ok := signer.(*ecdsa.PrivateKey)
 	if !ok || !key.PublicKey.Equal(certs[0].PublicKey) {
-		return fmt.Errorf("transport: %s does not match %s", caInterKeyFile, caInterCertFile)
+		return fmt.Errorf("pki: %s does not match %s", caInterKeyFile, caInterCertFile)
 	}
 	c.inter, c.interKey = certs[0], key
 	return nil

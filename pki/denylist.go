@@ -1,4 +1,4 @@
-package transport
+package pki
 
 import (
 	"crypto/x509"
@@ -10,16 +10,14 @@ import (
 	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-)
 
-// ReasonRevoked is the refusal reason for a certificate whose serial or SPIFFE ID is on
-// the denylist.
-const ReasonRevoked = "revoked"
+	"github.com/veilrpc/veil/transport"
+)
 
 // Denylist is a set of certificates to refuse although they chain to a trusted root:
 // leaf serial numbers and whole SPIFFE IDs. It travels with the trust bundle and is
-// checked on every handshake, resumed ones included. The zero value and nil deny nothing.
-// A Denylist is immutable.
+// checked on every handshake, resumed ones included: it implements transport.Denylist.
+// The zero value and nil deny nothing. A Denylist is immutable.
 type Denylist struct {
 	serials map[string]bool // lower-case hex without leading zeros
 	ids     map[spiffeid.ID]bool
@@ -31,14 +29,14 @@ func NewDenylist(serials, ids []string) (*Denylist, error) {
 	for _, s := range serials {
 		n, ok := new(big.Int).SetString(strings.TrimPrefix(strings.ToLower(s), "0x"), 16)
 		if !ok || n.Sign() < 0 {
-			return nil, fmt.Errorf("transport: denylist: %q is not a hexadecimal serial number", s)
+			return nil, fmt.Errorf("pki: denylist: %q is not a hexadecimal serial number", s)
 		}
 		d.serials[n.Text(16)] = true
 	}
 	for _, s := range ids {
 		id, err := spiffeid.FromString(s)
 		if err != nil {
-			return nil, fmt.Errorf("transport: denylist: %w", err)
+			return nil, fmt.Errorf("pki: denylist: %w", err)
 		}
 		d.ids[id] = true
 	}
@@ -103,6 +101,8 @@ func (d *Denylist) With(serials, ids []string) (*Denylist, error) {
 	return NewDenylist(append(d.Serials(), serials...), append(d.IDs(), ids...))
 }
 
+var _ transport.Denylist = (*Denylist)(nil)
+
 type denylistJSON struct {
 	Serials []string `json:"serials"`
 	IDs     []string `json:"ids"`
@@ -117,7 +117,7 @@ func (d *Denylist) MarshalJSON() ([]byte, error) {
 func (d *Denylist) UnmarshalJSON(b []byte) error {
 	var j denylistJSON
 	if err := json.Unmarshal(b, &j); err != nil {
-		return errors.New("transport: denylist: malformed JSON")
+		return errors.New("pki: denylist: malformed JSON")
 	}
 	n, err := NewDenylist(j.Serials, j.IDs)
 	if err != nil {
@@ -132,10 +132,4 @@ func nonNil(s []string) []string {
 		return []string{}
 	}
 	return s
-}
-
-// DenylistSource is implemented by Sources that distribute a denylist with their trust
-// bundle. ServerConfig and ClientConfig refuse peers it denies, with ReasonRevoked.
-type DenylistSource interface {
-	GetDenylist() *Denylist
 }
