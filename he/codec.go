@@ -232,6 +232,12 @@ func MaxVectorWireSize(params *Parameters, n int) int64 {
 	return int64(ciphertextsFor(n, params.Slots()))*perCt + overhead
 }
 
+// CiphertextMemory returns the bytes one decoded ciphertext at the maximum level
+// takes in memory: two polynomials of N words per prime of Q.
+func CiphertextMemory(params *Parameters) int64 {
+	return 2 * int64(params.MaxLevel()+1) * int64(params.N()) * 8
+}
+
 // isRotation reports whether g is the Galois element of a slot rotation (a power of 5
 // modulo 2N), the only automorphisms this package evaluates.
 func (p *Parameters) isRotation(g uint64) bool {

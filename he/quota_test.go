@@ -4,10 +4,12 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"runtime"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/tuneinsight/lattigo/v5/he/hefloat"
 	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
 	"github.com/veilrpc/veil/gen/veil/he/v1/hev1connect"
 )
@@ -192,5 +194,23 @@ func TestUploadDeclaredSize(t *testing.T) {
 	}
 	if err := openUpload(mallory, randomKeyID(t), validSize(2), 0); err != nil {
 		t.Errorf("valid size: %v", err)
+	}
+}
+
+// TestWorkerMemory: WorkerMemory covers what creating one evaluation worker
+// allocates, without overstating it more than twice.
+func TestWorkerMemory(t *testing.T) {
+	for _, params := range []*Parameters{smallParams(), ParamsN13()} {
+		pool, _ := NewWorkerPool(params, 1)
+		tmpl := pool.template()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		w := &evalWorker{eval: tmpl.ShallowCopy(), enc: hefloat.NewEncoder(hefloat.Parameters{Parameters: params.p})}
+		runtime.ReadMemStats(&after)
+		runtime.KeepAlive(w)
+		got, est := int64(after.TotalAlloc-before.TotalAlloc), WorkerMemory(params)
+		if est < got || est > 2*got {
+			t.Errorf("%s: a worker allocates %d bytes, WorkerMemory says %d", params, got, est)
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"runtime"
 	"strconv"
 	"sync"
 	"time"
@@ -63,6 +64,7 @@ type registryConfig struct {
 	ttl          time.Duration
 	uploadTTL    time.Duration
 	maxSet       int64
+	pool         *WorkerPool
 	dir          string
 	store        KeyStore
 	timeout      time.Duration
@@ -105,6 +107,13 @@ func WithMaxKeySetSize(bytes int64) RegistryOption {
 	return func(c *registryConfig) { c.maxSet = bytes }
 }
 
+// WithEvaluatorPool makes the registry's evaluators share pool (default: a pool of
+// GOMAXPROCS workers), so that the evaluation buffers are bounded by the pool's size,
+// not by the number of key sets.
+func WithEvaluatorPool(pool *WorkerPool) RegistryOption {
+	return func(c *registryConfig) { c.pool = pool }
+}
+
 // WithStore keeps complete key sets in dir as well (a DirStore: created 0700 if
 // missing; files 0600, written atomically), so that eviction and restarts do not lose
 // them.
@@ -142,7 +151,7 @@ type upload struct {
 }
 
 // NewRegistry returns an empty registry for params.
-func NewRegistry(params *Parameters, opts ...RegistryOption) (*Registry, error) {
+func NewRegistry(params *Parameters, opts ...RegistryOption) (_ *Registry, err error) {
 	if params == nil {
 		return nil, invalidf("nil parameters")
 	}
@@ -181,9 +190,19 @@ func NewRegistry(params *Parameters, opts ...RegistryOption) (*Registry, error) 
 	if cfg.timeout <= 0 {
 		cfg.timeout = 30 * time.Second
 	}
+	if cfg.pool == nil {
+		if cfg.pool, err = NewWorkerPool(params, runtime.GOMAXPROCS(0)); err != nil {
+			return nil, err
+		}
+	} else if cfg.pool.params.id != params.id {
+		return nil, paramMismatch("worker pool", cfg.pool.params.id, params.id)
+	}
 	return &Registry{params: params, cfg: cfg, entries: map[KeyID]*regEntry{}, lru: list.New(), uploads: map[uploadKey]*upload{},
 		owned: map[string]int64{}, nUploads: map[string]int{}}, nil
 }
+
+// WorkerPool returns the pool the registry's evaluators share.
+func (r *Registry) WorkerPool() *WorkerPool { return r.cfg.pool }
 
 // Used returns the bytes currently charged against the budget.
 func (r *Registry) Used() int64 {
@@ -447,7 +466,7 @@ func (r *Registry) Evaluator(owner string, id KeyID) (*Evaluator, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if e.eval == nil {
-		ev, err := NewEvaluator(r.params, e.keys)
+		ev, err := NewEvaluator(r.params, e.keys, WithWorkerPool(r.cfg.pool))
 		if err != nil {
 			return nil, err
 		}
