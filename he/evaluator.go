@@ -1,6 +1,7 @@
 package he
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"math"
@@ -186,12 +187,22 @@ func ctxErr(ctx context.Context) error {
 }
 
 func (e *Evaluator) check(op string, vs ...*Vector) error {
+	var fp []byte
 	for _, v := range vs {
 		if v == nil || len(v.cts) == 0 {
 			return invalidf("%s: nil vector", op)
 		}
 		if v.params.id != e.params.id {
 			return paramMismatch(op+" operand", v.params.id, e.params.id)
+		}
+		// Vectors under different keys would combine into garbage that decrypts
+		// without complaint: refuse them (a vector without a fingerprint, from an
+		// older sender, cannot be checked).
+		if len(v.fp) != 0 {
+			if fp != nil && !bytes.Equal(fp, v.fp) {
+				return preconditionf("%s: operands encrypted under different keys (fingerprints %x and %x)", op, fp, v.fp)
+			}
+			fp = v.fp
 		}
 	}
 	return nil

@@ -1,6 +1,8 @@
 package he
 
 import (
+	"bytes"
+
 	"github.com/tuneinsight/lattigo/v5/core/rlwe"
 )
 
@@ -17,7 +19,14 @@ type Vector struct {
 	// dirty is set when slots past length may hold non-zero values (after a polynomial
 	// evaluation or a rotation); sums then mask them first.
 	dirty bool
+	// fp is the fingerprint of the key the vector is encrypted under; empty when the
+	// sender did not say (older clients).
+	fp []byte
 }
+
+// KeyFingerprint returns the fingerprint of the key the vector is encrypted under
+// (PublicKey.Fingerprint), or nil when its sender gave none.
+func (v *Vector) KeyFingerprint() []byte { return bytes.Clone(v.fp) }
 
 // Len returns the number of meaningful values.
 func (v *Vector) Len() int { return v.length }
@@ -70,5 +79,5 @@ func (v *Vector) validSlots(i int) int {
 }
 
 func (v *Vector) derive(cts []*rlwe.Ciphertext, length int, dirty bool) *Vector {
-	return &Vector{params: v.params, cts: cts, length: length, dirty: dirty}
+	return &Vector{params: v.params, cts: cts, length: length, dirty: dirty, fp: v.fp}
 }

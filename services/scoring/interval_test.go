@@ -115,3 +115,25 @@ func TestClientRejectsImpossibleLogits(t *testing.T) {
 		t.Fatalf("inflated logits accepted: %v, %v", got, err)
 	}
 }
+
+// TestMixedKeysRefused: feature vectors encrypted under two different keys in one
+// request are refused with failed_precondition instead of scored into garbage.
+func TestMixedKeysRefused(t *testing.T) {
+	ds, _ := scoring.Synthetic(13, 103, 2)
+	m, err := scoring.Train(ds.X[:100], ds.Y[:100], scoring.TrainOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	params := smallParams(t)
+	e := start(t, m, scoring.WithParameters(params))
+	key, _ := he.NewClient(params)
+	other, _ := he.NewClient(params)
+	c := e.client(t, alice, scoring.WithHEClient(key))
+	if _, err := c.UploadKeys(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	mine := encryptColumns(t, key, []float64{1, 2, 3})
+	theirs := encryptColumns(t, other, []float64{4, 5, 6})
+	_, err = e.raw(t, alice).Score(context.Background(), connect.NewRequest(&scoringv1.ScoreRequest{KeyId: string(c.KeyID()), Features: append(mine, theirs...)}))
+	wantCode(t, "features under two keys", err, connect.CodeFailedPrecondition)
+}
