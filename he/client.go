@@ -1,6 +1,7 @@
 package he
 
 import (
+	"bytes"
 	"math"
 	"math/big"
 	"sync"
@@ -38,7 +39,7 @@ func NewClient(params *Parameters) (c *Client, err error) {
 }
 
 func newClient(params *Parameters, sk *rlwe.SecretKey, pk *rlwe.PublicKey) *Client {
-	c := &Client{params: params, sk: &SecretKey{params, sk}, pk: &PublicKey{params, pk}}
+	c := &Client{params: params, sk: &SecretKey{params, sk}, pk: newPublicKey(params, pk)}
 	c.pool.New = func() any {
 		return &clientWorker{
 			enc: hefloat.NewEncoder(hefloat.Parameters{Parameters: params.p}),
@@ -65,12 +66,12 @@ func (c *Client) SecretKey() *SecretKey { return c.sk }
 func (c *Client) Encrypt(values []float64) (*Vector, error) {
 	w := c.pool.Get().(*clientWorker)
 	defer c.pool.Put(w)
-	v, err := encryptValues(c.params, w.enc, values, func(pt *rlwe.Plaintext, ct *rlwe.Ciphertext) ([]byte, error) {
+	v, err := encryptValues(c.params, c.pk.fp, w.enc, values, func(pt *rlwe.Plaintext, ct *rlwe.Ciphertext) ([]byte, error) {
 		seed, err := newSeed()
 		if err != nil {
 			return nil, err
 		}
-		return seed, w.skE.WithPRNG(seededPRNG(seed)).Encrypt(pt, ct)
+		return seed, w.skE.WithPRNG(seededPRNG(ciphertextSeedKey(c.params, seed, ciphertextEncoding))).Encrypt(pt, ct)
 	})
 	if v != nil {
 		v.noise = freshNoise(c.params, false)
@@ -80,13 +81,13 @@ func (c *Client) Encrypt(values []float64) (*Vector, error) {
 
 // encryptValues packs values into ciphertexts and encrypts each with encrypt, which
 // returns the ciphertext's seed when it is seeded.
-func encryptValues(params *Parameters, enc *hefloat.Encoder, values []float64, encrypt func(*rlwe.Plaintext, *rlwe.Ciphertext) ([]byte, error)) (v *Vector, err error) {
+func encryptValues(params *Parameters, fp []byte, enc *hefloat.Encoder, values []float64, encrypt func(*rlwe.Plaintext, *rlwe.Ciphertext) ([]byte, error)) (v *Vector, err error) {
 	defer recoverInto(&err, "encrypt")
 	if err := checkValues(values); err != nil {
 		return nil, err
 	}
 	n := ciphertextsFor(len(values), params.Slots())
-	v = &Vector{params: params, length: len(values), cts: make([]*rlwe.Ciphertext, n), seeds: make([][]byte, n)}
+	v = &Vector{params: params, length: len(values), cts: make([]*rlwe.Ciphertext, n), seeds: make([][]byte, n), fp: fp}
 	for i := range n {
 		pt, err := encodeChunk(params, enc, values, i)
 		if err != nil {
@@ -160,6 +161,9 @@ func (c *Client) Decrypt(v *Vector, opts ...DecryptOption) (out []float64, err e
 	}
 	if v.params.id != c.params.id {
 		return nil, paramMismatch("vector", v.params.id, c.params.id)
+	}
+	if len(v.fp) != 0 && !bytes.Equal(v.fp, c.pk.fp) {
+		return nil, preconditionf("vector encrypted under key %x, not this client's %x", v.fp, c.pk.fp)
 	}
 	var cfg decryptConfig
 	for _, o := range opts {
@@ -240,6 +244,7 @@ func flood(params *Parameters, pt *rlwe.Plaintext, sigma float64) error {
 // that only the key's holder can decrypt. It is safe for concurrent use.
 type Encryptor struct {
 	params *Parameters
+	fp     []byte
 	pool   sync.Pool
 }
 
@@ -254,7 +259,7 @@ func NewEncryptor(pk *PublicKey) (*Encryptor, error) {
 		return nil, invalidf("nil public key")
 	}
 	params := pk.params
-	e := &Encryptor{params: params}
+	e := &Encryptor{params: params, fp: pk.fp}
 	e.pool.New = func() any {
 		return &pkWorker{
 			enc: hefloat.NewEncoder(hefloat.Parameters{Parameters: params.p}),
@@ -269,7 +274,7 @@ func NewEncryptor(pk *PublicKey) (*Encryptor, error) {
 func (e *Encryptor) Encrypt(values []float64) (*Vector, error) {
 	w := e.pool.Get().(*pkWorker)
 	defer e.pool.Put(w)
-	v, err := encryptValues(e.params, w.enc, values, func(pt *rlwe.Plaintext, ct *rlwe.Ciphertext) ([]byte, error) {
+	v, err := encryptValues(e.params, e.fp, w.enc, values, func(pt *rlwe.Plaintext, ct *rlwe.Ciphertext) ([]byte, error) {
 		return nil, w.pkE.Encrypt(pt, ct)
 	})
 	if v != nil {

@@ -1,6 +1,7 @@
 package he
 
 import (
+	"bytes"
 	"math"
 
 	"connectrpc.com/connect"
@@ -27,6 +28,8 @@ func MarshalVector(v *Vector) (*hev1.EncryptedVector, error) {
 		Length:  uint64(v.length),
 		Slots:   uint32(v.params.Slots()),
 		Layout:  hev1.Layout_LAYOUT_CONTIGUOUS,
+
+		KeyFingerprint: v.fp,
 	}
 	for i, ct := range v.cts {
 		var seed []byte
@@ -41,10 +44,11 @@ func MarshalVector(v *Vector) (*hev1.EncryptedVector, error) {
 func marshalCiphertext(params *Parameters, ct *rlwe.Ciphertext, seed []byte) *hev1.Ciphertext {
 	scale, _ := ct.Scale.Value.Float64()
 	m := &hev1.Ciphertext{
-		ParamId: string(params.id),
-		Level:   uint32(ct.Level()),
-		Scale:   scale,
-		C0:      appendPoly(nil, ct.Value[0], params.p.Q()),
+		ParamId:  string(params.id),
+		Level:    uint32(ct.Level()),
+		Scale:    scale,
+		C0:       appendPoly(nil, ct.Value[0], params.p.Q()),
+		Encoding: ciphertextEncoding,
 	}
 	if seed != nil {
 		m.Seed = append([]byte(nil), seed...)
@@ -82,7 +86,13 @@ func UnmarshalVector(params *Parameters, m *hev1.EncryptedVector) (v *Vector, er
 	if len(m.GetCiphertexts()) != n {
 		return nil, invalidf("vector of length %d needs %d ciphertexts, has %d", m.GetLength(), n, len(m.GetCiphertexts()))
 	}
+	if fp := m.GetKeyFingerprint(); len(fp) != 0 && len(fp) != FingerprintSize {
+		return nil, invalidf("key fingerprint of %d bytes, want %d", len(fp), FingerprintSize)
+	}
 	v = &Vector{params: params, length: int(m.GetLength()), cts: make([]*rlwe.Ciphertext, n)}
+	if fp := m.GetKeyFingerprint(); len(fp) != 0 {
+		v.fp = bytes.Clone(fp)
+	}
 	for i, c := range m.GetCiphertexts() {
 		if v.cts[i], err = unmarshalCiphertext(params, c); err != nil {
 			return nil, err
@@ -94,6 +104,9 @@ func UnmarshalVector(params *Parameters, m *hev1.EncryptedVector) (v *Vector, er
 func unmarshalCiphertext(params *Parameters, m *hev1.Ciphertext) (*rlwe.Ciphertext, error) {
 	if ParamID(m.GetParamId()) != params.id {
 		return nil, paramMismatch("ciphertext", ParamID(m.GetParamId()), params.id)
+	}
+	if m.GetEncoding() > ciphertextEncoding {
+		return nil, invalidf("ciphertext encoding version %d unknown (this receiver knows up to %d)", m.GetEncoding(), ciphertextEncoding)
 	}
 	level := int(m.GetLevel())
 	if level > params.MaxLevel() {
@@ -125,7 +138,7 @@ func unmarshalCiphertext(params *Parameters, m *hev1.Ciphertext) (*rlwe.Cipherte
 		return nil, err
 	}
 	if seeded {
-		uniformFromSeed(params, m.GetSeed()).AtLevel(level, -1).Read(ringqp.Poly{Q: ct.Value[1]})
+		uniformFromSeed(params, ciphertextSeedKey(params, m.GetSeed(), m.GetEncoding())).AtLevel(level, -1).Read(ringqp.Poly{Q: ct.Value[1]})
 	} else if _, err := readPoly(m.GetC1(), ct.Value[1], params.p.Q()); err != nil {
 		return nil, err
 	}
@@ -167,7 +180,7 @@ func UnmarshalPublicKey(params *Parameters, m *hev1.PublicKey) (pk *PublicKey, e
 			return nil, err
 		}
 	}
-	return &PublicKey{params: params, pk: k}, nil
+	return newPublicKey(params, k), nil
 }
 
 // MarshalManifest converts m into its wire form.
@@ -230,6 +243,12 @@ func MaxVectorWireSize(params *Parameters, n int) int64 {
 	const overhead = 128 // field tags, lengths, IDs, level, scale
 	perCt := int64(2*polyBytes(params.p.Q(), params.N())) + overhead
 	return int64(ciphertextsFor(n, params.Slots()))*perCt + overhead
+}
+
+// CiphertextMemory returns the bytes one decoded ciphertext at the maximum level
+// takes in memory: two polynomials of N words per prime of Q.
+func CiphertextMemory(params *Parameters) int64 {
+	return 2 * int64(params.MaxLevel()+1) * int64(params.N()) * 8
 }
 
 // isRotation reports whether g is the Galois element of a slot rotation (a power of 5

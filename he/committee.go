@@ -135,7 +135,7 @@ func (c *Committee) PublicKey(shares []*PublicKeyShare) (pk *PublicKey, err erro
 	}
 	out := rlwe.NewPublicKey(c.params.p)
 	c.ckg.GenPublicKey(agg, c.crp, out)
-	return &PublicKey{c.params, out}, nil
+	return newPublicKey(c.params, out), nil
 }
 
 // distinct checks that n shares come from distinct members in 1..n.

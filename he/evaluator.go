@@ -1,12 +1,14 @@
 package he
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"math"
 	"math/big"
 	"math/bits"
 	"runtime"
+	"sync"
 
 	"connectrpc.com/connect"
 	"github.com/tuneinsight/lattigo/v5/core/rlwe"
@@ -15,15 +17,65 @@ import (
 
 // Evaluator computes on encrypted vectors with one client's evaluation keys. lattigo's
 // evaluators are not goroutine-safe, so an Evaluator keeps a pool of shallow copies
-// (one per worker, GOMAXPROCS by default): it is safe for concurrent use, and a call
-// waits for a free worker or for its context. A lattigo panic is recovered into an
-// internal error and the worker that panicked is discarded.
+// (one per worker, GOMAXPROCS by default), or borrows workers from a WorkerPool shared
+// by many key sets (WithWorkerPool): it is safe for concurrent use, and a call waits
+// for a free worker or for its context. A lattigo panic is recovered into an internal
+// error and the worker that panicked is discarded.
 type Evaluator struct {
 	params  *Parameters
 	keys    *EvaluationKeys
 	have    *Manifest
-	base    *hefloat.Evaluator
+	set     rlwe.EvaluationKeySet // nil without keys
+	base    *hefloat.Evaluator    // own workers only
 	workers chan *evalWorker
+	pool    *WorkerPool
+}
+
+// WorkerPool is a fixed set of evaluation workers (lattigo evaluators with their
+// buffers and an encoder) shared by every Evaluator built WithWorkerPool: it bounds
+// the homomorphic operations running at once, and their buffers' memory
+// (Memory), however many key sets there are. A Registry makes one for its evaluators.
+type WorkerPool struct {
+	params   *Parameters
+	template func() *hefloat.Evaluator // keyless evaluator the workers are copied from
+	workers  chan *evalWorker
+	n        int
+}
+
+// NewWorkerPool returns a pool of n workers for params, each created on first use.
+func NewWorkerPool(params *Parameters, n int) (*WorkerPool, error) {
+	if params == nil || n < 1 {
+		return nil, invalidf("worker pool: need parameters and at least one worker")
+	}
+	p := &WorkerPool{params: params, workers: make(chan *evalWorker, n), n: n,
+		template: sync.OnceValue(func() *hefloat.Evaluator {
+			return hefloat.NewEvaluator(hefloat.Parameters{Parameters: params.p}, nil)
+		})}
+	for range n {
+		p.workers <- nil
+	}
+	return p, nil
+}
+
+// Size returns the number of workers.
+func (p *WorkerPool) Size() int { return p.n }
+
+// Memory returns the bytes the pool's buffers take once every worker exists, plus the
+// template they are copied from: WorkerMemory(params) x (Size + 1).
+func (p *WorkerPool) Memory() int64 { return WorkerMemory(p.params) * int64(p.n+1) }
+
+// WorkerMemory returns the bytes of one evaluation worker's buffers on params, from
+// lattigo v5's layout: a degree-2 ciphertext, an inverse-NTT buffer, the basis
+// extender's and the CKKS evaluator's and encoder's polynomials (9 polynomials mod Q),
+// 6 QP polynomials plus one per RNS decomposition digit, one mod P, and the encoder's
+// N complex values and N big.Int pointers; plus a quarter for what is not counted.
+func WorkerMemory(params *Parameters) int64 {
+	n := int64(params.N())
+	q := int64(params.MaxLevel() + 1)
+	k := int64(len(params.p.P()))
+	digits := int64(params.p.BaseRNSDecompositionVectorSize(params.p.MaxLevelQ(), params.p.MaxLevelP()))
+	words := n * (9*q + (6+digits)*(q+k) + k + 1 + 2 + 1)
+	return words * 8 * 5 / 4
 }
 
 type evalWorker struct {
@@ -34,10 +86,19 @@ type evalWorker struct {
 // EvaluatorOption configures NewEvaluator.
 type EvaluatorOption func(*evaluatorConfig)
 
-type evaluatorConfig struct{ workers int }
+type evaluatorConfig struct {
+	workers int
+	pool    *WorkerPool
+}
 
 // WithWorkers sets the number of concurrent evaluations (default GOMAXPROCS).
 func WithWorkers(n int) EvaluatorOption { return func(c *evaluatorConfig) { c.workers = n } }
+
+// WithWorkerPool makes the evaluator borrow its workers from pool (shared with other
+// key sets) instead of keeping its own; WithWorkers is then ignored.
+func WithWorkerPool(pool *WorkerPool) EvaluatorOption {
+	return func(c *evaluatorConfig) { c.pool = pool }
+}
 
 // NewEvaluator returns an evaluator for params. keys may be nil: operations that need
 // a key then fail with failed_precondition naming it.
@@ -53,16 +114,23 @@ func NewEvaluator(params *Parameters, keys *EvaluationKeys, opts ...EvaluatorOpt
 	if cfg.workers < 1 {
 		return nil, invalidf("need at least one worker")
 	}
-	ev = &Evaluator{params: params, keys: keys, have: NewManifest(params), workers: make(chan *evalWorker, cfg.workers)}
-	var set rlwe.EvaluationKeySet
+	ev = &Evaluator{params: params, keys: keys, have: NewManifest(params)}
 	if keys != nil {
 		if keys.params.id != params.id {
 			return nil, paramMismatch("evaluation keys", keys.params.id, params.id)
 		}
-		set = keys.set
+		ev.set = keys.set
 		ev.have = keys.Manifest()
 	}
-	ev.base = hefloat.NewEvaluator(hefloat.Parameters{Parameters: params.p}, set)
+	if cfg.pool != nil {
+		if cfg.pool.params.id != params.id {
+			return nil, paramMismatch("worker pool", cfg.pool.params.id, params.id)
+		}
+		ev.pool = cfg.pool
+		return ev, nil
+	}
+	ev.workers = make(chan *evalWorker, cfg.workers)
+	ev.base = hefloat.NewEvaluator(hefloat.Parameters{Parameters: params.p}, ev.set)
 	for range cfg.workers {
 		ev.workers <- nil // created on first use
 	}
@@ -76,25 +144,37 @@ func (e *Evaluator) Params() *Parameters { return e.params }
 func (e *Evaluator) Keys() *Manifest { return e.have }
 
 func (e *Evaluator) do(ctx context.Context, op string, f func(w *evalWorker) error) (err error) {
+	workers, base := e.workers, e.base
+	if e.pool != nil {
+		workers = e.pool.workers
+	}
 	var w *evalWorker
 	select {
-	case w = <-e.workers:
+	case w = <-workers:
 	case <-ctx.Done():
 		return ctxErr(ctx)
 	}
 	healthy := false
 	defer func() {
 		if healthy {
-			e.workers <- w
+			workers <- w
 		} else {
-			e.workers <- nil
+			workers <- nil
 		}
 	}()
 	defer recoverInto(&err, op)
 	if w == nil {
-		w = &evalWorker{eval: e.base.ShallowCopy(), enc: hefloat.NewEncoder(hefloat.Parameters{Parameters: e.params.p})}
+		if e.pool != nil {
+			base = e.pool.template()
+		}
+		w = &evalWorker{eval: base.ShallowCopy(), enc: hefloat.NewEncoder(hefloat.Parameters{Parameters: e.params.p})}
 	}
-	err = f(w)
+	use := w
+	if e.pool != nil && e.set != nil {
+		// The pool's worker, with this key set: lattigo shares the buffers.
+		use = &evalWorker{eval: w.eval.WithKey(e.set), enc: w.enc}
+	}
+	err = f(use)
 	healthy = true
 	return err
 }
@@ -107,12 +187,22 @@ func ctxErr(ctx context.Context) error {
 }
 
 func (e *Evaluator) check(op string, vs ...*Vector) error {
+	var fp []byte
 	for _, v := range vs {
 		if v == nil || len(v.cts) == 0 {
 			return invalidf("%s: nil vector", op)
 		}
 		if v.params.id != e.params.id {
 			return paramMismatch(op+" operand", v.params.id, e.params.id)
+		}
+		// Vectors under different keys would combine into garbage that decrypts
+		// without complaint: refuse them (a vector without a fingerprint, from an
+		// older sender, cannot be checked).
+		if len(v.fp) != 0 {
+			if fp != nil && !bytes.Equal(fp, v.fp) {
+				return preconditionf("%s: operands encrypted under different keys (fingerprints %x and %x)", op, fp, v.fp)
+			}
+			fp = v.fp
 		}
 	}
 	return nil

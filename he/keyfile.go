@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"encoding/pem"
 	"fmt"
+	"math"
 	"os"
 
 	"github.com/tuneinsight/lattigo/v5/core/rlwe"
@@ -14,8 +15,11 @@ import (
 // A key file keeps a client's secret and public key on the owner's disk so that a later
 // process of the same owner (the analyst who decrypts a study's result, say) can use
 // them. It is the one form in which a secret key leaves memory, and only into a local
-// file written 0600 atomically: there is no function that puts a secret key into a
-// message or a writer. Format: one PEM block "VEIL CKKS KEYS" with a Param-ID header and
+// file written 0600 atomically (temporary file in the same directory, fsync, rename,
+// fsync of the directory): there is no function that puts a secret key into a message
+// or a writer. The file is not encrypted: its permissions (and the disk's encryption)
+// are its only protection. LoadKeyFile checks that the public key belongs to the
+// secret key. Format: one PEM block "VEIL CKKS KEYS" with a Param-ID header and
 // the body u32 len ‖ secret key ‖ public key (lattigo's binary encodings).
 const keyFileType = "VEIL CKKS KEYS"
 
@@ -78,5 +82,34 @@ func LoadKeyFile(path string, params ...*Parameters) (c *Client, err error) {
 	if err := pk.UnmarshalBinary(b[4+n:]); err != nil {
 		return nil, fmt.Errorf("he: key file %s: public key: %w", path, err)
 	}
-	return newClient(p, sk, pk), nil
+	c = newClient(p, sk, pk)
+	if !c.pairMatches() {
+		return nil, fmt.Errorf("he: key file %s: the public key does not match the secret key", path)
+	}
+	return c, nil
+}
+
+// pairMatches encrypts known values under the public key and decrypts them with the
+// secret key: with a public key of another secret key the result is noise of the
+// size of the modulus, far from the values.
+func (c *Client) pairMatches() bool {
+	enc, err := NewEncryptor(c.pk)
+	if err != nil {
+		return false
+	}
+	want := []float64{1, -2, 3, 0.5}
+	v, err := enc.Encrypt(want)
+	if err != nil {
+		return false
+	}
+	got, err := c.Decrypt(v)
+	if err != nil {
+		return false
+	}
+	for i := range want {
+		if math.Abs(got[i]-want[i]) > 1e-3 {
+			return false
+		}
+	}
+	return true
 }

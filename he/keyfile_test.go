@@ -1,6 +1,9 @@
 package he_test
 
 import (
+	"encoding/binary"
+	"encoding/pem"
+	"fmt"
 	"math"
 	"os"
 	"path/filepath"
@@ -75,5 +78,35 @@ func TestLoadKeyFileRefusesBadFiles(t *testing.T) {
 	}
 	if _, err := he.LoadKeyFile(good, he.ParamsN14()); err == nil {
 		t.Error("loaded a key file whose parameters were not offered")
+	}
+}
+
+// TestLoadKeyFileRefusesMismatchedPair: a key file whose public key belongs to another
+// secret key (spliced from two files) is refused: data encrypted under that public key
+// could never be decrypted with the file's secret key.
+func TestLoadKeyFileRefusesMismatchedPair(t *testing.T) {
+	dir := t.TempDir()
+	var blocks [2]*pem.Block
+	for i := range blocks {
+		c, _ := he.NewClient(he.ParamsN13())
+		p := filepath.Join(dir, fmt.Sprint(i))
+		if err := c.SaveKeyFile(p); err != nil {
+			t.Fatal(err)
+		}
+		data, _ := os.ReadFile(p)
+		blocks[i], _ = pem.Decode(data)
+	}
+	n := 4 + binary.BigEndian.Uint32(blocks[0].Bytes)
+	spliced := *blocks[0]
+	spliced.Bytes = append(append([]byte(nil), blocks[0].Bytes[:n]...), blocks[1].Bytes[n:]...)
+	p := filepath.Join(dir, "spliced")
+	if err := os.WriteFile(p, pem.EncodeToMemory(&spliced), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := he.LoadKeyFile(p); err == nil || !strings.Contains(err.Error(), "does not match") {
+		t.Fatalf("mismatched pair: %v", err)
+	}
+	if _, err := he.LoadKeyFile(filepath.Join(dir, "0")); err != nil {
+		t.Fatalf("matching pair: %v", err)
 	}
 }

@@ -1,6 +1,7 @@
 package he
 
 import (
+	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
@@ -43,7 +44,26 @@ func (*SecretKey) Format(f fmt.State, _ rune) { _, _ = f.Write([]byte("he.Secret
 type PublicKey struct {
 	params *Parameters
 	pk     *rlwe.PublicKey
+	fp     []byte
 }
+
+// FingerprintSize is the length of a key fingerprint.
+const FingerprintSize = 16
+
+func newPublicKey(params *Parameters, pk *rlwe.PublicKey) *PublicKey {
+	h := sha256.New()
+	h.Write([]byte("veil-he-key-fingerprint-v1\x00"))
+	h.Write([]byte(params.id))
+	h.Write(appendQP(params, nil, pk.Value[0]))
+	h.Write(appendQP(params, nil, pk.Value[1]))
+	return &PublicKey{params: params, pk: pk, fp: h.Sum(nil)[:FingerprintSize]}
+}
+
+// Fingerprint returns the key's fingerprint: the first 16 bytes of a SHA-256 over a
+// label, the parameter ID and the packed key. Every vector encrypted under the key (or
+// under its secret key) carries it, so that vectors under different keys are refused
+// instead of combined into garbage.
+func (k *PublicKey) Fingerprint() []byte { return bytes.Clone(k.fp) }
 
 // ParamID returns the ID of the key's parameters.
 func (k *PublicKey) ParamID() ParamID { return k.params.id }
@@ -114,6 +134,21 @@ func (c ctrPRNG) Read(p []byte) (int, error) {
 	clear(p)
 	c.s.XORKeyStream(p, p)
 	return len(p), nil
+}
+
+// ciphertextEncoding is the version of the ciphertext encoding this package writes.
+const ciphertextEncoding = 1
+
+// ciphertextSeedKey returns the PRNG key of a seeded ciphertext's c1 in encoding 1: a
+// purpose label and the parameter ID bound to the seed, so that the same seed never
+// yields the same stream for another purpose (an evaluation-key row) or another
+// parameter set. Encoding 0 used the seed itself.
+func ciphertextSeedKey(params *Parameters, seed []byte, encoding uint32) []byte {
+	if encoding == 0 {
+		return seed
+	}
+	out := append([]byte("veil-he-ct-c1\x00"), params.id...)
+	return append(out, seed...)
 }
 
 // uniformFromSeed returns the uniform sampler the seeded encodings use.

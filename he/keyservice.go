@@ -24,16 +24,35 @@ const MaxKeyServiceMessageSize = ChunkSize + 1024
 
 // NewKeyServiceHandler serves veil.he.v1.KeyService over reg: GetKeyManifest answers
 // from manifests (full procedure name to manifest), uploads land in reg owned by the
-// identity that identity extracts. Messages are at most ChunkSize plus a few bytes,
+// identity that identity extracts. With manifests, an upload must declare the encoded
+// size of one of them or of their union (invalid_argument otherwise): a client cannot
+// make the server hold keys it never asked for. Messages are at most ChunkSize plus a few bytes,
 // so the service works under a small per-message read limit (about 1.1 MiB).
 func NewKeyServiceHandler(reg *Registry, identity IdentityFunc, manifests map[string]*Manifest, opts ...connect.HandlerOption) (string, http.Handler) {
-	return hev1connect.NewKeyServiceHandler(&keyService{reg: reg, identity: identity, manifests: manifests}, opts...)
+	ks := &keyService{reg: reg, identity: identity, manifests: manifests}
+	var union *Manifest
+	for _, m := range manifests {
+		if ks.sizes == nil {
+			ks.sizes = map[int64]bool{}
+		}
+		ks.sizes[EncodedSize(m)] = true
+		if union == nil {
+			union = m
+		} else if u, err := union.Union(m); err == nil {
+			union = u
+		}
+	}
+	if union != nil {
+		ks.sizes[EncodedSize(union)] = true
+	}
+	return hev1connect.NewKeyServiceHandler(ks, opts...)
 }
 
 type keyService struct {
 	reg       *Registry
 	identity  IdentityFunc
 	manifests map[string]*Manifest
+	sizes     map[int64]bool // encoded sizes of the manifests' key sets; nil: any
 }
 
 func (s *keyService) caller(ctx context.Context) (string, error) {
@@ -95,6 +114,9 @@ func (s *keyService) UploadEvaluationKeys(ctx context.Context, stream *connect.C
 		return nil, ConnectError(invalidf("upload: malformed header"))
 	}
 	id := KeyID(h.GetKeyId())
+	if s.sizes != nil && !s.sizes[int64(h.GetTotalSize())] {
+		return nil, ConnectError(invalidf("upload: %d bytes is not the size of the key set of any procedure's manifest", h.GetTotalSize()))
+	}
 	u, gen, err := s.reg.beginUpload(owner, id, ParamID(h.GetParamId()), int64(h.GetTotalSize()), int64(h.GetOffset()))
 	if err != nil {
 		return nil, ConnectError(err)
@@ -106,9 +128,13 @@ func (s *keyService) UploadEvaluationKeys(ctx context.Context, stream *connect.C
 	for stream.Receive() {
 		chunk := stream.Msg().GetChunk()
 		if len(chunk) == 0 || len(chunk) > ChunkSize {
+			s.reg.abandonUpload(u, gen)
 			return nil, ConnectError(invalidf("upload: chunk of %d bytes out of range [1, %d]", len(chunk), ChunkSize))
 		}
 		if received, err = s.reg.appendChunk(u, gen, chunk); err != nil {
+			if CodeOf(err) == connect.CodeInvalidArgument {
+				s.reg.abandonUpload(u, gen)
+			}
 			return nil, ConnectError(err)
 		}
 	}

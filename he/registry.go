@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"runtime"
 	"strconv"
 	"sync"
 	"time"
@@ -19,10 +20,17 @@ import (
 // SHA-256 of their encoding, and owned by the uploader's identity (a SPIFFE ID): any
 // other identity naming that key ID is refused with permission_denied.
 //
-// Memory is bounded: every partial upload is charged its full size when it starts, and
-// every parsed key set its in-memory size (MemorySize) before it is parsed; room is
-// made by evicting the least recently used key sets, and what cannot fit is refused
-// with resource_exhausted. Key sets expire TTL after their last use. With a KeyStore
+// Memory is bounded, and no identity can take another's room. The budget is split:
+// partial uploads live in their own share (WithUploadBudget) and are charged only the
+// bytes that have arrived (a header costs nothing), so they never evict a complete key
+// set; parsed key sets use the rest, each charged its in-memory size (MemorySize)
+// before it is parsed, room being made by evicting the least recently used sets. Per
+// identity (WithIdentityQuota), the bytes held (parsed sets plus partial uploads) and
+// the number of partial uploads are bounded: an identity over its quota evicts its own
+// sets, never another's. A header must declare the exact encoded size of a key set
+// (EncodedSize of some manifest). A partial upload is dropped uploadTTL after its
+// first header, however often it is resumed. What cannot fit is refused with
+// resource_exhausted. Key sets expire TTL after their last use. With a KeyStore
 // (WithStore for a directory, WithKeyStore for a shared store such as NATS JetStream),
 // complete key sets are also saved there before an upload is acknowledged, so that
 // eviction, restarts and other replicas do not lose them; expiry deletes them there
@@ -33,11 +41,14 @@ type Registry struct {
 	params *Parameters
 	cfg    registryConfig
 
-	mu      sync.Mutex
-	used    int64
-	entries map[KeyID]*regEntry
-	lru     *list.List            // of *regEntry, most recent at the front
-	uploads map[uploadKey]*upload // partial uploads, per uploader: no identity can block another's
+	mu         sync.Mutex
+	used       int64 // parsed sets, store reads and partial uploads
+	uploadUsed int64 // the partial uploads' part of used
+	entries    map[KeyID]*regEntry
+	lru        *list.List            // of *regEntry, most recent at the front
+	uploads    map[uploadKey]*upload // partial uploads, per uploader: no identity can block another's
+	owned      map[string]int64      // bytes charged per identity
+	nUploads   map[string]int        // partial uploads per identity
 }
 
 type uploadKey struct {
@@ -46,14 +57,18 @@ type uploadKey struct {
 }
 
 type registryConfig struct {
-	budget    int64
-	ttl       time.Duration
-	uploadTTL time.Duration
-	maxSet    int64
-	dir       string
-	store     KeyStore
-	timeout   time.Duration
-	now       func() time.Time
+	budget       int64
+	uploadBudget int64
+	idBytes      int64
+	idUploads    int
+	ttl          time.Duration
+	uploadTTL    time.Duration
+	maxSet       int64
+	pool         *WorkerPool
+	dir          string
+	store        KeyStore
+	timeout      time.Duration
+	now          func() time.Time
 }
 
 // RegistryOption configures NewRegistry.
@@ -65,17 +80,38 @@ func WithMemoryBudget(bytes int64) RegistryOption {
 	return func(c *registryConfig) { c.budget = bytes }
 }
 
+// WithUploadBudget sets the part of the memory budget kept for partial uploads
+// (default a quarter). Parsed key sets use the rest, so uploads always have room
+// without evicting a complete set, and partial uploads can never crowd the sets out.
+func WithUploadBudget(bytes int64) RegistryOption {
+	return func(c *registryConfig) { c.uploadBudget = bytes }
+}
+
+// WithIdentityQuota bounds what one identity may hold: bytes (its parsed key sets and
+// partial uploads; default half the budget) and concurrent partial uploads (default
+// 2). An identity over its byte quota evicts its own least recently used sets; a
+// partial upload over it, or one upload too many, is resource_exhausted.
+func WithIdentityQuota(bytes int64, uploads int) RegistryOption {
+	return func(c *registryConfig) { c.idBytes, c.idUploads = bytes, uploads }
+}
+
 // WithTTL sets how long a key set lives after its last use (default 24 hours) and how
-// long an interrupted upload waits to be resumed (default 1 hour).
+// long an upload may take from its first header (default 1 hour; resuming does not
+// extend it).
 func WithTTL(keys, uploads time.Duration) RegistryOption {
 	return func(c *registryConfig) { c.ttl, c.uploadTTL = keys, uploads }
 }
 
-// WithMaxKeySetSize bounds one encoded key set (default: the memory budget / 3, since
-// an upload's buffer and its parsed keys, about twice its size, coexist while it is
-// registered).
+// WithMaxKeySetSize bounds one encoded key set (default: half the upload budget).
 func WithMaxKeySetSize(bytes int64) RegistryOption {
 	return func(c *registryConfig) { c.maxSet = bytes }
+}
+
+// WithEvaluatorPool makes the registry's evaluators share pool (default: a pool of
+// GOMAXPROCS workers), so that the evaluation buffers are bounded by the pool's size,
+// not by the number of key sets.
+func WithEvaluatorPool(pool *WorkerPool) RegistryOption {
+	return func(c *registryConfig) { c.pool = pool }
 }
 
 // WithStore keeps complete key sets in dir as well (a DirStore: created 0700 if
@@ -108,13 +144,14 @@ type upload struct {
 	owner    string
 	total    int64
 	buf      []byte
-	expires  time.Time
-	gen      int // incremented when a new stream takes the upload over
+	charged  int64     // cap(buf), charged to the upload budget and the owner
+	expires  time.Time // uploadTTL after the first header; never renewed
+	gen      int       // incremented when a new stream takes the upload over
 	complete bool
 }
 
 // NewRegistry returns an empty registry for params.
-func NewRegistry(params *Parameters, opts ...RegistryOption) (*Registry, error) {
+func NewRegistry(params *Parameters, opts ...RegistryOption) (_ *Registry, err error) {
 	if params == nil {
 		return nil, invalidf("nil parameters")
 	}
@@ -122,11 +159,23 @@ func NewRegistry(params *Parameters, opts ...RegistryOption) (*Registry, error) 
 	for _, o := range opts {
 		o(&cfg)
 	}
-	if cfg.maxSet == 0 {
-		cfg.maxSet = cfg.budget / 3
+	if cfg.uploadBudget == 0 {
+		cfg.uploadBudget = cfg.budget / 4
 	}
-	if cfg.budget <= 0 || cfg.ttl <= 0 || cfg.uploadTTL <= 0 || cfg.maxSet <= 0 {
-		return nil, invalidf("registry: budget, TTLs and maximum size must be positive")
+	if cfg.maxSet == 0 {
+		cfg.maxSet = cfg.uploadBudget / 2
+	}
+	if cfg.idBytes == 0 {
+		cfg.idBytes = cfg.budget / 2
+	}
+	if cfg.idUploads == 0 {
+		cfg.idUploads = 2
+	}
+	if cfg.budget <= 0 || cfg.ttl <= 0 || cfg.uploadTTL <= 0 || cfg.maxSet <= 0 || cfg.idBytes <= 0 || cfg.idUploads <= 0 {
+		return nil, invalidf("registry: budget, quotas, TTLs and maximum size must be positive")
+	}
+	if cfg.uploadBudget <= 0 || cfg.uploadBudget >= cfg.budget {
+		return nil, invalidf("registry: the upload budget must be positive and below the memory budget")
 	}
 	if cfg.dir != "" {
 		if cfg.store != nil {
@@ -141,8 +190,19 @@ func NewRegistry(params *Parameters, opts ...RegistryOption) (*Registry, error) 
 	if cfg.timeout <= 0 {
 		cfg.timeout = 30 * time.Second
 	}
-	return &Registry{params: params, cfg: cfg, entries: map[KeyID]*regEntry{}, lru: list.New(), uploads: map[uploadKey]*upload{}}, nil
+	if cfg.pool == nil {
+		if cfg.pool, err = NewWorkerPool(params, runtime.GOMAXPROCS(0)); err != nil {
+			return nil, err
+		}
+	} else if cfg.pool.params.id != params.id {
+		return nil, paramMismatch("worker pool", cfg.pool.params.id, params.id)
+	}
+	return &Registry{params: params, cfg: cfg, entries: map[KeyID]*regEntry{}, lru: list.New(), uploads: map[uploadKey]*upload{},
+		owned: map[string]int64{}, nUploads: map[string]int{}}, nil
 }
+
+// WorkerPool returns the pool the registry's evaluators share.
+func (r *Registry) WorkerPool() *WorkerPool { return r.cfg.pool }
 
 // Used returns the bytes currently charged against the budget.
 func (r *Registry) Used() int64 {
@@ -151,26 +211,72 @@ func (r *Registry) Used() int64 {
 	return r.used
 }
 
-// reserve charges n bytes, evicting least recently used key sets to make room.
-// r.mu must be held.
-func (r *Registry) reserve(n int64) error {
+// setsBudget is the part of the budget parsed key sets (and store reads) may use.
+func (r *Registry) setsBudget() int64 { return r.cfg.budget - r.cfg.uploadBudget }
+
+// reserve charges n bytes of parsed keys (or a store read) to owner: first within
+// owner's quota, evicting owner's own least recently used sets, then within the sets'
+// budget, evicting the least recently used sets. r.mu must be held.
+func (r *Registry) reserve(owner string, n int64) error {
 	r.expireLocked()
-	for r.used+n > r.cfg.budget {
+	if n > r.setsBudget() || n > r.cfg.idBytes {
+		return exhaustedf("a key set of %d bytes in memory exceeds this registry's quota", n)
+	}
+	if err := r.makeRoomFor(owner, n); err != nil {
+		return err
+	}
+	for r.used-r.uploadUsed+n > r.setsBudget() {
 		back := r.lru.Back()
 		if back == nil {
 			return exhaustedf("registry memory budget of %d bytes exhausted", r.cfg.budget)
 		}
 		r.dropLocked(back.Value.(*regEntry), false)
 	}
-	r.used += n
+	r.charge(owner, n)
 	return nil
+}
+
+// makeRoomFor evicts owner's own least recently used sets until n more bytes fit in
+// its quota. r.mu must be held.
+func (r *Registry) makeRoomFor(owner string, n int64) error {
+	for el := r.lru.Back(); r.owned[owner]+n > r.cfg.idBytes; {
+		for el != nil && el.Value.(*regEntry).owner != owner {
+			el = el.Prev()
+		}
+		if el == nil {
+			return exhaustedf("identity quota of %d bytes exhausted", r.cfg.idBytes)
+		}
+		prev := el.Prev()
+		r.dropLocked(el.Value.(*regEntry), false)
+		el = prev
+	}
+	return nil
+}
+
+// charge adds n (negative to release) to the total and to owner's share.
+func (r *Registry) charge(owner string, n int64) {
+	r.used += n
+	if r.owned[owner] += n; r.owned[owner] == 0 {
+		delete(r.owned, owner)
+	}
+}
+
+// dropUploadLocked forgets a partial upload and releases its bytes.
+func (r *Registry) dropUploadLocked(u *upload) {
+	delete(r.uploads, uploadKey{u.owner, u.id})
+	r.charge(u.owner, -u.charged)
+	r.uploadUsed -= u.charged
+	u.charged = 0
+	if r.nUploads[u.owner]--; r.nUploads[u.owner] <= 0 {
+		delete(r.nUploads, u.owner)
+	}
 }
 
 // dropLocked removes an entry from memory; expired also deletes its disk copy.
 func (r *Registry) dropLocked(e *regEntry, expired bool) {
 	r.lru.Remove(e.elem)
 	delete(r.entries, e.id)
-	r.used -= e.mem
+	r.charge(e.owner, -e.mem)
 	if expired && r.cfg.store != nil {
 		go func(id KeyID) {
 			ctx, cancel := r.storeCtx()
@@ -191,10 +297,9 @@ func (r *Registry) expireLocked() {
 			r.dropLocked(e, true)
 		}
 	}
-	for k, u := range r.uploads {
+	for _, u := range r.uploads {
 		if now.After(u.expires) {
-			delete(r.uploads, k)
-			r.used -= u.total
+			r.dropUploadLocked(u)
 		}
 	}
 }
@@ -263,7 +368,7 @@ func (r *Registry) admit(id KeyID, owner string, data []byte) error {
 		return err
 	}
 	r.mu.Lock()
-	if err := r.reserve(mem); err != nil {
+	if err := r.reserve(owner, mem); err != nil {
 		r.mu.Unlock()
 		return err
 	}
@@ -272,11 +377,11 @@ func (r *Registry) admit(id KeyID, owner string, data []byte) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if err != nil {
-		r.used -= mem
+		r.charge(owner, -mem)
 		return err
 	}
 	if old, ok := r.entries[id]; ok { // registered concurrently
-		r.used -= mem
+		r.charge(owner, -mem)
 		if old.owner != owner {
 			return permissionf("evaluation keys %s belong to another identity", id.short())
 		}
@@ -307,6 +412,24 @@ func memoryOf(params *Parameters, data []byte) (int64, error) {
 		return 0, invalidf("evaluation keys: %d bytes, want %d", len(data), want)
 	}
 	return nKeys * s.keyMemory(), nil
+}
+
+// keysForSize returns the number of keys of a set whose encoding is total bytes, and
+// false when no set encodes to that size: the header's fixed part, 8 bytes per Galois
+// key and the keys themselves (with or without a relinearization key) must add up.
+func keysForSize(params *Parameters, total int64) (int64, bool) {
+	kb := int64(shapeOf(params).keyBytes())
+	rest := total - int64(keysHeaderLen(0))
+	for relin := int64(0); relin <= 1; relin++ {
+		r := rest - relin*kb
+		if r < 0 || r%(8+kb) != 0 {
+			continue
+		}
+		if g := r / (8 + kb); g <= maxGaloisKeys && g+relin > 0 {
+			return g + relin, true
+		}
+	}
+	return 0, false
 }
 
 func (r *Registry) useLocked(e *regEntry) {
@@ -343,7 +466,7 @@ func (r *Registry) Evaluator(owner string, id KeyID) (*Evaluator, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if e.eval == nil {
-		ev, err := NewEvaluator(r.params, e.keys)
+		ev, err := NewEvaluator(r.params, e.keys, WithWorkerPool(r.cfg.pool))
 		if err != nil {
 			return nil, err
 		}
@@ -429,16 +552,16 @@ func (r *Registry) readStore(id KeyID) (owner string, data []byte, release func(
 	if info.Size > r.cfg.maxSet || info.Size < 0 {
 		return "", nil, nil, internalf("registry store: oversized key set %s", id.short())
 	}
-	// The stored bytes are charged while they are read and parsed, like an upload.
+	// The stored bytes are charged to their owner while they are read and parsed.
 	r.mu.Lock()
-	err = r.reserve(info.Size)
+	err = r.reserve(info.Owner, info.Size)
 	r.mu.Unlock()
 	if err != nil {
 		return "", nil, nil, err
 	}
 	release = func() {
 		r.mu.Lock()
-		r.used -= info.Size
+		r.charge(info.Owner, -info.Size)
 		r.mu.Unlock()
 	}
 	data, err = r.cfg.store.Load(ctx, id)
@@ -458,7 +581,8 @@ func (r *Registry) readStore(id KeyID) (owner string, data []byte, release func(
 }
 
 // beginUpload opens or resumes owner's upload of id at offset. A new stream takes an
-// interrupted one over; the previous stream's later chunks are refused.
+// interrupted one over; the previous stream's later chunks are refused. Nothing is
+// charged until chunks arrive, and resuming does not extend the upload's deadline.
 func (r *Registry) beginUpload(owner string, id KeyID, pid ParamID, total, offset int64) (*upload, int, error) {
 	if owner == "" {
 		return nil, 0, permissionf("no caller identity")
@@ -466,8 +590,12 @@ func (r *Registry) beginUpload(owner string, id KeyID, pid ParamID, total, offse
 	if pid != r.params.id {
 		return nil, 0, paramMismatch("upload", pid, r.params.id)
 	}
-	if total > r.cfg.maxSet {
-		return nil, 0, exhaustedf("key set of %d bytes exceeds the maximum %d", total, r.cfg.maxSet)
+	nKeys, ok := keysForSize(r.params, total)
+	if !ok {
+		return nil, 0, invalidf("upload of %s: %d bytes is not the size of an evaluation-key set", id.short(), total)
+	}
+	if mem := nKeys * shapeOf(r.params).keyMemory(); total > r.cfg.maxSet || mem > r.setsBudget() || mem > r.cfg.idBytes {
+		return nil, 0, exhaustedf("key set of %d bytes (%d in memory) exceeds the maximum %d", total, mem, r.cfg.maxSet)
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -488,39 +616,67 @@ func (r *Registry) beginUpload(owner string, id KeyID, pid ParamID, total, offse
 		}
 		u.buf = u.buf[:offset]
 		u.gen++
-		u.expires = r.cfg.now().Add(r.cfg.uploadTTL)
 		return u, u.gen, nil
 	}
 	if offset != 0 {
 		return nil, 0, preconditionf("upload of %s: no partial upload to resume, start from offset 0", id.short())
 	}
-	if err := r.reserve(total); err != nil {
-		return nil, 0, err
+	if r.nUploads[owner] >= r.cfg.idUploads {
+		return nil, 0, exhaustedf("%d uploads already in progress for this identity", r.nUploads[owner])
 	}
+	r.nUploads[owner]++
 	u := &upload{id: id, owner: owner, total: total, expires: r.cfg.now().Add(r.cfg.uploadTTL)}
 	r.uploads[uploadKey{owner, id}] = u
 	return u, 0, nil
 }
 
-// appendChunk adds a chunk to an upload opened by the stream of generation gen.
+// appendChunk adds a chunk to an upload opened by the stream of generation gen. The
+// buffer grows as chunks arrive; each growth is charged before it is allocated, to
+// the upload budget and to the owner's quota (evicting the owner's own sets, never
+// another identity's).
 func (r *Registry) appendChunk(u *upload, gen int, chunk []byte) (int64, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.expireLocked()
 	if cur, ok := r.uploads[uploadKey{u.owner, u.id}]; !ok || cur != u {
 		return 0, keysMissing(u.id, "upload expired")
 	}
 	if u.gen != gen {
 		return 0, newErr(abortedCode, "upload of %s taken over by another stream", u.id.short())
 	}
-	if int64(len(u.buf))+int64(len(chunk)) > u.total {
+	need := int64(len(u.buf)) + int64(len(chunk))
+	if need > u.total {
 		return 0, invalidf("upload of %s: more than the declared %d bytes", u.id.short(), u.total)
 	}
-	if u.buf == nil {
-		u.buf = make([]byte, 0, u.total)
+	if need > int64(cap(u.buf)) {
+		grown := min(u.total, max(need, 2*int64(cap(u.buf)), 64<<10))
+		// The old and the new buffer coexist while the bytes are copied.
+		if r.uploadUsed+grown > r.cfg.uploadBudget {
+			return 0, exhaustedf("upload budget of %d bytes exhausted: retry later", r.cfg.uploadBudget)
+		}
+		if err := r.makeRoomFor(u.owner, grown); err != nil {
+			return 0, err
+		}
+		r.charge(u.owner, grown)
+		r.uploadUsed += grown
+		buf := make([]byte, len(u.buf), grown)
+		copy(buf, u.buf)
+		r.charge(u.owner, -u.charged)
+		r.uploadUsed -= u.charged
+		u.buf, u.charged = buf, grown
 	}
 	u.buf = append(u.buf, chunk...)
-	u.expires = r.cfg.now().Add(r.cfg.uploadTTL)
 	return int64(len(u.buf)), nil
+}
+
+// abandonUpload drops an upload whose stream sent invalid data, so that it holds
+// neither bytes nor one of its owner's upload slots.
+func (r *Registry) abandonUpload(u *upload, gen int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if cur, ok := r.uploads[uploadKey{u.owner, u.id}]; ok && cur == u && u.gen == gen {
+		r.dropUploadLocked(u)
+	}
 }
 
 // finishUpload verifies and registers a fully received upload.
@@ -530,12 +686,21 @@ func (r *Registry) finishUpload(u *upload, gen int) error {
 		r.mu.Unlock()
 		return newErr(abortedCode, "upload of %s taken over by another stream", u.id.short())
 	}
-	delete(r.uploads, uploadKey{u.owner, u.id}) // its reservation is released below, after registration
+	delete(r.uploads, uploadKey{u.owner, u.id})
+	if r.nUploads[u.owner]--; r.nUploads[u.owner] <= 0 {
+		delete(r.nUploads, u.owner)
+	}
+	// The buffer stays charged to the upload budget until the set is registered, but
+	// no longer to the owner's quota: its parsed form replaces it there.
+	charged := u.charged
+	r.charge(u.owner, -charged)
+	r.used += charged
 	data := u.buf
 	r.mu.Unlock()
 	defer func() {
 		r.mu.Lock()
-		r.used -= u.total
+		r.used -= charged
+		r.uploadUsed -= charged
 		r.mu.Unlock()
 	}()
 	sum := sha256.Sum256(data)

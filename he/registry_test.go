@@ -212,7 +212,7 @@ func TestRegistryBudgetAndEviction(t *testing.T) {
 	a, b := newSmallSet(t), newSmallSet(t)
 	mem, _ := memoryOf(smallParams(), a.data)
 	// Room for two parsed sets, not three.
-	reg, _ := NewRegistry(smallParams(), WithMemoryBudget(2*mem+mem/2), WithMaxKeySetSize(int64(len(a.data))))
+	reg, _ := NewRegistry(smallParams(), WithMemoryBudget(2*mem+mem/2), WithUploadBudget(mem/4), WithIdentityQuota(3*mem, 2), WithMaxKeySetSize(int64(len(a.data))))
 	c := newSmallSet(t)
 	for _, s := range []*smallSet{a, b, c} {
 		if _, err := reg.Put("spiffe://t/a", s.data); err != nil {
@@ -232,9 +232,11 @@ func TestRegistryBudgetAndEviction(t *testing.T) {
 	}
 }
 
+// TestRegistryUploadFlood: one identity opening many uploads at once gets its quota
+// of concurrent uploads and resource_exhausted for the rest; headers charge nothing.
 func TestRegistryUploadFlood(t *testing.T) {
 	const budget = 10 << 20
-	reg, _ := NewRegistry(smallParams(), WithMemoryBudget(budget), WithMaxKeySetSize(4<<20))
+	reg, _ := NewRegistry(smallParams(), WithMemoryBudget(budget), WithMaxKeySetSize(1<<20), WithIdentityQuota(budget/2, 3))
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	accepted, refused := 0, 0
@@ -244,7 +246,7 @@ func TestRegistryUploadFlood(t *testing.T) {
 			defer wg.Done()
 			var id [32]byte
 			id[0], id[1] = byte(i), 0xaa
-			_, _, err := reg.beginUpload("spiffe://t/flood", KeyID(hex.EncodeToString(id[:])), smallParams().ID(), 3<<20, 0)
+			_, _, err := reg.beginUpload("spiffe://t/flood", KeyID(hex.EncodeToString(id[:])), smallParams().ID(), validSize(1), 0)
 			mu.Lock()
 			defer mu.Unlock()
 			switch CodeOf(err) {
@@ -257,16 +259,17 @@ func TestRegistryUploadFlood(t *testing.T) {
 			default:
 				t.Errorf("upload %d: %v", i, err)
 			}
-			if reg.Used() > budget {
-				t.Errorf("used %d above the budget %d", reg.Used(), budget)
-			}
 		}()
 	}
 	wg.Wait()
-	if accepted != 3 || refused != 61 {
-		t.Errorf("accepted %d, refused %d; want 3 and 61", accepted, refused)
+	if accepted != 3 || refused != 61 || reg.Used() != 0 {
+		t.Errorf("accepted %d, refused %d, %d bytes charged; want 3, 61 and 0", accepted, refused, reg.Used())
 	}
-	if _, _, err := reg.beginUpload("spiffe://t/flood", KeyID(strings.Repeat("b", 64)), smallParams().ID(), 5<<20, 0); CodeOf(err) != connect.CodeResourceExhausted {
+	g := 1
+	for validSize(g) <= 1<<20 {
+		g++
+	}
+	if _, _, err := reg.beginUpload("spiffe://t/other", KeyID(strings.Repeat("b", 64)), smallParams().ID(), validSize(g), 0); CodeOf(err) != connect.CodeResourceExhausted {
 		t.Errorf("oversized upload: %v", err)
 	}
 }
@@ -534,9 +537,10 @@ func TestKeyServiceBadStreams(t *testing.T) {
 		{"offset past total", []*hev1.UploadEvaluationKeysRequest{header(string(s.id), total, total+1)}, connect.CodeInvalidArgument},
 		{"resume with nothing held", []*hev1.UploadEvaluationKeysRequest{header(string(s.id), total, 5)}, connect.CodeFailedPrecondition},
 		{"other parameters", []*hev1.UploadEvaluationKeysRequest{wrongParams}, connect.CodeFailedPrecondition},
-		{"more than declared", []*hev1.UploadEvaluationKeysRequest{header(strings.Repeat("c", 64), 4, 0), chunk(make([]byte, 5))}, connect.CodeInvalidArgument},
-		{"second header", []*hev1.UploadEvaluationKeysRequest{header(strings.Repeat("d", 64), 4, 0), header(strings.Repeat("d", 64), 4, 0)}, connect.CodeInvalidArgument},
-		{"content does not match ID", []*hev1.UploadEvaluationKeysRequest{header(strings.Repeat("e", 64), 4, 0), chunk([]byte{1, 2, 3, 4})}, connect.CodeInvalidArgument},
+		{"not a key-set size", []*hev1.UploadEvaluationKeysRequest{header(strings.Repeat("c", 64), 4, 0)}, connect.CodeInvalidArgument},
+		{"more than declared", []*hev1.UploadEvaluationKeysRequest{header(strings.Repeat("c", 64), total, 0), chunk(make([]byte, total+1))}, connect.CodeInvalidArgument},
+		{"second header", []*hev1.UploadEvaluationKeysRequest{header(strings.Repeat("d", 64), total, 0), header(strings.Repeat("d", 64), total, 0)}, connect.CodeInvalidArgument},
+		{"content does not match ID", []*hev1.UploadEvaluationKeysRequest{header(strings.Repeat("e", 64), total, 0), chunk(make([]byte, total))}, connect.CodeInvalidArgument},
 	}
 	for _, tc := range cases {
 		if _, err := send(alice, tc.msgs...); connect.CodeOf(err) != tc.code {
@@ -553,9 +557,10 @@ func TestKeyServiceBadStreams(t *testing.T) {
 	if _, err := send(mallory, header(string(s.id), total, 100), chunk(s.data[100:])); connect.CodeOf(err) != connect.CodePermissionDenied {
 		t.Errorf("mallory completing alice's key ID: %v", err)
 	}
-	// Charged: alice's parsed keys, mallory's pending upload, and the two 4-byte
-	// uploads above that were refused mid-stream (pending until the upload TTL).
-	if want := MemorySize(s.keys.Manifest()) + int64(total) + 8; reg.Used() != want {
+	// Charged: alice's parsed keys and the 64 KiB buffer of mallory's 100 pending
+	// bytes; the refused uploads above hold only what arrived ("more than declared"
+	// none, the others nothing), since bytes are charged as they arrive.
+	if want := MemorySize(s.keys.Manifest()) + 64<<10; reg.Used() != want {
 		t.Errorf("used %d, want %d", reg.Used(), want)
 	}
 }

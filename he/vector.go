@@ -1,6 +1,8 @@
 package he
 
 import (
+	"bytes"
+
 	"github.com/tuneinsight/lattigo/v5/core/rlwe"
 )
 
@@ -20,7 +22,14 @@ type Vector struct {
 	// noise bounds every coefficient of the decryption error; 0 when unknown
 	// (flooding.go).
 	noise float64
+	// fp is the fingerprint of the key the vector is encrypted under; empty when the
+	// sender did not say (older clients).
+	fp []byte
 }
+
+// KeyFingerprint returns the fingerprint of the key the vector is encrypted under
+// (PublicKey.Fingerprint), or nil when its sender gave none.
+func (v *Vector) KeyFingerprint() []byte { return bytes.Clone(v.fp) }
 
 // Len returns the number of meaningful values.
 func (v *Vector) Len() int { return v.length }
@@ -73,7 +82,7 @@ func (v *Vector) validSlots(i int) int {
 }
 
 func (v *Vector) derive(cts []*rlwe.Ciphertext, length int, dirty bool) *Vector {
-	return &Vector{params: v.params, cts: cts, length: length, dirty: dirty}
+	return &Vector{params: v.params, cts: cts, length: length, dirty: dirty, fp: v.fp}
 }
 
 // Fresh reports whether every ciphertext of v is as an encryption leaves it: degree 1,

@@ -60,7 +60,7 @@ type demoScoring struct {
 	Samples           int     `json:"samples"`
 	Features          int     `json:"features"`
 	Params            string  `json:"params"`
-	SigmoidDegree     int     `json:"sigmoid_degree"`
+	Output            string  `json:"output"`
 	Agreement         float64 `json:"agreement"`
 	MaxAbsError       float64 `json:"max_abs_error"`
 	PlaintextAccuracy float64 `json:"plaintext_accuracy"`
@@ -524,7 +524,7 @@ func (d *demo) scoringFlow(ctx context.Context, url string, model *scoring.Model
 	d.mark("scoring: encrypt, score on ciphertexts, decrypt")
 	sc := &d.rep.Scoring
 	sc.Samples, sc.Features = len(probs), c.Info().Features
-	sc.Params, sc.SigmoidDegree = c.Info().Params.String(), c.Info().Degree
+	sc.Params, sc.Output = c.Info().Params.String(), c.Info().Output.String()
 	sc.KeyBytes, sc.KeyGenMillis = st.KeyBytes, ms(st.KeyGen)
 	sc.UploadMillis, sc.ScoreMillis = ms(upload), ms(st.Total)
 	if upload > 0 {
@@ -739,7 +739,7 @@ func printDemo(w io.Writer, r *demoReport) {
 		fmt.Fprintf(w, "  %-9s %-14s %-6s %.2f ms\n", c.Protocol, c.Kind, res, c.Millis)
 	}
 	s := r.Scoring
-	fmt.Fprintf(w, "\n  encrypted scoring (logistic regression on CKKS, %s, sigmoid degree %d)\n", s.Params, s.SigmoidDegree)
+	fmt.Fprintf(w, "\n  encrypted scoring (logistic regression on CKKS, %s, server returns %s, client applies the sigmoid)\n", s.Params, s.Output)
 	fmt.Fprintf(w, "    %d samples x %d features; agreement with the plaintext model %.2f%%, max |p_enc - p_plain| %.2g\n", s.Samples, s.Features, 100*s.Agreement, s.MaxAbsError)
 	fmt.Fprintf(w, "    evaluation keys %s, generated in %.0f ms, uploaded in %.0f ms (%.0f MB/s)\n", fmtBytes(s.KeyBytes), s.KeyGenMillis, s.UploadMillis, s.UploadMBPerSecond)
 	fmt.Fprintf(w, "    scored in %.0f ms; %s sent, %s received; plaintext model accuracy %.1f%%\n", s.ScoreMillis, fmtBytes(s.BytesSent), fmtBytes(s.BytesReceived), 100*s.PlaintextAccuracy)

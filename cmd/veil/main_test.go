@@ -372,7 +372,7 @@ func TestScoreCSV(t *testing.T) {
 	}
 	// Evaluation keys uploaded on their own, from a key file, for the scoring procedure.
 	keys := filepath.Join(dir, "client.keys")
-	if code, _, errOut := veil(t, ctx, "keys", "gen", "--params", "n14", "--out", keys); code != 0 {
+	if code, _, errOut := veil(t, ctx, "keys", "gen", "--params", "n13", "--out", keys); code != 0 {
 		t.Fatalf("keys gen: %s", errOut)
 	}
 	code, out, errOut = veil(t, ctx, "keys", "upload", "--keys", keys, "--identity", filepath.Join(dir, "client"), "--addr", "https://127.0.0.1:"+port, "--json")

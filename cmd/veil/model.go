@@ -34,7 +34,7 @@ func runModelTrain(_ context.Context, args []string, stdout, stderr io.Writer) e
 	out := fs.String("out", "model.json", "where to write the model (0600)")
 	testFraction := fs.Float64("test-fraction", 0.2, "fraction of the samples held out for the test accuracy")
 	seed := fs.Uint64("seed", 1, "seed of the train/test split (and of synthetic data): the same seed gives the same split")
-	lambda := fs.Float64("lambda", scoring.DefaultLambda, "L2 penalty on the standardized weights (larger: smaller logits, tighter sigmoid interval)")
+	lambda := fs.Float64("lambda", scoring.DefaultLambda, "L2 penalty on the standardized weights (larger: smaller logits)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -89,6 +89,6 @@ func runModelTrain(_ context.Context, args []string, stdout, stderr io.Writer) e
 	return emit(stdout, *asJSON, res, func(w io.Writer) {
 		fmt.Fprintf(w, "trained on %d samples of %d features from %s (seed %d, lambda %g)\n", train.Len(), m.Features, source, *seed, m.Lambda)
 		fmt.Fprintf(w, "train accuracy %.4f, test accuracy %.4f on %d held-out samples\n", m.Accuracy(train.X, train.Y), m.Accuracy(test.X, test.Y), test.Len())
-		fmt.Fprintf(w, "sigmoid interval [-%.2f, %.2f]; wrote %s\n", m.LogitBound, m.LogitBound, *out)
+		fmt.Fprintf(w, "training logits within [-%.2f, %.2f] (with margin); wrote %s\n", m.LogitBound, m.LogitBound, *out)
 	})
 }

@@ -9,7 +9,7 @@ import (
 
 // BenchmarkScoreWDBC scores the 114 wdbc test samples end to end over loopback mTLS
 // (keys uploaded before the timer): client encryption of 30 ciphertexts, the server's
-// linear layer and degree-31 sigmoid on ParamsN14, decryption.
+// linear layer on ParamsN13 (the encrypted logits), decryption and the sigmoid.
 func BenchmarkScoreWDBC(b *testing.B) {
 	ds, err := scoring.ReadCSVFile(wdbcPath(b))
 	if err != nil {
@@ -23,9 +23,9 @@ func BenchmarkScoreWDBC(b *testing.B) {
 	benchScore(b, m, test.X)
 }
 
-// BenchmarkScoreTwoBlocks scores 8192+37 synthetic samples of 3 features (two blocks).
+// BenchmarkScoreTwoBlocks scores 4096+37 synthetic samples of 3 features (two blocks).
 func BenchmarkScoreTwoBlocks(b *testing.B) {
-	ds, _ := scoring.Synthetic(7, 400+8192+37, 3)
+	ds, _ := scoring.Synthetic(7, 400+4096+37, 3)
 	m, err := scoring.Train(ds.X[:400], ds.Y[:400], scoring.TrainOptions{})
 	if err != nil {
 		b.Fatal(err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"runtime"
 	"sync"
 	"time"
@@ -22,12 +23,17 @@ import (
 
 // Info describes a scoring server's model interface (no weights).
 type Info struct {
-	Features           int
-	Slots              int
-	LogitBound         float64
-	Degree             int
-	ApproximationError float64
-	Params             *he.Parameters
+	Features   int
+	Slots      int
+	LogitBound float64
+	// Output is what the server returns: logits, or masked logits (the decision only).
+	Output scoringv1.Output
+	// WeightsL1 and BiasAbs bound a logit: |z| <= BiasAbs + WeightsL1 * max_j |x_j|.
+	WeightsL1, BiasAbs float64
+	// DecisionMaskMax is the largest masking factor (OUTPUT_DECISION).
+	DecisionMaskMax float64
+	MaxSamples      uint64
+	Params          *he.Parameters
 }
 
 // Progress reports how far a client operation is.
@@ -68,7 +74,13 @@ type clientConfig struct {
 	progress func(Progress)
 	opts     []connect.ClientOption
 	heClient *he.Client
+	busy     int
 }
+
+// WithBusyRetries sets how many times a call the server refuses as busy
+// (resource_exhausted with a retry hint: admission control) is sent again after the
+// hinted delay, within the context's deadline (default 3; 0 returns the refusal).
+func WithBusyRetries(n int) ClientOption { return func(c *clientConfig) { c.busy = max(0, n) } }
 
 // WithProgress calls f as keys upload, blocks are sent and results arrive; calls
 // never overlap.
@@ -96,6 +108,7 @@ type Client struct {
 	he       *he.Client
 	uploader *he.Uploader
 	pad      bool
+	busy     int
 	keyID    he.KeyID
 	keyBytes int64
 	keyGen   time.Duration
@@ -112,7 +125,7 @@ type Client struct {
 // manifest names. Keys are uploaded on the first Score (or by UploadKeys). hc is
 // normally rpc.NewHTTPClient; connect options default to rpc's (no compression).
 func NewClient(ctx context.Context, hc connect.HTTPClient, baseURL string, opts ...ClientOption) (*Client, error) {
-	cfg := clientConfig{}
+	cfg := clientConfig{busy: 3}
 	for _, o := range opts {
 		o(&cfg)
 	}
@@ -130,18 +143,34 @@ func NewClient(ctx context.Context, hc connect.HTTPClient, baseURL string, opts 
 	if int(res.Msg.GetSlots()) != params.Slots() || res.Msg.GetFeatures() == 0 {
 		return nil, fmt.Errorf("scoring: server announces %d slots and %d features for %s", res.Msg.GetSlots(), res.Msg.GetFeatures(), params)
 	}
+	info := Info{
+		Features:        int(res.Msg.GetFeatures()),
+		Slots:           params.Slots(),
+		LogitBound:      res.Msg.GetLogitBound(),
+		Output:          res.Msg.GetOutput(),
+		WeightsL1:       res.Msg.GetWeightsL1(),
+		BiasAbs:         res.Msg.GetBiasAbs(),
+		DecisionMaskMax: res.Msg.GetDecisionMaskMax(),
+		MaxSamples:      res.Msg.GetMaxSamples(),
+		Params:          params,
+	}
+	switch {
+	case info.Output != scoringv1.Output_OUTPUT_LOGIT && info.Output != scoringv1.Output_OUTPUT_DECISION:
+		return nil, fmt.Errorf("scoring: the server returns %v; this client needs logits (an older server approximating the sigmoid is not supported)", info.Output)
+	case !finiteNonNeg(info.WeightsL1) || !finiteNonNeg(info.BiasAbs):
+		return nil, errors.New("scoring: the server announces no bound on its logits")
+	case info.Output == scoringv1.Output_OUTPUT_DECISION && !(info.DecisionMaskMax >= 1 && finite(info.DecisionMaskMax)):
+		return nil, errors.New("scoring: the server announces no masking bound")
+	}
+	if info.MaxSamples == 0 {
+		info.MaxSamples = DefaultMaxSamples
+	}
 	c := &Client{
-		svc: svc,
-		info: Info{
-			Features:           int(res.Msg.GetFeatures()),
-			Slots:              params.Slots(),
-			LogitBound:         res.Msg.GetLogitBound(),
-			Degree:             int(res.Msg.GetDegree()),
-			ApproximationError: res.Msg.GetApproximationError(),
-			Params:             params,
-		},
+		svc:      svc,
+		info:     info,
 		he:       cfg.heClient,
 		pad:      cfg.pad,
+		busy:     cfg.busy,
 		progress: cfg.progress,
 	}
 	if c.he == nil {
@@ -204,9 +233,13 @@ func (c *Client) UploadKeys(ctx context.Context) (time.Duration, error) {
 }
 
 // Score encrypts the samples x (each with Info().Features raw feature values),
-// streams them to the server block by block, and decrypts the probabilities, in the
-// order of x. It uploads the evaluation keys first if this client has not yet, and
-// again if the server reports them missing.
+// streams them to the server block by block, decrypts the logits and returns the
+// probabilities sigmoid(z), in the order of x; from a decision-only server
+// (OUTPUT_DECISION), 1 or 0 for the class. A decrypted value that x's own features
+// make impossible (|z| above Info's bound) fails the call: the server (or the
+// ciphertexts) misbehaved. It uploads the evaluation keys first if this client has not
+// yet, and again if the server reports them missing. A batch above the server's
+// MaxSamples is refused: split it.
 func (c *Client) Score(ctx context.Context, x [][]float64) ([]float64, Stats, error) {
 	start := time.Now()
 	st := Stats{Samples: len(x), KeyBytes: c.keyBytes, KeyGen: c.keyGen, KeyID: string(c.keyID), ParamID: string(c.info.Params.ID())}
@@ -215,6 +248,9 @@ func (c *Client) Score(ctx context.Context, x [][]float64) ([]float64, Stats, er
 	}
 	if err := c.checkRows(x); err != nil {
 		return nil, st, err
+	}
+	if uint64(len(x)) > c.info.MaxSamples {
+		return nil, st, fmt.Errorf("scoring: %d samples exceed the server's %d per call: split the batch", len(x), c.info.MaxSamples)
 	}
 	c.mu.Lock()
 	uploaded := c.uploaded
@@ -244,14 +280,16 @@ func (c *Client) Score(ctx context.Context, x [][]float64) ([]float64, Stats, er
 		if attempts++; attempts > 1 {
 			st.KeyUploaded = true
 		}
-		var err error
-		probs, err = c.stream(ctx, sent, &st)
-		if pqkex.IsSessionRefused(err) {
-			// The replica did not accept the sealed session (its ticket key rotated
-			// out, or another replica's): the stream is sent again on a new session.
+		return c.whenNotBusy(ctx, func() error {
+			var err error
 			probs, err = c.stream(ctx, sent, &st)
-		}
-		return err
+			if pqkex.IsSessionRefused(err) {
+				// The replica did not accept the sealed session (its ticket key rotated
+				// out, or another replica's): the stream is sent again on a new session.
+				probs, err = c.stream(ctx, sent, &st)
+			}
+			return err
+		})
 	})
 	st.Total = time.Since(start)
 	if err != nil {
@@ -318,13 +356,13 @@ func (c *Client) stream(ctx context.Context, x [][]float64, st *Stats) ([]float6
 		}
 		st.BytesReceived += int64(proto.Size(res))
 		t := time.Now()
-		v, err := he.UnmarshalVector(c.info.Params, res.GetProbabilities())
+		v, err := he.UnmarshalVector(c.info.Params, res.GetLogits())
 		if err == nil && v.Len() != min(slots, len(x)-b*slots) {
 			err = fmt.Errorf("scoring: block %d holds %d results, want %d", b, v.Len(), min(slots, len(x)-b*slots))
 		}
 		var p []float64
 		if err == nil {
-			p, err = c.he.Decrypt(v)
+			p, err = c.results(v, x[b*slots:min(len(x), (b+1)*slots)])
 		}
 		st.Decrypt += time.Since(t)
 		if err != nil {
@@ -370,19 +408,81 @@ func (c *Client) ScoreBlock(ctx context.Context, x [][]float64) ([]float64, erro
 		return nil, err
 	}
 	req := &scoringv1.ScoreRequest{KeyId: string(c.keyID), Features: vs}
-	res, err := c.svc.Score(ctx, connect.NewRequest(req))
+	var res *connect.Response[scoringv1.ScoreResponse]
+	err = c.whenNotBusy(ctx, func() (err error) {
+		res, err = c.svc.Score(ctx, connect.NewRequest(req))
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
-	v, err := he.UnmarshalVector(c.info.Params, res.Msg.GetProbabilities())
+	v, err := he.UnmarshalVector(c.info.Params, res.Msg.GetLogits())
 	if err != nil {
 		return nil, err
 	}
 	if v.Len() != len(x) {
 		return nil, fmt.Errorf("scoring: server returned %d results for %d samples", v.Len(), len(x))
 	}
-	return c.he.Decrypt(v)
+	return c.results(v, x)
 }
+
+// whenNotBusy runs call, and again after the hinted delay while the server refuses it
+// as busy (resource_exhausted with a retry hint), at most c.busy more times.
+func (c *Client) whenNotBusy(ctx context.Context, call func() error) error {
+	for attempt := 0; ; attempt++ {
+		err := call()
+		d, busy := he.RetryAfter(err)
+		if !busy || connect.CodeOf(err) != connect.CodeResourceExhausted || attempt >= c.busy {
+			return err
+		}
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+	}
+}
+
+// logitSlack is the CKKS error allowed on a decrypted logit, per unit of the bound
+// (relative) and absolute; measured errors are below 1e-6 (docs/services.md).
+const logitSlack = 1e-4
+
+// results decrypts the logits (or masked logits) of rows, checks each against the
+// bound its own features give, and returns probabilities (or 0/1 decisions).
+func (c *Client) results(v *he.Vector, rows [][]float64) ([]float64, error) {
+	z, err := c.he.Decrypt(v)
+	if err != nil {
+		return nil, err
+	}
+	scale := 1.0
+	if c.info.Output == scoringv1.Output_OUTPUT_DECISION {
+		scale = c.info.DecisionMaskMax
+	}
+	out := make([]float64, len(rows))
+	for i, row := range rows {
+		var xmax float64
+		for _, x := range row {
+			xmax = max(xmax, math.Abs(x))
+		}
+		bound := scale * (c.info.BiasAbs + c.info.WeightsL1*xmax) * (1 + logitSlack)
+		if !finite(z[i]) || math.Abs(z[i]) > bound+scale*logitSlack {
+			return nil, fmt.Errorf("scoring: the server answered %g for a sample whose logit is at most %g in magnitude: refusing the results", z[i], bound)
+		}
+		switch {
+		case c.info.Output != scoringv1.Output_OUTPUT_DECISION:
+			out[i] = sigmoid(z[i])
+		case z[i] >= 0:
+			out[i] = 1
+		default:
+			out[i] = 0
+		}
+	}
+	return out, nil
+}
+
+func finiteNonNeg(x float64) bool { return finite(x) && x >= 0 }
 
 // encryptColumns encrypts each feature of rows (at most Slots samples) into one
 // vector, features in parallel on GOMAXPROCS goroutines.

@@ -16,9 +16,10 @@ import (
 //
 //	p(x) = sigmoid(sum_j Weights[j] * (x[j] - Mean[j]) / Std[j] + Bias)
 //
-// LogitBound is the half-width B of the interval [-B, B] on which the server
-// approximates the sigmoid: Train sets it to LogitMargin times the largest training
-// logit magnitude. Logits outside it get meaningless encrypted probabilities.
+// LogitBound is the half-width B of the interval [-B, B] of the logits the model was
+// trained on, with a margin: Train sets it to LogitMargin times the largest training
+// logit magnitude. It is informative (GetModelInfo announces it): the service returns
+// exact logits, inside or outside it.
 type Model struct {
 	Version    int       `json:"version"`
 	Features   int       `json:"features"`

@@ -4,13 +4,13 @@
 // with CKKS, one vector per feature with the samples across its slots, and uploads a
 // relinearization key once. For every block of Slots samples the server computes
 //
-//	t = sum_j (w_j / B) * x_j + b / B          (one level: LinearCombination)
-//	p = q(t), q ~ sigmoid(B * t) on [-1, 1]    (Chebyshev, ceil(log2(degree+1)) levels)
+//	z = sum_j w_j * x_j + b          (one level: LinearCombination)
 //
-// where w, b are the model's weights with the feature standardization folded in and
-// B is the model's LogitBound, and returns the encrypted probabilities, which only
-// the client can decrypt. See docs/services.md for the parameter choice and the
-// measured error bound.
+// where w, b are the model's weights with the feature standardization folded in, and
+// returns the encrypted logits, which only the client can decrypt; the client applies
+// the sigmoid, exactly. With WithDecisionOnly the server returns each logit times a
+// fresh secret random factor instead, so that the client learns the class and little
+// more. See docs/services.md for the design and the error bound.
 package scoring
 
 import (
@@ -20,6 +20,7 @@ import (
 	"io"
 	"math"
 	"net/http"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -37,27 +38,60 @@ const (
 	ScoreStreamProcedure  = scoringv1connect.ScoringServiceScoreStreamProcedure
 )
 
-// MaxDegree bounds the default degree of the sigmoid approximation: beyond it the
-// approximation error on the intervals Train produces is far below the CKKS noise
-// and each doubling of the degree costs another level and twice the multiplications.
-const MaxDegree = 63
-
 // Option configures New.
 type Option func(*config)
 
 type config struct {
-	params  *he.Parameters
-	degree  int
-	regOpts []he.RegistryOption
+	params     *he.Parameters
+	regOpts    []he.RegistryOption
+	admOpts    []he.AdmissionOption
+	maxSamples uint64
+	decision   bool
+	quota      uint64
+	window     time.Duration
+	now        func() time.Time
 }
 
-// WithParameters sets the CKKS parameters (default he.ParamsN14). They need at least
-// 3 levels: one for the linear layer and two for a degree-3 sigmoid.
+// DefaultMaxSamples bounds the samples of one ScoreStream call unless WithMaxSamples
+// says otherwise: 2^20, 128 blocks on ParamsN14.
+const DefaultMaxSamples = 1 << 20
+
+// WithMaxSamples bounds the samples one ScoreStream call may declare (default
+// DefaultMaxSamples); a header above it is resource_exhausted. An admitted stream
+// holds its admission until it ends, so this bounds how long one call can hold it.
+func WithMaxSamples(n uint64) Option { return func(c *config) { c.maxSamples = n } }
+
+// WithAdmission configures admission control (he.NewAdmission): the memory and the
+// calls Score and ScoreStream may hold at once, in all and per identity. Every call
+// is charged, before its body is read, the most it can hold (CallCost).
+func WithAdmission(opts ...he.AdmissionOption) Option {
+	return func(c *config) { c.admOpts = append(c.admOpts, opts...) }
+}
+
+// WithParameters sets the CKKS parameters (default he.ParamsN13). They need one level
+// for the logits, two with WithDecisionOnly.
 func WithParameters(p *he.Parameters) Option { return func(c *config) { c.params = p } }
 
-// WithDegree sets the degree of the sigmoid approximation (default: the largest
-// 2^k - 1, at most MaxDegree, that fits the parameters' levels).
-func WithDegree(d int) Option { return func(c *config) { c.degree = d } }
+// DecisionMaskMax is the largest masking factor WithDecisionOnly multiplies a logit by.
+const DecisionMaskMax = 1 << 16
+
+// WithDecisionOnly makes the service return only the decision: each encrypted logit
+// times a fresh random factor in [1, DecisionMaskMax] the server draws and forgets
+// (one more level). The client learns each sample's class (the sign) and that |z| lies
+// within a factor DecisionMaskMax of what it decrypts, not the probability, so
+// extracting the model takes many more, adaptively chosen, queries (docs/services.md).
+func WithDecisionOnly() Option { return func(c *config) { c.decision = true } }
+
+// WithSampleQuota bounds the samples one identity may have scored per window (Score
+// and ScoreStream together, counted when a call declares them); a call over it is
+// resource_exhausted with a retry hint. It slows model extraction by one identity; it
+// cannot stop several identities pooling their answers.
+func WithSampleQuota(samples uint64, window time.Duration) Option {
+	return func(c *config) { c.quota, c.window = samples, window }
+}
+
+// WithClock replaces time.Now for the sample quota's windows (tests).
+func WithClock(now func() time.Time) Option { return func(c *config) { c.now = now } }
 
 // WithRegistryOptions configures the evaluation-key registry (memory budget, TTL,
 // on-disk store).
@@ -67,14 +101,15 @@ func WithRegistryOptions(opts ...he.RegistryOption) Option {
 
 // Service implements scoringv1connect.ScoringServiceHandler over a plaintext model.
 type Service struct {
-	model     *Model
-	params    *he.Parameters
-	weights   []float64 // folded weights divided by the logit bound
-	bias      float64
-	poly      *he.Polynomial
-	approxErr float64
-	reg       *he.Registry
-	manifest  *he.Manifest
+	model    *Model
+	params   *he.Parameters
+	weights  []float64 // folded: on raw features
+	bias     float64
+	reg      *he.Registry
+	manifest *he.Manifest
+	adm      *he.Admission
+	cfg      config
+	quota    *sampleQuota
 }
 
 var _ scoringv1connect.ScoringServiceHandler = (*Service)(nil)
@@ -84,73 +119,60 @@ func New(model *Model, opts ...Option) (*Service, error) {
 	if err := model.Validate(); err != nil {
 		return nil, err
 	}
-	cfg := config{params: he.ParamsN14()}
+	cfg := config{params: he.ParamsN13(), maxSamples: DefaultMaxSamples, now: time.Now}
 	for _, o := range opts {
 		o(&cfg)
 	}
 	if cfg.params == nil {
 		return nil, errors.New("scoring: nil parameters")
 	}
-	levels := cfg.params.MaxLevel()
-	if cfg.degree == 0 {
-		cfg.degree = min(1<<(levels-1)-1, MaxDegree)
+	if need := 1 + boolInt(cfg.decision); cfg.params.MaxLevel() < need {
+		return nil, fmt.Errorf("scoring: the parameters have %d levels, the circuit needs %d", cfg.params.MaxLevel(), need)
 	}
-	if cfg.degree < 3 {
-		return nil, fmt.Errorf("scoring: parameters with %d levels leave no room for a sigmoid of degree 3 or more after the linear layer", levels)
-	}
-	B := model.LogitBound
-	poly, err := he.ChebyshevApproximation(func(t float64) float64 { return he.Sigmoid(B * t) }, -1, 1, cfg.degree)
-	if err != nil {
-		return nil, fmt.Errorf("scoring: %w", err)
-	}
-	if need := 1 + poly.Depth(); need > levels {
-		return nil, fmt.Errorf("scoring: a degree-%d sigmoid needs %d levels with the linear layer, the parameters have %d", cfg.degree, need, levels)
+	if cfg.quota > 0 && cfg.window <= 0 {
+		return nil, errors.New("scoring: a sample quota needs a positive window")
 	}
 	reg, err := he.NewRegistry(cfg.params, cfg.regOpts...)
 	if err != nil {
 		return nil, fmt.Errorf("scoring: %w", err)
 	}
 	w, b := model.Folded()
-	for j := range w {
-		w[j] /= B
+	adm, err := he.NewAdmission(PeerIdentity, cfg.admOpts...)
+	if err != nil {
+		return nil, fmt.Errorf("scoring: %w", err)
+	}
+	if cfg.maxSamples < 1 {
+		return nil, errors.New("scoring: the sample bound must be positive")
 	}
 	return &Service{
-		model:     model,
-		params:    cfg.params,
-		weights:   w,
-		bias:      b / B,
-		poly:      poly,
-		approxErr: approximationError(poly, B),
-		reg:       reg,
-		manifest:  he.NewManifest(cfg.params, he.NeedRelinearization()),
+		adm:      adm,
+		cfg:      cfg,
+		model:    model,
+		params:   cfg.params,
+		weights:  w,
+		bias:     b,
+		reg:      reg,
+		manifest: he.NewManifest(cfg.params, he.NeedRelinearization()),
+		quota:    newSampleQuota(cfg.quota, cfg.window, cfg.now),
 	}, nil
 }
 
-// approximationError returns max |q(t) - sigmoid(B t)| over 1001 points of [-1, 1]
-// (the Chebyshev error oscillates smoothly, so the grid finds its peaks).
-func approximationError(p *he.Polynomial, B float64) float64 {
-	var worst float64
-	const n = 1000
-	for i := range n + 1 {
-		t := -1 + 2*float64(i)/n
-		worst = max(worst, math.Abs(p.Evaluate(t)-he.Sigmoid(B*t)))
+func boolInt(b bool) int {
+	if b {
+		return 1
 	}
-	return worst
+	return 0
 }
 
 // Params returns the service's CKKS parameters.
 func (s *Service) Params() *he.Parameters { return s.params }
 
-// Degree returns the degree of the sigmoid approximation.
-func (s *Service) Degree() int { return s.poly.Degree() }
-
-// ApproximationError returns the largest |approximation - sigmoid| on the interval.
-func (s *Service) ApproximationError() float64 { return s.approxErr }
-
-// Approximate returns, in the clear, the probability the encrypted circuit computes
-// for raw features x, less the CKKS noise: the approximation q(logit / B).
-func (s *Service) Approximate(x []float64) float64 {
-	return s.poly.Evaluate(s.model.Logit(x) / s.model.LogitBound)
+// Output returns what the service's encrypted results are.
+func (s *Service) Output() scoringv1.Output {
+	if s.cfg.decision {
+		return scoringv1.Output_OUTPUT_DECISION
+	}
+	return scoringv1.Output_OUTPUT_LOGIT
 }
 
 // Registry returns the evaluation-key registry the service evaluates with.
@@ -167,12 +189,52 @@ func (s *Service) KeyServiceHandler(opts ...connect.HandlerOption) (string, http
 	return he.NewKeyServiceHandler(s.reg, PeerIdentity, s.Manifests(), opts...)
 }
 
-// Register mounts the scoring service and its KeyService on srv. The server's options
-// should include ServerOptions (read limits) and a policy allowing the callers on
-// "/veil.scoring.v1.ScoringService/*" and "/veil.he.v1.KeyService/*".
+// Register mounts the scoring service, behind admission control, and its KeyService
+// on srv. The server's options should include ServerOptions (read limits) and a
+// policy allowing the callers on "/veil.scoring.v1.ScoringService/*" and
+// "/veil.he.v1.KeyService/*".
 func (s *Service) Register(srv *rpc.Server) {
-	rpc.Register[scoringv1connect.ScoringServiceHandler](srv, scoringv1connect.NewScoringServiceHandler, s)
+	srv.Handle(func(opts ...connect.HandlerOption) (string, http.Handler) {
+		path, h := scoringv1connect.NewScoringServiceHandler(s, opts...)
+		return path, s.adm.Handler(s.requestCost, h)
+	})
 	srv.Handle(s.KeyServiceHandler)
+}
+
+// Admission returns the service's admission controller (its Stats say how much memory
+// the admitted calls hold, and held at most).
+func (s *Service) Admission() *he.Admission { return s.adm }
+
+// CallCost returns the bytes one Score call (stream false) or ScoreStream call holds
+// at most, with a request body of body bytes (Score only; at most its read limit):
+// the body, its decoded message (as large: protobuf copies bytes fields), one
+// decoded ciphertext per feature, and the evaluation's intermediate ciphertexts.
+// Admission charges it before the body is read; the evaluation buffers are the
+// registry's WorkerPool, apart.
+func (s *Service) CallCost(stream bool, body int64) int64 {
+	limits := ReadLimits(s.params, s.model.Features)
+	if stream {
+		body = limits[ScoreStreamProcedure]
+	} else if body <= 0 || body > limits[ScoreProcedure] {
+		body = limits[ScoreProcedure]
+	}
+	ct := he.CiphertextMemory(s.params)
+	return 2*body + int64(s.model.Features)*ct + int64(s.evalCiphertexts())*ct
+}
+
+// evalCiphertexts bounds the ciphertexts one block's evaluation holds besides its
+// inputs: the linear layer's accumulator and a lowered operand, the masked result and
+// its encoded mask, the marshalled result.
+func (s *Service) evalCiphertexts() int { return 6 }
+
+func (s *Service) requestCost(r *http.Request) int64 {
+	switch r.URL.Path {
+	case ScoreProcedure:
+		return s.CallCost(false, r.ContentLength)
+	case ScoreStreamProcedure:
+		return s.CallCost(true, 0)
+	}
+	return 0
 }
 
 // ReadLimits returns the per-procedure read limits the service needs with params and
@@ -245,19 +307,45 @@ func ParametersFromProto(m *scoringv1.Parameters) (*he.Parameters, error) {
 
 // GetModelInfo describes the model's encrypted interface.
 func (s *Service) GetModelInfo(context.Context, *connect.Request[scoringv1.GetModelInfoRequest]) (*connect.Response[scoringv1.GetModelInfoResponse], error) {
-	return connect.NewResponse(&scoringv1.GetModelInfoResponse{
-		Parameters:         ParametersProto(s.params),
-		Features:           uint32(s.model.Features),
-		Slots:              uint32(s.params.Slots()),
-		LogitBound:         s.model.LogitBound,
-		Degree:             uint32(s.poly.Degree()),
-		ApproximationError: s.approxErr,
-		Procedures:         []string{ScoreProcedure, ScoreStreamProcedure},
-	}), nil
+	var l1 float64
+	for _, w := range s.weights {
+		l1 += math.Abs(w)
+	}
+	res := &scoringv1.GetModelInfoResponse{
+		Parameters:  ParametersProto(s.params),
+		Features:    uint32(s.model.Features),
+		Slots:       uint32(s.params.Slots()),
+		LogitBound:  s.model.LogitBound,
+		Procedures:  []string{ScoreProcedure, ScoreStreamProcedure},
+		Output:      s.Output(),
+		WeightsL1:   l1,
+		BiasAbs:     math.Abs(s.bias),
+		MaxSamples:  s.cfg.maxSamples,
+		SampleQuota: s.cfg.quota,
+	}
+	if s.cfg.decision {
+		res.DecisionMaskMax = DecisionMaskMax
+	}
+	if s.cfg.quota > 0 {
+		res.QuotaWindowSeconds = uint64(s.cfg.window / time.Second)
+	}
+	return connect.NewResponse(res), nil
 }
 
 func invalid(format string, args ...any) error {
 	return connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("scoring: "+format, args...))
+}
+
+// chargeSamples counts n samples against the caller's quota.
+func (s *Service) chargeSamples(ctx context.Context, n uint64) error {
+	if s.quota == nil {
+		return nil
+	}
+	owner, err := PeerIdentity(ctx)
+	if err != nil {
+		return err
+	}
+	return s.quota.charge(owner, n)
 }
 
 // evaluator returns the caller's evaluator over key set id.
@@ -273,17 +361,22 @@ func (s *Service) evaluator(ctx context.Context, id string) (*he.Evaluator, erro
 	return ev, nil
 }
 
-// scoreBlock computes the encrypted probabilities of one block.
+// scoreBlock computes the encrypted logits (or masked logits) of one block.
 func (s *Service) scoreBlock(ctx context.Context, ev *he.Evaluator, features []*he.Vector) (*hev1.EncryptedVector, error) {
-	t, err := ev.LinearCombination(ctx, features, s.weights, s.bias)
+	z, err := ev.LinearCombination(ctx, features, s.weights, s.bias)
 	if err != nil {
 		return nil, he.ConnectError(err)
 	}
-	p, err := ev.EvalPolynomial(ctx, t, s.poly)
-	if err != nil {
-		return nil, he.ConnectError(err)
+	if s.cfg.decision {
+		mask, err := decisionMask(z.Len())
+		if err != nil {
+			return nil, connect.NewError(connect.CodeInternal, errors.New("scoring: no randomness"))
+		}
+		if z, err = ev.MulPlain(ctx, z, mask); err != nil {
+			return nil, he.ConnectError(err)
+		}
 	}
-	out, err := he.MarshalVector(p)
+	out, err := he.MarshalVector(z)
 	if err != nil {
 		return nil, he.ConnectError(err)
 	}
@@ -308,11 +401,14 @@ func (s *Service) Score(ctx context.Context, req *connect.Request[scoringv1.Scor
 	if len(msgs) != s.model.Features {
 		return nil, invalid("%d feature vectors, the model has %d features", len(msgs), s.model.Features)
 	}
+	n := msgs[0].GetLength()
+	if err := s.chargeSamples(ctx, n); err != nil {
+		return nil, err
+	}
 	ev, err := s.evaluator(ctx, req.Msg.GetKeyId())
 	if err != nil {
 		return nil, err
 	}
-	n := msgs[0].GetLength()
 	if n > uint64(s.params.Slots()) {
 		return nil, invalid("a batch of %d samples exceeds the %d slots of one ciphertext: send it with ScoreStream", n, s.params.Slots())
 	}
@@ -326,7 +422,7 @@ func (s *Service) Score(ctx context.Context, req *connect.Request[scoringv1.Scor
 	if err != nil {
 		return nil, err
 	}
-	return connect.NewResponse(&scoringv1.ScoreResponse{Probabilities: out}), nil
+	return connect.NewResponse(&scoringv1.ScoreResponse{Logits: out}), nil
 }
 
 // ScoreStream scores a batch of any size, block by block.
@@ -342,12 +438,18 @@ func (s *Service) ScoreStream(ctx context.Context, stream *connect.BidiStream[sc
 	if h == nil {
 		return invalid("the first message must be a header")
 	}
+	slots := uint64(s.params.Slots())
+	samples := h.GetSamples()
+	if samples > s.cfg.maxSamples {
+		return connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("scoring: %d samples exceed this server's %d per stream: split the batch", samples, s.cfg.maxSamples))
+	}
+	if err := s.chargeSamples(ctx, samples); err != nil {
+		return err
+	}
 	ev, err := s.evaluator(ctx, h.GetKeyId())
 	if err != nil {
 		return err
 	}
-	slots := uint64(s.params.Slots())
-	samples := h.GetSamples()
 	blocks := int((samples + slots - 1) / slots)
 	features := s.model.Features
 	vs := make([]*he.Vector, features)
@@ -376,7 +478,7 @@ func (s *Service) ScoreStream(ctx context.Context, stream *connect.BidiStream[sc
 		if err != nil {
 			return err
 		}
-		if err := stream.Send(&scoringv1.ScoreStreamResponse{Block: uint32(b), Probabilities: out}); err != nil {
+		if err := stream.Send(&scoringv1.ScoreStreamResponse{Block: uint32(b), Logits: out}); err != nil {
 			return err
 		}
 	}

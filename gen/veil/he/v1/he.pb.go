@@ -91,7 +91,12 @@ type Ciphertext struct {
 	// c1, absent when seed is set.
 	C1 []byte `protobuf:"bytes,5,opt,name=c1,proto3" json:"c1,omitempty"`
 	// PRNG seed for c1 (seeded encoding), empty otherwise.
-	Seed          []byte `protobuf:"bytes,6,opt,name=seed,proto3" json:"seed,omitempty"`
+	Seed []byte `protobuf:"bytes,6,opt,name=seed,proto3" json:"seed,omitempty"`
+	// Encoding version. 1: c1 of a seeded ciphertext is lattigo v5's uniform sampler
+	// over AES-256-CTR keyed by SHA-256("veil-he-prng-v1" || "veil-he-ct-c1\0" ||
+	// param_id || seed) (docs/he.md). 0 (unset, older senders): the same stream keyed
+	// by SHA-256("veil-he-prng-v1" || seed). Receivers refuse versions they do not know.
+	Encoding      uint32 `protobuf:"varint,7,opt,name=encoding,proto3" json:"encoding,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -168,6 +173,13 @@ func (x *Ciphertext) GetSeed() []byte {
 	return nil
 }
 
+func (x *Ciphertext) GetEncoding() uint32 {
+	if x != nil {
+		return x.Encoding
+	}
+	return 0
+}
+
 // EncryptedVector is a vector of float64 values packed into ciphertexts. The packing is
 // recorded here so that the server cannot misread it.
 type EncryptedVector struct {
@@ -179,9 +191,13 @@ type EncryptedVector struct {
 	Slots  uint32 `protobuf:"varint,3,opt,name=slots,proto3" json:"slots,omitempty"`
 	Layout Layout `protobuf:"varint,4,opt,name=layout,proto3,enum=veil.he.v1.Layout" json:"layout,omitempty"`
 	// ceil(length / slots) ciphertexts.
-	Ciphertexts   []*Ciphertext `protobuf:"bytes,5,rep,name=ciphertexts,proto3" json:"ciphertexts,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Ciphertexts []*Ciphertext `protobuf:"bytes,5,rep,name=ciphertexts,proto3" json:"ciphertexts,omitempty"`
+	// Fingerprint of the public key the vector is encrypted under (16 bytes: SHA-256 of a
+	// label, the parameter ID and the key), empty from older senders. Vectors with
+	// different fingerprints are never combined (failed_precondition).
+	KeyFingerprint []byte `protobuf:"bytes,6,opt,name=key_fingerprint,json=keyFingerprint,proto3" json:"key_fingerprint,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *EncryptedVector) Reset() {
@@ -245,6 +261,13 @@ func (x *EncryptedVector) GetLayout() Layout {
 func (x *EncryptedVector) GetCiphertexts() []*Ciphertext {
 	if x != nil {
 		return x.Ciphertexts
+	}
+	return nil
+}
+
+func (x *EncryptedVector) GetKeyFingerprint() []byte {
+	if x != nil {
+		return x.KeyFingerprint
 	}
 	return nil
 }
@@ -855,7 +878,7 @@ var File_veil_he_v1_he_proto protoreflect.FileDescriptor
 const file_veil_he_v1_he_proto_rawDesc = "" +
 	"\n" +
 	"\x13veil/he/v1/he.proto\x12\n" +
-	"veil.he.v1\x1a\x1bbuf/validate/validate.proto\"\xdd\x01\n" +
+	"veil.he.v1\x1a\x1bbuf/validate/validate.proto\"\x82\x02\n" +
 	"\n" +
 	"Ciphertext\x120\n" +
 	"\bparam_id\x18\x01 \x01(\tB\x15\xbaH\x12r\x102\x0e^[0-9a-f]{32}$R\aparamId\x12\x1d\n" +
@@ -865,14 +888,16 @@ const file_veil_he_v1_he_proto_rawDesc = "" +
 	"z\b\x10\x80@\x18\x80\x80\x80\x10R\x02c0\x12\x1a\n" +
 	"\x02c1\x18\x05 \x01(\fB\n" +
 	"\xbaH\az\x05\x18\x80\x80\x80\x10R\x02c1\x12\x1b\n" +
-	"\x04seed\x18\x06 \x01(\fB\a\xbaH\x04z\x02\x18 R\x04seed\"\x8c\x02\n" +
+	"\x04seed\x18\x06 \x01(\fB\a\xbaH\x04z\x02\x18 R\x04seed\x12#\n" +
+	"\bencoding\x18\a \x01(\rB\a\xbaH\x04*\x02\x18\x01R\bencoding\"\xbe\x02\n" +
 	"\x0fEncryptedVector\x120\n" +
 	"\bparam_id\x18\x01 \x01(\tB\x15\xbaH\x12r\x102\x0e^[0-9a-f]{32}$R\aparamId\x12$\n" +
 	"\x06length\x18\x02 \x01(\x04B\f\xbaH\t2\a\x18\x80\x80\x80 (\x01R\x06length\x12\"\n" +
 	"\x05slots\x18\x03 \x01(\rB\f\xbaH\t*\a\x18\x80\x80\x02(\x80\x04R\x05slots\x126\n" +
 	"\x06layout\x18\x04 \x01(\x0e2\x12.veil.he.v1.LayoutB\n" +
 	"\xbaH\a\x82\x01\x04\x10\x01 \x00R\x06layout\x12E\n" +
-	"\vciphertexts\x18\x05 \x03(\v2\x16.veil.he.v1.CiphertextB\v\xbaH\b\x92\x01\x05\b\x01\x10\x80 R\vciphertexts\"w\n" +
+	"\vciphertexts\x18\x05 \x03(\v2\x16.veil.he.v1.CiphertextB\v\xbaH\b\x92\x01\x05\b\x01\x10\x80 R\vciphertexts\x120\n" +
+	"\x0fkey_fingerprint\x18\x06 \x01(\fB\a\xbaH\x04z\x02\x18\x10R\x0ekeyFingerprint\"w\n" +
 	"\tPublicKey\x120\n" +
 	"\bparam_id\x18\x01 \x01(\tB\x15\xbaH\x12r\x102\x0e^[0-9a-f]{32}$R\aparamId\x12\x1b\n" +
 	"\x01b\x18\x02 \x01(\fB\r\xbaH\n" +

@@ -6,9 +6,9 @@
 
 // Package veil.scoring.v1 is encrypted logistic-regression inference: the client
 // encrypts a batch of feature vectors with CKKS (one vector per feature, samples
-// across slots), the server computes the encrypted logits and an encrypted sigmoid
-// approximation with its plaintext model, and only the client can decrypt the
-// probabilities. See docs/services.md.
+// across slots), the server computes the encrypted logits with its plaintext model
+// (exactly: no approximation), and only the client can decrypt them and apply the
+// sigmoid. See docs/services.md.
 
 package scoringv1
 
@@ -28,6 +28,63 @@ const (
 	// Verify that runtime/protoimpl is sufficiently up-to-date.
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
+
+// Output says what the encrypted results of Score and ScoreStream are.
+type Output int32
+
+const (
+	// A server older than this field: probabilities from a sigmoid approximation, in
+	// the deprecated `probabilities` fields.
+	Output_OUTPUT_UNSPECIFIED Output = 0
+	// The logits z = w.x + b, exactly (up to CKKS noise), in the `logits` fields: the
+	// client applies the sigmoid.
+	Output_OUTPUT_LOGIT Output = 1
+	// Only the decision: each logit times a fresh secret random factor in
+	// [1, decision_mask_max], in the `logits` fields. Its sign is the class (z >= 0
+	// means class 1); its magnitude says little about z.
+	Output_OUTPUT_DECISION Output = 2
+)
+
+// Enum value maps for Output.
+var (
+	Output_name = map[int32]string{
+		0: "OUTPUT_UNSPECIFIED",
+		1: "OUTPUT_LOGIT",
+		2: "OUTPUT_DECISION",
+	}
+	Output_value = map[string]int32{
+		"OUTPUT_UNSPECIFIED": 0,
+		"OUTPUT_LOGIT":       1,
+		"OUTPUT_DECISION":    2,
+	}
+)
+
+func (x Output) Enum() *Output {
+	p := new(Output)
+	*p = x
+	return p
+}
+
+func (x Output) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Output) Descriptor() protoreflect.EnumDescriptor {
+	return file_veil_scoring_v1_scoring_proto_enumTypes[0].Descriptor()
+}
+
+func (Output) Type() protoreflect.EnumType {
+	return &file_veil_scoring_v1_scoring_proto_enumTypes[0]
+}
+
+func (x Output) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Output.Descriptor instead.
+func (Output) EnumDescriptor() ([]byte, []int) {
+	return file_veil_scoring_v1_scoring_proto_rawDescGZIP(), []int{0}
+}
 
 // Parameters is a CKKS parameter set as he.Literal describes it. The client rebuilds
 // it with he.NewParameters (which enforces the 128-bit bound) and checks param_id.
@@ -150,16 +207,35 @@ type GetModelInfoResponse struct {
 	Features uint32 `protobuf:"varint,2,opt,name=features,proto3" json:"features,omitempty"`
 	// Samples per ciphertext (N/2).
 	Slots uint32 `protobuf:"varint,3,opt,name=slots,proto3" json:"slots,omitempty"`
-	// The sigmoid is approximated on [-logit_bound, logit_bound].
+	// Half-width of the interval of the training logits (times a margin). With
+	// OUTPUT_UNSPECIFIED the interval of the sigmoid approximation; informative otherwise.
 	LogitBound float64 `protobuf:"fixed64,4,opt,name=logit_bound,json=logitBound,proto3" json:"logit_bound,omitempty"`
-	// Degree of the Chebyshev approximation.
+	// Degree of the Chebyshev approximation (OUTPUT_UNSPECIFIED only).
+	//
+	// Deprecated: Marked as deprecated in veil/scoring/v1/scoring.proto.
 	Degree uint32 `protobuf:"varint,5,opt,name=degree,proto3" json:"degree,omitempty"`
-	// Largest |approximation - sigmoid| on the interval, measured in the clear.
+	// Largest |approximation - sigmoid| on the interval (OUTPUT_UNSPECIFIED only).
+	//
+	// Deprecated: Marked as deprecated in veil/scoring/v1/scoring.proto.
 	ApproximationError float64 `protobuf:"fixed64,6,opt,name=approximation_error,json=approximationError,proto3" json:"approximation_error,omitempty"`
 	// Fully-qualified procedure names to pass to KeyService.GetKeyManifest.
-	Procedures    []string `protobuf:"bytes,7,rep,name=procedures,proto3" json:"procedures,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Procedures []string `protobuf:"bytes,7,rep,name=procedures,proto3" json:"procedures,omitempty"`
+	// What the encrypted results are.
+	Output Output `protobuf:"varint,8,opt,name=output,proto3,enum=veil.scoring.v1.Output" json:"output,omitempty"`
+	// sum_j |w_j| and |b| of the model on raw features (standardization folded in):
+	// |z| <= bias_abs + weights_l1 * max_j |x_j|, so a client rejects a decrypted logit
+	// that its own features make impossible.
+	WeightsL1 float64 `protobuf:"fixed64,9,opt,name=weights_l1,json=weightsL1,proto3" json:"weights_l1,omitempty"`
+	BiasAbs   float64 `protobuf:"fixed64,10,opt,name=bias_abs,json=biasAbs,proto3" json:"bias_abs,omitempty"`
+	// OUTPUT_DECISION: the largest masking factor.
+	DecisionMaskMax float64 `protobuf:"fixed64,11,opt,name=decision_mask_max,json=decisionMaskMax,proto3" json:"decision_mask_max,omitempty"`
+	// The most samples one ScoreStream call may declare.
+	MaxSamples uint64 `protobuf:"varint,12,opt,name=max_samples,json=maxSamples,proto3" json:"max_samples,omitempty"`
+	// Per-identity sample quota: samples per quota_window_seconds (0: none).
+	SampleQuota        uint64 `protobuf:"varint,13,opt,name=sample_quota,json=sampleQuota,proto3" json:"sample_quota,omitempty"`
+	QuotaWindowSeconds uint64 `protobuf:"varint,14,opt,name=quota_window_seconds,json=quotaWindowSeconds,proto3" json:"quota_window_seconds,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *GetModelInfoResponse) Reset() {
@@ -220,6 +296,7 @@ func (x *GetModelInfoResponse) GetLogitBound() float64 {
 	return 0
 }
 
+// Deprecated: Marked as deprecated in veil/scoring/v1/scoring.proto.
 func (x *GetModelInfoResponse) GetDegree() uint32 {
 	if x != nil {
 		return x.Degree
@@ -227,6 +304,7 @@ func (x *GetModelInfoResponse) GetDegree() uint32 {
 	return 0
 }
 
+// Deprecated: Marked as deprecated in veil/scoring/v1/scoring.proto.
 func (x *GetModelInfoResponse) GetApproximationError() float64 {
 	if x != nil {
 		return x.ApproximationError
@@ -239,6 +317,55 @@ func (x *GetModelInfoResponse) GetProcedures() []string {
 		return x.Procedures
 	}
 	return nil
+}
+
+func (x *GetModelInfoResponse) GetOutput() Output {
+	if x != nil {
+		return x.Output
+	}
+	return Output_OUTPUT_UNSPECIFIED
+}
+
+func (x *GetModelInfoResponse) GetWeightsL1() float64 {
+	if x != nil {
+		return x.WeightsL1
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetBiasAbs() float64 {
+	if x != nil {
+		return x.BiasAbs
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetDecisionMaskMax() float64 {
+	if x != nil {
+		return x.DecisionMaskMax
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetMaxSamples() uint64 {
+	if x != nil {
+		return x.MaxSamples
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetSampleQuota() uint64 {
+	if x != nil {
+		return x.SampleQuota
+	}
+	return 0
+}
+
+func (x *GetModelInfoResponse) GetQuotaWindowSeconds() uint64 {
+	if x != nil {
+		return x.QuotaWindowSeconds
+	}
+	return 0
 }
 
 type ScoreRequest struct {
@@ -297,8 +424,12 @@ func (x *ScoreRequest) GetFeatures() []*v1.EncryptedVector {
 
 type ScoreResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Encrypted probabilities, one per sample.
+	// Encrypted probabilities, one per sample (OUTPUT_UNSPECIFIED servers only).
+	//
+	// Deprecated: Marked as deprecated in veil/scoring/v1/scoring.proto.
 	Probabilities *v1.EncryptedVector `protobuf:"bytes,1,opt,name=probabilities,proto3" json:"probabilities,omitempty"`
+	// Encrypted logits (OUTPUT_LOGIT) or masked logits (OUTPUT_DECISION), one per sample.
+	Logits        *v1.EncryptedVector `protobuf:"bytes,2,opt,name=logits,proto3" json:"logits,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -333,9 +464,17 @@ func (*ScoreResponse) Descriptor() ([]byte, []int) {
 	return file_veil_scoring_v1_scoring_proto_rawDescGZIP(), []int{4}
 }
 
+// Deprecated: Marked as deprecated in veil/scoring/v1/scoring.proto.
 func (x *ScoreResponse) GetProbabilities() *v1.EncryptedVector {
 	if x != nil {
 		return x.Probabilities
+	}
+	return nil
+}
+
+func (x *ScoreResponse) GetLogits() *v1.EncryptedVector {
+	if x != nil {
+		return x.Logits
 	}
 	return nil
 }
@@ -543,8 +682,12 @@ func (x *FeatureBlock) GetValues() *v1.EncryptedVector {
 type ScoreStreamResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Block uint32                 `protobuf:"varint,1,opt,name=block,proto3" json:"block,omitempty"`
-	// Encrypted probabilities of the block's samples.
+	// Encrypted probabilities of the block's samples (OUTPUT_UNSPECIFIED servers only).
+	//
+	// Deprecated: Marked as deprecated in veil/scoring/v1/scoring.proto.
 	Probabilities *v1.EncryptedVector `protobuf:"bytes,2,opt,name=probabilities,proto3" json:"probabilities,omitempty"`
+	// Encrypted logits or masked logits of the block's samples (see Output).
+	Logits        *v1.EncryptedVector `protobuf:"bytes,3,opt,name=logits,proto3" json:"logits,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -586,9 +729,17 @@ func (x *ScoreStreamResponse) GetBlock() uint32 {
 	return 0
 }
 
+// Deprecated: Marked as deprecated in veil/scoring/v1/scoring.proto.
 func (x *ScoreStreamResponse) GetProbabilities() *v1.EncryptedVector {
 	if x != nil {
 		return x.Probabilities
+	}
+	return nil
+}
+
+func (x *ScoreStreamResponse) GetLogits() *v1.EncryptedVector {
+	if x != nil {
+		return x.Logits
 	}
 	return nil
 }
@@ -608,7 +759,7 @@ const file_veil_scoring_v1_scoring_proto_rawDesc = "" +
 	"\xbaH\a\x92\x01\x04\b\x01\x10\bR\x04logP\x12*\n" +
 	"\x11log_default_scale\x18\x04 \x01(\rR\x0flogDefaultScale\x120\n" +
 	"\bparam_id\x18\x05 \x01(\tB\x15\xbaH\x12r\x102\x0e^[0-9a-f]{32}$R\aparamId\"\x15\n" +
-	"\x13GetModelInfoRequest\"\x8f\x02\n" +
+	"\x13GetModelInfoRequest\"\xa4\x04\n" +
 	"\x14GetModelInfoResponse\x12;\n" +
 	"\n" +
 	"parameters\x18\x01 \x01(\v2\x1b.veil.scoring.v1.ParametersR\n" +
@@ -616,17 +767,28 @@ const file_veil_scoring_v1_scoring_proto_rawDesc = "" +
 	"\bfeatures\x18\x02 \x01(\rR\bfeatures\x12\x14\n" +
 	"\x05slots\x18\x03 \x01(\rR\x05slots\x12\x1f\n" +
 	"\vlogit_bound\x18\x04 \x01(\x01R\n" +
-	"logitBound\x12\x16\n" +
-	"\x06degree\x18\x05 \x01(\rR\x06degree\x12/\n" +
-	"\x13approximation_error\x18\x06 \x01(\x01R\x12approximationError\x12\x1e\n" +
+	"logitBound\x12\x1a\n" +
+	"\x06degree\x18\x05 \x01(\rB\x02\x18\x01R\x06degree\x123\n" +
+	"\x13approximation_error\x18\x06 \x01(\x01B\x02\x18\x01R\x12approximationError\x12\x1e\n" +
 	"\n" +
 	"procedures\x18\a \x03(\tR\n" +
-	"procedures\"\x82\x01\n" +
+	"procedures\x12/\n" +
+	"\x06output\x18\b \x01(\x0e2\x17.veil.scoring.v1.OutputR\x06output\x12\x1d\n" +
+	"\n" +
+	"weights_l1\x18\t \x01(\x01R\tweightsL1\x12\x19\n" +
+	"\bbias_abs\x18\n" +
+	" \x01(\x01R\abiasAbs\x12*\n" +
+	"\x11decision_mask_max\x18\v \x01(\x01R\x0fdecisionMaskMax\x12\x1f\n" +
+	"\vmax_samples\x18\f \x01(\x04R\n" +
+	"maxSamples\x12!\n" +
+	"\fsample_quota\x18\r \x01(\x04R\vsampleQuota\x120\n" +
+	"\x14quota_window_seconds\x18\x0e \x01(\x04R\x12quotaWindowSeconds\"\x82\x01\n" +
 	"\fScoreRequest\x12,\n" +
 	"\x06key_id\x18\x01 \x01(\tB\x15\xbaH\x12r\x102\x0e^[0-9a-f]{64}$R\x05keyId\x12D\n" +
-	"\bfeatures\x18\x02 \x03(\v2\x1b.veil.he.v1.EncryptedVectorB\v\xbaH\b\x92\x01\x05\b\x01\x10\x80\bR\bfeatures\"R\n" +
-	"\rScoreResponse\x12A\n" +
-	"\rprobabilities\x18\x01 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\rprobabilities\"\x98\x01\n" +
+	"\bfeatures\x18\x02 \x03(\v2\x1b.veil.he.v1.EncryptedVectorB\v\xbaH\b\x92\x01\x05\b\x01\x10\x80\bR\bfeatures\"\x8b\x01\n" +
+	"\rScoreResponse\x12E\n" +
+	"\rprobabilities\x18\x01 \x01(\v2\x1b.veil.he.v1.EncryptedVectorB\x02\x18\x01R\rprobabilities\x123\n" +
+	"\x06logits\x18\x02 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\x06logits\"\x98\x01\n" +
 	"\x12ScoreStreamRequest\x12<\n" +
 	"\x06header\x18\x01 \x01(\v2\".veil.scoring.v1.ScoreStreamHeaderH\x00R\x06header\x125\n" +
 	"\x05block\x18\x02 \x01(\v2\x1d.veil.scoring.v1.FeatureBlockH\x00R\x05blockB\r\n" +
@@ -637,10 +799,15 @@ const file_veil_scoring_v1_scoring_proto_rawDesc = "" +
 	"\fFeatureBlock\x12\x14\n" +
 	"\x05block\x18\x01 \x01(\rR\x05block\x12\x18\n" +
 	"\afeature\x18\x02 \x01(\rR\afeature\x12;\n" +
-	"\x06values\x18\x03 \x01(\v2\x1b.veil.he.v1.EncryptedVectorB\x06\xbaH\x03\xc8\x01\x01R\x06values\"n\n" +
+	"\x06values\x18\x03 \x01(\v2\x1b.veil.he.v1.EncryptedVectorB\x06\xbaH\x03\xc8\x01\x01R\x06values\"\xa7\x01\n" +
 	"\x13ScoreStreamResponse\x12\x14\n" +
-	"\x05block\x18\x01 \x01(\rR\x05block\x12A\n" +
-	"\rprobabilities\x18\x02 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\rprobabilities2\x9d\x02\n" +
+	"\x05block\x18\x01 \x01(\rR\x05block\x12E\n" +
+	"\rprobabilities\x18\x02 \x01(\v2\x1b.veil.he.v1.EncryptedVectorB\x02\x18\x01R\rprobabilities\x123\n" +
+	"\x06logits\x18\x03 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\x06logits*G\n" +
+	"\x06Output\x12\x16\n" +
+	"\x12OUTPUT_UNSPECIFIED\x10\x00\x12\x10\n" +
+	"\fOUTPUT_LOGIT\x10\x01\x12\x13\n" +
+	"\x0fOUTPUT_DECISION\x10\x022\x9d\x02\n" +
 	"\x0eScoringService\x12`\n" +
 	"\fGetModelInfo\x12$.veil.scoring.v1.GetModelInfoRequest\x1a%.veil.scoring.v1.GetModelInfoResponse\"\x03\x90\x02\x01\x12K\n" +
 	"\x05Score\x12\x1d.veil.scoring.v1.ScoreRequest\x1a\x1e.veil.scoring.v1.ScoreResponse\"\x03\x90\x02\x01\x12\\\n" +
@@ -658,38 +825,43 @@ func file_veil_scoring_v1_scoring_proto_rawDescGZIP() []byte {
 	return file_veil_scoring_v1_scoring_proto_rawDescData
 }
 
+var file_veil_scoring_v1_scoring_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
 var file_veil_scoring_v1_scoring_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_veil_scoring_v1_scoring_proto_goTypes = []any{
-	(*Parameters)(nil),           // 0: veil.scoring.v1.Parameters
-	(*GetModelInfoRequest)(nil),  // 1: veil.scoring.v1.GetModelInfoRequest
-	(*GetModelInfoResponse)(nil), // 2: veil.scoring.v1.GetModelInfoResponse
-	(*ScoreRequest)(nil),         // 3: veil.scoring.v1.ScoreRequest
-	(*ScoreResponse)(nil),        // 4: veil.scoring.v1.ScoreResponse
-	(*ScoreStreamRequest)(nil),   // 5: veil.scoring.v1.ScoreStreamRequest
-	(*ScoreStreamHeader)(nil),    // 6: veil.scoring.v1.ScoreStreamHeader
-	(*FeatureBlock)(nil),         // 7: veil.scoring.v1.FeatureBlock
-	(*ScoreStreamResponse)(nil),  // 8: veil.scoring.v1.ScoreStreamResponse
-	(*v1.EncryptedVector)(nil),   // 9: veil.he.v1.EncryptedVector
+	(Output)(0),                  // 0: veil.scoring.v1.Output
+	(*Parameters)(nil),           // 1: veil.scoring.v1.Parameters
+	(*GetModelInfoRequest)(nil),  // 2: veil.scoring.v1.GetModelInfoRequest
+	(*GetModelInfoResponse)(nil), // 3: veil.scoring.v1.GetModelInfoResponse
+	(*ScoreRequest)(nil),         // 4: veil.scoring.v1.ScoreRequest
+	(*ScoreResponse)(nil),        // 5: veil.scoring.v1.ScoreResponse
+	(*ScoreStreamRequest)(nil),   // 6: veil.scoring.v1.ScoreStreamRequest
+	(*ScoreStreamHeader)(nil),    // 7: veil.scoring.v1.ScoreStreamHeader
+	(*FeatureBlock)(nil),         // 8: veil.scoring.v1.FeatureBlock
+	(*ScoreStreamResponse)(nil),  // 9: veil.scoring.v1.ScoreStreamResponse
+	(*v1.EncryptedVector)(nil),   // 10: veil.he.v1.EncryptedVector
 }
 var file_veil_scoring_v1_scoring_proto_depIdxs = []int32{
-	0,  // 0: veil.scoring.v1.GetModelInfoResponse.parameters:type_name -> veil.scoring.v1.Parameters
-	9,  // 1: veil.scoring.v1.ScoreRequest.features:type_name -> veil.he.v1.EncryptedVector
-	9,  // 2: veil.scoring.v1.ScoreResponse.probabilities:type_name -> veil.he.v1.EncryptedVector
-	6,  // 3: veil.scoring.v1.ScoreStreamRequest.header:type_name -> veil.scoring.v1.ScoreStreamHeader
-	7,  // 4: veil.scoring.v1.ScoreStreamRequest.block:type_name -> veil.scoring.v1.FeatureBlock
-	9,  // 5: veil.scoring.v1.FeatureBlock.values:type_name -> veil.he.v1.EncryptedVector
-	9,  // 6: veil.scoring.v1.ScoreStreamResponse.probabilities:type_name -> veil.he.v1.EncryptedVector
-	1,  // 7: veil.scoring.v1.ScoringService.GetModelInfo:input_type -> veil.scoring.v1.GetModelInfoRequest
-	3,  // 8: veil.scoring.v1.ScoringService.Score:input_type -> veil.scoring.v1.ScoreRequest
-	5,  // 9: veil.scoring.v1.ScoringService.ScoreStream:input_type -> veil.scoring.v1.ScoreStreamRequest
-	2,  // 10: veil.scoring.v1.ScoringService.GetModelInfo:output_type -> veil.scoring.v1.GetModelInfoResponse
-	4,  // 11: veil.scoring.v1.ScoringService.Score:output_type -> veil.scoring.v1.ScoreResponse
-	8,  // 12: veil.scoring.v1.ScoringService.ScoreStream:output_type -> veil.scoring.v1.ScoreStreamResponse
-	10, // [10:13] is the sub-list for method output_type
-	7,  // [7:10] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	1,  // 0: veil.scoring.v1.GetModelInfoResponse.parameters:type_name -> veil.scoring.v1.Parameters
+	0,  // 1: veil.scoring.v1.GetModelInfoResponse.output:type_name -> veil.scoring.v1.Output
+	10, // 2: veil.scoring.v1.ScoreRequest.features:type_name -> veil.he.v1.EncryptedVector
+	10, // 3: veil.scoring.v1.ScoreResponse.probabilities:type_name -> veil.he.v1.EncryptedVector
+	10, // 4: veil.scoring.v1.ScoreResponse.logits:type_name -> veil.he.v1.EncryptedVector
+	7,  // 5: veil.scoring.v1.ScoreStreamRequest.header:type_name -> veil.scoring.v1.ScoreStreamHeader
+	8,  // 6: veil.scoring.v1.ScoreStreamRequest.block:type_name -> veil.scoring.v1.FeatureBlock
+	10, // 7: veil.scoring.v1.FeatureBlock.values:type_name -> veil.he.v1.EncryptedVector
+	10, // 8: veil.scoring.v1.ScoreStreamResponse.probabilities:type_name -> veil.he.v1.EncryptedVector
+	10, // 9: veil.scoring.v1.ScoreStreamResponse.logits:type_name -> veil.he.v1.EncryptedVector
+	2,  // 10: veil.scoring.v1.ScoringService.GetModelInfo:input_type -> veil.scoring.v1.GetModelInfoRequest
+	4,  // 11: veil.scoring.v1.ScoringService.Score:input_type -> veil.scoring.v1.ScoreRequest
+	6,  // 12: veil.scoring.v1.ScoringService.ScoreStream:input_type -> veil.scoring.v1.ScoreStreamRequest
+	3,  // 13: veil.scoring.v1.ScoringService.GetModelInfo:output_type -> veil.scoring.v1.GetModelInfoResponse
+	5,  // 14: veil.scoring.v1.ScoringService.Score:output_type -> veil.scoring.v1.ScoreResponse
+	9,  // 15: veil.scoring.v1.ScoringService.ScoreStream:output_type -> veil.scoring.v1.ScoreStreamResponse
+	13, // [13:16] is the sub-list for method output_type
+	10, // [10:13] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_veil_scoring_v1_scoring_proto_init() }
@@ -706,13 +878,14 @@ func file_veil_scoring_v1_scoring_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_veil_scoring_v1_scoring_proto_rawDesc), len(file_veil_scoring_v1_scoring_proto_rawDesc)),
-			NumEnums:      0,
+			NumEnums:      1,
 			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_veil_scoring_v1_scoring_proto_goTypes,
 		DependencyIndexes: file_veil_scoring_v1_scoring_proto_depIdxs,
+		EnumInfos:         file_veil_scoring_v1_scoring_proto_enumTypes,
 		MessageInfos:      file_veil_scoring_v1_scoring_proto_msgTypes,
 	}.Build()
 	File_veil_scoring_v1_scoring_proto = out.File

@@ -4,9 +4,9 @@
 
 // Package veil.scoring.v1 is encrypted logistic-regression inference: the client
 // encrypts a batch of feature vectors with CKKS (one vector per feature, samples
-// across slots), the server computes the encrypted logits and an encrypted sigmoid
-// approximation with its plaintext model, and only the client can decrypt the
-// probabilities. See docs/services.md.
+// across slots), the server computes the encrypted logits with its plaintext model
+// (exactly: no approximation), and only the client can decrypt them and apply the
+// sigmoid. See docs/services.md.
 package scoringv1connect
 
 import (
