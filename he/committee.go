@@ -291,12 +291,13 @@ func (c *Committee) UnmarshalReleaseShare(member int, active []int, v *Vector, b
 }
 
 // Release combines the release shares of exactly the t active members (each made for
-// that same active set) into v re-encrypted under the reader's public key: only the
-// reader can decrypt it. Fewer shares release nothing.
-func (c *Committee) Release(v *Vector, shares []*ReleaseShare) (out *Vector, err error) {
+// that same active set, towards reader) into v re-encrypted under the reader's public
+// key: only the reader can decrypt it, and the result carries the reader key's
+// fingerprint. Fewer shares release nothing.
+func (c *Committee) Release(v *Vector, reader *PublicKey, shares []*ReleaseShare) (out *Vector, err error) {
 	defer recoverInto(&err, "release")
-	if v == nil || v.params.id != c.params.id {
-		return nil, preconditionf("release: vector under other parameters")
+	if v == nil || v.params.id != c.params.id || reader == nil || reader.params.id != c.params.id {
+		return nil, preconditionf("release: vector or reader key under other parameters")
 	}
 	if len(shares) < c.t {
 		return nil, preconditionf("release needs %d members' shares, have %d", c.t, len(shares))
@@ -331,7 +332,9 @@ func (c *Committee) Release(v *Vector, shares []*ReleaseShare) (out *Vector, err
 		cts[i] = rlwe.NewCiphertext(c.params.p, 1, ct.Level())
 		pcks.KeySwitch(ct, agg, cts[i])
 	}
-	return v.derive(cts, v.length, v.dirty), nil
+	out = v.derive(cts, v.length, v.dirty)
+	out.fp = reader.fp
+	return out, nil
 }
 
 // reduced reports whether every coefficient of p is below its limb's modulus.

@@ -71,7 +71,7 @@ func release(t *testing.T, c *Committee, members []*Member, active []int, reader
 		}
 		shares = append(shares, s)
 	}
-	return c.Release(v, shares)
+	return c.Release(v, reader.PublicKey(), shares)
 }
 
 // Three members, threshold 2: the collective key encrypts like a single key (within
@@ -146,7 +146,7 @@ func TestCommitteeThreshold(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Release(v, []*ReleaseShare{s1}); CodeOf(err) != connect.CodeFailedPrecondition {
+	if _, err := c.Release(v, reader.PublicKey(), []*ReleaseShare{s1}); CodeOf(err) != connect.CodeFailedPrecondition {
 		t.Errorf("release with t-1 shares: %v", err)
 	}
 	if _, err := members[0].ReleaseShare([]int{1}, reader.PublicKey(), v, 1<<10); CodeOf(err) != connect.CodeInvalidArgument {
@@ -157,11 +157,11 @@ func TestCommitteeThreshold(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Release(v, []*ReleaseShare{s1, s3}); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := c.Release(v, reader.PublicKey(), []*ReleaseShare{s1, s3}); CodeOf(err) != connect.CodeInvalidArgument {
 		t.Errorf("shares for different active sets: %v", err)
 	}
 	// The same member twice.
-	if _, err := c.Release(v, []*ReleaseShare{s1, s1}); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := c.Release(v, reader.PublicKey(), []*ReleaseShare{s1, s1}); CodeOf(err) != connect.CodeInvalidArgument {
 		t.Errorf("one member's share twice: %v", err)
 	}
 
@@ -303,7 +303,7 @@ func BenchmarkCommittee(b *testing.B) {
 		}
 		b.Run(fmt.Sprintf("n=%d/server-combine", n), func(b *testing.B) {
 			for b.Loop() {
-				if _, err := c.Release(v, rel); err != nil {
+				if _, err := c.Release(v, reader.PublicKey(), rel); err != nil {
 					b.Fatal(err)
 				}
 			}
