@@ -38,7 +38,7 @@ func NewCommittee(params *Parameters, context []byte, n, t int) (c *Committee, e
 	h := sha256.New()
 	h.Write([]byte("veil-he-committee-crs-v1\x00"))
 	h.Write([]byte(params.id))
-	binary.Write(h, binary.BigEndian, [2]uint32{uint32(n), uint32(t)})
+	h.Write(binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32(nil, uint32(n)), uint32(t)))
 	h.Write(context)
 	prng, err := sampling.NewKeyedPRNG(h.Sum(nil))
 	if err != nil {

@@ -107,7 +107,7 @@ func serviceBucket(kind, service string) (string, error) {
 	}
 	path := []byte(strings.TrimPrefix(id.Path(), "/"))
 	for i, c := range path {
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+		if keep := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_'; !keep {
 			path[i] = '_'
 		}
 	}
