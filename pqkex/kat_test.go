@@ -31,19 +31,36 @@ var update = flag.Bool("update", false, "rewrite testdata/kat.json from the impl
 
 const katPath = "testdata/kat.json"
 
-// lastKATRoots, lastKATServer and lastKATTickets are the CA roots, server identity and ticket
-// keys of the last vector katRun computed.
-var (
-	lastKATRoots   Roots
-	lastKATServer  *Identity
-	lastKATTickets *TicketKeys
-)
+// katKeys are the keys a vector is computed from that it does not hold: the CA roots, the
+// server's identity and the ticket keys.
+type katKeys struct {
+	roots   Roots
+	server  *Identity
+	tickets *TicketKeys
+}
 
-// katServer returns a server with the identity and roots of vector v at the vector's time.
+// katKeysOf recomputes vector v from its inputs and returns its keys; v must reproduce.
+func katKeysOf(t testing.TB, v katVector) katKeys {
+	t.Helper()
+	got, keys := katRun(t, SchemeByName(v.Suite), aeadByName(v.AEAD), helloFlags(v))
+	if !bytes.Equal(got.ServerCredential, v.ServerCredential) || !bytes.Equal(got.ResponseBody, v.ResponseBody) {
+		t.Fatalf("%s: vector does not reproduce", v.Suite)
+	}
+	return keys
+}
+
+// serverOptions are the options of a server with the vector's identity, roots and ticket
+// keys at the vector's time v.Now.
+func (k katKeys) serverOptions(v katVector) []ServerOption {
+	return []ServerOption{WithIdentity(k.server), WithRoots(k.roots), WithTicketKeys(k.tickets),
+		WithClock(func() time.Time { return time.Unix(v.Now, 0) })}
+}
+
+// katServer returns a server with the identity, roots and ticket keys of vector v at the
+// vector's time.
 func katServer(t testing.TB, v katVector) *Server {
 	t.Helper()
-	katRun(t, SchemeByName(v.Suite), aeadByName(v.AEAD), helloFlags(v))
-	s, err := NewServer(WithIdentity(lastKATServer), WithRoots(lastKATRoots), WithClock(func() time.Time { return time.Unix(v.Now, 0) }))
+	s, err := NewServer(katKeysOf(t, v).serverOptions(v)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,7 +132,7 @@ var katCases = []struct {
 
 // katRun computes a vector from its inputs (suite, AEAD, seed, ClientHello flags; the
 // binding is drawn from the seed when flags has flagBinding).
-func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
+func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) (katVector, katKeys) {
 	t.Helper()
 	seed := "veil pqkex kat " + suite.Name() + " " + aead.String()
 	if flags&flagTLSEphemeral != 0 {
@@ -136,7 +153,6 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 	mustRead(t, r, edSeed)
 	caCl := ed25519.NewKeyFromSeed(edSeed)
 	roots := Roots{PQ: caPQ.Public(), Classical: caCl.Public()}
-	lastKATRoots = roots
 	identity := func(id string) *Identity {
 		pub, priv, err := GenerateKey(suite, r)
 		if err != nil {
@@ -153,7 +169,6 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 		return ident
 	}
 	server, client := identity("spiffe://example.org/server"), identity("spiffe://example.org/client")
-	lastKATServer = server
 	v.ServerCredential, v.ClientCredential = server.cred.raw, client.cred.raw
 	var cb []byte
 	if bind {
@@ -174,7 +189,6 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lastKATTickets = keys
 	ch, err := parseClientHello(hs.raw)
 	if err != nil {
 		t.Fatal(err)
@@ -276,7 +290,7 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 	if err := ck.s2c.advance(ssRekey, ctRekey); err != nil || !bytes.Equal(ck.s2c.secret, v.RekeyedSecret) {
 		t.Fatalf("direction.advance and rekeySecret disagree: %v", err)
 	}
-	return v
+	return v, katKeys{roots: roots, server: server, tickets: keys}
 }
 
 func mustRead(t testing.TB, r io.Reader, b []byte) {
@@ -321,7 +335,8 @@ func sealBody(t testing.TB, d *direction, head *fieldBlock, chunks [][]byte, tra
 func TestKnownAnswers(t *testing.T) {
 	var got []katVector
 	for _, c := range katCases {
-		got = append(got, katRun(t, c.suite, c.aead, c.flags))
+		v, _ := katRun(t, c.suite, c.aead, c.flags)
+		got = append(got, v)
 	}
 	if *update {
 		b, err := json.MarshalIndent(got, "", "  ")
@@ -364,16 +379,12 @@ func loadKAT(t testing.TB) []katVector {
 func TestKnownAnswerServer(t *testing.T) {
 	for _, v := range loadKAT(t) {
 		suite := SchemeByName(v.Suite)
-		got := katRun(t, suite, aeadByName(v.AEAD), helloFlags(v))
-		if !bytes.Equal(got.ResponseBody, v.ResponseBody) {
-			t.Fatalf("%s: vector does not reproduce", v.Suite)
-		}
+		keys := katKeysOf(t, v)
 		sh, err := parseServerHello(v.ServerHello, suite, aeadByName(v.AEAD), helloFlags(v))
 		if err != nil {
 			t.Fatal(err)
 		}
-		s, err := NewServer(WithIdentity(lastKATServer), WithRoots(lastKATRoots), WithTicketKeys(lastKATTickets),
-			WithClock(func() time.Time { return time.Unix(v.Now, 0) }))
+		s, err := NewServer(keys.serverOptions(v)...)
 		if err != nil {
 			t.Fatal(err)
 		}
