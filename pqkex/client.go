@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"net/url"
 	"slices"
@@ -74,7 +73,7 @@ func NewClient(opts ...Option) (*Client, error) {
 		if !cfg.insecureAny {
 			return nil, errors.New("pqkex: client needs the server identity it expects (WithAuthorizer), or InsecureAcceptAnyServer")
 		}
-		slog.Warn("pqkex: client accepts any server identity (InsecureAcceptAnyServer): a proxy can route its calls to any certified workload")
+		cfg.logger.Warn("pqkex: client accepts any server identity (InsecureAcceptAnyServer): a proxy can route its calls to any certified workload")
 	}
 	cfg.rekey = cfg.rekey.withDefaults()
 	m := newMetrics(cfg.registerer)

@@ -21,13 +21,6 @@ const (
 	maxFrameCiphertext = maxFramePlaintext + aeadTagSize
 )
 
-// StreamRekeyPolicy says when a sender advances a direction's keys with a fresh KEM
-// encapsulation to the receiver's static key. Zero fields mean "never" for that measure.
-type StreamRekeyPolicy struct {
-	Bytes int64
-	Age   time.Duration
-}
-
 // callSide is what a call's frames need from the side, client or server, that they belong
 // to: the KEM operations of in-stream rekeys (spec 6.2) and accounting. One per-call value
 // implements it, so that a call's sealer, opener and readers share one allocation rather
@@ -44,8 +37,8 @@ type callSide interface {
 // sealer produces the frames of one direction.
 type sealer struct {
 	dir        *direction
-	side       callSide // nil: never rekey
-	policy     StreamRekeyPolicy
+	side       callSide          // nil: never rekey
+	policy     StreamRekeyPolicy // resolved by RekeyPolicy.withDefaults: a zero field is never
 	now        func() time.Time
 	sinceBytes int64
 	since      time.Time
