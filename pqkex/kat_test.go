@@ -96,24 +96,29 @@ type katVector struct {
 	Bind             hexBytes `json:"channel_binding"`
 	ServerCredential hexBytes `json:"server_credential"`
 	ClientCredential hexBytes `json:"client_credential"`
-	ClientHello      hexBytes `json:"client_hello"`
-	ServerHello      hexBytes `json:"server_hello"`
-	Session          hexBytes `json:"session_secret"`
-	SessionID        hexBytes `json:"session_id"`
-	TicketPlaintext  hexBytes `json:"ticket_plaintext"`
-	CallRoot         hexBytes `json:"call_root"`
-	CallID           uint64   `json:"call_id"`
-	Procedure        string   `json:"procedure"`
-	ServerNonce      hexBytes `json:"server_nonce"`
-	C2SKey           hexBytes `json:"c2s_key"`
-	S2CKey           hexBytes `json:"s2c_key"`
-	C2SSecret        hexBytes `json:"c2s_secret"`
-	S2CSecret        hexBytes `json:"s2c_secret"`
-	RequestBody      hexBytes `json:"request_body"`
-	ResponseBody     hexBytes `json:"response_body"`
-	RekeySS          hexBytes `json:"rekey_shared_secret"`
-	RekeyCT          hexBytes `json:"rekey_ciphertext"`
-	RekeyedSecret    hexBytes `json:"rekeyed_secret"`
+	// The seeds the static and ephemeral key pairs derive from (spec 3), so that a reference
+	// can decapsulate the vector's ciphertexts: they are secret in real use.
+	ServerKeySeed   hexBytes `json:"server_key_seed"`
+	ClientKeySeed   hexBytes `json:"client_key_seed"`
+	EphemeralSeed   hexBytes `json:"ephemeral_seed,omitempty"`
+	ClientHello     hexBytes `json:"client_hello"`
+	ServerHello     hexBytes `json:"server_hello"`
+	Session         hexBytes `json:"session_secret"`
+	SessionID       hexBytes `json:"session_id"`
+	TicketPlaintext hexBytes `json:"ticket_plaintext"`
+	CallRoot        hexBytes `json:"call_root"`
+	CallID          uint64   `json:"call_id"`
+	Procedure       string   `json:"procedure"`
+	ServerNonce     hexBytes `json:"server_nonce"`
+	C2SKey          hexBytes `json:"c2s_key"`
+	S2CKey          hexBytes `json:"s2c_key"`
+	C2SSecret       hexBytes `json:"c2s_secret"`
+	S2CSecret       hexBytes `json:"s2c_secret"`
+	RequestBody     hexBytes `json:"request_body"`
+	ResponseBody    hexBytes `json:"response_body"`
+	RekeySS         hexBytes `json:"rekey_shared_secret"`
+	RekeyCT         hexBytes `json:"rekey_ciphertext"`
+	RekeyedSecret   hexBytes `json:"rekeyed_secret"`
 }
 
 var katCases = []struct {
@@ -153,8 +158,11 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) (katVector, katK
 	mustRead(t, r, edSeed)
 	caCl := ed25519.NewKeyFromSeed(edSeed)
 	roots := Roots{PQ: caPQ.Public(), Classical: caCl.Public()}
+	var seeds [][]byte
 	identity := func(id string) *Identity {
-		pub, priv, err := GenerateKey(suite, r)
+		tap := &tapReader{r: r}
+		pub, priv, err := GenerateKey(suite, tap)
+		seeds = append(seeds, tap.read)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -170,6 +178,7 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) (katVector, katK
 	}
 	server, client := identity("spiffe://example.org/server"), identity("spiffe://example.org/client")
 	v.ServerCredential, v.ClientCredential = server.cred.raw, client.cred.raw
+	v.ServerKeySeed, v.ClientKeySeed = seeds[0], seeds[1]
 	var cb []byte
 	if bind {
 		cb = make([]byte, 32)
@@ -177,9 +186,14 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) (katVector, katK
 		v.Bind = cb
 	}
 
-	hs, err := startClient(r, client, server.cred, aead, flags)
+	tap := &tapReader{r: r}
+	hs, err := startClient(tap, client, server.cred, aead, flags)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if flags&flagTLSEphemeral == 0 {
+		// startClient reads client_random, the ephemeral seed, then the encapsulation seed.
+		v.EphemeralSeed = tap.read[randomSize : len(tap.read)-hs.hello.kem().EncapsulationSeedSize()]
 	}
 	v.ClientHello = hs.raw
 	var tk TicketKey
@@ -291,6 +305,18 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) (katVector, katK
 		t.Fatalf("direction.advance and rekeySecret disagree: %v", err)
 	}
 	return v, katKeys{roots: roots, server: server, tickets: keys}
+}
+
+// tapReader records what is read through it.
+type tapReader struct {
+	r    io.Reader
+	read []byte
+}
+
+func (t *tapReader) Read(p []byte) (int, error) {
+	n, err := t.r.Read(p)
+	t.read = append(t.read, p[:n]...)
+	return n, err
 }
 
 func mustRead(t testing.TB, r io.Reader, b []byte) {
