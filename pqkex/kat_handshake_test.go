@@ -249,3 +249,27 @@ func (k refKey) decap(t *testing.T, ct []byte, pqOnly bool) []byte {
 	}
 	return append(ss, x...)
 }
+
+// TestTranscriptHelloKeepsTheHello checks CH' (spec 5.2) for every vector, the SHA-512 suite
+// included: the ClientHello up to server_credential_digest unchanged (all of client_random),
+// then H(server credential) with the suite hash, the rest of the hello up to the client
+// credential, and H(client credential) in its place.
+func TestTranscriptHelloKeepsTheHello(t *testing.T) {
+	for i, v := range loadKAT(t) {
+		h := SchemeByName(v.Suite).Hash()
+		ch := refParseClientHello(t, v.ClientHello)
+		m, err := parseClientHello(v.ClientHello)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := m.transcriptHello(refHash(h, v.ClientCredential), refHash(h, v.ServerCredential))
+		want := append([]byte(nil), v.ClientHello[:ch.digestAt]...)
+		want = append(want, refHash(h, v.ServerCredential)...)
+		want = append(want, v.ClientHello[ch.digestAt+32:ch.credentialAt]...)
+		want = binary.BigEndian.AppendUint16(want, uint16(h.Size()))
+		want = append(want, refHash(h, v.ClientCredential)...)
+		if !bytes.Equal(got, want) {
+			t.Errorf("vector %d (%s): CH' differs from spec 5.2", i, v.Suite)
+		}
+	}
+}
