@@ -111,15 +111,8 @@ type refClientHello struct {
 func refParseClientHello(t *testing.T, b []byte) refClientHello {
 	t.Helper()
 	var m refClientHello
-	at := 0
-	take := func(n int) []byte {
-		if at+n > len(b) {
-			t.Fatalf("ClientHello: %d bytes, need %d at %d", len(b), n, at)
-		}
-		at += n
-		return b[at-n : at]
-	}
-	vec16 := func() []byte { return take(int(binary.BigEndian.Uint16(take(2)))) }
+	r := &refReader{t: t, what: "ClientHello", b: b}
+	take, vec16 := r.take, r.vec16
 	if hdr := take(2); hdr[0] != 2 || hdr[1] != 1 {
 		t.Fatalf("ClientHello version %d type %d", hdr[0], hdr[1])
 	}
@@ -128,13 +121,13 @@ func refParseClientHello(t *testing.T, b []byte) refClientHello {
 	m.suite, m.aead = binary.BigEndian.Uint16(take(2)), binary.BigEndian.Uint16(take(2))
 	m.flags = take(1)[0]
 	take(32) // client_random
-	m.digestAt = at
+	m.digestAt = r.at
 	take(32)
 	m.ephemeralPK, m.ctS = vec16(), vec16()
-	m.credentialAt = at
+	m.credentialAt = r.at
 	vec16()
-	if at != len(b) {
-		t.Fatalf("ClientHello: %d bytes after the credential", len(b)-at)
+	if r.at != len(b) {
+		t.Fatalf("ClientHello: %d bytes after the credential", len(b)-r.at)
 	}
 	return m
 }
@@ -150,30 +143,42 @@ type refServerHello struct {
 func refParseServerHello(t *testing.T, b []byte, nh int) refServerHello {
 	t.Helper()
 	var m refServerHello
-	at := 0
-	take := func(n int) []byte {
-		if at+n > len(b) {
-			t.Fatalf("ServerHello: %d bytes, need %d at %d", len(b), n, at)
-		}
-		at += n
-		return b[at-n : at]
-	}
-	vec16 := func() []byte { return take(int(binary.BigEndian.Uint16(take(2)))) }
+	r := &refReader{t: t, what: "ServerHello", b: b}
+	take, vec16 := r.take, r.vec16
 	if hdr := take(2); hdr[0] != 2 || hdr[1] != 2 {
 		t.Fatalf("ServerHello version %d type %d", hdr[0], hdr[1])
 	}
 	m.suite, m.aead = binary.BigEndian.Uint16(take(2)), binary.BigEndian.Uint16(take(2))
 	take(32) // server_random
 	m.ctE, m.ctC = vec16(), vec16()
-	m.keysEnd = at
+	m.keysEnd = r.at
 	take(8) // ticket_expiry
 	vec16() // ticket
 	m.confirm = take(nh)
-	if at != len(b) {
-		t.Fatalf("ServerHello: %d bytes after confirm", len(b)-at)
+	if r.at != len(b) {
+		t.Fatalf("ServerHello: %d bytes after confirm", len(b)-r.at)
 	}
 	return m
 }
+
+// refReader reads the fields of a handshake message in order.
+type refReader struct {
+	t    *testing.T
+	what string
+	b    []byte
+	at   int
+}
+
+func (r *refReader) take(n int) []byte {
+	if r.at+n > len(r.b) {
+		r.t.Fatalf("%s: %d bytes, need %d at %d", r.what, len(r.b), n, r.at)
+	}
+	r.at += n
+	return r.b[r.at-n : r.at]
+}
+
+// vec16 reads a u16 length and that many bytes.
+func (r *refReader) vec16() []byte { return r.take(int(binary.BigEndian.Uint16(r.take(2)))) }
 
 // refKey is an X25519MLKEM768 key pair from the standard library: the ML-KEM-768 half and,
 // unless the key is ML-KEM only, the X25519 half.
