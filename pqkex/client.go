@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"net/url"
 	"slices"
@@ -74,7 +73,7 @@ func NewClient(opts ...Option) (*Client, error) {
 		if !cfg.insecureAny {
 			return nil, errors.New("pqkex: client needs the server identity it expects (WithAuthorizer), or InsecureAcceptAnyServer")
 		}
-		slog.Warn("pqkex: client accepts any server identity (InsecureAcceptAnyServer): a proxy can route its calls to any certified workload")
+		cfg.logger.Warn("pqkex: client accepts any server identity (InsecureAcceptAnyServer): a proxy can route its calls to any certified workload")
 	}
 	cfg.rekey = cfg.rekey.withDefaults()
 	m := newMetrics(cfg.registerer)
@@ -147,35 +146,54 @@ func sessionLost(err error) bool {
 	return re != nil && re.code == connect.CodeUnavailable && sessionRefusal(string(re.reason))
 }
 
+// roundTrip makes one sealed call: seal the request, send it, open the answer.
 func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
-	c := rt.c
 	if req.Method != http.MethodPost {
 		return nil, errMethod
 	}
 	if compressed(req.Header) {
 		return nil, errCompressed
 	}
-	var sess *clientSession
-	var callID uint64
+	sess, callID, err := rt.reserve(req)
+	if err != nil {
+		return nil, err
+	}
+	defer sess.inflight.done(callID) // answered or failed: past the server's replay check
+	cc, short, err := rt.seal(req, sess, callID)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := rt.send(cc, short)
+	if err != nil {
+		return nil, err
+	}
+	return rt.open(cc, req, resp)
+}
+
+// reserve returns a usable session for req's server and a call ID in its window.
+func (rt *roundTripper) reserve(req *http.Request) (*clientSession, uint64, error) {
 	for {
-		s, err := c.session(req.Context(), rt.base, req.URL, rt.expect)
+		s, err := rt.c.session(req.Context(), rt.base, req.URL, rt.expect)
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		if id, ok := s.inflight.alloc(); ok {
-			sess, callID = s, id
-			break
+			s.calls.Add(1)
+			return s, id, nil
 		}
 		// Another call filled the session's window first: session() replaces it.
 	}
-	sess.calls.Add(1)
-	defer sess.inflight.done(callID) // answered or failed: past the server's replay check
-	cc := &clientCall{c: c, sess: sess}
+}
+
+// seal derives the call's keys and builds the request that goes on the wire: a shallow copy
+// of req with only the routing hints in clear (spec 6.1) and the sealed head and body
+// (spec 6.3). short reports whether it names the session by ID (the short form, spec 6.6).
+func (rt *roundTripper) seal(req *http.Request, sess *clientSession, callID uint64) (cc *clientCall, short bool, err error) {
+	c := rt.c
+	cc = &clientCall{c: c, sess: sess}
 	if err := cc.keys.init(sess.suite.Hash(), sess.aead, sess.secretKey, callID, req.URL.Path); err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	// The request head (spec 6.3) carries the method, path and headers; the request on the
-	// wire is a shallow copy with only the routing hints in clear (spec 6.1).
 	head := fieldBlock{method: req.Method, path: req.URL.RequestURI(), headers: req.Header, omit: notSealed}
 	out := &cc.out
 	*out = *req
@@ -187,7 +205,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 	}
 	// The short form (spec 6.6): only for bodies sealed whole, which can be resent with the
 	// ticket if this server does not hold the session.
-	short := req.ContentLength >= 0 && sess.held.Load()
+	short = req.ContentLength >= 0 && sess.held.Load()
 	if short {
 		out.Header[headerSession] = []string{sess.sid}
 	} else {
@@ -201,7 +219,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		// in as few HTTP/2 frames and writes as possible.
 		sealed, err := sealWhole(&cc.s, callID, &head, nonNil(req.Body), req.ContentLength, cc)
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
 		cc.sealed = sealed
 		out.Body = cc.sealedBody()
@@ -211,36 +229,45 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		// Encoded now, while req is the caller's to read; sealed when the transport first reads.
 		hb := head.encode(nil)
 		if len(hb) > maxFramePlaintext {
-			return nil, errFieldsTooLarge
+			return nil, false, errFieldsTooLarge
 		}
 		out.Body = &sealReader{s: &cc.s, callID: callID, head: hb, src: nonNil(req.Body), side: cc}
 	}
 	c.sc.sealed.Inc()
+	return cc, short, nil
+}
+
+// send sends the sealed request. A request in the short form that this server refuses as
+// an unknown session is resent once with the ticket (spec 6.6).
+func (rt *roundTripper) send(cc *clientCall, short bool) (*http.Response, error) {
+	out := &cc.out
 	resp, err := rt.base.RoundTrip(out)
-	if err != nil {
-		return nil, err
+	if err != nil || !short || headerValue(resp.Header, headerError) != string(reasonUnknownSess) {
+		return resp, err
 	}
-	if short && headerValue(resp.Header, headerError) == string(reasonUnknownSess) {
-		// This server (another replica, or one that restarted) does not hold the session:
-		// it refused the call before anything else, so the same sealed request is resent
-		// once with the ticket.
-		_ = resp.Body.Close()
-		c.m.reject(sideClient, errUnknownSession)
-		retry := out.Clone(out.Context())
-		delete(retry.Header, headerSession)
-		retry.Header[headerTicket] = []string{sess.ticket}
-		retry.Body = cc.sealedBody()
-		if resp, err = rt.base.RoundTrip(retry); err != nil {
-			return nil, err
-		}
-	}
+	// This server (another replica, or one that restarted) does not hold the session: it
+	// refused the call before anything else, so the same sealed request is resent once
+	// with the ticket.
+	_ = resp.Body.Close()
+	rt.c.m.reject(sideClient, errUnknownSession)
+	retry := out.Clone(out.Context())
+	delete(retry.Header, headerSession)
+	retry.Header[headerTicket] = []string{cc.sess.ticket}
+	retry.Body = cc.sealedBody()
+	return rt.base.RoundTrip(retry)
+}
+
+// open checks the server's answer to req and turns it into the response the caller sees
+// (spec 6.2, 6.3); an unauthenticated refusal or an unsealed answer is an error, never a response.
+func (rt *roundTripper) open(cc *clientCall, req *http.Request, resp *http.Response) (*http.Response, error) {
+	sess := cc.sess
 	if token := headerValue(resp.Header, headerError); token != "" {
 		// An unauthenticated refusal (spec 9): a session refusal drops the session, anything
 		// else is tampering. Neither takes the code the token names.
 		_ = resp.Body.Close()
 		err := callRefusal(token)
 		if sessionRefusal(token) {
-			c.dropSession(req.URL, sess)
+			rt.c.dropSession(req.URL, sess)
 		}
 		return nil, err
 	}

@@ -232,7 +232,9 @@ func (m *clientHello) transcriptHello(clientHash, serverHash []byte) []byte {
 	t := *m
 	t.credential = clientHash
 	b := t.marshal()
-	const at = 7 + randomSize // server_credential_digest's offset
+	// server_credential_digest's offset (spec 5.1): version, type, the two offer lists,
+	// suite, aead, flags, client_random.
+	at := 2 + 1 + len(m.versions) + 1 + 2*len(m.suites) + 5 + randomSize
 	if len(serverHash) == credDigestSize {
 		copy(b[at:], serverHash)
 		return b

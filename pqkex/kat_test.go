@@ -31,19 +31,36 @@ var update = flag.Bool("update", false, "rewrite testdata/kat.json from the impl
 
 const katPath = "testdata/kat.json"
 
-// lastKATRoots, lastKATServer and lastKATTickets are the CA roots, server identity and ticket
-// keys of the last vector katRun computed.
-var (
-	lastKATRoots   Roots
-	lastKATServer  *Identity
-	lastKATTickets *TicketKeys
-)
+// katKeys are the keys a vector is computed from that it does not hold: the CA roots, the
+// server's identity and the ticket keys.
+type katKeys struct {
+	roots   Roots
+	server  *Identity
+	tickets *TicketKeys
+}
 
-// katServer returns a server with the identity and roots of vector v at the vector's time.
+// katKeysOf recomputes vector v from its inputs and returns its keys; v must reproduce.
+func katKeysOf(t testing.TB, v katVector) katKeys {
+	t.Helper()
+	got, keys := katRun(t, SchemeByName(v.Suite), aeadByName(v.AEAD), helloFlags(v))
+	if !bytes.Equal(got.ServerCredential, v.ServerCredential) || !bytes.Equal(got.ResponseBody, v.ResponseBody) {
+		t.Fatalf("%s: vector does not reproduce", v.Suite)
+	}
+	return keys
+}
+
+// serverOptions are the options of a server with the vector's identity, roots and ticket
+// keys at the vector's time v.Now.
+func (k katKeys) serverOptions(v katVector) []ServerOption {
+	return []ServerOption{WithIdentity(k.server), WithRoots(k.roots), WithTicketKeys(k.tickets),
+		WithClock(func() time.Time { return time.Unix(v.Now, 0) })}
+}
+
+// katServer returns a server with the identity, roots and ticket keys of vector v at the
+// vector's time.
 func katServer(t testing.TB, v katVector) *Server {
 	t.Helper()
-	katRun(t, SchemeByName(v.Suite), aeadByName(v.AEAD), helloFlags(v))
-	s, err := NewServer(WithIdentity(lastKATServer), WithRoots(lastKATRoots), WithClock(func() time.Time { return time.Unix(v.Now, 0) }))
+	s, err := NewServer(katKeysOf(t, v).serverOptions(v)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,24 +96,29 @@ type katVector struct {
 	Bind             hexBytes `json:"channel_binding"`
 	ServerCredential hexBytes `json:"server_credential"`
 	ClientCredential hexBytes `json:"client_credential"`
-	ClientHello      hexBytes `json:"client_hello"`
-	ServerHello      hexBytes `json:"server_hello"`
-	Session          hexBytes `json:"session_secret"`
-	SessionID        hexBytes `json:"session_id"`
-	TicketPlaintext  hexBytes `json:"ticket_plaintext"`
-	CallRoot         hexBytes `json:"call_root"`
-	CallID           uint64   `json:"call_id"`
-	Procedure        string   `json:"procedure"`
-	ServerNonce      hexBytes `json:"server_nonce"`
-	C2SKey           hexBytes `json:"c2s_key"`
-	S2CKey           hexBytes `json:"s2c_key"`
-	C2SSecret        hexBytes `json:"c2s_secret"`
-	S2CSecret        hexBytes `json:"s2c_secret"`
-	RequestBody      hexBytes `json:"request_body"`
-	ResponseBody     hexBytes `json:"response_body"`
-	RekeySS          hexBytes `json:"rekey_shared_secret"`
-	RekeyCT          hexBytes `json:"rekey_ciphertext"`
-	RekeyedSecret    hexBytes `json:"rekeyed_secret"`
+	// The seeds the static and ephemeral key pairs derive from (spec 3), so that a reference
+	// can decapsulate the vector's ciphertexts: they are secret in real use.
+	ServerKeySeed   hexBytes `json:"server_key_seed"`
+	ClientKeySeed   hexBytes `json:"client_key_seed"`
+	EphemeralSeed   hexBytes `json:"ephemeral_seed,omitempty"`
+	ClientHello     hexBytes `json:"client_hello"`
+	ServerHello     hexBytes `json:"server_hello"`
+	Session         hexBytes `json:"session_secret"`
+	SessionID       hexBytes `json:"session_id"`
+	TicketPlaintext hexBytes `json:"ticket_plaintext"`
+	CallRoot        hexBytes `json:"call_root"`
+	CallID          uint64   `json:"call_id"`
+	Procedure       string   `json:"procedure"`
+	ServerNonce     hexBytes `json:"server_nonce"`
+	C2SKey          hexBytes `json:"c2s_key"`
+	S2CKey          hexBytes `json:"s2c_key"`
+	C2SSecret       hexBytes `json:"c2s_secret"`
+	S2CSecret       hexBytes `json:"s2c_secret"`
+	RequestBody     hexBytes `json:"request_body"`
+	ResponseBody    hexBytes `json:"response_body"`
+	RekeySS         hexBytes `json:"rekey_shared_secret"`
+	RekeyCT         hexBytes `json:"rekey_ciphertext"`
+	RekeyedSecret   hexBytes `json:"rekeyed_secret"`
 }
 
 var katCases = []struct {
@@ -115,7 +137,7 @@ var katCases = []struct {
 
 // katRun computes a vector from its inputs (suite, AEAD, seed, ClientHello flags; the
 // binding is drawn from the seed when flags has flagBinding).
-func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
+func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) (katVector, katKeys) {
 	t.Helper()
 	seed := "veil pqkex kat " + suite.Name() + " " + aead.String()
 	if flags&flagTLSEphemeral != 0 {
@@ -136,9 +158,11 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 	mustRead(t, r, edSeed)
 	caCl := ed25519.NewKeyFromSeed(edSeed)
 	roots := Roots{PQ: caPQ.Public(), Classical: caCl.Public()}
-	lastKATRoots = roots
+	var seeds [][]byte
 	identity := func(id string) *Identity {
-		pub, priv, err := GenerateKey(suite, r)
+		tap := &tapReader{r: r}
+		pub, priv, err := GenerateKey(suite, tap)
+		seeds = append(seeds, tap.read)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -153,8 +177,8 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 		return ident
 	}
 	server, client := identity("spiffe://example.org/server"), identity("spiffe://example.org/client")
-	lastKATServer = server
 	v.ServerCredential, v.ClientCredential = server.cred.raw, client.cred.raw
+	v.ServerKeySeed, v.ClientKeySeed = seeds[0], seeds[1]
 	var cb []byte
 	if bind {
 		cb = make([]byte, 32)
@@ -162,9 +186,14 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 		v.Bind = cb
 	}
 
-	hs, err := startClient(r, client, server.cred, aead, flags)
+	tap := &tapReader{r: r}
+	hs, err := startClient(tap, client, server.cred, aead, flags)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if flags&flagTLSEphemeral == 0 {
+		// startClient reads client_random, the ephemeral seed, then the encapsulation seed.
+		v.EphemeralSeed = tap.read[randomSize : len(tap.read)-hs.hello.kem().EncapsulationSeedSize()]
 	}
 	v.ClientHello = hs.raw
 	var tk TicketKey
@@ -174,7 +203,6 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 	if err != nil {
 		t.Fatal(err)
 	}
-	lastKATTickets = keys
 	ch, err := parseClientHello(hs.raw)
 	if err != nil {
 		t.Fatal(err)
@@ -276,7 +304,19 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) katVector {
 	if err := ck.s2c.advance(ssRekey, ctRekey); err != nil || !bytes.Equal(ck.s2c.secret, v.RekeyedSecret) {
 		t.Fatalf("direction.advance and rekeySecret disagree: %v", err)
 	}
-	return v
+	return v, katKeys{roots: roots, server: server, tickets: keys}
+}
+
+// tapReader records what is read through it.
+type tapReader struct {
+	r    io.Reader
+	read []byte
+}
+
+func (t *tapReader) Read(p []byte) (int, error) {
+	n, err := t.r.Read(p)
+	t.read = append(t.read, p[:n]...)
+	return n, err
 }
 
 func mustRead(t testing.TB, r io.Reader, b []byte) {
@@ -321,7 +361,8 @@ func sealBody(t testing.TB, d *direction, head *fieldBlock, chunks [][]byte, tra
 func TestKnownAnswers(t *testing.T) {
 	var got []katVector
 	for _, c := range katCases {
-		got = append(got, katRun(t, c.suite, c.aead, c.flags))
+		v, _ := katRun(t, c.suite, c.aead, c.flags)
+		got = append(got, v)
 	}
 	if *update {
 		b, err := json.MarshalIndent(got, "", "  ")
@@ -364,16 +405,12 @@ func loadKAT(t testing.TB) []katVector {
 func TestKnownAnswerServer(t *testing.T) {
 	for _, v := range loadKAT(t) {
 		suite := SchemeByName(v.Suite)
-		got := katRun(t, suite, aeadByName(v.AEAD), helloFlags(v))
-		if !bytes.Equal(got.ResponseBody, v.ResponseBody) {
-			t.Fatalf("%s: vector does not reproduce", v.Suite)
-		}
+		keys := katKeysOf(t, v)
 		sh, err := parseServerHello(v.ServerHello, suite, aeadByName(v.AEAD), helloFlags(v))
 		if err != nil {
 			t.Fatal(err)
 		}
-		s, err := NewServer(WithIdentity(lastKATServer), WithRoots(lastKATRoots), WithTicketKeys(lastKATTickets),
-			WithClock(func() time.Time { return time.Unix(v.Now, 0) }))
+		s, err := NewServer(keys.serverOptions(v)...)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -2,6 +2,7 @@ package pqkex
 
 import (
 	"crypto"
+	"crypto/cipher"
 	"crypto/hkdf"
 	"crypto/hmac"
 	"crypto/rand"
@@ -279,4 +280,116 @@ func readRandom(r io.Reader, b []byte) error {
 		return errInternal
 	}
 	return nil
+}
+
+// direction is the key state of one direction of one call (spec 5.2): the AEAD under the
+// direction's current key and the frame sequence. The chaining secret T that in-stream rekeys
+// advance is derived only when the first rekey needs it, so a call that never rekeys (every
+// unary call) costs one key derivation per direction.
+type direction struct {
+	hash   crypto.Hash
+	aead   AEAD
+	keys   cipher.AEAD
+	seq    uint64    // next sequence number; uint64 so that exhaustion is detectable
+	secret []byte    // T_i after the i-th rekey; nil before the first
+	call   *callKeys // the call's session, ID, procedure and server nonce, for K0 and T0
+	label  string    // dirC2S or dirS2C
+
+	nonceBuf [aeadNonceSize]byte // 0^8 ‖ u32 seq; the first 8 bytes stay zero
+}
+
+// callKeys are both directions of one call, derived from the session secret (spec 5.2)
+// in one allocation. The s2c direction depends on the server's nonce for the call, so it is
+// derived by deriveS2C once that is known (the server draws it, the client reads it from the
+// response body).
+type callKeys struct {
+	c2s, s2c  direction
+	session   *hmacKey // the session secret, keyed; shared with the session, never written
+	callID    uint64
+	procedure string
+	nonce     [serverNonceSize]byte // the server nonce, here so that reading it allocates nothing
+}
+
+// Labels of the first AEAD key of each direction (spec 5.2).
+const (
+	keyLabelC2S = dirC2S + " key"
+	keyLabelS2C = dirS2C + " key"
+)
+
+// init sets ck up for a call and derives its c2s key; ck is part of a larger per-call
+// struct (clientCall, serverCall), so that a call allocates once.
+func (ck *callKeys) init(h crypto.Hash, a AEAD, session *hmacKey, callID uint64, procedure string) error {
+	*ck = callKeys{session: session, callID: callID, procedure: procedure}
+	ck.c2s = direction{hash: h, aead: a, call: ck, label: dirC2S}
+	ck.s2c = direction{hash: h, aead: a, call: ck, label: dirS2C}
+	k := getKDF(h)
+	defer k.put()
+	return ck.c2s.deriveFirst(k)
+}
+
+// deriveS2C derives the call's s2c key from the server nonce in ck.nonce:
+// K0(s2c) = ExpandLabel(session, "s2c key", call_id ‖ server_nonce ‖ procedure, 32) (spec 5.2).
+func (ck *callKeys) deriveS2C() error {
+	k := getKDF(ck.s2c.hash)
+	defer k.put()
+	return ck.s2c.deriveFirst(k)
+}
+
+// context appends ctx(d) of spec 5.2 to b: u64 call_id, for s2c the server nonce, then the
+// procedure. Only the procedure varies in length, and it comes last.
+func (ck *callKeys) context(b []byte, label string) []byte {
+	b = binary.BigEndian.AppendUint64(b, ck.callID)
+	if label == dirS2C {
+		b = append(b, ck.nonce[:]...)
+	}
+	return append(b, ck.procedure...)
+}
+
+// deriveFirst sets d's AEAD to K0(d), straight from the session secret: one HMAC.
+func (d *direction) deriveFirst(k *kdf) error {
+	var buf [callIDSize + serverNonceSize + 128]byte // on the stack unless the procedure is long
+	label := keyLabelC2S
+	if d.label == dirS2C {
+		label = keyLabelS2C
+	}
+	key := k.expandKeyed(k.out[:0], d.call.session, label, d.call.context(buf[:0], d.label), aeadKeySize)
+	c, err := d.aead.new(key)
+	clear(k.out[:])
+	if err != nil {
+		return err
+	}
+	d.keys = c
+	return nil
+}
+
+// nonce returns the AEAD nonce of frame seq: 0^8 ‖ u32 seq. Every key seals one direction
+// of one call execution, so the sequence alone makes nonces unique under it (spec 5.2).
+func (d *direction) nonce(seq uint32) []byte {
+	binary.BigEndian.PutUint32(d.nonceBuf[aeadNonceSize-4:], seq)
+	return d.nonceBuf[:]
+}
+
+// advance rekeys d with the shared secret ss of the KEM ciphertext ct:
+// T_i = ExpandLabel(HKDF-Extract(T_{i-1}, ss), "rekey", H(ct)) and K_i = ExpandLabel(T_i, "key"),
+// where T0 = ExpandLabel(session, label, ctx(d)) is derived here at the first rekey.
+func (d *direction) advance(ss, ct []byte) error {
+	t := d.secret
+	if t == nil {
+		t = d.call.chainSecret(d.label)
+	}
+	secret := rekeySecret(d.hash, t, ss, ct)
+	c, err := d.aead.new(expandLabel(d.hash, secret, "key", nil, aeadKeySize))
+	if err != nil {
+		return err
+	}
+	d.secret, d.keys = secret, c
+	return nil
+}
+
+// chainSecret returns T0 of the direction label: ExpandLabel(session, label, ctx, Nh).
+func (ck *callKeys) chainSecret(label string) []byte {
+	k := getKDF(ck.c2s.hash)
+	defer k.put()
+	var buf [callIDSize + serverNonceSize + 128]byte
+	return k.expandKeyed(make([]byte, 0, k.size), ck.session, label, ck.context(buf[:0], label), k.size)
 }

@@ -1,7 +1,10 @@
 package pqkex
 
 import (
+	"fmt"
 	"io"
+	"log/slog"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -17,8 +20,32 @@ const (
 	Permissive
 )
 
-// RekeyPolicy says when keys are renewed with a fresh KEM. Zero fields take the defaults of
-// [DefaultRekeyPolicy]; a negative field means "never" for that measure.
+// String returns "strict" or "permissive", the names [ParseMode] reads.
+func (m Mode) String() string {
+	switch m {
+	case Strict:
+		return "strict"
+	case Permissive:
+		return "permissive"
+	}
+	return "Mode(" + strconv.Itoa(int(m)) + ")"
+}
+
+// ParseMode returns the mode named s: "strict" or "permissive". The empty string is
+// [Strict], the default.
+func ParseMode(s string) (Mode, error) {
+	switch s {
+	case "strict", "":
+		return Strict, nil
+	case "permissive":
+		return Permissive, nil
+	}
+	return Strict, fmt.Errorf("pqkex: unknown mode %q (want strict or permissive)", s)
+}
+
+// RekeyPolicy says when keys are renewed with a fresh KEM. Every field of it and of its
+// [StreamRekeyPolicy] follows one rule: zero takes the default of [DefaultRekeyPolicy], a
+// negative value means "never" for that measure.
 type RekeyPolicy struct {
 	// Calls, Bytes and Age bound a client session: past any of them the client runs a new
 	// handshake (fresh ephemeral KEM) before its next call.
@@ -40,6 +67,17 @@ func DefaultRekeyPolicy() RekeyPolicy {
 	}
 }
 
+// StreamRekeyPolicy says when a sender advances a direction's keys with a fresh KEM
+// encapsulation to the receiver's static key (spec 6.2): after Bytes plaintext bytes or Age
+// since the direction's last key. Zero fields take the defaults, negative ones mean never,
+// as in [RekeyPolicy].
+type StreamRekeyPolicy struct {
+	Bytes int64
+	Age   time.Duration
+}
+
+// withDefaults resolves p's zero fields to the defaults and its negative ones to zero, which
+// the checks that use the result read as never.
 func (p RekeyPolicy) withDefaults() RekeyPolicy {
 	d := DefaultRekeyPolicy()
 	pick := func(v, def int64) int64 {
@@ -75,6 +113,7 @@ type config struct {
 	noBind      map[string]bool // WithoutChannelBinding(authorities...)
 	registerer  prometheus.Registerer
 	now         func() time.Time
+	logger      *slog.Logger
 	rekey       RekeyPolicy
 
 	// server only
@@ -180,6 +219,16 @@ func WithClock(now func() time.Time) Option {
 	return option(func(c *config) { c.now = now })
 }
 
+// WithLogger sets where pqkex logs its warnings (a client built with
+// [InsecureAcceptAnyServer]). The default is [slog.Default]; nil keeps it.
+func WithLogger(l *slog.Logger) Option {
+	return option(func(c *config) {
+		if l != nil {
+			c.logger = l
+		}
+	})
+}
+
 // WithRekeyPolicy sets when sessions and streams get fresh KEM keys.
 func WithRekeyPolicy(p RekeyPolicy) Option {
 	return option(func(c *config) { c.rekey = p })
@@ -222,6 +271,7 @@ func newConfig() *config {
 		authorize:      AuthorizeAny(),
 		aead:           AES256GCM,
 		now:            time.Now,
+		logger:         slog.Default(),
 		ticketLifetime: time.Hour,
 		mode:           func(string) Mode { return Strict },
 	}

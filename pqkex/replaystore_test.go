@@ -59,14 +59,13 @@ func katReplicas(t *testing.T) (v katVector, replica func(http.Handler, ...Serve
 	t.Helper()
 	v = loadKAT(t)[0]
 	suite := SchemeByName(v.Suite)
-	katRun(t, suite, aeadByName(v.AEAD), helloFlags(v))
+	keys := katKeysOf(t, v)
 	sh, err := parseServerHello(v.ServerHello, suite, aeadByName(v.AEAD), helloFlags(v))
 	if err != nil {
 		t.Fatal(err)
 	}
 	replica = func(h http.Handler, opts ...ServerOption) http.Handler {
-		opts = append([]ServerOption{WithIdentity(lastKATServer), WithRoots(lastKATRoots), WithTicketKeys(lastKATTickets),
-			WithClock(func() time.Time { return time.Unix(v.Now, 0) })}, opts...)
+		opts = append(keys.serverOptions(v), opts...)
 		s, err := NewServer(opts...)
 		if err != nil {
 			t.Fatal(err)

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -26,18 +27,20 @@ func runAnalytics(ctx context.Context, args []string, stdout, stderr io.Writer) 
 
 // clientFlags are the flags every analytics command takes.
 type clientFlags struct {
-	identity, addr, serverID, seal *string
-	tokens                         tokenClientFlags
+	identity, addr, serverID *string
+	seal                     *clientSeal
+	tokens                   tokenClientFlags
 }
 
 func addClientFlags(fs interface {
 	String(name, value, usage string) *string
+	Var(value flag.Value, name, usage string)
 }) clientFlags {
 	return clientFlags{
 		identity: fs.String("identity", "", "identity directory"),
 		addr:     fs.String("addr", "", "analytics server base URL"),
 		serverID: fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)"),
-		seal:     fs.String("pq-seal", "", pqSealUsage),
+		seal:     addClientSeal(fs),
 		tokens:   addTokenClientFlags(fs),
 	}
 }

@@ -29,7 +29,7 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt; pq.cred, pq.key for sealing)")
 	addr := fs.String("addr", "", "server base URL, e.g. https://127.0.0.1:8443")
 	serverID := fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)")
-	seal := fs.String("pq-seal", "", pqSealUsage)
+	seal := addClientSeal(fs)
 	protocol := fs.String("protocol", "connect", "connect, grpc or grpcweb")
 	verbose := fs.Bool("v", false, "print the negotiated TLS group and sealing suite to stderr")
 	tokens := addTokenClientFlags(fs)
@@ -58,7 +58,7 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return fmt.Errorf("%w: request JSON for %s: %v", errUsage, method.Input().FullName(), err)
 	}
 
-	hc, mode, err := newIdentityClient(*identity, *serverID, *seal)
+	hc, sealed, err := newIdentityClient(*identity, *serverID, *seal)
 	if err != nil {
 		return err
 	}
@@ -91,7 +91,7 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 				fmt.Fprintf(stderr, "tls: %s %s, server %s\n", tls.VersionName(cs.Version), cs.CurveID, peer)
 			}
 		}})
-		if mode != "off" {
+		if sealed {
 			fmt.Fprintf(stderr, "pq-seal: on (%s)\n", pqkex.X25519MLKEM768().Name())
 		} else {
 			fmt.Fprintln(stderr, "pq-seal: off")

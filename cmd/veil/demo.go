@@ -303,7 +303,7 @@ func (d *demo) serve(ctx context.Context, srv *rpc.Server) (string, error) {
 }
 
 func (d *demo) sealing(name string) (*pqkex.Server, error) {
-	return newSealingServerFrom(d.cas[name], "strict", nil, nil)
+	return newSealingServerFrom(d.cas[name], pqkex.Strict, nil, nil)
 }
 
 // client is name's HTTP client to serverName (strict PQ TLS, sealed end to end), and

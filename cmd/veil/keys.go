@@ -82,7 +82,7 @@ func runKeysUpload(ctx context.Context, args []string, stdout, stderr io.Writer)
 	addr := fs.String("addr", "", "server base URL")
 	procedure := fs.String("procedure", scoring.ScoreStreamProcedure, "the procedure whose key manifest to satisfy")
 	serverID := fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)")
-	seal := fs.String("pq-seal", "", pqSealUsage)
+	seal := addClientSeal(fs)
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	tokens := addTokenClientFlags(fs)
 	if err := parse(fs, args); err != nil {

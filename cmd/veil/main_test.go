@@ -112,6 +112,8 @@ func TestUsageErrors(t *testing.T) {
 		{"ca", "issue", "--dir", "x"},
 		{"serve"},
 		{"serve", "--identity", "x", "--pq", "maybe", "--service", "echo"},
+		{"serve", "--identity", "x", "--pq-seal", "on", "--service", "echo"}, // a client's value
+		{"serve", "--identity", "x", "--pq-seal", "maybe", "--service", "echo", "--check"},
 		{"demo", "--bogus"},
 		// Through a proxy the sealed credential is the only statement of who answers.
 		{"call", "--identity", "x", "--addr", "https://localhost:1", "--pq-seal", "proxied", "/p", "{}"},

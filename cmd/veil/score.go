@@ -30,7 +30,7 @@ func runScore(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	addr := fs.String("addr", "", "scoring server base URL, e.g. https://127.0.0.1:8443")
 	csvPath := fs.String("csv", "", "samples: a header line, then the features (and, optionally ignored for scoring, a 0/1 label) per line, as in wdbc.csv")
 	serverID := fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)")
-	seal := fs.String("pq-seal", "", pqSealUsage)
+	seal := addClientSeal(fs)
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	tokens := addTokenClientFlags(fs)
 	if err := parse(fs, args); err != nil {

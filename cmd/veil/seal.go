@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"time"
 
@@ -21,23 +23,102 @@ import (
 	"github.com/veilrpc/veil/transport"
 )
 
-// sealingMode resolves --pq-seal: an explicit mode, or strict when the identity
-// directory holds a sealing identity and off when it does not.
-func sealingMode(flag, identityDir string) (string, error) {
-	switch flag {
-	case "strict", "permissive", "off":
-		return flag, nil
-	case "":
-		if _, err := os.Stat(filepath.Join(identityDir, rpc.SealCredentialFile)); err == nil {
-			return "strict", nil
-		}
-		return "off", nil
+// sealMode is veil serve's --pq-seal: a pqkex mode, off, or unset (then resolve picks
+// strict when the identity directory holds a sealing identity and off when it does not).
+type sealMode struct {
+	set  bool
+	off  bool
+	mode pqkex.Mode
+}
+
+func (m *sealMode) String() string {
+	switch {
+	case !m.set:
+		return ""
+	case m.off:
+		return "off"
 	}
-	return "", fmt.Errorf("%w: --pq-seal %q: want strict, permissive or off", errUsage, flag)
+	return m.mode.String()
+}
+
+func (m *sealMode) Set(s string) error {
+	switch s {
+	case "":
+		*m = sealMode{}
+		return nil
+	case "off":
+		*m = sealMode{set: true, off: true}
+		return nil
+	}
+	mode, err := pqkex.ParseMode(s)
+	if err != nil {
+		return fmt.Errorf("--pq-seal %q: want strict, permissive or off", s)
+	}
+	*m = sealMode{set: true, mode: mode}
+	return nil
+}
+
+// resolve returns m, or when it is unset strict if identityDir holds a sealing identity and
+// off if it does not.
+func (m sealMode) resolve(identityDir string) sealMode {
+	if m.set {
+		return m
+	}
+	return sealMode{set: true, off: !hasSealingIdentity(identityDir)}
+}
+
+// hasSealingIdentity reports whether dir holds a sealing identity (pq.cred).
+func hasSealingIdentity(dir string) bool {
+	_, err := os.Stat(filepath.Join(dir, rpc.SealCredentialFile))
+	return err == nil
+}
+
+// clientSeal is the client commands' --pq-seal: on, proxied, off, or unset (sealed when
+// the identity directory holds a sealing identity).
+type clientSeal int
+
+const (
+	sealAuto    clientSeal = iota // unset
+	sealOn                        // sealed, bound to the TLS connection
+	sealProxied                   // sealed through a TLS-terminating proxy: no channel binding
+	sealOff
+)
+
+var clientSealNames = []string{sealAuto: "", sealOn: "on", sealProxied: "proxied", sealOff: "off"}
+
+// addClientSeal defines the client commands' --pq-seal flag on fs.
+func addClientSeal(fs interface {
+	Var(flag.Value, string, string)
+}) *clientSeal {
+	s := new(clientSeal)
+	fs.Var(s, "pq-seal", pqSealUsage)
+	return s
+}
+
+func (s *clientSeal) String() string { return clientSealNames[*s] }
+
+func (s *clientSeal) Set(v string) error {
+	i := slices.Index(clientSealNames, v)
+	if i < 0 {
+		return fmt.Errorf("--pq-seal %q: want on, proxied or off", v)
+	}
+	*s = clientSeal(i)
+	return nil
+}
+
+// sealed reports whether calls are sealed with the identity in dir.
+func (s clientSeal) sealed(dir string) bool {
+	switch s {
+	case sealAuto:
+		return hasSealingIdentity(dir)
+	case sealOff:
+		return false
+	}
+	return true
 }
 
 // newSealingServer builds the pqkex server from the sealing identity in dir.
-func newSealingServer(dir, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys, extra ...pqkex.ServerOption) (*pqkex.Server, error) {
+func newSealingServer(dir string, mode pqkex.Mode, reg prometheus.Registerer, tickets *pqkex.TicketKeys, extra ...pqkex.ServerOption) (*pqkex.Server, error) {
 	id, roots, err := rpc.LoadSealingIdentity(dir)
 	if err != nil {
 		return nil, fmt.Errorf("%w (issue one with 'veil ca issue', or pass --pq-seal off)", err)
@@ -47,7 +128,7 @@ func newSealingServer(dir, mode string, reg prometheus.Registerer, tickets *pqke
 
 // newSealingServerFrom builds the pqkex server on the sealing identity that the online
 // CA's client obtains with every certificate (it rotates with each renewal).
-func newSealingServerFrom(c *ca.Client, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys, extra ...pqkex.ServerOption) (*pqkex.Server, error) {
+func newSealingServerFrom(c *ca.Client, mode pqkex.Mode, reg prometheus.Registerer, tickets *pqkex.TicketKeys, extra ...pqkex.ServerOption) (*pqkex.Server, error) {
 	roots, err := c.SealingRoots()
 	if err != nil {
 		return nil, err
@@ -55,12 +136,8 @@ func newSealingServerFrom(c *ca.Client, mode string, reg prometheus.Registerer, 
 	return sealingServer(c, roots, mode, reg, tickets, extra...)
 }
 
-func sealingServer(id pqkex.IdentitySource, roots pqkex.Roots, mode string, reg prometheus.Registerer, tickets *pqkex.TicketKeys, extra ...pqkex.ServerOption) (*pqkex.Server, error) {
-	m := pqkex.Strict
-	if mode == "permissive" {
-		m = pqkex.Permissive
-	}
-	opts := []pqkex.ServerOption{pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithMode(m), pqkex.WithMetrics(reg)}
+func sealingServer(id pqkex.IdentitySource, roots pqkex.Roots, mode pqkex.Mode, reg prometheus.Registerer, tickets *pqkex.TicketKeys, extra ...pqkex.ServerOption) (*pqkex.Server, error) {
+	opts := []pqkex.ServerOption{pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithMode(mode), pqkex.WithMetrics(reg)}
 	if tickets != nil {
 		opts = append(opts, pqkex.WithTicketKeys(tickets))
 	}
@@ -154,45 +231,39 @@ const pqSealUsage = "seal calls end to end: on (bound to the TLS connection), pr
 
 // newIdentityClient is the HTTP client of the CLI's client commands: the identity in
 // dir, the server authorized by serverID (default: any ID of the identity's trust
-// domain), and calls sealed end to end unless seal is "off" (default: sealed when dir
+// domain), and calls sealed end to end unless seal is off (default: sealed when dir
 // holds a sealing identity). Sealed calls expect the same server as the TLS hop and are
-// bound to the TLS connection, so its peer is the sealed peer; "proxied" drops the binding
+// bound to the TLS connection, so its peer is the sealed peer; proxied drops the binding
 // for a TLS-terminating proxy and then needs serverID, the only statement of which workload
-// answers. It returns the sealing mode it chose.
-func newIdentityClient(dir, serverID, seal string) (*http.Client, string, error) {
-	if seal != "" && seal != "on" && seal != "off" && seal != "proxied" {
-		return nil, "", fmt.Errorf("%w: --pq-seal %q: want on, proxied or off", errUsage, seal)
-	}
-	if seal == "proxied" && serverID == "" {
-		return nil, "", fmt.Errorf("%w: --pq-seal proxied needs --server-id: through a proxy only the sealed credential says which workload answers", errUsage)
+// answers. It reports whether calls are sealed.
+func newIdentityClient(dir, serverID string, seal clientSeal) (*http.Client, bool, error) {
+	if seal == sealProxied && serverID == "" {
+		return nil, false, fmt.Errorf("%w: --pq-seal proxied needs --server-id: through a proxy only the sealed credential says which workload answers", errUsage)
 	}
 	src, err := transport.LoadFiles(dir)
 	if err != nil {
-		return nil, "", err
+		return nil, false, err
 	}
 	svid, err := src.GetX509SVID()
 	if err != nil {
-		return nil, "", err
+		return nil, false, err
 	}
 	authorize := transport.AuthorizeMatching(transport.MustParsePattern("spiffe://" + svid.ID.TrustDomain().Name()))
 	if serverID != "" {
 		id, err := spiffeid.FromString(serverID)
 		if err != nil {
-			return nil, "", fmt.Errorf("%w: --server-id: %v", errUsage, err)
+			return nil, false, fmt.Errorf("%w: --server-id: %v", errUsage, err)
 		}
 		authorize = transport.AuthorizeID(id)
 	}
-	mode, err := sealingMode(map[string]string{"on": "strict", "proxied": "strict", "off": "off", "": ""}[seal], dir)
-	if err != nil {
-		return nil, "", err
-	}
+	sealed := seal.sealed(dir)
 	var opts []rpc.ClientOption
-	if mode != "off" {
-		pc, err := newSealingClient(dir, rpc.SealedAuthorizer(authorize), seal != "proxied")
+	if sealed {
+		pc, err := newSealingClient(dir, rpc.SealedAuthorizer(authorize), seal != sealProxied)
 		if err != nil {
-			return nil, "", err
+			return nil, false, err
 		}
 		opts = append(opts, rpc.WithClientSealing(pc))
 	}
-	return rpc.NewHTTPClient(src, authorize, opts...), mode, nil
+	return rpc.NewHTTPClient(src, authorize, opts...), sealed, nil
 }

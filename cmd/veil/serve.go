@@ -24,155 +24,221 @@ func (s *stringList) String() string     { return strings.Join(*s, ",") }
 func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
 
 func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("serve", "serve --identity DIR|--ca URL --ca-bundle FILE --join-token TOKEN --id SPIFFE_ID|--spiffe-socket PATH --listen ADDR --service echo [--allow PATTERN ...] [--pq strict|permissive] [--pq-seal strict|permissive|off] [--require-token --token-issuer ID --token-public-key FILE]", stderr)
-	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt), reloaded when it changes")
-	idFlags := addIdentityFlags(fs)
-	listen := fs.String("listen", "127.0.0.1:8443", "address to serve on")
-	var services, allow stringList
-	fs.Var(&services, "service", "built-in service to run: echo, scoring, analytics, auth (the token service); repeatable")
-	svcFlags := addServiceFlags(fs)
-	tokFlags := addTokenServeFlags(fs)
-	fs.Var(&allow, "allow", "SPIFFE ID pattern allowed to call the services (exact ID, trust domain, or path with * segments); repeatable; default: the server's own trust domain")
-	pq := fs.String("pq", "permissive", "TLS key exchange: strict (post-quantum hybrid only) or permissive")
-	seal := fs.String("pq-seal", "", "end-to-end sealing (pqkex): strict, permissive or off; default strict when the identity directory holds a sealing identity (pq.cred), else off (with --ca the sealing identity comes from the CA with each certificate: pass strict or permissive)")
-	ticketKeys := fs.String("ticket-keys", "", "pqkex ticket-key file shared by replicas (see 'veil ticket-keys'); reread on SIGHUP")
-	metrics := fs.String("metrics", "", "serve Prometheus metrics on this address (plain HTTP)")
-	grace := fs.Duration("grace", rpc.DefaultGracePeriod, "how long in-flight calls may finish on shutdown")
-	stFlags := addStateFlags(fs)
-	config := fs.String("config", "", "YAML file whose keys are these flags' names (plus policy rules and a state map); flags override it")
-	check := fs.Bool("check", false, "validate the flags and configuration file, print what would be served, and exit (no identity or network needed)")
-	if err := parse(fs, args); err != nil {
-		return err
-	}
-	var rules []policyRule
-	if *config != "" {
-		var err error
-		if rules, err = applyConfig(fs, *config); err != nil {
-			return err
-		}
-	}
-	if len(services) == 0 {
-		return fmt.Errorf("%w: veil serve needs at least one --service", errUsage)
-	}
-	mode, err := transport.ParsePQMode(*pq)
+	cfg, err := parseServe(args, stderr)
 	if err != nil {
-		return fmt.Errorf("%w: --pq: %v", errUsage, err)
-	}
-	if err := validateServe(services, allow, rules, *seal, stFlags, svcFlags); err != nil {
 		return err
 	}
-	if err := tokFlags.check(services); err != nil {
-		return err
-	}
-	if *check {
-		fmt.Fprintf(stdout, "veil serve: configuration ok: services %s, pq %s, state %s, require-token %t\n", services.String(), mode, *stFlags.backend, *tokFlags.require)
+	if cfg.check {
+		fmt.Fprintf(stdout, "veil serve: configuration ok: services %s, pq %s, state %s, require-token %t\n", cfg.services.String(), cfg.pq, *cfg.state.backend, *cfg.tokens.require)
 		return nil
 	}
 	logger := slog.New(slog.NewTextHandler(stderr, nil))
-	wid, err := idFlags.source(ctx, *identity, logger)
+	s, err := buildServe(ctx, cfg, logger)
 	if err != nil {
 		return err
 	}
-	defer wid.close()
+	defer s.close()
+	return s.serve(ctx, cfg.listen, logger)
+}
+
+// serveConfig is veil serve's command line and configuration file, checked.
+type serveConfig struct {
+	identity   string
+	id         *identityFlags
+	listen     string
+	services   stringList
+	allow      stringList
+	svc        serviceFlags
+	tokens     tokenServeFlags
+	pq         transport.PQMode
+	seal       sealMode // as given: unset resolves against the identity directory
+	ticketKeys string
+	metrics    string
+	grace      time.Duration
+	state      stateFlags
+	rules      []policyRule
+	check      bool
+}
+
+// parseServe reads and checks veil serve's flags and configuration file: what --check
+// runs, with no identity or network.
+func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
+	fs := newFlags("serve", "serve --identity DIR|--ca URL --ca-bundle FILE --join-token TOKEN --id SPIFFE_ID|--spiffe-socket PATH --listen ADDR --service echo [--allow PATTERN ...] [--pq strict|permissive] [--pq-seal strict|permissive|off] [--require-token --token-issuer ID --token-public-key FILE]", stderr)
+	cfg := &serveConfig{}
+	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt), reloaded when it changes")
+	cfg.id = addIdentityFlags(fs)
+	listen := fs.String("listen", "127.0.0.1:8443", "address to serve on")
+	fs.Var(&cfg.services, "service", "built-in service to run: echo, scoring, analytics, auth (the token service); repeatable")
+	cfg.svc = addServiceFlags(fs)
+	cfg.tokens = addTokenServeFlags(fs)
+	fs.Var(&cfg.allow, "allow", "SPIFFE ID pattern allowed to call the services (exact ID, trust domain, or path with * segments); repeatable; default: the server's own trust domain")
+	pq := fs.String("pq", "strict", "TLS key exchange: strict (post-quantum hybrid only; the default) or permissive (also classical-only clients: loud, counted)")
+	fs.Var(&cfg.seal, "pq-seal", "end-to-end sealing (pqkex): strict, permissive or off; default strict when the identity directory holds a sealing identity (pq.cred), else off (with --ca the sealing identity comes from the CA with each certificate: pass strict or permissive)")
+	ticketKeys := fs.String("ticket-keys", "", "pqkex ticket-key file shared by replicas (see 'veil ticket-keys'); reread on SIGHUP")
+	metrics := fs.String("metrics", "", "serve Prometheus metrics on this address (plain HTTP)")
+	grace := fs.Duration("grace", rpc.DefaultGracePeriod, "how long in-flight calls may finish on shutdown")
+	cfg.state = addStateFlags(fs)
+	config := fs.String("config", "", "YAML file whose keys are these flags' names (plus policy rules and a state map); flags override it")
+	check := fs.Bool("check", false, "validate the flags and configuration file, print what would be served, and exit (no identity or network needed)")
+	if err := parse(fs, args); err != nil {
+		return nil, err
+	}
+	if *config != "" {
+		var err error
+		if cfg.rules, err = applyConfig(fs, *config); err != nil {
+			return nil, err
+		}
+	}
+	if len(cfg.services) == 0 {
+		return nil, fmt.Errorf("%w: veil serve needs at least one --service", errUsage)
+	}
+	mode, err := transport.ParsePQMode(*pq)
+	if err != nil {
+		return nil, fmt.Errorf("%w: --pq: %v", errUsage, err)
+	}
+	if err := validateServe(cfg.services, cfg.allow, cfg.rules, cfg.state, cfg.svc); err != nil {
+		return nil, err
+	}
+	if err := cfg.tokens.check(cfg.services); err != nil {
+		return nil, err
+	}
+	cfg.identity, cfg.listen, cfg.pq = *identity, *listen, mode
+	cfg.ticketKeys, cfg.metrics, cfg.grace, cfg.check = *ticketKeys, *metrics, *grace, *check
+	return cfg, nil
+}
+
+// serving is a built veil server, not yet listening.
+type serving struct {
+	srv       *rpc.Server
+	logFields []any // what the readiness line says about it
+	closers   []func()
+}
+
+// close releases the identity source and the shared state, last opened first.
+func (s *serving) close() {
+	for i := len(s.closers) - 1; i >= 0; i-- {
+		s.closers[i]()
+	}
+}
+
+// buildServe builds the server cfg describes: its identity, shared state, sealing layer,
+// services and policy. On error it releases what it opened.
+func buildServe(ctx context.Context, cfg *serveConfig, logger *slog.Logger) (_ *serving, err error) {
+	s := &serving{}
+	defer func() {
+		if err != nil {
+			s.close()
+		}
+	}()
+	wid, err := cfg.id.source(ctx, cfg.identity, logger)
+	if err != nil {
+		return nil, err
+	}
+	s.closers = append(s.closers, wid.close)
 	src := wid.src
 	svid, err := src.GetX509SVID()
 	if err != nil {
-		return err
+		return nil, err
 	}
+	allow := cfg.allow
 	if len(allow) == 0 {
 		allow = stringList{"spiffe://" + svid.ID.TrustDomain().Name()}
 	}
 	policy := rpc.NewPolicy()
-	opts := []rpc.ServerOption{rpc.WithPQMode(mode), rpc.WithPolicy(policy), rpc.WithGracePeriod(*grace), rpc.WithLogger(logger)}
-	if *metrics != "" {
-		opts = append(opts, rpc.WithMetricsAddr(*metrics))
+	opts := []rpc.ServerOption{rpc.WithPQMode(cfg.pq), rpc.WithPolicy(policy), rpc.WithGracePeriod(cfg.grace), rpc.WithLogger(logger)}
+	if cfg.metrics != "" {
+		opts = append(opts, rpc.WithMetricsAddr(cfg.metrics))
 	}
 	// One registry for the server's and the sealing layer's metrics.
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	opts = append(opts, rpc.WithMetrics(reg))
-	sealMode, err := sealingMode(*seal, *identity)
+	seal := cfg.seal.resolve(cfg.identity)
+	shared, err := cfg.state.open(ctx, src, cfg.services, !seal.off && cfg.ticketKeys == "", logger)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	shared, err := stFlags.open(ctx, src, services, sealMode != "off" && *ticketKeys == "", logger)
-	if err != nil {
-		return err
-	}
-	defer shared.close()
-	if sealMode != "off" {
+	s.closers = append(s.closers, shared.close)
+	if !seal.off {
 		tk := shared.ticketKeys()
-		if *ticketKeys != "" {
-			if tk, err = rpc.LoadTicketKeys(*ticketKeys); err != nil {
-				return err
+		if cfg.ticketKeys != "" {
+			if tk, err = rpc.LoadTicketKeys(cfg.ticketKeys); err != nil {
+				return nil, err
 			}
-			go reloadTicketKeysOnHangup(ctx, *ticketKeys, tk, logger)
+			go reloadTicketKeysOnHangup(ctx, cfg.ticketKeys, tk, logger)
 		}
 		var sealer *pqkex.Server
 		if wid.sealing != nil {
-			sealer, err = newSealingServerFrom(wid.sealing, sealMode, reg, tk, shared.sealingOptions()...)
+			sealer, err = newSealingServerFrom(wid.sealing, seal.mode, reg, tk, shared.sealingOptions()...)
 		} else {
-			sealer, err = newSealingServer(*identity, sealMode, reg, tk, shared.sealingOptions()...)
+			sealer, err = newSealingServer(cfg.identity, seal.mode, reg, tk, shared.sealingOptions()...)
 		}
 		if err != nil {
-			return err
+			return nil, err
 		}
 		opts = append(opts, rpc.WithSealing(sealer))
 	}
 	var builtins []builtin
 	var ownTokenKey ed25519.PublicKey
-	for _, name := range services {
+	for _, name := range cfg.services {
 		var b builtin
 		var err error
 		if name == "auth" {
-			b, ownTokenKey, err = buildTokenService(tokFlags, svid.ID)
+			b, ownTokenKey, err = buildTokenService(cfg.tokens, svid.ID)
 		} else {
-			b, err = buildService(name, svcFlags, shared)
+			b, err = buildService(name, cfg.svc, shared)
 		}
 		if err != nil {
-			return err
+			return nil, err
 		}
 		builtins = append(builtins, b)
 		opts = append(opts, b.opts...)
 		for _, svc := range b.names {
 			if err := policy.Allow("/"+svc+"/*", allow...); err != nil {
-				return fmt.Errorf("%w: --allow: %v", errUsage, err)
+				return nil, fmt.Errorf("%w: --allow: %v", errUsage, err)
 			}
 		}
 	}
-	tokenOpts, err := tokFlags.serverOptions(svid.ID, ownTokenKey)
+	tokenOpts, err := cfg.tokens.serverOptions(svid.ID, ownTokenKey)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	opts = append(opts, tokenOpts...)
 	srv, err := rpc.NewServer(src, opts...)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if wid.status != nil {
 		if err := srv.WatchIdentity(ctx, wid.status, time.Second); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	if err := shared.watch(ctx, srv); err != nil {
-		return err
+		return nil, err
 	}
 	for _, b := range builtins {
 		b.register(srv)
 	}
-	for _, r := range rules {
+	for _, r := range cfg.rules {
 		if err := policy.Allow(r.Procedure, r.Allow...); err != nil {
-			return fmt.Errorf("%w: config policy: %v", errUsage, err)
+			return nil, fmt.Errorf("%w: config policy: %v", errUsage, err)
 		}
 	}
-	ln, err := net.Listen("tcp", *listen)
+	s.srv = srv
+	s.logFields = []any{"id", svid.ID.String(), "services", cfg.services.String(), "pq", cfg.pq.String(), "pq_seal", seal.String(),
+		"require_token", *cfg.tokens.require, "allow", allow.String(), "cert_expires", svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339)}
+	return s, nil
+}
+
+// serve listens on addr and serves until ctx ends.
+func (s *serving) serve(ctx context.Context, addr string, logger *slog.Logger) error {
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
 	// Logged once the socket is bound: readiness probes may wait for this line.
-	logger.Info("veil serving", "addr", ln.Addr().String(), "id", svid.ID.String(), "services", services.String(),
-		"pq", mode.String(), "pq_seal", sealMode, "require_token", *tokFlags.require, "allow", allow.String(), "cert_expires", svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339))
-	if err := srv.Serve(ctx, ln); err != nil {
+	logger.Info("veil serving", append([]any{"addr", ln.Addr().String()}, s.logFields...)...)
+	if err := s.srv.Serve(ctx, ln); err != nil {
 		return err
 	}
 	logger.Info("veil stopped")
@@ -180,9 +246,9 @@ func runServe(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 }
 
 // validateServe checks what can be checked without an identity or the network: the
-// services' names, the policy rules and patterns, the sealing mode and the state
-// settings.
-func validateServe(services, allow stringList, rules []policyRule, seal string, st stateFlags, svc serviceFlags) error {
+// services' names, the policy rules and patterns and the state settings (--pq-seal is
+// checked as it is parsed).
+func validateServe(services, allow stringList, rules []policyRule, st stateFlags, svc serviceFlags) error {
 	for _, name := range services {
 		switch name {
 		case "echo", "analytics", "auth":
@@ -193,11 +259,6 @@ func validateServe(services, allow stringList, rules []policyRule, seal string, 
 		default:
 			return fmt.Errorf("%w: unknown service %q (available: echo, scoring, analytics, auth)", errUsage, name)
 		}
-	}
-	switch seal {
-	case "", "strict", "permissive", "off":
-	default:
-		return fmt.Errorf("%w: --pq-seal %q: want strict, permissive or off", errUsage, seal)
 	}
 	p := rpc.NewPolicy()
 	if len(allow) > 0 {

@@ -111,7 +111,7 @@ func TestServeStateNATS(t *testing.T) {
 	// is back they serve again, with the data NATS had acknowledged.
 	stopNATS()
 	health := func(addr string) grpchealth.Status {
-		hc, _, err := newIdentityClient(filepath.Join(dir, "analyst"), "", "")
+		hc, _, err := newIdentityClient(filepath.Join(dir, "analyst"), "", sealAuto)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -138,7 +138,7 @@ func addTokenClientFlags(fs interface {
 // options returns the Connect client option that attaches tokens to every call (none
 // without --token-from), and the TokenSource behind it. The token service is reached
 // with the identity in dir, sealed as the calls are (seal: "on", "off" or "").
-func (f tokenClientFlags) options(dir, serverID, seal string) ([]connect.ClientOption, *auth.TokenSource, error) {
+func (f tokenClientFlags) options(dir, serverID string, seal clientSeal) ([]connect.ClientOption, *auth.TokenSource, error) {
 	if *f.from == "" {
 		if *f.serverID != "" {
 			return nil, nil, fmt.Errorf("%w: --token-server-id needs --token-from", errUsage)
@@ -172,12 +172,8 @@ func (f tokenClientFlags) options(dir, serverID, seal string) ([]connect.ClientO
 		}
 		authorize, pqAuthorize = transport.AuthorizeID(id), pqkex.AuthorizeID(id.String())
 	}
-	mode, err := sealingMode(map[string]string{"on": "strict", "off": "off", "": ""}[seal], dir)
-	if err != nil {
-		return nil, nil, err
-	}
 	var opts []auth.TokenSourceOption
-	if mode != "off" {
+	if seal.sealed(dir) {
 		pc, err := newSealingClient(dir, pqAuthorize, false)
 		if err != nil {
 			return nil, nil, err

@@ -61,7 +61,7 @@ func TestServeRequireToken(t *testing.T) {
 	// Tokens from the real token service, for the wrong caller or the wrong audience.
 	tokenFor := func(identity, audience string) string {
 		from, none := authURL, ""
-		_, ts, err := tokenClientFlags{from: &from, serverID: &none}.options(filepath.Join(dir, identity), audience, "")
+		_, ts, err := tokenClientFlags{from: &from, serverID: &none}.options(filepath.Join(dir, identity), audience, sealAuto)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -78,7 +78,7 @@ func TestServeRequireToken(t *testing.T) {
 	// The client's own, valid token, presented without the refreshing interceptor.
 	valid := tokenFor("client", echoID)
 
-	hc, _, err := newIdentityClient(filepath.Join(dir, "client"), echoID, "")
+	hc, _, err := newIdentityClient(filepath.Join(dir, "client"), echoID, sealAuto)
 	if err != nil {
 		t.Fatal(err)
 	}

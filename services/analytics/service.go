@@ -363,6 +363,27 @@ func (s *Service) lookup(ctx context.Context, id string) (*study, error) {
 	return st, nil
 }
 
+// authorize is the prologue of every call on an existing study: the verified caller and
+// the study studyID, if may lets the caller do what to it. A study that does not exist gets
+// the same answer as one the caller may not use ([denied]).
+func (s *Service) authorize(ctx context.Context, studyID, what string, may func(*study, spiffeid.ID) bool) (*study, spiffeid.ID, error) {
+	who, err := caller(ctx)
+	if err != nil {
+		return nil, spiffeid.ID{}, err
+	}
+	st, err := s.lookup(ctx, studyID)
+	if err != nil {
+		return nil, spiffeid.ID{}, err
+	}
+	if st == nil || !may(st, who) {
+		return nil, spiffeid.ID{}, denied(who, what, studyID)
+	}
+	return st, who, nil
+}
+
+// isAnalystOrOwner reports whether id may read the study's metadata.
+func (st *study) isAnalystOrOwner(id spiffeid.ID) bool { return st.isAnalyst(id) || st.isOwner(id) }
+
 // denied is the one answer for a study that does not exist and for one the caller
 // may not use, so that callers cannot probe which studies exist.
 func denied(who spiffeid.ID, what, studyID string) error {
@@ -408,16 +429,9 @@ func (s *Service) CreateStudy(ctx context.Context, req *connect.Request[analytic
 
 // GetStudy returns a study to its analyst and its owners.
 func (s *Service) GetStudy(ctx context.Context, req *connect.Request[analyticsv1.GetStudyRequest]) (*connect.Response[analyticsv1.GetStudyResponse], error) {
-	who, err := caller(ctx)
+	st, _, err := s.authorize(ctx, req.Msg.GetStudyId(), "read", (*study).isAnalystOrOwner)
 	if err != nil {
 		return nil, err
-	}
-	st, err := s.lookup(ctx, req.Msg.GetStudyId())
-	if err != nil {
-		return nil, err
-	}
-	if st == nil || (!st.isAnalyst(who) && !st.isOwner(who)) {
-		return nil, denied(who, "read", req.Msg.GetStudyId())
 	}
 	return connect.NewResponse(&analyticsv1.GetStudyResponse{Study: st.view()}), nil
 }
@@ -453,16 +467,9 @@ func releaseName(studyID string, seq uint64) string {
 // Submit adds one owner's contribution, once per (owner, idempotency key), while the
 // study is open and the owner below its cap.
 func (s *Service) Submit(ctx context.Context, req *connect.Request[analyticsv1.SubmitRequest]) (*connect.Response[analyticsv1.SubmitResponse], error) {
-	who, err := caller(ctx)
+	st, who, err := s.authorize(ctx, req.Msg.GetStudyId(), "submit to", (*study).isOwner)
 	if err != nil {
 		return nil, err
-	}
-	st, err := s.lookup(ctx, req.Msg.GetStudyId())
-	if err != nil {
-		return nil, err
-	}
-	if st == nil || !st.isOwner(who) {
-		return nil, denied(who, "submit to", req.Msg.GetStudyId())
 	}
 	dup, n, err := s.add(ctx, st, who.String(), req.Msg)
 	if err != nil {
@@ -710,17 +717,10 @@ func (st *study) decode(m *hev1.EncryptedVector, want int, what string) (*he.Vec
 
 // CloseStudy fixes the set of counted submissions, once there are enough owners.
 func (s *Service) CloseStudy(ctx context.Context, req *connect.Request[analyticsv1.CloseStudyRequest]) (*connect.Response[analyticsv1.CloseStudyResponse], error) {
-	who, err := caller(ctx)
-	if err != nil {
-		return nil, err
-	}
 	id := req.Msg.GetStudyId()
-	st, err := s.lookup(ctx, id)
+	st, _, err := s.authorize(ctx, id, "close", (*study).isAnalyst)
 	if err != nil {
 		return nil, err
-	}
-	if st == nil || !st.isAnalyst(who) {
-		return nil, denied(who, "close", id)
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
@@ -800,16 +800,9 @@ func (s *Service) recordRelease(ctx context.Context, st *study, reader string) (
 // GetResult returns the encrypted aggregate of a closed study to its analyst and
 // records the release.
 func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv1.GetResultRequest]) (*connect.Response[analyticsv1.GetResultResponse], error) {
-	who, err := caller(ctx)
+	st, who, err := s.authorize(ctx, req.Msg.GetStudyId(), "read the result of", (*study).isAnalyst)
 	if err != nil {
 		return nil, err
-	}
-	st, err := s.lookup(ctx, req.Msg.GetStudyId())
-	if err != nil {
-		return nil, err
-	}
-	if st == nil || !st.isAnalyst(who) {
-		return nil, denied(who, "read the result of", req.Msg.GetStudyId())
 	}
 	st.mu.Lock()
 	if err := s.syncLocked(ctx, st); err != nil {
