@@ -81,6 +81,8 @@ func TestScoringReplicasBehindProxy(t *testing.T) {
 	var progress []int64
 	var total atomic.Int64
 	hc := sealedHTTPClient(t, dir, "client", serverID, "spiffe://example.org/proxy")
+	var cutPending atomic.Bool // the upload test's cut has yet to happen
+	atThird, cutDone := make(chan struct{}), make(chan struct{})
 	var sending atomic.Bool // set while a stream's ciphertexts are being sent
 	sent := make(chan struct{}, 1)
 	client, err := scoring.NewClient(ctx, hc, url, scoring.WithProgress(func(p scoring.Progress) {
@@ -92,6 +94,13 @@ func TestScoringReplicasBehindProxy(t *testing.T) {
 			progress = append(progress, p.Done)
 			mu.Unlock()
 			total.Store(p.Total)
+			// The first time a third of the keys is sent, the sender waits here until
+			// the test has cut the proxy's connections: the cut lands mid-upload
+			// however fast the rest would have gone.
+			if p.Done > p.Total/3 && cutPending.CompareAndSwap(true, false) {
+				atThird <- struct{}{}
+				<-cutDone
+			}
 		}
 	}))
 	if err != nil {
@@ -100,28 +109,23 @@ func TestScoringReplicasBehindProxy(t *testing.T) {
 
 	t.Run("key upload cut mid-way resumes from the last acknowledged chunk", func(t *testing.T) {
 		errc := make(chan error, 1)
+		cutPending.Store(true)
 		go func() {
 			_, err := client.UploadKeys(ctx)
 			errc <- err
 		}()
-		// Cut every connection of the proxy once a third of the keys is acknowledged.
-		for {
-			mu.Lock()
-			n := len(progress)
-			last := int64(0)
-			if n > 0 {
-				last = progress[n-1]
-			}
-			mu.Unlock()
-			if total.Load() > 0 && last > total.Load()/3 {
-				break
-			}
-			time.Sleep(time.Millisecond)
+		// Cut every connection of the proxy once a third of the keys is sent: the sender
+		// waits in its progress callback until the cut is made.
+		select {
+		case <-atThird:
+		case err := <-errc:
+			t.Fatalf("the upload ended (%v) before a third of it was sent", err)
 		}
 		mu.Lock()
 		cutAt := len(progress)
 		mu.Unlock()
 		control.post(t, "/_testproxy/restart")
+		close(cutDone)
 		if err := <-errc; err != nil {
 			// The caller retries, as it would after any broken connection: the upload
 			// resumes where the server's acknowledgements stopped.
@@ -145,7 +149,7 @@ func TestScoringReplicasBehindProxy(t *testing.T) {
 			}
 		}
 		uploads := 0
-		for _, r := range readProxyLog(t, proxy).requests {
+		for _, r := range control.logOf(t, proxy, control.url).requests {
 			if strings.Contains(r, "/veil.he.v1.KeyService/Upload") {
 				uploads++
 			}

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"strconv"
 	"time"
 
 	"connectrpc.com/connect"
@@ -51,6 +52,25 @@ func sealedFiles(dir, name string, extra map[string]string) map[string]string {
 type proxyLog struct {
 	requests []string
 	bodies   []byte
+	marked   map[string]bool // the markers logged (logOf)
+}
+
+// logOf reads the log of the proxy c, served at base, up to a marker it asks that proxy
+// to log now: the Docker engine delivers a container's output to its log asynchronously
+// (later still on a busy machine), so a plain read can miss the last requests.
+func (s *sealedTopology) logOf(t *testing.T, c *veilContainer, base string) proxyLog {
+	t.Helper()
+	id := fmt.Sprint(proxyMarks.Add(1))
+	s.postTo(t, base, "/_testproxy/mark?id="+id)
+	mark := "MARK " + strconv.Quote(id) // as the proxy logs it
+	var pl proxyLog
+	poll(t, "the proxy's log marker "+mark, time.Minute, func() error {
+		if pl = readProxyLog(t, c); !pl.marked[mark] {
+			return fmt.Errorf("not in the log yet")
+		}
+		return nil
+	})
+	return pl
 }
 
 func readProxyLog(t *testing.T, c *veilContainer) proxyLog {
@@ -77,6 +97,11 @@ func readProxyLog(t *testing.T, c *veilContainer) proxyLog {
 			}
 		} else if i := strings.Index(line, "REQUEST "); i >= 0 {
 			pl.requests = append(pl.requests, line[i:])
+		} else if i := strings.Index(line, "MARK "); i >= 0 {
+			if pl.marked == nil {
+				pl.marked = map[string]bool{}
+			}
+			pl.marked[strings.TrimSpace(line[i:])] = true
 		}
 	}
 	return pl
@@ -162,7 +187,13 @@ func (s *sealedTopology) route(t *testing.T, n int) {
 // post sends a control request to the test proxy.
 func (s *sealedTopology) post(t *testing.T, path string) {
 	t.Helper()
-	res, err := s.control.Post(s.url+path, "text/plain", nil)
+	s.postTo(t, s.url, path)
+}
+
+// postTo sends a control request to the test proxy at base.
+func (s *sealedTopology) postTo(t *testing.T, base, path string) {
+	t.Helper()
+	res, err := s.control.Post(base+path, "text/plain", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +238,7 @@ func (s *sealedTopology) testSealedThroughProxy(t *testing.T) {
 	if stream.Err() != nil || n != 20 {
 		t.Fatalf("stream through the proxy: %d, %v", n, stream.Err())
 	}
-	pl := readProxyLog(t, s.proxy)
+	pl := s.logOf(t, s.proxy, s.url)
 	if len(pl.bodies) == 0 || len(pl.requests) == 0 {
 		t.Fatalf("the proxy logged %d requests and %d body bytes", len(pl.requests), len(pl.bodies))
 	}
@@ -230,7 +261,7 @@ func (s *sealedTopology) testStrippingProxyIsRefused(t *testing.T) {
 	if err == nil {
 		t.Fatal("a call through a stripping proxy succeeded")
 	}
-	if bytes.Contains(readProxyLog(t, s.stripper).bodies, []byte("in the clear")) {
+	if bytes.Contains(s.logOf(t, s.stripper, s.stripperURL).bodies, []byte("in the clear")) {
 		t.Fatal("plaintext crossed the proxy")
 	}
 }
@@ -240,7 +271,7 @@ func (s *sealedTopology) testStrippingProxyIsRefused(t *testing.T) {
 // the ticket and the client handshakes again.
 func (s *sealedTopology) testStatelessResumption(t *testing.T) {
 	c := s.client(t, s.url)
-	before := len(readProxyLog(t, s.proxy).requests)
+	before := len(s.logOf(t, s.proxy, s.url).requests)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	echo := func(msg string) error {
@@ -261,7 +292,7 @@ func (s *sealedTopology) testStatelessResumption(t *testing.T) {
 	}
 	handshakes := func(upstream int) int {
 		n := 0
-		for _, r := range readProxyLog(t, s.proxy).requests[before:] {
+		for _, r := range s.logOf(t, s.proxy, s.url).requests[before:] {
 			if strings.Contains(r, fmt.Sprintf("upstream=%d ", upstream)) && strings.Contains(r, pqkex.HandshakePath) {
 				n++
 			}
@@ -280,7 +311,7 @@ func (s *sealedTopology) testStatelessResumption(t *testing.T) {
 		t.Fatalf("after the ticket was refused: %v", err)
 	}
 	refused := 0
-	for _, r := range readProxyLog(t, s.proxy).requests[before:] {
+	for _, r := range s.logOf(t, s.proxy, s.url).requests[before:] {
 		if strings.Contains(r, "upstream=2 ") && strings.Contains(r, "EchoService/Echo") {
 			refused++
 		}
