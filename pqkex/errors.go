@@ -85,7 +85,7 @@ var (
 	errUnsupported     = newError(reasonUnsupported, "unsupported suite or AEAD")
 	errServerVersion   = newError(reasonVersion, "server answered in another wire version")
 	errInternal        = newError(reasonInternal, "internal error")
-	errFrameTooLarge   = newError(reasonMalformed, "frame too large")
+	errFrameLength     = newError(reasonTampered, "tampered: frame length out of range") // unauthenticated, like seq (spec 6.2)
 	errFieldsTooLarge  = newError(reasonMalformed, "headers or trailers exceed one frame (64 KiB)")
 	errClearMismatch   = newError(reasonTampered, "tampered: a clear status, method, path or Content-Type differs from the sealed one")
 	errSequenceWrapped = newError(reasonInternal, "frame sequence exhausted")

@@ -357,8 +357,10 @@ func (o *opener) next() (byte, []byte, error) {
 		flags := hdr[0]
 		seq := binary.BigEndian.Uint32(hdr[1:5])
 		size := binary.BigEndian.Uint32(hdr[5:9])
+		// The length is not authenticated either: one out of range is tampering, never
+		// malformed (spec 6.2), or a proxy could fail any call as invalid_argument.
 		if size < aeadTagSize || size > maxFrameCiphertext {
-			return 0, nil, errFrameTooLarge
+			return 0, nil, errFrameLength
 		}
 		// The sequence number is the nonce: a frame that is not the next one (replayed,
 		// reordered, a frame dropped before it, a flipped seq) is tampering, like any frame
