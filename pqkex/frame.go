@@ -1,6 +1,7 @@
 package pqkex
 
 import (
+	"context"
 	"crypto"
 	"crypto/cipher"
 	"encoding/binary"
@@ -420,7 +421,8 @@ type openReader struct {
 	body    io.Closer
 	pending []byte
 	err     error
-	side    callSide // told of bytes, the first failure and the FINAL frame's block; may be nil
+	side    callSide        // told of bytes, the first failure and the FINAL frame's block; may be nil
+	ctx     context.Context // the client's call: a transport failure before FINAL is truncation; nil on the server
 }
 
 func (r *openReader) Read(p []byte) (int, error) {
@@ -445,7 +447,12 @@ func (r *openReader) fill() error {
 		return toConnect(err)
 	}
 	if err != nil {
-		return err // the transport's own failure (cancellation, reset): connect-go codes it
+		if r.ctx != nil {
+			if err = cutShort(r.ctx, err); isRejection(err) {
+				return toConnect(err)
+			}
+		}
+		return err // the caller's cancellation, or on the server the transport's failure: connect-go codes it
 	}
 	if r.side != nil {
 		r.side.counted(len(pt))

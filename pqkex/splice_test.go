@@ -2,8 +2,11 @@ package pqkex_test
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"io"
 	"net/http"
+	"net/url"
 	"sync"
 	"testing"
 
@@ -111,3 +114,99 @@ func TestProxyChangedQueryIsTampering(t *testing.T) {
 type roundTripperFunc func(*http.Request) (*http.Response, error)
 
 func (f roundTripperFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// rstBody passes n bytes of a sealed response body and then fails as net/http's HTTP/2
+// transport does when the peer resets the stream with code: a proxy can pick the code.
+type rstBody struct {
+	io.ReadCloser
+	n    int
+	code string
+}
+
+func (b *rstBody) Read(p []byte) (int, error) {
+	if b.n <= 0 {
+		return 0, errors.New("stream error: stream ID 3; " + b.code + "; received from peer")
+	}
+	p = p[:min(len(p), b.n)]
+	n, err := b.ReadCloser.Read(p)
+	b.n -= n
+	return n, err
+}
+
+// TestProxyResetIsNeverAHandlerCode: a proxy resets the HTTP/2 stream, choosing the error
+// code (ENHANCE_YOUR_CALM, INADEQUATE_SECURITY, INTERNAL_ERROR, which connect-go maps to
+// resource_exhausted, permission_denied and internal). Mid-response it is a body that ends
+// before its FINAL frame: truncated, data_loss (spec 6.2, 9). Before any response it is an
+// intermediary's failure: unavailable, as a dropped call.
+func TestProxyResetIsNeverAHandlerCode(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	backend := e.startServer(t, echoMux())
+	base := e.transport(t, clientID)
+	var mu sync.Mutex
+	code, cut := "", 0 // cut < 0: reset before the response
+	rt := roundTripperFunc(func(r *http.Request) (*http.Response, error) {
+		mu.Lock()
+		code, cut := code, cut
+		mu.Unlock()
+		sealed := r.Header.Get("Veil-Pqkex-Ticket")+r.Header.Get("Veil-Pqkex-Session") != ""
+		if sealed && code != "" && cut < 0 {
+			return nil, &url.Error{Op: "Post", URL: r.URL.String(), Err: errors.New("stream error: stream ID 3; " + code + "; received from peer")}
+		}
+		resp, err := base.RoundTrip(r)
+		if err == nil && sealed && code != "" {
+			resp.Body = &rstBody{ReadCloser: resp.Body, n: cut, code: code}
+		}
+		return resp, err
+	})
+	hc, _ := e.httpClient(t, rt)
+	if err := unaryCall(hc, backend.URL); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []string{"ENHANCE_YOUR_CALM", "INADEQUATE_SECURITY", "INTERNAL_ERROR"} {
+		for _, at := range []struct {
+			cut  int
+			want connect.Code
+		}{{-1, connect.CodeUnavailable}, {0, connect.CodeDataLoss}, {40, connect.CodeDataLoss}} {
+			mu.Lock()
+			code, cut = c, at.cut
+			mu.Unlock()
+			for _, p := range protocols {
+				_, errs := callKinds(context.Background(), hc, backend.URL, p.opts, "hello", false)
+				for k, err := range errs {
+					if connect.CodeOf(err) != at.want {
+						t.Errorf("%s after %d bytes, %s %s: %v, want %v", c, at.cut, p.name, k, err, at.want)
+					}
+				}
+			}
+		}
+	}
+}
+
+// TestProxyAddedRequestTrailersNeverReachTheHandler: request trailers a proxy adds to a
+// sealed call (HTTP/2 allows them) are not part of the sealed message; the handler never
+// sees them (spec 8: headers added by intermediaries reach neither side).
+func TestProxyAddedRequestTrailersNeverReachTheHandler(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	seen := make(chan http.Header, 1)
+	backend := e.startServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		seen <- r.Trailer.Clone()
+	}))
+	base := e.transport(t, clientID)
+	rt := roundTripperFunc(func(r *http.Request) (*http.Response, error) {
+		if r.Header.Get("Veil-Pqkex-Ticket") != "" {
+			r.Trailer = http.Header{"X-Injected": {"by-proxy"}}
+			r.ContentLength = -1 // trailers need a body of unknown length
+		}
+		return base.RoundTrip(r)
+	})
+	hc, _ := e.httpClient(t, rt)
+	resp, err := hc.Post(backend.URL+procUnary, "application/proto", bytes.NewReader([]byte("hello")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = resp.Body.Close()
+	if got := <-seen; len(got) != 0 {
+		t.Errorf("handler saw request trailers a proxy added: %v", got)
+	}
+}
