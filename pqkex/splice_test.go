@@ -210,3 +210,56 @@ func TestProxyAddedRequestTrailersNeverReachTheHandler(t *testing.T) {
 		t.Errorf("handler saw request trailers a proxy added: %v", got)
 	}
 }
+
+// trailerForger sets forged trailers on a proxied response when its body ends, as a proxy
+// that rewrites gRPC's grpc-status would.
+type trailerForger struct {
+	io.ReadCloser
+	resp *http.Response
+}
+
+func (f *trailerForger) Read(p []byte) (int, error) {
+	n, err := f.ReadCloser.Read(p)
+	if errors.Is(err, io.EOF) {
+		for k, v := range forgedTrailers {
+			f.resp.Trailer[k] = v
+		}
+	}
+	return n, err
+}
+
+var forgedTrailers = http.Header{"Grpc-Status": {"7"}, "Grpc-Message": {"forged"}, "X-Secret-Trailer": {"forged"}}
+
+// TestProxyChangedTrailersNeverReachTheCaller: a proxy adds or replaces the clear trailers of
+// a unary response (gRPC's grpc-status mirror among them). The caller sees the sealed
+// trailers only (spec 8): a successful call stays successful, a handler's error keeps its
+// code and metadata.
+func TestProxyChangedTrailersNeverReachTheCaller(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	backend := e.startServer(t, echoMux())
+	proxy, _ := e.startRewritingProxy(t, backend.URL, nil, func(r *http.Response) error {
+		if r.Header.Get("Veil-Pqkex-Sealed") == "" {
+			return nil
+		}
+		if r.Trailer == nil {
+			r.Trailer = http.Header{}
+		}
+		for k := range forgedTrailers {
+			r.Trailer[k] = []string{""} // announced, so the proxy forwards them
+		}
+		r.Body = &trailerForger{ReadCloser: r.Body, resp: r}
+		return nil
+	})
+	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithoutChannelBinding())
+	for _, p := range protocols {
+		c := connect.NewClient[str, str](hc, proxy.URL+procUnary, p.opts...)
+		if r, err := c.CallUnary(context.Background(), connect.NewRequest(strMsg("hello"))); err != nil || r.Msg.Value != "echo:hello" {
+			t.Errorf("%s: %v, want echo:hello", p.name, err)
+		}
+		_, err := c.CallUnary(context.Background(), connect.NewRequest(strMsg(failMessage)))
+		var ce *connect.Error
+		if !errors.As(err, &ce) || ce.Code() != connect.CodeNotFound || ce.Meta().Get("X-Secret-Trailer") != "trailer-secret" {
+			t.Errorf("%s: %v, want the handler's not_found and its metadata", p.name, err)
+		}
+	}
+}
