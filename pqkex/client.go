@@ -131,7 +131,9 @@ func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 			_ = req.Body.Close()
 		}
 		if !isRejection(err) {
-			return nil, err // the base transport's own failure, e.g. a TLS error
+			// The base transport's own failure (a TLS error, a reset stream): a dropped call,
+			// never the code a proxy's reset would map to (spec 9).
+			return nil, intermediaryFailure(req.Context(), err)
 		}
 		rt.c.m.reject(sideClient, err)
 		return nil, toConnect(err)
@@ -287,7 +289,7 @@ func (rt *roundTripper) open(cc *clientCall, req *http.Request, resp *http.Respo
 	}
 	if err := cc.openResponse(resp); err != nil {
 		_ = resp.Body.Close()
-		return nil, err
+		return nil, cutShort(req.Context(), err)
 	}
 	return resp, nil
 }
@@ -325,7 +327,7 @@ func (cc *clientCall) openResponse(resp *http.Response) error {
 	if head.headers == nil {
 		head.headers = http.Header{}
 	}
-	cc.body = openReader{o: &cc.o, body: resp.Body, side: cc}
+	cc.body = openReader{o: &cc.o, body: resp.Body, side: cc, ctx: cc.out.Context()}
 	cc.trailers = http.Header{}
 	resp.StatusCode, resp.Status = head.status, statusLine(head.status)
 	resp.Header, resp.Trailer = head.headers, cc.trailers

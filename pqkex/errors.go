@@ -1,9 +1,11 @@
 package pqkex
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net/http"
+	"time"
 
 	"connectrpc.com/connect"
 )
@@ -85,7 +87,7 @@ var (
 	errUnsupported     = newError(reasonUnsupported, "unsupported suite or AEAD")
 	errServerVersion   = newError(reasonVersion, "server answered in another wire version")
 	errInternal        = newError(reasonInternal, "internal error")
-	errFrameTooLarge   = newError(reasonMalformed, "frame too large")
+	errFrameLength     = newError(reasonTampered, "tampered: frame length out of range") // unauthenticated, like seq (spec 6.2)
 	errFieldsTooLarge  = newError(reasonMalformed, "headers or trailers exceed one frame (64 KiB)")
 	errClearMismatch   = newError(reasonTampered, "tampered: a clear status, method, path or Content-Type differs from the sealed one")
 	errSequenceWrapped = newError(reasonInternal, "frame sequence exhausted")
@@ -150,6 +152,45 @@ func toConnect(err error) *connect.Error {
 		return connect.NewError(code, re)
 	}
 	return connect.NewError(connect.CodeInternal, errInternal)
+}
+
+// cutShort is the client's view of a transport failure (a reset stream, a closed
+// connection) while it reads a sealed response, before its FINAL frame: a body that ends
+// early, truncated (spec 6.2, 9). The failure is unauthenticated; a proxy resetting the
+// stream chooses its HTTP/2 code, which connect-go would map to resource_exhausted,
+// permission_denied or internal. The caller's own cancellation or deadline keeps its code.
+func cutShort(ctx context.Context, err error) error {
+	if err == nil || err == io.EOF || isRejection(err) || callerEnded(ctx) {
+		return err
+	}
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		return err
+	}
+	return newError(reasonTruncated, "body truncated before its final frame: "+err.Error())
+}
+
+// intermediaryFailure is the client's view of a transport failure before any response to
+// a sealed call or handshake: the call was dropped (unavailable), whatever HTTP/2 code a
+// proxy reset the stream with.
+func intermediaryFailure(ctx context.Context, err error) error {
+	var ce *connect.Error
+	if callerEnded(ctx) || errors.As(err, &ce) {
+		return err
+	}
+	return connect.NewError(connect.CodeUnavailable, err)
+}
+
+// callerEnded reports whether the caller canceled ctx or its deadline passed.
+func callerEnded(ctx context.Context) bool {
+	if ctx == nil {
+		return true
+	}
+	if ctx.Err() != nil {
+		return true
+	}
+	dl, ok := ctx.Deadline()
+	return ok && !time.Now().Before(dl)
 }
 
 // handshakeRefusal rebuilds the error a server announced in the Veil-Pqkex-Error header of a

@@ -1,6 +1,7 @@
 package pqkex
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -236,8 +237,10 @@ func (o *opener) next() (byte, []byte, error) {
 		flags := hdr[0]
 		seq := binary.BigEndian.Uint32(hdr[1:5])
 		size := binary.BigEndian.Uint32(hdr[5:9])
+		// The length is not authenticated either: one out of range is tampering, never
+		// malformed (spec 6.2), or a proxy could fail any call as invalid_argument.
 		if size < aeadTagSize || size > maxFrameCiphertext {
-			return 0, nil, errFrameTooLarge
+			return 0, nil, errFrameLength
 		}
 		// The sequence number is the nonce: a frame that is not the next one (replayed,
 		// reordered, a frame dropped before it, a flipped seq) is tampering, like any frame
@@ -297,7 +300,8 @@ type openReader struct {
 	body    io.Closer
 	pending []byte
 	err     error
-	side    callSide // told of bytes, the first failure and the FINAL frame's block; may be nil
+	side    callSide        // told of bytes, the first failure and the FINAL frame's block; may be nil
+	ctx     context.Context // the client's call: a transport failure before FINAL is truncation; nil on the server
 }
 
 func (r *openReader) Read(p []byte) (int, error) {
@@ -322,7 +326,12 @@ func (r *openReader) fill() error {
 		return toConnect(err)
 	}
 	if err != nil {
-		return err // the transport's own failure (cancellation, reset): connect-go codes it
+		if r.ctx != nil {
+			if err = cutShort(r.ctx, err); isRejection(err) {
+				return toConnect(err)
+			}
+		}
+		return err // the caller's cancellation, or on the server the transport's failure: connect-go codes it
 	}
 	if r.side != nil {
 		r.side.counted(len(pt))

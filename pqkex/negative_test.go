@@ -125,6 +125,24 @@ func TestAttacks(t *testing.T) {
 			}
 			return flip(b, 16+4) // the first frame's seq, after the server nonce
 		}, code: connect.CodeDataLoss},
+		{name: "oversized length in a request frame", req: onCall(func(b []byte) []byte {
+			b[8+5] = 0xff // the head frame's length, after the call ID: past 65552
+			return b
+		}), code: connect.CodeDataLoss, reason: "tampered"},
+		{name: "undersized length in a response frame", resp: func(r *http.Response, b []byte) []byte {
+			if r.Header.Get("Veil-Pqkex-Sealed") == "" {
+				return b
+			}
+			copy(b[16+5:], []byte{0, 0, 0, 1}) // the head frame's length, after the server nonce: below the tag
+			return b
+		}, code: connect.CodeDataLoss},
+		{name: "oversized length in a response frame", resp: func(r *http.Response, b []byte) []byte {
+			if r.Header.Get("Veil-Pqkex-Sealed") == "" {
+				return b
+			}
+			b[16+5] = 0xff
+			return b
+		}, code: connect.CodeDataLoss},
 		{name: "call redirected to another procedure", req: func(r *http.Request, b []byte) []byte {
 			if isSealedCall(r) {
 				r.URL.Path = procServer

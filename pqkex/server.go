@@ -319,6 +319,7 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 		head.headers = http.Header{}
 	}
 	inner.Header = head.headers
+	inner.Trailer = nil // a sealed request's trailers are its FINAL block, which has none (spec 6.3): clear ones are a proxy's
 	inner.ContentLength = -1
 	sc.body = openReader{o: op, body: r.Body, side: sc}
 	inner.Body = &sc.body
