@@ -4,11 +4,14 @@
 // the owners allowed to contribute. Each owner sums its records locally, encrypts
 // the per-coordinate sums and the sums of squares (or of all pairwise products, for a
 // covariance study), and optionally its per-bin record counts, under the analyst's
-// public key, and submits them with its record count. The service adds the ciphertexts up and scales them by 1/count into an
-// encrypted mean and encrypted second moments. It holds no secret key and no
-// evaluation key: additions and a plaintext scalar product need none. Only the
-// analyst may fetch the result; the analyst's client decrypts it and derives
-// variance and covariance (second moment minus the product of means).
+// public key, and submits them with its record count (self-reported, in the clear).
+// The service checks that every vector names the study's public key (its
+// fingerprint) and adds the ciphertexts up. It holds no secret key and no evaluation
+// key: additions need none. Only the analyst may fetch the result; the analyst's
+// client decrypts the sums and computes, in the clear, the mean and second moments
+// (sums divided by the record count) and the variance and covariance (second moment
+// minus the product of means). For readers that do not ask for sums only, the service
+// also returns the mean and second moments computed homomorphically (times 1/count).
 //
 // A study is open, then closed, then released. Submissions count only while it is
 // open, at most MaxSubmissionsPerOwner (default 1) per owner; the analyst closes it
@@ -853,19 +856,26 @@ func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv
 	if err != nil {
 		return nil, err
 	}
-	mean, err := st.eval.MulScalar(ctx, sum, 1/float64(count))
-	if err != nil {
-		return nil, he.ConnectError(err)
-	}
-	second, err := st.eval.MulScalar(ctx, prod, 1/float64(count))
-	if err != nil {
-		return nil, he.ConnectError(err)
-	}
 	res := &analyticsv1.GetResultResponse{Submissions: n, Count: count, Release: seq}
-	for _, f := range []struct {
+	type part struct {
 		v   *he.Vector
 		dst **hev1.EncryptedVector
-	}{{sum, &res.Sum}, {prod, &res.SumProducts}, {mean, &res.Mean}, {second, &res.SecondMoment}} {
+	}
+	out := []part{{sum, &res.Sum}, {prod, &res.SumProducts}}
+	if !req.Msg.GetSumsOnly() {
+		// A reader from before sums_only decrypts the mean and second moments the
+		// server computes; a current one divides the sums by count in the clear.
+		mean, err := st.eval.MulScalar(ctx, sum, 1/float64(count))
+		if err != nil {
+			return nil, he.ConnectError(err)
+		}
+		second, err := st.eval.MulScalar(ctx, prod, 1/float64(count))
+		if err != nil {
+			return nil, he.ConnectError(err)
+		}
+		out = append(out, part{mean, &res.Mean}, part{second, &res.SecondMoment})
+	}
+	for _, f := range out {
 		if *f.dst, err = he.MarshalVector(f.v); err != nil {
 			return nil, he.ConnectError(err)
 		}
