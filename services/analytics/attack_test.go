@@ -310,3 +310,60 @@ func TestAttackWrongKeySubmission(t *testing.T) {
 	e.srv = e.pki.Serve(t, serverID, svc.Register, append(analytics.ServerOptions(he.ParamsN13()), rpc.WithPolicy(policy()))...)
 	check(t, closeAndResult(t, e.analyst(t, analyst, key), "wrongkey"), append(r0, r1...), 2)
 }
+
+// Stored records and key fingerprints: a record written before fingerprints existed
+// (none on its vectors) still counts on load, so a closed study's result does not
+// change; a stored record under another key is quarantined, never added.
+func TestStoredRecordsKeyFingerprint(t *testing.T) {
+	dir := t.TempDir()
+	e, key := setup(t, dir)
+	ctx := context.Background()
+	a := e.analyst(t, analyst, key)
+	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "legacy", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 2, Ranges: wide}); err != nil {
+		t.Fatal(err)
+	}
+	r0 := records(1, 10, 2)
+	if _, err := e.owner(t, owners[0]).Submit(ctx, "legacy", "k", r0); err != nil {
+		t.Fatal(err)
+	}
+	otherKey, err := he.NewClient(he.ParamsN13())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r1 := records(2, 12, 2)
+	sums, products, err := analytics.Contribution(r1, 2, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	legacy := encryptedSubmission(t, key.PublicKey(), "legacy", "old", uint64(len(r1)), sums, products)
+	legacy.Sums.KeyFingerprint, legacy.Products.KeyFingerprint = nil, nil
+	wrong := encryptedSubmission(t, otherKey.PublicKey(), "legacy", "wrong", 1, []float64{1, 2}, []float64{1, 4})
+	store, err := analytics.NewDirStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []struct {
+		owner string
+		req   *analyticsv1.SubmitRequest
+	}{{owners[1], legacy}, {owners[2], wrong}} {
+		b, err := proto.Marshal(&analyticsv1.StoredSubmission{Owner: f.owner, Request: f.req})
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := sha256.Sum256([]byte(f.owner + "\x00" + f.req.GetIdempotencyKey()))
+		if added, err := store.AddSubmission(ctx, "legacy", hex.EncodeToString(h[:]), b); err != nil || !added {
+			t.Fatalf("storing a record: %v %v", added, err)
+		}
+	}
+	e.srv.Stop()
+	var logs bytes.Buffer
+	svc, err := analytics.New(analytics.WithStore(dir), analytics.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+	if err != nil {
+		t.Fatalf("restart: %v", err)
+	}
+	if n := strings.Count(logs.String(), "quarantined"); n != 1 || !strings.Contains(logs.String(), "not the study's public key") {
+		t.Fatalf("%d quarantine log lines, want 1 for the wrong key:\n%s", n, logs.String())
+	}
+	e.srv = e.pki.Serve(t, serverID, svc.Register, append(analytics.ServerOptions(he.ParamsN13()), rpc.WithPolicy(policy()))...)
+	check(t, closeAndResult(t, e.analyst(t, analyst, key), "legacy"), append(r0, r1...), 2)
+}
