@@ -219,6 +219,9 @@ func TestAggregationAcrossOwners(t *testing.T) {
 			}
 		}
 	}
+	if res.HistogramMismatch {
+		t.Fatal("honest owners' histograms do not add up to the count")
+	}
 
 	// A study without covariance: owners send squares only.
 	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "weights", OwnerPatterns: []string{owners[0], owners[1]}, Dimension: 3, Ranges: wide}); err != nil {

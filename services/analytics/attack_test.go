@@ -367,3 +367,47 @@ func TestStoredRecordsKeyFingerprint(t *testing.T) {
 	e.srv = e.pki.Serve(t, serverID, svc.Register, append(analytics.ServerOptions(he.ParamsN13()), rpc.WithPolicy(policy()))...)
 	check(t, closeAndResult(t, e.analyst(t, analyst, key), "legacy"), append(r0, r1...), 2)
 }
+
+// The record count is self-reported: an owner that claims 1000 records for a
+// contribution of 12 drags the mean towards zero, and neither the server nor the
+// analyst can check the count itself. In a study with a histogram the analyst's
+// client detects it: the bins no longer add up to the count.
+func TestAttackMisreportedCount(t *testing.T) {
+	e, key := setup(t, "")
+	ctx := context.Background()
+	a := e.analyst(t, analyst, key)
+	edges := []float64{-50, 0, 50, 100, 150}
+	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "liar", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 2, Ranges: wide, HistogramEdges: edges}); err != nil {
+		t.Fatal(err)
+	}
+	r0, r1 := records(1, 10, 2), records(2, 12, 2)
+	if _, err := e.owner(t, owners[0]).Submit(ctx, "liar", "k", r0); err != nil {
+		t.Fatal(err)
+	}
+	sums, products, err := analytics.Contribution(r1, 2, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := encryptedSubmission(t, key.PublicKey(), "liar", "k", 1000, sums, products)
+	enc, err := he.NewEncryptor(key.PublicKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := enc.Encrypt(analytics.HistogramCounts(r1, edges))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if req.Histogram, err = he.MarshalVector(v); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.raw(t, owners[1]).Submit(ctx, connect.NewRequest(req)); err != nil {
+		t.Fatalf("the server cannot refuse a misreported count: %v", err)
+	}
+	res := closeAndResult(t, a, "liar")
+	if res.Count != 1010 {
+		t.Fatalf("count %d, want the 1010 claimed", res.Count)
+	}
+	if !res.HistogramMismatch {
+		t.Fatalf("a count of 1010 for histograms of 22 records went unnoticed: %v", res.Histogram)
+	}
+}

@@ -140,6 +140,13 @@ type Result struct {
 	// Histogram[i][k] counts the records whose coordinate i falls in bin k (decrypted
 	// and rounded to the nearest integer); nil unless the study has histogram edges.
 	Histogram [][]uint64
+	// HistogramMismatch is set when some coordinate's bins do not add up to Count.
+	// An honest owner's histogram counts each of its records once per coordinate, so
+	// a mismatch means some owner misreported its record count (or sent a histogram
+	// that is not of its records): Count, and the mean with it, cannot be trusted.
+	// Record counts are self-reported; only a study with histogram edges can be
+	// checked this way, and an owner that lies consistently is not detected.
+	HistogramMismatch bool
 }
 
 // Result fetches and decrypts a closed study's aggregate (each call is a recorded
@@ -191,8 +198,13 @@ func (a *Analyst) Result(ctx context.Context, studyID string, opts ...he.Decrypt
 		out.Histogram = make([][]uint64, d)
 		for i := range d {
 			out.Histogram[i] = make([]uint64, nb)
+			var total float64
 			for k := range nb {
 				out.Histogram[i][k] = uint64(max(0, math.Round(h[i*nb+k])))
+				total += math.Round(h[i*nb+k])
+			}
+			if total != float64(out.Count) {
+				out.HistogramMismatch = true
 			}
 		}
 	}
