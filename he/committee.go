@@ -195,6 +195,9 @@ type ReleaseShare struct {
 	Member int
 	Active []int
 	shares []mhe.PublicKeySwitchShare
+	// reader is the fingerprint of the reader's key when this process made the
+	// share; empty for a decoded one (it does not travel).
+	reader []byte
 }
 
 // ReleaseShare returns the member's share re-encrypting v to reader, for the active
@@ -235,7 +238,7 @@ func (m *Member) ReleaseShare(active []int, reader *PublicKey, v *Vector, sigma 
 	if err != nil {
 		return nil, internalf("public-key switch: %v", err)
 	}
-	rs = &ReleaseShare{Member: m.index, Active: slices.Clone(active)}
+	rs = &ReleaseShare{Member: m.index, Active: slices.Clone(active), reader: reader.fp}
 	for _, ct := range v.cts {
 		s := pcks.AllocateShare(ct.Level())
 		pcks.GenShare(sk, reader.pk, ct, &s)
@@ -331,7 +334,18 @@ func (c *Committee) Release(v *Vector, shares []*ReleaseShare) (out *Vector, err
 		cts[i] = rlwe.NewCiphertext(c.params.p, 1, ct.Level())
 		pcks.KeySwitch(ct, agg, cts[i])
 	}
-	return v.derive(cts, v.length, v.dirty), nil
+	// The result is under the reader's key, not the committee's: it carries the
+	// reader's fingerprint when every share names the same one, none otherwise (shares
+	// decoded from the wire do not say), so that the reader's Decrypt does not refuse
+	// it as a vector of another key.
+	out = v.derive(cts, v.length, v.dirty)
+	out.fp = shares[0].reader
+	for _, s := range shares {
+		if len(s.reader) == 0 || !bytes.Equal(s.reader, out.fp) {
+			out.fp = nil
+		}
+	}
+	return out, nil
 }
 
 // reduced reports whether every coefficient of p is below its limb's modulus.
