@@ -195,6 +195,9 @@ type ReleaseShare struct {
 	Member int
 	Active []int
 	shares []mhe.PublicKeySwitchShare
+	// reader is the fingerprint of the reader's key when this process made the
+	// share; empty for a decoded one (it does not travel).
+	reader []byte
 }
 
 // ReleaseShare returns the member's share re-encrypting v to reader, for the active
@@ -235,7 +238,7 @@ func (m *Member) ReleaseShare(active []int, reader *PublicKey, v *Vector, sigma 
 	if err != nil {
 		return nil, internalf("public-key switch: %v", err)
 	}
-	rs = &ReleaseShare{Member: m.index, Active: slices.Clone(active)}
+	rs = &ReleaseShare{Member: m.index, Active: slices.Clone(active), reader: reader.fp}
 	for _, ct := range v.cts {
 		s := pcks.AllocateShare(ct.Level())
 		pcks.GenShare(sk, reader.pk, ct, &s)
@@ -331,6 +334,14 @@ func (c *Committee) Release(v *Vector, reader *PublicKey, shares []*ReleaseShare
 		}
 		cts[i] = rlwe.NewCiphertext(c.params.p, 1, ct.Level())
 		pcks.KeySwitch(ct, agg, cts[i])
+	}
+	// The result is under the reader's key, not the committee's: it carries the reader's
+	// fingerprint, so that the reader's Decrypt accepts it. A share made in this process
+	// names its reader; one towards another reader is refused.
+	for _, sh := range shares {
+		if len(sh.reader) != 0 && !bytes.Equal(sh.reader, reader.fp) {
+			return nil, invalidf("release share of member %d made towards another reader", sh.Member)
+		}
 	}
 	out = v.derive(cts, v.length, v.dirty)
 	out.fp = reader.fp

@@ -180,6 +180,12 @@ func runAnalyticsResult(ctx context.Context, args []string, stdout, stderr io.Wr
 	if res.Covariance != nil {
 		out["covariance"] = res.Covariance
 	}
+	if res.Histogram != nil {
+		out["histogram_mismatch"] = res.HistogramMismatch
+	}
+	if res.HistogramMismatch {
+		fmt.Fprintf(stderr, "warning: study %s: the histogram does not add up to the %d records the owners reported: some owner misreported its count\n", *study, res.Count)
+	}
 	return emit(stdout, *asJSON, out, func(w io.Writer) {
 		fmt.Fprintf(w, "study %s: %d records from %d submissions\n", *study, res.Count, res.Submissions)
 		for i := range res.Mean {

@@ -224,3 +224,190 @@ func TestAttackKeySubstitution(t *testing.T) {
 		t.Fatalf("an owner expecting another analyst submitted (err %v)", err)
 	}
 }
+
+// encryptedSubmission builds a raw submission of sums and products encrypted under pk,
+// with the record count claimed.
+func encryptedSubmission(t *testing.T, pk *he.PublicKey, study, key string, count uint64, sums, products []float64) *analyticsv1.SubmitRequest {
+	t.Helper()
+	enc, err := he.NewEncryptor(pk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := &analyticsv1.SubmitRequest{StudyId: study, IdempotencyKey: key, Count: count}
+	for _, p := range []struct {
+		values []float64
+		dst    **hev1.EncryptedVector
+	}{{sums, &req.Sums}, {products, &req.Products}} {
+		v, err := enc.Encrypt(p.values)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if *p.dst, err = he.MarshalVector(v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return req
+}
+
+// Issue 18 (key fingerprints): a submission encrypted under another key, or naming
+// none, is refused before anything is added or stored; honest submissions after it
+// still aggregate correctly, and a restart finds nothing to quarantine. Before the
+// check, the wrong-key submission was counted and every honest one after it failed
+// the evaluator's fingerprint check.
+func TestAttackWrongKeySubmission(t *testing.T) {
+	dir := t.TempDir()
+	e, key := setup(t, dir)
+	ctx := context.Background()
+	a := e.analyst(t, analyst, key)
+	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "wrongkey", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 2, Ranges: wide}); err != nil {
+		t.Fatal(err)
+	}
+	otherKey, err := he.NewClient(he.ParamsN13())
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw := e.raw(t, owners[0])
+	bad := encryptedSubmission(t, otherKey.PublicKey(), "wrongkey", "bad", 1, []float64{1, 2}, []float64{1, 4})
+	_, err = raw.Submit(ctx, connect.NewRequest(bad))
+	wantCode(t, "vectors under another key", err, connect.CodeFailedPrecondition)
+
+	// One vector under the right key and one under another: still refused whole.
+	mixed := encryptedSubmission(t, key.PublicKey(), "wrongkey", "mixed", 1, []float64{1, 2}, []float64{1, 4})
+	mixed.Products = bad.Products
+	_, err = raw.Submit(ctx, connect.NewRequest(mixed))
+	wantCode(t, "products under another key", err, connect.CodeFailedPrecondition)
+
+	// No fingerprint at all: refused (the owners' client always sends one).
+	none := encryptedSubmission(t, key.PublicKey(), "wrongkey", "none", 1, []float64{1, 2}, []float64{1, 4})
+	none.Sums.KeyFingerprint = nil
+	_, err = raw.Submit(ctx, connect.NewRequest(none))
+	wantCode(t, "no key fingerprint", err, connect.CodeInvalidArgument)
+
+	// Nothing was stored or counted: owners[0] still has its one submission.
+	r0, r1 := records(1, 10, 2), records(2, 12, 2)
+	if _, err := e.owner(t, owners[0]).Submit(ctx, "wrongkey", "k", r0); err != nil {
+		t.Fatalf("honest submission after the refused ones: %v", err)
+	}
+	if _, err := e.owner(t, owners[1]).Submit(ctx, "wrongkey", "k", r1); err != nil {
+		t.Fatalf("second honest submission: %v", err)
+	}
+	store, err := analytics.NewDirStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if names, err := store.Submissions(ctx, "wrongkey"); err != nil || len(names) != 2 {
+		t.Fatalf("stored records %v (%v), want the 2 honest submissions", names, err)
+	}
+	e.srv.Stop()
+	var logs bytes.Buffer
+	svc, err := analytics.New(analytics.WithStore(dir), analytics.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+	if err != nil {
+		t.Fatalf("restart: %v", err)
+	}
+	if strings.Contains(logs.String(), "quarantined") {
+		t.Fatalf("restart quarantined records:\n%s", logs.String())
+	}
+	e.srv = e.pki.Serve(t, serverID, svc.Register, append(analytics.ServerOptions(he.ParamsN13()), rpc.WithPolicy(policy()))...)
+	check(t, closeAndResult(t, e.analyst(t, analyst, key), "wrongkey"), append(r0, r1...), 2)
+}
+
+// Stored records and key fingerprints: a record written before fingerprints existed
+// (none on its vectors) still counts on load, so a closed study's result does not
+// change; a stored record under another key is quarantined, never added.
+func TestStoredRecordsKeyFingerprint(t *testing.T) {
+	dir := t.TempDir()
+	e, key := setup(t, dir)
+	ctx := context.Background()
+	a := e.analyst(t, analyst, key)
+	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "legacy", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 2, Ranges: wide}); err != nil {
+		t.Fatal(err)
+	}
+	r0 := records(1, 10, 2)
+	if _, err := e.owner(t, owners[0]).Submit(ctx, "legacy", "k", r0); err != nil {
+		t.Fatal(err)
+	}
+	otherKey, err := he.NewClient(he.ParamsN13())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r1 := records(2, 12, 2)
+	sums, products, err := analytics.Contribution(r1, 2, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	legacy := encryptedSubmission(t, key.PublicKey(), "legacy", "old", uint64(len(r1)), sums, products)
+	legacy.Sums.KeyFingerprint, legacy.Products.KeyFingerprint = nil, nil
+	wrong := encryptedSubmission(t, otherKey.PublicKey(), "legacy", "wrong", 1, []float64{1, 2}, []float64{1, 4})
+	store, err := analytics.NewDirStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []struct {
+		owner string
+		req   *analyticsv1.SubmitRequest
+	}{{owners[1], legacy}, {owners[2], wrong}} {
+		b, err := proto.Marshal(&analyticsv1.StoredSubmission{Owner: f.owner, Request: f.req})
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := sha256.Sum256([]byte(f.owner + "\x00" + f.req.GetIdempotencyKey()))
+		if added, err := store.AddSubmission(ctx, "legacy", hex.EncodeToString(h[:]), b); err != nil || !added {
+			t.Fatalf("storing a record: %v %v", added, err)
+		}
+	}
+	e.srv.Stop()
+	var logs bytes.Buffer
+	svc, err := analytics.New(analytics.WithStore(dir), analytics.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+	if err != nil {
+		t.Fatalf("restart: %v", err)
+	}
+	if n := strings.Count(logs.String(), "quarantined"); n != 1 || !strings.Contains(logs.String(), "not the study's public key") {
+		t.Fatalf("%d quarantine log lines, want 1 for the wrong key:\n%s", n, logs.String())
+	}
+	e.srv = e.pki.Serve(t, serverID, svc.Register, append(analytics.ServerOptions(he.ParamsN13()), rpc.WithPolicy(policy()))...)
+	check(t, closeAndResult(t, e.analyst(t, analyst, key), "legacy"), append(r0, r1...), 2)
+}
+
+// The record count is self-reported: an owner that claims 1000 records for a
+// contribution of 12 drags the mean towards zero, and neither the server nor the
+// analyst can check the count itself. In a study with a histogram the analyst's
+// client detects it: the bins no longer add up to the count.
+func TestAttackMisreportedCount(t *testing.T) {
+	e, key := setup(t, "")
+	ctx := context.Background()
+	a := e.analyst(t, analyst, key)
+	edges := []float64{-50, 0, 50, 100, 150}
+	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "liar", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 2, Ranges: wide, HistogramEdges: edges}); err != nil {
+		t.Fatal(err)
+	}
+	r0, r1 := records(1, 10, 2), records(2, 12, 2)
+	if _, err := e.owner(t, owners[0]).Submit(ctx, "liar", "k", r0); err != nil {
+		t.Fatal(err)
+	}
+	sums, products, err := analytics.Contribution(r1, 2, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := encryptedSubmission(t, key.PublicKey(), "liar", "k", 1000, sums, products)
+	enc, err := he.NewEncryptor(key.PublicKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := enc.Encrypt(analytics.HistogramCounts(r1, edges))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if req.Histogram, err = he.MarshalVector(v); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.raw(t, owners[1]).Submit(ctx, connect.NewRequest(req)); err != nil {
+		t.Fatalf("the server cannot refuse a misreported count: %v", err)
+	}
+	res := closeAndResult(t, a, "liar")
+	if res.Count != 1010 {
+		t.Fatalf("count %d, want the 1010 claimed", res.Count)
+	}
+	if !res.HistogramMismatch {
+		t.Fatalf("a count of 1010 for histograms of 22 records went unnoticed: %v", res.Histogram)
+	}
+}

@@ -140,22 +140,33 @@ type Result struct {
 	// Histogram[i][k] counts the records whose coordinate i falls in bin k (decrypted
 	// and rounded to the nearest integer); nil unless the study has histogram edges.
 	Histogram [][]uint64
+	// HistogramMismatch is set when some coordinate's bins do not add up to Count.
+	// An honest owner's histogram counts each of its records once per coordinate, so
+	// a mismatch means some owner misreported its record count (or sent a histogram
+	// that is not of its records): Count, and the mean with it, cannot be trusted.
+	// Record counts are self-reported; only a study with histogram edges can be
+	// checked this way, and an owner that lies consistently is not detected.
+	HistogramMismatch bool
 }
 
 // Result fetches and decrypts a closed study's aggregate (each call is a recorded
 // release). opts go to he.Client.Decrypt: pass he.WithFlooding(securityBits, queries)
 // when the decrypted values will be published to parties that include the server or
 // an owner; the noise bound it needs is derived from the study's computation.
+//
+// The server returns only the encrypted sums (GetResultRequest.sums_only); the mean
+// and the second moments are the decrypted sums divided by Count here, in the clear
+// (moments), rather than the server's homomorphic product by 1/Count, whose constant
+// is rounded at the level's prime (a relative error of about Count/2^41 at N13).
 func (a *Analyst) Result(ctx context.Context, studyID string, opts ...he.DecryptOption) (*Result, error) {
-	res, err := a.svc.GetResult(ctx, connect.NewRequest(&analyticsv1.GetResultRequest{StudyId: studyID}))
+	res, err := a.svc.GetResult(ctx, connect.NewRequest(&analyticsv1.GetResultRequest{StudyId: studyID, SumsOnly: true}))
 	if err != nil {
 		return nil, err
 	}
-	// The server's computation is known: sums of fresh public-key encryptions, and
-	// their product by 1/count. Its noise bound sizes flooding (he.WithFlooding).
+	// The server's computation is known: sums of fresh public-key encryptions. Their
+	// noise bound sizes flooding (he.WithFlooding).
 	p := a.key.Params()
 	sumBound := he.SumNoiseBound(he.FreshNoiseBound(p), int(res.Msg.GetSubmissions()))
-	meanBound := he.ScaledNoiseBound(p, sumBound, 1/float64(max(res.Msg.GetCount(), 1)))
 	dec := func(m *hev1.EncryptedVector, bound float64) ([]float64, error) {
 		v, err := he.UnmarshalVector(p, m)
 		if err != nil {
@@ -167,10 +178,11 @@ func (a *Analyst) Result(ctx context.Context, studyID string, opts ...he.Decrypt
 	if out.Sum, err = dec(res.Msg.GetSum(), sumBound); err != nil {
 		return nil, err
 	}
-	if out.Mean, err = dec(res.Msg.GetMean(), meanBound); err != nil {
+	sumProducts, err := dec(res.Msg.GetSumProducts(), sumBound)
+	if err != nil {
 		return nil, err
 	}
-	if out.SecondMoment, err = dec(res.Msg.GetSecondMoment(), meanBound); err != nil {
+	if out.Mean, out.SecondMoment, err = moments(out.Sum, sumProducts, out.Count); err != nil {
 		return nil, err
 	}
 	d := len(out.Mean)
@@ -186,8 +198,13 @@ func (a *Analyst) Result(ctx context.Context, studyID string, opts ...he.Decrypt
 		out.Histogram = make([][]uint64, d)
 		for i := range d {
 			out.Histogram[i] = make([]uint64, nb)
+			var total float64
 			for k := range nb {
 				out.Histogram[i][k] = uint64(max(0, math.Round(h[i*nb+k])))
+				total += math.Round(h[i*nb+k])
+			}
+			if total != float64(out.Count) {
+				out.HistogramMismatch = true
 			}
 		}
 	}
@@ -211,6 +228,25 @@ func (a *Analyst) Result(ctx context.Context, studyID string, opts ...he.Decrypt
 		return nil, fmt.Errorf("analytics: result has %d second moments for dimension %d", len(out.SecondMoment), d)
 	}
 	return out, nil
+}
+
+// moments returns the mean sum/count and the second moments sumProducts/count,
+// computed in the clear from decrypted sums: exact up to the decryption's own error,
+// which the division by count shrinks.
+func moments(sum, sumProducts []float64, count uint64) (mean, second []float64, err error) {
+	if count == 0 {
+		return nil, nil, errors.New("analytics: a result of zero records")
+	}
+	n := float64(count)
+	mean = make([]float64, len(sum))
+	for i, s := range sum {
+		mean[i] = s / n
+	}
+	second = make([]float64, len(sumProducts))
+	for i, s := range sumProducts {
+		second[i] = s / n
+	}
+	return mean, second, nil
 }
 
 // Owner submits encrypted contributions to studies. It holds no secret: it encrypts

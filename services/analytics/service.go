@@ -4,11 +4,14 @@
 // the owners allowed to contribute. Each owner sums its records locally, encrypts
 // the per-coordinate sums and the sums of squares (or of all pairwise products, for a
 // covariance study), and optionally its per-bin record counts, under the analyst's
-// public key, and submits them with its record count. The service adds the ciphertexts up and scales them by 1/count into an
-// encrypted mean and encrypted second moments. It holds no secret key and no
-// evaluation key: additions and a plaintext scalar product need none. Only the
-// analyst may fetch the result; the analyst's client decrypts it and derives
-// variance and covariance (second moment minus the product of means).
+// public key, and submits them with its record count (self-reported, in the clear).
+// The service checks that every vector names the study's public key (its
+// fingerprint) and adds the ciphertexts up. It holds no secret key and no evaluation
+// key: additions need none. Only the analyst may fetch the result; the analyst's
+// client decrypts the sums and computes, in the clear, the mean and second moments
+// (sums divided by the record count) and the variance and covariance (second moment
+// minus the product of means). For readers that do not ask for sums only, the service
+// also returns the mean and second moments computed homomorphically (times 1/count).
 //
 // A study is open, then closed, then released. Submissions count only while it is
 // open, at most MaxSubmissionsPerOwner (default 1) per owner; the analyst closes it
@@ -27,6 +30,7 @@
 package analytics
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -109,6 +113,9 @@ type study struct {
 	params   *he.Parameters
 	patterns []transport.Pattern
 	eval     *he.Evaluator
+	// keyFP is the fingerprint of the study's public key: every submitted vector
+	// must carry it.
+	keyFP []byte
 
 	sum, products *he.Vector
 	histogram     *he.Vector // nil unless the study has histogram edges
@@ -250,7 +257,8 @@ func (s *Service) newStudy(m *analyticsv1.Study, creating bool) (*study, error) 
 	if err != nil {
 		return nil, err
 	}
-	if _, err := he.UnmarshalPublicKey(params, m.GetPublicKey()); err != nil {
+	pk, err := he.UnmarshalPublicKey(params, m.GetPublicKey())
+	if err != nil {
 		return nil, he.ConnectError(err)
 	}
 	if d := int(m.GetDimension()); d < 1 || productsLen(m) > params.Slots() {
@@ -268,7 +276,7 @@ func (s *Service) newStudy(m *analyticsv1.Study, creating bool) (*study, error) 
 	if m.GetMinOwners() == 1 {
 		return nil, errorf(connect.CodeInvalidArgument, "min_owners must be at least 2: one owner's submission would be the result")
 	}
-	st := &study{meta: m, params: params, seen: map[string]bool{}, counted: map[string]string{}, perOwner: map[string]int{}}
+	st := &study{meta: m, params: params, keyFP: pk.Fingerprint(), seen: map[string]bool{}, counted: map[string]string{}, perOwner: map[string]int{}}
 	for _, raw := range m.GetOwnerPatterns() {
 		p, err := transport.ParsePattern(raw)
 		if err != nil {
@@ -484,20 +492,21 @@ type submission struct {
 	count           uint64
 }
 
-// check decodes and validates a submission against the study.
-func (st *study) check(req *analyticsv1.SubmitRequest) (*submission, error) {
-	sum, err := st.decode(req.GetSums(), int(st.meta.GetDimension()), "sums")
+// check decodes and validates a submission against the study. stored is set for a
+// record read back from the store (see decode).
+func (st *study) check(req *analyticsv1.SubmitRequest, stored bool) (*submission, error) {
+	sum, err := st.decode(req.GetSums(), int(st.meta.GetDimension()), "sums", stored)
 	if err != nil {
 		return nil, err
 	}
-	prod, err := st.decode(req.GetProducts(), productsLen(st.meta), "products")
+	prod, err := st.decode(req.GetProducts(), productsLen(st.meta), "products", stored)
 	if err != nil {
 		return nil, err
 	}
 	var hist *he.Vector
 	switch {
 	case bins(st.meta) > 0:
-		if hist, err = st.decode(req.GetHistogram(), histogramLen(st.meta), "histogram"); err != nil {
+		if hist, err = st.decode(req.GetHistogram(), histogramLen(st.meta), "histogram", stored); err != nil {
 			return nil, err
 		}
 	case req.GetHistogram() != nil:
@@ -513,7 +522,7 @@ func (st *study) check(req *analyticsv1.SubmitRequest) (*submission, error) {
 // store decides, atomically across replicas, whether its idempotency key is new) and
 // only then makes the copy the aggregate: nothing is stored that cannot be counted.
 func (s *Service) add(ctx context.Context, st *study, owner string, req *analyticsv1.SubmitRequest) (duplicate bool, submissions uint64, err error) {
-	sub, err := st.check(req)
+	sub, err := st.check(req, false)
 	if err != nil {
 		return false, 0, err
 	}
@@ -684,7 +693,7 @@ func (s *Service) syncLocked(ctx context.Context, st *study) error {
 			st.seen[p.name] = true // over the cap (a race between replicas)
 			continue
 		}
-		sub, err := st.check(p.rec.GetRequest())
+		sub, err := st.check(p.rec.GetRequest(), true)
 		if err != nil {
 			s.quarantine(st, p.name, err.Error())
 			continue
@@ -700,10 +709,27 @@ func (s *Service) syncLocked(ctx context.Context, st *study) error {
 }
 
 // decode validates one submitted vector: the study's parameters, the right length,
-// and a fresh encryption (top level, default scale), so that it adds to any other.
-func (st *study) decode(m *hev1.EncryptedVector, want int, what string) (*he.Vector, error) {
+// the study's key and a fresh encryption (top level, default scale), so that it adds
+// to any other.
+//
+// The key is checked by the vector's fingerprint (he.PublicKey.Fingerprint), before
+// anything is added or stored: a vector under another key would turn the aggregate
+// into garbage (and, once added, make every honest submission after it fail the
+// evaluator's own fingerprint check). A submitted vector without a fingerprint is
+// refused too: the he layer accepts one (an older sender it cannot check), but this
+// service knows the one key every vector must be under, and its owners' client always
+// names it. A record read back from the store (stored) may lack one: it was counted
+// by an earlier version before fingerprints existed, and dropping it would change a
+// closed study's result; a stored record naming another key is quarantined.
+func (st *study) decode(m *hev1.EncryptedVector, want int, what string, stored bool) (*he.Vector, error) {
 	if m.GetLength() != uint64(want) {
 		return nil, errorf(connect.CodeInvalidArgument, "%s holds %d values, the study needs %d", what, m.GetLength(), want)
+	}
+	switch fp := m.GetKeyFingerprint(); {
+	case len(fp) == 0 && !stored:
+		return nil, errorf(connect.CodeInvalidArgument, "%s carries no key fingerprint: the study needs vectors that name its public key", what)
+	case len(fp) != 0 && !bytes.Equal(fp, st.keyFP):
+		return nil, errorf(connect.CodeFailedPrecondition, "%s is encrypted under key %x, not the study's public key %x", what, fp, st.keyFP)
 	}
 	v, err := he.UnmarshalVector(st.params, m)
 	if err != nil {
@@ -823,19 +849,26 @@ func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv
 	if err != nil {
 		return nil, err
 	}
-	mean, err := st.eval.MulScalar(ctx, sum, 1/float64(count))
-	if err != nil {
-		return nil, he.ConnectError(err)
-	}
-	second, err := st.eval.MulScalar(ctx, prod, 1/float64(count))
-	if err != nil {
-		return nil, he.ConnectError(err)
-	}
 	res := &analyticsv1.GetResultResponse{Submissions: n, Count: count, Release: seq}
-	for _, f := range []struct {
+	type part struct {
 		v   *he.Vector
 		dst **hev1.EncryptedVector
-	}{{sum, &res.Sum}, {prod, &res.SumProducts}, {mean, &res.Mean}, {second, &res.SecondMoment}} {
+	}
+	out := []part{{sum, &res.Sum}, {prod, &res.SumProducts}}
+	if !req.Msg.GetSumsOnly() {
+		// A reader from before sums_only decrypts the mean and second moments the
+		// server computes; a current one divides the sums by count in the clear.
+		mean, err := st.eval.MulScalar(ctx, sum, 1/float64(count))
+		if err != nil {
+			return nil, he.ConnectError(err)
+		}
+		second, err := st.eval.MulScalar(ctx, prod, 1/float64(count))
+		if err != nil {
+			return nil, he.ConnectError(err)
+		}
+		out = append(out, part{mean, &res.Mean}, part{second, &res.SecondMoment})
+	}
+	for _, f := range out {
 		if *f.dst, err = he.MarshalVector(f.v); err != nil {
 			return nil, he.ConnectError(err)
 		}

@@ -767,8 +767,14 @@ func (x *CloseStudyResponse) GetOwners() uint32 {
 }
 
 type GetResultRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	StudyId       string                 `protobuf:"bytes,1,opt,name=study_id,json=studyId,proto3" json:"study_id,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	StudyId string                 `protobuf:"bytes,1,opt,name=study_id,json=studyId,proto3" json:"study_id,omitempty"`
+	// When set, the response omits mean and second_moment: the reader divides the
+	// decrypted sum and sum_products by count in the clear, exactly, instead of
+	// decrypting the server's product by 1/count (rounded at the level's prime: a
+	// relative error of about count / 2^41 at ParamsN13). The Analyst client sets it.
+	// Unset (readers written before it), the response carries both as before.
+	SumsOnly      bool `protobuf:"varint,2,opt,name=sums_only,json=sumsOnly,proto3" json:"sums_only,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -810,6 +816,13 @@ func (x *GetResultRequest) GetStudyId() string {
 	return ""
 }
 
+func (x *GetResultRequest) GetSumsOnly() bool {
+	if x != nil {
+		return x.SumsOnly
+	}
+	return false
+}
+
 type GetResultResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Submissions counted.
@@ -820,10 +833,13 @@ type GetResultResponse struct {
 	Sum *v1.EncryptedVector `protobuf:"bytes,3,opt,name=sum,proto3" json:"sum,omitempty"`
 	// Encrypted sum of squares or products (as SubmitRequest.products).
 	SumProducts *v1.EncryptedVector `protobuf:"bytes,4,opt,name=sum_products,json=sumProducts,proto3" json:"sum_products,omitempty"`
-	// Encrypted mean: sum / count.
+	// Encrypted mean: sum x 1/count, computed homomorphically (one level; 1/count is
+	// rounded at the level's prime). Absent when the request set sums_only: the reader
+	// then computes sum / count in the clear.
 	Mean *v1.EncryptedVector `protobuf:"bytes,5,opt,name=mean,proto3" json:"mean,omitempty"`
-	// Encrypted second moments: sum_products / count. Variance (and covariance) is
-	// second moment minus the product of means, computed by the analyst after decryption.
+	// Encrypted second moments: sum_products x 1/count, as mean (absent with
+	// sums_only). Variance (and covariance) is second moment minus the product of
+	// means, computed by the reader after decryption.
 	SecondMoment *v1.EncryptedVector `protobuf:"bytes,6,opt,name=second_moment,json=secondMoment,proto3" json:"second_moment,omitempty"`
 	// Encrypted sum of the histograms (as SubmitRequest.histogram), if the study has one.
 	Histogram *v1.EncryptedVector `protobuf:"bytes,7,opt,name=histogram,proto3" json:"histogram,omitempty"`
@@ -1159,9 +1175,10 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\"N\n" +
 	"\x12CloseStudyResponse\x12 \n" +
 	"\vsubmissions\x18\x01 \x01(\x04R\vsubmissions\x12\x16\n" +
-	"\x06owners\x18\x02 \x01(\rR\x06owners\"O\n" +
+	"\x06owners\x18\x02 \x01(\rR\x06owners\"l\n" +
 	"\x10GetResultRequest\x12;\n" +
-	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\"\x82\x03\n" +
+	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\x12\x1b\n" +
+	"\tsums_only\x18\x02 \x01(\bR\bsumsOnly\"\x82\x03\n" +
 	"\x11GetResultResponse\x12 \n" +
 	"\vsubmissions\x18\x01 \x01(\x04R\vsubmissions\x12\x14\n" +
 	"\x05count\x18\x02 \x01(\x04R\x05count\x12-\n" +
