@@ -155,10 +155,12 @@ func toConnect(err error) *connect.Error {
 }
 
 // cutShort is the client's view of a transport failure (a reset stream, a closed
-// connection) while it reads a sealed response, before its FINAL frame: a body that ends
-// early, truncated (spec 6.2, 9). The failure is unauthenticated; a proxy resetting the
-// stream chooses its HTTP/2 code, which connect-go would map to resource_exhausted,
-// permission_denied or internal. The caller's own cancellation or deadline keeps its code.
+// connection) while it reads a sealed response, before its FINAL frame: a dropped call,
+// unavailable (spec 6.2, 9), as a replica that dies mid-stream causes. The failure is
+// unauthenticated; a proxy resetting the stream chooses its HTTP/2 code, which connect-go
+// would map to resource_exhausted, permission_denied or internal, so that code never
+// reaches the caller. The caller's own cancellation or deadline keeps its code. (A body
+// that ends cleanly before FINAL is truncated, data_loss: the opener reports it.)
 func cutShort(ctx context.Context, err error) error {
 	if err == nil || err == io.EOF || isRejection(err) || callerEnded(ctx) {
 		return err
@@ -167,7 +169,7 @@ func cutShort(ctx context.Context, err error) error {
 	if errors.As(err, &ce) {
 		return err
 	}
-	return newError(reasonTruncated, "body truncated before its final frame: "+err.Error())
+	return connect.NewError(connect.CodeUnavailable, errors.New("pqkex: the response was cut short before its final frame by a transport failure (unauthenticated): "+err.Error()))
 }
 
 // intermediaryFailure is the client's view of a transport failure before any response to

@@ -135,9 +135,10 @@ func (b *rstBody) Read(p []byte) (int, error) {
 
 // TestProxyResetIsNeverAHandlerCode: a proxy resets the HTTP/2 stream, choosing the error
 // code (ENHANCE_YOUR_CALM, INADEQUATE_SECURITY, INTERNAL_ERROR, which connect-go maps to
-// resource_exhausted, permission_denied and internal). Mid-response it is a body that ends
-// before its FINAL frame: truncated, data_loss (spec 6.2, 9). Before any response it is an
-// intermediary's failure: unavailable, as a dropped call.
+// resource_exhausted, permission_denied and internal). Before any response or mid-response
+// it is a dropped call, unavailable, as a replica dying mid-stream is (spec 6.2, 9); the
+// reset's code never reaches the caller. (A body that ends cleanly before its FINAL frame
+// is truncated, data_loss: TestTruncationThroughProxy.)
 func TestProxyResetIsNeverAHandlerCode(t *testing.T) {
 	e := newEnv(t, pqkex.X25519MLKEM768())
 	backend := e.startServer(t, echoMux())
@@ -166,7 +167,7 @@ func TestProxyResetIsNeverAHandlerCode(t *testing.T) {
 		for _, at := range []struct {
 			cut  int
 			want connect.Code
-		}{{-1, connect.CodeUnavailable}, {0, connect.CodeDataLoss}, {40, connect.CodeDataLoss}} {
+		}{{-1, connect.CodeUnavailable}, {0, connect.CodeUnavailable}, {40, connect.CodeUnavailable}} {
 			mu.Lock()
 			code, cut = c, at.cut
 			mu.Unlock()
