@@ -85,7 +85,7 @@ var (
 	errTLSNotPQ        = newError(reasonTLSNotPQ, "TLS connection without a post-quantum key exchange: send a pqkex ephemeral")
 	errTLSNotPQHere    = newError(reasonCredential, "server accepted the TLS ephemeral, but this TLS connection is not post-quantum")
 	errUnsupported     = newError(reasonUnsupported, "unsupported suite or AEAD")
-	errServerVersion   = newError(reasonVersion, "server answered in another wire version")
+	errServerVersion   = &reasonError{reason: reasonVersion, code: connect.CodeUnavailable, text: "server answered in another wire version (unauthenticated)"}
 	errInternal        = newError(reasonInternal, "internal error")
 	errFrameLength     = newError(reasonTampered, "tampered: frame length out of range") // unauthenticated, like seq (spec 6.2)
 	errFieldsTooLarge  = newError(reasonMalformed, "headers or trailers exceed one frame (64 KiB)")
@@ -198,19 +198,25 @@ func callerEnded(ctx context.Context) bool {
 // handshakeRefusal rebuilds the error a server announced in the Veil-Pqkex-Error header of a
 // handshake (or credential) response; versions is its Veil-Pqkex-Version header. The refusal
 // is unauthenticated and says so (spec 9).
+//
+// The refusal is unauthenticated, so a proxy can forge any token: whatever it names, the
+// caller sees unavailable (a handshake that did not complete, as a failed TLS handshake
+// is), never the code the reason maps to on the server; the reason stays in the message
+// and the client's metrics for diagnosis.
 func handshakeRefusal(token, versions string) *reasonError {
 	r := reason(token)
 	if _, ok := reasonCodes[r]; !ok {
 		r = reasonInternal
 	}
+	text := "handshake refused by the server (unauthenticated): " + string(r)
 	switch {
 	case r == reasonVersion:
-		return newError(reasonVersion, "handshake refused by the server (unauthenticated): it speaks wire version "+versions+", this client "+wireVersionName)
+		text = "handshake refused by the server (unauthenticated): it speaks wire version " + versions + ", this client " + wireVersionName
 	case r == reasonUnsupported && versions == "":
 		// A version-1 server predates the version header and refuses version 2 as unsupported (spec 5.5).
-		return newError(reasonVersion, "handshake refused by the server (unauthenticated): it predates wire version "+wireVersionName+" (speaks version 1 only)")
+		r, text = reasonVersion, "handshake refused by the server (unauthenticated): it predates wire version "+wireVersionName+" (speaks version 1 only)"
 	}
-	return newError(r, "handshake refused by the server (unauthenticated): "+string(r))
+	return &reasonError{reason: r, code: connect.CodeUnavailable, text: text}
 }
 
 // callRefusal is the client's view of a Veil-Pqkex-Error on a sealed call (spec 9): a

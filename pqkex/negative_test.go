@@ -38,6 +38,15 @@ func clientStreamCall(hc *http.Client, base string, msgs ...string) error {
 	return err
 }
 
+// wantRefusal checks a handshake refusal as a caller sees it: unavailable, whatever the
+// server's reason, which the message names (the refusal is unauthenticated, spec 9).
+func wantRefusal(t *testing.T, err error, reason string) {
+	t.Helper()
+	if connect.CodeOf(err) != connect.CodeUnavailable || err == nil || !strings.Contains(err.Error(), "(unauthenticated): "+reason) {
+		t.Fatalf("error = %v, want unavailable naming the refusal %q", err, reason)
+	}
+}
+
 func wantCode(t *testing.T, err error, code connect.Code) {
 	t.Helper()
 	if got := connect.CodeOf(err); got != code || err == nil {
@@ -456,13 +465,13 @@ func TestIdentityChecks(t *testing.T) {
 	t.Run("server refuses the client", func(t *testing.T) {
 		ts := e.startServer(t, echoMux(), pqkex.WithAuthorizer(pqkex.AuthorizeID("spiffe://example.org/someone-else")))
 		hc, _ := e.httpClient(t, e.transport(t, clientID))
-		wantCode(t, unaryCall(hc, ts.URL), connect.CodePermissionDenied)
+		wantRefusal(t, unaryCall(hc, ts.URL), "credential")
 	})
 	t.Run("expired client credential", func(t *testing.T) {
 		late := func() time.Time { return testNow.Add(48 * time.Hour) }
 		ts := e.startServer(t, echoMux(), pqkex.WithClock(late))
 		hc, _ := e.httpClient(t, e.transport(t, clientID))
-		wantCode(t, unaryCall(hc, ts.URL), connect.CodePermissionDenied)
+		wantRefusal(t, unaryCall(hc, ts.URL), "credential")
 	})
 	t.Run("expired server credential", func(t *testing.T) {
 		late := func() time.Time { return testNow.Add(48 * time.Hour) }
@@ -472,7 +481,7 @@ func TestIdentityChecks(t *testing.T) {
 	t.Run("credential from another CA", func(t *testing.T) {
 		other := newEnv(t, pqkex.X25519MLKEM768())
 		hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithIdentity(other.client))
-		wantCode(t, unaryCall(hc, ts.URL), connect.CodePermissionDenied)
+		wantRefusal(t, unaryCall(hc, ts.URL), "credential")
 	})
 	t.Run("suite mismatch", func(t *testing.T) {
 		id, err := e.ca.Identity(pqkex.X448MLKEM1024(), clientID, testNow.Add(-time.Hour), testNow.Add(time.Hour), nil)

@@ -158,11 +158,11 @@ func TestChannelBinding(t *testing.T) {
 	}
 	// A server that requires binding refuses a client that does not bind.
 	plainClient, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithoutChannelBinding())
-	wantCode(t, unaryCall(plainClient, ts.URL), connect.CodePermissionDenied)
+	wantRefusal(t, unaryCall(plainClient, ts.URL), "credential")
 	// Through a terminating proxy, binding fails.
 	backend := e.startServer(t, echoMux())
 	proxy, _ := e.startProxy(t, backend.URL, nil)
-	wantCode(t, unaryCall(hc, proxy.URL), connect.CodePermissionDenied)
+	wantRefusal(t, unaryCall(hc, proxy.URL), "credential")
 }
 
 // peerReporter adds the pqkex peer's channel binding to response headers.

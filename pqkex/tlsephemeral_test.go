@@ -62,7 +62,9 @@ func TestTLSEphemeralRefusal(t *testing.T) {
 			t.Errorf("vector %d over %s: refused with %q, want %q", tt.vector, group, got, tt.reason)
 		}
 	}
-	if code := toConnect(handshakeRefusal(string(reasonTLSNotPQ), "2")).Code(); code != connect.CodeFailedPrecondition {
-		t.Errorf("tls_not_pq is %v, want failed_precondition", code)
+	// The refusal reaches the client unauthenticated: it retries by its reason, and a
+	// caller never sees the server-side code (spec 9).
+	if err := handshakeRefusal(string(reasonTLSNotPQ), "2"); reasonOf(err) != reasonTLSNotPQ || toConnect(err).Code() != connect.CodeUnavailable {
+		t.Errorf("tls_not_pq is %v (%v), want its reason and unavailable", reasonOf(err), toConnect(err).Code())
 	}
 }

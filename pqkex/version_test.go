@@ -114,8 +114,8 @@ func TestVersionRefusedToClient(t *testing.T) {
 		answer = tc.answer
 		_, pc := e.httpClient(t, e.transport(t, clientID))
 		err := pc.Handshake(context.Background(), e.transport(t, clientID), ts.URL)
-		if connect.CodeOf(err) != connect.CodeUnimplemented || !strings.Contains(err.Error(), tc.want) {
-			t.Errorf("%s: %v, want unimplemented saying %q", tc.name, err, tc.want)
+		if connect.CodeOf(err) != connect.CodeUnavailable || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want unavailable saying %q", tc.name, err, tc.want)
 		}
 	}
 }
