@@ -359,7 +359,7 @@ func TestTicketKeysPerService(t *testing.T) {
 	if len(ba) != 1 || len(bb) != 1 || string(ba[0]) == string(bb[0]) {
 		t.Fatal("two services share a ticket key")
 	}
-	if na, _ := natsstate.TicketKeyBucket(scoring); na != "ticket-keys-scoring-"+na[len(na)-8:] {
+	if na, _ := natsstate.TicketKeyBucket(scoring); na != "ticket-keys-scoring-"+na[len(na)-32:] {
 		t.Fatalf("bucket name %q", na)
 	}
 	first := a.CurrentID()

@@ -95,7 +95,7 @@ func (s *State) TicketKeys(ctx context.Context, service string, period time.Dura
 
 // TicketKeyBucket returns the name (without the prefix) of service's ticket-key bucket:
 // "ticket-keys-" and the SPIFFE ID's path with every character other than letters, digits,
-// '-' and '_' as '_' (at most 64 of them), '-', and 8 hex digits of the ID's SHA-256, so
+// '-' and '_' as '_' (at most 64 of them), '-', and 32 hex digits (128 bits) of the ID's SHA-256, so
 // that two services never share a bucket.
 func TicketKeyBucket(service string) (string, error) { return serviceBucket("ticket-keys", service) }
 
@@ -115,7 +115,7 @@ func serviceBucket(kind, service string) (string, error) {
 		path = path[:64]
 	}
 	sum := sha256.Sum256([]byte(id.String()))
-	return kind + "-" + string(path) + "-" + hex.EncodeToString(sum[:4]), nil
+	return kind + "-" + string(path) + "-" + hex.EncodeToString(sum[:16]), nil
 }
 
 // Keys returns the key set to give pqkex.WithTicketKeys; it changes in place.

@@ -477,7 +477,7 @@ func (t *TicketKeys) openTicketHeader(cache *ticketCache, header string, self *C
 		}
 		return st, nil
 	}
-	ticket, err := base64.RawURLEncoding.DecodeString(header)
+	ticket, err := base64.RawURLEncoding.Strict().DecodeString(header) // one spelling per ticket (its cache key)
 	if err != nil {
 		return nil, errMalformed
 	}
@@ -496,7 +496,7 @@ func (t *TicketKeys) openSessionHeader(cache *ticketCache, header string, now ti
 	if base64.RawURLEncoding.EncodedLen(sessionIDSize) != len(header) {
 		return nil, errMalformed
 	}
-	if n, err := base64.RawURLEncoding.Decode(sid[:], []byte(header)); err != nil || n != sessionIDSize {
+	if n, err := base64.RawURLEncoding.Strict().Decode(sid[:], []byte(header)); err != nil || n != sessionIDSize {
 		return nil, errMalformed
 	}
 	t.maintain(now)
