@@ -9,9 +9,9 @@ import (
 	"io"
 	"net/http"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
-	"strconv"
 	"time"
 
 	"connectrpc.com/connect"

@@ -70,7 +70,8 @@ func TestVersionRefusedByServer(t *testing.T) {
 // TestVersionRefusedToClient: a server that does not speak the client's version refuses
 // it, whether it predates negotiation (version 1 answers `unsupported` and no version
 // header), is newer (`version` and its versions), or answers in another version; the
-// client reports each as `version` (unimplemented), never as a retryable or other failure.
+// client reports each with the reason `version` and a message naming the versions, as
+// unavailable: the refusal is unauthenticated, so its code is never one a proxy chooses.
 func TestVersionRefusedToClient(t *testing.T) {
 	e := newEnv(t, pqkex.X25519MLKEM768())
 	srv, err := pqkex.NewServer(pqkex.WithIdentity(e.server), pqkex.WithRoots(e.ca.Roots()), pqkex.WithClock(fixedClock))
