@@ -110,6 +110,10 @@ func TestScoringReplicasBehindProxy(t *testing.T) {
 	t.Run("key upload cut mid-way resumes from the last acknowledged chunk", func(t *testing.T) {
 		errc := make(chan error, 1)
 		cutPending.Store(true)
+		// However this subtest ends, the sender is released, so a failure here
+		// cannot hang the next subtest on the upload lock.
+		var release sync.Once
+		defer release.Do(func() { close(cutDone) })
 		go func() {
 			_, err := client.UploadKeys(ctx)
 			errc <- err
@@ -124,8 +128,18 @@ func TestScoringReplicasBehindProxy(t *testing.T) {
 		mu.Lock()
 		cutAt := len(progress)
 		mu.Unlock()
+		before := readProxyLog(t, proxy).restarts
 		control.post(t, "/_testproxy/restart")
-		close(cutDone)
+		// The proxy answers the control call before it drops its connections: the
+		// sender goes on only once the proxy has logged that it serves again, so the
+		// rest of the upload cannot slip through before the cut.
+		poll(t, "the proxy's restart", time.Minute, func() error {
+			if readProxyLog(t, proxy).restarts == before {
+				return fmt.Errorf("not restarted yet")
+			}
+			return nil
+		})
+		release.Do(func() { close(cutDone) })
 		if err := <-errc; err != nil {
 			// The caller retries, as it would after any broken connection: the upload
 			// resumes where the server's acknowledgements stopped.

@@ -53,6 +53,7 @@ type proxyLog struct {
 	requests []string
 	bodies   []byte
 	marked   map[string]bool // the markers logged (logOf)
+	restarts int             // how many times the proxy dropped its connections and served again
 }
 
 // logOf reads the log of the proxy c, served at base, up to a marker it asks that proxy
@@ -97,6 +98,8 @@ func readProxyLog(t *testing.T, c *veilContainer) proxyLog {
 			}
 		} else if i := strings.Index(line, "REQUEST "); i >= 0 {
 			pl.requests = append(pl.requests, line[i:])
+		} else if strings.Contains(line, "testproxy restarted") {
+			pl.restarts++
 		} else if i := strings.Index(line, "MARK "); i >= 0 {
 			if pl.marked == nil {
 				pl.marked = map[string]bool{}

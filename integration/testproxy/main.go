@@ -58,12 +58,29 @@ type loggedBody struct {
 	dir string
 }
 
+// bodyLine is the most body bytes one BODY line carries: 8 KiB encode to under 11 KiB,
+// below the 16 KiB at which the Docker engine splits a line into partial messages (a
+// line split that way can have another line put between its pieces).
+const bodyLine = 8 << 10
+
 func (b loggedBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
-	if n > 0 {
-		logf("BODY %s %s", b.dir, base64.StdEncoding.EncodeToString(p[:n]))
+	for part := p[:n]; len(part) > 0; {
+		k := min(len(part), bodyLine)
+		logf("BODY %s %s", b.dir, base64.StdEncoding.EncodeToString(part[:k]))
+		part = part[k:]
 	}
 	return n, err
+}
+
+// logWriter sends what the standard library logs (net/http's server and reverse proxy
+// errors, log.Fatal) through logf: one stream, whole lines, never between the pieces
+// of another line.
+type logWriter struct{}
+
+func (logWriter) Write(p []byte) (int, error) {
+	logf("%s", strings.TrimRight(string(p), "\n"))
+	return len(p), nil
 }
 
 func main() {
@@ -73,6 +90,7 @@ func main() {
 	failover := flag.Bool("failover", false, "when an upstream fails, route later requests to the next one (the failed request gets 502)")
 	var ups upstreams
 	flag.Var(&ups, "upstream", "upstream base URL; repeatable")
+	log.SetOutput(logWriter{})
 	flag.Parse()
 	if *identity == "" || len(ups) == 0 {
 		log.Fatal("testproxy: --identity and --upstream are required")
