@@ -5,7 +5,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"strconv"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -15,9 +14,9 @@ import (
 
 // ReplayStore is a pqkex.ReplayStore shared by a service's replicas through the KV bucket
 // PREFIX-replay-SERVICE (docs/pqkex.md section 6.4, as RFC 8446 section 8 for 0-RTT): a
-// sealed call is accepted once across all replicas. Each accepted call is one key,
-// "SESSION-ID.CALL-ID", created only if absent (so exactly one replica wins), and the bucket
-// forgets keys after the longest ticket lifetime, when the call could no longer open. One
+// sealed call is accepted once across all replicas. Each accepted call is one key, the hex
+// of pqkex's call key, created only if absent (so exactly one replica wins), and the bucket
+// forgets keys after pqkex.ReplayRecordLifetime, when the call could no longer open. One
 // round trip per call: give it only the procedures whose side effects must not repeat
 // (pqkex.WithReplayStore).
 type ReplayStore struct {
@@ -27,12 +26,10 @@ type ReplayStore struct {
 
 var _ pqkex.ReplayStore = (*ReplayStore)(nil)
 
-// ReplayStore opens (creating if needed) service's replay bucket; lifetime is the longest
-// ticket lifetime of its servers.
-func (s *State) ReplayStore(ctx context.Context, service string, lifetime time.Duration) (*ReplayStore, error) {
-	if lifetime < time.Second {
-		return nil, errors.New("natsstate: replay lifetime under a second")
-	}
+// ReplayStore opens (creating if needed) service's replay bucket, whose records live
+// pqkex.ReplayRecordLifetime.
+func (s *State) ReplayStore(ctx context.Context, service string) (*ReplayStore, error) {
+	lifetime := pqkex.ReplayRecordLifetime
 	bucket, err := serviceBucket("replay", service)
 	if err != nil {
 		return nil, err
@@ -47,10 +44,10 @@ func (s *State) ReplayStore(ctx context.Context, service string, lifetime time.D
 }
 
 // Accept implements pqkex.ReplayStore.
-func (r *ReplayStore) Accept(ctx context.Context, sessionID []byte, callID uint64, _ time.Time) (bool, error) {
+func (r *ReplayStore) Accept(ctx context.Context, call []byte, _ time.Time) (bool, error) {
 	ctx, cancel := r.s.ctx(ctx)
 	defer cancel()
-	key := hex.EncodeToString(sessionID) + "." + strconv.FormatUint(callID, 10)
+	key := hex.EncodeToString(call)
 	_, err := r.kv.Create(ctx, key, nil)
 	switch {
 	case err == nil:

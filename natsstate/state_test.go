@@ -1,6 +1,7 @@
 package natsstate_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io/fs"
@@ -22,6 +23,7 @@ import (
 	"github.com/veilrpc/veil/internal/testpki"
 	"github.com/veilrpc/veil/natsstate"
 	"github.com/veilrpc/veil/pki"
+	"github.com/veilrpc/veil/pqkex"
 )
 
 // natsServer is a real JetStream server in the test process, with TLS whose clients
@@ -477,28 +479,28 @@ func TestBucketsReadFromTheLeader(t *testing.T) {
 	}
 }
 
-// The shared replay store accepts each (session, call) once across replicas, even when
-// replicas race for it.
+// The shared replay store accepts each call key once across replicas, even when replicas
+// race for it.
 func TestReplayStoreAcrossReplicas(t *testing.T) {
 	n := startNATS(t)
 	ctx := context.Background()
 	const svc = "spiffe://example.org/scoring"
-	a, err := n.connect(svc).ReplayStore(ctx, svc, time.Hour)
+	a, err := n.connect(svc).ReplayStore(ctx, svc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := n.connect(svc).ReplayStore(ctx, svc, time.Hour)
+	b, err := n.connect(svc).ReplayStore(ctx, svc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	sid := []byte("0123456789abcdef")
-	exp := time.Now().Add(time.Hour)
-	for call := range uint64(20) {
+	exp := time.Now().Add(pqkex.ReplayRecordLifetime)
+	for i := range byte(20) {
+		call := bytes.Repeat([]byte{i}, pqkex.ReplayKeySize)
 		var wins atomic.Int64
 		var wg sync.WaitGroup
 		for _, r := range []*natsstate.ReplayStore{a, b, a, b} {
 			wg.Go(func() {
-				ok, err := r.Accept(ctx, sid, call, exp)
+				ok, err := r.Accept(ctx, call, exp)
 				if err != nil {
 					t.Error(err)
 				}
@@ -509,10 +511,10 @@ func TestReplayStoreAcrossReplicas(t *testing.T) {
 		}
 		wg.Wait()
 		if wins.Load() != 1 {
-			t.Fatalf("call %d accepted %d times", call, wins.Load())
+			t.Fatalf("call %d accepted %d times", i, wins.Load())
 		}
 	}
-	if ok, err := b.Accept(ctx, []byte("another session!"), 0, exp); err != nil || !ok {
-		t.Fatalf("another session's call 0: %v, %v", ok, err)
+	if ok, err := b.Accept(ctx, bytes.Repeat([]byte{0xff}, pqkex.ReplayKeySize), exp); err != nil || !ok {
+		t.Fatalf("another call: %v, %v", ok, err)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"encoding/base64"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -113,7 +114,16 @@ type roundTripper struct {
 }
 
 func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
-	resp, err := rt.roundTrip(req)
+	// One attempt for the request and its resend (spec 6.4): a server with a replay store
+	// runs it at most once, even if a proxy forges a session refusal after the handler ran.
+	attempt, err := rt.c.newAttempt()
+	if err != nil {
+		if req.Body != nil {
+			_ = req.Body.Close()
+		}
+		return nil, toConnect(err)
+	}
+	resp, err := rt.roundTrip(req, attempt)
 	if err != nil && sessionLost(err) && req.GetBody != nil {
 		// The server could not open the session ticket (another replica's key, or
 		// expired) and refused the call before any handler saw it; the session is
@@ -123,7 +133,7 @@ func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 			rt.c.m.reject(sideClient, err)
 			retry := req.Clone(req.Context())
 			retry.Body = body
-			resp, err = rt.roundTrip(retry)
+			resp, err = rt.roundTrip(retry, attempt)
 		}
 	}
 	if err != nil {
@@ -141,6 +151,17 @@ func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	return resp, nil
 }
 
+// newAttempt draws a request's attempt (spec 6.4): 16 random bytes and the clock in Unix
+// seconds, as lowercase hex.
+func (c *Client) newAttempt() (string, error) {
+	var a [attemptSize]byte
+	if err := readRandom(c.cfg.rand, a[:16]); err != nil {
+		return "", err
+	}
+	binary.BigEndian.PutUint64(a[16:], uint64(c.cfg.now().Unix()))
+	return hex.EncodeToString(a[:]), nil
+}
+
 // sessionLost reports whether err is the server refusing the session's ticket, after
 // which the client has dropped the session (see roundTrip).
 func sessionLost(err error) bool {
@@ -149,7 +170,7 @@ func sessionLost(err error) bool {
 }
 
 // roundTrip makes one sealed call: seal the request, send it, open the answer.
-func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
+func (rt *roundTripper) roundTrip(req *http.Request, attempt string) (*http.Response, error) {
 	if req.Method != http.MethodPost {
 		return nil, errMethod
 	}
@@ -161,7 +182,7 @@ func (rt *roundTripper) roundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	defer sess.inflight.done(callID) // answered or failed: past the server's replay check
-	cc, short, err := rt.seal(req, sess, callID)
+	cc, short, err := rt.seal(req, sess, callID, attempt)
 	if err != nil {
 		return nil, err
 	}
@@ -190,13 +211,13 @@ func (rt *roundTripper) reserve(req *http.Request) (*clientSession, uint64, erro
 // seal derives the call's keys and builds the request that goes on the wire: a shallow copy
 // of req with only the routing hints in clear (spec 6.1) and the sealed head and body
 // (spec 6.3). short reports whether it names the session by ID (the short form, spec 6.6).
-func (rt *roundTripper) seal(req *http.Request, sess *clientSession, callID uint64) (cc *clientCall, short bool, err error) {
+func (rt *roundTripper) seal(req *http.Request, sess *clientSession, callID uint64, attempt string) (cc *clientCall, short bool, err error) {
 	c := rt.c
 	cc = &clientCall{c: c, sess: sess}
 	if err := cc.keys.init(sess.suite.Hash(), sess.aead, sess.secretKey, callID, req.URL.Path); err != nil {
 		return nil, false, err
 	}
-	head := fieldBlock{method: req.Method, path: req.URL.RequestURI(), headers: req.Header, omit: notSealed}
+	head := fieldBlock{method: req.Method, path: req.URL.RequestURI(), attempt: attempt, headers: req.Header, omit: notSealed}
 	out := &cc.out
 	*out = *req
 	out.Header = make(http.Header, 4)

@@ -30,6 +30,7 @@ const (
 	reasonVersion       reason = "version"
 	reasonInternal      reason = "internal"
 	reasonReplayStore   reason = "replay_store"
+	reasonStaleAttempt  reason = "stale_attempt"
 )
 
 // reasonCodes is the one place where pqkex maps its failures to Connect codes.
@@ -49,6 +50,7 @@ var reasonCodes = map[reason]connect.Code{
 	reasonVersion:       connect.CodeUnimplemented,
 	reasonInternal:      connect.CodeInternal,
 	reasonReplayStore:   connect.CodeUnavailable, // the shared replay store did not answer: retry later
+	reasonStaleAttempt:  connect.CodeFailedPrecondition,
 }
 
 // Error is a pqkex failure. Its text never contains key material or internal state.
@@ -72,6 +74,7 @@ var (
 	errTampered        = newError(reasonTampered, "message failed authentication")
 	errTruncated       = newError(reasonTruncated, "body truncated before its final frame")
 	errReplayed        = newError(reasonReplayed, "replayed call")
+	errAttemptStale    = newError(reasonStaleAttempt, "call attempt outside pqkex.AttemptWindow of the server's clock (a held-back call, or clocks apart)")
 	errUnknownTicket   = newError(reasonUnknownTicket, "ticket not issued by this service")
 	errTicketExpired   = newError(reasonTicketExpired, "ticket expired")
 	errUnknownSession  = newError(reasonUnknownSess, "session not held by this server: send the ticket")

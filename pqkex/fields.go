@@ -18,10 +18,16 @@ const (
 	kindTrailer = 1 // a trailer field of a response's FINAL frame
 	kindControl = 2 // control data (a pseudo-field) of a head
 
-	ctlMethod = ":method"
-	ctlPath   = ":path"
-	ctlStatus = ":status"
+	ctlMethod  = ":method"
+	ctlPath    = ":path"
+	ctlAttempt = ":attempt"
+	ctlStatus  = ":status"
 )
+
+// attemptSize is the size of a request's attempt (spec 6.3, 6.4): 16 random bytes and the
+// client's clock in Unix seconds (u64) when the request was first sent. It travels as
+// lowercase hex.
+const attemptSize = 24
 
 // blockRole says which of the four field blocks of spec 6.3 a block is, and so which
 // entries it may hold.
@@ -37,6 +43,7 @@ const (
 // fieldBlock is a decoded field block. Maps are nil when the block has no such fields.
 type fieldBlock struct {
 	method, path string // request head
+	attempt      string // request head: the attempt, lowercase hex (spec 6.4)
 	status       int    // response head
 	headers      http.Header
 	trailers     http.Header
@@ -56,6 +63,7 @@ func (f *fieldBlock) encode(b []byte) []byte {
 	if f.method != "" {
 		control(ctlMethod, f.method)
 		control(ctlPath, f.path)
+		control(ctlAttempt, f.attempt)
 	}
 	if f.status != 0 {
 		var st [8]byte
@@ -128,7 +136,7 @@ func decodeFieldBlock(b []byte, role blockRole) (fieldBlock, error) {
 	var want []string // the control fields still expected, in order
 	switch role {
 	case requestHead:
-		want = []string{ctlMethod, ctlPath}
+		want = []string{ctlMethod, ctlPath, ctlAttempt}
 	case responseHead:
 		want = []string{ctlStatus}
 	}
@@ -182,6 +190,11 @@ func (f *fieldBlock) setControl(name, value string) error {
 			return errMalformed
 		}
 		f.path = value
+	case ctlAttempt:
+		if !validAttempt(value) {
+			return errMalformed
+		}
+		f.attempt = value
 	case ctlStatus:
 		code, err := strconv.Atoi(value)
 		if err != nil || code < 200 || code > 599 || strconv.Itoa(code) != value {
@@ -190,6 +203,20 @@ func (f *fieldBlock) setControl(name, value string) error {
 		f.status = code
 	}
 	return nil
+}
+
+// validAttempt reports whether v is an attempt in its one spelling: 2*attemptSize
+// lowercase hex digits.
+func validAttempt(v string) bool {
+	if len(v) != 2*attemptSize {
+		return false
+	}
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // addField adds a value to h, taking the slice of a name's first value from vals, the

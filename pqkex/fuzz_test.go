@@ -152,7 +152,7 @@ func FuzzOpenRequest(f *testing.F) {
 // FuzzFieldBlock decodes arbitrary field blocks (heads and FINAL blocks, spec 6.3) in each
 // role: a block that decodes re-encodes to one that decodes to the same fields.
 func FuzzFieldBlock(f *testing.F) {
-	f.Add(byte(requestHead), (&fieldBlock{method: "POST", path: "/a.B/C", headers: http.Header{"Content-Type": {"x"}, "X-A": {"1", "2"}}}).encode(nil))
+	f.Add(byte(requestHead), (&fieldBlock{method: "POST", path: "/a.B/C", attempt: katAttempt(1), headers: http.Header{"Content-Type": {"x"}, "X-A": {"1", "2"}}}).encode(nil))
 	f.Add(byte(responseHead), (&fieldBlock{status: 200, headers: http.Header{"Content-Type": {"x"}}}).encode(nil))
 	f.Add(byte(responseFinal), (&fieldBlock{trailers: http.Header{"Grpc-Status": {"0"}, "Grpc-Message": {"a", "b"}}}).encode(nil))
 	f.Add(byte(requestFinal), []byte{0, 0})

@@ -109,6 +109,7 @@ type katVector struct {
 	CallRoot        hexBytes `json:"call_root"`
 	CallID          uint64   `json:"call_id"`
 	Procedure       string   `json:"procedure"`
+	Attempt         string   `json:"attempt"` // the request head's :attempt (spec 6.3, 6.4)
 	ServerNonce     hexBytes `json:"server_nonce"`
 	C2SKey          hexBytes `json:"c2s_key"`
 	S2CKey          hexBytes `json:"s2c_key"`
@@ -293,8 +294,9 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) (katVector, katK
 			t.Fatalf("newCallKeys (%s) and the reference derivation disagree", d.dir.label)
 		}
 	}
+	v.Attempt = katAttempt(v.Now)
 	v.RequestBody = binary.BigEndian.AppendUint64(nil, v.CallID) // a request body starts with its call ID
-	v.RequestBody = append(v.RequestBody, sealBody(t, &ck.c2s, &fieldBlock{method: "POST", path: v.Procedure, headers: katRequestHeaders},
+	v.RequestBody = append(v.RequestBody, sealBody(t, &ck.c2s, &fieldBlock{method: "POST", path: v.Procedure, attempt: v.Attempt, headers: katRequestHeaders},
 		[][]byte{[]byte("ping")}, nil)...)
 	v.ResponseBody = append([]byte(nil), v.ServerNonce...) // a response body starts with the server nonce
 	v.ResponseBody = append(v.ResponseBody, sealBody(t, &ck.s2c, &fieldBlock{status: http.StatusOK, headers: katResponseHeaders},
@@ -330,6 +332,16 @@ func mustSeed(t testing.TB, r io.Reader, n int) []byte {
 	b := make([]byte, n)
 	mustRead(t, r, b)
 	return b
+}
+
+// katAttempt is the vectors' request attempt (spec 6.4): the bytes 0xa0..0xaf and the
+// vector's time.
+func katAttempt(now int64) string {
+	a := make([]byte, 16, attemptSize)
+	for i := range a {
+		a[i] = 0xa0 + byte(i)
+	}
+	return hex.EncodeToString(binary.BigEndian.AppendUint64(a, uint64(now)))
 }
 
 // The headers of the vectors' request and response heads (spec 6.3).
@@ -556,7 +568,7 @@ func TestKnownAnswerBodiesIndependently(t *testing.T) {
 		if !bytes.Equal(flags, []byte{0, 0, 1}) || string(pts[1]) != "ping" || len(block(pts[2])) != 0 {
 			t.Errorf("%s: request frames %v %q", v.Suite, flags, pts)
 		}
-		if got, want := block(pts[0]), []entry{{2, ":method", "POST"}, {2, ":path", v.Procedure},
+		if got, want := block(pts[0]), []entry{{2, ":method", "POST"}, {2, ":path", v.Procedure}, {2, ":attempt", v.Attempt},
 			{0, "Content-Type", "application/proto"}, {0, "Idempotency-Key", "k-1"}}; !reflect.DeepEqual(got, want) {
 			t.Errorf("%s: request head %v, want %v", v.Suite, got, want)
 		}

@@ -68,7 +68,7 @@ func BenchmarkCallCrypto(b *testing.B) {
 	const procedure = "/veil.echo.v1.EchoService/Echo"
 	plain := bytes.Repeat([]byte{'x'}, 1024)
 	clientKey, serverKey := callRoot(crypto.SHA256, session, katServerID, make([]byte, 32)), callRoot(crypto.SHA256, session, katServerID, make([]byte, 32))
-	reqHead := &fieldBlock{method: http.MethodPost, path: procedure, headers: http.Header{"Content-Type": {"application/proto"}}}
+	reqHead := &fieldBlock{method: http.MethodPost, path: procedure, attempt: katAttempt(1), headers: http.Header{"Content-Type": {"application/proto"}}}
 	respHead := &fieldBlock{status: http.StatusOK, headers: http.Header{"Content-Type": {"application/proto"}}}
 	b.ReportAllocs()
 	for i := 0; b.Loop(); i++ {

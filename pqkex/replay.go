@@ -83,18 +83,36 @@ func (c *replayCache) accept(sid []byte, id, expiry, now uint64) bool {
 }
 
 // ReplayStore is an optional anti-replay record shared by a service's replicas (spec 6.4),
-// as RFC 8446 section 8 describes for TLS 0-RTT: with it, a sealed call that an attacker
-// replays to another replica, whose own window never saw it, is refused there too. Accept
-// records that call callID of session sessionID was accepted and reports whether it is the
-// first record of it; it must be atomic across replicas (create if absent), and may forget
-// the record after expiry (the session's ticket expiry, after which the call cannot open).
-// An error refuses the call (replay_store, unavailable): a store that cannot answer must not
-// let a replay through. Each Accept is a round trip to the store, so give it only the procedures whose
-// side effects must not repeat ([WithReplayStore]). natsstate implements it with a NATS KV
-// bucket.
+// as RFC 8446 section 8 describes for TLS 0-RTT: with it, a sealed call runs at most once
+// across the replicas, whether an attacker replays it to another replica (whose own window
+// never saw it) or a proxy forges a session refusal after the handler ran, so that the
+// client resends it under a new session. The server knows a call by its attempt (the
+// client's random attempt ID and clock, sealed in the request head, bound to the client's
+// SPIFFE ID), which a replay and a resend share.
+//
+// Accept records call, a [ReplayKeySize]-byte key, and reports whether it is the first
+// record of it; it must be atomic across replicas (create if absent) and keep the record at
+// least until expiry, which is never more than [ReplayRecordLifetime] ahead. An error
+// refuses the call (replay_store, unavailable): a store that cannot answer must not let a
+// replay through. Each Accept is a round trip to the store, so give it only the procedures
+// whose side effects must not repeat ([WithReplayStore]). natsstate implements it with a
+// NATS KV bucket.
 type ReplayStore interface {
-	Accept(ctx context.Context, sessionID []byte, callID uint64, expiry time.Time) (bool, error)
+	Accept(ctx context.Context, call []byte, expiry time.Time) (bool, error)
 }
+
+// ReplayKeySize is the size of the keys a [ReplayStore] records.
+const ReplayKeySize = 32
+
+// AttemptWindow is how far a request's attempt time may be from the server's clock (spec
+// 6.4): a call with a replay store whose attempt began longer ago, or further ahead, is
+// refused as replayed. It bounds how long a proxy can hold a call (or a client's resend)
+// back, and is the clock skew the two sides may have.
+const AttemptWindow = 5 * time.Minute
+
+// ReplayRecordLifetime is how long a [ReplayStore] must keep a record: past it, the
+// attempt is outside [AttemptWindow] and refused by its time alone.
+const ReplayRecordLifetime = 2 * AttemptWindow
 
 // MemoryReplayStore is a ReplayStore in one process, for tests and for servers that share
 // one process's memory. The zero value is ready to use.
@@ -104,15 +122,12 @@ type MemoryReplayStore struct {
 	now  func() time.Time
 }
 
-type memoryReplayKey struct {
-	sid  [sessionIDSize]byte
-	call uint64
-}
+type memoryReplayKey [ReplayKeySize]byte
 
 // Accept implements ReplayStore.
-func (m *MemoryReplayStore) Accept(_ context.Context, sessionID []byte, callID uint64, expiry time.Time) (bool, error) {
-	k := memoryReplayKey{call: callID}
-	copy(k.sid[:], sessionID)
+func (m *MemoryReplayStore) Accept(_ context.Context, call []byte, expiry time.Time) (bool, error) {
+	var k memoryReplayKey
+	copy(k[:], call)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.seen == nil {

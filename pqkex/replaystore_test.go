@@ -48,7 +48,7 @@ func TestSharedReplayStore(t *testing.T) {
 
 type failingStore struct{}
 
-func (failingStore) Accept(context.Context, []byte, uint64, time.Time) (bool, error) {
+func (failingStore) Accept(context.Context, []byte, time.Time) (bool, error) {
 	return false, errors.New("store down")
 }
 

@@ -3,10 +3,14 @@ package pqkex
 import (
 	"bytes"
 	"crypto/hmac"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"io"
+	"math"
 	"net/http"
 	"slices"
 	"strings"
@@ -301,7 +305,7 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if !s.replay.accept(st.sessionID, callID, st.expiry, unixSeconds(now)) {
 		return nil, nil, errReplayed
 	}
-	if err := s.sharedReplay(r, st, callID); err != nil {
+	if err := s.sharedReplay(r, st, head.attempt, now); err != nil {
 		return nil, nil, err
 	}
 	// A fresh server nonce for the response keys (spec 5.2, 6.4): a call replayed to another
@@ -328,12 +332,21 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	return inner, &sc.sw, nil
 }
 
-// sharedReplay checks a call against the shared replay store, if the procedure has one.
-func (s *Server) sharedReplay(r *http.Request, st *ticketState, callID uint64) error {
+// sharedReplay checks a call's attempt against the shared replay store, if the procedure
+// has one (spec 6.4): the attempt's time must be within AttemptWindow of the server's clock,
+// and the store must not have recorded the attempt before.
+func (s *Server) sharedReplay(r *http.Request, st *ticketState, attempt string, now time.Time) error {
 	if s.cfg.replayStore == nil || (s.cfg.replayFor != nil && !s.cfg.replayFor(r.URL.Path)) {
 		return nil
 	}
-	fresh, err := s.cfg.replayStore.Accept(r.Context(), st.sessionID, callID, fromUnix(st.expiry))
+	key, began, err := attemptKey(st.clientID, attempt)
+	if err != nil {
+		return err
+	}
+	if d := now.Sub(began); d > AttemptWindow || d < -AttemptWindow {
+		return errAttemptStale
+	}
+	fresh, err := s.cfg.replayStore.Accept(r.Context(), key[:], now.Add(ReplayRecordLifetime))
 	switch {
 	case err != nil:
 		return errReplayStore
@@ -342,6 +355,31 @@ func (s *Server) sharedReplay(r *http.Request, st *ticketState, callID uint64) e
 	}
 	return nil
 }
+
+// attemptKey is the replay store's key for a call (spec 6.4): SHA-256 of a label, the
+// client's SPIFFE ID and the attempt, so that one client cannot claim another's attempt;
+// and the time the attempt began.
+func attemptKey(clientID, attempt string) (key [ReplayKeySize]byte, began time.Time, err error) {
+	var a [attemptSize]byte
+	if n, derr := hex.Decode(a[:], []byte(attempt)); derr != nil || n != attemptSize {
+		return key, began, errMalformed
+	}
+	h := sha256.New()
+	h.Write([]byte(attemptLabel))
+	h.Write([]byte{0})
+	h.Write([]byte(clientID))
+	h.Write([]byte{0})
+	h.Write(a[:])
+	h.Sum(key[:0])
+	secs := binary.BigEndian.Uint64(a[16:])
+	if secs > math.MaxInt64 {
+		return key, began, errAttemptStale
+	}
+	return key, time.Unix(int64(secs), 0), nil
+}
+
+// attemptLabel separates replay-store keys from every other hash in pqkex (spec 6.4).
+const attemptLabel = "veil-pqkex v2 attempt"
 
 // serverCall is one sealed call as the server answers it: its keys and the state of its
 // request and response frames, in one allocation. It is the frames' callSide.

@@ -35,7 +35,7 @@ func encodings(v katVector) map[string]struct {
 		// Bodies of known length are read whole and opened in place (opener.preread).
 		"request body, read whole":  {v.RequestBody, func(b []byte) error { _, _, err := openBodyWhole(v, dirC2S, b); return err }},
 		"response body, read whole": {v.ResponseBody, func(b []byte) error { _, _, err := openBodyWhole(v, dirS2C, b); return err }},
-		"request head": {(&fieldBlock{method: "POST", path: "/p?q", headers: http.Header{"A": {"1", "2"}, "Content-Type": {"x"}}}).encode(nil),
+		"request head": {(&fieldBlock{method: "POST", path: "/p?q", attempt: katAttempt(1), headers: http.Header{"A": {"1", "2"}, "Content-Type": {"x"}}}).encode(nil),
 			func(b []byte) error { _, err := decodeFieldBlock(b, requestHead); return err }},
 		"response head": {(&fieldBlock{status: 200, headers: http.Header{"A": {"1"}}}).encode(nil),
 			func(b []byte) error { _, err := decodeFieldBlock(b, responseHead); return err }},
@@ -159,7 +159,7 @@ func TestVectorsParse(t *testing.T) {
 		}
 		pt, side, err = openBody(v, dirC2S, v.RequestBody)
 		if err != nil || string(pt) != "ping" ||
-			!reflect.DeepEqual(side.head, fieldBlock{method: "POST", path: v.Procedure, headers: katRequestHeaders}) {
+			!reflect.DeepEqual(side.head, fieldBlock{method: "POST", path: v.Procedure, attempt: v.Attempt, headers: katRequestHeaders}) {
 			t.Errorf("%s request opens to %q %+v %v", v.Suite, pt, side, err)
 		}
 		for _, dir := range []string{dirC2S, dirS2C} {
@@ -353,5 +353,39 @@ func TestTLSEphemeralLengths(t *testing.T) {
 	// The vectors' empty fields are on the wire as a zero length.
 	if none.ClientHello[ephOffset] != 0 || none.ClientHello[ephOffset+1] != 0 || none.ServerHello[ctEOffset] != 0 || none.ServerHello[ctEOffset+1] != 0 {
 		t.Error("empty ephemeral_pk or ct_e not encoded as a zero length")
+	}
+}
+
+// TestAttemptField: a request head's :attempt (spec 6.3) is required, third among the
+// control data, and has one spelling (48 lowercase hex digits); anything else is malformed.
+func TestAttemptField(t *testing.T) {
+	good := katAttempt(1)
+	head := func(entries ...[2]string) []byte {
+		b := binary.BigEndian.AppendUint16(nil, uint16(len(entries)))
+		for _, e := range entries {
+			b = appendEntry(b, kindControl, e[0], e[1])
+		}
+		return b
+	}
+	m, p := [2]string{ctlMethod, "POST"}, [2]string{ctlPath, "/a.B/C"}
+	if f, err := decodeFieldBlock(head(m, p, [2]string{ctlAttempt, good}), requestHead); err != nil || f.attempt != good {
+		t.Fatalf("a good attempt: %v", err)
+	}
+	for name, b := range map[string][]byte{
+		"missing":      head(m, p),
+		"repeated":     head(m, p, [2]string{ctlAttempt, good}, [2]string{ctlAttempt, good}),
+		"out of order": head(m, [2]string{ctlAttempt, good}, p),
+		"upper case":   head(m, p, [2]string{ctlAttempt, strings.ToUpper(good)}),
+		"short":        head(m, p, [2]string{ctlAttempt, good[2:]}),
+		"long":         head(m, p, [2]string{ctlAttempt, good + "00"}),
+		"not hex":      head(m, p, [2]string{ctlAttempt, "zz" + good[2:]}),
+		"empty":        head(m, p, [2]string{ctlAttempt, ""}),
+	} {
+		if _, err := decodeFieldBlock(b, requestHead); err != errMalformed {
+			t.Errorf("attempt %s: %v, want malformed", name, err)
+		}
+	}
+	if _, err := decodeFieldBlock(head([2]string{ctlStatus, "200"}, [2]string{ctlAttempt, good}), responseHead); err != errMalformed {
+		t.Errorf("attempt in a response head: %v, want malformed", err)
 	}
 }

@@ -154,7 +154,7 @@ func (f stateFlags) openOnce(ctx context.Context, src transport.Source, services
 			return nil, err
 		}
 		// Records live as long as the longest ticket (pqkex's default lifetime, one hour).
-		if st.replay, err = conn.ReplayStore(ctx, svid.ID.String(), time.Hour); err != nil {
+		if st.replay, err = conn.ReplayStore(ctx, svid.ID.String()); err != nil {
 			conn.Close()
 			return nil, err
 		}
