@@ -104,9 +104,9 @@ type ReplayStore interface {
 // ReplayKeySize is the size of the keys a [ReplayStore] records.
 const ReplayKeySize = 32
 
-// AttemptWindow is how far a request's attempt time may be from the server's clock (spec
-// 6.4): a call with a replay store whose attempt began longer ago, or further ahead, is
-// refused as replayed. It bounds how long a proxy can hold a call (or a client's resend)
+// AttemptWindow bounds how far a request's attempt time may be from the server's clock
+// (spec 6.4): a call with a replay store whose attempt began this long ago or longer, or is
+// this far ahead or further, is refused (stale_attempt). It bounds how long a proxy can hold a call (or a client's resend)
 // back, and is the clock skew the two sides may have.
 const AttemptWindow = 5 * time.Minute
 
@@ -117,9 +117,10 @@ const ReplayRecordLifetime = 2 * AttemptWindow
 // MemoryReplayStore is a ReplayStore in one process, for tests and for servers that share
 // one process's memory. The zero value is ready to use.
 type MemoryReplayStore struct {
-	mu   sync.Mutex
-	seen map[memoryReplayKey]time.Time
-	now  func() time.Time
+	mu      sync.Mutex
+	seen    map[memoryReplayKey]time.Time
+	inserts int
+	now     func() time.Time
 }
 
 type memoryReplayKey [ReplayKeySize]byte
@@ -136,7 +137,10 @@ func (m *MemoryReplayStore) Accept(_ context.Context, call []byte, expiry time.T
 	if _, ok := m.seen[k]; ok {
 		return false, nil
 	}
-	if len(m.seen)%pruneEvery == pruneEvery-1 {
+	// One sweep per pruneEvery new records, counted apart from the map's size (which a sweep
+	// changes): O(1) amortized per call, however many records expire between sweeps.
+	m.inserts++
+	if m.inserts%pruneEvery == 0 {
 		now := time.Now()
 		if m.now != nil {
 			now = m.now()

@@ -343,7 +343,9 @@ func (s *Server) sharedReplay(r *http.Request, st *ticketState, attempt string, 
 	if err != nil {
 		return err
 	}
-	if d := now.Sub(began); d > AttemptWindow || d < -AttemptWindow {
+	// Open at both ends: an accepted attempt began less than AttemptWindow after now, so it
+	// is stale before its record (kept ReplayRecordLifetime from now) may go.
+	if d := now.Sub(began); d >= AttemptWindow || d <= -AttemptWindow {
 		return errAttemptStale
 	}
 	fresh, err := s.cfg.replayStore.Accept(r.Context(), key[:], now.Add(ReplayRecordLifetime))
