@@ -389,6 +389,11 @@ func (s *Service) authorize(ctx context.Context, studyID, what string, may func(
 	return st, who, nil
 }
 
+// mayContribute reports whether id may submit to the study: an owner that is not its
+// analyst. An analyst counted as one of the min_owners distinct owners would close with one
+// real owner and subtract its own sums from the result (docs/services.md).
+func (st *study) mayContribute(id spiffeid.ID) bool { return st.isOwner(id) && !st.isAnalyst(id) }
+
 // isAnalystOrOwner reports whether id may read the study's metadata.
 func (st *study) isAnalystOrOwner(id spiffeid.ID) bool { return st.isAnalyst(id) || st.isOwner(id) }
 
@@ -475,7 +480,7 @@ func releaseName(studyID string, seq uint64) string {
 // Submit adds one owner's contribution, once per (owner, idempotency key), while the
 // study is open and the owner below its cap.
 func (s *Service) Submit(ctx context.Context, req *connect.Request[analyticsv1.SubmitRequest]) (*connect.Response[analyticsv1.SubmitResponse], error) {
-	st, who, err := s.authorize(ctx, req.Msg.GetStudyId(), "submit to", (*study).isOwner)
+	st, who, err := s.authorize(ctx, req.Msg.GetStudyId(), "submit to", (*study).mayContribute)
 	if err != nil {
 		return nil, err
 	}
