@@ -98,3 +98,20 @@ func TestAttackDifferencingAcrossStudies(t *testing.T) {
 		t.Fatal("the difference of two studies' results is one owner's sums")
 	}
 }
+
+// Holds (record-count overflow): N is the sum of the owners' self-reported counts, added
+// without a check in the service; two counts of 2^63 would wrap N to 0 and make the
+// server multiply by 1/N = +Inf for a reader without sums_only. The request's validation
+// (count at most 10^12) refuses such a count before the service sees it, so N stays far
+// from 2^64 for any number of submissions the owner caps allow.
+func TestAttackCountOverflow(t *testing.T) {
+	e, key := setup(t, "")
+	ctx := context.Background()
+	a := e.analyst(t, analyst, key)
+	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "wrap", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 2, Ranges: wide}); err != nil {
+		t.Fatal(err)
+	}
+	req := encryptedSubmission(t, key.PublicKey(), "wrap", "k", 1<<63, []float64{1, 2}, []float64{1, 4})
+	_, err := e.raw(t, owners[0]).Submit(ctx, connect.NewRequest(req))
+	wantCode(t, "a count of 2^63", err, connect.CodeInvalidArgument)
+}
