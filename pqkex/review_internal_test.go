@@ -2,7 +2,10 @@ package pqkex
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
+	"strings"
 	"testing"
 	"time"
 )
@@ -35,5 +38,43 @@ func TestMemoryReplayStorePruneIsAmortized(t *testing.T) {
 	}
 	if n := len(m.seen); n > live+pruneEvery {
 		t.Fatalf("%d records held, want at most %d (the live ones and one sweep's worth)", n, live+pruneEvery)
+	}
+}
+
+// TestAttemptKeyIndependently recomputes the replay store's key from spec 6.4's text
+// (SHA-256 of the label, 0x00, the client's SPIFFE ID, 0x00 and the 24 attempt bytes) and
+// checks what the key must separate: one attempt named by two clients gives two keys (a
+// client cannot claim, or block, another's attempt), and an attempt in another spelling
+// (upper-case hex) or of another length is malformed, not a second name for the same key.
+func TestAttemptKeyIndependently(t *testing.T) {
+	attempt := "000102030405060708090a0b0c0d0e0f" + "000000006a3b1f00"
+	raw, err := hex.DecodeString(attempt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := func(client string) [32]byte {
+		msg := append([]byte("veil-pqkex v2 attempt\x00"+client+"\x00"), raw...)
+		return sha256.Sum256(msg)
+	}
+	const alice, bob = "spiffe://example.org/alice", "spiffe://example.org/bob"
+	ka, began, err := attemptKey(alice, attempt)
+	if err != nil || ka != spec(alice) || !began.Equal(time.Unix(0x6a3b1f00, 0)) {
+		t.Fatalf("key %x began %v (%v); want %x and %v", ka, began, err, spec(alice), time.Unix(0x6a3b1f00, 0))
+	}
+	kb, _, err := attemptKey(bob, attempt)
+	if err != nil || kb != spec(bob) || kb == ka {
+		t.Fatalf("another client's key for the same attempt: %x (%v)", kb, err)
+	}
+	// (SPIFFE IDs hold no NUL and the attempt is fixed-length and last: no two (ID, attempt)
+	// pairs share an input.) attemptKey checks the one spelling itself, so it neither
+	// panics on a longer value (hex.Decode would) nor gives one record two names.
+	for _, bad := range []string{strings.ToUpper(attempt), attempt[:46], attempt + "00", "zz" + attempt[2:]} {
+		if _, _, err := attemptKey(alice, bad); err == nil {
+			t.Errorf("attempt %q accepted", bad)
+		}
+	}
+	// A time past int64 seconds is stale, not a wrapped time in the window.
+	if _, _, err := attemptKey(alice, attempt[:32]+"ffffffffffffffff"); err != errAttemptStale {
+		t.Errorf("attempt time 2^64-1: %v, want stale", err)
 	}
 }

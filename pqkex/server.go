@@ -363,7 +363,12 @@ func (s *Server) sharedReplay(r *http.Request, st *ticketState, attempt string, 
 // and the time the attempt began.
 func attemptKey(clientID, attempt string) (key [ReplayKeySize]byte, began time.Time, err error) {
 	var a [attemptSize]byte
-	if n, derr := hex.Decode(a[:], []byte(attempt)); derr != nil || n != attemptSize {
+	// Its one spelling (6.3), checked here too: hex.Decode panics on a longer input and
+	// accepts upper case, a second name for one record.
+	if !validAttempt(attempt) {
+		return key, began, errMalformed
+	}
+	if _, derr := hex.Decode(a[:], []byte(attempt)); derr != nil {
 		return key, began, errMalformed
 	}
 	h := sha256.New()
