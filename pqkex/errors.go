@@ -214,7 +214,7 @@ func handshakeRefusal(token, versions string) *reasonError {
 	text := "handshake refused by the server (unauthenticated): " + string(r)
 	switch {
 	case r == reasonVersion:
-		text = "handshake refused by the server (unauthenticated): it speaks wire version " + versions + ", this client " + wireVersionName
+		text = "handshake refused by the server (unauthenticated): it speaks wire version " + shownVersions(versions) + ", this client " + wireVersionName
 	case r == reasonUnsupported && versions == "":
 		// A version-1 server predates the version header and refuses version 2 as unsupported (spec 5.5).
 		r, text = reasonVersion, "handshake refused by the server (unauthenticated): it predates wire version "+wireVersionName+" (speaks version 1 only)"

@@ -330,3 +330,45 @@ func TestAttemptAtTheEdgeOfItsRecord(t *testing.T) {
 		t.Fatalf("replay when the record may be gone: refusal %q, handler ran %d times in all; want stale_attempt and %d", got, runs.Load(), ran)
 	}
 }
+
+// TestForgedVersionHeaderStaysOutOfTheMessage: a handshake refusal is unauthenticated, and
+// its `version` form puts the server's Veil-Pqkex-Version header in the caller's error
+// message (spec 5.5, 9). A proxy that forges the refusal chooses that header: before the
+// fix, any text up to the HTTP header limit (megabytes) reached the caller's error, and so
+// its logs, as if pqkex had said it ("it speaks wire version <the proxy's words>"). Now a
+// header that is not a list of at most 8 versions (decimal numbers 1 to 255) is shown as "?".
+func TestForgedVersionHeaderStaysOutOfTheMessage(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	srv, err := pqkex.NewServer(pqkex.WithIdentity(e.server), pqkex.WithRoots(e.ca.Roots()), pqkex.WithClock(fixedClock))
+	if err != nil {
+		t.Fatal(err)
+	}
+	real := srv.Handler(echoMux())
+	var versions string
+	ts := e.serveTLS(t, serverID, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != pqkex.HandshakePath {
+			real.ServeHTTP(w, r)
+			return
+		}
+		w.Header().Set("Veil-Pqkex-Error", "version")
+		w.Header().Set("Veil-Pqkex-Version", versions)
+		w.WriteHeader(http.StatusNotImplemented)
+	}))
+	const injected = "ALERT: credentials compromised, call +1-555-0100"
+	for _, tc := range []struct {
+		header, want string
+	}{
+		{"3,2", "speaks wire version 3,2,"},
+		{injected, "speaks wire version ?,"},
+		{strings.Repeat("9", 64<<10), "speaks wire version ?,"},
+		{"3,2,1,4,5,6,7,8,9", "speaks wire version ?,"},
+		{"256", "speaks wire version ?,"},
+	} {
+		versions = tc.header
+		_, pc := e.httpClient(t, e.transport(t, clientID))
+		err := pc.Handshake(context.Background(), e.transport(t, clientID), ts.URL)
+		if connect.CodeOf(err) != connect.CodeUnavailable || !strings.Contains(err.Error(), tc.want) || len(err.Error()) > 256 {
+			t.Errorf("Veil-Pqkex-Version %.40q: %.200v, want unavailable saying %q", tc.header, err, tc.want)
+		}
+	}
+}

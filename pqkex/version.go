@@ -25,6 +25,24 @@ func versionList(vs []uint8) string {
 	return strings.Join(s, ",")
 }
 
+// shownVersions is a Veil-Pqkex-Version header as a client's error message shows it: a
+// list of at most maxOffers versions (decimal, 1 to 255, comma-separated), else "?". The
+// header comes with an unauthenticated refusal (spec 9), so a proxy may have written it:
+// nothing else of it reaches the caller.
+func shownVersions(h string) string {
+	parts := strings.Split(h, ",")
+	if len(parts) > maxOffers {
+		return "?"
+	}
+	for _, p := range parts {
+		v, err := strconv.Atoi(p)
+		if err != nil || v < 1 || v > 255 || strconv.Itoa(v) != p {
+			return "?"
+		}
+	}
+	return h
+}
+
 // errVersionRefused is the server's refusal of a hello of version v, naming the versions it
 // speaks (spec 5.5). Only the version byte of such a hello has been read.
 func errVersionRefused(v uint8) *reasonError {
