@@ -300,8 +300,9 @@ func (rt *roundTripper) open(cc *clientCall, req *http.Request, resp *http.Respo
 		case http.StatusTooManyRequests, http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
 			// An intermediary's own error (the upstream is gone or overloaded): the
 			// call did not reach a server, so it is unavailable, as Connect maps these
-			// statuses, not a downgrade. Nothing unsealed is ever handed to the caller.
-			return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("pqkex: %s from an intermediary", resp.Status))
+			// statuses, not a downgrade. Nothing unsealed is ever handed to the caller, nor
+			// the reason phrase of an HTTP/1.1 status line, which the intermediary writes.
+			return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("pqkex: %s from an intermediary", statusLine(resp.StatusCode)))
 		}
 		return nil, errUnsealed
 	}

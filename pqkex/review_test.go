@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -370,5 +371,47 @@ func TestForgedVersionHeaderStaysOutOfTheMessage(t *testing.T) {
 		if connect.CodeOf(err) != connect.CodeUnavailable || !strings.Contains(err.Error(), tc.want) || len(err.Error()) > 256 {
 			t.Errorf("Veil-Pqkex-Version %.40q: %.200v, want unavailable saying %q", tc.header, err, tc.want)
 		}
+	}
+}
+
+// TestIntermediaryStatusTextStaysOutOfTheMessage: an unsealed 429, 502, 503 or 504 is an
+// intermediary's own error and reaches the caller as unavailable (spec 9). Over HTTP/1.1 its
+// status line carries a reason phrase the proxy writes; before the fix the client put
+// resp.Status, phrase and all, in the caller's error. Now the message names the code and
+// its standard text only.
+func TestIntermediaryStatusTextStaysOutOfTheMessage(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	srv, err := pqkex.NewServer(pqkex.WithIdentity(e.server), pqkex.WithRoots(e.ca.Roots()), pqkex.WithClock(fixedClock))
+	if err != nil {
+		t.Fatal(err)
+	}
+	real := srv.Handler(echoMux())
+	const injected = "ALERT credentials compromised call +1-555-0100"
+	ts := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != procUnary {
+			real.ServeHTTP(w, r)
+			return
+		}
+		conn, buf, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer conn.Close()
+		_, _ = buf.WriteString("HTTP/1.1 503 " + injected + "\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+		_ = buf.Flush()
+	}))
+	cfg, err := e.ca.ServerTLSConfig(serverID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.NextProtos = []string{"http/1.1"}
+	ts.TLS = cfg
+	ts.StartTLS()
+	t.Cleanup(ts.Close)
+	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithoutChannelBinding())
+	err = unaryCall(hc, ts.URL)
+	if connect.CodeOf(err) != connect.CodeUnavailable || strings.Contains(err.Error(), "ALERT") || !strings.Contains(err.Error(), "503 Service Unavailable") {
+		t.Fatalf("call answered by an intermediary's 503: %v, want unavailable naming 503 Service Unavailable and nothing the proxy wrote", err)
 	}
 }
