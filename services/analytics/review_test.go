@@ -115,3 +115,35 @@ func TestAttackCountOverflow(t *testing.T) {
 	_, err := e.raw(t, owners[0]).Submit(ctx, connect.NewRequest(req))
 	wantCode(t, "a count of 2^63", err, connect.CodeInvalidArgument)
 }
+
+// Review finding D (an owner learns others' submissions, not fixed): every Submit answer
+// carries the study's submission count, a retry's too, so an owner that resubmits under
+// its idempotency key (acknowledged as a duplicate, never counted twice) polls how many
+// other submissions the study has and when each arrives. docs/services.md says "Owner:
+// nothing of other owners"; it now says this. Not fixed here: the count is the answer's
+// documented field (SubmitResponse.submissions), which tests and the CLI read.
+func TestAttackOwnerPollsOthersSubmissions(t *testing.T) {
+	t.Skip("finding D: a duplicate Submit answers the study's current submission count, so an owner can watch others submit (docs/services.md, What each party learns)")
+	e, key := setup(t, "")
+	ctx := context.Background()
+	a := e.analyst(t, analyst, key)
+	if err := a.CreateStudy(ctx, analytics.StudySpec{ID: "poll", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 2, Ranges: wide}); err != nil {
+		t.Fatal(err)
+	}
+	spy := e.owner(t, owners[0])
+	mine := records(21, 5, 2)
+	before, err := spy.Submit(ctx, "poll", "k", mine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.owner(t, owners[1]).Submit(ctx, "poll", "k", records(22, 5, 2)); err != nil {
+		t.Fatal(err)
+	}
+	after, err := spy.Submit(ctx, "poll", "k", mine) // a retry: not counted again
+	if err != nil || !after.Duplicate {
+		t.Fatalf("retry: %+v, %v", after, err)
+	}
+	if after.Submissions != before.Submissions {
+		t.Fatalf("the owner's retry saw the count go from %d to %d: another owner submitted", before.Submissions, after.Submissions)
+	}
+}
