@@ -36,6 +36,7 @@ type routeStep struct {
 	send  bool   // deliver it now
 	hold  bool   // keep it, to deliver later (deliver)
 	forge string // answer the client with this Veil-Pqkex-Error instead
+	race  bool   // deliver the calls held back at the same time as this one (raced)
 }
 
 func (rt *router) RoundTrip(r *http.Request) (*http.Response, error) {
@@ -65,12 +66,30 @@ func (rt *router) RoundTrip(r *http.Request) (*http.Response, error) {
 		rt.mu.Unlock()
 	}
 	var resp *http.Response
+	var raced sync.WaitGroup
+	if step.race {
+		rt.mu.Lock()
+		held := rt.held
+		rt.held = nil
+		rt.mu.Unlock()
+		for _, h := range held {
+			raced.Go(func() {
+				if r, err := rt.base.RoundTrip(h); err == nil {
+					_, _ = io.Copy(io.Discard, r.Body)
+					_ = r.Body.Close()
+				}
+			})
+		}
+	}
 	if step.send {
 		var err error
-		if resp, err = rt.base.RoundTrip(out); err != nil {
+		resp, err = rt.base.RoundTrip(out)
+		if err != nil {
+			raced.Wait()
 			return nil, err
 		}
 	}
+	raced.Wait()
 	if step.forge == "" {
 		return resp, nil
 	}
@@ -219,6 +238,36 @@ func TestResendBeforeTheOriginal(t *testing.T) {
 			}
 			if got := rt.deliver(t); len(got) != 1 || got[0] != tc.refusal || runs.Load() != tc.runs {
 				t.Fatalf("the original, delivered late: refusal %q, handler ran %d times; want %q and %d", got, runs.Load(), tc.refusal, tc.runs)
+			}
+		})
+	}
+}
+
+// TestResendRacingTheOriginal: the proxy holds a unary call back, forges unknown_ticket,
+// and delivers the original to replica a at the same time as the client's resend (new
+// session, same attempt) to replica b. With a shared store exactly one of the two runs,
+// whichever the store records first: the caller sees that run's answer (success) or, if
+// the original won, data_loss naming the replay. Without a store both run (spec 6.4).
+func TestResendRacingTheOriginal(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		store pqkex.ReplayStore
+		runs  int64
+	}{
+		{"with a replay store", &pqkex.MemoryReplayStore{}, 1},
+		{"without a store", nil, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, pqkex.X25519MLKEM768())
+			var runs atomic.Int64
+			rt, hc, url := replicaPair(t, e, &runs, tc.store)
+			rt.script(routeStep{to: "a", hold: true, forge: "unknown_ticket"}, routeStep{to: "b", send: true, race: true})
+			err := unaryCall(hc, url)
+			if runs.Load() != tc.runs {
+				t.Fatalf("the handler ran %d times, want %d", runs.Load(), tc.runs)
+			}
+			if err != nil && (tc.store == nil || connect.CodeOf(err) != connect.CodeDataLoss || !strings.Contains(err.Error(), "replayed")) {
+				t.Fatalf("call: %v, want success or (the original first) data_loss naming the replay", err)
 			}
 		})
 	}
