@@ -15,7 +15,8 @@
 //
 // A study is open, then closed, then released. Submissions count only while it is
 // open, at most MaxSubmissionsPerOwner (default 1) per owner; the analyst closes it
-// once owners from at least MinOwners (default 2) distinct identities have submitted;
+// once owners from at least MinOwners (default 2) distinct identities, never the
+// analyst's own, have submitted;
 // results exist only for a closed study, so that no two results differ by one
 // submission, and every result returned is recorded as a release. Submissions must
 // be fresh encryptions (top level, default scale): they are validated and added
