@@ -1,4 +1,4 @@
-package he
+package keys
 
 import (
 	"context"
@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/veilrpc/veil/he"
 
 	"github.com/veilrpc/veil/internal/atomicfile"
 )
@@ -30,15 +32,15 @@ import (
 // given durability.
 type KeyStore interface {
 	// Save stores data as key set id owned by owner, durably, before it returns.
-	Save(ctx context.Context, id KeyID, owner string, data []byte) error
+	Save(ctx context.Context, id he.KeyID, owner string, data []byte) error
 	// Stat returns what is known of a stored key set without reading it.
-	Stat(ctx context.Context, id KeyID) (KeyInfo, error)
+	Stat(ctx context.Context, id he.KeyID) (KeyInfo, error)
 	// Load returns a stored key set's encoding.
-	Load(ctx context.Context, id KeyID) ([]byte, error)
+	Load(ctx context.Context, id he.KeyID) ([]byte, error)
 	// Touch records a use of a stored key set (its Modified time becomes now).
-	Touch(ctx context.Context, id KeyID) error
+	Touch(ctx context.Context, id he.KeyID) error
 	// Delete removes a stored key set; deleting a missing one is not an error.
-	Delete(ctx context.Context, id KeyID) error
+	Delete(ctx context.Context, id he.KeyID) error
 }
 
 // KeyInfo describes a stored key set.
@@ -65,10 +67,10 @@ var _ KeyStore = (*DirStore)(nil)
 // Store format: "VHKS1\n<owner>\n" followed by the encoded key set.
 const storeMagic = "VHKS1\n"
 
-func (d *DirStore) path(id KeyID) string { return filepath.Join(d.dir, string(id)+".vhk") }
+func (d *DirStore) path(id he.KeyID) string { return filepath.Join(d.dir, string(id)+".vhk") }
 
 // Save implements KeyStore.
-func (d *DirStore) Save(_ context.Context, id KeyID, owner string, data []byte) error {
+func (d *DirStore) Save(_ context.Context, id he.KeyID, owner string, data []byte) error {
 	if !validKeyID(string(id)) {
 		return invalidf("malformed key ID")
 	}
@@ -82,7 +84,7 @@ func (d *DirStore) Save(_ context.Context, id KeyID, owner string, data []byte) 
 }
 
 // Stat implements KeyStore.
-func (d *DirStore) Stat(_ context.Context, id KeyID) (KeyInfo, error) {
+func (d *DirStore) Stat(_ context.Context, id he.KeyID) (KeyInfo, error) {
 	if !validKeyID(string(id)) {
 		return KeyInfo{}, fs.ErrNotExist
 	}
@@ -106,7 +108,7 @@ func (d *DirStore) Stat(_ context.Context, id KeyID) (KeyInfo, error) {
 }
 
 // Load implements KeyStore.
-func (d *DirStore) Load(_ context.Context, id KeyID) ([]byte, error) {
+func (d *DirStore) Load(_ context.Context, id he.KeyID) ([]byte, error) {
 	if !validKeyID(string(id)) {
 		return nil, fs.ErrNotExist
 	}
@@ -122,13 +124,13 @@ func (d *DirStore) Load(_ context.Context, id KeyID) ([]byte, error) {
 }
 
 // Touch implements KeyStore.
-func (d *DirStore) Touch(_ context.Context, id KeyID) error {
+func (d *DirStore) Touch(_ context.Context, id he.KeyID) error {
 	now := time.Now()
 	return storeErr(os.Chtimes(d.path(id), now, now))
 }
 
 // Delete implements KeyStore.
-func (d *DirStore) Delete(_ context.Context, id KeyID) error {
+func (d *DirStore) Delete(_ context.Context, id he.KeyID) error {
 	if err := os.Remove(d.path(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return errors.New("he: key store: delete")
 	}
