@@ -4,14 +4,11 @@ import (
 	"context"
 	"errors"
 	"io/fs"
-	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/veilrpc/veil/he"
-
-	"github.com/veilrpc/veil/internal/atomicfile"
+	"github.com/veilrpc/veil/internal/dirstore"
 )
 
 // KeyStore keeps complete encoded evaluation-key sets outside the process, so that
@@ -52,14 +49,15 @@ type KeyInfo struct {
 
 // DirStore is a KeyStore in a local directory: one file per key set, written 0600 and
 // atomically (a temporary file renamed into place), named by key ID.
-type DirStore struct{ dir string }
+type DirStore struct{ dir *dirstore.Dir }
 
 // NewDirStore returns a store in dir, creating it (0700) if missing.
 func NewDirStore(dir string) (*DirStore, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	d, err := dirstore.Open(dir, "he: key store")
+	if err != nil {
 		return nil, internalf("registry: cannot create the store")
 	}
-	return &DirStore{dir: dir}, nil
+	return &DirStore{dir: d}, nil
 }
 
 var _ KeyStore = (*DirStore)(nil)
@@ -67,7 +65,7 @@ var _ KeyStore = (*DirStore)(nil)
 // Store format: "VHKS1\n<owner>\n" followed by the encoded key set.
 const storeMagic = "VHKS1\n"
 
-func (d *DirStore) path(id he.KeyID) string { return filepath.Join(d.dir, string(id)+".vhk") }
+func fileName(id he.KeyID) string { return string(id) + ".vhk" }
 
 // Save implements KeyStore.
 func (d *DirStore) Save(_ context.Context, id he.KeyID, owner string, data []byte) error {
@@ -77,10 +75,7 @@ func (d *DirStore) Save(_ context.Context, id he.KeyID, owner string, data []byt
 	if strings.ContainsAny(owner, "\n\x00") {
 		return invalidf("identity contains a newline")
 	}
-	if err := atomicfile.WriteParts(d.path(id), 0o600, []byte(storeMagic+owner+"\n"), data); err != nil {
-		return errors.New("he: key store: write")
-	}
-	return nil
+	return d.dir.Write(fileName(id), []byte(storeMagic+owner+"\n"), data)
 }
 
 // Stat implements KeyStore.
@@ -88,23 +83,15 @@ func (d *DirStore) Stat(_ context.Context, id he.KeyID) (KeyInfo, error) {
 	if !validKeyID(string(id)) {
 		return KeyInfo{}, fs.ErrNotExist
 	}
-	f, err := os.Open(d.path(id))
+	head, size, mod, err := d.dir.ReadHead(fileName(id), len(storeMagic)+512)
 	if err != nil {
-		return KeyInfo{}, storeErr(err)
+		return KeyInfo{}, err
 	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return KeyInfo{}, storeErr(err)
-	}
-	head := make([]byte, len(storeMagic)+512)
-	n, _ := f.Read(head)
-	owner, rest, ok := parseStoreHeader(head[:n])
+	owner, rest, ok := parseStoreHeader(head)
 	if !ok {
 		return KeyInfo{}, errors.New("he: key store: corrupt file")
 	}
-	hdr := int64(n - len(rest))
-	return KeyInfo{Owner: owner, Size: st.Size() - hdr, Modified: st.ModTime()}, nil
+	return KeyInfo{Owner: owner, Size: size - int64(len(head)-len(rest)), Modified: mod}, nil
 }
 
 // Load implements KeyStore.
@@ -112,9 +99,9 @@ func (d *DirStore) Load(_ context.Context, id he.KeyID) ([]byte, error) {
 	if !validKeyID(string(id)) {
 		return nil, fs.ErrNotExist
 	}
-	b, err := os.ReadFile(d.path(id))
+	b, err := d.dir.Read(fileName(id))
 	if err != nil {
-		return nil, storeErr(err)
+		return nil, err
 	}
 	_, data, ok := parseStoreHeader(b)
 	if !ok {
@@ -125,28 +112,12 @@ func (d *DirStore) Load(_ context.Context, id he.KeyID) ([]byte, error) {
 
 // Touch implements KeyStore.
 func (d *DirStore) Touch(_ context.Context, id he.KeyID) error {
-	now := time.Now()
-	return storeErr(os.Chtimes(d.path(id), now, now))
+	return d.dir.Touch(fileName(id))
 }
 
 // Delete implements KeyStore.
 func (d *DirStore) Delete(_ context.Context, id he.KeyID) error {
-	if err := os.Remove(d.path(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return errors.New("he: key store: delete")
-	}
-	return nil
-}
-
-// storeErr keeps fs.ErrNotExist recognisable and drops paths from other errors.
-func storeErr(err error) error {
-	switch {
-	case err == nil:
-		return nil
-	case errors.Is(err, fs.ErrNotExist):
-		return fs.ErrNotExist
-	default:
-		return errors.New("he: key store: i/o error")
-	}
+	return d.dir.Delete(fileName(id))
 }
 
 func parseStoreHeader(b []byte) (owner string, rest []byte, ok bool) {
