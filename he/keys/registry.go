@@ -715,7 +715,7 @@ func (r *Registry) status(owner string, id he.KeyID) (received, total int64, com
 func (r *Registry) String() string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return fmt.Sprintf("he.Registry{keys: %d, uploads: %d, used: %s/%s}", len(r.entries), len(r.uploads),
+	return fmt.Sprintf("keys.Registry{keys: %d, uploads: %d, used: %s/%s}", len(r.entries), len(r.uploads),
 		strconv.FormatInt(r.used, 10), strconv.FormatInt(r.cfg.budget, 10))
 }
 
