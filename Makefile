@@ -56,12 +56,17 @@ check-breaking: third_party/protovalidate/buf/validate/validate.proto
 
 # check-layers: depguard sees direct imports; this checks that no layer reaches another
 # layer, rpc, services, natsstate or cmd through any chain of imports (gen/ and internal/
-# packages are allowed, and what they import is checked too).
+# packages are allowed, and what they import is checked too), and that he (the root
+# package, crypto only) reaches no Connect code (connect-go, a generated *connect
+# package, he/keys).
 check-layers:
 	@for l in transport pqkex he; do \
 	  bad=$$($(GO) list -deps ./$$l/... | grep '^github.com/veilrpc/veil/' | grep -vE "^github.com/veilrpc/veil/($$l|gen|internal)(/|$$)" || true); \
 	  if [ -n "$$bad" ]; then echo "check-layers: layer $$l imports, directly or not:" $$bad >&2; exit 1; fi; \
-	done; echo "check-layers: transport, pqkex and he import no other layer, rpc, services, natsstate or cmd"
+	done; \
+	bad=$$($(GO) list -deps ./he | grep -E '^connectrpc.com/|connect$$|^github.com/veilrpc/veil/he/' || true); \
+	if [ -n "$$bad" ]; then echo "check-layers: he (crypto only) imports, directly or not:" $$bad >&2; exit 1; fi; \
+	echo "check-layers: transport, pqkex and he import no other layer, rpc, services, natsstate or cmd; he imports no Connect code"
 
 # unit runs every test with -race, then the allocation tests, which the race detector
 # skips (it changes allocation counts), without it.

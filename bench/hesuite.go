@@ -19,6 +19,7 @@ import (
 
 	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 	"github.com/veilrpc/veil/rpc"
 )
 
@@ -200,11 +201,11 @@ func newVeilHE(c *circuit) (*veilHE, error) {
 	if err != nil {
 		return nil, err
 	}
-	keys, err := client.GenEvaluationKeys(he.NewManifest(c.params, he.NeedRelinearization()))
+	evk, err := client.GenEvaluationKeys(he.NewManifest(c.params, he.NeedRelinearization()))
 	if err != nil {
 		return nil, err
 	}
-	ev, err := he.NewEvaluator(c.params, keys)
+	ev, err := he.NewEvaluator(c.params, evk)
 	if err != nil {
 		return nil, err
 	}
@@ -272,7 +273,7 @@ func scoreHandler(v *veilHE) func(...connect.HandlerOption) (string, http.Handle
 			for st.Receive() {
 				x, err := he.UnmarshalVector(v.c.params, st.Msg())
 				if err != nil {
-					return nil, he.ConnectError(err)
+					return nil, keys.ConnectError(err)
 				}
 				xs = append(xs, x)
 			}
@@ -284,11 +285,11 @@ func scoreHandler(v *veilHE) func(...connect.HandlerOption) (string, http.Handle
 			}
 			out, err := v.compute(ctx, xs)
 			if err != nil {
-				return nil, he.ConnectError(err)
+				return nil, keys.ConnectError(err)
 			}
 			m, err := he.MarshalVector(out)
 			if err != nil {
-				return nil, he.ConnectError(err)
+				return nil, keys.ConnectError(err)
 			}
 			return connect.NewResponse(m), nil
 		}, opts...)

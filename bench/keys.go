@@ -15,6 +15,7 @@ import (
 
 	"github.com/veilrpc/veil/gen/veil/he/v1/hev1connect"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 	"github.com/veilrpc/veil/rpc"
 )
 
@@ -68,11 +69,11 @@ func keysSuite(cfg *config) (*Report, error) {
 	}
 	const procedure = "/" + scoreService + "/Score"
 	manifest := he.NewManifest(params, he.NeedRelinearization(), he.NeedInnerSum(params.Slots()))
-	keys, err := client.GenEvaluationKeys(manifest)
+	set, err := client.GenEvaluationKeys(manifest)
 	if err != nil {
 		return nil, err
 	}
-	data, err := keys.Encode()
+	data, err := set.Encode()
 	if err != nil {
 		return nil, err
 	}
@@ -85,11 +86,11 @@ func keysSuite(cfg *config) (*Report, error) {
 		handlers []connect.HandlerOption // Veil's, passed to Handle
 	)
 	fresh := func() error {
-		reg, err := he.NewRegistry(params)
+		reg, err := keys.NewRegistry(params)
 		if err != nil {
 			return err
 		}
-		_, h := he.NewKeyServiceHandler(reg, func(ctx context.Context) (string, error) {
+		_, h := keys.NewKeyServiceHandler(reg, func(ctx context.Context) (string, error) {
 			p, ok := rpc.PeerFromContext(ctx)
 			if !ok {
 				return "", connect.NewError(connect.CodeUnauthenticated, errors.New("bench: no peer"))
@@ -135,7 +136,7 @@ func keysSuite(cfg *config) (*Report, error) {
 		runtime.GC()
 		var attempts atomic.Int64
 		var last int64
-		up := he.NewUploader(kc, keys, he.WithAttempts(4), he.WithProgress(func(sent, _ int64) {
+		up := keys.NewUploader(kc, set, keys.WithAttempts(4), keys.WithProgress(func(sent, _ int64) {
 			if sent < last {
 				attempts.Add(1)
 			}
@@ -151,7 +152,7 @@ func keysSuite(cfg *config) (*Report, error) {
 		if err != nil {
 			return err
 		}
-		if want, _ := keys.ID(); id != want {
+		if want, _ := set.ID(); id != want {
 			return fmt.Errorf("uploaded %s, want %s", id, want)
 		}
 		mb := float64(size) / 1e6
@@ -178,7 +179,7 @@ func keysSuite(cfg *config) (*Report, error) {
 		}
 	}
 	rep := newReport("keys")
-	rep.Config = map[string]any{"key_set_mb": float64(size) / 1e6, "keys": "relinearization + inner-sum Galois keys over 4096 slots, seeded encoding", "chunk_bytes": he.ChunkSize, "reps": cfg.reps}
+	rep.Config = map[string]any{"key_set_mb": float64(size) / 1e6, "keys": "relinearization + inner-sum Galois keys over 4096 slots, seeded encoding", "chunk_bytes": keys.ChunkSize, "reps": cfg.reps}
 	rep.Systems = []*System{upload, resume}
 	rep.Ratios["upload_mb_per_s"] = round(upload.Median("upload_mb_per_s"))
 	rep.Ratios["cut_vs_clean_seconds"] = round(resume.Median("seconds") / upload.Median("seconds"))

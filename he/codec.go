@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"math"
 
-	"connectrpc.com/connect"
 	"github.com/tuneinsight/lattigo/v5/core/rlwe"
 	"github.com/tuneinsight/lattigo/v5/ring/ringqp"
 	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
@@ -213,25 +212,6 @@ func UnmarshalManifest(params *Parameters, m *hev1.KeyManifest) (*Manifest, erro
 	}
 	out.normalize()
 	return out, nil
-}
-
-func addMissingDetail(ce *connect.Error, id KeyID) {
-	if d, err := connect.NewErrorDetail(&hev1.EvaluationKeysMissing{KeyId: string(id)}); err == nil {
-		ce.AddDetail(d)
-	}
-}
-
-func missingDetail(ce *connect.Error) (KeyID, bool) {
-	for _, d := range ce.Details() {
-		v, err := d.Value()
-		if err != nil {
-			continue
-		}
-		if m, ok := v.(*hev1.EvaluationKeysMissing); ok && validKeyID(m.GetKeyId()) {
-			return KeyID(m.GetKeyId()), true
-		}
-	}
-	return "", false
 }
 
 // MaxVectorWireSize bounds the protobuf size of an EncryptedVector of n values on

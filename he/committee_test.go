@@ -5,8 +5,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"testing"
-
-	"connectrpc.com/connect"
 )
 
 // committeeSetup runs the key generation of a committee of n members, threshold t,
@@ -146,10 +144,10 @@ func TestCommitteeThreshold(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Release(v, reader.PublicKey(), []*ReleaseShare{s1}); CodeOf(err) != connect.CodeFailedPrecondition {
+	if _, err := c.Release(v, reader.PublicKey(), []*ReleaseShare{s1}); kindOf(err) != KindPrecondition {
 		t.Errorf("release with t-1 shares: %v", err)
 	}
-	if _, err := members[0].ReleaseShare([]int{1}, reader.PublicKey(), v, 1<<10); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := members[0].ReleaseShare([]int{1}, reader.PublicKey(), v, 1<<10); kindOf(err) != KindInvalid {
 		t.Errorf("release share for a one-member set: %v", err)
 	}
 	// Two shares made for different active sets do not combine.
@@ -157,11 +155,11 @@ func TestCommitteeThreshold(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.Release(v, reader.PublicKey(), []*ReleaseShare{s1, s3}); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := c.Release(v, reader.PublicKey(), []*ReleaseShare{s1, s3}); kindOf(err) != KindInvalid {
 		t.Errorf("shares for different active sets: %v", err)
 	}
 	// The same member twice.
-	if _, err := c.Release(v, reader.PublicKey(), []*ReleaseShare{s1, s1}); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := c.Release(v, reader.PublicKey(), []*ReleaseShare{s1, s1}); kindOf(err) != KindInvalid {
 		t.Errorf("one member's share twice: %v", err)
 	}
 
@@ -191,16 +189,16 @@ func TestCommitteeThreshold(t *testing.T) {
 	}
 	// Malformed and misattributed shares.
 	pkShare, _ := members[0].PublicKeyShare().MarshalBinary()
-	if _, err := c.UnmarshalPublicKeyShare(4, pkShare); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := c.UnmarshalPublicKeyShare(4, pkShare); kindOf(err) != KindInvalid {
 		t.Errorf("share of member 4 in a committee of 3: %v", err)
 	}
-	if _, err := c.UnmarshalPublicKeyShare(1, pkShare[:len(pkShare)-1]); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := c.UnmarshalPublicKeyShare(1, pkShare[:len(pkShare)-1]); kindOf(err) != KindInvalid {
 		t.Errorf("truncated share: %v", err)
 	}
-	if _, err := c.PublicKey(mixed[:2]); CodeOf(err) != connect.CodeFailedPrecondition {
+	if _, err := c.PublicKey(mixed[:2]); kindOf(err) != KindPrecondition {
 		t.Errorf("public key from 2 of 3 shares: %v", err)
 	}
-	if _, err := c.UnmarshalReleaseShare(1, []int{1, 2}, v, []byte{1, 2, 3}); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := c.UnmarshalReleaseShare(1, []int{1, 2}, v, []byte{1, 2, 3}); kindOf(err) != KindInvalid {
 		t.Errorf("garbage release share: %v", err)
 	}
 }

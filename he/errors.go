@@ -1,50 +1,54 @@
 package he
 
 import (
-	"context"
-	"errors"
 	"fmt"
-
-	"connectrpc.com/connect"
 )
 
-// heError is every error this package returns. Its text starts with "he: " and never
-// holds key material; its code is the Connect code a handler returns for it.
-type heError struct {
-	code connect.Code
+// Kind classifies the errors of this package, so that a caller maps them to its own
+// codes in one place: package he/keys maps each Kind to a Connect code (keys.ConnectError,
+// keys.CodeOf), as the gRPC and Connect code of the same name.
+type Kind uint8
+
+const (
+	// KindInternal is a failure inside the package or lattigo (a recovered panic): internal.
+	KindInternal Kind = iota
+	// KindInvalid is malformed input: invalid_argument.
+	KindInvalid
+	// KindPrecondition is well-formed input that does not fit the parameters, keys or
+	// levels at hand: failed_precondition.
+	KindPrecondition
+	// KindCanceled is a call canceled while it waited for an evaluator: canceled.
+	KindCanceled
+	// KindDeadline is a deadline that passed while a call waited: deadline_exceeded.
+	KindDeadline
+)
+
+// Error is every error this package returns. Its text starts with "he: " and never
+// holds key material.
+type Error struct {
+	kind Kind
 	msg  string
-	key  KeyID // set on not_found for evaluation keys
 }
 
-func (e *heError) Error() string { return "he: " + e.msg }
+func (e *Error) Error() string { return "he: " + e.msg }
 
-func newErr(code connect.Code, format string, args ...any) error {
-	return &heError{code: code, msg: fmt.Sprintf(format, args...)}
+// Kind returns the error's class.
+func (e *Error) Kind() Kind { return e.kind }
+
+func newErr(kind Kind, format string, args ...any) error {
+	return &Error{kind: kind, msg: fmt.Sprintf(format, args...)}
 }
 
 func invalidf(format string, args ...any) error {
-	return newErr(connect.CodeInvalidArgument, format, args...)
+	return newErr(KindInvalid, format, args...)
 }
 
 func preconditionf(format string, args ...any) error {
-	return newErr(connect.CodeFailedPrecondition, format, args...)
-}
-
-func permissionf(format string, args ...any) error {
-	return newErr(connect.CodePermissionDenied, format, args...)
-}
-
-func exhaustedf(format string, args ...any) error {
-	return newErr(connect.CodeResourceExhausted, format, args...)
+	return newErr(KindPrecondition, format, args...)
 }
 
 func internalf(format string, args ...any) error {
-	return newErr(connect.CodeInternal, format, args...)
-}
-
-func keysMissing(id KeyID, why string) error {
-	return &heError{code: connect.CodeNotFound, key: id,
-		msg: fmt.Sprintf("evaluation keys %s %s: upload them again", id.short(), why)}
+	return newErr(KindInternal, format, args...)
 }
 
 func paramMismatch(what string, got, want ParamID) error {
@@ -62,64 +66,3 @@ func recoverInto(err *error, op string) {
 		*err = internalf("%s failed", op)
 	}
 }
-
-// CodeOf returns the Connect code for err: the code of an error from this package,
-// connect.CodeOf for other *connect.Error values, and CodeUnknown otherwise.
-func CodeOf(err error) connect.Code {
-	var he *heError
-	if errors.As(err, &he) {
-		return he.code
-	}
-	return connect.CodeOf(err)
-}
-
-// ConnectError converts err into a *connect.Error with the right code (returned as an
-// error, so that nil stays a nil interface). Handlers return its result. For missing evaluation keys it attaches a
-// veil.he.v1.EvaluationKeysMissing detail naming the key ID, which the client library
-// reads to re-upload the keys.
-func ConnectError(err error) error {
-	if err == nil {
-		return nil
-	}
-	var ce *connect.Error
-	if errors.As(err, &ce) {
-		return ce
-	}
-	var he *heError
-	switch {
-	case errors.As(err, &he):
-	case errors.Is(err, context.Canceled):
-		return connect.NewError(connect.CodeCanceled, errors.New("he: canceled"))
-	case errors.Is(err, context.DeadlineExceeded):
-		return connect.NewError(connect.CodeDeadlineExceeded, errors.New("he: deadline exceeded"))
-	default:
-		// Foreign errors may carry internal state: the peer gets a fixed text.
-		return connect.NewError(connect.CodeInternal, errors.New("he: internal error"))
-	}
-	out := connect.NewError(he.code, he)
-	if he.key != "" {
-		addMissingDetail(out, he.key)
-	}
-	return out
-}
-
-// IsKeysMissing reports whether err says that the server no longer holds (or never
-// held) the evaluation keys it names, and returns that key ID. It recognises both
-// errors from this package and *connect.Error values received from a server.
-func IsKeysMissing(err error) (KeyID, bool) {
-	var he *heError
-	if errors.As(err, &he) && he.key != "" {
-		return he.key, true
-	}
-	var ce *connect.Error
-	if errors.As(err, &ce) && ce.Code() == connect.CodeNotFound {
-		return missingDetail(ce)
-	}
-	return "", false
-}
-
-// abortedCode marks an upload stream superseded by a newer one.
-const abortedCode = connect.CodeAborted
-
-// unavailableCode marks a failing key store: retry later.
-const unavailableCode = connect.CodeUnavailable

@@ -371,3 +371,41 @@ func ParseEvaluationKeys(params *Parameters, data []byte) (keys *EvaluationKeys,
 	keys.id = KeyID(hex.EncodeToString(sum[:]))
 	return keys, nil
 }
+
+// KeySetMemory returns the in-memory size of an encoded key set from its header, after
+// checking that the header agrees with the data's length (so that a bogus header
+// cannot make the registry evict other sets to make room).
+func KeySetMemory(params *Parameters, data []byte) (int64, error) {
+	if len(data) < keysHeaderLen(0) || string(data[:4]) != keysMagic || data[20] > 1 {
+		return 0, invalidf("evaluation keys: bad header")
+	}
+	nGal := int(binary.BigEndian.Uint32(data[21:25]))
+	if nGal > maxGaloisKeys {
+		return 0, invalidf("evaluation keys: %d Galois keys exceed %d", nGal, maxGaloisKeys)
+	}
+	s := shapeOf(params)
+	nKeys := int64(nGal + int(data[20]))
+	if want := int64(keysHeaderLen(nGal)) + nKeys*int64(s.keyBytes()); int64(len(data)) != want {
+		return 0, invalidf("evaluation keys: %d bytes, want %d", len(data), want)
+	}
+	return nKeys * s.keyMemory(), nil
+}
+
+// KeySetMemoryForSize returns the in-memory size of a key set whose encoding is total
+// bytes, and false when no set encodes to that size: the header's fixed part, 8 bytes
+// per Galois key and the keys themselves (with or without a relinearization key) must
+// add up. A registry sizes an upload with it before the bytes arrive.
+func KeySetMemoryForSize(params *Parameters, total int64) (int64, bool) {
+	kb := int64(shapeOf(params).keyBytes())
+	rest := total - int64(keysHeaderLen(0))
+	for relin := int64(0); relin <= 1; relin++ {
+		r := rest - relin*kb
+		if r < 0 || r%(8+kb) != 0 {
+			continue
+		}
+		if g := r / (8 + kb); g <= maxGaloisKeys && g+relin > 0 {
+			return (g + relin) * shapeOf(params).keyMemory(), true
+		}
+	}
+	return 0, false
+}

@@ -10,7 +10,6 @@ import (
 	"runtime"
 	"sync"
 
-	"connectrpc.com/connect"
 	"github.com/tuneinsight/lattigo/v5/core/rlwe"
 	"github.com/tuneinsight/lattigo/v5/he/hefloat"
 )
@@ -59,6 +58,9 @@ func NewWorkerPool(params *Parameters, n int) (*WorkerPool, error) {
 
 // Size returns the number of workers.
 func (p *WorkerPool) Size() int { return p.n }
+
+// Params returns the parameters the pool's workers evaluate under.
+func (p *WorkerPool) Params() *Parameters { return p.params }
 
 // Memory returns the bytes the pool's buffers take once every worker exists, plus the
 // template they are copied from: WorkerMemory(params) x (Size + 1).
@@ -181,9 +183,9 @@ func (e *Evaluator) do(ctx context.Context, op string, f func(w *evalWorker) err
 
 func ctxErr(ctx context.Context) error {
 	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-		return newErr(connect.CodeDeadlineExceeded, "deadline exceeded waiting for an evaluator")
+		return newErr(KindDeadline, "deadline exceeded waiting for an evaluator")
 	}
-	return newErr(connect.CodeCanceled, "canceled waiting for an evaluator")
+	return newErr(KindCanceled, "canceled waiting for an evaluator")
 }
 
 func (e *Evaluator) check(op string, vs ...*Vector) error {

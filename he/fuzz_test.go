@@ -42,7 +42,7 @@ func FuzzUnmarshalVector(f *testing.F) {
 		}
 		v, err := UnmarshalVector(smallParams(), &m)
 		if err != nil {
-			if CodeOf(err) == 0 {
+			if kindOf(err) == 0 {
 				t.Fatalf("error without a code: %v", err)
 			}
 			return
@@ -71,7 +71,7 @@ func FuzzParseEvaluationKeys(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		k, err := ParseEvaluationKeys(smallParams(), b)
 		if err != nil {
-			if CodeOf(err) == 0 {
+			if kindOf(err) == 0 {
 				t.Fatalf("error without a code: %v", err)
 			}
 			return

@@ -12,7 +12,6 @@ import (
 	"sync"
 	"testing"
 
-	"connectrpc.com/connect"
 	"github.com/tuneinsight/lattigo/v5/core/rlwe"
 	"github.com/tuneinsight/lattigo/v5/he/hefloat"
 	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
@@ -134,7 +133,7 @@ func TestPresets(t *testing.T) {
 func TestParametersBound(t *testing.T) {
 	over := Literal{LogN: 14, LogQ: []int{55, 45, 45, 45, 45, 45, 45}, LogP: []int{61, 61}, LogDefaultScale: 45}
 	_, err := NewParameters(over)
-	if CodeOf(err) != connect.CodeInvalidArgument || !strings.Contains(err.Error(), "exceeds the 128-bit bound 438") {
+	if kindOf(err) != KindInvalid || !strings.Contains(err.Error(), "exceeds the 128-bit bound 438") {
 		t.Fatalf("over-bound parameters: %v", err)
 	}
 	over.InsecureForTests = true
@@ -154,7 +153,7 @@ func TestParametersBound(t *testing.T) {
 		{LogN: 13, LogQ: []int{60, 40, 40}, LogP: []int{50}, LogDefaultScale: 40}, // P below a group
 		{LogN: 14, LogQ: []int{50, 50, 50, 50}, LogP: []int{50, 45}, LogDefaultScale: 40},
 	} {
-		if _, err := NewParameters(bad); CodeOf(err) != connect.CodeInvalidArgument {
+		if _, err := NewParameters(bad); kindOf(err) != KindInvalid {
 			t.Errorf("%+v: %v", bad, err)
 		}
 	}
@@ -177,10 +176,10 @@ func TestEncryptDecrypt(t *testing.T) {
 			t.Errorf("n=%d: level-0 decrypt error %g", n, e)
 		}
 	}
-	if _, err := f.client.Encrypt(nil); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := f.client.Encrypt(nil); kindOf(err) != KindInvalid {
 		t.Errorf("empty vector: %v", err)
 	}
-	if _, err := f.client.Encrypt([]float64{1, math.NaN()}); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := f.client.Encrypt([]float64{1, math.NaN()}); kindOf(err) != KindInvalid {
 		t.Errorf("NaN: %v", err)
 	}
 }
@@ -227,7 +226,7 @@ func TestPublicKeyEncryption(t *testing.T) {
 	}
 	bad := proto.Clone(wire).(*hev1.PublicKey)
 	bad.A = bad.A[:len(bad.A)-8]
-	if _, err := UnmarshalPublicKey(ParamsN13(), bad); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := UnmarshalPublicKey(ParamsN13(), bad); kindOf(err) != KindInvalid {
 		t.Errorf("truncated public key: %v", err)
 	}
 }
@@ -259,17 +258,17 @@ func TestNoiseFlooding(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := f.client.Decrypt(wire, WithFlooding(sec, queries)); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := f.client.Decrypt(wire, WithFlooding(sec, queries)); kindOf(err) != KindInvalid {
 		t.Errorf("flooding without a bound: %v", err)
 	}
 	if _, err := f.client.Decrypt(wire, WithFlooding(sec, queries), WithNoiseBound(v.NoiseBound())); err != nil {
 		t.Errorf("flooding with a declared bound: %v", err)
 	}
-	if _, err := f.client.Decrypt(v, WithFlooding(8, 1)); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := f.client.Decrypt(v, WithFlooding(8, 1)); kindOf(err) != KindInvalid {
 		t.Errorf("8-bit flooding: %v", err)
 	}
 	// Flooding that does not fit the remaining modulus is refused, not wrapped around.
-	if _, err := f.client.Decrypt(v, WithFlooding(128, 1<<32), WithNoiseBound(1<<40)); CodeOf(err) != connect.CodeFailedPrecondition {
+	if _, err := f.client.Decrypt(v, WithFlooding(128, 1<<32), WithNoiseBound(1<<40)); kindOf(err) != KindPrecondition {
 		t.Errorf("flooding beyond the modulus: %v", err)
 	}
 }
@@ -461,39 +460,39 @@ func TestVectorValidation(t *testing.T) {
 		name   string
 		base   *hev1.EncryptedVector
 		mutate func(m *hev1.EncryptedVector)
-		code   connect.Code
+		code   Kind
 		text   string
 	}{
-		{"vector param ID", good, func(m *hev1.EncryptedVector) { m.ParamId = string(other.ID()) }, connect.CodeFailedPrecondition, string(other.ID())},
-		{"ciphertext param ID", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].ParamId = string(other.ID()) }, connect.CodeFailedPrecondition, string(p.ID())},
-		{"layout", good, func(m *hev1.EncryptedVector) { m.Layout = hev1.Layout_LAYOUT_UNSPECIFIED }, connect.CodeInvalidArgument, "layout"},
-		{"slots", good, func(m *hev1.EncryptedVector) { m.Slots = 8192 }, connect.CodeInvalidArgument, "slots"},
-		{"length zero", good, func(m *hev1.EncryptedVector) { m.Length = 0 }, connect.CodeInvalidArgument, "length"},
-		{"length too big", good, func(m *hev1.EncryptedVector) { m.Length = 1 << 27 }, connect.CodeInvalidArgument, "length"},
-		{"too many ciphertexts", good, func(m *hev1.EncryptedVector) { m.Length = 4096*4096 + 1 }, connect.CodeInvalidArgument, "at most 4096"},
-		{"count", good, func(m *hev1.EncryptedVector) { m.Length = 5000 }, connect.CodeInvalidArgument, "needs 2 ciphertexts"},
-		{"level", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Level = 3 }, connect.CodeInvalidArgument, "level 3"},
-		{"scale NaN", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Scale = math.NaN() }, connect.CodeInvalidArgument, "scale"},
-		{"scale huge", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Scale = 0x1p200 }, connect.CodeInvalidArgument, "scale"},
-		{"scale below 1", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Scale = 0.5 }, connect.CodeInvalidArgument, "scale"},
-		{"c0 short", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].C0 = m.Ciphertexts[0].C0[1:] }, connect.CodeInvalidArgument, "c0"},
-		{"level/size mismatch", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Level = 1 }, connect.CodeInvalidArgument, "c0"},
-		{"seed short", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Seed = m.Ciphertexts[0].Seed[:16] }, connect.CodeInvalidArgument, "seed"},
-		{"seed and c1", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].C1 = m.Ciphertexts[0].C0 }, connect.CodeInvalidArgument, "both"},
-		{"neither", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Seed = nil }, connect.CodeInvalidArgument, "c1"},
-		{"c1 short", unseeded, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].C1 = m.Ciphertexts[0].C1[8:] }, connect.CodeInvalidArgument, "c1"},
-		{"c0 unreduced", good, func(m *hev1.EncryptedVector) { setCoeff(m.Ciphertexts[0].C0, p.p.Q(), p.N(), 0, 10, p.p.Q()[0]) }, connect.CodeInvalidArgument, "not reduced"},
+		{"vector param ID", good, func(m *hev1.EncryptedVector) { m.ParamId = string(other.ID()) }, KindPrecondition, string(other.ID())},
+		{"ciphertext param ID", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].ParamId = string(other.ID()) }, KindPrecondition, string(p.ID())},
+		{"layout", good, func(m *hev1.EncryptedVector) { m.Layout = hev1.Layout_LAYOUT_UNSPECIFIED }, KindInvalid, "layout"},
+		{"slots", good, func(m *hev1.EncryptedVector) { m.Slots = 8192 }, KindInvalid, "slots"},
+		{"length zero", good, func(m *hev1.EncryptedVector) { m.Length = 0 }, KindInvalid, "length"},
+		{"length too big", good, func(m *hev1.EncryptedVector) { m.Length = 1 << 27 }, KindInvalid, "length"},
+		{"too many ciphertexts", good, func(m *hev1.EncryptedVector) { m.Length = 4096*4096 + 1 }, KindInvalid, "at most 4096"},
+		{"count", good, func(m *hev1.EncryptedVector) { m.Length = 5000 }, KindInvalid, "needs 2 ciphertexts"},
+		{"level", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Level = 3 }, KindInvalid, "level 3"},
+		{"scale NaN", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Scale = math.NaN() }, KindInvalid, "scale"},
+		{"scale huge", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Scale = 0x1p200 }, KindInvalid, "scale"},
+		{"scale below 1", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Scale = 0.5 }, KindInvalid, "scale"},
+		{"c0 short", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].C0 = m.Ciphertexts[0].C0[1:] }, KindInvalid, "c0"},
+		{"level/size mismatch", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Level = 1 }, KindInvalid, "c0"},
+		{"seed short", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Seed = m.Ciphertexts[0].Seed[:16] }, KindInvalid, "seed"},
+		{"seed and c1", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].C1 = m.Ciphertexts[0].C0 }, KindInvalid, "both"},
+		{"neither", good, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].Seed = nil }, KindInvalid, "c1"},
+		{"c1 short", unseeded, func(m *hev1.EncryptedVector) { m.Ciphertexts[0].C1 = m.Ciphertexts[0].C1[8:] }, KindInvalid, "c1"},
+		{"c0 unreduced", good, func(m *hev1.EncryptedVector) { setCoeff(m.Ciphertexts[0].C0, p.p.Q(), p.N(), 0, 10, p.p.Q()[0]) }, KindInvalid, "not reduced"},
 		{"c0 unreduced last prime", good, func(m *hev1.EncryptedVector) {
 			setCoeff(m.Ciphertexts[0].C0, p.p.Q(), p.N(), 2, 5, p.p.Q()[2]+1)
-		}, connect.CodeInvalidArgument, "prime 2"},
-		{"c1 unreduced", unseeded, func(m *hev1.EncryptedVector) { setCoeff(m.Ciphertexts[0].C1, p.p.Q(), p.N(), 1, 0, p.p.Q()[1]) }, connect.CodeInvalidArgument, "not reduced"},
+		}, KindInvalid, "prime 2"},
+		{"c1 unreduced", unseeded, func(m *hev1.EncryptedVector) { setCoeff(m.Ciphertexts[0].C1, p.p.Q(), p.N(), 1, 0, p.p.Q()[1]) }, KindInvalid, "not reduced"},
 	}
 	for _, tc := range cases {
 		m := proto.Clone(tc.base).(*hev1.EncryptedVector)
 		tc.mutate(m)
 		_, err := UnmarshalVector(p, m)
-		if CodeOf(err) != tc.code || !strings.Contains(err.Error(), tc.text) || !strings.HasPrefix(err.Error(), "he: ") {
-			t.Errorf("%s: got %v (%v), want %v containing %q", tc.name, err, CodeOf(err), tc.code, tc.text)
+		if kindOf(err) != tc.code || !strings.Contains(err.Error(), tc.text) || !strings.HasPrefix(err.Error(), "he: ") {
+			t.Errorf("%s: got %v (%v), want %v containing %q", tc.name, err, kindOf(err), tc.code, tc.text)
 		}
 	}
 	if _, err := UnmarshalVector(p, good); err != nil {
@@ -532,30 +531,6 @@ func TestMaxVectorWireSize(t *testing.T) {
 		size, bound := int64(proto.Size(m)), MaxVectorWireSize(p, n)
 		if size > bound || float64(size) < 0.999*float64(bound) {
 			t.Errorf("n=%d: wire size %d, bound %d", n, size, bound)
-		}
-	}
-}
-
-func TestConnectError(t *testing.T) {
-	if ConnectError(nil) != nil {
-		t.Error("nil error became non-nil")
-	}
-	for err, code := range map[error]connect.Code{
-		levelsf("mul", 1, 0): connect.CodeFailedPrecondition,
-		invalidf("x"):        connect.CodeInvalidArgument,
-		fmt.Errorf("wrapped: %w", permissionf("y")): connect.CodePermissionDenied,
-		context.Canceled: connect.CodeCanceled,
-		fmt.Errorf("op: %w", context.DeadlineExceeded):      connect.CodeDeadlineExceeded,
-		fmt.Errorf("secret internal state 0xdeadbeef"):      connect.CodeInternal,
-		connect.NewError(connect.CodeAborted, nil):          connect.CodeAborted,
-		keysMissing(KeyID(strings.Repeat("a", 64)), "gone"): connect.CodeNotFound,
-	} {
-		ce := ConnectError(err)
-		if connect.CodeOf(ce) != code {
-			t.Errorf("%v: code %v, want %v", err, connect.CodeOf(ce), code)
-		}
-		if strings.Contains(ce.Error(), "deadbeef") {
-			t.Errorf("foreign error text reached the peer: %v", ce)
 		}
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"crypto/cipher"
 	"crypto/rand"
 	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 
@@ -70,31 +69,6 @@ func (k *PublicKey) ParamID() ParamID { return k.params.id }
 
 // KeyID names an evaluation-key set: the SHA-256 of its encoding, in lowercase hex.
 type KeyID string
-
-func (id KeyID) short() string {
-	if len(id) > 16 {
-		return string(id[:16])
-	}
-	return string(id)
-}
-
-func validKeyID(s string) bool {
-	if len(s) != 64 {
-		return false
-	}
-	_, err := hex.DecodeString(s)
-	return err == nil && s == lowerHex(s)
-}
-
-func lowerHex(s string) string {
-	b := []byte(s)
-	for i, c := range b {
-		if c >= 'A' && c <= 'F' {
-			b[i] = c + 32
-		}
-	}
-	return string(b)
-}
 
 // SeedSize is the length of the PRNG keys in seeded encodings.
 const SeedSize = 32

@@ -34,7 +34,7 @@ func TestProtovalidateRules(t *testing.T) {
 		"long seed":     &hev1.Ciphertext{ParamId: v.ParamId, Scale: 1, C0: make([]byte, 8192), Seed: make([]byte, 33)},
 		"key ID":        &hev1.GetUploadStatusRequest{KeyId: "ABC"},
 		"empty chunk":   &hev1.UploadEvaluationKeysRequest{Part: &hev1.UploadEvaluationKeysRequest_Chunk{}},
-		"big chunk":     &hev1.UploadEvaluationKeysRequest{Part: &hev1.UploadEvaluationKeysRequest_Chunk{Chunk: make([]byte, ChunkSize+1)}},
+		"big chunk":     &hev1.UploadEvaluationKeysRequest{Part: &hev1.UploadEvaluationKeysRequest_Chunk{Chunk: make([]byte, 1<<20+1)}},
 		"no part":       &hev1.UploadEvaluationKeysRequest{},
 		"dup elements":  &hev1.KeyManifest{ParamId: v.ParamId, GaloisElements: []uint64{5, 5}},
 		"procedure":     &hev1.GetKeyManifestRequest{},

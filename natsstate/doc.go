@@ -18,6 +18,6 @@
 // later); State.Check reports it for health checks (rpc.Server.WatchDependency).
 //
 // The types here satisfy the small interfaces of the packages they serve, without
-// those packages importing NATS: EvaluationKeys is an he.KeyStore, Studies an
+// those packages importing NATS: EvaluationKeys is an keys.KeyStore, Studies an
 // analytics.Store, and TicketKeys keeps a pqkex.TicketKeys in step with the bucket.
 package natsstate

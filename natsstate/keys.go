@@ -9,9 +9,10 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 )
 
-// EvaluationKeys is an he.KeyStore in a JetStream Object Store bucket: one object per
+// EvaluationKeys is an keys.KeyStore in a JetStream Object Store bucket: one object per
 // key set, named by its key ID, with its owner in the object's metadata. JetStream
 // splits objects into chunks (128 KiB) and the Put returns once every chunk and the
 // object's metadata are acknowledged by the bucket's quorum.
@@ -20,7 +21,7 @@ type EvaluationKeys struct {
 	os jetstream.ObjectStore
 }
 
-var _ he.KeyStore = (*EvaluationKeys)(nil)
+var _ keys.KeyStore = (*EvaluationKeys)(nil)
 
 const ownerMeta = "veil-owner"
 
@@ -44,7 +45,7 @@ func storeErr(err error) error {
 	return err
 }
 
-// Save implements he.KeyStore.
+// Save implements keys.KeyStore.
 func (k *EvaluationKeys) Save(ctx context.Context, id he.KeyID, owner string, data []byte) error {
 	ctx, cancel := k.s.ctx(ctx)
 	defer cancel()
@@ -52,21 +53,21 @@ func (k *EvaluationKeys) Save(ctx context.Context, id he.KeyID, owner string, da
 	return k.s.logged("save evaluation keys", err)
 }
 
-// Stat implements he.KeyStore.
-func (k *EvaluationKeys) Stat(ctx context.Context, id he.KeyID) (he.KeyInfo, error) {
+// Stat implements keys.KeyStore.
+func (k *EvaluationKeys) Stat(ctx context.Context, id he.KeyID) (keys.KeyInfo, error) {
 	ctx, cancel := k.s.ctx(ctx)
 	defer cancel()
 	info, err := k.os.GetInfo(ctx, string(id))
 	if err != nil {
-		return he.KeyInfo{}, k.s.logged("stat evaluation keys", storeErr(err))
+		return keys.KeyInfo{}, k.s.logged("stat evaluation keys", storeErr(err))
 	}
 	if info.Deleted {
-		return he.KeyInfo{}, fs.ErrNotExist
+		return keys.KeyInfo{}, fs.ErrNotExist
 	}
-	return he.KeyInfo{Owner: info.Metadata[ownerMeta], Size: int64(info.Size), Modified: info.ModTime}, nil
+	return keys.KeyInfo{Owner: info.Metadata[ownerMeta], Size: int64(info.Size), Modified: info.ModTime}, nil
 }
 
-// Load implements he.KeyStore. The object store checks the chunks against the
+// Load implements keys.KeyStore. The object store checks the chunks against the
 // object's SHA-256 digest; the registry checks the content against the key ID.
 func (k *EvaluationKeys) Load(ctx context.Context, id he.KeyID) ([]byte, error) {
 	ctx, cancel := k.s.ctx(ctx)
@@ -75,7 +76,7 @@ func (k *EvaluationKeys) Load(ctx context.Context, id he.KeyID) ([]byte, error) 
 	return b, k.s.logged("load evaluation keys", storeErr(err))
 }
 
-// Touch implements he.KeyStore: it rewrites the object's metadata (not its chunks),
+// Touch implements keys.KeyStore: it rewrites the object's metadata (not its chunks),
 // which refreshes its modification time.
 func (k *EvaluationKeys) Touch(ctx context.Context, id he.KeyID) error {
 	ctx, cancel := k.s.ctx(ctx)
@@ -87,7 +88,7 @@ func (k *EvaluationKeys) Touch(ctx context.Context, id he.KeyID) error {
 	return storeErr(k.os.UpdateMeta(ctx, string(id), info.ObjectMeta))
 }
 
-// Delete implements he.KeyStore.
+// Delete implements keys.KeyStore.
 func (k *EvaluationKeys) Delete(ctx context.Context, id he.KeyID) error {
 	ctx, cancel := k.s.ctx(ctx)
 	defer cancel()

@@ -20,6 +20,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 	"github.com/veilrpc/veil/internal/testpki"
 	"github.com/veilrpc/veil/natsstate"
 	"github.com/veilrpc/veil/pki"
@@ -121,20 +122,20 @@ func TestEvaluationKeysAcrossReplicas(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	keys, err := client.GenEvaluationKeys(he.NewManifest(params, he.NeedRelinearization()))
+	set, err := client.GenEvaluationKeys(he.NewManifest(params, he.NeedRelinearization()))
 	if err != nil {
 		t.Fatal(err)
 	}
-	data, err := keys.Encode()
+	data, err := set.Encode()
 	if err != nil {
 		t.Fatal(err)
 	}
-	registry := func() *he.Registry {
+	registry := func() *keys.Registry {
 		ks, err := n.connect("spiffe://example.org/scoring").EvaluationKeys(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
-		r, err := he.NewRegistry(params, he.WithKeyStore(ks, 3*time.Second))
+		r, err := keys.NewRegistry(params, keys.WithKeyStore(ks, 3*time.Second))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -146,7 +147,7 @@ func TestEvaluationKeysAcrossReplicas(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r2.Keys(bob, id); he.CodeOf(err) != connect.CodePermissionDenied {
+	if _, err := r2.Keys(bob, id); keys.CodeOf(err) != connect.CodePermissionDenied {
 		t.Errorf("another identity on replica 2: %v", err)
 	}
 	if _, err := r2.Evaluator(alice, id); err != nil {
@@ -155,7 +156,7 @@ func TestEvaluationKeysAcrossReplicas(t *testing.T) {
 
 	r3 := registry() // holds nothing in memory: it must read the store
 	n.stop()
-	if _, err := r3.Keys(alice, id); he.CodeOf(err) != connect.CodeUnavailable {
+	if _, err := r3.Keys(alice, id); keys.CodeOf(err) != connect.CodeUnavailable {
 		t.Errorf("lookup during the outage: %v, want unavailable", err)
 	}
 	other, err := client.GenEvaluationKeys(he.NewManifest(params, he.NeedRotations(1)))
@@ -163,7 +164,7 @@ func TestEvaluationKeysAcrossReplicas(t *testing.T) {
 		t.Fatal(err)
 	}
 	otherData, _ := other.Encode()
-	if _, err := r1.Put(alice, otherData); he.CodeOf(err) != connect.CodeUnavailable {
+	if _, err := r1.Put(alice, otherData); keys.CodeOf(err) != connect.CodeUnavailable {
 		t.Errorf("upload during the outage: %v, want unavailable (not acknowledged)", err)
 	}
 	n.start()

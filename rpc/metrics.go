@@ -80,7 +80,9 @@ func (m *Metrics) HandshakeDone(g tls.CurveID, resumed bool) {
 }
 
 // HandshakeFailed implements transport.Observer.
-func (m *Metrics) HandshakeFailed(reason string) { m.refused.WithLabelValues(reason).Inc() }
+func (m *Metrics) HandshakeFailed(reason transport.Reason) {
+	m.refused.WithLabelValues(string(reason)).Inc()
+}
 
 func (m *Metrics) observe(procedure string, start time.Time, err error) {
 	code := "ok"
@@ -132,9 +134,9 @@ func (h handshakeLog) Write(p []byte) (int, error) {
 	case strings.Contains(line, "does not look like a TLS handshake"), strings.Contains(line, "HTTP request to an HTTPS server"):
 		h.m.HandshakeFailed(transport.ReasonNotTLS)
 	case strings.Contains(line, "remote error"):
-		h.m.HandshakeFailed("peer_alert")
+		h.m.HandshakeFailed(transport.ReasonPeerAlert)
 	case strings.Contains(line, "EOF"), strings.Contains(line, "connection reset"):
-		h.m.HandshakeFailed("peer_closed")
+		h.m.HandshakeFailed(transport.ReasonPeerClosed)
 	default:
 		h.m.HandshakeFailed(transport.ReasonOther)
 	}

@@ -369,15 +369,15 @@ func TestHandshakeRefusalsAreCounted(t *testing.T) {
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for time.Now().Before(deadline) {
-		if metricValue(t, e, "veil_tls_handshake_failures_total", "reason", transport.ReasonNoClientCert) == 1 &&
-			metricValue(t, e, "veil_tls_handshake_failures_total", "reason", transport.ReasonNotTLS) == 1 {
+		if metricValue(t, e, "veil_tls_handshake_failures_total", "reason", string(transport.ReasonNoClientCert)) == 1 &&
+			metricValue(t, e, "veil_tls_handshake_failures_total", "reason", string(transport.ReasonNotTLS)) == 1 {
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	t.Fatalf("refusals counted: no_client_cert %v, not_tls %v",
-		metricValue(t, e, "veil_tls_handshake_failures_total", "reason", transport.ReasonNoClientCert),
-		metricValue(t, e, "veil_tls_handshake_failures_total", "reason", transport.ReasonNotTLS))
+		metricValue(t, e, "veil_tls_handshake_failures_total", "reason", string(transport.ReasonNoClientCert)),
+		metricValue(t, e, "veil_tls_handshake_failures_total", "reason", string(transport.ReasonNotTLS)))
 }
 
 func TestGracefulShutdown(t *testing.T) {

@@ -10,7 +10,8 @@
 // live SPIRE workloadapi.X509Source are interchangeable. ServerConfig and ClientConfig
 // read the source through TLS callbacks on every handshake, so rotated material is used
 // by new connections at once. A Source that also implements DenylistSource has revoked
-// peers refused on every handshake, resumed ones included.
+// peers refused on every handshake, resumed ones included. A refused handshake carries
+// a Reason (HandshakeError, Observer); docs/refusals.md lists them all.
 //
 // The certificate authority that issues these identities is package pki (it imports
 // this package, never the reverse); docs/ca.md describes the whole identity lifecycle:

@@ -57,28 +57,35 @@ var classicGroups = []tls.CurveID{tls.X25519, tls.CurveP256, tls.CurveP384}
 // IsPQGroup reports whether g is a post-quantum hybrid key exchange.
 func IsPQGroup(g tls.CurveID) bool { return slices.Contains(pqGroups, g) }
 
+// Reason names why a handshake was refused: a stable snake_case token, the reason
+// label of veil_tls_handshake_failures_total, in HandshakeError and its text. Every
+// value is listed in docs/refusals.md (a test holds the table to these constants).
+type Reason string
+
 // Reasons a handshake is refused, as reported to Observer.HandshakeFailed and found in
 // the error's text.
 const (
-	ReasonNoClientCert     = "no_client_cert"
-	ReasonUnknownAuthority = "unknown_authority"
-	ReasonExpired          = "expired"
-	ReasonNoSPIFFEID       = "no_spiffe_id"
-	ReasonManySPIFFEIDs    = "multiple_spiffe_ids"
-	ReasonBadCertificate   = "bad_certificate"
-	ReasonTLSVersion       = "tls_version"
-	ReasonClassicOnly      = "classic_key_exchange"
-	ReasonUnauthorizedPeer = "unauthorized_peer"
-	ReasonRevoked          = "revoked" // on the Source's Denylist
-	ReasonNotTLS           = "not_tls"
-	ReasonOther            = "other"
+	ReasonNoClientCert     Reason = "no_client_cert"
+	ReasonUnknownAuthority Reason = "unknown_authority"
+	ReasonExpired          Reason = "expired"
+	ReasonNoSPIFFEID       Reason = "no_spiffe_id"
+	ReasonManySPIFFEIDs    Reason = "multiple_spiffe_ids"
+	ReasonBadCertificate   Reason = "bad_certificate"
+	ReasonTLSVersion       Reason = "tls_version"
+	ReasonClassicOnly      Reason = "classic_key_exchange"
+	ReasonUnauthorizedPeer Reason = "unauthorized_peer"
+	ReasonRevoked          Reason = "revoked" // on the Source's Denylist
+	ReasonNotTLS           Reason = "not_tls"
+	ReasonPeerAlert        Reason = "peer_alert"  // the peer sent a TLS alert (seen in net/http's log)
+	ReasonPeerClosed       Reason = "peer_closed" // the peer hung up mid-handshake (seen in net/http's log)
+	ReasonOther            Reason = "other"
 )
 
 // Observer is told about every handshake a config takes part in. Implementations must
 // be safe for concurrent use. Nil methods are never called on a nil Observer.
 type Observer interface {
 	HandshakeDone(group tls.CurveID, resumed bool)
-	HandshakeFailed(reason string)
+	HandshakeFailed(reason Reason)
 }
 
 // Denylist refuses certificates that chain to a trusted root but have been revoked.
@@ -196,7 +203,7 @@ func (c *config) curves() []tls.CurveID {
 	return append(slices.Clone(pqGroups), classicGroups...)
 }
 
-func (c *config) failed(reason string, err error) error {
+func (c *config) failed(reason Reason, err error) error {
 	if c.observer != nil {
 		c.observer.HandshakeFailed(reason)
 	}
@@ -205,12 +212,12 @@ func (c *config) failed(reason string, err error) error {
 
 // HandshakeError is a refused handshake with its reason.
 type HandshakeError struct {
-	Reason string
+	Reason Reason
 	Err    error
 }
 
 func (e *HandshakeError) Error() string {
-	return "transport: handshake refused (" + e.Reason + "): " + e.Err.Error()
+	return "transport: handshake refused (" + string(e.Reason) + "): " + e.Err.Error()
 }
 
 func (e *HandshakeError) Unwrap() error { return e.Err }
@@ -355,7 +362,7 @@ func (c *config) verifyPeer(src Source, cs tls.ConnectionState) error {
 	return nil
 }
 
-func verifyReason(err error) string {
+func verifyReason(err error) Reason {
 	var inv x509.CertificateInvalidError
 	var unknown x509.UnknownAuthorityError
 	switch {

@@ -28,7 +28,7 @@ type recorder struct {
 	mu      sync.Mutex
 	groups  []tls.CurveID
 	resumed int
-	reasons []string
+	reasons []Reason
 }
 
 func (r *recorder) HandshakeDone(g tls.CurveID, resumed bool) {
@@ -40,13 +40,13 @@ func (r *recorder) HandshakeDone(g tls.CurveID, resumed bool) {
 	}
 }
 
-func (r *recorder) HandshakeFailed(reason string) {
+func (r *recorder) HandshakeFailed(reason Reason) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.reasons = append(r.reasons, reason)
 }
 
-func (r *recorder) lastReason() string {
+func (r *recorder) lastReason() Reason {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if len(r.reasons) == 0 {
@@ -270,7 +270,7 @@ func TestServerRefuses(t *testing.T) {
 		name   string
 		client *tls.Config
 		mode   PQMode
-		reason string
+		reason Reason
 	}{
 		{"no client certificate", clientWithout(ClientConfig(noCert, anyID)), PQPermissive, ReasonNoClientCert},
 		{"certificate from another CA", ClientConfig(StaticSource{SVID: other.testSource(t, "spiffe://example.org/client", time.Hour).SVID, Bundles: good.Bundles}, anyID), PQPermissive, ReasonUnknownAuthority},

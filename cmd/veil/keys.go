@@ -8,6 +8,7 @@ import (
 
 	"github.com/veilrpc/veil/gen/veil/he/v1/hev1connect"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/scoring"
 )
@@ -104,7 +105,7 @@ func runKeysUpload(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	ks := hev1connect.NewKeyServiceClient(hc, *addr, append(rpc.ClientOptions(), tokenOpts...)...)
-	manifest, err := he.FetchManifest(ctx, ks, c.Params(), *procedure)
+	manifest, err := keys.FetchManifest(ctx, ks, c.Params(), *procedure)
 	if err != nil {
 		return err
 	}
@@ -120,7 +121,7 @@ func runKeysUpload(ctx context.Context, args []string, stdout, stderr io.Writer)
 	}
 	bar := newProgressBar(bars, "evaluation-key upload")
 	start = time.Now()
-	id, err := he.NewUploader(ks, evk, he.WithProgress(bar.set)).Upload(ctx)
+	id, err := keys.NewUploader(ks, evk, keys.WithProgress(bar.set)).Upload(ctx)
 	if err != nil {
 		return err
 	}

@@ -9,6 +9,7 @@ import (
 	"github.com/veilrpc/veil/gen/veil/he/v1/hev1connect"
 	"github.com/veilrpc/veil/gen/veil/scoring/v1/scoringv1connect"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/analytics"
 	"github.com/veilrpc/veil/services/echo"
@@ -56,12 +57,12 @@ func buildService(name string, f serviceFlags, shared *sharedState) (builtin, er
 		if err != nil {
 			return builtin{}, err
 		}
-		regOpts := []he.RegistryOption{he.WithMemoryBudget(*f.keysBudget)}
+		regOpts := []keys.RegistryOption{keys.WithMemoryBudget(*f.keysBudget)}
 		switch {
 		case shared.keys != nil:
-			regOpts = append(regOpts, he.WithKeyStore(shared.keys, 0))
+			regOpts = append(regOpts, keys.WithKeyStore(shared.keys, 0))
 		case *f.keysStore != "":
-			regOpts = append(regOpts, he.WithStore(*f.keysStore))
+			regOpts = append(regOpts, keys.WithStore(*f.keysStore))
 		}
 		svc, err := scoring.New(model, scoring.WithRegistryOptions(regOpts...))
 		if err != nil {

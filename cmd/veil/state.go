@@ -10,7 +10,7 @@ import (
 	"slices"
 	"time"
 
-	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 	"github.com/veilrpc/veil/natsstate"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
@@ -75,7 +75,7 @@ func (f stateFlags) check(svc serviceFlags) error {
 // backend.
 type sharedState struct {
 	conn      *natsstate.State
-	keys      he.KeyStore
+	keys      keys.KeyStore
 	studies   analytics.Store
 	tickets   *natsstate.TicketKeys
 	replay    *natsstate.ReplayStore // for the procedures of --state-replay-procedure

@@ -12,6 +12,7 @@ import (
 	examplev1 "github.com/veilrpc/veil/gen/veil/example/v1"
 	"github.com/veilrpc/veil/gen/veil/example/v1/examplev1connect"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 	"github.com/veilrpc/veil/rpc"
 )
 
@@ -43,13 +44,13 @@ func (s *Service) Average(ctx context.Context, req *connect.Request[examplev1.Av
 	for i, m := range req.Msg.GetVectors() {
 		v, err := he.UnmarshalVector(s.params, m) // validated: parameters, sizes, coefficients
 		if err != nil {
-			return nil, err // he's errors carry their Connect codes
+			return nil, keys.ConnectError(err) // invalid_argument or failed_precondition, with he's text
 		}
 		vectors[i] = v
 	}
 	mean, err := s.eval.ElementwiseMean(ctx, vectors...)
 	if err != nil {
-		return nil, err
+		return nil, keys.ConnectError(err)
 	}
 	out, err := he.MarshalVector(mean)
 	if err != nil {

@@ -52,6 +52,7 @@ import (
 	"github.com/veilrpc/veil/gen/veil/analytics/v1/analyticsv1connect"
 	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -260,7 +261,7 @@ func (s *Service) newStudy(m *analyticsv1.Study, creating bool) (*study, error) 
 	}
 	pk, err := he.UnmarshalPublicKey(params, m.GetPublicKey())
 	if err != nil {
-		return nil, he.ConnectError(err)
+		return nil, keys.ConnectError(err)
 	}
 	if d := int(m.GetDimension()); d < 1 || productsLen(m) > params.Slots() {
 		return nil, errorf(connect.CodeInvalidArgument, "a study of dimension %d (covariance %v) needs %d slots, the parameters have %d", d, m.GetCovariance(), productsLen(m), params.Slots())
@@ -286,7 +287,7 @@ func (s *Service) newStudy(m *analyticsv1.Study, creating bool) (*study, error) 
 		st.patterns = append(st.patterns, p)
 	}
 	if st.eval, err = he.NewEvaluator(params, nil, he.WithWorkers(1)); err != nil {
-		return nil, he.ConnectError(err)
+		return nil, keys.ConnectError(err)
 	}
 	return st, nil
 }
@@ -591,14 +592,14 @@ func (st *study) sumWith(ctx context.Context, sub *submission) (*aggregate, erro
 	}
 	var err error
 	if next.sum, err = st.eval.Add(ctx, st.sum, sub.sum); err != nil {
-		return nil, he.ConnectError(err)
+		return nil, keys.ConnectError(err)
 	}
 	if next.prod, err = st.eval.Add(ctx, st.products, sub.prod); err != nil {
-		return nil, he.ConnectError(err)
+		return nil, keys.ConnectError(err)
 	}
 	if sub.hist != nil {
 		if next.hist, err = st.eval.Add(ctx, st.histogram, sub.hist); err != nil {
-			return nil, he.ConnectError(err)
+			return nil, keys.ConnectError(err)
 		}
 	}
 	return next, nil
@@ -739,7 +740,7 @@ func (st *study) decode(m *hev1.EncryptedVector, want int, what string, stored b
 	}
 	v, err := he.UnmarshalVector(st.params, m)
 	if err != nil {
-		return nil, he.ConnectError(err)
+		return nil, keys.ConnectError(err)
 	}
 	if !v.Fresh() {
 		return nil, errorf(connect.CodeInvalidArgument, "%s must be a fresh encryption: top level and the default scale", what)
@@ -866,22 +867,22 @@ func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv
 		// server computes; a current one divides the sums by count in the clear.
 		mean, err := st.eval.MulScalar(ctx, sum, 1/float64(count))
 		if err != nil {
-			return nil, he.ConnectError(err)
+			return nil, keys.ConnectError(err)
 		}
 		second, err := st.eval.MulScalar(ctx, prod, 1/float64(count))
 		if err != nil {
-			return nil, he.ConnectError(err)
+			return nil, keys.ConnectError(err)
 		}
 		out = append(out, part{mean, &res.Mean}, part{second, &res.SecondMoment})
 	}
 	for _, f := range out {
 		if *f.dst, err = he.MarshalVector(f.v); err != nil {
-			return nil, he.ConnectError(err)
+			return nil, keys.ConnectError(err)
 		}
 	}
 	if hist != nil {
 		if res.Histogram, err = he.MarshalVector(hist); err != nil {
-			return nil, he.ConnectError(err)
+			return nil, keys.ConnectError(err)
 		}
 	}
 	return connect.NewResponse(res), nil

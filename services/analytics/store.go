@@ -3,15 +3,13 @@ package analytics
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io/fs"
-	"os"
-	"path/filepath"
+	"path"
 	"regexp"
 	"sort"
 	"strings"
 
-	"github.com/veilrpc/veil/internal/atomicfile"
+	"github.com/veilrpc/veil/internal/dirstore"
 )
 
 // Store keeps studies and submissions outside the process, so that a restarted
@@ -44,14 +42,15 @@ type Store interface {
 // DirStore is a Store in a local directory: a folder per study holding study.pb and
 // one sub-NAME.pb file per submission, each written 0600 and atomically, and created
 // exclusively (a hard link that fails when the name exists).
-type DirStore struct{ dir string }
+type DirStore struct{ dir *dirstore.Dir }
 
 // NewDirStore returns a store in dir, creating it (0700) if missing.
 func NewDirStore(dir string) (*DirStore, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("analytics: store: %w", err)
+	d, err := dirstore.Open(dir, "analytics: store")
+	if err != nil {
+		return nil, err
 	}
-	return &DirStore{dir: dir}, nil
+	return &DirStore{dir: d}, nil
 }
 
 var _ Store = (*DirStore)(nil)
@@ -67,83 +66,59 @@ var (
 	namePattern    = regexp.MustCompile(`^[0-9a-f]{64}$`)
 )
 
-func (d *DirStore) studyDir(id string) (string, error) {
-	if !studyIDPattern.MatchString(id) {
-		return "", fs.ErrNotExist
-	}
-	return filepath.Join(d.dir, id), nil
-}
-
 // CreateStudy implements Store.
 func (d *DirStore) CreateStudy(_ context.Context, id string, record []byte) error {
-	dir, err := d.studyDir(id)
-	if err != nil {
+	if !studyIDPattern.MatchString(id) {
 		return errors.New("analytics: store: bad study ID")
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return errors.New("analytics: store: i/o error")
+	if err := d.dir.Mkdir(id); err != nil {
+		return err
 	}
-	return storeErr(atomicfile.Create(filepath.Join(dir, studyFile), record, 0o600))
+	return d.dir.Create(path.Join(id, studyFile), record)
 }
 
 // Study implements Store.
 func (d *DirStore) Study(_ context.Context, id string) ([]byte, error) {
-	dir, err := d.studyDir(id)
-	if err != nil {
-		return nil, err
+	if !studyIDPattern.MatchString(id) {
+		return nil, fs.ErrNotExist
 	}
-	b, err := os.ReadFile(filepath.Join(dir, studyFile))
-	return b, storeErr(err)
+	return d.dir.Read(path.Join(id, studyFile))
 }
 
 // Studies implements Store. A folder whose study record was never completed is not a
 // study.
 func (d *DirStore) Studies(context.Context) ([]string, error) {
-	entries, err := os.ReadDir(d.dir)
-	if err != nil {
-		return nil, storeErr(err)
-	}
-	var ids []string
-	for _, e := range entries {
-		if !e.IsDir() || !studyIDPattern.MatchString(e.Name()) {
-			continue
-		}
-		if _, err := os.Stat(filepath.Join(d.dir, e.Name(), studyFile)); err == nil {
-			ids = append(ids, e.Name())
-		}
-	}
-	return ids, nil
+	return d.dir.List("", func(e fs.DirEntry) bool {
+		return e.IsDir() && studyIDPattern.MatchString(e.Name()) && d.dir.Exists(path.Join(e.Name(), studyFile))
+	})
 }
 
 // AddSubmission implements Store.
 func (d *DirStore) AddSubmission(_ context.Context, study, name string, record []byte) (bool, error) {
-	dir, err := d.studyDir(study)
-	if err != nil || !namePattern.MatchString(name) {
+	if !studyIDPattern.MatchString(study) || !namePattern.MatchString(name) {
 		return false, errors.New("analytics: store: bad submission name")
 	}
-	err = atomicfile.Create(filepath.Join(dir, subPrefix+name+subSuffix), record, 0o600)
+	err := d.dir.Create(path.Join(study, subPrefix+name+subSuffix), record)
 	if errors.Is(err, fs.ErrExist) {
 		return false, nil
 	}
-	return err == nil, storeErr(err)
+	return err == nil, err
 }
 
 // Submissions implements Store.
 func (d *DirStore) Submissions(_ context.Context, study string) ([]string, error) {
-	dir, err := d.studyDir(study)
+	if !studyIDPattern.MatchString(study) {
+		return nil, fs.ErrNotExist
+	}
+	files, err := d.dir.List(study, func(e fs.DirEntry) bool {
+		return strings.HasPrefix(e.Name(), subPrefix) && strings.HasSuffix(e.Name(), subSuffix)
+	})
 	if err != nil {
 		return nil, err
 	}
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return nil, storeErr(err)
-	}
-	var names []string
-	for _, e := range entries {
-		n := e.Name()
-		if strings.HasPrefix(n, subPrefix) && strings.HasSuffix(n, subSuffix) {
-			names = append(names, strings.TrimSuffix(strings.TrimPrefix(n, subPrefix), subSuffix))
-		}
+	names := make([]string, len(files))
+	for i, n := range files {
+		names[i] = strings.TrimSuffix(strings.TrimPrefix(n, subPrefix), subSuffix)
 	}
 	sort.Strings(names)
 	return names, nil
@@ -151,25 +126,8 @@ func (d *DirStore) Submissions(_ context.Context, study string) ([]string, error
 
 // Submission implements Store.
 func (d *DirStore) Submission(_ context.Context, study, name string) ([]byte, error) {
-	dir, err := d.studyDir(study)
-	if err != nil || !namePattern.MatchString(name) {
+	if !studyIDPattern.MatchString(study) || !namePattern.MatchString(name) {
 		return nil, fs.ErrNotExist
 	}
-	b, err := os.ReadFile(filepath.Join(dir, subPrefix+name+subSuffix))
-	return b, storeErr(err)
-}
-
-// storeErr keeps fs.ErrNotExist and fs.ErrExist recognisable and drops paths from
-// other errors.
-func storeErr(err error) error {
-	switch {
-	case err == nil:
-		return nil
-	case errors.Is(err, fs.ErrNotExist):
-		return fs.ErrNotExist
-	case errors.Is(err, fs.ErrExist):
-		return fs.ErrExist
-	default:
-		return errors.New("analytics: store: i/o error")
-	}
+	return d.dir.Read(path.Join(study, subPrefix+name+subSuffix))
 }

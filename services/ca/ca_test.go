@@ -399,9 +399,9 @@ func TestExpiredCertificateRefused(t *testing.T) {
 	}
 }
 
-func handshakeFailures(t *testing.T, reg *prometheus.Registry, reason string) float64 {
+func handshakeFailures(t *testing.T, reg *prometheus.Registry, reason transport.Reason) float64 {
 	t.Helper()
-	return counter(reg, "veil_tls_handshake_failures_total", map[string]string{"reason": reason})
+	return counter(reg, "veil_tls_handshake_failures_total", map[string]string{"reason": string(reason)})
 }
 
 // counter sums the counters called name whose labels include want.

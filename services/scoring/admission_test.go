@@ -17,6 +17,7 @@ import (
 
 	scoringv1 "github.com/veilrpc/veil/gen/veil/scoring/v1"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/scoring"
 )
@@ -57,7 +58,7 @@ func wantExhausted(t *testing.T, what string, err error) {
 	if connect.CodeOf(err) != connect.CodeResourceExhausted {
 		t.Fatalf("%s: %v, want resource_exhausted", what, err)
 	}
-	if d, ok := he.RetryAfter(err); !ok || d <= 0 {
+	if d, ok := keys.RetryAfter(err); !ok || d <= 0 {
 		t.Errorf("%s: no retry hint in %v", what, err)
 	}
 }
@@ -72,7 +73,7 @@ func TestAdmissionRefusesBeforeReading(t *testing.T) {
 		t.Fatal(err)
 	}
 	var read atomic.Int64
-	e := startCounting(t, m, &read, scoring.WithParameters(smallParams(t)), scoring.WithAdmission(he.WithMaxCalls(3, 2)))
+	e := startCounting(t, m, &read, scoring.WithParameters(smallParams(t)), scoring.WithAdmission(keys.WithMaxCalls(3, 2)))
 	ctx := context.Background()
 	key, err := he.NewClient(smallParams(t))
 	if err != nil {
@@ -141,7 +142,7 @@ func TestAdmissionFlood(t *testing.T) {
 	}
 	cost := probe.CallCost(false, 0)
 	budget := 3*cost + cost/2 // three of the largest calls at once
-	e := start(t, m, scoring.WithParameters(params), scoring.WithAdmission(he.WithAdmissionBudget(budget)))
+	e := start(t, m, scoring.WithParameters(params), scoring.WithAdmission(keys.WithAdmissionBudget(budget)))
 	// A full block of samples, each a training sample.
 	block := make([][]float64, params.Slots())
 	for i := range block {
@@ -193,7 +194,7 @@ func TestAdmissionFlood(t *testing.T) {
 					}
 				case connect.CodeOf(err) == connect.CodeResourceExhausted:
 					refused.Add(1)
-					if _, ok := he.RetryAfter(err); !ok {
+					if _, ok := keys.RetryAfter(err); !ok {
 						t.Errorf("client %d call %d: refusal without a retry hint: %v", i, k, err)
 					}
 				default:

@@ -18,6 +18,7 @@ import (
 	scoringv1 "github.com/veilrpc/veil/gen/veil/scoring/v1"
 	"github.com/veilrpc/veil/gen/veil/scoring/v1/scoringv1connect"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 	"github.com/veilrpc/veil/pqkex"
 )
 
@@ -106,7 +107,7 @@ type Client struct {
 	svc      scoringv1connect.ScoringServiceClient
 	info     Info
 	he       *he.Client
-	uploader *he.Uploader
+	uploader *keys.Uploader
 	pad      bool
 	busy     int
 	keyID    he.KeyID
@@ -131,7 +132,7 @@ func NewClient(ctx context.Context, hc connect.HTTPClient, baseURL string, opts 
 	}
 	copts := append([]connect.ClientOption{connect.WithAcceptCompression("gzip", nil, nil)}, cfg.opts...)
 	svc := scoringv1connect.NewScoringServiceClient(hc, baseURL, copts...)
-	keys := hev1connect.NewKeyServiceClient(hc, baseURL, copts...)
+	keySvc := hev1connect.NewKeyServiceClient(hc, baseURL, copts...)
 	res, err := svc.GetModelInfo(ctx, connect.NewRequest(&scoringv1.GetModelInfoRequest{}))
 	if err != nil {
 		return nil, err
@@ -180,7 +181,7 @@ func NewClient(ctx context.Context, hc connect.HTTPClient, baseURL string, opts 
 	} else if c.he.Params().ID() != params.ID() {
 		return nil, fmt.Errorf("scoring: the given key has parameters %s, the server %s", c.he.Params().ID(), params.ID())
 	}
-	manifest, err := he.FetchManifest(ctx, keys, params, ScoreStreamProcedure)
+	manifest, err := keys.FetchManifest(ctx, keySvc, params, ScoreStreamProcedure)
 	if err != nil {
 		return nil, err
 	}
@@ -194,7 +195,7 @@ func NewClient(ctx context.Context, hc connect.HTTPClient, baseURL string, opts 
 	if c.keyID, err = evk.ID(); err != nil {
 		return nil, err
 	}
-	c.uploader = he.NewUploader(keys, evk, he.WithProgress(func(sent, total int64) {
+	c.uploader = keys.NewUploader(keySvc, evk, keys.WithProgress(func(sent, total int64) {
 		c.report("upload", sent, total)
 	}))
 	return c, nil
@@ -431,7 +432,7 @@ func (c *Client) ScoreBlock(ctx context.Context, x [][]float64) ([]float64, erro
 func (c *Client) whenNotBusy(ctx context.Context, call func() error) error {
 	for attempt := 0; ; attempt++ {
 		err := call()
-		d, busy := he.RetryAfter(err)
+		d, busy := keys.RetryAfter(err)
 		if !busy || connect.CodeOf(err) != connect.CodeResourceExhausted || attempt >= c.busy {
 			return err
 		}

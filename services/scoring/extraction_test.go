@@ -10,6 +10,7 @@ import (
 
 	scoringv1 "github.com/veilrpc/veil/gen/veil/scoring/v1"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 	"github.com/veilrpc/veil/services/scoring"
 )
 
@@ -41,7 +42,7 @@ func TestSampleQuota(t *testing.T) {
 	if connect.CodeOf(err) != connect.CodeResourceExhausted {
 		t.Fatalf("over the quota: %v", err)
 	}
-	if d, ok := he.RetryAfter(err); !ok || d != 40*time.Minute {
+	if d, ok := keys.RetryAfter(err); !ok || d != 40*time.Minute {
 		t.Errorf("retry hint %v %v, want the 40 minutes left in the window", d, ok)
 	}
 	if _, err := a.ScoreBlock(ctx, ds.X[112:113]); connect.CodeOf(err) != connect.CodeResourceExhausted {

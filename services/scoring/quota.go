@@ -11,7 +11,7 @@ import (
 
 	"connectrpc.com/connect"
 
-	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 )
 
 // sampleQuota counts the samples each identity has had scored in fixed windows.
@@ -55,7 +55,7 @@ func (q *sampleQuota) charge(owner string, n uint64) error {
 	}
 	if n > q.limit-min(w.n, q.limit) {
 		err := connect.NewError(connect.CodeResourceExhausted, fmt.Errorf("scoring: %d samples exceed this identity's quota (%d of %d per %s used)", n, w.n, q.limit, q.window))
-		return he.RetryError(err, w.start.Add(q.window).Sub(now))
+		return keys.RetryError(err, w.start.Add(q.window).Sub(now))
 	}
 	w.n += n
 	return nil

@@ -16,6 +16,7 @@ import (
 	scoringv1 "github.com/veilrpc/veil/gen/veil/scoring/v1"
 	"github.com/veilrpc/veil/gen/veil/scoring/v1/scoringv1connect"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 	"github.com/veilrpc/veil/internal/testpki"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/services/scoring"
@@ -194,9 +195,9 @@ func TestManifestAsksExactlyForRelinearization(t *testing.T) {
 		t.Fatal(err)
 	}
 	e := start(t, m, scoring.WithParameters(smallParams(t)))
-	keys := hev1connect.NewKeyServiceClient(e.pki.Client(t, alice, e.srv), e.srv.URL, rpc.ClientOptions()...)
+	keySvc := hev1connect.NewKeyServiceClient(e.pki.Client(t, alice, e.srv), e.srv.URL, rpc.ClientOptions()...)
 	for _, proc := range []string{scoring.ScoreProcedure, scoring.ScoreStreamProcedure} {
-		man, err := he.FetchManifest(context.Background(), keys, smallParams(t), proc)
+		man, err := keys.FetchManifest(context.Background(), keySvc, smallParams(t), proc)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -262,7 +263,7 @@ func TestKeysUploadedAgainWhenLost(t *testing.T) {
 	var mu sync.Mutex
 	now := time.Unix(1_800_000_000, 0)
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
-	e := start(t, m, scoring.WithParameters(smallParams(t)), scoring.WithRegistryOptions(he.WithTTL(time.Hour, time.Hour), he.WithClock(clock)))
+	e := start(t, m, scoring.WithParameters(smallParams(t)), scoring.WithRegistryOptions(keys.WithTTL(time.Hour, time.Hour), keys.WithClock(clock)))
 	c := e.client(t, alice)
 	ctx := context.Background()
 	if _, st, err := c.Score(ctx, ds.X[100:]); err != nil || !st.KeyUploaded {
@@ -414,7 +415,7 @@ func TestScoringErrors(t *testing.T) {
 	missing := "00" + id[2:]
 	_, err = raw.Score(ctx, connect.NewRequest(&scoringv1.ScoreRequest{KeyId: missing, Features: feats}))
 	wantCode(t, "unknown key ID", err, connect.CodeNotFound)
-	if got, ok := he.IsKeysMissing(err); !ok || string(got) != missing {
+	if got, ok := keys.IsKeysMissing(err); !ok || string(got) != missing {
 		t.Errorf("missing-keys detail = %v, %v", got, ok)
 	}
 

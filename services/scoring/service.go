@@ -28,6 +28,7 @@ import (
 	scoringv1 "github.com/veilrpc/veil/gen/veil/scoring/v1"
 	"github.com/veilrpc/veil/gen/veil/scoring/v1/scoringv1connect"
 	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/he/keys"
 	"github.com/veilrpc/veil/rpc"
 )
 
@@ -43,8 +44,8 @@ type Option func(*config)
 
 type config struct {
 	params     *he.Parameters
-	regOpts    []he.RegistryOption
-	admOpts    []he.AdmissionOption
+	regOpts    []keys.RegistryOption
+	admOpts    []keys.AdmissionOption
 	maxSamples uint64
 	decision   bool
 	quota      uint64
@@ -61,10 +62,10 @@ const DefaultMaxSamples = 1 << 20
 // holds its admission until it ends, so this bounds how long one call can hold it.
 func WithMaxSamples(n uint64) Option { return func(c *config) { c.maxSamples = n } }
 
-// WithAdmission configures admission control (he.NewAdmission): the memory and the
+// WithAdmission configures admission control (keys.NewAdmission): the memory and the
 // calls Score and ScoreStream may hold at once, in all and per identity. Every call
 // is charged, before its body is read, the most it can hold (CallCost).
-func WithAdmission(opts ...he.AdmissionOption) Option {
+func WithAdmission(opts ...keys.AdmissionOption) Option {
 	return func(c *config) { c.admOpts = append(c.admOpts, opts...) }
 }
 
@@ -95,7 +96,7 @@ func WithClock(now func() time.Time) Option { return func(c *config) { c.now = n
 
 // WithRegistryOptions configures the evaluation-key registry (memory budget, TTL,
 // on-disk store).
-func WithRegistryOptions(opts ...he.RegistryOption) Option {
+func WithRegistryOptions(opts ...keys.RegistryOption) Option {
 	return func(c *config) { c.regOpts = append(c.regOpts, opts...) }
 }
 
@@ -105,9 +106,9 @@ type Service struct {
 	params   *he.Parameters
 	weights  []float64 // folded: on raw features
 	bias     float64
-	reg      *he.Registry
+	reg      *keys.Registry
 	manifest *he.Manifest
-	adm      *he.Admission
+	adm      *keys.Admission
 	cfg      config
 	quota    *sampleQuota
 }
@@ -132,12 +133,12 @@ func New(model *Model, opts ...Option) (*Service, error) {
 	if cfg.quota > 0 && cfg.window <= 0 {
 		return nil, errors.New("scoring: a sample quota needs a positive window")
 	}
-	reg, err := he.NewRegistry(cfg.params, cfg.regOpts...)
+	reg, err := keys.NewRegistry(cfg.params, cfg.regOpts...)
 	if err != nil {
 		return nil, fmt.Errorf("scoring: %w", err)
 	}
 	w, b := model.Folded()
-	adm, err := he.NewAdmission(PeerIdentity, cfg.admOpts...)
+	adm, err := keys.NewAdmission(PeerIdentity, cfg.admOpts...)
 	if err != nil {
 		return nil, fmt.Errorf("scoring: %w", err)
 	}
@@ -176,7 +177,7 @@ func (s *Service) Output() scoringv1.Output {
 }
 
 // Registry returns the evaluation-key registry the service evaluates with.
-func (s *Service) Registry() *he.Registry { return s.reg }
+func (s *Service) Registry() *keys.Registry { return s.reg }
 
 // Manifests returns the key manifest of each scoring procedure, for the KeyService.
 func (s *Service) Manifests() map[string]*he.Manifest {
@@ -186,7 +187,7 @@ func (s *Service) Manifests() map[string]*he.Manifest {
 // KeyServiceHandler serves veil.he.v1.KeyService for this service's registry, with
 // uploads owned by the caller's SPIFFE ID. Mount it with rpc.Server.Handle.
 func (s *Service) KeyServiceHandler(opts ...connect.HandlerOption) (string, http.Handler) {
-	return he.NewKeyServiceHandler(s.reg, PeerIdentity, s.Manifests(), opts...)
+	return keys.NewKeyServiceHandler(s.reg, PeerIdentity, s.Manifests(), opts...)
 }
 
 // Register mounts the scoring service, behind admission control, and its KeyService
@@ -203,7 +204,7 @@ func (s *Service) Register(srv *rpc.Server) {
 
 // Admission returns the service's admission controller (its Stats say how much memory
 // the admitted calls hold, and held at most).
-func (s *Service) Admission() *he.Admission { return s.adm }
+func (s *Service) Admission() *keys.Admission { return s.adm }
 
 // CallCost returns the bytes one Score call (stream false) or ScoreStream call holds
 // at most, with a request body of body bytes (Score only; at most its read limit):
@@ -356,7 +357,7 @@ func (s *Service) evaluator(ctx context.Context, id string) (*he.Evaluator, erro
 	}
 	ev, err := s.reg.Evaluator(owner, he.KeyID(id))
 	if err != nil {
-		return nil, he.ConnectError(err)
+		return nil, keys.ConnectError(err)
 	}
 	return ev, nil
 }
@@ -365,7 +366,7 @@ func (s *Service) evaluator(ctx context.Context, id string) (*he.Evaluator, erro
 func (s *Service) scoreBlock(ctx context.Context, ev *he.Evaluator, features []*he.Vector) (*hev1.EncryptedVector, error) {
 	z, err := ev.LinearCombination(ctx, features, s.weights, s.bias)
 	if err != nil {
-		return nil, he.ConnectError(err)
+		return nil, keys.ConnectError(err)
 	}
 	if s.cfg.decision {
 		mask, err := decisionMask(z.Len())
@@ -373,12 +374,12 @@ func (s *Service) scoreBlock(ctx context.Context, ev *he.Evaluator, features []*
 			return nil, connect.NewError(connect.CodeInternal, errors.New("scoring: no randomness"))
 		}
 		if z, err = ev.MulPlain(ctx, z, mask); err != nil {
-			return nil, he.ConnectError(err)
+			return nil, keys.ConnectError(err)
 		}
 	}
 	out, err := he.MarshalVector(z)
 	if err != nil {
-		return nil, he.ConnectError(err)
+		return nil, keys.ConnectError(err)
 	}
 	return out, nil
 }
@@ -387,7 +388,7 @@ func (s *Service) scoreBlock(ctx context.Context, ev *he.Evaluator, features []*
 func (s *Service) decodeFeature(m *hev1.EncryptedVector, feature, n int) (*he.Vector, error) {
 	v, err := he.UnmarshalVector(s.params, m)
 	if err != nil {
-		return nil, he.ConnectError(err)
+		return nil, keys.ConnectError(err)
 	}
 	if v.Len() != n {
 		return nil, invalid("feature %d holds %d samples, want %d", feature, v.Len(), n)

@@ -1,16 +1,15 @@
-package he
+package keys
 
 import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"math"
-	"runtime"
 	"testing"
 	"time"
 
+	"github.com/veilrpc/veil/he"
+
 	"connectrpc.com/connect"
-	"github.com/tuneinsight/lattigo/v5/he/hefloat"
 	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
 	"github.com/veilrpc/veil/gen/veil/he/v1/hev1connect"
 )
@@ -22,20 +21,20 @@ func validSize(g int) int64 {
 	for i := range rots {
 		rots[i] = i + 1
 	}
-	return EncodedSize(NewManifest(smallParams(), NeedRelinearization(), NeedRotations(rots...)))
+	return he.EncodedSize(he.NewManifest(smallParams(), he.NeedRelinearization(), he.NeedRotations(rots...)))
 }
 
-func randomKeyID(t *testing.T) KeyID {
+func randomKeyID(t *testing.T) he.KeyID {
 	var b [32]byte
 	if _, err := rand.Read(b[:]); err != nil {
 		t.Fatal(err)
 	}
-	return KeyID(hex.EncodeToString(b[:]))
+	return he.KeyID(hex.EncodeToString(b[:]))
 }
 
 // openUpload sends a header (and optionally some chunk bytes) and ends the stream,
 // leaving a partial upload behind.
-func openUpload(client hev1connect.KeyServiceClient, id KeyID, total int64, send int) error {
+func openUpload(client hev1connect.KeyServiceClient, id he.KeyID, total int64, send int) error {
 	stream := client.UploadEvaluationKeys(context.Background())
 	err := stream.Send(&hev1.UploadEvaluationKeysRequest{Part: &hev1.UploadEvaluationKeysRequest_Header{Header: &hev1.UploadHeader{
 		KeyId: string(id), ParamId: string(smallParams().ID()), TotalSize: uint64(total)}}})
@@ -77,7 +76,7 @@ func keysWork(t *testing.T, reg *Registry, owner string, s *smallSet) {
 // sets, and uploads alice's set through it.
 func aliceUploaded(t *testing.T, alice *smallSet) (*Registry, int64, func(string) hev1connect.KeyServiceClient) {
 	t.Helper()
-	mem, _ := memoryOf(smallParams(), alice.data)
+	mem, _ := he.KeySetMemory(smallParams(), alice.data)
 	budget := 8 * mem
 	reg, err := NewRegistry(smallParams(), WithMemoryBudget(budget))
 	if err != nil {
@@ -196,82 +195,4 @@ func TestUploadDeclaredSize(t *testing.T) {
 	if err := openUpload(mallory, randomKeyID(t), validSize(2), 0); err != nil {
 		t.Errorf("valid size: %v", err)
 	}
-}
-
-// TestWorkerMemory: WorkerMemory covers what creating one evaluation worker
-// allocates, without overstating it more than twice.
-func TestWorkerMemory(t *testing.T) {
-	for _, params := range []*Parameters{smallParams(), ParamsN13()} {
-		pool, _ := NewWorkerPool(params, 1)
-		tmpl := pool.template()
-		var before, after runtime.MemStats
-		runtime.ReadMemStats(&before)
-		w := &evalWorker{eval: tmpl.ShallowCopy(), enc: hefloat.NewEncoder(hefloat.Parameters{Parameters: params.p})}
-		runtime.ReadMemStats(&after)
-		runtime.KeepAlive(w)
-		got, est := int64(after.TotalAlloc-before.TotalAlloc), WorkerMemory(params)
-		if est < got || est > 2*got {
-			t.Errorf("%s: a worker allocates %d bytes, WorkerMemory says %d", params, got, est)
-		}
-	}
-}
-
-// TestKeyFingerprints: vectors under different keys are refused when combined, also
-// after a trip over the wire, and by a client decrypting another key's vector.
-func TestKeyFingerprints(t *testing.T) {
-	a, b := newSmallSet(t), newSmallSet(t)
-	ev, err := NewEvaluator(smallParams(), a.keys)
-	if err != nil {
-		t.Fatal(err)
-	}
-	va, _ := a.client.Encrypt([]float64{1, 2})
-	vb, _ := b.client.Encrypt([]float64{3, 4})
-	pub, _ := NewEncryptor(a.client.PublicKey())
-	vp, _ := pub.Encrypt([]float64{5, 6})
-	wire := func(v *Vector) *Vector {
-		m, err := MarshalVector(v)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out, err := UnmarshalVector(smallParams(), m)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return out
-	}
-	ctx := context.Background()
-	if _, err := ev.Add(ctx, wire(va), wire(vb)); CodeOf(err) != connect.CodeFailedPrecondition {
-		t.Errorf("sum of two keys' vectors: %v", err)
-	}
-	if _, err := ev.LinearCombination(ctx, []*Vector{va, vp, vb}, []float64{1, 1, 1}, 0); CodeOf(err) != connect.CodeFailedPrecondition {
-		t.Errorf("linear combination across keys: %v", err)
-	}
-	sum, err := ev.Add(ctx, wire(va), wire(vp)) // secret-key and public-key vectors of one key pair
-	if err != nil {
-		t.Fatalf("one key pair: %v", err)
-	}
-	if _, err := b.client.Decrypt(sum); CodeOf(err) != connect.CodeFailedPrecondition {
-		t.Errorf("decrypting another key's vector: %v", err)
-	}
-	if got, err := a.client.Decrypt(wire(sum)); err != nil || math.Abs(got[0]-6) > 1e-3 {
-		t.Errorf("own vector: %v %v", got, err)
-	}
-	m, _ := MarshalVector(va)
-	m.KeyFingerprint = m.KeyFingerprint[:5]
-	if _, err := UnmarshalVector(smallParams(), m); CodeOf(err) != connect.CodeInvalidArgument {
-		t.Errorf("short fingerprint: %v", err)
-	}
-	m.KeyFingerprint = nil // an older sender: not checked
-	if _, err := ev.Add(ctx, wire(vb), mustUnmarshal(t, m)); err != nil {
-		t.Errorf("vector without a fingerprint: %v", err)
-	}
-}
-
-func mustUnmarshal(t *testing.T, m *hev1.EncryptedVector) *Vector {
-	t.Helper()
-	v, err := UnmarshalVector(smallParams(), m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return v
 }

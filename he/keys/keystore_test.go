@@ -1,4 +1,4 @@
-package he
+package keys
 
 import (
 	"context"
@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/veilrpc/veil/he"
+
 	"connectrpc.com/connect"
 )
 
@@ -15,19 +17,19 @@ import (
 // store shared by replicas (natsstate's tests run the real engine).
 type memStore struct {
 	mu    sync.Mutex
-	sets  map[KeyID][]byte
-	info  map[KeyID]KeyInfo
+	sets  map[he.KeyID][]byte
+	info  map[he.KeyID]KeyInfo
 	fail  bool
 	saves int
 }
 
 func newMemStore() *memStore {
-	return &memStore{sets: map[KeyID][]byte{}, info: map[KeyID]KeyInfo{}}
+	return &memStore{sets: map[he.KeyID][]byte{}, info: map[he.KeyID]KeyInfo{}}
 }
 
 var errDown = errors.New("store down")
 
-func (m *memStore) Save(_ context.Context, id KeyID, owner string, data []byte) error {
+func (m *memStore) Save(_ context.Context, id he.KeyID, owner string, data []byte) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.fail {
@@ -39,7 +41,7 @@ func (m *memStore) Save(_ context.Context, id KeyID, owner string, data []byte) 
 	return nil
 }
 
-func (m *memStore) Stat(_ context.Context, id KeyID) (KeyInfo, error) {
+func (m *memStore) Stat(_ context.Context, id he.KeyID) (KeyInfo, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.fail {
@@ -52,7 +54,7 @@ func (m *memStore) Stat(_ context.Context, id KeyID) (KeyInfo, error) {
 	return i, nil
 }
 
-func (m *memStore) Load(_ context.Context, id KeyID) ([]byte, error) {
+func (m *memStore) Load(_ context.Context, id he.KeyID) ([]byte, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.fail {
@@ -65,9 +67,9 @@ func (m *memStore) Load(_ context.Context, id KeyID) ([]byte, error) {
 	return append([]byte(nil), b...), nil
 }
 
-func (m *memStore) Touch(context.Context, KeyID) error { return nil }
+func (m *memStore) Touch(context.Context, he.KeyID) error { return nil }
 
-func (m *memStore) Delete(_ context.Context, id KeyID) error {
+func (m *memStore) Delete(_ context.Context, id he.KeyID) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	delete(m.sets, id)

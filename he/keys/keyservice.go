@@ -1,9 +1,11 @@
-package he
+package keys
 
 import (
 	"context"
 	"errors"
 	"net/http"
+
+	"github.com/veilrpc/veil/he"
 
 	"connectrpc.com/connect"
 	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
@@ -28,14 +30,14 @@ const MaxKeyServiceMessageSize = ChunkSize + 1024
 // size of one of them or of their union (invalid_argument otherwise): a client cannot
 // make the server hold keys it never asked for. Messages are at most ChunkSize plus a few bytes,
 // so the service works under a small per-message read limit (about 1.1 MiB).
-func NewKeyServiceHandler(reg *Registry, identity IdentityFunc, manifests map[string]*Manifest, opts ...connect.HandlerOption) (string, http.Handler) {
+func NewKeyServiceHandler(reg *Registry, identity IdentityFunc, manifests map[string]*he.Manifest, opts ...connect.HandlerOption) (string, http.Handler) {
 	ks := &keyService{reg: reg, identity: identity, manifests: manifests}
-	var union *Manifest
+	var union *he.Manifest
 	for _, m := range manifests {
 		if ks.sizes == nil {
 			ks.sizes = map[int64]bool{}
 		}
-		ks.sizes[EncodedSize(m)] = true
+		ks.sizes[he.EncodedSize(m)] = true
 		if union == nil {
 			union = m
 		} else if u, err := union.Union(m); err == nil {
@@ -43,7 +45,7 @@ func NewKeyServiceHandler(reg *Registry, identity IdentityFunc, manifests map[st
 		}
 	}
 	if union != nil {
-		ks.sizes[EncodedSize(union)] = true
+		ks.sizes[he.EncodedSize(union)] = true
 	}
 	return hev1connect.NewKeyServiceHandler(ks, opts...)
 }
@@ -51,7 +53,7 @@ func NewKeyServiceHandler(reg *Registry, identity IdentityFunc, manifests map[st
 type keyService struct {
 	reg       *Registry
 	identity  IdentityFunc
-	manifests map[string]*Manifest
+	manifests map[string]*he.Manifest
 	sizes     map[int64]bool // encoded sizes of the manifests' key sets; nil: any
 }
 
@@ -71,7 +73,7 @@ func (s *keyService) GetKeyManifest(_ context.Context, req *connect.Request[hev1
 	if !ok {
 		return nil, ConnectError(newErr(connect.CodeNotFound, "no key manifest for procedure %q", req.Msg.GetProcedure()))
 	}
-	return connect.NewResponse(&hev1.GetKeyManifestResponse{Manifest: MarshalManifest(m)}), nil
+	return connect.NewResponse(&hev1.GetKeyManifestResponse{Manifest: he.MarshalManifest(m)}), nil
 }
 
 func (s *keyService) GetUploadStatus(ctx context.Context, req *connect.Request[hev1.GetUploadStatusRequest]) (*connect.Response[hev1.GetUploadStatusResponse], error) {
@@ -83,7 +85,7 @@ func (s *keyService) GetUploadStatus(ctx context.Context, req *connect.Request[h
 	if !validKeyID(id) {
 		return nil, ConnectError(invalidf("malformed key ID"))
 	}
-	received, total, complete, err := s.reg.status(owner, KeyID(id))
+	received, total, complete, err := s.reg.status(owner, he.KeyID(id))
 	if err != nil {
 		return nil, ConnectError(err)
 	}
@@ -113,11 +115,11 @@ func (s *keyService) UploadEvaluationKeys(ctx context.Context, stream *connect.C
 	if !validKeyID(h.GetKeyId()) || h.GetTotalSize() == 0 || h.GetOffset() > h.GetTotalSize() || h.GetTotalSize() > 1<<33 {
 		return nil, ConnectError(invalidf("upload: malformed header"))
 	}
-	id := KeyID(h.GetKeyId())
+	id := he.KeyID(h.GetKeyId())
 	if s.sizes != nil && !s.sizes[int64(h.GetTotalSize())] {
 		return nil, ConnectError(invalidf("upload: %d bytes is not the size of the key set of any procedure's manifest", h.GetTotalSize()))
 	}
-	u, gen, err := s.reg.beginUpload(owner, id, ParamID(h.GetParamId()), int64(h.GetTotalSize()), int64(h.GetOffset()))
+	u, gen, err := s.reg.beginUpload(owner, id, he.ParamID(h.GetParamId()), int64(h.GetTotalSize()), int64(h.GetOffset()))
 	if err != nil {
 		return nil, ConnectError(err)
 	}

@@ -1,10 +1,9 @@
-package he
+package keys
 
 import (
 	"container/list"
 	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -13,6 +12,8 @@ import (
 	"strconv"
 	"sync"
 	"time"
+
+	"github.com/veilrpc/veil/he"
 )
 
 // Registry holds clients' evaluation keys on the server side. Keys are uploaded once
@@ -38,13 +39,13 @@ import (
 // client library uploads it again and retries once. A store that fails is
 // unavailable: the client retries, and nothing acknowledged is lost.
 type Registry struct {
-	params *Parameters
+	params *he.Parameters
 	cfg    registryConfig
 
 	mu         sync.Mutex
 	used       int64 // parsed sets, store reads and partial uploads
 	uploadUsed int64 // the partial uploads' part of used
-	entries    map[KeyID]*regEntry
+	entries    map[he.KeyID]*regEntry
 	lru        *list.List            // of *regEntry, most recent at the front
 	uploads    map[uploadKey]*upload // partial uploads, per uploader: no identity can block another's
 	owned      map[string]int64      // bytes charged per identity
@@ -53,7 +54,7 @@ type Registry struct {
 
 type uploadKey struct {
 	owner string
-	id    KeyID
+	id    he.KeyID
 }
 
 type registryConfig struct {
@@ -64,7 +65,7 @@ type registryConfig struct {
 	ttl          time.Duration
 	uploadTTL    time.Duration
 	maxSet       int64
-	pool         *WorkerPool
+	pool         *he.WorkerPool
 	dir          string
 	store        KeyStore
 	timeout      time.Duration
@@ -110,7 +111,7 @@ func WithMaxKeySetSize(bytes int64) RegistryOption {
 // WithEvaluatorPool makes the registry's evaluators share pool (default: a pool of
 // GOMAXPROCS workers), so that the evaluation buffers are bounded by the pool's size,
 // not by the number of key sets.
-func WithEvaluatorPool(pool *WorkerPool) RegistryOption {
+func WithEvaluatorPool(pool *he.WorkerPool) RegistryOption {
 	return func(c *registryConfig) { c.pool = pool }
 }
 
@@ -129,10 +130,10 @@ func WithKeyStore(store KeyStore, timeout time.Duration) RegistryOption {
 func WithClock(now func() time.Time) RegistryOption { return func(c *registryConfig) { c.now = now } }
 
 type regEntry struct {
-	id      KeyID
+	id      he.KeyID
 	owner   string
-	keys    *EvaluationKeys
-	eval    *Evaluator
+	keys    *he.EvaluationKeys
+	eval    *he.Evaluator
 	mem     int64
 	expires time.Time
 	touched time.Time // last time the disk copy's mtime was refreshed
@@ -140,7 +141,7 @@ type regEntry struct {
 }
 
 type upload struct {
-	id       KeyID
+	id       he.KeyID
 	owner    string
 	total    int64
 	buf      []byte
@@ -151,7 +152,7 @@ type upload struct {
 }
 
 // NewRegistry returns an empty registry for params.
-func NewRegistry(params *Parameters, opts ...RegistryOption) (_ *Registry, err error) {
+func NewRegistry(params *he.Parameters, opts ...RegistryOption) (_ *Registry, err error) {
 	if params == nil {
 		return nil, invalidf("nil parameters")
 	}
@@ -191,18 +192,18 @@ func NewRegistry(params *Parameters, opts ...RegistryOption) (_ *Registry, err e
 		cfg.timeout = 30 * time.Second
 	}
 	if cfg.pool == nil {
-		if cfg.pool, err = NewWorkerPool(params, runtime.GOMAXPROCS(0)); err != nil {
+		if cfg.pool, err = he.NewWorkerPool(params, runtime.GOMAXPROCS(0)); err != nil {
 			return nil, err
 		}
-	} else if cfg.pool.params.id != params.id {
-		return nil, paramMismatch("worker pool", cfg.pool.params.id, params.id)
+	} else if cfg.pool.Params().ID() != params.ID() {
+		return nil, paramMismatch("worker pool", cfg.pool.Params().ID(), params.ID())
 	}
-	return &Registry{params: params, cfg: cfg, entries: map[KeyID]*regEntry{}, lru: list.New(), uploads: map[uploadKey]*upload{},
+	return &Registry{params: params, cfg: cfg, entries: map[he.KeyID]*regEntry{}, lru: list.New(), uploads: map[uploadKey]*upload{},
 		owned: map[string]int64{}, nUploads: map[string]int{}}, nil
 }
 
 // WorkerPool returns the pool the registry's evaluators share.
-func (r *Registry) WorkerPool() *WorkerPool { return r.cfg.pool }
+func (r *Registry) WorkerPool() *he.WorkerPool { return r.cfg.pool }
 
 // Used returns the bytes currently charged against the budget.
 func (r *Registry) Used() int64 {
@@ -278,7 +279,7 @@ func (r *Registry) dropLocked(e *regEntry, expired bool) {
 	delete(r.entries, e.id)
 	r.charge(e.owner, -e.mem)
 	if expired && r.cfg.store != nil {
-		go func(id KeyID) {
+		go func(id he.KeyID) {
 			ctx, cancel := r.storeCtx()
 			defer cancel()
 			_ = r.cfg.store.Delete(ctx, id)
@@ -306,12 +307,12 @@ func (r *Registry) expireLocked() {
 
 // Put registers an encoded key set for owner and returns its key ID. Registering the
 // same key set again refreshes it.
-func (r *Registry) Put(owner string, data []byte) (KeyID, error) {
+func (r *Registry) Put(owner string, data []byte) (he.KeyID, error) {
 	if owner == "" {
 		return "", permissionf("no caller identity")
 	}
 	sum := sha256.Sum256(data)
-	id := KeyID(hex.EncodeToString(sum[:]))
+	id := he.KeyID(hex.EncodeToString(sum[:]))
 	if int64(len(data)) > r.cfg.maxSet {
 		return "", exhaustedf("key set of %d bytes exceeds the maximum %d", len(data), r.cfg.maxSet)
 	}
@@ -319,7 +320,7 @@ func (r *Registry) Put(owner string, data []byte) (KeyID, error) {
 	if e, ok := r.entries[id]; ok {
 		defer r.mu.Unlock()
 		if e.owner != owner {
-			return "", permissionf("evaluation keys %s belong to another identity", id.short())
+			return "", permissionf("evaluation keys %s belong to another identity", short(id))
 		}
 		r.useLocked(e)
 		return id, nil
@@ -332,7 +333,7 @@ func (r *Registry) Put(owner string, data []byte) (KeyID, error) {
 			return "", err
 		}
 		if ok && owner2 != owner {
-			return "", permissionf("evaluation keys %s belong to another identity", id.short())
+			return "", permissionf("evaluation keys %s belong to another identity", short(id))
 		}
 		found = ok
 	}
@@ -351,8 +352,11 @@ func (r *Registry) Put(owner string, data []byte) (KeyID, error) {
 				r.dropLocked(e, false)
 			}
 			r.mu.Unlock()
-			var he *heError
-			if errors.As(err, &he) {
+			var (
+				ke  *keyError
+				hee *he.Error
+			)
+			if errors.As(err, &ke) || errors.As(err, &hee) {
 				return "", err
 			}
 			return "", storeUnavailable()
@@ -362,8 +366,8 @@ func (r *Registry) Put(owner string, data []byte) (KeyID, error) {
 }
 
 // admit charges, parses and inserts a key set.
-func (r *Registry) admit(id KeyID, owner string, data []byte) error {
-	mem, err := memoryOf(r.params, data)
+func (r *Registry) admit(id he.KeyID, owner string, data []byte) error {
+	mem, err := he.KeySetMemory(r.params, data)
 	if err != nil {
 		return err
 	}
@@ -373,7 +377,7 @@ func (r *Registry) admit(id KeyID, owner string, data []byte) error {
 		return err
 	}
 	r.mu.Unlock()
-	keys, err := ParseEvaluationKeys(r.params, data)
+	keys, err := he.ParseEvaluationKeys(r.params, data)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if err != nil {
@@ -383,7 +387,7 @@ func (r *Registry) admit(id KeyID, owner string, data []byte) error {
 	if old, ok := r.entries[id]; ok { // registered concurrently
 		r.charge(owner, -mem)
 		if old.owner != owner {
-			return permissionf("evaluation keys %s belong to another identity", id.short())
+			return permissionf("evaluation keys %s belong to another identity", short(id))
 		}
 		r.useLocked(old)
 		return nil
@@ -395,50 +399,13 @@ func (r *Registry) admit(id KeyID, owner string, data []byte) error {
 	return nil
 }
 
-// memoryOf returns the in-memory size of an encoded key set from its header, after
-// checking that the header agrees with the data's length (so that a bogus header
-// cannot make the registry evict other sets to make room).
-func memoryOf(params *Parameters, data []byte) (int64, error) {
-	if len(data) < keysHeaderLen(0) || string(data[:4]) != keysMagic || data[20] > 1 {
-		return 0, invalidf("evaluation keys: bad header")
-	}
-	nGal := int(binary.BigEndian.Uint32(data[21:25]))
-	if nGal > maxGaloisKeys {
-		return 0, invalidf("evaluation keys: %d Galois keys exceed %d", nGal, maxGaloisKeys)
-	}
-	s := shapeOf(params)
-	nKeys := int64(nGal + int(data[20]))
-	if want := int64(keysHeaderLen(nGal)) + nKeys*int64(s.keyBytes()); int64(len(data)) != want {
-		return 0, invalidf("evaluation keys: %d bytes, want %d", len(data), want)
-	}
-	return nKeys * s.keyMemory(), nil
-}
-
-// keysForSize returns the number of keys of a set whose encoding is total bytes, and
-// false when no set encodes to that size: the header's fixed part, 8 bytes per Galois
-// key and the keys themselves (with or without a relinearization key) must add up.
-func keysForSize(params *Parameters, total int64) (int64, bool) {
-	kb := int64(shapeOf(params).keyBytes())
-	rest := total - int64(keysHeaderLen(0))
-	for relin := int64(0); relin <= 1; relin++ {
-		r := rest - relin*kb
-		if r < 0 || r%(8+kb) != 0 {
-			continue
-		}
-		if g := r / (8 + kb); g <= maxGaloisKeys && g+relin > 0 {
-			return g + relin, true
-		}
-	}
-	return 0, false
-}
-
 func (r *Registry) useLocked(e *regEntry) {
 	now := r.cfg.now()
 	e.expires = now.Add(r.cfg.ttl)
 	r.lru.MoveToFront(e.elem)
 	if r.cfg.store != nil && now.Sub(e.touched) > r.cfg.ttl/16 {
 		e.touched = now
-		go func(id KeyID) {
+		go func(id he.KeyID) {
 			ctx, cancel := r.storeCtx()
 			defer cancel()
 			_ = r.cfg.store.Touch(ctx, id)
@@ -449,7 +416,7 @@ func (r *Registry) useLocked(e *regEntry) {
 // Keys returns owner's key set id. A set owned by another identity is
 // permission_denied; a missing, expired or evicted one (not on disk either) is
 // not_found, telling the client to upload it again.
-func (r *Registry) Keys(owner string, id KeyID) (*EvaluationKeys, error) {
+func (r *Registry) Keys(owner string, id he.KeyID) (*he.EvaluationKeys, error) {
 	e, err := r.entry(owner, id)
 	if err != nil {
 		return nil, err
@@ -458,7 +425,7 @@ func (r *Registry) Keys(owner string, id KeyID) (*EvaluationKeys, error) {
 }
 
 // Evaluator returns an evaluator over owner's key set id, built once per key set.
-func (r *Registry) Evaluator(owner string, id KeyID) (*Evaluator, error) {
+func (r *Registry) Evaluator(owner string, id he.KeyID) (*he.Evaluator, error) {
 	e, err := r.entry(owner, id)
 	if err != nil {
 		return nil, err
@@ -466,7 +433,7 @@ func (r *Registry) Evaluator(owner string, id KeyID) (*Evaluator, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if e.eval == nil {
-		ev, err := NewEvaluator(r.params, e.keys, WithWorkerPool(r.cfg.pool))
+		ev, err := he.NewEvaluator(r.params, e.keys, he.WithWorkerPool(r.cfg.pool))
 		if err != nil {
 			return nil, err
 		}
@@ -475,7 +442,7 @@ func (r *Registry) Evaluator(owner string, id KeyID) (*Evaluator, error) {
 	return e.eval, nil
 }
 
-func (r *Registry) entry(owner string, id KeyID) (*regEntry, error) {
+func (r *Registry) entry(owner string, id he.KeyID) (*regEntry, error) {
 	if owner == "" {
 		return nil, permissionf("no caller identity")
 	}
@@ -487,7 +454,7 @@ func (r *Registry) entry(owner string, id KeyID) (*regEntry, error) {
 	if e, ok := r.entries[id]; ok {
 		defer r.mu.Unlock()
 		if e.owner != owner {
-			return nil, permissionf("evaluation keys %s belong to another identity", id.short())
+			return nil, permissionf("evaluation keys %s belong to another identity", short(id))
 		}
 		r.useLocked(e)
 		return e, nil
@@ -502,7 +469,7 @@ func (r *Registry) entry(owner string, id KeyID) (*regEntry, error) {
 	}
 	defer release()
 	if diskOwner != owner {
-		return nil, permissionf("evaluation keys %s belong to another identity", id.short())
+		return nil, permissionf("evaluation keys %s belong to another identity", short(id))
 	}
 	if err := r.admit(id, owner, data); err != nil {
 		return nil, err
@@ -518,7 +485,7 @@ func (r *Registry) entry(owner string, id KeyID) (*regEntry, error) {
 
 // storedOwner returns the owner of a stored key set; found is false when the store
 // has none (or it expired there).
-func (r *Registry) storedOwner(id KeyID) (owner string, found bool, err error) {
+func (r *Registry) storedOwner(id he.KeyID) (owner string, found bool, err error) {
 	ctx, cancel := r.storeCtx()
 	defer cancel()
 	info, err := r.cfg.store.Stat(ctx, id)
@@ -535,7 +502,7 @@ func (r *Registry) storedOwner(id KeyID) (owner string, found bool, err error) {
 
 // readStore reads a stored key set, honouring its TTL (last save or touch + TTL). The
 // set's size stays charged against the budget until the caller calls release.
-func (r *Registry) readStore(id KeyID) (owner string, data []byte, release func(), err error) {
+func (r *Registry) readStore(id he.KeyID) (owner string, data []byte, release func(), err error) {
 	ctx, cancel := r.storeCtx()
 	defer cancel()
 	info, err := r.cfg.store.Stat(ctx, id)
@@ -550,7 +517,7 @@ func (r *Registry) readStore(id KeyID) (owner string, data []byte, release func(
 		return "", nil, nil, keysMissing(id, "expired")
 	}
 	if info.Size > r.cfg.maxSet || info.Size < 0 {
-		return "", nil, nil, internalf("registry store: oversized key set %s", id.short())
+		return "", nil, nil, internalf("registry store: oversized key set %s", short(id))
 	}
 	// The stored bytes are charged to their owner while they are read and parsed.
 	r.mu.Lock()
@@ -573,9 +540,9 @@ func (r *Registry) readStore(id KeyID) (owner string, data []byte, release func(
 		return "", nil, nil, storeUnavailable()
 	}
 	sum := sha256.Sum256(data)
-	if int64(len(data)) != info.Size || KeyID(hex.EncodeToString(sum[:])) != id {
+	if int64(len(data)) != info.Size || he.KeyID(hex.EncodeToString(sum[:])) != id {
 		release()
-		return "", nil, nil, internalf("registry store: corrupt copy of %s", id.short())
+		return "", nil, nil, internalf("registry store: corrupt copy of %s", short(id))
 	}
 	return info.Owner, data, release, nil
 }
@@ -583,18 +550,18 @@ func (r *Registry) readStore(id KeyID) (owner string, data []byte, release func(
 // beginUpload opens or resumes owner's upload of id at offset. A new stream takes an
 // interrupted one over; the previous stream's later chunks are refused. Nothing is
 // charged until chunks arrive, and resuming does not extend the upload's deadline.
-func (r *Registry) beginUpload(owner string, id KeyID, pid ParamID, total, offset int64) (*upload, int, error) {
+func (r *Registry) beginUpload(owner string, id he.KeyID, pid he.ParamID, total, offset int64) (*upload, int, error) {
 	if owner == "" {
 		return nil, 0, permissionf("no caller identity")
 	}
-	if pid != r.params.id {
-		return nil, 0, paramMismatch("upload", pid, r.params.id)
+	if pid != r.params.ID() {
+		return nil, 0, paramMismatch("upload", pid, r.params.ID())
 	}
-	nKeys, ok := keysForSize(r.params, total)
+	mem, ok := he.KeySetMemoryForSize(r.params, total)
 	if !ok {
-		return nil, 0, invalidf("upload of %s: %d bytes is not the size of an evaluation-key set", id.short(), total)
+		return nil, 0, invalidf("upload of %s: %d bytes is not the size of an evaluation-key set", short(id), total)
 	}
-	if mem := nKeys * shapeOf(r.params).keyMemory(); total > r.cfg.maxSet || mem > r.setsBudget() || mem > r.cfg.idBytes {
+	if total > r.cfg.maxSet || mem > r.setsBudget() || mem > r.cfg.idBytes {
 		return nil, 0, exhaustedf("key set of %d bytes (%d in memory) exceeds the maximum %d", total, mem, r.cfg.maxSet)
 	}
 	r.mu.Lock()
@@ -602,24 +569,24 @@ func (r *Registry) beginUpload(owner string, id KeyID, pid ParamID, total, offse
 	r.expireLocked()
 	if e, ok := r.entries[id]; ok {
 		if e.owner != owner {
-			return nil, 0, permissionf("evaluation keys %s belong to another identity", id.short())
+			return nil, 0, permissionf("evaluation keys %s belong to another identity", short(id))
 		}
 		r.useLocked(e)
 		return &upload{id: id, owner: owner, total: total, complete: true}, 0, nil
 	}
 	if u, ok := r.uploads[uploadKey{owner, id}]; ok {
 		if u.total != total {
-			return nil, 0, invalidf("upload of %s: size %d, earlier %d", id.short(), total, u.total)
+			return nil, 0, invalidf("upload of %s: size %d, earlier %d", short(id), total, u.total)
 		}
 		if offset != int64(len(u.buf)) && offset != 0 {
-			return nil, 0, preconditionf("upload of %s: resume from offset %d, not %d", id.short(), len(u.buf), offset)
+			return nil, 0, preconditionf("upload of %s: resume from offset %d, not %d", short(id), len(u.buf), offset)
 		}
 		u.buf = u.buf[:offset]
 		u.gen++
 		return u, u.gen, nil
 	}
 	if offset != 0 {
-		return nil, 0, preconditionf("upload of %s: no partial upload to resume, start from offset 0", id.short())
+		return nil, 0, preconditionf("upload of %s: no partial upload to resume, start from offset 0", short(id))
 	}
 	if r.nUploads[owner] >= r.cfg.idUploads {
 		return nil, 0, exhaustedf("%d uploads already in progress for this identity", r.nUploads[owner])
@@ -642,11 +609,11 @@ func (r *Registry) appendChunk(u *upload, gen int, chunk []byte) (int64, error) 
 		return 0, keysMissing(u.id, "upload expired")
 	}
 	if u.gen != gen {
-		return 0, newErr(abortedCode, "upload of %s taken over by another stream", u.id.short())
+		return 0, newErr(abortedCode, "upload of %s taken over by another stream", short(u.id))
 	}
 	need := int64(len(u.buf)) + int64(len(chunk))
 	if need > u.total {
-		return 0, invalidf("upload of %s: more than the declared %d bytes", u.id.short(), u.total)
+		return 0, invalidf("upload of %s: more than the declared %d bytes", short(u.id), u.total)
 	}
 	if need > int64(cap(u.buf)) {
 		grown := min(u.total, max(need, 2*int64(cap(u.buf)), 64<<10))
@@ -684,7 +651,7 @@ func (r *Registry) finishUpload(u *upload, gen int) error {
 	r.mu.Lock()
 	if cur, ok := r.uploads[uploadKey{u.owner, u.id}]; !ok || cur != u || u.gen != gen {
 		r.mu.Unlock()
-		return newErr(abortedCode, "upload of %s taken over by another stream", u.id.short())
+		return newErr(abortedCode, "upload of %s taken over by another stream", short(u.id))
 	}
 	delete(r.uploads, uploadKey{u.owner, u.id})
 	if r.nUploads[u.owner]--; r.nUploads[u.owner] <= 0 {
@@ -704,8 +671,8 @@ func (r *Registry) finishUpload(u *upload, gen int) error {
 		r.mu.Unlock()
 	}()
 	sum := sha256.Sum256(data)
-	if got := KeyID(hex.EncodeToString(sum[:])); got != u.id {
-		return invalidf("upload: content hashes to %s, not the declared key ID %s", got.short(), u.id.short())
+	if got := he.KeyID(hex.EncodeToString(sum[:])); got != u.id {
+		return invalidf("upload: content hashes to %s, not the declared key ID %s", short(got), short(u.id))
 	}
 	if _, err := r.Put(u.owner, data); err != nil {
 		return err
@@ -714,13 +681,13 @@ func (r *Registry) finishUpload(u *upload, gen int) error {
 }
 
 // status returns how many bytes of owner's upload of id the registry holds.
-func (r *Registry) status(owner string, id KeyID) (received, total int64, complete bool, err error) {
+func (r *Registry) status(owner string, id he.KeyID) (received, total int64, complete bool, err error) {
 	r.mu.Lock()
 	r.expireLocked()
 	if e, ok := r.entries[id]; ok {
 		defer r.mu.Unlock()
 		if e.owner != owner {
-			return 0, 0, false, permissionf("evaluation keys %s belong to another identity", id.short())
+			return 0, 0, false, permissionf("evaluation keys %s belong to another identity", short(id))
 		}
 		return 0, 0, true, nil
 	}
@@ -736,7 +703,7 @@ func (r *Registry) status(owner string, id KeyID) (received, total int64, comple
 		}
 		if found {
 			if o != owner {
-				return 0, 0, false, permissionf("evaluation keys %s belong to another identity", id.short())
+				return 0, 0, false, permissionf("evaluation keys %s belong to another identity", short(id))
 			}
 			return 0, 0, true, nil
 		}
@@ -748,6 +715,27 @@ func (r *Registry) status(owner string, id KeyID) (received, total int64, comple
 func (r *Registry) String() string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return fmt.Sprintf("he.Registry{keys: %d, uploads: %d, used: %s/%s}", len(r.entries), len(r.uploads),
+	return fmt.Sprintf("keys.Registry{keys: %d, uploads: %d, used: %s/%s}", len(r.entries), len(r.uploads),
 		strconv.FormatInt(r.used, 10), strconv.FormatInt(r.cfg.budget, 10))
+}
+
+// short abbreviates a key ID for error texts and logs.
+func short(id he.KeyID) string {
+	if len(id) > 16 {
+		return string(id[:16])
+	}
+	return string(id)
+}
+
+// validKeyID reports whether s is a key ID: 64 lowercase hex digits.
+func validKeyID(s string) bool {
+	if len(s) != 64 {
+		return false
+	}
+	for _, c := range []byte(s) {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
 }

@@ -1,15 +1,14 @@
-package he
+package keys
 
 import (
 	"context"
 	"errors"
 	"io/fs"
-	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/veilrpc/veil/internal/atomicfile"
+	"github.com/veilrpc/veil/he"
+	"github.com/veilrpc/veil/internal/dirstore"
 )
 
 // KeyStore keeps complete encoded evaluation-key sets outside the process, so that
@@ -30,15 +29,15 @@ import (
 // given durability.
 type KeyStore interface {
 	// Save stores data as key set id owned by owner, durably, before it returns.
-	Save(ctx context.Context, id KeyID, owner string, data []byte) error
+	Save(ctx context.Context, id he.KeyID, owner string, data []byte) error
 	// Stat returns what is known of a stored key set without reading it.
-	Stat(ctx context.Context, id KeyID) (KeyInfo, error)
+	Stat(ctx context.Context, id he.KeyID) (KeyInfo, error)
 	// Load returns a stored key set's encoding.
-	Load(ctx context.Context, id KeyID) ([]byte, error)
+	Load(ctx context.Context, id he.KeyID) ([]byte, error)
 	// Touch records a use of a stored key set (its Modified time becomes now).
-	Touch(ctx context.Context, id KeyID) error
+	Touch(ctx context.Context, id he.KeyID) error
 	// Delete removes a stored key set; deleting a missing one is not an error.
-	Delete(ctx context.Context, id KeyID) error
+	Delete(ctx context.Context, id he.KeyID) error
 }
 
 // KeyInfo describes a stored key set.
@@ -50,14 +49,15 @@ type KeyInfo struct {
 
 // DirStore is a KeyStore in a local directory: one file per key set, written 0600 and
 // atomically (a temporary file renamed into place), named by key ID.
-type DirStore struct{ dir string }
+type DirStore struct{ dir *dirstore.Dir }
 
 // NewDirStore returns a store in dir, creating it (0700) if missing.
 func NewDirStore(dir string) (*DirStore, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	d, err := dirstore.Open(dir, "he: key store")
+	if err != nil {
 		return nil, internalf("registry: cannot create the store")
 	}
-	return &DirStore{dir: dir}, nil
+	return &DirStore{dir: d}, nil
 }
 
 var _ KeyStore = (*DirStore)(nil)
@@ -65,54 +65,43 @@ var _ KeyStore = (*DirStore)(nil)
 // Store format: "VHKS1\n<owner>\n" followed by the encoded key set.
 const storeMagic = "VHKS1\n"
 
-func (d *DirStore) path(id KeyID) string { return filepath.Join(d.dir, string(id)+".vhk") }
+func fileName(id he.KeyID) string { return string(id) + ".vhk" }
 
 // Save implements KeyStore.
-func (d *DirStore) Save(_ context.Context, id KeyID, owner string, data []byte) error {
+func (d *DirStore) Save(_ context.Context, id he.KeyID, owner string, data []byte) error {
 	if !validKeyID(string(id)) {
 		return invalidf("malformed key ID")
 	}
 	if strings.ContainsAny(owner, "\n\x00") {
 		return invalidf("identity contains a newline")
 	}
-	if err := atomicfile.WriteParts(d.path(id), 0o600, []byte(storeMagic+owner+"\n"), data); err != nil {
-		return errors.New("he: key store: write")
-	}
-	return nil
+	return d.dir.Write(fileName(id), []byte(storeMagic+owner+"\n"), data)
 }
 
 // Stat implements KeyStore.
-func (d *DirStore) Stat(_ context.Context, id KeyID) (KeyInfo, error) {
+func (d *DirStore) Stat(_ context.Context, id he.KeyID) (KeyInfo, error) {
 	if !validKeyID(string(id)) {
 		return KeyInfo{}, fs.ErrNotExist
 	}
-	f, err := os.Open(d.path(id))
+	head, size, mod, err := d.dir.ReadHead(fileName(id), len(storeMagic)+512)
 	if err != nil {
-		return KeyInfo{}, storeErr(err)
+		return KeyInfo{}, err
 	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return KeyInfo{}, storeErr(err)
-	}
-	head := make([]byte, len(storeMagic)+512)
-	n, _ := f.Read(head)
-	owner, rest, ok := parseStoreHeader(head[:n])
+	owner, rest, ok := parseStoreHeader(head)
 	if !ok {
 		return KeyInfo{}, errors.New("he: key store: corrupt file")
 	}
-	hdr := int64(n - len(rest))
-	return KeyInfo{Owner: owner, Size: st.Size() - hdr, Modified: st.ModTime()}, nil
+	return KeyInfo{Owner: owner, Size: size - int64(len(head)-len(rest)), Modified: mod}, nil
 }
 
 // Load implements KeyStore.
-func (d *DirStore) Load(_ context.Context, id KeyID) ([]byte, error) {
+func (d *DirStore) Load(_ context.Context, id he.KeyID) ([]byte, error) {
 	if !validKeyID(string(id)) {
 		return nil, fs.ErrNotExist
 	}
-	b, err := os.ReadFile(d.path(id))
+	b, err := d.dir.Read(fileName(id))
 	if err != nil {
-		return nil, storeErr(err)
+		return nil, err
 	}
 	_, data, ok := parseStoreHeader(b)
 	if !ok {
@@ -122,29 +111,13 @@ func (d *DirStore) Load(_ context.Context, id KeyID) ([]byte, error) {
 }
 
 // Touch implements KeyStore.
-func (d *DirStore) Touch(_ context.Context, id KeyID) error {
-	now := time.Now()
-	return storeErr(os.Chtimes(d.path(id), now, now))
+func (d *DirStore) Touch(_ context.Context, id he.KeyID) error {
+	return d.dir.Touch(fileName(id))
 }
 
 // Delete implements KeyStore.
-func (d *DirStore) Delete(_ context.Context, id KeyID) error {
-	if err := os.Remove(d.path(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return errors.New("he: key store: delete")
-	}
-	return nil
-}
-
-// storeErr keeps fs.ErrNotExist recognisable and drops paths from other errors.
-func storeErr(err error) error {
-	switch {
-	case err == nil:
-		return nil
-	case errors.Is(err, fs.ErrNotExist):
-		return fs.ErrNotExist
-	default:
-		return errors.New("he: key store: i/o error")
-	}
+func (d *DirStore) Delete(_ context.Context, id he.KeyID) error {
+	return d.dir.Delete(fileName(id))
 }
 
 func parseStoreHeader(b []byte) (owner string, rest []byte, ok bool) {

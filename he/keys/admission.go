@@ -1,4 +1,4 @@
-package he
+package keys
 
 import (
 	"errors"

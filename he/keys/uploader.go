@@ -1,7 +1,9 @@
-package he
+package keys
 
 import (
 	"context"
+
+	"github.com/veilrpc/veil/he"
 
 	"connectrpc.com/connect"
 	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
@@ -9,12 +11,12 @@ import (
 )
 
 // FetchManifest asks a server which evaluation keys procedure needs.
-func FetchManifest(ctx context.Context, client hev1connect.KeyServiceClient, params *Parameters, procedure string) (*Manifest, error) {
+func FetchManifest(ctx context.Context, client hev1connect.KeyServiceClient, params *he.Parameters, procedure string) (*he.Manifest, error) {
 	res, err := client.GetKeyManifest(ctx, connect.NewRequest(&hev1.GetKeyManifestRequest{Procedure: procedure}))
 	if err != nil {
 		return nil, err
 	}
-	return UnmarshalManifest(params, res.Msg.GetManifest())
+	return he.UnmarshalManifest(params, res.Msg.GetManifest())
 }
 
 // Uploader sends one evaluation-key set to a KeyService: once, in ChunkSize chunks,
@@ -22,7 +24,7 @@ func FetchManifest(ctx context.Context, client hev1connect.KeyServiceClient, par
 // server reports the keys missing (Do).
 type Uploader struct {
 	client   hev1connect.KeyServiceClient
-	keys     *EvaluationKeys
+	keys     *he.EvaluationKeys
 	progress func(sent, total int64)
 	attempts int
 	chunk    int
@@ -46,7 +48,7 @@ func WithChunkSize(n int) UploaderOption {
 }
 
 // NewUploader returns an uploader of keys to client.
-func NewUploader(client hev1connect.KeyServiceClient, keys *EvaluationKeys, opts ...UploaderOption) *Uploader {
+func NewUploader(client hev1connect.KeyServiceClient, keys *he.EvaluationKeys, opts ...UploaderOption) *Uploader {
 	u := &Uploader{client: client, keys: keys, attempts: 3, chunk: ChunkSize}
 	for _, o := range opts {
 		o(u)
@@ -55,12 +57,12 @@ func NewUploader(client hev1connect.KeyServiceClient, keys *EvaluationKeys, opts
 }
 
 // KeyID returns the ID of the uploader's keys.
-func (u *Uploader) KeyID() (KeyID, error) { return u.keys.ID() }
+func (u *Uploader) KeyID() (he.KeyID, error) { return u.keys.ID() }
 
 // Upload makes sure the server holds the keys. It asks for the upload status first,
 // so a complete upload costs one small call and an interrupted one resumes where the
 // server stopped.
-func (u *Uploader) Upload(ctx context.Context) (KeyID, error) {
+func (u *Uploader) Upload(ctx context.Context) (he.KeyID, error) {
 	data, err := u.keys.Encode()
 	if err != nil {
 		return "", err
@@ -90,16 +92,16 @@ func (u *Uploader) Upload(ctx context.Context) (KeyID, error) {
 		}
 	}
 	if last == nil {
-		last = internalf("upload of %s incomplete", id.short())
+		last = internalf("upload of %s incomplete", short(id))
 	}
 	return id, last
 }
 
-func (u *Uploader) send(ctx context.Context, id KeyID, data []byte, offset int64) (bool, error) {
+func (u *Uploader) send(ctx context.Context, id he.KeyID, data []byte, offset int64) (bool, error) {
 	stream := u.client.UploadEvaluationKeys(ctx)
 	total := int64(len(data))
 	err := stream.Send(&hev1.UploadEvaluationKeysRequest{Part: &hev1.UploadEvaluationKeysRequest_Header{Header: &hev1.UploadHeader{
-		KeyId: string(id), ParamId: string(u.keys.params.id), TotalSize: uint64(total), Offset: uint64(offset),
+		KeyId: string(id), ParamId: string(u.keys.ParamID()), TotalSize: uint64(total), Offset: uint64(offset),
 	}}})
 	for pos := offset; err == nil && pos < total; {
 		end := min(total, pos+int64(u.chunk))
@@ -119,7 +121,7 @@ func (u *Uploader) send(ctx context.Context, id KeyID, data []byte, offset int64
 // Do runs call with the keys' ID. If the server answers that it no longer holds these
 // keys (expired, evicted, restarted without a store), Do uploads them and runs call
 // once more.
-func (u *Uploader) Do(ctx context.Context, call func(ctx context.Context, id KeyID) error) error {
+func (u *Uploader) Do(ctx context.Context, call func(ctx context.Context, id he.KeyID) error) error {
 	id, err := u.keys.ID()
 	if err != nil {
 		return err
