@@ -40,6 +40,7 @@ func rpcSuite(cfg *config) (*Report, error) {
 	msg := strings.Repeat("v", cfg.msgSize)
 	var systems []*unary
 	var notes []string
+	clients := map[string]echov1connect.EchoServiceClient{}
 	defer func() {
 		for _, s := range systems {
 			s.stop()
@@ -96,6 +97,7 @@ func rpcSuite(cfg *config) (*Report, error) {
 			return err
 		}
 		vc := echov1connect.NewEchoServiceClient(hc, srv.url, rpc.ClientOptions()...)
+		clients[name] = vc
 		systems = append(systems, &unary{sys: newSystem(name, label), call: connectCall(vc, msg), stop: func() { hc.CloseIdleConnections(); srv.stop() }})
 		return nil
 	}
@@ -141,6 +143,10 @@ func rpcSuite(cfg *config) (*Report, error) {
 			cfg.logf("rpc %-16s %8.0f calls/s p50 %.2f ms p99 %.2f ms cpu %.1f us allocs %.0f cores %.2f", s.sys.Name, r.callsPerS, r.p50, r.p99, r.cpuPerCall, r.allocsPerCall, r.coresUsed)
 		}
 	}
+	cross, err := crossoverSweep(cfg, clients["veil"], clients["veil_unsealed"])
+	if err != nil {
+		return nil, err
+	}
 	rep := newReport("rpc")
 	rep.Notes = notes
 	rep.Config = map[string]any{
@@ -150,6 +156,7 @@ func rpcSuite(cfg *config) (*Report, error) {
 	for _, s := range systems {
 		rep.Systems = append(rep.Systems, s.sys)
 	}
+	cross.record(rep)
 	g, c, v := rep.system("grpc"), rep.system("connect"), rep.system("veil")
 	rep.ratio("veil_vs_grpc_calls_per_s", v, "calls_per_s", g, "calls_per_s")
 	rep.ratio("veil_vs_connect_calls_per_s", v, "calls_per_s", c, "calls_per_s")
