@@ -2,7 +2,9 @@ package main
 
 import (
 	"fmt"
+	"os"
 	"runtime"
+	"runtime/pprof"
 	"strings"
 
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
@@ -89,4 +91,14 @@ func sizesKiB(s []int) string {
 		b = append(b, fmt.Sprint(n>>10))
 	}
 	return strings.Join(b, ", ")
+}
+
+// writeAllocProfile writes the allocations made so far (pprof's allocs profile).
+func writeAllocProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return pprof.Lookup("allocs").WriteTo(f, 0)
 }
