@@ -32,7 +32,7 @@ func crossoverSweep(cfg *config, sealed, plain echov1connect.EchoServiceClient) 
 	if sealed == nil || plain == nil || (cfg.onlyList != "" && !strings.Contains(cfg.onlyList, "veil_unsealed")) {
 		return c, nil
 	}
-	d := cfg.dur / 2
+	d := cfg.dur
 	for _, n := range crossoverSizes {
 		msg := strings.Repeat("v", n)
 		s := newSystem(fmt.Sprintf("veil_%dk", n>>10), fmt.Sprintf("Veil sealed, %d KiB", n>>10))
