@@ -171,6 +171,7 @@ func rpcSuite(cfg *config) (*Report, error) {
 	}
 	if un := rep.system("veil_unsealed"); un != nil {
 		rep.ratio("sealed_vs_unsealed_calls_per_s", v, "calls_per_s", un, "calls_per_s")
+		rep.ratio("sealed_vs_unsealed_cpu_per_call", v, "cpu_us_per_call", un, "cpu_us_per_call")
 		rep.ratio("unsealed_vs_grpc_cpu_per_call", un, "cpu_us_per_call", g, "cpu_us_per_call")
 		rep.ratio("unsealed_vs_connect_cpu_per_call", un, "cpu_us_per_call", c, "cpu_us_per_call")
 	}
