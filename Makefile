@@ -125,7 +125,7 @@ deploy-check: nats
 BENCH_FLAGS ?=
 bench:
 	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
-	  { command -v apt-get >/dev/null 2>&1 && apt-get install -y nginx-light >/dev/null 2>&1 && echo "make bench: installed nginx-light"; } || \
+	  { command -v apt-get >/dev/null 2>&1 && { apt-get install -y nginx-light >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y nginx-light >/dev/null 2>&1; }; } && echo "make bench: installed nginx-light"; } || \
 	  echo "make bench: nginx not found and 'apt-get install -y nginx-light' failed: bench rpc will skip grpc_nginx"
 	cd bench && $(GO) run . all --out results/latest.json --report ../BENCHMARKS.md $(BENCH_FLAGS)
 

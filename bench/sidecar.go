@@ -248,7 +248,7 @@ func startSidecars(bin, dir string) (addr string, cpu func() time.Duration, stop
 		if err != nil {
 			return "", err
 		}
-		defer ln.Close()
+		defer func() { _ = ln.Close() }()
 		return ln.Addr().String(), nil
 	}
 	srvAddr, err := port()
