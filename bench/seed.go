@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"strings"
+	"sync/atomic"
 )
 
 // The guide's financial-sector seed target: 12,500 requests per second at a p99 of at
@@ -16,11 +17,20 @@ const (
 )
 
 // seedSystem runs the same Veil client and server as veil with seedCallers callers.
+// The two share veil's stop: it runs once both systems are stopped (--only may keep
+// either one alone).
 func seedSystem(veil *unary) *unary {
+	var stopped atomic.Int32
+	stop := veil.stop
+	veil.stop = func() {
+		if stopped.Add(1) == 2 {
+			stop()
+		}
+	}
 	return &unary{
 		sys:  newSystem("veil_c256", fmt.Sprintf("Veil, PQ sealing strict, %d callers (the seed target's second point; same server and client as veil)", seedCallers)),
 		call: veil.call,
-		stop: func() {}, // veil's stop closes them
+		stop: veil.stop,
 		conc: seedCallers,
 	}
 }
