@@ -1,4 +1,5 @@
 // Command bench runs Veil's side-by-side benchmarks against its peers (grpc-go,
+// grpc-go behind a pair of nginx sidecars with mTLS between them,
 // connect-go, raw lattigo) on loopback and prints one JSON object per suite.
 //
 //	go run . SUITE [flags]      SUITE: handshake, rpc, stream, he, keys
