@@ -124,8 +124,14 @@ deploy-check: nats
 
 # bench runs every side-by-side suite (about three minutes on 2 cores) and writes
 # bench/results/latest.json and BENCHMARKS.md; longer runs: BENCH_FLAGS="--reps 9 --stream-mib 256".
+# The rpc suite's grpc_nginx peer needs nginx: found on PATH (or /usr/sbin), else installed
+# from Debian's nginx-light package where apt-get works; without it the system is skipped
+# with the reason printed.
 BENCH_FLAGS ?=
 bench:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
+	  { command -v apt-get >/dev/null 2>&1 && { apt-get install -y nginx-light >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y nginx-light >/dev/null 2>&1; }; } && echo "make bench: installed nginx-light"; } || \
+	  echo "make bench: nginx not found and 'apt-get install -y nginx-light' failed: bench rpc will skip grpc_nginx"
 	cd bench && $(GO) run . all --out results/latest.json --report ../BENCHMARKS.md $(BENCH_FLAGS)
 
 # fuzz runs every Fuzz target in the main module for FUZZTIME each. New inputs are not

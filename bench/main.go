@@ -1,4 +1,5 @@
 // Command bench runs Veil's side-by-side benchmarks against its peers (grpc-go,
+// grpc-go behind a pair of nginx sidecars with mTLS between them,
 // connect-go, raw lattigo) on loopback and prints one JSON object per suite.
 //
 //	go run . SUITE [flags]      SUITE: handshake, rpc, stream, he, keys
@@ -41,6 +42,7 @@ type config struct {
 	out         string
 	report      string
 	cpuprofile  string
+	allocprof   string
 	onlyList    string
 }
 
@@ -91,6 +93,7 @@ func main() {
 	fs.StringVar(&cfg.report, "report", "", "write the Markdown report (and charts beside --out) to this file")
 	fs.StringVar(&cfg.onlyList, "only", "", "run only these systems (comma-separated names), for profiling")
 	fs.StringVar(&cfg.cpuprofile, "cpuprofile", "", "write a CPU profile of the run")
+	fs.StringVar(&cfg.allocprof, "allocprofile", "", "write an allocation profile (pprof allocs) of the run")
 	_ = fs.Parse(os.Args[2:])
 	if which != "all" && cfg.out == "" {
 		cfg.json = true
@@ -140,6 +143,11 @@ func main() {
 	}
 	if !ran {
 		usage()
+	}
+	if cfg.allocprof != "" {
+		if err := writeAllocProfile(cfg.allocprof); err != nil {
+			fatal(err)
+		}
 	}
 	if cfg.out != "" {
 		if err := os.MkdirAll(filepath.Dir(cfg.out), 0o755); err != nil {

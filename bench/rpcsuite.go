@@ -1,8 +1,10 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"os"
 	"runtime"
 	"slices"
 	"strings"
@@ -21,6 +23,10 @@ type unary struct {
 	sys  *System
 	call func(ctx context.Context) error
 	stop func()
+	// extCPU, when set, is CPU used outside this process by the system (its proxies).
+	extCPU func() time.Duration
+	// conc, when not 0, replaces cfg.conc (the seed-target run at 256 callers).
+	conc int
 }
 
 // rpcSuite compares unary calls: 1 KiB request and response, cfg.conc concurrent callers,
@@ -33,6 +39,8 @@ func rpcSuite(cfg *config) (*Report, error) {
 	defer e.close()
 	msg := strings.Repeat("v", cfg.msgSize)
 	var systems []*unary
+	var notes []string
+	clients := map[string]echov1connect.EchoServiceClient{}
 	defer func() {
 		for _, s := range systems {
 			s.stop()
@@ -60,6 +68,13 @@ func rpcSuite(cfg *config) (*Report, error) {
 		stop: func() { _ = gc.Close(); gsrv.stop() },
 	})
 
+	if s, skipped := e.sidecarSystem(msg); s != nil {
+		systems = append(systems, s)
+	} else {
+		notes = append(notes, "grpc_nginx skipped: "+skipped)
+		fmt.Fprintln(os.Stderr, "bench rpc: grpc_nginx skipped:", skipped)
+	}
+
 	csrv, err := e.startConnect()
 	if err != nil {
 		return nil, err
@@ -82,12 +97,14 @@ func rpcSuite(cfg *config) (*Report, error) {
 			return err
 		}
 		vc := echov1connect.NewEchoServiceClient(hc, srv.url, rpc.ClientOptions()...)
+		clients[name] = vc
 		systems = append(systems, &unary{sys: newSystem(name, label), call: connectCall(vc, msg), stop: func() { hc.CloseIdleConnections(); srv.stop() }})
 		return nil
 	}
 	if err := veil("veil", "Veil, PQ sealing strict (write coalescing on, the default)", veilOptions{sealed: true, coalesce: true}); err != nil {
 		return nil, err
 	}
+	systems = append(systems, seedSystem(systems[len(systems)-1]))
 	if cfg.coalesceOff {
 		if err := veil("veil_nocoalesce", "Veil, PQ sealing strict, write coalescing off", veilOptions{sealed: true}); err != nil {
 			return nil, err
@@ -99,16 +116,23 @@ func rpcSuite(cfg *config) (*Report, error) {
 
 	systems = selected(cfg, systems, func(s *unary) (string, func()) { return s.sys.Name, s.stop })
 	for _, s := range systems {
-		if _, err := runUnary(s.call, cfg.conc, cfg.warmup); err != nil {
+		if _, err := runUnary(s.call, cmp.Or(s.conc, cfg.conc), cfg.warmup); err != nil {
 			return nil, fmt.Errorf("%s warm-up: %w", s.sys.Name, err)
 		}
 	}
 	for range cfg.reps {
 		for _, s := range systems {
 			runtime.GC()
-			r, err := runUnary(s.call, cfg.conc, cfg.dur)
+			var ext0 time.Duration
+			if s.extCPU != nil {
+				ext0 = s.extCPU()
+			}
+			r, err := runUnary(s.call, cmp.Or(s.conc, cfg.conc), cfg.dur)
 			if err != nil {
 				return nil, fmt.Errorf("%s: %w", s.sys.Name, err)
+			}
+			if s.extCPU != nil {
+				r.addCPU(s.extCPU() - ext0)
 			}
 			s.sys.add("calls_per_s", r.callsPerS)
 			s.sys.add("p50_ms", r.p50)
@@ -119,7 +143,12 @@ func rpcSuite(cfg *config) (*Report, error) {
 			cfg.logf("rpc %-16s %8.0f calls/s p50 %.2f ms p99 %.2f ms cpu %.1f us allocs %.0f cores %.2f", s.sys.Name, r.callsPerS, r.p50, r.p99, r.cpuPerCall, r.allocsPerCall, r.coresUsed)
 		}
 	}
+	cross, err := crossoverSweep(cfg, clients["veil"], clients["veil_unsealed"])
+	if err != nil {
+		return nil, err
+	}
 	rep := newReport("rpc")
+	rep.Notes = notes
 	rep.Config = map[string]any{
 		"message_bytes": cfg.msgSize, "concurrency": cfg.conc, "seconds_per_rep": cfg.dur.Seconds(), "reps": cfg.reps,
 		"tls": "TLS 1.3 mutual, X25519MLKEM768, ECDSA P-256 certificates, one HTTP/2 connection per system", "protocol": "Connect (unary) for connect-go and Veil",
@@ -127,6 +156,7 @@ func rpcSuite(cfg *config) (*Report, error) {
 	for _, s := range systems {
 		rep.Systems = append(rep.Systems, s.sys)
 	}
+	cross.record(rep)
 	g, c, v := rep.system("grpc"), rep.system("connect"), rep.system("veil")
 	rep.ratio("veil_vs_grpc_calls_per_s", v, "calls_per_s", g, "calls_per_s")
 	rep.ratio("veil_vs_connect_calls_per_s", v, "calls_per_s", c, "calls_per_s")
@@ -134,12 +164,14 @@ func rpcSuite(cfg *config) (*Report, error) {
 	// CPU per call is what contention on a shared machine disturbs least.
 	rep.ratio("veil_vs_grpc_cpu_per_call", v, "cpu_us_per_call", g, "cpu_us_per_call")
 	rep.ratio("veil_vs_connect_cpu_per_call", v, "cpu_us_per_call", c, "cpu_us_per_call")
+	sidecarRatios(rep, v)
 	if off := rep.system("veil_nocoalesce"); off != nil {
 		rep.ratio("coalescing_on_vs_off_calls_per_s", v, "calls_per_s", off, "calls_per_s")
 		rep.ratio("coalescing_on_vs_off_cpu_per_call", v, "cpu_us_per_call", off, "cpu_us_per_call")
 	}
 	if un := rep.system("veil_unsealed"); un != nil {
 		rep.ratio("sealed_vs_unsealed_calls_per_s", v, "calls_per_s", un, "calls_per_s")
+		rep.ratio("sealed_vs_unsealed_cpu_per_call", v, "cpu_us_per_call", un, "cpu_us_per_call")
 		rep.ratio("unsealed_vs_grpc_cpu_per_call", un, "cpu_us_per_call", g, "cpu_us_per_call")
 		rep.ratio("unsealed_vs_connect_cpu_per_call", un, "cpu_us_per_call", c, "cpu_us_per_call")
 	}
@@ -158,6 +190,8 @@ func connectCall(c echov1connect.EchoServiceClient, msg string) func(context.Con
 
 type unaryResult struct {
 	callsPerS, p50, p99, cpuPerCall, allocsPerCall, coresUsed float64
+	calls                                                     float64
+	wall                                                      time.Duration
 }
 
 // runUnary keeps conc callers busy for d and measures throughput, latency, CPU and
@@ -202,5 +236,7 @@ func runUnary(call func(context.Context) error, conc int, d time.Duration) (unar
 		cpuPerCall:    float64(cpu.Microseconds()) / n,
 		allocsPerCall: float64(mallocs) / n,
 		coresUsed:     cpu.Seconds() / wall.Seconds(),
+		calls:         n,
+		wall:          wall,
 	}, nil
 }
