@@ -148,7 +148,7 @@ func runAnalyticsSubmit(ctx context.Context, args []string, stdout, stderr io.Wr
 			fmt.Fprintf(w, "already counted: %s was submitted before with key %s\n", *study, *key)
 			return
 		}
-		fmt.Fprintf(w, "submitted %d encrypted records to %s (%d submissions so far)\n", len(records), *study, res.Submissions)
+		fmt.Fprintf(w, "submitted %d encrypted records to %s (%d of your submissions counted)\n", len(records), *study, res.Submissions)
 	})
 }
 

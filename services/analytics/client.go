@@ -345,7 +345,7 @@ func HistogramCounts(records [][]float64, edges []float64) []float64 {
 // Submitted is the service's answer to a submission.
 type Submitted struct {
 	Duplicate   bool   // counted before (same owner and idempotency key)
-	Submissions uint64 // submissions counted in the study
+	Submissions uint64 // the caller's own submissions counted in the study (never the study's total)
 	Clipped     int    // values clipped to the study's declared ranges
 }
 

@@ -116,14 +116,12 @@ func TestAttackCountOverflow(t *testing.T) {
 	wantCode(t, "a count of 2^63", err, connect.CodeInvalidArgument)
 }
 
-// Review finding D (an owner learns others' submissions, not fixed): every Submit answer
-// carries the study's submission count, a retry's too, so an owner that resubmits under
-// its idempotency key (acknowledged as a duplicate, never counted twice) polls how many
-// other submissions the study has and when each arrives. docs/services.md says "Owner:
-// nothing of other owners"; it now says this. Not fixed here: the count is the answer's
-// documented field (SubmitResponse.submissions), which tests and the CLI read.
+// Review finding D (an owner learned others' submissions; fixed): every Submit answer
+// carried the study's submission count, a retry's too, so an owner that resubmitted under
+// its idempotency key (acknowledged as a duplicate, never counted twice) polled how many
+// other submissions the study had and when each arrived. Now the answer counts the
+// caller's own submissions only.
 func TestAttackOwnerPollsOthersSubmissions(t *testing.T) {
-	t.Skip("finding D: a duplicate Submit answers the study's current submission count, so an owner can watch others submit (docs/services.md, What each party learns)")
 	e, key := setup(t, "")
 	ctx := context.Background()
 	a := e.analyst(t, analyst, key)

@@ -527,8 +527,10 @@ func (st *study) check(req *analyticsv1.SubmitRequest, stored bool) (*submission
 
 // add validates one submission, adds it to a copy of the aggregate, stores it (the
 // store decides, atomically across replicas, whether its idempotency key is new) and
-// only then makes the copy the aggregate: nothing is stored that cannot be counted.
-func (s *Service) add(ctx context.Context, st *study, owner string, req *analyticsv1.SubmitRequest) (duplicate bool, submissions uint64, err error) {
+// only then makes the copy the aggregate: nothing is stored that cannot be counted. It
+// returns the owner's own counted submissions, never the study's: an owner learns
+// nothing of other owners, not even when they submit (review finding D).
+func (s *Service) add(ctx context.Context, st *study, owner string, req *analyticsv1.SubmitRequest) (duplicate bool, mine uint64, err error) {
 	sub, err := st.check(req, false)
 	if err != nil {
 		return false, 0, err
@@ -542,7 +544,7 @@ func (s *Service) add(ctx context.Context, st *study, owner string, req *analyti
 	if _, ok := st.counted[name]; ok {
 		// The first submission with this key stands; a retry (re-encrypted, so its
 		// bytes differ) is acknowledged without being counted again.
-		return true, st.submissions, nil
+		return true, uint64(st.perOwner[owner]), nil
 	}
 	if st.closed != nil {
 		return false, 0, errorf(connect.CodeFailedPrecondition, "study %q is closed", st.meta.GetStudyId())
@@ -570,11 +572,11 @@ func (s *Service) add(ctx context.Context, st *study, owner string, req *analyti
 			if err := s.syncLocked(ctx, st); err != nil {
 				return false, 0, err
 			}
-			return true, st.submissions, nil
+			return true, uint64(st.perOwner[owner]), nil
 		}
 	}
 	st.commitLocked(name, owner, next)
-	return false, st.submissions, nil
+	return false, uint64(st.perOwner[owner]), nil
 }
 
 // aggregate is a study's running sums.

@@ -616,9 +616,9 @@ type SubmitResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The submission had already been counted (same owner and idempotency key).
 	Duplicate bool `protobuf:"varint,1,opt,name=duplicate,proto3" json:"duplicate,omitempty"`
-	// Submissions counted so far in the study by the server that answered; with
-	// replicas sharing a store it may not yet include submissions received by the
-	// others (GetResult counts them all).
+	// The caller's own submissions counted so far in the study (this one included), as
+	// the server that answered knows them. Never the study's total: an owner learns
+	// nothing of other owners, not even when they submit.
 	Submissions   uint64 `protobuf:"varint,2,opt,name=submissions,proto3" json:"submissions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
