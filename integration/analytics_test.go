@@ -86,10 +86,11 @@ func TestAnalyticsAcrossRestart(t *testing.T) {
 			t.Fatalf("%s: %v", name, err)
 		}
 	}
-	// A retried submission (same owner, same idempotency key) counts once.
+	// A retried submission (same owner, same idempotency key) counts once, and its
+	// answer counts the owner's own submissions, never the study's.
 	again, err := owner("o1", url).Submit(ctx, spec.ID, "batch-1", records["o1"])
-	if err != nil || !again.Duplicate || again.Submissions != 2 {
-		t.Fatalf("retry: %+v, %v; want a duplicate with 2 submissions", again, err)
+	if err != nil || !again.Duplicate || again.Submissions != 1 {
+		t.Fatalf("retry: %+v, %v; want a duplicate with 1 own submission", again, err)
 	}
 	// Authorization mistakes.
 	if _, err := owner("intruder", url).Submit(ctx, spec.ID, "x", [][]float64{{1, 1}}); connect.CodeOf(err) != connect.CodePermissionDenied {
