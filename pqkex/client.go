@@ -69,6 +69,9 @@ func NewClient(opts ...Option) (*Client, error) {
 	if !cfg.aead.supported() {
 		return nil, errors.New("pqkex: unsupported AEAD")
 	}
+	if err := cfg.checkSuites(); err != nil {
+		return nil, err
+	}
 	if !cfg.authSet {
 		if !cfg.insecureAny {
 			return nil, errors.New("pqkex: client needs the server identity it expects (WithAuthorizer), or InsecureAcceptAnyServer")
@@ -606,6 +609,9 @@ func (c *Client) serverCredential(ctx context.Context, base http.RoundTripper, k
 	if cred, err = c.creds.verify(c.cfg.roots, raw, now); err != nil {
 		return nil, err
 	}
+	if !c.cfg.allowsSuite(cred.suite) {
+		return nil, c.cfg.errSuitePolicy(cred.suite, "server's")
+	}
 	if cred.suite.ID() != self.cred.suite.ID() {
 		return nil, errUnsupported
 	}
@@ -626,6 +632,9 @@ func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key stri
 	self, err := c.cfg.identity.GetIdentity()
 	if err != nil || self == nil {
 		return nil, errInternal
+	}
+	if !c.cfg.allowsSuite(self.cred.suite) {
+		return nil, c.cfg.errSuitePolicy(self.cred.suite, "own identity's")
 	}
 	flags = suiteFlags(self.cred.suite, flags)
 	server, err := c.serverCredential(ctx, base, key, self, expect)

@@ -150,7 +150,7 @@ func TestSealWholeLength(t *testing.T) {
 
 // newCallKeys returns the keys of a call on their own, as the tests and vectors use them
 // (calls keep theirs inside clientCall and serverCall).
-func newCallKeys(h crypto.Hash, a AEAD, session *hmacKey, callID uint64, procedure string) (*callKeys, error) {
+func newCallKeys(h Hash, a AEAD, session *hmacKey, callID uint64, procedure string) (*callKeys, error) {
 	ck := new(callKeys)
 	if err := ck.init(h, a, session, callID, procedure); err != nil {
 		return nil, err
