@@ -268,3 +268,27 @@ func TestShangMiSuitePairing(t *testing.T) {
 		t.Error("ShangMi flags")
 	}
 }
+
+// FuzzSM2KEM feeds arbitrary bytes to the SM2 half's parsers (public keys and ciphertexts
+// from the wire): they refuse or accept without panicking, and an accepted point re-encodes
+// to the same bytes.
+func FuzzSM2KEM(f *testing.F) {
+	k := sm2KEM{}
+	pk, sk := k.DeriveKeyPair(bytes.Repeat([]byte{1}, 32))
+	ct, _, _ := k.EncapsulateDeterministically(pk, bytes.Repeat([]byte{2}, 32))
+	f.Add(ct)
+	f.Add(make([]byte, 65))
+	f.Add([]byte{4})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if p, err := k.UnmarshalBinaryPublicKey(b); err == nil {
+			if raw, _ := p.MarshalBinary(); !bytes.Equal(raw, b) {
+				t.Fatalf("%x re-encodes as %x", b, raw)
+			}
+			if _, err := k.Decapsulate(sk, b); err != nil {
+				t.Fatalf("a valid point does not decapsulate: %v", err)
+			}
+		} else if _, err := k.Decapsulate(sk, b); err == nil {
+			t.Fatalf("decapsulated %x, which is no public key", b)
+		}
+	})
+}
