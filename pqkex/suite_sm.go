@@ -267,3 +267,16 @@ func (c *config) errSuitePolicy(s Scheme, what string) *reasonError {
 	}
 	return newError(reasonSuitePolicy, what+" suite "+s.Name()+" refused by policy: only "+strings.Join(names, ", ")+" allowed")
 }
+
+// ParseSM2PublicKey reads a CA's SM2 public key, an uncompressed point (as `veil ca init
+// --sm2` writes root-sm2.pub), for [Roots].SM2.
+func ParseSM2PublicKey(b []byte) (crypto.PublicKey, error) {
+	if len(b) != sm2PointSize {
+		return nil, errors.New("pqkex: not an uncompressed SM2 public key")
+	}
+	k, err := sm2.NewPublicKey(b)
+	if err != nil {
+		return nil, errors.New("pqkex: not an SM2 public key")
+	}
+	return k, nil
+}
