@@ -210,7 +210,10 @@ func (rt *roundTripper) seal(req *http.Request, sess *clientSession, callID uint
 	}
 	// The short form (spec 6.6): only for bodies sealed whole, which can be resent with the
 	// ticket if this server does not hold the session.
-	short = req.ContentLength >= 0 && sess.held.Load()
+	// A client request's ContentLength of 0 with a body means an unknown length (net/http),
+	// so such a body streams: sealing it whole as empty would drop it.
+	whole := req.ContentLength > 0 || req.ContentLength == 0 && nonNil(req.Body) == nil
+	short = whole && sess.held.Load()
 	if short {
 		out.Header[headerSession] = []string{sess.sid}
 	} else {
@@ -219,7 +222,7 @@ func (rt *roundTripper) seal(req *http.Request, sess *clientSession, callID uint
 	out.ContentLength = -1
 	out.GetBody = nil
 	cc.s = sealer{dir: &cc.keys.c2s, side: cc, policy: c.cfg.rekey.Stream, now: c.cfg.now}
-	if req.ContentLength >= 0 {
+	if whole {
 		// The body is in memory (unary): seal it now so that it leaves with a known length,
 		// in as few HTTP/2 frames and writes as possible.
 		sealed, err := sealWhole(&cc.s, callID, &head, nonNil(req.Body), req.ContentLength, cc)

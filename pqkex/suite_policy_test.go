@@ -2,6 +2,8 @@ package pqkex_test
 
 import (
 	"context"
+	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"testing"
@@ -124,4 +126,36 @@ func TestShangMiOnlyClientRefusesOtherSuites(t *testing.T) {
 	if _, err := pqkex.NewServer(pqkex.WithIdentity(e.server), pqkex.WithRoots(e.ca.Roots()), smOnly()); err == nil {
 		t.Error("a ShangMi-only server with a default-suite identity started")
 	}
+}
+
+// A request whose body has ContentLength 0 but is not empty (net/http's "unknown length" for
+// client requests, as http.Post gives for a reader of unknown type) arrives whole: it is
+// streamed, not sealed as an empty body.
+func TestUnknownLengthBodyWithZeroContentLength(t *testing.T) {
+	e := newEnv(t, testSuite(t))
+	mux := http.NewServeMux()
+	mux.HandleFunc("/count", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		fmt.Fprint(w, n)
+	})
+	ts := e.startServer(t, mux)
+	hc, _ := e.httpClient(t, e.transport(t, clientID))
+	for _, n := range []int64{0, 1, 300000} {
+		res, err := hc.Post(ts.URL+"/count", "application/octet-stream", struct{ io.Reader }{io.LimitReader(zeroReader{}, n)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if string(got) != fmt.Sprint(n) {
+			t.Errorf("%d bytes sent with ContentLength 0: the server read %s", n, got)
+		}
+	}
+}
+
+type zeroReader struct{}
+
+func (zeroReader) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
 }
