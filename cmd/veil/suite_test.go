@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -52,5 +53,23 @@ func TestShangMiSuiteCLI(t *testing.T) {
 	}
 	if code, _, errOut := call("client", "--pq-suite", "sm"); code == 0 || !strings.Contains(errOut, "refused by policy") {
 		t.Fatalf("default-suite identity under --pq-suite sm: exit %d err %q", code, errOut)
+	}
+}
+
+// veil demo --suite sm runs the whole demo (online CA, HE services, tokens) on the ShangMi
+// suite, and its JSON names the suite.
+func TestDemoShangMi(t *testing.T) {
+	code, out, errOut := veil(t, context.Background(), "demo", "--json", "--samples", "300", "--suite", "sm")
+	if code != 0 {
+		t.Fatalf("demo --suite sm exit %d: %s\n%s", code, errOut, out)
+	}
+	var doc struct {
+		PQSuite string `json:"pq_suite"`
+	}
+	if err := json.Unmarshal([]byte(out), &doc); err != nil || doc.PQSuite != "SM2MLKEM768-SM3" {
+		t.Fatalf("demo --suite sm --json: pq_suite %q (%v)", doc.PQSuite, err)
+	}
+	if code, _, _ := veil(t, context.Background(), "demo", "--suite", "sm3"); code != 2 {
+		t.Fatalf("demo --suite sm3: exit %d, want 2", code)
 	}
 }
