@@ -14,7 +14,7 @@ import (
 
 // The keyed HMAC (padded blocks absorbed once) is HMAC, and is really used.
 func TestKeyedHMAC(t *testing.T) {
-	for _, h := range []crypto.Hash{crypto.SHA256, crypto.SHA512} {
+	for _, h := range []Hash{crypto.SHA256, crypto.SHA512, sm3Hash{}} {
 		k := getKDF(h)
 		for _, keyLen := range []int{0, 1, 32, h.Size()} {
 			key := bytes.Repeat([]byte{byte(keyLen + 1)}, keyLen)
