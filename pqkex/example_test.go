@@ -115,11 +115,12 @@ func ExampleTicketKeys() {
 }
 
 func ExampleSchemeByName() {
-	for _, name := range []string{"X25519MLKEM768-SHA256", "X448MLKEM1024-SHA512"} {
+	for _, name := range []string{"X25519MLKEM768-SHA256", "X448MLKEM1024-SHA512", "SM2MLKEM768-SM3"} {
 		s := pqkex.SchemeByName(name)
 		fmt.Printf("%s id=%#04x pk=%d ct=%d ss=%d hash=%v\n", s.Name(), s.ID(), s.PublicKeySize(), s.CiphertextSize(), s.SharedKeySize(), s.Hash())
 	}
 	// Output:
 	// X25519MLKEM768-SHA256 id=0x0001 pk=1216 ct=1120 ss=64 hash=SHA-256
 	// X448MLKEM1024-SHA512 id=0x0002 pk=1624 ct=1624 ss=96 hash=SHA-512
+	// SM2MLKEM768-SM3 id=0x0003 pk=1249 ct=1153 ss=64 hash=SM3
 }
