@@ -104,7 +104,7 @@ func (c *CA) Sequence() uint64 { return c.seq }
 
 func sequenceOf(dir string) uint64 {
 	var seq int64
-	for _, f := range []string{caCertFile, caBundleFile, caNextCertFile, caDenyFile, caInterCertFile} {
+	for _, f := range []string{caCertFile, caBundleFile, caNextCertFile, caDenyFile, caInterCertFile, caSM2KeyFile} {
 		if fi, err := os.Stat(filepath.Join(dir, f)); err == nil {
 			seq = max(seq, fi.ModTime().UnixNano())
 		}
@@ -114,7 +114,7 @@ func sequenceOf(dir string) uint64 {
 
 func stampOf(dir string) string {
 	var b strings.Builder
-	for _, f := range []string{caCertFile, caBundleFile, caNextCertFile, caDenyFile, caInterCertFile} {
+	for _, f := range []string{caCertFile, caBundleFile, caNextCertFile, caDenyFile, caInterCertFile, caSM2KeyFile} {
 		if fi, err := os.Stat(filepath.Join(dir, f)); err == nil {
 			fmt.Fprintf(&b, "%s:%d:%d;", f, fi.Size(), fi.ModTime().UnixNano())
 		}
