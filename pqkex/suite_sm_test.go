@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"hash"
 	"io"
+	"math/big"
 	"strings"
 	"testing"
 	"time"
@@ -140,6 +141,17 @@ func TestShangMiStandardVectors(t *testing.T) {
 	nonce := make([]byte, aeadNonceSize)
 	if got, want := a.Seal(nil, nonce, []byte("frame"), nil), ref.Seal(nil, nonce, []byte("frame"), nil); !bytes.Equal(got, want) {
 		t.Error("SM4GCM differs from gmsm SM4 in GCM")
+	}
+	// RFC 8998 appendix A.1, the SM4-GCM of TLS_SM4_GCM_SM3, through pqkex's SM4GCM.
+	a, err = SM4GCM.new(mustHex(t, "0123456789abcdeffedcba9876543210"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pt := mustHex(t, "aaaaaaaaaaaaaaaabbbbbbbbbbbbbbbbccccccccccccccccddddddddddddddddeeeeeeeeeeeeeeeeffffffffffffffffeeeeeeeeeeeeeeeeaaaaaaaaaaaaaaaa")
+	got := a.Seal(nil, mustHex(t, "00001234567800000000abcd"), pt, mustHex(t, "feedfacedeadbeeffeedfacedeadbeefabaddad2"))
+	if want := "17f399f08c67d5ee19d0dc9969c4bb7d5fd46fd3756489069157b282bb200735d82710ca5c22f0ccfa7cbf93d496ac15a56834cbcf98c397b4024a2691233b8d" +
+		"83de3541e4c2b58177e065a9bf7b62ec"; hex.EncodeToString(got) != want {
+		t.Errorf("SM4-GCM (RFC 8998 A.1) = %x", got)
 	}
 	if SM4GCM.keySize() != 16 || SM4GCM.String() != "SM4-GCM" {
 		t.Errorf("SM4GCM: key size %d, name %s", SM4GCM.keySize(), SM4GCM)
@@ -291,4 +303,37 @@ func FuzzSM2KEM(f *testing.F) {
 			t.Fatalf("decapsulated %x, which is no public key", b)
 		}
 	})
+}
+
+// The SM2 curve that gmsm gives the KEM and the credential signatures is the recommended
+// curve of GB/T 32918.5-2017, and the KEM's points lie on it. (GB/T 32918's worked examples
+// use a test curve with a != -3, which gmsm does not offer, so they cannot be replayed here;
+// TestSM2KEMIsECDH and TestSM2CredentialSignature cross-check the wiring instead.)
+func TestSM2CurveIsGBT32918(t *testing.T) {
+	p := sm2.P256().Params()
+	for name, c := range map[string]struct {
+		got  *big.Int
+		want string
+	}{
+		"p":  {p.P, "FFFFFFFEFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF00000000FFFFFFFFFFFFFFFF"},
+		"b":  {p.B, "28E9FA9E9D9F5E344D5A9E4BCF6509A7F39789F515AB8F92DDBCBD414D940E93"},
+		"n":  {p.N, "FFFFFFFEFFFFFFFFFFFFFFFFFFFFFFFF7203DF6B21C6052B53BBF40939D54123"},
+		"Gx": {p.Gx, "32C4AE2C1F1981195F9904466A39C9948FE30BBFF2660BE1715A4589334C74C7"},
+		"Gy": {p.Gy, "BC3736A2F4F6779C59BDCEE36B692153D0A9877CC62A474002DF32E52139F0A0"},
+	} {
+		want, _ := new(big.Int).SetString(c.want, 16)
+		if c.got.Cmp(want) != 0 {
+			t.Errorf("SM2 %s = %X, GB/T 32918.5 gives %s", name, c.got, c.want)
+		}
+	}
+	pk, _ := sm2KEM{}.DeriveKeyPair(bytes.Repeat([]byte{3}, 32))
+	raw, _ := pk.MarshalBinary()
+	x, y := new(big.Int).SetBytes(raw[1:33]), new(big.Int).SetBytes(raw[33:])
+	// y^2 = x^3 - 3x + b (mod p): the curve equation with a = p - 3.
+	lhs := new(big.Int).Exp(y, big.NewInt(2), p.P)
+	rhs := new(big.Int).Exp(x, big.NewInt(3), p.P)
+	rhs.Sub(rhs, new(big.Int).Mul(big.NewInt(3), x)).Add(rhs, p.B).Mod(rhs, p.P)
+	if lhs.Cmp(rhs) != 0 {
+		t.Error("the KEM's public key is not on the SM2 curve")
+	}
 }
