@@ -110,3 +110,76 @@ func (c *CA) SM2PublicKeyBytes() []byte {
 	}
 	return pub
 }
+
+// Files of the SM2 key prepared by a root rotation (PrepareRotation), which ActivateRotation
+// makes the signing SM2 key together with the new root.
+const (
+	caSM2NextKeyFile = "root-sm2-next.key"
+	caSM2NextPubFile = "root-sm2-next.pub"
+)
+
+// prepareSM2 is PrepareRotation's step for a CA with an SM2 key: a new SM2 key, written
+// beside the current one, 0600, atomically.
+func prepareSM2(dir string, c *CA) error {
+	if c.sm2Key == nil {
+		return nil
+	}
+	key, err := sm2.GenerateKey(rand.Reader)
+	if err != nil {
+		return fmt.Errorf("pki: SM2 key: %w", err)
+	}
+	priv, pub, err := sm2KeyBytes(key)
+	if err != nil {
+		return err
+	}
+	if err := atomicfile.Write(filepath.Join(dir, caSM2NextPubFile), pem.EncodeToMemory(&pem.Block{Type: "SM2 PUBLIC KEY", Bytes: pub}), 0o644); err != nil {
+		return fmt.Errorf("pki: %w", err)
+	}
+	if err := atomicfile.Write(filepath.Join(dir, caSM2NextKeyFile), pem.EncodeToMemory(&pem.Block{Type: "SM2 PRIVATE KEY", Bytes: priv}), 0o600); err != nil {
+		return fmt.Errorf("pki: %w", err)
+	}
+	return nil
+}
+
+// activateSM2 is ActivateRotation's step: the prepared SM2 key, if any, becomes the signing
+// one (the key first, so that running the step again after a crash completes it).
+func activateSM2(dir string) error {
+	keyPEM, err := os.ReadFile(filepath.Join(dir, caSM2NextKeyFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("pki: %w", err)
+	}
+	pubPEM, err := os.ReadFile(filepath.Join(dir, caSM2NextPubFile))
+	if err != nil {
+		return fmt.Errorf("pki: %w", err)
+	}
+	block, _ := pem.Decode(keyPEM)
+	if block == nil || block.Type != "SM2 PRIVATE KEY" {
+		return fmt.Errorf("pki: %s: not an SM2 private key", caSM2NextKeyFile)
+	}
+	key, err := sm2.NewPrivateKey(block.Bytes)
+	if err != nil {
+		return fmt.Errorf("pki: %s: %w", caSM2NextKeyFile, err)
+	}
+	_, pub, err := sm2KeyBytes(key)
+	if err != nil {
+		return err
+	}
+	if pb, _ := pem.Decode(pubPEM); pb == nil || string(pb.Bytes) != string(pub) {
+		return fmt.Errorf("pki: %s does not match %s", caSM2NextPubFile, caSM2NextKeyFile)
+	}
+	if err := atomicfile.Write(filepath.Join(dir, caSM2KeyFile), keyPEM, 0o600); err != nil {
+		return fmt.Errorf("pki: %w", err)
+	}
+	if err := atomicfile.Write(filepath.Join(dir, caSM2PubFile), pubPEM, 0o644); err != nil {
+		return fmt.Errorf("pki: %w", err)
+	}
+	for _, f := range []string{caSM2NextKeyFile, caSM2NextPubFile} {
+		if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("pki: %w", err)
+		}
+	}
+	return nil
+}
