@@ -126,8 +126,8 @@ func IssueCredential(pqCA, classicalCA crypto.Signer, suite Scheme, spiffeID str
 	if _, ok := pqCA.Public().(*mldsa65.PublicKey); !ok {
 		return nil, errors.New("pqkex: post-quantum CA key is not ML-DSA-65")
 	}
-	if pub, ok := classicalCA.Public().(*ecdsa.PublicKey); isSM(suite) && (!ok || !isSM2Key(pub)) {
-		return nil, errors.New("pqkex: a ShangMi credential needs an SM2 classical CA key")
+	if pub, ok := classicalCA.Public().(*ecdsa.PublicKey); isSM(suite) != (ok && isSM2Key(pub)) {
+		return nil, errors.New("pqkex: ShangMi credentials, and only they, are signed with an SM2 classical CA key")
 	}
 	tbs := marshalTBS(suite, spiffeID, notBefore, notAfter, staticPublicKey)
 	pqSig, err := pqCA.Sign(rand.Reader, append([]byte(pqSignLabel), tbs...), crypto.Hash(0))

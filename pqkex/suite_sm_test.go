@@ -260,6 +260,11 @@ func TestSM2CredentialSignature(t *testing.T) {
 	if _, err := IssueCredential(pq, ec, SM2MLKEM768(), "spiffe://example.org/sm", now, now.Add(time.Hour), pub); err == nil {
 		t.Error("issued a ShangMi credential with a non-SM2 key")
 	}
+	// And an SM2 key signs nothing else (Roots would not verify it).
+	xpub, _, _ := GenerateKey(X25519MLKEM768(), nil)
+	if _, err := IssueCredential(pq, ca, X25519MLKEM768(), "spiffe://example.org/x", now, now.Add(time.Hour), xpub); err == nil {
+		t.Error("issued a default-suite credential with the SM2 key")
+	}
 }
 
 // The ShangMi suite pairs with SM4-GCM only, both ways, and its hellos keep both KEM halves.
