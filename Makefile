@@ -73,6 +73,7 @@ check-layers:
 unit:
 	$(GO) test -race -count=1 -timeout 20m $(PKGS)
 	$(GO) test -count=1 -run 'Allocations' ./pqkex/
+	$(GO) test -race -count=1 ./pqkex/ -suite SM2MLKEM768-SM3
 
 # spire builds the pinned spire-server and spire-agent (tools/spire/go.mod) once into a
 # git-ignored cache; the SPIRE test in integration/ runs them. Several minutes cold.

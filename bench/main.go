@@ -61,10 +61,11 @@ var suites = []struct {
 	{"stream", streamSuite},
 	{"he", heSuite},
 	{"keys", keysSuite},
+	{"sm", smSuite},
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: bench SUITE|all|report [flags]   (SUITE: handshake, rpc, stream, he, keys; -h for flags)")
+	fmt.Fprintln(os.Stderr, "usage: bench SUITE|all|report [flags]   (SUITE: handshake, rpc, stream, he, keys, sm; -h for flags)")
 	os.Exit(2)
 }
 

@@ -51,6 +51,7 @@ var charts = map[string][][2]string{
 	"stream":    {{"mb_per_s", "MB/s"}},
 	"he":        {{"ms_per_batch", "ms per batch"}},
 	"keys":      {{"upload_mb_per_s", "upload MB/s"}},
+	"sm":        {{"cpu_us_per_handshake", "CPU per pqkex handshake (us)"}, {"cpu_us_per_call", "CPU per sealed call (us)"}, {"mb_per_s", "sealed stream MB/s"}},
 }
 
 // writeReport writes the Markdown report to path and its charts (PNG) into chartDir.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -19,6 +20,7 @@ import (
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pki"
 	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
@@ -27,10 +29,26 @@ import (
 // sealedIdentities issues X.509 and sealing identities for ids.
 func sealedIdentities(t *testing.T, ids ...string) string {
 	t.Helper()
+	return sealedIdentitiesOf(t, nil, ids...)
+}
+
+// sealedIdentitiesOf issues X.509 and sealing identities of suite (nil: the default) for
+// ids; for the ShangMi suite the CA first gets its SM2 key (veil ca init --sm2).
+func sealedIdentitiesOf(t *testing.T, suite pqkex.Scheme, ids ...string) string {
+	t.Helper()
 	dir, ca := identities(t, ids...)
+	if suite == pqkex.SM2MLKEM768() {
+		if err := pki.AddSM2Key(filepath.Join(dir, "ca")); err != nil {
+			t.Fatal(err)
+		}
+		var err error
+		if ca, err = pki.LoadCA(filepath.Join(dir, "ca")); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, id := range ids {
 		name := id[strings.LastIndex(id, "/")+1:]
-		if err := rpc.IssueSealingIdentity(ca, spiffeid.RequireFromString(id), filepath.Join(dir, name), time.Hour, nil); err != nil {
+		if err := rpc.IssueSealingIdentity(ca, spiffeid.RequireFromString(id), filepath.Join(dir, name), time.Hour, suite); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -39,8 +57,10 @@ func sealedIdentities(t *testing.T, ids ...string) string {
 
 func sealedFiles(dir, name string, extra map[string]string) map[string]string {
 	files := identityFiles(dir, name)
-	for _, f := range []string{rpc.SealCredentialFile, rpc.SealKeyFile, rpc.SealRootFile} {
-		files["/identity/"+f] = filepath.Join(dir, name, f)
+	for _, f := range []string{rpc.SealCredentialFile, rpc.SealKeyFile, rpc.SealRootFile, rpc.SealSM2RootFile} {
+		if _, err := os.Stat(filepath.Join(dir, name, f)); err == nil {
+			files["/identity/"+f] = filepath.Join(dir, name, f)
+		}
 	}
 	for k, v := range extra {
 		files[k] = v
@@ -111,6 +131,7 @@ func readProxyLog(t *testing.T, c *veilContainer) proxyLog {
 }
 
 type sealedTopology struct {
+	suite   pqkex.Scheme // of every identity; the replicas and clients require it
 	dir     string
 	proxy   *veilContainer
 	url     string
@@ -124,9 +145,9 @@ type sealedTopology struct {
 // startSealedTopology runs three echo replicas sealing STRICT behind two
 // TLS-terminating test proxies, one of them stripping the sealing headers. Replicas 0
 // and 1 share a ticket key; replica 2 has its own.
-func startSealedTopology(t *testing.T) *sealedTopology {
+func startSealedTopology(t *testing.T, suite pqkex.Scheme) *sealedTopology {
 	t.Helper()
-	dir := sealedIdentities(t, "spiffe://example.org/echo", "spiffe://example.org/proxy", "spiffe://example.org/client")
+	dir := sealedIdentitiesOf(t, suite, "spiffe://example.org/echo", "spiffe://example.org/proxy", "spiffe://example.org/client")
 	shared, other := filepath.Join(dir, "tickets-shared"), filepath.Join(dir, "tickets-other")
 	for _, f := range []string{shared, other} {
 		if _, err := rpc.RotateTicketKeyFile(f); err != nil {
@@ -140,7 +161,7 @@ func startSealedTopology(t *testing.T) *sealedTopology {
 		startVeil(t, containerSpec{
 			alias: alias, network: nw, port: "8443/tcp",
 			args: []string{"/veil", "serve", "--identity", "/identity", "--listen", ":8443", "--service", "echo",
-				"--pq", "strict", "--pq-seal", "strict", "--ticket-keys", "/identity/tickets", "--allow", "spiffe://example.org/client"},
+				"--pq", "strict", "--pq-seal", "strict", "--pq-suite", suite.Name(), "--ticket-keys", "/identity/tickets", "--allow", "spiffe://example.org/client"},
 			files: sealedFiles(dir, "echo", map[string]string{"/identity/tickets": tickets}),
 		})
 		upstreams = append(upstreams, "--upstream", "https://"+alias+":8443")
@@ -156,7 +177,7 @@ func startSealedTopology(t *testing.T) *sealedTopology {
 	})
 	client := loadSource(t, filepath.Join(dir, "client"))
 	return &sealedTopology{
-		dir: dir, proxy: proxy, url: "https://" + proxy.endpoint(t, "8443/tcp"),
+		suite: suite, dir: dir, proxy: proxy, url: "https://" + proxy.endpoint(t, "8443/tcp"),
 		control:  rpc.NewHTTPClient(client, transport.AuthorizeID(spiffeid.RequireFromString("spiffe://example.org/proxy"))),
 		stripper: stripper, stripperURL: "https://" + stripper.endpoint(t, "8443/tcp"),
 	}
@@ -173,7 +194,8 @@ func (s *sealedTopology) client(t *testing.T, url string) echov1connect.EchoServ
 	// Through the terminating proxy: no channel binding, and the sealed calls expect the
 	// echo service end to end, not the TLS peer.
 	echo := pqkex.AuthorizeID("spiffe://example.org/echo")
-	pc, err := pqkex.NewClient(pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithAuthorizer(echo), pqkex.WithoutChannelBinding())
+	pc, err := pqkex.NewClient(pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithAuthorizer(echo), pqkex.WithoutChannelBinding(),
+		pqkex.RequireSuites(s.suite))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -210,8 +232,19 @@ func (s *sealedTopology) postTo(t *testing.T, base, path string) {
 // TestSealingThroughProxies runs the scenarios that need replicas behind proxies on
 // one topology (starting it costs most of the time).
 func TestSealingThroughProxies(t *testing.T) {
-	s := startSealedTopology(t)
+	s := startSealedTopology(t, pqkex.X25519MLKEM768())
 	// Order matters: the resumption scenario moves the proxy's route.
+	t.Run("sealed end to end through a logging proxy", s.testSealedThroughProxy)
+	t.Run("a stripping proxy is refused", s.testStrippingProxyIsRefused)
+	t.Run("stateless resumption across replicas", s.testStatelessResumption)
+}
+
+// TestShangMiSealingThroughProxies runs the same scenarios with ShangMi-only replicas
+// (veil serve --pq-suite SM2MLKEM768-SM3, identities from a CA with an SM2 key): only
+// ciphertext in the logging proxy's log, refusal of a stripping proxy, tickets that resume
+// across the replicas sharing a ticket key.
+func TestShangMiSealingThroughProxies(t *testing.T) {
+	s := startSealedTopology(t, pqkex.SM2MLKEM768())
 	t.Run("sealed end to end through a logging proxy", s.testSealedThroughProxy)
 	t.Run("a stripping proxy is refused", s.testStrippingProxyIsRefused)
 	t.Run("stateless resumption across replicas", s.testStatelessResumption)

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
+	"github.com/emmansun/gmsm/sm2"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/veilrpc/veil/internal/atomicfile"
@@ -50,6 +51,8 @@ type CA struct {
 	pqKey *mldsa65.PrivateKey
 	pqPub *mldsa65.PublicKey
 	now   func() time.Time
+
+	sm2Key *sm2.PrivateKey // signs ShangMi sealing credentials (sm2.go); nil when none
 
 	dir      string              // where the CA's files are; "" for a CA not on disk
 	bundle   []*x509.Certificate // trusted roots: the signing root, plus one more during a rotation
@@ -158,6 +161,9 @@ func LoadCA(dir string) (*CA, error) {
 	ca.dir = dir
 	ca.stamp, ca.seq = stampOf(dir), sequenceOf(dir)
 	if err := ca.loadState(); err != nil {
+		return nil, err
+	}
+	if err := ca.loadSM2(); err != nil {
 		return nil, err
 	}
 	return ca, nil

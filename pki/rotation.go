@@ -104,7 +104,7 @@ func (c *CA) Sequence() uint64 { return c.seq }
 
 func sequenceOf(dir string) uint64 {
 	var seq int64
-	for _, f := range []string{caCertFile, caBundleFile, caNextCertFile, caDenyFile, caInterCertFile} {
+	for _, f := range []string{caCertFile, caBundleFile, caNextCertFile, caDenyFile, caInterCertFile, caSM2KeyFile} {
 		if fi, err := os.Stat(filepath.Join(dir, f)); err == nil {
 			seq = max(seq, fi.ModTime().UnixNano())
 		}
@@ -114,7 +114,7 @@ func sequenceOf(dir string) uint64 {
 
 func stampOf(dir string) string {
 	var b strings.Builder
-	for _, f := range []string{caCertFile, caBundleFile, caNextCertFile, caDenyFile, caInterCertFile} {
+	for _, f := range []string{caCertFile, caBundleFile, caNextCertFile, caDenyFile, caInterCertFile, caSM2KeyFile} {
 		if fi, err := os.Stat(filepath.Join(dir, f)); err == nil {
 			fmt.Fprintf(&b, "%s:%d:%d;", f, fi.Size(), fi.ModTime().UnixNano())
 		}
@@ -192,6 +192,9 @@ func PrepareRotation(dir string) (*x509.Certificate, error) {
 	if err := writeKeyPair(dir, caNextKeyFile, caNextCertFile, key, cert); err != nil {
 		return nil, err
 	}
+	if err := prepareSM2(dir, ca); err != nil {
+		return nil, err
+	}
 	if err := atomicfile.Write(filepath.Join(dir, caBundleFile), certpem.EncodeCertificates(append(ca.Bundle(), cert)), 0o644); err != nil {
 		return nil, fmt.Errorf("pki: %w", err)
 	}
@@ -252,6 +255,10 @@ func ActivateRotation(dir string) (*x509.Certificate, error) {
 	}
 	// An intermediate signed by the old root is replaced by one from the new root.
 	if err := renewIntermediate(dir, certs[0], key.(*ecdsa.PrivateKey)); err != nil {
+		return nil, err
+	}
+	// The SM2 key prepared with the root, if any, signs ShangMi credentials from now on.
+	if err := activateSM2(dir); err != nil {
 		return nil, err
 	}
 	for _, f := range []string{caNextKeyFile, caNextCertFile} {

@@ -70,6 +70,9 @@ func NewClient(opts ...Option) (*Client, error) {
 	if !cfg.aead.supported() {
 		return nil, errors.New("pqkex: unsupported AEAD")
 	}
+	if err := cfg.checkSuites(); err != nil {
+		return nil, err
+	}
 	if !cfg.authSet {
 		if !cfg.insecureAny {
 			return nil, errors.New("pqkex: client needs the server identity it expects (WithAuthorizer), or InsecureAcceptAnyServer")
@@ -228,7 +231,10 @@ func (rt *roundTripper) seal(req *http.Request, sess *clientSession, callID uint
 	}
 	// The short form (spec 6.6): only for bodies sealed whole, which can be resent with the
 	// ticket if this server does not hold the session.
-	short = req.ContentLength >= 0 && sess.held.Load()
+	// A client request's ContentLength of 0 with a body means an unknown length (net/http),
+	// so such a body streams: sealing it whole as empty would drop it.
+	whole := req.ContentLength > 0 || req.ContentLength == 0 && nonNil(req.Body) == nil
+	short = whole && sess.held.Load()
 	if short {
 		out.Header[headerSession] = []string{sess.sid}
 	} else {
@@ -237,7 +243,7 @@ func (rt *roundTripper) seal(req *http.Request, sess *clientSession, callID uint
 	out.ContentLength = -1
 	out.GetBody = nil
 	cc.s = sealer{dir: &cc.keys.c2s, side: cc, policy: c.cfg.rekey.Stream, now: c.cfg.now}
-	if req.ContentLength >= 0 {
+	if whole {
 		// The body is in memory (unary): seal it now so that it leaves with a known length,
 		// in as few HTTP/2 frames and writes as possible.
 		sealed, err := sealWhole(&cc.s, callID, &head, nonNil(req.Body), req.ContentLength, cc)
@@ -628,6 +634,9 @@ func (c *Client) serverCredential(ctx context.Context, base http.RoundTripper, k
 	if cred, err = c.creds.verify(c.cfg.roots, raw, now); err != nil {
 		return nil, err
 	}
+	if !c.cfg.allowsSuite(cred.suite) {
+		return nil, c.cfg.errSuitePolicy(cred.suite, "server's")
+	}
 	if cred.suite.ID() != self.cred.suite.ID() {
 		return nil, errUnsupported
 	}
@@ -648,6 +657,9 @@ func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key stri
 	self, err := c.cfg.identity.GetIdentity()
 	if err != nil || self == nil {
 		return nil, errInternal
+	}
+	if !c.cfg.allowsSuite(self.cred.suite) {
+		return nil, c.cfg.errSuitePolicy(self.cred.suite, "own identity's")
 	}
 	flags = suiteFlags(self.cred.suite, flags)
 	server, err := c.serverCredential(ctx, base, key, self, expect)

@@ -126,6 +126,9 @@ func IssueCredential(pqCA, classicalCA crypto.Signer, suite Scheme, spiffeID str
 	if _, ok := pqCA.Public().(*mldsa65.PublicKey); !ok {
 		return nil, errors.New("pqkex: post-quantum CA key is not ML-DSA-65")
 	}
+	if pub, ok := classicalCA.Public().(*ecdsa.PublicKey); isSM(suite) != (ok && isSM2Key(pub)) {
+		return nil, errors.New("pqkex: ShangMi credentials, and only they, are signed with an SM2 classical CA key")
+	}
 	tbs := marshalTBS(suite, spiffeID, notBefore, notAfter, staticPublicKey)
 	pqSig, err := pqCA.Sign(rand.Reader, append([]byte(pqSignLabel), tbs...), crypto.Hash(0))
 	if err != nil {
@@ -144,6 +147,9 @@ func signClassical(s crypto.Signer, msg []byte) ([]byte, error) {
 	case ed25519.PublicKey:
 		return s.Sign(rand.Reader, msg, crypto.Hash(0))
 	case *ecdsa.PublicKey:
+		if isSM2Key(pub) {
+			return signSM2(s, msg)
+		}
 		h, ok := ecdsaHash(pub)
 		if !ok {
 			return nil, errors.New("pqkex: unsupported ECDSA curve")
@@ -200,12 +206,17 @@ func ParseCredential(b []byte) (*Credential, error) {
 }
 
 // Roots are the CA public keys that certify credentials: the ML-DSA-65 key and the classical
-// key (the X.509 CA's ECDSA or Ed25519 key). Both signatures must verify.
+// key (the X.509 CA's ECDSA or Ed25519 key, or for ShangMi credentials the CA's SM2 key). Both
+// signatures must verify.
 type Roots struct {
 	// PQ is the CA's *mldsa65.PublicKey.
 	PQ crypto.PublicKey
 	// Classical is the CA's *ecdsa.PublicKey or ed25519.PublicKey.
 	Classical crypto.PublicKey
+	// SM2 is the CA's SM2 public key (an *ecdsa.PublicKey on gmsm's SM2 curve), which signs
+	// the classical half of ShangMi credentials in place of Classical (spec 3.1). Nil when the
+	// CA issues none.
+	SM2 crypto.PublicKey
 }
 
 // Verify checks both CA signatures on c and that now lies in its validity period.
@@ -218,6 +229,13 @@ func (r Roots) Verify(c *Credential, now time.Time) error {
 		return errCredential
 	}
 	msg := append([]byte(classicSignLabel), c.tbs...)
+	if isSM(c.suite) {
+		// A ShangMi credential carries an SM2 signature, checked with the CA's SM2 key (spec 3.1).
+		if pub, ok := r.SM2.(*ecdsa.PublicKey); !ok || !isSM2Key(pub) || !verifySM2(pub, msg, c.classicalSig) {
+			return errCredential
+		}
+		return nil
+	}
 	switch pub := r.Classical.(type) {
 	case ed25519.PublicKey:
 		if !ed25519.Verify(pub, msg, c.classicalSig) {

@@ -52,7 +52,7 @@ func TestEndToEndAllKindsAllProtocols(t *testing.T) {
 // Client.Handshake sets a session up before the first call; each call replaces the session
 // with a fresh one, and calls use the current one.
 func TestClientHandshakeAhead(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	reg := prometheus.NewRegistry()
 	ts := e.startServer(t, echoMux(), pqkex.WithMetrics(reg))
 	base := e.transport(t, clientID)

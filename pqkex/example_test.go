@@ -115,11 +115,36 @@ func ExampleTicketKeys() {
 }
 
 func ExampleSchemeByName() {
-	for _, name := range []string{"X25519MLKEM768-SHA256", "X448MLKEM1024-SHA512"} {
+	for _, name := range []string{"X25519MLKEM768-SHA256", "X448MLKEM1024-SHA512", "SM2MLKEM768-SM3"} {
 		s := pqkex.SchemeByName(name)
 		fmt.Printf("%s id=%#04x pk=%d ct=%d ss=%d hash=%v\n", s.Name(), s.ID(), s.PublicKeySize(), s.CiphertextSize(), s.SharedKeySize(), s.Hash())
 	}
 	// Output:
 	// X25519MLKEM768-SHA256 id=0x0001 pk=1216 ct=1120 ss=64 hash=SHA-256
 	// X448MLKEM1024-SHA512 id=0x0002 pk=1624 ct=1624 ss=96 hash=SHA-512
+	// SM2MLKEM768-SM3 id=0x0003 pk=1249 ct=1153 ss=64 hash=SM3
+}
+
+// RequireSuites turns on the ShangMi compliance mode: a ShangMi identity (its credential
+// signed with the CA's SM2 key), sessions sealed with SM4-GCM, and nothing of another suite
+// accepted. A server whose own identity is of another suite does not start.
+func ExampleRequireSuites() {
+	ca, err := pqkextest.NewCA() // with an SM2 key beside the ML-DSA-65 and ECDSA keys
+	if err != nil {
+		panic(err)
+	}
+	now := time.Now()
+	sm, _ := ca.Identity(pqkex.SM2MLKEM768(), "spiffe://example.org/ledger", now.Add(-time.Minute), now.Add(time.Hour), nil)
+	other, _ := ca.Identity(pqkex.X25519MLKEM768(), "spiffe://example.org/ledger", now.Add(-time.Minute), now.Add(time.Hour), nil)
+
+	fmt.Println(sm.Credential().Suite().Name(), sm.Credential().Suite().Hash(), pqkex.SM4GCM)
+	if _, err := pqkex.NewServer(pqkex.WithIdentity(sm), pqkex.WithRoots(ca.Roots()), pqkex.RequireSuites(pqkex.SM2MLKEM768())); err == nil {
+		fmt.Println("ShangMi-only server: ok")
+	}
+	_, err = pqkex.NewServer(pqkex.WithIdentity(other), pqkex.WithRoots(ca.Roots()), pqkex.RequireSuites(pqkex.SM2MLKEM768()))
+	fmt.Println(err)
+	// Output:
+	// SM2MLKEM768-SM3 SM3 SM4-GCM
+	// ShangMi-only server: ok
+	// pqkex: the server's identity is of a suite RequireSuites does not allow
 }

@@ -70,7 +70,7 @@ func parseClientHello(b []byte) (*clientHello, error) {
 		return nil, err
 	}
 	m := &clientHello{versions: versions, suites: suites, suite: SchemeByID(suiteID), aead: AEAD(aeadID), flags: flags}
-	if m.suite == nil || !m.aead.supported() || aeadID == 0 {
+	if m.suite == nil || !m.aead.supported() || aeadID == 0 || !aeadFits(m.suite, m.aead) {
 		return nil, errUnsupported
 	}
 	if !validFlagsFor(m.suite, flags) {
@@ -96,12 +96,12 @@ func validFlags(f uint8) bool {
 // validFlagsFor is validFlags for a suite: the X448 suite never leaves its classical half
 // (bit 1) or its ephemeral (bit 2) to the TLS connection, whose group is never X448 (spec 5.3).
 func validFlagsFor(suite Scheme, f uint8) bool {
-	return validFlags(f) && (suite.ID() != x448MLKEM1024.ID() || f&(flagPQOnly|flagTLSEphemeral) == 0)
+	return validFlags(f) && (!fullHybridOnly(suite) || f&(flagPQOnly|flagTLSEphemeral) == 0)
 }
 
 // suiteFlags restricts a client's flags to those its suite allows (validFlagsFor).
 func suiteFlags(suite Scheme, f uint8) uint8 {
-	if suite.ID() == x448MLKEM1024.ID() {
+	if fullHybridOnly(suite) {
 		return f & flagBinding
 	}
 	return f
@@ -291,7 +291,7 @@ func startClient(rand io.Reader, self *Identity, server *Credential, aead AEAD, 
 	if !validFlagsFor(suite, flags) {
 		return nil, errInternal
 	}
-	m := &clientHello{versions: serverVersions, suites: []uint16{suite.ID()}, suite: suite, aead: AEAD(aead.id()),
+	m := &clientHello{versions: serverVersions, suites: []uint16{suite.ID()}, suite: suite, aead: aeadFor(suite, aead),
 		flags: flags, serverDigest: server.digest, credential: self.cred.raw}
 	k := m.kem()
 	if err := readRandom(rand, m.random[:]); err != nil {

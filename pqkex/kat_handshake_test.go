@@ -2,15 +2,15 @@ package pqkex
 
 import (
 	"bytes"
-	"crypto"
 	"crypto/ecdh"
 	"crypto/hkdf"
 	"crypto/hmac"
 	"crypto/mlkem"
-	"crypto/sha256"
 	"crypto/sha3"
 	"encoding/binary"
 	"testing"
+
+	gmecdh "github.com/emmansun/gmsm/ecdh"
 )
 
 // TestKnownAnswerHandshakesIndependently recomputes the handshake of every
@@ -22,23 +22,33 @@ import (
 // and ct_c, and computes th, the session secret, the session ID and the confirmation tag as
 // spec 5.2 does, byte for byte against the vector. With TestKnownAnswerBodiesIndependently,
 // which opens the vector's sealed call from the session secret, one full handshake and one
-// sealed call are checked against the spec. (The X448 suite is not: the standard library has
-// no X448.)
+// sealed call are checked against the spec. The ShangMi vectors are recomputed the same way
+// with gmsm's SM2 ECDH and SM3 in place of X25519 and SHA-256 (spec 3.1). (The X448 suite is
+// not: the standard library has no X448.)
 func TestKnownAnswerHandshakesIndependently(t *testing.T) {
-	checked := 0
+	checked, checkedSM := 0, 0
 	for i, v := range loadKAT(t) {
-		if v.Suite != "X25519MLKEM768-SHA256" {
+		var suiteID uint16
+		hybrid := refHybridKey
+		switch v.Suite {
+		case "X25519MLKEM768-SHA256":
+			suiteID = 0x0001
+		case "SM2MLKEM768-SM3":
+			suiteID, hybrid = 0x0003, refSMKey
+			checkedSM++
+		default:
 			continue
 		}
 		checked++
+		h := refHasherFor(v.Suite)
 		ch := refParseClientHello(t, v.ClientHello)
-		sh := refParseServerHello(t, v.ServerHello, sha256.Size)
-		if ch.suite != 0x0001 || sh.suite != ch.suite || sh.aead != ch.aead {
+		sh := refParseServerHello(t, v.ServerHello, h.Size())
+		if ch.suite != suiteID || sh.suite != ch.suite || sh.aead != ch.aead {
 			t.Fatalf("vector %d: suite %#x/%#x, aead %#x/%#x", i, ch.suite, sh.suite, ch.aead, sh.aead)
 		}
 		pqOnly := ch.flags&0x02 != 0 // ML-KEM halves only (spec 5.1 flags bit 1)
-		server := refHybridKey(t, v.ServerKeySeed)
-		client := refHybridKey(t, v.ClientKeySeed)
+		server := hybrid(t, v.ServerKeySeed)
+		client := hybrid(t, v.ClientKeySeed)
 		ssS := server.decap(t, ch.ctS, pqOnly)
 		ssC := client.decap(t, sh.ctC, pqOnly)
 		ikm := append([]byte(nil), ssS...)
@@ -47,7 +57,7 @@ func TestKnownAnswerHandshakesIndependently(t *testing.T) {
 			if pqOnly {
 				eph = refMLKEMKey(t, v.EphemeralSeed)
 			} else {
-				eph = refHybridKey(t, v.EphemeralSeed)
+				eph = hybrid(t, v.EphemeralSeed)
 			}
 			if !bytes.Equal(eph.public(pqOnly), ch.ephemeralPK) {
 				t.Fatalf("vector %d: the ephemeral seed does not give the hello's ephemeral_pk", i)
@@ -61,7 +71,7 @@ func TestKnownAnswerHandshakesIndependently(t *testing.T) {
 		// CH': the client credential replaced by H(client_credential) (its u16 length is then
 		// Nh), server_credential_digest by H(server_credential).
 		sum := func(parts ...[]byte) []byte {
-			d := sha256.New()
+			d := h.New()
 			for _, p := range parts {
 				d.Write(p)
 			}
@@ -70,21 +80,21 @@ func TestKnownAnswerHandshakesIndependently(t *testing.T) {
 		chT := append([]byte(nil), v.ClientHello[:ch.digestAt]...)
 		chT = append(chT, sum(v.ServerCredential)...)
 		chT = append(chT, v.ClientHello[ch.digestAt+32:ch.credentialAt]...)
-		chT = binary.BigEndian.AppendUint16(chT, sha256.Size)
+		chT = binary.BigEndian.AppendUint16(chT, uint16(h.Size()))
 		chT = append(chT, sum(v.ClientCredential)...)
 		if !bytes.Equal(v.ClientHello[ch.credentialAt+2:], v.ClientCredential) {
 			t.Fatalf("vector %d: the hello does not end with the client credential", i)
 		}
 		th := sum(chT, v.ServerHello[:sh.keysEnd])
-		prk, err := hkdf.Extract(sha256.New, ikm, v.Bind)
+		prk, err := hkdf.Extract(h.New, ikm, v.Bind)
 		if err != nil {
 			t.Fatal(err)
 		}
-		session := refExpandLabel(crypto.SHA256, prk, "session", th, sha256.Size)
-		sid := refExpandLabel(crypto.SHA256, prk, "session id", th, 16)
-		ck := refExpandLabel(crypto.SHA256, prk, "confirm", th, sha256.Size)
-		m := hmac.New(sha256.New, ck)
-		m.Write(sum(chT, v.ServerHello[:len(v.ServerHello)-sha256.Size]))
+		session := refExpandLabel(h, prk, "session", th, h.Size())
+		sid := refExpandLabel(h, prk, "session id", th, 16)
+		ck := refExpandLabel(h, prk, "confirm", th, h.Size())
+		m := hmac.New(h.New, ck)
+		m.Write(sum(chT, v.ServerHello[:len(v.ServerHello)-h.Size()]))
 		if !bytes.Equal(session, v.Session) {
 			t.Errorf("vector %d: session secret %x, the vector's %x", i, session, []byte(v.Session))
 		}
@@ -95,8 +105,8 @@ func TestKnownAnswerHandshakesIndependently(t *testing.T) {
 			t.Errorf("vector %d: the ServerHello's confirm is not HMAC(ck, H(CH' ‖ SH without confirm))", i)
 		}
 	}
-	if checked < 2 {
-		t.Fatalf("%d X25519MLKEM768 vectors checked, want the bound and the unbound ones", checked)
+	if checked-checkedSM < 2 || checkedSM < 2 {
+		t.Fatalf("%d X25519MLKEM768 and %d SM2MLKEM768 vectors checked, want the bound and the unbound ones of each", checked-checkedSM, checkedSM)
 	}
 }
 
@@ -185,6 +195,28 @@ func (r *refReader) vec16() []byte { return r.take(int(binary.BigEndian.Uint16(r
 type refKey struct {
 	pq *mlkem.DecapsulationKey768
 	x  *ecdh.PrivateKey
+	sm *gmecdh.PrivateKey // instead of x in the ShangMi suite
+}
+
+// refSMKey derives the ShangMi hybrid key pair of a 32-byte seed (spec 3.1): SHAKE256(seed)
+// gives the 64-byte ML-KEM-768 seed and then the 32-byte SM2 seed; the scalar is the first
+// 32-byte block of SHAKE256(SM2 seed) that is in [1, n-2], which gmsm checks.
+func refSMKey(t *testing.T, seed []byte) refKey {
+	t.Helper()
+	h := sha3.NewSHAKE256()
+	h.Write(seed)
+	pqSeed, smSeed := make([]byte, mlkem.SeedSize), make([]byte, 32)
+	h.Read(pqSeed)
+	h.Read(smSeed)
+	k := refMLKEMKey(t, pqSeed)
+	sh := sha3.NewSHAKE256()
+	sh.Write(smSeed)
+	for k.sm == nil {
+		scalar := make([]byte, 32)
+		sh.Read(scalar)
+		k.sm, _ = gmecdh.P256().NewPrivateKey(scalar)
+	}
+	return k
 }
 
 // refHybridKey derives the hybrid key pair of a 32-byte seed: SHAKE256(seed) gives the
@@ -224,6 +256,9 @@ func (k refKey) public(pqOnly bool) []byte {
 	if pqOnly {
 		return pk
 	}
+	if k.sm != nil {
+		return append(pk, k.sm.PublicKey().Bytes()...)
+	}
 	return append(pk, k.x.PublicKey().Bytes()...)
 }
 
@@ -244,6 +279,17 @@ func (k refKey) decap(t *testing.T, ct []byte, pqOnly bool) []byte {
 		}
 		return ss
 	}
+	if k.sm != nil {
+		peer, err := gmecdh.P256().NewPublicKey(ct[mlkem.CiphertextSize768:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		x, err := k.sm.ECDH(peer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return append(ss, x...)
+	}
 	peer, err := ecdh.X25519().NewPublicKey(ct[mlkem.CiphertextSize768:])
 	if err != nil {
 		t.Fatal(err)
@@ -261,7 +307,7 @@ func (k refKey) decap(t *testing.T, ct []byte, pqOnly bool) []byte {
 // credential, and H(client credential) in its place.
 func TestTranscriptHelloKeepsTheHello(t *testing.T) {
 	for i, v := range loadKAT(t) {
-		h := SchemeByName(v.Suite).Hash()
+		h := refHasherFor(v.Suite)
 		ch := refParseClientHello(t, v.ClientHello)
 		m, err := parseClientHello(v.ClientHello)
 		if err != nil {

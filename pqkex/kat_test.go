@@ -134,6 +134,9 @@ var katCases = []struct {
 	{X25519MLKEM768(), AES256GCM, flagBinding | flagPQOnly | flagTLSEphemeral},
 	// The X448 suite binds to the channel with its full hybrid KEMs and ephemeral (spec 5.3).
 	{X448MLKEM1024(), ChaCha20Poly1305, flagBinding},
+	// The ShangMi suite (spec 3.1): SM4-GCM, SM2-signed credentials, full hybrid KEMs.
+	{SM2MLKEM768(), SM4GCM, 0},
+	{SM2MLKEM768(), SM4GCM, flagBinding},
 }
 
 // katRun computes a vector from its inputs (suite, AEAD, seed, ClientHello flags; the
@@ -157,8 +160,14 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) (katVector, katK
 	_, caPQ := mldsa65.NewKeyFromSeed(&caSeed)
 	edSeed := make([]byte, ed25519.SeedSize)
 	mustRead(t, r, edSeed)
-	caCl := ed25519.NewKeyFromSeed(edSeed)
+	var caCl crypto.Signer = ed25519.NewKeyFromSeed(edSeed)
+	if isSM(suite) {
+		caCl = katSM2Signer(t, r)
+	}
 	roots := Roots{PQ: caPQ.Public(), Classical: caCl.Public()}
+	if isSM(suite) {
+		roots.SM2 = caCl.Public()
+	}
 	var seeds [][]byte
 	identity := func(id string) *Identity {
 		tap := &tapReader{r: r}
@@ -246,7 +255,7 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) (katVector, katK
 	if bind && !bytes.Equal(st.bindingID, refExpandLabel(crypto.SHA256, cb, "binding id", nil, 32)) {
 		t.Fatal("binding_id and the reference derivation disagree")
 	}
-	if !bytes.Equal(server.cred.hash, refHash(suite.Hash(), server.cred.raw)) {
+	if !bytes.Equal(server.cred.hash, refHash(refHasherFor(suite.Name()), server.cred.raw)) {
 		t.Fatal("the credential hash is not the suite hash of the credential")
 	}
 	v.Session, v.SessionID = res.secrets.session, res.secrets.sessionID
@@ -274,7 +283,7 @@ func katRun(t testing.TB, suite Scheme, aead AEAD, flags uint8) (katVector, katK
 	if err := ck.deriveS2C(); err != nil {
 		t.Fatal(err)
 	}
-	ref := referenceCallKeys(h, v.Session, server.cred.spiffeID, server.cred.raw, v.CallID, v.ServerNonce, v.Procedure)
+	ref := referenceCallKeys(refHasherFor(suite.Name()), aead.keySize(), v.Session, server.cred.spiffeID, server.cred.raw, v.CallID, v.ServerNonce, v.Procedure)
 	v.CallRoot = ref.callRoot
 	v.C2SKey, v.S2CKey = ref.c2sKey, ref.s2cKey
 	v.C2SSecret, v.S2CSecret = ck.chainSecret(dirC2S), ck.chainSecret(dirS2C)
@@ -463,7 +472,7 @@ func TestKnownAnswerServer(t *testing.T) {
 // library's HKDF, independently of the kdf type the implementation uses.
 type callKeysRef struct{ callRoot, c2sKey, s2cKey, c2sSecret, s2cSecret []byte }
 
-func refExpandLabel(h crypto.Hash, secret []byte, label string, context []byte, n int) []byte {
+func refExpandLabel(h refHasher, secret []byte, label string, context []byte, n int) []byte {
 	full := "veil-pqkex-v1 " + label
 	info := binary.BigEndian.AppendUint16(nil, uint16(n))
 	info = append(append(info, byte(len(full))), full...)
@@ -475,7 +484,7 @@ func refExpandLabel(h crypto.Hash, secret []byte, label string, context []byte, 
 	return out
 }
 
-func referenceCallKeys(h crypto.Hash, session []byte, serverID string, serverCredential []byte, callID uint64, nonce []byte, procedure string) callKeysRef {
+func referenceCallKeys(h refHasher, keySize int, session []byte, serverID string, serverCredential []byte, callID uint64, nonce []byte, procedure string) callKeysRef {
 	srv := binary.BigEndian.AppendUint16(nil, uint16(len(serverID)))
 	srv = append(append(srv, serverID...), refHash(h, serverCredential)...)
 	root := refExpandLabel(h, session, "call root", srv, h.Size())
@@ -485,8 +494,8 @@ func referenceCallKeys(h crypto.Hash, session []byte, serverID string, serverCre
 	s2c = append(append(s2c, nonce...), procedure...)
 	return callKeysRef{
 		callRoot:  root,
-		c2sKey:    refExpandLabel(h, root, "c2s key", c2s, aeadKeySize),
-		s2cKey:    refExpandLabel(h, root, "s2c key", s2c, aeadKeySize),
+		c2sKey:    refExpandLabel(h, root, "c2s key", c2s, keySize),
+		s2cKey:    refExpandLabel(h, root, "s2c key", s2c, keySize),
 		c2sSecret: refExpandLabel(h, root, "c2s", c2s, h.Size()),
 		s2cSecret: refExpandLabel(h, root, "s2c", s2c, h.Size()),
 	}
@@ -503,8 +512,8 @@ func TestKnownAnswerBodiesIndependently(t *testing.T) {
 		name, value string
 	}
 	for _, v := range loadKAT(t) {
-		h := SchemeByName(v.Suite).Hash()
-		ref := referenceCallKeys(h, v.Session, katServerID, v.ServerCredential, v.CallID, v.ServerNonce, v.Procedure)
+		h := refHasherFor(v.Suite)
+		ref := referenceCallKeys(h, refKeySize(v.AEAD), v.Session, katServerID, v.ServerCredential, v.CallID, v.ServerNonce, v.Procedure)
 		newAEAD := func(key []byte) cipher.AEAD {
 			var a cipher.AEAD
 			var err error
@@ -513,6 +522,8 @@ func TestKnownAnswerBodiesIndependently(t *testing.T) {
 				if b, err = aes.NewCipher(key); err == nil {
 					a, err = cipher.NewGCM(b)
 				}
+			} else if v.AEAD == "SM4-GCM" {
+				a, err = refSM4GCM(key)
 			} else {
 				a, err = chacha20poly1305.New(key)
 			}
@@ -590,7 +601,7 @@ func TestKnownAnswerBodiesIndependently(t *testing.T) {
 }
 
 // refHash is H(b) with the standard library.
-func refHash(h crypto.Hash, b []byte) []byte {
+func refHash(h refHasher, b []byte) []byte {
 	d := h.New()
 	d.Write(b)
 	return d.Sum(nil)
@@ -625,5 +636,5 @@ const katServerID = "spiffe://example.org/server"
 
 // katServerHash is H(server credential) of a vector, as srv and its tickets hold it.
 func katServerHash(v katVector) []byte {
-	return refHash(SchemeByName(v.Suite).Hash(), v.ServerCredential)
+	return refHash(refHasherFor(v.Suite), v.ServerCredential)
 }

@@ -18,7 +18,7 @@ const labelPrefix = "veil-pqkex-v1 "
 // exporterLabel is the TLS exporter label used for channel binding.
 const exporterLabel = "EXPORTER-veil-pqkex-v1"
 
-func hashFunc(h crypto.Hash) func() hash.Hash { return h.New }
+func hashFunc(h Hash) func() hash.Hash { return h.New }
 
 // maxHashSize and maxBlockSize bound the suites' hashes (SHA-256 and SHA-512).
 const (
@@ -30,7 +30,7 @@ const (
 // call's derivations (spec 5.2: one AEAD key per direction on each side) allocate nothing.
 // Every pqkex ExpandLabel output is at most one hash block long, so is the single HMAC(secret, info ‖ 0x01) truncated to L (RFC 5869 with N = 1). A kdf is not safe for concurrent use; getKDF and put recycle them.
 type kdf struct {
-	hash  crypto.Hash
+	hash  Hash
 	h     hash.Hash
 	size  int
 	block int
@@ -44,9 +44,9 @@ type kdf struct {
 	out [maxHashSize]byte
 }
 
-var kdfPools sync.Map // crypto.Hash -> *sync.Pool
+var kdfPools sync.Map // Hash -> *sync.Pool
 
-func getKDF(h crypto.Hash) *kdf {
+func getKDF(h Hash) *kdf {
 	p, ok := kdfPools.Load(h)
 	if !ok {
 		p, _ = kdfPools.LoadOrStore(h, &sync.Pool{New: func() any {
@@ -189,13 +189,13 @@ func (k *kdf) expandInfo(label string, context []byte, length int) []byte {
 }
 
 // expandLabel is HKDF-Expand(secret, label info, length) for length <= Nh.
-func expandLabel(h crypto.Hash, secret []byte, label string, context []byte, length int) []byte {
+func expandLabel(h Hash, secret []byte, label string, context []byte, length int) []byte {
 	k := getKDF(h)
 	defer k.put()
 	return k.expand(make([]byte, 0, h.Size()), secret, label, context, length)
 }
 
-func extract(h crypto.Hash, salt, ikm []byte) []byte {
+func extract(h Hash, salt, ikm []byte) []byte {
 	prk, err := hkdf.Extract(hashFunc(h), ikm, salt)
 	if err != nil {
 		panic("pqkex: " + err.Error())
@@ -203,7 +203,7 @@ func extract(h crypto.Hash, salt, ikm []byte) []byte {
 	return prk
 }
 
-func digest(h crypto.Hash, parts ...[]byte) []byte {
+func digest(h Hash, parts ...[]byte) []byte {
 	d := h.New()
 	for _, p := range parts {
 		d.Write(p)
@@ -211,7 +211,7 @@ func digest(h crypto.Hash, parts ...[]byte) []byte {
 	return d.Sum(nil)
 }
 
-func mac(h crypto.Hash, key []byte, msg []byte) []byte {
+func mac(h Hash, key []byte, msg []byte) []byte {
 	m := hmac.New(hashFunc(h), key)
 	m.Write(msg)
 	return m.Sum(nil)
@@ -224,7 +224,7 @@ type handshakeSecrets struct {
 	confirm   []byte // Nh bytes, HMAC key for the server's confirmation
 }
 
-func deriveHandshake(h crypto.Hash, cb, ikm, th []byte) handshakeSecrets {
+func deriveHandshake(h Hash, cb, ikm, th []byte) handshakeSecrets {
 	prk := extract(h, cb, ikm)
 	k := getKDF(h)
 	defer k.put()
@@ -239,7 +239,7 @@ func deriveHandshake(h crypto.Hash, cb, ikm, th []byte) handshakeSecrets {
 // ‖ H(server credential), Nh) (spec 5.2), keyed for the per-call derivations: every call key
 // is bound to the server the session was made with. Sessions keep it, so each call's first
 // step costs two hash blocks fewer.
-func callRoot(h crypto.Hash, session []byte, serverID string, serverHash []byte) *hmacKey {
+func callRoot(h Hash, session []byte, serverID string, serverHash []byte) *hmacKey {
 	k := getKDF(h)
 	defer k.put()
 	srv := appendVec16(make([]byte, 0, 2+len(serverID)+len(serverHash)), []byte(serverID))
@@ -267,7 +267,7 @@ const (
 )
 
 // rekeySecret advances a direction secret with a fresh KEM shared secret.
-func rekeySecret(h crypto.Hash, t, ss, ct []byte) []byte {
+func rekeySecret(h Hash, t, ss, ct []byte) []byte {
 	return expandLabel(h, extract(h, t, ss), "rekey", digest(h, ct), h.Size())
 }
 
@@ -287,7 +287,7 @@ func readRandom(r io.Reader, b []byte) error {
 // advance is derived only when the first rekey needs it, so a call that never rekeys (every
 // unary call) costs one key derivation per direction.
 type direction struct {
-	hash   crypto.Hash
+	hash   Hash
 	aead   AEAD
 	keys   cipher.AEAD
 	seq    uint64    // next sequence number; uint64 so that exhaustion is detectable
@@ -318,7 +318,7 @@ const (
 
 // init sets ck up for a call and derives its c2s key; ck is part of a larger per-call
 // struct (clientCall, serverCall), so that a call allocates once.
-func (ck *callKeys) init(h crypto.Hash, a AEAD, session *hmacKey, callID uint64, procedure string) error {
+func (ck *callKeys) init(h Hash, a AEAD, session *hmacKey, callID uint64, procedure string) error {
 	*ck = callKeys{session: session, callID: callID, procedure: procedure}
 	ck.c2s = direction{hash: h, aead: a, call: ck, label: dirC2S}
 	ck.s2c = direction{hash: h, aead: a, call: ck, label: dirS2C}
@@ -352,7 +352,7 @@ func (d *direction) deriveFirst(k *kdf) error {
 	if d.label == dirS2C {
 		label = keyLabelS2C
 	}
-	key := k.expandKeyed(k.out[:0], d.call.session, label, d.call.context(buf[:0], d.label), aeadKeySize)
+	key := k.expandKeyed(k.out[:0], d.call.session, label, d.call.context(buf[:0], d.label), d.aead.keySize())
 	c, err := d.aead.new(key)
 	clear(k.out[:])
 	if err != nil {
@@ -378,7 +378,7 @@ func (d *direction) advance(ss, ct []byte) error {
 		t = d.call.chainSecret(d.label)
 	}
 	secret := rekeySecret(d.hash, t, ss, ct)
-	c, err := d.aead.new(expandLabel(d.hash, secret, "key", nil, aeadKeySize))
+	c, err := d.aead.new(expandLabel(d.hash, secret, "key", nil, d.aead.keySize()))
 	if err != nil {
 		return err
 	}

@@ -14,7 +14,7 @@ import (
 
 // The keyed HMAC (padded blocks absorbed once) is HMAC, and is really used.
 func TestKeyedHMAC(t *testing.T) {
-	for _, h := range []crypto.Hash{crypto.SHA256, crypto.SHA512} {
+	for _, h := range []Hash{crypto.SHA256, crypto.SHA512, sm3Hash{}} {
 		k := getKDF(h)
 		for _, keyLen := range []int{0, 1, 32, h.Size()} {
 			key := bytes.Repeat([]byte{byte(keyLen + 1)}, keyLen)
@@ -150,7 +150,7 @@ func TestSealWholeLength(t *testing.T) {
 
 // newCallKeys returns the keys of a call on their own, as the tests and vectors use them
 // (calls keep theirs inside clientCall and serverCall).
-func newCallKeys(h crypto.Hash, a AEAD, session *hmacKey, callID uint64, procedure string) (*callKeys, error) {
+func newCallKeys(h Hash, a AEAD, session *hmacKey, callID uint64, procedure string) (*callKeys, error) {
 	ck := new(callKeys)
 	if err := ck.init(h, a, session, callID, procedure); err != nil {
 		return nil, err

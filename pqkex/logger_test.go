@@ -11,7 +11,7 @@ import (
 
 // TestWithLogger: the warning of an insecure client goes to the logger WithLogger sets.
 func TestWithLogger(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	var buf bytes.Buffer
 	if _, err := pqkex.NewClient(pqkex.WithIdentity(e.client), pqkex.WithRoots(e.ca.Roots()), pqkex.InsecureAcceptAnyServer(),
 		pqkex.WithLogger(slog.New(slog.NewTextHandler(&buf, nil)))); err != nil {

@@ -42,7 +42,7 @@ func listMux() *http.ServeMux {
 // and returning half of the answer as a success. Now the client acts only on sealed framing
 // and the forged header changes nothing; cutting the body after its first frame is tampering.
 func TestTruncationThroughProxy(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	backend := e.startServer(t, listMux())
 	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithoutChannelBinding()) // through TLS-terminating proxies
 	call := func(base string, opts []connect.ClientOption) (int, error) {
@@ -131,7 +131,7 @@ func (c *headerClient) RoundTrip(r *http.Request) (*http.Response, error) {
 // only the headers the client sealed, the caller only those the handler sealed, for every
 // RPC kind and protocol.
 func TestProxyChangedHeadersNeverReachEitherSide(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	spy := &headerSpy{seen: map[string]http.Header{}, next: echoMux()}
 	backend := e.startServer(t, spy)
 	proxy, _ := e.startRewritingProxy(t, backend.URL, func(r *http.Request) {
@@ -175,7 +175,7 @@ func TestProxyChangedHeadersNeverReachEitherSide(t *testing.T) {
 // sealed as the authoritative copy; a proxy that changes the clear one in either direction
 // is detected as tampering, never handed to connect-go as a protocol error.
 func TestProxyChangedContentTypeIsTampering(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	backend := e.startServer(t, echoMux())
 	reqCT, _ := e.startRewritingProxy(t, backend.URL, func(r *http.Request) {
 		if isSealedCall(r) {
@@ -207,7 +207,7 @@ func TestProxyChangedContentTypeIsTampering(t *testing.T) {
 // only kind a server sends that the client acts on) is unavailable. Neither is ever the code
 // the refusal's reason maps to on the server (already_exists, aborted, out_of_range...).
 func TestForgedErrorHeader(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	backend := e.startServer(t, echoMux())
 	var mu sync.Mutex
 	reason := ""
@@ -278,7 +278,7 @@ func (c *bigHeaderClient) RoundTrip(r *http.Request) (*http.Response, error) {
 // place once overran a buffer sized for a head of at most 256 bytes: whether it did
 // depended on how append rounded the buffer up, so the sizes sweep across that range.
 func TestLargeSealedHead(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	spy := &headerSpy{seen: map[string]http.Header{}, next: echoMux()}
 	backend := e.startServer(t, spy)
 	hc, _ := e.httpClient(t, e.transport(t, clientID))

@@ -19,7 +19,7 @@ import (
 // TestConcurrentCalls shares one session between many goroutines: call IDs reach the server
 // out of order and must all be accepted once.
 func TestConcurrentCalls(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	ts := e.startServer(t, echoMux())
 	hc, _ := e.httpClient(t, e.transport(t, clientID))
 	var wg sync.WaitGroup
@@ -43,7 +43,7 @@ func TestConcurrentCalls(t *testing.T) {
 
 // TestHTTP1 runs every kind over HTTP/1.1 (Connect and gRPC-Web; gRPC needs HTTP/2).
 func TestHTTP1(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	srv, err := pqkex.NewServer(pqkex.WithIdentity(e.server), pqkex.WithRoots(e.ca.Roots()), pqkex.WithClock(fixedClock))
 	if err != nil {
 		t.Fatal(err)
@@ -76,7 +76,7 @@ func TestHTTP1(t *testing.T) {
 // TestHandlersNeverNegotiateCompression: the handler sees no accept-encoding header, so
 // connect-go never compresses a response that pqkex would then seal.
 func TestHandlersNeverNegotiateCompression(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	var offered atomic.Int32
 	check := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		for _, h := range []string{"Accept-Encoding", "Connect-Accept-Encoding", "Grpc-Accept-Encoding"} {
@@ -107,7 +107,7 @@ type rotatingIdentity struct {
 // rotate replaces the identity with a new one for serverID from e's CA.
 func (r *rotatingIdentity) rotate(t *testing.T, e *env) {
 	t.Helper()
-	next, err := e.ca.Identity(pqkex.X25519MLKEM768(), serverID, testNow.Add(-time.Hour), testNow.Add(time.Hour), nil)
+	next, err := e.ca.Identity(testSuite(t), serverID, testNow.Add(-time.Hour), testNow.Add(time.Hour), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,7 +125,7 @@ func (r *rotatingIdentity) GetIdentity() (*pqkex.Identity, error) {
 // TestServerCredentialRotation: after the server's credential changes, a client that cached
 // the old one gets server_key, fetches the new credential and succeeds on its next handshake.
 func TestServerCredentialRotation(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	src := &rotatingIdentity{id: e.server}
 	ts := e.startServer(t, echoMux(), pqkex.WithIdentity(src))
 	clk := &clock{now: testNow}
@@ -145,7 +145,7 @@ func TestServerCredentialRotation(t *testing.T) {
 }
 
 func TestNewServerAndClientNeedIdentityAndRoots(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	for i, opts := range [][]pqkex.Option{
 		nil,
 		{pqkex.WithIdentity(e.server)},
@@ -168,7 +168,7 @@ func TestNewServerAndClientNeedIdentityAndRoots(t *testing.T) {
 }
 
 func TestChaCha20Poly1305(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	ts := e.startServer(t, echoMux(), pqkex.WithMode(pqkex.Strict))
 	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithAEAD(pqkex.ChaCha20Poly1305))
 	out, errs := callAll(context.Background(), hc, ts.URL, nil, "cc")
@@ -184,7 +184,7 @@ func TestChaCha20Poly1305(t *testing.T) {
 // authenticate, or whose ticket is forged, never reaches the handler; sealed calls that do
 // reach it carry no pqkex headers.
 func TestHandlerSeesPlaintextOnlyAfterAuthentication(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	var calls, leaked atomic.Int32
 	counting := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		calls.Add(1)
@@ -224,7 +224,7 @@ func TestHandlerSeesPlaintextOnlyAfterAuthentication(t *testing.T) {
 }
 
 func TestClientRefusesGET(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	ts := e.startServer(t, echoMux())
 	hc, _ := e.httpClient(t, e.transport(t, clientID))
 	resp, err := hc.Get(ts.URL + procUnary)
@@ -238,7 +238,7 @@ func TestClientRefusesGET(t *testing.T) {
 // TestCancellationKeepsItsCode: when the client cancels a stream, the handler sees canceled,
 // not a pqkex error: transport failures pass through the unsealing reader unchanged.
 func TestCancellationKeepsItsCode(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	got := make(chan error, 1)
 	received := make(chan struct{})
 	mux := http.NewServeMux()
@@ -269,7 +269,7 @@ func TestCancellationKeepsItsCode(t *testing.T) {
 }
 
 func TestIdentityAndCredentialChecks(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	suite := pqkex.X25519MLKEM768()
 	pub, priv, err := pqkex.GenerateKey(suite, nil)
 	if err != nil {
@@ -324,7 +324,7 @@ func TestIdentityAndCredentialChecks(t *testing.T) {
 // TestUnaryBodySizes: unary bodies sealed whole arrive intact whether they are empty, fit
 // one frame (sealed in place) or span several 64 KiB frames, with rekeys due or not.
 func TestUnaryBodySizes(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	ts := e.startServer(t, echoMux())
 	for _, policy := range []pqkex.RekeyPolicy{{}, {Stream: pqkex.StreamRekeyPolicy{Bytes: 1000}}} {
 		hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithRekeyPolicy(policy))

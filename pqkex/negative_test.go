@@ -57,7 +57,7 @@ func wantCode(t *testing.T, err error, code connect.Code) {
 // TestAttacks runs each active attack of the threat model against a sealed call and checks
 // the distinct code (spec section 9) and the rejection counter.
 func TestAttacks(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	reg := prometheus.NewRegistry()
 	ts := e.startServer(t, echoMux(), pqkex.WithMetrics(reg))
 	m := &mitm{base: e.transport(t, clientID)}
@@ -281,7 +281,7 @@ func TestAttacks(t *testing.T) {
 
 // TestAppendedFramesIgnored: frames after FINAL never reach the handler.
 func TestAppendedFramesIgnored(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	ts := e.startServer(t, echoMux())
 	m := &mitm{base: e.transport(t, clientID)}
 	hc, _ := e.httpClient(t, m)
@@ -310,7 +310,7 @@ func TestAppendedFramesIgnored(t *testing.T) {
 
 // TestReplayedCall resends a recorded sealed call verbatim.
 func TestReplayedCall(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	ts := e.startServer(t, echoMux())
 	base := e.transport(t, clientID)
 	m := &mitm{base: base}
@@ -369,7 +369,7 @@ func TestReplayedCall(t *testing.T) {
 // the call, so it runs it (spec 6.4), but answers under its own server nonce, so the two
 // responses are sealed under different keys (TestReplayToAnotherReplica opens them).
 func TestReplayedCallToAnotherReplica(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	shared := sharedTicketKeys(t)
 	replicaA := e.startServer(t, echoMux(), pqkex.WithTicketKeys(shared()))
 	replicaB := e.startServer(t, echoMux(), pqkex.WithTicketKeys(shared()))
@@ -423,7 +423,7 @@ func TestReplayedCallToAnotherReplica(t *testing.T) {
 }
 
 func TestStrictRefusesPlaintextAndPermissiveAllows(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	reg := prometheus.NewRegistry()
 	mode := func(p string) pqkex.Mode {
 		if p == procServer {
@@ -456,7 +456,7 @@ func TestStrictRefusesPlaintextAndPermissiveAllows(t *testing.T) {
 }
 
 func TestIdentityChecks(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	ts := e.startServer(t, echoMux())
 	t.Run("client expects another server", func(t *testing.T) {
 		hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithAuthorizer(pqkex.AuthorizeID("spiffe://example.org/other")))
@@ -479,7 +479,7 @@ func TestIdentityChecks(t *testing.T) {
 		wantCode(t, unaryCall(hc, ts.URL), connect.CodePermissionDenied)
 	})
 	t.Run("credential from another CA", func(t *testing.T) {
-		other := newEnv(t, pqkex.X25519MLKEM768())
+		other := newEnv(t, testSuite(t))
 		hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithIdentity(other.client))
 		wantRefusal(t, unaryCall(hc, ts.URL), "credential")
 	})
@@ -494,7 +494,7 @@ func TestIdentityChecks(t *testing.T) {
 }
 
 func TestTickets(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	shared := sharedTicketKeys(t)
 	clk := &clock{now: testNow}
 	replicaA := e.startServer(t, echoMux(), pqkex.WithTicketKeys(shared()), pqkex.WithClock(clk.Now), pqkex.WithTicketLifetime(time.Minute))
@@ -574,7 +574,7 @@ func TestTicketKeyRotation(t *testing.T) {
 	k1, _ := pqkex.GenerateTicketKey(1, nil)
 	k2, _ := pqkex.GenerateTicketKey(2, nil)
 	k3, _ := pqkex.GenerateTicketKey(3, nil)
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	keys, err := pqkex.NewTicketKeys(k1)
 	if err != nil {
 		t.Fatal(err)
@@ -608,7 +608,7 @@ func TestTicketKeyRotation(t *testing.T) {
 }
 
 func TestCompressionRefused(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	ts := e.startServer(t, echoMux())
 	hc, _ := e.httpClient(t, e.transport(t, clientID))
 	for _, p := range protocols {
@@ -624,7 +624,7 @@ func TestCompressionRefused(t *testing.T) {
 // response is the upstream being gone (unavailable), while any other unsealed answer
 // is refused as a downgrade.
 func TestIntermediaryErrorsAreUnavailable(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	ts := e.startServer(t, echoMux())
 	status := 0
 	m := &mitm{base: e.transport(t, clientID)}
@@ -658,7 +658,7 @@ func TestIntermediaryErrorsAreUnavailable(t *testing.T) {
 // session; streams always carry the ticket; a server that does not hold the session refuses
 // the short form and the call is resent with the ticket, unseen by the caller (spec 6.6).
 func TestShortForm(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	reg := prometheus.NewRegistry()
 	ts := e.startServer(t, echoMux(), pqkex.WithMetrics(reg))
 	m := &mitm{base: e.transport(t, clientID)}

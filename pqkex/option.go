@@ -105,7 +105,9 @@ type config struct {
 	authorize Authorizer
 	authSet   bool // WithAuthorizer given
 	aead      AEAD
-	bind      bool // server: require channel binding
+	bind      bool     // server: require channel binding
+	suites    []uint16 // RequireSuites
+	suitesSet bool
 
 	// client only
 	insecureAny bool            // InsecureAcceptAnyServer

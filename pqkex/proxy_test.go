@@ -96,7 +96,7 @@ func (e *env) startRewritingProxy(t *testing.T, backend string, director func(*h
 }
 
 func TestThroughTerminatingProxy(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	backend := e.startServer(t, echoMux())
 	proxy, rec := e.startProxy(t, backend.URL, nil)
 	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithoutChannelBinding(proxy.URL))
@@ -127,7 +127,7 @@ func TestThroughTerminatingProxy(t *testing.T) {
 }
 
 func TestProxyStrippingHeadersIsRefused(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	backend := e.startServer(t, echoMux())
 	proxy, _ := e.startProxy(t, backend.URL, func(r *http.Request) {
 		r.Header.Del("Veil-Pqkex-Ticket")
@@ -145,7 +145,7 @@ func TestProxyStrippingHeadersIsRefused(t *testing.T) {
 }
 
 func TestChannelBinding(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	ts := e.startServer(t, peerReporter(echoMux()), pqkex.WithChannelBinding())
 	hc, _ := e.httpClient(t, e.transport(t, clientID), pqkex.WithChannelBinding())
 	c := connect.NewClient[str, str](hc, ts.URL+procUnary)

@@ -15,7 +15,7 @@ import (
 )
 
 func TestSessionRekey(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	ts := e.startServer(t, echoMux())
 	clk := &clock{now: testNow}
 	tests := []struct {
@@ -97,7 +97,7 @@ func TestStreamRekey(t *testing.T) {
 
 // TestStreamRekeyByAge: with only an age limit, a stream rekeys when the clock passes it.
 func TestStreamRekeyByAge(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	var mu sync.Mutex
 	now := testNow
 	clk := func() time.Time {

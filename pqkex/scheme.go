@@ -21,7 +21,7 @@ type Scheme interface {
 	// ID is the suite's two-byte wire identifier.
 	ID() uint16
 	// Hash is the transcript and HKDF hash.
-	Hash() crypto.Hash
+	Hash() Hash
 }
 
 // Suite identifiers on the wire.
@@ -34,13 +34,13 @@ type suite struct {
 	kem.Scheme
 	name string
 	id   uint16
-	hash crypto.Hash
+	hash Hash
 	pq   kem.Scheme // the post-quantum half; its keys and ciphertexts come first
 }
 
-func (s *suite) Name() string      { return s.name }
-func (s *suite) ID() uint16        { return s.id }
-func (s *suite) Hash() crypto.Hash { return s.hash }
+func (s *suite) Name() string { return s.name }
+func (s *suite) ID() uint16   { return s.id }
+func (s *suite) Hash() Hash   { return s.hash }
 
 var (
 	x25519MLKEM768 = &suite{Scheme: hybrid.X25519MLKEM768(), name: "X25519MLKEM768-SHA256", id: suiteX25519MLKEM768, hash: crypto.SHA256, pq: mlkem768.Scheme()}
@@ -59,7 +59,7 @@ func X25519MLKEM768() Scheme { return x25519MLKEM768 }
 func X448MLKEM1024() Scheme { return x448MLKEM1024 }
 
 // Schemes returns every supported suite, the default first.
-func Schemes() []Scheme { return []Scheme{x25519MLKEM768, x448MLKEM1024} }
+func Schemes() []Scheme { return []Scheme{x25519MLKEM768, x448MLKEM1024, sm2MLKEM768} }
 
 // SchemeByName returns the suite with the given name, or nil.
 func SchemeByName(name string) Scheme {
@@ -97,6 +97,9 @@ func pqHalf(s Scheme) kem.Scheme {
 func tlsEphemeralGroup(suite Scheme, g tls.CurveID) bool {
 	switch pqHalf(suite) {
 	case mlkem768.Scheme():
+		if fullHybridOnly(suite) {
+			return false
+		}
 		return g == tls.X25519MLKEM768 || g == tls.SecP256r1MLKEM768 || g == tls.SecP384r1MLKEM1024
 	case mlkem1024.Scheme():
 		return g == tls.SecP384r1MLKEM1024

@@ -51,6 +51,12 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 	if cfg.ticketLifetime <= 0 {
 		return nil, errors.New("pqkex: ticket lifetime must be positive")
 	}
+	if err := cfg.checkSuites(); err != nil {
+		return nil, err
+	}
+	if id, err := cfg.identity.GetIdentity(); err == nil && id != nil && !cfg.allowsSuite(id.cred.suite) {
+		return nil, errors.New("pqkex: the server's identity is of a suite RequireSuites does not allow")
+	}
 	if cfg.tickets == nil {
 		// Private to this server, rotated every ticket lifetime (spec 7.2).
 		var err error
@@ -123,6 +129,9 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 	ch, err := parseClientHello(body)
 	if err != nil {
 		return nil, err
+	}
+	if !s.cfg.allowsSuite(ch.suite) {
+		return nil, s.cfg.errSuitePolicy(ch.suite, "offered") // before any other check (spec 3.1)
 	}
 	now := s.cfg.now()
 	self, err := s.self(now)

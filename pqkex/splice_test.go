@@ -19,7 +19,7 @@ import (
 // earlier call of the same session (status, headers and body as recorded). The s2c keys
 // depend on the call ID (spec 5.2), so the client reports tampering.
 func TestResponseSplicedFromAnotherCall(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	backend := e.startServer(t, echoMux())
 	var mu sync.Mutex
 	var saved *http.Response
@@ -64,7 +64,7 @@ func TestResponseSplicedFromAnotherCall(t *testing.T) {
 // back as the response (with the marker and a matching status). Directions have separate
 // keys (spec 5.2): tampering.
 func TestReflectedRequestIsNotAResponse(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	backend := e.startServer(t, echoMux())
 	var mu sync.Mutex
 	reflect := false
@@ -98,7 +98,7 @@ func TestReflectedRequestIsNotAResponse(t *testing.T) {
 // TestProxyChangedQueryIsTampering: the query is part of the sealed :path (spec 6.3); a
 // proxy that adds or changes it is detected before the handler runs.
 func TestProxyChangedQueryIsTampering(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	backend := e.startServer(t, echoMux())
 	proxy, _ := e.startProxy(t, backend.URL, func(r *http.Request) {
 		if r.Header.Get("Veil-Pqkex-Ticket")+r.Header.Get("Veil-Pqkex-Session") != "" {
@@ -140,7 +140,7 @@ func (b *rstBody) Read(p []byte) (int, error) {
 // reset's code never reaches the caller. (A body that ends cleanly before its FINAL frame
 // is truncated, data_loss: TestTruncationThroughProxy.)
 func TestProxyResetIsNeverAHandlerCode(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	backend := e.startServer(t, echoMux())
 	base := e.transport(t, clientID)
 	var mu sync.Mutex
@@ -187,7 +187,7 @@ func TestProxyResetIsNeverAHandlerCode(t *testing.T) {
 // sealed call (HTTP/2 allows them) are not part of the sealed message; the handler never
 // sees them (spec 8: headers added by intermediaries reach neither side).
 func TestProxyAddedRequestTrailersNeverReachTheHandler(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	seen := make(chan http.Header, 1)
 	backend := e.startServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body)
@@ -236,7 +236,7 @@ var forgedTrailers = http.Header{"Grpc-Status": {"7"}, "Grpc-Message": {"forged"
 // trailers only (spec 8): a successful call stays successful, a handler's error keeps its
 // code and metadata.
 func TestProxyChangedTrailersNeverReachTheCaller(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	backend := e.startServer(t, echoMux())
 	proxy, _ := e.startRewritingProxy(t, backend.URL, nil, func(r *http.Response) error {
 		if r.Header.Get("Veil-Pqkex-Sealed") == "" {

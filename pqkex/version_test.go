@@ -18,7 +18,7 @@ import (
 // older client's 1 or a newer client's 3, is refused with the reason `version` and the
 // versions the server speaks (spec 5.5, 9).
 func TestVersionRefusedByServer(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	reg := prometheus.NewRegistry()
 	ts := e.startServer(t, echoMux(), pqkex.WithMetrics(reg))
 	base := e.transport(t, clientID)
@@ -73,7 +73,7 @@ func TestVersionRefusedByServer(t *testing.T) {
 // client reports each with the reason `version` and a message naming the versions, as
 // unavailable: the refusal is unauthenticated, so its code is never one a proxy chooses.
 func TestVersionRefusedToClient(t *testing.T) {
-	e := newEnv(t, pqkex.X25519MLKEM768())
+	e := newEnv(t, testSuite(t))
 	srv, err := pqkex.NewServer(pqkex.WithIdentity(e.server), pqkex.WithRoots(e.ca.Roots()), pqkex.WithClock(fixedClock))
 	if err != nil {
 		t.Fatal(err)

@@ -137,7 +137,7 @@ func helloFlags(v katVector) uint8 {
 }
 
 func aeadByName(name string) AEAD {
-	for _, a := range []AEAD{AES256GCM, ChaCha20Poly1305} {
+	for _, a := range []AEAD{AES256GCM, ChaCha20Poly1305, SM4GCM} {
 		if a.String() == name {
 			return a
 		}

@@ -3,6 +3,7 @@ package rpc
 import (
 	"crypto"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -24,6 +25,7 @@ const (
 	SealCredentialFile = "pq.cred"        // the CA-certified static hybrid KEM public key
 	SealKeyFile        = "pq.key"         // its private key, mode 0600
 	SealRootFile       = "ca-mldsa65.pub" // the CA's ML-DSA-65 public key
+	SealSM2RootFile    = "ca-sm2.pub"     // the CA's SM2 public key, when it has one (ShangMi suite)
 )
 
 // IssueSealingIdentity generates a static hybrid KEM key for id, has ca certify it
@@ -38,7 +40,14 @@ func IssueSealingIdentity(ca *pki.CA, id spiffeid.ID, dir string, ttl time.Durat
 		return fmt.Errorf("rpc: sealing key: %w", err)
 	}
 	now := time.Now()
-	cred, err := pqkex.IssueCredential(ca.PQSigner(), ca.Signer(), suite, id.String(), now.Add(-time.Minute), now.Add(ttl), pub)
+	classical := ca.Signer()
+	if suite.ID() == pqkex.SM2MLKEM768().ID() {
+		// ShangMi credentials are signed with the CA's SM2 key (docs/pqkex.md 3.1).
+		if classical = ca.SM2Signer(); classical == nil {
+			return errors.New("rpc: the CA has no SM2 key for ShangMi credentials (veil ca init --sm2)")
+		}
+	}
+	cred, err := pqkex.IssueCredential(ca.PQSigner(), classical, suite, id.String(), now.Add(-time.Minute), now.Add(ttl), pub)
 	if err != nil {
 		return fmt.Errorf("rpc: sealing credential: %w", err)
 	}
@@ -53,6 +62,13 @@ func IssueSealingIdentity(ca *pki.CA, id spiffeid.ID, dir string, ttl time.Durat
 		{SealKeyFile, pem.EncodeToMemory(&pem.Block{Type: "VEIL PQ PRIVATE KEY", Bytes: priv}), 0o600},
 		{SealCredentialFile, pem.EncodeToMemory(&pem.Block{Type: "VEIL PQ CREDENTIAL", Bytes: cred}), 0o644},
 		{SealRootFile, pem.EncodeToMemory(&pem.Block{Type: "ML-DSA-65 PUBLIC KEY", Bytes: ca.PQPublicKey().Bytes()}), 0o644},
+	}
+	if sm2Root := ca.SM2PublicKeyBytes(); sm2Root != nil {
+		files = append(files, struct {
+			name string
+			data []byte
+			perm os.FileMode
+		}{SealSM2RootFile, pem.EncodeToMemory(&pem.Block{Type: "SM2 PUBLIC KEY", Bytes: sm2Root}), 0o644})
 	}
 	for _, f := range files {
 		if err := atomicfile.Write(filepath.Join(dir, f.name), f.data, f.perm); err != nil {
@@ -100,6 +116,15 @@ func LoadSealingIdentity(dir string) (*pqkex.Identity, pqkex.Roots, error) {
 	roots, err := pqkex.NewRoots(pqRoot, classical)
 	if err != nil {
 		return nil, pqkex.Roots{}, fmt.Errorf("rpc: sealing identity: %s: %w", SealRootFile, err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, SealSM2RootFile)); err == nil {
+		sm2Root, err := read(SealSM2RootFile, "SM2 PUBLIC KEY")
+		if err != nil {
+			return nil, pqkex.Roots{}, err
+		}
+		if roots.SM2, err = pqkex.ParseSM2PublicKey(sm2Root); err != nil {
+			return nil, pqkex.Roots{}, fmt.Errorf("rpc: sealing identity: %s: %w", SealSM2RootFile, err)
+		}
 	}
 	return id, roots, nil
 }

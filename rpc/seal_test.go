@@ -88,6 +88,13 @@ func startSealed(t *testing.T) *env {
 func TestSealedCallsAllProtocols(t *testing.T) {
 	e := startSealed(t)
 	hc := sealedClient(t, e.ca, e.dir, clientID, transport.AuthorizeID(spiffeid.RequireFromString(serverID)), nil, pqkex.WithChannelBinding())
+	sealedCallsAllProtocols(t, e, hc, clientID+" X25519MLKEM768 pq=true sealed=true bound=true")
+}
+
+// sealedCallsAllProtocols runs unary, server-stream and bidi calls over every protocol and
+// checks the peer the handler sees (whoami) against want.
+func sealedCallsAllProtocols(t *testing.T, e *env, hc *http.Client, want string) {
+	t.Helper()
 	for _, p := range protocols {
 		t.Run(p.name, func(t *testing.T) {
 			c := echov1connect.NewEchoServiceClient(hc, e.url, append(rpc.ClientOptions(), p.opt...)...)
@@ -96,7 +103,7 @@ func TestSealedCallsAllProtocols(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if want := clientID + " X25519MLKEM768 pq=true sealed=true bound=true"; who.Msg.GetMessage() != want {
+			if who.Msg.GetMessage() != want {
 				t.Fatalf("peer = %q, want %q", who.Msg.GetMessage(), want)
 			}
 			stream, err := c.EchoStream(ctx, connect.NewRequest(&echov1.EchoStreamRequest{Message: "s", Count: 50}))

@@ -54,9 +54,10 @@ See docs/ca.md.`)
 }
 
 func runCAInit(_ context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("ca init", "ca init --dir DIR --trust-domain TD [--if-missing] [--json]", stderr)
+	fs := newFlags("ca init", "ca init --dir DIR --trust-domain TD [--sm2] [--if-missing] [--json]", stderr)
 	dir := fs.String("dir", "", "directory for the CA's files (keys are written 0600)")
 	td := fs.String("trust-domain", "", "SPIFFE trust domain, e.g. example.org")
+	withSM2 := fs.Bool("sm2", false, "also give the CA an SM2 key (root-sm2.key, 0600) that signs ShangMi sealing credentials (--pq-suite sm2mlkem768; docs/compliance.md); adds one to an existing CA with --if-missing")
 	ifMissing := fs.Bool("if-missing", false, "succeed without change when dir already holds a CA for this trust domain (for init containers)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	if err := parse(fs, args); err != nil {
@@ -80,7 +81,13 @@ func runCAInit(_ context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
+	if *withSM2 {
+		if ca, err = addSM2(*dir, ca); err != nil {
+			return err
+		}
+	}
 	out := map[string]any{
+		"sm2":          ca.SM2Signer() != nil,
 		"dir":          *dir,
 		"trust_domain": ca.TrustDomain().String(),
 		"root":         filepath.Join(*dir, "root.crt"),
@@ -120,7 +127,9 @@ func runCABundle(_ context.Context, args []string, stdout, stderr io.Writer) err
 }
 
 func runCAIssue(_ context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("ca issue", "ca issue --dir DIR --id SPIFFE_ID --out OUTDIR [--ttl 24h] [--dns NAME] [--ip ADDR] [--json]", stderr)
+	fs := newFlags("ca issue", "ca issue --dir DIR --id SPIFFE_ID --out OUTDIR [--ttl 24h] [--dns NAME] [--ip ADDR] [--pq-suite SUITE] [--json]", stderr)
+	var suite suiteFlag
+	fs.Var(&suite, "pq-suite", pqSuiteUsage+"; sm2mlkem768 needs a CA made with --sm2")
 	dir := fs.String("dir", "", "the CA's directory")
 	id := fs.String("id", "", "SPIFFE ID of the workload, e.g. spiffe://example.org/echo")
 	out := fs.String("out", "", "directory for tls.crt, tls.key (0600) and ca.crt")
@@ -156,7 +165,7 @@ func runCAIssue(_ context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	// The sealing identity (pqkex): a static hybrid KEM key certified by the CA's
 	// ML-DSA-65 and classical keys, valid as long as the certificate.
-	if err := rpc.IssueSealingIdentity(ca, sid, *out, *ttl, nil); err != nil {
+	if err := rpc.IssueSealingIdentity(ca, sid, *out, *ttl, suite.s); err != nil {
 		return err
 	}
 	src, err := transport.LoadFiles(*out)

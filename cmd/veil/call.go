@@ -16,7 +16,6 @@ import (
 	"google.golang.org/protobuf/reflect/protoregistry"
 	"google.golang.org/protobuf/types/dynamicpb"
 
-	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 
@@ -25,11 +24,13 @@ import (
 )
 
 func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("call", "call --identity DIR --addr URL [--server-id ID] [--pq-seal on|proxied|off] [-v] PROCEDURE JSON\n\nPROCEDURE: package.Service/Method as grpcurl takes it (or /package.Service/Method)", stderr)
+	fs := newFlags("call", "call --identity DIR --addr URL [--server-id ID] [--pq-seal on|proxied|off] [--pq-suite SUITE] [-v] PROCEDURE JSON\n\nPROCEDURE: package.Service/Method as grpcurl takes it (or /package.Service/Method)", stderr)
 	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt; pq.cred, pq.key for sealing)")
 	addr := fs.String("addr", "", "server base URL, e.g. https://127.0.0.1:8443")
 	serverID := fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)")
 	seal := addClientSeal(fs)
+	var suite suiteFlag
+	fs.Var(&suite, "pq-suite", pqSuiteUsage+"; when set, only a server of that suite is called (reason suite_policy)")
 	protocol := fs.String("protocol", "connect", "connect, grpc or grpcweb")
 	verbose := fs.Bool("v", false, "print the negotiated TLS group and sealing suite to stderr")
 	tokens := addTokenClientFlags(fs)
@@ -58,7 +59,7 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return fmt.Errorf("%w: request JSON for %s: %v", errUsage, method.Input().FullName(), err)
 	}
 
-	hc, sealed, err := newIdentityClient(*identity, *serverID, *seal)
+	hc, sealed, err := newIdentityClient(*identity, *serverID, *seal, suite.policy()...)
 	if err != nil {
 		return err
 	}
@@ -92,7 +93,7 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			}
 		}})
 		if sealed {
-			fmt.Fprintf(stderr, "pq-seal: on (%s)\n", pqkex.X25519MLKEM768().Name())
+			fmt.Fprintf(stderr, "pq-seal: on (%s)\n", identitySuite(*identity))
 		} else {
 			fmt.Fprintln(stderr, "pq-seal: off")
 		}

@@ -135,6 +135,7 @@ var demoIDs = map[string]string{
 type demo struct {
 	dir    string
 	rep    *demoReport
+	suite  suiteFlag // the pqkex suite of every sealed call (--suite); its policy on every server and client
 	step   time.Time
 	ca     *pki.CA
 	caURL  string
@@ -167,12 +168,19 @@ func (d *demo) mark(step string) {
 }
 
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("demo", "demo [--json] [--keep DIR] [--samples N]", stderr)
+	fs := newFlags("demo", "demo [--json] [--keep DIR] [--samples N] [--suite default|sm]", stderr)
+	suiteName := fs.String("suite", "default", "pqkex suite of every sealed call: default (X25519MLKEM768-SHA256) or sm (the ShangMi suite SM2MLKEM768-SM3: the CA gets an SM2 key and every server requires the suite)")
 	asJSON := fs.Bool("json", false, "print the report as one JSON object")
 	keep := fs.String("keep", "", "write the CA and identities here instead of a temporary directory")
 	samples := fs.Int("samples", 2000, "synthetic samples to score")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	suite := pqkex.X25519MLKEM768()
+	if *suiteName != "default" {
+		if suite = parseSuite(*suiteName); suite == nil {
+			return fmt.Errorf("%w: --suite %q: want default or sm", errUsage, *suiteName)
+		}
 	}
 	start := time.Now()
 	dir := *keep
@@ -185,7 +193,8 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		dir = tmp
 	}
 	d := &demo{dir: dir, step: start, srcs: map[string]transport.Source{}, cas: map[string]*ca.Client{}, sources: map[[2]string]*auth.TokenSource{},
-		rep:    &demoReport{TrustDomain: demoTD, PQMode: transport.PQStrict.String(), PQSeal: "strict", PQSuite: pqkex.X25519MLKEM768().Name()},
+		rep:    &demoReport{TrustDomain: demoTD, PQMode: transport.PQStrict.String(), PQSeal: "strict", PQSuite: suite.Name()},
+		suite:  suiteFlag{suite},
 		logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	if !*asJSON {
 		d.bar = stderr
@@ -252,6 +261,11 @@ func (d *demo) identities(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if d.suite.s == pqkex.SM2MLKEM768() {
+		if c, err = addSM2(caDir, c); err != nil {
+			return err
+		}
+	}
 	d.ca = c
 	svc, err := ca.New(caDir, ca.WithLogger(d.logger))
 	if err != nil {
@@ -272,7 +286,7 @@ func (d *demo) identities(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		client := ca.NewClient(d.caURL, bundle, token, ca.WithSealingIdentity(nil))
+		client := ca.NewClient(d.caURL, bundle, token, ca.WithSealingIdentity(d.suite.s))
 		src, err := transport.NewRenewingSource(ctx, client, sid,
 			transport.WithCertTTL(time.Hour), transport.WithLogger(d.logger))
 		if err != nil {
@@ -303,7 +317,7 @@ func (d *demo) serve(ctx context.Context, srv *rpc.Server) (string, error) {
 }
 
 func (d *demo) sealing(name string) (*pqkex.Server, error) {
-	return newSealingServerFrom(d.cas[name], pqkex.Strict, nil, nil)
+	return newSealingServerFrom(d.cas[name], pqkex.Strict, nil, nil, d.suite.serverPolicy()...)
 }
 
 // client is name's HTTP client to serverName (strict PQ TLS, sealed end to end), and
@@ -333,7 +347,7 @@ func (d *demo) clientOptions(name, serverName string) ([]rpc.ClientOption, error
 	if err != nil {
 		return nil, err
 	}
-	pc, err := sealingClient(d.cas[name], roots, pqkex.AuthorizeID(demoIDs[serverName]), true)
+	pc, err := sealingClient(d.cas[name], roots, pqkex.AuthorizeID(demoIDs[serverName]), true, d.suite.policy()...)
 	if err != nil {
 		return nil, err
 	}

@@ -210,16 +210,16 @@ func runTicketKeys(_ context.Context, args []string, stdout, stderr io.Writer) e
 
 // newSealingClient builds the pqkex client from the sealing identity in dir: it expects the
 // servers authorize accepts and binds to the TLS channel unless bind is false.
-func newSealingClient(dir string, authorize pqkex.Authorizer, bind bool) (*pqkex.Client, error) {
+func newSealingClient(dir string, authorize pqkex.Authorizer, bind bool, extra ...pqkex.Option) (*pqkex.Client, error) {
 	id, roots, err := rpc.LoadSealingIdentity(dir)
 	if err != nil {
 		return nil, err
 	}
-	return sealingClient(id, roots, authorize, bind)
+	return sealingClient(id, roots, authorize, bind, extra...)
 }
 
-func sealingClient(id pqkex.IdentitySource, roots pqkex.Roots, authorize pqkex.Authorizer, bind bool) (*pqkex.Client, error) {
-	opts := []pqkex.Option{pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithAuthorizer(authorize)}
+func sealingClient(id pqkex.IdentitySource, roots pqkex.Roots, authorize pqkex.Authorizer, bind bool, extra ...pqkex.Option) (*pqkex.Client, error) {
+	opts := append([]pqkex.Option{pqkex.WithIdentity(id), pqkex.WithRoots(roots), pqkex.WithAuthorizer(authorize)}, extra...)
 	if !bind {
 		opts = append(opts, pqkex.WithoutChannelBinding())
 	}
@@ -236,7 +236,7 @@ const pqSealUsage = "seal calls end to end: on (bound to the TLS connection), pr
 // bound to the TLS connection, so its peer is the sealed peer; proxied drops the binding
 // for a TLS-terminating proxy and then needs serverID, the only statement of which workload
 // answers. It reports whether calls are sealed.
-func newIdentityClient(dir, serverID string, seal clientSeal) (*http.Client, bool, error) {
+func newIdentityClient(dir, serverID string, seal clientSeal, extra ...pqkex.Option) (*http.Client, bool, error) {
 	if seal == sealProxied && serverID == "" {
 		return nil, false, fmt.Errorf("%w: --pq-seal proxied needs --server-id: through a proxy only the sealed credential says which workload answers", errUsage)
 	}
@@ -257,9 +257,12 @@ func newIdentityClient(dir, serverID string, seal clientSeal) (*http.Client, boo
 		authorize = transport.AuthorizeID(id)
 	}
 	sealed := seal.sealed(dir)
+	if len(extra) != 0 && !sealed {
+		return nil, false, fmt.Errorf("%w: --pq-suite needs sealed calls (a sealing identity, --pq-seal on or proxied)", errUsage)
+	}
 	var opts []rpc.ClientOption
 	if sealed {
-		pc, err := newSealingClient(dir, rpc.SealedAuthorizer(authorize), seal != sealProxied)
+		pc, err := newSealingClient(dir, rpc.SealedAuthorizer(authorize), seal != sealProxied, extra...)
 		if err != nil {
 			return nil, false, err
 		}

@@ -52,6 +52,7 @@ type serveConfig struct {
 	tokens     tokenServeFlags
 	pq         transport.PQMode
 	seal       sealMode // as given: unset resolves against the identity directory
+	suite      suiteFlag
 	ticketKeys string
 	metrics    string
 	grace      time.Duration
@@ -63,7 +64,7 @@ type serveConfig struct {
 // parseServe reads and checks veil serve's flags and configuration file: what --check
 // runs, with no identity or network.
 func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
-	fs := newFlags("serve", "serve --identity DIR|--ca URL --ca-bundle FILE --join-token TOKEN --id SPIFFE_ID|--spiffe-socket PATH --listen ADDR --service echo [--allow PATTERN ...] [--pq strict|permissive] [--pq-seal strict|permissive|off] [--require-token --token-issuer ID --token-public-key FILE]", stderr)
+	fs := newFlags("serve", "serve --identity DIR|--ca URL --ca-bundle FILE --join-token TOKEN --id SPIFFE_ID|--spiffe-socket PATH --listen ADDR --service echo [--allow PATTERN ...] [--pq strict|permissive] [--pq-seal strict|permissive|off] [--pq-suite SUITE] [--require-token --token-issuer ID --token-public-key FILE]", stderr)
 	cfg := &serveConfig{}
 	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt), reloaded when it changes")
 	cfg.id = addIdentityFlags(fs)
@@ -74,6 +75,7 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 	fs.Var(&cfg.allow, "allow", "SPIFFE ID pattern allowed to call the services (exact ID, trust domain, or path with * segments); repeatable; default: the server's own trust domain")
 	pq := fs.String("pq", "strict", "TLS key exchange: strict (post-quantum hybrid only; the default) or permissive (also classical-only clients: loud, counted)")
 	fs.Var(&cfg.seal, "pq-seal", "end-to-end sealing (pqkex): strict, permissive or off; default strict when the identity directory holds a sealing identity (pq.cred), else off (with --ca the sealing identity comes from the CA with each certificate: pass strict or permissive)")
+	fs.Var(&cfg.suite, "pq-suite", pqSuiteUsage+"; when set, sessions of every other suite are refused (reason suite_policy)")
 	ticketKeys := fs.String("ticket-keys", "", "pqkex ticket-key file shared by replicas (see 'veil ticket-keys'); reread on SIGHUP")
 	metrics := fs.String("metrics", "", "serve Prometheus metrics on this address (plain HTTP)")
 	grace := fs.Duration("grace", rpc.DefaultGracePeriod, "how long in-flight calls may finish on shutdown")
@@ -154,6 +156,10 @@ func buildServe(ctx context.Context, cfg *serveConfig, logger *slog.Logger) (_ *
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	opts = append(opts, rpc.WithMetrics(reg))
 	seal := cfg.seal.resolve(cfg.identity)
+	if cfg.suite.s != nil && (seal.off || seal.mode != pqkex.Strict) {
+		// A required suite that plaintext calls could bypass would be a silent fallback.
+		return nil, fmt.Errorf("%w: --pq-suite needs --pq-seal strict (sealing is %s)", errUsage, seal.String())
+	}
 	shared, err := cfg.state.open(ctx, src, cfg.services, !seal.off && cfg.ticketKeys == "", logger)
 	if err != nil {
 		return nil, err
@@ -169,9 +175,9 @@ func buildServe(ctx context.Context, cfg *serveConfig, logger *slog.Logger) (_ *
 		}
 		var sealer *pqkex.Server
 		if wid.sealing != nil {
-			sealer, err = newSealingServerFrom(wid.sealing, seal.mode, reg, tk, shared.sealingOptions()...)
+			sealer, err = newSealingServerFrom(wid.sealing, seal.mode, reg, tk, append(shared.sealingOptions(), cfg.suite.serverPolicy()...)...)
 		} else {
-			sealer, err = newSealingServer(cfg.identity, seal.mode, reg, tk, shared.sealingOptions()...)
+			sealer, err = newSealingServer(cfg.identity, seal.mode, reg, tk, append(shared.sealingOptions(), cfg.suite.serverPolicy()...)...)
 		}
 		if err != nil {
 			return nil, err

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/cloudflare/circl/sign/mldsa/mldsa65"
+	"github.com/emmansun/gmsm/sm2"
 	"github.com/veilrpc/veil/pqkex"
 )
 
@@ -26,6 +27,7 @@ import (
 type CA struct {
 	PQ        *mldsa65.PrivateKey
 	Classical crypto.Signer
+	SM2       crypto.Signer // signs the classical half of ShangMi credentials
 	Cert      *x509.Certificate
 	Pool      *x509.CertPool
 }
@@ -65,12 +67,16 @@ func newCA(pq *mldsa65.PrivateKey, cl crypto.Signer) (*CA, error) {
 	}
 	pool := x509.NewCertPool()
 	pool.AddCert(cert)
-	return &CA{PQ: pq, Classical: cl, Cert: cert, Pool: pool}, nil
+	sm, err := sm2.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	return &CA{PQ: pq, Classical: cl, SM2: sm, Cert: cert, Pool: pool}, nil
 }
 
 // Roots returns the CA's public keys as pqkex roots.
 func (ca *CA) Roots() pqkex.Roots {
-	return pqkex.Roots{PQ: ca.PQ.Public(), Classical: ca.Classical.Public()}
+	return pqkex.Roots{PQ: ca.PQ.Public(), Classical: ca.Classical.Public(), SM2: ca.SM2.Public()}
 }
 
 // Identity generates a static key (from rand, or crypto/rand when nil) and issues a credential
@@ -80,7 +86,11 @@ func (ca *CA) Identity(suite pqkex.Scheme, spiffeID string, notBefore, notAfter 
 	if err != nil {
 		return nil, err
 	}
-	cred, err := pqkex.IssueCredential(ca.PQ, ca.Classical, suite, spiffeID, notBefore, notAfter, pub)
+	signer := ca.Classical
+	if suite.ID() == pqkex.SM2MLKEM768().ID() {
+		signer = ca.SM2
+	}
+	cred, err := pqkex.IssueCredential(ca.PQ, signer, suite, spiffeID, notBefore, notAfter, pub)
 	if err != nil {
 		return nil, err
 	}

@@ -82,6 +82,11 @@ func (c *Client) adoptSealing(m *cav1.Issued, priv []byte) error {
 	if err != nil {
 		return fmt.Errorf("ca: sealing root: %w", err)
 	}
+	if sm2Root := m.GetPqSm2Root(); len(sm2Root) != 0 {
+		if roots.SM2, err = pqkex.ParseSM2PublicKey(sm2Root); err != nil {
+			return fmt.Errorf("ca: SM2 sealing root: %w", err)
+		}
+	}
 	c.sealing.Store(&sealing{id: id, roots: roots})
 	return nil
 }

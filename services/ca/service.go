@@ -270,11 +270,18 @@ func (s *Service) issue(c *pki.CA, id spiffeid.ID, csr *x509.CertificateRequest,
 	if suite != nil {
 		// The credential shares the certificate's ID and validity, and is signed by
 		// both CA keys (ML-DSA-65 and the signing root).
-		cred, err := pqkex.IssueCredential(c.PQSigner(), c.Signer(), suite, id.String(), chain[0].NotBefore, chain[0].NotAfter, pq.key)
+		// ShangMi credentials are signed with the CA's SM2 key instead (docs/pqkex.md 3.1).
+		classical := c.Signer()
+		if suite.ID() == pqkex.SM2MLKEM768().ID() {
+			if classical = c.SM2Signer(); classical == nil {
+				return nil, refuse(reasonBadPQKey, "ca: this CA has no SM2 key for ShangMi credentials")
+			}
+		}
+		cred, err := pqkex.IssueCredential(c.PQSigner(), classical, suite, id.String(), chain[0].NotBefore, chain[0].NotAfter, pq.key)
 		if err != nil {
 			return nil, refuse(reasonBadPQKey, "ca: %v", err)
 		}
-		out.PqCredential, out.PqRoot = cred, c.PQPublicKey().Bytes()
+		out.PqCredential, out.PqRoot, out.PqSm2Root = cred, c.PQPublicKey().Bytes(), c.SM2PublicKeyBytes()
 	}
 	s.cfg.logger.Info("ca: issued", "id", id.String(), "serial", chain[0].SerialNumber.Text(16), "not_after", chain[0].NotAfter.UTC().Format(time.RFC3339))
 	return out, nil

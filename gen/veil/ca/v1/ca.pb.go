@@ -369,7 +369,11 @@ type Issued struct {
 	// the CA's ML-DSA-65 key and its signing root; empty when none was asked for.
 	PqCredential []byte `protobuf:"bytes,3,opt,name=pq_credential,json=pqCredential,proto3" json:"pq_credential,omitempty"`
 	// pq_root is the CA's ML-DSA-65 public key, which verifies pq_credential.
-	PqRoot        []byte `protobuf:"bytes,4,opt,name=pq_root,json=pqRoot,proto3" json:"pq_root,omitempty"`
+	PqRoot []byte `protobuf:"bytes,4,opt,name=pq_root,json=pqRoot,proto3" json:"pq_root,omitempty"`
+	// pq_sm2_root is the CA's SM2 public key (uncompressed point), which verifies the
+	// classical signature of a ShangMi (SM2MLKEM768-SM3) pq_credential; empty when the CA has
+	// no SM2 key.
+	PqSm2Root     []byte `protobuf:"bytes,5,opt,name=pq_sm2_root,json=pqSm2Root,proto3" json:"pq_sm2_root,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -428,6 +432,13 @@ func (x *Issued) GetPqCredential() []byte {
 func (x *Issued) GetPqRoot() []byte {
 	if x != nil {
 		return x.PqRoot
+	}
+	return nil
+}
+
+func (x *Issued) GetPqSm2Root() []byte {
+	if x != nil {
+		return x.PqSm2Root
 	}
 	return nil
 }
@@ -541,12 +552,13 @@ const file_veil_ca_v1_ca_proto_rawDesc = "" +
 	"\x06issued\x18\x01 \x01(\v2\x12.veil.ca.v1.IssuedR\x06issued\"\x12\n" +
 	"\x10GetBundleRequest\"?\n" +
 	"\x11GetBundleResponse\x12*\n" +
-	"\x06bundle\x18\x01 \x01(\v2\x12.veil.ca.v1.BundleR\x06bundle\"\x88\x01\n" +
+	"\x06bundle\x18\x01 \x01(\v2\x12.veil.ca.v1.BundleR\x06bundle\"\xa8\x01\n" +
 	"\x06Issued\x12\x14\n" +
 	"\x05chain\x18\x01 \x03(\fR\x05chain\x12*\n" +
 	"\x06bundle\x18\x02 \x01(\v2\x12.veil.ca.v1.BundleR\x06bundle\x12#\n" +
 	"\rpq_credential\x18\x03 \x01(\fR\fpqCredential\x12\x17\n" +
-	"\apq_root\x18\x04 \x01(\fR\x06pqRoot\"\xa3\x01\n" +
+	"\apq_root\x18\x04 \x01(\fR\x06pqRoot\x12\x1e\n" +
+	"\vpq_sm2_root\x18\x05 \x01(\fR\tpqSm2Root\"\xa3\x01\n" +
 	"\x06Bundle\x12!\n" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12\x14\n" +
 	"\x05roots\x18\x02 \x03(\fR\x05roots\x12%\n" +
