@@ -281,7 +281,7 @@ func TestDurableAndIdempotent(t *testing.T) {
 	e.srv.Stop()
 	e.srv = serve(t, e.pki, dir)
 	got, err = e.owner(t, owners[0]).Submit(ctx, "s1", "once", r0)
-	if err != nil || !got.Duplicate || got.Submissions != 2 {
+	if err != nil || !got.Duplicate || got.Submissions != 1 {
 		t.Fatalf("retry after restart = %+v, %v", got, err)
 	}
 	res := closeAndResult(t, e.analyst(t, analyst, key), "s1")
