@@ -344,7 +344,7 @@ func TestHTTP3HandshakeFloodGetsRetry(t *testing.T) {
 	if got := metricValue(t, e, "veil_quic_retries_total", "side", "server"); got != flood-budget {
 		t.Fatalf("veil_quic_retries_total = %v", got)
 	}
-	e.callH3(t) // gets a Retry too, and completes
+	e.callH3(t)                                                                                     // gets a Retry too, and completes
 	if got := metricValue(t, e, "veil_quic_retries_total", "side", "server"); got <= flood-budget { // one per Initial datagram of its ClientHello
 		t.Fatalf("veil_quic_retries_total after a real client = %v", got)
 	}
