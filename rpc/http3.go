@@ -240,11 +240,10 @@ func (h *http3Server) shutdown(ctx context.Context) error {
 
 // newHTTP3Transport is a client's HTTP/3 round tripper, with 0-RTT off.
 func newHTTP3Transport(tlsCfg *tls.Config, handshake, keepalive time.Duration) (*http3.Transport, error) {
-	udp, err := net.ListenUDP("udp", nil)
+	qt, err := sharedClientQUIC()
 	if err != nil {
 		return nil, err
 	}
-	qt := &quic.Transport{Conn: udp}
 	tc := tlsCfg.Clone()
 	tc.NextProtos = []string{http3.NextProtoH3}
 	// QUIC sessions are resumed from their own cache, never from a TCP session's ticket.
@@ -261,6 +260,27 @@ func newHTTP3Transport(tlsCfg *tls.Config, handshake, keepalive time.Duration) (
 			return qt.Dial(ctx, ua, tlsCfg, cfg)
 		},
 	}, nil
+}
+
+// The clients of a process share one UDP socket and QUIC transport (connections are
+// told apart by connection ID), so that clients made and dropped, as http.Clients are,
+// leave no socket behind.
+var clientQUIC struct {
+	once sync.Once
+	tr   *quic.Transport
+	err  error
+}
+
+func sharedClientQUIC() (*quic.Transport, error) {
+	clientQUIC.once.Do(func() {
+		udp, err := net.ListenUDP("udp", nil)
+		if err != nil {
+			clientQUIC.err = err
+			return
+		}
+		clientQUIC.tr = &quic.Transport{Conn: udp}
+	})
+	return clientQUIC.tr, clientQUIC.err
 }
 
 // h3Client sends calls over HTTP/3, or in auto mode over HTTP/2 while UDP is blocked.
@@ -287,7 +307,10 @@ func newH3Client(cfg *clientConfig, tlsCfg *tls.Config, h2 *http.Transport) (*h3
 			ConstLabels: prometheus.Labels{"side": "client"},
 		}))
 	}
-	t, err := newHTTP3Transport(tlsCfg, handshake, cfg.pingIdle)
+	// No keepalive: an idle QUIC connection closes after http3IdleTimeout, as an idle
+	// HTTP/2 connection does after IdleConnTimeout, so a dropped client leaves nothing
+	// behind; a call in flight to a partitioned peer fails by QUIC's loss detection.
+	t, err := newHTTP3Transport(tlsCfg, handshake, 0)
 	if err != nil {
 		return nil, err
 	}

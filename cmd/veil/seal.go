@@ -236,7 +236,7 @@ const pqSealUsage = "seal calls end to end: on (bound to the TLS connection), pr
 // bound to the TLS connection, so its peer is the sealed peer; proxied drops the binding
 // for a TLS-terminating proxy and then needs serverID, the only statement of which workload
 // answers. It reports whether calls are sealed.
-func newIdentityClient(dir, serverID string, seal clientSeal) (*http.Client, bool, error) {
+func newIdentityClient(dir, serverID string, seal clientSeal, extra ...rpc.ClientOption) (*http.Client, bool, error) {
 	if seal == sealProxied && serverID == "" {
 		return nil, false, fmt.Errorf("%w: --pq-seal proxied needs --server-id: through a proxy only the sealed credential says which workload answers", errUsage)
 	}
@@ -265,5 +265,5 @@ func newIdentityClient(dir, serverID string, seal clientSeal) (*http.Client, boo
 		}
 		opts = append(opts, rpc.WithClientSealing(pc))
 	}
-	return rpc.NewHTTPClient(src, authorize, opts...), sealed, nil
+	return rpc.NewHTTPClient(src, authorize, append(opts, extra...)...), sealed, nil
 }
