@@ -93,6 +93,9 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 			fmt.Fprintln(stderr, "pq-seal: off")
 		}
 	}
+	if *verbose {
+		defer h3.report(stderr)
+	}
 	client := connect.NewClient[dynamicpb.Message, dynamicpb.Message](hc, strings.TrimSuffix(*addr, "/")+procedure, connectOpts...)
 	marshal := protojson.MarshalOptions{Multiline: true}
 	if method.IsStreamingServer() {
