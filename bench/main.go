@@ -1,7 +1,7 @@
 // Command bench runs Veil's side-by-side benchmarks against its peers (grpc-go,
 // connect-go, raw lattigo) on loopback and prints one JSON object per suite.
 //
-//	go run . SUITE [flags]      SUITE: handshake, rpc, stream, he, keys
+//	go run . SUITE [flags]      SUITE: handshake, rpc, stream, he, keys, h3
 //	go run . all --out results/latest.json --report ../BENCHMARKS.md
 //	go run . report --out results/latest.json --report ../BENCHMARKS.md   (render only)
 //
@@ -59,10 +59,11 @@ var suites = []struct {
 	{"stream", streamSuite},
 	{"he", heSuite},
 	{"keys", keysSuite},
+	{"h3", h3Suite},
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: bench SUITE|all|report [flags]   (SUITE: handshake, rpc, stream, he, keys; -h for flags)")
+	fmt.Fprintln(os.Stderr, "usage: bench SUITE|all|report [flags]   (SUITE: handshake, rpc, stream, he, keys, h3; -h for flags)")
 	os.Exit(2)
 }
 
@@ -71,6 +72,10 @@ func main() {
 		usage()
 	}
 	which := os.Args[1]
+	if which == h3ServerCommand { // the h3 suite's server process, in its network namespace
+		h3ServerMain(os.Args[2:])
+		return
+	}
 	cfg := &config{}
 	fs := flag.NewFlagSet("bench "+which, flag.ExitOnError)
 	fs.BoolVar(&cfg.json, "json", false, "print each suite's JSON object on stdout (the default for a single suite)")

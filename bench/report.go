@@ -143,6 +143,11 @@ func writeReport(path, chartDir string, reports []*Report) error {
 		for _, n := range r.Notes {
 			w("Note: %s\n\n", n)
 		}
+		if extra := extraCharts[r.Suite]; extra != nil {
+			if err := extra(chartDir, rel, r, w); err != nil {
+				return err
+			}
+		}
 		for _, c := range charts[r.Suite] {
 			name := r.Suite + "_" + c[0] + ".png"
 			if err := barChart(filepath.Join(chartDir, name), r.Suite+": "+c[1]+" (median, bars: min-max)", c[1], r.Systems, c[0]); err != nil {
