@@ -70,7 +70,7 @@ func writeReport(path, chartDir string, reports []*Report) error {
 		date, commit = reports[0].Date, reports[0].Veil
 	}
 	w("Written by `make bench` (`cd bench && go run . all --out results/latest.json --report ../BENCHMARKS.md`), run on %s.\n", date)
-	w("Raw figures: [`%[1]s/latest.json`](%[1]s/latest.json). One suite alone: `cd bench && go run . SUITE` (handshake, rpc, stream, he, keys) prints its JSON object.\n\n", filepath.ToSlash(rel))
+	w("Raw figures: [`%[1]s/latest.json`](%[1]s/latest.json). One suite alone: `cd bench && go run . SUITE` (handshake, rpc, stream, he, keys, h3) prints its JSON object.\n\n", filepath.ToSlash(rel))
 	if len(reports) > 0 {
 		r := reports[0]
 		w("**Machine:** %s, %d cores (shared with other work: absolute figures are noisy, compare ratios from one run). **Go** %s. ", r.CPU, r.Cores, r.Go)

@@ -390,3 +390,23 @@ func TestHTTP3ClientThatNeverReads(t *testing.T) {
 		_ = s.Close()
 	}
 }
+
+// TestHTTP3ClassicOnlyRefused: under PQ strict, a QUIC ClientHello without a
+// post-quantum group fails the handshake and is counted as over TCP.
+func TestHTTP3ClassicOnlyRefused(t *testing.T) {
+	e := transports[1].start(t)
+	tlsCfg := transport.ClientConfig(identity(t, e.ca, e.dir, clientID), transport.WithAuthorizer(transport.AuthorizeID(spiffeid.RequireFromString(serverID))))
+	tlsCfg.NextProtos = []string{http3.NextProtoH3}
+	tlsCfg.CurvePreferences = []tls.CurveID{tls.X25519}
+	conn, err := quic.DialAddr(context.Background(), e.udpAddr(t).String(), tlsCfg, nil)
+	if err == nil {
+		_ = conn.CloseWithError(0, "")
+		t.Fatal("classic-only QUIC handshake succeeded under PQ strict")
+	}
+	if te, ok := errors.AsType[*quic.TransportError](err); !ok || !te.ErrorCode.IsCryptoError() || te.ErrorCode != 0x100+40 { // handshake_failure
+		t.Fatalf("err = %v, want a handshake_failure alert", err)
+	}
+	if got := metricValue(t, e, "veil_tls_handshake_failures_total", "reason", transport.ReasonClassicOnly); got != 1 {
+		t.Fatalf("classic-only refusals counted %v, want 1", got)
+	}
+}
