@@ -222,7 +222,18 @@ func (h *http3Server) close() {
 	_ = h.srv.Close()
 	_ = h.tr.Close()
 	_ = h.udp.Close()
-	<-h.err
+	if err := h.wait(); err != nil {
+		h.srv.Logger.Warn("rpc: HTTP/3 serve ended with an error", "err", err)
+	}
+}
+
+// wait returns the serve loop's error, unless it only says the server was closed.
+func (h *http3Server) wait() error {
+	err := <-h.err
+	if err == nil || errors.Is(err, http.ErrServerClosed) || errors.Is(err, quic.ErrServerClosed) || errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
 }
 
 // shutdown stops taking connections, lets requests finish until ctx is done, and closes
@@ -234,8 +245,7 @@ func (h *http3Server) shutdown(ctx context.Context) error {
 	}
 	_ = h.tr.Close()
 	_ = h.udp.Close()
-	<-h.err
-	return err
+	return errors.Join(err, h.wait())
 }
 
 // newHTTP3Transport is a client's HTTP/3 round tripper, with 0-RTT off.

@@ -135,6 +135,13 @@ func TestHTTP3NextToHTTP2(t *testing.T) {
 	if h2, h3 := metricValue(t, e, "veil_rpc_requests_total", "transport", "h2"), metricValue(t, e, "veil_rpc_requests_total", "transport", "h3"); h2 != 1 || h3 != 2 {
 		t.Fatalf("requests by transport: h2 %v, h3 %v; want 1 and 2", h2, h3)
 	}
+	// Both listeners shut down cleanly.
+	e.cancel()
+	err := <-e.done
+	e.done <- err // for the cleanup
+	if err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
 }
 
 // TestHTTP3RefusalsMatchHTTP2: a wrong server identity and an untrusted CA fail with the
