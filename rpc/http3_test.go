@@ -417,3 +417,32 @@ func TestHTTP3ClassicOnlyRefused(t *testing.T) {
 		t.Fatalf("classic-only refusals counted %v, want 1", got)
 	}
 }
+
+// TestHTTP3No0RTT: a client that resumes a QUIC session and offers early data gets a
+// resumed handshake but no 0-RTT (early data could be replayed).
+func TestHTTP3No0RTT(t *testing.T) {
+	e := transports[1].start(t)
+	tlsCfg := transport.ClientConfig(identity(t, e.ca, e.dir, clientID), transport.WithAuthorizer(transport.AuthorizeID(spiffeid.RequireFromString(serverID))))
+	tlsCfg.NextProtos = []string{http3.NextProtoH3}
+	ctx := context.Background()
+	var states []quic.ConnectionState
+	for range 2 {
+		conn, err := quic.DialAddrEarly(ctx, e.udpAddr(t).String(), tlsCfg, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A call on the connection: the session ticket arrives before its answer.
+		c := echov1connect.NewEchoServiceClient(&http.Client{Transport: (&http3.Transport{}).NewClientConn(conn)}, e.url, rpc.ClientOptions()...)
+		if _, err := c.Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "x"})); err != nil {
+			t.Fatal(err)
+		}
+		states = append(states, conn.ConnectionState())
+		_ = conn.CloseWithError(0, "")
+	}
+	if !states[1].TLS.DidResume {
+		t.Fatal("the second connection did not resume: the test would not see 0-RTT refused")
+	}
+	if states[0].Used0RTT || states[1].Used0RTT {
+		t.Fatal("0-RTT was accepted")
+	}
+}
