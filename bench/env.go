@@ -113,7 +113,11 @@ type running struct {
 	stop func()
 }
 
-func listen() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }
+// listenHost is where servers listen: loopback, or the bench's network namespace side
+// of a veth pair in the h3 suite's server process.
+var listenHost = "127.0.0.1"
+
+func listen() (net.Listener, error) { return net.Listen("tcp", net.JoinHostPort(listenHost, "0")) }
 
 // downloadHandler serves the stream suite's procedure: a server stream of count
 // messages of streamChunkSize bytes each.
@@ -215,8 +219,8 @@ func (e *env) startVeilWith(o veilOptions, extra func(...connect.HandlerOption) 
 	return &running{url: "https://" + addr, addr: addr, stop: func() { cancel(); <-done }}, nil
 }
 
-func (e *env) veilClient(o veilOptions) (*http.Client, error) {
-	opts := []rpc.ClientOption{rpc.WithPQMode(transport.PQStrict), rpc.WithWriteCoalescing(o.coalesce)}
+func (e *env) veilClient(o veilOptions, more ...rpc.ClientOption) (*http.Client, error) {
+	opts := append([]rpc.ClientOption{rpc.WithPQMode(transport.PQStrict), rpc.WithWriteCoalescing(o.coalesce)}, more...)
 	if o.sealed {
 		if e.clientSeal == nil {
 			id, roots, err := rpc.LoadSealingIdentity(e.clientDir)

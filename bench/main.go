@@ -2,7 +2,7 @@
 // grpc-go behind a pair of nginx sidecars with mTLS between them,
 // connect-go, raw lattigo) on loopback and prints one JSON object per suite.
 //
-//	go run . SUITE [flags]      SUITE: handshake, rpc, stream, he, keys
+//	go run . SUITE [flags]      SUITE: handshake, rpc, stream, he, keys, sm, h3
 //	go run . all --out results/latest.json --report ../BENCHMARKS.md
 //	go run . report --out results/latest.json --report ../BENCHMARKS.md   (render only)
 //
@@ -62,10 +62,11 @@ var suites = []struct {
 	{"he", heSuite},
 	{"keys", keysSuite},
 	{"sm", smSuite},
+	{"h3", h3Suite},
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: bench SUITE|all|report [flags]   (SUITE: handshake, rpc, stream, he, keys, sm; -h for flags)")
+	fmt.Fprintln(os.Stderr, "usage: bench SUITE|all|report [flags]   (SUITE: handshake, rpc, stream, he, keys, sm, h3; -h for flags)")
 	os.Exit(2)
 }
 
@@ -74,6 +75,10 @@ func main() {
 		usage()
 	}
 	which := os.Args[1]
+	if which == h3ServerCommand { // the h3 suite's server process, in its network namespace
+		h3ServerMain(os.Args[2:])
+		return
+	}
 	cfg := &config{}
 	fs := flag.NewFlagSet("bench "+which, flag.ExitOnError)
 	fs.BoolVar(&cfg.json, "json", false, "print each suite's JSON object on stdout (the default for a single suite)")

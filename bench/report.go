@@ -75,7 +75,7 @@ func writeReport(path, chartDir string, reports []*Report) error {
 		date, commit = reports[0].Date, reports[0].Veil
 	}
 	w("Written by `make bench` (`cd bench && go run . all --out results/latest.json --report ../BENCHMARKS.md`), run on %s.\n", date)
-	w("Raw figures: [`%[1]s/latest.json`](%[1]s/latest.json). One suite alone: `cd bench && go run . SUITE` (handshake, rpc, stream, he, keys) prints its JSON object.\n\n", filepath.ToSlash(rel))
+	w("Raw figures: [`%[1]s/latest.json`](%[1]s/latest.json). One suite alone: `cd bench && go run . SUITE` (handshake, rpc, stream, he, keys, sm, h3) prints its JSON object.\n\n", filepath.ToSlash(rel))
 	if len(reports) > 0 {
 		r := reports[0]
 		w("**Machine:** %s, %d cores (shared with other work: absolute figures are noisy, compare ratios from one run). **Go** %s. ", r.CPU, r.Cores, r.Go)
@@ -149,6 +149,11 @@ func writeReport(path, chartDir string, reports []*Report) error {
 		w("\n")
 		for _, n := range r.Notes {
 			w("Note: %s\n\n", n)
+		}
+		if extra := extraCharts[r.Suite]; extra != nil {
+			if err := extra(chartDir, rel, r, w); err != nil {
+				return err
+			}
 		}
 		for _, c := range charts[r.Suite] {
 			name := r.Suite + "_" + c[0] + ".png"

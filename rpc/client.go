@@ -1,6 +1,7 @@
 package rpc
 
 import (
+	"fmt"
 	"net"
 	"net/http"
 	"time"
@@ -22,6 +23,8 @@ type clientConfig struct {
 	noCoalesce bool             // see WithWriteCoalescing
 	pingIdle   time.Duration
 	pingWait   time.Duration
+	http3      http3Mode     // WithHTTP3, WithHTTP3Auto
+	http3Probe time.Duration // WithHTTP3Auto
 }
 
 // Defaults for WithKeepalive.
@@ -55,9 +58,10 @@ func NewHTTPClient(src transport.Source, server transport.Authorizer, opts ...Cl
 		o.applyToClient(&cfg)
 	}
 	m := newMetrics(cfg.registry, "client")
+	tlsCfg := transport.ClientConfig(src,
+		transport.WithPQMode(cfg.pqMode), transport.WithAuthorizer(server), transport.WithObserver(m))
 	t := &http.Transport{
-		TLSClientConfig: transport.ClientConfig(src,
-			transport.WithPQMode(cfg.pqMode), transport.WithAuthorizer(server), transport.WithObserver(m)),
+		TLSClientConfig:     tlsCfg,
 		ForceAttemptHTTP2:   true,
 		MaxIdleConnsPerHost: cfg.idleConns,
 		IdleConnTimeout:     90 * time.Second,
@@ -70,6 +74,17 @@ func NewHTTPClient(src transport.Source, server transport.Authorizer, opts ...Cl
 	t.Protocols = new(http.Protocols)
 	t.Protocols.SetHTTP2(true)
 	var rt http.RoundTripper = t
+	var base idleClosing = t
+	if cfg.http3 != http3Off {
+		h3, err := newH3Client(&cfg, tlsCfg, t)
+		if err != nil {
+			// No UDP socket at all: the calls fail with this error rather than
+			// silently going over HTTP/2 when HTTP/3 was asked for.
+			rt = failingTransport{fmt.Errorf("rpc: HTTP/3: %w", err)}
+		} else {
+			rt, base = h3, h3
+		}
+	}
 	for _, w := range cfg.wrap {
 		rt = w(rt)
 	}
@@ -82,7 +97,7 @@ func NewHTTPClient(src transport.Source, server transport.Authorizer, opts ...Cl
 		}
 		rt = cfg.sealing.RoundTripper(rt, pqkex.ExpectServer(expect))
 	}
-	return &http.Client{Transport: withIdleCloser(rt, t)}
+	return &http.Client{Transport: withIdleCloser(rt, base)}
 }
 
 // ClientOptions are the Connect client options Veil uses: no gzip (see

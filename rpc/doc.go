@@ -15,4 +15,8 @@
 //	client := echov1connect.NewEchoServiceClient(httpClient, "https://127.0.0.1:8443", rpc.ClientOptions()...)
 //
 // Handlers read the verified caller with PeerFromContext.
+//
+// WithHTTP3 adds HTTP/3 (QUIC, github.com/quic-go/quic-go) on the UDP port with the TCP
+// port's number, with the same TLS configuration, handlers and sealing; a client with
+// WithHTTP3 dials it, one with WithHTTP3Auto falls back to HTTP/2 where UDP is blocked.
 package rpc

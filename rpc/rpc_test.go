@@ -76,6 +76,7 @@ type env struct {
 	impl   *testEcho
 	cancel context.CancelFunc
 	done   chan error
+	copts  []rpc.ClientOption // the transport's client options (see transports)
 }
 
 func identity(t *testing.T, ca *pki.CA, dir, id string) transport.Source {
@@ -126,7 +127,7 @@ func startWith(t *testing.T, dir string, ca *pki.CA, opts ...rpc.ServerOption) *
 
 func (e *env) client(t *testing.T, id string, opts ...connect.ClientOption) echov1connect.EchoServiceClient {
 	t.Helper()
-	hc := rpc.NewHTTPClient(identity(t, e.ca, e.dir, id), transport.AuthorizeID(spiffeid.RequireFromString(serverID)))
+	hc := rpc.NewHTTPClient(identity(t, e.ca, e.dir, id), transport.AuthorizeID(spiffeid.RequireFromString(serverID)), e.copts...)
 	return echov1connect.NewEchoServiceClient(hc, e.url, append(rpc.ClientOptions(), opts...)...)
 }
 
@@ -140,7 +141,11 @@ var protocols = []struct {
 }
 
 func TestAllProtocolsAndStreamKinds(t *testing.T) {
-	e := start(t)
+	overTransports(t, testAllProtocolsAndStreamKinds)
+}
+
+func testAllProtocolsAndStreamKinds(t *testing.T, tr transportCase) {
+	e := tr.start(t)
 	for _, p := range protocols {
 		t.Run(p.name, func(t *testing.T) {
 			c := e.client(t, clientID, p.opt...)
@@ -195,7 +200,11 @@ func TestAllProtocolsAndStreamKinds(t *testing.T) {
 }
 
 func TestPolicyDeniesByDefault(t *testing.T) {
-	e := start(t)
+	overTransports(t, testPolicyDeniesByDefault)
+}
+
+func testPolicyDeniesByDefault(t *testing.T, tr transportCase) {
+	e := tr.start(t)
 	c := e.client(t, "spiffe://example.org/intruder")
 	_, err := c.Echo(context.Background(), connect.NewRequest(&echov1.EchoRequest{Message: "hi"}))
 	if connect.CodeOf(err) != connect.CodePermissionDenied {
@@ -329,9 +338,13 @@ func TestNoCompressionByDefault(t *testing.T) {
 }
 
 func TestHealthAndReflectionForAnyVerifiedPeer(t *testing.T) {
-	e := start(t)
+	overTransports(t, testHealthAndReflectionForAnyVerifiedPeer)
+}
+
+func testHealthAndReflectionForAnyVerifiedPeer(t *testing.T, tr transportCase) {
+	e := tr.start(t)
 	// An identity outside the echo policy may still check health and reflect.
-	hc := rpc.NewHTTPClient(identity(t, e.ca, e.dir, "spiffe://example.org/monitor"), transport.AuthorizeAny())
+	hc := rpc.NewHTTPClient(identity(t, e.ca, e.dir, "spiffe://example.org/monitor"), transport.AuthorizeAny(), e.copts...)
 	res, err := grpchealth.NewClient(hc, e.url).Check(context.Background(), &grpchealth.CheckRequest{Service: "veil.echo.v1.EchoService"})
 	if err != nil || res.Status != grpchealth.StatusServing {
 		t.Fatalf("health = %v, %v", res, err)

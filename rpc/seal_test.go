@@ -86,8 +86,17 @@ func startSealed(t *testing.T) *env {
 }
 
 func TestSealedCallsAllProtocols(t *testing.T) {
-	e := startSealed(t)
-	hc := sealedClient(t, e.ca, e.dir, clientID, transport.AuthorizeID(spiffeid.RequireFromString(serverID)), nil, pqkex.WithChannelBinding())
+	overTransports(t, testSealedCallsAllProtocols)
+}
+
+func testSealedCallsAllProtocols(t *testing.T, tr transportCase) {
+	dir := t.TempDir()
+	ca, err := pki.InitCA(filepath.Join(dir, "ca"), "example.org")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := tr.startWith(t, dir, ca, sealedServer(t, ca, dir))
+	hc := sealedClient(t, e.ca, e.dir, clientID, transport.AuthorizeID(spiffeid.RequireFromString(serverID)), e.copts, pqkex.WithChannelBinding())
 	sealedCallsAllProtocols(t, e, hc, clientID+" X25519MLKEM768 pq=true sealed=true bound=true")
 }
 

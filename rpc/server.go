@@ -46,8 +46,9 @@ type serverConfig struct {
 	logger       *slog.Logger
 	sealing      *pqkex.Server
 	noCoalesce   bool
-	bootstrap    map[string]bool // procedures reachable without a client certificate
-	tokenAuth    []*tokenAuth    // WithBoundTokens' interceptors, which count refusals
+	bootstrap    map[string]bool    // procedures reachable without a client certificate
+	tokenAuth    []*tokenAuth       // WithBoundTokens' interceptors, which count refusals
+	http3        *http3ServerConfig // WithHTTP3; nil: HTTP/2 over TCP only
 }
 
 // WithPolicy sets who may call what. Without it every application procedure is denied.
@@ -259,8 +260,18 @@ func (s *Server) ListenAndServe(ctx context.Context, addr string) error {
 // closes what remains. It returns nil after a clean shutdown.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	tlsCfg := transport.ServerConfig(s.source, append(s.bootstrapTLSOptions(), transport.WithPQMode(s.cfg.pqMode), transport.WithObserver(s.metrics))...)
+	handler := s.Handler()
+	var h3 *http3Server
+	if s.cfg.http3 != nil {
+		tm := newTransportMetrics(s.cfg.registry)
+		var err error
+		if h3, handler, err = s.startHTTP3(ln.Addr(), tlsCfg, tm.handler(handler), tm); err != nil {
+			_ = ln.Close()
+			return err
+		}
+	}
 	hs := &http.Server{
-		Handler:           s.Handler(),
+		Handler:           handler,
 		TLSConfig:         tlsCfg,
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          log.New(handshakeLog{s.metrics}, "", 0),
@@ -268,6 +279,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	s.mu.Lock()
 	if s.shutdown {
 		s.mu.Unlock()
+		h3.close()
 		return errors.New("rpc: server already shut down")
 	}
 	s.http = hs
@@ -278,6 +290,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		mln, err := net.Listen("tcp", s.cfg.metricsAddr)
 		if err != nil {
 			_ = ln.Close()
+			h3.close()
 			return fmt.Errorf("rpc: metrics listener: %w", err)
 		}
 		mux := http.NewServeMux()
@@ -296,6 +309,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		if metricsSrv != nil {
 			_ = metricsSrv.Close()
 		}
+		h3.close()
 		return fmt.Errorf("rpc: %w", err)
 	case <-ctx.Done():
 	}
@@ -308,10 +322,20 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	s.health.SetStatus("", grpchealth.StatusNotServing)
 	graceCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), s.cfg.grace)
 	defer cancel()
+	var h3err error
+	h3done := make(chan struct{})
+	go func() {
+		defer close(h3done)
+		if h3 != nil {
+			h3err = h3.shutdown(graceCtx)
+		}
+	}()
 	err := hs.Shutdown(graceCtx)
 	if err != nil {
 		_ = hs.Close()
 	}
+	<-h3done
+	err = errors.Join(err, h3err)
 	if metricsSrv != nil {
 		_ = metricsSrv.Close()
 	}

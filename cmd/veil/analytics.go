@@ -48,7 +48,7 @@ func addClientFlags(fs interface {
 // client is the HTTP client and Connect options (rpc's, and access tokens with
 // --token-from) of an analytics command.
 func (cf clientFlags) client() (*http.Client, []connect.ClientOption, error) {
-	hc, _, err := newIdentityClient(*cf.identity, *cf.serverID, *cf.seal)
+	hc, _, err := newIdentityClient(*cf.identity, *cf.serverID, *cf.seal, nil)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -2,11 +2,9 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
-	"net/http/httptrace"
 	"slices"
 	"strings"
 
@@ -17,14 +15,13 @@ import (
 	"google.golang.org/protobuf/types/dynamicpb"
 
 	"github.com/veilrpc/veil/rpc"
-	"github.com/veilrpc/veil/transport"
 
 	// Compiled-in services, resolvable by procedure name.
 	_ "github.com/veilrpc/veil/gen/veil/echo/v1"
 )
 
 func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("call", "call --identity DIR --addr URL [--server-id ID] [--pq-seal on|proxied|off] [--pq-suite SUITE] [-v] PROCEDURE JSON\n\nPROCEDURE: package.Service/Method as grpcurl takes it (or /package.Service/Method)", stderr)
+	fs := newFlags("call", "call --identity DIR --addr URL [--server-id ID] [--pq-seal on|proxied|off] [--pq-suite SUITE] [--http3[=auto]] [-v] PROCEDURE JSON\n\nPROCEDURE: package.Service/Method as grpcurl takes it (or /package.Service/Method)", stderr)
 	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt; pq.cred, pq.key for sealing)")
 	addr := fs.String("addr", "", "server base URL, e.g. https://127.0.0.1:8443")
 	serverID := fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)")
@@ -32,7 +29,8 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	var suite suiteFlag
 	fs.Var(&suite, "pq-suite", pqSuiteUsage+"; when set, only a server of that suite is called (reason suite_policy)")
 	protocol := fs.String("protocol", "connect", "connect, grpc or grpcweb")
-	verbose := fs.Bool("v", false, "print the negotiated TLS group and sealing suite to stderr")
+	verbose := fs.Bool("v", false, "print the negotiated protocol (h3 or h2), TLS group and sealing suite to stderr")
+	h3 := addHTTP3Flag(fs)
 	tokens := addTokenClientFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, errHelp) {
@@ -59,7 +57,11 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return fmt.Errorf("%w: request JSON for %s: %v", errUsage, method.Input().FullName(), err)
 	}
 
-	hc, sealed, err := newIdentityClient(*identity, *serverID, *seal, suite.policy()...)
+	copts := h3.options()
+	if *verbose {
+		copts = append(copts, connReport(stderr))
+	}
+	hc, sealed, err := newIdentityClient(*identity, *serverID, *seal, copts, suite.policy()...)
 	if err != nil {
 		return err
 	}
@@ -86,17 +88,14 @@ func runCall(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return fmt.Errorf("%w: --protocol %q: want connect, grpc or grpcweb", errUsage, *protocol)
 	}
 	if *verbose {
-		ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{TLSHandshakeDone: func(cs tls.ConnectionState, err error) {
-			if err == nil {
-				peer, _ := transport.PeerID(&cs)
-				fmt.Fprintf(stderr, "tls: %s %s, server %s\n", tls.VersionName(cs.Version), cs.CurveID, peer)
-			}
-		}})
 		if sealed {
 			fmt.Fprintf(stderr, "pq-seal: on (%s)\n", identitySuite(*identity))
 		} else {
 			fmt.Fprintln(stderr, "pq-seal: off")
 		}
+	}
+	if *verbose {
+		defer h3.report(stderr)
 	}
 	client := connect.NewClient[dynamicpb.Message, dynamicpb.Message](hc, strings.TrimSuffix(*addr, "/")+procedure, connectOpts...)
 	marshal := protojson.MarshalOptions{Multiline: true}

@@ -96,7 +96,7 @@ func runKeysUpload(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
-	hc, _, err := newIdentityClient(*identity, *serverID, *seal)
+	hc, _, err := newIdentityClient(*identity, *serverID, *seal, nil)
 	if err != nil {
 		return err
 	}

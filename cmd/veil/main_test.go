@@ -355,22 +355,25 @@ func TestScoreCSV(t *testing.T) {
 			t.Fatalf("veil %v: %s", args, errOut)
 		}
 	}
-	port := startServe(t, "--identity", filepath.Join(dir, "scoring"), "--service", "scoring", "--scoring-model", modelPath)
-	code, out, errOut := veil(t, ctx, "score", "--identity", filepath.Join(dir, "client"), "--addr", "https://127.0.0.1:"+port,
-		"--server-id", "spiffe://example.org/scoring", "--csv", csvPath, "--json")
-	if code != 0 {
-		t.Fatalf("veil score: exit %d: %s", code, errOut)
-	}
-	var res scoreResult
-	if err := json.Unmarshal([]byte(out), &res); err != nil {
-		t.Fatalf("%v: %s", err, out)
-	}
-	if res.Samples != 40 || len(res.Probabilities) != 40 || res.Accuracy == nil || res.KeyBytes == 0 {
-		t.Fatalf("result %+v", res)
-	}
-	for i, p := range res.Probabilities {
-		if want := model.Predict(data.X[i]); math.Abs(p-want) > 0.01 {
-			t.Fatalf("sample %d: encrypted %v, plaintext %v", i, p, want)
+	port := startServe(t, "--identity", filepath.Join(dir, "scoring"), "--service", "scoring", "--scoring-model", modelPath, "--http3")
+	// Over HTTP/2, and over HTTP/3 (the server serves both).
+	for _, h3 := range []string{"--http3=off", "--http3"} {
+		code, out, errOut := veil(t, ctx, "score", "--identity", filepath.Join(dir, "client"), "--addr", "https://127.0.0.1:"+port,
+			"--server-id", "spiffe://example.org/scoring", "--csv", csvPath, "--json", h3)
+		if code != 0 {
+			t.Fatalf("veil score %s: exit %d: %s", h3, code, errOut)
+		}
+		var res scoreResult
+		if err := json.Unmarshal([]byte(out), &res); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		if res.Samples != 40 || len(res.Probabilities) != 40 || res.Accuracy == nil || res.KeyBytes == 0 {
+			t.Fatalf("result %+v", res)
+		}
+		for i, p := range res.Probabilities {
+			if want := model.Predict(data.X[i]); math.Abs(p-want) > 0.01 {
+				t.Fatalf("sample %d: encrypted %v, plaintext %v", i, p, want)
+			}
 		}
 	}
 	// Evaluation keys uploaded on their own, from a key file, for the scoring procedure.
@@ -378,7 +381,7 @@ func TestScoreCSV(t *testing.T) {
 	if code, _, errOut := veil(t, ctx, "keys", "gen", "--params", "n13", "--out", keys); code != 0 {
 		t.Fatalf("keys gen: %s", errOut)
 	}
-	code, out, errOut = veil(t, ctx, "keys", "upload", "--keys", keys, "--identity", filepath.Join(dir, "client"), "--addr", "https://127.0.0.1:"+port, "--json")
+	code, out, errOut := veil(t, ctx, "keys", "upload", "--keys", keys, "--identity", filepath.Join(dir, "client"), "--addr", "https://127.0.0.1:"+port, "--json")
 	if code != 0 || !strings.Contains(out, `"key_id"`) {
 		t.Fatalf("keys upload: exit %d %s %s", code, out, errOut)
 	}

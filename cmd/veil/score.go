@@ -25,13 +25,14 @@ type scoreResult struct {
 // manifest asks, upload them (with a progress bar), encrypt the CSV's rows, have the
 // server score them on ciphertexts, and decrypt the probabilities here.
 func runScore(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("score", "score --identity DIR --addr URL --csv FILE [--server-id ID] [--pq-seal on|proxied|off] [--json]", stderr)
+	fs := newFlags("score", "score --identity DIR --addr URL --csv FILE [--server-id ID] [--pq-seal on|proxied|off] [--http3[=auto]] [--json]", stderr)
 	identity := fs.String("identity", "", "identity directory (tls.crt, tls.key, ca.crt; pq.cred, pq.key for sealing)")
 	addr := fs.String("addr", "", "scoring server base URL, e.g. https://127.0.0.1:8443")
 	csvPath := fs.String("csv", "", "samples: a header line, then the features (and, optionally ignored for scoring, a 0/1 label) per line, as in wdbc.csv")
 	serverID := fs.String("server-id", "", "SPIFFE ID the server must have (default: any ID in the identity's trust domain)")
 	seal := addClientSeal(fs)
 	asJSON := fs.Bool("json", false, "print the result as JSON")
+	h3 := addHTTP3Flag(fs)
 	tokens := addTokenClientFlags(fs)
 	if err := parse(fs, args); err != nil {
 		return err
@@ -43,7 +44,7 @@ func runScore(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
-	hc, _, err := newIdentityClient(*identity, *serverID, *seal)
+	hc, _, err := newIdentityClient(*identity, *serverID, *seal, h3.options())
 	if err != nil {
 		return err
 	}

@@ -236,7 +236,9 @@ const pqSealUsage = "seal calls end to end: on (bound to the TLS connection), pr
 // bound to the TLS connection, so its peer is the sealed peer; proxied drops the binding
 // for a TLS-terminating proxy and then needs serverID, the only statement of which workload
 // answers. It reports whether calls are sealed.
-func newIdentityClient(dir, serverID string, seal clientSeal, extra ...pqkex.Option) (*http.Client, bool, error) {
+// copts are further rpc client options (HTTP/3), popts further sealing options (a suite
+// policy, which needs sealed calls).
+func newIdentityClient(dir, serverID string, seal clientSeal, copts []rpc.ClientOption, popts ...pqkex.Option) (*http.Client, bool, error) {
 	if seal == sealProxied && serverID == "" {
 		return nil, false, fmt.Errorf("%w: --pq-seal proxied needs --server-id: through a proxy only the sealed credential says which workload answers", errUsage)
 	}
@@ -257,16 +259,16 @@ func newIdentityClient(dir, serverID string, seal clientSeal, extra ...pqkex.Opt
 		authorize = transport.AuthorizeID(id)
 	}
 	sealed := seal.sealed(dir)
-	if len(extra) != 0 && !sealed {
+	if len(popts) != 0 && !sealed {
 		return nil, false, fmt.Errorf("%w: --pq-suite needs sealed calls (a sealing identity, --pq-seal on or proxied)", errUsage)
 	}
 	var opts []rpc.ClientOption
 	if sealed {
-		pc, err := newSealingClient(dir, rpc.SealedAuthorizer(authorize), seal != sealProxied, extra...)
+		pc, err := newSealingClient(dir, rpc.SealedAuthorizer(authorize), seal != sealProxied, popts...)
 		if err != nil {
 			return nil, false, err
 		}
 		opts = append(opts, rpc.WithClientSealing(pc))
 	}
-	return rpc.NewHTTPClient(src, authorize, opts...), sealed, nil
+	return rpc.NewHTTPClient(src, authorize, append(opts, copts...)...), sealed, nil
 }

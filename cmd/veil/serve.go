@@ -59,6 +59,7 @@ type serveConfig struct {
 	state      stateFlags
 	rules      []policyRule
 	check      bool
+	http3      bool
 }
 
 // parseServe reads and checks veil serve's flags and configuration file: what --check
@@ -81,6 +82,7 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 	grace := fs.Duration("grace", rpc.DefaultGracePeriod, "how long in-flight calls may finish on shutdown")
 	cfg.state = addStateFlags(fs)
 	config := fs.String("config", "", "YAML file whose keys are these flags' names (plus policy rules and a state map); flags override it")
+	h3 := fs.Bool("http3", false, "also serve HTTP/3 (QUIC) on the UDP port with the --listen port's number, advertised with Alt-Svc (open that UDP port in firewalls)")
 	check := fs.Bool("check", false, "validate the flags and configuration file, print what would be served, and exit (no identity or network needed)")
 	if err := parse(fs, args); err != nil {
 		return nil, err
@@ -106,6 +108,7 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 	}
 	cfg.identity, cfg.listen, cfg.pq = *identity, *listen, mode
 	cfg.ticketKeys, cfg.metrics, cfg.grace, cfg.check = *ticketKeys, *metrics, *grace, *check
+	cfg.http3 = *h3
 	return cfg, nil
 }
 
@@ -150,6 +153,9 @@ func buildServe(ctx context.Context, cfg *serveConfig, logger *slog.Logger) (_ *
 	opts := []rpc.ServerOption{rpc.WithPQMode(cfg.pq), rpc.WithPolicy(policy), rpc.WithGracePeriod(cfg.grace), rpc.WithLogger(logger)}
 	if cfg.metrics != "" {
 		opts = append(opts, rpc.WithMetricsAddr(cfg.metrics))
+	}
+	if cfg.http3 {
+		opts = append(opts, rpc.WithHTTP3())
 	}
 	// One registry for the server's and the sealing layer's metrics.
 	reg := prometheus.NewRegistry()
@@ -232,7 +238,7 @@ func buildServe(ctx context.Context, cfg *serveConfig, logger *slog.Logger) (_ *
 	}
 	s.srv = srv
 	s.logFields = []any{"id", svid.ID.String(), "services", cfg.services.String(), "pq", cfg.pq.String(), "pq_seal", seal.String(),
-		"require_token", *cfg.tokens.require, "allow", allow.String(), "cert_expires", svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339)}
+		"require_token", *cfg.tokens.require, "http3", cfg.http3, "allow", allow.String(), "cert_expires", svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339)}
 	return s, nil
 }
 

@@ -111,7 +111,7 @@ func TestServeStateNATS(t *testing.T) {
 	// is back they serve again, with the data NATS had acknowledged.
 	stopNATS()
 	health := func(addr string) grpchealth.Status {
-		hc, _, err := newIdentityClient(filepath.Join(dir, "analyst"), "", sealAuto)
+		hc, _, err := newIdentityClient(filepath.Join(dir, "analyst"), "", sealAuto, nil)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -78,7 +78,7 @@ func TestServeRequireToken(t *testing.T) {
 	// The client's own, valid token, presented without the refreshing interceptor.
 	valid := tokenFor("client", echoID)
 
-	hc, _, err := newIdentityClient(filepath.Join(dir, "client"), echoID, sealAuto)
+	hc, _, err := newIdentityClient(filepath.Join(dir, "client"), echoID, sealAuto, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

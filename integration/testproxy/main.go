@@ -90,8 +90,13 @@ func main() {
 	failover := flag.Bool("failover", false, "when an upstream fails, route later requests to the next one (the failed request gets 502)")
 	var ups upstreams
 	flag.Var(&ups, "upstream", "upstream base URL; repeatable")
+	tcpRelay := flag.String("tcp-relay", "", "only relay raw TCP from --listen to this host:port (no TLS termination, nothing on UDP: the path a firewall that drops UDP leaves)")
 	log.SetOutput(logWriter{})
 	flag.Parse()
+	if *tcpRelay != "" {
+		relayTCP(*listen, *tcpRelay)
+		return
+	}
 	if *identity == "" || len(ups) == 0 {
 		log.Fatal("testproxy: --identity and --upstream are required")
 	}
@@ -177,5 +182,34 @@ func main() {
 			log.Fatal(err)
 		}
 		logf("testproxy restarted")
+	}
+}
+
+// relayTCP copies bytes between each connection accepted on listen and a connection to
+// upstream, in both directions, until either side closes.
+func relayTCP(listen, upstream string) {
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		log.Fatal(err)
+	}
+	logf("testproxy relaying tcp %s to %s", listen, upstream)
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			log.Fatal(err)
+		}
+		go func() {
+			defer c.Close()
+			u, err := net.Dial("tcp", upstream)
+			if err != nil {
+				logf("RELAY-ERROR %v", err)
+				return
+			}
+			defer u.Close()
+			done := make(chan struct{}, 2)
+			go func() { _, _ = io.Copy(u, c); done <- struct{}{} }()
+			go func() { _, _ = io.Copy(c, u); done <- struct{}{} }()
+			<-done
+		}()
 	}
 }

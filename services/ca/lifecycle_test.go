@@ -221,6 +221,21 @@ func (r *serialRecorder) count(root *x509.Certificate) (all, fromRoot int) {
 // while both sides renew their leaves about every second, and the root rotates once
 // (prepare, activate, finish): no call may fail.
 func TestRotationUnderLoad(t *testing.T) {
+	for _, tr := range []struct {
+		name   string
+		server []rpc.ServerOption
+		client []rpc.ClientOption
+	}{
+		{"h2", nil, nil},
+		{"h3", []rpc.ServerOption{rpc.WithHTTP3()}, []rpc.ClientOption{rpc.WithHTTP3()}},
+	} {
+		t.Run(tr.name, func(t *testing.T) { testRotationUnderLoad(t, tr.server, tr.client) })
+	}
+}
+
+// testRotationUnderLoad runs the leaf and root rotation under load over one transport
+// (HTTP/3: the identity Source's certificate callbacks serve QUIC handshakes too).
+func testRotationUnderLoad(t *testing.T, serverOpts []rpc.ServerOption, clientOpts []rpc.ClientOption) {
 	const (
 		callers  = 64
 		minCalls = 20_000
@@ -233,9 +248,9 @@ func TestRotationUnderLoad(t *testing.T) {
 		transport.WithTrustRefresh(300 * time.Millisecond), transport.WithRetryBackoff(50*time.Millisecond, 200*time.Millisecond)}
 	serverSrc := &serialRecorder{RenewingSource: e.join(t, echoID, opts...), serials: map[string]*x509.Certificate{}}
 	clientSrc := &serialRecorder{RenewingSource: e.join(t, callerID, opts...), serials: map[string]*x509.Certificate{}}
-	_, url, reg := echoServer(t, serverSrc)
+	_, url, reg := echoServer(t, serverSrc, serverOpts...)
 	serverAuth := transport.AuthorizeID(spiffeid.RequireFromString(echoID))
-	shared := rpc.NewHTTPClient(clientSrc, serverAuth)
+	shared := rpc.NewHTTPClient(clientSrc, serverAuth, clientOpts...)
 
 	ctx, cancel := context.WithTimeout(context.Background(), maxTime)
 	defer cancel()
@@ -269,7 +284,7 @@ func TestRotationUnderLoad(t *testing.T) {
 					if hc != shared {
 						hc.CloseIdleConnections()
 					}
-					hc = rpc.NewHTTPClient(clientSrc, serverAuth)
+					hc = rpc.NewHTTPClient(clientSrc, serverAuth, clientOpts...)
 				}
 				select {
 				case <-stop:
@@ -308,6 +323,9 @@ func TestRotationUnderLoad(t *testing.T) {
 		srvAll, srvNew, cliAll, cliNew, serverSrc.Status().Renewals, clientSrc.Status().Renewals)
 	if failures.Load() != 0 {
 		t.Fatalf("%d calls failed; first: %v", failures.Load(), firstErr.Load())
+	}
+	if len(serverOpts) > 0 && counter(reg, "veil_rpc_requests_total", map[string]string{"transport": "h2"}) != 0 {
+		t.Fatal("calls of the HTTP/3 run went over HTTP/2")
 	}
 	if calls.Load() < minCalls || elapsed < minTime {
 		t.Fatalf("only %d calls in %s", calls.Load(), elapsed)

@@ -28,6 +28,7 @@ type Expect struct {
 	HostPath        bool   // spire socket from a hostPath volume (else the CSI driver)
 	ClusterSPIFFEID bool   // identity.spire.clusterSPIFFEID.enabled
 	Tokens          bool   // auth.enabled (with requireToken): the token service, and servers requiring tokens
+	HTTP3           bool   // http3.enabled: serve.yaml http3, and the rpc port over UDP in the container, Service and NetworkPolicy
 }
 
 // UID is the user every container runs as (the distroless "nonroot" user).
@@ -40,7 +41,7 @@ var serveKeys = []string{"identity", "ca", "ca-bundle", "join-token", "id", "cer
 	"degrade-below", "spiffe-socket", "spiffe-timeout", "listen", "service", "scoring-model",
 	"keys-store", "keys-memory", "analytics-store", "allow", "pq", "pq-seal", "ticket-keys",
 	"metrics", "grace", "policy", "state", "token-signing-key", "token-ttl", "require-token", "token-issuer",
-	"token-public-key"}
+	"token-public-key", "http3"}
 
 // stateKeys are the state map's keys: the --state-* flags without the prefix.
 var stateKeys = []string{"backend", "url", "replicas", "ca", "prefix", "ticket-key-period"}
@@ -584,6 +585,7 @@ func (c *checker) checkIdentity(w workload, objs []Object) {
 			c.errorf(o, "serve.yaml: unknown key %q", k)
 		}
 	}
+	c.checkHTTP3(w, cfg, objs)
 	str := func(k string) string { s, _ := cfg[k].(string); return s }
 	if svc, _ := cfg["service"].([]any); len(svc) == 0 {
 		c.errorf(o, "serve.yaml: no service")

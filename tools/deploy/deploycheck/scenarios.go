@@ -55,6 +55,9 @@ func Scenarios() []Scenario {
 		{Name: "veil-ca-tokens",
 			Set:    []string{"auth.enabled=true", "auth.publicKey.configMap=veil-token-public-key", "auth.signingKey.secret=veil-token-signing-key"},
 			Expect: Expect{Mode: "veil-ca", Tokens: true}},
+		{Name: "spire-http3",
+			Set:    []string{"identity.mode=spire", "http3.enabled=true", "scoring.ingressFrom[0].podSelector.matchLabels.role=client"},
+			Expect: Expect{Mode: "spire", HTTP3: true}},
 	}
 }
 
