@@ -304,6 +304,10 @@ func (m *Member) Setup(ctx context.Context, studyID string) error {
 	return nil
 }
 
+// ErrStudyOpen is returned (wrapped, with the server's failed_precondition) by
+// Release while the study is not closed with submissions: call it again later.
+var ErrStudyOpen = errors.New("analytics: the study is not closed yet")
+
 // Released is the server's answer to a release share.
 type Released struct {
 	Round  uint64 // the release round the share was for
@@ -329,6 +333,9 @@ func (m *Member) Release(ctx context.Context, studyID string, active []int) (Rel
 		return Released{}, err
 	}
 	agg, err := m.svc.GetAggregate(ctx, connect.NewRequest(&analyticsv1.GetAggregateRequest{StudyId: studyID}))
+	if connect.CodeOf(err) == connect.CodeFailedPrecondition {
+		return Released{}, fmt.Errorf("%w: %w", ErrStudyOpen, err)
+	}
 	if err != nil {
 		return Released{}, err
 	}
