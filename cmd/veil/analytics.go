@@ -290,10 +290,16 @@ func runAnalyticsJoin(ctx context.Context, args []string, stdout, stderr io.Writ
 		return err
 	}
 	fmt.Fprintf(stderr, "joined study %s as member %d\n", *study, idx)
-	// wait runs step until it stops answering "not yet" (pending), polling.
+	// wait runs step until it stops answering "not yet" (pending), polling; an
+	// unavailable server (restarting) is waited for too: this process holds key
+	// shares that die with it.
 	wait := func(what string, step func() (pending bool, err error)) error {
 		for said := false; ; {
 			pending, err := step()
+			if connect.CodeOf(err) == connect.CodeUnavailable {
+				fmt.Fprintf(stderr, "server unavailable, retrying: %v\n", err)
+				pending, err = true, nil
+			}
 			if err != nil || !pending {
 				return err
 			}
