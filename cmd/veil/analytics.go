@@ -62,7 +62,7 @@ func (cf clientFlags) client() (*http.Client, []connect.ClientOption, error) {
 }
 
 func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlags("analytics create", "analytics create --keys FILE --identity DIR --addr URL --study ID --owner PATTERN... --dimension N --range MIN:MAX... [--member SPIFFE-ID... --threshold T] [--min-owners N] [--max-submissions N] [--covariance] [--json]", stderr)
+	fs := newFlags("analytics create", "analytics create --keys FILE --identity DIR --addr URL --study ID --owner PATTERN... --dimension N --range MIN:MAX... [--member SPIFFE-ID... --threshold T] [--epsilon E [--epsilon-per-release E1]] [--min-owners N] [--max-submissions N] [--covariance] [--json]", stderr)
 	cf := addClientFlags(fs)
 	keyFile := fs.String("keys", "", "the analyst's key file (veil keys gen)")
 	study := fs.String("study", "", "study ID: lowercase letters, digits and dashes")
@@ -77,6 +77,8 @@ func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Wr
 	var members stringList
 	fs.Var(&members, "member", "SPIFFE ID of a committee member, in index order (member 1 first); repeatable: makes a committee study, whose key no party holds (--keys is then the reader key results are re-encrypted to)")
 	threshold := fs.Int("threshold", 0, "committee members whose release shares a result needs")
+	epsilon := fs.Float64("epsilon", 0, "differential privacy budget of the study's releases (single-key studies; 0: none)")
+	perRelease := fs.Float64("epsilon-per-release", 0, "privacy budget each release spends (default: --epsilon, one release)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -108,6 +110,16 @@ func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Wr
 	}
 	spec := analytics.StudySpec{ID: *study, OwnerPatterns: owners, Dimension: *dimension, Covariance: *covariance,
 		Ranges: ranges, MinOwners: *minOwners, MaxSubmissionsPerOwner: *maxSubs}
+	if *epsilon < 0 || *perRelease < 0 || (*perRelease > 0 && *epsilon == 0) {
+		return fmt.Errorf("%w: --epsilon-per-release needs a positive --epsilon", errUsage)
+	}
+	if *epsilon > 0 {
+		p := &analytics.Privacy{Epsilon: *epsilon, EpsilonPerRelease: *perRelease}
+		if p.EpsilonPerRelease == 0 {
+			p.EpsilonPerRelease = p.Epsilon
+		}
+		spec.Privacy = p
+	}
 	a := analytics.NewAnalyst(hc, *cf.addr, key, id, opts...)
 	out := map[string]any{"study": *study, "owners": []string(owners), "dimension": *dimension}
 	if len(members) > 0 {

@@ -41,6 +41,9 @@ type StudySpec struct {
 	// MaxSubmissionsPerOwner caps each owner's counted submissions (0:
 	// DefaultMaxSubmissionsPerOwner).
 	MaxSubmissionsPerOwner int
+	// Privacy, when set, makes every release differentially private (single-key
+	// studies): Laplace noise sized from Ranges, EpsilonPerRelease of the budget each.
+	Privacy *Privacy
 }
 
 // Range is a closed interval [Min, Max].
@@ -100,6 +103,9 @@ func (a *Analyst) create(ctx context.Context, spec StudySpec, committee *analyti
 	}
 	for _, r := range spec.Ranges {
 		m.Ranges = append(m.Ranges, &analyticsv1.Range{Min: r.Min, Max: r.Max})
+	}
+	if p := spec.Privacy; p != nil {
+		m.Privacy = &analyticsv1.Privacy{Epsilon: p.Epsilon, EpsilonPerRelease: p.EpsilonPerRelease}
 	}
 	if committee != nil {
 		committee.ReaderKey = pk

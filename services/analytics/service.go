@@ -114,6 +114,7 @@ type study struct {
 	params   *he.Parameters
 	patterns []transport.Pattern
 	eval     *he.Evaluator
+	enc      *he.Encryptor // the study key's, for privacy noise; nil without privacy
 	// keyFP is the fingerprint of the study's public key: every submitted vector
 	// must carry it. A committee study's is set once every member has joined.
 	keyFP atomic.Pointer[[]byte]
@@ -267,6 +268,7 @@ func (s *Service) newStudy(m *analyticsv1.Study, creating bool) (*study, error) 
 	var params *he.Parameters
 	var com *committeeState
 	var fp []byte
+	var enc *he.Encryptor
 	var err error
 	if m.GetCommittee() != nil {
 		if com, err = s.newCommitteeState(m, creating); err != nil {
@@ -285,6 +287,14 @@ func (s *Service) newStudy(m *analyticsv1.Study, creating bool) (*study, error) 
 			return nil, he.ConnectError(err)
 		}
 		fp = pk.Fingerprint()
+		if m.GetPrivacy() != nil {
+			if enc, err = he.NewEncryptor(pk); err != nil {
+				return nil, he.ConnectError(err)
+			}
+		}
+	}
+	if err := checkPrivacy(m); err != nil {
+		return nil, err
 	}
 	if d := int(m.GetDimension()); d < 1 || productsLen(m) > params.Slots() {
 		return nil, errorf(connect.CodeInvalidArgument, "a study of dimension %d (covariance %v) needs %d slots, the parameters have %d", d, m.GetCovariance(), productsLen(m), params.Slots())
@@ -301,7 +311,7 @@ func (s *Service) newStudy(m *analyticsv1.Study, creating bool) (*study, error) 
 	if m.GetMinOwners() == 1 {
 		return nil, errorf(connect.CodeInvalidArgument, "min_owners must be at least 2: one owner's submission would be the result")
 	}
-	st := &study{meta: m, params: params, com: com, seen: map[string]bool{}, counted: map[string]string{}, perOwner: map[string]int{}}
+	st := &study{meta: m, params: params, com: com, enc: enc, seen: map[string]bool{}, counted: map[string]string{}, perOwner: map[string]int{}}
 	if fp != nil {
 		st.keyFP.Store(&fp)
 	}
@@ -894,9 +904,18 @@ func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv
 		}
 		return connect.NewResponse(res), nil
 	}
+	if !st.budgetLeft() {
+		st.mu.Unlock()
+		return nil, errorf(connect.CodeResourceExhausted, "study %q: its privacy budget (epsilon %g, %g per release) is spent after %d releases", req.Msg.GetStudyId(), st.meta.GetPrivacy().GetEpsilon(), st.meta.GetPrivacy().GetEpsilonPerRelease(), st.releases)
+	}
 	seq, err := s.recordRelease(ctx, st, who.String())
 	st.mu.Unlock()
 	if err != nil {
+		return nil, err
+	}
+	// With privacy, fresh Laplace noise for this release (recorded first: a failure
+	// here spends budget and releases nothing).
+	if sum, prod, hist, err = st.privateRelease(ctx, sum, prod, hist); err != nil {
 		return nil, err
 	}
 	res := &analyticsv1.GetResultResponse{Submissions: n, Count: count, Release: seq}

@@ -91,6 +91,11 @@ func studyStatement(m *analyticsv1.Study) []byte {
 		}
 		b = appendUint(b, uint64(c.GetThreshold()))
 	}
+	if p := m.GetPrivacy(); p != nil {
+		b = appendField(b, []byte("privacy"))
+		b = appendUint(b, math.Float64bits(p.GetEpsilon()))
+		b = appendUint(b, math.Float64bits(p.GetEpsilonPerRelease()))
+	}
 	return b
 }
 

@@ -232,7 +232,9 @@ type Study struct {
 	State StudyState `protobuf:"varint,12,opt,name=state,proto3,enum=veil.analytics.v1.StudyState" json:"state,omitempty"`
 	// Set for a committee study: no party holds the secret key (docs/services.md,
 	// "Committee studies").
-	Committee     *Committee `protobuf:"bytes,13,opt,name=committee,proto3" json:"committee,omitempty"`
+	Committee *Committee `protobuf:"bytes,13,opt,name=committee,proto3" json:"committee,omitempty"`
+	// Optional differential privacy of the released sums (single-key studies).
+	Privacy       *Privacy `protobuf:"bytes,14,opt,name=privacy,proto3" json:"privacy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -358,6 +360,70 @@ func (x *Study) GetCommittee() *Committee {
 	return nil
 }
 
+func (x *Study) GetPrivacy() *Privacy {
+	if x != nil {
+		return x.Privacy
+	}
+	return nil
+}
+
+// Privacy makes the server add Laplace noise to every released vector, under the
+// study's key before release (the server samples it: it must not collude with the
+// reader), scaled to the sensitivity the declared ranges bound; each release spends
+// epsilon_per_release of the budget epsilon, and a release beyond it is refused with
+// resource_exhausted. The record count stays exact. See docs/services.md.
+type Privacy struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	Epsilon           float64                `protobuf:"fixed64,1,opt,name=epsilon,proto3" json:"epsilon,omitempty"`
+	EpsilonPerRelease float64                `protobuf:"fixed64,2,opt,name=epsilon_per_release,json=epsilonPerRelease,proto3" json:"epsilon_per_release,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *Privacy) Reset() {
+	*x = Privacy{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Privacy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Privacy) ProtoMessage() {}
+
+func (x *Privacy) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Privacy.ProtoReflect.Descriptor instead.
+func (*Privacy) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Privacy) GetEpsilon() float64 {
+	if x != nil {
+		return x.Epsilon
+	}
+	return 0
+}
+
+func (x *Privacy) GetEpsilonPerRelease() float64 {
+	if x != nil {
+		return x.EpsilonPerRelease
+	}
+	return 0
+}
+
 // Committee names a committee study's key holders. The analyst is the reader: results
 // are re-encrypted to reader_key, which decrypts no submission.
 type Committee struct {
@@ -374,7 +440,7 @@ type Committee struct {
 
 func (x *Committee) Reset() {
 	*x = Committee{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[3]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -386,7 +452,7 @@ func (x *Committee) String() string {
 func (*Committee) ProtoMessage() {}
 
 func (x *Committee) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[3]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -399,7 +465,7 @@ func (x *Committee) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Committee.ProtoReflect.Descriptor instead.
 func (*Committee) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{3}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Committee) GetMembers() []string {
@@ -435,7 +501,7 @@ type MemberSignature struct {
 
 func (x *MemberSignature) Reset() {
 	*x = MemberSignature{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[4]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -447,7 +513,7 @@ func (x *MemberSignature) String() string {
 func (*MemberSignature) ProtoMessage() {}
 
 func (x *MemberSignature) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[4]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -460,7 +526,7 @@ func (x *MemberSignature) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberSignature.ProtoReflect.Descriptor instead.
 func (*MemberSignature) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{4}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *MemberSignature) GetChain() [][]byte {
@@ -494,7 +560,7 @@ type CommitteeJoin struct {
 
 func (x *CommitteeJoin) Reset() {
 	*x = CommitteeJoin{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[5]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -506,7 +572,7 @@ func (x *CommitteeJoin) String() string {
 func (*CommitteeJoin) ProtoMessage() {}
 
 func (x *CommitteeJoin) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[5]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -519,7 +585,7 @@ func (x *CommitteeJoin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitteeJoin.ProtoReflect.Descriptor instead.
 func (*CommitteeJoin) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{5}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *CommitteeJoin) GetMember() uint32 {
@@ -568,7 +634,7 @@ type SealedShamirShare struct {
 
 func (x *SealedShamirShare) Reset() {
 	*x = SealedShamirShare{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[6]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -580,7 +646,7 @@ func (x *SealedShamirShare) String() string {
 func (*SealedShamirShare) ProtoMessage() {}
 
 func (x *SealedShamirShare) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[6]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -593,7 +659,7 @@ func (x *SealedShamirShare) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SealedShamirShare.ProtoReflect.Descriptor instead.
 func (*SealedShamirShare) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{6}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *SealedShamirShare) GetFrom() uint32 {
@@ -634,7 +700,7 @@ type JoinCommitteeRequest struct {
 
 func (x *JoinCommitteeRequest) Reset() {
 	*x = JoinCommitteeRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[7]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -646,7 +712,7 @@ func (x *JoinCommitteeRequest) String() string {
 func (*JoinCommitteeRequest) ProtoMessage() {}
 
 func (x *JoinCommitteeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[7]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -659,7 +725,7 @@ func (x *JoinCommitteeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinCommitteeRequest.ProtoReflect.Descriptor instead.
 func (*JoinCommitteeRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{7}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *JoinCommitteeRequest) GetStudyId() string {
@@ -688,7 +754,7 @@ type JoinCommitteeResponse struct {
 
 func (x *JoinCommitteeResponse) Reset() {
 	*x = JoinCommitteeResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[8]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -700,7 +766,7 @@ func (x *JoinCommitteeResponse) String() string {
 func (*JoinCommitteeResponse) ProtoMessage() {}
 
 func (x *JoinCommitteeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[8]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -713,7 +779,7 @@ func (x *JoinCommitteeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinCommitteeResponse.ProtoReflect.Descriptor instead.
 func (*JoinCommitteeResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{8}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *JoinCommitteeResponse) GetMember() uint32 {
@@ -739,7 +805,7 @@ type GetCommitteeRequest struct {
 
 func (x *GetCommitteeRequest) Reset() {
 	*x = GetCommitteeRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[9]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -751,7 +817,7 @@ func (x *GetCommitteeRequest) String() string {
 func (*GetCommitteeRequest) ProtoMessage() {}
 
 func (x *GetCommitteeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[9]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -764,7 +830,7 @@ func (x *GetCommitteeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCommitteeRequest.ProtoReflect.Descriptor instead.
 func (*GetCommitteeRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{9}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetCommitteeRequest) GetStudyId() string {
@@ -789,7 +855,7 @@ type GetCommitteeResponse struct {
 
 func (x *GetCommitteeResponse) Reset() {
 	*x = GetCommitteeResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[10]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -801,7 +867,7 @@ func (x *GetCommitteeResponse) String() string {
 func (*GetCommitteeResponse) ProtoMessage() {}
 
 func (x *GetCommitteeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[10]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -814,7 +880,7 @@ func (x *GetCommitteeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetCommitteeResponse.ProtoReflect.Descriptor instead.
 func (*GetCommitteeResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{10}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetCommitteeResponse) GetStudy() *Study {
@@ -856,7 +922,7 @@ type PostShamirSharesRequest struct {
 
 func (x *PostShamirSharesRequest) Reset() {
 	*x = PostShamirSharesRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[11]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -868,7 +934,7 @@ func (x *PostShamirSharesRequest) String() string {
 func (*PostShamirSharesRequest) ProtoMessage() {}
 
 func (x *PostShamirSharesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[11]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -881,7 +947,7 @@ func (x *PostShamirSharesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PostShamirSharesRequest.ProtoReflect.Descriptor instead.
 func (*PostShamirSharesRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{11}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *PostShamirSharesRequest) GetStudyId() string {
@@ -906,7 +972,7 @@ type PostShamirSharesResponse struct {
 
 func (x *PostShamirSharesResponse) Reset() {
 	*x = PostShamirSharesResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[12]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -918,7 +984,7 @@ func (x *PostShamirSharesResponse) String() string {
 func (*PostShamirSharesResponse) ProtoMessage() {}
 
 func (x *PostShamirSharesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[12]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -931,7 +997,7 @@ func (x *PostShamirSharesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PostShamirSharesResponse.ProtoReflect.Descriptor instead.
 func (*PostShamirSharesResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{12}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{13}
 }
 
 type GetAggregateRequest struct {
@@ -943,7 +1009,7 @@ type GetAggregateRequest struct {
 
 func (x *GetAggregateRequest) Reset() {
 	*x = GetAggregateRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[13]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -955,7 +1021,7 @@ func (x *GetAggregateRequest) String() string {
 func (*GetAggregateRequest) ProtoMessage() {}
 
 func (x *GetAggregateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[13]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -968,7 +1034,7 @@ func (x *GetAggregateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAggregateRequest.ProtoReflect.Descriptor instead.
 func (*GetAggregateRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{13}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetAggregateRequest) GetStudyId() string {
@@ -994,7 +1060,7 @@ type GetAggregateResponse struct {
 
 func (x *GetAggregateResponse) Reset() {
 	*x = GetAggregateResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[14]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1006,7 +1072,7 @@ func (x *GetAggregateResponse) String() string {
 func (*GetAggregateResponse) ProtoMessage() {}
 
 func (x *GetAggregateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[14]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1019,7 +1085,7 @@ func (x *GetAggregateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAggregateResponse.ProtoReflect.Descriptor instead.
 func (*GetAggregateResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{14}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetAggregateResponse) GetRound() uint64 {
@@ -1083,7 +1149,7 @@ type SubmitReleaseShareRequest struct {
 
 func (x *SubmitReleaseShareRequest) Reset() {
 	*x = SubmitReleaseShareRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[15]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1095,7 +1161,7 @@ func (x *SubmitReleaseShareRequest) String() string {
 func (*SubmitReleaseShareRequest) ProtoMessage() {}
 
 func (x *SubmitReleaseShareRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[15]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1108,7 +1174,7 @@ func (x *SubmitReleaseShareRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitReleaseShareRequest.ProtoReflect.Descriptor instead.
 func (*SubmitReleaseShareRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{15}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SubmitReleaseShareRequest) GetStudyId() string {
@@ -1172,7 +1238,7 @@ type SubmitReleaseShareResponse struct {
 
 func (x *SubmitReleaseShareResponse) Reset() {
 	*x = SubmitReleaseShareResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[16]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1184,7 +1250,7 @@ func (x *SubmitReleaseShareResponse) String() string {
 func (*SubmitReleaseShareResponse) ProtoMessage() {}
 
 func (x *SubmitReleaseShareResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[16]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1197,7 +1263,7 @@ func (x *SubmitReleaseShareResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitReleaseShareResponse.ProtoReflect.Descriptor instead.
 func (*SubmitReleaseShareResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{16}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SubmitReleaseShareResponse) GetShares() uint32 {
@@ -1223,7 +1289,7 @@ type CreateStudyRequest struct {
 
 func (x *CreateStudyRequest) Reset() {
 	*x = CreateStudyRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[17]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1235,7 +1301,7 @@ func (x *CreateStudyRequest) String() string {
 func (*CreateStudyRequest) ProtoMessage() {}
 
 func (x *CreateStudyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[17]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1248,7 +1314,7 @@ func (x *CreateStudyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateStudyRequest.ProtoReflect.Descriptor instead.
 func (*CreateStudyRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{17}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CreateStudyRequest) GetStudy() *Study {
@@ -1267,7 +1333,7 @@ type CreateStudyResponse struct {
 
 func (x *CreateStudyResponse) Reset() {
 	*x = CreateStudyResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[18]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1279,7 +1345,7 @@ func (x *CreateStudyResponse) String() string {
 func (*CreateStudyResponse) ProtoMessage() {}
 
 func (x *CreateStudyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[18]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1292,7 +1358,7 @@ func (x *CreateStudyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateStudyResponse.ProtoReflect.Descriptor instead.
 func (*CreateStudyResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{18}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CreateStudyResponse) GetStudy() *Study {
@@ -1311,7 +1377,7 @@ type GetStudyRequest struct {
 
 func (x *GetStudyRequest) Reset() {
 	*x = GetStudyRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[19]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1323,7 +1389,7 @@ func (x *GetStudyRequest) String() string {
 func (*GetStudyRequest) ProtoMessage() {}
 
 func (x *GetStudyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[19]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1336,7 +1402,7 @@ func (x *GetStudyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStudyRequest.ProtoReflect.Descriptor instead.
 func (*GetStudyRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{19}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetStudyRequest) GetStudyId() string {
@@ -1355,7 +1421,7 @@ type GetStudyResponse struct {
 
 func (x *GetStudyResponse) Reset() {
 	*x = GetStudyResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[20]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1367,7 +1433,7 @@ func (x *GetStudyResponse) String() string {
 func (*GetStudyResponse) ProtoMessage() {}
 
 func (x *GetStudyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[20]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1380,7 +1446,7 @@ func (x *GetStudyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStudyResponse.ProtoReflect.Descriptor instead.
 func (*GetStudyResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{20}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetStudyResponse) GetStudy() *Study {
@@ -1411,7 +1477,7 @@ type SubmitRequest struct {
 
 func (x *SubmitRequest) Reset() {
 	*x = SubmitRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[21]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1423,7 +1489,7 @@ func (x *SubmitRequest) String() string {
 func (*SubmitRequest) ProtoMessage() {}
 
 func (x *SubmitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[21]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1436,7 +1502,7 @@ func (x *SubmitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitRequest.ProtoReflect.Descriptor instead.
 func (*SubmitRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{21}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SubmitRequest) GetStudyId() string {
@@ -1495,7 +1561,7 @@ type SubmitResponse struct {
 
 func (x *SubmitResponse) Reset() {
 	*x = SubmitResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[22]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1507,7 +1573,7 @@ func (x *SubmitResponse) String() string {
 func (*SubmitResponse) ProtoMessage() {}
 
 func (x *SubmitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[22]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1520,7 +1586,7 @@ func (x *SubmitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitResponse.ProtoReflect.Descriptor instead.
 func (*SubmitResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{22}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SubmitResponse) GetDuplicate() bool {
@@ -1546,7 +1612,7 @@ type CloseStudyRequest struct {
 
 func (x *CloseStudyRequest) Reset() {
 	*x = CloseStudyRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[23]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1558,7 +1624,7 @@ func (x *CloseStudyRequest) String() string {
 func (*CloseStudyRequest) ProtoMessage() {}
 
 func (x *CloseStudyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[23]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1571,7 +1637,7 @@ func (x *CloseStudyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStudyRequest.ProtoReflect.Descriptor instead.
 func (*CloseStudyRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{23}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CloseStudyRequest) GetStudyId() string {
@@ -1593,7 +1659,7 @@ type CloseStudyResponse struct {
 
 func (x *CloseStudyResponse) Reset() {
 	*x = CloseStudyResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[24]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1605,7 +1671,7 @@ func (x *CloseStudyResponse) String() string {
 func (*CloseStudyResponse) ProtoMessage() {}
 
 func (x *CloseStudyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[24]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1618,7 +1684,7 @@ func (x *CloseStudyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStudyResponse.ProtoReflect.Descriptor instead.
 func (*CloseStudyResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{24}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CloseStudyResponse) GetSubmissions() uint64 {
@@ -1650,7 +1716,7 @@ type GetResultRequest struct {
 
 func (x *GetResultRequest) Reset() {
 	*x = GetResultRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[25]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1662,7 +1728,7 @@ func (x *GetResultRequest) String() string {
 func (*GetResultRequest) ProtoMessage() {}
 
 func (x *GetResultRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[25]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1675,7 +1741,7 @@ func (x *GetResultRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResultRequest.ProtoReflect.Descriptor instead.
 func (*GetResultRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{25}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GetResultRequest) GetStudyId() string {
@@ -1720,7 +1786,7 @@ type GetResultResponse struct {
 
 func (x *GetResultResponse) Reset() {
 	*x = GetResultResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[26]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1732,7 +1798,7 @@ func (x *GetResultResponse) String() string {
 func (*GetResultResponse) ProtoMessage() {}
 
 func (x *GetResultResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[26]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1745,7 +1811,7 @@ func (x *GetResultResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResultResponse.ProtoReflect.Descriptor instead.
 func (*GetResultResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{26}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GetResultResponse) GetSubmissions() uint64 {
@@ -1824,7 +1890,7 @@ type StoredSubmission struct {
 
 func (x *StoredSubmission) Reset() {
 	*x = StoredSubmission{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[27]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1836,7 +1902,7 @@ func (x *StoredSubmission) String() string {
 func (*StoredSubmission) ProtoMessage() {}
 
 func (x *StoredSubmission) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[27]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1849,7 +1915,7 @@ func (x *StoredSubmission) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredSubmission.ProtoReflect.Descriptor instead.
 func (*StoredSubmission) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{27}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StoredSubmission) GetOwner() string {
@@ -1912,7 +1978,7 @@ type StoredReleaseShare struct {
 
 func (x *StoredReleaseShare) Reset() {
 	*x = StoredReleaseShare{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[28]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1924,7 +1990,7 @@ func (x *StoredReleaseShare) String() string {
 func (*StoredReleaseShare) ProtoMessage() {}
 
 func (x *StoredReleaseShare) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[28]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1937,7 +2003,7 @@ func (x *StoredReleaseShare) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredReleaseShare.ProtoReflect.Descriptor instead.
 func (*StoredReleaseShare) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{28}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *StoredReleaseShare) GetMember() uint32 {
@@ -1965,7 +2031,7 @@ type StudyClosed struct {
 
 func (x *StudyClosed) Reset() {
 	*x = StudyClosed{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[29]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1977,7 +2043,7 @@ func (x *StudyClosed) String() string {
 func (*StudyClosed) ProtoMessage() {}
 
 func (x *StudyClosed) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[29]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1990,7 +2056,7 @@ func (x *StudyClosed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StudyClosed.ProtoReflect.Descriptor instead.
 func (*StudyClosed) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{29}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *StudyClosed) GetIncluded() []string {
@@ -2019,7 +2085,7 @@ type StudyReleased struct {
 
 func (x *StudyReleased) Reset() {
 	*x = StudyReleased{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[30]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2031,7 +2097,7 @@ func (x *StudyReleased) String() string {
 func (*StudyReleased) ProtoMessage() {}
 
 func (x *StudyReleased) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[30]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2044,7 +2110,7 @@ func (x *StudyReleased) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StudyReleased.ProtoReflect.Descriptor instead.
 func (*StudyReleased) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{30}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *StudyReleased) GetSequence() uint64 {
@@ -2079,7 +2145,7 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\x10AnalystSignature\x12*\n" +
 	"\x05chain\x18\x01 \x03(\fB\x14\xbaH\x11\x92\x01\x0e\b\x01\x10\b\"\bz\x06\x10\x01\x18\x80\x80\x01R\x05chain\x12(\n" +
 	"\tsignature\x18\x02 \x01(\fB\n" +
-	"\xbaH\az\x05\x10\x01\x18\x80\bR\tsignature\"\xc7\x05\n" +
+	"\xbaH\az\x05\x10\x01\x18\x80\bR\tsignature\"\xfd\x05\n" +
 	"\x05Study\x12;\n" +
 	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\x12\x18\n" +
 	"\aanalyst\x18\x02 \x01(\tR\aanalyst\x12:\n" +
@@ -2099,7 +2165,11 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\xbaH\a\x92\x01\x04\x10\x80\x80\x02R\x06ranges\x12P\n" +
 	"\x11analyst_signature\x18\v \x01(\v2#.veil.analytics.v1.AnalystSignatureR\x10analystSignature\x123\n" +
 	"\x05state\x18\f \x01(\x0e2\x1d.veil.analytics.v1.StudyStateR\x05state\x12:\n" +
-	"\tcommittee\x18\r \x01(\v2\x1c.veil.analytics.v1.CommitteeR\tcommittee\"\xa1\x01\n" +
+	"\tcommittee\x18\r \x01(\v2\x1c.veil.analytics.v1.CommitteeR\tcommittee\x124\n" +
+	"\aprivacy\x18\x0e \x01(\v2\x1a.veil.analytics.v1.PrivacyR\aprivacy\"\x89\x01\n" +
+	"\aPrivacy\x123\n" +
+	"\aepsilon\x18\x01 \x01(\x01B\x19\xbaH\x16\x12\x14@\x01\x19\x00\x00\x00\x00\x00\x00Y@!\x00\x00\x00\x00\x00\x00\x00\x00R\aepsilon\x12I\n" +
+	"\x13epsilon_per_release\x18\x02 \x01(\x01B\x19\xbaH\x16\x12\x14@\x01\x19\x00\x00\x00\x00\x00\x00Y@!\x00\x00\x00\x00\x00\x00\x00\x00R\x11epsilonPerRelease\"\xa1\x01\n" +
 	"\tCommittee\x12/\n" +
 	"\amembers\x18\x01 \x03(\tB\x15\xbaH\x12\x92\x01\x0f\b\x01\x10@\x18\x01\"\ar\x05\x10\x01\x18\x80\x10R\amembers\x12%\n" +
 	"\tthreshold\x18\x02 \x01(\rB\a\xbaH\x04*\x02(\x01R\tthreshold\x12<\n" +
@@ -2249,102 +2319,104 @@ func file_veil_analytics_v1_analytics_proto_rawDescGZIP() []byte {
 }
 
 var file_veil_analytics_v1_analytics_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_veil_analytics_v1_analytics_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_veil_analytics_v1_analytics_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_veil_analytics_v1_analytics_proto_goTypes = []any{
 	(StudyState)(0),                    // 0: veil.analytics.v1.StudyState
 	(*Range)(nil),                      // 1: veil.analytics.v1.Range
 	(*AnalystSignature)(nil),           // 2: veil.analytics.v1.AnalystSignature
 	(*Study)(nil),                      // 3: veil.analytics.v1.Study
-	(*Committee)(nil),                  // 4: veil.analytics.v1.Committee
-	(*MemberSignature)(nil),            // 5: veil.analytics.v1.MemberSignature
-	(*CommitteeJoin)(nil),              // 6: veil.analytics.v1.CommitteeJoin
-	(*SealedShamirShare)(nil),          // 7: veil.analytics.v1.SealedShamirShare
-	(*JoinCommitteeRequest)(nil),       // 8: veil.analytics.v1.JoinCommitteeRequest
-	(*JoinCommitteeResponse)(nil),      // 9: veil.analytics.v1.JoinCommitteeResponse
-	(*GetCommitteeRequest)(nil),        // 10: veil.analytics.v1.GetCommitteeRequest
-	(*GetCommitteeResponse)(nil),       // 11: veil.analytics.v1.GetCommitteeResponse
-	(*PostShamirSharesRequest)(nil),    // 12: veil.analytics.v1.PostShamirSharesRequest
-	(*PostShamirSharesResponse)(nil),   // 13: veil.analytics.v1.PostShamirSharesResponse
-	(*GetAggregateRequest)(nil),        // 14: veil.analytics.v1.GetAggregateRequest
-	(*GetAggregateResponse)(nil),       // 15: veil.analytics.v1.GetAggregateResponse
-	(*SubmitReleaseShareRequest)(nil),  // 16: veil.analytics.v1.SubmitReleaseShareRequest
-	(*SubmitReleaseShareResponse)(nil), // 17: veil.analytics.v1.SubmitReleaseShareResponse
-	(*CreateStudyRequest)(nil),         // 18: veil.analytics.v1.CreateStudyRequest
-	(*CreateStudyResponse)(nil),        // 19: veil.analytics.v1.CreateStudyResponse
-	(*GetStudyRequest)(nil),            // 20: veil.analytics.v1.GetStudyRequest
-	(*GetStudyResponse)(nil),           // 21: veil.analytics.v1.GetStudyResponse
-	(*SubmitRequest)(nil),              // 22: veil.analytics.v1.SubmitRequest
-	(*SubmitResponse)(nil),             // 23: veil.analytics.v1.SubmitResponse
-	(*CloseStudyRequest)(nil),          // 24: veil.analytics.v1.CloseStudyRequest
-	(*CloseStudyResponse)(nil),         // 25: veil.analytics.v1.CloseStudyResponse
-	(*GetResultRequest)(nil),           // 26: veil.analytics.v1.GetResultRequest
-	(*GetResultResponse)(nil),          // 27: veil.analytics.v1.GetResultResponse
-	(*StoredSubmission)(nil),           // 28: veil.analytics.v1.StoredSubmission
-	(*StoredReleaseShare)(nil),         // 29: veil.analytics.v1.StoredReleaseShare
-	(*StudyClosed)(nil),                // 30: veil.analytics.v1.StudyClosed
-	(*StudyReleased)(nil),              // 31: veil.analytics.v1.StudyReleased
-	(*v1.PublicKey)(nil),               // 32: veil.he.v1.PublicKey
-	(*v1.EncryptedVector)(nil),         // 33: veil.he.v1.EncryptedVector
+	(*Privacy)(nil),                    // 4: veil.analytics.v1.Privacy
+	(*Committee)(nil),                  // 5: veil.analytics.v1.Committee
+	(*MemberSignature)(nil),            // 6: veil.analytics.v1.MemberSignature
+	(*CommitteeJoin)(nil),              // 7: veil.analytics.v1.CommitteeJoin
+	(*SealedShamirShare)(nil),          // 8: veil.analytics.v1.SealedShamirShare
+	(*JoinCommitteeRequest)(nil),       // 9: veil.analytics.v1.JoinCommitteeRequest
+	(*JoinCommitteeResponse)(nil),      // 10: veil.analytics.v1.JoinCommitteeResponse
+	(*GetCommitteeRequest)(nil),        // 11: veil.analytics.v1.GetCommitteeRequest
+	(*GetCommitteeResponse)(nil),       // 12: veil.analytics.v1.GetCommitteeResponse
+	(*PostShamirSharesRequest)(nil),    // 13: veil.analytics.v1.PostShamirSharesRequest
+	(*PostShamirSharesResponse)(nil),   // 14: veil.analytics.v1.PostShamirSharesResponse
+	(*GetAggregateRequest)(nil),        // 15: veil.analytics.v1.GetAggregateRequest
+	(*GetAggregateResponse)(nil),       // 16: veil.analytics.v1.GetAggregateResponse
+	(*SubmitReleaseShareRequest)(nil),  // 17: veil.analytics.v1.SubmitReleaseShareRequest
+	(*SubmitReleaseShareResponse)(nil), // 18: veil.analytics.v1.SubmitReleaseShareResponse
+	(*CreateStudyRequest)(nil),         // 19: veil.analytics.v1.CreateStudyRequest
+	(*CreateStudyResponse)(nil),        // 20: veil.analytics.v1.CreateStudyResponse
+	(*GetStudyRequest)(nil),            // 21: veil.analytics.v1.GetStudyRequest
+	(*GetStudyResponse)(nil),           // 22: veil.analytics.v1.GetStudyResponse
+	(*SubmitRequest)(nil),              // 23: veil.analytics.v1.SubmitRequest
+	(*SubmitResponse)(nil),             // 24: veil.analytics.v1.SubmitResponse
+	(*CloseStudyRequest)(nil),          // 25: veil.analytics.v1.CloseStudyRequest
+	(*CloseStudyResponse)(nil),         // 26: veil.analytics.v1.CloseStudyResponse
+	(*GetResultRequest)(nil),           // 27: veil.analytics.v1.GetResultRequest
+	(*GetResultResponse)(nil),          // 28: veil.analytics.v1.GetResultResponse
+	(*StoredSubmission)(nil),           // 29: veil.analytics.v1.StoredSubmission
+	(*StoredReleaseShare)(nil),         // 30: veil.analytics.v1.StoredReleaseShare
+	(*StudyClosed)(nil),                // 31: veil.analytics.v1.StudyClosed
+	(*StudyReleased)(nil),              // 32: veil.analytics.v1.StudyReleased
+	(*v1.PublicKey)(nil),               // 33: veil.he.v1.PublicKey
+	(*v1.EncryptedVector)(nil),         // 34: veil.he.v1.EncryptedVector
 }
 var file_veil_analytics_v1_analytics_proto_depIdxs = []int32{
-	32, // 0: veil.analytics.v1.Study.public_key:type_name -> veil.he.v1.PublicKey
+	33, // 0: veil.analytics.v1.Study.public_key:type_name -> veil.he.v1.PublicKey
 	1,  // 1: veil.analytics.v1.Study.ranges:type_name -> veil.analytics.v1.Range
 	2,  // 2: veil.analytics.v1.Study.analyst_signature:type_name -> veil.analytics.v1.AnalystSignature
 	0,  // 3: veil.analytics.v1.Study.state:type_name -> veil.analytics.v1.StudyState
-	4,  // 4: veil.analytics.v1.Study.committee:type_name -> veil.analytics.v1.Committee
-	32, // 5: veil.analytics.v1.Committee.reader_key:type_name -> veil.he.v1.PublicKey
-	5,  // 6: veil.analytics.v1.CommitteeJoin.signature:type_name -> veil.analytics.v1.MemberSignature
-	6,  // 7: veil.analytics.v1.JoinCommitteeRequest.join:type_name -> veil.analytics.v1.CommitteeJoin
-	3,  // 8: veil.analytics.v1.GetCommitteeResponse.study:type_name -> veil.analytics.v1.Study
-	6,  // 9: veil.analytics.v1.GetCommitteeResponse.joins:type_name -> veil.analytics.v1.CommitteeJoin
-	7,  // 10: veil.analytics.v1.GetCommitteeResponse.shares_for_caller:type_name -> veil.analytics.v1.SealedShamirShare
-	7,  // 11: veil.analytics.v1.PostShamirSharesRequest.shares:type_name -> veil.analytics.v1.SealedShamirShare
-	33, // 12: veil.analytics.v1.GetAggregateResponse.sum:type_name -> veil.he.v1.EncryptedVector
-	33, // 13: veil.analytics.v1.GetAggregateResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
-	33, // 14: veil.analytics.v1.GetAggregateResponse.histogram:type_name -> veil.he.v1.EncryptedVector
-	3,  // 15: veil.analytics.v1.CreateStudyRequest.study:type_name -> veil.analytics.v1.Study
-	3,  // 16: veil.analytics.v1.CreateStudyResponse.study:type_name -> veil.analytics.v1.Study
-	3,  // 17: veil.analytics.v1.GetStudyResponse.study:type_name -> veil.analytics.v1.Study
-	33, // 18: veil.analytics.v1.SubmitRequest.sums:type_name -> veil.he.v1.EncryptedVector
-	33, // 19: veil.analytics.v1.SubmitRequest.products:type_name -> veil.he.v1.EncryptedVector
-	33, // 20: veil.analytics.v1.SubmitRequest.histogram:type_name -> veil.he.v1.EncryptedVector
-	33, // 21: veil.analytics.v1.GetResultResponse.sum:type_name -> veil.he.v1.EncryptedVector
-	33, // 22: veil.analytics.v1.GetResultResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
-	33, // 23: veil.analytics.v1.GetResultResponse.mean:type_name -> veil.he.v1.EncryptedVector
-	33, // 24: veil.analytics.v1.GetResultResponse.second_moment:type_name -> veil.he.v1.EncryptedVector
-	33, // 25: veil.analytics.v1.GetResultResponse.histogram:type_name -> veil.he.v1.EncryptedVector
-	22, // 26: veil.analytics.v1.StoredSubmission.request:type_name -> veil.analytics.v1.SubmitRequest
-	30, // 27: veil.analytics.v1.StoredSubmission.closed:type_name -> veil.analytics.v1.StudyClosed
-	31, // 28: veil.analytics.v1.StoredSubmission.released:type_name -> veil.analytics.v1.StudyReleased
-	6,  // 29: veil.analytics.v1.StoredSubmission.join:type_name -> veil.analytics.v1.CommitteeJoin
-	7,  // 30: veil.analytics.v1.StoredSubmission.shamir:type_name -> veil.analytics.v1.SealedShamirShare
-	29, // 31: veil.analytics.v1.StoredSubmission.release_share:type_name -> veil.analytics.v1.StoredReleaseShare
-	16, // 32: veil.analytics.v1.StoredReleaseShare.request:type_name -> veil.analytics.v1.SubmitReleaseShareRequest
-	18, // 33: veil.analytics.v1.AnalyticsService.CreateStudy:input_type -> veil.analytics.v1.CreateStudyRequest
-	20, // 34: veil.analytics.v1.AnalyticsService.GetStudy:input_type -> veil.analytics.v1.GetStudyRequest
-	22, // 35: veil.analytics.v1.AnalyticsService.Submit:input_type -> veil.analytics.v1.SubmitRequest
-	24, // 36: veil.analytics.v1.AnalyticsService.CloseStudy:input_type -> veil.analytics.v1.CloseStudyRequest
-	26, // 37: veil.analytics.v1.AnalyticsService.GetResult:input_type -> veil.analytics.v1.GetResultRequest
-	8,  // 38: veil.analytics.v1.AnalyticsService.JoinCommittee:input_type -> veil.analytics.v1.JoinCommitteeRequest
-	10, // 39: veil.analytics.v1.AnalyticsService.GetCommittee:input_type -> veil.analytics.v1.GetCommitteeRequest
-	12, // 40: veil.analytics.v1.AnalyticsService.PostShamirShares:input_type -> veil.analytics.v1.PostShamirSharesRequest
-	14, // 41: veil.analytics.v1.AnalyticsService.GetAggregate:input_type -> veil.analytics.v1.GetAggregateRequest
-	16, // 42: veil.analytics.v1.AnalyticsService.SubmitReleaseShare:input_type -> veil.analytics.v1.SubmitReleaseShareRequest
-	19, // 43: veil.analytics.v1.AnalyticsService.CreateStudy:output_type -> veil.analytics.v1.CreateStudyResponse
-	21, // 44: veil.analytics.v1.AnalyticsService.GetStudy:output_type -> veil.analytics.v1.GetStudyResponse
-	23, // 45: veil.analytics.v1.AnalyticsService.Submit:output_type -> veil.analytics.v1.SubmitResponse
-	25, // 46: veil.analytics.v1.AnalyticsService.CloseStudy:output_type -> veil.analytics.v1.CloseStudyResponse
-	27, // 47: veil.analytics.v1.AnalyticsService.GetResult:output_type -> veil.analytics.v1.GetResultResponse
-	9,  // 48: veil.analytics.v1.AnalyticsService.JoinCommittee:output_type -> veil.analytics.v1.JoinCommitteeResponse
-	11, // 49: veil.analytics.v1.AnalyticsService.GetCommittee:output_type -> veil.analytics.v1.GetCommitteeResponse
-	13, // 50: veil.analytics.v1.AnalyticsService.PostShamirShares:output_type -> veil.analytics.v1.PostShamirSharesResponse
-	15, // 51: veil.analytics.v1.AnalyticsService.GetAggregate:output_type -> veil.analytics.v1.GetAggregateResponse
-	17, // 52: veil.analytics.v1.AnalyticsService.SubmitReleaseShare:output_type -> veil.analytics.v1.SubmitReleaseShareResponse
-	43, // [43:53] is the sub-list for method output_type
-	33, // [33:43] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	5,  // 4: veil.analytics.v1.Study.committee:type_name -> veil.analytics.v1.Committee
+	4,  // 5: veil.analytics.v1.Study.privacy:type_name -> veil.analytics.v1.Privacy
+	33, // 6: veil.analytics.v1.Committee.reader_key:type_name -> veil.he.v1.PublicKey
+	6,  // 7: veil.analytics.v1.CommitteeJoin.signature:type_name -> veil.analytics.v1.MemberSignature
+	7,  // 8: veil.analytics.v1.JoinCommitteeRequest.join:type_name -> veil.analytics.v1.CommitteeJoin
+	3,  // 9: veil.analytics.v1.GetCommitteeResponse.study:type_name -> veil.analytics.v1.Study
+	7,  // 10: veil.analytics.v1.GetCommitteeResponse.joins:type_name -> veil.analytics.v1.CommitteeJoin
+	8,  // 11: veil.analytics.v1.GetCommitteeResponse.shares_for_caller:type_name -> veil.analytics.v1.SealedShamirShare
+	8,  // 12: veil.analytics.v1.PostShamirSharesRequest.shares:type_name -> veil.analytics.v1.SealedShamirShare
+	34, // 13: veil.analytics.v1.GetAggregateResponse.sum:type_name -> veil.he.v1.EncryptedVector
+	34, // 14: veil.analytics.v1.GetAggregateResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
+	34, // 15: veil.analytics.v1.GetAggregateResponse.histogram:type_name -> veil.he.v1.EncryptedVector
+	3,  // 16: veil.analytics.v1.CreateStudyRequest.study:type_name -> veil.analytics.v1.Study
+	3,  // 17: veil.analytics.v1.CreateStudyResponse.study:type_name -> veil.analytics.v1.Study
+	3,  // 18: veil.analytics.v1.GetStudyResponse.study:type_name -> veil.analytics.v1.Study
+	34, // 19: veil.analytics.v1.SubmitRequest.sums:type_name -> veil.he.v1.EncryptedVector
+	34, // 20: veil.analytics.v1.SubmitRequest.products:type_name -> veil.he.v1.EncryptedVector
+	34, // 21: veil.analytics.v1.SubmitRequest.histogram:type_name -> veil.he.v1.EncryptedVector
+	34, // 22: veil.analytics.v1.GetResultResponse.sum:type_name -> veil.he.v1.EncryptedVector
+	34, // 23: veil.analytics.v1.GetResultResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
+	34, // 24: veil.analytics.v1.GetResultResponse.mean:type_name -> veil.he.v1.EncryptedVector
+	34, // 25: veil.analytics.v1.GetResultResponse.second_moment:type_name -> veil.he.v1.EncryptedVector
+	34, // 26: veil.analytics.v1.GetResultResponse.histogram:type_name -> veil.he.v1.EncryptedVector
+	23, // 27: veil.analytics.v1.StoredSubmission.request:type_name -> veil.analytics.v1.SubmitRequest
+	31, // 28: veil.analytics.v1.StoredSubmission.closed:type_name -> veil.analytics.v1.StudyClosed
+	32, // 29: veil.analytics.v1.StoredSubmission.released:type_name -> veil.analytics.v1.StudyReleased
+	7,  // 30: veil.analytics.v1.StoredSubmission.join:type_name -> veil.analytics.v1.CommitteeJoin
+	8,  // 31: veil.analytics.v1.StoredSubmission.shamir:type_name -> veil.analytics.v1.SealedShamirShare
+	30, // 32: veil.analytics.v1.StoredSubmission.release_share:type_name -> veil.analytics.v1.StoredReleaseShare
+	17, // 33: veil.analytics.v1.StoredReleaseShare.request:type_name -> veil.analytics.v1.SubmitReleaseShareRequest
+	19, // 34: veil.analytics.v1.AnalyticsService.CreateStudy:input_type -> veil.analytics.v1.CreateStudyRequest
+	21, // 35: veil.analytics.v1.AnalyticsService.GetStudy:input_type -> veil.analytics.v1.GetStudyRequest
+	23, // 36: veil.analytics.v1.AnalyticsService.Submit:input_type -> veil.analytics.v1.SubmitRequest
+	25, // 37: veil.analytics.v1.AnalyticsService.CloseStudy:input_type -> veil.analytics.v1.CloseStudyRequest
+	27, // 38: veil.analytics.v1.AnalyticsService.GetResult:input_type -> veil.analytics.v1.GetResultRequest
+	9,  // 39: veil.analytics.v1.AnalyticsService.JoinCommittee:input_type -> veil.analytics.v1.JoinCommitteeRequest
+	11, // 40: veil.analytics.v1.AnalyticsService.GetCommittee:input_type -> veil.analytics.v1.GetCommitteeRequest
+	13, // 41: veil.analytics.v1.AnalyticsService.PostShamirShares:input_type -> veil.analytics.v1.PostShamirSharesRequest
+	15, // 42: veil.analytics.v1.AnalyticsService.GetAggregate:input_type -> veil.analytics.v1.GetAggregateRequest
+	17, // 43: veil.analytics.v1.AnalyticsService.SubmitReleaseShare:input_type -> veil.analytics.v1.SubmitReleaseShareRequest
+	20, // 44: veil.analytics.v1.AnalyticsService.CreateStudy:output_type -> veil.analytics.v1.CreateStudyResponse
+	22, // 45: veil.analytics.v1.AnalyticsService.GetStudy:output_type -> veil.analytics.v1.GetStudyResponse
+	24, // 46: veil.analytics.v1.AnalyticsService.Submit:output_type -> veil.analytics.v1.SubmitResponse
+	26, // 47: veil.analytics.v1.AnalyticsService.CloseStudy:output_type -> veil.analytics.v1.CloseStudyResponse
+	28, // 48: veil.analytics.v1.AnalyticsService.GetResult:output_type -> veil.analytics.v1.GetResultResponse
+	10, // 49: veil.analytics.v1.AnalyticsService.JoinCommittee:output_type -> veil.analytics.v1.JoinCommitteeResponse
+	12, // 50: veil.analytics.v1.AnalyticsService.GetCommittee:output_type -> veil.analytics.v1.GetCommitteeResponse
+	14, // 51: veil.analytics.v1.AnalyticsService.PostShamirShares:output_type -> veil.analytics.v1.PostShamirSharesResponse
+	16, // 52: veil.analytics.v1.AnalyticsService.GetAggregate:output_type -> veil.analytics.v1.GetAggregateResponse
+	18, // 53: veil.analytics.v1.AnalyticsService.SubmitReleaseShare:output_type -> veil.analytics.v1.SubmitReleaseShareResponse
+	44, // [44:54] is the sub-list for method output_type
+	34, // [34:44] is the sub-list for method input_type
+	34, // [34:34] is the sub-list for extension type_name
+	34, // [34:34] is the sub-list for extension extendee
+	0,  // [0:34] is the sub-list for field type_name
 }
 
 func init() { file_veil_analytics_v1_analytics_proto_init() }
@@ -2358,7 +2430,7 @@ func file_veil_analytics_v1_analytics_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_veil_analytics_v1_analytics_proto_rawDesc), len(file_veil_analytics_v1_analytics_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   31,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
