@@ -1,6 +1,7 @@
 package analytics
 
 import (
+	"bytes"
 	"context"
 	"crypto/hpke"
 	"errors"
@@ -230,6 +231,9 @@ func (m *Member) Setup(ctx context.Context, studyID string) error {
 	}
 	// The joins must verify before this member seals a secret to their HPKE keys: a
 	// server that substituted a member's key would otherwise read its share.
+	if !bytes.Equal(studyStatement(res.Msg.GetStudy()), studyStatement(ms.study)) {
+		return fmt.Errorf("%w: the server answered another version of study %q", ErrUntrustedStudy, studyID)
+	}
 	if _, err := VerifyCommittee(ms.c.Params(), res.Msg.GetStudy(), joins, m.bundle); err != nil {
 		return err
 	}
