@@ -89,6 +89,9 @@ func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Wr
 	if (len(members) == 0) != (*threshold == 0) || *threshold < 0 || *threshold > len(members) {
 		return fmt.Errorf("%w: a committee study needs --member (one or more) and 1 <= --threshold <= members", errUsage)
 	}
+	if *epsilon < 0 || *perRelease < 0 || (*perRelease > 0 && *epsilon == 0) {
+		return fmt.Errorf("%w: --epsilon-per-release needs a positive --epsilon", errUsage)
+	}
 	if len(owners) == 0 || *dimension < 1 || len(rangeFlags) == 0 {
 		return fmt.Errorf("%w: veil analytics create needs --owner, --dimension and --range", errUsage)
 	}
@@ -110,9 +113,6 @@ func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Wr
 	}
 	spec := analytics.StudySpec{ID: *study, OwnerPatterns: owners, Dimension: *dimension, Covariance: *covariance,
 		Ranges: ranges, MinOwners: *minOwners, MaxSubmissionsPerOwner: *maxSubs}
-	if *epsilon < 0 || *perRelease < 0 || (*perRelease > 0 && *epsilon == 0) {
-		return fmt.Errorf("%w: --epsilon-per-release needs a positive --epsilon", errUsage)
-	}
 	if *epsilon > 0 {
 		p := &analytics.Privacy{Epsilon: *epsilon, EpsilonPerRelease: *perRelease}
 		if p.EpsilonPerRelease == 0 {

@@ -129,6 +129,11 @@ func TestUsageErrors(t *testing.T) {
 		{"call", "--identity", "x", "--addr", "https://localhost:1", "--pq-seal", "proxied", "/p", "{}"},
 		{"call", "--identity", "x", "--addr", "https://localhost:1", "--pq-seal", "maybe", "/p", "{}"},
 		{"serve", "--identity", "x", "--service", "echo", "--state-replay-procedure", "/p"}, // needs --state nats
+		// A committee member releases (--active) or only deals its shares (--setup-only).
+		{"analytics", "join", "--identity", "x", "--addr", "https://localhost:1", "--study", "s", "--analyst", "spiffe://example.org/a"},
+		{"analytics", "join", "--identity", "x", "--addr", "https://localhost:1", "--study", "s", "--analyst", "spiffe://example.org/a", "--active", "one"},
+		{"analytics", "create", "--keys", "k", "--identity", "x", "--addr", "https://localhost:1", "--study", "s", "--owner", "*", "--dimension", "1", "--range", "0:1", "--member", "spiffe://example.org/m"},
+		{"analytics", "create", "--keys", "k", "--identity", "x", "--addr", "https://localhost:1", "--study", "s", "--owner", "*", "--dimension", "1", "--range", "0:1", "--epsilon-per-release", "1"},
 	} {
 		if code, _, errOut := veil(t, ctx, args...); code != 2 || errOut == "" {
 			t.Errorf("veil %v: exit %d stderr %q, want 2 with a message", args, code, errOut)
