@@ -77,7 +77,7 @@ func runAnalyticsCreate(ctx context.Context, args []string, stdout, stderr io.Wr
 	var members stringList
 	fs.Var(&members, "member", "SPIFFE ID of a committee member, in index order (member 1 first); repeatable: makes a committee study, whose key no party holds (--keys is then the reader key results are re-encrypted to)")
 	threshold := fs.Int("threshold", 0, "committee members whose release shares a result needs")
-	epsilon := fs.Float64("epsilon", 0, "differential privacy budget of the study's releases (single-key studies; 0: none)")
+	epsilon := fs.Float64("epsilon", 0, "differential privacy budget of the study's releases (0: none)")
 	perRelease := fs.Float64("epsilon-per-release", 0, "privacy budget each release spends (default: --epsilon, one release)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	if err := parse(fs, args); err != nil {

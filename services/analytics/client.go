@@ -41,8 +41,8 @@ type StudySpec struct {
 	// MaxSubmissionsPerOwner caps each owner's counted submissions (0:
 	// DefaultMaxSubmissionsPerOwner).
 	MaxSubmissionsPerOwner int
-	// Privacy, when set, makes every release differentially private (single-key
-	// studies): Laplace noise sized from Ranges, EpsilonPerRelease of the budget each.
+	// Privacy, when set, makes every release differentially private: Laplace noise
+	// sized from Ranges, EpsilonPerRelease of the budget each (docs/services.md).
 	Privacy *Privacy
 }
 

@@ -59,6 +59,15 @@ type committeeState struct {
 	pendingRound uint64
 	pending      map[string]map[int]*memberRelease
 	result       *combined
+	// noisy is the current round's aggregate plus its privacy noise (studies with
+	// privacy), drawn and stored on the round's first GetAggregate.
+	noisy *roundVectors
+}
+
+// roundVectors are the vectors of one release round.
+type roundVectors struct {
+	round           uint64
+	sum, prod, hist *he.Vector
 }
 
 // memberRelease is one member's decoded release shares of the aggregate's vectors.
@@ -166,6 +175,10 @@ func releaseShareName(studyID string, round uint64, member int, active []int) st
 	return recordName("veil-analytics-release-share", studyID, fmt.Sprint(round), fmt.Sprint(member), activeKey(active))
 }
 
+func roundNoiseName(studyID string, round uint64) string {
+	return recordName("veil-analytics-round-noise", studyID, fmt.Sprint(round))
+}
+
 func activeKey(active []int) string { return fmt.Sprint(slices.Sorted(slices.Values(active))) }
 
 // storedRecord is a stored record awaiting its turn in syncLocked.
@@ -242,6 +255,23 @@ func (s *Service) applySetupLocked(st *study, recs []storedRecord) {
 // applyReleaseSharesLocked counts stored release shares of the current round.
 func (s *Service) applyReleaseSharesLocked(st *study, recs []storedRecord) {
 	id := st.meta.GetStudyId()
+	for _, r := range recs { // the round's noise first: the shares are of the noisy aggregate
+		rn := r.rec.GetRoundNoise()
+		if rn == nil {
+			continue
+		}
+		if r.name != roundNoiseName(id, rn.GetRound()) {
+			s.quarantine(st, r.name, "name does not match the record")
+			continue
+		}
+		st.seen[r.name] = true
+		if st.closed == nil || rn.GetRound() != st.releases+1 || (st.com.noisy != nil && st.com.noisy.round == rn.GetRound()) {
+			continue
+		}
+		if err := st.setNoiseLocked(context.Background(), rn); err != nil {
+			s.quarantine(st, r.name, err.Error())
+		}
+	}
 	for _, r := range recs {
 		rs := r.rec.GetReleaseShare()
 		if rs == nil {
@@ -319,15 +349,18 @@ func (st *study) addReleaseShareLocked(member int, req *analyticsv1.SubmitReleas
 		}
 		return rs, nil
 	}
+	rv, err := st.roundVectorsLocked(round)
+	if err != nil {
+		return 0, err
+	}
 	var mr memberRelease
-	var err error
-	if mr.sum, err = dec(st.sum, req.GetSum(), "sum"); err != nil {
+	if mr.sum, err = dec(rv.sum, req.GetSum(), "sum"); err != nil {
 		return 0, err
 	}
-	if mr.prod, err = dec(st.products, req.GetSumProducts(), "sum_products"); err != nil {
+	if mr.prod, err = dec(rv.prod, req.GetSumProducts(), "sum_products"); err != nil {
 		return 0, err
 	}
-	if mr.hist, err = dec(st.histogram, req.GetHistogram(), "histogram"); err != nil {
+	if mr.hist, err = dec(rv.hist, req.GetHistogram(), "histogram"); err != nil {
 		return 0, err
 	}
 	if cs.pending[key] == nil {
@@ -344,9 +377,9 @@ func (st *study) addReleaseShareLocked(member int, req *analyticsv1.SubmitReleas
 		get func(*memberRelease) *he.ReleaseShare
 		dst **he.Vector
 	}{
-		{st.sum, func(m *memberRelease) *he.ReleaseShare { return m.sum }, &res.sum},
-		{st.products, func(m *memberRelease) *he.ReleaseShare { return m.prod }, &res.prod},
-		{st.histogram, func(m *memberRelease) *he.ReleaseShare { return m.hist }, &res.hist},
+		{rv.sum, func(m *memberRelease) *he.ReleaseShare { return m.sum }, &res.sum},
+		{rv.prod, func(m *memberRelease) *he.ReleaseShare { return m.prod }, &res.prod},
+		{rv.hist, func(m *memberRelease) *he.ReleaseShare { return m.hist }, &res.hist},
 	} {
 		if part.v == nil {
 			continue
@@ -555,8 +588,13 @@ func (s *Service) GetAggregate(ctx context.Context, req *connect.Request[analyti
 		st.mu.Unlock()
 		return nil, errorf(connect.CodeFailedPrecondition, "study %q is not closed with submissions", id)
 	}
-	res := &analyticsv1.GetAggregateResponse{Round: st.releases + 1, Submissions: st.submissions, Count: st.count}
-	sum, prod, hist := st.sum, st.products, st.histogram
+	rv, err := s.drawRoundLocked(ctx, st)
+	if err != nil {
+		st.mu.Unlock()
+		return nil, err
+	}
+	res := &analyticsv1.GetAggregateResponse{Round: rv.round, Submissions: st.submissions, Count: st.count}
+	sum, prod, hist := rv.sum, rv.prod, rv.hist
 	st.mu.Unlock()
 	if res.Sum, err = he.MarshalVector(sum); err != nil {
 		return nil, he.ConnectError(err)
@@ -654,4 +692,94 @@ func (s *Service) committeeResultLocked(ctx context.Context, st *study, reader s
 		}
 	}
 	return res, nil
+}
+
+// roundVectorsLocked returns the vectors the release shares of round are of: the
+// aggregate, plus the round's privacy noise for a study with privacy (which must have
+// been drawn: GetAggregate draws it). st.mu is held.
+func (st *study) roundVectorsLocked(round uint64) (*roundVectors, error) {
+	if st.meta.GetPrivacy() == nil {
+		return &roundVectors{round: round, sum: st.sum, prod: st.products, hist: st.histogram}, nil
+	}
+	if rv := st.com.noisy; rv != nil && rv.round == round {
+		return rv, nil
+	}
+	return nil, errorf(connect.CodeFailedPrecondition, "release round %d of study %q has no aggregate yet: members fetch it first", round, st.meta.GetStudyId())
+}
+
+// drawRoundLocked returns the current round's vectors, drawing and storing its privacy
+// noise on first use (refused once the budget is spent). st.mu is held.
+func (s *Service) drawRoundLocked(ctx context.Context, st *study) (*roundVectors, error) {
+	round := st.releases + 1
+	if rv, err := st.roundVectorsLocked(round); err == nil {
+		return rv, nil
+	}
+	if !st.budgetLeft() {
+		return nil, errorf(connect.CodeResourceExhausted, "study %q: its privacy budget (epsilon %g, %g per release) is spent after %d releases", st.meta.GetStudyId(), st.meta.GetPrivacy().GetEpsilon(), st.meta.GetPrivacy().GetEpsilonPerRelease(), st.releases)
+	}
+	enc, err := he.NewEncryptor(st.com.collective)
+	if err != nil {
+		return nil, he.ConnectError(err)
+	}
+	histLen := 0
+	if st.histogram != nil {
+		histLen = st.histogram.Len()
+	}
+	ns, np, nh, err := st.releaseNoise(enc, st.sum.Len(), st.products.Len(), histLen)
+	if err != nil {
+		return nil, err
+	}
+	rn := &analyticsv1.StoredRoundNoise{Round: round}
+	for _, p := range []struct {
+		v   *he.Vector
+		dst **hev1.EncryptedVector
+	}{{ns, &rn.Sum}, {np, &rn.SumProducts}, {nh, &rn.Histogram}} {
+		if p.v == nil {
+			continue
+		}
+		if *p.dst, err = he.MarshalVector(p.v); err != nil {
+			return nil, he.ConnectError(err)
+		}
+	}
+	id := st.meta.GetStudyId()
+	if s.cfg.store != nil {
+		added, err := s.storeRecord(ctx, id, roundNoiseName(id, round), &analyticsv1.StoredSubmission{RoundNoise: rn})
+		if err != nil {
+			return nil, err
+		}
+		if !added { // another replica drew this round's noise first: adopt it
+			if err := s.syncLocked(ctx, st); err != nil {
+				return nil, err
+			}
+			return st.roundVectorsLocked(round)
+		}
+		st.seen[roundNoiseName(id, round)] = true
+	}
+	if err := st.setNoiseLocked(ctx, rn); err != nil {
+		return nil, err
+	}
+	return st.roundVectorsLocked(round)
+}
+
+// setNoiseLocked makes the aggregate plus rn's noise the vectors of rn's round.
+func (st *study) setNoiseLocked(ctx context.Context, rn *analyticsv1.StoredRoundNoise) error {
+	rv := &roundVectors{round: rn.GetRound()}
+	for _, p := range []struct {
+		agg *he.Vector
+		m   *hev1.EncryptedVector
+		dst **he.Vector
+	}{{st.sum, rn.GetSum(), &rv.sum}, {st.products, rn.GetSumProducts(), &rv.prod}, {st.histogram, rn.GetHistogram(), &rv.hist}} {
+		if p.agg == nil {
+			continue
+		}
+		n, err := he.UnmarshalVector(st.params, p.m)
+		if err != nil {
+			return he.ConnectError(err)
+		}
+		if *p.dst, err = st.withNoise(ctx, p.agg, n); err != nil {
+			return err
+		}
+	}
+	st.com.noisy = rv
+	return nil
 }

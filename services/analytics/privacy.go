@@ -25,11 +25,6 @@ func checkPrivacy(m *analyticsv1.Study) error {
 	if p == nil {
 		return nil
 	}
-	if m.GetCommittee() != nil {
-		// The noise of a round must be the same for every member's release share
-		// and survive a restart: not built for committee studies.
-		return errorf(connect.CodeInvalidArgument, "differential privacy is available for single-key studies only")
-	}
 	if !(p.GetEpsilon() > 0) || !(p.GetEpsilonPerRelease() > 0) || p.GetEpsilonPerRelease() > p.GetEpsilon() || math.IsInf(p.GetEpsilon(), 0) {
 		return errorf(connect.CodeInvalidArgument, "privacy needs 0 < epsilon_per_release <= epsilon, both finite")
 	}
@@ -91,21 +86,50 @@ func laplace(b float64) (float64, error) {
 	}
 }
 
-// withNoise returns v plus fresh Laplace noise of scale sensitivity/epsilon in every
-// value, encrypted under the study's key and added homomorphically.
-func (st *study) withNoise(ctx context.Context, v *he.Vector, sensitivity, epsilon float64) (*he.Vector, error) {
-	noise := make([]float64, v.Len())
-	for i := range noise {
+// noise returns n values of fresh Laplace noise of scale sensitivity/epsilon,
+// encrypted with enc.
+func noise(enc *he.Encryptor, n int, sensitivity, epsilon float64) (*he.Vector, error) {
+	vals := make([]float64, n)
+	for i := range vals {
 		x, err := laplace(sensitivity / epsilon)
 		if err != nil {
 			return nil, errorf(connect.CodeInternal, "randomness")
 		}
-		noise[i] = x
+		vals[i] = x
 	}
-	n, err := st.enc.Encrypt(noise)
+	v, err := enc.Encrypt(vals)
 	if err != nil {
 		return nil, he.ConnectError(err)
 	}
+	return v, nil
+}
+
+// releaseNoise returns the noise of one release for vectors of the given lengths
+// (hist 0: none): the release's epsilon split evenly over the vectors.
+func (st *study) releaseNoise(enc *he.Encryptor, sumLen, prodLen, histLen int) (ns, np, nh *he.Vector, err error) {
+	p := st.meta.GetPrivacy()
+	parts := 2.0
+	if histLen > 0 {
+		parts = 3
+	}
+	eps := p.GetEpsilonPerRelease() / parts
+	ss, sp, sh := sensitivities(st.meta)
+	if ns, err = noise(enc, sumLen, ss, eps); err != nil {
+		return nil, nil, nil, err
+	}
+	if np, err = noise(enc, prodLen, sp, eps); err != nil {
+		return nil, nil, nil, err
+	}
+	if histLen > 0 {
+		if nh, err = noise(enc, histLen, sh, eps); err != nil {
+			return nil, nil, nil, err
+		}
+	}
+	return ns, np, nh, nil
+}
+
+// withNoise returns v plus the encrypted noise n.
+func (st *study) withNoise(ctx context.Context, v, n *he.Vector) (*he.Vector, error) {
 	out, err := st.eval.Add(ctx, v, n)
 	if err != nil {
 		return nil, he.ConnectError(err)
@@ -113,28 +137,28 @@ func (st *study) withNoise(ctx context.Context, v *he.Vector, sensitivity, epsil
 	return out, nil
 }
 
-// privateRelease adds the noise of one release to the vectors of a study with
-// privacy: the release's epsilon is split evenly over the vectors released.
+// privateRelease adds the noise of one release to the vectors of a single-key study
+// with privacy.
 func (st *study) privateRelease(ctx context.Context, sum, prod, hist *he.Vector) (*he.Vector, *he.Vector, *he.Vector, error) {
-	p := st.meta.GetPrivacy()
-	if p == nil {
+	if st.meta.GetPrivacy() == nil {
 		return sum, prod, hist, nil
 	}
-	parts := 2.0
+	histLen := 0
 	if hist != nil {
-		parts = 3
+		histLen = hist.Len()
 	}
-	eps := p.GetEpsilonPerRelease() / parts
-	ss, sp, sh := sensitivities(st.meta)
-	var err error
-	if sum, err = st.withNoise(ctx, sum, ss, eps); err != nil {
+	ns, np, nh, err := st.releaseNoise(st.enc, sum.Len(), prod.Len(), histLen)
+	if err != nil {
 		return nil, nil, nil, err
 	}
-	if prod, err = st.withNoise(ctx, prod, sp, eps); err != nil {
+	if sum, err = st.withNoise(ctx, sum, ns); err != nil {
+		return nil, nil, nil, err
+	}
+	if prod, err = st.withNoise(ctx, prod, np); err != nil {
 		return nil, nil, nil, err
 	}
 	if hist != nil {
-		if hist, err = st.withNoise(ctx, hist, sh, eps); err != nil {
+		if hist, err = st.withNoise(ctx, hist, nh); err != nil {
 			return nil, nil, nil, err
 		}
 	}

@@ -707,7 +707,7 @@ func (s *Service) syncLocked(ctx context.Context, st *study) error {
 			st.seen[name] = true
 		case rec.GetRequest() != nil && dedupName(rec.GetOwner(), rec.GetRequest().GetIdempotencyKey()) == name:
 			subs = append(subs, pending{name, rec})
-		case st.com != nil && (rec.GetJoin() != nil || rec.GetShamir() != nil || rec.GetReleaseShare() != nil):
+		case st.com != nil && (rec.GetJoin() != nil || rec.GetShamir() != nil || rec.GetReleaseShare() != nil || rec.GetRoundNoise() != nil):
 			com = append(com, storedRecord{name, rec})
 		default:
 			s.quarantine(st, name, "name does not match the record")

@@ -233,7 +233,7 @@ type Study struct {
 	// Set for a committee study: no party holds the secret key (docs/services.md,
 	// "Committee studies").
 	Committee *Committee `protobuf:"bytes,13,opt,name=committee,proto3" json:"committee,omitempty"`
-	// Optional differential privacy of the released sums (single-key studies).
+	// Optional differential privacy of the released sums.
 	Privacy       *Privacy `protobuf:"bytes,14,opt,name=privacy,proto3" json:"privacy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -368,8 +368,8 @@ func (x *Study) GetPrivacy() *Privacy {
 }
 
 // Privacy makes the server add Laplace noise to every released vector, under the
-// study's key before release (the server samples it: it must not collude with the
-// reader), scaled to the sensitivity the declared ranges bound; each release spends
+// study's key (a committee study's: the collective key, once per release round)
+// before release (the server samples it: it must not collude with the reader), scaled to the sensitivity the declared ranges bound; each release spends
 // epsilon_per_release of the budget epsilon, and a release beyond it is refused with
 // resource_exhausted. The record count stays exact. See docs/services.md.
 type Privacy struct {
@@ -1881,9 +1881,11 @@ type StoredSubmission struct {
 	Closed   *StudyClosed   `protobuf:"bytes,3,opt,name=closed,proto3" json:"closed,omitempty"`
 	Released *StudyReleased `protobuf:"bytes,4,opt,name=released,proto3" json:"released,omitempty"`
 	// Committee setup and release records (the sender's index set).
-	Join          *CommitteeJoin      `protobuf:"bytes,5,opt,name=join,proto3" json:"join,omitempty"`
-	Shamir        *SealedShamirShare  `protobuf:"bytes,6,opt,name=shamir,proto3" json:"shamir,omitempty"`
-	ReleaseShare  *StoredReleaseShare `protobuf:"bytes,7,opt,name=release_share,json=releaseShare,proto3" json:"release_share,omitempty"`
+	Join         *CommitteeJoin      `protobuf:"bytes,5,opt,name=join,proto3" json:"join,omitempty"`
+	Shamir       *SealedShamirShare  `protobuf:"bytes,6,opt,name=shamir,proto3" json:"shamir,omitempty"`
+	ReleaseShare *StoredReleaseShare `protobuf:"bytes,7,opt,name=release_share,json=releaseShare,proto3" json:"release_share,omitempty"`
+	// The privacy noise of a committee study's release round.
+	RoundNoise    *StoredRoundNoise `protobuf:"bytes,8,opt,name=round_noise,json=roundNoise,proto3" json:"round_noise,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1967,6 +1969,84 @@ func (x *StoredSubmission) GetReleaseShare() *StoredReleaseShare {
 	return nil
 }
 
+func (x *StoredSubmission) GetRoundNoise() *StoredRoundNoise {
+	if x != nil {
+		return x.RoundNoise
+	}
+	return nil
+}
+
+// StoredRoundNoise is the Laplace noise a committee study with privacy adds to the
+// aggregate for one release round, under the collective key: every member's release
+// share of the round is of the same noisy aggregate, across restarts too.
+type StoredRoundNoise struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Round         uint64                 `protobuf:"varint,1,opt,name=round,proto3" json:"round,omitempty"`
+	Sum           *v1.EncryptedVector    `protobuf:"bytes,2,opt,name=sum,proto3" json:"sum,omitempty"`
+	SumProducts   *v1.EncryptedVector    `protobuf:"bytes,3,opt,name=sum_products,json=sumProducts,proto3" json:"sum_products,omitempty"`
+	Histogram     *v1.EncryptedVector    `protobuf:"bytes,4,opt,name=histogram,proto3" json:"histogram,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StoredRoundNoise) Reset() {
+	*x = StoredRoundNoise{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StoredRoundNoise) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StoredRoundNoise) ProtoMessage() {}
+
+func (x *StoredRoundNoise) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StoredRoundNoise.ProtoReflect.Descriptor instead.
+func (*StoredRoundNoise) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *StoredRoundNoise) GetRound() uint64 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
+func (x *StoredRoundNoise) GetSum() *v1.EncryptedVector {
+	if x != nil {
+		return x.Sum
+	}
+	return nil
+}
+
+func (x *StoredRoundNoise) GetSumProducts() *v1.EncryptedVector {
+	if x != nil {
+		return x.SumProducts
+	}
+	return nil
+}
+
+func (x *StoredRoundNoise) GetHistogram() *v1.EncryptedVector {
+	if x != nil {
+		return x.Histogram
+	}
+	return nil
+}
+
 // StoredReleaseShare is a member's release share as stored.
 type StoredReleaseShare struct {
 	state         protoimpl.MessageState     `protogen:"open.v1"`
@@ -1978,7 +2058,7 @@ type StoredReleaseShare struct {
 
 func (x *StoredReleaseShare) Reset() {
 	*x = StoredReleaseShare{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[29]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1990,7 +2070,7 @@ func (x *StoredReleaseShare) String() string {
 func (*StoredReleaseShare) ProtoMessage() {}
 
 func (x *StoredReleaseShare) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[29]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2003,7 +2083,7 @@ func (x *StoredReleaseShare) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredReleaseShare.ProtoReflect.Descriptor instead.
 func (*StoredReleaseShare) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{29}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *StoredReleaseShare) GetMember() uint32 {
@@ -2031,7 +2111,7 @@ type StudyClosed struct {
 
 func (x *StudyClosed) Reset() {
 	*x = StudyClosed{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[30]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2043,7 +2123,7 @@ func (x *StudyClosed) String() string {
 func (*StudyClosed) ProtoMessage() {}
 
 func (x *StudyClosed) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[30]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2056,7 +2136,7 @@ func (x *StudyClosed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StudyClosed.ProtoReflect.Descriptor instead.
 func (*StudyClosed) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{30}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *StudyClosed) GetIncluded() []string {
@@ -2085,7 +2165,7 @@ type StudyReleased struct {
 
 func (x *StudyReleased) Reset() {
 	*x = StudyReleased{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[31]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2097,7 +2177,7 @@ func (x *StudyReleased) String() string {
 func (*StudyReleased) ProtoMessage() {}
 
 func (x *StudyReleased) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[31]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2110,7 +2190,7 @@ func (x *StudyReleased) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StudyReleased.ProtoReflect.Descriptor instead.
 func (*StudyReleased) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{31}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *StudyReleased) GetSequence() uint64 {
@@ -2268,7 +2348,7 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\x04mean\x18\x05 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\x04mean\x12@\n" +
 	"\rsecond_moment\x18\x06 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\fsecondMoment\x129\n" +
 	"\thistogram\x18\a \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\thistogram\x12\x18\n" +
-	"\arelease\x18\b \x01(\x04R\arelease\"\x9a\x03\n" +
+	"\arelease\x18\b \x01(\x04R\arelease\"\xe0\x03\n" +
 	"\x10StoredSubmission\x12\x14\n" +
 	"\x05owner\x18\x01 \x01(\tR\x05owner\x12:\n" +
 	"\arequest\x18\x02 \x01(\v2 .veil.analytics.v1.SubmitRequestR\arequest\x126\n" +
@@ -2276,7 +2356,14 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\breleased\x18\x04 \x01(\v2 .veil.analytics.v1.StudyReleasedR\breleased\x124\n" +
 	"\x04join\x18\x05 \x01(\v2 .veil.analytics.v1.CommitteeJoinR\x04join\x12<\n" +
 	"\x06shamir\x18\x06 \x01(\v2$.veil.analytics.v1.SealedShamirShareR\x06shamir\x12J\n" +
-	"\rrelease_share\x18\a \x01(\v2%.veil.analytics.v1.StoredReleaseShareR\freleaseShare\"t\n" +
+	"\rrelease_share\x18\a \x01(\v2%.veil.analytics.v1.StoredReleaseShareR\freleaseShare\x12D\n" +
+	"\vround_noise\x18\b \x01(\v2#.veil.analytics.v1.StoredRoundNoiseR\n" +
+	"roundNoise\"\xd2\x01\n" +
+	"\x10StoredRoundNoise\x12\x14\n" +
+	"\x05round\x18\x01 \x01(\x04R\x05round\x12-\n" +
+	"\x03sum\x18\x02 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\x03sum\x12>\n" +
+	"\fsum_products\x18\x03 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\vsumProducts\x129\n" +
+	"\thistogram\x18\x04 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\thistogram\"t\n" +
 	"\x12StoredReleaseShare\x12\x16\n" +
 	"\x06member\x18\x01 \x01(\rR\x06member\x12F\n" +
 	"\arequest\x18\x02 \x01(\v2,.veil.analytics.v1.SubmitReleaseShareRequestR\arequest\"L\n" +
@@ -2319,7 +2406,7 @@ func file_veil_analytics_v1_analytics_proto_rawDescGZIP() []byte {
 }
 
 var file_veil_analytics_v1_analytics_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_veil_analytics_v1_analytics_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_veil_analytics_v1_analytics_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_veil_analytics_v1_analytics_proto_goTypes = []any{
 	(StudyState)(0),                    // 0: veil.analytics.v1.StudyState
 	(*Range)(nil),                      // 1: veil.analytics.v1.Range
@@ -2351,72 +2438,77 @@ var file_veil_analytics_v1_analytics_proto_goTypes = []any{
 	(*GetResultRequest)(nil),           // 27: veil.analytics.v1.GetResultRequest
 	(*GetResultResponse)(nil),          // 28: veil.analytics.v1.GetResultResponse
 	(*StoredSubmission)(nil),           // 29: veil.analytics.v1.StoredSubmission
-	(*StoredReleaseShare)(nil),         // 30: veil.analytics.v1.StoredReleaseShare
-	(*StudyClosed)(nil),                // 31: veil.analytics.v1.StudyClosed
-	(*StudyReleased)(nil),              // 32: veil.analytics.v1.StudyReleased
-	(*v1.PublicKey)(nil),               // 33: veil.he.v1.PublicKey
-	(*v1.EncryptedVector)(nil),         // 34: veil.he.v1.EncryptedVector
+	(*StoredRoundNoise)(nil),           // 30: veil.analytics.v1.StoredRoundNoise
+	(*StoredReleaseShare)(nil),         // 31: veil.analytics.v1.StoredReleaseShare
+	(*StudyClosed)(nil),                // 32: veil.analytics.v1.StudyClosed
+	(*StudyReleased)(nil),              // 33: veil.analytics.v1.StudyReleased
+	(*v1.PublicKey)(nil),               // 34: veil.he.v1.PublicKey
+	(*v1.EncryptedVector)(nil),         // 35: veil.he.v1.EncryptedVector
 }
 var file_veil_analytics_v1_analytics_proto_depIdxs = []int32{
-	33, // 0: veil.analytics.v1.Study.public_key:type_name -> veil.he.v1.PublicKey
+	34, // 0: veil.analytics.v1.Study.public_key:type_name -> veil.he.v1.PublicKey
 	1,  // 1: veil.analytics.v1.Study.ranges:type_name -> veil.analytics.v1.Range
 	2,  // 2: veil.analytics.v1.Study.analyst_signature:type_name -> veil.analytics.v1.AnalystSignature
 	0,  // 3: veil.analytics.v1.Study.state:type_name -> veil.analytics.v1.StudyState
 	5,  // 4: veil.analytics.v1.Study.committee:type_name -> veil.analytics.v1.Committee
 	4,  // 5: veil.analytics.v1.Study.privacy:type_name -> veil.analytics.v1.Privacy
-	33, // 6: veil.analytics.v1.Committee.reader_key:type_name -> veil.he.v1.PublicKey
+	34, // 6: veil.analytics.v1.Committee.reader_key:type_name -> veil.he.v1.PublicKey
 	6,  // 7: veil.analytics.v1.CommitteeJoin.signature:type_name -> veil.analytics.v1.MemberSignature
 	7,  // 8: veil.analytics.v1.JoinCommitteeRequest.join:type_name -> veil.analytics.v1.CommitteeJoin
 	3,  // 9: veil.analytics.v1.GetCommitteeResponse.study:type_name -> veil.analytics.v1.Study
 	7,  // 10: veil.analytics.v1.GetCommitteeResponse.joins:type_name -> veil.analytics.v1.CommitteeJoin
 	8,  // 11: veil.analytics.v1.GetCommitteeResponse.shares_for_caller:type_name -> veil.analytics.v1.SealedShamirShare
 	8,  // 12: veil.analytics.v1.PostShamirSharesRequest.shares:type_name -> veil.analytics.v1.SealedShamirShare
-	34, // 13: veil.analytics.v1.GetAggregateResponse.sum:type_name -> veil.he.v1.EncryptedVector
-	34, // 14: veil.analytics.v1.GetAggregateResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
-	34, // 15: veil.analytics.v1.GetAggregateResponse.histogram:type_name -> veil.he.v1.EncryptedVector
+	35, // 13: veil.analytics.v1.GetAggregateResponse.sum:type_name -> veil.he.v1.EncryptedVector
+	35, // 14: veil.analytics.v1.GetAggregateResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
+	35, // 15: veil.analytics.v1.GetAggregateResponse.histogram:type_name -> veil.he.v1.EncryptedVector
 	3,  // 16: veil.analytics.v1.CreateStudyRequest.study:type_name -> veil.analytics.v1.Study
 	3,  // 17: veil.analytics.v1.CreateStudyResponse.study:type_name -> veil.analytics.v1.Study
 	3,  // 18: veil.analytics.v1.GetStudyResponse.study:type_name -> veil.analytics.v1.Study
-	34, // 19: veil.analytics.v1.SubmitRequest.sums:type_name -> veil.he.v1.EncryptedVector
-	34, // 20: veil.analytics.v1.SubmitRequest.products:type_name -> veil.he.v1.EncryptedVector
-	34, // 21: veil.analytics.v1.SubmitRequest.histogram:type_name -> veil.he.v1.EncryptedVector
-	34, // 22: veil.analytics.v1.GetResultResponse.sum:type_name -> veil.he.v1.EncryptedVector
-	34, // 23: veil.analytics.v1.GetResultResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
-	34, // 24: veil.analytics.v1.GetResultResponse.mean:type_name -> veil.he.v1.EncryptedVector
-	34, // 25: veil.analytics.v1.GetResultResponse.second_moment:type_name -> veil.he.v1.EncryptedVector
-	34, // 26: veil.analytics.v1.GetResultResponse.histogram:type_name -> veil.he.v1.EncryptedVector
+	35, // 19: veil.analytics.v1.SubmitRequest.sums:type_name -> veil.he.v1.EncryptedVector
+	35, // 20: veil.analytics.v1.SubmitRequest.products:type_name -> veil.he.v1.EncryptedVector
+	35, // 21: veil.analytics.v1.SubmitRequest.histogram:type_name -> veil.he.v1.EncryptedVector
+	35, // 22: veil.analytics.v1.GetResultResponse.sum:type_name -> veil.he.v1.EncryptedVector
+	35, // 23: veil.analytics.v1.GetResultResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
+	35, // 24: veil.analytics.v1.GetResultResponse.mean:type_name -> veil.he.v1.EncryptedVector
+	35, // 25: veil.analytics.v1.GetResultResponse.second_moment:type_name -> veil.he.v1.EncryptedVector
+	35, // 26: veil.analytics.v1.GetResultResponse.histogram:type_name -> veil.he.v1.EncryptedVector
 	23, // 27: veil.analytics.v1.StoredSubmission.request:type_name -> veil.analytics.v1.SubmitRequest
-	31, // 28: veil.analytics.v1.StoredSubmission.closed:type_name -> veil.analytics.v1.StudyClosed
-	32, // 29: veil.analytics.v1.StoredSubmission.released:type_name -> veil.analytics.v1.StudyReleased
+	32, // 28: veil.analytics.v1.StoredSubmission.closed:type_name -> veil.analytics.v1.StudyClosed
+	33, // 29: veil.analytics.v1.StoredSubmission.released:type_name -> veil.analytics.v1.StudyReleased
 	7,  // 30: veil.analytics.v1.StoredSubmission.join:type_name -> veil.analytics.v1.CommitteeJoin
 	8,  // 31: veil.analytics.v1.StoredSubmission.shamir:type_name -> veil.analytics.v1.SealedShamirShare
-	30, // 32: veil.analytics.v1.StoredSubmission.release_share:type_name -> veil.analytics.v1.StoredReleaseShare
-	17, // 33: veil.analytics.v1.StoredReleaseShare.request:type_name -> veil.analytics.v1.SubmitReleaseShareRequest
-	19, // 34: veil.analytics.v1.AnalyticsService.CreateStudy:input_type -> veil.analytics.v1.CreateStudyRequest
-	21, // 35: veil.analytics.v1.AnalyticsService.GetStudy:input_type -> veil.analytics.v1.GetStudyRequest
-	23, // 36: veil.analytics.v1.AnalyticsService.Submit:input_type -> veil.analytics.v1.SubmitRequest
-	25, // 37: veil.analytics.v1.AnalyticsService.CloseStudy:input_type -> veil.analytics.v1.CloseStudyRequest
-	27, // 38: veil.analytics.v1.AnalyticsService.GetResult:input_type -> veil.analytics.v1.GetResultRequest
-	9,  // 39: veil.analytics.v1.AnalyticsService.JoinCommittee:input_type -> veil.analytics.v1.JoinCommitteeRequest
-	11, // 40: veil.analytics.v1.AnalyticsService.GetCommittee:input_type -> veil.analytics.v1.GetCommitteeRequest
-	13, // 41: veil.analytics.v1.AnalyticsService.PostShamirShares:input_type -> veil.analytics.v1.PostShamirSharesRequest
-	15, // 42: veil.analytics.v1.AnalyticsService.GetAggregate:input_type -> veil.analytics.v1.GetAggregateRequest
-	17, // 43: veil.analytics.v1.AnalyticsService.SubmitReleaseShare:input_type -> veil.analytics.v1.SubmitReleaseShareRequest
-	20, // 44: veil.analytics.v1.AnalyticsService.CreateStudy:output_type -> veil.analytics.v1.CreateStudyResponse
-	22, // 45: veil.analytics.v1.AnalyticsService.GetStudy:output_type -> veil.analytics.v1.GetStudyResponse
-	24, // 46: veil.analytics.v1.AnalyticsService.Submit:output_type -> veil.analytics.v1.SubmitResponse
-	26, // 47: veil.analytics.v1.AnalyticsService.CloseStudy:output_type -> veil.analytics.v1.CloseStudyResponse
-	28, // 48: veil.analytics.v1.AnalyticsService.GetResult:output_type -> veil.analytics.v1.GetResultResponse
-	10, // 49: veil.analytics.v1.AnalyticsService.JoinCommittee:output_type -> veil.analytics.v1.JoinCommitteeResponse
-	12, // 50: veil.analytics.v1.AnalyticsService.GetCommittee:output_type -> veil.analytics.v1.GetCommitteeResponse
-	14, // 51: veil.analytics.v1.AnalyticsService.PostShamirShares:output_type -> veil.analytics.v1.PostShamirSharesResponse
-	16, // 52: veil.analytics.v1.AnalyticsService.GetAggregate:output_type -> veil.analytics.v1.GetAggregateResponse
-	18, // 53: veil.analytics.v1.AnalyticsService.SubmitReleaseShare:output_type -> veil.analytics.v1.SubmitReleaseShareResponse
-	44, // [44:54] is the sub-list for method output_type
-	34, // [34:44] is the sub-list for method input_type
-	34, // [34:34] is the sub-list for extension type_name
-	34, // [34:34] is the sub-list for extension extendee
-	0,  // [0:34] is the sub-list for field type_name
+	31, // 32: veil.analytics.v1.StoredSubmission.release_share:type_name -> veil.analytics.v1.StoredReleaseShare
+	30, // 33: veil.analytics.v1.StoredSubmission.round_noise:type_name -> veil.analytics.v1.StoredRoundNoise
+	35, // 34: veil.analytics.v1.StoredRoundNoise.sum:type_name -> veil.he.v1.EncryptedVector
+	35, // 35: veil.analytics.v1.StoredRoundNoise.sum_products:type_name -> veil.he.v1.EncryptedVector
+	35, // 36: veil.analytics.v1.StoredRoundNoise.histogram:type_name -> veil.he.v1.EncryptedVector
+	17, // 37: veil.analytics.v1.StoredReleaseShare.request:type_name -> veil.analytics.v1.SubmitReleaseShareRequest
+	19, // 38: veil.analytics.v1.AnalyticsService.CreateStudy:input_type -> veil.analytics.v1.CreateStudyRequest
+	21, // 39: veil.analytics.v1.AnalyticsService.GetStudy:input_type -> veil.analytics.v1.GetStudyRequest
+	23, // 40: veil.analytics.v1.AnalyticsService.Submit:input_type -> veil.analytics.v1.SubmitRequest
+	25, // 41: veil.analytics.v1.AnalyticsService.CloseStudy:input_type -> veil.analytics.v1.CloseStudyRequest
+	27, // 42: veil.analytics.v1.AnalyticsService.GetResult:input_type -> veil.analytics.v1.GetResultRequest
+	9,  // 43: veil.analytics.v1.AnalyticsService.JoinCommittee:input_type -> veil.analytics.v1.JoinCommitteeRequest
+	11, // 44: veil.analytics.v1.AnalyticsService.GetCommittee:input_type -> veil.analytics.v1.GetCommitteeRequest
+	13, // 45: veil.analytics.v1.AnalyticsService.PostShamirShares:input_type -> veil.analytics.v1.PostShamirSharesRequest
+	15, // 46: veil.analytics.v1.AnalyticsService.GetAggregate:input_type -> veil.analytics.v1.GetAggregateRequest
+	17, // 47: veil.analytics.v1.AnalyticsService.SubmitReleaseShare:input_type -> veil.analytics.v1.SubmitReleaseShareRequest
+	20, // 48: veil.analytics.v1.AnalyticsService.CreateStudy:output_type -> veil.analytics.v1.CreateStudyResponse
+	22, // 49: veil.analytics.v1.AnalyticsService.GetStudy:output_type -> veil.analytics.v1.GetStudyResponse
+	24, // 50: veil.analytics.v1.AnalyticsService.Submit:output_type -> veil.analytics.v1.SubmitResponse
+	26, // 51: veil.analytics.v1.AnalyticsService.CloseStudy:output_type -> veil.analytics.v1.CloseStudyResponse
+	28, // 52: veil.analytics.v1.AnalyticsService.GetResult:output_type -> veil.analytics.v1.GetResultResponse
+	10, // 53: veil.analytics.v1.AnalyticsService.JoinCommittee:output_type -> veil.analytics.v1.JoinCommitteeResponse
+	12, // 54: veil.analytics.v1.AnalyticsService.GetCommittee:output_type -> veil.analytics.v1.GetCommitteeResponse
+	14, // 55: veil.analytics.v1.AnalyticsService.PostShamirShares:output_type -> veil.analytics.v1.PostShamirSharesResponse
+	16, // 56: veil.analytics.v1.AnalyticsService.GetAggregate:output_type -> veil.analytics.v1.GetAggregateResponse
+	18, // 57: veil.analytics.v1.AnalyticsService.SubmitReleaseShare:output_type -> veil.analytics.v1.SubmitReleaseShareResponse
+	48, // [48:58] is the sub-list for method output_type
+	38, // [38:48] is the sub-list for method input_type
+	38, // [38:38] is the sub-list for extension type_name
+	38, // [38:38] is the sub-list for extension extendee
+	0,  // [0:38] is the sub-list for field type_name
 }
 
 func init() { file_veil_analytics_v1_analytics_proto_init() }
@@ -2430,7 +2522,7 @@ func file_veil_analytics_v1_analytics_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_veil_analytics_v1_analytics_proto_rawDesc), len(file_veil_analytics_v1_analytics_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   32,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
