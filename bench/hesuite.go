@@ -324,6 +324,9 @@ func heSuite(cfg *config) (*Report, error) {
 			return nil, fmt.Errorf("%s: %w", name, err)
 		}
 	}
+	if err := heCommittee(cfg, rep); err != nil {
+		return nil, fmt.Errorf("committee: %w", err)
+	}
 	return rep, nil
 }
 

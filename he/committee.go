@@ -52,6 +52,9 @@ func NewCommittee(params *Parameters, context []byte, n, t int) (c *Committee, e
 // Threshold returns t.
 func (c *Committee) Threshold() int { return c.t }
 
+// Params returns the committee's parameters.
+func (c *Committee) Params() *Parameters { return c.params }
+
 // Size returns n.
 func (c *Committee) Size() int { return c.n }
 
@@ -361,4 +364,28 @@ func reduced(p ring.Poly, moduli []uint64) bool {
 		}
 	}
 	return true
+}
+
+// MarshalBinary encodes the share (secret: seal it to its recipient before it leaves
+// the process).
+func (s *ShamirShare) MarshalBinary() ([]byte, error) { return s.share.MarshalBinary() }
+
+// UnmarshalShamirShare decodes the Shamir share member from made for member to,
+// as opened by its recipient.
+func (c *Committee) UnmarshalShamirShare(from, to int, b []byte) (s *ShamirShare, err error) {
+	defer recoverInto(&err, "decode shamir share")
+	if !c.threshold {
+		return nil, preconditionf("an n-out-of-n committee has no Shamir shares")
+	}
+	want := mhe.NewThresholdizer(c.params.p).AllocateThresholdSecretShare()
+	if from < 1 || from > c.n || to < 1 || to > c.n || len(b) != want.BinarySize() {
+		return nil, invalidf("shamir share %d->%d: %d bytes, want %d", from, to, len(b), want.BinarySize())
+	}
+	if err := want.UnmarshalBinary(b); err != nil {
+		return nil, invalidf("shamir share: %v", err)
+	}
+	if !reduced(want.Q, c.params.p.Q()) || !reduced(want.P, c.params.p.P()) {
+		return nil, invalidf("shamir share: coefficient not reduced")
+	}
+	return &ShamirShare{From: from, To: to, share: want}, nil
 }

@@ -215,6 +215,12 @@ func FuzzCommitteeShares(f *testing.F) {
 	}
 	good, _ := m.PublicKeyShare().MarshalBinary()
 	f.Add(good[:64], uint8(1))
+	sh, err := m.ShamirShareFor(2)
+	if err != nil {
+		f.Fatal(err)
+	}
+	shb, _ := sh.MarshalBinary()
+	f.Add(shb[:64], uint8(1))
 	f.Add([]byte{}, uint8(0))
 	client, err := NewClient(ParamsN13())
 	if err != nil {
@@ -227,6 +233,7 @@ func FuzzCommitteeShares(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte, member uint8) {
 		_, _ = c.UnmarshalPublicKeyShare(int(member), b)
 		_, _ = c.UnmarshalReleaseShare(int(member), []int{1, 2}, v, b)
+		_, _ = c.UnmarshalShamirShare(int(member), 2, b)
 	})
 }
 
@@ -306,5 +313,57 @@ func BenchmarkCommittee(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// TestShamirShareEncoding: a Shamir share survives its encoding (what members seal to
+// each other), and a truncated or misaddressed one is refused.
+func TestShamirShareEncoding(t *testing.T) {
+	c, err := NewCommittee(ParamsN13(), []byte("encoding"), 3, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m1, err := c.NewMember(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m2, err := c.NewMember(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sh, err := m1.ShamirShareFor(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := sh.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := c.UnmarshalShamirShare(1, 2, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m2.AddShamirShare(got); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.UnmarshalShamirShare(1, 2, b[:len(b)-1]); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("truncated: %v", err)
+	}
+	if _, err := c.UnmarshalShamirShare(1, 4, b); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("to a member outside the committee: %v", err)
+	}
+	again, err := c.UnmarshalShamirShare(1, 2, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m2.AddShamirShare(again); CodeOf(err) != connect.CodeInvalidArgument {
+		t.Errorf("the same sender twice: %v", err)
+	}
+	full, err := NewCommittee(ParamsN13(), []byte("encoding"), 2, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := full.UnmarshalShamirShare(1, 2, b); CodeOf(err) != connect.CodeFailedPrecondition {
+		t.Errorf("n-of-n committee: %v", err)
 	}
 }

@@ -98,7 +98,7 @@ type containerSpec struct {
 	network string
 	args    []string          // the command: "/veil" or "/testproxy" and its arguments
 	files   map[string]string // container path -> host path
-	port    string            // e.g. "8443/tcp"
+	port    string            // e.g. "8443/tcp"; empty for a client that listens on none
 	root    bool              // run as root (for state copied in from the host, which root owns)
 	ready   string            // a log line that says the process is ready (default "veil serving")
 }
@@ -129,6 +129,9 @@ func startVeil(t *testing.T, spec containerSpec) *veilContainer {
 			wait.ForLog(spec.ready),
 			wait.ForListeningPort(spec.port).SkipInternalCheck(),
 		).WithDeadline(60 * time.Second),
+	}
+	if spec.port == "" { // a client (veil analytics join): no port to wait for
+		req.ExposedPorts, req.WaitingFor = nil, wait.ForLog(spec.ready).WithStartupTimeout(60*time.Second)
 	}
 	if spec.root {
 		req.ConfigModifier = func(c *container.Config) { c.User = "0:0" }

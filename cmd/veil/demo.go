@@ -81,6 +81,16 @@ type demoAnalytics struct {
 	Duplicates  int     `json:"duplicates_ignored"`
 }
 
+// demoCommittee is the committee study of the demo: three institutions hold the key,
+// any two release; one stays offline.
+type demoCommittee struct {
+	Members           int     `json:"members"`
+	Threshold         int     `json:"threshold"`
+	ReleasedWith      int     `json:"released_with"`
+	LoneMemberRefused bool    `json:"lone_member_refused"`
+	MaxAbsError       float64 `json:"max_abs_error"`
+}
+
 // demoTokens is the continuous-authentication part of the demo: every call carries a
 // token bound to the caller's certificate, and the token expires mid-run.
 type demoTokens struct {
@@ -111,6 +121,7 @@ type demoReport struct {
 	Refused      []demoRefusal `json:"refused"`
 	Scoring      demoScoring   `json:"scoring"`
 	Analytics    demoAnalytics `json:"analytics"`
+	Committee    demoCommittee `json:"committee"`
 	Tokens       demoTokens    `json:"tokens"`
 	Steps        []demoStep    `json:"steps"`
 	TotalSeconds float64       `json:"total_seconds"`
@@ -128,6 +139,9 @@ var demoIDs = map[string]string{
 	"owner-2":   "spiffe://" + demoTD + "/ns/clinics/sa/owner-2",
 	"owner-3":   "spiffe://" + demoTD + "/ns/clinics/sa/owner-3",
 	"intruder":  "spiffe://" + demoTD + "/ns/other/sa/intruder",
+	"bank":      "spiffe://" + demoTD + "/ns/committee/sa/bank",
+	"hospital":  "spiffe://" + demoTD + "/ns/committee/sa/hospital",
+	"agency":    "spiffe://" + demoTD + "/ns/committee/sa/agency",
 	"auth":      "spiffe://" + demoTD + "/auth",
 }
 
@@ -243,6 +257,10 @@ func (d *demo) run(ctx context.Context, samples int) error {
 		return fmt.Errorf("demo: analytics: %w", err)
 	}
 	d.mark("encrypted analytics")
+	if err := d.committeeFlow(ctx, analyticsURL); err != nil {
+		return fmt.Errorf("demo: committee study: %w", err)
+	}
+	d.mark("committee study: three institutions hold the key, two release")
 	if err := d.tokenExpiry(ctx, scoringURL); err != nil {
 		return fmt.Errorf("demo: tokens: %w", err)
 	}
@@ -428,7 +446,7 @@ func (d *demo) startAnalytics(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	policy := rpc.NewPolicy().MustAllow("*", "spiffe://"+demoTD+"/ns/demo/sa/analyst", "spiffe://"+demoTD+"/ns/clinics/sa/*")
+	policy := rpc.NewPolicy().MustAllow("*", "spiffe://"+demoTD+"/ns/demo/sa/analyst", "spiffe://"+demoTD+"/ns/clinics/sa/*", "spiffe://"+demoTD+"/ns/committee/sa/*")
 	srv, err := rpc.NewServer(d.srcs["analytics"], append(analytics.ServerOptions(he.ParamsN13()), rpc.WithPQMode(transport.PQStrict),
 		rpc.WithPolicy(policy), rpc.WithSealing(sealer), d.requireTokens("analytics"), rpc.WithLogger(d.logger))...)
 	if err != nil {
@@ -623,6 +641,111 @@ func (d *demo) analyticsFlow(ctx context.Context, url string) error {
 	return nil
 }
 
+// committeeFlow runs a committee study: the bank, the hospital and the agency hold
+// the key (t = 2); the clinics submit; the agency stays offline at release; the bank
+// alone gets nothing; the bank and the hospital release to the analyst.
+func (d *demo) committeeFlow(ctx context.Context, url string) error {
+	hc, opts, err := d.client("analyst", "analytics")
+	if err != nil {
+		return err
+	}
+	key, err := he.NewClient(he.ParamsN13())
+	if err != nil {
+		return err
+	}
+	analyst := analytics.NewAnalyst(hc, url, key, d.srcs["analyst"], opts...)
+	const dim = 3
+	names := []string{"bank", "hospital", "agency"}
+	ids := make([]string, len(names))
+	for i, n := range names {
+		ids[i] = demoIDs[n]
+	}
+	spec := analytics.StudySpec{ID: "demo-joint", OwnerPatterns: []string{"spiffe://" + demoTD + "/ns/clinics/sa/*"}, Dimension: dim,
+		Ranges: []analytics.Range{{Min: -1e4, Max: 1e4}}, MinOwners: 3}
+	if err := analyst.CreateCommitteeStudy(ctx, spec, analytics.CommitteeSpec{Members: ids, Threshold: 2}); err != nil {
+		return err
+	}
+	analystID := spiffeid.MatchID(spiffeid.RequireFromString(demoIDs["analyst"]))
+	members := make([]*analytics.Member, len(names))
+	for i, n := range names {
+		mhc, mopts, err := d.client(n, "analytics")
+		if err != nil {
+			return err
+		}
+		members[i] = analytics.NewMember(mhc, url, d.srcs[n], d.srcs[n], analystID, mopts...)
+		if _, err := members[i].Join(ctx, spec.ID); err != nil {
+			return fmt.Errorf("%s joins: %w", n, err)
+		}
+	}
+	// Every member posts its sealed Shamir shares, then collects those sealed to it:
+	// two passes once all have joined.
+	for pass := 0; ; pass++ {
+		pending := 0
+		for i, m := range members {
+			switch err := m.Setup(ctx, spec.ID); {
+			case errors.Is(err, analytics.ErrSetupPending):
+				pending++
+			case err != nil:
+				return fmt.Errorf("%s setup: %w", names[i], err)
+			}
+		}
+		if pending == 0 {
+			break
+		}
+		if pass == 2 {
+			return errors.New("committee setup incomplete after three passes")
+		}
+	}
+	data, err := scoring.Synthetic(11, 300, dim)
+	if err != nil {
+		return err
+	}
+	owners := []string{"owner-1", "owner-2", "owner-3"}
+	per := len(data.X) / len(owners)
+	for i, name := range owners {
+		ohc, oopts, err := d.client(name, "analytics")
+		if err != nil {
+			return err
+		}
+		owner := analytics.NewOwner(ohc, url, d.srcs[name], analystID, oopts...)
+		if _, err := owner.Submit(ctx, spec.ID, "batch-1", data.X[i*per:(i+1)*per]); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	if _, err := analyst.Close(ctx, spec.ID); err != nil {
+		return err
+	}
+	c := &d.rep.Committee
+	c.Members, c.Threshold = len(names), 2
+	active := []int{1, 2} // the agency (3) is offline
+	if _, err := members[0].Release(ctx, spec.ID, active); err != nil {
+		return fmt.Errorf("bank releases: %w", err)
+	}
+	_, err = analyst.Result(ctx, spec.ID)
+	c.LoneMemberRefused = connect.CodeOf(err) == connect.CodeFailedPrecondition
+	r, err := members[1].Release(ctx, spec.ID, active)
+	if err != nil {
+		return fmt.Errorf("hospital releases: %w", err)
+	}
+	c.ReleasedWith = r.Shares
+	res, err := analyst.Result(ctx, spec.ID)
+	if err != nil {
+		return err
+	}
+	all := data.X[:per*len(owners)]
+	for j := range dim {
+		var sum, sq float64
+		for _, x := range all {
+			sum += x[j]
+			sq += x[j] * x[j]
+		}
+		mean := sum / float64(len(all))
+		variance := sq/float64(len(all)) - mean*mean
+		c.MaxAbsError = math.Max(c.MaxAbsError, math.Max(math.Abs(res.Mean[j]-mean), math.Abs(res.Variance[j]-variance)))
+	}
+	return nil
+}
+
 // refusals shows calls that must fail: no client certificate, an unsealed call to a
 // sealing-strict server, and a verified identity the policy does not allow.
 func (d *demo) refusals(ctx context.Context, url string) {
@@ -706,6 +829,9 @@ func (d *demo) check() error {
 	if d.rep.Analytics.MaxAbsError > 1e-3 {
 		return fmt.Errorf("demo: encrypted statistics are off by %g", d.rep.Analytics.MaxAbsError)
 	}
+	if c := d.rep.Committee; !c.LoneMemberRefused || c.ReleasedWith != c.Threshold || c.MaxAbsError > 1 {
+		return fmt.Errorf("demo: committee: lone member refused %v, released with %d of threshold %d, off by %g", c.LoneMemberRefused, c.ReleasedWith, c.Threshold, c.MaxAbsError)
+	}
 	if tk := d.rep.Tokens; tk.FailedCalls > 0 || tk.RefreshedEarly < 1 || tk.RefreshedOnExpiry < 1 || tk.ExpiredRefusals < 1 {
 		return fmt.Errorf("demo: tokens: %d of %d calls failed, %d refreshed early, %d after %d expiry refusals", tk.FailedCalls, tk.Calls, tk.RefreshedEarly, tk.RefreshedOnExpiry, tk.ExpiredRefusals)
 	}
@@ -759,6 +885,8 @@ func printDemo(w io.Writer, r *demoReport) {
 	fmt.Fprintf(w, "    scored in %.0f ms; %s sent, %s received; plaintext model accuracy %.1f%%\n", s.ScoreMillis, fmtBytes(s.BytesSent), fmtBytes(s.BytesReceived), 100*s.PlaintextAccuracy)
 	a := r.Analytics
 	fmt.Fprintf(w, "\n  encrypted analytics: %d owners, %d records of %d values; mean and variance off by at most %.2g; %d retried submissions counted once\n", a.Owners, a.Records, a.Dimension, a.MaxAbsError, a.Duplicates)
+	c := r.Committee
+	fmt.Fprintf(w, "  committee study: %d institutions hold the key, threshold %d; one offline, released with %d; one member alone refused: %v; mean and variance off by at most %.2g (smudged)\n", c.Members, c.Threshold, c.ReleasedWith, c.LoneMemberRefused, c.MaxAbsError)
 	tk := r.Tokens
 	fmt.Fprintf(w, "\n  continuous authentication: every call carries a %.0f s token bound to the caller's certificate, for one server\n", tk.TTLSeconds)
 	fmt.Fprintf(w, "    %d tokens issued; %d refreshed before expiry; the servers' clock then passed the token's expiry: %d token_expired refusal(s), %d refreshed and retried; %d of %d calls failed\n",

@@ -73,6 +73,16 @@ func TestDemoJSON(t *testing.T) {
 	if e := field("analytics", "max_abs_error").(float64); e > 1e-3 {
 		t.Fatalf("analytics.max_abs_error %v", e)
 	}
+	// The committee study: three members, t = 2, one offline; one alone refused.
+	if m, th, w := field("committee", "members").(float64), field("committee", "threshold").(float64), field("committee", "released_with").(float64); m != 3 || th != 2 || w != 2 {
+		t.Fatalf("committee: %v members, threshold %v, released with %v", m, th, w)
+	}
+	if !field("committee", "lone_member_refused").(bool) {
+		t.Fatal("committee: one member alone got a result")
+	}
+	if e := field("committee", "max_abs_error").(float64); e <= 0 || e > 1 {
+		t.Fatalf("committee.max_abs_error %v", e)
+	}
 	if s := field("total_seconds").(float64); s <= 0 {
 		t.Fatalf("total_seconds %v", s)
 	}
@@ -119,6 +129,11 @@ func TestUsageErrors(t *testing.T) {
 		{"call", "--identity", "x", "--addr", "https://localhost:1", "--pq-seal", "proxied", "/p", "{}"},
 		{"call", "--identity", "x", "--addr", "https://localhost:1", "--pq-seal", "maybe", "/p", "{}"},
 		{"serve", "--identity", "x", "--service", "echo", "--state-replay-procedure", "/p"}, // needs --state nats
+		// A committee member releases (--active) or only deals its shares (--setup-only).
+		{"analytics", "join", "--identity", "x", "--addr", "https://localhost:1", "--study", "s", "--analyst", "spiffe://example.org/a"},
+		{"analytics", "join", "--identity", "x", "--addr", "https://localhost:1", "--study", "s", "--analyst", "spiffe://example.org/a", "--active", "one"},
+		{"analytics", "create", "--keys", "k", "--identity", "x", "--addr", "https://localhost:1", "--study", "s", "--owner", "*", "--dimension", "1", "--range", "0:1", "--member", "spiffe://example.org/m"},
+		{"analytics", "create", "--keys", "k", "--identity", "x", "--addr", "https://localhost:1", "--study", "s", "--owner", "*", "--dimension", "1", "--range", "0:1", "--epsilon-per-release", "1"},
 	} {
 		if code, _, errOut := veil(t, ctx, args...); code != 2 || errOut == "" {
 			t.Errorf("veil %v: exit %d stderr %q, want 2 with a message", args, code, errOut)
@@ -452,5 +467,92 @@ func TestAnalyticsCLI(t *testing.T) {
 	// Only the analyst may fetch it.
 	if code, _, errOut := veil(t, ctx, "analytics", "result", "--keys", keys, "--identity", filepath.Join(dir, "ns_clinics_sa_b"), "--addr", addr, "--study", "heights"); code != 1 || !strings.Contains(errOut, "permission_denied") {
 		t.Fatalf("owner fetching the result: exit %d %s", code, errOut)
+	}
+}
+
+// TestAnalyticsCommitteeCLI runs a 2-of-3 committee study with one process per
+// party: the third member deals its key shares and leaves; the first two release
+// once the analyst closes; no result exists before.
+func TestAnalyticsCommitteeCLI(t *testing.T) {
+	dir := t.TempDir()
+	ctx := context.Background()
+	run := func(args ...string) string {
+		t.Helper()
+		code, out, errOut := veil(t, ctx, args...)
+		if code != 0 {
+			t.Fatalf("veil %v: exit %d: %s", args, code, errOut)
+		}
+		return out
+	}
+	run("ca", "init", "--dir", filepath.Join(dir, "ca"), "--trust-domain", "example.org")
+	members := []string{"ns/banks/sa/a", "ns/banks/sa/b", "ns/banks/sa/c"}
+	for _, id := range append([]string{"analytics", "analyst", "ns/clinics/sa/a", "ns/clinics/sa/b"}, members...) {
+		run("ca", "issue", "--dir", filepath.Join(dir, "ca"), "--id", "spiffe://example.org/"+id, "--out", filepath.Join(dir, strings.ReplaceAll(id, "/", "_")))
+	}
+	addr := "https://127.0.0.1:" + startServe(t, "--identity", filepath.Join(dir, "analytics"), "--service", "analytics")
+	keys := filepath.Join(dir, "analyst.keys")
+	run("keys", "gen", "--out", keys)
+	args := []string{"analytics", "create", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr,
+		"--study", "joint", "--owner", "spiffe://example.org/ns/clinics/sa/*", "--dimension", "2", "--range", "0:10", "--threshold", "2", "--json"}
+	for _, m := range members {
+		args = append(args, "--member", "spiffe://example.org/"+m)
+	}
+	if out := run(args...); !strings.Contains(out, `"threshold": 2`) {
+		t.Fatalf("create: %s", out)
+	}
+	type joined struct {
+		code     int
+		out, err string
+	}
+	join := func(i int, extra ...string) chan joined {
+		ch := make(chan joined, 1)
+		go func() {
+			code, out, errOut := veil(t, ctx, append([]string{"analytics", "join", "--identity", filepath.Join(dir, strings.ReplaceAll(members[i], "/", "_")), "--addr", addr,
+				"--study", "joint", "--analyst", "spiffe://example.org/analyst", "--poll", "20ms", "--json"}, extra...)...)
+			ch <- joined{code, out, errOut}
+		}()
+		return ch
+	}
+	third := join(2, "--setup-only")
+	first, second := join(0, "--active", "1,2"), join(1, "--active", "1,2")
+	if j := <-third; j.code != 0 || !strings.Contains(j.out, `"setup": "done"`) {
+		t.Fatalf("third member: exit %d %s %s", j.code, j.out, j.err)
+	}
+	records := map[string]string{"ns_clinics_sa_a": "1.5,2\n2.5,4\n", "ns_clinics_sa_b": "3.5,6\n"}
+	for owner, csv := range records {
+		p := filepath.Join(dir, owner+".csv")
+		if err := os.WriteFile(p, []byte(csv), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		run("analytics", "submit", "--identity", filepath.Join(dir, owner), "--addr", addr, "--study", "joint", "--analyst", "spiffe://example.org/analyst", "--csv", p, "--idempotency-key", "day-1")
+	}
+	if code, _, errOut := veil(t, ctx, "analytics", "result", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr, "--study", "joint"); code != 1 || !strings.Contains(errOut, "failed_precondition") {
+		t.Fatalf("result of an open study: exit %d %s", code, errOut)
+	}
+	run("analytics", "close", "--identity", filepath.Join(dir, "analyst"), "--addr", addr, "--study", "joint")
+	ready := 0
+	for i, ch := range []chan joined{first, second} {
+		j := <-ch
+		if j.code != 0 {
+			t.Fatalf("member %d: exit %d %s %s", i+1, j.code, j.out, j.err)
+		}
+		if strings.Contains(j.out, `"ready": true`) {
+			ready++
+		}
+	}
+	if ready != 1 {
+		t.Fatalf("%d members saw the result ready, want exactly the second to send its share", ready)
+	}
+	var res struct {
+		Count int       `json:"count"`
+		Mean  []float64 `json:"mean"`
+	}
+	out := run("analytics", "result", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr, "--study", "joint", "--json")
+	if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	// Records (1.5,2) (2.5,4) (3.5,6): means 2.5 and 4, within the smudging error.
+	if res.Count != 3 || len(res.Mean) != 2 || math.Abs(res.Mean[0]-2.5) > 0.1 || math.Abs(res.Mean[1]-4) > 0.1 {
+		t.Fatalf("result %s", out)
 	}
 }

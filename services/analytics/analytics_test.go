@@ -49,7 +49,12 @@ func policy() *rpc.Policy {
 		MustAllow(analytics.CloseStudyProcedure, "spiffe://example.org/ns/research/sa/*").
 		MustAllow(analytics.GetResultProcedure, "spiffe://example.org/ns/research/sa/*", "spiffe://example.org/ns/hospital/sa/*").
 		MustAllow(analytics.GetStudyProcedure, "spiffe://example.org").
-		MustAllow(analytics.SubmitProcedure, "spiffe://example.org")
+		MustAllow(analytics.SubmitProcedure, "spiffe://example.org").
+		MustAllow(analytics.JoinCommitteeProcedure, "spiffe://example.org").
+		MustAllow(analytics.GetCommitteeProcedure, "spiffe://example.org").
+		MustAllow(analytics.PostShamirSharesProcedure, "spiffe://example.org").
+		MustAllow(analytics.GetAggregateProcedure, "spiffe://example.org").
+		MustAllow(analytics.SubmitReleaseShareProcedure, "spiffe://example.org")
 }
 
 func serve(t testing.TB, pki *testpki.PKI, dir string) *testpki.Server {

@@ -1,6 +1,7 @@
 package analytics
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -40,6 +41,9 @@ type StudySpec struct {
 	// MaxSubmissionsPerOwner caps each owner's counted submissions (0:
 	// DefaultMaxSubmissionsPerOwner).
 	MaxSubmissionsPerOwner int
+	// Privacy, when set, makes every release differentially private: Laplace noise
+	// sized from Ranges, EpsilonPerRelease of the budget each (docs/services.md).
+	Privacy *Privacy
 }
 
 // Range is a closed interval [Min, Max].
@@ -62,6 +66,13 @@ func NewAnalyst(hc connect.HTTPClient, baseURL string, key *he.Client, id x509sv
 
 // CreateStudy registers spec with the analyst's public key, signed.
 func (a *Analyst) CreateStudy(ctx context.Context, spec StudySpec) error {
+	return a.create(ctx, spec, nil)
+}
+
+// create registers spec, a committee study when committee is set (its key then is
+// the committee's, and the analyst's public key is the reader key results are
+// re-encrypted to).
+func (a *Analyst) create(ctx context.Context, spec StudySpec, committee *analyticsv1.Committee) error {
 	if spec.Dimension < 1 {
 		return errors.New("analytics: a study needs a dimension of at least 1")
 	}
@@ -85,7 +96,6 @@ func (a *Analyst) CreateStudy(ctx context.Context, spec StudySpec) error {
 		OwnerPatterns: spec.OwnerPatterns,
 		Dimension:     uint32(spec.Dimension),
 		Covariance:    spec.Covariance,
-		PublicKey:     pk,
 
 		HistogramEdges:         spec.HistogramEdges,
 		MinOwners:              uint32(max(spec.MinOwners, 0)),
@@ -93,6 +103,15 @@ func (a *Analyst) CreateStudy(ctx context.Context, spec StudySpec) error {
 	}
 	for _, r := range spec.Ranges {
 		m.Ranges = append(m.Ranges, &analyticsv1.Range{Min: r.Min, Max: r.Max})
+	}
+	if p := spec.Privacy; p != nil {
+		m.Privacy = &analyticsv1.Privacy{Epsilon: p.Epsilon, EpsilonPerRelease: p.EpsilonPerRelease}
+	}
+	if committee != nil {
+		committee.ReaderKey = pk
+		m.Committee = committee
+	} else {
+		m.PublicKey = pk
 	}
 	if err := signStudy(m, svid); err != nil {
 		return err
@@ -365,6 +384,10 @@ func (o *Owner) Submit(ctx context.Context, studyID, idempotencyKey string, reco
 	if err := VerifyStudy(study, o.bundle, o.analysts); err != nil {
 		return Submitted{}, err
 	}
+	paramID := study.GetPublicKey().GetParamId()
+	if c := study.GetCommittee(); c != nil {
+		paramID = c.GetReaderKey().GetParamId()
+	}
 	if len(study.GetRanges()) == 0 {
 		return Submitted{}, fmt.Errorf("analytics: study %q declares no ranges", studyID)
 	}
@@ -375,15 +398,29 @@ func (o *Owner) Submit(ctx context.Context, studyID, idempotencyKey string, reco
 	records, clipped := Clip(records, ranges)
 	var params *he.Parameters
 	for _, p := range o.params {
-		if string(p.ID()) == study.GetPublicKey().GetParamId() {
+		if string(p.ID()) == paramID {
 			params = p
 		}
 	}
 	if params == nil {
-		return Submitted{}, fmt.Errorf("analytics: study %q uses unknown parameters %s", studyID, study.GetPublicKey().GetParamId())
+		return Submitted{}, fmt.Errorf("analytics: study %q uses unknown parameters %s", studyID, paramID)
 	}
-	pk, err := he.UnmarshalPublicKey(params, study.GetPublicKey())
-	if err != nil {
+	var pk *he.PublicKey
+	if study.GetCommittee() != nil {
+		// The owner recomputes the collective key from the members' signed shares
+		// and refuses a server that serves any other (the substitution attack).
+		cr, err := o.svc.GetCommittee(ctx, connect.NewRequest(&analyticsv1.GetCommitteeRequest{StudyId: studyID}))
+		if err != nil {
+			return Submitted{}, err
+		}
+		cs := cr.Msg.GetStudy()
+		if !bytes.Equal(studyStatement(cs), studyStatement(study)) {
+			return Submitted{}, fmt.Errorf("%w: the server answered two versions of study %q", ErrUntrustedStudy, studyID)
+		}
+		if pk, err = VerifyCommittee(params, cs, cr.Msg.GetJoins(), o.bundle); err != nil {
+			return Submitted{}, err
+		}
+	} else if pk, err = he.UnmarshalPublicKey(params, study.GetPublicKey()); err != nil {
 		return Submitted{}, err
 	}
 	enc, err := he.NewEncryptor(pk)

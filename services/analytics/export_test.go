@@ -1,4 +1,12 @@
 package analytics
 
+import "connectrpc.com/connect"
+
 // SignStudyForTest lets attack tests sign a study with an arbitrary SVID.
 var SignStudyForTest = signStudy
+
+// Redirect points a member's client at another server (a restarted one, on a new
+// port), keeping the member's secret state.
+func (m *Member) Redirect(hc connect.HTTPClient, baseURL string) {
+	m.svc = newServiceClient(hc, baseURL, nil)
+}

@@ -42,6 +42,7 @@ import (
 	"math"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -115,9 +116,13 @@ type study struct {
 	params   *he.Parameters
 	patterns []transport.Pattern
 	eval     *he.Evaluator
+	enc      *he.Encryptor // the study key's, for privacy noise; nil without privacy
 	// keyFP is the fingerprint of the study's public key: every submitted vector
-	// must carry it.
-	keyFP []byte
+	// must carry it. A committee study's is set once every member has joined.
+	keyFP atomic.Pointer[[]byte]
+	// com is a committee study's key setup and release state; nil for a single-key
+	// study (committee.go).
+	com *committeeState
 
 	sum, products *he.Vector
 	histogram     *he.Vector // nil unless the study has histogram edges
@@ -200,13 +205,20 @@ func (s *Service) Register(srv *rpc.Server) {
 
 // ReadLimits returns the per-procedure read limits studies on params need:
 // CreateStudy carries a public key, Submit up to three one-ciphertext vectors (sums,
-// products, histogram).
+// products, histogram); the committee procedures as much (a public-key share, the
+// Shamir shares of a committee of up to 64, the release shares of three vectors).
 func ReadLimits(params *he.Parameters) map[string]int64 {
 	lit := params.Literal()
 	pk := int64(2*(len(lit.LogQ)+len(lit.LogP))*params.N()*8) + 64<<10
+	vectors := 3*he.MaxVectorWireSize(params, params.Slots()) + 4096
 	return map[string]int64{
 		CreateStudyProcedure: pk,
-		SubmitProcedure:      3*he.MaxVectorWireSize(params, params.Slots()) + 4096,
+		SubmitProcedure:      vectors,
+		// A public-key share is one of the key's two polynomials, a Shamir share one
+		// more (up to 63 of them), a release share the size of the vectors.
+		JoinCommitteeProcedure:      pk,
+		PostShamirSharesProcedure:   32 * pk,
+		SubmitReleaseShareProcedure: vectors,
 	}
 }
 
@@ -255,13 +267,36 @@ func productsLen(m *analyticsv1.Study) int {
 // newStudy checks a study's metadata and builds its in-memory state. A study being
 // created must declare its ranges; one loaded from the store keeps what it had.
 func (s *Service) newStudy(m *analyticsv1.Study, creating bool) (*study, error) {
-	params, err := s.paramsByID(m.GetPublicKey().GetParamId())
-	if err != nil {
-		return nil, err
+	var params *he.Parameters
+	var com *committeeState
+	var fp []byte
+	var enc *he.Encryptor
+	var err error
+	if m.GetCommittee() != nil {
+		if com, err = s.newCommitteeState(m, creating); err != nil {
+			return nil, err
+		}
+		params = com.params
+	} else {
+		if m.GetPublicKey() == nil {
+			return nil, errorf(connect.CodeInvalidArgument, "a single-key study needs a public key")
+		}
+		if params, err = s.paramsByID(m.GetPublicKey().GetParamId()); err != nil {
+			return nil, err
+		}
+		pk, err := he.UnmarshalPublicKey(params, m.GetPublicKey())
+		if err != nil {
+			return nil, keys.ConnectError(err)
+		}
+		fp = pk.Fingerprint()
+		if m.GetPrivacy() != nil {
+			if enc, err = he.NewEncryptor(pk); err != nil {
+				return nil, keys.ConnectError(err)
+			}
+		}
 	}
-	pk, err := he.UnmarshalPublicKey(params, m.GetPublicKey())
-	if err != nil {
-		return nil, keys.ConnectError(err)
+	if err := checkPrivacy(m); err != nil {
+		return nil, err
 	}
 	if d := int(m.GetDimension()); d < 1 || productsLen(m) > params.Slots() {
 		return nil, errorf(connect.CodeInvalidArgument, "a study of dimension %d (covariance %v) needs %d slots, the parameters have %d", d, m.GetCovariance(), productsLen(m), params.Slots())
@@ -278,7 +313,10 @@ func (s *Service) newStudy(m *analyticsv1.Study, creating bool) (*study, error) 
 	if m.GetMinOwners() == 1 {
 		return nil, errorf(connect.CodeInvalidArgument, "min_owners must be at least 2: one owner's submission would be the result")
 	}
-	st := &study{meta: m, params: params, keyFP: pk.Fingerprint(), seen: map[string]bool{}, counted: map[string]string{}, perOwner: map[string]int{}}
+	st := &study{meta: m, params: params, com: com, enc: enc, seen: map[string]bool{}, counted: map[string]string{}, perOwner: map[string]int{}}
+	if fp != nil {
+		st.keyFP.Store(&fp)
+	}
 	for _, raw := range m.GetOwnerPatterns() {
 		p, err := transport.ParsePattern(raw)
 		if err != nil {
@@ -457,6 +495,9 @@ func (st *study) view() *analyticsv1.Study {
 	defer st.mu.Unlock()
 	m := proto.CloneOf(st.meta)
 	m.State = st.state()
+	if st.com != nil && st.com.collectiveMsg != nil {
+		m.PublicKey = st.com.collectiveMsg
+	}
 	return m
 }
 
@@ -654,6 +695,7 @@ func (s *Service) syncLocked(ctx context.Context, st *study) error {
 	}
 	var subs []pending
 	var closed *analyticsv1.StudyClosed
+	var com []storedRecord // committee joins, Shamir shares and release shares
 	for _, name := range names {
 		if st.seen[name] {
 			continue
@@ -674,10 +716,14 @@ func (s *Service) syncLocked(ctx context.Context, st *study) error {
 			st.seen[name] = true
 		case rec.GetRequest() != nil && dedupName(rec.GetOwner(), rec.GetRequest().GetIdempotencyKey()) == name:
 			subs = append(subs, pending{name, rec})
+		case st.com != nil && (rec.GetJoin() != nil || rec.GetShamir() != nil || rec.GetReleaseShare() != nil || rec.GetRoundNoise() != nil):
+			com = append(com, storedRecord{name, rec})
 		default:
 			s.quarantine(st, name, "name does not match the record")
 		}
 	}
+	// Setup first: the collective key decides which submissions decode.
+	s.applySetupLocked(st, com)
 	if closed != nil && st.closed == nil {
 		st.closed = map[string]bool{}
 		for _, n := range closed.GetIncluded() {
@@ -714,6 +760,8 @@ func (s *Service) syncLocked(ctx context.Context, st *study) error {
 		}
 		st.commitLocked(p.name, owner, next)
 	}
+	// Release shares last: they decode against the closed aggregate.
+	s.applyReleaseSharesLocked(st, com)
 	return nil
 }
 
@@ -734,11 +782,15 @@ func (st *study) decode(m *hev1.EncryptedVector, want int, what string, stored b
 	if m.GetLength() != uint64(want) {
 		return nil, errorf(connect.CodeInvalidArgument, "%s holds %d values, the study needs %d", what, m.GetLength(), want)
 	}
+	keyFP := st.keyFP.Load()
+	if keyFP == nil {
+		return nil, errorf(connect.CodeFailedPrecondition, "study %q has no collective key yet: every committee member must join first", st.meta.GetStudyId())
+	}
 	switch fp := m.GetKeyFingerprint(); {
 	case len(fp) == 0 && !stored:
 		return nil, errorf(connect.CodeInvalidArgument, "%s carries no key fingerprint: the study needs vectors that name its public key", what)
-	case len(fp) != 0 && !bytes.Equal(fp, st.keyFP):
-		return nil, errorf(connect.CodeFailedPrecondition, "%s is encrypted under key %x, not the study's public key %x", what, fp, st.keyFP)
+	case len(fp) != 0 && !bytes.Equal(fp, *keyFP):
+		return nil, errorf(connect.CodeFailedPrecondition, "%s is encrypted under key %x, not the study's public key %x", what, fp, *keyFP)
 	}
 	v, err := he.UnmarshalVector(st.params, m)
 	if err != nil {
@@ -853,9 +905,26 @@ func (s *Service) GetResult(ctx context.Context, req *connect.Request[analyticsv
 		st.mu.Unlock()
 		return nil, errorf(connect.CodeFailedPrecondition, "study %q has no submissions", req.Msg.GetStudyId())
 	}
+	if st.com != nil {
+		res, err := s.committeeResultLocked(ctx, st, who.String())
+		st.mu.Unlock()
+		if err != nil {
+			return nil, err
+		}
+		return connect.NewResponse(res), nil
+	}
+	if !st.budgetLeft() {
+		st.mu.Unlock()
+		return nil, errorf(connect.CodeResourceExhausted, "study %q: its privacy budget (epsilon %g, %g per release) is spent after %d releases", req.Msg.GetStudyId(), st.meta.GetPrivacy().GetEpsilon(), st.meta.GetPrivacy().GetEpsilonPerRelease(), st.releases)
+	}
 	seq, err := s.recordRelease(ctx, st, who.String())
 	st.mu.Unlock()
 	if err != nil {
+		return nil, err
+	}
+	// With privacy, fresh Laplace noise for this release (recorded first: a failure
+	// here spends budget and releases nothing).
+	if sum, prod, hist, err = st.privateRelease(ctx, sum, prod, hist); err != nil {
 		return nil, err
 	}
 	res := &analyticsv1.GetResultResponse{Submissions: n, Count: count, Release: seq}

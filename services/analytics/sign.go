@@ -51,8 +51,16 @@ func studyStatement(m *analyticsv1.Study) []byte {
 	b := []byte("veil-analytics-study-v1\x00")
 	b = appendField(b, []byte(m.GetStudyId()))
 	b = appendField(b, []byte(m.GetAnalyst()))
-	b = appendField(b, []byte(m.GetPublicKey().GetParamId()))
-	h := PublicKeyHash(m.GetPublicKey())
+	// A committee study's public key is the collective key, which exists only after
+	// every member has joined: the analyst signs the reader key (and, below, the
+	// committee) instead, and owners check the collective key against the members'
+	// signed shares (VerifyCommittee).
+	key := m.GetPublicKey()
+	if c := m.GetCommittee(); c != nil {
+		key = c.GetReaderKey()
+	}
+	b = appendField(b, []byte(key.GetParamId()))
+	h := PublicKeyHash(key)
 	b = appendField(b, h[:])
 	b = appendUint(b, uint64(len(m.GetOwnerPatterns())))
 	for _, p := range m.GetOwnerPatterns() {
@@ -75,6 +83,19 @@ func studyStatement(m *analyticsv1.Study) []byte {
 		b = appendUint(b, math.Float64bits(r.GetMin()))
 		b = appendUint(b, math.Float64bits(r.GetMax()))
 	}
+	if c := m.GetCommittee(); c != nil {
+		b = appendField(b, []byte("committee"))
+		b = appendUint(b, uint64(len(c.GetMembers())))
+		for _, id := range c.GetMembers() {
+			b = appendField(b, []byte(id))
+		}
+		b = appendUint(b, uint64(c.GetThreshold()))
+	}
+	if p := m.GetPrivacy(); p != nil {
+		b = appendField(b, []byte("privacy"))
+		b = appendUint(b, math.Float64bits(p.GetEpsilon()))
+		b = appendUint(b, math.Float64bits(p.GetEpsilonPerRelease()))
+	}
 	return b
 }
 
@@ -94,29 +115,37 @@ func signatureAlgorithm(pub crypto.PublicKey) (x509.SignatureAlgorithm, crypto.H
 
 // signStudy sets m.AnalystSignature with svid's key. m.Analyst must be svid's ID.
 func signStudy(m *analyticsv1.Study, svid *x509svid.SVID) error {
-	if svid == nil || len(svid.Certificates) == 0 || svid.PrivateKey == nil {
-		return errors.New("analytics: the analyst needs an X.509-SVID to sign its study")
-	}
-	_, hash, err := signatureAlgorithm(svid.Certificates[0].PublicKey)
+	chain, sig, err := signStatement(studyStatement(m), svid)
 	if err != nil {
 		return err
 	}
-	msg := studyStatement(m)
+	m.AnalystSignature = &analyticsv1.AnalystSignature{Chain: chain, Signature: sig}
+	return nil
+}
+
+// signStatement signs msg with svid's key: the chain (DER, leaf first) and the
+// signature (ECDSA ASN.1 over SHA-256, Ed25519, or RSA PKCS#1 v1.5 over SHA-256).
+func signStatement(msg []byte, svid *x509svid.SVID) (chain [][]byte, sig []byte, err error) {
+	if svid == nil || len(svid.Certificates) == 0 || svid.PrivateKey == nil {
+		return nil, nil, errors.New("analytics: signing needs an X.509-SVID")
+	}
+	_, hash, err := signatureAlgorithm(svid.Certificates[0].PublicKey)
+	if err != nil {
+		return nil, nil, err
+	}
 	digest := msg
 	if hash != 0 {
 		d := sha256.Sum256(msg)
 		digest = d[:]
 	}
-	sig, err := svid.PrivateKey.Sign(rand.Reader, digest, hash)
-	if err != nil {
-		return errors.New("analytics: signing the study failed")
+	if sig, err = svid.PrivateKey.Sign(rand.Reader, digest, hash); err != nil {
+		return nil, nil, errors.New("analytics: signing failed")
 	}
-	chain := make([][]byte, len(svid.Certificates))
+	chain = make([][]byte, len(svid.Certificates))
 	for i, c := range svid.Certificates {
 		chain[i] = c.Raw
 	}
-	m.AnalystSignature = &analyticsv1.AnalystSignature{Chain: chain, Signature: sig}
-	return nil
+	return chain, sig, nil
 }
 
 // VerifyStudy checks a study's analyst signature: the chain verifies to bundle as an
@@ -127,20 +156,9 @@ func VerifyStudy(m *analyticsv1.Study, bundle x509bundle.Source, analyst spiffei
 	if sig == nil {
 		return fmt.Errorf("%w: study %q carries no signature", ErrUntrustedStudy, m.GetStudyId())
 	}
-	chain := make([]*x509.Certificate, 0, len(sig.GetChain()))
-	for _, der := range sig.GetChain() {
-		c, err := x509.ParseCertificate(der)
-		if err != nil {
-			return fmt.Errorf("%w: bad certificate in the chain", ErrUntrustedStudy)
-		}
-		chain = append(chain, c)
-	}
-	if len(chain) == 0 {
-		return fmt.Errorf("%w: empty chain", ErrUntrustedStudy)
-	}
-	id, _, err := x509svid.Verify(chain, bundle)
+	id, err := verifyStatement(sig.GetChain(), sig.GetSignature(), studyStatement(m), bundle)
 	if err != nil {
-		return fmt.Errorf("%w: chain: %v", ErrUntrustedStudy, err)
+		return err
 	}
 	if id.String() != m.GetAnalyst() {
 		return fmt.Errorf("%w: signed by %s, the study names %s", ErrUntrustedStudy, id, m.GetAnalyst())
@@ -151,12 +169,41 @@ func VerifyStudy(m *analyticsv1.Study, bundle x509bundle.Source, analyst spiffei
 	if err := analyst(id); err != nil {
 		return fmt.Errorf("%w: %s is not an expected analyst", ErrUntrustedStudy, id)
 	}
+	return nil
+}
+
+// verifyStatement checks that chainDER verifies to bundle as an X.509-SVID whose leaf
+// signed msg, and returns its SPIFFE ID. With a nil bundle only the leaf's signature
+// and ID are checked (the server, which trusts the transport's verified caller
+// instead). Any failure wraps ErrUntrustedStudy.
+func verifyStatement(chainDER [][]byte, sig, msg []byte, bundle x509bundle.Source) (spiffeid.ID, error) {
+	chain := make([]*x509.Certificate, 0, len(chainDER))
+	for _, der := range chainDER {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return spiffeid.ID{}, fmt.Errorf("%w: bad certificate in the chain", ErrUntrustedStudy)
+		}
+		chain = append(chain, c)
+	}
+	if len(chain) == 0 {
+		return spiffeid.ID{}, fmt.Errorf("%w: empty chain", ErrUntrustedStudy)
+	}
+	var id spiffeid.ID
+	var err error
+	if bundle != nil {
+		id, _, err = x509svid.Verify(chain, bundle)
+	} else {
+		id, err = x509svid.IDFromCert(chain[0])
+	}
+	if err != nil {
+		return spiffeid.ID{}, fmt.Errorf("%w: chain: %v", ErrUntrustedStudy, err)
+	}
 	alg, _, err := signatureAlgorithm(chain[0].PublicKey)
 	if err != nil {
-		return fmt.Errorf("%w: %v", ErrUntrustedStudy, err)
+		return spiffeid.ID{}, fmt.Errorf("%w: %v", ErrUntrustedStudy, err)
 	}
-	if err := chain[0].CheckSignature(alg, studyStatement(m), sig.GetSignature()); err != nil {
-		return fmt.Errorf("%w: the signature does not match the study", ErrUntrustedStudy)
+	if err := chain[0].CheckSignature(alg, msg, sig); err != nil {
+		return spiffeid.ID{}, fmt.Errorf("%w: the signature does not match the statement", ErrUntrustedStudy)
 	}
-	return nil
+	return id, nil
 }

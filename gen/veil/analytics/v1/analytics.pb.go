@@ -209,7 +209,10 @@ type Study struct {
 	// Owners submit sums of all pairwise products (dimension^2 values, row-major)
 	// instead of sums of squares only, so that the analyst gets the covariance matrix.
 	Covariance bool `protobuf:"varint,5,opt,name=covariance,proto3" json:"covariance,omitempty"`
-	// The analyst's public key: owners encrypt under it.
+	// The analyst's public key: owners encrypt under it. Required for a single-key
+	// study; for a committee study it is absent at creation and set by the server to
+	// the collective key once every member has joined (owners recompute it from the
+	// members' signed shares and refuse any other).
 	PublicKey *v1.PublicKey `protobuf:"bytes,6,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
 	// Optional histogram bin edges, strictly increasing, applied to every coordinate:
 	// bin k counts values in [edges[k], edges[k+1]); values below the first edge count
@@ -226,7 +229,12 @@ type Study struct {
 	// The analyst's signature; owners refuse a study without a valid one.
 	AnalystSignature *AnalystSignature `protobuf:"bytes,11,opt,name=analyst_signature,json=analystSignature,proto3" json:"analyst_signature,omitempty"`
 	// Set by the server.
-	State         StudyState `protobuf:"varint,12,opt,name=state,proto3,enum=veil.analytics.v1.StudyState" json:"state,omitempty"`
+	State StudyState `protobuf:"varint,12,opt,name=state,proto3,enum=veil.analytics.v1.StudyState" json:"state,omitempty"`
+	// Set for a committee study: no party holds the secret key (docs/services.md,
+	// "Committee studies").
+	Committee *Committee `protobuf:"bytes,13,opt,name=committee,proto3" json:"committee,omitempty"`
+	// Optional differential privacy of the released sums.
+	Privacy       *Privacy `protobuf:"bytes,14,opt,name=privacy,proto3" json:"privacy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -345,6 +353,933 @@ func (x *Study) GetState() StudyState {
 	return StudyState_STUDY_STATE_UNSPECIFIED
 }
 
+func (x *Study) GetCommittee() *Committee {
+	if x != nil {
+		return x.Committee
+	}
+	return nil
+}
+
+func (x *Study) GetPrivacy() *Privacy {
+	if x != nil {
+		return x.Privacy
+	}
+	return nil
+}
+
+// Privacy makes the server add Laplace noise to every released vector, under the
+// study's key (a committee study's: the collective key, once per release round)
+// before release (the server samples it: it must not collude with the reader), scaled to the sensitivity the declared ranges bound; each release spends
+// epsilon_per_release of the budget epsilon, and a release beyond it is refused with
+// resource_exhausted. The record count stays exact. See docs/services.md.
+type Privacy struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	Epsilon           float64                `protobuf:"fixed64,1,opt,name=epsilon,proto3" json:"epsilon,omitempty"`
+	EpsilonPerRelease float64                `protobuf:"fixed64,2,opt,name=epsilon_per_release,json=epsilonPerRelease,proto3" json:"epsilon_per_release,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *Privacy) Reset() {
+	*x = Privacy{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Privacy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Privacy) ProtoMessage() {}
+
+func (x *Privacy) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Privacy.ProtoReflect.Descriptor instead.
+func (*Privacy) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Privacy) GetEpsilon() float64 {
+	if x != nil {
+		return x.Epsilon
+	}
+	return 0
+}
+
+func (x *Privacy) GetEpsilonPerRelease() float64 {
+	if x != nil {
+		return x.EpsilonPerRelease
+	}
+	return 0
+}
+
+// Committee names a committee study's key holders. The analyst is the reader: results
+// are re-encrypted to reader_key, which decrypts no submission.
+type Committee struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Members' SPIFFE IDs; member i (1-based) is members[i-1].
+	Members []string `protobuf:"bytes,1,rep,name=members,proto3" json:"members,omitempty"`
+	// Members whose release shares a result needs (1 <= threshold <= members).
+	Threshold uint32 `protobuf:"varint,2,opt,name=threshold,proto3" json:"threshold,omitempty"`
+	// The reader's (analyst's) public key; it fixes the parameter set.
+	ReaderKey     *v1.PublicKey `protobuf:"bytes,3,opt,name=reader_key,json=readerKey,proto3" json:"reader_key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Committee) Reset() {
+	*x = Committee{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Committee) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Committee) ProtoMessage() {}
+
+func (x *Committee) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Committee.ProtoReflect.Descriptor instead.
+func (*Committee) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *Committee) GetMembers() []string {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+func (x *Committee) GetThreshold() uint32 {
+	if x != nil {
+		return x.Threshold
+	}
+	return 0
+}
+
+func (x *Committee) GetReaderKey() *v1.PublicKey {
+	if x != nil {
+		return x.ReaderKey
+	}
+	return nil
+}
+
+// MemberSignature is a committee member's signature over its join (the statement in
+// docs/services.md) with its X.509-SVID key, in the scheme of AnalystSignature.
+type MemberSignature struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Chain         [][]byte               `protobuf:"bytes,1,rep,name=chain,proto3" json:"chain,omitempty"`
+	Signature     []byte                 `protobuf:"bytes,2,opt,name=signature,proto3" json:"signature,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MemberSignature) Reset() {
+	*x = MemberSignature{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemberSignature) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemberSignature) ProtoMessage() {}
+
+func (x *MemberSignature) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemberSignature.ProtoReflect.Descriptor instead.
+func (*MemberSignature) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *MemberSignature) GetChain() [][]byte {
+	if x != nil {
+		return x.Chain
+	}
+	return nil
+}
+
+func (x *MemberSignature) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+// CommitteeJoin is one member's contribution to the collective key.
+type CommitteeJoin struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The member's index (1-based); set by the server from the caller's identity.
+	Member uint32 `protobuf:"varint,1,opt,name=member,proto3" json:"member,omitempty"`
+	// he.PublicKeyShare, binary.
+	PublicKeyShare []byte `protobuf:"bytes,2,opt,name=public_key_share,json=publicKeyShare,proto3" json:"public_key_share,omitempty"`
+	// The member's HPKE public key (DHKEM(X25519), HKDF-SHA256, AES-256-GCM) for the
+	// Shamir shares sealed to it.
+	HpkePublicKey []byte           `protobuf:"bytes,3,opt,name=hpke_public_key,json=hpkePublicKey,proto3" json:"hpke_public_key,omitempty"`
+	Signature     *MemberSignature `protobuf:"bytes,4,opt,name=signature,proto3" json:"signature,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CommitteeJoin) Reset() {
+	*x = CommitteeJoin{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CommitteeJoin) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CommitteeJoin) ProtoMessage() {}
+
+func (x *CommitteeJoin) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CommitteeJoin.ProtoReflect.Descriptor instead.
+func (*CommitteeJoin) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *CommitteeJoin) GetMember() uint32 {
+	if x != nil {
+		return x.Member
+	}
+	return 0
+}
+
+func (x *CommitteeJoin) GetPublicKeyShare() []byte {
+	if x != nil {
+		return x.PublicKeyShare
+	}
+	return nil
+}
+
+func (x *CommitteeJoin) GetHpkePublicKey() []byte {
+	if x != nil {
+		return x.HpkePublicKey
+	}
+	return nil
+}
+
+func (x *CommitteeJoin) GetSignature() *MemberSignature {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+// SealedShamirShare is one member's Shamir share for another, sealed with HPKE to
+// the recipient's key (the server cannot open it).
+type SealedShamirShare struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Sender's index; set by the server from the caller's identity.
+	From uint32 `protobuf:"varint,1,opt,name=from,proto3" json:"from,omitempty"`
+	// Recipient's index.
+	To uint32 `protobuf:"varint,2,opt,name=to,proto3" json:"to,omitempty"`
+	// HPKE encapsulated key.
+	Enc []byte `protobuf:"bytes,3,opt,name=enc,proto3" json:"enc,omitempty"`
+	// HPKE ciphertext of the he.ShamirShare.
+	Ciphertext    []byte `protobuf:"bytes,4,opt,name=ciphertext,proto3" json:"ciphertext,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SealedShamirShare) Reset() {
+	*x = SealedShamirShare{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SealedShamirShare) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SealedShamirShare) ProtoMessage() {}
+
+func (x *SealedShamirShare) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SealedShamirShare.ProtoReflect.Descriptor instead.
+func (*SealedShamirShare) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *SealedShamirShare) GetFrom() uint32 {
+	if x != nil {
+		return x.From
+	}
+	return 0
+}
+
+func (x *SealedShamirShare) GetTo() uint32 {
+	if x != nil {
+		return x.To
+	}
+	return 0
+}
+
+func (x *SealedShamirShare) GetEnc() []byte {
+	if x != nil {
+		return x.Enc
+	}
+	return nil
+}
+
+func (x *SealedShamirShare) GetCiphertext() []byte {
+	if x != nil {
+		return x.Ciphertext
+	}
+	return nil
+}
+
+type JoinCommitteeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	StudyId       string                 `protobuf:"bytes,1,opt,name=study_id,json=studyId,proto3" json:"study_id,omitempty"`
+	Join          *CommitteeJoin         `protobuf:"bytes,2,opt,name=join,proto3" json:"join,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinCommitteeRequest) Reset() {
+	*x = JoinCommitteeRequest{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinCommitteeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinCommitteeRequest) ProtoMessage() {}
+
+func (x *JoinCommitteeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinCommitteeRequest.ProtoReflect.Descriptor instead.
+func (*JoinCommitteeRequest) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *JoinCommitteeRequest) GetStudyId() string {
+	if x != nil {
+		return x.StudyId
+	}
+	return ""
+}
+
+func (x *JoinCommitteeRequest) GetJoin() *CommitteeJoin {
+	if x != nil {
+		return x.Join
+	}
+	return nil
+}
+
+type JoinCommitteeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The caller's member index.
+	Member uint32 `protobuf:"varint,1,opt,name=member,proto3" json:"member,omitempty"`
+	// Members joined so far.
+	Joined        uint32 `protobuf:"varint,2,opt,name=joined,proto3" json:"joined,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JoinCommitteeResponse) Reset() {
+	*x = JoinCommitteeResponse{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JoinCommitteeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JoinCommitteeResponse) ProtoMessage() {}
+
+func (x *JoinCommitteeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JoinCommitteeResponse.ProtoReflect.Descriptor instead.
+func (*JoinCommitteeResponse) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *JoinCommitteeResponse) GetMember() uint32 {
+	if x != nil {
+		return x.Member
+	}
+	return 0
+}
+
+func (x *JoinCommitteeResponse) GetJoined() uint32 {
+	if x != nil {
+		return x.Joined
+	}
+	return 0
+}
+
+type GetCommitteeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	StudyId       string                 `protobuf:"bytes,1,opt,name=study_id,json=studyId,proto3" json:"study_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetCommitteeRequest) Reset() {
+	*x = GetCommitteeRequest{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetCommitteeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetCommitteeRequest) ProtoMessage() {}
+
+func (x *GetCommitteeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetCommitteeRequest.ProtoReflect.Descriptor instead.
+func (*GetCommitteeRequest) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *GetCommitteeRequest) GetStudyId() string {
+	if x != nil {
+		return x.StudyId
+	}
+	return ""
+}
+
+type GetCommitteeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Study *Study                 `protobuf:"bytes,1,opt,name=study,proto3" json:"study,omitempty"`
+	// Joins so far, by member index.
+	Joins []*CommitteeJoin `protobuf:"bytes,2,rep,name=joins,proto3" json:"joins,omitempty"`
+	// Shamir shares addressed to the caller (members only).
+	SharesForCaller []*SealedShamirShare `protobuf:"bytes,3,rep,name=shares_for_caller,json=sharesForCaller,proto3" json:"shares_for_caller,omitempty"`
+	// Senders whose Shamir shares are all stored.
+	SharesPostedBy []uint32 `protobuf:"varint,4,rep,packed,name=shares_posted_by,json=sharesPostedBy,proto3" json:"shares_posted_by,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *GetCommitteeResponse) Reset() {
+	*x = GetCommitteeResponse{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetCommitteeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetCommitteeResponse) ProtoMessage() {}
+
+func (x *GetCommitteeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetCommitteeResponse.ProtoReflect.Descriptor instead.
+func (*GetCommitteeResponse) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *GetCommitteeResponse) GetStudy() *Study {
+	if x != nil {
+		return x.Study
+	}
+	return nil
+}
+
+func (x *GetCommitteeResponse) GetJoins() []*CommitteeJoin {
+	if x != nil {
+		return x.Joins
+	}
+	return nil
+}
+
+func (x *GetCommitteeResponse) GetSharesForCaller() []*SealedShamirShare {
+	if x != nil {
+		return x.SharesForCaller
+	}
+	return nil
+}
+
+func (x *GetCommitteeResponse) GetSharesPostedBy() []uint32 {
+	if x != nil {
+		return x.SharesPostedBy
+	}
+	return nil
+}
+
+type PostShamirSharesRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	StudyId string                 `protobuf:"bytes,1,opt,name=study_id,json=studyId,proto3" json:"study_id,omitempty"`
+	// One share for every other member.
+	Shares        []*SealedShamirShare `protobuf:"bytes,2,rep,name=shares,proto3" json:"shares,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PostShamirSharesRequest) Reset() {
+	*x = PostShamirSharesRequest{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PostShamirSharesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PostShamirSharesRequest) ProtoMessage() {}
+
+func (x *PostShamirSharesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PostShamirSharesRequest.ProtoReflect.Descriptor instead.
+func (*PostShamirSharesRequest) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *PostShamirSharesRequest) GetStudyId() string {
+	if x != nil {
+		return x.StudyId
+	}
+	return ""
+}
+
+func (x *PostShamirSharesRequest) GetShares() []*SealedShamirShare {
+	if x != nil {
+		return x.Shares
+	}
+	return nil
+}
+
+type PostShamirSharesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PostShamirSharesResponse) Reset() {
+	*x = PostShamirSharesResponse{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PostShamirSharesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PostShamirSharesResponse) ProtoMessage() {}
+
+func (x *PostShamirSharesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PostShamirSharesResponse.ProtoReflect.Descriptor instead.
+func (*PostShamirSharesResponse) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{13}
+}
+
+type GetAggregateRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	StudyId       string                 `protobuf:"bytes,1,opt,name=study_id,json=studyId,proto3" json:"study_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAggregateRequest) Reset() {
+	*x = GetAggregateRequest{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAggregateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAggregateRequest) ProtoMessage() {}
+
+func (x *GetAggregateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAggregateRequest.ProtoReflect.Descriptor instead.
+func (*GetAggregateRequest) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *GetAggregateRequest) GetStudyId() string {
+	if x != nil {
+		return x.StudyId
+	}
+	return ""
+}
+
+type GetAggregateResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The release round release shares are for (1 for the first).
+	Round       uint64 `protobuf:"varint,1,opt,name=round,proto3" json:"round,omitempty"`
+	Submissions uint64 `protobuf:"varint,2,opt,name=submissions,proto3" json:"submissions,omitempty"`
+	Count       uint64 `protobuf:"varint,3,opt,name=count,proto3" json:"count,omitempty"`
+	// Under the collective key.
+	Sum           *v1.EncryptedVector `protobuf:"bytes,4,opt,name=sum,proto3" json:"sum,omitempty"`
+	SumProducts   *v1.EncryptedVector `protobuf:"bytes,5,opt,name=sum_products,json=sumProducts,proto3" json:"sum_products,omitempty"`
+	Histogram     *v1.EncryptedVector `protobuf:"bytes,6,opt,name=histogram,proto3" json:"histogram,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetAggregateResponse) Reset() {
+	*x = GetAggregateResponse{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetAggregateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetAggregateResponse) ProtoMessage() {}
+
+func (x *GetAggregateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetAggregateResponse.ProtoReflect.Descriptor instead.
+func (*GetAggregateResponse) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *GetAggregateResponse) GetRound() uint64 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
+func (x *GetAggregateResponse) GetSubmissions() uint64 {
+	if x != nil {
+		return x.Submissions
+	}
+	return 0
+}
+
+func (x *GetAggregateResponse) GetCount() uint64 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+func (x *GetAggregateResponse) GetSum() *v1.EncryptedVector {
+	if x != nil {
+		return x.Sum
+	}
+	return nil
+}
+
+func (x *GetAggregateResponse) GetSumProducts() *v1.EncryptedVector {
+	if x != nil {
+		return x.SumProducts
+	}
+	return nil
+}
+
+func (x *GetAggregateResponse) GetHistogram() *v1.EncryptedVector {
+	if x != nil {
+		return x.Histogram
+	}
+	return nil
+}
+
+type SubmitReleaseShareRequest struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	StudyId string                 `protobuf:"bytes,1,opt,name=study_id,json=studyId,proto3" json:"study_id,omitempty"`
+	// The release round (GetAggregateResponse.round).
+	Round uint64 `protobuf:"varint,2,opt,name=round,proto3" json:"round,omitempty"`
+	// The study's parameter ID.
+	ParamId string `protobuf:"bytes,3,opt,name=param_id,json=paramId,proto3" json:"param_id,omitempty"`
+	// The active members (threshold of them, the caller included), by index.
+	Active []uint32 `protobuf:"varint,4,rep,packed,name=active,proto3" json:"active,omitempty"`
+	// he.ReleaseShare of sum, sum_products and histogram (if any), binary.
+	Sum           []byte `protobuf:"bytes,5,opt,name=sum,proto3" json:"sum,omitempty"`
+	SumProducts   []byte `protobuf:"bytes,6,opt,name=sum_products,json=sumProducts,proto3" json:"sum_products,omitempty"`
+	Histogram     []byte `protobuf:"bytes,7,opt,name=histogram,proto3" json:"histogram,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubmitReleaseShareRequest) Reset() {
+	*x = SubmitReleaseShareRequest{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubmitReleaseShareRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubmitReleaseShareRequest) ProtoMessage() {}
+
+func (x *SubmitReleaseShareRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubmitReleaseShareRequest.ProtoReflect.Descriptor instead.
+func (*SubmitReleaseShareRequest) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *SubmitReleaseShareRequest) GetStudyId() string {
+	if x != nil {
+		return x.StudyId
+	}
+	return ""
+}
+
+func (x *SubmitReleaseShareRequest) GetRound() uint64 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
+func (x *SubmitReleaseShareRequest) GetParamId() string {
+	if x != nil {
+		return x.ParamId
+	}
+	return ""
+}
+
+func (x *SubmitReleaseShareRequest) GetActive() []uint32 {
+	if x != nil {
+		return x.Active
+	}
+	return nil
+}
+
+func (x *SubmitReleaseShareRequest) GetSum() []byte {
+	if x != nil {
+		return x.Sum
+	}
+	return nil
+}
+
+func (x *SubmitReleaseShareRequest) GetSumProducts() []byte {
+	if x != nil {
+		return x.SumProducts
+	}
+	return nil
+}
+
+func (x *SubmitReleaseShareRequest) GetHistogram() []byte {
+	if x != nil {
+		return x.Histogram
+	}
+	return nil
+}
+
+type SubmitReleaseShareResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Shares in for this round and active set.
+	Shares uint32 `protobuf:"varint,1,opt,name=shares,proto3" json:"shares,omitempty"`
+	// The result is ready for the reader.
+	Ready         bool `protobuf:"varint,2,opt,name=ready,proto3" json:"ready,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SubmitReleaseShareResponse) Reset() {
+	*x = SubmitReleaseShareResponse{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SubmitReleaseShareResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SubmitReleaseShareResponse) ProtoMessage() {}
+
+func (x *SubmitReleaseShareResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SubmitReleaseShareResponse.ProtoReflect.Descriptor instead.
+func (*SubmitReleaseShareResponse) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *SubmitReleaseShareResponse) GetShares() uint32 {
+	if x != nil {
+		return x.Shares
+	}
+	return 0
+}
+
+func (x *SubmitReleaseShareResponse) GetReady() bool {
+	if x != nil {
+		return x.Ready
+	}
+	return false
+}
+
 type CreateStudyRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Study         *Study                 `protobuf:"bytes,1,opt,name=study,proto3" json:"study,omitempty"`
@@ -354,7 +1289,7 @@ type CreateStudyRequest struct {
 
 func (x *CreateStudyRequest) Reset() {
 	*x = CreateStudyRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[3]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -366,7 +1301,7 @@ func (x *CreateStudyRequest) String() string {
 func (*CreateStudyRequest) ProtoMessage() {}
 
 func (x *CreateStudyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[3]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -379,7 +1314,7 @@ func (x *CreateStudyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateStudyRequest.ProtoReflect.Descriptor instead.
 func (*CreateStudyRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{3}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CreateStudyRequest) GetStudy() *Study {
@@ -398,7 +1333,7 @@ type CreateStudyResponse struct {
 
 func (x *CreateStudyResponse) Reset() {
 	*x = CreateStudyResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[4]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -410,7 +1345,7 @@ func (x *CreateStudyResponse) String() string {
 func (*CreateStudyResponse) ProtoMessage() {}
 
 func (x *CreateStudyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[4]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -423,7 +1358,7 @@ func (x *CreateStudyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateStudyResponse.ProtoReflect.Descriptor instead.
 func (*CreateStudyResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{4}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CreateStudyResponse) GetStudy() *Study {
@@ -442,7 +1377,7 @@ type GetStudyRequest struct {
 
 func (x *GetStudyRequest) Reset() {
 	*x = GetStudyRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[5]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -454,7 +1389,7 @@ func (x *GetStudyRequest) String() string {
 func (*GetStudyRequest) ProtoMessage() {}
 
 func (x *GetStudyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[5]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -467,7 +1402,7 @@ func (x *GetStudyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStudyRequest.ProtoReflect.Descriptor instead.
 func (*GetStudyRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{5}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetStudyRequest) GetStudyId() string {
@@ -486,7 +1421,7 @@ type GetStudyResponse struct {
 
 func (x *GetStudyResponse) Reset() {
 	*x = GetStudyResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[6]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -498,7 +1433,7 @@ func (x *GetStudyResponse) String() string {
 func (*GetStudyResponse) ProtoMessage() {}
 
 func (x *GetStudyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[6]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -511,7 +1446,7 @@ func (x *GetStudyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStudyResponse.ProtoReflect.Descriptor instead.
 func (*GetStudyResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{6}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetStudyResponse) GetStudy() *Study {
@@ -542,7 +1477,7 @@ type SubmitRequest struct {
 
 func (x *SubmitRequest) Reset() {
 	*x = SubmitRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[7]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -554,7 +1489,7 @@ func (x *SubmitRequest) String() string {
 func (*SubmitRequest) ProtoMessage() {}
 
 func (x *SubmitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[7]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -567,7 +1502,7 @@ func (x *SubmitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitRequest.ProtoReflect.Descriptor instead.
 func (*SubmitRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{7}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SubmitRequest) GetStudyId() string {
@@ -626,7 +1561,7 @@ type SubmitResponse struct {
 
 func (x *SubmitResponse) Reset() {
 	*x = SubmitResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[8]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -638,7 +1573,7 @@ func (x *SubmitResponse) String() string {
 func (*SubmitResponse) ProtoMessage() {}
 
 func (x *SubmitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[8]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -651,7 +1586,7 @@ func (x *SubmitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitResponse.ProtoReflect.Descriptor instead.
 func (*SubmitResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{8}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SubmitResponse) GetDuplicate() bool {
@@ -677,7 +1612,7 @@ type CloseStudyRequest struct {
 
 func (x *CloseStudyRequest) Reset() {
 	*x = CloseStudyRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[9]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -689,7 +1624,7 @@ func (x *CloseStudyRequest) String() string {
 func (*CloseStudyRequest) ProtoMessage() {}
 
 func (x *CloseStudyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[9]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -702,7 +1637,7 @@ func (x *CloseStudyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStudyRequest.ProtoReflect.Descriptor instead.
 func (*CloseStudyRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{9}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CloseStudyRequest) GetStudyId() string {
@@ -724,7 +1659,7 @@ type CloseStudyResponse struct {
 
 func (x *CloseStudyResponse) Reset() {
 	*x = CloseStudyResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[10]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -736,7 +1671,7 @@ func (x *CloseStudyResponse) String() string {
 func (*CloseStudyResponse) ProtoMessage() {}
 
 func (x *CloseStudyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[10]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -749,7 +1684,7 @@ func (x *CloseStudyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CloseStudyResponse.ProtoReflect.Descriptor instead.
 func (*CloseStudyResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{10}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CloseStudyResponse) GetSubmissions() uint64 {
@@ -781,7 +1716,7 @@ type GetResultRequest struct {
 
 func (x *GetResultRequest) Reset() {
 	*x = GetResultRequest{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[11]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -793,7 +1728,7 @@ func (x *GetResultRequest) String() string {
 func (*GetResultRequest) ProtoMessage() {}
 
 func (x *GetResultRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[11]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -806,7 +1741,7 @@ func (x *GetResultRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResultRequest.ProtoReflect.Descriptor instead.
 func (*GetResultRequest) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{11}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GetResultRequest) GetStudyId() string {
@@ -851,7 +1786,7 @@ type GetResultResponse struct {
 
 func (x *GetResultResponse) Reset() {
 	*x = GetResultResponse{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[12]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -863,7 +1798,7 @@ func (x *GetResultResponse) String() string {
 func (*GetResultResponse) ProtoMessage() {}
 
 func (x *GetResultResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[12]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -876,7 +1811,7 @@ func (x *GetResultResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetResultResponse.ProtoReflect.Descriptor instead.
 func (*GetResultResponse) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{12}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GetResultResponse) GetSubmissions() uint64 {
@@ -943,15 +1878,21 @@ type StoredSubmission struct {
 	Owner   string         `protobuf:"bytes,1,opt,name=owner,proto3" json:"owner,omitempty"`
 	Request *SubmitRequest `protobuf:"bytes,2,opt,name=request,proto3" json:"request,omitempty"`
 	// A lifecycle event instead of a submission (owner and request empty).
-	Closed        *StudyClosed   `protobuf:"bytes,3,opt,name=closed,proto3" json:"closed,omitempty"`
-	Released      *StudyReleased `protobuf:"bytes,4,opt,name=released,proto3" json:"released,omitempty"`
+	Closed   *StudyClosed   `protobuf:"bytes,3,opt,name=closed,proto3" json:"closed,omitempty"`
+	Released *StudyReleased `protobuf:"bytes,4,opt,name=released,proto3" json:"released,omitempty"`
+	// Committee setup and release records (the sender's index set).
+	Join         *CommitteeJoin      `protobuf:"bytes,5,opt,name=join,proto3" json:"join,omitempty"`
+	Shamir       *SealedShamirShare  `protobuf:"bytes,6,opt,name=shamir,proto3" json:"shamir,omitempty"`
+	ReleaseShare *StoredReleaseShare `protobuf:"bytes,7,opt,name=release_share,json=releaseShare,proto3" json:"release_share,omitempty"`
+	// The privacy noise of a committee study's release round.
+	RoundNoise    *StoredRoundNoise `protobuf:"bytes,8,opt,name=round_noise,json=roundNoise,proto3" json:"round_noise,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StoredSubmission) Reset() {
 	*x = StoredSubmission{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[13]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -963,7 +1904,7 @@ func (x *StoredSubmission) String() string {
 func (*StoredSubmission) ProtoMessage() {}
 
 func (x *StoredSubmission) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[13]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -976,7 +1917,7 @@ func (x *StoredSubmission) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredSubmission.ProtoReflect.Descriptor instead.
 func (*StoredSubmission) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{13}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StoredSubmission) GetOwner() string {
@@ -1007,6 +1948,158 @@ func (x *StoredSubmission) GetReleased() *StudyReleased {
 	return nil
 }
 
+func (x *StoredSubmission) GetJoin() *CommitteeJoin {
+	if x != nil {
+		return x.Join
+	}
+	return nil
+}
+
+func (x *StoredSubmission) GetShamir() *SealedShamirShare {
+	if x != nil {
+		return x.Shamir
+	}
+	return nil
+}
+
+func (x *StoredSubmission) GetReleaseShare() *StoredReleaseShare {
+	if x != nil {
+		return x.ReleaseShare
+	}
+	return nil
+}
+
+func (x *StoredSubmission) GetRoundNoise() *StoredRoundNoise {
+	if x != nil {
+		return x.RoundNoise
+	}
+	return nil
+}
+
+// StoredRoundNoise is the Laplace noise a committee study with privacy adds to the
+// aggregate for one release round, under the collective key: every member's release
+// share of the round is of the same noisy aggregate, across restarts too.
+type StoredRoundNoise struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Round         uint64                 `protobuf:"varint,1,opt,name=round,proto3" json:"round,omitempty"`
+	Sum           *v1.EncryptedVector    `protobuf:"bytes,2,opt,name=sum,proto3" json:"sum,omitempty"`
+	SumProducts   *v1.EncryptedVector    `protobuf:"bytes,3,opt,name=sum_products,json=sumProducts,proto3" json:"sum_products,omitempty"`
+	Histogram     *v1.EncryptedVector    `protobuf:"bytes,4,opt,name=histogram,proto3" json:"histogram,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StoredRoundNoise) Reset() {
+	*x = StoredRoundNoise{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StoredRoundNoise) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StoredRoundNoise) ProtoMessage() {}
+
+func (x *StoredRoundNoise) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StoredRoundNoise.ProtoReflect.Descriptor instead.
+func (*StoredRoundNoise) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *StoredRoundNoise) GetRound() uint64 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
+func (x *StoredRoundNoise) GetSum() *v1.EncryptedVector {
+	if x != nil {
+		return x.Sum
+	}
+	return nil
+}
+
+func (x *StoredRoundNoise) GetSumProducts() *v1.EncryptedVector {
+	if x != nil {
+		return x.SumProducts
+	}
+	return nil
+}
+
+func (x *StoredRoundNoise) GetHistogram() *v1.EncryptedVector {
+	if x != nil {
+		return x.Histogram
+	}
+	return nil
+}
+
+// StoredReleaseShare is a member's release share as stored.
+type StoredReleaseShare struct {
+	state         protoimpl.MessageState     `protogen:"open.v1"`
+	Member        uint32                     `protobuf:"varint,1,opt,name=member,proto3" json:"member,omitempty"`
+	Request       *SubmitReleaseShareRequest `protobuf:"bytes,2,opt,name=request,proto3" json:"request,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StoredReleaseShare) Reset() {
+	*x = StoredReleaseShare{}
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StoredReleaseShare) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StoredReleaseShare) ProtoMessage() {}
+
+func (x *StoredReleaseShare) ProtoReflect() protoreflect.Message {
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StoredReleaseShare.ProtoReflect.Descriptor instead.
+func (*StoredReleaseShare) Descriptor() ([]byte, []int) {
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *StoredReleaseShare) GetMember() uint32 {
+	if x != nil {
+		return x.Member
+	}
+	return 0
+}
+
+func (x *StoredReleaseShare) GetRequest() *SubmitReleaseShareRequest {
+	if x != nil {
+		return x.Request
+	}
+	return nil
+}
+
 // StudyClosed is stored once per study: the submissions it counts, by record name.
 type StudyClosed struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1018,7 +2111,7 @@ type StudyClosed struct {
 
 func (x *StudyClosed) Reset() {
 	*x = StudyClosed{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[14]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1030,7 +2123,7 @@ func (x *StudyClosed) String() string {
 func (*StudyClosed) ProtoMessage() {}
 
 func (x *StudyClosed) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[14]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1043,7 +2136,7 @@ func (x *StudyClosed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StudyClosed.ProtoReflect.Descriptor instead.
 func (*StudyClosed) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{14}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *StudyClosed) GetIncluded() []string {
@@ -1072,7 +2165,7 @@ type StudyReleased struct {
 
 func (x *StudyReleased) Reset() {
 	*x = StudyReleased{}
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[15]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1084,7 +2177,7 @@ func (x *StudyReleased) String() string {
 func (*StudyReleased) ProtoMessage() {}
 
 func (x *StudyReleased) ProtoReflect() protoreflect.Message {
-	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[15]
+	mi := &file_veil_analytics_v1_analytics_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1097,7 +2190,7 @@ func (x *StudyReleased) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StudyReleased.ProtoReflect.Descriptor instead.
 func (*StudyReleased) Descriptor() ([]byte, []int) {
-	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{15}
+	return file_veil_analytics_v1_analytics_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *StudyReleased) GetSequence() uint64 {
@@ -1132,7 +2225,7 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\x10AnalystSignature\x12*\n" +
 	"\x05chain\x18\x01 \x03(\fB\x14\xbaH\x11\x92\x01\x0e\b\x01\x10\b\"\bz\x06\x10\x01\x18\x80\x80\x01R\x05chain\x12(\n" +
 	"\tsignature\x18\x02 \x01(\fB\n" +
-	"\xbaH\az\x05\x10\x01\x18\x80\bR\tsignature\"\x93\x05\n" +
+	"\xbaH\az\x05\x10\x01\x18\x80\bR\tsignature\"\xfd\x05\n" +
 	"\x05Study\x12;\n" +
 	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\x12\x18\n" +
 	"\aanalyst\x18\x02 \x01(\tR\aanalyst\x12:\n" +
@@ -1140,9 +2233,9 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\tdimension\x18\x04 \x01(\rB\v\xbaH\b*\x06\x18\x80\x80\x02(\x01R\tdimension\x12\x1e\n" +
 	"\n" +
 	"covariance\x18\x05 \x01(\bR\n" +
-	"covariance\x12<\n" +
+	"covariance\x124\n" +
 	"\n" +
-	"public_key\x18\x06 \x01(\v2\x15.veil.he.v1.PublicKeyB\x06\xbaH\x03\xc8\x01\x01R\tpublicKey\x128\n" +
+	"public_key\x18\x06 \x01(\v2\x15.veil.he.v1.PublicKeyR\tpublicKey\x128\n" +
 	"\x0fhistogram_edges\x18\a \x03(\x01B\x0f\xbaH\f\x92\x01\t\x10\x81\x02\"\x04\x12\x02@\x01R\x0ehistogramEdges\x12*\n" +
 	"\n" +
 	"min_owners\x18\b \x01(\rB\v\xbaH\b*\x068\x01\x18\xa0\x8d\x06R\tminOwners\x12C\n" +
@@ -1151,7 +2244,75 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	" \x03(\v2\x18.veil.analytics.v1.RangeB\n" +
 	"\xbaH\a\x92\x01\x04\x10\x80\x80\x02R\x06ranges\x12P\n" +
 	"\x11analyst_signature\x18\v \x01(\v2#.veil.analytics.v1.AnalystSignatureR\x10analystSignature\x123\n" +
-	"\x05state\x18\f \x01(\x0e2\x1d.veil.analytics.v1.StudyStateR\x05state\"L\n" +
+	"\x05state\x18\f \x01(\x0e2\x1d.veil.analytics.v1.StudyStateR\x05state\x12:\n" +
+	"\tcommittee\x18\r \x01(\v2\x1c.veil.analytics.v1.CommitteeR\tcommittee\x124\n" +
+	"\aprivacy\x18\x0e \x01(\v2\x1a.veil.analytics.v1.PrivacyR\aprivacy\"\x89\x01\n" +
+	"\aPrivacy\x123\n" +
+	"\aepsilon\x18\x01 \x01(\x01B\x19\xbaH\x16\x12\x14@\x01\x19\x00\x00\x00\x00\x00\x00Y@!\x00\x00\x00\x00\x00\x00\x00\x00R\aepsilon\x12I\n" +
+	"\x13epsilon_per_release\x18\x02 \x01(\x01B\x19\xbaH\x16\x12\x14@\x01\x19\x00\x00\x00\x00\x00\x00Y@!\x00\x00\x00\x00\x00\x00\x00\x00R\x11epsilonPerRelease\"\xa1\x01\n" +
+	"\tCommittee\x12/\n" +
+	"\amembers\x18\x01 \x03(\tB\x15\xbaH\x12\x92\x01\x0f\b\x01\x10@\x18\x01\"\ar\x05\x10\x01\x18\x80\x10R\amembers\x12%\n" +
+	"\tthreshold\x18\x02 \x01(\rB\a\xbaH\x04*\x02(\x01R\tthreshold\x12<\n" +
+	"\n" +
+	"reader_key\x18\x03 \x01(\v2\x15.veil.he.v1.PublicKeyB\x06\xbaH\x03\xc8\x01\x01R\treaderKey\"g\n" +
+	"\x0fMemberSignature\x12*\n" +
+	"\x05chain\x18\x01 \x03(\fB\x14\xbaH\x11\x92\x01\x0e\b\x01\x10\b\"\bz\x06\x10\x01\x18\x80\x80\x01R\x05chain\x12(\n" +
+	"\tsignature\x18\x02 \x01(\fB\n" +
+	"\xbaH\az\x05\x10\x01\x18\x80\bR\tsignature\"\xdd\x01\n" +
+	"\rCommitteeJoin\x12\x16\n" +
+	"\x06member\x18\x01 \x01(\rR\x06member\x126\n" +
+	"\x10public_key_share\x18\x02 \x01(\fB\f\xbaH\tz\a\x10\x01\x18\x80\x80\x80\bR\x0epublicKeyShare\x122\n" +
+	"\x0fhpke_public_key\x18\x03 \x01(\fB\n" +
+	"\xbaH\az\x05\x10\x01\x18\x80 R\rhpkePublicKey\x12H\n" +
+	"\tsignature\x18\x04 \x01(\v2\".veil.analytics.v1.MemberSignatureB\x06\xbaH\x03\xc8\x01\x01R\tsignature\"\x8c\x01\n" +
+	"\x11SealedShamirShare\x12\x12\n" +
+	"\x04from\x18\x01 \x01(\rR\x04from\x12\x17\n" +
+	"\x02to\x18\x02 \x01(\rB\a\xbaH\x04*\x02(\x01R\x02to\x12\x1c\n" +
+	"\x03enc\x18\x03 \x01(\fB\n" +
+	"\xbaH\az\x05\x10\x01\x18\x80 R\x03enc\x12,\n" +
+	"\n" +
+	"ciphertext\x18\x04 \x01(\fB\f\xbaH\tz\a\x10\x01\x18\x80\x80\x80\bR\n" +
+	"ciphertext\"\x91\x01\n" +
+	"\x14JoinCommitteeRequest\x12;\n" +
+	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\x12<\n" +
+	"\x04join\x18\x02 \x01(\v2 .veil.analytics.v1.CommitteeJoinB\x06\xbaH\x03\xc8\x01\x01R\x04join\"G\n" +
+	"\x15JoinCommitteeResponse\x12\x16\n" +
+	"\x06member\x18\x01 \x01(\rR\x06member\x12\x16\n" +
+	"\x06joined\x18\x02 \x01(\rR\x06joined\"R\n" +
+	"\x13GetCommitteeRequest\x12;\n" +
+	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\"\xfa\x01\n" +
+	"\x14GetCommitteeResponse\x12.\n" +
+	"\x05study\x18\x01 \x01(\v2\x18.veil.analytics.v1.StudyR\x05study\x126\n" +
+	"\x05joins\x18\x02 \x03(\v2 .veil.analytics.v1.CommitteeJoinR\x05joins\x12P\n" +
+	"\x11shares_for_caller\x18\x03 \x03(\v2$.veil.analytics.v1.SealedShamirShareR\x0fsharesForCaller\x12(\n" +
+	"\x10shares_posted_by\x18\x04 \x03(\rR\x0esharesPostedBy\"\x9e\x01\n" +
+	"\x17PostShamirSharesRequest\x12;\n" +
+	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\x12F\n" +
+	"\x06shares\x18\x02 \x03(\v2$.veil.analytics.v1.SealedShamirShareB\b\xbaH\x05\x92\x01\x02\x10@R\x06shares\"\x1a\n" +
+	"\x18PostShamirSharesResponse\"R\n" +
+	"\x13GetAggregateRequest\x12;\n" +
+	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\"\x8e\x02\n" +
+	"\x14GetAggregateResponse\x12\x14\n" +
+	"\x05round\x18\x01 \x01(\x04R\x05round\x12 \n" +
+	"\vsubmissions\x18\x02 \x01(\x04R\vsubmissions\x12\x14\n" +
+	"\x05count\x18\x03 \x01(\x04R\x05count\x12-\n" +
+	"\x03sum\x18\x04 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\x03sum\x12>\n" +
+	"\fsum_products\x18\x05 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\vsumProducts\x129\n" +
+	"\thistogram\x18\x06 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\thistogram\"\xb4\x02\n" +
+	"\x19SubmitReleaseShareRequest\x12;\n" +
+	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\x12\x1d\n" +
+	"\x05round\x18\x02 \x01(\x04B\a\xbaH\x042\x02(\x01R\x05round\x12\"\n" +
+	"\bparam_id\x18\x03 \x01(\tB\a\xbaH\x04r\x02\x10\x01R\aparamId\x12 \n" +
+	"\x06active\x18\x04 \x03(\rB\b\xbaH\x05\x92\x01\x02\x10@R\x06active\x12\x1c\n" +
+	"\x03sum\x18\x05 \x01(\fB\n" +
+	"\xbaH\az\x05\x18\x80\x80\x80\bR\x03sum\x12-\n" +
+	"\fsum_products\x18\x06 \x01(\fB\n" +
+	"\xbaH\az\x05\x18\x80\x80\x80\bR\vsumProducts\x12(\n" +
+	"\thistogram\x18\a \x01(\fB\n" +
+	"\xbaH\az\x05\x18\x80\x80\x80\bR\thistogram\"J\n" +
+	"\x1aSubmitReleaseShareResponse\x12\x16\n" +
+	"\x06shares\x18\x01 \x01(\rR\x06shares\x12\x14\n" +
+	"\x05ready\x18\x02 \x01(\bR\x05ready\"L\n" +
 	"\x12CreateStudyRequest\x126\n" +
 	"\x05study\x18\x01 \x01(\v2\x18.veil.analytics.v1.StudyB\x06\xbaH\x03\xc8\x01\x01R\x05study\"E\n" +
 	"\x13CreateStudyResponse\x12.\n" +
@@ -1187,12 +2348,25 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\x04mean\x18\x05 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\x04mean\x12@\n" +
 	"\rsecond_moment\x18\x06 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\fsecondMoment\x129\n" +
 	"\thistogram\x18\a \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\thistogram\x12\x18\n" +
-	"\arelease\x18\b \x01(\x04R\arelease\"\xda\x01\n" +
+	"\arelease\x18\b \x01(\x04R\arelease\"\xe0\x03\n" +
 	"\x10StoredSubmission\x12\x14\n" +
 	"\x05owner\x18\x01 \x01(\tR\x05owner\x12:\n" +
 	"\arequest\x18\x02 \x01(\v2 .veil.analytics.v1.SubmitRequestR\arequest\x126\n" +
 	"\x06closed\x18\x03 \x01(\v2\x1e.veil.analytics.v1.StudyClosedR\x06closed\x12<\n" +
-	"\breleased\x18\x04 \x01(\v2 .veil.analytics.v1.StudyReleasedR\breleased\"L\n" +
+	"\breleased\x18\x04 \x01(\v2 .veil.analytics.v1.StudyReleasedR\breleased\x124\n" +
+	"\x04join\x18\x05 \x01(\v2 .veil.analytics.v1.CommitteeJoinR\x04join\x12<\n" +
+	"\x06shamir\x18\x06 \x01(\v2$.veil.analytics.v1.SealedShamirShareR\x06shamir\x12J\n" +
+	"\rrelease_share\x18\a \x01(\v2%.veil.analytics.v1.StoredReleaseShareR\freleaseShare\x12D\n" +
+	"\vround_noise\x18\b \x01(\v2#.veil.analytics.v1.StoredRoundNoiseR\n" +
+	"roundNoise\"\xd2\x01\n" +
+	"\x10StoredRoundNoise\x12\x14\n" +
+	"\x05round\x18\x01 \x01(\x04R\x05round\x12-\n" +
+	"\x03sum\x18\x02 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\x03sum\x12>\n" +
+	"\fsum_products\x18\x03 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\vsumProducts\x129\n" +
+	"\thistogram\x18\x04 \x01(\v2\x1b.veil.he.v1.EncryptedVectorR\thistogram\"t\n" +
+	"\x12StoredReleaseShare\x12\x16\n" +
+	"\x06member\x18\x01 \x01(\rR\x06member\x12F\n" +
+	"\arequest\x18\x02 \x01(\v2,.veil.analytics.v1.SubmitReleaseShareRequestR\arequest\"L\n" +
 	"\vStudyClosed\x12\x1a\n" +
 	"\bincluded\x18\x01 \x03(\tR\bincluded\x12!\n" +
 	"\funix_seconds\x18\x02 \x01(\x03R\vunixSeconds\"f\n" +
@@ -1205,14 +2379,19 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\x17STUDY_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10STUDY_STATE_OPEN\x10\x01\x12\x16\n" +
 	"\x12STUDY_STATE_CLOSED\x10\x02\x12\x18\n" +
-	"\x14STUDY_STATE_RELEASED\x10\x032\xd6\x03\n" +
+	"\x14STUDY_STATE_RELEASED\x10\x032\xf5\a\n" +
 	"\x10AnalyticsService\x12\\\n" +
 	"\vCreateStudy\x12%.veil.analytics.v1.CreateStudyRequest\x1a&.veil.analytics.v1.CreateStudyResponse\x12X\n" +
 	"\bGetStudy\x12\".veil.analytics.v1.GetStudyRequest\x1a#.veil.analytics.v1.GetStudyResponse\"\x03\x90\x02\x01\x12R\n" +
 	"\x06Submit\x12 .veil.analytics.v1.SubmitRequest\x1a!.veil.analytics.v1.SubmitResponse\"\x03\x90\x02\x02\x12^\n" +
 	"\n" +
 	"CloseStudy\x12$.veil.analytics.v1.CloseStudyRequest\x1a%.veil.analytics.v1.CloseStudyResponse\"\x03\x90\x02\x02\x12V\n" +
-	"\tGetResult\x12#.veil.analytics.v1.GetResultRequest\x1a$.veil.analytics.v1.GetResultResponseB;Z9github.com/veilrpc/veil/gen/veil/analytics/v1;analyticsv1b\x06proto3"
+	"\tGetResult\x12#.veil.analytics.v1.GetResultRequest\x1a$.veil.analytics.v1.GetResultResponse\x12g\n" +
+	"\rJoinCommittee\x12'.veil.analytics.v1.JoinCommitteeRequest\x1a(.veil.analytics.v1.JoinCommitteeResponse\"\x03\x90\x02\x02\x12d\n" +
+	"\fGetCommittee\x12&.veil.analytics.v1.GetCommitteeRequest\x1a'.veil.analytics.v1.GetCommitteeResponse\"\x03\x90\x02\x01\x12p\n" +
+	"\x10PostShamirShares\x12*.veil.analytics.v1.PostShamirSharesRequest\x1a+.veil.analytics.v1.PostShamirSharesResponse\"\x03\x90\x02\x02\x12d\n" +
+	"\fGetAggregate\x12&.veil.analytics.v1.GetAggregateRequest\x1a'.veil.analytics.v1.GetAggregateResponse\"\x03\x90\x02\x01\x12v\n" +
+	"\x12SubmitReleaseShare\x12,.veil.analytics.v1.SubmitReleaseShareRequest\x1a-.veil.analytics.v1.SubmitReleaseShareResponse\"\x03\x90\x02\x02B;Z9github.com/veilrpc/veil/gen/veil/analytics/v1;analyticsv1b\x06proto3"
 
 var (
 	file_veil_analytics_v1_analytics_proto_rawDescOnce sync.Once
@@ -1227,62 +2406,109 @@ func file_veil_analytics_v1_analytics_proto_rawDescGZIP() []byte {
 }
 
 var file_veil_analytics_v1_analytics_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_veil_analytics_v1_analytics_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_veil_analytics_v1_analytics_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_veil_analytics_v1_analytics_proto_goTypes = []any{
-	(StudyState)(0),             // 0: veil.analytics.v1.StudyState
-	(*Range)(nil),               // 1: veil.analytics.v1.Range
-	(*AnalystSignature)(nil),    // 2: veil.analytics.v1.AnalystSignature
-	(*Study)(nil),               // 3: veil.analytics.v1.Study
-	(*CreateStudyRequest)(nil),  // 4: veil.analytics.v1.CreateStudyRequest
-	(*CreateStudyResponse)(nil), // 5: veil.analytics.v1.CreateStudyResponse
-	(*GetStudyRequest)(nil),     // 6: veil.analytics.v1.GetStudyRequest
-	(*GetStudyResponse)(nil),    // 7: veil.analytics.v1.GetStudyResponse
-	(*SubmitRequest)(nil),       // 8: veil.analytics.v1.SubmitRequest
-	(*SubmitResponse)(nil),      // 9: veil.analytics.v1.SubmitResponse
-	(*CloseStudyRequest)(nil),   // 10: veil.analytics.v1.CloseStudyRequest
-	(*CloseStudyResponse)(nil),  // 11: veil.analytics.v1.CloseStudyResponse
-	(*GetResultRequest)(nil),    // 12: veil.analytics.v1.GetResultRequest
-	(*GetResultResponse)(nil),   // 13: veil.analytics.v1.GetResultResponse
-	(*StoredSubmission)(nil),    // 14: veil.analytics.v1.StoredSubmission
-	(*StudyClosed)(nil),         // 15: veil.analytics.v1.StudyClosed
-	(*StudyReleased)(nil),       // 16: veil.analytics.v1.StudyReleased
-	(*v1.PublicKey)(nil),        // 17: veil.he.v1.PublicKey
-	(*v1.EncryptedVector)(nil),  // 18: veil.he.v1.EncryptedVector
+	(StudyState)(0),                    // 0: veil.analytics.v1.StudyState
+	(*Range)(nil),                      // 1: veil.analytics.v1.Range
+	(*AnalystSignature)(nil),           // 2: veil.analytics.v1.AnalystSignature
+	(*Study)(nil),                      // 3: veil.analytics.v1.Study
+	(*Privacy)(nil),                    // 4: veil.analytics.v1.Privacy
+	(*Committee)(nil),                  // 5: veil.analytics.v1.Committee
+	(*MemberSignature)(nil),            // 6: veil.analytics.v1.MemberSignature
+	(*CommitteeJoin)(nil),              // 7: veil.analytics.v1.CommitteeJoin
+	(*SealedShamirShare)(nil),          // 8: veil.analytics.v1.SealedShamirShare
+	(*JoinCommitteeRequest)(nil),       // 9: veil.analytics.v1.JoinCommitteeRequest
+	(*JoinCommitteeResponse)(nil),      // 10: veil.analytics.v1.JoinCommitteeResponse
+	(*GetCommitteeRequest)(nil),        // 11: veil.analytics.v1.GetCommitteeRequest
+	(*GetCommitteeResponse)(nil),       // 12: veil.analytics.v1.GetCommitteeResponse
+	(*PostShamirSharesRequest)(nil),    // 13: veil.analytics.v1.PostShamirSharesRequest
+	(*PostShamirSharesResponse)(nil),   // 14: veil.analytics.v1.PostShamirSharesResponse
+	(*GetAggregateRequest)(nil),        // 15: veil.analytics.v1.GetAggregateRequest
+	(*GetAggregateResponse)(nil),       // 16: veil.analytics.v1.GetAggregateResponse
+	(*SubmitReleaseShareRequest)(nil),  // 17: veil.analytics.v1.SubmitReleaseShareRequest
+	(*SubmitReleaseShareResponse)(nil), // 18: veil.analytics.v1.SubmitReleaseShareResponse
+	(*CreateStudyRequest)(nil),         // 19: veil.analytics.v1.CreateStudyRequest
+	(*CreateStudyResponse)(nil),        // 20: veil.analytics.v1.CreateStudyResponse
+	(*GetStudyRequest)(nil),            // 21: veil.analytics.v1.GetStudyRequest
+	(*GetStudyResponse)(nil),           // 22: veil.analytics.v1.GetStudyResponse
+	(*SubmitRequest)(nil),              // 23: veil.analytics.v1.SubmitRequest
+	(*SubmitResponse)(nil),             // 24: veil.analytics.v1.SubmitResponse
+	(*CloseStudyRequest)(nil),          // 25: veil.analytics.v1.CloseStudyRequest
+	(*CloseStudyResponse)(nil),         // 26: veil.analytics.v1.CloseStudyResponse
+	(*GetResultRequest)(nil),           // 27: veil.analytics.v1.GetResultRequest
+	(*GetResultResponse)(nil),          // 28: veil.analytics.v1.GetResultResponse
+	(*StoredSubmission)(nil),           // 29: veil.analytics.v1.StoredSubmission
+	(*StoredRoundNoise)(nil),           // 30: veil.analytics.v1.StoredRoundNoise
+	(*StoredReleaseShare)(nil),         // 31: veil.analytics.v1.StoredReleaseShare
+	(*StudyClosed)(nil),                // 32: veil.analytics.v1.StudyClosed
+	(*StudyReleased)(nil),              // 33: veil.analytics.v1.StudyReleased
+	(*v1.PublicKey)(nil),               // 34: veil.he.v1.PublicKey
+	(*v1.EncryptedVector)(nil),         // 35: veil.he.v1.EncryptedVector
 }
 var file_veil_analytics_v1_analytics_proto_depIdxs = []int32{
-	17, // 0: veil.analytics.v1.Study.public_key:type_name -> veil.he.v1.PublicKey
+	34, // 0: veil.analytics.v1.Study.public_key:type_name -> veil.he.v1.PublicKey
 	1,  // 1: veil.analytics.v1.Study.ranges:type_name -> veil.analytics.v1.Range
 	2,  // 2: veil.analytics.v1.Study.analyst_signature:type_name -> veil.analytics.v1.AnalystSignature
 	0,  // 3: veil.analytics.v1.Study.state:type_name -> veil.analytics.v1.StudyState
-	3,  // 4: veil.analytics.v1.CreateStudyRequest.study:type_name -> veil.analytics.v1.Study
-	3,  // 5: veil.analytics.v1.CreateStudyResponse.study:type_name -> veil.analytics.v1.Study
-	3,  // 6: veil.analytics.v1.GetStudyResponse.study:type_name -> veil.analytics.v1.Study
-	18, // 7: veil.analytics.v1.SubmitRequest.sums:type_name -> veil.he.v1.EncryptedVector
-	18, // 8: veil.analytics.v1.SubmitRequest.products:type_name -> veil.he.v1.EncryptedVector
-	18, // 9: veil.analytics.v1.SubmitRequest.histogram:type_name -> veil.he.v1.EncryptedVector
-	18, // 10: veil.analytics.v1.GetResultResponse.sum:type_name -> veil.he.v1.EncryptedVector
-	18, // 11: veil.analytics.v1.GetResultResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
-	18, // 12: veil.analytics.v1.GetResultResponse.mean:type_name -> veil.he.v1.EncryptedVector
-	18, // 13: veil.analytics.v1.GetResultResponse.second_moment:type_name -> veil.he.v1.EncryptedVector
-	18, // 14: veil.analytics.v1.GetResultResponse.histogram:type_name -> veil.he.v1.EncryptedVector
-	8,  // 15: veil.analytics.v1.StoredSubmission.request:type_name -> veil.analytics.v1.SubmitRequest
-	15, // 16: veil.analytics.v1.StoredSubmission.closed:type_name -> veil.analytics.v1.StudyClosed
-	16, // 17: veil.analytics.v1.StoredSubmission.released:type_name -> veil.analytics.v1.StudyReleased
-	4,  // 18: veil.analytics.v1.AnalyticsService.CreateStudy:input_type -> veil.analytics.v1.CreateStudyRequest
-	6,  // 19: veil.analytics.v1.AnalyticsService.GetStudy:input_type -> veil.analytics.v1.GetStudyRequest
-	8,  // 20: veil.analytics.v1.AnalyticsService.Submit:input_type -> veil.analytics.v1.SubmitRequest
-	10, // 21: veil.analytics.v1.AnalyticsService.CloseStudy:input_type -> veil.analytics.v1.CloseStudyRequest
-	12, // 22: veil.analytics.v1.AnalyticsService.GetResult:input_type -> veil.analytics.v1.GetResultRequest
-	5,  // 23: veil.analytics.v1.AnalyticsService.CreateStudy:output_type -> veil.analytics.v1.CreateStudyResponse
-	7,  // 24: veil.analytics.v1.AnalyticsService.GetStudy:output_type -> veil.analytics.v1.GetStudyResponse
-	9,  // 25: veil.analytics.v1.AnalyticsService.Submit:output_type -> veil.analytics.v1.SubmitResponse
-	11, // 26: veil.analytics.v1.AnalyticsService.CloseStudy:output_type -> veil.analytics.v1.CloseStudyResponse
-	13, // 27: veil.analytics.v1.AnalyticsService.GetResult:output_type -> veil.analytics.v1.GetResultResponse
-	23, // [23:28] is the sub-list for method output_type
-	18, // [18:23] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	5,  // 4: veil.analytics.v1.Study.committee:type_name -> veil.analytics.v1.Committee
+	4,  // 5: veil.analytics.v1.Study.privacy:type_name -> veil.analytics.v1.Privacy
+	34, // 6: veil.analytics.v1.Committee.reader_key:type_name -> veil.he.v1.PublicKey
+	6,  // 7: veil.analytics.v1.CommitteeJoin.signature:type_name -> veil.analytics.v1.MemberSignature
+	7,  // 8: veil.analytics.v1.JoinCommitteeRequest.join:type_name -> veil.analytics.v1.CommitteeJoin
+	3,  // 9: veil.analytics.v1.GetCommitteeResponse.study:type_name -> veil.analytics.v1.Study
+	7,  // 10: veil.analytics.v1.GetCommitteeResponse.joins:type_name -> veil.analytics.v1.CommitteeJoin
+	8,  // 11: veil.analytics.v1.GetCommitteeResponse.shares_for_caller:type_name -> veil.analytics.v1.SealedShamirShare
+	8,  // 12: veil.analytics.v1.PostShamirSharesRequest.shares:type_name -> veil.analytics.v1.SealedShamirShare
+	35, // 13: veil.analytics.v1.GetAggregateResponse.sum:type_name -> veil.he.v1.EncryptedVector
+	35, // 14: veil.analytics.v1.GetAggregateResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
+	35, // 15: veil.analytics.v1.GetAggregateResponse.histogram:type_name -> veil.he.v1.EncryptedVector
+	3,  // 16: veil.analytics.v1.CreateStudyRequest.study:type_name -> veil.analytics.v1.Study
+	3,  // 17: veil.analytics.v1.CreateStudyResponse.study:type_name -> veil.analytics.v1.Study
+	3,  // 18: veil.analytics.v1.GetStudyResponse.study:type_name -> veil.analytics.v1.Study
+	35, // 19: veil.analytics.v1.SubmitRequest.sums:type_name -> veil.he.v1.EncryptedVector
+	35, // 20: veil.analytics.v1.SubmitRequest.products:type_name -> veil.he.v1.EncryptedVector
+	35, // 21: veil.analytics.v1.SubmitRequest.histogram:type_name -> veil.he.v1.EncryptedVector
+	35, // 22: veil.analytics.v1.GetResultResponse.sum:type_name -> veil.he.v1.EncryptedVector
+	35, // 23: veil.analytics.v1.GetResultResponse.sum_products:type_name -> veil.he.v1.EncryptedVector
+	35, // 24: veil.analytics.v1.GetResultResponse.mean:type_name -> veil.he.v1.EncryptedVector
+	35, // 25: veil.analytics.v1.GetResultResponse.second_moment:type_name -> veil.he.v1.EncryptedVector
+	35, // 26: veil.analytics.v1.GetResultResponse.histogram:type_name -> veil.he.v1.EncryptedVector
+	23, // 27: veil.analytics.v1.StoredSubmission.request:type_name -> veil.analytics.v1.SubmitRequest
+	32, // 28: veil.analytics.v1.StoredSubmission.closed:type_name -> veil.analytics.v1.StudyClosed
+	33, // 29: veil.analytics.v1.StoredSubmission.released:type_name -> veil.analytics.v1.StudyReleased
+	7,  // 30: veil.analytics.v1.StoredSubmission.join:type_name -> veil.analytics.v1.CommitteeJoin
+	8,  // 31: veil.analytics.v1.StoredSubmission.shamir:type_name -> veil.analytics.v1.SealedShamirShare
+	31, // 32: veil.analytics.v1.StoredSubmission.release_share:type_name -> veil.analytics.v1.StoredReleaseShare
+	30, // 33: veil.analytics.v1.StoredSubmission.round_noise:type_name -> veil.analytics.v1.StoredRoundNoise
+	35, // 34: veil.analytics.v1.StoredRoundNoise.sum:type_name -> veil.he.v1.EncryptedVector
+	35, // 35: veil.analytics.v1.StoredRoundNoise.sum_products:type_name -> veil.he.v1.EncryptedVector
+	35, // 36: veil.analytics.v1.StoredRoundNoise.histogram:type_name -> veil.he.v1.EncryptedVector
+	17, // 37: veil.analytics.v1.StoredReleaseShare.request:type_name -> veil.analytics.v1.SubmitReleaseShareRequest
+	19, // 38: veil.analytics.v1.AnalyticsService.CreateStudy:input_type -> veil.analytics.v1.CreateStudyRequest
+	21, // 39: veil.analytics.v1.AnalyticsService.GetStudy:input_type -> veil.analytics.v1.GetStudyRequest
+	23, // 40: veil.analytics.v1.AnalyticsService.Submit:input_type -> veil.analytics.v1.SubmitRequest
+	25, // 41: veil.analytics.v1.AnalyticsService.CloseStudy:input_type -> veil.analytics.v1.CloseStudyRequest
+	27, // 42: veil.analytics.v1.AnalyticsService.GetResult:input_type -> veil.analytics.v1.GetResultRequest
+	9,  // 43: veil.analytics.v1.AnalyticsService.JoinCommittee:input_type -> veil.analytics.v1.JoinCommitteeRequest
+	11, // 44: veil.analytics.v1.AnalyticsService.GetCommittee:input_type -> veil.analytics.v1.GetCommitteeRequest
+	13, // 45: veil.analytics.v1.AnalyticsService.PostShamirShares:input_type -> veil.analytics.v1.PostShamirSharesRequest
+	15, // 46: veil.analytics.v1.AnalyticsService.GetAggregate:input_type -> veil.analytics.v1.GetAggregateRequest
+	17, // 47: veil.analytics.v1.AnalyticsService.SubmitReleaseShare:input_type -> veil.analytics.v1.SubmitReleaseShareRequest
+	20, // 48: veil.analytics.v1.AnalyticsService.CreateStudy:output_type -> veil.analytics.v1.CreateStudyResponse
+	22, // 49: veil.analytics.v1.AnalyticsService.GetStudy:output_type -> veil.analytics.v1.GetStudyResponse
+	24, // 50: veil.analytics.v1.AnalyticsService.Submit:output_type -> veil.analytics.v1.SubmitResponse
+	26, // 51: veil.analytics.v1.AnalyticsService.CloseStudy:output_type -> veil.analytics.v1.CloseStudyResponse
+	28, // 52: veil.analytics.v1.AnalyticsService.GetResult:output_type -> veil.analytics.v1.GetResultResponse
+	10, // 53: veil.analytics.v1.AnalyticsService.JoinCommittee:output_type -> veil.analytics.v1.JoinCommitteeResponse
+	12, // 54: veil.analytics.v1.AnalyticsService.GetCommittee:output_type -> veil.analytics.v1.GetCommitteeResponse
+	14, // 55: veil.analytics.v1.AnalyticsService.PostShamirShares:output_type -> veil.analytics.v1.PostShamirSharesResponse
+	16, // 56: veil.analytics.v1.AnalyticsService.GetAggregate:output_type -> veil.analytics.v1.GetAggregateResponse
+	18, // 57: veil.analytics.v1.AnalyticsService.SubmitReleaseShare:output_type -> veil.analytics.v1.SubmitReleaseShareResponse
+	48, // [48:58] is the sub-list for method output_type
+	38, // [38:48] is the sub-list for method input_type
+	38, // [38:38] is the sub-list for extension type_name
+	38, // [38:38] is the sub-list for extension extendee
+	0,  // [0:38] is the sub-list for field type_name
 }
 
 func init() { file_veil_analytics_v1_analytics_proto_init() }
@@ -1296,7 +2522,7 @@ func file_veil_analytics_v1_analytics_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_veil_analytics_v1_analytics_proto_rawDesc), len(file_veil_analytics_v1_analytics_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   16,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -51,6 +51,21 @@ const (
 	// AnalyticsServiceGetResultProcedure is the fully-qualified name of the AnalyticsService's
 	// GetResult RPC.
 	AnalyticsServiceGetResultProcedure = "/veil.analytics.v1.AnalyticsService/GetResult"
+	// AnalyticsServiceJoinCommitteeProcedure is the fully-qualified name of the AnalyticsService's
+	// JoinCommittee RPC.
+	AnalyticsServiceJoinCommitteeProcedure = "/veil.analytics.v1.AnalyticsService/JoinCommittee"
+	// AnalyticsServiceGetCommitteeProcedure is the fully-qualified name of the AnalyticsService's
+	// GetCommittee RPC.
+	AnalyticsServiceGetCommitteeProcedure = "/veil.analytics.v1.AnalyticsService/GetCommittee"
+	// AnalyticsServicePostShamirSharesProcedure is the fully-qualified name of the AnalyticsService's
+	// PostShamirShares RPC.
+	AnalyticsServicePostShamirSharesProcedure = "/veil.analytics.v1.AnalyticsService/PostShamirShares"
+	// AnalyticsServiceGetAggregateProcedure is the fully-qualified name of the AnalyticsService's
+	// GetAggregate RPC.
+	AnalyticsServiceGetAggregateProcedure = "/veil.analytics.v1.AnalyticsService/GetAggregate"
+	// AnalyticsServiceSubmitReleaseShareProcedure is the fully-qualified name of the AnalyticsService's
+	// SubmitReleaseShare RPC.
+	AnalyticsServiceSubmitReleaseShareProcedure = "/veil.analytics.v1.AnalyticsService/SubmitReleaseShare"
 )
 
 // AnalyticsServiceClient is a client for the veil.analytics.v1.AnalyticsService service.
@@ -69,6 +84,25 @@ type AnalyticsServiceClient interface {
 	// GetResult returns the encrypted aggregate of a closed study, to its analyst only.
 	// Every answer is recorded as a release (the first moves the study to released).
 	GetResult(context.Context, *connect.Request[v1.GetResultRequest]) (*connect.Response[v1.GetResultResponse], error)
+	// JoinCommittee records a committee member's public-key share of a committee study
+	// and the HPKE key its Shamir shares are sealed to, signed with the member's SVID
+	// key. Members only; a repeated identical join is accepted once.
+	JoinCommittee(context.Context, *connect.Request[v1.JoinCommitteeRequest]) (*connect.Response[v1.JoinCommitteeResponse], error)
+	// GetCommittee returns a committee study's signed joins and, to a member, the
+	// sealed Shamir shares addressed to it. To the analyst, owners and members.
+	GetCommittee(context.Context, *connect.Request[v1.GetCommitteeRequest]) (*connect.Response[v1.GetCommitteeResponse], error)
+	// PostShamirShares stores a member's Shamir shares, each sealed with HPKE to its
+	// recipient member's key. Members only, once every member has joined.
+	PostShamirShares(context.Context, *connect.Request[v1.PostShamirSharesRequest]) (*connect.Response[v1.PostShamirSharesResponse], error)
+	// GetAggregate returns a closed committee study's aggregate under the collective
+	// key (which no party can decrypt alone), to its members only, with the release
+	// round their shares are for.
+	GetAggregate(context.Context, *connect.Request[v1.GetAggregateRequest]) (*connect.Response[v1.GetAggregateResponse], error)
+	// SubmitReleaseShare records a member's public-key-switching share of the
+	// aggregate towards the reader's key, bound to the study, the member, the
+	// parameter ID, the release round and the active set. Once threshold members of
+	// one active set are in, the reader's GetResult returns the re-encrypted result.
+	SubmitReleaseShare(context.Context, *connect.Request[v1.SubmitReleaseShareRequest]) (*connect.Response[v1.SubmitReleaseShareResponse], error)
 }
 
 // NewAnalyticsServiceClient constructs a client for the veil.analytics.v1.AnalyticsService service.
@@ -115,16 +149,56 @@ func NewAnalyticsServiceClient(httpClient connect.HTTPClient, baseURL string, op
 			connect.WithSchema(analyticsServiceMethods.ByName("GetResult")),
 			connect.WithClientOptions(opts...),
 		),
+		joinCommittee: connect.NewClient[v1.JoinCommitteeRequest, v1.JoinCommitteeResponse](
+			httpClient,
+			baseURL+AnalyticsServiceJoinCommitteeProcedure,
+			connect.WithSchema(analyticsServiceMethods.ByName("JoinCommittee")),
+			connect.WithIdempotency(connect.IdempotencyIdempotent),
+			connect.WithClientOptions(opts...),
+		),
+		getCommittee: connect.NewClient[v1.GetCommitteeRequest, v1.GetCommitteeResponse](
+			httpClient,
+			baseURL+AnalyticsServiceGetCommitteeProcedure,
+			connect.WithSchema(analyticsServiceMethods.ByName("GetCommittee")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
+		postShamirShares: connect.NewClient[v1.PostShamirSharesRequest, v1.PostShamirSharesResponse](
+			httpClient,
+			baseURL+AnalyticsServicePostShamirSharesProcedure,
+			connect.WithSchema(analyticsServiceMethods.ByName("PostShamirShares")),
+			connect.WithIdempotency(connect.IdempotencyIdempotent),
+			connect.WithClientOptions(opts...),
+		),
+		getAggregate: connect.NewClient[v1.GetAggregateRequest, v1.GetAggregateResponse](
+			httpClient,
+			baseURL+AnalyticsServiceGetAggregateProcedure,
+			connect.WithSchema(analyticsServiceMethods.ByName("GetAggregate")),
+			connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+			connect.WithClientOptions(opts...),
+		),
+		submitReleaseShare: connect.NewClient[v1.SubmitReleaseShareRequest, v1.SubmitReleaseShareResponse](
+			httpClient,
+			baseURL+AnalyticsServiceSubmitReleaseShareProcedure,
+			connect.WithSchema(analyticsServiceMethods.ByName("SubmitReleaseShare")),
+			connect.WithIdempotency(connect.IdempotencyIdempotent),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // analyticsServiceClient implements AnalyticsServiceClient.
 type analyticsServiceClient struct {
-	createStudy *connect.Client[v1.CreateStudyRequest, v1.CreateStudyResponse]
-	getStudy    *connect.Client[v1.GetStudyRequest, v1.GetStudyResponse]
-	submit      *connect.Client[v1.SubmitRequest, v1.SubmitResponse]
-	closeStudy  *connect.Client[v1.CloseStudyRequest, v1.CloseStudyResponse]
-	getResult   *connect.Client[v1.GetResultRequest, v1.GetResultResponse]
+	createStudy        *connect.Client[v1.CreateStudyRequest, v1.CreateStudyResponse]
+	getStudy           *connect.Client[v1.GetStudyRequest, v1.GetStudyResponse]
+	submit             *connect.Client[v1.SubmitRequest, v1.SubmitResponse]
+	closeStudy         *connect.Client[v1.CloseStudyRequest, v1.CloseStudyResponse]
+	getResult          *connect.Client[v1.GetResultRequest, v1.GetResultResponse]
+	joinCommittee      *connect.Client[v1.JoinCommitteeRequest, v1.JoinCommitteeResponse]
+	getCommittee       *connect.Client[v1.GetCommitteeRequest, v1.GetCommitteeResponse]
+	postShamirShares   *connect.Client[v1.PostShamirSharesRequest, v1.PostShamirSharesResponse]
+	getAggregate       *connect.Client[v1.GetAggregateRequest, v1.GetAggregateResponse]
+	submitReleaseShare *connect.Client[v1.SubmitReleaseShareRequest, v1.SubmitReleaseShareResponse]
 }
 
 // CreateStudy calls veil.analytics.v1.AnalyticsService.CreateStudy.
@@ -152,6 +226,31 @@ func (c *analyticsServiceClient) GetResult(ctx context.Context, req *connect.Req
 	return c.getResult.CallUnary(ctx, req)
 }
 
+// JoinCommittee calls veil.analytics.v1.AnalyticsService.JoinCommittee.
+func (c *analyticsServiceClient) JoinCommittee(ctx context.Context, req *connect.Request[v1.JoinCommitteeRequest]) (*connect.Response[v1.JoinCommitteeResponse], error) {
+	return c.joinCommittee.CallUnary(ctx, req)
+}
+
+// GetCommittee calls veil.analytics.v1.AnalyticsService.GetCommittee.
+func (c *analyticsServiceClient) GetCommittee(ctx context.Context, req *connect.Request[v1.GetCommitteeRequest]) (*connect.Response[v1.GetCommitteeResponse], error) {
+	return c.getCommittee.CallUnary(ctx, req)
+}
+
+// PostShamirShares calls veil.analytics.v1.AnalyticsService.PostShamirShares.
+func (c *analyticsServiceClient) PostShamirShares(ctx context.Context, req *connect.Request[v1.PostShamirSharesRequest]) (*connect.Response[v1.PostShamirSharesResponse], error) {
+	return c.postShamirShares.CallUnary(ctx, req)
+}
+
+// GetAggregate calls veil.analytics.v1.AnalyticsService.GetAggregate.
+func (c *analyticsServiceClient) GetAggregate(ctx context.Context, req *connect.Request[v1.GetAggregateRequest]) (*connect.Response[v1.GetAggregateResponse], error) {
+	return c.getAggregate.CallUnary(ctx, req)
+}
+
+// SubmitReleaseShare calls veil.analytics.v1.AnalyticsService.SubmitReleaseShare.
+func (c *analyticsServiceClient) SubmitReleaseShare(ctx context.Context, req *connect.Request[v1.SubmitReleaseShareRequest]) (*connect.Response[v1.SubmitReleaseShareResponse], error) {
+	return c.submitReleaseShare.CallUnary(ctx, req)
+}
+
 // AnalyticsServiceHandler is an implementation of the veil.analytics.v1.AnalyticsService service.
 type AnalyticsServiceHandler interface {
 	// CreateStudy registers a study; the caller becomes its analyst.
@@ -168,6 +267,25 @@ type AnalyticsServiceHandler interface {
 	// GetResult returns the encrypted aggregate of a closed study, to its analyst only.
 	// Every answer is recorded as a release (the first moves the study to released).
 	GetResult(context.Context, *connect.Request[v1.GetResultRequest]) (*connect.Response[v1.GetResultResponse], error)
+	// JoinCommittee records a committee member's public-key share of a committee study
+	// and the HPKE key its Shamir shares are sealed to, signed with the member's SVID
+	// key. Members only; a repeated identical join is accepted once.
+	JoinCommittee(context.Context, *connect.Request[v1.JoinCommitteeRequest]) (*connect.Response[v1.JoinCommitteeResponse], error)
+	// GetCommittee returns a committee study's signed joins and, to a member, the
+	// sealed Shamir shares addressed to it. To the analyst, owners and members.
+	GetCommittee(context.Context, *connect.Request[v1.GetCommitteeRequest]) (*connect.Response[v1.GetCommitteeResponse], error)
+	// PostShamirShares stores a member's Shamir shares, each sealed with HPKE to its
+	// recipient member's key. Members only, once every member has joined.
+	PostShamirShares(context.Context, *connect.Request[v1.PostShamirSharesRequest]) (*connect.Response[v1.PostShamirSharesResponse], error)
+	// GetAggregate returns a closed committee study's aggregate under the collective
+	// key (which no party can decrypt alone), to its members only, with the release
+	// round their shares are for.
+	GetAggregate(context.Context, *connect.Request[v1.GetAggregateRequest]) (*connect.Response[v1.GetAggregateResponse], error)
+	// SubmitReleaseShare records a member's public-key-switching share of the
+	// aggregate towards the reader's key, bound to the study, the member, the
+	// parameter ID, the release round and the active set. Once threshold members of
+	// one active set are in, the reader's GetResult returns the re-encrypted result.
+	SubmitReleaseShare(context.Context, *connect.Request[v1.SubmitReleaseShareRequest]) (*connect.Response[v1.SubmitReleaseShareResponse], error)
 }
 
 // NewAnalyticsServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -210,6 +328,41 @@ func NewAnalyticsServiceHandler(svc AnalyticsServiceHandler, opts ...connect.Han
 		connect.WithSchema(analyticsServiceMethods.ByName("GetResult")),
 		connect.WithHandlerOptions(opts...),
 	)
+	analyticsServiceJoinCommitteeHandler := connect.NewUnaryHandler(
+		AnalyticsServiceJoinCommitteeProcedure,
+		svc.JoinCommittee,
+		connect.WithSchema(analyticsServiceMethods.ByName("JoinCommittee")),
+		connect.WithIdempotency(connect.IdempotencyIdempotent),
+		connect.WithHandlerOptions(opts...),
+	)
+	analyticsServiceGetCommitteeHandler := connect.NewUnaryHandler(
+		AnalyticsServiceGetCommitteeProcedure,
+		svc.GetCommittee,
+		connect.WithSchema(analyticsServiceMethods.ByName("GetCommittee")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
+	analyticsServicePostShamirSharesHandler := connect.NewUnaryHandler(
+		AnalyticsServicePostShamirSharesProcedure,
+		svc.PostShamirShares,
+		connect.WithSchema(analyticsServiceMethods.ByName("PostShamirShares")),
+		connect.WithIdempotency(connect.IdempotencyIdempotent),
+		connect.WithHandlerOptions(opts...),
+	)
+	analyticsServiceGetAggregateHandler := connect.NewUnaryHandler(
+		AnalyticsServiceGetAggregateProcedure,
+		svc.GetAggregate,
+		connect.WithSchema(analyticsServiceMethods.ByName("GetAggregate")),
+		connect.WithIdempotency(connect.IdempotencyNoSideEffects),
+		connect.WithHandlerOptions(opts...),
+	)
+	analyticsServiceSubmitReleaseShareHandler := connect.NewUnaryHandler(
+		AnalyticsServiceSubmitReleaseShareProcedure,
+		svc.SubmitReleaseShare,
+		connect.WithSchema(analyticsServiceMethods.ByName("SubmitReleaseShare")),
+		connect.WithIdempotency(connect.IdempotencyIdempotent),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/veil.analytics.v1.AnalyticsService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case AnalyticsServiceCreateStudyProcedure:
@@ -222,6 +375,16 @@ func NewAnalyticsServiceHandler(svc AnalyticsServiceHandler, opts ...connect.Han
 			analyticsServiceCloseStudyHandler.ServeHTTP(w, r)
 		case AnalyticsServiceGetResultProcedure:
 			analyticsServiceGetResultHandler.ServeHTTP(w, r)
+		case AnalyticsServiceJoinCommitteeProcedure:
+			analyticsServiceJoinCommitteeHandler.ServeHTTP(w, r)
+		case AnalyticsServiceGetCommitteeProcedure:
+			analyticsServiceGetCommitteeHandler.ServeHTTP(w, r)
+		case AnalyticsServicePostShamirSharesProcedure:
+			analyticsServicePostShamirSharesHandler.ServeHTTP(w, r)
+		case AnalyticsServiceGetAggregateProcedure:
+			analyticsServiceGetAggregateHandler.ServeHTTP(w, r)
+		case AnalyticsServiceSubmitReleaseShareProcedure:
+			analyticsServiceSubmitReleaseShareHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -249,4 +412,24 @@ func (UnimplementedAnalyticsServiceHandler) CloseStudy(context.Context, *connect
 
 func (UnimplementedAnalyticsServiceHandler) GetResult(context.Context, *connect.Request[v1.GetResultRequest]) (*connect.Response[v1.GetResultResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("veil.analytics.v1.AnalyticsService.GetResult is not implemented"))
+}
+
+func (UnimplementedAnalyticsServiceHandler) JoinCommittee(context.Context, *connect.Request[v1.JoinCommitteeRequest]) (*connect.Response[v1.JoinCommitteeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("veil.analytics.v1.AnalyticsService.JoinCommittee is not implemented"))
+}
+
+func (UnimplementedAnalyticsServiceHandler) GetCommittee(context.Context, *connect.Request[v1.GetCommitteeRequest]) (*connect.Response[v1.GetCommitteeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("veil.analytics.v1.AnalyticsService.GetCommittee is not implemented"))
+}
+
+func (UnimplementedAnalyticsServiceHandler) PostShamirShares(context.Context, *connect.Request[v1.PostShamirSharesRequest]) (*connect.Response[v1.PostShamirSharesResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("veil.analytics.v1.AnalyticsService.PostShamirShares is not implemented"))
+}
+
+func (UnimplementedAnalyticsServiceHandler) GetAggregate(context.Context, *connect.Request[v1.GetAggregateRequest]) (*connect.Response[v1.GetAggregateResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("veil.analytics.v1.AnalyticsService.GetAggregate is not implemented"))
+}
+
+func (UnimplementedAnalyticsServiceHandler) SubmitReleaseShare(context.Context, *connect.Request[v1.SubmitReleaseShareRequest]) (*connect.Response[v1.SubmitReleaseShareResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("veil.analytics.v1.AnalyticsService.SubmitReleaseShare is not implemented"))
 }
