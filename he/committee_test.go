@@ -346,24 +346,24 @@ func TestShamirShareEncoding(t *testing.T) {
 	if err := m2.AddShamirShare(got); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.UnmarshalShamirShare(1, 2, b[:len(b)-1]); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := c.UnmarshalShamirShare(1, 2, b[:len(b)-1]); kindOf(err) != KindInvalid {
 		t.Errorf("truncated: %v", err)
 	}
-	if _, err := c.UnmarshalShamirShare(1, 4, b); CodeOf(err) != connect.CodeInvalidArgument {
+	if _, err := c.UnmarshalShamirShare(1, 4, b); kindOf(err) != KindInvalid {
 		t.Errorf("to a member outside the committee: %v", err)
 	}
 	again, err := c.UnmarshalShamirShare(1, 2, b)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := m2.AddShamirShare(again); CodeOf(err) != connect.CodeInvalidArgument {
+	if err := m2.AddShamirShare(again); kindOf(err) != KindInvalid {
 		t.Errorf("the same sender twice: %v", err)
 	}
 	full, err := NewCommittee(ParamsN13(), []byte("encoding"), 2, 2)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := full.UnmarshalShamirShare(1, 2, b); CodeOf(err) != connect.CodeFailedPrecondition {
+	if _, err := full.UnmarshalShamirShare(1, 2, b); kindOf(err) != KindPrecondition {
 		t.Errorf("n-of-n committee: %v", err)
 	}
 }
