@@ -277,6 +277,12 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	if err != nil {
 		return nil, nil, err
 	}
+	// The policy covers sessions as it covers hellos: a ticket of another suite, from a
+	// replica of that suite sharing the ticket keys or from before the policy, is refused
+	// (spec 3.1).
+	if !s.cfg.allowsSuite(st.suite) {
+		return nil, nil, s.cfg.errSuitePolicy(st.suite, "session's")
+	}
 	if r.Method != http.MethodPost || r.Body == nil {
 		return nil, nil, errMethod
 	}
