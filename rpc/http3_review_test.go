@@ -2,13 +2,22 @@ package rpc_test
 
 import (
 	"context"
+	"crypto/tls"
+	"net/http"
+	"path/filepath"
 	"testing"
+	"time"
 
 	"connectrpc.com/connect"
+	"connectrpc.com/grpchealth"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/quic-go/quic-go/http3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	echov1 "github.com/veilrpc/veil/gen/veil/echo/v1"
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
+	"github.com/veilrpc/veil/pki"
+	"github.com/veilrpc/veil/pqkex"
 	"github.com/veilrpc/veil/rpc"
 	"github.com/veilrpc/veil/transport"
 )
@@ -51,4 +60,72 @@ func TestHTTP3ReturningClientSkipsRetry(t *testing.T) {
 	if got := metricValue(t, e, "veil_quic_retries_total", "side", "server"); got != spent {
 		t.Fatalf("a returning client was sent %v Retries", got-spent)
 	}
+}
+
+// TestHTTP3AutoFallbackKeepsSealingAndPQ: an on-path attacker who drops UDP forces an
+// auto-mode client onto HTTP/2, and that is all it gains: the fallback is the same
+// client's post-quantum mutual-TLS transport, under the same sealing round tripper, so
+// the call is sealed, channel-bound and over X25519MLKEM768 as over HTTP/3.
+func TestHTTP3AutoFallbackKeepsSealingAndPQ(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := pki.InitCA(filepath.Join(dir, "ca"), "example.org")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := transports[0].startWith(t, dir, ca, sealedServer(t, ca, dir)) // nothing on the UDP port
+	reg := prometheus.NewRegistry()
+	hc := sealedClient(t, e.ca, e.dir, clientID, transport.AuthorizeID(spiffeid.RequireFromString(serverID)),
+		[]rpc.ClientOption{rpc.WithHTTP3Auto(200 * time.Millisecond), rpc.WithMetrics(reg)}, pqkex.WithChannelBinding())
+	defer hc.CloseIdleConnections()
+	c := echov1connect.NewEchoServiceClient(hc, e.url, rpc.ClientOptions()...)
+	who, err := c.Echo(context.Background(), connect.NewRequest(&echov1.EchoRequest{Message: "whoami"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := clientID + " X25519MLKEM768 pq=true sealed=true bound=true"; who.Msg.GetMessage() != want {
+		t.Fatalf("peer after fallback = %q, want %q", who.Msg.GetMessage(), want)
+	}
+	if v, _ := rpc.CounterValue(reg, "veil_rpc_http3_fallbacks_total", "side", "client"); v != 1 {
+		t.Fatalf("fallbacks %v, want 1", v)
+	}
+}
+
+// TestBootstrapProceduresOverBothTransports: on a server with bootstrap procedures (the
+// CA's Join), a caller without a client certificate reaches exactly those, over HTTP/3
+// as over HTTP/2: every other procedure, health included, is refused before routing.
+func TestBootstrapProceduresOverBothTransports(t *testing.T) {
+	overTransports(t, func(t *testing.T, tr transportCase) {
+		e := tr.start(t, rpc.WithBootstrapProcedures(echov1connect.EchoServiceEchoProcedure))
+		cfg := &tls.Config{MinVersion: tls.VersionTLS13, InsecureSkipVerify: true, CurvePreferences: []tls.CurveID{tls.X25519MLKEM768}} // no certificate
+		var hc *http.Client
+		if tr.name == "h3" {
+			t3 := &http3.Transport{TLSClientConfig: cfg}
+			defer t3.Close()
+			hc = &http.Client{Transport: t3}
+		} else {
+			cfg.NextProtos = []string{"h2"}
+			t2 := &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: true}
+			defer t2.CloseIdleConnections()
+			hc = &http.Client{Transport: t2}
+		}
+		c := echov1connect.NewEchoServiceClient(hc, e.url, rpc.ClientOptions()...)
+		ctx := context.Background()
+		if res, err := c.Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "join"})); err != nil || res.Msg.GetMessage() != "join" {
+			t.Fatalf("bootstrap procedure without a certificate: %v, %v", res, err)
+		}
+		stream, err := c.EchoStream(ctx, connect.NewRequest(&echov1.EchoStreamRequest{Message: "s", Count: 1}))
+		if err == nil {
+			for stream.Receive() {
+				t.Fatal("a non-bootstrap procedure streamed to a caller without a certificate")
+			}
+			err = stream.Err()
+		}
+		if connect.CodeOf(err) != connect.CodeUnauthenticated {
+			t.Fatalf("non-bootstrap procedure without a certificate: %v", err)
+		}
+		health := grpchealth.NewClient(hc, e.url)
+		if _, err := health.Check(ctx, &grpchealth.CheckRequest{}); connect.CodeOf(err) != connect.CodeUnauthenticated {
+			t.Fatalf("health without a certificate: %v", err)
+		}
+	})
 }
