@@ -3,6 +3,7 @@ package rpc_test
 import (
 	"context"
 	"crypto/tls"
+	"net"
 	"net/http"
 	"path/filepath"
 	"testing"
@@ -128,4 +129,75 @@ func TestBootstrapProceduresOverBothTransports(t *testing.T) {
 			t.Fatalf("health without a certificate: %v", err)
 		}
 	})
+}
+
+// TestHTTP3ServerCertificateRotation: the QUIC listener reads the server's certificate
+// from the identity Source on every handshake, as the TCP one does (http3 clones the TLS
+// configuration, which must not freeze the certificate): after a renewal, a new client's
+// HTTP/3 handshake presents the new certificate without a restart.
+func TestHTTP3ServerCertificateRotation(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := pki.InitCA(filepath.Join(dir, "ca"), "example.org")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvDir := filepath.Join(dir, "server")
+	sid := spiffeid.RequireFromString(serverID)
+	if err := ca.IssueFiles(sid, srvDir, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	src, err := transport.LoadFiles(srvDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := rpc.NewServer(src, rpc.WithHTTP3(), rpc.WithPolicy(rpc.NewPolicy().MustAllow("/veil.echo.v1.EchoService/*", clientID)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rpc.Register[echov1connect.EchoServiceHandler](srv, echov1connect.NewEchoServiceHandler, &testEcho{release: make(chan struct{})})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, ln) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	}()
+	url := "https://" + ln.Addr().String()
+	serial := func() string {
+		t.Helper()
+		var st connState
+		hc := rpc.NewHTTPClient(identity(t, ca, dir, clientID), transport.AuthorizeID(sid), rpc.WithHTTP3(), rpc.WithRoundTripper(st.wrap))
+		defer hc.CloseIdleConnections()
+		res, err := echov1connect.NewEchoServiceClient(hc, url, rpc.ClientOptions()...).Echo(context.Background(), connect.NewRequest(&echov1.EchoRequest{Message: "hi"}))
+		if err != nil || res.Msg.GetMessage() != "hi" {
+			t.Fatalf("Echo = %v, %v", res, err)
+		}
+		if st.proto != "HTTP/3.0" || st.tls == nil || len(st.tls.PeerCertificates) == 0 {
+			t.Fatalf("protocol %s, TLS %v", st.proto, st.tls)
+		}
+		return st.tls.PeerCertificates[0].SerialNumber.String()
+	}
+	before := serial()
+	if err := ca.IssueFiles(sid, srvDir, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	want, err := src.GetX509SVID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want.Certificates[0].SerialNumber.String() == before {
+		t.Fatal("the renewal kept the serial number")
+	}
+	if after := serial(); after != want.Certificates[0].SerialNumber.String() {
+		t.Fatalf("after the renewal the HTTP/3 handshake presented serial %s (before %s), want %s", after, before, want.Certificates[0].SerialNumber)
+	}
 }
