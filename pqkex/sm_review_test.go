@@ -5,7 +5,9 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"io"
 	"math/big"
+	"net/http"
 	"testing"
 	"time"
 
@@ -217,6 +219,36 @@ func FuzzVerifySM2Signature(f *testing.F) {
 		}
 		if k, err := ParseSM2PublicKey(sig); err == nil && k == nil {
 			t.Fatal("nil key without an error")
+		}
+	})
+}
+
+// FuzzServerHandshakeSM is FuzzServerHandshake with the ShangMi vector's server: the
+// other target's server is of the first vector's suite, so a ShangMi hello stops there at
+// the suite check and the SM2 half of the ciphertext and ephemeral key, split out by
+// concatKEM, never reaches gmsm.
+func FuzzServerHandshakeSM(f *testing.F) {
+	var sm []katVector
+	for _, v := range loadKAT(f) {
+		if v.Suite == SM2MLKEM768().Name() {
+			sm = append(sm, v)
+		}
+	}
+	if len(sm) == 0 {
+		f.Fatal("no ShangMi known-answer vector")
+	}
+	for _, v := range sm {
+		f.Add([]byte(v.ClientHello))
+	}
+	s := katServer(f, sm[0])
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := http.NewRequest(http.MethodPost, HandshakePath, io.NopCloser(bytes.NewReader(b)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := s.handshake(r)
+		if err == nil && len(out) == 0 {
+			t.Fatal("handshake succeeded without a server hello")
 		}
 	})
 }
