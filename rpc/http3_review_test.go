@@ -201,3 +201,39 @@ func TestHTTP3ServerCertificateRotation(t *testing.T) {
 		t.Fatalf("after the renewal the HTTP/3 handshake presented serial %s (before %s), want %s", after, before, want.Certificates[0].SerialNumber)
 	}
 }
+
+// TestHTTP3ServerRefusesBadClientCertificates: over QUIC, the server's own check of the
+// client certificate holds by itself (the client here trusts any server, so nothing fails
+// on its side): no certificate, or one from another CA, fails the call, and nothing
+// reaches the handler.
+func TestHTTP3ServerRefusesBadClientCertificates(t *testing.T) {
+	e := transports[1].start(t)
+	otherDir := t.TempDir()
+	otherCA, err := pki.InitCA(filepath.Join(otherDir, "ca"), "example.org")
+	if err != nil {
+		t.Fatal(err)
+	}
+	svid, err := identity(t, otherCA, otherDir, clientID).GetX509SVID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreign := tls.Certificate{PrivateKey: svid.PrivateKey, Leaf: svid.Certificates[0]}
+	for _, c := range svid.Certificates {
+		foreign.Certificate = append(foreign.Certificate, c.Raw)
+	}
+	for name, certs := range map[string][]tls.Certificate{"no certificate": nil, "another CA's certificate": {foreign}} {
+		t.Run(name, func(t *testing.T) {
+			t3 := &http3.Transport{TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, InsecureSkipVerify: true,
+				CurvePreferences: []tls.CurveID{tls.X25519MLKEM768}, Certificates: certs}}
+			defer t3.Close()
+			c := echov1connect.NewEchoServiceClient(&http.Client{Transport: t3}, e.url, rpc.ClientOptions()...)
+			if res, err := c.Echo(context.Background(), connect.NewRequest(&echov1.EchoRequest{Message: "hi"})); err == nil {
+				t.Fatalf("served: %v", res.Msg)
+			}
+		})
+	}
+	if got := metricValue(t, e, "veil_rpc_requests_total", "transport", "h3"); got != 0 {
+		t.Fatalf("%v requests reached the handler", got)
+	}
+	e.callH3(t) // a verified client is still served
+}
