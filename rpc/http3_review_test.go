@@ -3,9 +3,11 @@ package rpc_test
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
 	"net"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -236,4 +238,56 @@ func TestHTTP3ServerRefusesBadClientCertificates(t *testing.T) {
 		t.Fatalf("%v requests reached the handler", got)
 	}
 	e.callH3(t) // a verified client is still served
+}
+
+// TestAltSvcDoesNotSteerClients: an Alt-Svc header, whoever wrote it (here the server's
+// own middleware stands in for an intermediary that adds one), names another endpoint
+// that serves HTTP/3 with a certificate the client would accept. No Veil client mode
+// follows it: calls go to the URL's host and port only (auto mode probes HTTP/3 there and
+// falls back to HTTP/2 there), so the decoy sees nothing.
+func TestAltSvcDoesNotSteerClients(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := pki.InitCA(filepath.Join(dir, "ca"), "example.org")
+	if err != nil {
+		t.Fatal(err)
+	}
+	decoy := transports[1].startWith(t, dir, ca)
+	decoyPort := decoy.udpAddr(t).Port
+	alt := rpc.WithMiddleware(func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Alt-Svc", fmt.Sprintf(`h3="127.0.0.1:%d"; ma=86400, h2="127.0.0.1:%d"; ma=86400`, decoyPort, decoyPort))
+			next.ServeHTTP(w, r)
+		})
+	})
+	target := transports[0].startWith(t, dir, ca, alt) // HTTP/2 only: nothing on its UDP port
+	serverAuth := transport.AuthorizeID(spiffeid.RequireFromString(serverID))
+	for _, mode := range []struct {
+		name string
+		opts []rpc.ClientOption
+	}{{"h2", nil}, {"auto", []rpc.ClientOption{rpc.WithHTTP3Auto(200 * time.Millisecond)}}} {
+		hc := rpc.NewHTTPClient(identity(t, ca, dir, clientID), serverAuth, mode.opts...)
+		c := echov1connect.NewEchoServiceClient(hc, target.url, rpc.ClientOptions()...)
+		for i := range 3 {
+			res, err := c.Echo(context.Background(), connect.NewRequest(&echov1.EchoRequest{Message: "hi"}))
+			if err != nil || res.Msg.GetMessage() != "hi" {
+				t.Fatalf("%s call %d: %v, %v", mode.name, i, res, err)
+			}
+			if i == 0 && !strings.Contains(res.Header().Get("Alt-Svc"), fmt.Sprint(decoyPort)) {
+				t.Fatalf("the response carries no Alt-Svc to the decoy: %q", res.Header().Get("Alt-Svc"))
+			}
+		}
+		hc.CloseIdleConnections()
+	}
+	// An HTTP/3-only client fails against the HTTP/2-only target rather than go elsewhere.
+	h3 := rpc.NewHTTPClient(identity(t, ca, dir, clientID), serverAuth, rpc.WithHTTP3())
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if _, err := echov1connect.NewEchoServiceClient(h3, target.url).Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "x"})); err == nil {
+		t.Fatal("HTTP/3-only call to an HTTP/2-only server succeeded")
+	}
+	for _, tr := range []string{"h2", "h3"} {
+		if got := metricValue(t, decoy, "veil_rpc_requests_total", "transport", tr); got != 0 {
+			t.Fatalf("the decoy served %v requests over %s", got, tr)
+		}
+	}
 }
