@@ -236,7 +236,9 @@ func (s *Server) serveCall(w http.ResponseWriter, r *http.Request, next http.Han
 	procedure := r.URL.Path
 	ticketHeader, sessionHeader := headerValue(r.Header, headerTicket), headerValue(r.Header, headerSession)
 	if ticketHeader == "" && sessionHeader == "" {
-		if s.cfg.mode(procedure) == Permissive {
+		// A suite policy covers plaintext too: no call outside the required suites, sealed
+		// or not (spec 3.1), whatever the procedure's mode.
+		if s.cfg.mode(procedure) == Permissive && !s.cfg.suitesSet {
 			s.sc.plain.Inc()
 			next.ServeHTTP(w, r)
 			return

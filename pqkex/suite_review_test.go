@@ -68,3 +68,37 @@ func TestShangMiOnlyReplicaRefusesOtherSuiteTickets(t *testing.T) {
 		t.Error("suite_policy refusal of a ticket not counted")
 	}
 }
+
+// A server that requires a suite serves no call outside it, sealed or not: a procedure
+// left Permissive (for a migration) does not let a plaintext call through, which would be
+// the end point of every downgrade (docs/compliance.md: "no call is served outside the SM
+// suite, sealed or not"; veil serve enforced it by refusing --pq-suite without strict
+// sealing, the library did not). The refusal is no_session, as in Strict mode.
+func TestSuitePolicyRefusesPlaintextInPermissiveMode(t *testing.T) {
+	e := newEnv(t, pqkex.X25519MLKEM768())
+	nb, na := testNow.Add(-time.Hour), testNow.Add(24*time.Hour)
+	smServer, err := e.ca.Identity(pqkex.SM2MLKEM768(), serverID, nb, na, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	sm := e.startServer(t, echoMux(), pqkex.WithIdentity(smServer), smOnly(), pqkex.WithMode(pqkex.Permissive), pqkex.WithMetrics(reg))
+	plain := &http.Client{Transport: e.transport(t, clientID)}
+	_, errs := callKinds(context.Background(), plain, sm.URL, nil, "hi", false)
+	if len(errs) == 0 {
+		t.Fatal("plaintext calls served by a server that requires the ShangMi suite")
+	}
+	for kind, err := range errs {
+		if connect.CodeOf(err) != connect.CodeUnauthenticated {
+			t.Errorf("%s: %v, want unauthenticated (no_session)", kind, err)
+		}
+	}
+	if got := counter(t, reg, "veil_pqkex_rejections_total", map[string]string{"side": "server", "reason": "no_session"}); got == 0 {
+		t.Error("no_session refusal not counted")
+	}
+	// Without the policy, Permissive still passes plaintext through (migrations).
+	open := e.startServer(t, echoMux(), pqkex.WithMode(pqkex.Permissive))
+	if out, errs := callKinds(context.Background(), plain, open.URL, nil, "hi", false); len(errs) != 0 || out["unary"] == "" {
+		t.Fatalf("permissive server without a policy: %v %v", out, errs)
+	}
+}
