@@ -14,6 +14,7 @@ import (
 	"connectrpc.com/connect"
 	"connectrpc.com/grpchealth"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -288,6 +289,56 @@ func TestAltSvcDoesNotSteerClients(t *testing.T) {
 	for _, tr := range []string{"h2", "h3"} {
 		if got := metricValue(t, decoy, "veil_rpc_requests_total", "transport", tr); got != 0 {
 			t.Fatalf("the decoy served %v requests over %s", got, tr)
+		}
+	}
+}
+
+// TestHTTP3NoDatagramsExtendedConnectRefused: the server offers no QUIC or HTTP/3
+// datagrams, so a verified client that asks for them gets no side channel past the stream
+// limits and flow control. quic-go's server always advertises extended CONNECT (RFC 9220,
+// the WebTransport upgrade); such a request reaches the ordinary handler chain and a
+// procedure refuses it (Connect serves POST and GET only), so it opens no tunnel.
+func TestHTTP3NoDatagramsExtendedConnectRefused(t *testing.T) {
+	e := transports[1].start(t)
+	cfg := transport.ClientConfig(identity(t, e.ca, e.dir, clientID), transport.WithAuthorizer(transport.AuthorizeID(spiffeid.RequireFromString(serverID))))
+	cfg.NextProtos = []string{http3.NextProtoH3}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second) // a hang guard
+	defer cancel()
+	conn, err := quic.DialAddr(ctx, e.udpAddr(t).String(), cfg, &quic.Config{EnableDatagrams: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.CloseWithError(0, "")
+	if conn.ConnectionState().SupportsDatagrams.Remote {
+		t.Fatal("the server accepts QUIC datagrams")
+	}
+	if err := conn.SendDatagram([]byte("x")); err == nil {
+		t.Fatal("a datagram was sent")
+	}
+	cc := (&http3.Transport{EnableDatagrams: true}).NewClientConn(conn)
+	select {
+	case <-cc.ReceivedSettings():
+	case <-ctx.Done():
+		t.Fatal("no SETTINGS from the server")
+	}
+	if s := cc.Settings(); s.EnableDatagrams {
+		t.Fatalf("server SETTINGS %+v", s)
+	}
+	for _, proto := range []string{"webtransport", "connect-udp", "websocket"} {
+		req, err := http.NewRequestWithContext(ctx, http.MethodConnect, e.url+echov1connect.EchoServiceEchoProcedure, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Proto = proto
+		res, err := cc.RoundTrip(req)
+		if err != nil {
+			t.Logf("extended CONNECT (%s): %v", proto, err)
+			continue // refused at the stream: as good
+		}
+		_ = res.Body.Close()
+		t.Logf("extended CONNECT (%s): %s", proto, res.Status)
+		if res.StatusCode < 400 {
+			t.Fatalf("extended CONNECT (%s) to a procedure: %s", proto, res.Status)
 		}
 	}
 }
