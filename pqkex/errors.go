@@ -246,7 +246,9 @@ func callRefusal(token string) *reasonError {
 // kind of clear refusal a client acts on (spec 9).
 func sessionRefusal(token string) bool {
 	switch reason(token) {
-	case reasonUnknownTicket, reasonTicketExpired, reasonUnknownSess:
+	case reasonUnknownTicket, reasonTicketExpired, reasonUnknownSess, reasonSuitePolicy:
+		// suite_policy: a replica whose RequireSuites does not allow the session's suite
+		// (spec 3.1); a new handshake meets that policy, or fails it.
 		return true
 	}
 	return false

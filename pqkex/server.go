@@ -236,7 +236,9 @@ func (s *Server) serveCall(w http.ResponseWriter, r *http.Request, next http.Han
 	procedure := r.URL.Path
 	ticketHeader, sessionHeader := headerValue(r.Header, headerTicket), headerValue(r.Header, headerSession)
 	if ticketHeader == "" && sessionHeader == "" {
-		if s.cfg.mode(procedure) == Permissive {
+		// A suite policy covers plaintext too: no call outside the required suites, sealed
+		// or not (spec 3.1), whatever the procedure's mode.
+		if s.cfg.mode(procedure) == Permissive && !s.cfg.suitesSet {
 			s.sc.plain.Inc()
 			next.ServeHTTP(w, r)
 			return
@@ -276,6 +278,12 @@ func (s *Server) openCall(w http.ResponseWriter, r *http.Request, ticketHeader, 
 	}
 	if err != nil {
 		return nil, nil, err
+	}
+	// The policy covers sessions as it covers hellos: a ticket of another suite, from a
+	// replica of that suite sharing the ticket keys or from before the policy, is refused
+	// (spec 3.1).
+	if !s.cfg.allowsSuite(st.suite) {
+		return nil, nil, s.cfg.errSuitePolicy(st.suite, "session's")
 	}
 	if r.Method != http.MethodPost || r.Body == nil {
 		return nil, nil, errMethod

@@ -226,8 +226,10 @@ func init() { reasonCodes[reasonSuitePolicy] = connect.CodePermissionDenied }
 // a server refuses a ClientHello of any other suite with reason suite_policy (counted in
 // veil_pqkex_rejections_total), and a client refuses, with the same reason and without
 // sending a hello, a server credential or its own identity of another suite. With the ShangMi
-// suite alone it is the compliance mode of docs/compliance.md. Without it, every suite is
-// allowed (each side still speaks only the suite of its identity).
+// suite alone it is the compliance mode of docs/compliance.md. A server with a policy also
+// refuses plaintext calls (no_session) to procedures whose mode is [Permissive], and sealed
+// calls whose ticket is of another suite. Without it, every suite is allowed (each side
+// still speaks only the suite of its identity).
 func RequireSuites(suites ...Scheme) Option {
 	ids := make([]uint16, 0, len(suites))
 	for _, s := range suites {

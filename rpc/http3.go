@@ -45,6 +45,9 @@ const (
 	// http3RetryAfter is how long an auto-mode client stays on HTTP/2 after a failed
 	// QUIC handshake before it tries HTTP/3 again.
 	http3RetryAfter = 5 * time.Minute
+	// A client keeps address-validation tokens for this many servers, this many each.
+	http3TokenOrigins    = 256
+	http3TokensPerOrigin = 4
 )
 
 // http3Mode says how a client uses HTTP/3.
@@ -183,7 +186,10 @@ func (s *Server) startHTTP3(tcpAddr net.Addr, tlsCfg *tls.Config, h http.Handler
 	tr := &quic.Transport{
 		Conn: udp,
 		// Retry once new handshakes come faster than the limiter allows: the address
-		// passed here is unvalidated, so the limiter is global, not per address.
+		// passed here is unvalidated, so the limiter is global, not per address (a
+		// flood makes every new client pay one round trip). A client presenting a
+		// token from an earlier connection (NEW_TOKEN) is not asked: quic-go calls
+		// this only for Initials without a valid token.
 		VerifySourceAddress: func(net.Addr) bool {
 			if limiter.Allow() {
 				return false
@@ -258,9 +264,14 @@ func newHTTP3Transport(tlsCfg *tls.Config, handshake, keepalive time.Duration) (
 	tc.NextProtos = []string{http3.NextProtoH3}
 	// QUIC sessions are resumed from their own cache, never from a TCP session's ticket.
 	tc.ClientSessionCache = tls.NewLRUClientSessionCache(256)
+	qc := http3QUICConfig(handshake, keepalive)
+	// The address-validation tokens servers send (NEW_TOKEN, RFC 9000 8.1.3) are kept and
+	// presented on reconnection: a server whose Retry budget a flood has spent (it is
+	// global, see startHTTP3) then sends no Retry to a client it has seen before.
+	qc.TokenStore = quic.NewLRUTokenStore(http3TokenOrigins, http3TokensPerOrigin)
 	return &http3.Transport{
 		TLSClientConfig: tc,
-		QUICConfig:      http3QUICConfig(handshake, keepalive),
+		QUICConfig:      qc,
 		Dial: func(ctx context.Context, addr string, tlsCfg *tls.Config, cfg *quic.Config) (*quic.Conn, error) {
 			ua, err := net.ResolveUDPAddr("udp", addr)
 			if err != nil {
