@@ -471,7 +471,8 @@ func (s *Service) storeRecord(ctx context.Context, studyID, name string, rec *an
 	return added, nil
 }
 
-// GetCommittee returns the joins and, to a member, the Shamir shares sealed to it.
+// GetCommittee returns the joins, once every member has joined, and, to a member, the
+// Shamir shares sealed to it.
 func (s *Service) GetCommittee(ctx context.Context, req *connect.Request[analyticsv1.GetCommitteeRequest]) (*connect.Response[analyticsv1.GetCommitteeResponse], error) {
 	st, who, err := s.authorize(ctx, req.Msg.GetStudyId(), "read the committee of", (*study).isAnalystOwnerOrMember)
 	if err != nil {
@@ -488,8 +489,12 @@ func (s *Service) GetCommittee(ctx context.Context, req *connect.Request[analyti
 	cs := st.com
 	res := &analyticsv1.GetCommitteeResponse{}
 	me, n := cs.index(who), len(cs.members)
+	// No join is served before every member has joined: a member that read the others'
+	// public-key shares before fixing its own could send its own minus theirs, and the
+	// collective key would be its own (a rogue key, he.TestCommitteeRogueKeyShare).
+	complete := len(cs.joins) == n
 	for i := 1; i <= n; i++ {
-		if j := cs.joins[i]; j != nil {
+		if j := cs.joins[i]; j != nil && complete {
 			res.Joins = append(res.Joins, j)
 		}
 		if me > 0 && i != me {
