@@ -10,3 +10,11 @@ var SignStudyForTest = signStudy
 func (m *Member) Redirect(hc connect.HTTPClient, baseURL string) {
 	m.svc = newServiceClient(hc, baseURL, nil)
 }
+
+// SmudgingQueries returns the decryptions of its key share the member has released
+// in study, which its smudging is sized for.
+func (m *Member) SmudgingQueries(study string) int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.studies[study].queries
+}
