@@ -5,8 +5,11 @@ import (
 	"testing"
 
 	"connectrpc.com/connect"
+	"google.golang.org/protobuf/proto"
 
 	analyticsv1 "github.com/veilrpc/veil/gen/veil/analytics/v1"
+	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
+	"github.com/veilrpc/veil/he"
 	"github.com/veilrpc/veil/services/analytics"
 )
 
@@ -104,5 +107,83 @@ func TestCommitteeSmudgingCountsEveryRelease(t *testing.T) {
 		}
 		worst := checkWithin(t, res, all, 2, committeeErrorBound)
 		t.Logf("round %d: max |error| %.3g", round, worst)
+	}
+}
+
+// A crafted stored record of a committee study (out-of-range indices, missing or
+// mis-shaped vectors, garbage shares) never panics a restarting service: each is
+// quarantined or ignored, and the study still answers and releases.
+func TestCommitteeCraftedStoredRecords(t *testing.T) {
+	dir := t.TempDir()
+	e, key := setup(t, dir)
+	ctx := context.Background()
+	a := e.analyst(t, analyst, key)
+	const id = "crafted-records"
+	spec := analytics.StudySpec{ID: id, OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 1,
+		Ranges: []analytics.Range{{Min: 0, Max: 10}}, HistogramEdges: []float64{0, 5, 10}, Privacy: &analytics.Privacy{Epsilon: 4, EpsilonPerRelease: 1}}
+	if err := a.CreateCommitteeStudy(ctx, spec, analytics.CommitteeSpec{Members: members, Threshold: 2}); err != nil {
+		t.Fatal(err)
+	}
+	ms := make([]*analytics.Member, len(members))
+	for i, mid := range members {
+		ms[i] = e.member(t, mid)
+		if _, err := ms[i].Join(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setupAll(t, ms, id)
+	for i, oid := range owners[:2] {
+		if _, err := e.owner(t, oid).Submit(ctx, id, "b", [][]float64{{float64(1 + i)}, {float64(6 + i)}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := a.Close(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	e.srv.Stop()
+	store, err := analytics.NewDirStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	agg := &hev1.EncryptedVector{ParamId: string(he.ParamsN13().ID()), Length: 7, Ciphertexts: []*hev1.Ciphertext{{ParamId: string(he.ParamsN13().ID()), Level: 3, Scale: 1, C0: []byte{1, 2, 3}}}}
+	crafted := map[string]*analyticsv1.StoredSubmission{
+		analytics.JoinNameForTest(id, 0):      {Join: &analyticsv1.CommitteeJoin{Member: 0, PublicKeyShare: []byte{1}}},
+		analytics.JoinNameForTest(id, 99):     {Join: &analyticsv1.CommitteeJoin{Member: 99}},
+		analytics.ShamirNameForTest(id, 0, 0): {Shamir: &analyticsv1.SealedShamirShare{}},
+		analytics.ShamirNameForTest(id, 7, 1): {Shamir: &analyticsv1.SealedShamirShare{From: 7, To: 1, Enc: []byte{1}}},
+		// Round 1's noise: no vectors, then a mis-shaped one (the first stored stands).
+		analytics.RoundNoiseNameForTest(id, 1):                   {RoundNoise: &analyticsv1.StoredRoundNoise{Round: 1}},
+		analytics.RoundNoiseNameForTest(id, 2):                   {RoundNoise: &analyticsv1.StoredRoundNoise{Round: 2, Sum: agg, SumProducts: agg, Histogram: agg}},
+		analytics.ReleaseShareNameForTest(id, 1, 0, nil):         {ReleaseShare: &analyticsv1.StoredReleaseShare{Member: 0, Request: &analyticsv1.SubmitReleaseShareRequest{Round: 1}}},
+		analytics.ReleaseShareNameForTest(id, 1, 9, []int{9, 1}): {ReleaseShare: &analyticsv1.StoredReleaseShare{Member: 9, Request: &analyticsv1.SubmitReleaseShareRequest{Round: 1, Active: []uint32{9, 1}}}},
+		analytics.ReleaseShareNameForTest(id, 1, 1, []int{1, 2}): {ReleaseShare: &analyticsv1.StoredReleaseShare{Member: 1, Request: &analyticsv1.SubmitReleaseShareRequest{Round: 1, Active: []uint32{1, 2}, Sum: []byte{0xff}}}},
+	}
+	for name, rec := range crafted {
+		b, err := proto.Marshal(rec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := store.AddSubmission(ctx, id, name, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.srv = serve(t, e.pki, dir)
+	for i, m := range ms {
+		m.Redirect(e.pki.Client(t, members[i], e.srv), e.srv.URL)
+	}
+	a = e.analyst(t, analyst, key)
+	// The crafted round-1 noise carries no vectors: it was quarantined, so the round
+	// has none and is refused; nothing panicked, and the committee is intact.
+	res, err := e.raw(t, owners[0]).GetCommittee(ctx, connect.NewRequest(&analyticsv1.GetCommitteeRequest{StudyId: id}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Msg.GetJoins()) != len(members) {
+		t.Fatalf("after the crafted records: %d joins", len(res.Msg.GetJoins()))
+	}
+	_, err = ms[0].Release(ctx, id, []int{1, 2})
+	t.Logf("release over a quarantined round noise: %v", err)
+	if err == nil {
+		t.Fatal("a round whose stored noise was quarantined released (its noise would be redrawn)")
 	}
 }

@@ -18,3 +18,11 @@ func (m *Member) SmudgingQueries(study string) int {
 	defer m.mu.Unlock()
 	return m.studies[study].queries
 }
+
+// Record names of a committee study's stored records, for tests that craft them.
+var (
+	JoinNameForTest         = joinName
+	ShamirNameForTest       = shamirName
+	ReleaseShareNameForTest = releaseShareName
+	RoundNoiseNameForTest   = roundNoiseName
+)
