@@ -159,6 +159,77 @@ func shamirInfo(statement [32]byte, from, to int) []byte {
 	return binary.BigEndian.AppendUint32(b, uint32(to))
 }
 
+// shamirSignedStatement is what member from signs, inside the sealed payload, for
+// its Shamir share to member to: a domain label, then length-prefixed: the study
+// statement's hash, from, to and SHA-256 of the share. HPKE's base mode hides the
+// share from all but its recipient, but anyone with the recipient's public key can
+// seal one; the signature shows the recipient who made it.
+func shamirSignedStatement(statement [32]byte, from, to int, share []byte) []byte {
+	b := []byte("veil-analytics-committee-shamir-sig-v1\x00")
+	b = appendField(b, statement[:])
+	b = appendUint(b, uint64(from))
+	b = appendUint(b, uint64(to))
+	h := sha256.Sum256(share)
+	return appendField(b, h[:])
+}
+
+// maxShamirChain bounds the certificates a sealed Shamir payload may carry.
+const maxShamirChain = 8
+
+// shamirPayload is the plaintext a Shamir share is sealed as: length-prefixed (8-byte
+// big-endian lengths) the share and the sender's signature, then the number of
+// certificates and each certificate (DER, leaf first).
+func shamirPayload(share, sig []byte, chain [][]byte) []byte {
+	b := appendField(nil, share)
+	b = appendField(b, sig)
+	b = appendUint(b, uint64(len(chain)))
+	for _, c := range chain {
+		b = appendField(b, c)
+	}
+	return b
+}
+
+// parseShamirPayload parses an opened Shamir payload (untrusted: the recipient
+// opened it, anyone may have sealed it).
+func parseShamirPayload(b []byte) (share, sig []byte, chain [][]byte, err error) {
+	next := func() ([]byte, bool) {
+		if len(b) < 8 {
+			return nil, false
+		}
+		n := binary.BigEndian.Uint64(b)
+		if n > uint64(len(b)-8) {
+			return nil, false
+		}
+		f := b[8 : 8+n]
+		b = b[8+n:]
+		return f, true
+	}
+	bad := fmt.Errorf("%w: malformed Shamir payload", ErrUntrustedStudy)
+	var ok bool
+	if share, ok = next(); !ok {
+		return nil, nil, nil, bad
+	}
+	if sig, ok = next(); !ok || len(b) < 8 {
+		return nil, nil, nil, bad
+	}
+	n := binary.BigEndian.Uint64(b)
+	b = b[8:]
+	if n < 1 || n > maxShamirChain {
+		return nil, nil, nil, bad
+	}
+	for range n {
+		c, ok := next()
+		if !ok {
+			return nil, nil, nil, bad
+		}
+		chain = append(chain, c)
+	}
+	if len(b) != 0 {
+		return nil, nil, nil, bad
+	}
+	return share, sig, chain, nil
+}
+
 func recordName(parts ...string) string {
 	h := sha256.Sum256([]byte(strings.Join(parts, "\x00")))
 	return hex.EncodeToString(h[:])

@@ -2,6 +2,9 @@ package analytics_test
 
 import (
 	"context"
+	"crypto/hpke"
+	"crypto/sha256"
+	"errors"
 	"testing"
 
 	"connectrpc.com/connect"
@@ -186,4 +189,123 @@ func TestCommitteeCraftedStoredRecords(t *testing.T) {
 	if err == nil {
 		t.Fatal("a round whose stored noise was quarantined released (its noise would be redrawn)")
 	}
+}
+
+// A member's signed join replayed into another study (by the member itself, which
+// the server lets call) is refused: the join statement binds the study's statement
+// and ID, so the signature does not verify there.
+func TestCommitteeJoinReplayedAcrossStudies(t *testing.T) {
+	e, key := setup(t, "")
+	ctx := context.Background()
+	a := e.analyst(t, analyst, key)
+	for _, id := range []string{"join-a", "join-b"} {
+		if err := a.CreateCommitteeStudy(ctx, analytics.StudySpec{ID: id, OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 1, Ranges: wide},
+			analytics.CommitteeSpec{Members: members[:2], Threshold: 2}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, mid := range members[:2] {
+		if _, err := e.member(t, mid).Join(ctx, "join-a"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := e.raw(t, members[0]).GetCommittee(ctx, connect.NewRequest(&analyticsv1.GetCommitteeRequest{StudyId: "join-a"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, j := range res.Msg.GetJoins() {
+		_, err := e.raw(t, members[i]).JoinCommittee(ctx, connect.NewRequest(&analyticsv1.JoinCommitteeRequest{StudyId: "join-b", Join: j}))
+		codeOf(t, err, connect.CodeInvalidArgument, "a join replayed from another study")
+	}
+	// Member 2's join sent by member 1 (its own index is another): refused too.
+	_, err = e.raw(t, members[0]).JoinCommittee(ctx, connect.NewRequest(&analyticsv1.JoinCommitteeRequest{StudyId: "join-a", Join: res.Msg.GetJoins()[1]}))
+	codeOf(t, err, connect.CodeInvalidArgument, "another member's join")
+}
+
+// Committee review, finding 3 (Shamir shares are not authenticated): HPKE base mode
+// hides a share from everyone but its recipient, but anyone holding the recipient's
+// HPKE public key (in its join, served to every party) can seal a share under the same
+// info. A server (or its store) that plants a share "from member 1" before member 1
+// posts its own made member 3 add it: member 3's key share was then wrong, and every
+// release it took part in garbage, with nothing to show who caused it. The sealed
+// payload now carries the sender's signature (its X.509-SVID) over the study, both
+// indices and the share, which the recipient checks against the member list.
+func TestCommitteeForgedShamirShare(t *testing.T) {
+	dir := t.TempDir()
+	e, key := setup(t, dir)
+	ctx := context.Background()
+	a := e.analyst(t, analyst, key)
+	const id = "forged-shamir"
+	if err := a.CreateCommitteeStudy(ctx, analytics.StudySpec{ID: id, OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 1, Ranges: wide},
+		analytics.CommitteeSpec{Members: members, Threshold: 2}); err != nil {
+		t.Fatal(err)
+	}
+	ms := make([]*analytics.Member, len(members))
+	for i, mid := range members {
+		ms[i] = e.member(t, mid)
+		if _, err := ms[i].Join(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := e.raw(t, owners[0]).GetCommittee(ctx, connect.NewRequest(&analyticsv1.GetCommitteeRequest{StudyId: id}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	study := res.Msg.GetStudy()
+	// The server's share "from member 1 to member 3": well formed, sealed to member 3.
+	statement := sha256.Sum256([]byte("the server's own committee"))
+	c, err := he.NewCommittee(he.ParamsN13(), statement[:], len(members), 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake, err := c.NewMember(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sh, err := fake.ShamirShareFor(3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain, err := sh.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pk, err := hpke.MLKEM768X25519().NewPublicKey(res.Msg.GetJoins()[2].GetHpkePublicKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	enc, sender, err := hpke.NewSender(pk, hpke.HKDFSHA256(), hpke.AES256GCM(), analytics.ShamirInfoForTest(study, 1, 3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ct, err := sender.Seal(nil, plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := proto.Marshal(&analyticsv1.StoredSubmission{Shamir: &analyticsv1.SealedShamirShare{From: 1, To: 3, Enc: enc, Ciphertext: ct}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := analytics.NewDirStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.AddSubmission(ctx, id, analytics.ShamirNameForTest(id, 1, 3), b); err != nil {
+		t.Fatal(err)
+	}
+	// Member 1's own share for member 3 then does not count (the first stored stands),
+	// and member 3 must refuse the planted one.
+	for pass := 0; pass < 3; pass++ {
+		for i, m := range ms {
+			err := m.Setup(ctx, id)
+			if i == 2 && errors.Is(err, analytics.ErrUntrustedStudy) {
+				t.Logf("member 3 refuses: %v", err)
+				return
+			}
+			if err != nil && !errors.Is(err, analytics.ErrSetupPending) {
+				t.Fatal(err)
+			}
+		}
+	}
+	t.Fatal("member 3 added a Shamir share member 1 never made")
 }

@@ -246,6 +246,10 @@ func (m *Member) Setup(ctx context.Context, studyID string) error {
 	statement := committeeContext(ms.study)
 	me := ms.m.Index()
 	if !ms.posted {
+		svid, err := m.id.GetX509SVID()
+		if err != nil {
+			return fmt.Errorf("analytics: member identity: %w", err)
+		}
 		req := &analyticsv1.PostShamirSharesRequest{StudyId: studyID}
 		for _, j := range joins {
 			to := int(j.GetMember())
@@ -260,10 +264,15 @@ func (m *Member) Setup(ctx context.Context, studyID string) error {
 			if err != nil {
 				return err
 			}
-			b, err := sh.MarshalBinary()
+			share, err := sh.MarshalBinary()
 			if err != nil {
 				return err
 			}
+			chain, sig, err := signStatement(shamirSignedStatement(statement, me, to, share), svid)
+			if err != nil {
+				return err
+			}
+			b := shamirPayload(share, sig, chain)
 			enc, sender, err := hpke.NewSender(pk, shamirKDF(), shamirAEAD(), shamirInfo(statement, me, to))
 			if err != nil {
 				return fmt.Errorf("analytics: HPKE: %w", err)
@@ -291,6 +300,9 @@ func (m *Member) Setup(ctx context.Context, studyID string) error {
 		if ms.got[from] || sh.GetTo() != uint32(me) {
 			continue
 		}
+		if from < 1 || from > n {
+			return fmt.Errorf("%w: a Shamir share from unknown member %d", ErrUntrustedStudy, from)
+		}
 		r, err := hpke.NewRecipient(sh.GetEnc(), ms.hpke, shamirKDF(), shamirAEAD(), shamirInfo(statement, from, me))
 		if err != nil {
 			return fmt.Errorf("%w: Shamir share from member %d: %v", ErrUntrustedStudy, from, err)
@@ -299,7 +311,20 @@ func (m *Member) Setup(ctx context.Context, studyID string) error {
 		if err != nil {
 			return fmt.Errorf("%w: Shamir share from member %d does not open", ErrUntrustedStudy, from)
 		}
-		s, err := ms.c.UnmarshalShamirShare(from, me, b)
+		share, sig, chain, err := parseShamirPayload(b)
+		if err != nil {
+			return fmt.Errorf("Shamir share from member %d: %w", from, err)
+		}
+		// Sealed by anyone with this member's HPKE key: it counts only if member from
+		// signed it.
+		signer, err := verifyStatement(chain, sig, shamirSignedStatement(statement, from, me, share), m.bundle)
+		if err != nil {
+			return fmt.Errorf("Shamir share from member %d: %w", from, err)
+		}
+		if signer.String() != ms.study.GetCommittee().GetMembers()[from-1] {
+			return fmt.Errorf("%w: the Shamir share from member %d is signed by %s", ErrUntrustedStudy, from, signer)
+		}
+		s, err := ms.c.UnmarshalShamirShare(from, me, share)
 		if err != nil {
 			return err
 		}

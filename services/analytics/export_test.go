@@ -1,6 +1,10 @@
 package analytics
 
-import "connectrpc.com/connect"
+import (
+	"connectrpc.com/connect"
+
+	analyticsv1 "github.com/veilrpc/veil/gen/veil/analytics/v1"
+)
 
 // SignStudyForTest lets attack tests sign a study with an arbitrary SVID.
 var SignStudyForTest = signStudy
@@ -26,3 +30,9 @@ var (
 	ReleaseShareNameForTest = releaseShareName
 	RoundNoiseNameForTest   = roundNoiseName
 )
+
+// ShamirInfoForTest is the HPKE info a Shamir share from -> to of study is sealed
+// under.
+func ShamirInfoForTest(study *analyticsv1.Study, from, to int) []byte {
+	return shamirInfo(committeeContext(study), from, to)
+}
