@@ -37,6 +37,11 @@ func shamirKEM() hpke.KEM   { return hpke.MLKEM768X25519() }
 func shamirKDF() hpke.KDF   { return hpke.HKDFSHA256() }
 func shamirAEAD() hpke.AEAD { return hpke.AES256GCM() }
 
+// MaxActiveSetsPerMember bounds the active sets one member may send release shares
+// for in one round: enough to retry around offline members, and a bound on what one
+// member makes the server keep (each set's shares are ciphertext-sized).
+const MaxActiveSetsPerMember = 4
+
 // committeeState is a committee study's setup and release state. Guarded by the
 // study's mu (the collective key's fingerprint is also in study.keyFP).
 type committeeState struct {
@@ -407,6 +412,15 @@ func (st *study) addReleaseShareLocked(member int, req *analyticsv1.SubmitReleas
 	key := activeKey(active)
 	if got := cs.pending[key][member]; got != nil {
 		return len(cs.pending[key]), nil // the first share stands
+	}
+	sets := 0
+	for _, g := range cs.pending {
+		if g[member] != nil {
+			sets++
+		}
+	}
+	if sets >= MaxActiveSetsPerMember {
+		return 0, errorf(connect.CodeResourceExhausted, "member %d has sent release shares for %d active sets this round, the most one member may", member, sets)
 	}
 	dec := func(v *he.Vector, b []byte, what string) (*he.ReleaseShare, error) {
 		if v == nil {

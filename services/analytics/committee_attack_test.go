@@ -309,3 +309,65 @@ func TestCommitteeForgedShamirShare(t *testing.T) {
 	}
 	t.Fatal("member 3 added a Shamir share member 1 never made")
 }
+
+// Committee review, finding 4 (unbounded release shares): the server kept (in memory
+// and in its store) one release share per member per active set, and a member may
+// name any active set that holds it: C(n-1, t-1) of them per round, each three
+// vectors of ciphertext-sized shares, so one malicious member could fill the server's
+// memory and disk (C(63, 31) ~ 9e17 sets at n = 64). A member may now send shares for
+// at most 4 active sets a round (enough to retry
+// around offline members); more is resource_exhausted, and nothing is stored.
+func TestCommitteeReleaseSharesBounded(t *testing.T) {
+	e, key := setup(t, "")
+	ctx := context.Background()
+	a := e.analyst(t, analyst, key)
+	const id = "many-active-sets"
+	committee := []string{members[0], members[1], members[2], "spiffe://example.org/ns/bank/sa/delta", "spiffe://example.org/ns/bank/sa/epsilon", "spiffe://example.org/ns/bank/sa/zeta"}
+	if err := a.CreateCommitteeStudy(ctx, analytics.StudySpec{ID: id, OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 1, Ranges: wide},
+		analytics.CommitteeSpec{Members: committee, Threshold: 3}); err != nil {
+		t.Fatal(err)
+	}
+	ms := make([]*analytics.Member, len(committee))
+	for i, mid := range committee {
+		ms[i] = e.member(t, mid)
+		if _, err := ms[i].Join(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setupAll(t, ms, id)
+	for i, oid := range owners[:2] {
+		if _, err := e.owner(t, oid).Submit(ctx, id, "b", records(uint64(90+i), 5, 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := a.Close(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	// Member 1 names every active set that holds it: C(5, 2) = 10 of them.
+	sent, refused := 0, 0
+	for j := 2; j <= 6; j++ {
+		for k := j + 1; k <= 6; k++ {
+			_, err := ms[0].Release(ctx, id, []int{1, j, k})
+			switch {
+			case err == nil:
+				sent++
+			case connect.CodeOf(err) == connect.CodeResourceExhausted:
+				refused++
+			default:
+				t.Fatalf("active set {1, %d, %d}: %v", j, k, err)
+			}
+		}
+	}
+	if sent > analytics.MaxActiveSetsPerMember || refused == 0 {
+		t.Fatalf("one member's release shares for %d active sets kept in one round (%d refused)", sent, refused)
+	}
+	// Two others complete one of member 1's sets: the round still releases.
+	for _, i := range []int{1, 2} {
+		if _, err := ms[i].Release(ctx, id, []int{1, 2, 3}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := a.Result(ctx, id); err != nil {
+		t.Fatalf("a result after member 1's excess shares: %v", err)
+	}
+}
