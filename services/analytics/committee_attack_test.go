@@ -5,6 +5,7 @@ import (
 	"crypto/hpke"
 	"crypto/sha256"
 	"errors"
+	"strings"
 	"testing"
 
 	"connectrpc.com/connect"
@@ -369,5 +370,54 @@ func TestCommitteeReleaseSharesBounded(t *testing.T) {
 	}
 	if _, err := a.Result(ctx, id); err != nil {
 		t.Fatalf("a result after member 1's excess shares: %v", err)
+	}
+}
+
+// The server relabels a sealed Shamir share (member 1's share for member 2 served as
+// member 3's, before member 3 posts): the HPKE info binds both indices, so it does not
+// open, and member 2 refuses it rather than adding member 1's polynomial twice.
+func TestCommitteeRelabeledShamirShare(t *testing.T) {
+	dir := t.TempDir()
+	e, key := setup(t, dir)
+	ctx := context.Background()
+	a := e.analyst(t, analyst, key)
+	const id = "relabeled-shamir"
+	if err := a.CreateCommitteeStudy(ctx, analytics.StudySpec{ID: id, OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 1, Ranges: wide},
+		analytics.CommitteeSpec{Members: members, Threshold: 2}); err != nil {
+		t.Fatal(err)
+	}
+	ms := make([]*analytics.Member, len(members))
+	for i, mid := range members {
+		ms[i] = e.member(t, mid)
+		if _, err := ms[i].Join(ctx, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := ms[0].Setup(ctx, id); !errors.Is(err, analytics.ErrSetupPending) {
+		t.Fatalf("member 1's first setup step: %v", err)
+	}
+	res, err := e.raw(t, members[1]).GetCommittee(ctx, connect.NewRequest(&analyticsv1.GetCommitteeRequest{StudyId: id}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Msg.GetSharesForCaller()) != 1 {
+		t.Fatalf("member 2 has %d shares, want member 1's", len(res.Msg.GetSharesForCaller()))
+	}
+	relabeled := proto.CloneOf(res.Msg.GetSharesForCaller()[0])
+	relabeled.From = 3
+	b, err := proto.Marshal(&analyticsv1.StoredSubmission{Shamir: relabeled})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := analytics.NewDirStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.AddSubmission(ctx, id, analytics.ShamirNameForTest(id, 3, 2), b); err != nil {
+		t.Fatal(err)
+	}
+	// Refused by HPKE itself (the info names members 3 and 2), before any signature.
+	if err := ms[1].Setup(ctx, id); !errors.Is(err, analytics.ErrUntrustedStudy) || !strings.Contains(err.Error(), "does not open") {
+		t.Fatalf("member 2 took member 1's share relabeled as member 3's: %v", err)
 	}
 }
