@@ -190,6 +190,9 @@ func TestCommitteeCraftedStoredRecords(t *testing.T) {
 	if err == nil {
 		t.Fatal("a round whose stored noise was quarantined released (its noise would be redrawn)")
 	}
+	if _, err := a.Result(ctx, id); err == nil {
+		t.Fatal("a result without release shares")
+	}
 }
 
 // A member's signed join replayed into another study (by the member itself, which

@@ -313,13 +313,13 @@ func (m *Member) Setup(ctx context.Context, studyID string) error {
 		}
 		share, sig, chain, err := parseShamirPayload(b)
 		if err != nil {
-			return fmt.Errorf("Shamir share from member %d: %w", from, err)
+			return fmt.Errorf("analytics: Shamir share from member %d: %w", from, err)
 		}
 		// Sealed by anyone with this member's HPKE key: it counts only if member from
 		// signed it.
 		signer, err := verifyStatement(chain, sig, shamirSignedStatement(statement, from, me, share), m.bundle)
 		if err != nil {
-			return fmt.Errorf("Shamir share from member %d: %w", from, err)
+			return fmt.Errorf("analytics: Shamir share from member %d: %w", from, err)
 		}
 		if signer.String() != ms.study.GetCommittee().GetMembers()[from-1] {
 			return fmt.Errorf("%w: the Shamir share from member %d is signed by %s", ErrUntrustedStudy, from, signer)
