@@ -119,6 +119,9 @@ func (s *Service) newCommitteeState(m *analyticsv1.Study, creating bool) (*commi
 		if id.String() == m.GetAnalyst() {
 			return nil, errorf(connect.CodeInvalidArgument, "the reader %s cannot be a committee member", id)
 		}
+		if creating && slices.Contains(cs.members, id) { // its second index could never join
+			return nil, errorf(connect.CodeInvalidArgument, "committee member %s named twice", id)
+		}
 		cs.members = append(cs.members, id)
 	}
 	if cs.c, err = he.NewCommittee(params, cs.statement[:], n, t); err != nil {

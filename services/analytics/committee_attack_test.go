@@ -424,3 +424,14 @@ func TestCommitteeRelabeledShamirShare(t *testing.T) {
 		t.Fatalf("member 2 took member 1's share relabeled as member 3's: %v", err)
 	}
 }
+
+// A committee naming one member twice is refused at creation: the member would hold
+// the first index only (its second could never join, and the study never start).
+func TestCommitteeMemberNamedTwice(t *testing.T) {
+	e, key := setup(t, "")
+	ctx := context.Background()
+	a := e.analyst(t, analyst, key)
+	err := a.CreateCommitteeStudy(ctx, analytics.StudySpec{ID: "twice", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 1, Ranges: wide},
+		analytics.CommitteeSpec{Members: []string{members[0], members[1], members[0]}, Threshold: 2})
+	codeOf(t, err, connect.CodeInvalidArgument, "a member named twice")
+}
