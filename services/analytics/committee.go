@@ -575,7 +575,7 @@ func (s *Service) GetCommittee(ctx context.Context, req *connect.Request[analyti
 		return nil, err
 	}
 	cs := st.com
-	res := &analyticsv1.GetCommitteeResponse{}
+	res := &analyticsv1.GetCommitteeResponse{Joined: uint32(len(cs.joins))}
 	me, n := cs.index(who), len(cs.members)
 	// No join is served before every member has joined: a member that read the others'
 	// public-key shares before fixing its own could send its own minus theirs, and the

@@ -37,24 +37,24 @@ func TestCommitteeJoinsHiddenUntilComplete(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	joins := func(who string) []*analyticsv1.CommitteeJoin {
+	joins := func(who string) ([]*analyticsv1.CommitteeJoin, uint32) {
 		t.Helper()
 		res, err := e.raw(t, who).GetCommittee(ctx, connect.NewRequest(&analyticsv1.GetCommitteeRequest{StudyId: id}))
 		if err != nil {
 			t.Fatal(err)
 		}
-		return res.Msg.GetJoins()
+		return res.Msg.GetJoins(), res.Msg.GetJoined()
 	}
-	// The last member, before it joins, and everyone else.
+	// The last member, before it joins, and everyone else: the count, no join.
 	for _, who := range []string{members[2], members[0], owners[0], analyst} {
-		if got := joins(who); len(got) != 0 {
-			t.Errorf("%s read %d joins before every member joined: the last to join could cancel them", who, len(got))
+		if got, n := joins(who); len(got) != 0 || n != 2 {
+			t.Errorf("%s read %d joins (count %d) before every member joined: the last to join could cancel them", who, len(got), n)
 		}
 	}
 	if _, err := e.member(t, members[2]).Join(ctx, id); err != nil {
 		t.Fatal(err)
 	}
-	if got := joins(owners[0]); len(got) != len(members) {
+	if got, _ := joins(owners[0]); len(got) != len(members) {
 		t.Errorf("after every join, an owner reads %d joins, want %d", len(got), len(members))
 	}
 }

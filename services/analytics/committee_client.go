@@ -233,7 +233,7 @@ func (m *Member) Setup(ctx context.Context, studyID string) error {
 	}
 	joins := res.Msg.GetJoins()
 	if len(joins) < n {
-		return fmt.Errorf("%w: %d of %d members joined", ErrSetupPending, len(joins), n)
+		return fmt.Errorf("%w: %d of %d members joined", ErrSetupPending, res.Msg.GetJoined(), n)
 	}
 	// The joins must verify before this member seals a secret to their HPKE keys: a
 	// server that substituted a member's key would otherwise read its share.
