@@ -367,3 +367,61 @@ func TestShamirShareEncoding(t *testing.T) {
 		t.Errorf("n-of-n committee: %v", err)
 	}
 }
+
+// A member that sees the others' public-key shares before it fixes its own (a rogue
+// key): it sends its own share minus theirs, and the collective key becomes its own
+// key, which it decrypts alone. The he layer cannot tell such a share from an honest
+// one (it is well formed and reduced): the protocol must fix every share before any is
+// revealed (services/analytics serves no join before every member has joined).
+func TestCommitteeRogueKeyShare(t *testing.T) {
+	c, err := NewCommittee(ParamsN13(), []byte("rogue"), 3, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var shares []*PublicKeyShare
+	members := make([]*Member, 3)
+	for i := range members {
+		if members[i], err = c.NewMember(i + 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, m := range members[:2] {
+		shares = append(shares, m.PublicKeyShare())
+	}
+	// Member 3, last to join, having read shares 1 and 2.
+	rq := c.params.p.RingQP()
+	own := members[2].PublicKeyShare()
+	rogue := c.ckg.AllocateShare()
+	rq.Sub(own.share.Value, shares[0].share.Value, rogue.Value)
+	rq.Sub(rogue.Value, shares[1].share.Value, rogue.Value)
+	b, err := rogue.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	decoded, err := c.UnmarshalPublicKeyShare(3, b)
+	if err != nil {
+		t.Fatalf("the rogue share is well formed, yet refused: %v", err)
+	}
+	pk, err := c.PublicKey(append(shares, decoded))
+	if err != nil {
+		t.Fatal(err)
+	}
+	enc, err := NewEncryptor(pk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []float64{3.25, -7.5, 42}
+	v, err := enc.Encrypt(want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Member 3 alone decrypts with its own secret.
+	alone := newClient(c.params, members[2].sk, pk.pk)
+	got, err := alone.Decrypt(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := maxErr(t, got, want); e > 1e-6 {
+		t.Fatalf("the rogue key did not decrypt (error %g): the attack no longer works", e)
+	}
+}

@@ -63,7 +63,8 @@ func TestCommitteeStudyContainers(t *testing.T) {
 			files: sealedFiles(dir, name, nil),
 		})
 	}
-	// joins returns the joins the server holds; a restarted container's port may
+	// joins returns how many joins the server holds (it serves none before all are
+	// in, only their count); a restarted container's port may
 	// accept before veil listens (its ready line is in the log from the first start),
 	// so unavailable is retried.
 	joins := func(url string) int {
@@ -71,7 +72,7 @@ func TestCommitteeStudyContainers(t *testing.T) {
 		for {
 			res, err := raw.GetCommittee(ctx, connect.NewRequest(&analyticsv1.GetCommitteeRequest{StudyId: study}))
 			if err == nil {
-				return len(res.Msg.GetJoins())
+				return int(res.Msg.GetJoined())
 			}
 			if connect.CodeOf(err) != connect.CodeUnavailable || ctx.Err() != nil {
 				t.Fatal(err)

@@ -37,6 +37,11 @@ func shamirKEM() hpke.KEM   { return hpke.MLKEM768X25519() }
 func shamirKDF() hpke.KDF   { return hpke.HKDFSHA256() }
 func shamirAEAD() hpke.AEAD { return hpke.AES256GCM() }
 
+// MaxActiveSetsPerMember bounds the active sets one member may send release shares
+// for in one round: enough to retry around offline members, and a bound on what one
+// member makes the server keep (each set's shares are ciphertext-sized).
+const MaxActiveSetsPerMember = 4
+
 // committeeState is a committee study's setup and release state. Guarded by the
 // study's mu (the collective key's fingerprint is also in study.keyFP).
 type committeeState struct {
@@ -114,6 +119,9 @@ func (s *Service) newCommitteeState(m *analyticsv1.Study, creating bool) (*commi
 		if id.String() == m.GetAnalyst() {
 			return nil, errorf(connect.CodeInvalidArgument, "the reader %s cannot be a committee member", id)
 		}
+		if creating && slices.Contains(cs.members, id) { // its second index could never join
+			return nil, errorf(connect.CodeInvalidArgument, "committee member %s named twice", id)
+		}
 		cs.members = append(cs.members, id)
 	}
 	if cs.c, err = he.NewCommittee(params, cs.statement[:], n, t); err != nil {
@@ -157,6 +165,77 @@ func shamirInfo(statement [32]byte, from, to int) []byte {
 	b = append(b, statement[:]...)
 	b = binary.BigEndian.AppendUint32(b, uint32(from))
 	return binary.BigEndian.AppendUint32(b, uint32(to))
+}
+
+// shamirSignedStatement is what member from signs, inside the sealed payload, for
+// its Shamir share to member to: a domain label, then length-prefixed: the study
+// statement's hash, from, to and SHA-256 of the share. HPKE's base mode hides the
+// share from all but its recipient, but anyone with the recipient's public key can
+// seal one; the signature shows the recipient who made it.
+func shamirSignedStatement(statement [32]byte, from, to int, share []byte) []byte {
+	b := []byte("veil-analytics-committee-shamir-sig-v1\x00")
+	b = appendField(b, statement[:])
+	b = appendUint(b, uint64(from))
+	b = appendUint(b, uint64(to))
+	h := sha256.Sum256(share)
+	return appendField(b, h[:])
+}
+
+// maxShamirChain bounds the certificates a sealed Shamir payload may carry.
+const maxShamirChain = 8
+
+// shamirPayload is the plaintext a Shamir share is sealed as: length-prefixed (8-byte
+// big-endian lengths) the share and the sender's signature, then the number of
+// certificates and each certificate (DER, leaf first).
+func shamirPayload(share, sig []byte, chain [][]byte) []byte {
+	b := appendField(nil, share)
+	b = appendField(b, sig)
+	b = appendUint(b, uint64(len(chain)))
+	for _, c := range chain {
+		b = appendField(b, c)
+	}
+	return b
+}
+
+// parseShamirPayload parses an opened Shamir payload (untrusted: the recipient
+// opened it, anyone may have sealed it).
+func parseShamirPayload(b []byte) (share, sig []byte, chain [][]byte, err error) {
+	next := func() ([]byte, bool) {
+		if len(b) < 8 {
+			return nil, false
+		}
+		n := binary.BigEndian.Uint64(b)
+		if n > uint64(len(b)-8) {
+			return nil, false
+		}
+		f := b[8 : 8+n]
+		b = b[8+n:]
+		return f, true
+	}
+	bad := fmt.Errorf("%w: malformed Shamir payload", ErrUntrustedStudy)
+	var ok bool
+	if share, ok = next(); !ok {
+		return nil, nil, nil, bad
+	}
+	if sig, ok = next(); !ok || len(b) < 8 {
+		return nil, nil, nil, bad
+	}
+	n := binary.BigEndian.Uint64(b)
+	b = b[8:]
+	if n < 1 || n > maxShamirChain {
+		return nil, nil, nil, bad
+	}
+	for range n {
+		c, ok := next()
+		if !ok {
+			return nil, nil, nil, bad
+		}
+		chain = append(chain, c)
+	}
+	if len(b) != 0 {
+		return nil, nil, nil, bad
+	}
+	return share, sig, chain, nil
 }
 
 func recordName(parts ...string) string {
@@ -337,6 +416,15 @@ func (st *study) addReleaseShareLocked(member int, req *analyticsv1.SubmitReleas
 	if got := cs.pending[key][member]; got != nil {
 		return len(cs.pending[key]), nil // the first share stands
 	}
+	sets := 0
+	for _, g := range cs.pending {
+		if g[member] != nil {
+			sets++
+		}
+	}
+	if sets >= MaxActiveSetsPerMember {
+		return 0, errorf(connect.CodeResourceExhausted, "member %d has sent release shares for %d active sets this round, the most one member may", member, sets)
+	}
 	dec := func(v *he.Vector, b []byte, what string) (*he.ReleaseShare, error) {
 		if v == nil {
 			if len(b) != 0 {
@@ -471,7 +559,8 @@ func (s *Service) storeRecord(ctx context.Context, studyID, name string, rec *an
 	return added, nil
 }
 
-// GetCommittee returns the joins and, to a member, the Shamir shares sealed to it.
+// GetCommittee returns the joins, once every member has joined, and, to a member, the
+// Shamir shares sealed to it.
 func (s *Service) GetCommittee(ctx context.Context, req *connect.Request[analyticsv1.GetCommitteeRequest]) (*connect.Response[analyticsv1.GetCommitteeResponse], error) {
 	st, who, err := s.authorize(ctx, req.Msg.GetStudyId(), "read the committee of", (*study).isAnalystOwnerOrMember)
 	if err != nil {
@@ -486,10 +575,14 @@ func (s *Service) GetCommittee(ctx context.Context, req *connect.Request[analyti
 		return nil, err
 	}
 	cs := st.com
-	res := &analyticsv1.GetCommitteeResponse{}
+	res := &analyticsv1.GetCommitteeResponse{Joined: uint32(len(cs.joins))}
 	me, n := cs.index(who), len(cs.members)
+	// No join is served before every member has joined: a member that read the others'
+	// public-key shares before fixing its own could send its own minus theirs, and the
+	// collective key would be its own (a rogue key, he.TestCommitteeRogueKeyShare).
+	complete := len(cs.joins) == n
 	for i := 1; i <= n; i++ {
-		if j := cs.joins[i]; j != nil {
+		if j := cs.joins[i]; j != nil && complete {
 			res.Joins = append(res.Joins, j)
 		}
 		if me > 0 && i != me {

@@ -16,12 +16,14 @@ import (
 
 	analyticsv1 "github.com/veilrpc/veil/gen/veil/analytics/v1"
 	"github.com/veilrpc/veil/gen/veil/analytics/v1/analyticsv1connect"
+	hev1 "github.com/veilrpc/veil/gen/veil/he/v1"
 	"github.com/veilrpc/veil/he"
 )
 
 // SmudgingSecurityBits is the statistical security, against the reader and the
-// server, of the smudging noise members add to their release shares (one release per
-// round): he.FloodingSigma of the aggregate's noise bound (docs/he.md).
+// server, of the smudging noise members add to their release shares:
+// he.FloodingSigma of the aggregate's noise bound, for as many decryptions as the
+// member has released ciphertexts in the study (docs/he.md).
 const SmudgingSecurityBits = 30
 
 // CommitteeSpec names a committee study's key holders.
@@ -122,6 +124,10 @@ type memberStudy struct {
 	// were added.
 	posted bool
 	got    map[int]bool
+	// queries counts the ciphertexts this member has released shares of (every round,
+	// every active set): each is one more decryption of its key share the reader (and
+	// the server with it) sees, and the smudging is sized for all of them.
+	queries int
 }
 
 // NewMember returns a member client with identity id, verifying studies signed by
@@ -227,7 +233,7 @@ func (m *Member) Setup(ctx context.Context, studyID string) error {
 	}
 	joins := res.Msg.GetJoins()
 	if len(joins) < n {
-		return fmt.Errorf("%w: %d of %d members joined", ErrSetupPending, len(joins), n)
+		return fmt.Errorf("%w: %d of %d members joined", ErrSetupPending, res.Msg.GetJoined(), n)
 	}
 	// The joins must verify before this member seals a secret to their HPKE keys: a
 	// server that substituted a member's key would otherwise read its share.
@@ -240,6 +246,10 @@ func (m *Member) Setup(ctx context.Context, studyID string) error {
 	statement := committeeContext(ms.study)
 	me := ms.m.Index()
 	if !ms.posted {
+		svid, err := m.id.GetX509SVID()
+		if err != nil {
+			return fmt.Errorf("analytics: member identity: %w", err)
+		}
 		req := &analyticsv1.PostShamirSharesRequest{StudyId: studyID}
 		for _, j := range joins {
 			to := int(j.GetMember())
@@ -254,10 +264,15 @@ func (m *Member) Setup(ctx context.Context, studyID string) error {
 			if err != nil {
 				return err
 			}
-			b, err := sh.MarshalBinary()
+			share, err := sh.MarshalBinary()
 			if err != nil {
 				return err
 			}
+			chain, sig, err := signStatement(shamirSignedStatement(statement, me, to, share), svid)
+			if err != nil {
+				return err
+			}
+			b := shamirPayload(share, sig, chain)
 			enc, sender, err := hpke.NewSender(pk, shamirKDF(), shamirAEAD(), shamirInfo(statement, me, to))
 			if err != nil {
 				return fmt.Errorf("analytics: HPKE: %w", err)
@@ -285,6 +300,9 @@ func (m *Member) Setup(ctx context.Context, studyID string) error {
 		if ms.got[from] || sh.GetTo() != uint32(me) {
 			continue
 		}
+		if from < 1 || from > n {
+			return fmt.Errorf("%w: a Shamir share from unknown member %d", ErrUntrustedStudy, from)
+		}
 		r, err := hpke.NewRecipient(sh.GetEnc(), ms.hpke, shamirKDF(), shamirAEAD(), shamirInfo(statement, from, me))
 		if err != nil {
 			return fmt.Errorf("%w: Shamir share from member %d: %v", ErrUntrustedStudy, from, err)
@@ -293,7 +311,20 @@ func (m *Member) Setup(ctx context.Context, studyID string) error {
 		if err != nil {
 			return fmt.Errorf("%w: Shamir share from member %d does not open", ErrUntrustedStudy, from)
 		}
-		s, err := ms.c.UnmarshalShamirShare(from, me, b)
+		share, sig, chain, err := parseShamirPayload(b)
+		if err != nil {
+			return fmt.Errorf("analytics: Shamir share from member %d: %w", from, err)
+		}
+		// Sealed by anyone with this member's HPKE key: it counts only if member from
+		// signed it.
+		signer, err := verifyStatement(chain, sig, shamirSignedStatement(statement, from, me, share), m.bundle)
+		if err != nil {
+			return fmt.Errorf("analytics: Shamir share from member %d: %w", from, err)
+		}
+		if signer.String() != ms.study.GetCommittee().GetMembers()[from-1] {
+			return fmt.Errorf("%w: the Shamir share from member %d is signed by %s", ErrUntrustedStudy, from, signer)
+		}
+		s, err := ms.c.UnmarshalShamirShare(from, me, share)
 		if err != nil {
 			return err
 		}
@@ -343,28 +374,45 @@ func (m *Member) Release(ctx context.Context, studyID string, active []int) (Rel
 	if err != nil {
 		return Released{}, err
 	}
-	sigma := he.FloodingSigma(he.SumNoiseBound(he.FreshNoiseBound(params), int(agg.Msg.GetSubmissions())), SmudgingSecurityBits, 1)
 	req := &analyticsv1.SubmitReleaseShareRequest{StudyId: studyID, Round: agg.Msg.GetRound(), ParamId: string(params.ID())}
 	for _, a := range active {
 		req.Active = append(req.Active, uint32(a))
 	}
-	for _, p := range []struct {
-		v   func() (*he.Vector, error)
+	type part struct {
+		v   *he.Vector
 		dst *[]byte
-		has bool
-	}{
-		{func() (*he.Vector, error) { return he.UnmarshalVector(params, agg.Msg.GetSum()) }, &req.Sum, true},
-		{func() (*he.Vector, error) { return he.UnmarshalVector(params, agg.Msg.GetSumProducts()) }, &req.SumProducts, true},
-		{func() (*he.Vector, error) { return he.UnmarshalVector(params, agg.Msg.GetHistogram()) }, &req.Histogram, agg.Msg.GetHistogram() != nil},
-	} {
-		if !p.has {
+	}
+	var parts []part
+	cts := 0
+	for _, p := range []struct {
+		m   *hev1.EncryptedVector
+		dst *[]byte
+	}{{agg.Msg.GetSum(), &req.Sum}, {agg.Msg.GetSumProducts(), &req.SumProducts}, {agg.Msg.GetHistogram(), &req.Histogram}} {
+		if p.m == nil && p.dst == &req.Histogram {
 			continue
 		}
-		v, err := p.v()
+		v, err := he.UnmarshalVector(params, p.m)
 		if err != nil {
 			return Released{}, err
 		}
-		rs, err := ms.m.ReleaseShare(active, reader, v, sigma)
+		parts = append(parts, part{v, p.dst})
+		cts += v.Ciphertexts()
+	}
+	// Every ciphertext released is one more decryption of this member's key share:
+	// the smudging is sized for all this member has released in the study (Li,
+	// Micciancio, Schultz and Sorrell: queries decryptions), whatever round the
+	// server names, so that repeated rounds cannot average it away.
+	m.mu.Lock()
+	ms.queries += cts
+	queries := ms.queries
+	m.mu.Unlock()
+	fresh := int(agg.Msg.GetSubmissions())
+	if ms.study.GetPrivacy() != nil {
+		fresh++ // the round's noise, a fresh encryption under the collective key
+	}
+	sigma := he.FloodingSigma(he.SumNoiseBound(he.FreshNoiseBound(params), fresh), SmudgingSecurityBits, queries)
+	for _, p := range parts {
+		rs, err := ms.m.ReleaseShare(active, reader, p.v, sigma)
 		if err != nil {
 			return Released{}, err
 		}

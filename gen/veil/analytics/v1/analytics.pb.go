@@ -843,14 +843,17 @@ func (x *GetCommitteeRequest) GetStudyId() string {
 type GetCommitteeResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Study *Study                 `protobuf:"bytes,1,opt,name=study,proto3" json:"study,omitempty"`
-	// Joins so far, by member index.
+	// Every member's join, by member index, once all have joined; none before (a member
+	// that read the others' public-key shares before fixing its own could cancel them).
 	Joins []*CommitteeJoin `protobuf:"bytes,2,rep,name=joins,proto3" json:"joins,omitempty"`
 	// Shamir shares addressed to the caller (members only).
 	SharesForCaller []*SealedShamirShare `protobuf:"bytes,3,rep,name=shares_for_caller,json=sharesForCaller,proto3" json:"shares_for_caller,omitempty"`
 	// Senders whose Shamir shares are all stored.
 	SharesPostedBy []uint32 `protobuf:"varint,4,rep,packed,name=shares_posted_by,json=sharesPostedBy,proto3" json:"shares_posted_by,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Members that have joined so far.
+	Joined        uint32 `protobuf:"varint,5,opt,name=joined,proto3" json:"joined,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetCommitteeResponse) Reset() {
@@ -909,6 +912,13 @@ func (x *GetCommitteeResponse) GetSharesPostedBy() []uint32 {
 		return x.SharesPostedBy
 	}
 	return nil
+}
+
+func (x *GetCommitteeResponse) GetJoined() uint32 {
+	if x != nil {
+		return x.Joined
+	}
+	return 0
 }
 
 type PostShamirSharesRequest struct {
@@ -2280,12 +2290,13 @@ const file_veil_analytics_v1_analytics_proto_rawDesc = "" +
 	"\x06member\x18\x01 \x01(\rR\x06member\x12\x16\n" +
 	"\x06joined\x18\x02 \x01(\rR\x06joined\"R\n" +
 	"\x13GetCommitteeRequest\x12;\n" +
-	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\"\xfa\x01\n" +
+	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\"\x92\x02\n" +
 	"\x14GetCommitteeResponse\x12.\n" +
 	"\x05study\x18\x01 \x01(\v2\x18.veil.analytics.v1.StudyR\x05study\x126\n" +
 	"\x05joins\x18\x02 \x03(\v2 .veil.analytics.v1.CommitteeJoinR\x05joins\x12P\n" +
 	"\x11shares_for_caller\x18\x03 \x03(\v2$.veil.analytics.v1.SealedShamirShareR\x0fsharesForCaller\x12(\n" +
-	"\x10shares_posted_by\x18\x04 \x03(\rR\x0esharesPostedBy\"\x9e\x01\n" +
+	"\x10shares_posted_by\x18\x04 \x03(\rR\x0esharesPostedBy\x12\x16\n" +
+	"\x06joined\x18\x05 \x01(\rR\x06joined\"\x9e\x01\n" +
 	"\x17PostShamirSharesRequest\x12;\n" +
 	"\bstudy_id\x18\x01 \x01(\tB \xbaH\x1dr\x1b2\x19^[a-z0-9][a-z0-9-]{0,62}$R\astudyId\x12F\n" +
 	"\x06shares\x18\x02 \x03(\v2$.veil.analytics.v1.SealedShamirShareB\b\xbaH\x05\x92\x01\x02\x10@R\x06shares\"\x1a\n" +
