@@ -428,7 +428,10 @@ func TestAnalyticsCLI(t *testing.T) {
 	run("keys", "gen", "--out", keys)
 	run("analytics", "create", "--keys", keys, "--identity", filepath.Join(dir, "analyst"), "--addr", addr,
 		"--study", "heights", "--owner", "spiffe://example.org/ns/clinics/sa/*", "--dimension", "2", "--range", "0:10")
-	records := map[string]string{"ns_clinics_sa_a": "1.5,2\n2.5,4\n", "ns_clinics_sa_b": "3.5,6\n"}
+	// 100 copies of each record: the smudging noise members add to their release shares
+	// is of order 0.1-0.3 on a decrypted sum (docs/he.md), so the mean of 300 records is
+	// off by about 1e-3, far inside the check below; the mean of 3 would not be.
+	records := map[string]string{"ns_clinics_sa_a": strings.Repeat("1.5,2\n2.5,4\n", 100), "ns_clinics_sa_b": strings.Repeat("3.5,6\n", 100)}
 	for owner, csv := range records {
 		p := filepath.Join(dir, owner+".csv")
 		if err := os.WriteFile(p, []byte(csv), 0o600); err != nil {
@@ -518,7 +521,10 @@ func TestAnalyticsCommitteeCLI(t *testing.T) {
 	if j := <-third; j.code != 0 || !strings.Contains(j.out, `"setup": "done"`) {
 		t.Fatalf("third member: exit %d %s %s", j.code, j.out, j.err)
 	}
-	records := map[string]string{"ns_clinics_sa_a": "1.5,2\n2.5,4\n", "ns_clinics_sa_b": "3.5,6\n"}
+	// 100 copies of each record: the smudging noise members add to their release shares
+	// is of order 0.1-0.3 on a decrypted sum (docs/he.md), so the mean of 300 records is
+	// off by about 1e-3, far inside the check below; the mean of 3 would not be.
+	records := map[string]string{"ns_clinics_sa_a": strings.Repeat("1.5,2\n2.5,4\n", 100), "ns_clinics_sa_b": strings.Repeat("3.5,6\n", 100)}
 	for owner, csv := range records {
 		p := filepath.Join(dir, owner+".csv")
 		if err := os.WriteFile(p, []byte(csv), 0o600); err != nil {
@@ -551,8 +557,8 @@ func TestAnalyticsCommitteeCLI(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &res); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
-	// Records (1.5,2) (2.5,4) (3.5,6): means 2.5 and 4, within the smudging error.
-	if res.Count != 3 || len(res.Mean) != 2 || math.Abs(res.Mean[0]-2.5) > 0.1 || math.Abs(res.Mean[1]-4) > 0.1 {
+	// Records (1.5,2) (2.5,4) (3.5,6), 100 of each: means 2.5 and 4, within the smudging error.
+	if res.Count != 300 || len(res.Mean) != 2 || math.Abs(res.Mean[0]-2.5) > 0.1 || math.Abs(res.Mean[1]-4) > 0.1 {
 		t.Fatalf("result %s", out)
 	}
 }
