@@ -20,10 +20,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -252,7 +250,7 @@ func h3Suite(cfg *config) (*Report, error) {
 			for _, s := range systems {
 				runtime.GC()
 				c0 := childCPU(pid)
-				r, err := runUnaryTail(s.call, cfg.conc, cfg.dur)
+				r, err := runUnary(s.call, cfg.conc, cfg.dur)
 				if err != nil {
 					return nil, fmt.Errorf("%s %s: %w", s.sys.Name, l.name, err)
 				}
@@ -310,50 +308,6 @@ func h3Suite(cfg *config) (*Report, error) {
 		rep.ratio("quicgo_vs_connect_h2_p99_loss5", rep.system("quicgo_h3"), "p99_ms_loss5", rep.system("connect_h2"), "p99_ms_loss5")
 	}
 	return rep, nil
-}
-
-type tailResult struct {
-	callsPerS, p50, p99, p999, cpuPerCall, calls float64
-}
-
-// runUnaryTail is runUnary with p99.9 and the call count.
-func runUnaryTail(call func(context.Context) error, conc int, d time.Duration) (tailResult, error) {
-	lats := make([][]time.Duration, conc)
-	var (
-		wg       sync.WaitGroup
-		errOnce  sync.Once
-		firstErr error
-	)
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	defer cancel()
-	m := startMeter()
-	for i := range conc {
-		wg.Go(func() {
-			for ctx.Err() == nil {
-				t0 := time.Now()
-				if err := call(context.Background()); err != nil {
-					errOnce.Do(func() { firstErr = err; cancel() })
-					return
-				}
-				lats[i] = append(lats[i], time.Since(t0))
-			}
-		})
-	}
-	wg.Wait()
-	wall, cpu, _ := m.stop()
-	if firstErr != nil {
-		return tailResult{}, firstErr
-	}
-	all := slices.Concat(lats...)
-	if len(all) == 0 {
-		return tailResult{}, errors.New("no call completed")
-	}
-	slices.Sort(all)
-	n := float64(len(all))
-	return tailResult{
-		callsPerS: n / wall.Seconds(), p50: percentile(all, 50), p99: percentile(all, 99), p999: percentile(all, 99.9),
-		cpuPerCall: float64(cpu.Microseconds()) / n, calls: n,
-	}, nil
 }
 
 // h3ServerMain is the server process: it serves until its stdin closes.

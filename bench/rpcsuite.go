@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"runtime"
@@ -189,9 +190,9 @@ func connectCall(c echov1connect.EchoServiceClient, msg string) func(context.Con
 }
 
 type unaryResult struct {
-	callsPerS, p50, p99, cpuPerCall, allocsPerCall, coresUsed float64
-	calls                                                     float64
-	wall                                                      time.Duration
+	callsPerS, p50, p99, p999, cpuPerCall, allocsPerCall, coresUsed float64
+	calls                                                           float64
+	wall                                                            time.Duration
 }
 
 // runUnary keeps conc callers busy for d and measures throughput, latency, CPU and
@@ -227,12 +228,16 @@ func runUnary(call func(context.Context) error, conc int, d time.Duration) (unar
 		return unaryResult{}, firstErr
 	}
 	all := slices.Concat(lats...)
+	if len(all) == 0 {
+		return unaryResult{}, errors.New("no call completed")
+	}
 	slices.Sort(all)
 	n := float64(len(all))
 	return unaryResult{
 		callsPerS:     n / wall.Seconds(),
 		p50:           percentile(all, 50),
 		p99:           percentile(all, 99),
+		p999:          percentile(all, 99.9),
 		cpuPerCall:    float64(cpu.Microseconds()) / n,
 		allocsPerCall: float64(mallocs) / n,
 		coresUsed:     cpu.Seconds() / wall.Seconds(),
