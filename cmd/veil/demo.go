@@ -575,16 +575,24 @@ func (d *demo) scoringFlow(ctx context.Context, url string, model *scoring.Model
 	return nil
 }
 
-func (d *demo) analyticsFlow(ctx context.Context, url string) error {
+// analyst is the demo's analyst at url, with a fresh N13 key.
+func (d *demo) analyst(url string) (*analytics.Analyst, error) {
 	hc, opts, err := d.client("analyst", "analytics")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	key, err := he.NewClient(he.ParamsN13())
 	if err != nil {
+		return nil, err
+	}
+	return analytics.NewAnalyst(hc, url, key, d.srcs["analyst"], opts...), nil
+}
+
+func (d *demo) analyticsFlow(ctx context.Context, url string) error {
+	analyst, err := d.analyst(url)
+	if err != nil {
 		return err
 	}
-	analyst := analytics.NewAnalyst(hc, url, key, d.srcs["analyst"], opts...)
 	const dim = 3
 	// The synthetic features lie well inside [-1e4, 1e4]: clipping changes nothing.
 	spec := analytics.StudySpec{ID: "demo-vitals", OwnerPatterns: []string{"spiffe://" + demoTD + "/ns/clinics/sa/*"}, Dimension: dim,
@@ -645,15 +653,10 @@ func (d *demo) analyticsFlow(ctx context.Context, url string) error {
 // the key (t = 2); the clinics submit; the agency stays offline at release; the bank
 // alone gets nothing; the bank and the hospital release to the analyst.
 func (d *demo) committeeFlow(ctx context.Context, url string) error {
-	hc, opts, err := d.client("analyst", "analytics")
+	analyst, err := d.analyst(url)
 	if err != nil {
 		return err
 	}
-	key, err := he.NewClient(he.ParamsN13())
-	if err != nil {
-		return err
-	}
-	analyst := analytics.NewAnalyst(hc, url, key, d.srcs["analyst"], opts...)
 	const dim = 3
 	names := []string{"bank", "hospital", "agency"}
 	ids := make([]string, len(names))
