@@ -125,16 +125,7 @@ func TestCommitteeCraftedStoredRecords(t *testing.T) {
 	const id = "crafted-records"
 	spec := analytics.StudySpec{ID: id, OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 1,
 		Ranges: []analytics.Range{{Min: 0, Max: 10}}, HistogramEdges: []float64{0, 5, 10}, Privacy: &analytics.Privacy{Epsilon: 4, EpsilonPerRelease: 1}}
-	if err := a.CreateCommitteeStudy(ctx, spec, analytics.CommitteeSpec{Members: members, Threshold: 2}); err != nil {
-		t.Fatal(err)
-	}
-	ms := make([]*analytics.Member, len(members))
-	for i, mid := range members {
-		ms[i] = e.member(t, mid)
-		if _, err := ms[i].Join(ctx, id); err != nil {
-			t.Fatal(err)
-		}
-	}
+	ms := joinedCommittee(t, e, a, spec)
 	setupAll(t, ms, id)
 	for i, oid := range owners[:2] {
 		if _, err := e.owner(t, oid).Submit(ctx, id, "b", [][]float64{{float64(1 + i)}, {float64(6 + i)}}); err != nil {
@@ -240,17 +231,7 @@ func TestCommitteeForgedShamirShare(t *testing.T) {
 	ctx := context.Background()
 	a := e.analyst(t, analyst, key)
 	const id = "forged-shamir"
-	if err := a.CreateCommitteeStudy(ctx, analytics.StudySpec{ID: id, OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 1, Ranges: wide},
-		analytics.CommitteeSpec{Members: members, Threshold: 2}); err != nil {
-		t.Fatal(err)
-	}
-	ms := make([]*analytics.Member, len(members))
-	for i, mid := range members {
-		ms[i] = e.member(t, mid)
-		if _, err := ms[i].Join(ctx, id); err != nil {
-			t.Fatal(err)
-		}
-	}
+	ms := joinedCommittee(t, e, a, analytics.StudySpec{ID: id, OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 1, Ranges: wide})
 	res, err := e.raw(t, owners[0]).GetCommittee(ctx, connect.NewRequest(&analyticsv1.GetCommitteeRequest{StudyId: id}))
 	if err != nil {
 		t.Fatal(err)
@@ -385,17 +366,7 @@ func TestCommitteeRelabeledShamirShare(t *testing.T) {
 	ctx := context.Background()
 	a := e.analyst(t, analyst, key)
 	const id = "relabeled-shamir"
-	if err := a.CreateCommitteeStudy(ctx, analytics.StudySpec{ID: id, OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 1, Ranges: wide},
-		analytics.CommitteeSpec{Members: members, Threshold: 2}); err != nil {
-		t.Fatal(err)
-	}
-	ms := make([]*analytics.Member, len(members))
-	for i, mid := range members {
-		ms[i] = e.member(t, mid)
-		if _, err := ms[i].Join(ctx, id); err != nil {
-			t.Fatal(err)
-		}
-	}
+	ms := joinedCommittee(t, e, a, analytics.StudySpec{ID: id, OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 1, Ranges: wide})
 	if err := ms[0].Setup(ctx, id); !errors.Is(err, analytics.ErrSetupPending) {
 		t.Fatalf("member 1's first setup step: %v", err)
 	}
@@ -434,4 +405,22 @@ func TestCommitteeMemberNamedTwice(t *testing.T) {
 	err := a.CreateCommitteeStudy(ctx, analytics.StudySpec{ID: "twice", OwnerPatterns: []string{"spiffe://example.org/ns/hospital/sa/*"}, Dimension: 1, Ranges: wide},
 		analytics.CommitteeSpec{Members: []string{members[0], members[1], members[0]}, Threshold: 2})
 	codeOf(t, err, connect.CodeInvalidArgument, "a member named twice")
+}
+
+// joinedCommittee creates spec as a study of the whole committee (t = 2) and has every
+// member join it.
+func joinedCommittee(t *testing.T, e *env, a *analytics.Analyst, spec analytics.StudySpec) []*analytics.Member {
+	t.Helper()
+	ctx := context.Background()
+	if err := a.CreateCommitteeStudy(ctx, spec, analytics.CommitteeSpec{Members: members, Threshold: 2}); err != nil {
+		t.Fatal(err)
+	}
+	ms := make([]*analytics.Member, len(members))
+	for i, mid := range members {
+		ms[i] = e.member(t, mid)
+		if _, err := ms[i].Join(ctx, spec.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ms
 }
