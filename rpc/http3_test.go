@@ -60,6 +60,7 @@ func (tr transportCase) startWith(t *testing.T, dir string, ca *pki.CA, opts ...
 	e := startWith(t, dir, ca, append(append([]rpc.ServerOption{}, tr.server...), opts...)...)
 	e.copts = tr.client
 	if tr.name == "h3" {
+		e.waitQUIC(t)
 		// Every call of the test went over QUIC: the h3-only client cannot fall back.
 		t.Cleanup(func() {
 			if h2 := metricValue(t, e, "veil_rpc_requests_total", "transport", "h2"); h2 != 0 {
@@ -95,6 +96,7 @@ func (f roundTripFunc) RoundTrip(r *http.Request) (*http.Response, error) { retu
 
 func TestHTTP3NextToHTTP2(t *testing.T) {
 	e := start(t, rpc.WithHTTP3())
+	e.waitQUIC(t)
 	serverAuth := transport.AuthorizeID(spiffeid.RequireFromString(serverID))
 	src := identity(t, e.ca, e.dir, clientID)
 	for _, tc := range []struct {
@@ -215,6 +217,46 @@ func TestHTTP3AutoFallsBackWhenUDPIsBlocked(t *testing.T) {
 	if _, err := echov1connect.NewEchoServiceClient(h3only, e.url).Echo(ctx, connect.NewRequest(&echov1.EchoRequest{Message: "x"})); err == nil {
 		t.Fatal("HTTP/3-only call reached an HTTP/2-only server")
 	}
+}
+
+// waitQUIC waits until the server's QUIC listener, which Serve opens after the TCP one,
+// answers: it sends a padded long-header packet of a reserved version (RFC 9000 15:
+// 0x?a?a?a?a) until the server answers with a Version Negotiation packet. The probe
+// starts no handshake, so it spends no Retry budget and counts nothing. Raw datagrams
+// sent before the listener is up are refused (ICMP), which the hostile-input tests would
+// read as their own failure.
+func (e *env) waitQUIC(t *testing.T) {
+	t.Helper()
+	probe := make([]byte, 1200)
+	probe[0] = 0xc0
+	copy(probe[1:], []byte{0x1a, 0x2a, 0x3a, 0x4a, 8, 1, 2, 3, 4, 5, 6, 7, 8, 8, 8, 7, 6, 5, 4, 3, 2, 1})
+	deadline := time.Now().Add(time.Minute) // a hang guard, not a timing expectation
+	for {
+		if answered(e.udpAddr(t), probe) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the server's QUIC listener never answered")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// answered reports whether addr answers probe with a Version Negotiation packet (a long
+// header whose version is 0).
+func answered(addr *net.UDPAddr, probe []byte) bool {
+	c, err := net.DialUDP("udp", nil, addr)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	if _, err := c.Write(probe); err != nil {
+		return false
+	}
+	buf := make([]byte, 1500)
+	_ = c.SetReadDeadline(time.Now().Add(time.Second))
+	n, err := c.Read(buf)
+	return err == nil && n >= 5 && buf[0]&0x80 != 0 && buf[1]|buf[2]|buf[3]|buf[4] == 0
 }
 
 // udpAddr is the server's UDP address (the TCP port's number).
