@@ -318,7 +318,11 @@ func (s *RenewingSource) renew(ctx context.Context) error {
 		return err
 	}
 	st := s.cur.Load()
-	timeout := min(30*time.Second, max(st.svid.Certificates[0].NotAfter.Sub(s.cfg.now())/2, time.Second))
+	// An attempt may run until shortly before the certificate expires (an eighth of what
+	// is left stays for one last attempt): on an overloaded CA or host, giving up early
+	// throws away the answer that is on its way, and every retry would give up sooner.
+	left := st.svid.Certificates[0].NotAfter.Sub(s.cfg.now())
+	timeout := min(30*time.Second, max(left-left/8, time.Second))
 	rctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	issued, err := s.issuer.Renew(rctx, s, csr, s.cfg.ttl)
