@@ -3,6 +3,7 @@ package pqkex
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"encoding/base64"
 	"encoding/binary"
@@ -44,8 +45,8 @@ type clientSession struct {
 	aead      AEAD
 	secret    []byte
 	secretKey *hmacKey // secret, keyed for the per-call derivations
-	ticket    string   // base64url, ready for the header
-	sid       string   // base64url session ID, for the short form (spec 6.6)
+	ticket    []string // base64url, ready for the header (one value, shared by every call: never written)
+	sid       []string // base64url session ID, for the short form (spec 6.6); as ticket
 	held      atomic.Bool
 	expiry    time.Time
 	created   time.Time
@@ -157,12 +158,24 @@ func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 // newAttempt draws a request's attempt (spec 6.4): 16 random bytes and the clock in Unix
 // seconds, as lowercase hex.
 func (c *Client) newAttempt() (string, error) {
+	// One allocation, the string: crypto/rand.Read keeps nothing of its argument, so a and h
+	// stay on the stack (an io.Reader from WithRand, for tests, may keep what it reads into).
 	var a [attemptSize]byte
-	if err := readRandom(c.cfg.rand, a[:16]); err != nil {
-		return "", err
+	if c.cfg.rand == nil {
+		if _, err := rand.Read(a[:16]); err != nil {
+			return "", errInternal
+		}
+	} else {
+		r := make([]byte, 16)
+		if err := readRandom(c.cfg.rand, r); err != nil {
+			return "", err
+		}
+		copy(a[:], r)
 	}
 	binary.BigEndian.PutUint64(a[16:], uint64(c.cfg.now().Unix()))
-	return hex.EncodeToString(a[:]), nil
+	var h [2 * attemptSize]byte
+	hex.Encode(h[:], a[:])
+	return string(h[:]), nil
 }
 
 // sessionLost reports whether err is the server refusing the session's ticket, after
@@ -236,9 +249,9 @@ func (rt *roundTripper) seal(req *http.Request, sess *clientSession, callID uint
 	whole := req.ContentLength > 0 || req.ContentLength == 0 && nonNil(req.Body) == nil
 	short = whole && sess.held.Load()
 	if short {
-		out.Header[headerSession] = []string{sess.sid}
+		out.Header[headerSession] = sess.sid
 	} else {
-		out.Header[headerTicket] = []string{sess.ticket}
+		out.Header[headerTicket] = sess.ticket
 	}
 	out.ContentLength = -1
 	out.GetBody = nil
@@ -251,7 +264,7 @@ func (rt *roundTripper) seal(req *http.Request, sess *clientSession, callID uint
 			return nil, false, err
 		}
 		cc.sealed = sealed
-		out.Body = cc.sealedBody()
+		out.Body = cc.sealedBodyFirst()
 		out.ContentLength = int64(len(sealed))
 		out.GetBody = cc.getBody
 	} else {
@@ -281,7 +294,7 @@ func (rt *roundTripper) send(cc *clientCall, short bool) (*http.Response, error)
 	rt.c.m.reject(sideClient, errUnknownSession)
 	retry := out.Clone(out.Context())
 	delete(retry.Header, headerSession)
-	retry.Header[headerTicket] = []string{cc.sess.ticket}
+	retry.Header[headerTicket] = cc.sess.ticket
 	retry.Body = cc.sealedBody()
 	return rt.base.RoundTrip(retry)
 }
@@ -375,6 +388,7 @@ type clientCall struct {
 	o        opener
 	body     openReader
 	sealed   []byte      // a request sealed whole, for a resend
+	sent     sealedBody  // the first send's body of a request sealed whole
 	trailers http.Header // the response's, filled from its FINAL frame
 }
 
@@ -404,6 +418,18 @@ func (cc *clientCall) final(block []byte) error {
 
 func (cc *clientCall) sealedBody() io.ReadCloser { return io.NopCloser(bytes.NewReader(cc.sealed)) }
 
+// sealedBodyFirst is the body of the first send of a request sealed whole, in the call's
+// own allocation (resends and GetBody take a new one from sealedBody).
+func (cc *clientCall) sealedBodyFirst() io.ReadCloser {
+	cc.sent.Reset(cc.sealed)
+	return &cc.sent
+}
+
+// sealedBody is a request body sealed whole: closing it does nothing.
+type sealedBody struct{ bytes.Reader }
+
+func (*sealedBody) Close() error { return nil }
+
 func (cc *clientCall) getBody() (io.ReadCloser, error) { return cc.sealedBody(), nil }
 
 // sealWhole seals a request body of known length n in one piece (the call ID, the head
@@ -431,7 +457,8 @@ func sealWhole(s *sealer, callID uint64, head *fieldBlock, body io.ReadCloser, n
 		out = slices.Grow(out, 2*(frameHeaderSize+aeadTagSize)+int(n)+len(emptyFinalBlock))
 		start := len(out)
 		buf := out[:start+frameHeaderSize+int(n)]
-		if err := readExactly(body, buf[start+frameHeaderSize:]); err != nil {
+		// The probe for a longer body reads into the room the tag will take.
+		if err := readExactly(body, buf[start+frameHeaderSize:], out[len(buf):len(buf)+1]); err != nil {
 			return nil, err
 		}
 		s.sinceBytes += n
@@ -439,7 +466,7 @@ func sealWhole(s *sealer, callID uint64, head *fieldBlock, body io.ReadCloser, n
 		return s.finishWhole(out, err)
 	}
 	plain := make([]byte, n)
-	if err := readExactly(body, plain); err != nil {
+	if err := readExactly(body, plain, nil); err != nil {
 		return nil, err
 	}
 	out, err = s.appendData(out, plain)
@@ -454,13 +481,17 @@ func (s *sealer) finishWhole(out []byte, err error) ([]byte, error) {
 	return s.appendFrame(out, flagFinal, emptyFinalBlock)
 }
 
-// readExactly fills b from r and checks that r has nothing more.
-func readExactly(r io.Reader, b []byte) error {
+// readExactly fills b from r and checks that r has nothing more, reading into probe (one
+// byte of a buffer the caller holds anyway: a local array would escape through r.Read and
+// cost an allocation per call) or, when probe is nil, a byte of its own.
+func readExactly(r io.Reader, b, probe []byte) error {
 	if _, err := io.ReadFull(r, b); err != nil {
 		return err
 	}
-	var extra [1]byte
-	if m, _ := r.Read(extra[:]); m != 0 {
+	if probe == nil {
+		probe = make([]byte, 1)
+	}
+	if m, _ := r.Read(probe[:1]); m != 0 {
 		return errors.New("pqkex: request body longer than its ContentLength")
 	}
 	return nil
@@ -505,10 +536,13 @@ func (c *Client) dropSession(u *url.URL, s *clientSession) {
 // session returns a usable session with the server at u, running a handshake if needed.
 // A session whose server expect refuses is never used (expect may be nil).
 func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL, expect Authorizer) (*clientSession, error) {
-	key := authority(u)
 	now := c.cfg.now()
+	// The current session's key is spelled into a stack buffer for the lookup: a map index
+	// by string(bytes) allocates nothing, where authority's string would on every call.
+	var kb [128]byte
+	k := append(append(append(kb[:0], u.Scheme...), "://"...), u.Host...)
 	c.mu.Lock()
-	s := c.sessions[key]
+	s := c.sessions[string(k)]
 	c.mu.Unlock()
 	if c.usable(s, now) {
 		if expect != nil && expect(s.server.spiffeID) != nil {
@@ -516,6 +550,7 @@ func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL
 		}
 		return s, nil
 	}
+	key := authority(u)
 	l := c.lockFor(key)
 	l.Lock()
 	defer l.Unlock()
@@ -695,8 +730,8 @@ func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key stri
 	return &clientSession{
 		suite: hs.hello.suite, aead: hs.hello.aead, secret: res.secrets.session,
 		secretKey: callRoot(hs.hello.suite.Hash(), res.secrets.session, server.spiffeID, server.hash),
-		ticket:    base64.RawURLEncoding.EncodeToString(res.ticket),
-		sid:       base64.RawURLEncoding.EncodeToString(res.secrets.sessionID),
+		ticket:    []string{base64.RawURLEncoding.EncodeToString(res.ticket)},
+		sid:       []string{base64.RawURLEncoding.EncodeToString(res.secrets.sessionID)},
 		expiry:    expiry, created: now, server: server, self: self,
 		binding: cb, tlsEph: flags&flagTLSEphemeral != 0,
 	}, nil

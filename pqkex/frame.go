@@ -165,8 +165,9 @@ func (o *opener) preread(n int64) error {
 
 // readCallID reads the call ID that starts a request body (spec 6.2).
 func (o *opener) readCallID() (uint64, error) {
-	var id [callIDSize]byte
-	b, err := o.readFixed(id[:])
+	// Read into the frame header's buffer (longer than the call ID, and not yet in use), which
+	// lives in the call's allocation: a local array would escape through io.ReadFull.
+	b, err := o.readFixed(o.hdr[:callIDSize])
 	if err != nil {
 		return 0, err
 	}
