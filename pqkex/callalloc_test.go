@@ -38,7 +38,7 @@ func TestSealedCallStepAllocations(t *testing.T) {
 		// The attempt string itself, nothing else (crypto/rand keeps no reference to the
 		// stack buffer it fills).
 		{"newAttempt", 1, func() {
-			if _, err := c.newAttempt(); err != nil {
+			if _, err := c.newAttempt(time.Now()); err != nil {
 				t.Fatal(err)
 			}
 		}},

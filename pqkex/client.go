@@ -120,14 +120,17 @@ type roundTripper struct {
 func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	// One attempt for the request and its resend (spec 6.4): a server with a replay store
 	// runs it at most once, even if a proxy forges a session refusal after the handler ran.
-	attempt, err := rt.c.newAttempt()
+	// One clock reading serves the attempt and the session's checks (the clock can be slow
+	// to read on virtual machines).
+	now := rt.c.cfg.now()
+	attempt, err := rt.c.newAttempt(now)
 	if err != nil {
 		if req.Body != nil {
 			_ = req.Body.Close()
 		}
 		return nil, toConnect(err)
 	}
-	resp, err := rt.roundTrip(req, attempt)
+	resp, err := rt.roundTrip(req, attempt, now)
 	if err != nil && sessionLost(err) && req.GetBody != nil {
 		// The server could not open the session ticket (another replica's key, or
 		// expired) and refused the call before any handler saw it; the session is
@@ -137,7 +140,7 @@ func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 			rt.c.m.reject(sideClient, err)
 			retry := req.Clone(req.Context())
 			retry.Body = body
-			resp, err = rt.roundTrip(retry, attempt)
+			resp, err = rt.roundTrip(retry, attempt, rt.c.cfg.now())
 		}
 	}
 	if err != nil {
@@ -155,9 +158,9 @@ func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	return resp, nil
 }
 
-// newAttempt draws a request's attempt (spec 6.4): 16 random bytes and the clock in Unix
-// seconds, as lowercase hex.
-func (c *Client) newAttempt() (string, error) {
+// newAttempt draws a request's attempt (spec 6.4): 16 random bytes and the clock (now) in
+// Unix seconds, as lowercase hex.
+func (c *Client) newAttempt(now time.Time) (string, error) {
 	// One allocation, the string: crypto/rand.Read keeps nothing of its argument, so a and h
 	// stay on the stack (an io.Reader from WithRand, for tests, may keep what it reads into).
 	var a [attemptSize]byte
@@ -172,7 +175,7 @@ func (c *Client) newAttempt() (string, error) {
 		}
 		copy(a[:], r)
 	}
-	binary.BigEndian.PutUint64(a[16:], uint64(c.cfg.now().Unix()))
+	binary.BigEndian.PutUint64(a[16:], uint64(now.Unix()))
 	var h [2 * attemptSize]byte
 	hex.Encode(h[:], a[:])
 	return string(h[:]), nil
@@ -186,14 +189,14 @@ func sessionLost(err error) bool {
 }
 
 // roundTrip makes one sealed call: seal the request, send it, open the answer.
-func (rt *roundTripper) roundTrip(req *http.Request, attempt string) (*http.Response, error) {
+func (rt *roundTripper) roundTrip(req *http.Request, attempt string, now time.Time) (*http.Response, error) {
 	if req.Method != http.MethodPost {
 		return nil, errMethod
 	}
 	if compressed(req.Header) {
 		return nil, errCompressed
 	}
-	sess, callID, err := rt.reserve(req)
+	sess, callID, err := rt.reserve(req, now)
 	if err != nil {
 		return nil, err
 	}
@@ -210,9 +213,9 @@ func (rt *roundTripper) roundTrip(req *http.Request, attempt string) (*http.Resp
 }
 
 // reserve returns a usable session for req's server and a call ID in its window.
-func (rt *roundTripper) reserve(req *http.Request) (*clientSession, uint64, error) {
+func (rt *roundTripper) reserve(req *http.Request, now time.Time) (*clientSession, uint64, error) {
 	for {
-		s, err := rt.c.session(req.Context(), rt.base, req.URL, rt.expect)
+		s, err := rt.c.session(req.Context(), rt.base, req.URL, rt.expect, now)
 		if err != nil {
 			return nil, 0, err
 		}
@@ -535,8 +538,7 @@ func (c *Client) dropSession(u *url.URL, s *clientSession) {
 
 // session returns a usable session with the server at u, running a handshake if needed.
 // A session whose server expect refuses is never used (expect may be nil).
-func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL, expect Authorizer) (*clientSession, error) {
-	now := c.cfg.now()
+func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL, expect Authorizer, now time.Time) (*clientSession, error) {
 	// The current session's key is spelled into a stack buffer for the lookup: a map index
 	// by string(bytes) allocates nothing, where authority's string would on every call.
 	var kb [128]byte
