@@ -5,6 +5,7 @@ import (
 	"os"
 	"runtime"
 	"runtime/pprof"
+	"slices"
 	"strings"
 
 	"github.com/veilrpc/veil/gen/veil/echo/v1/echov1connect"
@@ -29,7 +30,9 @@ type crossover struct {
 // crossoverSweep runs the sweep when both clients exist (not with --only or --compare=false).
 func crossoverSweep(cfg *config, sealed, plain echov1connect.EchoServiceClient) (*crossover, error) {
 	c := &crossover{}
-	if sealed == nil || plain == nil || (cfg.onlyList != "" && !strings.Contains(cfg.onlyList, "veil_unsealed")) {
+	// With --only, both must be selected: selected() stops the servers of the others.
+	if only := strings.Split(cfg.onlyList, ","); sealed == nil || plain == nil ||
+		(cfg.onlyList != "" && (!slices.Contains(only, "veil") || !slices.Contains(only, "veil_unsealed"))) {
 		return c, nil
 	}
 	d := cfg.dur

@@ -3,6 +3,7 @@ package pqkex
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"encoding/base64"
 	"encoding/binary"
@@ -44,8 +45,8 @@ type clientSession struct {
 	aead      AEAD
 	secret    []byte
 	secretKey *hmacKey // secret, keyed for the per-call derivations
-	ticket    string   // base64url, ready for the header
-	sid       string   // base64url session ID, for the short form (spec 6.6)
+	ticket    []string // base64url, ready for the header (one value, shared by every call: never written)
+	sid       []string // base64url session ID, for the short form (spec 6.6); as ticket
 	held      atomic.Bool
 	expiry    time.Time
 	created   time.Time
@@ -119,14 +120,17 @@ type roundTripper struct {
 func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	// One attempt for the request and its resend (spec 6.4): a server with a replay store
 	// runs it at most once, even if a proxy forges a session refusal after the handler ran.
-	attempt, err := rt.c.newAttempt()
+	// One clock reading serves the attempt and the session's checks (the clock can be slow
+	// to read on virtual machines).
+	now := rt.c.cfg.now()
+	attempt, err := rt.c.newAttempt(now)
 	if err != nil {
 		if req.Body != nil {
 			_ = req.Body.Close()
 		}
 		return nil, toConnect(err)
 	}
-	resp, err := rt.roundTrip(req, attempt)
+	resp, err := rt.roundTrip(req, attempt, now)
 	if err != nil && sessionLost(err) && req.GetBody != nil {
 		// The server could not open the session ticket (another replica's key, or
 		// expired) and refused the call before any handler saw it; the session is
@@ -136,7 +140,7 @@ func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 			rt.c.m.reject(sideClient, err)
 			retry := req.Clone(req.Context())
 			retry.Body = body
-			resp, err = rt.roundTrip(retry, attempt)
+			resp, err = rt.roundTrip(retry, attempt, rt.c.cfg.now())
 		}
 	}
 	if err != nil {
@@ -154,15 +158,27 @@ func (rt *roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	return resp, nil
 }
 
-// newAttempt draws a request's attempt (spec 6.4): 16 random bytes and the clock in Unix
-// seconds, as lowercase hex.
-func (c *Client) newAttempt() (string, error) {
+// newAttempt draws a request's attempt (spec 6.4): 16 random bytes and the clock (now) in
+// Unix seconds, as lowercase hex.
+func (c *Client) newAttempt(now time.Time) (string, error) {
+	// One allocation, the string: crypto/rand.Read keeps nothing of its argument, so a and h
+	// stay on the stack (an io.Reader from WithRand, for tests, may keep what it reads into).
 	var a [attemptSize]byte
-	if err := readRandom(c.cfg.rand, a[:16]); err != nil {
-		return "", err
+	if c.cfg.rand == nil {
+		if _, err := rand.Read(a[:16]); err != nil {
+			return "", errInternal
+		}
+	} else {
+		r := make([]byte, 16)
+		if err := readRandom(c.cfg.rand, r); err != nil {
+			return "", err
+		}
+		copy(a[:], r)
 	}
-	binary.BigEndian.PutUint64(a[16:], uint64(c.cfg.now().Unix()))
-	return hex.EncodeToString(a[:]), nil
+	binary.BigEndian.PutUint64(a[16:], uint64(now.Unix()))
+	var h [2 * attemptSize]byte
+	hex.Encode(h[:], a[:])
+	return string(h[:]), nil
 }
 
 // sessionLost reports whether err is the server refusing the session's ticket, after
@@ -173,14 +189,14 @@ func sessionLost(err error) bool {
 }
 
 // roundTrip makes one sealed call: seal the request, send it, open the answer.
-func (rt *roundTripper) roundTrip(req *http.Request, attempt string) (*http.Response, error) {
+func (rt *roundTripper) roundTrip(req *http.Request, attempt string, now time.Time) (*http.Response, error) {
 	if req.Method != http.MethodPost {
 		return nil, errMethod
 	}
 	if compressed(req.Header) {
 		return nil, errCompressed
 	}
-	sess, callID, err := rt.reserve(req)
+	sess, callID, err := rt.reserve(req, now)
 	if err != nil {
 		return nil, err
 	}
@@ -197,9 +213,9 @@ func (rt *roundTripper) roundTrip(req *http.Request, attempt string) (*http.Resp
 }
 
 // reserve returns a usable session for req's server and a call ID in its window.
-func (rt *roundTripper) reserve(req *http.Request) (*clientSession, uint64, error) {
+func (rt *roundTripper) reserve(req *http.Request, now time.Time) (*clientSession, uint64, error) {
 	for {
-		s, err := rt.c.session(req.Context(), rt.base, req.URL, rt.expect)
+		s, err := rt.c.session(req.Context(), rt.base, req.URL, rt.expect, now)
 		if err != nil {
 			return nil, 0, err
 		}
@@ -236,9 +252,9 @@ func (rt *roundTripper) seal(req *http.Request, sess *clientSession, callID uint
 	whole := req.ContentLength > 0 || req.ContentLength == 0 && nonNil(req.Body) == nil
 	short = whole && sess.held.Load()
 	if short {
-		out.Header[headerSession] = []string{sess.sid}
+		out.Header[headerSession] = sess.sid
 	} else {
-		out.Header[headerTicket] = []string{sess.ticket}
+		out.Header[headerTicket] = sess.ticket
 	}
 	out.ContentLength = -1
 	out.GetBody = nil
@@ -251,7 +267,7 @@ func (rt *roundTripper) seal(req *http.Request, sess *clientSession, callID uint
 			return nil, false, err
 		}
 		cc.sealed = sealed
-		out.Body = cc.sealedBody()
+		out.Body = cc.sealedBodyFirst()
 		out.ContentLength = int64(len(sealed))
 		out.GetBody = cc.getBody
 	} else {
@@ -281,7 +297,7 @@ func (rt *roundTripper) send(cc *clientCall, short bool) (*http.Response, error)
 	rt.c.m.reject(sideClient, errUnknownSession)
 	retry := out.Clone(out.Context())
 	delete(retry.Header, headerSession)
-	retry.Header[headerTicket] = []string{cc.sess.ticket}
+	retry.Header[headerTicket] = cc.sess.ticket
 	retry.Body = cc.sealedBody()
 	return rt.base.RoundTrip(retry)
 }
@@ -375,6 +391,7 @@ type clientCall struct {
 	o        opener
 	body     openReader
 	sealed   []byte      // a request sealed whole, for a resend
+	sent     sealedBody  // the first send's body of a request sealed whole
 	trailers http.Header // the response's, filled from its FINAL frame
 }
 
@@ -404,6 +421,18 @@ func (cc *clientCall) final(block []byte) error {
 
 func (cc *clientCall) sealedBody() io.ReadCloser { return io.NopCloser(bytes.NewReader(cc.sealed)) }
 
+// sealedBodyFirst is the body of the first send of a request sealed whole, in the call's
+// own allocation (resends and GetBody take a new one from sealedBody).
+func (cc *clientCall) sealedBodyFirst() io.ReadCloser {
+	cc.sent.Reset(cc.sealed)
+	return &cc.sent
+}
+
+// sealedBody is a request body sealed whole: closing it does nothing.
+type sealedBody struct{ bytes.Reader }
+
+func (*sealedBody) Close() error { return nil }
+
 func (cc *clientCall) getBody() (io.ReadCloser, error) { return cc.sealedBody(), nil }
 
 // sealWhole seals a request body of known length n in one piece (the call ID, the head
@@ -431,7 +460,8 @@ func sealWhole(s *sealer, callID uint64, head *fieldBlock, body io.ReadCloser, n
 		out = slices.Grow(out, 2*(frameHeaderSize+aeadTagSize)+int(n)+len(emptyFinalBlock))
 		start := len(out)
 		buf := out[:start+frameHeaderSize+int(n)]
-		if err := readExactly(body, buf[start+frameHeaderSize:]); err != nil {
+		// The probe for a longer body reads into the room the tag will take.
+		if err := readExactly(body, buf[start+frameHeaderSize:], out[len(buf):len(buf)+1]); err != nil {
 			return nil, err
 		}
 		s.sinceBytes += n
@@ -439,7 +469,7 @@ func sealWhole(s *sealer, callID uint64, head *fieldBlock, body io.ReadCloser, n
 		return s.finishWhole(out, err)
 	}
 	plain := make([]byte, n)
-	if err := readExactly(body, plain); err != nil {
+	if err := readExactly(body, plain, nil); err != nil {
 		return nil, err
 	}
 	out, err = s.appendData(out, plain)
@@ -454,13 +484,17 @@ func (s *sealer) finishWhole(out []byte, err error) ([]byte, error) {
 	return s.appendFrame(out, flagFinal, emptyFinalBlock)
 }
 
-// readExactly fills b from r and checks that r has nothing more.
-func readExactly(r io.Reader, b []byte) error {
+// readExactly fills b from r and checks that r has nothing more, reading into probe (one
+// byte of a buffer the caller holds anyway: a local array would escape through r.Read and
+// cost an allocation per call) or, when probe is nil, a byte of its own.
+func readExactly(r io.Reader, b, probe []byte) error {
 	if _, err := io.ReadFull(r, b); err != nil {
 		return err
 	}
-	var extra [1]byte
-	if m, _ := r.Read(extra[:]); m != 0 {
+	if probe == nil {
+		probe = make([]byte, 1)
+	}
+	if m, _ := r.Read(probe[:1]); m != 0 {
 		return errors.New("pqkex: request body longer than its ContentLength")
 	}
 	return nil
@@ -504,11 +538,13 @@ func (c *Client) dropSession(u *url.URL, s *clientSession) {
 
 // session returns a usable session with the server at u, running a handshake if needed.
 // A session whose server expect refuses is never used (expect may be nil).
-func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL, expect Authorizer) (*clientSession, error) {
-	key := authority(u)
-	now := c.cfg.now()
+func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL, expect Authorizer, now time.Time) (*clientSession, error) {
+	// The current session's key is spelled into a stack buffer for the lookup: a map index
+	// by string(bytes) allocates nothing, where authority's string would on every call.
+	var kb [128]byte
+	k := append(append(append(kb[:0], u.Scheme...), "://"...), u.Host...)
 	c.mu.Lock()
-	s := c.sessions[key]
+	s := c.sessions[string(k)]
 	c.mu.Unlock()
 	if c.usable(s, now) {
 		if expect != nil && expect(s.server.spiffeID) != nil {
@@ -516,6 +552,7 @@ func (c *Client) session(ctx context.Context, base http.RoundTripper, u *url.URL
 		}
 		return s, nil
 	}
+	key := authority(u)
 	l := c.lockFor(key)
 	l.Lock()
 	defer l.Unlock()
@@ -695,8 +732,8 @@ func (c *Client) handshake(ctx context.Context, base http.RoundTripper, key stri
 	return &clientSession{
 		suite: hs.hello.suite, aead: hs.hello.aead, secret: res.secrets.session,
 		secretKey: callRoot(hs.hello.suite.Hash(), res.secrets.session, server.spiffeID, server.hash),
-		ticket:    base64.RawURLEncoding.EncodeToString(res.ticket),
-		sid:       base64.RawURLEncoding.EncodeToString(res.secrets.sessionID),
+		ticket:    []string{base64.RawURLEncoding.EncodeToString(res.ticket)},
+		sid:       []string{base64.RawURLEncoding.EncodeToString(res.secrets.sessionID)},
 		expiry:    expiry, created: now, server: server, self: self,
 		binding: cb, tlsEph: flags&flagTLSEphemeral != 0,
 	}, nil

@@ -121,11 +121,14 @@ var emptyFinalBlock = []byte{0, 0}
 func decodeFieldBlock(b []byte, role blockRole) (fieldBlock, error) {
 	// Names and values are substrings of one copy of the block, and values share one
 	// backing array: a block decodes in a few allocations whatever its size.
-	all := string(b)
 	p := parser{b: b}
 	n := int(p.u16())
 	if n > len(b)/5 { // every entry takes at least 5 bytes
 		return fieldBlock{}, errMalformed
+	}
+	var all string
+	if n > 0 { // an empty block (a FINAL frame without trailers) needs no copy
+		all = string(b)
 	}
 	vals := make([]string, 0, n)
 	var f fieldBlock

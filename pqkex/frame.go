@@ -85,11 +85,19 @@ func (s *sealer) rekeyDue() bool {
 	if s.side == nil {
 		return false
 	}
-	if s.since.IsZero() {
-		s.since = s.now()
+	if s.policy.Bytes > 0 && s.sinceBytes >= s.policy.Bytes {
+		return true
 	}
-	return (s.policy.Bytes > 0 && s.sinceBytes >= s.policy.Bytes) ||
-		(s.policy.Age > 0 && s.now().Sub(s.since) >= s.policy.Age)
+	if s.policy.Age <= 0 {
+		return false
+	}
+	if s.since.IsZero() {
+		// The first data: the key's age starts now, so it is not due (one clock reading,
+		// not two: a unary body is checked once).
+		s.since = s.now()
+		return false
+	}
+	return s.now().Sub(s.since) >= s.policy.Age
 }
 
 // appendData seals p in frames of at most 64 KiB, rekeying first when the policy says so.
@@ -165,8 +173,9 @@ func (o *opener) preread(n int64) error {
 
 // readCallID reads the call ID that starts a request body (spec 6.2).
 func (o *opener) readCallID() (uint64, error) {
-	var id [callIDSize]byte
-	b, err := o.readFixed(id[:])
+	// Read into the frame header's buffer (longer than the call ID, and not yet in use), which
+	// lives in the call's allocation: a local array would escape through io.ReadFull.
+	b, err := o.readFixed(o.hdr[:callIDSize])
 	if err != nil {
 		return 0, err
 	}

@@ -8,6 +8,9 @@ import (
 	"sync"
 )
 
+// headerOne is the value "1" of pqkex's response markers (spec 6.1); never written.
+var headerOne = []string{"1"}
+
 // errFinished is returned by Writes after the response was completed.
 var errFinished = errors.New("pqkex: write after the handler returned")
 
@@ -134,12 +137,14 @@ func addFields(h http.Header, k string, v []string) http.Header {
 // Content-Type mirrored for proxies, pqkex's markers, and the sealed body's length when it
 // is known (length >= 0).
 func (sw *sealWriter) sendHeaders(length int) {
+	// headerOne is shared by every response: net/http only reads header values, and its cap
+	// of 1 makes an append by any other writer copy it.
 	dst := sw.w.Header()
 	// Nil when the handler set none: no Content-Type is sniffed from the sealed body.
 	dst["Content-Type"] = sw.h["Content-Type"]
-	dst[headerSealed] = []string{"1"}
+	dst[headerSealed] = headerOne
 	if sw.held {
-		dst[headerSessionHeld] = []string{"1"}
+		dst[headerSessionHeld] = headerOne
 	}
 	if length >= 0 {
 		dst["Content-Length"] = []string{strconv.Itoa(length)}

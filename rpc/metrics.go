@@ -3,8 +3,11 @@ package rpc
 import (
 	"context"
 	"crypto/tls"
+	"maps"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -22,6 +25,45 @@ type Metrics struct {
 	refused    *prometheus.CounterVec
 	// authRefused counts calls WithBoundTokens refused, by procedure and reason.
 	authRefused *prometheus.CounterVec
+
+	// procs holds each procedure's series of successful calls, resolved once: a label
+	// lookup hashes the label values and takes the vector's lock on every call. The map
+	// is copied on write (procedures are the registered handlers', a bounded set).
+	procs   atomic.Pointer[map[string]*procMetrics]
+	procsMu sync.Mutex
+}
+
+// procMetrics are one procedure's series for calls that end without error.
+type procMetrics struct {
+	ok      prometheus.Counter
+	latency prometheus.Observer
+}
+
+// forProcedure returns procedure's series, resolving them on its first call.
+func (m *Metrics) forProcedure(procedure string) *procMetrics {
+	if pm := m.procs.Load(); pm != nil {
+		if p, ok := (*pm)[procedure]; ok {
+			return p
+		}
+	}
+	m.procsMu.Lock()
+	defer m.procsMu.Unlock()
+	old := m.procs.Load()
+	if old != nil {
+		if p, ok := (*old)[procedure]; ok {
+			return p
+		}
+	}
+	var next map[string]*procMetrics
+	if old != nil {
+		next = maps.Clone(*old)
+	} else {
+		next = map[string]*procMetrics{}
+	}
+	p := &procMetrics{ok: m.calls.WithLabelValues(procedure, "ok"), latency: m.latency.WithLabelValues(procedure)}
+	next[procedure] = p
+	m.procs.Store(&next)
+	return p
 }
 
 func newMetrics(reg prometheus.Registerer, side string) *Metrics {
@@ -85,12 +127,13 @@ func (m *Metrics) HandshakeFailed(reason transport.Reason) {
 }
 
 func (m *Metrics) observe(procedure string, start time.Time, err error) {
-	code := "ok"
+	p := m.forProcedure(procedure)
 	if err != nil {
-		code = connect.CodeOf(err).String()
+		m.calls.WithLabelValues(procedure, connect.CodeOf(err).String()).Inc()
+	} else {
+		p.ok.Inc()
 	}
-	m.calls.WithLabelValues(procedure, code).Inc()
-	m.latency.WithLabelValues(procedure).Observe(time.Since(start).Seconds())
+	p.latency.Observe(time.Since(start).Seconds())
 }
 
 // interceptor counts every call by procedure and code.

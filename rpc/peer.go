@@ -46,8 +46,11 @@ type peerKey struct{}
 
 // PeerFromContext returns the verified caller of the RPC being handled.
 func PeerFromContext(ctx context.Context) (Peer, bool) {
-	p, ok := ctx.Value(peerKey{}).(Peer)
-	return p, ok
+	p, ok := ctx.Value(peerKey{}).(*Peer)
+	if !ok || p == nil {
+		return Peer{}, false
+	}
+	return *p, true
 }
 
 // withPeer puts the TLS peer of each request into its context. Requests without a
@@ -59,7 +62,7 @@ func withPeer(next http.Handler) http.Handler {
 			http.Error(w, "rpc: no verified client certificate", http.StatusUnauthorized)
 			return
 		}
-		p := Peer{
+		p := &Peer{
 			ID:         id,
 			TLSGroup:   r.TLS.CurveID,
 			TLSVersion: r.TLS.Version,
@@ -71,6 +74,9 @@ func withPeer(next http.Handler) http.Handler {
 	})
 }
 
-func withPeerValue(ctx context.Context, p Peer) context.Context {
+// withPeerValue puts p into ctx. The request owns p: withSealedPeer completes it in place
+// for a sealed call (on the request's goroutine, before any handler runs), which saves a
+// context value and a request copy per call.
+func withPeerValue(ctx context.Context, p *Peer) context.Context {
 	return context.WithValue(ctx, peerKey{}, p)
 }

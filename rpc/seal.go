@@ -190,9 +190,13 @@ func withSealedPeer(next http.Handler) http.Handler {
 			http.Error(w, "rpc: sealed peer has an invalid SPIFFE ID", http.StatusUnauthorized)
 			return
 		}
-		p, _ := PeerFromContext(r.Context())
+		p, _ := r.Context().Value(peerKey{}).(*Peer)
+		if p == nil { // a bootstrap procedure's request has no TLS peer (peerHandler)
+			p = &Peer{}
+			r = r.WithContext(withPeerValue(r.Context(), p))
+		}
 		p.HopID, p.ID = p.ID, id
 		p.Sealed, p.PQSuite, p.ChannelBound = true, sp.Suite, sp.ChannelBound
-		next.ServeHTTP(w, r.WithContext(withPeerValue(r.Context(), p)))
+		next.ServeHTTP(w, r)
 	})
 }
