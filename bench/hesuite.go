@@ -324,6 +324,9 @@ func heSuite(cfg *config) (*Report, error) {
 			return nil, fmt.Errorf("%s: %w", name, err)
 		}
 	}
+	if cfg.onlyList != "" { // profiling one system: the committee systems only when named
+		return rep, nil
+	}
 	if err := heCommittee(cfg, rep); err != nil {
 		return nil, fmt.Errorf("committee: %w", err)
 	}
@@ -397,14 +400,12 @@ func hePreset(cfg *config, e *env, rep *Report, name string, params *he.Paramete
 		}
 		return v.decrypt(out)
 	}
-	systems := []struct {
-		sys *System
-		run func() error
-	}{
+	systems := []heSystem{
 		{newSystem("raw_"+name, "lattigo "+moduleVersion("github.com/tuneinsight/lattigo/v5")+" in process, "+name), r.batch},
 		{newSystem("wrapper_"+name, "Veil he in process, "+name), v.batch},
 		{newSystem("rpc_"+name, "Veil end to end over sealed RPC, "+name), overRPC},
 	}
+	systems = selected(cfg, systems, func(s heSystem) (string, func()) { return s.sys.Name, func() {} })
 	for _, s := range systems { // warm-up, and the session for the RPC
 		if err := s.run(); err != nil {
 			return fmt.Errorf("%s: %w", s.sys.Name, err)
@@ -441,13 +442,31 @@ func hePreset(cfg *config, e *env, rep *Report, name string, params *he.Paramete
 			cfg.logf("he %-12s %8.1f ms/batch", s.sys.Name, ms)
 		}
 	}
-	rawS, wrapS, rpcS := systems[0].sys, systems[1].sys, systems[2].sys
-	rep.Systems = append(rep.Systems, rawS, wrapS, rpcS)
+	var rawS, wrapS, rpcS *System // nil when --only leaves them out
+	for _, s := range systems {
+		rep.Systems = append(rep.Systems, s.sys)
+		switch {
+		case strings.HasPrefix(s.sys.Name, "raw_"):
+			rawS = s.sys
+		case strings.HasPrefix(s.sys.Name, "wrapper_"):
+			wrapS = s.sys
+		case strings.HasPrefix(s.sys.Name, "rpc_"):
+			rpcS = s.sys
+		}
+	}
 	suffix := "_" + name
 	rep.ratio("rpc_vs_raw_ms_per_batch"+suffix, rpcS, "ms_per_batch", rawS, "ms_per_batch")
 	rep.ratio("wrapper_vs_raw_ms_per_batch"+suffix, wrapS, "ms_per_batch", rawS, "ms_per_batch")
 	rep.ratio("wire_vs_raw_bytes"+suffix, rpcS, "wire_bytes", rawS, "wire_bytes")
 	rep.ratio("rpc_vs_raw_cpu_per_batch"+suffix, rpcS, "cpu_ms_per_batch", rawS, "cpu_ms_per_batch")
 	rep.ratio("wrapper_vs_raw_cpu_per_batch"+suffix, wrapS, "cpu_ms_per_batch", rawS, "cpu_ms_per_batch")
+	if cfg.onlyList != "" { // profiling one system
+		return nil
+	}
 	return heVersusSEAL(cfg, rep, name, params)
+}
+
+type heSystem struct {
+	sys *System
+	run func() error
 }
