@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -9,6 +10,7 @@ import (
 	"net/http"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -103,6 +105,10 @@ type raw struct {
 	params hefloat.Parameters
 	enc    *hefloat.Encoder
 	encr   *rlwe.Encryptor
+	// per encrypting goroutine (--he-workers): lattigo's encoders and encryptors are
+	// not safe for concurrent use
+	encs   []*hefloat.Encoder
+	encrs  []*rlwe.Encryptor
 	dec    *rlwe.Decryptor
 	eval   *hefloat.Evaluator
 	poly   hefloat.Polynomial
@@ -113,7 +119,7 @@ type raw struct {
 // phases is where one in-process batch spent its time.
 type phases struct{ encrypt, compute, decrypt time.Duration }
 
-func newRaw(c *circuit) (*raw, error) {
+func newRaw(c *circuit, workers int) (*raw, error) {
 	lit := c.params.Literal()
 	p, err := hefloat.NewParametersFromLiteral(hefloat.ParametersLiteral{LogN: lit.LogN, LogQ: lit.LogQ, LogP: lit.LogP, LogDefaultScale: lit.LogDefaultScale})
 	if err != nil {
@@ -122,28 +128,63 @@ func newRaw(c *circuit) (*raw, error) {
 	kg := rlwe.NewKeyGenerator(p)
 	sk := kg.GenSecretKeyNew()
 	rlk := kg.GenRelinearizationKeyNew(sk)
-	return &raw{
+	r := &raw{
 		c: c, params: p, enc: hefloat.NewEncoder(p), encr: rlwe.NewEncryptor(p, sk), dec: rlwe.NewDecryptor(p, sk),
 		eval: hefloat.NewEvaluator(p, rlwe.NewMemEvaluationKeySet(rlk)),
 		poly: hefloat.NewPolynomial(bignum.NewPolynomial(bignum.Monomial, sigmoidCoeffs, nil)),
-	}, nil
+	}
+	r.encs, r.encrs = []*hefloat.Encoder{r.enc}, []*rlwe.Encryptor{r.encr}
+	for range workers - 1 {
+		r.encs = append(r.encs, r.enc.ShallowCopy())
+		r.encrs = append(r.encrs, r.encr.ShallowCopy())
+	}
+	return r, nil
+}
+
+// inParallel runs f(j) for j in [0, n) on up to workers goroutines (worker w takes
+// j = w, w+workers, ...) and returns the first error.
+func inParallel(n, workers int, f func(worker, j int) error) error {
+	if workers <= 1 {
+		for j := range n {
+			if err := f(0, j); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	errs := make([]error, workers)
+	var wg sync.WaitGroup
+	for w := range min(workers, n) {
+		wg.Go(func() {
+			for j := w; j < n; j += workers {
+				if errs[w] = f(w, j); errs[w] != nil {
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 func (r *raw) batch() error {
 	p := r.params
 	t0 := time.Now()
 	cts := make([]*rlwe.Ciphertext, r.c.features)
-	r.bytes = 0
-	for j, x := range r.c.x {
+	err := inParallel(r.c.features, len(r.encs), func(w, j int) error {
 		pt := hefloat.NewPlaintext(p, p.MaxLevel())
-		if err := r.enc.Encode(x, pt); err != nil {
+		if err := r.encs[w].Encode(r.c.x[j], pt); err != nil {
 			return err
 		}
-		ct, err := r.encr.EncryptNew(pt)
-		if err != nil {
-			return err
-		}
-		cts[j] = ct
+		var err error
+		cts[j], err = r.encrs[w].EncryptNew(pt)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	r.bytes = 0
+	for _, ct := range cts {
 		r.bytes += ct.BinarySize()
 	}
 	t1 := time.Now()
@@ -189,14 +230,15 @@ func (r *raw) batch() error {
 
 // veilHE is the circuit through package he: Client, Evaluator.
 type veilHE struct {
-	c      *circuit
-	client *he.Client
-	ev     *he.Evaluator
-	poly   *he.Polynomial
-	phases phases
+	c       *circuit
+	workers int // goroutines encrypting a batch's features
+	client  *he.Client
+	ev      *he.Evaluator
+	poly    *he.Polynomial
+	phases  phases
 }
 
-func newVeilHE(c *circuit) (*veilHE, error) {
+func newVeilHE(c *circuit, workers int) (*veilHE, error) {
 	client, err := he.NewClient(c.params)
 	if err != nil {
 		return nil, err
@@ -213,18 +255,17 @@ func newVeilHE(c *circuit) (*veilHE, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &veilHE{c: c, client: client, ev: ev, poly: poly}, nil
+	return &veilHE{c: c, workers: workers, client: client, ev: ev, poly: poly}, nil
 }
 
 func (v *veilHE) encrypt() ([]*he.Vector, error) {
 	xs := make([]*he.Vector, v.c.features)
-	for j, x := range v.c.x {
+	err := inParallel(v.c.features, v.workers, func(_, j int) error {
 		var err error
-		if xs[j], err = v.client.Encrypt(x); err != nil {
-			return nil, err
-		}
-	}
-	return xs, nil
+		xs[j], err = v.client.Encrypt(v.c.x[j])
+		return err
+	})
+	return xs, err
 }
 
 // compute is the server's part.
@@ -307,9 +348,10 @@ func heSuite(cfg *config) (*Report, error) {
 	defer e.close()
 	rep := newReport("he")
 	rep.Config = map[string]any{"features": cfg.features, "reps": cfg.reps, "lattigo": moduleVersion("github.com/tuneinsight/lattigo/v5"),
-		"batch": "one ciphertext per feature, all slots (N13: 4096 samples, N14: 8192)",
-		"rpc":   "Veil with PQ sealing strict over loopback mTLS: client stream of one EncryptedVector per feature, one EncryptedVector back",
-		"wire":  "bytes on the TCP connection per batch (TLS, HTTP/2, sealing included) vs lattigo MarshalBinary of the inputs and the result"}
+		"encrypting_goroutines": fmt.Sprintf("%d per batch in every system (raw lattigo, the wrapper and the RPC client alike; --he-workers)", max(cfg.heWorkers, 1)),
+		"batch":                 "one ciphertext per feature, all slots (N13: 4096 samples, N14: 8192)",
+		"rpc":                   "Veil with PQ sealing strict over loopback mTLS: client stream of one EncryptedVector per feature, one EncryptedVector back",
+		"wire":                  "bytes on the TCP connection per batch (TLS, HTTP/2, sealing included) vs lattigo MarshalBinary of the inputs and the result"}
 	for _, name := range strings.Split(cfg.presets, ",") {
 		var params *he.Parameters
 		switch strings.TrimSpace(name) {
@@ -324,6 +366,9 @@ func heSuite(cfg *config) (*Report, error) {
 			return nil, fmt.Errorf("%s: %w", name, err)
 		}
 	}
+	if cfg.onlyList != "" { // profiling one system: the committee systems only when named
+		return rep, nil
+	}
 	if err := heCommittee(cfg, rep); err != nil {
 		return nil, fmt.Errorf("committee: %w", err)
 	}
@@ -333,11 +378,12 @@ func heSuite(cfg *config) (*Report, error) {
 func hePreset(cfg *config, e *env, rep *Report, name string, params *he.Parameters) error {
 	c := newCircuit(name, params, cfg.features)
 	rep.Config["circuit_"+name] = c.describe()
-	r, err := newRaw(c)
+	workers := max(cfg.heWorkers, 1)
+	r, err := newRaw(c, workers)
 	if err != nil {
 		return err
 	}
-	v, err := newVeilHE(c)
+	v, err := newVeilHE(c, workers)
 	if err != nil {
 		return err
 	}
@@ -354,38 +400,39 @@ func hePreset(cfg *config, e *env, rep *Report, name string, params *he.Paramete
 	}
 	defer hc.CloseIdleConnections()
 	sc := connect.NewClient[hev1.EncryptedVector, hev1.EncryptedVector](hc, srv.url+scoreProc, rpc.ClientOptions()...)
-	// The client encrypts feature j+1 while feature j is on its way.
+	// The client encrypts the next features while feature j is on its way: --he-workers
+	// goroutines (worker w takes features w, w+workers, ...), sent in feature order.
+	type encrypted struct {
+		m   *hev1.EncryptedVector
+		err error
+	}
 	overRPC := func() error {
-		msgs := make(chan *hev1.EncryptedVector, 1)
-		encErr := make(chan error, 1)
-		go func() {
-			defer close(msgs)
-			for _, x := range c.x {
-				ct, err := v.client.Encrypt(x)
-				if err != nil {
-					encErr <- err
-					return
+		slots := make([]chan encrypted, len(c.x))
+		for j := range slots {
+			slots[j] = make(chan encrypted, 1) // a worker never blocks, even after a failed send
+		}
+		for w := range min(workers, len(c.x)) {
+			go func() {
+				for j := w; j < len(c.x); j += workers {
+					ct, err := v.client.Encrypt(c.x[j])
+					var m *hev1.EncryptedVector
+					if err == nil {
+						m, err = he.MarshalVector(ct)
+					}
+					slots[j] <- encrypted{m, err}
 				}
-				m, err := he.MarshalVector(ct)
-				if err != nil {
-					encErr <- err
-					return
-				}
-				msgs <- m
-			}
-			encErr <- nil
-		}()
+			}()
+		}
 		st := sc.CallClientStream(context.Background())
-		for m := range msgs {
-			if err := st.Send(m); err != nil {
-				for range msgs {
-				}
+		for _, slot := range slots {
+			e := <-slot
+			if e.err != nil {
+				_, _ = st.CloseAndReceive()
+				return e.err
+			}
+			if err := st.Send(e.m); err != nil {
 				return err
 			}
-		}
-		if err := <-encErr; err != nil {
-			_, _ = st.CloseAndReceive()
-			return err
 		}
 		res, err := st.CloseAndReceive()
 		if err != nil {
@@ -397,14 +444,12 @@ func hePreset(cfg *config, e *env, rep *Report, name string, params *he.Paramete
 		}
 		return v.decrypt(out)
 	}
-	systems := []struct {
-		sys *System
-		run func() error
-	}{
+	systems := []heSystem{
 		{newSystem("raw_"+name, "lattigo "+moduleVersion("github.com/tuneinsight/lattigo/v5")+" in process, "+name), r.batch},
 		{newSystem("wrapper_"+name, "Veil he in process, "+name), v.batch},
 		{newSystem("rpc_"+name, "Veil end to end over sealed RPC, "+name), overRPC},
 	}
+	systems = selected(cfg, systems, func(s heSystem) (string, func()) { return s.sys.Name, func() {} })
 	for _, s := range systems { // warm-up, and the session for the RPC
 		if err := s.run(); err != nil {
 			return fmt.Errorf("%s: %w", s.sys.Name, err)
@@ -441,13 +486,31 @@ func hePreset(cfg *config, e *env, rep *Report, name string, params *he.Paramete
 			cfg.logf("he %-12s %8.1f ms/batch", s.sys.Name, ms)
 		}
 	}
-	rawS, wrapS, rpcS := systems[0].sys, systems[1].sys, systems[2].sys
-	rep.Systems = append(rep.Systems, rawS, wrapS, rpcS)
+	var rawS, wrapS, rpcS *System // nil when --only leaves them out
+	for _, s := range systems {
+		rep.Systems = append(rep.Systems, s.sys)
+		switch {
+		case strings.HasPrefix(s.sys.Name, "raw_"):
+			rawS = s.sys
+		case strings.HasPrefix(s.sys.Name, "wrapper_"):
+			wrapS = s.sys
+		case strings.HasPrefix(s.sys.Name, "rpc_"):
+			rpcS = s.sys
+		}
+	}
 	suffix := "_" + name
 	rep.ratio("rpc_vs_raw_ms_per_batch"+suffix, rpcS, "ms_per_batch", rawS, "ms_per_batch")
 	rep.ratio("wrapper_vs_raw_ms_per_batch"+suffix, wrapS, "ms_per_batch", rawS, "ms_per_batch")
 	rep.ratio("wire_vs_raw_bytes"+suffix, rpcS, "wire_bytes", rawS, "wire_bytes")
 	rep.ratio("rpc_vs_raw_cpu_per_batch"+suffix, rpcS, "cpu_ms_per_batch", rawS, "cpu_ms_per_batch")
 	rep.ratio("wrapper_vs_raw_cpu_per_batch"+suffix, wrapS, "cpu_ms_per_batch", rawS, "cpu_ms_per_batch")
+	if cfg.onlyList != "" { // profiling one system
+		return nil
+	}
 	return heVersusSEAL(cfg, rep, name, params)
+}
+
+type heSystem struct {
+	sys *System
+	run func() error
 }

@@ -38,6 +38,7 @@ type config struct {
 	presets     string
 	batch       int
 	features    int
+	heWorkers   int
 	keyMiB      int
 	out         string
 	report      string
@@ -94,6 +95,7 @@ func main() {
 	fs.StringVar(&cfg.presets, "presets", "n13,n14", "he: CKKS presets")
 	fs.IntVar(&cfg.batch, "batch", 0, "he: samples per batch (0: all slots of one ciphertext)")
 	fs.IntVar(&cfg.features, "features", 8, "he: features of the scoring model")
+	fs.IntVar(&cfg.heWorkers, "he-workers", 1, "he: goroutines encrypting a batch's features, the same in every system (raw, wrapper, rpc)")
 	fs.IntVar(&cfg.keyMiB, "key-mib", 0, "keys: 0 uploads the real N13 evaluation keys; n>0 pads to n MiB")
 	fs.StringVar(&cfg.out, "out", "", "write all reports as a JSON array to this file")
 	fs.StringVar(&cfg.report, "report", "", "write the Markdown report (and charts beside --out) to this file")

@@ -336,3 +336,30 @@ func BenchmarkDecode(b *testing.B) {
 		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(f.keys.Manifest().Len()), "ns/key")
 	})
 }
+
+// BenchmarkCodec measures a fresh seeded vector's trip through the wire form: packing
+// on the sender (MarshalVector) and, on the receiver, unpacking and checking c0 and
+// regenerating c1 from its seed (UnmarshalVector).
+func BenchmarkCodec(b *testing.B) {
+	for _, p := range benchPresets() {
+		f := getBench(b, p)
+		m, err := MarshalVector(f.x)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Run(fmt.Sprintf("N%d/marshal", p.LogN()), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := MarshalVector(f.x); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(fmt.Sprintf("N%d/unmarshal", p.LogN()), func(b *testing.B) {
+			for b.Loop() {
+				if _, err := UnmarshalVector(p, m); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -25,6 +25,7 @@ type clientWorker struct {
 	enc *hefloat.Encoder
 	skE *rlwe.Encryptor
 	dec *rlwe.Decryptor
+	pt  *rlwe.Plaintext // encoding scratch: the ciphertext does not keep it
 }
 
 // NewClient generates a fresh secret and public key for params.
@@ -45,6 +46,7 @@ func newClient(params *Parameters, sk *rlwe.SecretKey, pk *rlwe.PublicKey) *Clie
 			enc: hefloat.NewEncoder(hefloat.Parameters{Parameters: params.p}),
 			skE: rlwe.NewEncryptor(params.p, sk),
 			dec: rlwe.NewDecryptor(params.p, sk),
+			pt:  hefloat.NewPlaintext(hefloat.Parameters{Parameters: params.p}, params.MaxLevel()),
 		}
 	}
 	return c
@@ -66,7 +68,7 @@ func (c *Client) SecretKey() *SecretKey { return c.sk }
 func (c *Client) Encrypt(values []float64) (*Vector, error) {
 	w := c.pool.Get().(*clientWorker)
 	defer c.pool.Put(w)
-	v, err := encryptValues(c.params, c.pk.fp, w.enc, values, func(pt *rlwe.Plaintext, ct *rlwe.Ciphertext) ([]byte, error) {
+	v, err := encryptValues(c.params, c.pk.fp, w.enc, w.pt, values, func(pt *rlwe.Plaintext, ct *rlwe.Ciphertext) ([]byte, error) {
 		seed, err := newSeed()
 		if err != nil {
 			return nil, err
@@ -80,8 +82,9 @@ func (c *Client) Encrypt(values []float64) (*Vector, error) {
 }
 
 // encryptValues packs values into ciphertexts and encrypts each with encrypt, which
-// returns the ciphertext's seed when it is seeded.
-func encryptValues(params *Parameters, fp []byte, enc *hefloat.Encoder, values []float64, encrypt func(*rlwe.Plaintext, *rlwe.Ciphertext) ([]byte, error)) (v *Vector, err error) {
+// returns the ciphertext's seed when it is seeded. pt is the worker's scratch
+// plaintext at the maximum level.
+func encryptValues(params *Parameters, fp []byte, enc *hefloat.Encoder, pt *rlwe.Plaintext, values []float64, encrypt func(*rlwe.Plaintext, *rlwe.Ciphertext) ([]byte, error)) (v *Vector, err error) {
 	defer recoverInto(&err, "encrypt")
 	if err := checkValues(values); err != nil {
 		return nil, err
@@ -89,8 +92,7 @@ func encryptValues(params *Parameters, fp []byte, enc *hefloat.Encoder, values [
 	n := ciphertextsFor(len(values), params.Slots())
 	v = &Vector{params: params, length: len(values), cts: make([]*rlwe.Ciphertext, n), seeds: make([][]byte, n), fp: fp}
 	for i := range n {
-		pt, err := encodeChunk(params, enc, values, i)
-		if err != nil {
+		if err := encodeChunk(params, enc, pt, values, i); err != nil {
 			return nil, err
 		}
 		ct := rlwe.NewCiphertext(params.p, 1, pt.Level())
@@ -121,12 +123,13 @@ func checkValues(values []float64) error {
 	return nil
 }
 
-func encodeChunk(params *Parameters, enc *hefloat.Encoder, values []float64, i int) (*rlwe.Plaintext, error) {
-	pt := hefloat.NewPlaintext(hefloat.Parameters{Parameters: params.p}, params.MaxLevel())
-	if err := enc.Encode(chunk(values, i, params.Slots()), pt); err != nil {
-		return nil, invalidf("encode: values too large for the scale")
+// encodeChunk encodes ciphertext i's values into pt (lattigo zero-pads a short slice).
+func encodeChunk(params *Parameters, enc *hefloat.Encoder, pt *rlwe.Plaintext, values []float64, i int) error {
+	slots := params.Slots()
+	if err := enc.Encode(values[i*slots:min(len(values), (i+1)*slots)], pt); err != nil {
+		return invalidf("encode: values too large for the scale")
 	}
-	return pt, nil
+	return nil
 }
 
 // DecryptOption configures Client.Decrypt.
@@ -251,6 +254,7 @@ type Encryptor struct {
 type pkWorker struct {
 	enc *hefloat.Encoder
 	pkE *rlwe.Encryptor
+	pt  *rlwe.Plaintext // encoding scratch
 }
 
 // NewEncryptor returns an Encryptor for pk.
@@ -264,6 +268,7 @@ func NewEncryptor(pk *PublicKey) (*Encryptor, error) {
 		return &pkWorker{
 			enc: hefloat.NewEncoder(hefloat.Parameters{Parameters: params.p}),
 			pkE: rlwe.NewEncryptor(params.p, pk.pk),
+			pt:  hefloat.NewPlaintext(hefloat.Parameters{Parameters: params.p}, params.MaxLevel()),
 		}
 	}
 	return e, nil
@@ -274,7 +279,7 @@ func NewEncryptor(pk *PublicKey) (*Encryptor, error) {
 func (e *Encryptor) Encrypt(values []float64) (*Vector, error) {
 	w := e.pool.Get().(*pkWorker)
 	defer e.pool.Put(w)
-	v, err := encryptValues(e.params, e.fp, w.enc, values, func(pt *rlwe.Plaintext, ct *rlwe.Ciphertext) ([]byte, error) {
+	v, err := encryptValues(e.params, e.fp, w.enc, w.pt, values, func(pt *rlwe.Plaintext, ct *rlwe.Ciphertext) ([]byte, error) {
 		return nil, w.pkE.Encrypt(pt, ct)
 	})
 	if v != nil {

@@ -42,17 +42,18 @@ func MarshalVector(v *Vector) (*hev1.EncryptedVector, error) {
 
 func marshalCiphertext(params *Parameters, ct *rlwe.Ciphertext, seed []byte) *hev1.Ciphertext {
 	scale, _ := ct.Scale.Value.Float64()
+	size := polyBytes(params.p.Q()[:ct.Level()+1], params.N())
 	m := &hev1.Ciphertext{
 		ParamId:  string(params.id),
 		Level:    uint32(ct.Level()),
 		Scale:    scale,
-		C0:       appendPoly(nil, ct.Value[0], params.p.Q()),
+		C0:       appendPoly(make([]byte, 0, size), ct.Value[0], params.p.Q()),
 		Encoding: ciphertextEncoding,
 	}
 	if seed != nil {
 		m.Seed = append([]byte(nil), seed...)
 	} else {
-		m.C1 = appendPoly(nil, ct.Value[1], params.p.Q())
+		m.C1 = appendPoly(make([]byte, 0, size), ct.Value[1], params.p.Q())
 	}
 	return m
 }

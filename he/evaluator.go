@@ -836,9 +836,15 @@ func (e *Evaluator) LinearCombination(ctx context.Context, vs []*Vector, weights
 			if err := w.eval.Rescale(acc, acc); err != nil {
 				return internalf("linear combination: %v", err)
 			}
-			if bias != 0 {
+			switch valid := first.validSlots(i); {
+			case bias == 0:
+			case valid == e.params.Slots(): // every slot: a constant, no plaintext to encode
+				if err := w.eval.Add(acc, bias, acc); err != nil {
+					return internalf("linear combination: %v", err)
+				}
+			default: // the padding slots stay zero
 				b := make([]float64, e.params.Slots())
-				for s := range first.validSlots(i) {
+				for s := range valid {
 					b[s] = bias
 				}
 				if err := w.eval.Add(acc, b, acc); err != nil {

@@ -423,3 +423,29 @@ func TestDirtyPadding(t *testing.T) {
 		}
 	}
 }
+
+// TestLinearCombinationBiasPadding spans a full ciphertext (the bias added as a
+// constant) and a partial one (the bias added to the valid slots only): the values are
+// right and the padding slots past Len stay zero, as sums over the vector assume.
+func TestLinearCombinationBiasPadding(t *testing.T) {
+	f := mustFixture(t)
+	r := rand.New(rand.NewPCG(13, 14))
+	slots := f.client.Params().Slots()
+	n := slots + 100
+	x, y := randValues(r, n), randValues(r, n)
+	v, err := f.eval.LinearCombination(context.Background(), []*Vector{f.enc(t, x), f.enc(t, y)}, []float64{0.5, -2}, 0.25)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := make([]float64, 2*slots) // the valid values, then zero padding
+	for i := range n {
+		want[i] = 0.5*x[i] - 2*y[i] + 0.25
+	}
+	if v.dirty {
+		t.Fatal("linear combination of clean vectors marked dirty")
+	}
+	all := v.derive(v.cts, 2*slots, false) // every slot, padding included
+	if e := maxErr(t, f.dec(t, all), want); e > boundFresh*4 {
+		t.Errorf("max error %g above bound %g", e, boundFresh*4)
+	}
+}

@@ -1,7 +1,9 @@
 package he
 
 import (
+	"encoding/binary"
 	"math/bits"
+	"slices"
 
 	"github.com/tuneinsight/lattigo/v5/ring"
 )
@@ -23,23 +25,37 @@ func polyBytes(moduli []uint64, n int) int {
 }
 
 // appendPoly appends the limbs of p packed, each coefficient reduced modulo its prime.
+// Coefficients go through a 64-bit accumulator written out eight bytes at a time
+// (bit-by-bit packing cost about 15 ns per coefficient, a tenth of a ciphertext's
+// encryption).
 func appendPoly(out []byte, p ring.Poly, moduli []uint64) []byte {
 	for i, row := range p.Coeffs {
 		q := moduli[i]
 		w := uint(bits.Len64(q))
 		start := len(out)
-		out = append(out, make([]byte, limbBytes(q, len(row)))...)
+		out = slices.Grow(out, limbBytes(q, len(row)))[:start+limbBytes(q, len(row))]
 		limb := out[start:]
-		var pos uint // bit position in limb
+		var acc uint64 // pending bits, least significant first
+		var n uint     // how many
+		k := 0
 		for _, c := range row {
-			c %= q
-			for got := uint(0); got < w; {
-				byteIdx, off := pos>>3, pos&7
-				take := min(8-off, w-got)
-				limb[byteIdx] |= byte((c>>got)&(1<<take-1)) << off
-				got += take
-				pos += take
+			if c >= q {
+				c %= q
 			}
+			acc |= c << n
+			if n+w < 64 {
+				n += w
+				continue
+			}
+			binary.LittleEndian.PutUint64(limb[k:], acc)
+			k += 8
+			acc = c >> (64 - n) // n > 0 here since w < 64; the bits of c that did not fit
+			n = n + w - 64
+		}
+		for ; n > 0; n -= 8 { // N is a multiple of 8: the limb ends on a byte
+			limb[k] = byte(acc)
+			acc >>= 8
+			k++
 		}
 	}
 	return out
@@ -51,21 +67,38 @@ func readPoly(b []byte, p ring.Poly, moduli []uint64) ([]byte, error) {
 	for i, row := range p.Coeffs {
 		q := moduli[i]
 		w := uint(bits.Len64(q))
+		mask := uint64(1)<<w - 1
 		size := limbBytes(q, len(row))
 		if len(b) < size {
 			return nil, invalidf("polynomial truncated")
 		}
 		limb := b[:size]
-		var pos uint // bit position in limb
+		var acc uint64 // unread bits, least significant first
+		var n uint     // how many
+		k := 0
 		for j := range row {
-			var c uint64
-			for got := uint(0); got < w; {
-				byteIdx, off := pos>>3, pos&7
-				take := min(8-off, w-got)
-				c |= (uint64(limb[byteIdx]>>off) & (1<<take - 1)) << got
-				got += take
-				pos += take
+			c := acc
+			if n < w {
+				var next uint64
+				got := uint(64)
+				if k+8 <= len(limb) {
+					next = binary.LittleEndian.Uint64(limb[k:])
+					k += 8
+				} else {
+					got = uint(8 * (len(limb) - k))
+					for s := uint(0); k < len(limb); s += 8 {
+						next |= uint64(limb[k]) << s
+						k++
+					}
+				}
+				c |= next << n
+				acc = next >> (w - n) // w - n in [1, 63]
+				n = n + got - w
+			} else {
+				acc >>= w
+				n -= w
 			}
+			c &= mask
 			if c >= q {
 				return nil, invalidf("coefficient %d of prime %d not reduced", j, i)
 			}

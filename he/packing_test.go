@@ -1,7 +1,10 @@
 package he
 
 import (
+	"bytes"
+	"math/bits"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/tuneinsight/lattigo/v5/ring"
@@ -48,6 +51,66 @@ func TestPacking(t *testing.T) {
 		back := appendPoly(nil, src, moduli)
 		if _, err := readPoly(back, dst, moduli); err != nil || dst.Coeffs[0][3] != 5 {
 			t.Errorf("%v: unreduced word encoded as %d (%v)", p, dst.Coeffs[0][3], err)
+		}
+	}
+}
+
+// packRef is the packing written out bit by bit: the reference appendPoly's
+// word-at-a-time accumulator must match byte for byte.
+func packRef(p ring.Poly, moduli []uint64) []byte {
+	var out []byte
+	for i, row := range p.Coeffs {
+		q := moduli[i]
+		w := bits.Len64(q)
+		limb := make([]byte, limbBytes(q, len(row)))
+		pos := 0
+		for _, c := range row {
+			c %= q
+			for b := range w {
+				limb[pos/8] |= byte(c>>b&1) << (pos % 8)
+				pos++
+			}
+		}
+		out = append(out, limb...)
+	}
+	return out
+}
+
+// TestPackingMatchesReference checks appendPoly against packRef for every bit width
+// from 2 to 61 and lengths that end a limb on every byte offset of a word.
+func TestPackingMatchesReference(t *testing.T) {
+	r := rand.New(rand.NewPCG(5, 6))
+	for w := 2; w <= 61; w++ {
+		q := uint64(1)<<(w-1) + r.Uint64N(uint64(1)<<(w-1)-1) // below 2^w - 1
+		for _, n := range []int{8, 16, 24, 40, 64, 72, 1024} {
+			moduli := []uint64{q, q - 1}
+			p := ring.Poly{Coeffs: [][]uint64{make([]uint64, n), make([]uint64, n)}}
+			for i := range p.Coeffs {
+				for j := range n {
+					p.Coeffs[i][j] = r.Uint64N(moduli[i])
+				}
+			}
+			p.Coeffs[0][n-1] = q - 1
+			got, want := appendPoly(nil, p, moduli), packRef(p, moduli)
+			if !bytes.Equal(got, want) {
+				t.Fatalf("w=%d n=%d: packing differs from the reference", w, n)
+			}
+			back := ring.Poly{Coeffs: [][]uint64{make([]uint64, n), make([]uint64, n)}}
+			if rest, err := readPoly(got, back, moduli); err != nil || len(rest) != 0 {
+				t.Fatalf("w=%d n=%d: %v", w, n, err)
+			}
+			for i := range p.Coeffs {
+				if !slices.Equal(back.Coeffs[i], p.Coeffs[i]) {
+					t.Fatalf("w=%d n=%d: limb %d does not round-trip", w, n, i)
+				}
+			}
+			// q itself, the smallest unreduced word, is refused at the end of a limb.
+			bad := ring.Poly{Coeffs: [][]uint64{slices.Clone(p.Coeffs[0])}}
+			bad.Coeffs[0][n-1] = q
+			enc := packRef(bad, []uint64{uint64(1)<<w - 1}) // same width as q, q not reduced
+			if _, err := readPoly(enc, ring.Poly{Coeffs: back.Coeffs[:1]}, []uint64{q}); err == nil {
+				t.Fatalf("w=%d n=%d: unreduced coefficient accepted", w, n)
+			}
 		}
 	}
 }
