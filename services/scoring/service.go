@@ -66,10 +66,10 @@ const DefaultMaxSamples = 1 << 20
 // holds its admission until it ends, so this bounds how long one call can hold it.
 func WithMaxSamples(n uint64) Option { return option(func(c *config) { c.maxSamples = n }) }
 
-// WithAdmission configures admission control (keys.NewAdmission): the memory and the
+// WithAdmissionOptions configures admission control (keys.NewAdmission): the memory and the
 // calls Score and ScoreStream may hold at once, in all and per identity. Every call
 // is charged, before its body is read, the most it can hold (CallCost).
-func WithAdmission(opts ...keys.AdmissionOption) Option {
+func WithAdmissionOptions(opts ...keys.AdmissionOption) Option {
 	return option(func(c *config) { c.admOpts = append(c.admOpts, opts...) })
 }
 
