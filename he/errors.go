@@ -11,6 +11,8 @@ type Kind uint8
 
 const (
 	// KindInternal is a failure inside the package or lattigo (a recovered panic): internal.
+	// It is the zero value, so an unclassified error maps to internal, never to a code
+	// that blames or reassures the caller.
 	KindInternal Kind = iota
 	// KindInvalid is malformed input: invalid_argument.
 	KindInvalid

@@ -86,7 +86,11 @@ type evalWorker struct {
 }
 
 // EvaluatorOption configures NewEvaluator.
-type EvaluatorOption func(*evaluatorConfig)
+type EvaluatorOption interface{ applyEvaluator(*evaluatorConfig) }
+
+type evaluatorOptionFunc func(*evaluatorConfig)
+
+func (f evaluatorOptionFunc) applyEvaluator(c *evaluatorConfig) { f(c) }
 
 type evaluatorConfig struct {
 	workers int
@@ -94,12 +98,14 @@ type evaluatorConfig struct {
 }
 
 // WithWorkers sets the number of concurrent evaluations (default GOMAXPROCS).
-func WithWorkers(n int) EvaluatorOption { return func(c *evaluatorConfig) { c.workers = n } }
+func WithWorkers(n int) EvaluatorOption {
+	return evaluatorOptionFunc(func(c *evaluatorConfig) { c.workers = n })
+}
 
 // WithWorkerPool makes the evaluator borrow its workers from pool (shared with other
 // key sets) instead of keeping its own; WithWorkers is then ignored.
 func WithWorkerPool(pool *WorkerPool) EvaluatorOption {
-	return func(c *evaluatorConfig) { c.pool = pool }
+	return evaluatorOptionFunc(func(c *evaluatorConfig) { c.pool = pool })
 }
 
 // NewEvaluator returns an evaluator for params. keys may be nil: operations that need
@@ -111,7 +117,7 @@ func NewEvaluator(params *Parameters, keys *EvaluationKeys, opts ...EvaluatorOpt
 	}
 	cfg := evaluatorConfig{workers: runtime.GOMAXPROCS(0)}
 	for _, o := range opts {
-		o(&cfg)
+		o.applyEvaluator(&cfg)
 	}
 	if cfg.workers < 1 {
 		return nil, invalidf("need at least one worker")

@@ -17,33 +17,39 @@ type Manifest struct {
 	galEls []uint64 // ascending, unique
 }
 
-// Need is one requirement of a procedure, combined by NewManifest.
-type Need func(*Parameters, *Manifest)
+// Need is one requirement of a procedure, combined by NewManifest. Like an option, it
+// is a value with an unexported method: it cannot be applied to a Manifest after
+// NewManifest built it.
+type Need interface{ addTo(*Parameters, *Manifest) }
+
+type needFunc func(*Parameters, *Manifest)
+
+func (f needFunc) addTo(p *Parameters, m *Manifest) { f(p, m) }
 
 // NeedRelinearization asks for the relinearization key (Mul, Dot, Variance,
 // polynomial evaluation).
 func NeedRelinearization() Need {
-	return func(_ *Parameters, m *Manifest) { m.relin = true }
+	return needFunc(func(_ *Parameters, m *Manifest) { m.relin = true })
 }
 
 // NeedRotations asks for the Galois keys of the given slot rotations (Rotate).
 func NeedRotations(ks ...int) Need {
-	return func(p *Parameters, m *Manifest) {
+	return needFunc(func(p *Parameters, m *Manifest) {
 		for _, k := range ks {
 			if k%p.Slots() != 0 {
 				m.galEls = append(m.galEls, p.p.GaloisElementForRotation(k))
 			}
 		}
-	}
+	})
 }
 
 // NeedInnerSum asks for the keys that sum a vector of up to n values (InnerSum, Dot,
 // DotPlain, Mean, Variance): rotations by 1, 2, 4, ... below the next power of two of
 // min(n, Slots).
 func NeedInnerSum(n int) Need {
-	return func(p *Parameters, m *Manifest) {
-		NeedRotations(innerSumRotations(p, n)...)(p, m)
-	}
+	return needFunc(func(p *Parameters, m *Manifest) {
+		NeedRotations(innerSumRotations(p, n)...).addTo(p, m)
+	})
 }
 
 func innerSumRotations(p *Parameters, n int) []int {
@@ -59,19 +65,19 @@ func innerSumRotations(p *Parameters, n int) []int {
 // NeedMatVec asks for the Galois keys of a rows x cols plaintext matrix times an
 // encrypted vector (MatVec), evaluated with baby-step giant-step.
 func NeedMatVec(rows, cols int) Need {
-	return func(p *Parameters, m *Manifest) {
+	return needFunc(func(p *Parameters, m *Manifest) {
 		if rows < 1 || cols < 1 || rows > p.Slots() || cols > p.Slots() {
 			return
 		}
 		m.galEls = append(m.galEls, hefloat.GaloisElementsForLinearTransformation(p.p, matVecLTParams(p, rows, cols, p.MaxLevel()))...)
-	}
+	})
 }
 
 // NewManifest combines needs into a manifest for params.
 func NewManifest(params *Parameters, needs ...Need) *Manifest {
 	m := &Manifest{params: params}
 	for _, n := range needs {
-		n(params, m)
+		n.addTo(params, m)
 	}
 	m.normalize()
 	return m

@@ -122,7 +122,8 @@ func stampOf(dir string) string {
 	return b.String()
 }
 
-// RotationPhase is where a CA stands in a root rotation.
+// RotationPhase is where a CA stands in a root rotation. Its zero value, "", is no
+// phase: CA.Rotation never reports it.
 type RotationPhase string
 
 // The phases of a root rotation, in order (see docs/ca.md).

@@ -94,21 +94,29 @@ func (c *Client) RoundTripper(base http.RoundTripper, opts ...RoundTripperOption
 	if base == nil {
 		base = http.DefaultTransport
 	}
-	rt := &roundTripper{c: c, base: base}
+	var cfg roundTripperConfig
 	for _, o := range opts {
-		o(rt)
+		o.applyRoundTripper(&cfg)
 	}
-	return rt
+	return &roundTripper{c: c, base: base, expect: cfg.expect}
 }
 
 // RoundTripperOption configures a round tripper of [Client.RoundTripper].
-type RoundTripperOption func(*roundTripper)
+type RoundTripperOption interface{ applyRoundTripper(*roundTripperConfig) }
+
+type roundTripperConfig struct {
+	expect Authorizer
+}
+
+type roundTripperOptionFunc func(*roundTripperConfig)
+
+func (f roundTripperOptionFunc) applyRoundTripper(c *roundTripperConfig) { f(c) }
 
 // ExpectServer adds an expectation of the round tripper's own: a session, credential or
 // answer is used only if the server's SPIFFE ID passes a as well as the client's
 // authorizer (spec 4.2). rpc.NewHTTPClient passes its TLS authorizer this way.
 func ExpectServer(a Authorizer) RoundTripperOption {
-	return func(rt *roundTripper) { rt.expect = a }
+	return roundTripperOptionFunc(func(c *roundTripperConfig) { c.expect = a })
 }
 
 type roundTripper struct {

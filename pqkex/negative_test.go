@@ -455,6 +455,25 @@ func TestStrictRefusesPlaintextAndPermissiveAllows(t *testing.T) {
 	}
 }
 
+// TestModeDefaultsAreStrict: a nil WithProcedureMode and a Mode value that is not
+// Permissive refuse plaintext calls, as the zero value does.
+func TestModeDefaultsAreStrict(t *testing.T) {
+	e := newEnv(t, testSuite(t))
+	plain := &http.Client{Transport: e.transport(t, clientID)}
+	for name, opt := range map[string]pqkex.ServerOption{
+		"nil procedure mode": pqkex.WithProcedureMode(nil),
+		"unknown mode":       pqkex.WithMode(pqkex.Mode(7)),
+		"zero mode":          pqkex.WithMode(pqkex.Mode(0)),
+	} {
+		ts := e.startServer(t, echoMux(), opt)
+		for _, p := range protocols {
+			if err := unaryCall(plain, ts.URL, p.opts...); connect.CodeOf(err) != connect.CodeUnauthenticated {
+				t.Errorf("%s, %s: plaintext call: %v, want unauthenticated", name, p.name, err)
+			}
+		}
+	}
+}
+
 func TestIdentityChecks(t *testing.T) {
 	e := newEnv(t, testSuite(t))
 	ts := e.startServer(t, echoMux())

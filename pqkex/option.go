@@ -10,7 +10,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// Mode says what a server does with calls that carry no pqkex session.
+// Mode says what a server does with calls that carry no pqkex session. Its zero value
+// is [Strict], and so is any value other than [Permissive].
 type Mode int
 
 const (
@@ -263,9 +264,14 @@ func WithMode(m Mode) ServerOption {
 }
 
 // WithProcedureMode decides the mode per procedure (the request path, e.g.
-// "/acme.v1.FooService/Bar").
+// "/acme.v1.FooService/Bar"). A nil f is every procedure [Strict].
 func WithProcedureMode(f func(procedure string) Mode) ServerOption {
-	return serverOption(func(c *config) { c.mode = f })
+	return serverOption(func(c *config) {
+		if f == nil {
+			f = func(string) Mode { return Strict }
+		}
+		c.mode = f
+	})
 }
 
 func newConfig() *config {

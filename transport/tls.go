@@ -15,7 +15,8 @@ import (
 )
 
 // PQMode says which TLS key exchanges a peer accepts. The zero value is PQStrict, the
-// secure choice: accepting classic key exchange takes an explicit PQPermissive.
+// secure choice: accepting classic key exchange takes an explicit PQPermissive. Any
+// value other than PQPermissive is PQStrict.
 type PQMode int
 
 const (

@@ -380,7 +380,7 @@ func (d *demo) startTokens(ctx context.Context) error {
 		return err
 	}
 	d.tokenKey = key.Public().(ed25519.PublicKey)
-	d.tokens = auth.New(spiffeid.RequireFromString(demoIDs["auth"]), key, auth.DefaultTokenTTL, d.serverNow)
+	d.tokens = auth.New(spiffeid.RequireFromString(demoIDs["auth"]), key, auth.DefaultTokenTTL, auth.WithClock(d.serverNow))
 	d.rep.Tokens.TTLSeconds = d.tokens.TTL().Seconds()
 	sealer, err := d.sealing("auth")
 	if err != nil {

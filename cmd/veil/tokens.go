@@ -89,7 +89,7 @@ func buildTokenService(f tokenServeFlags, self spiffeid.ID) (builtin, ed25519.Pu
 	if err != nil {
 		return builtin{}, nil, err
 	}
-	svc := auth.New(self, key, *f.ttl, nil)
+	svc := auth.New(self, key, *f.ttl)
 	return builtin{
 		names: []string{authv1connect.TokenServiceName},
 		// The service binds each token to the certificate of the connection that asks.

@@ -37,32 +37,47 @@ type Admission struct {
 }
 
 // AdmissionOption configures NewAdmission.
-type AdmissionOption func(*Admission)
+type AdmissionOption interface{ applyAdmission(*admissionConfig) }
+
+type admissionConfig struct {
+	budget   int64
+	maxCalls int
+	perID    int
+	retry    time.Duration
+}
+
+type admissionOptionFunc func(*admissionConfig)
+
+func (f admissionOptionFunc) applyAdmission(c *admissionConfig) { f(c) }
 
 // WithAdmissionBudget bounds the bytes admitted calls may hold together (default
 // 1 GiB).
-func WithAdmissionBudget(bytes int64) AdmissionOption { return func(a *Admission) { a.budget = bytes } }
+func WithAdmissionBudget(bytes int64) AdmissionOption {
+	return admissionOptionFunc(func(c *admissionConfig) { c.budget = bytes })
+}
 
 // WithMaxCalls bounds the calls admitted at once (default 2 x GOMAXPROCS) and those of
 // one identity (default 2).
 func WithMaxCalls(total, perIdentity int) AdmissionOption {
-	return func(a *Admission) { a.maxCalls, a.perID = total, perIdentity }
+	return admissionOptionFunc(func(c *admissionConfig) { c.maxCalls, c.perID = total, perIdentity })
 }
 
 // WithRetryAfter sets the retry hint of a refusal (default 1 second).
-func WithRetryAfter(d time.Duration) AdmissionOption { return func(a *Admission) { a.retry = d } }
+func WithRetryAfter(d time.Duration) AdmissionOption {
+	return admissionOptionFunc(func(c *admissionConfig) { c.retry = d })
+}
 
 // NewAdmission returns an admission controller; identity names the caller of a
 // request (the same function the KeyService uses).
 func NewAdmission(identity IdentityFunc, opts ...AdmissionOption) (*Admission, error) {
-	a := &Admission{identity: identity, budget: 1 << 30, maxCalls: 2 * runtime.GOMAXPROCS(0), perID: 2, retry: time.Second, byID: map[string]int{}}
+	cfg := admissionConfig{budget: 1 << 30, maxCalls: 2 * runtime.GOMAXPROCS(0), perID: 2, retry: time.Second}
 	for _, o := range opts {
-		o(a)
+		o.applyAdmission(&cfg)
 	}
-	if identity == nil || a.budget <= 0 || a.maxCalls < 1 || a.perID < 1 || a.retry <= 0 {
+	if identity == nil || cfg.budget <= 0 || cfg.maxCalls < 1 || cfg.perID < 1 || cfg.retry <= 0 {
 		return nil, invalidf("admission: need an identity function and positive limits")
 	}
-	return a, nil
+	return &Admission{identity: identity, budget: cfg.budget, maxCalls: cfg.maxCalls, perID: cfg.perID, retry: cfg.retry, byID: map[string]int{}}, nil
 }
 
 // AdmissionStats is a snapshot of an Admission.

@@ -73,19 +73,23 @@ type registryConfig struct {
 }
 
 // RegistryOption configures NewRegistry.
-type RegistryOption func(*registryConfig)
+type RegistryOption interface{ applyRegistry(*registryConfig) }
+
+type registryOptionFunc func(*registryConfig)
+
+func (f registryOptionFunc) applyRegistry(c *registryConfig) { f(c) }
 
 // WithMemoryBudget bounds the bytes the registry holds: parsed keys plus partial
 // uploads (default 1 GiB).
 func WithMemoryBudget(bytes int64) RegistryOption {
-	return func(c *registryConfig) { c.budget = bytes }
+	return registryOptionFunc(func(c *registryConfig) { c.budget = bytes })
 }
 
 // WithUploadBudget sets the part of the memory budget kept for partial uploads
 // (default a quarter). Parsed key sets use the rest, so uploads always have room
 // without evicting a complete set, and partial uploads can never crowd the sets out.
 func WithUploadBudget(bytes int64) RegistryOption {
-	return func(c *registryConfig) { c.uploadBudget = bytes }
+	return registryOptionFunc(func(c *registryConfig) { c.uploadBudget = bytes })
 }
 
 // WithIdentityQuota bounds what one identity may hold: bytes (its parsed key sets and
@@ -93,41 +97,45 @@ func WithUploadBudget(bytes int64) RegistryOption {
 // 2). An identity over its byte quota evicts its own least recently used sets; a
 // partial upload over it, or one upload too many, is resource_exhausted.
 func WithIdentityQuota(bytes int64, uploads int) RegistryOption {
-	return func(c *registryConfig) { c.idBytes, c.idUploads = bytes, uploads }
+	return registryOptionFunc(func(c *registryConfig) { c.idBytes, c.idUploads = bytes, uploads })
 }
 
 // WithTTL sets how long a key set lives after its last use (default 24 hours) and how
 // long an upload may take from its first header (default 1 hour; resuming does not
 // extend it).
 func WithTTL(keys, uploads time.Duration) RegistryOption {
-	return func(c *registryConfig) { c.ttl, c.uploadTTL = keys, uploads }
+	return registryOptionFunc(func(c *registryConfig) { c.ttl, c.uploadTTL = keys, uploads })
 }
 
 // WithMaxKeySetSize bounds one encoded key set (default: half the upload budget).
 func WithMaxKeySetSize(bytes int64) RegistryOption {
-	return func(c *registryConfig) { c.maxSet = bytes }
+	return registryOptionFunc(func(c *registryConfig) { c.maxSet = bytes })
 }
 
 // WithEvaluatorPool makes the registry's evaluators share pool (default: a pool of
 // GOMAXPROCS workers), so that the evaluation buffers are bounded by the pool's size,
 // not by the number of key sets.
 func WithEvaluatorPool(pool *he.WorkerPool) RegistryOption {
-	return func(c *registryConfig) { c.pool = pool }
+	return registryOptionFunc(func(c *registryConfig) { c.pool = pool })
 }
 
 // WithStore keeps complete key sets in dir as well (a DirStore: created 0700 if
 // missing; files 0600, written atomically), so that eviction and restarts do not lose
 // them.
-func WithStore(dir string) RegistryOption { return func(c *registryConfig) { c.dir = dir } }
+func WithStore(dir string) RegistryOption {
+	return registryOptionFunc(func(c *registryConfig) { c.dir = dir })
+}
 
 // WithKeyStore keeps complete key sets in store as well. Every store operation is
 // bounded by timeout (default 30 seconds).
 func WithKeyStore(store KeyStore, timeout time.Duration) RegistryOption {
-	return func(c *registryConfig) { c.store, c.timeout = store, timeout }
+	return registryOptionFunc(func(c *registryConfig) { c.store, c.timeout = store, timeout })
 }
 
 // WithClock replaces time.Now (tests).
-func WithClock(now func() time.Time) RegistryOption { return func(c *registryConfig) { c.now = now } }
+func WithClock(now func() time.Time) RegistryOption {
+	return registryOptionFunc(func(c *registryConfig) { c.now = now })
+}
 
 type regEntry struct {
 	id      he.KeyID
@@ -158,7 +166,7 @@ func NewRegistry(params *he.Parameters, opts ...RegistryOption) (_ *Registry, er
 	}
 	cfg := registryConfig{budget: 1 << 30, ttl: 24 * time.Hour, uploadTTL: time.Hour, now: time.Now}
 	for _, o := range opts {
-		o(&cfg)
+		o.applyRegistry(&cfg)
 	}
 	if cfg.uploadBudget == 0 {
 		cfg.uploadBudget = cfg.budget / 4

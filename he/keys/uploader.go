@@ -23,37 +23,47 @@ func FetchManifest(ctx context.Context, client hev1connect.KeyServiceClient, par
 // resuming from the server's offset after a broken connection, and again when the
 // server reports the keys missing (Do).
 type Uploader struct {
-	client   hev1connect.KeyServiceClient
-	keys     *he.EvaluationKeys
+	client hev1connect.KeyServiceClient
+	keys   *he.EvaluationKeys
+	cfg    uploaderConfig
+}
+
+// UploaderOption configures NewUploader.
+type UploaderOption interface{ applyUploader(*uploaderConfig) }
+
+type uploaderConfig struct {
 	progress func(sent, total int64)
 	attempts int
 	chunk    int
 }
 
-// UploaderOption configures NewUploader.
-type UploaderOption func(*Uploader)
+type uploaderOptionFunc func(*uploaderConfig)
+
+func (f uploaderOptionFunc) applyUploader(c *uploaderConfig) { f(c) }
 
 // WithProgress calls f after each chunk with the bytes the server holds or has been
 // sent so far, and the total.
 func WithProgress(f func(sent, total int64)) UploaderOption {
-	return func(u *Uploader) { u.progress = f }
+	return uploaderOptionFunc(func(c *uploaderConfig) { c.progress = f })
 }
 
 // WithAttempts sets how many streams one Upload may open (default 3).
-func WithAttempts(n int) UploaderOption { return func(u *Uploader) { u.attempts = max(1, n) } }
+func WithAttempts(n int) UploaderOption {
+	return uploaderOptionFunc(func(c *uploaderConfig) { c.attempts = max(1, n) })
+}
 
 // WithChunkSize sets the chunk size (default and maximum ChunkSize).
 func WithChunkSize(n int) UploaderOption {
-	return func(u *Uploader) { u.chunk = min(max(1, n), ChunkSize) }
+	return uploaderOptionFunc(func(c *uploaderConfig) { c.chunk = min(max(1, n), ChunkSize) })
 }
 
 // NewUploader returns an uploader of keys to client.
 func NewUploader(client hev1connect.KeyServiceClient, keys *he.EvaluationKeys, opts ...UploaderOption) *Uploader {
-	u := &Uploader{client: client, keys: keys, attempts: 3, chunk: ChunkSize}
+	cfg := uploaderConfig{attempts: 3, chunk: ChunkSize}
 	for _, o := range opts {
-		o(u)
+		o.applyUploader(&cfg)
 	}
-	return u
+	return &Uploader{client: client, keys: keys, cfg: cfg}
 }
 
 // KeyID returns the ID of the uploader's keys.
@@ -70,7 +80,7 @@ func (u *Uploader) Upload(ctx context.Context) (he.KeyID, error) {
 	id, _ := u.keys.ID()
 	total := int64(len(data))
 	var last error
-	for range u.attempts {
+	for range u.cfg.attempts {
 		st, err := u.client.GetUploadStatus(ctx, connect.NewRequest(&hev1.GetUploadStatusRequest{KeyId: string(id)}))
 		if err != nil {
 			return id, err
@@ -104,11 +114,11 @@ func (u *Uploader) send(ctx context.Context, id he.KeyID, data []byte, offset in
 		KeyId: string(id), ParamId: string(u.keys.ParamID()), TotalSize: uint64(total), Offset: uint64(offset),
 	}}})
 	for pos := offset; err == nil && pos < total; {
-		end := min(total, pos+int64(u.chunk))
+		end := min(total, pos+int64(u.cfg.chunk))
 		err = stream.Send(&hev1.UploadEvaluationKeysRequest{Part: &hev1.UploadEvaluationKeysRequest_Chunk{Chunk: data[pos:end]}})
 		pos = end
-		if err == nil && u.progress != nil {
-			u.progress(pos, total)
+		if err == nil && u.cfg.progress != nil {
+			u.cfg.progress(pos, total)
 		}
 	}
 	res, cerr := stream.CloseAndReceive()

@@ -73,8 +73,12 @@ const (
 	DefaultMaxSubmissionsPerOwner = 1
 )
 
-// Option configures New.
-type Option func(*config)
+// Option configures New. Options are values with an unexported method, as in connect-go and package rpc.
+type Option interface{ applyToService(*config) }
+
+type option func(*config)
+
+func (f option) applyToService(c *config) { f(c) }
 
 type config struct {
 	dir     string
@@ -85,20 +89,20 @@ type config struct {
 }
 
 // WithLogger sets the logger for quarantined records (default slog.Default()).
-func WithLogger(l *slog.Logger) Option { return func(c *config) { c.logger = l } }
+func WithLogger(l *slog.Logger) Option { return option(func(c *config) { c.logger = l }) }
 
 // WithStore keeps studies and submissions in dir (a DirStore, created 0700), so that a
 // restarted service keeps them. Without a store they live in memory only.
-func WithStore(dir string) Option { return func(c *config) { c.dir = dir } }
+func WithStore(dir string) Option { return option(func(c *config) { c.dir = dir }) }
 
 // WithStudyStore keeps studies and submissions in store, which replicas may share.
 // Every store operation is bounded by timeout (default 30 seconds).
 func WithStudyStore(store Store, timeout time.Duration) Option {
-	return func(c *config) { c.store, c.timeout = store, timeout }
+	return option(func(c *config) { c.store, c.timeout = store, timeout })
 }
 
 // WithParameters sets the parameter sets studies may use (default he.Presets()).
-func WithParameters(ps ...*he.Parameters) Option { return func(c *config) { c.params = ps } }
+func WithParameters(ps ...*he.Parameters) Option { return option(func(c *config) { c.params = ps }) }
 
 // Service implements analyticsv1connect.AnalyticsServiceHandler.
 type Service struct {
@@ -164,7 +168,7 @@ func (st *study) state() analyticsv1.StudyState {
 func New(opts ...Option) (*Service, error) {
 	cfg := config{params: he.Presets(), logger: slog.Default()}
 	for _, o := range opts {
-		o(&cfg)
+		o.applyToService(&cfg)
 	}
 	if cfg.dir != "" {
 		if cfg.store != nil {

@@ -47,16 +47,69 @@ type Service struct {
 
 var _ authv1connect.TokenServiceHandler = (*Service)(nil)
 
+// ServiceOption configures New.
+type ServiceOption interface{ applyToService(*serviceConfig) }
+
+// TokenSourceOption configures NewTokenSource.
+type TokenSourceOption interface{ applyToTokenSource(*tokenSourceConfig) }
+
+// Option is both a ServiceOption and a TokenSourceOption: it means the same on either
+// side. Options are values with an unexported method, as in connect-go and package rpc.
+type Option interface {
+	ServiceOption
+	TokenSourceOption
+}
+
+type serviceConfig struct {
+	now func() time.Time
+}
+
+type tokenSourceConfig struct {
+	now    func() time.Time
+	hcOpts []rpc.ClientOption
+}
+
+type tokenSourceOption func(*tokenSourceConfig)
+
+func (f tokenSourceOption) applyToTokenSource(c *tokenSourceConfig) { f(c) }
+
+type option struct {
+	service     func(*serviceConfig)
+	tokenSource func(*tokenSourceConfig)
+}
+
+func (o option) applyToService(c *serviceConfig)         { o.service(c) }
+func (o option) applyToTokenSource(c *tokenSourceConfig) { o.tokenSource(c) }
+
+// WithClock sets the clock (default time.Now): the one the service stamps tokens with,
+// or the one a TokenSource judges expiry by.
+func WithClock(now func() time.Time) Option {
+	return option{
+		service:     func(c *serviceConfig) { c.now = now },
+		tokenSource: func(c *tokenSourceConfig) { c.now = now },
+	}
+}
+
+// WithClientOptions configures the HTTP clients that reach the token service, for
+// example with rpc.WithClientSealing when it is served sealing-strict.
+func WithClientOptions(opts ...rpc.ClientOption) TokenSourceOption {
+	return tokenSourceOption(func(c *tokenSourceConfig) { c.hcOpts = append(c.hcOpts, opts...) })
+}
+
 // New returns a token service that signs as issuer (its own SPIFFE ID) with key, for
-// tokens that live ttl (DefaultTokenTTL if zero). now is the clock (nil: time.Now).
-func New(issuer spiffeid.ID, key ed25519.PrivateKey, ttl time.Duration, now func() time.Time) *Service {
+// tokens that live ttl (DefaultTokenTTL if zero).
+func New(issuer spiffeid.ID, key ed25519.PrivateKey, ttl time.Duration, opts ...ServiceOption) *Service {
 	if ttl <= 0 {
 		ttl = DefaultTokenTTL
 	}
-	if now == nil {
-		now = time.Now
+	cfg := serviceConfig{now: time.Now}
+	for _, o := range opts {
+		o.applyToService(&cfg)
 	}
-	return &Service{issuer: issuer.String(), key: key, ttl: ttl, now: now}
+	if cfg.now == nil {
+		cfg.now = time.Now
+	}
+	return &Service{issuer: issuer.String(), key: key, ttl: ttl, now: cfg.now}
 }
 
 // IssueToken returns a token for the caller, bound to this connection's certificate.
@@ -200,20 +253,6 @@ type TokenStats struct {
 	Forced int64
 }
 
-// TokenSourceOption configures NewTokenSource.
-type TokenSourceOption func(*TokenSource)
-
-// WithClientOptions configures the HTTP clients that reach the token service, for
-// example with rpc.WithClientSealing when it is served sealing-strict.
-func WithClientOptions(opts ...rpc.ClientOption) TokenSourceOption {
-	return func(t *TokenSource) { t.hcOpts = append(t.hcOpts, opts...) }
-}
-
-// WithClock sets the clock the TokenSource judges expiry by (default time.Now).
-func WithClock(now func() time.Time) TokenSourceOption {
-	return func(t *TokenSource) { t.now = now }
-}
-
 // leafTokens is the token service client and cached token of one certificate.
 type leafTokens struct {
 	svid   *x509svid.SVID
@@ -227,11 +266,14 @@ type leafTokens struct {
 // NewTokenSource returns a TokenSource for tokens to audience from the token service at
 // url, whose SPIFFE ID server authorizes.
 func NewTokenSource(src transport.Source, url string, server transport.Authorizer, audience spiffeid.ID, opts ...TokenSourceOption) *TokenSource {
-	t := &TokenSource{src: src, url: url, server: server, audience: audience.String(), now: time.Now, leaves: map[string]*leafTokens{}}
+	cfg := tokenSourceConfig{now: time.Now}
 	for _, o := range opts {
-		o(t)
+		o.applyToTokenSource(&cfg)
 	}
-	return t
+	if cfg.now == nil {
+		cfg.now = time.Now
+	}
+	return &TokenSource{src: src, url: url, server: server, audience: audience.String(), now: cfg.now, hcOpts: cfg.hcOpts, leaves: map[string]*leafTokens{}}
 }
 
 // Stats returns what the TokenSource has fetched so far.

@@ -91,7 +91,7 @@ func TestBoundTokens(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc := New(authID, key, time.Minute, clock)
+	svc := New(authID, key, time.Minute, WithClock(clock))
 	rpc.Register(tokens, authv1connect.NewTokenServiceHandler, authv1connect.TokenServiceHandler(svc))
 	authURL := start(t, tokens)
 

@@ -472,3 +472,32 @@ func TestJoinCertifiesPQStaticKey(t *testing.T) {
 		t.Fatalf("credential does not verify: %v", err)
 	}
 }
+
+// TestWithMetrics: a Service given ca.WithMetrics counts its requests in that registry
+// as well as in its server's, and one registry given to both is not an error.
+func TestWithMetrics(t *testing.T) {
+	own := prometheus.NewRegistry()
+	e := startCA(t, newCADir(t), "127.0.0.1:0", ca.WithMetrics(own))
+	boot := e.bootstrapClient(t)
+	_, err := boot.Join(context.Background(), connect.NewRequest(&cav1.JoinRequest{Token: "vjt1.bm90LWEtdG9rZW4", Csr: csrFor(t, "spiffe://example.org/api")}))
+	wantRefusal(t, err, connect.CodeUnauthenticated, "token_unknown")
+	want := map[string]string{"procedure": cav1connect.CAServiceJoinProcedure, "result": "token_unknown"}
+	if got := counter(own, "veil_ca_requests_total", want); got != 1 {
+		t.Errorf("WithMetrics registry: veil_ca_requests_total = %v, want 1", got)
+	}
+	if got := e.result(cav1connect.CAServiceJoinProcedure, "token_unknown"); got != 1 {
+		t.Errorf("server registry: veil_ca_requests_total = %v, want 1", got)
+	}
+
+	shared := prometheus.NewRegistry()
+	svc, err := ca.New(e.dir, ca.WithMetrics(shared))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.NewServer(svc, nil, nil, rpc.WithMetrics(shared)); err != nil {
+		t.Fatalf("NewServer with the registry given to WithMetrics: %v", err)
+	}
+	if _, err := ca.New(e.dir, ca.WithMetrics(shared)); err == nil {
+		t.Error("a second Service registering in the same registry: no error")
+	}
+}

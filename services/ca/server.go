@@ -53,8 +53,8 @@ func NewServer(s *Service, dnsNames []string, ips []net.IP, opts ...rpc.ServerOp
 	if err != nil {
 		return nil, err
 	}
-	if err := srv.Registerer().Register(s.results); err != nil {
-		return nil, fmt.Errorf("ca: metrics: %w", err)
+	if err := s.register(srv.Registerer()); err != nil {
+		return nil, err
 	}
 	rpc.Register(srv, cav1connect.NewCAServiceHandler, cav1connect.CAServiceHandler(s))
 	return srv, nil

@@ -46,6 +46,7 @@ type config struct {
 	burst      int
 	logger     *slog.Logger
 	now        func() time.Time
+	registerer prometheus.Registerer
 }
 
 // WithMaxTTL sets the longest lifetime the CA issues (default DefaultMaxTTL).
@@ -63,6 +64,13 @@ func WithRateLimit(perSecond float64, burst int) Option {
 
 // WithLogger sets the logger (default slog.Default()).
 func WithLogger(l *slog.Logger) Option { return option(func(c *config) { c.logger = l }) }
+
+// WithMetrics registers veil_ca_requests_total{procedure,result} in reg, for a Service
+// mounted on a server of the caller's. The default is none; NewServer registers it in
+// its rpc.Server's registry (rpc.WithMetrics) in any case.
+func WithMetrics(reg prometheus.Registerer) Option {
+	return option(func(c *config) { c.registerer = reg })
+}
 
 // WithClock sets the clock (tests).
 func WithClock(now func() time.Time) Option { return option(func(c *config) { c.now = now }) }
@@ -98,17 +106,34 @@ func New(dir string, opts ...Option) (*Service, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ca: %w", err)
 	}
-	return &Service{
+	s := &Service{
 		dir: dir, cfg: cfg, ca: c,
 		limiter: newLimiter(cfg.rate, cfg.burst),
 		results: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "veil_ca_requests_total", Help: "CA requests by procedure and result (issued, or the refusal reason).",
 		}, []string{"procedure", "result"}),
-	}, nil
+	}
+	if cfg.registerer != nil {
+		if err := s.register(cfg.registerer); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
 }
 
-// Collectors returns the service's metrics, to register with a Prometheus registry.
-func (s *Service) Collectors() []prometheus.Collector { return []prometheus.Collector{s.results} }
+// register registers the service's metrics in reg; registering them twice in one
+// registry is not an error.
+func (s *Service) register(reg prometheus.Registerer) error {
+	err := reg.Register(s.results)
+	var dup prometheus.AlreadyRegisteredError
+	if errors.As(err, &dup) && dup.ExistingCollector == s.results {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("ca: metrics: %w", err)
+	}
+	return nil
+}
 
 // CA returns the current CA, reloading it if another process changed its files.
 func (s *Service) CA() (*pki.CA, error) {

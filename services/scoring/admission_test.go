@@ -73,7 +73,7 @@ func TestAdmissionRefusesBeforeReading(t *testing.T) {
 		t.Fatal(err)
 	}
 	var read atomic.Int64
-	e := startCounting(t, m, &read, scoring.WithParameters(smallParams(t)), scoring.WithAdmission(keys.WithMaxCalls(3, 2)))
+	e := startCounting(t, m, &read, scoring.WithParameters(smallParams(t)), scoring.WithAdmissionOptions(keys.WithMaxCalls(3, 2)))
 	ctx := context.Background()
 	key, err := he.NewClient(smallParams(t))
 	if err != nil {
@@ -142,7 +142,7 @@ func TestAdmissionFlood(t *testing.T) {
 	}
 	cost := probe.CallCost(false, 0)
 	budget := 3*cost + cost/2 // three of the largest calls at once
-	e := start(t, m, scoring.WithParameters(params), scoring.WithAdmission(keys.WithAdmissionBudget(budget)))
+	e := start(t, m, scoring.WithParameters(params), scoring.WithAdmissionOptions(keys.WithAdmissionBudget(budget)))
 	// A full block of samples, each a training sample.
 	block := make([][]float64, params.Slots())
 	for i := range block {

@@ -68,7 +68,11 @@ type Stats struct {
 }
 
 // ClientOption configures NewClient.
-type ClientOption func(*clientConfig)
+type ClientOption interface{ applyToClient(*clientConfig) }
+
+type clientOption func(*clientConfig)
+
+func (f clientOption) applyToClient(c *clientConfig) { f(c) }
 
 type clientConfig struct {
 	pad      bool
@@ -81,25 +85,31 @@ type clientConfig struct {
 // WithBusyRetries sets how many times a call the server refuses as busy
 // (resource_exhausted with a retry hint: admission control) is sent again after the
 // hinted delay, within the context's deadline (default 3; 0 returns the refusal).
-func WithBusyRetries(n int) ClientOption { return func(c *clientConfig) { c.busy = max(0, n) } }
+func WithBusyRetries(n int) ClientOption {
+	return clientOption(func(c *clientConfig) { c.busy = max(0, n) })
+}
 
 // WithProgress calls f as keys upload, blocks are sent and results arrive; calls
 // never overlap.
-func WithProgress(f func(Progress)) ClientOption { return func(c *clientConfig) { c.progress = f } }
+func WithProgress(f func(Progress)) ClientOption {
+	return clientOption(func(c *clientConfig) { c.progress = f })
+}
 
 // WithConnectOptions adds Connect client options (rpc.ClientOptions() is always used).
 func WithConnectOptions(opts ...connect.ClientOption) ClientOption {
-	return func(c *clientConfig) { c.opts = append(c.opts, opts...) }
+	return clientOption(func(c *clientConfig) { c.opts = append(c.opts, opts...) })
 }
 
 // WithPadding pads every batch with zero samples to a whole number of blocks, so that
 // the server learns only how many blocks of Slots samples a batch spans, not its exact
 // size. The cost is nil: a block costs one ciphertext per feature however full it is.
-func WithPadding() ClientOption { return func(c *clientConfig) { c.pad = true } }
+func WithPadding() ClientOption { return clientOption(func(c *clientConfig) { c.pad = true }) }
 
 // WithHEClient uses an existing secret key (its parameters must be the server's)
 // instead of generating one.
-func WithHEClient(c *he.Client) ClientOption { return func(cfg *clientConfig) { cfg.heClient = c } }
+func WithHEClient(c *he.Client) ClientOption {
+	return clientOption(func(cfg *clientConfig) { cfg.heClient = c })
+}
 
 // Client scores batches against a scoring server. It holds the CKKS secret key; the
 // server only ever sees ciphertexts and evaluation keys. It is safe for concurrent use.
@@ -128,7 +138,7 @@ type Client struct {
 func NewClient(ctx context.Context, hc connect.HTTPClient, baseURL string, opts ...ClientOption) (*Client, error) {
 	cfg := clientConfig{busy: 3}
 	for _, o := range opts {
-		o(&cfg)
+		o.applyToClient(&cfg)
 	}
 	copts := append([]connect.ClientOption{connect.WithAcceptCompression("gzip", nil, nil)}, cfg.opts...)
 	svc := scoringv1connect.NewScoringServiceClient(hc, baseURL, copts...)

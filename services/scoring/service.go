@@ -39,8 +39,12 @@ const (
 	ScoreStreamProcedure  = scoringv1connect.ScoringServiceScoreStreamProcedure
 )
 
-// Option configures New.
-type Option func(*config)
+// Option configures New. Options are values with an unexported method, as in connect-go and package rpc.
+type Option interface{ applyToService(*config) }
+
+type option func(*config)
+
+func (f option) applyToService(c *config) { f(c) }
 
 type config struct {
 	params     *he.Parameters
@@ -60,18 +64,18 @@ const DefaultMaxSamples = 1 << 20
 // WithMaxSamples bounds the samples one ScoreStream call may declare (default
 // DefaultMaxSamples); a header above it is resource_exhausted. An admitted stream
 // holds its admission until it ends, so this bounds how long one call can hold it.
-func WithMaxSamples(n uint64) Option { return func(c *config) { c.maxSamples = n } }
+func WithMaxSamples(n uint64) Option { return option(func(c *config) { c.maxSamples = n }) }
 
-// WithAdmission configures admission control (keys.NewAdmission): the memory and the
+// WithAdmissionOptions configures admission control (keys.NewAdmission): the memory and the
 // calls Score and ScoreStream may hold at once, in all and per identity. Every call
 // is charged, before its body is read, the most it can hold (CallCost).
-func WithAdmission(opts ...keys.AdmissionOption) Option {
-	return func(c *config) { c.admOpts = append(c.admOpts, opts...) }
+func WithAdmissionOptions(opts ...keys.AdmissionOption) Option {
+	return option(func(c *config) { c.admOpts = append(c.admOpts, opts...) })
 }
 
 // WithParameters sets the CKKS parameters (default he.ParamsN13). They need one level
 // for the logits, two with WithDecisionOnly.
-func WithParameters(p *he.Parameters) Option { return func(c *config) { c.params = p } }
+func WithParameters(p *he.Parameters) Option { return option(func(c *config) { c.params = p }) }
 
 // DecisionMaskMax is the largest masking factor WithDecisionOnly multiplies a logit by.
 const DecisionMaskMax = 1 << 16
@@ -81,23 +85,23 @@ const DecisionMaskMax = 1 << 16
 // (one more level). The client learns each sample's class (the sign) and that |z| lies
 // within a factor DecisionMaskMax of what it decrypts, not the probability, so
 // extracting the model takes many more, adaptively chosen, queries (docs/services.md).
-func WithDecisionOnly() Option { return func(c *config) { c.decision = true } }
+func WithDecisionOnly() Option { return option(func(c *config) { c.decision = true }) }
 
 // WithSampleQuota bounds the samples one identity may have scored per window (Score
 // and ScoreStream together, counted when a call declares them); a call over it is
 // resource_exhausted with a retry hint. It slows model extraction by one identity; it
 // cannot stop several identities pooling their answers.
 func WithSampleQuota(samples uint64, window time.Duration) Option {
-	return func(c *config) { c.quota, c.window = samples, window }
+	return option(func(c *config) { c.quota, c.window = samples, window })
 }
 
 // WithClock replaces time.Now for the sample quota's windows (tests).
-func WithClock(now func() time.Time) Option { return func(c *config) { c.now = now } }
+func WithClock(now func() time.Time) Option { return option(func(c *config) { c.now = now }) }
 
 // WithRegistryOptions configures the evaluation-key registry (memory budget, TTL,
 // on-disk store).
 func WithRegistryOptions(opts ...keys.RegistryOption) Option {
-	return func(c *config) { c.regOpts = append(c.regOpts, opts...) }
+	return option(func(c *config) { c.regOpts = append(c.regOpts, opts...) })
 }
 
 // Service implements scoringv1connect.ScoringServiceHandler over a plaintext model.
@@ -122,7 +126,7 @@ func New(model *Model, opts ...Option) (*Service, error) {
 	}
 	cfg := config{params: he.ParamsN13(), maxSamples: DefaultMaxSamples, now: time.Now}
 	for _, o := range opts {
-		o(&cfg)
+		o.applyToService(&cfg)
 	}
 	if cfg.params == nil {
 		return nil, errors.New("scoring: nil parameters")
