@@ -217,6 +217,13 @@ func mac(h Hash, key []byte, msg []byte) []byte {
 	return m.Sum(nil)
 }
 
+// macTo appends HMAC-H(key, msg) to dst with a pooled kdf (no HMAC instance allocated).
+func macTo(h Hash, dst, key, msg []byte) []byte {
+	k := getKDF(h)
+	defer k.put()
+	return k.mac(dst, key, msg)
+}
+
 // handshakeSecrets are the outputs of the handshake key schedule (spec section 5.2).
 type handshakeSecrets struct {
 	session   []byte // Nh bytes, the resumption secret carried in the ticket
@@ -224,14 +231,29 @@ type handshakeSecrets struct {
 	confirm   []byte // Nh bytes, HMAC key for the server's confirmation
 }
 
+// deriveHandshake computes prk = HKDF-Extract(cb, ikm) and the three ExpandLabel outputs of
+// spec 5.2 from it. HKDF-Extract is HMAC(salt, ikm), an empty salt being Nh zero bytes, which
+// HMAC's key padding makes the same key as no key; prk is keyed once for the three
+// expansions, and the outputs share one allocation.
 func deriveHandshake(h Hash, cb, ikm, th []byte) handshakeSecrets {
-	prk := extract(h, cb, ikm)
 	k := getKDF(h)
 	defer k.put()
+	n := k.size
+	prk := k.mac(k.out[:0], cb, ikm)
+	var hk hmacKey
+	k.keyed(&hk, prk)
+	clear(prk)
+	out := make([]byte, 0, 2*n+sessionIDSize)
+	out = k.expandKeyed(out, &hk, "session", th, n)
+	out = k.expandKeyed(out, &hk, "session id", th, sessionIDSize)
+	out = k.expandKeyed(out, &hk, "confirm", th, n)
+	clear(hk.inner[:])
+	clear(hk.outer[:])
+	clear(hk.key[:])
 	return handshakeSecrets{
-		session:   k.expand(nil, prk, "session", th, h.Size()),
-		sessionID: k.expand(nil, prk, "session id", th, 16),
-		confirm:   k.expand(nil, prk, "confirm", th, h.Size()),
+		session:   out[:n:n],
+		sessionID: out[n : n+sessionIDSize : n+sessionIDSize],
+		confirm:   out[n+sessionIDSize:],
 	}
 }
 
