@@ -1,6 +1,7 @@
 package pqkex
 
 import (
+	"bytes"
 	"crypto/ed25519"
 	"crypto/rand"
 	"syscall"
@@ -150,5 +151,57 @@ func BenchmarkHandshakeParts(b *testing.B) {
 			}
 			b.ReportMetric(float64(processCPU(b)-start)/float64(b.N), "cpu-ns/op")
 		})
+	}
+}
+
+// TestHandshakeAllocations bounds the allocations of a channel-bound handshake on a
+// post-quantum TLS connection, both sides in memory (the client's hello, the server's
+// parsing, credential lookup and reply with its ticket, the client's finish): 44 since
+// issue 21 (80 before: re-encoded transcript messages, a SHA-256 of the client credential
+// per handshake, unsized buffers, an HMAC instance per key-schedule step).
+func TestHandshakeAllocations(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocation counts differ under the race detector")
+	}
+	suite := X25519MLKEM768()
+	now := time.Date(2026, 6, 1, 12, 0, 0, 0, time.UTC)
+	roots, server, client := handshakeParties(t, suite, now)
+	keys, err := NewTicketKeySet(time.Hour, func() time.Time { return now }, TicketKey{ID: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var creds credCache
+	cb := make([]byte, 32)
+	handshake := func() {
+		hs, err := startClient(nil, client, server.cred, AES256GCM, clientFlags(true, true))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ch, err := parseClientHello(hs.raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		peer, err := creds.verify(roots, ch.credential, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sh, sec, err := respond(nil, ch, server, peer, cb, func(sec handshakeSecrets) ([]byte, uint64, error) {
+			st := &ticketState{suite: ch.suite, aead: ch.aead, flags: ch.flags, sessionID: sec.sessionID, secret: sec.session,
+				issued: unixSeconds(now), expiry: unixSeconds(now.Add(time.Hour)), serverHash: server.cred.hash,
+				clientID: peer.spiffeID, clientPK: peer.publicKey, bindingID: bindingID(cb)}
+			tk, err := keys.seal(nil, server.cred.spiffeID, st.marshal(), now)
+			return tk, st.expiry, err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := hs.finish(sh, cb)
+		if err != nil || !bytes.Equal(res.secrets.session, sec.session) {
+			t.Fatalf("handshake: %v", err)
+		}
+	}
+	handshake() // the credential verified and cached, the static key parsed
+	if allocs := testing.AllocsPerRun(50, handshake); allocs > 48 {
+		t.Fatalf("%v allocations per handshake, want at most 48", allocs)
 	}
 }
