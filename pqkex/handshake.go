@@ -248,12 +248,10 @@ func (m *clientHello) writeTranscriptHello(w io.Writer, scratch, clientHash, ser
 	// suite, aead, flags, client_random.
 	at := 2 + 1 + len(m.versions) + 1 + 2*len(m.suites) + 5 + randomSize
 	credAt := len(m.raw) - len(m.credential) - 2 // the client credential's u16 length
-	w.Write(m.raw[:at])
-	w.Write(serverHash)
-	w.Write(m.raw[at+credDigestSize : credAt])
 	binary.BigEndian.PutUint16(scratch[:2], uint16(len(clientHash)))
-	w.Write(scratch[:2])
-	w.Write(clientHash)
+	for _, b := range [...][]byte{m.raw[:at], serverHash, m.raw[at+credDigestSize : credAt], scratch[:2], clientHash} {
+		_, _ = w.Write(b) // a hash or an appendWriter: never fails
+	}
 }
 
 // appendWriter is an io.Writer that appends to b.

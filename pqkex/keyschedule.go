@@ -4,7 +4,6 @@ import (
 	"crypto"
 	"crypto/cipher"
 	"crypto/hkdf"
-	"crypto/hmac"
 	"crypto/rand"
 	"encoding/binary"
 	"hash"
@@ -209,12 +208,6 @@ func digest(h Hash, parts ...[]byte) []byte {
 		d.Write(p)
 	}
 	return d.Sum(nil)
-}
-
-func mac(h Hash, key []byte, msg []byte) []byte {
-	m := hmac.New(hashFunc(h), key)
-	m.Write(msg)
-	return m.Sum(nil)
 }
 
 // macTo appends HMAC-H(key, msg) to dst with a pooled kdf (no HMAC instance allocated).
