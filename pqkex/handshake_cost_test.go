@@ -156,7 +156,7 @@ func BenchmarkHandshakeParts(b *testing.B) {
 
 // TestHandshakeAllocations bounds the allocations of a channel-bound handshake on a
 // post-quantum TLS connection, both sides in memory (the client's hello, the server's
-// parsing, credential lookup and reply with its ticket, the client's finish): 44 since
+// parsing, credential lookup and reply with its ticket, the client's finish): 42 since
 // issue 21 (80 before: re-encoded transcript messages, a SHA-256 of the client credential
 // per handshake, unsized buffers, an HMAC instance per key-schedule step).
 func TestHandshakeAllocations(t *testing.T) {
@@ -201,7 +201,9 @@ func TestHandshakeAllocations(t *testing.T) {
 		}
 	}
 	handshake() // the credential verified and cached, the static key parsed
-	if allocs := testing.AllocsPerRun(50, handshake); allocs > 48 {
+	allocs := testing.AllocsPerRun(50, handshake)
+	if allocs > 48 {
 		t.Fatalf("%v allocations per handshake, want at most 48", allocs)
 	}
+	t.Logf("%v allocations per handshake", allocs)
 }

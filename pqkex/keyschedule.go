@@ -41,6 +41,7 @@ type kdf struct {
 	// Scratch for the per-call keys: in the pooled kdf, not on the stack, where the hash
 	// interface's calls would make it escape.
 	out [maxHashSize]byte
+	prk hmacKey // the handshake's keyed prk (deriveHandshake), for the same reason
 }
 
 var kdfPools sync.Map // Hash -> *sync.Pool
@@ -61,6 +62,9 @@ func (k *kdf) put() {
 	clear(k.key[:])
 	clear(k.inner[:])
 	clear(k.out[:])
+	if k.prk.keyLen != 0 { // only deriveHandshake keys it: calls do not pay for clearing it
+		k.prk = hmacKey{}
+	}
 	p, _ := kdfPools.Load(k.hash) // present: getKDF made k
 	p.(*sync.Pool).Put(k)
 }
@@ -233,16 +237,11 @@ func deriveHandshake(h Hash, cb, ikm, th []byte) handshakeSecrets {
 	defer k.put()
 	n := k.size
 	prk := k.mac(k.out[:0], cb, ikm)
-	var hk hmacKey
-	k.keyed(&hk, prk)
-	clear(prk)
+	k.keyed(&k.prk, prk) // put clears both
 	out := make([]byte, 0, 2*n+sessionIDSize)
-	out = k.expandKeyed(out, &hk, "session", th, n)
-	out = k.expandKeyed(out, &hk, "session id", th, sessionIDSize)
-	out = k.expandKeyed(out, &hk, "confirm", th, n)
-	clear(hk.inner[:])
-	clear(hk.outer[:])
-	clear(hk.key[:])
+	out = k.expandKeyed(out, &k.prk, "session", th, n)
+	out = k.expandKeyed(out, &k.prk, "session id", th, sessionIDSize)
+	out = k.expandKeyed(out, &k.prk, "confirm", th, n)
 	return handshakeSecrets{
 		session:   out[:n:n],
 		sessionID: out[n : n+sessionIDSize : n+sessionIDSize],
