@@ -769,7 +769,7 @@ func exchange(ctx context.Context, base http.RoundTripper, method, url string, b
 	if resp.StatusCode != http.StatusOK {
 		return nil, nil, errNoSession
 	}
-	raw, err := io.ReadAll(io.LimitReader(resp.Body, maxHandshakeBody))
+	raw, err := readHandshakeBody(resp.Body, resp.ContentLength)
 	if err != nil {
 		return nil, nil, err
 	}

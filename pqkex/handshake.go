@@ -35,6 +35,8 @@ type clientHello struct {
 	ephemeralPK  []byte
 	ctS          []byte
 	credential   []byte
+
+	raw []byte // the encoding as sent or received: CH' is hashed from it (spec 5.2)
 }
 
 func (m *clientHello) marshal() []byte {
@@ -85,6 +87,7 @@ func parseClientHello(b []byte) (*clientHello, error) {
 	if !p.ok() || len(m.credential) == 0 {
 		return nil, errMalformed
 	}
+	m.raw = b
 	return m, nil
 }
 
@@ -179,9 +182,9 @@ type serverHello struct {
 }
 
 // marshalKeys encodes the prefix that the session keys depend on (up to ct_c), with room for
-// the rest of the message.
-func (m *serverHello) marshalKeys() []byte {
-	b := make([]byte, 0, 6+randomSize+4+len(m.ctE)+len(m.ctC)+8+2+len(m.ticket)+maxHashSize)
+// the rest of the message and extra more bytes.
+func (m *serverHello) marshalKeys(extra int) []byte {
+	b := make([]byte, 0, 6+randomSize+4+len(m.ctE)+len(m.ctC)+8+2+len(m.ticket)+maxHashSize+extra)
 	b = append(b, wireVersion, typeServerHello)
 	b = binary.BigEndian.AppendUint16(b, m.suite)
 	b = binary.BigEndian.AppendUint16(b, m.aead)
@@ -192,7 +195,7 @@ func (m *serverHello) marshalKeys() []byte {
 
 // marshalUnconfirmed encodes everything but the confirmation tag.
 func (m *serverHello) marshalUnconfirmed() []byte {
-	b := binary.BigEndian.AppendUint64(m.marshalKeys(), m.ticketExpiry)
+	b := binary.BigEndian.AppendUint64(m.marshalKeys(0), m.ticketExpiry)
 	return appendVec16(b, m.ticket)
 }
 
@@ -227,46 +230,61 @@ func parseServerHello(b []byte, suite Scheme, aead AEAD, flags uint8) (*serverHe
 // transcriptHello is the ClientHello as the transcript sees it (CH', spec 5.2): the encoding
 // with the client credential replaced by its hash and the server credential's SHA-256 name by
 // its hash, both with the suite hash (which binds them as well and spares hashing the ML-DSA
-// signature four times per handshake).
+// signature four times per handshake). The handshake hashes it with writeTranscriptHello
+// without building it.
 func (m *clientHello) transcriptHello(clientHash, serverHash []byte) []byte {
-	t := *m
-	t.credential = clientHash
-	b := t.marshal()
+	var w appendWriter
+	var scratch [2]byte
+	m.writeTranscriptHello(&w, scratch[:], clientHash, serverHash)
+	return w.b
+}
+
+// writeTranscriptHello writes CH' to w from the hello's encoding (m.raw), piece by piece:
+// the encoding up to server_credential_digest, serverHash in its place, the rest up to the
+// client credential, and clientHash with its u16 length in place of the credential. scratch
+// holds the length (2 bytes).
+func (m *clientHello) writeTranscriptHello(w io.Writer, scratch, clientHash, serverHash []byte) {
 	// server_credential_digest's offset (spec 5.1): version, type, the two offer lists,
 	// suite, aead, flags, client_random.
 	at := 2 + 1 + len(m.versions) + 1 + 2*len(m.suites) + 5 + randomSize
-	if len(serverHash) == credDigestSize {
-		copy(b[at:], serverHash)
-		return b
+	credAt := len(m.raw) - len(m.credential) - 2 // the client credential's u16 length
+	binary.BigEndian.PutUint16(scratch[:2], uint16(len(clientHash)))
+	for _, b := range [...][]byte{m.raw[:at], serverHash, m.raw[at+credDigestSize : credAt], scratch[:2], clientHash} {
+		_, _ = w.Write(b) // a hash or an appendWriter: never fails
 	}
-	return append(append(append(make([]byte, 0, len(b)+len(serverHash)), b[:at]...), serverHash...), b[at+credDigestSize:]...)
 }
 
-// transcripts returns th = H(CH' ‖ SH up to ct_c), from which the session keys derive, and
-// thc = H(CH' ‖ SH without confirm), which the confirmation tag covers, in one pass.
-func transcripts(suite Scheme, chT []byte, sh *serverHello) (th, thc []byte) {
-	t := newTranscript(suite, chT, sh)
-	return t.th, t.confirmed(sh)
+// appendWriter is an io.Writer that appends to b.
+type appendWriter struct{ b []byte }
+
+func (w *appendWriter) Write(p []byte) (int, error) {
+	w.b = append(w.b, p...)
+	return len(p), nil
 }
 
-// transcript is the running hash of a handshake: the server takes th before it seals the
-// ticket and thc after, without hashing the messages twice.
+// transcript is the running hash of a handshake: th = H(CH' ‖ ServerHello up to ct_c), from
+// which the session keys derive, then thc = H(CH' ‖ ServerHello without confirm), which the
+// confirmation tag covers, without hashing anything twice or copying the messages.
 type transcript struct {
-	h  hash.Hash
-	th []byte
+	h       hash.Hash
+	th      []byte
+	scratch [2]byte
 }
 
-func newTranscript(suite Scheme, chT []byte, sh *serverHello) *transcript {
-	h := suite.Hash().New()
-	h.Write(chT)
-	h.Write(sh.marshalKeys())
-	return &transcript{h: h, th: h.Sum(nil)}
+// newTranscript hashes CH' of ch and keys, the ServerHello's encoding up to ct_c, and
+// takes th.
+func newTranscript(suite Scheme, ch *clientHello, clientHash, serverHash, keys []byte) *transcript {
+	t := &transcript{h: suite.Hash().New()}
+	ch.writeTranscriptHello(t.h, t.scratch[:], clientHash, serverHash)
+	t.h.Write(keys)
+	t.th = t.h.Sum(nil)
+	return t
 }
 
-// confirmed continues the hash with the ticket expiry and ticket and returns thc.
-func (t *transcript) confirmed(sh *serverHello) []byte {
-	tail := binary.BigEndian.AppendUint64(make([]byte, 0, 10+len(sh.ticket)), sh.ticketExpiry)
-	t.h.Write(appendVec16(tail, sh.ticket))
+// confirmed continues the hash with rest, the ServerHello's encoding from ticket_expiry up
+// to the confirmation tag, and returns thc.
+func (t *transcript) confirmed(rest []byte) []byte {
+	t.h.Write(rest)
 	return t.h.Sum(nil)
 }
 
@@ -317,7 +335,8 @@ func startClient(rand io.Reader, self *Identity, server *Credential, aead AEAD, 
 		return nil, errInternal
 	}
 	m.ctS = ct
-	return &clientHandshake{self: self, server: server, hello: m, raw: m.marshal(), ephSK: ephSK, ssS: ss}, nil
+	m.raw = m.marshal()
+	return &clientHandshake{self: self, server: server, hello: m, raw: m.raw, ephSK: ephSK, ssS: ss}, nil
 }
 
 // newEphemeral derives the client's ephemeral key pair for k from a seed read from rand.
@@ -359,9 +378,13 @@ func (c *clientHandshake) finish(raw, cb []byte) (*clientResult, error) {
 		return nil, errTampered
 	}
 	ikm := concat(c.ssS, ssE, ssC)
-	th, thc := transcripts(suite, c.hello.transcriptHello(c.self.cred.hash, c.server.hash), sh)
-	sec := deriveHandshake(suite.Hash(), cb, ikm, th)
-	if !hmac.Equal(mac(suite.Hash(), sec.confirm, thc), sh.confirm) {
+	// The transcript hashes the ServerHello as received: parseServerHello accepts exactly
+	// one encoding of a message, so these are the bytes the server hashed.
+	unconfirmed := len(raw) - len(sh.confirm)
+	keysEnd := unconfirmed - len(sh.ticket) - 2 - 8 // before ticket_expiry and the ticket
+	t := newTranscript(suite, c.hello, c.self.cred.hash, c.server.hash, raw[:keysEnd])
+	sec := deriveHandshake(suite.Hash(), cb, ikm, t.th)
+	if !hmac.Equal(macTo(suite.Hash(), nil, sec.confirm, t.confirmed(raw[keysEnd:unconfirmed])), sh.confirm) {
 		return nil, errServerConfirm
 	}
 	return &clientResult{secrets: sec, ticket: sh.ticket, expiry: sh.ticketExpiry}, nil
@@ -403,13 +426,19 @@ func respond(rand io.Reader, ch *clientHello, self *Identity, peer *Credential, 
 		return nil, handshakeSecrets{}, errInternal
 	}
 	sh.ctC = ctC
-	t := newTranscript(suite, ch.transcriptHello(peer.hash, self.cred.hash), sh)
+	// One buffer for the whole ServerHello, hashed as it is written: room for a ticket
+	// (section 7) and the confirmation tag.
+	out := sh.marshalKeys(ticketSizeHint(peer) + maxHashSize)
+	keysEnd := len(out)
+	t := newTranscript(suite, ch, peer.hash, self.cred.hash, out)
 	sec := deriveHandshake(suite.Hash(), cb, concat(ssS, ssE, ssC), t.th)
 	if sh.ticket, sh.ticketExpiry, err = issue(sec); err != nil {
 		return nil, handshakeSecrets{}, err
 	}
-	sh.confirm = mac(suite.Hash(), sec.confirm, t.confirmed(sh))
-	return sh.marshal(), sec, nil
+	out = binary.BigEndian.AppendUint64(out, sh.ticketExpiry)
+	out = appendVec16(out, sh.ticket)
+	sh.confirm = macTo(suite.Hash(), nil, sec.confirm, t.confirmed(out[keysEnd:]))
+	return append(out, sh.confirm...), sec, nil
 }
 
 // encapEphemeral encapsulates to the client's ephemeral key with a seed read from rand into
@@ -434,4 +463,35 @@ func concat(parts ...[]byte) []byte {
 		out = append(out, p...)
 	}
 	return out
+}
+
+// readHandshakeBody reads a handshake message of at most maxHandshakeBody bytes. A declared
+// length (n >= 0) is read into a buffer of that size, which spares io.ReadAll's growing
+// copies of a 7 KB ClientHello; the body must end there. Without one it reads up to the
+// limit. It reports a body over the limit, or not of its declared length, as errMalformed.
+func readHandshakeBody(r io.Reader, n int64) ([]byte, error) {
+	if n < 0 || n > maxHandshakeBody {
+		b, err := io.ReadAll(io.LimitReader(r, maxHandshakeBody+1))
+		if err != nil {
+			return nil, err
+		}
+		if len(b) > maxHandshakeBody {
+			return nil, errMalformed
+		}
+		return b, nil
+	}
+	b := make([]byte, n)
+	if _, err := io.ReadFull(r, b); err != nil {
+		if err == io.ErrUnexpectedEOF || err == io.EOF {
+			return nil, errMalformed
+		}
+		return nil, err
+	}
+	var extra [1]byte
+	if m, err := io.ReadFull(r, extra[:]); m != 0 {
+		return nil, errMalformed
+	} else if err != io.EOF {
+		return nil, err
+	}
+	return b, nil
 }

@@ -4,7 +4,6 @@ import (
 	"crypto"
 	"crypto/cipher"
 	"crypto/hkdf"
-	"crypto/hmac"
 	"crypto/rand"
 	"encoding/binary"
 	"hash"
@@ -42,6 +41,7 @@ type kdf struct {
 	// Scratch for the per-call keys: in the pooled kdf, not on the stack, where the hash
 	// interface's calls would make it escape.
 	out [maxHashSize]byte
+	prk hmacKey // the handshake's keyed prk (deriveHandshake), for the same reason
 }
 
 var kdfPools sync.Map // Hash -> *sync.Pool
@@ -62,6 +62,9 @@ func (k *kdf) put() {
 	clear(k.key[:])
 	clear(k.inner[:])
 	clear(k.out[:])
+	if k.prk.keyLen != 0 { // only deriveHandshake keys it: calls do not pay for clearing it
+		k.prk = hmacKey{}
+	}
 	p, _ := kdfPools.Load(k.hash) // present: getKDF made k
 	p.(*sync.Pool).Put(k)
 }
@@ -211,10 +214,11 @@ func digest(h Hash, parts ...[]byte) []byte {
 	return d.Sum(nil)
 }
 
-func mac(h Hash, key []byte, msg []byte) []byte {
-	m := hmac.New(hashFunc(h), key)
-	m.Write(msg)
-	return m.Sum(nil)
+// macTo appends HMAC-H(key, msg) to dst with a pooled kdf (no HMAC instance allocated).
+func macTo(h Hash, dst, key, msg []byte) []byte {
+	k := getKDF(h)
+	defer k.put()
+	return k.mac(dst, key, msg)
 }
 
 // handshakeSecrets are the outputs of the handshake key schedule (spec section 5.2).
@@ -224,14 +228,24 @@ type handshakeSecrets struct {
 	confirm   []byte // Nh bytes, HMAC key for the server's confirmation
 }
 
+// deriveHandshake computes prk = HKDF-Extract(cb, ikm) and the three ExpandLabel outputs of
+// spec 5.2 from it. HKDF-Extract is HMAC(salt, ikm), an empty salt being Nh zero bytes, which
+// HMAC's key padding makes the same key as no key; prk is keyed once for the three
+// expansions, and the outputs share one allocation.
 func deriveHandshake(h Hash, cb, ikm, th []byte) handshakeSecrets {
-	prk := extract(h, cb, ikm)
 	k := getKDF(h)
 	defer k.put()
+	n := k.size
+	prk := k.mac(k.out[:0], cb, ikm)
+	k.keyed(&k.prk, prk) // put clears both
+	out := make([]byte, 0, 2*n+sessionIDSize)
+	out = k.expandKeyed(out, &k.prk, "session", th, n)
+	out = k.expandKeyed(out, &k.prk, "session id", th, sessionIDSize)
+	out = k.expandKeyed(out, &k.prk, "confirm", th, n)
 	return handshakeSecrets{
-		session:   k.expand(nil, prk, "session", th, h.Size()),
-		sessionID: k.expand(nil, prk, "session id", th, 16),
-		confirm:   k.expand(nil, prk, "confirm", th, h.Size()),
+		session:   out[:n:n],
+		sessionID: out[n : n+sessionIDSize : n+sessionIDSize],
+		confirm:   out[n+sessionIDSize:],
 	}
 }
 

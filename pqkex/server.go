@@ -9,7 +9,6 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
-	"io"
 	"math"
 	"net/http"
 	"slices"
@@ -122,8 +121,8 @@ func (s *Server) handshake(r *http.Request) (out []byte, err error) {
 	if r.Method != http.MethodPost {
 		return nil, errMalformed
 	}
-	body, err := io.ReadAll(io.LimitReader(r.Body, maxHandshakeBody+1))
-	if err != nil || len(body) > maxHandshakeBody {
+	body, err := readHandshakeBody(r.Body, r.ContentLength)
+	if err != nil {
 		return nil, errMalformed
 	}
 	ch, err := parseClientHello(body)

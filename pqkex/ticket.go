@@ -306,8 +306,21 @@ type ticketState struct {
 	onConn    atomic.Pointer[connCheck] // the last connection a call came over (spec 7.3)
 }
 
+// ticketStateSize is the size of a ticket's plaintext for a client ID and public key of
+// these lengths, with hashes and secrets of at most maxHashSize bytes: at least
+// len(s.marshal()).
+func ticketStateSize(clientID, clientPK int) int {
+	return 6 + sessionIDSize + 1 + maxHashSize + 16 + maxHashSize + bindingIDSize + 2 + clientID + 2 + clientPK
+}
+
+// ticketSizeHint is at least the size of a ticket sealed for a session with peer.
+func ticketSizeHint(peer *Credential) int {
+	return ticketOverhead + ticketStateSize(len(peer.spiffeID), len(peer.publicKey))
+}
+
 func (s *ticketState) marshal() []byte {
-	b := []byte{wireVersion}
+	b := make([]byte, 0, ticketStateSize(len(s.clientID), len(s.clientPK)))
+	b = append(b, wireVersion)
 	b = binary.BigEndian.AppendUint16(b, s.suite.ID())
 	b = binary.BigEndian.AppendUint16(b, s.aead.id())
 	b = append(b, s.flags)
