@@ -138,6 +138,7 @@ func TestCredentialCacheBound(t *testing.T) {
 // than declared, or over the limit, is malformed.
 func TestReadHandshakeBody(t *testing.T) {
 	body := bytes.Repeat([]byte{7}, 6700)
+	long := bytes.Repeat([]byte{9}, handshakeBodyPrealloc+3000)
 	for _, c := range []struct {
 		name     string
 		body     []byte
@@ -152,6 +153,10 @@ func TestReadHandshakeBody(t *testing.T) {
 		{"declared over the limit", make([]byte, maxHandshakeBody+1), maxHandshakeBody + 1, false},
 		{"undeclared over the limit", make([]byte, maxHandshakeBody+1), -1, false},
 		{"at the limit", make([]byte, maxHandshakeBody), -1, true},
+		{"declared at the limit", make([]byte, maxHandshakeBody), maxHandshakeBody, true},
+		{"declared, over the reservation", long, int64(len(long)), true},
+		{"over the reservation, shorter than declared", long, int64(len(long)) + 1, false},
+		{"over the reservation, longer than declared", long, int64(len(long)) - 1, false},
 	} {
 		got, err := readHandshakeBody(bytes.NewReader(c.body), c.declared)
 		if c.ok && (err != nil || !bytes.Equal(got, c.body)) {
@@ -163,5 +168,68 @@ func TestReadHandshakeBody(t *testing.T) {
 	}
 	if _, err := readHandshakeBody(iotest.ErrReader(errors.New("broken")), 10); err == nil || errors.Is(err, errMalformed) {
 		t.Errorf("read error: %v, want it passed on", err)
+	}
+}
+
+// stallReader is a request body whose peer declared a length and then sent nothing: it
+// records the largest buffer a Read was given before failing.
+type stallReader struct{ largest int }
+
+func (r *stallReader) Read(p []byte) (int, error) {
+	r.largest = max(r.largest, len(p))
+	return 0, errors.New("stream reset")
+}
+
+// TestReadHandshakeBodyReservesWhatArrives: a declared length is a claim, not data. A
+// peer that declares the limit and sends nothing (a stalled HTTP/2 stream costs it a few
+// header bytes, and a connection carries hundreds) must not make the server reserve the
+// limit for it; at most what a valid handshake message needs.
+func TestReadHandshakeBodyReservesWhatArrives(t *testing.T) {
+	var r stallReader
+	if _, err := readHandshakeBody(&r, maxHandshakeBody); err == nil {
+		t.Fatal("a stalled body was read")
+	}
+	if r.largest > handshakeBodyPrealloc {
+		t.Fatalf("%d bytes reserved for a body that sent none, want at most %d", r.largest, handshakeBodyPrealloc)
+	}
+
+	// The largest valid messages (the X448 suite, a SPIFFE ID of the most bytes allowed,
+	// its own ephemeral) still fit the reservation, with room for a longer classical
+	// signature (ECDSA P-384 rather than Ed25519) and every suite offered.
+	now := time.Date(2026, 6, 1, 12, 0, 0, 0, time.UTC)
+	ca := newTestIssuer(t)
+	suite := X448MLKEM1024()
+	long := "spiffe://example.org/" + string(bytes.Repeat([]byte{'a'}, maxSPIFFEID-len("spiffe://example.org/")))
+	nb, na := now.Add(-time.Hour), now.Add(time.Hour)
+	server, client := ca.identity(t, suite, long, nb, na), ca.identity(t, suite, long, nb, na)
+	keys, err := NewTicketKeySet(time.Hour, func() time.Time { return now }, TicketKey{ID: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs, err := startClient(nil, client, server.cred, AES256GCM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, err := parseClientHello(hs.raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	issue := func(sec handshakeSecrets) ([]byte, uint64, error) {
+		st := &ticketState{suite: ch.suite, aead: ch.aead, flags: ch.flags, sessionID: sec.sessionID, secret: sec.session,
+			issued: unixSeconds(now), expiry: unixSeconds(na), serverHash: server.cred.hash,
+			clientID: client.cred.spiffeID, clientPK: client.cred.publicKey}
+		tk, err := keys.seal(nil, server.cred.spiffeID, st.marshal(), now)
+		return tk, st.expiry, err
+	}
+	sh, _, err := respond(nil, ch, server, client.cred, nil, issue)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const slack = 256
+	for name, n := range map[string]int{"ClientHello": len(hs.raw), "ServerHello": len(sh)} {
+		t.Logf("largest %s: %d bytes", name, n)
+		if n+slack > handshakeBodyPrealloc {
+			t.Errorf("largest %s: %d bytes (+%d), over the %d reserved", name, n, slack, handshakeBodyPrealloc)
+		}
 	}
 }

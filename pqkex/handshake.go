@@ -21,6 +21,10 @@ const (
 	sessionIDSize    = 16
 	credDigestSize   = 32
 	maxHandshakeBody = 64 << 10
+	// handshakeBodyPrealloc bounds what a handshake body's declared length reserves before
+	// its bytes arrive: every valid message fits (the largest, an X448 ClientHello with the
+	// longest SPIFFE ID, is about 11 KB); a longer body grows as it is read.
+	handshakeBodyPrealloc = 16 << 10
 )
 
 // clientHello is the client's only flight (spec section 5.1).
@@ -466,16 +470,26 @@ func concat(parts ...[]byte) []byte {
 }
 
 // readHandshakeBody reads a handshake message of at most maxHandshakeBody bytes. A declared
-// length (n >= 0) is read into a buffer of that size, which spares io.ReadAll's growing
-// copies of a 7 KB ClientHello; the body must end there. Without one it reads up to the
-// limit. It reports a body over the limit, or not of its declared length, as errMalformed.
+// length (n >= 0) of at most handshakeBodyPrealloc bytes, as every valid message has, is read
+// into a buffer of that size, which spares io.ReadAll's growing copies of a 7 KB ClientHello;
+// a longer one is read as it arrives (the length is the peer's claim: reserving it up front
+// would let a stalled body hold the limit for a few header bytes). The body must end at its
+// declared length. Without one it reads up to the limit. It reports a body over the limit,
+// or not of its declared length, as errMalformed.
 func readHandshakeBody(r io.Reader, n int64) ([]byte, error) {
-	if n < 0 || n > maxHandshakeBody {
-		b, err := io.ReadAll(io.LimitReader(r, maxHandshakeBody+1))
+	if n > maxHandshakeBody {
+		return nil, errMalformed
+	}
+	if n < 0 || n > handshakeBodyPrealloc {
+		limit := int64(maxHandshakeBody)
+		if n >= 0 {
+			limit = n
+		}
+		b, err := io.ReadAll(io.LimitReader(r, limit+1))
 		if err != nil {
 			return nil, err
 		}
-		if len(b) > maxHandshakeBody {
+		if int64(len(b)) > limit || n >= 0 && int64(len(b)) != n { // longer, or shorter than declared
 			return nil, errMalformed
 		}
 		return b, nil
