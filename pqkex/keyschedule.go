@@ -58,6 +58,16 @@ func getKDF(h Hash) *kdf {
 }
 
 func (k *kdf) put() {
+	k.wipe()
+	p, _ := kdfPools.Load(k.hash) // present: getKDF made k
+	p.(*sync.Pool).Put(k)
+}
+
+// wipe clears what k holds of the secrets it derived, before it goes back to the pool.
+func (k *kdf) wipe() {
+	// The hash ended the last HMAC in a state that finalizes to its output (the derived key):
+	// reset, it holds the initial state.
+	k.h.Reset()
 	clear(k.pad[:])
 	clear(k.key[:])
 	clear(k.inner[:])
@@ -65,8 +75,6 @@ func (k *kdf) put() {
 	if k.prk.keyLen != 0 { // only deriveHandshake keys it: calls do not pay for clearing it
 		k.prk = hmacKey{}
 	}
-	p, _ := kdfPools.Load(k.hash) // present: getKDF made k
-	p.(*sync.Pool).Put(k)
 }
 
 // maxStateSize bounds a marshaled SHA-256 or SHA-512 state (108 and 204 bytes).

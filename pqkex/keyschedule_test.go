@@ -157,3 +157,28 @@ func newCallKeys(h Hash, a AEAD, session *hmacKey, callID uint64, procedure stri
 	}
 	return ck, nil
 }
+
+// TestPooledKDFForgetsKeys: a kdf goes back to the pool without what it derived. Its hash
+// ends each HMAC in the state that finalizes to the HMAC's output, the derived key (a call's
+// AEAD key, ck, a ticket key): wipe must leave no state that finalizes to it, as it leaves
+// no copy in the buffers.
+func TestPooledKDFForgetsKeys(t *testing.T) {
+	for _, h := range []Hash{crypto.SHA256, crypto.SHA512, sm3Hash{}} {
+		secret := bytes.Repeat([]byte{0x5a}, h.Size())
+		k := getKDF(h)
+		var hk hmacKey
+		k.keyed(&hk, secret)
+		for name, derive := range map[string]func() []byte{
+			"expand":       func() []byte { return k.expand(nil, secret, keyLabelC2S, []byte("ctx"), 32) },
+			"expand keyed": func() []byte { return k.expandKeyed(nil, &hk, keyLabelC2S, []byte("ctx"), 32) },
+			"mac":          func() []byte { return k.mac(nil, secret, []byte("transcript")) },
+		} {
+			key := derive()
+			k.wipe()
+			if bytes.HasPrefix(k.h.Sum(nil), key) {
+				t.Errorf("%v %s: the wiped kdf's hash still finalizes to the derived key", h, name)
+			}
+		}
+		k.put()
+	}
+}
