@@ -3,6 +3,7 @@ package pqkex
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"hash/maphash"
 	"testing"
 	"testing/iotest"
@@ -231,5 +232,52 @@ func TestReadHandshakeBodyReservesWhatArrives(t *testing.T) {
 		if n+slack > handshakeBodyPrealloc {
 			t.Errorf("largest %s: %d bytes (+%d), over the %d reserved", name, n, slack, handshakeBodyPrealloc)
 		}
+	}
+}
+
+// TestCredentialCacheConcurrent runs lookups, verifications and evictions of a full cache
+// on several goroutines at once (run with -race): every answer is the credential asked
+// for, and a refused one stays refused.
+func TestCredentialCacheConcurrent(t *testing.T) {
+	now := time.Date(2026, 6, 1, 12, 0, 0, 0, time.UTC)
+	ca, other := newTestIssuer(t), newTestIssuer(t)
+	nb, na := now.Add(-time.Hour), now.Add(time.Hour)
+	var good [][]byte
+	for _, id := range []string{"a", "b", "c", "d"} {
+		good = append(good, ca.identity(t, X25519MLKEM768(), "spiffe://example.org/"+id, nb, na).cred.raw)
+	}
+	forged := other.identity(t, X25519MLKEM768(), "spiffe://example.org/a", nb, na).cred.raw
+	var cc credCache
+	cc.seed = maphash.MakeSeed()
+	cc.m = make(map[uint64]*Credential, maxCachedCredentials)
+	live := &Credential{notBefore: nb, notAfter: na}
+	for i := range maxCachedCredentials - 2 {
+		cc.m[uint64(i)+1<<40] = live // full but for two: the goroutines' insertions evict
+	}
+	errs := make(chan error, 8)
+	for g := range 8 {
+		go func() {
+			for i := range 6 {
+				b := good[(g+i)%len(good)]
+				c, err := cc.verify(ca.roots, b, now)
+				if err != nil || !bytes.Equal(c.raw, b) {
+					errs <- fmt.Errorf("goroutine %d: %v, right credential %v", g, err, err == nil && bytes.Equal(c.raw, b))
+					return
+				}
+				if _, err := cc.verify(ca.roots, forged, now); err == nil {
+					errs <- fmt.Errorf("goroutine %d: forged credential accepted", g)
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range 8 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	if n := cc.len(); n > maxCachedCredentials {
+		t.Fatalf("%d entries, over the bound %d", n, maxCachedCredentials)
 	}
 }
