@@ -114,3 +114,80 @@ func TestPackingMatchesReference(t *testing.T) {
 		}
 	}
 }
+
+// unpackRef is readPoly written out bit by bit, for one limb of n coefficients of width w.
+func unpackRef(limb []byte, w, n int) []uint64 {
+	out := make([]uint64, n)
+	pos := 0
+	for j := range out {
+		for b := range w {
+			out[j] |= uint64(limb[pos/8]>>(pos%8)&1) << b
+			pos++
+		}
+	}
+	return out
+}
+
+// FuzzReadPoly checks readPoly on untrusted bytes against the bit-by-bit reference, for
+// two limbs of any widths from 2 to 61 bits: it never panics, refuses a truncated input and
+// every coefficient at or above its prime, and otherwise decodes what the reference reads,
+// returns the rest untouched and accepts only the one encoding appendPoly writes.
+func FuzzReadPoly(f *testing.F) {
+	f.Add(uint16(0x3b3b), uint8(3), uint64(0), uint64(0), bytes.Repeat([]byte{0xff}, 200))
+	f.Add(uint16(0x0000), uint8(0), uint64(1), uint64(1), []byte{0x55, 0xaa, 0x12})
+	f.Add(uint16(0x2610), uint8(7), uint64(12345), uint64(6789), bytes.Repeat([]byte{0x01, 0x80}, 300))
+	f.Fuzz(func(t *testing.T, widths uint16, nSel uint8, q1Low, q2Low uint64, data []byte) {
+		n := 8 * (1 + int(nSel%32))
+		var moduli []uint64
+		for _, wSel := range []uint8{uint8(widths), uint8(widths >> 8)} {
+			w := 2 + uint(wSel%60) // 2..61
+			low := q1Low
+			if len(moduli) == 1 {
+				low = q2Low
+			}
+			moduli = append(moduli, uint64(1)<<(w-1)|low&(uint64(1)<<(w-1)-1))
+		}
+		p := ring.Poly{Coeffs: [][]uint64{make([]uint64, n), make([]uint64, n)}}
+		rest, err := readPoly(data, p, moduli)
+
+		size := polyBytes(moduli, n)
+		if len(data) < size {
+			if err == nil {
+				t.Fatalf("%d bytes for %d: truncated polynomial accepted", len(data), size)
+			}
+			return
+		}
+		var want [][]uint64
+		reduced := true
+		off := 0
+		for _, q := range moduli {
+			w := bits.Len64(q)
+			row := unpackRef(data[off:off+limbBytes(q, n)], w, n)
+			off += limbBytes(q, n)
+			for _, c := range row {
+				reduced = reduced && c < q
+			}
+			want = append(want, row)
+		}
+		if !reduced {
+			if err == nil {
+				t.Fatal("unreduced coefficient accepted")
+			}
+			return
+		}
+		if err != nil {
+			t.Fatalf("valid polynomial refused: %v", err)
+		}
+		for i := range moduli {
+			if !slices.Equal(p.Coeffs[i], want[i]) {
+				t.Fatalf("limb %d decodes other than the reference", i)
+			}
+		}
+		if !bytes.Equal(rest, data[size:]) {
+			t.Fatal("rest differs")
+		}
+		if !bytes.Equal(appendPoly(nil, p, moduli), data[:size]) {
+			t.Fatal("accepted an encoding appendPoly does not write")
+		}
+	})
+}
