@@ -449,3 +449,38 @@ func TestLinearCombinationBiasPadding(t *testing.T) {
 		t.Errorf("max error %g above bound %g", e, boundFresh*4)
 	}
 }
+
+// TestEncryptScratchLeavesNoValues: the client and the public-key encryptor encode into a
+// per-worker scratch plaintext. A short vector encrypted after a full one must not carry the
+// full one's values in its padding slots (each of which a later InnerSum would add in, and
+// a decryption of the padding would reveal).
+func TestEncryptScratchLeavesNoValues(t *testing.T) {
+	f := mustFixture(t)
+	slots := f.client.Params().Slots()
+	full := make([]float64, slots)
+	for i := range full {
+		full[i] = 0.75
+	}
+	pkEnc, err := NewEncryptor(f.client.PublicKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, encrypt := range map[string]func([]float64) (*Vector, error){
+		"client":    f.client.Encrypt,
+		"encryptor": pkEnc.Encrypt,
+	} {
+		if _, err := encrypt(full); err != nil {
+			t.Fatal(err)
+		}
+		short, err := encrypt([]float64{0.5, -0.25, 0.125})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := make([]float64, slots)
+		want[0], want[1], want[2] = 0.5, -0.25, 0.125
+		all := short.derive(short.cts, slots, false) // every slot, padding included
+		if e := maxErr(t, f.dec(t, all), want); e > boundFresh {
+			t.Errorf("%s: padding of a short vector after a full one: max error %g above %g", name, e, boundFresh)
+		}
+	}
+}
