@@ -263,7 +263,10 @@ func (s *RenewingSource) loop(ctx context.Context) {
 		st := s.cur.Load()
 		next := s.renewAt(st)
 		if backoff > 0 {
-			next = s.cfg.now().Add(jitter(backoff))
+			// A retry always comes before expiry: after an attempt that waited long on a
+			// slow CA (renew), the backoff alone could land past NotAfter.
+			now := s.cfg.now()
+			next = now.Add(retryWait(jitter(backoff), st.svid.Certificates[0].NotAfter.Sub(now)))
 		}
 		s.mu.Lock()
 		s.nextRenew = next
@@ -318,12 +321,7 @@ func (s *RenewingSource) renew(ctx context.Context) error {
 		return err
 	}
 	st := s.cur.Load()
-	// An attempt may run until shortly before the certificate expires (an eighth of what
-	// is left stays for one last attempt): on an overloaded CA or host, giving up early
-	// throws away the answer that is on its way, and every retry would give up sooner.
-	left := st.svid.Certificates[0].NotAfter.Sub(s.cfg.now())
-	timeout := min(30*time.Second, max(left-left/8, time.Second))
-	rctx, cancel := context.WithTimeout(ctx, timeout)
+	rctx, cancel := context.WithTimeout(ctx, attemptTimeout(st.svid.Certificates[0].NotAfter.Sub(s.cfg.now())))
 	defer cancel()
 	issued, err := s.issuer.Renew(rctx, s, csr, s.cfg.ttl)
 	if err != nil {
@@ -349,6 +347,25 @@ func (s *RenewingSource) refreshTrust(ctx context.Context) error {
 		return err
 	}
 	return s.setTrust(t)
+}
+
+// attemptTimeout bounds one renewal attempt with left of the certificate's life to go:
+// it may run until an eighth of that is left (at most 30 s, at least 1 s). On an
+// overloaded CA or host, giving up early throws away the answer that is on its way, and
+// every retry would give up sooner.
+func attemptTimeout(left time.Duration) time.Duration {
+	return min(30*time.Second, max(left-left/8, time.Second))
+}
+
+// retryWait is how long to wait before retrying a failed renewal: the jittered backoff,
+// but never more than a quarter of the life left, so that a retry always comes before
+// expiry (after an attempt that used most of the life left, the backoff alone could land
+// past NotAfter, and an expired certificate cannot renew).
+func retryWait(backoff, left time.Duration) time.Duration {
+	if left > 0 {
+		return min(backoff, left/4)
+	}
+	return backoff
 }
 
 // jitter spreads d over [d/2, 3d/2) so that workloads do not retry in step.

@@ -213,3 +213,29 @@ func waitUntil(t *testing.T, limit time.Duration, ok func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestRenewalRetryBeforeExpiry: an attempt may wait on a slow CA for most of the life
+// left, and the retry after it always comes before expiry, whatever the backoff (an
+// expired certificate cannot authenticate a renewal).
+func TestRenewalRetryBeforeExpiry(t *testing.T) {
+	for _, left := range []time.Duration{500 * time.Millisecond, 3 * time.Second, 10 * time.Second, 33 * time.Second, time.Hour} {
+		timeout := attemptTimeout(left)
+		if timeout > 30*time.Second || (left > time.Second && timeout >= left) {
+			t.Fatalf("left %s: attempt timeout %s", left, timeout)
+		}
+		if left > 8*time.Second && timeout < min(30*time.Second, left*3/4) {
+			t.Fatalf("left %s: attempt timeout %s gives up on a slow CA while more than a quarter of the life left remains", left, timeout)
+		}
+		after := left - timeout // what is left when the attempt gives up
+		for _, backoff := range []time.Duration{time.Millisecond, time.Second, time.Minute} {
+			if after > 0 {
+				if w := retryWait(jitter(backoff), after); w >= after {
+					t.Fatalf("left %s, backoff %s: retry after %s, with %s left", left, backoff, w, after)
+				}
+			}
+		}
+	}
+	if w := retryWait(time.Second, 0); w != time.Second {
+		t.Fatalf("expired: retry after %s, want the backoff", w)
+	}
+}
