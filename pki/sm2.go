@@ -33,6 +33,13 @@ func AddSM2Key(dir string) error {
 	if _, err := os.Stat(filepath.Join(dir, caSM2KeyFile)); err == nil {
 		return fmt.Errorf("pki: the CA in %s already has an SM2 key", dir)
 	}
+	return writeNewSM2Key(dir, caSM2PubFile, caSM2KeyFile)
+}
+
+// writeNewSM2Key generates an SM2 key and writes its public half (0644) and then its
+// private half (0600), each atomically: a CA directory with the private key has the
+// public one.
+func writeNewSM2Key(dir, pubFile, keyFile string) error {
 	key, err := sm2.GenerateKey(rand.Reader)
 	if err != nil {
 		return fmt.Errorf("pki: SM2 key: %w", err)
@@ -41,11 +48,10 @@ func AddSM2Key(dir string) error {
 	if err != nil {
 		return err
 	}
-	// The public key first: a CA directory with the private key has the public one.
-	if err := atomicfile.Write(filepath.Join(dir, caSM2PubFile), pem.EncodeToMemory(&pem.Block{Type: "SM2 PUBLIC KEY", Bytes: pub}), 0o644); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, pubFile), pem.EncodeToMemory(&pem.Block{Type: "SM2 PUBLIC KEY", Bytes: pub}), 0o644); err != nil {
 		return fmt.Errorf("pki: %w", err)
 	}
-	if err := atomicfile.Write(filepath.Join(dir, caSM2KeyFile), pem.EncodeToMemory(&pem.Block{Type: "SM2 PRIVATE KEY", Bytes: priv}), 0o600); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, keyFile), pem.EncodeToMemory(&pem.Block{Type: "SM2 PRIVATE KEY", Bytes: priv}), 0o600); err != nil {
 		return fmt.Errorf("pki: %w", err)
 	}
 	return nil
@@ -124,21 +130,7 @@ func prepareSM2(dir string, c *CA) error {
 	if c.sm2Key == nil {
 		return nil
 	}
-	key, err := sm2.GenerateKey(rand.Reader)
-	if err != nil {
-		return fmt.Errorf("pki: SM2 key: %w", err)
-	}
-	priv, pub, err := sm2KeyBytes(key)
-	if err != nil {
-		return err
-	}
-	if err := atomicfile.Write(filepath.Join(dir, caSM2NextPubFile), pem.EncodeToMemory(&pem.Block{Type: "SM2 PUBLIC KEY", Bytes: pub}), 0o644); err != nil {
-		return fmt.Errorf("pki: %w", err)
-	}
-	if err := atomicfile.Write(filepath.Join(dir, caSM2NextKeyFile), pem.EncodeToMemory(&pem.Block{Type: "SM2 PRIVATE KEY", Bytes: priv}), 0o600); err != nil {
-		return fmt.Errorf("pki: %w", err)
-	}
-	return nil
+	return writeNewSM2Key(dir, caSM2NextPubFile, caSM2NextKeyFile)
 }
 
 // activateSM2 is ActivateRotation's step: the prepared SM2 key, if any, becomes the signing

@@ -183,27 +183,8 @@ func TestShangMiCredentialSignatureStripping(t *testing.T) {
 // SM2 check), and to ParseSM2PublicKey: neither panics, and only an SM2 signature of the
 // CA's key verifies.
 func FuzzVerifySM2Signature(f *testing.F) {
-	_, pq, err := mldsa65.GenerateKey(rand.Reader)
-	if err != nil {
-		f.Fatal(err)
-	}
-	smCA, err := sm2.GenerateKey(rand.Reader)
-	if err != nil {
-		f.Fatal(err)
-	}
+	pq, smCA, _, c := newSM2Credential(f)
 	now := time.Now()
-	pub, _, err := GenerateKey(SM2MLKEM768(), nil)
-	if err != nil {
-		f.Fatal(err)
-	}
-	raw, err := IssueCredential(pq, smCA, SM2MLKEM768(), "spiffe://example.org/sm", now.Add(-time.Hour), now.Add(time.Hour), pub)
-	if err != nil {
-		f.Fatal(err)
-	}
-	c, err := ParseCredential(raw)
-	if err != nil {
-		f.Fatal(err)
-	}
 	roots := Roots{PQ: pq.Public(), SM2: &smCA.PublicKey}
 	f.Add(c.classicalSig)
 	f.Add([]byte{0x30, 0x06, 0x02, 0x01, 0x00, 0x02, 0x01, 0x00})

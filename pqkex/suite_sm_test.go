@@ -210,27 +210,8 @@ func TestSM2KEMIsECDH(t *testing.T) {
 // SM2 credential signatures are GB/T 32918.2 with SM3 and the default user ID: they verify
 // under gmsm with the user ID "1234567812345678" given explicitly, and not under another.
 func TestSM2CredentialSignature(t *testing.T) {
-	_, pq, err := mldsa65.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, err := sm2.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pq, ca, raw, c := newSM2Credential(t)
 	now := time.Now()
-	pub, _, err := GenerateKey(SM2MLKEM768(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw, err := IssueCredential(pq, ca, SM2MLKEM768(), "spiffe://example.org/sm", now.Add(-time.Hour), now.Add(time.Hour), pub)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := ParseCredential(raw)
-	if err != nil {
-		t.Fatal(err)
-	}
 	msg := append([]byte(classicSignLabel), c.tbs...)
 	if !sm2.VerifyASN1WithSM2(&ca.PublicKey, []byte("1234567812345678"), msg, c.classicalSig) {
 		t.Error("SM2 signature does not verify with the default user ID")
@@ -257,6 +238,10 @@ func TestSM2CredentialSignature(t *testing.T) {
 		t.Error("tampered SM2 signature verified")
 	}
 	// A ShangMi credential needs an SM2 CA key.
+	pub, _, err := GenerateKey(SM2MLKEM768(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if _, err := IssueCredential(pq, ec, SM2MLKEM768(), "spiffe://example.org/sm", now, now.Add(time.Hour), pub); err == nil {
 		t.Error("issued a ShangMi credential with a non-SM2 key")
 	}
@@ -341,4 +326,33 @@ func TestSM2CurveIsGBT32918(t *testing.T) {
 	if lhs.Cmp(rhs) != 0 {
 		t.Error("the KEM's public key is not on the SM2 curve")
 	}
+}
+
+// newSM2Credential issues a ShangMi credential for spiffe://example.org/sm, valid for an
+// hour either side of now, under a fresh ML-DSA-65 and SM2 CA: the CA keys, the credential's
+// bytes and the parsed credential.
+func newSM2Credential(tb testing.TB) (*mldsa65.PrivateKey, *sm2.PrivateKey, []byte, *Credential) {
+	tb.Helper()
+	_, pq, err := mldsa65.GenerateKey(rand.Reader)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	ca, err := sm2.GenerateKey(rand.Reader)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	now := time.Now()
+	pub, _, err := GenerateKey(SM2MLKEM768(), nil)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	raw, err := IssueCredential(pq, ca, SM2MLKEM768(), "spiffe://example.org/sm", now.Add(-time.Hour), now.Add(time.Hour), pub)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	c, err := ParseCredential(raw)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return pq, ca, raw, c
 }
